@@ -1,0 +1,230 @@
+//! The client file: one self-contained TOML file per client, written by `gateway add-client` with
+//! mode 0600, read by `client run`.
+//!
+//! ```toml
+//! name = "alice"                      # the client's identity (also the name in its certificate)
+//! endpoint = "198.18.0.1:51820"       # gateway control (TCP) and data (UDP) port
+//! server_name = "holdfast-gateway"    # the name the gateway's certificate is checked against
+//! tunnel_ip = "100.64.0.2"            # informational: the gateway assigns it and always the same
+//!
+//! [tls]
+//! gateway_ca = "-----BEGIN CERTIFICATE-----..."   # the authority to pin (inline PEM) ...
+//! # gateway_ca_file = "/etc/holdfast/ca.pem"      # ... or a path to it
+//! certificate = "-----BEGIN CERTIFICATE-----..."  # or certificate_file
+//! key = "-----BEGIN PRIVATE KEY-----..."          # or key_file
+//!
+//! [timing]          # every key optional; defaults shown
+//! health_min = "15s"
+//! health_max = "30s"
+//! rpc_deadline = "5s"
+//! backoff_initial = "1s"
+//! backoff_max = "5m"
+//! repeat_log_every = "10m"
+//! nudge_min_interval = "1s"
+//!
+//! [log]
+//! dir = "/var/log/holdfast"     # default: the per-user state dir, or /var/log/holdfast as root
+//! level = "info"                # a tracing filter, e.g. "info,holdfast=debug"
+//! keep_files = 7                # rolling daily files kept
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use crate::sansio::supervisor::Timings;
+
+/// The parsed client file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// The client's name; the gateway identifies the client by its certificate, which carries it.
+    pub name: String,
+    /// Gateway endpoint: the control plane (TCP) and the data plane (UDP) share the port number.
+    pub endpoint: SocketAddr,
+    /// The name in the gateway's certificate (TLS server name).
+    pub server_name: String,
+    /// The tunnel address this client was registered with.
+    pub tunnel_ip: Ipv4Addr,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub timing: TimingSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// Credentials: each item inline (PEM) or as a path to a PEM file, exactly one of the two.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_ca: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Overrides of the supervisor's timings; each missing key takes the default of [`Timings`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimingSection {
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub health_min: Option<Duration>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub health_max: Option<Duration>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub rpc_deadline: Option<Duration>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub backoff_initial: Option<Duration>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub backoff_max: Option<Duration>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub repeat_log_every: Option<Duration>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub nudge_min_interval: Option<Duration>,
+}
+
+/// Where and how much the client logs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_files: Option<usize>,
+}
+
+/// The PEM material of a client, loaded and checked.
+#[derive(Clone)]
+pub struct Credentials {
+    pub gateway_ca_pem: String,
+    pub certificate_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials { .. }")
+    }
+}
+
+impl ClientFile {
+    /// Reads and parses a client file. Errors name the file and the problem.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = super::read_config_text(path)?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses client-file text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: ClientFile = toml::from_str(text).map_err(|e| ConfigError::Malformed {
+            path: path.to_owned(),
+            reason: e.message().to_owned(),
+        })?;
+        file.validate(path)?;
+        Ok(file)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |reason: String| ConfigError::Malformed { path: path.to_owned(), reason };
+        if self.name.trim().is_empty() {
+            return Err(bad("`name` is empty".into()));
+        }
+        if self.server_name.trim().is_empty() {
+            return Err(bad("`server_name` is empty".into()));
+        }
+        let t = self.timings();
+        if t.health_min.is_zero() || t.health_min > t.health_max {
+            return Err(bad(format!(
+                "[timing] needs 0 < health_min <= health_max (got {:?} and {:?})",
+                t.health_min, t.health_max
+            )));
+        }
+        if t.rpc_deadline.is_zero() {
+            return Err(bad("[timing] rpc_deadline must be above zero".into()));
+        }
+        if t.backoff_initial.is_zero() || t.backoff_initial > t.backoff_max {
+            return Err(bad(format!(
+                "[timing] needs 0 < backoff_initial <= backoff_max (got {:?} and {:?})",
+                t.backoff_initial, t.backoff_max
+            )));
+        }
+        if self.log.keep_files == Some(0) {
+            return Err(bad("[log] keep_files must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The supervisor's timings: the defaults with this file's overrides applied.
+    pub fn timings(&self) -> Timings {
+        let d = Timings::default();
+        let t = &self.timing;
+        Timings {
+            health_min: t.health_min.unwrap_or(d.health_min),
+            health_max: t.health_max.unwrap_or(d.health_max),
+            rpc_deadline: t.rpc_deadline.unwrap_or(d.rpc_deadline),
+            backoff_initial: t.backoff_initial.unwrap_or(d.backoff_initial),
+            backoff_max: t.backoff_max.unwrap_or(d.backoff_max),
+            repeat_log_every: t.repeat_log_every.unwrap_or(d.repeat_log_every),
+            nudge_min_interval: t.nudge_min_interval.unwrap_or(d.nudge_min_interval),
+        }
+    }
+
+    /// Loads the credentials (inline or from their files; relative paths are relative to the
+    /// client file's folder) and checks that each parses as what it claims to be.
+    pub fn credentials(&self, path: &Path) -> Result<Credentials, ConfigError> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let tls = &self.tls;
+        let ca = load_pem(path, base, "gateway_ca", &tls.gateway_ca, &tls.gateway_ca_file)?;
+        let cert = load_pem(path, base, "certificate", &tls.certificate, &tls.certificate_file)?;
+        let key = load_pem(path, base, "key", &tls.key, &tls.key_file)?;
+        crate::pki::check_certificate_pem(&ca.0)
+            .map_err(|reason| ConfigError::BadKey { path: ca.1.clone(), what: "gateway_ca", reason })?;
+        crate::pki::check_certificate_pem(&cert.0)
+            .map_err(|reason| ConfigError::BadKey { path: cert.1.clone(), what: "certificate", reason })?;
+        crate::pki::check_key_pem(&key.0)
+            .map_err(|reason| ConfigError::BadKey { path: key.1.clone(), what: "key", reason })?;
+        Ok(Credentials { gateway_ca_pem: ca.0, certificate_pem: cert.0, key_pem: key.0 })
+    }
+}
+
+/// One credential: (PEM text, the file it came from, for messages).
+fn load_pem(
+    file: &Path,
+    base: &Path,
+    what: &'static str,
+    inline: &Option<String>,
+    from_file: &Option<PathBuf>,
+) -> Result<(String, PathBuf), ConfigError> {
+    match (inline, from_file) {
+        (Some(_), Some(_)) => Err(ConfigError::Malformed {
+            path: file.to_owned(),
+            reason: format!("[tls] sets both `{what}` and `{what}_file`; keep one"),
+        }),
+        (None, None) => Err(ConfigError::MissingKey {
+            path: file.to_owned(),
+            what,
+            reason: format!("[tls] has neither `{what}` nor `{what}_file`"),
+        }),
+        (Some(pem), None) => Ok((pem.clone(), file.to_owned())),
+        (None, Some(p)) => {
+            let full = if p.is_absolute() { p.clone() } else { base.join(p) };
+            match std::fs::read_to_string(&full) {
+                Ok(text) => Ok((text, full)),
+                Err(e) => Err(ConfigError::MissingKey { path: full, what, reason: e.to_string() }),
+            }
+        }
+    }
+}

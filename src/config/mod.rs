@@ -1,0 +1,92 @@
+//! Configuration files: the client file ([`client`]) and the gateway's files ([`gateway`]).
+//!
+//! Errors here are start-up errors: each names the file and the problem, and maps to a distinct
+//! process exit code (see [`ConfigError::exit_code`]), so an operator or a service manager can tell
+//! a missing file from a malformed one from a bad key without reading logs.
+
+pub mod client;
+pub mod gateway;
+
+use std::path::{Path, PathBuf};
+
+/// Exit codes of the `holdfast` binary (sysexits.h values, familiar to operators).
+pub mod exit {
+    /// Explicit stop, or a command that succeeded.
+    pub const OK: i32 = 0;
+    /// A config file is missing or unreadable (EX_NOINPUT).
+    pub const CONFIG_MISSING: i32 = 66;
+    /// A config file does not parse or has invalid values (EX_CONFIG).
+    pub const CONFIG_INVALID: i32 = 78;
+    /// A key or certificate is missing, unreadable or invalid (EX_DATAERR).
+    pub const BAD_KEYS: i32 = 65;
+    /// Not permitted: e.g. the kill-switch or the TUN device could not be set up (EX_NOPERM).
+    pub const NOT_PERMITTED: i32 = 77;
+    /// Any other failure at start-up, or a failed one-shot command (EX_SOFTWARE).
+    pub const FAILURE: i32 = 70;
+}
+
+/// A problem with a configuration file or the credentials it names.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file does not exist or cannot be read.
+    #[error("cannot read config file {}: {reason}", path.display())]
+    Missing { path: PathBuf, reason: String },
+    /// The file exists but is not valid.
+    #[error("invalid config file {}: {reason}", path.display())]
+    Malformed { path: PathBuf, reason: String },
+    /// A key or certificate is missing or unreadable.
+    #[error("missing {what} in {}: {reason}", path.display())]
+    MissingKey { path: PathBuf, what: &'static str, reason: String },
+    /// A key or certificate does not parse.
+    #[error("invalid {what} in {}: {reason}", path.display())]
+    BadKey { path: PathBuf, what: &'static str, reason: String },
+}
+
+impl ConfigError {
+    /// The process exit code for this kind of error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ConfigError::Missing { .. } => exit::CONFIG_MISSING,
+            ConfigError::Malformed { .. } => exit::CONFIG_INVALID,
+            ConfigError::MissingKey { .. } | ConfigError::BadKey { .. } => exit::BAD_KEYS,
+        }
+    }
+}
+
+/// Reads a config file as UTF-8 text, mapping every failure to [`ConfigError::Missing`] or
+/// [`ConfigError::Malformed`] with the file's name.
+pub fn read_config_text(path: &Path) -> Result<String, ConfigError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ConfigError::Missing { path: path.to_owned(), reason: e.to_string() })?;
+    String::from_utf8(bytes).map_err(|_| ConfigError::Malformed {
+        path: path.to_owned(),
+        reason: "not UTF-8 text".into(),
+    })
+}
+
+/// Whether this process runs as root (system paths instead of per-user ones).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The default client file: `/etc/holdfast/client.toml` as root, else `client.toml` in the
+/// per-user config dir (e.g. `~/.config/holdfast/`).
+pub fn default_client_file() -> PathBuf {
+    if running_as_root() {
+        return PathBuf::from("/etc/holdfast/client.toml");
+    }
+    directories::ProjectDirs::from("", "", "holdfast")
+        .map(|d| d.config_dir().join("client.toml"))
+        .unwrap_or_else(|| PathBuf::from("client.toml"))
+}
+
+/// The default log dir: `/var/log/holdfast` as root, else the per-user state dir.
+pub fn default_log_dir() -> PathBuf {
+    if running_as_root() {
+        return PathBuf::from("/var/log/holdfast");
+    }
+    directories::ProjectDirs::from("", "", "holdfast")
+        .map(|d| d.state_dir().unwrap_or(d.data_local_dir()).join("logs"))
+        .unwrap_or_else(|| PathBuf::from("holdfast-logs"))
+}

@@ -1,0 +1,24 @@
+//! Holdfast: a resilient VPN gateway and client.
+//!
+//! # Module map
+//! - [`sansio`]: the pure core. The supervisor statechart ([`sansio::supervisor`]) and the packet
+//!   crypto ([`sansio::wire`], [`sansio::seal`], [`sansio::replay`]). No tokio, sockets, files,
+//!   clocks or RNG in here: time and randomness come in as arguments, decisions come out as values.
+//! - [`snapshot`]: the one atomically swapped session snapshot (`VpnAuthResponse`) and its getter.
+//! - [`control`]: the generated gRPC code of the control plane and the conversions to our types.
+//! - [`config`]: the gateway's and the client's files (TOML), with every default in one place.
+//! - [`pki`]: the gateway's authority, certificates and fingerprints (rcgen).
+//! - [`client`]: the tokio shell of the client: `start()`, the supervisor driver, the control-plane
+//!   client, logging.
+//! - [`gateway`]: the gateway: client registry, session registry, control service.
+//!
+//! The IO rule: only `client`, `gateway` and the binary touch the world. Everything under `sansio`
+//! is deterministic given its inputs, which is what lets the property tests replay any run.
+
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod gateway;
+pub mod pki;
+pub mod sansio;
+pub mod snapshot;

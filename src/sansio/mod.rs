@@ -1,0 +1,4 @@
+//! The pure (sans-IO) core: no tokio, sockets, files, clocks or RNG. Time and randomness come in as
+//! arguments; decisions come out as values.
+
+pub mod supervisor;

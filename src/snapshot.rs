@@ -1,0 +1,230 @@
+//! The one atomically swapped session snapshot (the spec's `currentAuth : VpnAuthResponse option`).
+//!
+//! The spec's rules, and how this module enforces them:
+//! - *Single source of truth, never decomposed*: [`VpnAuthResponse`] is immutable once built and is
+//!   only ever handed out as an `Arc`, so a reader always sees one whole snapshot.
+//! - *Swapped atomically*: [`AuthCell`] wraps one `ArcSwapOption`; [`AuthCell::swap_in`] replaces the
+//!   whole reference in one store.
+//! - *Initial value None; updated only on successful authentication; never cleared*: there is no
+//!   method that stores `None`. The only writer is the supervisor driver, on `AuthSucceeded`.
+//! - *Loops use a getter*: the data plane receives a [`GetAuth`] and calls it on every iteration.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use sha2::{Digest, Sha256};
+
+/// A session id: random, 64 bits, chosen by the gateway on every authentication.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A 256-bit AES-GCM session key.
+///
+/// It has no `Display`, and its `Debug` prints only a fingerprint, so formatting a snapshot, an
+/// error or a status can never leak it. The bytes are wiped when the key is dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionKey([u8; 32]);
+
+impl SessionKey {
+    /// Wraps raw key bytes.
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Builds a key from a slice that must be exactly 32 bytes long (an RPC field, say).
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        <[u8; 32]>::try_from(bytes).ok().map(Self)
+    }
+
+    /// The raw bytes, for the cipher only.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// A short, non-secret fingerprint (first 8 bytes of SHA-256 over a domain tag and the key),
+    /// the only form of a key that logs, the dashboard and errors ever show.
+    pub fn fingerprint(&self) -> KeyFingerprint {
+        let mut h = Sha256::new();
+        h.update(b"holdfast key fingerprint v1");
+        h.update(self.0);
+        let d = h.finalize();
+        let mut fp = [0u8; 8];
+        fp.copy_from_slice(&d[..8]);
+        KeyFingerprint(fp)
+    }
+}
+
+impl Drop for SessionKey {
+    fn drop(&mut self) {
+        // Volatile writes so the compiler cannot elide the wipe of memory about to be freed.
+        for b in self.0.iter_mut() {
+            // SAFETY: `b` is a valid, aligned, exclusive reference to a u8.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+}
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionKey(fp:{})", self.fingerprint())
+    }
+}
+
+/// The printable fingerprint of a [`SessionKey`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyFingerprint([u8; 8]);
+
+impl fmt::Display for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The session snapshot returned by a successful `Authenticate`: everything the data plane needs,
+/// as one immutable value.
+#[derive(Debug)]
+pub struct VpnAuthResponse {
+    /// The client's tunnel address (stable per client).
+    pub assigned_ip: Ipv4Addr,
+    /// The gateway's tunnel address (the spec's `serverPublicIp`).
+    pub gateway_ip: Ipv4Addr,
+    /// Prefix length of the tunnel subnet.
+    pub prefix_len: u8,
+    /// The session id the gateway chose.
+    pub session_id: SessionId,
+    /// The session key. Never printed: see [`SessionKey`].
+    pub session_key: SessionKey,
+    /// The gateway's UDP data port.
+    pub data_port: u16,
+    /// How long the gateway keeps an idle session.
+    pub idle_timeout: Duration,
+    /// When the client received it (wall clock, for display only).
+    pub received_at: SystemTime,
+}
+
+impl VpnAuthResponse {
+    /// A one-line summary safe for logs: never the key, only its fingerprint.
+    pub fn summary(&self) -> String {
+        format!(
+            "session {} ip {}/{} gateway {} key fp:{}",
+            self.session_id,
+            self.assigned_ip,
+            self.prefix_len,
+            self.gateway_ip,
+            self.session_key.fingerprint()
+        )
+    }
+}
+
+/// The getter the data plane receives instead of session data (the spec's `getAuth`).
+pub type GetAuth = Arc<dyn Fn() -> Option<Arc<VpnAuthResponse>> + Send + Sync>;
+
+/// The client's one mutable session value.
+///
+/// Cloning an `AuthCell` clones the handle, not the value: all clones share the same slot.
+#[derive(Clone, Default)]
+pub struct AuthCell {
+    slot: Arc<ArcSwapOption<VpnAuthResponse>>,
+}
+
+impl AuthCell {
+    /// A cell holding `None`, as the spec's initial value.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current snapshot, if any: one atomic load, no lock.
+    pub fn get_auth(&self) -> Option<Arc<VpnAuthResponse>> {
+        self.slot.load_full()
+    }
+
+    /// Installs a new snapshot in one atomic reference swap and returns the previous one.
+    ///
+    /// There is deliberately no way to store `None`: the spec forbids clearing the snapshot.
+    pub fn swap_in(&self, next: Arc<VpnAuthResponse>) -> Option<Arc<VpnAuthResponse>> {
+        self.slot.swap(Some(next))
+    }
+
+    /// The getter handed to the data plane.
+    pub fn getter(&self) -> GetAuth {
+        let cell = self.clone();
+        Arc::new(move || cell.get_auth())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: u64, key: u8) -> Arc<VpnAuthResponse> {
+        Arc::new(VpnAuthResponse {
+            assigned_ip: Ipv4Addr::new(100, 64, 0, 2),
+            gateway_ip: Ipv4Addr::new(100, 64, 0, 1),
+            prefix_len: 24,
+            session_id: SessionId(id),
+            session_key: SessionKey::new([key; 32]),
+            data_port: 51820,
+            idle_timeout: Duration::from_secs(120),
+            received_at: SystemTime::UNIX_EPOCH,
+        })
+    }
+
+    #[test]
+    fn starts_empty_and_swaps_whole() {
+        let cell = AuthCell::new();
+        let get = cell.getter();
+        assert!(get().is_none());
+        assert!(cell.swap_in(snap(1, 7)).is_none());
+        let a = get().expect("installed");
+        assert_eq!(a.session_id, SessionId(1));
+        let prev = cell.swap_in(snap(2, 9)).expect("previous returned");
+        assert_eq!(prev.session_id, SessionId(1));
+        // A reader holding the old Arc still sees the old snapshot, whole.
+        assert_eq!(a.session_key.expose(), &[7u8; 32]);
+        assert_eq!(get().map(|s| s.session_id), Some(SessionId(2)));
+    }
+
+    #[test]
+    fn debug_and_summary_never_show_the_key() {
+        let s = snap(0xabcdef, 0x5a);
+        let key_hex = "5a".repeat(32);
+        let dbg = format!("{s:?}");
+        let sum = s.summary();
+        assert!(!dbg.contains(&key_hex), "{dbg}");
+        assert!(!sum.contains(&key_hex), "{sum}");
+        assert!(dbg.contains(&s.session_key.fingerprint().to_string()));
+        assert!(!dbg.contains("90, 90"), "raw bytes leaked: {dbg}");
+    }
+
+    #[test]
+    fn fingerprint_distinguishes_keys() {
+        assert_ne!(
+            SessionKey::new([1; 32]).fingerprint(),
+            SessionKey::new([2; 32]).fingerprint()
+        );
+    }
+}
