@@ -1,0 +1,288 @@
+//! The client's side of the control plane: one lazily connected mutual-TLS gRPC channel, and the two
+//! calls the supervisor needs, each with a hard deadline and each failure classified for the machine.
+//!
+//! Why a lazy channel: `start()` must not block, and the gateway may be down when the client starts.
+//! tonic reconnects a lazy channel by itself on the next call after a failure, so a gateway restart
+//! needs nothing from us but the next call.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::client::{ClientFile, Credentials};
+use crate::control::pb;
+use crate::control::pb::control_client::ControlClient;
+use crate::sansio::supervisor::{AuthFailure, PingFailure};
+use crate::snapshot::{SessionId, SessionKey, VpnAuthResponse};
+
+/// The answer of a successful `PingSession`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PingAnswer {
+    Ok,
+    SessionExpired,
+}
+
+/// Why the channel could not be built from the credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The endpoint or TLS settings were refused by tonic.
+    #[error("cannot set up the control channel to {endpoint}: {reason}")]
+    Setup { endpoint: String, reason: String },
+}
+
+/// A failed call, classified, with a human-readable detail for the log.
+#[derive(Debug, Clone)]
+pub struct CallError<K> {
+    pub kind: K,
+    pub detail: String,
+}
+
+/// The control-plane client.
+#[derive(Clone)]
+pub struct ControlPlane {
+    client: ControlClient<Channel>,
+    /// The caller's own identity, sent in `PingSession` (the gateway checks it against the cert).
+    client_id: Arc<str>,
+}
+
+impl ControlPlane {
+    /// Builds a lazily connecting channel; performs no IO.
+    pub fn new(file: &ClientFile, creds: &Credentials) -> Result<Self, ChannelError> {
+        let endpoint = format!("https://{}", file.endpoint);
+        let setup = |reason: String| ChannelError::Setup { endpoint: endpoint.clone(), reason };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&creds.gateway_ca_pem))
+            .identity(Identity::from_pem(&creds.certificate_pem, &creds.key_pem))
+            .domain_name(file.server_name.clone());
+        let rpc_deadline = file.timings().rpc_deadline;
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| setup(e.to_string()))?
+            .tls_config(tls)
+            .map_err(|e| setup(error_chain(&e)))?
+            .tcp_nodelay(true)
+            .connect_timeout(rpc_deadline)
+            // HTTP/2 keepalive lets a dead TCP connection (gateway vanished without FIN) be noticed
+            // and replaced instead of every call waiting out its deadline on a corpse.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(rpc_deadline)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        Ok(Self { client: ControlClient::new(channel), client_id: Arc::from(file.name.as_str()) })
+    }
+
+    /// `Authenticate` with a deadline. The response is validated before it becomes a snapshot.
+    pub async fn authenticate(
+        &self,
+        deadline: Duration,
+    ) -> Result<Arc<VpnAuthResponse>, CallError<AuthFailure>> {
+        let mut req = tonic::Request::new(pb::AuthenticateRequest {
+            client_version: concat!("holdfast/", env!("CARGO_PKG_VERSION")).to_owned(),
+        });
+        req.set_timeout(deadline);
+        let mut client = self.client.clone();
+        let call = client.authenticate(req);
+        let resp = match tokio::time::timeout(deadline, call).await {
+            Err(_) => return Err(CallError { kind: AuthFailure::TimedOut, detail: timed_out(deadline) }),
+            Ok(Err(status)) => return Err(classify_auth(&status)),
+            Ok(Ok(resp)) => resp.into_inner(),
+        };
+        snapshot_from(resp).map_err(|detail| CallError { kind: AuthFailure::GatewayError, detail })
+    }
+
+    /// `PingSession` with a deadline.
+    pub async fn ping(
+        &self,
+        session_id: SessionId,
+        deadline: Duration,
+    ) -> Result<PingAnswer, CallError<PingFailure>> {
+        let mut req = tonic::Request::new(pb::PingSessionRequest {
+            client_id: self.client_id.to_string(),
+            session_id: session_id.0,
+        });
+        req.set_timeout(deadline);
+        let mut client = self.client.clone();
+        let call = client.ping_session(req);
+        let resp = match tokio::time::timeout(deadline, call).await {
+            Err(_) => return Err(CallError { kind: PingFailure::TimedOut, detail: timed_out(deadline) }),
+            Ok(Err(status)) => return Err(classify_ping(&status)),
+            Ok(Ok(resp)) => resp.into_inner(),
+        };
+        match pb::PingStatus::try_from(resp.status) {
+            Ok(pb::PingStatus::Ok) => Ok(PingAnswer::Ok),
+            Ok(pb::PingStatus::SessionExpired) => Ok(PingAnswer::SessionExpired),
+            _ => Err(CallError {
+                kind: PingFailure::GatewayError,
+                detail: format!("gateway sent an unknown ping status {}", resp.status),
+            }),
+        }
+    }
+}
+
+fn timed_out(deadline: Duration) -> String {
+    format!("no answer within {}", humantime::format_duration(deadline))
+}
+
+/// Turns a validated `AuthenticateResponse` into a snapshot. Every field is checked: a gateway bug
+/// must not become a client crash or a half-usable session.
+fn snapshot_from(r: pb::AuthenticateResponse) -> Result<Arc<VpnAuthResponse>, String> {
+    let ip = |b: &[u8], what: &str| {
+        <[u8; 4]>::try_from(b).map(Ipv4Addr::from).map_err(|_| {
+            format!("gateway sent a {what} of {} bytes, expected an IPv4 address", b.len())
+        })
+    };
+    let assigned_ip = ip(&r.assigned_ip, "assigned_ip")?;
+    let gateway_ip = ip(&r.gateway_ip, "gateway_ip")?;
+    let prefix_len = u8::try_from(r.prefix_len)
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(|| format!("gateway sent an invalid prefix length {}", r.prefix_len))?;
+    let session_key = SessionKey::from_slice(&r.session_key).ok_or_else(|| {
+        format!("gateway sent a session key of {} bytes, expected 32", r.session_key.len())
+    })?;
+    if r.session_id == 0 {
+        return Err("gateway sent session id 0".into());
+    }
+    let data_port = u16::try_from(r.data_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("gateway sent an invalid data port {}", r.data_port))?;
+    Ok(Arc::new(VpnAuthResponse {
+        assigned_ip,
+        gateway_ip,
+        prefix_len,
+        session_id: SessionId(r.session_id),
+        session_key,
+        data_port,
+        idle_timeout: Duration::from_millis(r.session_idle_timeout_ms),
+        received_at: SystemTime::now(),
+    }))
+}
+
+/// Renders an error and its sources on one line (tonic's transport errors hide the useful part,
+/// e.g. the rustls alert, several sources deep).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+fn status_detail(status: &tonic::Status) -> String {
+    use std::error::Error;
+    let mut s = format!("{:?}: {}", status.code(), status.message());
+    if let Some(src) = status.source() {
+        s.push_str(": ");
+        s.push_str(&error_chain(src));
+    }
+    s
+}
+
+/// Whether a transport failure is a TLS certificate problem (either side refusing the other).
+/// Under TLS 1.3 the gateway's refusal of our certificate arrives as an alert at the first call.
+fn is_certificate_problem(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    d.contains("certificate") || d.contains("unknownca") || d.contains("unknown ca")
+        || d.contains("decrypterror") || d.contains("received fatal alert")
+}
+
+fn classify_auth(status: &tonic::Status) -> CallError<AuthFailure> {
+    use tonic::Code;
+    let detail = status_detail(status);
+    let kind = match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => AuthFailure::Rejected,
+        Code::DeadlineExceeded => AuthFailure::TimedOut,
+        _ if is_certificate_problem(&detail) => AuthFailure::CertificateRefused,
+        Code::Unavailable | Code::Cancelled | Code::Unknown => AuthFailure::Unreachable,
+        _ => AuthFailure::GatewayError,
+    };
+    let detail = match kind {
+        AuthFailure::CertificateRefused => format!(
+            "TLS refused (the gateway does not accept this client's certificate, or its certificate \
+             is not the one this client file pins): {detail}"
+        ),
+        AuthFailure::Rejected => format!("gateway rejected this client: {}", status.message()),
+        _ => detail,
+    };
+    CallError { kind, detail }
+}
+
+fn classify_ping(status: &tonic::Status) -> CallError<PingFailure> {
+    use tonic::Code;
+    let kind = match status.code() {
+        Code::DeadlineExceeded => PingFailure::TimedOut,
+        Code::Unavailable | Code::Cancelled | Code::Unknown => PingFailure::Unreachable,
+        _ => PingFailure::GatewayError,
+    };
+    CallError { kind, detail: status_detail(status) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> pb::AuthenticateResponse {
+        pb::AuthenticateResponse {
+            assigned_ip: vec![100, 64, 0, 2],
+            gateway_ip: vec![100, 64, 0, 1],
+            prefix_len: 24,
+            session_id: 42,
+            session_key: vec![7; 32],
+            data_port: 51820,
+            session_idle_timeout_ms: 180_000,
+        }
+    }
+
+    #[test]
+    fn valid_response_becomes_a_snapshot() {
+        let s = snapshot_from(good()).expect("valid");
+        assert_eq!(s.assigned_ip, Ipv4Addr::new(100, 64, 0, 2));
+        assert_eq!(s.session_id, SessionId(42));
+        assert_eq!(s.idle_timeout, Duration::from_secs(180));
+    }
+
+    #[test]
+    fn invalid_responses_are_errors_not_panics() {
+        let cases: Vec<(fn(&mut pb::AuthenticateResponse), &str)> = vec![
+            (|r| r.assigned_ip = vec![1, 2, 3], "assigned_ip"),
+            (|r| r.gateway_ip = vec![0; 16], "gateway_ip"),
+            (|r| r.prefix_len = 0, "prefix"),
+            (|r| r.prefix_len = 33, "prefix"),
+            (|r| r.session_key = vec![1; 31], "session key"),
+            (|r| r.session_id = 0, "session id"),
+            (|r| r.data_port = 70_000, "data port"),
+            (|r| r.data_port = 0, "data port"),
+        ];
+        for (mutate, expect) in cases {
+            let mut r = good();
+            mutate(&mut r);
+            let err = snapshot_from(r).expect_err(expect);
+            assert!(err.contains(expect), "{err} should mention {expect}");
+        }
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let s = tonic::Status::unauthenticated("client 'x' is revoked");
+        let e = classify_auth(&s);
+        assert_eq!(e.kind, AuthFailure::Rejected);
+        assert!(e.detail.contains("revoked"));
+        assert_eq!(classify_auth(&tonic::Status::unavailable("tcp connect error")).kind, AuthFailure::Unreachable);
+        assert_eq!(
+            classify_auth(&tonic::Status::unavailable("received fatal alert: UnknownCA")).kind,
+            AuthFailure::CertificateRefused
+        );
+        assert_eq!(classify_auth(&tonic::Status::deadline_exceeded("x")).kind, AuthFailure::TimedOut);
+        assert_eq!(classify_auth(&tonic::Status::internal("x")).kind, AuthFailure::GatewayError);
+        assert_eq!(classify_ping(&tonic::Status::unavailable("x")).kind, PingFailure::Unreachable);
+        assert_eq!(classify_ping(&tonic::Status::deadline_exceeded("x")).kind, PingFailure::TimedOut);
+    }
+}

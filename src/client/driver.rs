@@ -1,0 +1,237 @@
+//! The supervisor driver: the thin tokio shell around the pure [`Supervisor`].
+//!
+//! It owns what the machine must not: the clock, the RNG, the control-plane channel, the one timer
+//! and the RPC tasks. It feeds every observation to the machine and executes the effects that come
+//! back, in order. It never decides anything itself — with one exception that is about IO, not
+//! policy: after a rejection it re-reads the client file, so credentials re-issued by the gateway
+//! operator take effect without a restart.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::control::{ControlPlane, PingAnswer};
+use super::status::{ClientStatus, TransitionRecord};
+use crate::config::client::{ClientFile, Credentials};
+use crate::sansio::supervisor::{AuthFailure, Effect, Event, Level, Supervisor, Timer};
+use crate::snapshot::{AuthCell, VpnAuthResponse};
+
+/// Commands from the handle (the dashboard, signal handlers, the data plane).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Explicit stop.
+    Stop,
+    /// Force a re-authentication.
+    Reauth,
+    /// The data plane saw an "unknown session" notice: check now.
+    Nudge,
+}
+
+/// Called with each snapshot the machine installs, after the swap (the data plane uses it to come
+/// up on the first one).
+pub type OnSwap = Box<dyn FnMut(&Arc<VpnAuthResponse>) + Send>;
+
+/// Everything the driver needs, moved into its task by `start()`.
+pub struct DriverParts {
+    pub file: ClientFile,
+    pub path: PathBuf,
+    pub creds: Credentials,
+    pub auth: AuthCell,
+    pub commands: mpsc::Receiver<Command>,
+    pub status: watch::Sender<ClientStatus>,
+    pub on_swap: Option<OnSwap>,
+    /// Seed for the jitter RNG; `None` draws one from the OS.
+    pub seed: Option<u64>,
+}
+
+/// How many recent transitions the status feed keeps.
+const RECENT_TRANSITIONS: usize = 32;
+
+/// Runs the supervisor until an explicit stop.
+pub async fn run(parts: DriverParts) {
+    let DriverParts { file, path, mut creds, auth, mut commands, status, mut on_swap, seed } = parts;
+    let epoch = Instant::now();
+    let now = || epoch.elapsed();
+    let mut rng = match seed {
+        Some(s) => StdRng::seed_from_u64(s),
+        None => StdRng::from_os_rng(),
+    };
+    let mut machine = Supervisor::new(file.timings());
+    let mut control = build_control(&file, &creds);
+
+    // RPC results come back through this channel, tagged with the attempt the machine gave them.
+    let (results_tx, mut results) = mpsc::unbounded_channel::<(Event, String)>();
+    let mut rpcs: JoinSet<()> = JoinSet::new();
+    let mut timer: Option<(Instant, Timer)> = None;
+    let mut pending: VecDeque<(Event, String)> = VecDeque::from([(Event::Started, String::new())]);
+    let mut recent: VecDeque<TransitionRecord> = VecDeque::with_capacity(RECENT_TRANSITIONS);
+
+    loop {
+        while let Some((event, detail)) = pending.pop_front() {
+            let rejected = matches!(
+                event,
+                Event::AuthFailed { failure: AuthFailure::Rejected | AuthFailure::CertificateRefused, .. }
+            );
+            let before = machine.state();
+            let effects = machine.handle(event, now(), &mut rng);
+            let mut exit = false;
+            for effect in effects {
+                match effect {
+                    Effect::CallAuthenticate { attempt, deadline } => {
+                        let Some(cp) = control.clone() else {
+                            let failure = AuthFailure::GatewayError;
+                            let why = "control channel could not be set up (see the earlier error)";
+                            pending.push_back((Event::AuthFailed { attempt, failure }, why.into()));
+                            continue;
+                        };
+                        let budget = deadline.saturating_sub(now());
+                        let tx = results_tx.clone();
+                        rpcs.spawn(async move {
+                            let ev = match cp.authenticate(budget).await {
+                                Ok(auth) => (Event::AuthSucceeded { attempt, auth }, String::new()),
+                                Err(e) => (Event::AuthFailed { attempt, failure: e.kind }, e.detail),
+                            };
+                            let _ = tx.send(ev);
+                        });
+                    }
+                    Effect::CallPing { attempt, session_id, deadline } => {
+                        let Some(cp) = control.clone() else { continue };
+                        let budget = deadline.saturating_sub(now());
+                        let tx = results_tx.clone();
+                        rpcs.spawn(async move {
+                            let sent = Instant::now();
+                            let ev = match cp.ping(session_id, budget).await {
+                                Ok(PingAnswer::Ok) => {
+                                    (Event::PingSucceeded { attempt, rtt: sent.elapsed() }, String::new())
+                                }
+                                Ok(PingAnswer::SessionExpired) => {
+                                    (Event::SessionExpired { attempt }, String::new())
+                                }
+                                Err(e) => (Event::PingFailed { attempt, failure: e.kind }, e.detail),
+                            };
+                            let _ = tx.send(ev);
+                        });
+                    }
+                    Effect::ArmTimer { at, timer: which } => timer = Some((epoch + at, which)),
+                    Effect::CancelTimer => timer = None,
+                    Effect::SwapSnapshot(next) => {
+                        auth.swap_in(next.clone());
+                        if let Some(hook) = on_swap.as_mut() {
+                            hook(&next);
+                        }
+                    }
+                    Effect::Log(line) => emit(line.level, &line.message, &detail),
+                    Effect::Exit => exit = true,
+                }
+            }
+            let st = machine.status();
+            if st.state != before {
+                if recent.len() == RECENT_TRANSITIONS {
+                    recent.pop_front();
+                }
+                recent.push_back(TransitionRecord {
+                    at: st.since,
+                    from: before,
+                    to: st.state,
+                    cause: st.last_cause.clone(),
+                });
+            }
+            status.send_replace(ClientStatus {
+                supervisor: st,
+                snapshot: auth.get_auth().map(|a| super::status::SnapshotView::of(&a)),
+                recent: recent.iter().cloned().collect(),
+            });
+            if exit {
+                rpcs.abort_all();
+                return;
+            }
+            if rejected {
+                reload_credentials(&file, &path, &mut creds, &mut control);
+            }
+        }
+
+        let sleep_until = timer.map(|(at, _)| at);
+        tokio::select! {
+            Some(result) = results.recv() => pending.push_back(result),
+            cmd = commands.recv() => {
+                let event = match cmd {
+                    // All handles gone means nobody can stop us any more: treat it as a stop.
+                    Some(Command::Stop) | None => Event::Stop,
+                    Some(Command::Reauth) => Event::ReauthRequested,
+                    Some(Command::Nudge) => Event::Nudged,
+                };
+                pending.push_back((event, String::new()));
+            }
+            _ = sleep(sleep_until), if sleep_until.is_some() => {
+                if let Some((_, which)) = timer.take() {
+                    pending.push_back((Event::TimerFired(which), String::new()));
+                }
+            }
+            // Reap finished RPC tasks so the set does not grow.
+            Some(_) = rpcs.join_next(), if !rpcs.is_empty() => {}
+        }
+    }
+}
+
+async fn sleep(until: Option<Instant>) {
+    if let Some(at) = until {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+fn build_control(file: &ClientFile, creds: &Credentials) -> Option<ControlPlane> {
+    match ControlPlane::new(file, creds) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(target: "holdfast::supervisor", "{e}");
+            None
+        }
+    }
+}
+
+/// After a rejection, picks up credentials the operator re-issued into the same client file. A file
+/// that became unreadable or invalid meanwhile is not fatal after start-up: we keep what we have.
+fn reload_credentials(
+    file: &ClientFile,
+    path: &std::path::Path,
+    creds: &mut Credentials,
+    control: &mut Option<ControlPlane>,
+) {
+    let fresh = ClientFile::load(path).and_then(|f| {
+        let c = f.credentials(path)?;
+        Ok((f, c))
+    });
+    match fresh {
+        Ok((f, c)) => {
+            let changed = c.certificate_pem != creds.certificate_pem
+                || c.key_pem != creds.key_pem
+                || c.gateway_ca_pem != creds.gateway_ca_pem;
+            if changed && f.endpoint == file.endpoint && f.server_name == file.server_name {
+                tracing::info!(
+                    target: "holdfast::supervisor",
+                    "client file {} has new credentials; using them from the next attempt",
+                    path.display()
+                );
+                *control = build_control(file, &c);
+                *creds = c;
+            }
+        }
+        Err(e) => tracing::debug!(target: "holdfast::supervisor", "not reloading credentials: {e}"),
+    }
+}
+
+/// Forwards a machine-decided log line to tracing, with the failure detail the driver observed.
+fn emit(level: Level, message: &str, detail: &str) {
+    let sep = if detail.is_empty() { "" } else { ": " };
+    match level {
+        Level::Warn => tracing::warn!(target: "holdfast::supervisor", "{message}{sep}{detail}"),
+        Level::Info => tracing::info!(target: "holdfast::supervisor", "{message}{sep}{detail}"),
+        Level::Debug => tracing::debug!(target: "holdfast::supervisor", "{message}{sep}{detail}"),
+    }
+}

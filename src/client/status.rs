@@ -1,0 +1,71 @@
+//! The client's status feed: what the dashboard, `holdfast status` and tests observe. Published by
+//! the driver after every event; observers only read it, they never drive the machine.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
+
+use crate::sansio::supervisor::{Now, StateName, Status};
+use crate::snapshot::{KeyFingerprint, SessionId, VpnAuthResponse};
+
+/// One transition, for the "recent transitions" list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransitionRecord {
+    pub at: Now,
+    pub from: StateName,
+    pub to: StateName,
+    pub cause: String,
+}
+
+/// What may be shown of a snapshot: never the key, only its fingerprint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotView {
+    pub assigned_ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway_ip: Ipv4Addr,
+    pub session_id: SessionId,
+    pub key_fingerprint: KeyFingerprint,
+    pub received_at: SystemTime,
+    pub idle_timeout: Duration,
+}
+
+impl SnapshotView {
+    pub fn of(a: &VpnAuthResponse) -> Self {
+        Self {
+            assigned_ip: a.assigned_ip,
+            prefix_len: a.prefix_len,
+            gateway_ip: a.gateway_ip,
+            session_id: a.session_id,
+            key_fingerprint: a.session_key.fingerprint(),
+            received_at: a.received_at,
+            idle_timeout: a.idle_timeout,
+        }
+    }
+}
+
+/// The whole published status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientStatus {
+    pub supervisor: Status,
+    pub snapshot: Option<SnapshotView>,
+    pub recent: Vec<TransitionRecord>,
+}
+
+impl ClientStatus {
+    /// The status before the supervisor has handled anything.
+    pub fn initial() -> Self {
+        Self {
+            supervisor: Status {
+                state: StateName::Unauthed,
+                superstate: None,
+                since: Duration::ZERO,
+                last_cause: String::new(),
+                next_timer: None,
+                backoff: Duration::ZERO,
+                failures: 0,
+                last_rtt: None,
+            },
+            snapshot: None,
+            recent: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Logging for both binaries: a rolling daily file (bounded number kept) through a non-blocking
+//! writer that does not drop lines, plus stderr when nothing else owns the terminal.
+//!
+//! The levels follow the house rule: `info` one line per state transition and per session change,
+//! `warn` the first occurrence of a degradation, `debug` control RPCs, `trace` per packet.
+
+use std::path::{Path, PathBuf};
+
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use tracing_appender::rolling::{RollingFileAppender, Rotation};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Where and what to log.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// Folder of the rolling files; created if missing.
+    pub dir: PathBuf,
+    /// File name prefix, e.g. `holdfast-client` (files are `<prefix>.<date>.log`).
+    pub prefix: &'static str,
+    /// A tracing filter (e.g. `info` or `info,holdfast=debug`); `RUST_LOG` overrides it.
+    pub filter: String,
+    /// How many daily files to keep.
+    pub keep_files: usize,
+    /// Also write to stderr (off while a dashboard draws on the terminal).
+    pub stderr: bool,
+}
+
+/// Keeps the file writer's worker alive; dropping it flushes what is buffered.
+pub struct LogGuard {
+    _file: Option<WorkerGuard>,
+    /// The file problem, if the file could not be opened and only stderr is used.
+    pub file_error: Option<String>,
+}
+
+/// Installs the global subscriber. A log folder that cannot be created is not fatal: the process
+/// logs to stderr and reports why (the caller decides whether to say so).
+pub fn init(s: &LogSettings) -> LogGuard {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&s.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (file_layer, guard, file_error) = match open_file(&s.dir, s.prefix, s.keep_files) {
+        Ok(appender) => {
+            // Lossy off: a full buffer makes the logging thread wait rather than drop a line.
+            let (writer, guard) = NonBlockingBuilder::default().lossy(false).finish(appender);
+            let layer = tracing_subscriber::fmt::layer().with_ansi(false).with_writer(writer);
+            (Some(layer), Some(guard), None)
+        }
+        Err(e) => (None, None, Some(e)),
+    };
+    let stderr_layer = (s.stderr || file_error.is_some())
+        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    // A second init (tests) keeps the first subscriber; that is fine.
+    let _ = tracing_subscriber::registry().with(filter).with(file_layer).with(stderr_layer).try_init();
+    if let Some(e) = &file_error {
+        tracing::warn!("cannot write log files in {}: {e}; logging to stderr only", s.dir.display());
+    }
+    LogGuard { _file: guard, file_error }
+}
+
+fn open_file(dir: &Path, prefix: &str, keep: usize) -> Result<RollingFileAppender, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    RollingFileAppender::builder()
+        .rotation(Rotation::DAILY)
+        .filename_prefix(prefix)
+        .filename_suffix("log")
+        .max_log_files(keep.max(1))
+        .build(dir)
+        .map_err(|e| e.to_string())
+}

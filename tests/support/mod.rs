@@ -1,0 +1,227 @@
+//! Test support: real `holdfast` processes whose log lines are awaited as events, temp dirs with a
+//! provisioned gateway, and free loopback ports. Everything started here is killed on drop, also
+//! when a test panics.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use holdfast::config::client::{ClientFile, LogSection, TimingSection};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+
+/// Runs `holdfast <args>` to completion.
+pub fn holdfast(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run holdfast")
+}
+
+/// Runs `holdfast <args>` and asserts success.
+pub fn holdfast_ok(args: &[&str]) -> String {
+    let out = holdfast(args);
+    assert!(
+        out.status.success(),
+        "holdfast {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A free TCP port on 127.0.0.1 (also used for UDP by the gateway). The port is released before it
+/// is returned, so there is a small window in which another process could take it.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A running process whose stderr (and stdout) lines are collected and can be awaited.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let (tx, rx) = channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let streams: Vec<Box<dyn std::io::Read + Send>> = vec![
+            Box::new(child.stderr.take().expect("stderr")),
+            Box::new(child.stdout.take().expect("stdout")),
+        ];
+        for stream in streams {
+            let tx = tx.clone();
+            let seen = seen.clone();
+            let tag = name.to_owned();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("HOLDFAST_TEST_ECHO").is_some() {
+                        eprintln!("[{tag}] {line}");
+                    }
+                    seen.lock().expect("lock").push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Proc { name: name.to_owned(), child, lines: rx, seen }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for the next line containing every one of `needles`; returns it. Lines that
+    /// do not match are skipped (they stay in `all_lines`).
+    pub fn wait_for(&mut self, needles: &[&str], within: Duration) -> String {
+        let end = Instant::now() + within;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => panic!(
+                    "{}: no line with {needles:?} within {within:?}; alive={}; output:\n{}",
+                    self.name,
+                    self.is_alive(),
+                    self.all_lines().join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Every line seen so far.
+    pub fn all_lines(&self) -> Vec<String> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status();
+        assert!(st.map(|s| s.success()).unwrap_or(false), "kill -{sig} {}", self.pid());
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit; returns the exit code.
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        self.signal("TERM");
+        self.wait_exit(within)
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{} did not exit within {within:?}", self.name);
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A provisioned gateway directory on loopback: `init` plus helpers to add clients and run it.
+pub struct GatewayDir {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl GatewayDir {
+    pub fn init() -> GatewayDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let endpoint = format!("127.0.0.1:{port}");
+        holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
+        GatewayDir { dir, port }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path().join("gateway.toml")
+    }
+
+    /// Appends `key = value` lines to gateway.toml's top level (before any table).
+    pub fn set(&self, lines: &str) {
+        let text = std::fs::read_to_string(self.config()).expect("read gateway.toml");
+        let (head, tail) = match text.find("\n[") {
+            Some(i) => text.split_at(i + 1),
+            None => (text.as_str(), ""),
+        };
+        std::fs::write(self.config(), format!("{head}{lines}\n{tail}")).expect("write gateway.toml");
+    }
+
+    /// Registers a client and returns the path of its client file, after `edit` changed it (timing
+    /// overrides, log settings).
+    pub fn add_client(&self, name: &str, edit: impl FnOnce(&mut ClientFile)) -> PathBuf {
+        let out = self.path().join(format!("{name}.toml"));
+        holdfast_ok(&["gateway", "add-client", "--dir", s(self.path()), name, "--out", s(&out)]);
+        edit_client_file(&out, edit);
+        out
+    }
+
+    pub fn run(&self, tag: &str) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["gateway", "run", "--dir", s(self.path())]).env("RUST_LOG", "info,holdfast=debug");
+        Proc::spawn(tag, cmd)
+    }
+}
+
+/// Rewrites a client file through its parser.
+pub fn edit_client_file(path: &Path, edit: impl FnOnce(&mut ClientFile)) {
+    let mut file = ClientFile::load(path).expect("client file parses");
+    edit(&mut file);
+    std::fs::write(path, toml::to_string(&file).expect("serialise")).expect("write client file");
+}
+
+/// Timings short enough for tests, with the log folder `log_dir`.
+pub fn fast_timings(file: &mut ClientFile, log_dir: &Path) {
+    let ms = |n| Some(Duration::from_millis(n));
+    file.timing = TimingSection {
+        health_min: ms(500),
+        health_max: ms(1000),
+        rpc_deadline: ms(1000),
+        backoff_initial: ms(200),
+        backoff_max: ms(1000),
+        repeat_log_every: None,
+        nudge_min_interval: ms(100),
+    };
+    file.log = LogSection {
+        dir: Some(log_dir.to_owned()),
+        level: Some("info,holdfast=debug".into()),
+        keep_files: None,
+    };
+}
+
+pub fn run_client(tag: &str, file: &Path) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["client", "run", "--config", s(file)]).env_remove("RUST_LOG");
+    Proc::spawn(tag, cmd)
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
