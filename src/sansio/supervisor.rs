@@ -5,8 +5,24 @@
 //! executes the [`Effect`]s that come back, in order. Nothing in here sleeps, spawns, reads a clock
 //! or draws randomness by itself, so a property test can replay any run exactly.
 //!
-//! INTERFACE FILE: the types below are the contract between the machine and the driver.
-//! The machine itself (the statig `#[state_machine]`) is implemented further down.
+//! The types at the top ([`Timings`], [`Event`], [`Effect`], [`Status`], ...) are the contract
+//! between the machine and the driver; [`Supervisor`] wraps the statig `#[state_machine]` below
+//! them. The chart it implements is `statecharts/supervisor.mmd` (checked against this code by
+//! `tests/supervisor_chart.rs`).
+//!
+//! What the driver must do for the machine to stay alive:
+//! - report every RPC it was asked for exactly once, with the effect's `attempt`: a result, a
+//!   failure, or `TimedOut` once the effect's `deadline` has passed (the machine arms no timer
+//!   of its own while an RPC is in flight);
+//! - fire the one timer at its `at`, re-arming on every `ArmTimer` and disarming on
+//!   `CancelTimer`. A late or duplicate firing is harmless: the machine ignores a `TimerFired`
+//!   for a timer it does not have armed, and results for attempts it no longer awaits.
+//!
+//! Logging: every transition produces exactly one [`Effect::Log`] (written by statig's
+//! `after_transition` hook), e.g. `Healthy -> Degraded (PingFailed: TimedOut); retry in 2s`.
+//! A failure warns the first time its kind is seen since the last success; repeats are info at
+//! most once per [`Timings::repeat_log_every`] and debug otherwise, so an outage of any length
+//! shows a handful of lines at the default filter. Internal events log nothing.
 
 use std::fmt;
 use std::sync::Arc;
@@ -1046,7 +1062,10 @@ mod tests {
         h.send(Event::Started);
         h.fail_auth(AuthFailure::Rejected);
         assert!(h.send(Event::TimerFired(Timer::Health)).is_empty());
-        assert_eq!(h.sup.state(), StateName::Backoff);
+        assert!(matches!(
+            h.sup.state(),
+            StateName::Backoff | StateName::Authing
+        ));
     }
 
     #[test]
@@ -1366,6 +1385,135 @@ mod tests {
                 StateName::Degraded
             ]
         );
+    }
+
+    /// A simulated driver: fires the armed timer on time and answers each RPC with
+    /// `answer(now, is_auth, attempt)` after `delay`. Returns the log lines of `span`.
+    fn drive(
+        h: &mut Harness,
+        span: Duration,
+        delay: Duration,
+        mut answer: impl FnMut(Now, bool, u64) -> Event,
+    ) -> Vec<LogLine> {
+        let end = h.now + span;
+        let mut replies: Vec<(Now, Event)> = Vec::new();
+        let mut lines = Vec::new();
+        while h.now < end {
+            let timer = h.sup.status().next_timer;
+            let reply_at = replies.iter().map(|(at, _)| *at).min();
+            let ev = match (timer, reply_at) {
+                (Some((timer, at)), reply) if reply.is_none_or(|r| at < r) => {
+                    h.now = h.now.max(at);
+                    Event::TimerFired(timer)
+                }
+                (_, Some(at)) => {
+                    let i = replies.iter().position(|(t, _)| *t == at).expect("present");
+                    h.now = h.now.max(at);
+                    replies.remove(i).1
+                }
+                (None, None) => panic!("the machine stalled in {:?}", h.sup.state()),
+                (Some(_), None) => unreachable!("covered by the first arm"),
+            };
+            for e in h.send(ev) {
+                match e {
+                    Effect::CallAuthenticate { attempt, .. } => {
+                        replies.push((h.now + delay, answer(h.now, true, attempt)))
+                    }
+                    Effect::CallPing { attempt, .. } => {
+                        replies.push((h.now + delay, answer(h.now, false, attempt)))
+                    }
+                    Effect::Log(l) => lines.push(l),
+                    _ => {}
+                }
+            }
+        }
+        lines
+    }
+
+    fn visible(lines: &[LogLine]) -> Vec<&str> {
+        lines
+            .iter()
+            .filter(|l| l.level >= Level::Info)
+            .map(|l| l.message.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn ten_minute_outages_show_a_handful_of_lines() {
+        let ten_min = 600 * S;
+        // The gateway stops answering while the client is Healthy, for ten minutes, then
+        // comes back without our session: pings time out, then SESSION_EXPIRED, then re-auth.
+        let mut h = Harness::new();
+        h.healthy(1);
+        let outage_end = h.now + ten_min;
+        let mut reauthed = false;
+        let lines = drive(
+            &mut h,
+            ten_min + 120 * S,
+            5 * S,
+            |now, is_auth, attempt| match (is_auth, now < outage_end, reauthed) {
+                (false, true, _) => Event::PingFailed {
+                    attempt,
+                    failure: PingFailure::TimedOut,
+                },
+                (false, false, false) => Event::SessionExpired { attempt },
+                (false, false, true) => Event::PingSucceeded {
+                    attempt,
+                    rtt: S / 100,
+                },
+                (true, _, _) => {
+                    reauthed = true;
+                    Event::AuthSucceeded {
+                        attempt,
+                        auth: snap(2),
+                    }
+                }
+            },
+        );
+        let shown = visible(&lines);
+        // Warn once; maybe one info repeat; SessionExpired re-auth; back to Healthy.
+        assert!((3..=4).contains(&shown.len()), "{shown:#?}");
+        assert!(
+            lines.len() > 10,
+            "each retry still leaves a debug line: {lines:#?}"
+        );
+        assert_eq!(h.sup.state(), StateName::Healthy);
+        assert_eq!(h.sup.installed().map(|a| a.session_id), Some(SessionId(2)));
+
+        // A revoked client, from start-up: rejected on every attempt for fifteen minutes.
+        // Retries are at most 300 s apart, so one falls in [600 s, 900 s]: exactly one info.
+        let mut h = Harness::new();
+        let mut lines: Vec<LogLine> = Vec::new();
+        let collect = |fx: Vec<Effect>, lines: &mut Vec<LogLine>| {
+            lines.extend(fx.into_iter().filter_map(|e| {
+                if let Effect::Log(l) = e {
+                    Some(l)
+                } else {
+                    None
+                }
+            }))
+        };
+        collect(h.send(Event::Started), &mut lines);
+        let first = h.attempt;
+        collect(h.fail_auth(AuthFailure::Rejected), &mut lines);
+        lines.extend(drive(&mut h, ten_min + 300 * S, S / 10, |_, _, attempt| {
+            Event::AuthFailed {
+                attempt,
+                failure: AuthFailure::Rejected,
+            }
+        }));
+        let shown = visible(&lines);
+        // Started, the first rejection (warn), one info repeat after 600 s.
+        assert_eq!(shown.len(), 3, "{shown:#?}");
+        assert!(
+            h.attempt > first + 8,
+            "kept retrying: {} attempts",
+            h.attempt - first
+        );
+        assert!(matches!(
+            h.sup.state(),
+            StateName::Backoff | StateName::Authing
+        ));
     }
 
     #[test]
