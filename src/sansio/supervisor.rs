@@ -192,9 +192,10 @@ pub struct Status {
     pub last_cause: String,
     /// The armed timer and when it fires.
     pub next_timer: Option<(Timer, Now)>,
-    /// The current retry delay (0 when not backing off).
+    /// The un-jittered retry delay of the current failure streak (0 without failures); the
+    /// armed retry waits between half of it and all of it.
     pub backoff: Duration,
-    /// Consecutive failures of the current kind.
+    /// Consecutive failures (auth or ping, any kind) since the last success.
     pub failures: u32,
     /// Last measured ping round trip.
     pub last_rtt: Option<Duration>,
@@ -804,7 +805,8 @@ fn ordered(a: Duration, b: Duration) -> (Duration, Duration) {
     if a <= b { (a, b) } else { (b, a) }
 }
 
-/// A duration uniformly drawn from `lo..=hi` (nanosecond resolution). Requires `lo <= hi`.
+/// A duration uniformly drawn from `lo..=hi` (nanosecond resolution); `lo` if the range is
+/// empty or a single point, so no configuration can make the draw panic.
 fn uniform(rng: &mut dyn RngCore, lo: Duration, hi: Duration) -> Duration {
     let lo_ns = u64::try_from(lo.as_nanos()).unwrap_or(u64::MAX);
     let hi_ns = u64::try_from(hi.as_nanos()).unwrap_or(u64::MAX);
@@ -1539,6 +1541,12 @@ mod tests {
         assert_eq!(sup.state(), StateName::Backoff);
         assert!(matches!(armed(&fx), Some((Timer::Retry, at)) if at == Duration::MAX));
         assert_eq!(sup.status().backoff, 300 * S);
+    }
+
+    #[test]
+    fn supervisor_can_move_into_a_tokio_task() {
+        fn is_send<T: Send + 'static>() {}
+        is_send::<Supervisor>();
     }
 
     #[test]
