@@ -87,12 +87,14 @@ impl Proc {
             match self.lines.recv_timeout(left) {
                 Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => panic!(
-                    "{}: no line with {needles:?} within {within:?}; alive={}; output:\n{}",
-                    self.name,
-                    self.is_alive(),
-                    self.all_lines().join("\n")
-                ),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    let alive = self.is_alive();
+                    panic!(
+                        "{}: no line with {needles:?} within {within:?}; alive={alive}; output:\n{}",
+                        self.name,
+                        self.all_lines().join("\n")
+                    )
+                }
             }
         }
     }
@@ -164,14 +166,27 @@ impl GatewayDir {
         self.path().join("gateway.toml")
     }
 
-    /// Appends `key = value` lines to gateway.toml's top level (before any table).
-    pub fn set(&self, lines: &str) {
+    /// Sets a top-level `key = value` in gateway.toml, replacing the key's line if present.
+    pub fn set(&self, key: &str, value: &str) {
         let text = std::fs::read_to_string(self.config()).expect("read gateway.toml");
-        let (head, tail) = match text.find("\n[") {
-            Some(i) => text.split_at(i + 1),
-            None => (text.as_str(), ""),
-        };
-        std::fs::write(self.config(), format!("{head}{lines}\n{tail}")).expect("write gateway.toml");
+        let line = format!("{key} = {value}");
+        let mut replaced = false;
+        let mut out: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.split('=').next().map(str::trim) == Some(key) {
+                    replaced = true;
+                    line.clone()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        if !replaced {
+            let at = out.iter().position(|l| l.starts_with('[')).unwrap_or(out.len());
+            out.insert(at, line);
+        }
+        std::fs::write(self.config(), out.join("\n") + "\n").expect("write gateway.toml");
     }
 
     /// Registers a client and returns the path of its client file, after `edit` changed it (timing
