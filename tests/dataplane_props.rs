@@ -52,13 +52,7 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// Seals `payload` the way the TUN loop will: read into `buf[HEADER_LEN..]`, seal in place.
-fn seal(
-    c: &SessionCipher,
-    d: Direction,
-    sid: SessionId,
-    counter: u64,
-    payload: &[u8],
-) -> Vec<u8> {
+fn seal(c: &SessionCipher, d: Direction, sid: SessionId, counter: u64, payload: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; MAX_PAYLOAD + OVERHEAD];
     buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
     let n = c
