@@ -249,6 +249,8 @@ pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
         },
         timing: Default::default(),
         log: Default::default(),
+        network: Default::default(),
+        status: Default::default(),
     };
     let out = match &a.out {
         Some(p) => p.clone(),
