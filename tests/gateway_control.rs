@@ -13,9 +13,10 @@ use holdfast::control::pb::control_client::ControlClient;
 use holdfast::control::pb::{
     AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingStatus,
 };
-use holdfast::gateway::ControlPlane;
 use holdfast::gateway::cli::{self, AddClientArgs, InitArgs, RevokeArgs};
+use holdfast::gateway::{ControlPlane, SessionTable};
 use holdfast::pki::{self, Authority};
+use holdfast::snapshot::SessionId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -101,6 +102,8 @@ impl Gateway {
 /// A control plane served on a background task.
 struct Running {
     addr: SocketAddr,
+    /// The session table, as the data plane sees it.
+    sessions: Arc<SessionTable>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), holdfast::gateway::GatewayError>>,
 }
@@ -109,12 +112,14 @@ impl Running {
     fn start(config: &GatewayConfig) -> Self {
         let plane = ControlPlane::bind(config).unwrap();
         let addr = plane.local_addr();
+        let sessions = plane.sessions();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(plane.serve(async move {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            sessions,
             stop: Some(stop),
             task,
         }
@@ -303,6 +308,23 @@ async fn revocation_applies_without_restart_and_readd_replaces_the_certificate()
             .contains("was replaced; use the new client file"),
         "{}",
         err.message()
+    );
+
+    // Without any RPC, the housekeeping task applies a revocation to the session table (what
+    // the data plane reads): bob's session disappears by id and by address.
+    assert!(server.sessions.get(SessionId(b.session_id)).is_some());
+    gw.revoke("bob");
+    let gone = tokio::time::timeout(PATIENCE, async {
+        while server.sessions.get(SessionId(b.session_id)).is_some() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "revoked client's session still in the table");
+    assert!(server.sessions.get_by_ip(ip(&b.assigned_ip)).is_none());
+    assert!(
+        server.sessions.get(SessionId(a2.session_id)).is_some(),
+        "alice unaffected"
     );
     server.shutdown().await;
 }

@@ -193,13 +193,15 @@ impl ControlPlane {
     }
 }
 
-/// Picks up registry changes when no RPC arrives, and drops expired sessions (logging each).
+/// Picks up registry changes when no RPC arrives, closes sessions the registry no longer admits,
+/// and drops expired sessions (logging each).
 async fn housekeeping(state: Arc<ControlState>) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         state.refresh_registry(Wait::Yes);
+        state.enforce_registry(&state.registry.view());
         let now = state.clock.now();
         for s in state.sessions.prune(now) {
             // The replacement of a superseded session was logged when it opened.

@@ -40,16 +40,23 @@ impl ControlState {
     /// version no longer admits (revoked, removed, or given a new certificate).
     pub fn refresh_registry(&self, wait: Wait) {
         if let Some(view) = self.registry.refresh(wait) {
-            for s in self
-                .sessions
-                .retain(|s| view.admit(&s.client, &s.cert).is_ok())
-            {
-                let why = view
-                    .admit(&s.client, &s.cert)
-                    .err()
-                    .map_or("", refusal_word);
-                tracing::info!(client = %s.client, session = %s.id, key_fp = %s.key.fingerprint(), "session closed: client {why}");
-            }
+            self.enforce_registry(&view);
+        }
+    }
+
+    /// Closes the sessions of clients `view` does not admit. Besides following a reload, the
+    /// housekeeping task runs it every tick: an Authenticate that checked the previous version
+    /// just before a revocation landed may insert a session after the reload's sweep.
+    pub fn enforce_registry(&self, view: &RegistryView) {
+        for s in self
+            .sessions
+            .retain(|s| view.admit(&s.client, &s.cert).is_ok())
+        {
+            let why = view
+                .admit(&s.client, &s.cert)
+                .err()
+                .map_or("", refusal_word);
+            tracing::info!(client = %s.client, session = %s.id, key_fp = %s.key.fingerprint(), "session closed: client {why}");
         }
     }
 }

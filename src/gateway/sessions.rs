@@ -329,28 +329,22 @@ impl SessionTable {
         Opened { session, replaced }
     }
 
-    /// Keeps only the sessions `keep` accepts (e.g. those whose client the reloaded registry
-    /// still admits). Returns the removed sessions.
-    pub fn retain(&self, mut keep: impl FnMut(&Session) -> bool) -> Vec<Arc<Session>> {
-        self.rewrite(|s| keep(s))
+    /// Keeps only the sessions `keep` accepts (e.g. those whose client the registry still
+    /// admits). Returns the removed sessions. Cheap when all stay: a read-only scan, no lock.
+    pub fn retain(&self, keep: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
+        if self.tables.load().by_id.values().all(|s| keep(s)) {
+            return Vec::new();
+        }
+        self.rewrite(keep)
     }
 
     /// Drops every session that is no longer valid at `now`. Returns the removed sessions.
-    /// Cheap when nothing expired: a read-only scan, no copy.
+    /// Cheap when nothing expired: a read-only scan, no lock.
     pub fn prune(&self, now: Millis) -> Vec<Arc<Session>> {
-        if self
-            .tables
-            .load()
-            .by_id
-            .values()
-            .all(|s| self.validity(s, now).is_ok())
-        {
-            return Vec::new();
-        }
-        self.rewrite(|s| self.validity(s, now).is_ok())
+        self.retain(|s| self.validity(s, now).is_ok())
     }
 
-    fn rewrite(&self, mut keep: impl FnMut(&Session) -> bool) -> Vec<Arc<Session>> {
+    fn rewrite(&self, keep: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.tables.load_full();
         let (kept, removed): (HashMap<_, _>, HashMap<_, _>) = old
