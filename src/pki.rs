@@ -15,8 +15,8 @@ use std::net::IpAddr;
 
 use rand::RngCore;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -40,7 +40,10 @@ pub enum PkiError {
     KeyGen(rcgen::Error),
     /// Signing a certificate failed.
     #[error("cannot issue the {what} certificate: {source}")]
-    Issue { what: &'static str, source: rcgen::Error },
+    Issue {
+        what: &'static str,
+        source: rcgen::Error,
+    },
     /// The authority's certificate or key does not load.
     #[error("the authority's {what} is invalid: {reason}")]
     BadAuthority { what: &'static str, reason: String },
@@ -132,15 +135,26 @@ impl Authority {
     pub fn generate(gateway_name: &str) -> Result<Self, PkiError> {
         let key = KeyPair::generate().map_err(PkiError::KeyGen)?;
         let mut params = base_params(AUTHORITY_VALIDITY_DAYS);
-        params.distinguished_name = dn(&format!("Holdfast authority ({gateway_name})"));
+        // A random tag makes every authority's name unique: two gateways with the same name then
+        // still have distinct issuers, so a certificate of the other one fails as "unknown
+        // issuer" rather than as a confusing bad signature.
+        let tag = rand::rng().next_u32();
+        params.distinguished_name = dn(&format!("Holdfast authority ({gateway_name}) {tag:08x}"));
         // Path length 0: the authority signs leaves only, never another authority.
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let cert = params
-            .self_signed(&key)
-            .map_err(|source| PkiError::Issue { what: "authority", source })?;
-        Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).map_err(|source| PkiError::Issue {
+            what: "authority",
+            source,
+        })?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
     }
 
     /// Loads an authority from its certificate and key (PEM), checking that they belong together
@@ -152,10 +166,17 @@ impl Authority {
         let (_, x509) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| bad("certificate", e.to_string()))?;
         if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(bad("key", "it does not match the authority's certificate".into()));
+            return Err(bad(
+                "key",
+                "it does not match the authority's certificate".into(),
+            ));
         }
-        let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| bad("certificate", e.to_string()))?;
-        Ok(Self { issuer, cert_pem: cert_pem.to_owned() })
+        let issuer =
+            Issuer::from_ca_cert_der(&der, key).map_err(|e| bad("certificate", e.to_string()))?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
     }
 
     /// The authority's certificate (PEM): what clients pin and the gateway trusts.
@@ -170,7 +191,11 @@ impl Authority {
 
     /// Issues the gateway's TLS server certificate, valid for `server_name` (a DNS name or an IP
     /// address) and, if given, the endpoint's IP address.
-    pub fn issue_server(&self, server_name: &str, endpoint_ip: Option<IpAddr>) -> Result<IssuedCert, PkiError> {
+    pub fn issue_server(
+        &self,
+        server_name: &str,
+        endpoint_ip: Option<IpAddr>,
+    ) -> Result<IssuedCert, PkiError> {
         let mut params = base_params(LEAF_VALIDITY_DAYS);
         params.distinguished_name = dn(server_name);
         let mut sans = vec![san(server_name)?];
@@ -238,7 +263,10 @@ fn san(name: &str) -> Result<SanType, PkiError> {
     name.to_owned()
         .try_into()
         .map(SanType::DnsName)
-        .map_err(|e: rcgen::Error| PkiError::BadName { name: name.to_owned(), reason: e.to_string() })
+        .map_err(|e: rcgen::Error| PkiError::BadName {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// All certificates in a PEM text, in order. Errors if there is none or one does not parse.
@@ -333,7 +361,9 @@ mod tests {
         let (name, fp) = leaf_identity(&der).unwrap();
         assert_eq!(name, "alice");
         assert_eq!(fp, client.fingerprint);
-        let server = ca.issue_server("holdfast-gateway", Some("127.0.0.1".parse().unwrap())).unwrap();
+        let server = ca
+            .issue_server("holdfast-gateway", Some("127.0.0.1".parse().unwrap()))
+            .unwrap();
         check_pair(&server.cert_pem, &server.key_pem).unwrap();
     }
 
@@ -354,8 +384,14 @@ mod tests {
         let b = ca.issue_client("b").unwrap();
         assert!(check_pair(&a.cert_pem, &b.key_pem).is_err());
         assert!(check_certificate_pem("hello").is_err());
-        assert!(check_certificate_pem(&a.key_pem).is_err(), "a key is not a certificate");
-        assert!(check_key_pem(&a.cert_pem).is_err(), "a certificate is not a key");
+        assert!(
+            check_certificate_pem(&a.key_pem).is_err(),
+            "a key is not a certificate"
+        );
+        assert!(
+            check_key_pem(&a.cert_pem).is_err(),
+            "a certificate is not a key"
+        );
         let truncated = &a.cert_pem[..a.cert_pem.len() / 2];
         assert!(check_certificate_pem(truncated).is_err());
     }

@@ -195,7 +195,10 @@ impl GatewayConfig {
             reason: toml_reason(text, &e),
         })?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
-        resolve(raw, dir).map_err(|reason| ConfigError::Malformed { path: path.to_owned(), reason })
+        resolve(raw, dir).map_err(|reason| ConfigError::Malformed {
+            path: path.to_owned(),
+            reason,
+        })
     }
 
     /// The prefix length of the tunnel subnet.
@@ -223,7 +226,10 @@ pub fn toml_reason(text: &str, e: &toml::de::Error) -> String {
 fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
     crate::gateway::registry::check_name(&raw.name).map_err(|r| format!("`name`: {r}"))?;
     if raw.endpoint.port() == 0 {
-        return Err(format!("`endpoint` {} needs a port (clients connect to it)", raw.endpoint));
+        return Err(format!(
+            "`endpoint` {} needs a port (clients connect to it)",
+            raw.endpoint
+        ));
     }
     if raw.endpoint.ip().is_unspecified() {
         return Err(format!(
@@ -241,10 +247,22 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
     };
     check_server_name(&raw.server_name)?;
     let durations = [
-        ("session_idle_timeout", raw.session_idle_timeout, Duration::from_secs(1)),
-        ("session_max_lifetime", raw.session_max_lifetime, Duration::from_secs(1)),
+        (
+            "session_idle_timeout",
+            raw.session_idle_timeout,
+            Duration::from_secs(1),
+        ),
+        (
+            "session_max_lifetime",
+            raw.session_max_lifetime,
+            Duration::from_secs(1),
+        ),
         ("reauth_grace", raw.reauth_grace, Duration::ZERO),
-        ("handshake_timeout", raw.handshake_timeout, Duration::from_millis(100)),
+        (
+            "handshake_timeout",
+            raw.handshake_timeout,
+            Duration::from_millis(100),
+        ),
     ];
     for (key, value, min) in durations {
         if value < min || value > MAX_DURATION {
@@ -261,9 +279,9 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
     Ok(GatewayConfig {
         name: raw.name,
         endpoint: raw.endpoint,
-        listen: raw
-            .listen
-            .unwrap_or_else(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), raw.endpoint.port())),
+        listen: raw.listen.unwrap_or_else(|| {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), raw.endpoint.port())
+        }),
         subnet,
         gateway_ip,
         server_name: raw.server_name,
@@ -323,11 +341,15 @@ pub fn check_server_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && rustls::pki_types::ServerName::try_from(name).is_ok()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(format!("`server_name` '{name}' is not a valid DNS name or IP address"))
+        Err(format!(
+            "`server_name` '{name}' is not a valid DNS name or IP address"
+        ))
     }
 }
 
@@ -337,7 +359,10 @@ fn check_nat(nat: &NatSection) -> Result<(), String> {
     }
     let bad_char = |c: char| c == '/' || c.is_whitespace() || c.is_control();
     if nat.uplink.len() > MAX_IFNAME || nat.uplink.contains(bad_char) {
-        return Err(format!("[nat] `uplink` '{}' is not a valid interface name", nat.uplink));
+        return Err(format!(
+            "[nat] `uplink` '{}' is not a valid interface name",
+            nat.uplink
+        ));
     }
     Ok(())
 }
@@ -393,14 +418,17 @@ pub fn render_initial(v: &InitialValues) -> String {
          uplink = \"\"\n",
         name = q(&v.name),
         endpoint = q(&v.endpoint.to_string()),
-        listen = q(&SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), v.endpoint.port()).to_string()),
+        listen =
+            q(&SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), v.endpoint.port()).to_string()),
         subnet = q(&v.subnet.to_string()),
         gateway_ip = q(&first_host(v.subnet).to_string()),
         server_name = q(&v.server_name),
-        idle = humantime::format_duration(DEFAULT_IDLE),
-        life = humantime::format_duration(DEFAULT_MAX_LIFETIME),
-        grace = humantime::format_duration(DEFAULT_GRACE),
-        handshake = humantime::format_duration(DEFAULT_HANDSHAKE),
+        // Written the way an operator would (humantime would print "1day" for 24h); the test
+        // `rendered_initial_file_parses_back` checks they equal the defaults.
+        idle = "3m",
+        life = "24h",
+        grace = "10s",
+        handshake = "10s",
     )
 }
 
@@ -452,6 +480,9 @@ mod tests {
         assert_eq!(c.gateway_ip, Ipv4Addr::new(10, 9, 0, 1));
         assert_eq!(c.server_name, "vpn.example.org");
         assert_eq!(c.session_idle_timeout, DEFAULT_IDLE);
+        assert_eq!(c.session_max_lifetime, DEFAULT_MAX_LIFETIME);
+        assert_eq!(c.reauth_grace, DEFAULT_GRACE);
+        assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE);
     }
 
     #[test]
@@ -461,7 +492,10 @@ mod tests {
             ("", "missing field `endpoint`"),
             ("endpoint = \"nope\"", "invalid socket address"),
             ("endpoint = \"198.18.0.1:0\"", "needs a port"),
-            ("endpoint = \"0.0.0.0:1\"", "not an address clients can reach"),
+            (
+                "endpoint = \"0.0.0.0:1\"",
+                "not an address clients can reach",
+            ),
             ("subnet = \"100.64.0.0/31\"", "/8 to /30"),
             ("subnet = \"100.64.0.9/24\"", "did you mean 100.64.0.0/24"),
             ("subnet = \"fd00::/64\"", "invalid IP address"),
@@ -471,12 +505,18 @@ mod tests {
             ("server_name = \"bad name\"", "not a valid DNS name"),
             ("server_name = \"\"", "not a valid DNS name"),
             ("name = \"a/b\"", "`name`"),
-            ("session_idle_timeout = \"0s\"", "`session_idle_timeout` = 0s is out of range"),
+            (
+                "session_idle_timeout = \"0s\"",
+                "`session_idle_timeout` = 0s is out of range",
+            ),
             ("session_idle_timeout = \"ten\"", "session_idle_timeout"),
             ("session_max_lifetime = \"1000y\"", "out of range"),
             ("handshake_timeout = \"1ms\"", "`handshake_timeout`"),
             ("[nat]\nenabled = true", "needs `uplink`"),
-            ("[nat]\nuplink = \"a very long interface\"", "not a valid interface name"),
+            (
+                "[nat]\nuplink = \"a very long interface\"",
+                "not a valid interface name",
+            ),
             ("[nat]\nmasq = 1", "unknown field `masq`"),
             ("colour = \"blue\"", "unknown field `colour`"),
         ];
@@ -489,7 +529,10 @@ mod tests {
                 format!("{extra}\n{ep}")
             };
             let r = reason(&text);
-            assert!(r.contains(want), "for {extra:?}: expected {want:?} in {r:?}");
+            assert!(
+                r.contains(want),
+                "for {extra:?}: expected {want:?} in {r:?}"
+            );
         }
     }
 
@@ -497,6 +540,9 @@ mod tests {
     fn missing_file_is_missing_not_malformed() {
         let err = GatewayConfig::load(Path::new("/nonexistent/holdfast/gateway.toml")).unwrap_err();
         assert_eq!(err.exit_code(), crate::config::exit::CONFIG_MISSING);
-        assert!(err.to_string().contains("/nonexistent/holdfast/gateway.toml"));
+        assert!(
+            err.to_string()
+                .contains("/nonexistent/holdfast/gateway.toml")
+        );
     }
 }

@@ -18,7 +18,8 @@ use super::server::ControlPlane;
 use crate::config::ConfigError;
 use crate::config::client::{ClientFile, TlsSection};
 use crate::config::gateway::{
-    self as gwconf, DEFAULT_NAME, DEFAULT_SERVER_NAME, DEFAULT_SUBNET, GATEWAY_FILE, GatewayConfig, InitialValues,
+    self as gwconf, DEFAULT_NAME, DEFAULT_SERVER_NAME, DEFAULT_SUBNET, GATEWAY_FILE, GatewayConfig,
+    InitialValues,
 };
 use crate::pki::Authority;
 
@@ -145,10 +146,20 @@ fn say(text: &str) {
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
-fn write_file(path: &Path, bytes: &[u8], mode: u32, existing: Existing) -> Result<(), GatewayError> {
+fn write_file(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    existing: Existing,
+) -> Result<(), GatewayError> {
     fsutil::write_atomic(path, bytes, mode, existing).map_err(|source| match source.kind() {
-        std::io::ErrorKind::AlreadyExists => GatewayError::AlreadyInitialised { path: path.to_owned() },
-        _ => GatewayError::Write { path: path.to_owned(), source },
+        std::io::ErrorKind::AlreadyExists => GatewayError::AlreadyInitialised {
+            path: path.to_owned(),
+        },
+        _ => GatewayError::Write {
+            path: path.to_owned(),
+            source,
+        },
     })
 }
 
@@ -159,7 +170,13 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
     gwconf::check_server_name(&a.server_name).map_err(|r| usage("--server-name", r))?;
     gwconf::check_subnet(a.subnet).map_err(|r| usage("--subnet", r))?;
     if a.endpoint.port() == 0 || a.endpoint.ip().is_unspecified() {
-        return Err(usage("--endpoint", format!("{} is not an address and port clients can reach", a.endpoint)));
+        return Err(usage(
+            "--endpoint",
+            format!(
+                "{} is not an address and port clients can reach",
+                a.endpoint
+            ),
+        ));
     }
     let values = InitialValues {
         name: a.name.clone(),
@@ -171,22 +188,59 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
     let config_text = gwconf::render_initial(&values);
     // What we are about to write must be what every other command reads back.
     let config = GatewayConfig::parse(&config_text, &config_path)?;
-    let files = [&config_path, &config.ca_cert, &config.ca_key, &config.cert, &config.key, &config.registry];
+    let files = [
+        &config_path,
+        &config.ca_cert,
+        &config.ca_key,
+        &config.cert,
+        &config.key,
+        &config.registry,
+    ];
     if let Some(existing) = files.iter().find(|p| p.exists()) {
-        return Err(GatewayError::AlreadyInitialised { path: existing.to_path_buf() });
+        return Err(GatewayError::AlreadyInitialised {
+            path: existing.to_path_buf(),
+        });
     }
-    fsutil::create_private_dir(&a.dir).map_err(|source| GatewayError::Write { path: a.dir.clone(), source })?;
+    fsutil::create_private_dir(&a.dir).map_err(|source| GatewayError::Write {
+        path: a.dir.clone(),
+        source,
+    })?;
 
     let authority = Authority::generate(&a.name)?;
     let server = authority.issue_server(&a.server_name, Some(a.endpoint.ip()))?;
     // Keys first, gateway.toml last: an interrupted init leaves no config pointing at
     // missing files (and a re-run names the leftover file it refuses to overwrite).
-    write_file(&config.ca_key, authority.key_pem().as_bytes(), SECRET_MODE, Existing::Refuse)?;
-    write_file(&config.key, server.key_pem.as_bytes(), SECRET_MODE, Existing::Refuse)?;
-    write_file(&config.ca_cert, authority.cert_pem().as_bytes(), PUBLIC_MODE, Existing::Refuse)?;
-    write_file(&config.cert, server.cert_pem.as_bytes(), PUBLIC_MODE, Existing::Refuse)?;
+    write_file(
+        &config.ca_key,
+        authority.key_pem().as_bytes(),
+        SECRET_MODE,
+        Existing::Refuse,
+    )?;
+    write_file(
+        &config.key,
+        server.key_pem.as_bytes(),
+        SECRET_MODE,
+        Existing::Refuse,
+    )?;
+    write_file(
+        &config.ca_cert,
+        authority.cert_pem().as_bytes(),
+        PUBLIC_MODE,
+        Existing::Refuse,
+    )?;
+    write_file(
+        &config.cert,
+        server.cert_pem.as_bytes(),
+        PUBLIC_MODE,
+        Existing::Refuse,
+    )?;
     Registry::empty(&config.registry, config.subnet, config.gateway_ip).save()?;
-    write_file(&config_path, config_text.as_bytes(), PUBLIC_MODE, Existing::Refuse)?;
+    write_file(
+        &config_path,
+        config_text.as_bytes(),
+        PUBLIC_MODE,
+        Existing::Refuse,
+    )?;
 
     Ok(format!(
         "Initialised gateway '{}' in {}\n  endpoint     {}\n  subnet       {} (gateway {})\n  server name  {}\n  \
@@ -209,8 +263,11 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
 
 fn load_authority(config: &GatewayConfig) -> Result<Authority, GatewayError> {
     let read = |path: &Path, what| {
-        std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::MissingKey { path: path.to_owned(), what, reason: e.to_string() })
+        std::fs::read_to_string(path).map_err(|e| ConfigError::MissingKey {
+            path: path.to_owned(),
+            what,
+            reason: e.to_string(),
+        })
     };
     let cert = read(&config.ca_cert, "authority certificate")?;
     let key = read(&config.ca_key, "authority key")?;
@@ -219,7 +276,12 @@ fn load_authority(config: &GatewayConfig) -> Result<Authority, GatewayError> {
             crate::pki::PkiError::BadAuthority { what: "key", .. } => config.ca_key.clone(),
             _ => config.ca_cert.clone(),
         };
-        ConfigError::BadKey { path, what: "authority", reason: e.to_string() }.into()
+        ConfigError::BadKey {
+            path,
+            what: "authority",
+            reason: e.to_string(),
+        }
+        .into()
     })
 }
 
@@ -228,7 +290,10 @@ const CLIENT_FILE_HEADER: &str = "# Holdfast client file, written by `holdfast g
 
 /// `gateway add-client`. Returns the text to print.
 pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
-    check_name(&a.name).map_err(|r| GatewayError::Usage { flag: "NAME", reason: format!("'{}': {r}", a.name) })?;
+    check_name(&a.name).map_err(|r| GatewayError::Usage {
+        flag: "NAME",
+        reason: format!("'{}': {r}", a.name),
+    })?;
     let config = GatewayConfig::load_dir(&a.dir)?;
     let _lock = Registry::lock(&config.registry)?;
     let mut registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
@@ -255,8 +320,12 @@ pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
     let out = match &a.out {
         Some(p) => p.clone(),
         None => {
-            fsutil::create_private_dir(&config.clients_dir)
-                .map_err(|source| GatewayError::Write { path: config.clients_dir.clone(), source })?;
+            fsutil::create_private_dir(&config.clients_dir).map_err(|source| {
+                GatewayError::Write {
+                    path: config.clients_dir.clone(),
+                    source,
+                }
+            })?;
             config.clients_dir.join(format!("{}.toml", a.name))
         }
     };
@@ -273,7 +342,11 @@ pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
     registry.commit_add(&a.name, plan, issued.fingerprint, &timestamp_now());
     registry.save()?;
 
-    let what = if plan.reenable { "re-enabled (same address, new certificate)" } else { "registered" };
+    let what = if plan.reenable {
+        "re-enabled (same address, new certificate)"
+    } else {
+        "registered"
+    };
     Ok(format!(
         "Client '{}' {what}: tunnel address {}, certificate {}\nClient file (mode 0600, contains the client's key): {}\n",
         a.name,
@@ -292,7 +365,10 @@ pub fn revoke(a: &RevokeArgs) -> Result<String, GatewayError> {
         RevokeOutcome::AlreadyRevoked => Ok(format!("Client '{}' was already revoked.\n", a.name)),
         RevokeOutcome::Revoked => {
             registry.save()?;
-            let ip = registry.get(&a.name).map(|c| c.ip.to_string()).unwrap_or_default();
+            let ip = registry
+                .get(&a.name)
+                .map(|c| c.ip.to_string())
+                .unwrap_or_default();
             Ok(format!(
                 "Client '{}' revoked; its address {ip} stays reserved for it (add-client re-enables it).\n",
                 a.name
@@ -307,7 +383,10 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
     let registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
     let mut clients: Vec<_> = registry.clients().iter().collect();
     clients.sort_by_key(|c| c.ip);
-    let mut out = format!("{:<24} {:<15} {:<8} {:<16} CREATED\n", "NAME", "ADDRESS", "STATE", "CERT (SHA-256)");
+    let mut out = format!(
+        "{:<24} {:<15} {:<8} {:<16} CREATED\n",
+        "NAME", "ADDRESS", "STATE", "CERT (SHA-256)"
+    );
     for c in &clients {
         let state = match c.state {
             ClientState::Active => "active",
@@ -322,7 +401,10 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
             c.created
         ));
     }
-    let active = clients.iter().filter(|c| c.state == ClientState::Active).count();
+    let active = clients
+        .iter()
+        .filter(|c| c.state == ClientState::Active)
+        .count();
     out.push_str(&format!(
         "{} client(s), {active} active; subnet {} (gateway {})\n",
         clients.len(),

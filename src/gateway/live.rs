@@ -74,7 +74,11 @@ impl RegistryView {
             .clients()
             .iter()
             .map(|c| {
-                let rec = ClientRecord { ip: c.ip, cert: c.cert_sha256, revoked: c.state == ClientState::Revoked };
+                let rec = ClientRecord {
+                    ip: c.ip,
+                    cert: c.cert_sha256,
+                    revoked: c.state == ClientState::Revoked,
+                };
                 (c.name.clone(), rec)
             })
             .collect();
@@ -125,7 +129,9 @@ pub struct LiveRegistry {
 
 impl std::fmt::Debug for LiveRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveRegistry").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("LiveRegistry")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -153,7 +159,9 @@ impl LiveRegistry {
     /// A file that fails to load keeps the previous view in force (a half-edited file must not
     /// lock every client out or let a revoked one back in); it is logged once per version.
     pub fn refresh(&self, wait: Wait) -> Option<Arc<RegistryView>> {
-        let on_disk = std::fs::metadata(&self.path).ok().map(|m| FileStamp::of(&m));
+        let on_disk = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| FileStamp::of(&m));
         if on_disk == self.view.load().stamp {
             return None;
         }
@@ -172,8 +180,13 @@ impl LiveRegistry {
         let loaded = match on_disk {
             // A registry that vanished while running is an operator mistake (or a move in
             // progress), not "revoke everyone": keep the last version.
-            None => Err(format!("the client registry {} has disappeared", self.path.display())),
-            Some(_) => load_view(&self.path, self.subnet, self.gateway_ip).map_err(|e| e.to_string()),
+            None => Err(format!(
+                "the client registry {} has disappeared",
+                self.path.display()
+            )),
+            Some(_) => {
+                load_view(&self.path, self.subnet, self.gateway_ip).map_err(|e| e.to_string())
+            }
         };
         match loaded {
             Ok(view) => {
@@ -192,8 +205,15 @@ impl LiveRegistry {
     }
 }
 
-fn load_view(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Result<RegistryView, RegistryError> {
-    let read_err = |source| RegistryError::Read { path: path.to_owned(), source };
+fn load_view(
+    path: &Path,
+    subnet: Ipv4Net,
+    gateway_ip: Ipv4Addr,
+) -> Result<RegistryView, RegistryError> {
+    let read_err = |source| RegistryError::Read {
+        path: path.to_owned(),
+        source,
+    };
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RegistryView::default()),
@@ -218,30 +238,51 @@ mod tests {
         let gw = Ipv4Addr::new(10, 1, 0, 1);
         let live = LiveRegistry::open(&path, subnet, gw).unwrap();
         assert!(live.view().is_empty());
-        assert!(live.refresh(Wait::Yes).is_none(), "missing before and after: no change");
+        assert!(
+            live.refresh(Wait::Yes).is_none(),
+            "missing before and after: no change"
+        );
 
         let mut reg = Registry::empty(&path, subnet, gw);
         let plan = reg.plan_add("alice", None).unwrap();
         reg.commit_add("alice", plan, CertFingerprint([1; 32]), "t");
         reg.save().unwrap();
         let view = live.refresh(Wait::No).expect("reloaded");
-        assert_eq!(view.admit("alice", &CertFingerprint([1; 32])).unwrap().ip, Ipv4Addr::new(10, 1, 0, 2));
-        assert_eq!(view.admit("alice", &CertFingerprint([2; 32])), Err(Refusal::CertificateReplaced));
-        assert_eq!(view.admit("bob", &CertFingerprint([1; 32])), Err(Refusal::NotRegistered));
+        assert_eq!(
+            view.admit("alice", &CertFingerprint([1; 32])).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 2)
+        );
+        assert_eq!(
+            view.admit("alice", &CertFingerprint([2; 32])),
+            Err(Refusal::CertificateReplaced)
+        );
+        assert_eq!(
+            view.admit("bob", &CertFingerprint([1; 32])),
+            Err(Refusal::NotRegistered)
+        );
         assert!(live.refresh(Wait::Yes).is_none(), "unchanged");
 
         reg.revoke("alice", "t").unwrap();
         reg.save().unwrap();
         assert!(live.refresh(Wait::Yes).is_some());
-        assert_eq!(live.view().admit("alice", &CertFingerprint([1; 32])), Err(Refusal::Revoked));
+        assert_eq!(
+            live.view().admit("alice", &CertFingerprint([1; 32])),
+            Err(Refusal::Revoked)
+        );
 
         // A broken edit, or a vanished file, keeps the revocation in force.
         std::fs::write(&path, "not toml [[[").unwrap();
         assert!(live.refresh(Wait::Yes).is_none());
-        assert_eq!(live.view().admit("alice", &CertFingerprint([1; 32])), Err(Refusal::Revoked));
+        assert_eq!(
+            live.view().admit("alice", &CertFingerprint([1; 32])),
+            Err(Refusal::Revoked)
+        );
         std::fs::remove_file(&path).unwrap();
         assert!(live.refresh(Wait::Yes).is_none());
-        assert_eq!(live.view().admit("alice", &CertFingerprint([1; 32])), Err(Refusal::Revoked));
+        assert_eq!(
+            live.view().admit("alice", &CertFingerprint([1; 32])),
+            Err(Refusal::Revoked)
+        );
         // And the next good version is picked up.
         reg.save().unwrap();
         assert!(live.refresh(Wait::No).is_some());

@@ -69,7 +69,9 @@ impl GatewayError {
             GatewayError::Registry(RegistryError::Read { .. }) => exit::CONFIG_MISSING,
             GatewayError::Registry(RegistryError::Malformed { .. }) => exit::CONFIG_INVALID,
             GatewayError::Pki(PkiError::BadAuthority { .. }) => exit::BAD_KEYS,
-            GatewayError::Bind { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+            GatewayError::Bind { source, .. }
+                if source.kind() == io::ErrorKind::PermissionDenied =>
+            {
                 exit::NOT_PERMITTED
             }
             _ => exit::FAILURE,

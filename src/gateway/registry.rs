@@ -53,7 +53,9 @@ pub enum RegistryError {
     #[error("invalid client name '{name}': {reason}")]
     InvalidName { name: String, reason: String },
     /// `add-client` for a name that is registered and active.
-    #[error("client '{name}' is already registered (active, {ip}); revoke it first to issue a new client file")]
+    #[error(
+        "client '{name}' is already registered (active, {ip}); revoke it first to issue a new client file"
+    )]
     AlreadyActive { name: String, ip: Ipv4Addr },
     /// `revoke` (or a lookup) for a name that is not in the registry.
     #[error("client '{name}' is not registered")]
@@ -103,7 +105,8 @@ mod fingerprint_hex {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CertFingerprint, D::Error> {
         let s = String::deserialize(d)?;
-        CertFingerprint::from_hex(&s).ok_or_else(|| D::Error::custom("expected 64 hex digits (SHA-256)"))
+        CertFingerprint::from_hex(&s)
+            .ok_or_else(|| D::Error::custom("expected 64 hex digits (SHA-256)"))
     }
 }
 
@@ -125,7 +128,10 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!("must be 1 to {MAX_NAME_LEN} characters long"));
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
         return Err("only letters, digits, '.', '_' and '-' are allowed".into());
     }
     if !name.as_bytes()[0].is_ascii_alphanumeric() {
@@ -135,7 +141,10 @@ pub fn check_name(name: &str) -> Result<(), String> {
 }
 
 fn valid_name(name: &str) -> Result<(), RegistryError> {
-    check_name(name).map_err(|reason| RegistryError::InvalidName { name: name.to_owned(), reason })
+    check_name(name).map_err(|reason| RegistryError::InvalidName {
+        name: name.to_owned(),
+        reason,
+    })
 }
 
 /// The current time as an RFC 3339 string (seconds), for the registry's timestamps.
@@ -170,24 +179,43 @@ pub enum RevokeOutcome {
 impl Registry {
     /// An empty registry (what `init` writes).
     pub fn empty(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Self {
-        Self { path: path.to_owned(), subnet, gateway_ip, clients: Vec::new() }
+        Self {
+            path: path.to_owned(),
+            subnet,
+            gateway_ip,
+            clients: Vec::new(),
+        }
     }
 
     /// Loads the registry at `path`. A missing file is an empty registry (no client added yet).
     pub fn load(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Result<Self, RegistryError> {
         match std::fs::read(path) {
             Ok(bytes) => Self::parse(&bytes, path, subnet, gateway_ip),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::empty(path, subnet, gateway_ip)),
-            Err(source) => Err(RegistryError::Read { path: path.to_owned(), source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Ok(Self::empty(path, subnet, gateway_ip))
+            }
+            Err(source) => Err(RegistryError::Read {
+                path: path.to_owned(),
+                source,
+            }),
         }
     }
 
     /// Parses registry bytes and checks every entry: valid unique names, unique usable addresses
     /// inside `subnet` other than the gateway's.
-    pub fn parse(bytes: &[u8], path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Result<Self, RegistryError> {
-        let bad = |reason: String| RegistryError::Malformed { path: path.to_owned(), reason };
+    pub fn parse(
+        bytes: &[u8],
+        path: &Path,
+        subnet: Ipv4Net,
+        gateway_ip: Ipv4Addr,
+    ) -> Result<Self, RegistryError> {
+        let bad = |reason: String| RegistryError::Malformed {
+            path: path.to_owned(),
+            reason,
+        };
         let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))?;
-        let file: RegistryFile = toml::from_str(text).map_err(|e| bad(crate::config::gateway::toml_reason(text, &e)))?;
+        let file: RegistryFile =
+            toml::from_str(text).map_err(|e| bad(crate::config::gateway::toml_reason(text, &e)))?;
         let mut names = HashSet::new();
         let mut ips = HashSet::new();
         for c in &file.clients {
@@ -199,30 +227,49 @@ impl Registry {
                 return Err(bad(format!("address {} is given to two clients", c.ip)));
             }
             check_host_in(subnet, c.ip)
-                .and_then(|()| if c.ip == gateway_ip { Err("the gateway's own address".into()) } else { Ok(()) })
+                .and_then(|()| {
+                    if c.ip == gateway_ip {
+                        Err("the gateway's own address".into())
+                    } else {
+                        Ok(())
+                    }
+                })
                 .map_err(|r| bad(format!("client '{}' has address {}: {r}", c.name, c.ip)))?;
         }
-        Ok(Self { path: path.to_owned(), subnet, gateway_ip, clients: file.clients })
+        Ok(Self {
+            path: path.to_owned(),
+            subnet,
+            gateway_ip,
+            clients: file.clients,
+        })
     }
 
     /// Writes the registry atomically (mode 0600: it is not secret, but it is the access list).
     pub fn save(&self) -> Result<(), RegistryError> {
-        let file = RegistryFile { clients: self.clients.clone() };
+        let file = RegistryFile {
+            clients: self.clients.clone(),
+        };
         let body = toml::to_string(&file).map_err(|e| RegistryError::Write {
             path: self.path.clone(),
             source: io::Error::other(e.to_string()),
         })?;
         let text = format!("{HEADER}{body}");
-        fsutil::write_atomic(&self.path, text.as_bytes(), 0o600, Existing::Replace)
-            .map_err(|source| RegistryError::Write { path: self.path.clone(), source })
+        fsutil::write_atomic(&self.path, text.as_bytes(), 0o600, Existing::Replace).map_err(
+            |source| RegistryError::Write {
+                path: self.path.clone(),
+                source,
+            },
+        )
     }
 
     /// Takes the registry's edit lock (`<registry>.lock`); hold it from load to save.
     pub fn lock(path: &Path) -> Result<fsutil::FileLock, RegistryError> {
         let mut lock = path.as_os_str().to_owned();
         lock.push(".lock");
-        fsutil::FileLock::acquire(Path::new(&lock))
-            .map_err(|source| RegistryError::Write { path: path.to_owned(), source })
+        fsutil::FileLock::acquire(Path::new(&lock)).map_err(|source| RegistryError::Write {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -240,28 +287,46 @@ impl Registry {
     /// Decides the address for `add-client NAME [--ip IP]` without changing anything:
     /// a revoked name gets its reserved address back; a new name gets `requested` (checked) or the
     /// lowest free address.
-    pub fn plan_add(&self, name: &str, requested: Option<Ipv4Addr>) -> Result<AddPlan, RegistryError> {
+    pub fn plan_add(
+        &self,
+        name: &str,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<AddPlan, RegistryError> {
         valid_name(name)?;
         if let Some(existing) = self.get(name) {
             if existing.state == ClientState::Active {
-                return Err(RegistryError::AlreadyActive { name: name.to_owned(), ip: existing.ip });
+                return Err(RegistryError::AlreadyActive {
+                    name: name.to_owned(),
+                    ip: existing.ip,
+                });
             }
             if let Some(ip) = requested.filter(|ip| *ip != existing.ip) {
                 return Err(RegistryError::AddressUnavailable {
                     ip,
-                    reason: format!("'{name}' keeps its reserved address {}; omit --ip", existing.ip),
+                    reason: format!(
+                        "'{name}' keeps its reserved address {}; omit --ip",
+                        existing.ip
+                    ),
                 });
             }
-            return Ok(AddPlan { ip: existing.ip, reenable: true });
+            return Ok(AddPlan {
+                ip: existing.ip,
+                reenable: true,
+            });
         }
         let ip = match requested {
             Some(ip) => {
                 self.check_free(ip)?;
                 ip
             }
-            None => self.next_free().ok_or(RegistryError::SubnetFull { subnet: self.subnet })?,
+            None => self.next_free().ok_or(RegistryError::SubnetFull {
+                subnet: self.subnet,
+            })?,
         };
-        Ok(AddPlan { ip, reenable: false })
+        Ok(AddPlan {
+            ip,
+            reenable: false,
+        })
     }
 
     fn check_free(&self, ip: Ipv4Addr) -> Result<(), RegistryError> {
@@ -271,7 +336,10 @@ impl Registry {
             return Err(unavailable("it is the gateway's own address".into()));
         }
         if let Some(owner) = self.clients.iter().find(|c| c.ip == ip) {
-            return Err(unavailable(format!("taken by '{}' ({:?})", owner.name, owner.state)));
+            return Err(unavailable(format!(
+                "taken by '{}' ({:?})",
+                owner.name, owner.state
+            )));
         }
         Ok(())
     }
@@ -279,7 +347,9 @@ impl Registry {
     /// The lowest host address of the subnet not used by the gateway or any entry.
     pub fn next_free(&self) -> Option<Ipv4Addr> {
         let taken: HashSet<Ipv4Addr> = self.clients.iter().map(|c| c.ip).collect();
-        self.subnet.hosts().find(|ip| *ip != self.gateway_ip && !taken.contains(ip))
+        self.subnet
+            .hosts()
+            .find(|ip| *ip != self.gateway_ip && !taken.contains(ip))
     }
 
     /// Records a (re-)added client with the certificate just issued for it. `plan` must come from
@@ -310,7 +380,9 @@ impl Registry {
             .clients
             .iter_mut()
             .find(|c| c.name == name)
-            .ok_or_else(|| RegistryError::NotRegistered { name: name.to_owned() })?;
+            .ok_or_else(|| RegistryError::NotRegistered {
+                name: name.to_owned(),
+            })?;
         if entry.state == ClientState::Revoked {
             return Ok(RevokeOutcome::AlreadyRevoked);
         }
@@ -331,14 +403,23 @@ mod tests {
     }
 
     fn fresh(dir: &Path) -> Registry {
-        Registry::empty(&dir.join("clients.toml"), subnet(), Ipv4Addr::new(10, 1, 0, 1))
+        Registry::empty(
+            &dir.join("clients.toml"),
+            subnet(),
+            Ipv4Addr::new(10, 1, 0, 1),
+        )
     }
 
     fn reload(r: &Registry) -> Registry {
         Registry::load(r.path(), subnet(), Ipv4Addr::new(10, 1, 0, 1)).unwrap()
     }
 
-    fn add(r: &mut Registry, name: &str, ip: Option<Ipv4Addr>, fp: u8) -> Result<AddPlan, RegistryError> {
+    fn add(
+        r: &mut Registry,
+        name: &str,
+        ip: Option<Ipv4Addr>,
+        fp: u8,
+    ) -> Result<AddPlan, RegistryError> {
         let plan = r.plan_add(name, ip)?;
         r.commit_add(name, plan, CertFingerprint([fp; 32]), NOW);
         r.save().unwrap();
@@ -350,15 +431,35 @@ mod tests {
     fn next_free_skips_gateway_and_taken_and_revoked() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = fresh(dir.path());
-        assert_eq!(add(&mut r, "a", None, 1).unwrap().ip, Ipv4Addr::new(10, 1, 0, 2));
-        assert_eq!(add(&mut r, "b", Some(Ipv4Addr::new(10, 1, 0, 4)), 2).unwrap().ip, Ipv4Addr::new(10, 1, 0, 4));
-        assert_eq!(add(&mut r, "c", None, 3).unwrap().ip, Ipv4Addr::new(10, 1, 0, 3));
+        assert_eq!(
+            add(&mut r, "a", None, 1).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 2)
+        );
+        assert_eq!(
+            add(&mut r, "b", Some(Ipv4Addr::new(10, 1, 0, 4)), 2)
+                .unwrap()
+                .ip,
+            Ipv4Addr::new(10, 1, 0, 4)
+        );
+        assert_eq!(
+            add(&mut r, "c", None, 3).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 3)
+        );
         r.revoke("c", NOW).unwrap();
         r.save().unwrap();
         // c's address stays reserved.
-        assert_eq!(add(&mut r, "d", None, 4).unwrap().ip, Ipv4Addr::new(10, 1, 0, 5));
-        assert_eq!(add(&mut r, "e", None, 5).unwrap().ip, Ipv4Addr::new(10, 1, 0, 6));
-        assert!(matches!(add(&mut r, "f", None, 6), Err(RegistryError::SubnetFull { .. })));
+        assert_eq!(
+            add(&mut r, "d", None, 4).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 5)
+        );
+        assert_eq!(
+            add(&mut r, "e", None, 5).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 6)
+        );
+        assert!(matches!(
+            add(&mut r, "f", None, 6),
+            Err(RegistryError::SubnetFull { .. })
+        ));
     }
 
     #[test]
@@ -367,23 +468,45 @@ mod tests {
         let mut r = fresh(dir.path());
         add(&mut r, "alice", None, 1).unwrap();
         add(&mut r, "bob", None, 2).unwrap();
-        assert!(matches!(add(&mut r, "alice", None, 9), Err(RegistryError::AlreadyActive { .. })));
+        assert!(matches!(
+            add(&mut r, "alice", None, 9),
+            Err(RegistryError::AlreadyActive { .. })
+        ));
         assert_eq!(r.revoke("alice", NOW).unwrap(), RevokeOutcome::Revoked);
-        assert_eq!(r.revoke("alice", NOW).unwrap(), RevokeOutcome::AlreadyRevoked);
+        assert_eq!(
+            r.revoke("alice", NOW).unwrap(),
+            RevokeOutcome::AlreadyRevoked
+        );
         r.save().unwrap();
         let r2 = reload(&r);
         let a = r2.get("alice").unwrap();
-        assert_eq!((a.state, a.ip, a.revoked_at.as_deref()), (ClientState::Revoked, Ipv4Addr::new(10, 1, 0, 2), Some(NOW)));
+        assert_eq!(
+            (a.state, a.ip, a.revoked_at.as_deref()),
+            (ClientState::Revoked, Ipv4Addr::new(10, 1, 0, 2), Some(NOW))
+        );
         let mut r = r2;
         let err = add(&mut r, "alice", Some(Ipv4Addr::new(10, 1, 0, 5)), 3).unwrap_err();
-        assert!(err.to_string().contains("keeps its reserved address 10.1.0.2"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("keeps its reserved address 10.1.0.2"),
+            "{err}"
+        );
         let plan = add(&mut r, "alice", None, 3).unwrap();
-        assert_eq!(plan, AddPlan { ip: Ipv4Addr::new(10, 1, 0, 2), reenable: true });
+        assert_eq!(
+            plan,
+            AddPlan {
+                ip: Ipv4Addr::new(10, 1, 0, 2),
+                reenable: true
+            }
+        );
         let a = r.get("alice").unwrap();
         assert_eq!(a.state, ClientState::Active);
         assert_eq!(a.cert_sha256, CertFingerprint([3; 32]));
         assert_eq!(a.revoked_at, None);
-        assert!(matches!(r.revoke("carol", NOW), Err(RegistryError::NotRegistered { .. })));
+        assert!(matches!(
+            r.revoke("carol", NOW),
+            Err(RegistryError::NotRegistered { .. })
+        ));
     }
 
     #[test]
@@ -408,12 +531,26 @@ mod tests {
         for ok in ["a", "alice", "Laptop-2.home_x", &"x".repeat(64)] {
             assert!(check_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", ".hidden", "-opt", "a/b", "a b", "é", "a\n", &"x".repeat(65)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "-opt",
+            "a/b",
+            "a b",
+            "é",
+            "a\n",
+            &"x".repeat(65),
+        ] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
         let dir = tempfile::tempdir().unwrap();
         let r = fresh(dir.path());
-        assert!(matches!(r.plan_add("../etc", None), Err(RegistryError::InvalidName { .. })));
+        assert!(matches!(
+            r.plan_add("../etc", None),
+            Err(RegistryError::InvalidName { .. })
+        ));
     }
 
     #[test]
@@ -422,7 +559,11 @@ mod tests {
         let mut r = fresh(dir.path());
         add(&mut r, "a", None, 1).unwrap();
         // A crash mid-write leaves a temp file beside the registry; it is never read.
-        std::fs::write(dir.path().join(".clients.toml.tmp.1.deadbeef"), "[[client]]\nname = \"tru").unwrap();
+        std::fs::write(
+            dir.path().join(".clients.toml.tmp.1.deadbeef"),
+            "[[client]]\nname = \"tru",
+        )
+        .unwrap();
         let r2 = reload(&r);
         assert_eq!(r2.clients().len(), 1);
         let mut r = r2;
@@ -443,13 +584,25 @@ mod tests {
             )
         };
         let cases = [
-            (format!("{}{}", entry("a", "10.1.0.2"), entry("a", "10.1.0.3")), "appears twice"),
-            (format!("{}{}", entry("a", "10.1.0.2"), entry("b", "10.1.0.2")), "two clients"),
+            (
+                format!("{}{}", entry("a", "10.1.0.2"), entry("a", "10.1.0.3")),
+                "appears twice",
+            ),
+            (
+                format!("{}{}", entry("a", "10.1.0.2"), entry("b", "10.1.0.2")),
+                "two clients",
+            ),
             (entry("a", "10.1.0.1"), "gateway's own address"),
             (entry("a", "10.9.0.1"), "outside the subnet"),
             (entry("a/b", "10.1.0.2"), "client name"),
-            (entry("a", "10.1.0.2").replace(&"ab".repeat(32), "abc"), "64 hex digits"),
-            (entry("a", "10.1.0.2").replace("active", "paused"), "unknown variant"),
+            (
+                entry("a", "10.1.0.2").replace(&"ab".repeat(32), "abc"),
+                "64 hex digits",
+            ),
+            (
+                entry("a", "10.1.0.2").replace("active", "paused"),
+                "unknown variant",
+            ),
             ("[[client]]\nname = \"a\"\n".to_string(), "missing field"),
         ];
         for (text, want) in cases {
@@ -459,6 +612,11 @@ mod tests {
             assert!(err.to_string().contains(want), "expected {want:?} in {err}");
         }
         std::fs::remove_file(&p).unwrap();
-        assert!(Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1)).unwrap().clients().is_empty());
+        assert!(
+            Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1))
+                .unwrap()
+                .clients()
+                .is_empty()
+        );
     }
 }

@@ -40,10 +40,23 @@ impl ControlState {
     /// version no longer admits (revoked, removed, or given a new certificate).
     pub fn refresh_registry(&self, wait: Wait) {
         if let Some(view) = self.registry.refresh(wait) {
-            for s in self.sessions.retain(|s| view.admit(&s.client, &s.cert).is_ok()) {
-                let why = view.admit(&s.client, &s.cert).err().map_or("", refusal_word);
-                tracing::info!(client = %s.client, session = %s.id, key_fp = %s.key.fingerprint(), "session closed: client {why}");
-            }
+            self.enforce_registry(&view);
+        }
+    }
+
+    /// Closes the sessions of clients `view` does not admit. Besides following a reload, the
+    /// housekeeping task runs it every tick: an Authenticate that checked the previous version
+    /// just before a revocation landed may insert a session after the reload's sweep.
+    pub fn enforce_registry(&self, view: &RegistryView) {
+        for s in self
+            .sessions
+            .retain(|s| view.admit(&s.client, &s.cert).is_ok())
+        {
+            let why = view
+                .admit(&s.client, &s.cert)
+                .err()
+                .map_or("", refusal_word);
+            tracing::info!(client = %s.client, session = %s.id, key_fp = %s.key.fingerprint(), "session closed: client {why}");
         }
     }
 }
@@ -93,14 +106,21 @@ fn fresh_key() -> SessionKey {
 }
 
 impl ControlService {
-    fn ping_verdict(&self, who: &PeerIdentity, view: &RegistryView, req: &PingSessionRequest) -> PingVerdict {
+    fn ping_verdict(
+        &self,
+        who: &PeerIdentity,
+        view: &RegistryView,
+        req: &PingSessionRequest,
+    ) -> PingVerdict {
         if req.client_id.as_str() != &*who.name {
             return PingVerdict::Expired(Expiry::OtherClient);
         }
         if view.admit(&who.name, &who.cert).is_err() {
             return PingVerdict::Expired(Expiry::Revoked);
         }
-        self.state.sessions.check(&who.name, &who.cert, req.session_id, self.state.clock.now())
+        self.state
+            .sessions
+            .check(&who.name, &who.cert, req.session_id, self.state.clock.now())
     }
 }
 
@@ -133,7 +153,9 @@ impl Control for ControlService {
             key: fresh_key(),
         };
         let mut rng = rand::rng();
-        let opened = state.sessions.open(new, state.clock.now(), || rng.next_u64());
+        let opened = state
+            .sessions
+            .open(new, state.clock.now(), || rng.next_u64());
         let s: &Session = &opened.session;
         match &opened.replaced {
             Some(old) => tracing::info!(
@@ -170,6 +192,8 @@ impl Control for ControlService {
             PingVerdict::Ok => PingStatus::Ok,
             PingVerdict::Expired(_) => PingStatus::SessionExpired,
         };
-        Ok(Response::new(PingSessionResponse { status: status as i32 }))
+        Ok(Response::new(PingSessionResponse {
+            status: status as i32,
+        }))
     }
 }

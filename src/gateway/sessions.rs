@@ -46,7 +46,9 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Self { origin: Instant::now() }
+        Self {
+            origin: Instant::now(),
+        }
     }
 
     pub fn now(&self) -> Millis {
@@ -71,7 +73,11 @@ pub struct SessionLimits {
 impl SessionLimits {
     pub fn new(idle: Duration, max_lifetime: Duration, grace: Duration) -> Self {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        Self { idle_ms: ms(idle), max_lifetime_ms: ms(max_lifetime), grace_ms: ms(grace) }
+        Self {
+            idle_ms: ms(idle),
+            max_lifetime_ms: ms(max_lifetime),
+            grace_ms: ms(grace),
+        }
     }
 }
 
@@ -196,13 +202,20 @@ pub struct SessionTable {
 
 impl std::fmt::Debug for SessionTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionTable").field("len", &self.len()).field("limits", &self.limits).finish()
+        f.debug_struct("SessionTable")
+            .field("len", &self.len())
+            .field("limits", &self.limits)
+            .finish()
     }
 }
 
 impl SessionTable {
     pub fn new(limits: SessionLimits) -> Self {
-        Self { tables: ArcSwap::from_pointee(Tables::default()), writer: Mutex::new(()), limits }
+        Self {
+            tables: ArcSwap::from_pointee(Tables::default()),
+            writer: Mutex::new(()),
+            limits,
+        }
     }
 
     pub fn limits(&self) -> SessionLimits {
@@ -239,7 +252,13 @@ impl SessionTable {
     ///
     /// No lock and no heap allocation (proved by `tests/gateway_ping_noalloc.rs`): one atomic
     /// load, one hash lookup, a few comparisons.
-    pub fn check(&self, client: &str, cert: &CertFingerprint, session_id: u64, now: Millis) -> PingVerdict {
+    pub fn check(
+        &self,
+        client: &str,
+        cert: &CertFingerprint,
+        session_id: u64,
+        now: Millis,
+    ) -> PingVerdict {
         let tables = self.tables.load();
         let Some(s) = tables.by_id.get(&session_id) else {
             return PingVerdict::Expired(Expiry::Unknown);
@@ -310,26 +329,29 @@ impl SessionTable {
         Opened { session, replaced }
     }
 
-    /// Keeps only the sessions `keep` accepts (e.g. those whose client the reloaded registry
-    /// still admits). Returns the removed sessions.
-    pub fn retain(&self, mut keep: impl FnMut(&Session) -> bool) -> Vec<Arc<Session>> {
-        self.rewrite(|s| keep(s))
+    /// Keeps only the sessions `keep` accepts (e.g. those whose client the registry still
+    /// admits). Returns the removed sessions. Cheap when all stay: a read-only scan, no lock.
+    pub fn retain(&self, keep: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
+        if self.tables.load().by_id.values().all(|s| keep(s)) {
+            return Vec::new();
+        }
+        self.rewrite(keep)
     }
 
     /// Drops every session that is no longer valid at `now`. Returns the removed sessions.
-    /// Cheap when nothing expired: a read-only scan, no copy.
+    /// Cheap when nothing expired: a read-only scan, no lock.
     pub fn prune(&self, now: Millis) -> Vec<Arc<Session>> {
-        if self.tables.load().by_id.values().all(|s| self.validity(s, now).is_ok()) {
-            return Vec::new();
-        }
-        self.rewrite(|s| self.validity(s, now).is_ok())
+        self.retain(|s| self.validity(s, now).is_ok())
     }
 
-    fn rewrite(&self, mut keep: impl FnMut(&Session) -> bool) -> Vec<Arc<Session>> {
+    fn rewrite(&self, keep: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.tables.load_full();
-        let (kept, removed): (HashMap<_, _>, HashMap<_, _>) =
-            old.by_id.iter().map(|(k, v)| (*k, v.clone())).partition(|(_, s)| keep(s));
+        let (kept, removed): (HashMap<_, _>, HashMap<_, _>) = old
+            .by_id
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .partition(|(_, s)| keep(s));
         if !removed.is_empty() {
             let by_ip = rebuild_by_ip(&kept);
             self.tables.store(Arc::new(Tables { by_id: kept, by_ip }));
@@ -343,7 +365,9 @@ impl SessionTable {
 fn rebuild_by_ip(by_id: &HashMap<u64, Arc<Session>>) -> HashMap<Ipv4Addr, Arc<Session>> {
     let mut by_ip: HashMap<Ipv4Addr, Arc<Session>> = HashMap::with_capacity(by_id.len());
     for s in by_id.values() {
-        let newer = by_ip.get(&s.assigned_ip).is_none_or(|cur| s.opened_at > cur.opened_at);
+        let newer = by_ip
+            .get(&s.assigned_ip)
+            .is_none_or(|cur| s.opened_at > cur.opened_at);
         if newer {
             by_ip.insert(s.assigned_ip, s.clone());
         }
@@ -355,7 +379,11 @@ fn rebuild_by_ip(by_id: &HashMap<u64, Arc<Session>>) -> HashMap<Ipv4Addr, Arc<Se
 mod tests {
     use super::*;
 
-    const LIMITS: SessionLimits = SessionLimits { idle_ms: 1_000, max_lifetime_ms: 10_000, grace_ms: 200 };
+    const LIMITS: SessionLimits = SessionLimits {
+        idle_ms: 1_000,
+        max_lifetime_ms: 10_000,
+        grace_ms: 200,
+    };
     const ALICE_CERT: CertFingerprint = CertFingerprint([1; 32]);
 
     fn new(name: &str, ip: u8) -> NewSession {
@@ -377,9 +405,16 @@ mod tests {
         let t = SessionTable::new(LIMITS);
         let s = t.open(new("alice", 1), 0, ids(&[7])).session;
         assert_eq!(t.check("alice", &ALICE_CERT, 7, 900), PingVerdict::Ok);
-        assert_eq!(t.check("alice", &ALICE_CERT, 7, 1_800), PingVerdict::Ok, "refreshed at 900");
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 7, 1_800),
+            PingVerdict::Ok,
+            "refreshed at 900"
+        );
         assert_eq!(s.last_seen(), 1_800);
-        assert_eq!(t.check("alice", &ALICE_CERT, 7, 2_800), PingVerdict::Expired(Expiry::Idle));
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 7, 2_800),
+            PingVerdict::Expired(Expiry::Idle)
+        );
     }
 
     #[test]
@@ -387,10 +422,19 @@ mod tests {
         let t = SessionTable::new(LIMITS);
         t.open(new("alice", 1), 0, ids(&[7]));
         t.open(new("bob", 2), 0, ids(&[8]));
-        assert_eq!(t.check("alice", &ALICE_CERT, 9, 1), PingVerdict::Expired(Expiry::Unknown));
-        assert_eq!(t.check("alice", &ALICE_CERT, 8, 1), PingVerdict::Expired(Expiry::OtherClient));
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 9, 1),
+            PingVerdict::Expired(Expiry::Unknown)
+        );
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 8, 1),
+            PingVerdict::Expired(Expiry::OtherClient)
+        );
         // Right name, wrong certificate (a replaced client file).
-        assert_eq!(t.check("alice", &CertFingerprint([9; 32]), 7, 1), PingVerdict::Expired(Expiry::OtherClient));
+        assert_eq!(
+            t.check("alice", &CertFingerprint([9; 32]), 7, 1),
+            PingVerdict::Expired(Expiry::OtherClient)
+        );
     }
 
     #[test]
@@ -400,7 +444,10 @@ mod tests {
         for now in (500..10_000).step_by(500) {
             assert_eq!(t.check("alice", &ALICE_CERT, 7, now), PingVerdict::Ok);
         }
-        assert_eq!(t.check("alice", &ALICE_CERT, 7, 10_000), PingVerdict::Expired(Expiry::Lifetime));
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 7, 10_000),
+            PingVerdict::Expired(Expiry::Lifetime)
+        );
     }
 
     #[test]
@@ -409,15 +456,25 @@ mod tests {
         t.open(new("alice", 1), 0, ids(&[1]));
         let o = t.open(new("alice", 1), 100, ids(&[2]));
         assert_eq!(o.replaced.as_ref().map(|s| s.id), Some(SessionId(1)));
-        assert_eq!(t.check("alice", &ALICE_CERT, 1, 299), PingVerdict::Ok, "in grace");
-        assert_eq!(t.check("alice", &ALICE_CERT, 1, 300), PingVerdict::Expired(Expiry::Superseded));
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 1, 299),
+            PingVerdict::Ok,
+            "in grace"
+        );
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 1, 300),
+            PingVerdict::Expired(Expiry::Superseded)
+        );
         assert_eq!(t.check("alice", &ALICE_CERT, 2, 300), PingVerdict::Ok);
         // A third session drops the first at once and gives the second its grace.
         let o = t.open(new("alice", 1), 150, ids(&[3]));
         assert_eq!(o.replaced.map(|s| s.id), Some(SessionId(2)));
         assert_eq!(t.len(), 2);
         assert!(t.get(SessionId(1)).is_none());
-        assert_eq!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id), Some(SessionId(3)));
+        assert_eq!(
+            t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id),
+            Some(SessionId(3))
+        );
     }
 
     #[test]
@@ -435,7 +492,10 @@ mod tests {
         t.open(new("bob", 2), 500, ids(&[2]));
         assert!(t.prune(999).is_empty());
         let gone = t.prune(1_000);
-        assert_eq!(gone.iter().map(|s| s.id).collect::<Vec<_>>(), vec![SessionId(1)]);
+        assert_eq!(
+            gone.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![SessionId(1)]
+        );
         assert!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).is_none());
         assert!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 2)).is_some());
         let gone = t.retain(|s| &*s.client != "bob");
@@ -449,7 +509,10 @@ mod tests {
         let t = SessionTable::new(LIMITS);
         let s = t.open(new("alice", 0x5a), 0, ids(&[1])).session;
         let dbg = format!("{s:?}");
-        assert!(!dbg.contains("90, 90") && !dbg.contains(&"5a".repeat(32)), "{dbg}");
+        assert!(
+            !dbg.contains("90, 90") && !dbg.contains(&"5a".repeat(32)),
+            "{dbg}"
+        );
         assert!(dbg.contains(&s.key.fingerprint().to_string()));
     }
 }
