@@ -53,7 +53,10 @@ pub struct DropCount {
 
 impl DropCount {
     pub fn new(reason: &str, count: u64) -> Self {
-        Self { reason: reason.to_owned(), count }
+        Self {
+            reason: reason.to_owned(),
+            count,
+        }
     }
 }
 
@@ -221,8 +224,13 @@ impl StatusReport {
             }),
             backoff_ms: ms(s.backoff),
             failures: s.failures,
-            last_rtt_us: s.last_rtt.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            snapshot: status.snapshot.as_ref().map(|v| SnapshotReport::of(v, wall)),
+            last_rtt_us: s
+                .last_rtt
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            snapshot: status
+                .snapshot
+                .as_ref()
+                .map(|v| SnapshotReport::of(v, wall)),
             killswitch: killswitch.to_owned(),
             data_plane: sample.cloned(),
             recent: status
@@ -311,8 +319,18 @@ pub fn format_human(r: &StatusReport) -> String {
         format!(" ({})", r.superstates.join(" > "))
     };
     // `write!` into a String cannot fail; the results are ignored for that reason.
-    let _ = writeln!(o, "holdfast client: {}{path} for {}", r.state, human::millis(r.in_state_ms));
-    let _ = writeln!(o, "  pid:          {} (up {})", r.pid, human::millis(r.uptime_ms));
+    let _ = writeln!(
+        o,
+        "holdfast client: {}{path} for {}",
+        r.state,
+        human::millis(r.in_state_ms)
+    );
+    let _ = writeln!(
+        o,
+        "  pid:          {} (up {})",
+        r.pid,
+        human::millis(r.uptime_ms)
+    );
     if !r.last_cause.is_empty() {
         let _ = writeln!(o, "  last cause:   {}", r.last_cause);
     }
@@ -325,7 +343,11 @@ pub fn format_human(r: &StatusReport) -> String {
     let backoff = if r.failures == 0 {
         "none".to_string()
     } else {
-        format!("{} after {} failure(s)", human::millis(r.backoff_ms), r.failures)
+        format!(
+            "{} after {} failure(s)",
+            human::millis(r.backoff_ms),
+            r.failures
+        )
     };
     let _ = writeln!(o, "  backoff:      {backoff}");
     let rtt = r.last_rtt_us.map(human::rtt).unwrap_or_else(|| "-".into());
@@ -370,8 +392,11 @@ pub fn format_human(r: &StatusReport) -> String {
                 d.tx_packets
             );
             if !d.drops.is_empty() {
-                let drops: Vec<String> =
-                    d.drops.iter().map(|c| format!("{} {}", c.reason, c.count)).collect();
+                let drops: Vec<String> = d
+                    .drops
+                    .iter()
+                    .map(|c| format!("{} {}", c.reason, c.count))
+                    .collect();
                 let _ = writeln!(o, "  drops:        {}", drops.join(", "));
             }
         }
@@ -402,7 +427,9 @@ pub fn default_socket_path() -> PathBuf {
     if crate::config::running_as_root() {
         return PathBuf::from("/run/holdfast/client.sock");
     }
-    if let Some(dir) = directories::BaseDirs::new().and_then(|b| b.runtime_dir().map(Path::to_owned)) {
+    if let Some(dir) =
+        directories::BaseDirs::new().and_then(|b| b.runtime_dir().map(Path::to_owned))
+    {
         return dir.join("holdfast").join("client.sock");
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -412,7 +439,10 @@ pub fn default_socket_path() -> PathBuf {
 
 /// The socket a client file names, or the default.
 pub fn socket_path(file: &crate::config::client::ClientFile) -> PathBuf {
-    file.status.socket.clone().unwrap_or_else(default_socket_path)
+    file.status
+        .socket
+        .clone()
+        .unwrap_or_else(default_socket_path)
 }
 
 /// The socket `holdfast status` should ask: `--socket` if given, else the `[status] socket` of the
@@ -422,11 +452,42 @@ pub fn resolve_socket_path(explicit: Option<PathBuf>, config: Option<&Path>) -> 
     if let Some(p) = explicit {
         return p;
     }
-    let config = config.map(Path::to_owned).unwrap_or_else(crate::config::default_client_file);
+    let config = config
+        .map(Path::to_owned)
+        .unwrap_or_else(crate::config::default_client_file);
     match crate::config::client::ClientFile::load(&config) {
         Ok(file) => socket_path(&file),
         Err(_) => default_socket_path(),
     }
+}
+
+/// `holdfast status [--json] [--socket PATH] [--config FILE]`: asks the running client and prints
+/// its status (for people, or as pretty JSON with `json`). Returns the process exit code: 0, or
+/// [`StatusQueryError::exit_code`] after a one-line message on stderr.
+pub fn status_command(json: bool, socket: Option<PathBuf>, config: Option<&Path>) -> i32 {
+    use std::io::Write;
+    let path = resolve_socket_path(socket, config);
+    let report = match query(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("holdfast status: {e}");
+            return e.exit_code();
+        }
+    };
+    let text = if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(t) => t + "\n",
+            Err(e) => {
+                eprintln!("holdfast status: cannot print the report as JSON: {e}");
+                return crate::config::exit::FAILURE;
+            }
+        }
+    } else {
+        format_human(&report)
+    };
+    // Not `print!`: that panics on a closed pipe (`holdfast status | head -1`).
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    crate::config::exit::OK
 }
 
 /// How long a connection may take to read its report before it is dropped. A reader that stalls
@@ -485,7 +546,10 @@ pub fn serve(
     clear_stale(path)?;
 
     let name = path.file_name().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{} names no file", path.display()))
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        )
     })?;
     let mut tmp_name = name.to_owned();
     tmp_name.push(format!(".{}.tmp", std::process::id()));
@@ -500,7 +564,11 @@ pub fn serve(
     }
     let meta = std::fs::symlink_metadata(path)?;
     let task = tokio::spawn(accept_loop(listener, status, sampler, killswitch, clock));
-    Ok(ServeGuard { path: path.to_owned(), id: (meta.dev(), meta.ino()), task })
+    Ok(ServeGuard {
+        path: path.to_owned(),
+        id: (meta.dev(), meta.ino()),
+        task,
+    })
 }
 
 /// Creates the socket's folder (0700) if missing and checks who owns it; returns it.
@@ -510,7 +578,10 @@ fn prepare_dir(path: &Path) -> io::Result<PathBuf> {
         _ => PathBuf::from("."),
     };
     if !dir.exists() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
     }
     let meta = std::fs::metadata(&dir)?;
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -520,7 +591,11 @@ fn prepare_dir(path: &Path) -> io::Result<PathBuf> {
         // socket for theirs and answer `holdfast status` in our name.
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("{} belongs to uid {}, not to us; refusing to serve status there", dir.display(), meta.uid()),
+            format!(
+                "{} belongs to uid {}, not to us; refusing to serve status there",
+                dir.display(),
+                meta.uid()
+            ),
         ));
     }
     Ok(dir)
@@ -537,13 +612,19 @@ fn clear_stale(path: &Path) -> io::Result<()> {
     if !meta.file_type().is_socket() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket; refusing to replace it", path.display()),
+            format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ),
         ));
     }
     match std::os::unix::net::UnixStream::connect(path) {
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AddrInUse,
-            format!("another holdfast client is serving its status at {}", path.display()),
+            format!(
+                "another holdfast client is serving its status at {}",
+                path.display()
+            ),
         )),
         // Refused: the socket of a client that was killed. Anything else: not ours to judge,
         // but a socket we cannot connect to is useless to everyone, so replace it too.
@@ -645,8 +726,10 @@ impl StatusQueryError {
 /// Asks the client at `path` for its status (blocking, bounded by a 5 s timeout).
 pub fn query(path: &Path) -> Result<StatusReport, StatusQueryError> {
     let text = query_raw(path)?;
-    serde_json::from_str(&text)
-        .map_err(|e| StatusQueryError::Malformed { path: path.to_owned(), reason: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| StatusQueryError::Malformed {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// The raw JSON document the client at `path` answers with (for `holdfast status --json`, which
@@ -657,17 +740,32 @@ pub fn query_raw(path: &Path) -> Result<String, StatusQueryError> {
         io::ErrorKind::NotFound => StatusQueryError::NotRunning { path: p() },
         io::ErrorKind::ConnectionRefused => StatusQueryError::Stale { path: p() },
         io::ErrorKind::PermissionDenied => StatusQueryError::PermissionDenied { path: p() },
-        _ => StatusQueryError::Io { path: p(), source: e },
+        _ => StatusQueryError::Io {
+            path: p(),
+            source: e,
+        },
     })?;
     let io_err = |e: io::Error| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => StatusQueryError::TimedOut { path: p() },
-        _ => StatusQueryError::Io { path: p(), source: e },
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            StatusQueryError::TimedOut { path: p() }
+        }
+        _ => StatusQueryError::Io {
+            path: p(),
+            source: e,
+        },
     };
-    stream.set_read_timeout(Some(QUERY_TIMEOUT)).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(QUERY_TIMEOUT))
+        .map_err(io_err)?;
     let mut bytes = Vec::new();
-    stream.take(MAX_REPORT).read_to_end(&mut bytes).map_err(io_err)?;
-    String::from_utf8(bytes)
-        .map_err(|_| StatusQueryError::Malformed { path: p(), reason: "not UTF-8".into() })
+    stream
+        .take(MAX_REPORT)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    String::from_utf8(bytes).map_err(|_| StatusQueryError::Malformed {
+        path: p(),
+        reason: "not UTF-8".into(),
+    })
 }
 
 #[cfg(test)]
@@ -679,8 +777,14 @@ mod tests {
         assert_eq!(human::duration(Duration::from_millis(850)), "850ms");
         assert_eq!(human::duration(Duration::from_secs(12)), "12s");
         assert_eq!(human::duration(Duration::from_secs(245)), "4m05s");
-        assert_eq!(human::duration(Duration::from_secs(2 * 3600 + 180)), "2h03m");
-        assert_eq!(human::duration(Duration::from_secs(3 * 86400 + 4 * 3600)), "3d04h");
+        assert_eq!(
+            human::duration(Duration::from_secs(2 * 3600 + 180)),
+            "2h03m"
+        );
+        assert_eq!(
+            human::duration(Duration::from_secs(3 * 86400 + 4 * 3600)),
+            "3d04h"
+        );
         assert_eq!(human::bytes(512), "512 B");
         assert_eq!(human::bytes(1536), "1.5 KiB");
         assert_eq!(human::bytes(u64::MAX), "16.0 EiB");
@@ -697,21 +801,42 @@ mod tests {
         st.supervisor.since = Duration::from_secs(3);
         // Observed 10 s after t0 with since = 3 s: the epoch is at most t0 + 7 s (no change).
         clock.observe(&st, t0 + Duration::from_secs(10));
-        assert_eq!(clock.now(t0 + Duration::from_secs(10)), Duration::from_secs(5));
+        assert_eq!(
+            clock.now(t0 + Duration::from_secs(10)),
+            Duration::from_secs(5)
+        );
         // Observed 4 s after t0 with since = 3 s: at most t0 + 1 s.
         clock.observe(&st, t0 + Duration::from_secs(4));
-        assert_eq!(clock.now(t0 + Duration::from_secs(10)), Duration::from_secs(9));
+        assert_eq!(
+            clock.now(t0 + Duration::from_secs(10)),
+            Duration::from_secs(9)
+        );
         assert_eq!(clock.now(t0), Duration::ZERO, "never negative");
     }
 
     #[test]
     fn superstates_nest_outermost_first() {
         assert_eq!(superstates(StateName::Unauthed), vec!["Running"]);
-        assert_eq!(superstates(StateName::Backoff), vec!["Running", "Establishing"]);
-        assert_eq!(superstates(StateName::Degraded), vec!["Running", "Connected"]);
+        assert_eq!(
+            superstates(StateName::Backoff),
+            vec!["Running", "Establishing"]
+        );
+        assert_eq!(
+            superstates(StateName::Degraded),
+            vec!["Running", "Connected"]
+        );
         assert!(superstates(StateName::Stopped).is_empty());
-        assert_eq!(timer_purpose(StateName::Degraded, Timer::Health), "ping retry");
-        assert_eq!(timer_purpose(StateName::Healthy, Timer::Health), "health check");
-        assert_eq!(timer_purpose(StateName::Backoff, Timer::Retry), "auth retry");
+        assert_eq!(
+            timer_purpose(StateName::Degraded, Timer::Health),
+            "ping retry"
+        );
+        assert_eq!(
+            timer_purpose(StateName::Healthy, Timer::Health),
+            "health check"
+        );
+        assert_eq!(
+            timer_purpose(StateName::Backoff, Timer::Retry),
+            "auth retry"
+        );
     }
 }

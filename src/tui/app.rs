@@ -118,23 +118,46 @@ impl App {
         if let Some(s) = &sample {
             match self.mark {
                 Some(m) if s.rx_bytes < m.rx || s.tx_bytes < m.tx || now < m.at => {
-                    self.mark = Some(Mark { at: now, rx: s.rx_bytes, tx: s.tx_bytes });
+                    self.mark = Some(Mark {
+                        at: now,
+                        rx: s.rx_bytes,
+                        tx: s.tx_bytes,
+                    });
                 }
                 Some(m) if now - m.at >= RATE_WINDOW => {
-                    let ms = u64::try_from((now - m.at).as_millis()).unwrap_or(u64::MAX).max(1);
+                    let ms = u64::try_from((now - m.at).as_millis())
+                        .unwrap_or(u64::MAX)
+                        .max(1);
                     let per_sec = |d: u64| d.saturating_mul(1000) / ms;
-                    self.push(Rate { rx: per_sec(s.rx_bytes - m.rx), tx: per_sec(s.tx_bytes - m.tx) });
-                    self.mark = Some(Mark { at: now, rx: s.rx_bytes, tx: s.tx_bytes });
+                    self.push(Rate {
+                        rx: per_sec(s.rx_bytes - m.rx),
+                        tx: per_sec(s.tx_bytes - m.tx),
+                    });
+                    self.mark = Some(Mark {
+                        at: now,
+                        rx: s.rx_bytes,
+                        tx: s.tx_bytes,
+                    });
                 }
                 Some(_) => {}
-                None => self.mark = Some(Mark { at: now, rx: s.rx_bytes, tx: s.tx_bytes }),
+                None => {
+                    self.mark = Some(Mark {
+                        at: now,
+                        rx: s.rx_bytes,
+                        tx: s.tx_bytes,
+                    })
+                }
             }
         }
         self.status = status;
         self.sample = sample;
         self.now = now;
         self.wall = wall;
-        if self.notice.as_ref().is_some_and(|(at, _)| now.saturating_sub(*at) >= NOTICE_FOR) {
+        if self
+            .notice
+            .as_ref()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) >= NOTICE_FOR)
+        {
             self.notice = None;
         }
     }
@@ -180,7 +203,11 @@ mod tests {
     use super::*;
 
     fn sample(rx: u64, tx: u64) -> Option<DataPlaneSample> {
-        Some(DataPlaneSample { rx_bytes: rx, tx_bytes: tx, ..Default::default() })
+        Some(DataPlaneSample {
+            rx_bytes: rx,
+            tx_bytes: tx,
+            ..Default::default()
+        })
     }
 
     fn at(ms: u64) -> Now {
@@ -188,7 +215,12 @@ mod tests {
     }
 
     fn tick(app: &mut App, ms: u64, rx: u64, tx: u64) {
-        app.update(ClientStatus::initial(), sample(rx, tx), at(ms), SystemTime::UNIX_EPOCH);
+        app.update(
+            ClientStatus::initial(),
+            sample(rx, tx),
+            at(ms),
+            SystemTime::UNIX_EPOCH,
+        );
     }
 
     #[test]
@@ -198,7 +230,10 @@ mod tests {
         tick(&mut app, 250, 500, 50);
         assert_eq!(app.history().len(), 0, "no point before a full second");
         tick(&mut app, 1500, 3000, 300);
-        assert_eq!(app.history().copied().collect::<Vec<_>>(), vec![Rate { rx: 2000, tx: 200 }]);
+        assert_eq!(
+            app.history().copied().collect::<Vec<_>>(),
+            vec![Rate { rx: 2000, tx: 200 }]
+        );
     }
 
     #[test]
@@ -220,11 +255,25 @@ mod tests {
     #[test]
     fn keys_map_to_actions() {
         let key = |c, m| KeyEvent::new(c, m);
-        assert_eq!(action_for(&key(KeyCode::Char('q'), KeyModifiers::NONE)), Some(Action::Stop));
-        assert_eq!(action_for(&key(KeyCode::Char('c'), KeyModifiers::CONTROL)), Some(Action::Stop));
-        assert_eq!(action_for(&key(KeyCode::Char('c'), KeyModifiers::NONE)), None);
-        assert_eq!(action_for(&key(KeyCode::Char('r'), KeyModifiers::NONE)), Some(Action::Reauth));
-        assert_eq!(action_for(&key(KeyCode::Char('?'), KeyModifiers::SHIFT)), Some(Action::ToggleHelp));
+        let table = [
+            (KeyCode::Char('q'), KeyModifiers::NONE, Some(Action::Stop)),
+            (
+                KeyCode::Char('c'),
+                KeyModifiers::CONTROL,
+                Some(Action::Stop),
+            ),
+            (KeyCode::Char('c'), KeyModifiers::NONE, None),
+            (KeyCode::Char('r'), KeyModifiers::NONE, Some(Action::Reauth)),
+            (
+                KeyCode::Char('?'),
+                KeyModifiers::SHIFT,
+                Some(Action::ToggleHelp),
+            ),
+            (KeyCode::Esc, KeyModifiers::NONE, Some(Action::CloseHelp)),
+        ];
+        for (code, mods, want) in table {
+            assert_eq!(action_for(&key(code, mods)), want, "{code:?} {mods:?}");
+        }
         let mut release = key(KeyCode::Char('q'), KeyModifiers::NONE);
         release.kind = KeyEventKind::Release;
         assert_eq!(action_for(&release), None);

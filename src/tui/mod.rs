@@ -32,9 +32,9 @@ use ratatui::backend::CrosstermBackend;
 pub use app::{Action, App, action_for};
 pub use render::render;
 
-pub use crate::client::status_socket::{DataPlaneSample, DropCount, Sampler, TunInfo};
 use crate::client::ClientHandle;
 use crate::client::status_socket::StatusClock;
+pub use crate::client::status_socket::{DataPlaneSample, DropCount, Sampler, TunInfo};
 
 /// How often the dashboard redraws without a status change: countdowns and sparklines move at
 /// this rate. 4 Hz reads as live and costs nothing measurable.

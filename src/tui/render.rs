@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!  header:  state, superstates, time in state, uptime
-//!  ┌ statechart (current state highlighted) ──────┐┌ supervisor: next timer, backoff, rtt ┐
-//!  ┌ session (no key) ┐┌ tunnel + kill-switch ┐┌ drops by reason ┐
+//!  header:  next timer countdown, backoff, last RTT, last cause
+//!  ┌ statechart (current state highlighted) ──────┐┌ drops by reason ┐
+//!  ┌ session (no key) ───────┐┌ tunnel + kill-switch ───────┐
 //!  ┌ rx sparkline + totals ┐┌ tx sparkline + totals ┐
 //!  ┌ recent transitions, newest first ────────────────────────────┐
 //!  footer: keys (and the last key's notice)
@@ -15,10 +16,10 @@
 use std::time::Duration;
 
 use ratatui::Frame;
-use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::layout::{Alignment, Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Clear, Paragraph, Sparkline, Wrap};
+use ratatui::widgets::{Block, Clear, Paragraph, RenderDirection, Sparkline, Wrap};
 
 use super::app::App;
 use crate::client::status_socket::{human, superstates, timer_purpose};
@@ -37,24 +38,25 @@ pub fn render(app: &App, frame: &mut Frame) {
     } else {
         let [header, top, middle, traffic, recent, footer] = Layout::vertical([
             Constraint::Length(2),
-            Constraint::Length(5),
+            Constraint::Length(6),
             Constraint::Length(7),
-            Constraint::Length(5),
+            Constraint::Length(4),
             Constraint::Min(3),
             Constraint::Length(1),
         ])
         .areas(area);
         frame.render_widget(Paragraph::new(header_lines(app)), header);
 
-        let [chart, tunnel] =
+        let [chart, drops] =
             Layout::horizontal([Constraint::Length(RUNNING_WIDTH), Constraint::Min(0)]).areas(top);
-        render_chart(frame, chart, app.status.supervisor.state);
-        frame.render_widget(tunnel_panel(app), tunnel);
+        render_chart(frame, chart, app);
+        render_drops(frame, drops, app);
 
-        let [session, drops] =
-            Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(middle);
+        let [session, tunnel] =
+            Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
+                .areas(middle);
         frame.render_widget(session_panel(app), session);
-        frame.render_widget(drops_panel(app), drops);
+        frame.render_widget(tunnel_panel(app), tunnel);
 
         let [rx, tx] = Layout::horizontal([Constraint::Ratio(1, 2); 2]).areas(traffic);
         render_traffic(frame, rx, app, Direction::Rx);
@@ -98,21 +100,33 @@ fn panel(title: &str) -> Block<'_> {
 
 /// A `label  value` line with the label dimmed and padded, so a panel's values line up.
 fn field<'a>(label: &'a str, value: impl Into<Span<'a>>) -> Line<'a> {
-    Line::from(vec![Span::styled(format!("{label:<9}"), dim()), value.into()])
+    Line::from(vec![
+        Span::styled(format!("{label:<9}"), dim()),
+        value.into(),
+    ])
 }
 
 /// Two lines: where the machine is (state, superstates, time in it) and what it waits for next
 /// (timer countdown, backoff, last RTT, last cause). The most watched facts, so they come first.
 fn header_lines(app: &App) -> Vec<Line<'static>> {
     let s = &app.status.supervisor;
-    let mut first = vec![Span::styled(" HOLDFAST ", bold().fg(Color::Black).bg(Color::Cyan)), Span::raw("  ")];
+    let mut first = vec![
+        Span::styled(" HOLDFAST ", bold().fg(Color::Black).bg(Color::Cyan)),
+        Span::raw("  "),
+    ];
     first.push(state_span(s.state));
     let path = superstates(s.state);
     if !path.is_empty() {
         first.push(Span::styled(format!(" in {}", path.join(" > ")), dim()));
     }
-    first.push(Span::raw(format!("  for {}", human::duration(app.now.saturating_sub(s.since)))));
-    first.push(Span::styled(format!("   up {}", human::duration(app.now)), dim()));
+    first.push(Span::raw(format!(
+        "  for {}",
+        human::duration(app.now.saturating_sub(s.since))
+    )));
+    first.push(Span::styled(
+        format!("   up {}", human::duration(app.now)),
+        dim(),
+    ));
 
     let next = match s.next_timer {
         Some((timer, at)) => format!(
@@ -130,9 +144,16 @@ fn header_lines(app: &App) -> Vec<Line<'static>> {
     let backoff = if s.failures == 0 {
         "none".to_string()
     } else {
-        format!("{} after {} failures", human::duration(s.backoff), s.failures)
+        format!(
+            "{} after {} failures",
+            human::duration(s.backoff),
+            s.failures
+        )
     };
-    let rtt = s.last_rtt.map(|d| human::rtt(micros(d))).unwrap_or_else(|| "-".into());
+    let rtt = s
+        .last_rtt
+        .map(|d| human::rtt(micros(d)))
+        .unwrap_or_else(|| "-".into());
     let label = |l: &'static str| Span::styled(l, dim());
     let mut second = vec![
         Span::raw(" "),
@@ -162,7 +183,10 @@ fn footer_line(app: &App) -> Line<'static> {
         Span::raw(" help"),
     ];
     if let Some((_, notice)) = &app.notice {
-        spans.push(Span::styled(format!("   {notice}"), bold().fg(Color::Yellow)));
+        spans.push(Span::styled(
+            format!("   {notice}"),
+            bold().fg(Color::Yellow),
+        ));
     }
     Line::from(spans)
 }
@@ -204,13 +228,23 @@ const RUNNING_WIDTH: u16 = 2
 /// `Running{Unauthed, Establishing{Authing, Backoff}, Connected{Healthy, Degraded}}`, with the
 /// `Stop -> Stopped` edge on Running's bottom border. The current state is bracketed (readable
 /// without colour) and drawn in reverse video.
-fn render_chart(frame: &mut Frame, area: Rect, current: StateName) {
+fn render_chart(frame: &mut Frame, area: Rect, app: &App) {
+    let current = app.status.supervisor.state;
     let stopped = cell(StateName::Stopped, current);
     let running_box = Block::bordered()
         .title(Span::styled(" Running ", bold()))
-        .title_bottom(Line::from(vec![Span::styled(" Stop -> ", dim()), stopped, Span::raw(" ")]).right_aligned());
-    let row = running_box.inner(area);
+        .title_bottom(
+            Line::from(vec![
+                Span::styled(" Stop ->", dim()),
+                stopped,
+                Span::raw(" "),
+            ])
+            .right_aligned(),
+        );
+    let inner = running_box.inner(area);
     frame.render_widget(running_box, area);
+    let [row, meaning] =
+        Layout::vertical([Constraint::Length(3), Constraint::Length(1)]).areas(inner);
     let [unauthed, _, establishing, _, connected] = Layout::horizontal([
         Constraint::Length(cell_width(StateName::Unauthed)),
         Constraint::Length(1),
@@ -220,23 +254,73 @@ fn render_chart(frame: &mut Frame, area: Rect, current: StateName) {
     ])
     .areas(row);
     // Unauthed sits on the line of the states inside the superstate boxes.
-    let unauthed = Rect { y: unauthed.y + unauthed.height.min(3) / 2, height: unauthed.height.min(1), ..unauthed };
+    let unauthed = Rect {
+        y: unauthed.y + unauthed.height.min(3) / 2,
+        height: unauthed.height.min(1),
+        ..unauthed
+    };
     frame.render_widget(Paragraph::new(cell(StateName::Unauthed, current)), unauthed);
-    render_super(frame, establishing, "Establishing", [StateName::Authing, StateName::Backoff], current);
-    render_super(frame, connected, "Connected", [StateName::Healthy, StateName::Degraded], current);
+    render_super(
+        frame,
+        establishing,
+        "Establishing",
+        [StateName::Authing, StateName::Backoff],
+        current,
+    );
+    render_super(
+        frame,
+        connected,
+        "Connected",
+        [StateName::Healthy, StateName::Degraded],
+        current,
+    );
+    let line = Line::from(vec![
+        Span::raw(" "),
+        Span::styled(meaning_of(current, app.status.snapshot.is_some()), dim()),
+    ]);
+    frame.render_widget(Paragraph::new(line), meaning);
 }
 
-fn render_super(frame: &mut Frame, area: Rect, title: &str, states: [StateName; 2], current: StateName) {
-    let b = Block::bordered().title(format!(" {title} ")).border_style(dim());
+/// What the current state means, in a few words, under the chart.
+fn meaning_of(s: StateName, has_session: bool) -> &'static str {
+    match (s, has_session) {
+        (StateName::Unauthed, _) => "not started yet",
+        (StateName::Authing, false) => "authenticating with the gateway",
+        (StateName::Authing, true) => "re-authenticating; the old session keeps the tunnel up",
+        (StateName::Backoff, false) => "waiting to retry authentication",
+        (StateName::Backoff, true) => "waiting to retry; the old session keeps the tunnel up",
+        (StateName::Healthy, _) => "session up, health checks pass",
+        (StateName::Degraded, _) => "health checks failing; session and tunnel kept",
+        (StateName::Stopped, _) => "stopped",
+    }
+}
+
+fn render_super(
+    frame: &mut Frame,
+    area: Rect,
+    title: &str,
+    states: [StateName; 2],
+    current: StateName,
+) {
+    let b = Block::bordered()
+        .title(format!(" {title} "))
+        .border_style(dim());
     let inner = b.inner(area);
     frame.render_widget(b, area);
-    let line = Line::from(vec![cell(states[0], current), Span::raw(" "), cell(states[1], current)]);
+    let line = Line::from(vec![
+        cell(states[0], current),
+        Span::raw(" "),
+        cell(states[1], current),
+    ]);
     frame.render_widget(Paragraph::new(line), inner);
 }
 
 fn cell(s: StateName, current: StateName) -> Span<'static> {
     if s == current {
-        Span::styled(format!("[{}]", name(s)), bold().fg(Color::Black).bg(state_color(s)))
+        Span::styled(
+            format!("[{}]", name(s)),
+            bold().fg(Color::Black).bg(state_color(s)),
+        )
     } else {
         Span::styled(format!(" {} ", name(s)), Style::new().fg(state_color(s)))
     }
@@ -253,18 +337,26 @@ fn session_panel(app: &App) -> Paragraph<'static> {
         return Paragraph::new(Line::styled("no session yet", dim())).block(panel("session"));
     };
     let age = app.wall.duration_since(v.received_at).unwrap_or_default();
-    let mut lines = vec![
+    let lines = vec![
         field("address", format!("{}/{}", v.assigned_ip, v.prefix_len)),
         field("gateway", v.gateway_ip.to_string()),
         field("session", v.session_id.to_string()),
         field("key", format!("fp:{}", v.key_fingerprint)),
-        field("age", format!("{} (idle {})", human::duration(age), human::duration(v.idle_timeout))),
+        field(
+            "age",
+            format!(
+                "{} (idle {})",
+                human::duration(age),
+                human::duration(v.idle_timeout)
+            ),
+        ),
     ];
-    if app.status.supervisor.state == StateName::Authing || app.status.supervisor.state == StateName::Backoff {
-        // Re-authentication keeps the old snapshot installed; say so, or it looks current.
-        lines.push(Line::styled("kept until the new one swaps in", dim()));
-    }
-    Paragraph::new(lines).block(panel("session"))
+    // Re-authentication keeps the old snapshot installed; say so, or it looks current.
+    let title = match app.status.supervisor.state {
+        StateName::Authing | StateName::Backoff => "session (kept until a new one swaps in)",
+        _ => "session",
+    };
+    Paragraph::new(lines).block(panel(title))
 }
 
 fn tunnel_panel(app: &App) -> Paragraph<'static> {
@@ -280,27 +372,47 @@ fn tunnel_panel(app: &App) -> Paragraph<'static> {
         }
         None => lines.push(Line::styled("data plane not up", dim())),
     }
-    lines.push(Line::from(vec![Span::styled("kill-switch ", dim()), Span::raw(app.killswitch.clone())]));
-    Paragraph::new(lines).block(panel("tunnel"))
+    lines.push(Line::from(vec![
+        Span::styled("kill-switch ", dim()),
+        Span::raw(app.killswitch.clone()),
+    ]));
+    Paragraph::new(lines)
+        .wrap(Wrap { trim: true })
+        .block(panel("tunnel"))
 }
 
-fn drops_panel(app: &App) -> Paragraph<'static> {
-    let drops = app.sample.as_ref().map(|s| s.drops.as_slice()).unwrap_or_default();
-    let lines: Vec<Line> = if drops.is_empty() {
-        vec![Line::styled("none counted", dim())]
-    } else {
-        drops
-            .iter()
-            .map(|d| {
-                let style = if d.count > 0 { Style::new().fg(Color::Yellow) } else { Style::new() };
-                Line::from(vec![
-                    Span::styled(format!("{:<16}", d.reason), dim()),
-                    Span::styled(format!("{:>8}", d.count), style),
-                ])
-            })
-            .collect()
-    };
-    Paragraph::new(lines).block(panel("drops"))
+/// Reasons on the left, counts right-aligned at the panel's edge, so a narrow panel loses the
+/// end of a reason before it loses a digit.
+fn render_drops(frame: &mut Frame, area: Rect, app: &App) {
+    let block = panel("drops");
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let drops = app
+        .sample
+        .as_ref()
+        .map(|s| s.drops.as_slice())
+        .unwrap_or_default();
+    if drops.is_empty() {
+        frame.render_widget(Paragraph::new(Line::styled("none counted", dim())), inner);
+        return;
+    }
+    let reasons: Vec<Line> = drops
+        .iter()
+        .map(|d| Line::styled(d.reason.clone(), dim()))
+        .collect();
+    let counts: Vec<Line> = drops
+        .iter()
+        .map(|d| {
+            let style = if d.count > 0 {
+                bold().fg(Color::Yellow)
+            } else {
+                Style::new()
+            };
+            Line::styled(format!(" {}", d.count), style)
+        })
+        .collect();
+    frame.render_widget(Paragraph::new(reasons), inner);
+    frame.render_widget(Paragraph::new(counts).alignment(Alignment::Right), inner);
 }
 
 #[derive(Clone, Copy)]
@@ -320,22 +432,33 @@ fn render_traffic(frame: &mut Frame, area: Rect, app: &App, dir: Direction) {
     };
     let rate = app.history.back().map(pick).unwrap_or(0);
     let totals = match (&app.sample, dir) {
-        (Some(s), Direction::Rx) => format!("{} / {} pkts", human::bytes(s.rx_bytes), s.rx_packets),
-        (Some(s), Direction::Tx) => format!("{} / {} pkts", human::bytes(s.tx_bytes), s.tx_packets),
-        (None, _) => "-".into(),
+        (Some(s), Direction::Rx) => format!("{}, {} pkt", human::bytes(s.rx_bytes), s.rx_packets),
+        (Some(s), Direction::Tx) => format!("{}, {} pkt", human::bytes(s.tx_bytes), s.tx_packets),
+        (None, _) => "no data plane".into(),
     };
     let block = Block::bordered().title(Line::from(vec![
         Span::styled(format!(" {name} "), bold().fg(color)),
         Span::styled(format!("{}/s ", human::bytes(rate)), bold()),
-        Span::styled(format!("total {totals} "), dim()),
+        Span::styled(format!("· {totals} "), dim()),
     ]));
     let inner = block.inner(area);
     frame.render_widget(block, area);
-    // The newest point at the right edge: show the last `width` points.
-    let width = usize::from(inner.width);
-    let skip = app.history.len().saturating_sub(width);
-    let data: Vec<u64> = app.history.iter().skip(skip).map(pick).collect();
-    frame.render_widget(Sparkline::default().data(data).style(Style::new().fg(color)), inner);
+    // Newest first, drawn from the right edge: the graph scrolls left as time passes, and a
+    // short history sits at the right, where "now" is.
+    let data: Vec<u64> = app
+        .history
+        .iter()
+        .rev()
+        .take(usize::from(inner.width))
+        .map(pick)
+        .collect();
+    frame.render_widget(
+        Sparkline::default()
+            .data(data)
+            .direction(RenderDirection::RightToLeft)
+            .style(Style::new().fg(color)),
+        inner,
+    );
 }
 
 fn recent_panel(app: &App, rows: u16) -> Paragraph<'static> {
@@ -350,12 +473,22 @@ fn recent_panel(app: &App, rows: u16) -> Paragraph<'static> {
             .map(|t| {
                 Line::from(vec![
                     Span::styled(
-                        format!("{:>8} ago  T+{:<7} ", human::duration(app.now.saturating_sub(t.at)), human::duration(t.at)),
+                        format!(
+                            "{:>8} ago  T+{:<7} ",
+                            human::duration(app.now.saturating_sub(t.at)),
+                            human::duration(t.at)
+                        ),
                         dim(),
                     ),
-                    Span::styled(format!("{:<8}", t.from.to_string()), Style::new().fg(state_color(t.from))),
+                    Span::styled(
+                        format!("{:<8}", t.from.to_string()),
+                        Style::new().fg(state_color(t.from)),
+                    ),
                     Span::raw(" -> "),
-                    Span::styled(format!("{:<8}", t.to.to_string()), bold().fg(state_color(t.to))),
+                    Span::styled(
+                        format!("{:<8}", t.to.to_string()),
+                        bold().fg(state_color(t.to)),
+                    ),
                     Span::raw(format!("  {}", t.cause)),
                 ])
             })
@@ -370,7 +503,10 @@ fn render_small(app: &App, frame: &mut Frame, area: Rect) {
     let s = &app.status.supervisor;
     let mut lines = vec![
         Line::from(vec![Span::styled("HOLDFAST ", bold()), state_span(s.state)]),
-        Line::raw(format!("for {}", human::duration(app.now.saturating_sub(s.since)))),
+        Line::raw(format!(
+            "for {}",
+            human::duration(app.now.saturating_sub(s.since))
+        )),
     ];
     if let Some((timer, at)) = s.next_timer {
         lines.push(Line::raw(format!(
@@ -382,13 +518,19 @@ fn render_small(app: &App, frame: &mut Frame, area: Rect) {
     if let Some(v) = &app.status.snapshot {
         lines.push(Line::raw(format!("{}/{}", v.assigned_ip, v.prefix_len)));
     }
-    lines.push(Line::styled(format!("enlarge to {MIN_WIDTH}x{MIN_HEIGHT}"), dim()));
+    lines.push(Line::styled(
+        format!("enlarge to {MIN_WIDTH}x{MIN_HEIGHT}"),
+        dim(),
+    ));
     lines.push(Line::raw("q stop  r re-auth  ? help"));
     frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: true }), area);
 }
 
 const HELP: &[(&str, &str)] = &[
-    ("q, Ctrl-C", "stop the client: release the kill-switch, exit 0"),
+    (
+        "q, Ctrl-C",
+        "stop the client: release the kill-switch, exit 0",
+    ),
     ("r", "re-authenticate now (the tunnel keeps running)"),
     ("?, F1", "show or hide this help; Esc closes it"),
 ];
@@ -396,7 +538,12 @@ const HELP: &[(&str, &str)] = &[
 fn render_help(frame: &mut Frame, area: Rect) {
     let mut lines: Vec<Line> = HELP
         .iter()
-        .map(|(k, what)| Line::from(vec![Span::styled(format!(" {k:<10}"), bold()), Span::raw(*what)]))
+        .map(|(k, what)| {
+            Line::from(vec![
+                Span::styled(format!(" {k:<11}"), bold()),
+                Span::raw(*what),
+            ])
+        })
         .collect();
     lines.extend([
         Line::raw(""),
@@ -412,7 +559,9 @@ fn render_help(frame: &mut Frame, area: Rect) {
     let popup = area.centered(Constraint::Length(width), Constraint::Length(height));
     frame.render_widget(Clear, popup);
     frame.render_widget(
-        Paragraph::new(lines).wrap(Wrap { trim: false }).block(panel("help").border_style(Style::new().fg(Color::Cyan))),
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .block(panel("help").border_style(Style::new().fg(Color::Cyan))),
         popup,
     );
 }
