@@ -285,18 +285,33 @@ async fn a_peer_that_is_not_a_holdfast_client_is_reported_as_such() {
 }
 
 #[tokio::test]
-async fn the_status_command_exits_0_with_a_client_and_3_without() {
+async fn the_status_command_prints_text_or_json_and_exits_3_without_a_client() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("client.sock");
     let run = |json: bool| {
         let path = path.clone();
-        tokio::task::spawn_blocking(move || status_socket::status_command(json, Some(path), None))
+        tokio::task::spawn_blocking(move || status_socket::status_text(json, Some(path), None))
     };
-    assert_eq!(run(false).await.expect("task"), 3);
+    let err = run(false).await.expect("task").expect_err("no client");
+    assert_eq!(err.exit_code(), 3);
+    let missing = path.clone();
+    let code = tokio::task::spawn_blocking(move || {
+        status_socket::status_command(false, Some(missing), None)
+    });
+    assert_eq!(code.await.expect("task"), 3);
+
     let (_tx, rx) = watch::channel(healthy());
     let _guard = status_socket::serve(&path, rx, None, "off".into()).expect("serve");
-    assert_eq!(run(false).await.expect("task"), 0);
-    assert_eq!(run(true).await.expect("task"), 0);
+    let text = run(false).await.expect("task").expect("text");
+    assert!(text.starts_with("holdfast client: Healthy"), "{text}");
+    let json = run(true).await.expect("task").expect("json");
+    let back: StatusReport = serde_json::from_str(&json).expect("the JSON is a report");
+    assert_eq!(back.state, "Healthy");
+    assert!(
+        json.contains("\n  \"state\": \"Healthy\""),
+        "pretty-printed: {json}"
+    );
+    assert!(!json.contains(&key_hex()[..16]));
 }
 
 #[test]

@@ -466,28 +466,37 @@ pub fn resolve_socket_path(explicit: Option<PathBuf>, config: Option<&Path>) -> 
 /// [`StatusQueryError::exit_code`] after a one-line message on stderr.
 pub fn status_command(json: bool, socket: Option<PathBuf>, config: Option<&Path>) -> i32 {
     use std::io::Write;
-    let path = resolve_socket_path(socket, config);
-    let report = match query(&path) {
-        Ok(r) => r,
+    match status_text(json, socket, config) {
+        Ok(text) => {
+            // Not `print!`: that panics on a closed pipe (`holdfast status | head -1`).
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            crate::config::exit::OK
+        }
         Err(e) => {
             eprintln!("holdfast status: {e}");
-            return e.exit_code();
+            e.exit_code()
         }
-    };
-    let text = if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(t) => t + "\n",
-            Err(e) => {
-                eprintln!("holdfast status: cannot print the report as JSON: {e}");
-                return crate::config::exit::FAILURE;
-            }
-        }
-    } else {
-        format_human(&report)
-    };
-    // Not `print!`: that panics on a closed pipe (`holdfast status | head -1`).
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
-    crate::config::exit::OK
+    }
+}
+
+/// What [`status_command`] prints: the report of the client at the resolved socket, as
+/// [`format_human`] or as pretty JSON.
+pub fn status_text(
+    json: bool,
+    socket: Option<PathBuf>,
+    config: Option<&Path>,
+) -> Result<String, StatusQueryError> {
+    let path = resolve_socket_path(socket, config);
+    let report = query(&path)?;
+    if !json {
+        return Ok(format_human(&report));
+    }
+    serde_json::to_string_pretty(&report)
+        .map(|t| t + "\n")
+        .map_err(|e| StatusQueryError::Malformed {
+            path,
+            reason: e.to_string(),
+        })
 }
 
 /// How long a connection may take to read its report before it is dropped. A reader that stalls

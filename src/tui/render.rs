@@ -106,6 +106,24 @@ fn field<'a>(label: &'a str, value: impl Into<Span<'a>>) -> Line<'a> {
     ])
 }
 
+/// What the machine waits for: the armed timer's countdown, or what it is doing without one.
+fn next_step(app: &App) -> String {
+    let s = &app.status.supervisor;
+    match s.next_timer {
+        Some((timer, at)) => format!(
+            "{} in {}",
+            timer_purpose(s.state, timer),
+            human::duration(at.saturating_sub(app.now))
+        ),
+        None => match s.state {
+            StateName::Unauthed => "waiting to start".into(),
+            StateName::Authing => "authenticating...".into(),
+            StateName::Stopped => "stopped".into(),
+            _ => "-".into(),
+        },
+    }
+}
+
 /// Two lines: where the machine is (state, superstates, time in it) and what it waits for next
 /// (timer countdown, backoff, last RTT, last cause). The most watched facts, so they come first.
 fn header_lines(app: &App) -> Vec<Line<'static>> {
@@ -128,19 +146,7 @@ fn header_lines(app: &App) -> Vec<Line<'static>> {
         dim(),
     ));
 
-    let next = match s.next_timer {
-        Some((timer, at)) => format!(
-            "{} in {}",
-            timer_purpose(s.state, timer),
-            human::duration(at.saturating_sub(app.now))
-        ),
-        None => match s.state {
-            StateName::Unauthed => "waiting to start".into(),
-            StateName::Authing => "authenticating...".into(),
-            StateName::Stopped => "stopped".into(),
-            _ => "-".into(),
-        },
-    };
+    let next = next_step(app);
     let backoff = if s.failures == 0 {
         "none".to_string()
     } else {
@@ -508,13 +514,7 @@ fn render_small(app: &App, frame: &mut Frame, area: Rect) {
             human::duration(app.now.saturating_sub(s.since))
         )),
     ];
-    if let Some((timer, at)) = s.next_timer {
-        lines.push(Line::raw(format!(
-            "{} in {}",
-            timer_purpose(s.state, timer),
-            human::duration(at.saturating_sub(app.now))
-        )));
-    }
+    lines.push(Line::raw(next_step(app)));
     if let Some(v) = &app.status.snapshot {
         lines.push(Line::raw(format!("{}/{}", v.assigned_ip, v.prefix_len)));
     }
