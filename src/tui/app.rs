@@ -105,7 +105,7 @@ impl App {
 
     /// Takes in the latest status and sample at machine time `now` and wall time `wall`.
     ///
-    /// A throughput point is added once at least [`RATE_WINDOW`] has passed since the last one,
+    /// A throughput point is added once at least a second has passed since the last one,
     /// as the byte difference over the real elapsed time. Counters that go backwards (a data
     /// plane that was replaced) start a new window instead of producing a bogus point.
     pub fn update(
