@@ -23,3 +23,4 @@ pub mod logging;
 pub mod pki;
 pub mod sansio;
 pub mod snapshot;
+pub mod tui;

@@ -11,6 +11,7 @@ pub mod control;
 pub mod driver;
 pub mod killswitch;
 pub mod status;
+pub mod status_socket;
 
 use std::path::PathBuf;
 use std::sync::Arc;
