@@ -41,7 +41,7 @@ fn auth() -> VpnAuthResponse {
 }
 
 fn healthy() -> ClientStatus {
-    let mut st = ClientStatus::initial();
+    let mut st = ClientStatus::initial(std::time::Instant::now());
     st.supervisor.state = StateName::Healthy;
     st.supervisor.superstate = StateName::Healthy.superstate();
     st.supervisor.last_cause = "AuthSucceeded".into();
@@ -180,7 +180,7 @@ async fn a_query_gets_the_status_without_the_key() {
 async fn the_socket_is_0600_in_a_0700_folder_and_goes_away_on_drop() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = sock_in(&dir);
-    let (_tx, rx) = watch::channel(ClientStatus::initial());
+    let (_tx, rx) = watch::channel(ClientStatus::initial(std::time::Instant::now()));
     let guard = status_socket::serve(&path, rx, None, "off".into()).expect("serve");
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
     assert_eq!(mode(&path), 0o600);

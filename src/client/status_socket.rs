@@ -550,7 +550,7 @@ pub fn serve(
     sampler: Option<Sampler>,
     killswitch: String,
 ) -> io::Result<ServeGuard> {
-    let clock = StatusClock::new(Instant::now());
+    let clock = StatusClock::new(status.borrow().epoch);
     let dir = prepare_dir(path)?;
     clear_stale(path)?;
 
@@ -806,7 +806,7 @@ mod tests {
     fn clock_keeps_the_earliest_bound() {
         let t0 = Instant::now();
         let mut clock = StatusClock::new(t0 + Duration::from_secs(5));
-        let mut st = ClientStatus::initial();
+        let mut st = ClientStatus::initial(std::time::Instant::now());
         st.supervisor.since = Duration::from_secs(3);
         // Observed 10 s after t0 with since = 3 s: the epoch is at most t0 + 7 s (no change).
         clock.observe(&st, t0 + Duration::from_secs(10));

@@ -91,7 +91,7 @@ impl App {
     /// A dashboard that has seen nothing yet. `killswitch` is the kill-switch's description.
     pub fn new(killswitch: String) -> Self {
         Self {
-            status: ClientStatus::initial(),
+            status: ClientStatus::initial(std::time::Instant::now()),
             sample: None,
             killswitch,
             now: Duration::ZERO,
@@ -216,7 +216,7 @@ mod tests {
 
     fn tick(app: &mut App, ms: u64, rx: u64, tx: u64) {
         app.update(
-            ClientStatus::initial(),
+            ClientStatus::initial(std::time::Instant::now()),
             sample(rx, tx),
             at(ms),
             SystemTime::UNIX_EPOCH,

@@ -68,7 +68,7 @@ pub async fn run_dashboard(
     killswitch: String,
 ) -> io::Result<DashboardExit> {
     let mut status = handle.status();
-    let mut clock = StatusClock::new(Instant::now());
+    let mut clock = StatusClock::new(status.borrow().epoch);
     let mut app = App::new(killswitch);
 
     let _session = TerminalSession::enter()?;
