@@ -3,6 +3,8 @@
 //! when a test panics.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -87,12 +89,14 @@ impl Proc {
             match self.lines.recv_timeout(left) {
                 Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => panic!(
-                    "{}: no line with {needles:?} within {within:?}; alive={}; output:\n{}",
-                    self.name,
-                    self.is_alive(),
-                    self.all_lines().join("\n")
-                ),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    let alive = self.is_alive();
+                    panic!(
+                        "{}: no line with {needles:?} within {within:?}; alive={alive}; output:\n{}",
+                        self.name,
+                        self.all_lines().join("\n")
+                    )
+                }
             }
         }
     }
