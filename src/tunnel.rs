@@ -285,6 +285,22 @@ pub fn create_tun(spec: &TunSpec) -> Result<Tun, TunError> {
     Ok(Tun { device, name, ifindex, mtu })
 }
 
+/// [`create_tun`], retrying for up to `within` while the name is busy: a device of the same name
+/// that its previous owner just closed (a restart) is unregistered by the kernel asynchronously.
+pub async fn create_tun_retrying(spec: &TunSpec, within: Duration) -> Result<Tun, TunError> {
+    let end = Instant::now() + within;
+    loop {
+        match create_tun(spec) {
+            Err(TunError::Create { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < end =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Binds a UDP socket with large buffers. Non-blocking, registered with the current runtime.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};

@@ -202,14 +202,7 @@ impl Inproc {
         let gw_rt = NsRuntime::new(&gw_ns);
         let table = Arc::new(Table::default());
         let lookup: Arc<dyn SessionLookup> = table.clone();
-        let cfg = GatewayDataPlaneConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], PORT)),
-            subnet: "100.64.0.0/24".parse().expect("subnet"),
-            gateway_ip: GW_TUN,
-            tun_name: Some("hfgw".into()),
-            underlay_mtu: 1500,
-            nat_uplink: None,
-        };
+        let cfg = gateway_config();
         let gw = gw_rt
             .run(async move { GatewayDataPlane::start(cfg, lookup).await })
             .expect("gateway data plane");
@@ -261,6 +254,17 @@ impl Drop for Inproc {
         if let Some(gw) = self.gw.take() {
             self.gw_rt.run(async move { gw.stop().await });
         }
+    }
+}
+
+fn gateway_config() -> GatewayDataPlaneConfig {
+    GatewayDataPlaneConfig {
+        listen: SocketAddr::from(([0, 0, 0, 0], PORT)),
+        subnet: "100.64.0.0/24".parse().expect("subnet"),
+        gateway_ip: GW_TUN,
+        tun_name: Some("hfgw".into()),
+        underlay_mtu: 1500,
+        nat_uplink: None,
     }
 }
 
@@ -332,4 +336,190 @@ fn inproc_ping_both_ways_and_counters() {
             .sum::<u64>()
     };
     assert_eq!(drops(&cs) + drops(&gs), 0, "no drops on a clean path: {cs} / {gs}");
+}
+
+impl Inproc {
+    /// Stops the gateway's data plane and starts a fresh one with an empty session table: what a
+    /// gateway restart looks like to the data plane (new TUN device, new socket, no sessions).
+    fn restart_gateway(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            self.gw_rt.run(async move { gw.stop().await });
+        }
+        self.table.clear();
+        let lookup: Arc<dyn SessionLookup> = self.table.clone();
+        let cfg = gateway_config();
+        let gw = self
+            .gw_rt
+            .run(async move { GatewayDataPlane::start(cfg, lookup).await })
+            .expect("gateway data plane restarts");
+        self.gw_counters = gw.counters();
+        self.gw = Some(gw);
+    }
+}
+
+#[test]
+fn inproc_gateway_restart_nudges_and_resumes_on_the_same_loops() {
+    require_root!();
+    let mut w = Inproc::new();
+    let mut c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    w.authenticate(&c, 0xa1, [2; 32]);
+    assert!(c.ns.ping_until(GW_TUN, Duration::from_secs(5)).is_some(), "tunnel up");
+    let before = c.stats();
+    let tun_before = c.ns.ifindex("hf0").expect("tun");
+
+    w.restart_gateway();
+    // The client keeps sending on its old session; the gateway no longer knows it and says so.
+    assert_eq!(c.ns.ping_count(GW_TUN, 3), 0, "no traffic on a session the gateway forgot");
+    let nudged =
+        wait_until(Duration::from_secs(5), || matches!(c.nudges.try_recv(), Ok(Command::Nudge)));
+    assert!(nudged, "an unknown-session notice becomes a nudge: {}", c.stats());
+    assert!(w.gw_stats().notices_tx >= 1 && c.stats().notices_rx >= 1);
+
+    // The supervisor re-authenticates (here: the test) and swaps the snapshot in.
+    let t0 = Instant::now();
+    w.authenticate(&c, 0xa2, [3; 32]);
+    let resumed = c.ns.ping_until(GW_TUN, Duration::from_secs(5)).expect("traffic resumes");
+    assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+
+    let after = c.stats();
+    assert_eq!((after.tx_loop_starts, after.rx_loop_starts), (1, 1), "loops never restart");
+    assert_eq!(after.tun_ifindex, before.tun_ifindex);
+    assert_eq!(c.ns.ifindex("hf0"), Some(tun_before), "same TUN device");
+    assert_eq!(c.ns.tun_devices().len(), 1, "and no second one");
+}
+
+#[test]
+fn inproc_two_clients_reach_each_other_through_the_gateway() {
+    require_root!();
+    let mut w = Inproc::new();
+    let a = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    let b = w.client(Ipv4Addr::new(100, 64, 0, 3));
+    w.authenticate(&a, 0xb1, [4; 32]);
+    w.authenticate(&b, 0xb2, [5; 32]);
+    assert!(a.ns.ping_until(b.ip, Duration::from_secs(5)).is_some(), "a -> b");
+    assert_eq!(b.ns.ping_count(a.ip, 5), 5, "b -> a");
+    // Re-sealed in place by the gateway, never handed to its kernel.
+    assert!(w.gw_stats().tx_packets >= 10, "{}", w.gw_stats());
+}
+
+#[test]
+fn inproc_hostile_datagrams_are_dropped_and_counted_and_traffic_continues() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    let key = [6; 32];
+    let id = 0xc1;
+    w.authenticate(&c, id, key);
+    assert!(c.ns.ping_until(GW_TUN, Duration::from_secs(5)).is_some(), "tunnel up");
+    let gw_addr = SocketAddr::from(([198, 18, 0, 1], PORT));
+    let client_ep = w.table.by_id(SessionId(id)).and_then(|s| s.endpoint()).expect("endpoint");
+
+    // --- at the gateway, from a socket in the client's namespace ---
+    let probe = udp_in(&c.ns, "0.0.0.0:0");
+    let g0 = w.gw_stats();
+    let reserve_c2g = || c.auth.get_auth().expect("snapshot").crypto().tx.next().expect("counter");
+    let inner = ipv4_udp(c.ip, GW_TUN, b"probe");
+    let valid = seal(key, Direction::ClientToGateway, id, reserve_c2g(), &inner);
+    let mut bad_tag = seal(key, Direction::ClientToGateway, id, reserve_c2g(), &inner);
+    let last = bad_tag.len() - 1;
+    bad_tag[last] ^= 1;
+    let spoofed = seal(
+        key,
+        Direction::ClientToGateway,
+        id,
+        reserve_c2g(),
+        &ipv4_udp(Ipv4Addr::new(100, 64, 0, 99), GW_TUN, b"x"),
+    );
+    let other_session = seal([9; 32], Direction::ClientToGateway, 0xdead, 0, &inner);
+    for d in [
+        &[0x55u8; 64][..], // garbage
+        &valid[..10],      // truncated
+        &valid[..],        // accepted once ...
+        &valid[..],        // ... then a replay
+        &bad_tag[..],
+        &spoofed[..],
+        &other_session[..],
+    ] {
+        probe.send_to(d, gw_addr).expect("send to gateway");
+    }
+    let counted = wait_until(Duration::from_secs(5), || {
+        let g = w.gw_stats();
+        let d = |r| g.dropped(r) - g0.dropped(r);
+        d(DropReason::Malformed) == 2
+            && d(DropReason::Replay) == 1
+            && d(DropReason::Decrypt) == 1
+            && d(DropReason::Spoofed) == 1
+            && d(DropReason::UnknownSession) == 1
+    });
+    assert!(counted, "gateway drops: before {g0}\nafter {}", w.gw_stats());
+    assert_eq!(w.gw_stats().rx_packets - g0.rx_packets, 1, "only the first copy was delivered");
+    // The accepted probe moved the session's endpoint (it is authentic); the client's next
+    // packet moves it back. A forged or replayed one never does.
+    let probe_ep = w.table.by_id(SessionId(id)).and_then(|s| s.endpoint()).expect("endpoint");
+    assert_eq!(probe_ep.port(), probe.local_addr().expect("addr").port());
+    // The notice for the unknown session came back to the probe.
+    let mut notice = [0u8; 64];
+    probe.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    // (The gateway's kernel answered the accepted probe packet, too: skip that datagram.)
+    let notice = (0..4)
+        .filter_map(|_| {
+            let (n, _) = probe.recv_from(&mut notice).expect("datagrams for the probe");
+            wire::parse_header(&notice[..n]).ok()
+        })
+        .find(|h| h.msg_type == wire::MsgType::UnknownSession)
+        .expect("an unknown-session notice");
+    assert_eq!(notice.session_id, SessionId(0xdead));
+
+    // --- at the client, from a socket in the gateway's namespace ---
+    assert_eq!(c.ns.ping_count(GW_TUN, 2), 2, "client traffic moved the endpoint back");
+    assert_eq!(w.table.by_id(SessionId(id)).and_then(|s| s.endpoint()), Some(client_ep));
+    let probe = udp_in(&w.gw_ns, "0.0.0.0:0");
+    let c0 = c.stats();
+    let session = w.table.by_id(SessionId(id)).expect("session");
+    let reserve_g2c = || session.crypto.tx.next().expect("counter");
+    let inner = ipv4_udp(GW_TUN, c.ip, b"probe");
+    let valid = seal(key, Direction::GatewayToClient, id, reserve_g2c(), &inner);
+    let mut bad_tag = seal(key, Direction::GatewayToClient, id, reserve_g2c(), &inner);
+    bad_tag[HEADER_LEN] ^= 1;
+    let wrong_session = seal(key, Direction::GatewayToClient, id + 1, reserve_g2c(), &inner);
+    let wrong_direction = seal(key, Direction::ClientToGateway, id, reserve_g2c(), &inner);
+    for d in [
+        &[0x55u8; 64][..],
+        &valid[..30],
+        &valid[..],
+        &valid[..],
+        &bad_tag[..],
+        &wrong_session[..],
+        &wrong_direction[..],
+    ] {
+        probe.send_to(d, client_ep).expect("send to client");
+    }
+    let counted = wait_until(Duration::from_secs(5), || {
+        let s = c.stats();
+        let d = |r| s.dropped(r) - c0.dropped(r);
+        d(DropReason::Malformed) == 2
+            && d(DropReason::Replay) == 1
+            && d(DropReason::Decrypt) == 2
+            && d(DropReason::WrongSession) == 1
+    });
+    assert!(counted, "client drops: before {c0}\nafter {}", c.stats());
+    assert_eq!(c.stats().rx_packets - c0.rx_packets, 1, "only the first copy was delivered");
+
+    // And traffic continues.
+    assert_eq!(c.ns.ping_count(GW_TUN, 5), 5);
+    let s = c.stats();
+    assert_eq!((s.tx_loop_starts, s.rx_loop_starts), (1, 1));
+}
+
+#[test]
+fn inproc_stop_removes_the_tun_device() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    w.authenticate(&c, 0xd1, [7; 32]);
+    assert!(wait_until(Duration::from_secs(5), || c.ns.ifindex("hf0").is_some()), "tun up");
+    let dp = c.dp.clone();
+    c.rt.run(async move { dp.stop().await });
+    assert_eq!(c.ns.ifindex("hf0"), None, "the TUN device goes with the data plane");
 }

@@ -3,11 +3,11 @@
 //!
 //! From clients (UDP -> TUN): parse the header, find the session by id (lock-free, through
 //! [`SessionLookup`]), check the replay window, open, check that the inner source is the
-//! session's assigned address (no spoofing), then deliver: to the TUN device, or straight to
-//! another client when the destination is another session's address (re-sealed in place, no
-//! copy, and no dependence on the host's IP forwarding). Only then does the session's endpoint
-//! follow the packet's source (roaming, from authenticated, non-replayed packets only) and its
-//! last-seen time move. A datagram for an unknown session id gets a small, rate-limited
+//! session's assigned address (no spoofing). Only then does the session's endpoint follow the
+//! packet's source (roaming, from authenticated, non-replayed packets only) and its last-seen
+//! time move. Then deliver: to the TUN device, or straight to another client when the
+//! destination is another session's address (re-sealed in place, no copy, and no dependence on
+//! the host's IP forwarding). A datagram for an unknown session id gets a small, rate-limited
 //! "unknown session" notice back.
 //!
 //! To clients (TUN -> UDP): route by inner destination to the session that owns the address,
@@ -45,6 +45,9 @@ const TARGET: &str = "holdfast::gateway::dataplane";
 /// (at least 36), so it cannot amplify a spoofed flood.
 const NOTICES_PER_SECOND: f64 = 100.0;
 const NOTICE_BURST: u32 = 200;
+
+/// How long start-up waits for a TUN name still held by a previous gateway's device.
+const TUN_BUSY_WAIT: Duration = Duration::from_secs(3);
 
 /// The nftables table holding the NAT rule; the gateway owns it whole, so removal is one command.
 pub const NAT_TABLE: &str = "holdfast_nat";
@@ -162,12 +165,13 @@ impl GatewayDataPlane {
         cfg: GatewayDataPlaneConfig,
         sessions: Arc<dyn SessionLookup>,
     ) -> Result<Self, GatewayDataPlaneError> {
-        let tun = tunnel::create_tun(&TunSpec {
+        let spec = TunSpec {
             name: cfg.tun_name.clone(),
             address: cfg.gateway_ip,
             prefix_len: cfg.subnet.prefix_len(),
             mtu: tunnel::tun_mtu(cfg.underlay_mtu)?,
-        })?;
+        };
+        let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
         let sock = tunnel::bind_udp(cfg.listen)
             .map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?;
         let local = sock.local_addr().unwrap_or(cfg.listen);
@@ -304,6 +308,9 @@ async fn from_clients(
             c.drop(DropReason::Spoofed);
             continue;
         }
+        // Before delivery, not after: the answer to this packet may be on its way back through
+        // the other loop before this one runs again, and it must go to where the client is now.
+        note_seen(&session, from, c);
         let inner_len = payload.len();
         let peer = if dst == ctx.cfg.gateway_ip { None } else { ctx.sessions.by_ip(dst) };
         match peer {
@@ -315,13 +322,9 @@ async fn from_clients(
             }
             None => match tun.send(&buf[payload]).await {
                 Ok(_) => Counters::packet(&c.rx_packets, &c.rx_bytes, inner_len),
-                Err(_) => {
-                    c.drop(DropReason::TunError);
-                    continue;
-                }
+                Err(_) => c.drop(DropReason::TunError),
             },
         }
-        note_seen(&session, from, c);
     }
 }
 
