@@ -15,8 +15,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// Where and what to log.
 #[derive(Debug, Clone)]
 pub struct LogSettings {
-    /// Folder of the rolling files; created if missing.
-    pub dir: PathBuf,
+    /// Folder of the rolling files (created if missing); `None` for stderr only.
+    pub dir: Option<PathBuf>,
     /// File name prefix, e.g. `holdfast-client` (files are `<prefix>.<date>.log`).
     pub prefix: &'static str,
     /// A tracing filter (e.g. `info` or `info,holdfast=debug`); `RUST_LOG` overrides it.
@@ -40,21 +40,27 @@ pub fn init(s: &LogSettings) -> LogGuard {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&s.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let (file_layer, guard, file_error) = match open_file(&s.dir, s.prefix, s.keep_files) {
-        Ok(appender) => {
+    let opened = s.dir.as_deref().map(|dir| open_file(dir, s.prefix, s.keep_files));
+    let (file_layer, guard, file_error) = match opened {
+        None => (None, None, None),
+        Some(Ok(appender)) => {
             // Lossy off: a full buffer makes the logging thread wait rather than drop a line.
             let (writer, guard) = NonBlockingBuilder::default().lossy(false).finish(appender);
             let layer = tracing_subscriber::fmt::layer().with_ansi(false).with_writer(writer);
             (Some(layer), Some(guard), None)
         }
-        Err(e) => (None, None, Some(e)),
+        Some(Err(e)) => (None, None, Some(e)),
     };
     let stderr_layer = (s.stderr || file_error.is_some())
-        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+        .then(|| {
+        // Colours only for a person at a terminal, never into journald or a pipe.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)
+    });
     // A second init (tests) keeps the first subscriber; that is fine.
     let _ = tracing_subscriber::registry().with(filter).with(file_layer).with(stderr_layer).try_init();
-    if let Some(e) = &file_error {
-        tracing::warn!("cannot write log files in {}: {e}; logging to stderr only", s.dir.display());
+    if let (Some(e), Some(dir)) = (&file_error, &s.dir) {
+        tracing::warn!("cannot write log files in {}: {e}; logging to stderr only", dir.display());
     }
     LogGuard { _file: guard, file_error }
 }

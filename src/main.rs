@@ -63,6 +63,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, i32> {
 }
 
 fn run_gateway(cmd: GatewayCommand) -> i32 {
+    // The gateway logs to stderr (journald-friendly under systemd); RUST_LOG overrides the filter.
+    let _log_guard = logging::init(&LogSettings {
+        dir: None,
+        prefix: "holdfast-gateway",
+        filter: "info".into(),
+        keep_files: 1,
+        stderr: true,
+    });
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -88,7 +96,7 @@ fn run_client(config: Option<PathBuf>) -> i32 {
     };
     let log = &settings.file.log;
     let _log_guard = logging::init(&LogSettings {
-        dir: log.dir.clone().unwrap_or_else(config::default_log_dir),
+        dir: Some(log.dir.clone().unwrap_or_else(config::default_log_dir)),
         prefix: "holdfast-client",
         filter: log.level.clone().unwrap_or_else(|| "info".into()),
         keep_files: log.keep_files.unwrap_or(7),

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::control::{ControlPlane, PingAnswer};
 use super::status::{ClientStatus, TransitionRecord};
 use crate::config::client::{ClientFile, Credentials};
-use crate::sansio::supervisor::{AuthFailure, Effect, Event, Level, Supervisor, Timer};
+use crate::sansio::supervisor::{AuthFailure, Effect, Event, Level, PingFailure, Supervisor, Timer};
 use crate::snapshot::{AuthCell, VpnAuthResponse};
 
 /// Commands from the handle (the dashboard, signal handlers, the data plane).
@@ -101,7 +101,13 @@ pub async fn run(parts: DriverParts) {
                         });
                     }
                     Effect::CallPing { attempt, session_id, deadline } => {
-                        let Some(cp) = control.clone() else { continue };
+                        // The machine requires every RPC to be reported exactly once.
+                        let Some(cp) = control.clone() else {
+                            let failure = PingFailure::GatewayError;
+                            let why = "control channel could not be set up (see the earlier error)";
+                            pending.push_back((Event::PingFailed { attempt, failure }, why.into()));
+                            continue;
+                        };
                         let budget = deadline.saturating_sub(now());
                         let tx = results_tx.clone();
                         rpcs.spawn(async move {

@@ -26,6 +26,18 @@
 //! dir = "/var/log/holdfast"     # default: the per-user state dir, or /var/log/holdfast as root
 //! level = "info"                # a tracing filter, e.g. "info,holdfast=debug"
 //! keep_files = 7                # rolling daily files kept
+//!
+//! [network]         # every key optional; defaults shown
+//! tun_name = "holdfast0"
+//! underlay_mtu = 1500           # TUN MTU = underlay_mtu - 64 (IPv4/UDP headers + datagram overhead)
+//! keepalive = "15s"
+//! routes = ["0.0.0.0/1", "128.0.0.0/1"]   # full tunnel; list CIDRs for a split tunnel
+//! dns = []                      # resolvers while connected, e.g. ["100.64.0.1"]
+//! allow_lan = false
+//! killswitch = true
+//!
+//! [status]
+//! socket = "/run/holdfast/client.sock"    # default as root; per-user runtime dir otherwise
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -54,6 +66,51 @@ pub struct ClientFile {
     pub timing: TimingSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub network: NetworkSection,
+    #[serde(default)]
+    pub status: StatusSection,
+}
+
+/// The tunnel, routes, DNS and kill-switch settings; every key optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Name of the TUN device (default `holdfast0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tun_name: Option<String>,
+    /// MTU of the path to the gateway (default 1500); the TUN MTU is derived from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_mtu: Option<u16>,
+    /// Keepalive interval while idle, so NAT mappings survive (default 15 s).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<Duration>,
+    /// Routes through the tunnel. Default: everything (`0.0.0.0/1` and `128.0.0.0/1`, a full
+    /// tunnel); a list of CIDRs makes a split tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<ipnet::Ipv4Net>>,
+    /// Resolvers to use while connected (default: none, the system's resolver is left alone —
+    /// but the kill-switch still allows DNS only through the tunnel).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<std::net::IpAddr>,
+    /// Allow traffic to the local LAN (the directly connected subnets) outside the tunnel
+    /// (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_lan: Option<bool>,
+    /// Turn the kill-switch off (default: on). Only for debugging; the client then warns that
+    /// traffic can leak.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub killswitch: Option<bool>,
+}
+
+/// The local status socket that `holdfast status` reads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusSection {
+    /// Path of the Unix socket (default `/run/holdfast/client.sock` as root, else in the per-user
+    /// runtime dir).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 /// Credentials: each item inline (PEM) or as a path to a PEM file, exactly one of the two.
@@ -131,7 +188,7 @@ impl ClientFile {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let file: ClientFile = toml::from_str(text).map_err(|e| ConfigError::Malformed {
             path: path.to_owned(),
-            reason: e.message().to_owned(),
+            reason: super::toml_reason(text, &e),
         })?;
         file.validate(path)?;
         Ok(file)
@@ -196,6 +253,12 @@ impl ClientFile {
             .map_err(|reason| ConfigError::BadKey { path: cert.1.clone(), what: "certificate", reason })?;
         crate::pki::check_key_pem(&key.0)
             .map_err(|reason| ConfigError::BadKey { path: key.1.clone(), what: "key", reason })?;
+        // A key that does not belong to the certificate would only fail later, at every handshake.
+        crate::pki::check_pair(&cert.0, &key.0).map_err(|reason| ConfigError::BadKey {
+            path: key.1.clone(),
+            what: "key",
+            reason: format!("does not match the certificate: {reason}"),
+        })?;
         Ok(Credentials { gateway_ca_pem: ca.0, certificate_pem: cert.0, key_pem: key.0 })
     }
 }

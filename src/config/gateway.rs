@@ -1,1 +1,532 @@
-//! The gateway's config file (`gateway.toml`) and client registry file. (Being written.)
+//! The gateway's config file, `DIR/gateway.toml`, written by `gateway init` and read by every other
+//! `gateway` command.
+//!
+//! Every key and its default (only `endpoint` is required):
+//!
+//! ```toml
+//! name = "holdfast"                   # this gateway's name, for logs and the authority's certificate
+//! endpoint = "198.18.0.1:51820"       # REQUIRED. The address clients connect to: TCP control plane
+//!                                     # and UDP data plane share the port number. Goes into client files.
+//! listen = "0.0.0.0:51820"            # where the control plane listens; default 0.0.0.0:<endpoint port>
+//! subnet = "100.64.0.0/24"            # the tunnel subnet (IPv4, prefix /8 to /30, no host bits set)
+//! gateway_ip = "100.64.0.1"           # the gateway's tunnel address; default: first host of `subnet`
+//! server_name = "holdfast-gateway"    # the DNS name (or IP) in the gateway's TLS certificate
+//! ca_cert = "ca.pem"                  # the authority's certificate (paths relative to this file's dir)
+//! ca_key = "ca.key"                   # the authority's private key (mode 0600)
+//! cert = "server.pem"                 # the gateway's TLS certificate, signed by the authority
+//! key = "server.key"                  # the gateway's TLS private key (mode 0600)
+//! registry = "clients.toml"           # the client registry, rewritten atomically by add-client/revoke
+//! clients_dir = "clients"             # where add-client writes client files by default
+//! session_idle_timeout = "3m"         # a session not pinged (or, later, used) this long expires
+//! session_max_lifetime = "24h"        # a session expires this long after Authenticate, used or not
+//! reauth_grace = "10s"                # a replaced session stays valid this long (packets in flight)
+//! handshake_timeout = "10s"           # a TLS handshake not finished in this time is dropped
+//!
+//! [nat]                               # masquerading of client traffic (used by a later release)
+//! enabled = false
+//! uplink = ""                         # the uplink interface, required when enabled
+//! ```
+//!
+//! Durations are humantime strings ("90s", "3m", "1h 30m").
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// File name of the gateway's config inside its directory.
+pub const GATEWAY_FILE: &str = "gateway.toml";
+
+/// Default tunnel subnet: the start of the shared address space (RFC 6598), rarely used on LANs.
+/// (`new_assert` runs at compile time here, so it cannot panic at run time.)
+pub const DEFAULT_SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 24);
+/// Default TLS server name of the gateway.
+pub const DEFAULT_SERVER_NAME: &str = "holdfast-gateway";
+/// Default gateway name.
+pub const DEFAULT_NAME: &str = "holdfast";
+
+const DEFAULT_IDLE: Duration = Duration::from_secs(180);
+const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+const DEFAULT_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Upper bound on every duration: keeps millisecond arithmetic far from overflow and catches a
+/// unit typo ("24d" for "24h" is fine; "24y" is not).
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+/// The file as written (serde), before defaults that depend on other keys are resolved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGatewayFile {
+    #[serde(default = "default_name")]
+    name: String,
+    endpoint: SocketAddr,
+    #[serde(default)]
+    listen: Option<SocketAddr>,
+    #[serde(default = "default_subnet")]
+    subnet: Ipv4Net,
+    #[serde(default)]
+    gateway_ip: Option<Ipv4Addr>,
+    #[serde(default = "default_server_name")]
+    server_name: String,
+    #[serde(default = "default_ca_cert")]
+    ca_cert: PathBuf,
+    #[serde(default = "default_ca_key")]
+    ca_key: PathBuf,
+    #[serde(default = "default_cert")]
+    cert: PathBuf,
+    #[serde(default = "default_key")]
+    key: PathBuf,
+    #[serde(default = "default_registry")]
+    registry: PathBuf,
+    #[serde(default = "default_clients_dir")]
+    clients_dir: PathBuf,
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    session_idle_timeout: Duration,
+    #[serde(default = "default_max_lifetime", with = "humantime_serde")]
+    session_max_lifetime: Duration,
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    reauth_grace: Duration,
+    #[serde(default = "default_handshake", with = "humantime_serde")]
+    handshake_timeout: Duration,
+    #[serde(default)]
+    nat: NatSection,
+}
+
+fn default_name() -> String {
+    DEFAULT_NAME.into()
+}
+fn default_subnet() -> Ipv4Net {
+    DEFAULT_SUBNET
+}
+fn default_server_name() -> String {
+    DEFAULT_SERVER_NAME.into()
+}
+fn default_ca_cert() -> PathBuf {
+    "ca.pem".into()
+}
+fn default_ca_key() -> PathBuf {
+    "ca.key".into()
+}
+fn default_cert() -> PathBuf {
+    "server.pem".into()
+}
+fn default_key() -> PathBuf {
+    "server.key".into()
+}
+fn default_registry() -> PathBuf {
+    "clients.toml".into()
+}
+fn default_clients_dir() -> PathBuf {
+    "clients".into()
+}
+fn default_idle() -> Duration {
+    DEFAULT_IDLE
+}
+fn default_max_lifetime() -> Duration {
+    DEFAULT_MAX_LIFETIME
+}
+fn default_grace() -> Duration {
+    DEFAULT_GRACE
+}
+fn default_handshake() -> Duration {
+    DEFAULT_HANDSHAKE
+}
+
+/// `[nat]`: parsed and kept now, acted on by the NAT work of a later issue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatSection {
+    /// Masquerade client traffic leaving through `uplink`. Default false.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The uplink interface name. Default empty; required when `enabled`.
+    #[serde(default)]
+    pub uplink: String,
+}
+
+/// The gateway's configuration, validated, with every default resolved and every path absolute
+/// (or relative to the working directory if the config dir was given relative).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// The directory holding `gateway.toml`.
+    pub dir: PathBuf,
+    pub name: String,
+    pub endpoint: SocketAddr,
+    pub listen: SocketAddr,
+    pub subnet: Ipv4Net,
+    pub gateway_ip: Ipv4Addr,
+    pub server_name: String,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub registry: PathBuf,
+    pub clients_dir: PathBuf,
+    pub session_idle_timeout: Duration,
+    pub session_max_lifetime: Duration,
+    pub reauth_grace: Duration,
+    pub handshake_timeout: Duration,
+    pub nat: NatSection,
+}
+
+impl GatewayConfig {
+    /// Loads `DIR/gateway.toml`.
+    pub fn load_dir(dir: &Path) -> Result<Self, ConfigError> {
+        Self::load(&dir.join(GATEWAY_FILE))
+    }
+
+    /// Loads and validates a gateway config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = super::read_config_text(path)?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawGatewayFile = toml::from_str(text).map_err(|e| ConfigError::Malformed {
+            path: path.to_owned(),
+            reason: super::toml_reason(text, &e),
+        })?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
+        resolve(raw, dir).map_err(|reason| ConfigError::Malformed {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+
+    /// The prefix length of the tunnel subnet.
+    pub fn prefix_len(&self) -> u8 {
+        self.subnet.prefix_len()
+    }
+}
+
+fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
+    crate::gateway::registry::check_name(&raw.name).map_err(|r| format!("`name`: {r}"))?;
+    if raw.endpoint.port() == 0 {
+        return Err(format!(
+            "`endpoint` {} needs a port (clients connect to it)",
+            raw.endpoint
+        ));
+    }
+    if raw.endpoint.ip().is_unspecified() {
+        return Err(format!(
+            "`endpoint` {} is not an address clients can reach; use the gateway's public address",
+            raw.endpoint
+        ));
+    }
+    let subnet = check_subnet(raw.subnet)?;
+    let gateway_ip = match raw.gateway_ip {
+        Some(ip) => {
+            check_host_in(subnet, ip).map_err(|r| format!("`gateway_ip` {ip}: {r}"))?;
+            ip
+        }
+        None => first_host(subnet),
+    };
+    check_server_name(&raw.server_name)?;
+    let durations = [
+        (
+            "session_idle_timeout",
+            raw.session_idle_timeout,
+            Duration::from_secs(1),
+        ),
+        (
+            "session_max_lifetime",
+            raw.session_max_lifetime,
+            Duration::from_secs(1),
+        ),
+        ("reauth_grace", raw.reauth_grace, Duration::ZERO),
+        (
+            "handshake_timeout",
+            raw.handshake_timeout,
+            Duration::from_millis(100),
+        ),
+    ];
+    for (key, value, min) in durations {
+        if value < min || value > MAX_DURATION {
+            return Err(format!(
+                "`{key}` = {} is out of range ({} to {})",
+                humantime::format_duration(value),
+                humantime::format_duration(min),
+                humantime::format_duration(MAX_DURATION)
+            ));
+        }
+    }
+    check_nat(&raw.nat)?;
+    let abs = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
+    Ok(GatewayConfig {
+        name: raw.name,
+        endpoint: raw.endpoint,
+        listen: raw.listen.unwrap_or_else(|| {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), raw.endpoint.port())
+        }),
+        subnet,
+        gateway_ip,
+        server_name: raw.server_name,
+        ca_cert: abs(raw.ca_cert),
+        ca_key: abs(raw.ca_key),
+        cert: abs(raw.cert),
+        key: abs(raw.key),
+        registry: abs(raw.registry),
+        clients_dir: abs(raw.clients_dir),
+        session_idle_timeout: raw.session_idle_timeout,
+        session_max_lifetime: raw.session_max_lifetime,
+        reauth_grace: raw.reauth_grace,
+        handshake_timeout: raw.handshake_timeout,
+        nat: raw.nat,
+        dir,
+    })
+}
+
+/// Checks a tunnel subnet: prefix /8 to /30 (room for the gateway and at least one client, and
+/// not absurdly large), written as its network address.
+pub fn check_subnet(subnet: Ipv4Net) -> Result<Ipv4Net, String> {
+    if !(8..=30).contains(&subnet.prefix_len()) {
+        return Err(format!("`subnet` {subnet}: the prefix must be /8 to /30"));
+    }
+    if subnet.addr() != subnet.network() {
+        return Err(format!(
+            "`subnet` {subnet} has host bits set; did you mean {}?",
+            subnet.trunc()
+        ));
+    }
+    Ok(subnet)
+}
+
+/// The first usable host of a subnet (the network address + 1): the gateway's default address.
+pub fn first_host(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()).saturating_add(1))
+}
+
+/// Checks that `ip` is a usable host address of `subnet` (inside it, neither the network nor the
+/// broadcast address).
+pub fn check_host_in(subnet: Ipv4Net, ip: Ipv4Addr) -> Result<(), String> {
+    if !subnet.contains(&ip) {
+        return Err(format!("outside the subnet {subnet}"));
+    }
+    if ip == subnet.network() {
+        return Err(format!("the network address of {subnet}"));
+    }
+    if ip == subnet.broadcast() {
+        return Err(format!("the broadcast address of {subnet}"));
+    }
+    Ok(())
+}
+
+/// Checks that a server name is something a TLS client can verify (a DNS name or an IP address)
+/// and that rcgen can put in a certificate.
+pub fn check_server_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && rustls::pki_types::ServerName::try_from(name).is_ok()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`server_name` '{name}' is not a valid DNS name or IP address"
+        ))
+    }
+}
+
+fn check_nat(nat: &NatSection) -> Result<(), String> {
+    if nat.enabled && nat.uplink.is_empty() {
+        return Err("[nat] enabled = true needs `uplink` (the uplink interface)".into());
+    }
+    let bad_char = |c: char| c == '/' || c.is_whitespace() || c.is_control();
+    if nat.uplink.len() > MAX_IFNAME || nat.uplink.contains(bad_char) {
+        return Err(format!(
+            "[nat] `uplink` '{}' is not a valid interface name",
+            nat.uplink
+        ));
+    }
+    Ok(())
+}
+
+/// The values `gateway init` chooses; everything else is left at its documented default.
+#[derive(Debug, Clone)]
+pub struct InitialValues {
+    pub name: String,
+    pub endpoint: SocketAddr,
+    pub subnet: Ipv4Net,
+    pub server_name: String,
+}
+
+/// Renders the `gateway.toml` that `gateway init` writes: the chosen values plus every other key
+/// at its default, commented, so the operator sees what can be tuned.
+pub fn render_initial(v: &InitialValues) -> String {
+    // toml's own string encoding, so any value round-trips whatever it contains.
+    let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    format!(
+        "# Holdfast gateway configuration. Paths are relative to this file's directory.\n\
+         # Every key but `endpoint` is optional; the values shown are the defaults.\n\
+         \n\
+         # This gateway's name (logs, the authority's certificate).\n\
+         name = {name}\n\
+         # The address clients connect to (TCP control plane, UDP data plane; same port).\n\
+         endpoint = {endpoint}\n\
+         # Where the control plane listens. Default: 0.0.0.0:<endpoint port>.\n\
+         # listen = {listen}\n\
+         # The tunnel subnet; the gateway takes `gateway_ip` (default: its first host).\n\
+         subnet = {subnet}\n\
+         gateway_ip = {gateway_ip}\n\
+         # The name in the gateway's TLS certificate; clients check it.\n\
+         server_name = {server_name}\n\
+         \n\
+         ca_cert = \"ca.pem\"\n\
+         ca_key = \"ca.key\"\n\
+         cert = \"server.pem\"\n\
+         key = \"server.key\"\n\
+         registry = \"clients.toml\"\n\
+         clients_dir = \"clients\"\n\
+         \n\
+         # A session not pinged for this long expires (clients ping every 15-30 s).\n\
+         session_idle_timeout = \"{idle}\"\n\
+         # A session expires this long after it was opened; the client then re-authenticates.\n\
+         session_max_lifetime = \"{life}\"\n\
+         # After a re-authentication the previous session stays valid this long.\n\
+         reauth_grace = \"{grace}\"\n\
+         # A TLS handshake on the control port must finish within this time.\n\
+         handshake_timeout = \"{handshake}\"\n\
+         \n\
+         [nat]\n\
+         enabled = false\n\
+         uplink = \"\"\n",
+        name = q(&v.name),
+        endpoint = q(&v.endpoint.to_string()),
+        listen =
+            q(&SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), v.endpoint.port()).to_string()),
+        subnet = q(&v.subnet.to_string()),
+        gateway_ip = q(&first_host(v.subnet).to_string()),
+        server_name = q(&v.server_name),
+        // Written the way an operator would (humantime would print "1day" for 24h); the test
+        // `rendered_initial_file_parses_back` checks they equal the defaults.
+        idle = "3m",
+        life = "24h",
+        grace = "10s",
+        handshake = "10s",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::parse(text, Path::new("/etc/hf/gateway.toml"))
+    }
+
+    fn reason(text: &str) -> String {
+        match parse(text) {
+            Err(ConfigError::Malformed { reason, .. }) => reason,
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_file_takes_every_default() {
+        let c = parse("endpoint = \"198.18.0.1:51820\"").unwrap();
+        assert_eq!(c.name, "holdfast");
+        assert_eq!(c.listen, "0.0.0.0:51820".parse().unwrap());
+        assert_eq!(c.subnet.to_string(), "100.64.0.0/24");
+        assert_eq!(c.gateway_ip, Ipv4Addr::new(100, 64, 0, 1));
+        assert_eq!(c.server_name, "holdfast-gateway");
+        assert_eq!(c.ca_key, PathBuf::from("/etc/hf/ca.key"));
+        assert_eq!(c.registry, PathBuf::from("/etc/hf/clients.toml"));
+        assert_eq!(c.session_idle_timeout, Duration::from_secs(180));
+        assert_eq!(c.session_max_lifetime, Duration::from_secs(86400));
+        assert_eq!(c.reauth_grace, Duration::from_secs(10));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.nat, NatSection::default());
+    }
+
+    #[test]
+    fn rendered_initial_file_parses_back() {
+        let v = InitialValues {
+            name: "gw-1".into(),
+            endpoint: "203.0.113.7:4433".parse().unwrap(),
+            subnet: "10.9.0.0/16".parse().unwrap(),
+            server_name: "vpn.example.org".into(),
+        };
+        let c = parse(&render_initial(&v)).unwrap();
+        assert_eq!(c.name, "gw-1");
+        assert_eq!(c.endpoint, v.endpoint);
+        assert_eq!(c.listen, "0.0.0.0:4433".parse().unwrap());
+        assert_eq!(c.subnet, v.subnet);
+        assert_eq!(c.gateway_ip, Ipv4Addr::new(10, 9, 0, 1));
+        assert_eq!(c.server_name, "vpn.example.org");
+        assert_eq!(c.session_idle_timeout, DEFAULT_IDLE);
+        assert_eq!(c.session_max_lifetime, DEFAULT_MAX_LIFETIME);
+        assert_eq!(c.reauth_grace, DEFAULT_GRACE);
+        assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE);
+    }
+
+    #[test]
+    fn every_bad_value_is_a_clear_error() {
+        let ep = "endpoint = \"198.18.0.1:51820\"\n";
+        let cases: &[(&str, &str)] = &[
+            ("", "missing field `endpoint`"),
+            ("endpoint = \"nope\"", "invalid socket address"),
+            ("endpoint = \"198.18.0.1:0\"", "needs a port"),
+            (
+                "endpoint = \"0.0.0.0:1\"",
+                "not an address clients can reach",
+            ),
+            ("subnet = \"100.64.0.0/31\"", "/8 to /30"),
+            ("subnet = \"100.64.0.9/24\"", "did you mean 100.64.0.0/24"),
+            ("subnet = \"fd00::/64\"", "invalid IP address"),
+            ("gateway_ip = \"10.0.0.1\"", "outside the subnet"),
+            ("gateway_ip = \"100.64.0.255\"", "broadcast"),
+            ("gateway_ip = \"100.64.0.0\"", "network address"),
+            ("server_name = \"bad name\"", "not a valid DNS name"),
+            ("server_name = \"\"", "not a valid DNS name"),
+            ("name = \"a/b\"", "`name`"),
+            (
+                "session_idle_timeout = \"0s\"",
+                "`session_idle_timeout` = 0s is out of range",
+            ),
+            ("session_idle_timeout = \"ten\"", "session_idle_timeout"),
+            ("session_max_lifetime = \"1000y\"", "out of range"),
+            ("handshake_timeout = \"1ms\"", "`handshake_timeout`"),
+            ("[nat]\nenabled = true", "needs `uplink`"),
+            (
+                "[nat]\nuplink = \"a very long interface\"",
+                "not a valid interface name",
+            ),
+            ("[nat]\nmasq = 1", "unknown field `masq`"),
+            ("colour = \"blue\"", "unknown field `colour`"),
+        ];
+        for (extra, want) in cases {
+            let text = if extra.starts_with("endpoint") || extra.is_empty() {
+                extra.to_string()
+            } else if extra.starts_with('[') {
+                format!("{ep}{extra}")
+            } else {
+                format!("{extra}\n{ep}")
+            };
+            let r = reason(&text);
+            assert!(
+                r.contains(want),
+                "for {extra:?}: expected {want:?} in {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_file_is_missing_not_malformed() {
+        let err = GatewayConfig::load(Path::new("/nonexistent/holdfast/gateway.toml")).unwrap_err();
+        assert_eq!(err.exit_code(), crate::config::exit::CONFIG_MISSING);
+        assert!(
+            err.to_string()
+                .contains("/nonexistent/holdfast/gateway.toml")
+        );
+    }
+}

@@ -1,3 +1,82 @@
-//! gateway
+//! The gateway: its identity and client registry (managed by the `gateway` commands), the session
+//! registry, and the control service (gRPC over mutual TLS 1.3).
+//!
+//! - [`cli`]: the `holdfast gateway <command>` commands (init, add-client, revoke, list, run).
+//! - [`registry`]: the client registry file (names, stable tunnel addresses, pinned certificates).
+//! - [`live`]: the running gateway's view of that file, reloaded when it changes.
+//! - [`sessions`]: the session table: lock-free lookups by session id and by tunnel address.
+//! - [`service`]: the `Authenticate` and `PingSession` RPCs.
+//! - [`tls`]: TLS 1.3-only mutual authentication, one handshake task per connection.
+//! - [`server`]: binds, serves, and runs housekeeping.
+//! - [`dataplane`]: the TUN device, the UDP loops and the NAT rule.
+//! - [`fsutil`]: atomic file writes and the registry's edit lock.
 
+pub mod cli;
 pub mod dataplane;
+pub mod fsutil;
+pub mod live;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod sessions;
+pub mod tls;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::config::{ConfigError, exit};
+use crate::pki::PkiError;
+use registry::RegistryError;
+
+pub use cli::GatewayCommand;
+pub use server::ControlPlane;
+pub use sessions::{Clock, Millis, PingVerdict, Session, SessionTable};
+pub use tls::PeerIdentity;
+
+/// Why a `gateway` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// `gateway.toml`, or a key or certificate it names, is missing or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The client registry is unreadable or invalid, or the requested change is not possible.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// Creating or loading the authority or a certificate failed.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// A command-line value is invalid.
+    #[error("invalid {flag}: {reason}")]
+    Usage { flag: &'static str, reason: String },
+    /// `init` found an existing identity file and changed nothing.
+    #[error("{} already exists: refusing to overwrite an existing gateway identity (choose another --dir)", path.display())]
+    AlreadyInitialised { path: PathBuf },
+    /// Writing a file failed.
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+    /// The control port cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    /// The gRPC server failed while serving.
+    #[error("the control plane server failed: {0}")]
+    Serve(tonic::transport::Error),
+}
+
+impl GatewayError {
+    /// The process exit code (see [`crate::config::exit`]).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            GatewayError::Config(e) => e.exit_code(),
+            GatewayError::Registry(RegistryError::Read { .. }) => exit::CONFIG_MISSING,
+            GatewayError::Registry(RegistryError::Malformed { .. }) => exit::CONFIG_INVALID,
+            GatewayError::Pki(PkiError::BadAuthority { .. }) => exit::BAD_KEYS,
+            GatewayError::Bind { source, .. }
+                if source.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                exit::NOT_PERMITTED
+            }
+            _ => exit::FAILURE,
+        }
+    }
+}

@@ -174,8 +174,8 @@ impl std::fmt::Debug for SessionCipher {
 }
 
 impl SessionCipher {
-    /// Expands `key`. Borrows the key bytes in place, so no extra copy of the key is left on the
-    /// stack.
+    /// Expands `key` (once per session: this is the costly part). The key bytes are borrowed in
+    /// place, not copied to a temporary that would outlive the call unwiped.
     pub fn new(key: &SessionKey) -> Self {
         let key_ref: &Key<Aes256Gcm> = key.expose().into();
         Self {

@@ -168,14 +168,27 @@ impl GatewayDir {
         self.path().join("gateway.toml")
     }
 
-    /// Appends `key = value` lines to gateway.toml's top level (before any table).
-    pub fn set(&self, lines: &str) {
+    /// Sets a top-level `key = value` in gateway.toml, replacing the key's line if present.
+    pub fn set(&self, key: &str, value: &str) {
         let text = std::fs::read_to_string(self.config()).expect("read gateway.toml");
-        let (head, tail) = match text.find("\n[") {
-            Some(i) => text.split_at(i + 1),
-            None => (text.as_str(), ""),
-        };
-        std::fs::write(self.config(), format!("{head}{lines}\n{tail}")).expect("write gateway.toml");
+        let line = format!("{key} = {value}");
+        let mut replaced = false;
+        let mut out: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.split('=').next().map(str::trim) == Some(key) {
+                    replaced = true;
+                    line.clone()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        if !replaced {
+            let at = out.iter().position(|l| l.starts_with('[')).unwrap_or(out.len());
+            out.insert(at, line);
+        }
+        std::fs::write(self.config(), out.join("\n") + "\n").expect("write gateway.toml");
     }
 
     /// Registers a client and returns the path of its client file, after `edit` changed it (timing

@@ -1,0 +1,441 @@
+//! `holdfast gateway <command>`: the operator's commands.
+//!
+//! The binary parses a [`GatewayCommand`] and calls [`GatewayCommand::run`]; on error it prints
+//! the error (one line naming the file or value and the problem) and exits with
+//! [`super::GatewayError::exit_code`]. Everything a command prints on success is printed here.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use ipnet::Ipv4Net;
+
+use super::GatewayError;
+use super::fsutil::{self, Existing};
+use super::registry::{ClientState, Registry, RevokeOutcome, check_name, timestamp_now};
+use super::server::ControlPlane;
+use crate::config::ConfigError;
+use crate::config::client::{ClientFile, TlsSection};
+use crate::config::gateway::{
+    self as gwconf, DEFAULT_NAME, DEFAULT_SERVER_NAME, DEFAULT_SUBNET, GATEWAY_FILE, GatewayConfig,
+    InitialValues,
+};
+use crate::pki::Authority;
+
+/// Mode of files holding a private key (and of client files, which hold one).
+const SECRET_MODE: u32 = 0o600;
+/// Mode of public files (certificates, gateway.toml).
+const PUBLIC_MODE: u32 = 0o644;
+
+/// Manage and run a Holdfast gateway.
+#[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Create a gateway: its authority, its TLS identity, gateway.toml and an empty registry.
+    ///
+    /// Writes into DIR: gateway.toml, ca.pem + ca.key (the authority that issues client
+    /// credentials), server.pem + server.key (the gateway's TLS 1.3 identity, signed by the
+    /// authority) and clients.toml (the client registry). Keys are written with mode 0600.
+    /// Refuses to overwrite an existing identity.
+    Init(InitArgs),
+    /// Register a client and write its self-contained client file.
+    ///
+    /// The client gets a stable tunnel address (the next free one in the subnet, or --ip) and a
+    /// new certificate signed by the gateway's authority. The client file (endpoint, the
+    /// authority to pin, the client's key and certificate, tunnel address) is written with mode
+    /// 0600; copy it to the client as its config. Re-adding a revoked client re-enables it with
+    /// the same address and a new certificate (its old client file stays unusable).
+    /// A running gateway picks the change up without a restart.
+    AddClient(AddClientArgs),
+    /// Revoke a client: it can no longer authenticate and its sessions end.
+    ///
+    /// The entry stays in the registry (marked revoked), so its tunnel address stays reserved
+    /// for it; `add-client` re-enables it. A running gateway applies it without a restart.
+    Revoke(RevokeArgs),
+    /// Show the client registry: name, tunnel address, state, certificate, creation time.
+    List(ListArgs),
+    /// Serve the control plane (gRPC over mutual TLS 1.3) until SIGINT or SIGTERM.
+    ///
+    /// Listens on `listen` from gateway.toml. Registry changes (add-client, revoke) take effect
+    /// without a restart.
+    Run(RunArgs),
+}
+
+/// Arguments of `gateway init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The gateway's directory (created if missing, mode 0700).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The public address and port clients connect to (TCP control plane and UDP data plane).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub endpoint: SocketAddr,
+    /// The tunnel subnet; the gateway takes its first host address.
+    #[arg(long, value_name = "CIDR", default_value_t = DEFAULT_SUBNET)]
+    pub subnet: Ipv4Net,
+    /// This gateway's name (logs, the authority's certificate).
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_NAME)]
+    pub name: String,
+    /// The DNS name in the gateway's TLS certificate, checked by clients (the endpoint's IP
+    /// address is always included too).
+    #[arg(long, value_name = "DNS-NAME", default_value = DEFAULT_SERVER_NAME)]
+    pub server_name: String,
+}
+
+/// Arguments of `gateway add-client`.
+#[derive(Debug, Args)]
+pub struct AddClientArgs {
+    /// The gateway's directory (holding gateway.toml).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The client's name: 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The tunnel address to give the client (default: the next free one in the subnet).
+    #[arg(long, value_name = "ADDR")]
+    pub ip: Option<Ipv4Addr>,
+    /// Where to write the client file (default: DIR/clients/NAME.toml). Replaced if it exists.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// Arguments of `gateway revoke`.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The gateway's directory (holding gateway.toml).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The client to revoke.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+/// Arguments of `gateway list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// The gateway's directory (holding gateway.toml).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// Arguments of `gateway run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The gateway's directory (holding gateway.toml).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+impl GatewayCommand {
+    /// Runs the command. `run` serves until SIGINT/SIGTERM (then returns `Ok`); the others
+    /// return when done. Needs a tokio runtime; `run` logs through `tracing`, so the binary
+    /// installs a subscriber first.
+    pub async fn run(self) -> Result<(), GatewayError> {
+        match self {
+            GatewayCommand::Init(a) => init(&a).map(|report| say(&report)),
+            GatewayCommand::AddClient(a) => add_client(&a).map(|report| say(&report)),
+            GatewayCommand::Revoke(a) => revoke(&a).map(|report| say(&report)),
+            GatewayCommand::List(a) => list(&a.dir).map(|report| say(&report)),
+            GatewayCommand::Run(a) => run(&a.dir).await,
+        }
+    }
+}
+
+/// Prints a command's report. A closed stdout (`| head`) is not an error worth failing over.
+fn say(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+fn write_file(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    existing: Existing,
+) -> Result<(), GatewayError> {
+    fsutil::write_atomic(path, bytes, mode, existing).map_err(|source| match source.kind() {
+        std::io::ErrorKind::AlreadyExists => GatewayError::AlreadyInitialised {
+            path: path.to_owned(),
+        },
+        _ => GatewayError::Write {
+            path: path.to_owned(),
+            source,
+        },
+    })
+}
+
+/// `gateway init`. Returns the text to print.
+pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
+    let usage = |flag, reason| GatewayError::Usage { flag, reason };
+    check_name(&a.name).map_err(|r| usage("--name", format!("'{}': {r}", a.name)))?;
+    gwconf::check_server_name(&a.server_name).map_err(|r| usage("--server-name", r))?;
+    gwconf::check_subnet(a.subnet).map_err(|r| usage("--subnet", r))?;
+    if a.endpoint.port() == 0 || a.endpoint.ip().is_unspecified() {
+        return Err(usage(
+            "--endpoint",
+            format!(
+                "{} is not an address and port clients can reach",
+                a.endpoint
+            ),
+        ));
+    }
+    let values = InitialValues {
+        name: a.name.clone(),
+        endpoint: a.endpoint,
+        subnet: a.subnet,
+        server_name: a.server_name.clone(),
+    };
+    let config_path = a.dir.join(GATEWAY_FILE);
+    let config_text = gwconf::render_initial(&values);
+    // What we are about to write must be what every other command reads back.
+    let config = GatewayConfig::parse(&config_text, &config_path)?;
+    let files = [
+        &config_path,
+        &config.ca_cert,
+        &config.ca_key,
+        &config.cert,
+        &config.key,
+        &config.registry,
+    ];
+    if let Some(existing) = files.iter().find(|p| p.exists()) {
+        return Err(GatewayError::AlreadyInitialised {
+            path: existing.to_path_buf(),
+        });
+    }
+    fsutil::create_private_dir(&a.dir).map_err(|source| GatewayError::Write {
+        path: a.dir.clone(),
+        source,
+    })?;
+
+    let authority = Authority::generate(&a.name)?;
+    let server = authority.issue_server(&a.server_name, Some(a.endpoint.ip()))?;
+    // Keys first, gateway.toml last: an interrupted init leaves no config pointing at
+    // missing files (and a re-run names the leftover file it refuses to overwrite).
+    write_file(
+        &config.ca_key,
+        authority.key_pem().as_bytes(),
+        SECRET_MODE,
+        Existing::Refuse,
+    )?;
+    write_file(
+        &config.key,
+        server.key_pem.as_bytes(),
+        SECRET_MODE,
+        Existing::Refuse,
+    )?;
+    write_file(
+        &config.ca_cert,
+        authority.cert_pem().as_bytes(),
+        PUBLIC_MODE,
+        Existing::Refuse,
+    )?;
+    write_file(
+        &config.cert,
+        server.cert_pem.as_bytes(),
+        PUBLIC_MODE,
+        Existing::Refuse,
+    )?;
+    Registry::empty(&config.registry, config.subnet, config.gateway_ip).save()?;
+    write_file(
+        &config_path,
+        config_text.as_bytes(),
+        PUBLIC_MODE,
+        Existing::Refuse,
+    )?;
+
+    Ok(format!(
+        "Initialised gateway '{}' in {}\n  endpoint     {}\n  subnet       {} (gateway {})\n  server name  {}\n  \
+         authority    {} (key {})\n  TLS identity {} (key {})\n  registry     {}\n\
+         Next: holdfast gateway add-client --dir {} NAME\n",
+        config.name,
+        a.dir.display(),
+        config.endpoint,
+        config.subnet,
+        config.gateway_ip,
+        config.server_name,
+        config.ca_cert.display(),
+        config.ca_key.display(),
+        config.cert.display(),
+        config.key.display(),
+        config.registry.display(),
+        a.dir.display(),
+    ))
+}
+
+fn load_authority(config: &GatewayConfig) -> Result<Authority, GatewayError> {
+    let read = |path: &Path, what| {
+        std::fs::read_to_string(path).map_err(|e| ConfigError::MissingKey {
+            path: path.to_owned(),
+            what,
+            reason: e.to_string(),
+        })
+    };
+    let cert = read(&config.ca_cert, "authority certificate")?;
+    let key = read(&config.ca_key, "authority key")?;
+    Authority::from_pem(&cert, &key).map_err(|e| {
+        let path = match &e {
+            crate::pki::PkiError::BadAuthority { what: "key", .. } => config.ca_key.clone(),
+            _ => config.ca_cert.clone(),
+        };
+        ConfigError::BadKey {
+            path,
+            what: "authority",
+            reason: e.to_string(),
+        }
+        .into()
+    })
+}
+
+const CLIENT_FILE_HEADER: &str = "# Holdfast client file, written by `holdfast gateway add-client`.\n\
+                                  # It holds this client's private key: keep it mode 0600, copy it only to the client.\n\n";
+
+/// `gateway add-client`. Returns the text to print.
+pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
+    check_name(&a.name).map_err(|r| GatewayError::Usage {
+        flag: "NAME",
+        reason: format!("'{}': {r}", a.name),
+    })?;
+    let config = GatewayConfig::load_dir(&a.dir)?;
+    let _lock = Registry::lock(&config.registry)?;
+    let mut registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
+    let plan = registry.plan_add(&a.name, a.ip)?;
+    let authority = load_authority(&config)?;
+    let issued = authority.issue_client(&a.name)?;
+
+    let file = ClientFile {
+        name: a.name.clone(),
+        endpoint: config.endpoint,
+        server_name: config.server_name.clone(),
+        tunnel_ip: plan.ip,
+        tls: TlsSection {
+            gateway_ca: Some(authority.cert_pem().to_owned()),
+            certificate: Some(issued.cert_pem.clone()),
+            key: Some(issued.key_pem.clone()),
+            ..TlsSection::default()
+        },
+        timing: Default::default(),
+        log: Default::default(),
+        network: Default::default(),
+        status: Default::default(),
+    };
+    let out = match &a.out {
+        Some(p) => p.clone(),
+        None => {
+            fsutil::create_private_dir(&config.clients_dir).map_err(|source| {
+                GatewayError::Write {
+                    path: config.clients_dir.clone(),
+                    source,
+                }
+            })?;
+            config.clients_dir.join(format!("{}.toml", a.name))
+        }
+    };
+    let body = toml::to_string(&file).map_err(|e| GatewayError::Write {
+        path: out.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let text = format!("{CLIENT_FILE_HEADER}{body}");
+    // The client must be able to read back exactly what we write.
+    ClientFile::parse(&text, &out)?.credentials(&out)?;
+    // The client file first, the registry second: if we stop in between, the registry still
+    // pins the old certificate (or has no entry), and running add-client again fixes it.
+    write_file(&out, text.as_bytes(), SECRET_MODE, Existing::Replace)?;
+    registry.commit_add(&a.name, plan, issued.fingerprint, &timestamp_now());
+    registry.save()?;
+
+    let what = if plan.reenable {
+        "re-enabled (same address, new certificate)"
+    } else {
+        "registered"
+    };
+    Ok(format!(
+        "Client '{}' {what}: tunnel address {}, certificate {}\nClient file (mode 0600, contains the client's key): {}\n",
+        a.name,
+        plan.ip,
+        issued.fingerprint.short(),
+        out.display()
+    ))
+}
+
+/// `gateway revoke`. Returns the text to print.
+pub fn revoke(a: &RevokeArgs) -> Result<String, GatewayError> {
+    let config = GatewayConfig::load_dir(&a.dir)?;
+    let _lock = Registry::lock(&config.registry)?;
+    let mut registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
+    match registry.revoke(&a.name, &timestamp_now())? {
+        RevokeOutcome::AlreadyRevoked => Ok(format!("Client '{}' was already revoked.\n", a.name)),
+        RevokeOutcome::Revoked => {
+            registry.save()?;
+            let ip = registry
+                .get(&a.name)
+                .map(|c| c.ip.to_string())
+                .unwrap_or_default();
+            Ok(format!(
+                "Client '{}' revoked; its address {ip} stays reserved for it (add-client re-enables it).\n",
+                a.name
+            ))
+        }
+    }
+}
+
+/// `gateway list`. Returns the table to print.
+pub fn list(dir: &Path) -> Result<String, GatewayError> {
+    let config = GatewayConfig::load_dir(dir)?;
+    let registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
+    let mut clients: Vec<_> = registry.clients().iter().collect();
+    clients.sort_by_key(|c| c.ip);
+    let mut out = format!(
+        "{:<24} {:<15} {:<8} {:<16} CREATED\n",
+        "NAME", "ADDRESS", "STATE", "CERT (SHA-256)"
+    );
+    for c in &clients {
+        let state = match c.state {
+            ClientState::Active => "active",
+            ClientState::Revoked => "revoked",
+        };
+        out.push_str(&format!(
+            "{:<24} {:<15} {:<8} {:<16} {}\n",
+            c.name,
+            c.ip.to_string(),
+            state,
+            c.cert_sha256.short().to_string(),
+            c.created
+        ));
+    }
+    let active = clients
+        .iter()
+        .filter(|c| c.state == ClientState::Active)
+        .count();
+    out.push_str(&format!(
+        "{} client(s), {active} active; subnet {} (gateway {})\n",
+        clients.len(),
+        config.subnet,
+        config.gateway_ip
+    ));
+    Ok(out)
+}
+
+/// `gateway run`: serves until SIGINT or SIGTERM.
+async fn run(dir: &Path) -> Result<(), GatewayError> {
+    let config = GatewayConfig::load_dir(dir)?;
+    let plane = ControlPlane::bind(&config)?;
+    tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
+    plane.serve(stop_signal()).await
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM ({e}); stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("stop requested");
+}

@@ -1,0 +1,290 @@
+//! The running gateway's view of the client registry, reloaded when the file changes, so
+//! `add-client` and `revoke` take effect without a restart.
+//!
+//! Change detection is a `stat(2)` compared with the stamp of the loaded version (device, inode,
+//! size, mtime and ctime in nanoseconds). Every save is a rename of a new file, so the inode changes
+//! on every edit; the stamp is taken with `fstat` on the very file handle the content is read from,
+//! so content and stamp always match.
+//!
+//! Readers get the current view with one atomic load (`ArcSwap`), never a lock. Reloads are
+//! serialised by a mutex that readers never touch; callers that must not wait (PingSession) only
+//! *try* it.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use ipnet::Ipv4Net;
+
+use super::registry::{ClientState, Registry, RegistryError};
+use crate::pki::CertFingerprint;
+
+/// Identifies one version of the registry file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// What the control plane needs to know about one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientRecord {
+    pub ip: Ipv4Addr,
+    pub cert: CertFingerprint,
+    pub revoked: bool,
+}
+
+/// Why a verified certificate is not (or no longer) admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NotRegistered,
+    Revoked,
+    CertificateReplaced,
+}
+
+/// One immutable version of the registry.
+#[derive(Debug, Default)]
+pub struct RegistryView {
+    stamp: Option<FileStamp>,
+    clients: HashMap<String, ClientRecord>,
+}
+
+impl RegistryView {
+    fn from_registry(reg: &Registry, stamp: Option<FileStamp>) -> Self {
+        let clients = reg
+            .clients()
+            .iter()
+            .map(|c| {
+                let rec = ClientRecord {
+                    ip: c.ip,
+                    cert: c.cert_sha256,
+                    revoked: c.state == ClientState::Revoked,
+                };
+                (c.name.clone(), rec)
+            })
+            .collect();
+        Self { stamp, clients }
+    }
+
+    /// The record of `name` if the client may use the certificate `cert` now. No allocation.
+    pub fn admit(&self, name: &str, cert: &CertFingerprint) -> Result<&ClientRecord, Refusal> {
+        let rec = self.clients.get(name).ok_or(Refusal::NotRegistered)?;
+        if rec.revoked {
+            return Err(Refusal::Revoked);
+        }
+        if rec.cert != *cert {
+            return Err(Refusal::CertificateReplaced);
+        }
+        Ok(rec)
+    }
+
+    /// Number of registered clients (active or revoked).
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+}
+
+/// How a caller of [`LiveRegistry::refresh`] deals with a reload already in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Wait for it (Authenticate: correctness first, and reloads are rare and short).
+    Yes,
+    /// Skip; the current view is recent enough (PingSession: never wait on a lock).
+    No,
+}
+
+/// The registry as the running gateway sees it.
+pub struct LiveRegistry {
+    path: PathBuf,
+    subnet: Ipv4Net,
+    gateway_ip: Ipv4Addr,
+    view: ArcSwap<RegistryView>,
+    /// Serialises reloads; also remembers the stamp of the last version that failed to load
+    /// (`Some(None)`: the file was missing), so a broken file is reported once, not per request.
+    reload: Mutex<Option<Option<FileStamp>>>,
+}
+
+impl std::fmt::Debug for LiveRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveRegistry")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveRegistry {
+    /// Loads the registry; a missing file is an empty registry, any other failure is an error
+    /// (at start-up the operator must hear about a broken registry).
+    pub fn open(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Result<Self, RegistryError> {
+        let view = load_view(path, subnet, gateway_ip)?;
+        Ok(Self {
+            path: path.to_owned(),
+            subnet,
+            gateway_ip,
+            view: ArcSwap::from_pointee(view),
+            reload: Mutex::new(None),
+        })
+    }
+
+    /// The current view: one atomic load.
+    pub fn view(&self) -> Arc<RegistryView> {
+        self.view.load_full()
+    }
+
+    /// Reloads the registry if its file changed. Returns the new view if it did.
+    ///
+    /// A file that fails to load keeps the previous view in force (a half-edited file must not
+    /// lock every client out or let a revoked one back in); it is logged once per version.
+    pub fn refresh(&self, wait: Wait) -> Option<Arc<RegistryView>> {
+        let on_disk = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| FileStamp::of(&m));
+        if on_disk == self.view.load().stamp {
+            return None;
+        }
+        let mut failed = match wait {
+            Wait::Yes => self.reload.lock().unwrap_or_else(|p| p.into_inner()),
+            Wait::No => match self.reload.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            },
+        };
+        // Another caller may have reloaded (or failed to) while we waited for the lock.
+        if on_disk == self.view.load().stamp || *failed == Some(on_disk) {
+            return None;
+        }
+        let loaded = match on_disk {
+            // A registry that vanished while running is an operator mistake (or a move in
+            // progress), not "revoke everyone": keep the last version.
+            None => Err(format!(
+                "the client registry {} has disappeared",
+                self.path.display()
+            )),
+            Some(_) => {
+                load_view(&self.path, self.subnet, self.gateway_ip).map_err(|e| e.to_string())
+            }
+        };
+        match loaded {
+            Ok(view) => {
+                let view = Arc::new(view);
+                self.view.store(view.clone());
+                *failed = None;
+                tracing::info!(registry = %self.path.display(), clients = view.len(), "client registry reloaded");
+                Some(view)
+            }
+            Err(e) => {
+                *failed = Some(on_disk);
+                tracing::warn!("{e}; keeping the previous version in force");
+                None
+            }
+        }
+    }
+}
+
+fn load_view(
+    path: &Path,
+    subnet: Ipv4Net,
+    gateway_ip: Ipv4Addr,
+) -> Result<RegistryView, RegistryError> {
+    let read_err = |source| RegistryError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RegistryView::default()),
+        Err(e) => return Err(read_err(e)),
+    };
+    let stamp = FileStamp::of(&file.metadata().map_err(read_err)?);
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(read_err)?;
+    let reg = Registry::parse(&bytes, path, subnet, gateway_ip)?;
+    Ok(RegistryView::from_registry(&reg, Some(stamp)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_up_changes_and_keeps_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clients.toml");
+        let subnet: Ipv4Net = "10.1.0.0/24".parse().unwrap();
+        let gw = Ipv4Addr::new(10, 1, 0, 1);
+        let live = LiveRegistry::open(&path, subnet, gw).unwrap();
+        assert!(live.view().is_empty());
+        assert!(
+            live.refresh(Wait::Yes).is_none(),
+            "missing before and after: no change"
+        );
+
+        let mut reg = Registry::empty(&path, subnet, gw);
+        let plan = reg.plan_add("alice", None).unwrap();
+        reg.commit_add("alice", plan, CertFingerprint([1; 32]), "t");
+        reg.save().unwrap();
+        let view = live.refresh(Wait::No).expect("reloaded");
+        assert_eq!(
+            view.admit("alice", &CertFingerprint([1; 32])).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 2)
+        );
+        assert_eq!(
+            view.admit("alice", &CertFingerprint([2; 32])),
+            Err(Refusal::CertificateReplaced)
+        );
+        assert_eq!(
+            view.admit("bob", &CertFingerprint([1; 32])),
+            Err(Refusal::NotRegistered)
+        );
+        assert!(live.refresh(Wait::Yes).is_none(), "unchanged");
+
+        reg.revoke("alice", "t").unwrap();
+        reg.save().unwrap();
+        assert!(live.refresh(Wait::Yes).is_some());
+        assert_eq!(
+            live.view().admit("alice", &CertFingerprint([1; 32])),
+            Err(Refusal::Revoked)
+        );
+
+        // A broken edit, or a vanished file, keeps the revocation in force.
+        std::fs::write(&path, "not toml [[[").unwrap();
+        assert!(live.refresh(Wait::Yes).is_none());
+        assert_eq!(
+            live.view().admit("alice", &CertFingerprint([1; 32])),
+            Err(Refusal::Revoked)
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(live.refresh(Wait::Yes).is_none());
+        assert_eq!(
+            live.view().admit("alice", &CertFingerprint([1; 32])),
+            Err(Refusal::Revoked)
+        );
+        // And the next good version is picked up.
+        reg.save().unwrap();
+        assert!(live.refresh(Wait::No).is_some());
+    }
+}

@@ -1,0 +1,622 @@
+//! The client registry: one TOML file (`DIR/clients.toml` by default) that maps each client name to
+//! its tunnel address, the fingerprint of the one certificate it may use, and whether it is
+//! revoked.
+//!
+//! ```toml
+//! [[client]]
+//! name = "alice"
+//! ip = "100.64.0.2"
+//! state = "active"            # or "revoked": the entry stays, so its address stays reserved
+//! cert_sha256 = "3f1c..."     # SHA-256 of the client's certificate (DER), 64 hex digits
+//! created = "2025-01-01T12:00:00Z"
+//! cert_issued = "2025-01-01T12:00:00Z"
+//! revoked_at = "2025-02-01T08:00:00Z"   # only when revoked
+//! ```
+//!
+//! Why a pinned fingerprint on top of the authority's signature: re-adding a client issues a new
+//! certificate, and the old one (still validly signed) must stop working at once, without a CRL.
+//!
+//! Every change is a whole-file atomic replacement ([`fsutil::write_atomic`]) under a lock file,
+//! so a crash never leaves the registry half-written and two concurrent `add-client` runs cannot
+//! lose each other's entry. The running gateway reloads the file when it changes (see
+//! [`super::live`]).
+
+use std::collections::HashSet;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use super::fsutil::{self, Existing};
+use crate::config::gateway::check_host_in;
+use crate::pki::CertFingerprint;
+
+/// The longest client name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// A problem with the registry or a requested change to it.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry file exists but cannot be read.
+    #[error("cannot read the client registry {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// The registry file does not parse or is inconsistent.
+    #[error("invalid client registry {}: {reason}", path.display())]
+    Malformed { path: PathBuf, reason: String },
+    /// Writing the registry (or taking its lock) failed; the previous version is intact.
+    #[error("cannot write the client registry {}: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+    /// A client name breaks the naming rule.
+    #[error("invalid client name '{name}': {reason}")]
+    InvalidName { name: String, reason: String },
+    /// `add-client` for a name that is registered and active.
+    #[error(
+        "client '{name}' is already registered (active, {ip}); revoke it first to issue a new client file"
+    )]
+    AlreadyActive { name: String, ip: Ipv4Addr },
+    /// `revoke` (or a lookup) for a name that is not in the registry.
+    #[error("client '{name}' is not registered")]
+    NotRegistered { name: String },
+    /// `--ip` names an address that cannot be given to this client.
+    #[error("address {ip} cannot be assigned: {reason}")]
+    AddressUnavailable { ip: Ipv4Addr, reason: String },
+    /// Every address in the subnet is taken (revoked entries keep theirs).
+    #[error("no free address left in {subnet} (revoked clients keep their addresses)")]
+    SubnetFull { subnet: Ipv4Net },
+}
+
+/// Whether a client may authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientState {
+    Active,
+    Revoked,
+}
+
+/// One registered client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    pub name: String,
+    /// The client's tunnel address: fixed for the life of the entry, revoked or not.
+    pub ip: Ipv4Addr,
+    pub state: ClientState,
+    /// The only certificate this client may present.
+    #[serde(with = "fingerprint_hex")]
+    pub cert_sha256: CertFingerprint,
+    /// When the name was first registered (RFC 3339).
+    pub created: String,
+    /// When the current certificate was issued (RFC 3339).
+    pub cert_issued: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+mod fingerprint_hex {
+    use super::CertFingerprint;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(fp: &CertFingerprint, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(fp)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CertFingerprint, D::Error> {
+        let s = String::deserialize(d)?;
+        CertFingerprint::from_hex(&s)
+            .ok_or_else(|| D::Error::custom("expected 64 hex digits (SHA-256)"))
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    #[serde(default, rename = "client")]
+    clients: Vec<ClientEntry>,
+}
+
+const HEADER: &str = "# Holdfast client registry. Rewritten as a whole by `holdfast gateway add-client` and\n\
+                      # `revoke`; the running gateway reloads it when it changes. Prefer the commands to\n\
+                      # editing by hand.\n\n";
+
+/// Checks a client (or gateway) name: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter or
+/// digit. The name becomes a certificate common name and a file name (`clients/NAME.toml`), so
+/// no path separators, no leading dot (hidden files, `..`), no leading dash (looks like an option).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!("must be 1 to {MAX_NAME_LEN} characters long"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err("only letters, digits, '.', '_' and '-' are allowed".into());
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err("must start with a letter or a digit".into());
+    }
+    Ok(())
+}
+
+fn valid_name(name: &str) -> Result<(), RegistryError> {
+    check_name(name).map_err(|reason| RegistryError::InvalidName {
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+/// The current time as an RFC 3339 string (seconds), for the registry's timestamps.
+pub fn timestamp_now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// The registry, as loaded from its file and checked against the gateway's subnet.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    path: PathBuf,
+    subnet: Ipv4Net,
+    gateway_ip: Ipv4Addr,
+    clients: Vec<ClientEntry>,
+}
+
+/// What `add-client` is about to do, decided before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddPlan {
+    pub ip: Ipv4Addr,
+    /// The name was revoked and is being re-enabled (same address, new certificate).
+    pub reenable: bool,
+}
+
+/// Result of [`Registry::revoke`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeOutcome {
+    Revoked,
+    AlreadyRevoked,
+}
+
+impl Registry {
+    /// An empty registry (what `init` writes).
+    pub fn empty(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Self {
+        Self {
+            path: path.to_owned(),
+            subnet,
+            gateway_ip,
+            clients: Vec::new(),
+        }
+    }
+
+    /// Loads the registry at `path`. A missing file is an empty registry (no client added yet).
+    pub fn load(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Result<Self, RegistryError> {
+        match std::fs::read(path) {
+            Ok(bytes) => Self::parse(&bytes, path, subnet, gateway_ip),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Ok(Self::empty(path, subnet, gateway_ip))
+            }
+            Err(source) => Err(RegistryError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses registry bytes and checks every entry: valid unique names, unique usable addresses
+    /// inside `subnet` other than the gateway's.
+    pub fn parse(
+        bytes: &[u8],
+        path: &Path,
+        subnet: Ipv4Net,
+        gateway_ip: Ipv4Addr,
+    ) -> Result<Self, RegistryError> {
+        let bad = |reason: String| RegistryError::Malformed {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))?;
+        let file: RegistryFile =
+            toml::from_str(text).map_err(|e| bad(crate::config::toml_reason(text, &e)))?;
+        let mut names = HashSet::new();
+        let mut ips = HashSet::new();
+        for c in &file.clients {
+            check_name(&c.name).map_err(|r| bad(format!("client name '{}': {r}", c.name)))?;
+            if !names.insert(c.name.as_str()) {
+                return Err(bad(format!("client '{}' appears twice", c.name)));
+            }
+            if !ips.insert(c.ip) {
+                return Err(bad(format!("address {} is given to two clients", c.ip)));
+            }
+            check_host_in(subnet, c.ip)
+                .and_then(|()| {
+                    if c.ip == gateway_ip {
+                        Err("the gateway's own address".into())
+                    } else {
+                        Ok(())
+                    }
+                })
+                .map_err(|r| bad(format!("client '{}' has address {}: {r}", c.name, c.ip)))?;
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            subnet,
+            gateway_ip,
+            clients: file.clients,
+        })
+    }
+
+    /// Writes the registry atomically (mode 0600: it is not secret, but it is the access list).
+    pub fn save(&self) -> Result<(), RegistryError> {
+        let file = RegistryFile {
+            clients: self.clients.clone(),
+        };
+        let body = toml::to_string(&file).map_err(|e| RegistryError::Write {
+            path: self.path.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let text = format!("{HEADER}{body}");
+        fsutil::write_atomic(&self.path, text.as_bytes(), 0o600, Existing::Replace).map_err(
+            |source| RegistryError::Write {
+                path: self.path.clone(),
+                source,
+            },
+        )
+    }
+
+    /// Takes the registry's edit lock (`<registry>.lock`); hold it from load to save.
+    pub fn lock(path: &Path) -> Result<fsutil::FileLock, RegistryError> {
+        let mut lock = path.as_os_str().to_owned();
+        lock.push(".lock");
+        fsutil::FileLock::acquire(Path::new(&lock)).map_err(|source| RegistryError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn clients(&self) -> &[ClientEntry] {
+        &self.clients
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ClientEntry> {
+        self.clients.iter().find(|c| c.name == name)
+    }
+
+    /// Decides the address for `add-client NAME [--ip IP]` without changing anything:
+    /// a revoked name gets its reserved address back; a new name gets `requested` (checked) or the
+    /// lowest free address.
+    pub fn plan_add(
+        &self,
+        name: &str,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<AddPlan, RegistryError> {
+        valid_name(name)?;
+        if let Some(existing) = self.get(name) {
+            if existing.state == ClientState::Active {
+                return Err(RegistryError::AlreadyActive {
+                    name: name.to_owned(),
+                    ip: existing.ip,
+                });
+            }
+            if let Some(ip) = requested.filter(|ip| *ip != existing.ip) {
+                return Err(RegistryError::AddressUnavailable {
+                    ip,
+                    reason: format!(
+                        "'{name}' keeps its reserved address {}; omit --ip",
+                        existing.ip
+                    ),
+                });
+            }
+            return Ok(AddPlan {
+                ip: existing.ip,
+                reenable: true,
+            });
+        }
+        let ip = match requested {
+            Some(ip) => {
+                self.check_free(ip)?;
+                ip
+            }
+            None => self.next_free().ok_or(RegistryError::SubnetFull {
+                subnet: self.subnet,
+            })?,
+        };
+        Ok(AddPlan {
+            ip,
+            reenable: false,
+        })
+    }
+
+    fn check_free(&self, ip: Ipv4Addr) -> Result<(), RegistryError> {
+        let unavailable = |reason: String| RegistryError::AddressUnavailable { ip, reason };
+        check_host_in(self.subnet, ip).map_err(unavailable)?;
+        if ip == self.gateway_ip {
+            return Err(unavailable("it is the gateway's own address".into()));
+        }
+        if let Some(owner) = self.clients.iter().find(|c| c.ip == ip) {
+            return Err(unavailable(format!(
+                "taken by '{}' ({:?})",
+                owner.name, owner.state
+            )));
+        }
+        Ok(())
+    }
+
+    /// The lowest host address of the subnet not used by the gateway or any entry.
+    pub fn next_free(&self) -> Option<Ipv4Addr> {
+        let taken: HashSet<Ipv4Addr> = self.clients.iter().map(|c| c.ip).collect();
+        self.subnet
+            .hosts()
+            .find(|ip| *ip != self.gateway_ip && !taken.contains(ip))
+    }
+
+    /// Records a (re-)added client with the certificate just issued for it. `plan` must come from
+    /// [`Registry::plan_add`] on this same registry.
+    pub fn commit_add(&mut self, name: &str, plan: AddPlan, cert: CertFingerprint, now: &str) {
+        if let Some(existing) = self.clients.iter_mut().find(|c| c.name == name) {
+            existing.state = ClientState::Active;
+            existing.cert_sha256 = cert;
+            existing.cert_issued = now.to_owned();
+            existing.revoked_at = None;
+            return;
+        }
+        self.clients.push(ClientEntry {
+            name: name.to_owned(),
+            ip: plan.ip,
+            state: ClientState::Active,
+            cert_sha256: cert,
+            created: now.to_owned(),
+            cert_issued: now.to_owned(),
+            revoked_at: None,
+        });
+    }
+
+    /// Marks a client revoked. The entry stays, so its address stays reserved for it.
+    pub fn revoke(&mut self, name: &str, now: &str) -> Result<RevokeOutcome, RegistryError> {
+        valid_name(name)?;
+        let entry = self
+            .clients
+            .iter_mut()
+            .find(|c| c.name == name)
+            .ok_or_else(|| RegistryError::NotRegistered {
+                name: name.to_owned(),
+            })?;
+        if entry.state == ClientState::Revoked {
+            return Ok(RevokeOutcome::AlreadyRevoked);
+        }
+        entry.state = ClientState::Revoked;
+        entry.revoked_at = Some(now.to_owned());
+        Ok(RevokeOutcome::Revoked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: &str = "2025-01-01T00:00:00Z";
+
+    fn subnet() -> Ipv4Net {
+        "10.1.0.0/29".parse().unwrap() // hosts .1 to .6
+    }
+
+    fn fresh(dir: &Path) -> Registry {
+        Registry::empty(
+            &dir.join("clients.toml"),
+            subnet(),
+            Ipv4Addr::new(10, 1, 0, 1),
+        )
+    }
+
+    fn reload(r: &Registry) -> Registry {
+        Registry::load(r.path(), subnet(), Ipv4Addr::new(10, 1, 0, 1)).unwrap()
+    }
+
+    fn add(
+        r: &mut Registry,
+        name: &str,
+        ip: Option<Ipv4Addr>,
+        fp: u8,
+    ) -> Result<AddPlan, RegistryError> {
+        let plan = r.plan_add(name, ip)?;
+        r.commit_add(name, plan, CertFingerprint([fp; 32]), NOW);
+        r.save().unwrap();
+        *r = reload(r);
+        Ok(plan)
+    }
+
+    #[test]
+    fn next_free_skips_gateway_and_taken_and_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = fresh(dir.path());
+        assert_eq!(
+            add(&mut r, "a", None, 1).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 2)
+        );
+        assert_eq!(
+            add(&mut r, "b", Some(Ipv4Addr::new(10, 1, 0, 4)), 2)
+                .unwrap()
+                .ip,
+            Ipv4Addr::new(10, 1, 0, 4)
+        );
+        assert_eq!(
+            add(&mut r, "c", None, 3).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 3)
+        );
+        r.revoke("c", NOW).unwrap();
+        r.save().unwrap();
+        // c's address stays reserved.
+        assert_eq!(
+            add(&mut r, "d", None, 4).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 5)
+        );
+        assert_eq!(
+            add(&mut r, "e", None, 5).unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 6)
+        );
+        assert!(matches!(
+            add(&mut r, "f", None, 6),
+            Err(RegistryError::SubnetFull { .. })
+        ));
+    }
+
+    #[test]
+    fn revoke_then_readd_keeps_the_address_and_pins_the_new_cert() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = fresh(dir.path());
+        add(&mut r, "alice", None, 1).unwrap();
+        add(&mut r, "bob", None, 2).unwrap();
+        assert!(matches!(
+            add(&mut r, "alice", None, 9),
+            Err(RegistryError::AlreadyActive { .. })
+        ));
+        assert_eq!(r.revoke("alice", NOW).unwrap(), RevokeOutcome::Revoked);
+        assert_eq!(
+            r.revoke("alice", NOW).unwrap(),
+            RevokeOutcome::AlreadyRevoked
+        );
+        r.save().unwrap();
+        let r2 = reload(&r);
+        let a = r2.get("alice").unwrap();
+        assert_eq!(
+            (a.state, a.ip, a.revoked_at.as_deref()),
+            (ClientState::Revoked, Ipv4Addr::new(10, 1, 0, 2), Some(NOW))
+        );
+        let mut r = r2;
+        let err = add(&mut r, "alice", Some(Ipv4Addr::new(10, 1, 0, 5)), 3).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("keeps its reserved address 10.1.0.2"),
+            "{err}"
+        );
+        let plan = add(&mut r, "alice", None, 3).unwrap();
+        assert_eq!(
+            plan,
+            AddPlan {
+                ip: Ipv4Addr::new(10, 1, 0, 2),
+                reenable: true
+            }
+        );
+        let a = r.get("alice").unwrap();
+        assert_eq!(a.state, ClientState::Active);
+        assert_eq!(a.cert_sha256, CertFingerprint([3; 32]));
+        assert_eq!(a.revoked_at, None);
+        assert!(matches!(
+            r.revoke("carol", NOW),
+            Err(RegistryError::NotRegistered { .. })
+        ));
+    }
+
+    #[test]
+    fn requested_addresses_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = fresh(dir.path());
+        add(&mut r, "a", None, 1).unwrap();
+        for (ip, want) in [
+            ([10, 1, 0, 0], "network address"),
+            ([10, 1, 0, 7], "broadcast address"),
+            ([10, 1, 0, 1], "gateway's own address"),
+            ([10, 1, 0, 2], "taken by 'a'"),
+            ([10, 2, 0, 2], "outside the subnet"),
+        ] {
+            let err = r.plan_add("b", Some(Ipv4Addr::from(ip))).unwrap_err();
+            assert!(err.to_string().contains(want), "{ip:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn names_are_validated() {
+        for ok in ["a", "alice", "Laptop-2.home_x", &"x".repeat(64)] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "-opt",
+            "a/b",
+            "a b",
+            "é",
+            "a\n",
+            &"x".repeat(65),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let r = fresh(dir.path());
+        assert!(matches!(
+            r.plan_add("../etc", None),
+            Err(RegistryError::InvalidName { .. })
+        ));
+    }
+
+    #[test]
+    fn leftover_temp_file_does_not_corrupt_and_file_parses_after_each_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = fresh(dir.path());
+        add(&mut r, "a", None, 1).unwrap();
+        // A crash mid-write leaves a temp file beside the registry; it is never read.
+        std::fs::write(
+            dir.path().join(".clients.toml.tmp.1.deadbeef"),
+            "[[client]]\nname = \"tru",
+        )
+        .unwrap();
+        let r2 = reload(&r);
+        assert_eq!(r2.clients().len(), 1);
+        let mut r = r2;
+        add(&mut r, "b", None, 2).unwrap();
+        let text = std::fs::read_to_string(r.path()).unwrap();
+        assert!(text.starts_with("# Holdfast client registry"));
+        assert_eq!(reload(&r).clients().len(), 2);
+    }
+
+    #[test]
+    fn inconsistent_files_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("clients.toml");
+        let entry = |name: &str, ip: &str| {
+            format!(
+                "[[client]]\nname = \"{name}\"\nip = \"{ip}\"\nstate = \"active\"\ncert_sha256 = \"{}\"\ncreated = \"{NOW}\"\ncert_issued = \"{NOW}\"\n",
+                "ab".repeat(32)
+            )
+        };
+        let cases = [
+            (
+                format!("{}{}", entry("a", "10.1.0.2"), entry("a", "10.1.0.3")),
+                "appears twice",
+            ),
+            (
+                format!("{}{}", entry("a", "10.1.0.2"), entry("b", "10.1.0.2")),
+                "two clients",
+            ),
+            (entry("a", "10.1.0.1"), "gateway's own address"),
+            (entry("a", "10.9.0.1"), "outside the subnet"),
+            (entry("a/b", "10.1.0.2"), "client name"),
+            (
+                entry("a", "10.1.0.2").replace(&"ab".repeat(32), "abc"),
+                "64 hex digits",
+            ),
+            (
+                entry("a", "10.1.0.2").replace("active", "paused"),
+                "unknown variant",
+            ),
+            ("[[client]]\nname = \"a\"\n".to_string(), "missing field"),
+        ];
+        for (text, want) in cases {
+            std::fs::write(&p, &text).unwrap();
+            let err = Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1)).unwrap_err();
+            assert!(matches!(err, RegistryError::Malformed { .. }), "{err}");
+            assert!(err.to_string().contains(want), "expected {want:?} in {err}");
+        }
+        std::fs::remove_file(&p).unwrap();
+        assert!(
+            Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1))
+                .unwrap()
+                .clients()
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,518 @@
+//! The session registry: every live session, by id and by tunnel address.
+//!
+//! Shape: an immutable pair of maps behind an `ArcSwap`. Readers (PingSession now, the data
+//! plane's per-packet lookups later) do one atomic load and a hash lookup: no lock, no
+//! allocation, never blocked by a writer. Writers (Authenticate, revocation, the pruner) are
+//! rare; they copy the maps under a mutex that readers never touch, edit the copy and swap it in.
+//! The only per-session mutable state is `last_seen` and `superseded_at`, both atomics, so a
+//! ping refreshes a session without a write to the maps.
+//!
+//! Time is milliseconds on the gateway's monotonic [`Clock`], passed in as an argument, so every
+//! expiry rule is tested without waiting.
+//!
+//! Expiry rules (checked in [`SessionTable::validity`]):
+//! - idle: not pinged (or used) for `session_idle_timeout`;
+//! - lifetime: opened more than `session_max_lifetime` ago;
+//! - superseded: the client authenticated again more than `reauth_grace` ago. Only the client's
+//!   previous session gets this grace: any older one is dropped when a new one opens, so a client
+//!   holds at most two sessions however often it authenticates.
+//!
+//! A revoked client's sessions are removed when the registry reload shows the revocation
+//! ([`SessionTable::retain`]).
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::pki::CertFingerprint;
+use crate::snapshot::{SessionId, SessionKey};
+
+/// Milliseconds on the gateway's [`Clock`].
+pub type Millis = u64;
+
+/// `superseded_at` of a session that is its client's current one.
+const CURRENT: Millis = u64::MAX;
+
+/// The gateway's monotonic clock: milliseconds since the control plane started. The session table
+/// and (later) the data plane must read the same clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    origin: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Millis {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The expiry settings, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub idle_ms: Millis,
+    pub max_lifetime_ms: Millis,
+    pub grace_ms: Millis,
+}
+
+impl SessionLimits {
+    pub fn new(idle: Duration, max_lifetime: Duration, grace: Duration) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            idle_ms: ms(idle),
+            max_lifetime_ms: ms(max_lifetime),
+            grace_ms: ms(grace),
+        }
+    }
+}
+
+/// One session: what the data plane needs to handle the client's packets.
+pub struct Session {
+    pub id: SessionId,
+    /// The client's name (its certificate's common name).
+    pub client: Arc<str>,
+    /// The certificate the client authenticated with.
+    pub cert: CertFingerprint,
+    /// The client's tunnel address.
+    pub assigned_ip: Ipv4Addr,
+    pub key: SessionKey,
+    pub opened_at: Millis,
+    last_seen: AtomicU64,
+    superseded_at: AtomicU64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("client", &self.client)
+            .field("assigned_ip", &self.assigned_ip)
+            .field("key_fp", &self.key.fingerprint())
+            .field("opened_at", &self.opened_at)
+            .field("last_seen", &self.last_seen())
+            .field("superseded_at", &self.superseded_at())
+            .finish()
+    }
+}
+
+impl Session {
+    /// Records activity at `now` (a ping, or later a valid data packet). Never moves backwards.
+    pub fn touch(&self, now: Millis) {
+        self.last_seen.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub fn last_seen(&self) -> Millis {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// When the client's next session replaced this one, if it did.
+    pub fn superseded_at(&self) -> Option<Millis> {
+        Some(self.superseded_at.load(Ordering::Relaxed)).filter(|t| *t != CURRENT)
+    }
+}
+
+/// Why a session is not valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// No such session (never existed, pruned, revoked client, or before a gateway restart).
+    Unknown,
+    /// The session belongs to another client (or another certificate of the same name).
+    OtherClient,
+    Idle,
+    Lifetime,
+    Superseded,
+    /// The caller's registry entry does not admit it any more (decided by the service).
+    Revoked,
+}
+
+impl std::fmt::Display for Expiry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Expiry::Unknown => "unknown session",
+            Expiry::OtherClient => "session of another client",
+            Expiry::Idle => "idle",
+            Expiry::Lifetime => "lifetime reached",
+            Expiry::Superseded => "superseded",
+            Expiry::Revoked => "client no longer admitted",
+        })
+    }
+}
+
+/// The answer to a PingSession.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PingVerdict {
+    Ok,
+    Expired(Expiry),
+}
+
+impl std::fmt::Display for PingVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PingVerdict::Ok => f.write_str("ok"),
+            PingVerdict::Expired(why) => write!(f, "expired ({why})"),
+        }
+    }
+}
+
+/// What opening a session did.
+#[derive(Debug)]
+pub struct Opened {
+    pub session: Arc<Session>,
+    /// The client's previous session, now in its grace period.
+    pub replaced: Option<Arc<Session>>,
+}
+
+/// What Authenticate passes to [`SessionTable::open`].
+pub struct NewSession {
+    pub client: Arc<str>,
+    pub cert: CertFingerprint,
+    pub assigned_ip: Ipv4Addr,
+    pub key: SessionKey,
+}
+
+#[derive(Default, Clone)]
+struct Tables {
+    by_id: HashMap<u64, Arc<Session>>,
+    /// The newest session of the client holding each address.
+    by_ip: HashMap<Ipv4Addr, Arc<Session>>,
+}
+
+/// The gateway's live sessions.
+pub struct SessionTable {
+    tables: ArcSwap<Tables>,
+    /// Serialises writers (copy, edit, swap). Readers never take it.
+    writer: Mutex<()>,
+    limits: SessionLimits,
+}
+
+impl std::fmt::Debug for SessionTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionTable")
+            .field("len", &self.len())
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl SessionTable {
+    pub fn new(limits: SessionLimits) -> Self {
+        Self {
+            tables: ArcSwap::from_pointee(Tables::default()),
+            writer: Mutex::new(()),
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> SessionLimits {
+        self.limits
+    }
+
+    /// Number of sessions held (valid or not yet pruned).
+    pub fn len(&self) -> usize {
+        self.tables.load().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `s` is valid at `now`, and if not, why.
+    pub fn validity(&self, s: &Session, now: Millis) -> Result<(), Expiry> {
+        let l = &self.limits;
+        let superseded = s.superseded_at.load(Ordering::Relaxed);
+        if superseded != CURRENT && now >= superseded.saturating_add(l.grace_ms) {
+            return Err(Expiry::Superseded);
+        }
+        if now >= s.opened_at.saturating_add(l.max_lifetime_ms) {
+            return Err(Expiry::Lifetime);
+        }
+        if now >= s.last_seen().saturating_add(l.idle_ms) {
+            return Err(Expiry::Idle);
+        }
+        Ok(())
+    }
+
+    /// PingSession's lookup: is `session_id` a valid session of the client `client` holding the
+    /// certificate `cert`? A valid session is refreshed (its idle timer restarts at `now`).
+    ///
+    /// No lock and no heap allocation (proved by `tests/gateway_ping_noalloc.rs`): one atomic
+    /// load, one hash lookup, a few comparisons.
+    pub fn check(
+        &self,
+        client: &str,
+        cert: &CertFingerprint,
+        session_id: u64,
+        now: Millis,
+    ) -> PingVerdict {
+        let tables = self.tables.load();
+        let Some(s) = tables.by_id.get(&session_id) else {
+            return PingVerdict::Expired(Expiry::Unknown);
+        };
+        if *s.client != *client || s.cert != *cert {
+            return PingVerdict::Expired(Expiry::OtherClient);
+        }
+        match self.validity(s, now) {
+            Ok(()) => {
+                s.touch(now);
+                PingVerdict::Ok
+            }
+            Err(why) => PingVerdict::Expired(why),
+        }
+    }
+
+    /// The session with this id, valid or not (the data plane checks [`Self::validity`]).
+    /// Lock-free and allocation-free.
+    pub fn get(&self, id: SessionId) -> Option<Arc<Session>> {
+        self.tables.load().by_id.get(&id.0).cloned()
+    }
+
+    /// The newest session of the client whose tunnel address is `ip`. Lock-free, no allocation.
+    pub fn get_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Session>> {
+        self.tables.load().by_ip.get(&ip).cloned()
+    }
+
+    /// Opens a new session for a client, replacing its current one (which keeps `grace_ms`).
+    ///
+    /// `next_id` supplies random candidates; zero and ids of sessions still held are skipped, so
+    /// the new id is unique among everything a client could still present.
+    pub fn open(&self, new: NewSession, now: Millis, mut next_id: impl FnMut() -> u64) -> Opened {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.tables.load_full();
+        let mut id = next_id();
+        while id == 0 || old.by_id.contains_key(&id) {
+            id = next_id();
+        }
+        let mut replaced = None;
+        let mut next = Tables::default();
+        for (sid, s) in &old.by_id {
+            if self.validity(s, now).is_err() {
+                continue; // prune while copying
+            }
+            if s.client == new.client {
+                if s.superseded_at().is_some() {
+                    continue; // only the immediately previous session gets a grace period
+                }
+                s.superseded_at.store(now, Ordering::Relaxed);
+                replaced = Some(s.clone());
+            }
+            next.by_id.insert(*sid, s.clone());
+        }
+        let session = Arc::new(Session {
+            id: SessionId(id),
+            client: new.client,
+            cert: new.cert,
+            assigned_ip: new.assigned_ip,
+            key: new.key,
+            opened_at: now,
+            last_seen: AtomicU64::new(now),
+            superseded_at: AtomicU64::new(CURRENT),
+        });
+        next.by_id.insert(id, session.clone());
+        next.by_ip = rebuild_by_ip(&next.by_id);
+        next.by_ip.insert(session.assigned_ip, session.clone());
+        self.tables.store(Arc::new(next));
+        Opened { session, replaced }
+    }
+
+    /// Keeps only the sessions `keep` accepts (e.g. those whose client the registry still
+    /// admits). Returns the removed sessions. Cheap when all stay: a read-only scan, no lock.
+    pub fn retain(&self, keep: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
+        if self.tables.load().by_id.values().all(|s| keep(s)) {
+            return Vec::new();
+        }
+        self.rewrite(keep)
+    }
+
+    /// Drops every session that is no longer valid at `now`. Returns the removed sessions.
+    /// Cheap when nothing expired: a read-only scan, no lock.
+    pub fn prune(&self, now: Millis) -> Vec<Arc<Session>> {
+        self.retain(|s| self.validity(s, now).is_ok())
+    }
+
+    fn rewrite(&self, keep: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.tables.load_full();
+        let (kept, removed): (HashMap<_, _>, HashMap<_, _>) = old
+            .by_id
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .partition(|(_, s)| keep(s));
+        if !removed.is_empty() {
+            let by_ip = rebuild_by_ip(&kept);
+            self.tables.store(Arc::new(Tables { by_id: kept, by_ip }));
+        }
+        removed.into_values().collect()
+    }
+}
+
+/// For each address, the newest session (the client's current one, or its superseded one while
+/// the current one is gone).
+fn rebuild_by_ip(by_id: &HashMap<u64, Arc<Session>>) -> HashMap<Ipv4Addr, Arc<Session>> {
+    let mut by_ip: HashMap<Ipv4Addr, Arc<Session>> = HashMap::with_capacity(by_id.len());
+    for s in by_id.values() {
+        let newer = by_ip
+            .get(&s.assigned_ip)
+            .is_none_or(|cur| s.opened_at > cur.opened_at);
+        if newer {
+            by_ip.insert(s.assigned_ip, s.clone());
+        }
+    }
+    by_ip
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: SessionLimits = SessionLimits {
+        idle_ms: 1_000,
+        max_lifetime_ms: 10_000,
+        grace_ms: 200,
+    };
+    const ALICE_CERT: CertFingerprint = CertFingerprint([1; 32]);
+
+    fn new(name: &str, ip: u8) -> NewSession {
+        NewSession {
+            client: name.into(),
+            cert: CertFingerprint([ip; 32]),
+            assigned_ip: Ipv4Addr::new(10, 0, 0, ip),
+            key: SessionKey::new([ip; 32]),
+        }
+    }
+
+    fn ids(seq: &[u64]) -> impl FnMut() -> u64 + '_ {
+        let mut it = seq.iter().copied();
+        move || it.next().expect("test ran out of ids")
+    }
+
+    #[test]
+    fn ping_ok_refreshes_idle_timer() {
+        let t = SessionTable::new(LIMITS);
+        let s = t.open(new("alice", 1), 0, ids(&[7])).session;
+        assert_eq!(t.check("alice", &ALICE_CERT, 7, 900), PingVerdict::Ok);
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 7, 1_800),
+            PingVerdict::Ok,
+            "refreshed at 900"
+        );
+        assert_eq!(s.last_seen(), 1_800);
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 7, 2_800),
+            PingVerdict::Expired(Expiry::Idle)
+        );
+    }
+
+    #[test]
+    fn unknown_and_foreign_ids_expire() {
+        let t = SessionTable::new(LIMITS);
+        t.open(new("alice", 1), 0, ids(&[7]));
+        t.open(new("bob", 2), 0, ids(&[8]));
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 9, 1),
+            PingVerdict::Expired(Expiry::Unknown)
+        );
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 8, 1),
+            PingVerdict::Expired(Expiry::OtherClient)
+        );
+        // Right name, wrong certificate (a replaced client file).
+        assert_eq!(
+            t.check("alice", &CertFingerprint([9; 32]), 7, 1),
+            PingVerdict::Expired(Expiry::OtherClient)
+        );
+    }
+
+    #[test]
+    fn lifetime_caps_even_an_active_session() {
+        let t = SessionTable::new(LIMITS);
+        t.open(new("alice", 1), 0, ids(&[7]));
+        for now in (500..10_000).step_by(500) {
+            assert_eq!(t.check("alice", &ALICE_CERT, 7, now), PingVerdict::Ok);
+        }
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 7, 10_000),
+            PingVerdict::Expired(Expiry::Lifetime)
+        );
+    }
+
+    #[test]
+    fn reauth_keeps_previous_for_grace_only_and_drops_older() {
+        let t = SessionTable::new(LIMITS);
+        t.open(new("alice", 1), 0, ids(&[1]));
+        let o = t.open(new("alice", 1), 100, ids(&[2]));
+        assert_eq!(o.replaced.as_ref().map(|s| s.id), Some(SessionId(1)));
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 1, 299),
+            PingVerdict::Ok,
+            "in grace"
+        );
+        assert_eq!(
+            t.check("alice", &ALICE_CERT, 1, 300),
+            PingVerdict::Expired(Expiry::Superseded)
+        );
+        assert_eq!(t.check("alice", &ALICE_CERT, 2, 300), PingVerdict::Ok);
+        // A third session drops the first at once and gives the second its grace.
+        let o = t.open(new("alice", 1), 150, ids(&[3]));
+        assert_eq!(o.replaced.map(|s| s.id), Some(SessionId(2)));
+        assert_eq!(t.len(), 2);
+        assert!(t.get(SessionId(1)).is_none());
+        assert_eq!(
+            t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id),
+            Some(SessionId(3))
+        );
+    }
+
+    #[test]
+    fn ids_skip_zero_and_live_collisions() {
+        let t = SessionTable::new(LIMITS);
+        t.open(new("alice", 1), 0, ids(&[5]));
+        let s = t.open(new("bob", 2), 0, ids(&[0, 5, 6])).session;
+        assert_eq!(s.id, SessionId(6));
+    }
+
+    #[test]
+    fn prune_and_retain_remove_from_both_indexes() {
+        let t = SessionTable::new(LIMITS);
+        t.open(new("alice", 1), 0, ids(&[1]));
+        t.open(new("bob", 2), 500, ids(&[2]));
+        assert!(t.prune(999).is_empty());
+        let gone = t.prune(1_000);
+        assert_eq!(
+            gone.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![SessionId(1)]
+        );
+        assert!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).is_none());
+        assert!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 2)).is_some());
+        let gone = t.retain(|s| &*s.client != "bob");
+        assert_eq!(gone.len(), 1);
+        assert!(t.is_empty());
+        assert!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 2)).is_none());
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let t = SessionTable::new(LIMITS);
+        let s = t.open(new("alice", 0x5a), 0, ids(&[1])).session;
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("90, 90") && !dbg.contains(&"5a".repeat(32)),
+            "{dbg}"
+        );
+        assert!(dbg.contains(&s.key.fingerprint().to_string()));
+    }
+}
