@@ -140,7 +140,7 @@ pub fn bump(c: &AtomicU64) {
 impl Counters {
     /// Counts one drop.
     #[inline]
-    pub fn drop(&self, why: DropReason) {
+    pub fn count_drop(&self, why: DropReason) {
         bump(&self.drops[why as usize]);
     }
 
@@ -430,6 +430,31 @@ pub async fn pause(d: Duration) {
     }
 }
 
+/// The environment variable that turns the data plane off (`HOLDFAST_DATAPLANE=off`): the
+/// binary then runs the control plane only, creating no TUN device, socket or NAT rule. For
+/// tests that run on the machine's own loopback, where a TUN device would change the machine's
+/// routes, and for debugging the control plane alone.
+pub const DISABLE_ENV: &str = "HOLDFAST_DATAPLANE";
+
+/// Whether [`DISABLE_ENV`] turns the data plane off.
+pub fn disabled_by_env() -> bool {
+    std::env::var(DISABLE_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+}
+
+/// Logs `what`'s counters (one info line) on every SIGUSR1, for operators and tests: the data
+/// plane never logs per packet, so this is how its drop counts are read from outside. Runs until
+/// the process ends; without a signal handler it does nothing.
+pub async fn log_stats_on_sigusr1(what: &'static str, counters: std::sync::Arc<Counters>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        tracing::debug!("no SIGUSR1 handler: {what} counters are not dumped on demand");
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        tracing::info!(target: "holdfast::dataplane", "{what} stats: {}", counters.stats());
+    }
+}
+
 /// Describes a failing socket operation for the one log line it may get: the errno name when
 /// there is one (what an operator greps for), else the error text.
 pub fn describe_io(e: &io::Error) -> String {
@@ -501,8 +526,8 @@ mod tests {
     #[test]
     fn stats_line_names_every_drop_reason_once() {
         let c = Counters::default();
-        c.drop(DropReason::Replay);
-        c.drop(DropReason::Replay);
+        c.count_drop(DropReason::Replay);
+        c.count_drop(DropReason::Replay);
         let s = c.stats();
         assert_eq!(s.dropped(DropReason::Replay), 2);
         let line = s.to_string();

@@ -230,7 +230,7 @@ impl Inproc {
             24,
         );
         let rt = NsRuntime::new(&ns);
-        let mut cfg = ClientDataPlaneConfig::new(gw_underlay);
+        let mut cfg = ClientDataPlaneConfig::new(gw_underlay.into());
         cfg.tun_name = Some("hf0".into());
         cfg.keepalive = Duration::from_secs(1);
         cfg.nudge_min_interval = Duration::from_millis(100);

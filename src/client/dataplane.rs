@@ -15,7 +15,7 @@
 //!
 //! Buffers are allocated once per loop; the per-packet path does not allocate.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
+use crate::config::client::ClientFile;
 use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, HEADER_LEN, MsgType};
 use crate::snapshot::{GetAuth, VpnAuthResponse};
@@ -40,6 +41,9 @@ const TARGET: &str = "holdfast::dataplane";
 /// Default keepalive interval: well under the 30 s that common NAT boxes keep an idle UDP
 /// mapping, and the gateway's idle timeout.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The TUN device's name when the client file names none.
+pub const DEFAULT_TUN_NAME: &str = "holdfast0";
 
 /// At most one log line per loop per this interval about failing socket or TUN IO.
 pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -56,7 +60,7 @@ const NO_SESSION_BACKOFF: (Duration, Duration) =
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientDataPlaneConfig {
     /// The gateway's address; the UDP port comes from each snapshot (`data_port`).
-    pub gateway: Ipv4Addr,
+    pub gateway: IpAddr,
     /// The TUN device's name; `None` lets the kernel choose.
     pub tun_name: Option<String>,
     /// The MTU of the path to the gateway; the TUN MTU is derived from it.
@@ -69,13 +73,27 @@ pub struct ClientDataPlaneConfig {
 
 impl ClientDataPlaneConfig {
     /// Defaults for a gateway at `gateway`.
-    pub fn new(gateway: Ipv4Addr) -> Self {
+    pub fn new(gateway: IpAddr) -> Self {
         Self {
             gateway,
             tun_name: None,
             underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
             keepalive: DEFAULT_KEEPALIVE,
             nudge_min_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ClientDataPlaneConfig {
+    /// From the client file: the gateway's address from `endpoint`, the rest from `[network]`.
+    pub fn from_file(file: &ClientFile) -> Self {
+        let net = &file.network;
+        Self {
+            gateway: file.endpoint.ip(),
+            tun_name: Some(net.tun_name.clone().unwrap_or_else(|| DEFAULT_TUN_NAME.into())),
+            underlay_mtu: net.underlay_mtu.unwrap_or(tunnel::DEFAULT_UNDERLAY_MTU),
+            keepalive: net.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
+            nudge_min_interval: file.timings().nudge_min_interval,
         }
     }
 }
@@ -91,7 +109,7 @@ struct Binding {
 struct Shared {
     cfg: ClientDataPlaneConfig,
     binding: watch::Sender<Option<Binding>>,
-    counters: Counters,
+    counters: Arc<Counters>,
     /// Set by the first snapshot: the bring-up runs once per process.
     started: AtomicBool,
     /// Woken on every snapshot swap: the send loop announces the new session at once, so the
@@ -116,7 +134,7 @@ impl ClientDataPlane {
             shared: Arc::new(Shared {
                 cfg,
                 binding,
-                counters: Counters::default(),
+                counters: Arc::default(),
                 started: AtomicBool::new(false),
                 swapped: Notify::new(),
                 stop,
@@ -148,6 +166,11 @@ impl ClientDataPlane {
     /// The counters (for the status feed and the dashboard).
     pub fn stats(&self) -> Stats {
         self.shared.counters.stats()
+    }
+
+    /// The live counters, for a status feed or a stats dump that outlives a borrow.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.shared.counters.clone()
     }
 
     /// Explicit stop: ends the loops (and a bring-up still retrying) and removes the TUN device.
@@ -213,7 +236,11 @@ async fn bring_up(shared: Arc<Shared>) {
             mtu,
         };
         let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
-            tunnel::bind_udp(SocketAddr::from(([0, 0, 0, 0], 0)))
+            let any: IpAddr = match cfg.gateway {
+                IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            tunnel::bind_udp(SocketAddr::new(any, 0))
                 .map(|s| (t, s))
                 .map_err(|e| format!("cannot open the UDP socket: {e}"))
         });
@@ -283,31 +310,31 @@ async fn send_loop(
                 let len = match read {
                     Ok(n) => { tun_errors.reset(); n }
                     Err(e) => {
-                        c.drop(DropReason::TunError);
+                        c.count_drop(DropReason::TunError);
                         tun_log.failed(&e);
                         pause(tun_errors.failed()).await;
                         continue;
                     }
                 };
                 let Some(auth) = get_auth() else {
-                    c.drop(DropReason::NoSession);
+                    c.count_drop(DropReason::NoSession);
                     pause(no_session.failed()).await;
                     continue;
                 };
                 no_session.reset();
                 if !tunnel::is_ipv4(&buf[HEADER_LEN..HEADER_LEN + len]) {
-                    c.drop(DropReason::NotIpv4);
+                    c.count_drop(DropReason::NotIpv4);
                     continue;
                 }
                 let crypto = auth.crypto();
                 let counter = match crypto.tx.next() {
                     Ok(n) => n,
-                    Err(_) => { c.drop(DropReason::CounterExhausted); continue; }
+                    Err(_) => { c.count_drop(DropReason::CounterExhausted); continue; }
                 };
                 let sealed = crypto.cipher.seal_data(
                     Direction::ClientToGateway, auth.session_id, counter, &mut buf, len);
                 let Ok(n) = sealed else {
-                    c.drop(seal_drop(sealed));
+                    c.count_drop(seal_drop(sealed));
                     continue;
                 };
                 let dest = SocketAddr::from((cfg.gateway, auth.data_port));
@@ -316,7 +343,7 @@ async fn send_loop(
                         Counters::packet(&c.tx_packets, &c.tx_bytes, len);
                         sock_log.ok();
                     }
-                    Err(e) => { c.drop(DropReason::SocketError); sock_log.failed(&e); }
+                    Err(e) => { c.count_drop(DropReason::SocketError); sock_log.failed(&e); }
                 }
                 last_sent = Instant::now();
                 continue;
@@ -349,7 +376,7 @@ async fn send_loop(
 /// Sends one keepalive for `auth`'s session; returns whether the send succeeded.
 async fn send_keepalive(
     auth: &VpnAuthResponse,
-    gateway: Ipv4Addr,
+    gateway: IpAddr,
     sock: &UdpSocket,
     buf: &mut [u8],
     c: &Counters,
@@ -358,14 +385,14 @@ async fn send_keepalive(
     let counter = match crypto.tx.next() {
         Ok(n) => n,
         Err(_) => {
-            c.drop(DropReason::CounterExhausted);
+            c.count_drop(DropReason::CounterExhausted);
             return false;
         }
     };
     let sealed =
         crypto.cipher.seal_keepalive(Direction::ClientToGateway, auth.session_id, counter, buf);
     let Ok(n) = sealed else {
-        c.drop(seal_drop(sealed));
+        c.count_drop(seal_drop(sealed));
         return false;
     };
     match sock.send_to(&buf[..n], SocketAddr::from((gateway, auth.data_port))).await {
@@ -374,7 +401,7 @@ async fn send_keepalive(
             true
         }
         Err(_) => {
-            c.drop(DropReason::SocketError);
+            c.count_drop(DropReason::SocketError);
             false
         }
     }
@@ -418,7 +445,7 @@ async fn receive_loop(
                 n
             }
             Err(e) => {
-                c.drop(DropReason::SocketError);
+                c.count_drop(DropReason::SocketError);
                 sock_log.failed(&e);
                 pause(sock_errors.failed()).await;
                 continue;
@@ -426,15 +453,15 @@ async fn receive_loop(
         };
         let datagram = &mut buf[..len];
         let Ok(header) = wire::parse_header(datagram) else {
-            c.drop(DropReason::Malformed);
+            c.count_drop(DropReason::Malformed);
             continue;
         };
         let Some(auth) = get_auth() else {
-            c.drop(DropReason::NoSession);
+            c.count_drop(DropReason::NoSession);
             continue;
         };
         if header.session_id != auth.session_id {
-            c.drop(DropReason::WrongSession);
+            c.count_drop(DropReason::WrongSession);
             continue;
         }
         if header.msg_type == MsgType::UnknownSession {
@@ -449,13 +476,13 @@ async fn receive_loop(
         let opened = match crypto.open(Direction::GatewayToClient, datagram) {
             Ok(o) => o,
             Err(e) => {
-                c.drop(DropReason::of_open(e));
+                c.count_drop(DropReason::of_open(e));
                 continue;
             }
         };
         match opened.kind {
             SealedKind::Keepalive => bump(&c.keepalives_rx),
-            SealedKind::Data if opened.payload.is_empty() => c.drop(DropReason::Malformed),
+            SealedKind::Data if opened.payload.is_empty() => c.count_drop(DropReason::Malformed),
             SealedKind::Data => {
                 let inner = &buf[opened.payload];
                 match tun.send(inner).await {
@@ -464,7 +491,7 @@ async fn receive_loop(
                         tun_log.ok();
                     }
                     Err(e) => {
-                        c.drop(DropReason::TunError);
+                        c.count_drop(DropReason::TunError);
                         tun_log.failed(&e);
                     }
                 }

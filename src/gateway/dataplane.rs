@@ -16,12 +16,13 @@
 //! Per-session state the loops need ([`DataSession`]: cipher, counter, window, endpoint,
 //! last-seen) lives in the session table's entries, not in the loops; the loops hold buffers.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use ipnet::Ipv4Net;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -29,6 +30,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tun_rs::AsyncDevice;
 
+use super::ControlPlane;
+use super::sessions::{Clock, Session, SessionTable};
+use crate::config::gateway::GatewayConfig;
 use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, HEADER_LEN, MsgType};
 use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
@@ -87,19 +91,34 @@ impl DataSession {
         }
     }
 
-    /// Records an authenticated datagram from `from` at `now`; returns whether the endpoint
-    /// changed (a first endpoint counts as a change).
-    fn seen(&self, from: SocketAddr, now: Instant) -> bool {
+    /// Records an authenticated datagram from `from` at `now`. Returns whether the endpoint
+    /// changed (a first endpoint counts as a change) and whether the session is due for a
+    /// [`SessionLookup::touch`].
+    fn seen(&self, from: SocketAddr, now: Instant) -> Seen {
         // Stored +1 so that 0 can mean "never".
         let ms = now.saturating_duration_since(epoch()).as_millis() as u64 + 1;
         self.path.last_seen_ms.store(ms, Ordering::Relaxed);
+        let touched = self.path.touched_ms.load(Ordering::Relaxed);
+        let touch = (touched == 0 || ms.saturating_sub(touched) >= TOUCH_EVERY.as_millis() as u64)
+            && self
+                .path
+                .touched_ms
+                .compare_exchange(touched, ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
         if self.path.endpoint.load().as_deref() == Some(&from) {
-            return false;
+            return Seen { roamed: false, touch };
         }
         // Allocates, but only when the endpoint changes (roaming), never per packet.
         self.path.endpoint.store(Some(Arc::new(from)));
-        true
+        Seen { roamed: true, touch }
     }
+}
+
+/// What [`DataSession::seen`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    roamed: bool,
+    touch: bool,
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +126,8 @@ struct SessionPath {
     endpoint: ArcSwapOption<SocketAddr>,
     /// Milliseconds since [`epoch`] plus one; 0 = never.
     last_seen_ms: AtomicU64,
+    /// When the session table was last told the session is in use (same scale).
+    touched_ms: AtomicU64,
 }
 
 /// The time base of `last_seen` (the first call; any fixed instant would do).
@@ -118,8 +139,76 @@ fn epoch() -> Instant {
 /// The session table as the data plane needs it: two lookups that never block on a writer (an
 /// Authenticate in progress must not stall packets).
 pub trait SessionLookup: Send + Sync + 'static {
+    /// The session with this id, if it may carry traffic now.
     fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>>;
+    /// The session that owns this tunnel address (its client's newest), if it may carry traffic.
     fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>>;
+    /// The session carried authenticated traffic just now (so it is not idle). Called at most
+    /// once per [`TOUCH_EVERY`] per session.
+    fn touch(&self, _session: &DataSession) {}
+}
+
+/// How often the data plane reports a busy session as used (see [`SessionLookup::touch`]): often
+/// enough for idle timeouts of seconds, rarely enough to cost nothing per packet.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(1);
+
+/// The control plane's [`SessionTable`] seen through [`SessionLookup`].
+///
+/// The table's sessions hold the key; the data plane's per-session state (expanded cipher,
+/// counter, replay window, endpoint) is kept beside them in a map with the same shape as the
+/// table (an immutable map behind an `ArcSwap`): readers do one atomic load and a hash lookup and
+/// never wait; an entry is built once per session, on its first packet, under a mutex only
+/// writers take, and entries of sessions the table dropped are swept at that moment.
+pub struct ControlSessions {
+    table: Arc<SessionTable>,
+    clock: Clock,
+    data: ArcSwap<HashMap<SessionId, Arc<DataSession>>>,
+    writer: Mutex<()>,
+}
+
+impl ControlSessions {
+    pub fn new(table: Arc<SessionTable>, clock: Clock) -> Self {
+        Self { table, clock, data: ArcSwap::default(), writer: Mutex::new(()) }
+    }
+
+    /// The data-plane state of `s`, if `s` may carry traffic now.
+    fn data_for(&self, s: &Session) -> Option<Arc<DataSession>> {
+        // Expired but not yet pruned (housekeeping runs every second): no traffic.
+        self.table.validity(s, self.clock.now()).ok()?;
+        if let Some(d) = self.data.load().get(&s.id) {
+            return Some(d.clone());
+        }
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.data.load_full();
+        if let Some(d) = current.get(&s.id) {
+            return Some(d.clone());
+        }
+        let mut next: HashMap<_, _> = current
+            .iter()
+            .filter(|(id, _)| self.table.get(**id).is_some())
+            .map(|(id, d)| (*id, d.clone()))
+            .collect();
+        let d = Arc::new(DataSession::new(s.id, s.assigned_ip, &s.key));
+        next.insert(s.id, d.clone());
+        self.data.store(Arc::new(next));
+        Some(d)
+    }
+}
+
+impl SessionLookup for ControlSessions {
+    fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>> {
+        self.data_for(&*self.table.get(id)?)
+    }
+
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>> {
+        self.data_for(&*self.table.get_by_ip(ip)?)
+    }
+
+    fn touch(&self, session: &DataSession) {
+        if let Some(s) = self.table.get(session.session_id) {
+            s.touch(self.clock.now());
+        }
+    }
 }
 
 /// Settings of the gateway data plane.
@@ -137,6 +226,21 @@ pub struct GatewayDataPlaneConfig {
     pub nat_uplink: Option<String>,
 }
 
+impl GatewayDataPlaneConfig {
+    /// From `gateway.toml`: the UDP socket on the control plane's listen address, the TUN on the
+    /// gateway's tunnel address, NAT on `[nat] uplink` when `[nat] enabled`.
+    pub fn from_config(config: &GatewayConfig) -> Self {
+        Self {
+            listen: config.listen,
+            subnet: config.subnet,
+            gateway_ip: config.gateway_ip,
+            tun_name: None,
+            underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
+            nat_uplink: config.nat.enabled.then(|| config.nat.uplink.clone()),
+        }
+    }
+}
+
 /// Why the gateway's data plane could not start. All are start-up failures of the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayDataPlaneError {
@@ -146,6 +250,37 @@ pub enum GatewayDataPlaneError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot install the NAT rule on {uplink}: {reason}")]
     Nat { uplink: String, reason: String },
+}
+
+impl GatewayDataPlaneError {
+    /// Whether the cause is a missing privilege (CAP_NET_ADMIN for the TUN device or the NAT
+    /// rule, or a privileged port), which the binary reports with its own exit code.
+    pub fn not_permitted(&self) -> bool {
+        match self {
+            Self::Tun(tunnel::TunError::Create { source, .. }) | Self::Bind { source, .. } => {
+                source.kind() == std::io::ErrorKind::PermissionDenied
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Starts the data plane of `gateway run`: configured from `gateway.toml`, on the control
+/// plane's session table and clock. Also logs the counters on SIGUSR1. `None` when
+/// `HOLDFAST_DATAPLANE=off` (see [`tunnel::DISABLE_ENV`]).
+pub async fn start_for(
+    config: &GatewayConfig,
+    control: &ControlPlane,
+) -> Result<Option<GatewayDataPlane>, GatewayDataPlaneError> {
+    if tunnel::disabled_by_env() {
+        tracing::info!(target: TARGET, "data plane off ({}=off): control plane only", tunnel::DISABLE_ENV);
+        return Ok(None);
+    }
+    let sessions = Arc::new(ControlSessions::new(control.sessions(), control.clock()));
+    let data =
+        GatewayDataPlane::start(GatewayDataPlaneConfig::from_config(config), sessions).await?;
+    tokio::spawn(tunnel::log_stats_on_sigusr1("gateway data plane", data.counters()));
+    Ok(Some(data))
 }
 
 /// A running gateway data plane. [`GatewayDataPlane::stop`] ends it and removes the NAT rule.
@@ -261,7 +396,7 @@ async fn from_clients(
                 r
             }
             Err(_) => {
-                c.drop(DropReason::SocketError);
+                c.count_drop(DropReason::SocketError);
                 pause(errors.failed()).await;
                 continue;
             }
@@ -271,17 +406,17 @@ async fn from_clients(
             Ok(h) if h.msg_type != MsgType::UnknownSession => h,
             // Clients never send notices; answering one could ping-pong with another gateway.
             _ => {
-                c.drop(DropReason::Malformed);
+                c.count_drop(DropReason::Malformed);
                 continue;
             }
         };
         let Some(session) = ctx.sessions.by_id(header.session_id) else {
-            c.drop(DropReason::UnknownSession);
+            c.count_drop(DropReason::UnknownSession);
             if notices.allow(Instant::now()) {
                 let notice = wire::unknown_session_notice(header.session_id, header.counter);
                 match sock.send_to(&notice, from).await {
                     Ok(_) => bump(&c.notices_tx),
-                    Err(_) => c.drop(DropReason::SocketError),
+                    Err(_) => c.count_drop(DropReason::SocketError),
                 }
             }
             continue;
@@ -290,27 +425,27 @@ async fn from_clients(
         let opened = match crypto.open(Direction::ClientToGateway, datagram) {
             Ok(o) => o,
             Err(e) => {
-                c.drop(DropReason::of_open(e));
+                c.count_drop(DropReason::of_open(e));
                 continue;
             }
         };
         let payload = opened.payload;
         if opened.kind == SealedKind::Keepalive {
             bump(&c.keepalives_rx);
-            note_seen(&session, from, c);
+            note_seen(&*ctx.sessions, &session, from, c);
             continue;
         }
         let Some((src, dst)) = tunnel::ipv4_addrs(&buf[payload.clone()]) else {
-            c.drop(DropReason::Malformed);
+            c.count_drop(DropReason::Malformed);
             continue;
         };
         if src != session.assigned_ip {
-            c.drop(DropReason::Spoofed);
+            c.count_drop(DropReason::Spoofed);
             continue;
         }
         // Before delivery, not after: the answer to this packet may be on its way back through
         // the other loop before this one runs again, and it must go to where the client is now.
-        note_seen(&session, from, c);
+        note_seen(&*ctx.sessions, &session, from, c);
         let inner_len = payload.len();
         let peer = if dst == ctx.cfg.gateway_ip { None } else { ctx.sessions.by_ip(dst) };
         match peer {
@@ -322,15 +457,19 @@ async fn from_clients(
             }
             None => match tun.send(&buf[payload]).await {
                 Ok(_) => Counters::packet(&c.rx_packets, &c.rx_bytes, inner_len),
-                Err(_) => c.drop(DropReason::TunError),
+                Err(_) => c.count_drop(DropReason::TunError),
             },
         }
     }
 }
 
 /// Moves the session's endpoint and last-seen after an authenticated, non-replayed datagram.
-fn note_seen(session: &DataSession, from: SocketAddr, c: &Counters) {
-    if session.seen(from, Instant::now()) {
+fn note_seen(sessions: &dyn SessionLookup, session: &DataSession, from: SocketAddr, c: &Counters) {
+    let seen = session.seen(from, Instant::now());
+    if seen.touch {
+        sessions.touch(session);
+    }
+    if seen.roamed {
         bump(&c.roams);
         // One line per endpoint change of a session: bounded by what the client does.
         tracing::debug!(target: TARGET, "session {} now at {from}", session.session_id);
@@ -348,7 +487,7 @@ async fn send_to_session(
 ) {
     let Some(endpoint) = session.endpoint() else {
         // The client has not sent anything on this session yet, so we don't know where it is.
-        c.drop(DropReason::NoRoute);
+        c.count_drop(DropReason::NoRoute);
         return;
     };
     let sealed = session.crypto.tx.next().and_then(|counter| {
@@ -363,17 +502,17 @@ async fn send_to_session(
     let n = match sealed {
         Ok(n) => n,
         Err(SealError::CounterExhausted) => {
-            c.drop(DropReason::CounterExhausted);
+            c.count_drop(DropReason::CounterExhausted);
             return;
         }
         Err(SealError::BufferTooSmall) => {
-            c.drop(DropReason::Malformed);
+            c.count_drop(DropReason::Malformed);
             return;
         }
     };
     match sock.send_to(&buf[..n], endpoint).await {
         Ok(_) => Counters::packet(&c.tx_packets, &c.tx_bytes, len),
-        Err(_) => c.drop(DropReason::SocketError),
+        Err(_) => c.count_drop(DropReason::SocketError),
     }
 }
 
@@ -401,18 +540,18 @@ async fn to_clients(
                 n
             }
             Err(_) => {
-                c.drop(DropReason::TunError);
+                c.count_drop(DropReason::TunError);
                 pause(errors.failed()).await;
                 continue;
             }
         };
         let Some((_, dst)) = tunnel::ipv4_addrs(&buf[HEADER_LEN..HEADER_LEN + len]) else {
             // IPv6 (the kernel's own router solicitations, say) or garbage: we only route IPv4.
-            c.drop(DropReason::NotIpv4);
+            c.count_drop(DropReason::NotIpv4);
             continue;
         };
         let Some(session) = ctx.sessions.by_ip(dst) else {
-            c.drop(DropReason::NoRoute);
+            c.count_drop(DropReason::NoRoute);
             continue;
         };
         send_to_session(&session, &sock, &mut buf, len, c).await;
@@ -492,11 +631,12 @@ mod tests {
         assert_eq!(s.last_seen(), None);
         let a: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
         let b: SocketAddr = "198.18.0.2:4001".parse().expect("addr");
-        let t = Instant::now();
-        assert!(s.seen(a, t), "first endpoint is a change");
-        assert!(!s.seen(a, t + Duration::from_secs(1)));
+        let t = epoch() + Duration::from_secs(5);
+        assert_eq!(s.seen(a, t), Seen { roamed: true, touch: true }, "first endpoint");
+        assert!(!s.seen(a, t + Duration::from_millis(1)).touch, "touches are spaced");
+        assert_eq!(s.seen(a, t + Duration::from_secs(1)), Seen { roamed: false, touch: true });
         assert_eq!(s.endpoint(), Some(a));
-        assert!(s.seen(b, t + Duration::from_secs(2)));
+        assert!(s.seen(b, t + Duration::from_secs(2)).roamed);
         assert_eq!(s.endpoint(), Some(b));
         let seen = s.last_seen().expect("seen");
         assert!(seen >= t + Duration::from_millis(1999) && seen <= t + Duration::from_millis(2001));

@@ -61,6 +61,9 @@ pub enum GatewayError {
     /// The gRPC server failed while serving.
     #[error("the control plane server failed: {0}")]
     Serve(tonic::transport::Error),
+    /// The data plane (TUN device, UDP socket, NAT rule) could not start.
+    #[error(transparent)]
+    DataPlane(#[from] dataplane::GatewayDataPlaneError),
 }
 
 impl GatewayError {
@@ -76,6 +79,7 @@ impl GatewayError {
             {
                 exit::NOT_PERMITTED
             }
+            GatewayError::DataPlane(e) if e.not_permitted() => exit::NOT_PERMITTED,
             _ => exit::FAILURE,
         }
     }
