@@ -970,3 +970,124 @@ fn bin_after_a_long_outage_in_backoff_traffic_resumes_within_2s_of_the_gateway()
     let s = dump_stats(&mut client);
     assert_eq!(s.get("loop_starts").map(String::as_str), Some("tx:1,rx:1"), "{s:?}");
 }
+
+#[test]
+fn inproc_tun_creation_failure_is_retried_until_it_works() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    // The name the data plane wants is taken by a device of another kind: creation fails.
+    c.ns.ip(&["link", "add", "hf0", "type", "veth", "peer", "name", "hf0peer"]);
+    w.authenticate(&c, 0xe1, [8; 32]);
+    assert!(wait_until(T, || c.stats().tun_failures >= 2), "retried: {}", c.stats());
+    assert_eq!(c.stats().tx_loop_starts, 0, "no loops without a TUN device");
+    // The obstacle goes away; the next retry (backoff doubles from 0.5 s) brings it up.
+    c.ns.ip(&["link", "del", "hf0"]);
+    assert!(c.ns.ping_until(GW_TUN, T).is_some(), "up after the retry");
+    let s = c.stats();
+    assert_eq!((s.tx_loop_starts, s.rx_loop_starts), (1, 1), "{s}");
+    assert_eq!(Some(s.tun_ifindex), c.ns.ifindex("hf0"));
+}
+
+#[test]
+fn inproc_tun_mtu_fits_one_sealed_packet_in_the_underlay() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    w.authenticate(&c, 0xf1, [9; 32]);
+    assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
+    let mtu = |ns: &Netns, dev: &str| {
+        let out = ns.ip(&["-o", "link", "show", "dev", dev]);
+        out.split_whitespace().skip_while(|w| *w != "mtu").nth(1).map(str::to_owned)
+    };
+    // 1500 (veth) - 20 (IPv4) - 8 (UDP) - 36 (datagram header + tag) = 1436.
+    assert_eq!(mtu(&c.ns, "hf0").as_deref(), Some("1436"));
+    assert_eq!(mtu(&w.gw_ns, "hfgw").as_deref(), Some("1436"));
+    // A full-size inner packet (1436 = 20 IP + 8 ICMP + 1408), DF set, crosses both ways.
+    let out =
+        c.ns.exec("ping", &["-c", "2", "-M", "do", "-s", "1408", "-W", "1", &GW_TUN.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out =
+        c.ns.exec("ping", &["-c", "1", "-M", "do", "-s", "1409", "-W", "1", &GW_TUN.to_string()]);
+    assert!(!out.status.success(), "one byte more does not fit the TUN MTU");
+}
+
+// ---------------------------------------------------------------------------------------------
+// No heap allocation per packet in the loops.
+// ---------------------------------------------------------------------------------------------
+
+/// Counts allocations made on threads that opted in (the namespace runtimes' threads, where only
+/// the data-plane loops run), so the rest of the test process doesn't disturb the count.
+struct CountingAlloc;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static COUNT_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn note_allocation() {
+    if COUNT_HERE.try_with(|c| c.get()).unwrap_or(false) {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: defers every operation to the system allocator unchanged; only counts.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded with the caller's pointer and layout.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's pointer, layout and size.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: CountingAlloc = CountingAlloc;
+
+/// Turns counting on or off on a runtime's thread. The flag changes as the task's last step, so
+/// the runtime's own bookkeeping for this task is not counted.
+fn count_on(rt: &NsRuntime, on: bool) {
+    rt.run(async move { COUNT_HERE.with(|c| c.set(on)) });
+}
+
+#[test]
+fn inproc_loops_do_not_allocate_per_packet() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    w.authenticate(&c, 0x0a, [10; 32]);
+    assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
+    assert_eq!(c.ns.ping_count(GW_TUN, 5), 5, "warm-up: every lazy structure exists");
+
+    // Positive control: an allocation on a counted thread is seen.
+    count_on(&c.rt, true);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    c.rt.run(async {
+        std::hint::black_box(Box::new(7u64));
+    });
+    assert!(ALLOCATIONS.load(Ordering::Relaxed) > before, "the counter counts");
+
+    count_on(&w.gw_rt, true);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let sent = c.stats().tx_packets;
+    let out =
+        c.ns.exec("ping", &["-c", "200", "-i", "0.005", "-W", "1", "-q", &GW_TUN.to_string()]);
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    count_on(&c.rt, false);
+    count_on(&w.gw_rt, false);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{allocations} allocations on the loops' threads for 200 pings");
+    let packets = c.stats().tx_packets - sent;
+    assert!(packets >= 200);
+    // 800 packet traversals (client and gateway, each way), keepalives and timers included.
+    assert_eq!(allocations, 0, "allocations for {packets} packets each way");
+}
