@@ -274,7 +274,14 @@ async fn bring_up(shared: Arc<Shared>) {
     );
     let device = Arc::new(tun.device);
     let sock = Arc::new(sock);
-    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), device.clone(), sock.clone()));
+    let tun_ip = (binding.get_auth)().map(|a| a.assigned_ip);
+    let tx = tokio::spawn(send_loop(
+        shared.clone(),
+        binding.clone(),
+        device.clone(),
+        sock.clone(),
+        tun_ip,
+    ));
     let rx = tokio::spawn(receive_loop(shared.clone(), binding, device, sock));
     lock(&shared.tasks).extend([tx, rx]);
 }
@@ -285,6 +292,8 @@ async fn send_loop(
     binding: Binding,
     tun: Arc<AsyncDevice>,
     sock: Arc<UdpSocket>,
+    // The address the TUN device was created with: the device's, not the session's.
+    tun_ip: Option<Ipv4Addr>,
 ) {
     let c = &shared.counters;
     bump(&c.tx_loop_starts);
@@ -363,6 +372,16 @@ async fn send_loop(
                 auth.data_port,
                 c.stats()
             );
+            if tun_ip.is_some_and(|ip| ip != auth.assigned_ip) {
+                // The spec promises a stable address per client, so the device is never
+                // readdressed; say so once per session rather than fail silently.
+                tracing::warn!(
+                    target: TARGET,
+                    "the gateway assigned {} but the tunnel keeps {}: traffic from the new address will be refused",
+                    auth.assigned_ip,
+                    tun_ip.map(|ip| ip.to_string()).unwrap_or_default()
+                );
+            }
         }
         if send_keepalive(&auth, cfg.gateway, &sock, &mut buf, c).await {
             sock_log.ok();
