@@ -37,6 +37,7 @@ fn auth() -> VpnAuthResponse {
         data_port: 51820,
         idle_timeout: 180 * S,
         received_at: SystemTime::now() - 30 * S,
+        crypto: Default::default(),
     }
 }
 
