@@ -43,6 +43,7 @@ fn snapshot_view() -> SnapshotView {
         data_port: 51820,
         idle_timeout: Duration::from_secs(180),
         received_at: wall() - 65 * S,
+        crypto: Default::default(),
     };
     SnapshotView::of(&auth)
 }

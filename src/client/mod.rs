@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod dataplane;
+pub mod app;
 pub mod driver;
 pub mod killswitch;
 pub mod status;
