@@ -140,21 +140,44 @@ impl Drop for Proc {
 
 /// A provisioned gateway directory and a network namespace of its own: the gateway and its
 /// clients run inside that namespace, on its loopback, so the client's TUN device, routes and
-/// kill-switch never touch the machine's own namespace. Everything is removed on drop.
+/// kill-switch never touch the machine's own namespace. With [`GatewayDir::init_split`] the
+/// clients get a namespace of their own instead, joined to the gateway's by a veth pair, so their
+/// traffic really crosses the tunnel. Everything is removed on drop.
 pub struct GatewayDir {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The gateway's namespace.
     pub ns: netns::Netns,
+    /// The clients' namespace, when split from the gateway's.
+    pub client_ns: Option<netns::Netns>,
 }
 
 impl GatewayDir {
+    /// Gateway and clients in one namespace, on its loopback.
     pub fn init() -> GatewayDir {
+        Self::provision("127.0.0.1", netns::Netns::new(), None)
+    }
+
+    /// Gateway at 198.18.0.2 in its namespace, clients at 198.18.0.1 in theirs.
+    pub fn init_split() -> GatewayDir {
+        let (gw, client) = (netns::Netns::new(), netns::Netns::new());
+        let ips = (std::net::Ipv4Addr::new(198, 18, 0, 1), std::net::Ipv4Addr::new(198, 18, 0, 2));
+        netns::link(&client, "hfc", ips.0, &gw, "hfg", ips.1, 30);
+        Self::provision("198.18.0.2", gw, Some(client))
+    }
+
+    fn provision(addr: &str, ns: netns::Netns, client_ns: Option<netns::Netns>) -> GatewayDir {
         let dir = tempfile::tempdir().expect("tempdir");
-        // The namespace is new and empty: any port is free in it.
+        // The namespaces are new and empty: any port is free in them.
         let port = 51820;
-        let endpoint = format!("127.0.0.1:{port}");
+        let endpoint = format!("{addr}:{port}");
         holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
-        GatewayDir { dir, port, ns: netns::Netns::new() }
+        GatewayDir { dir, port, ns, client_ns }
+    }
+
+    /// Where the clients run.
+    pub fn clients_ns(&self) -> &netns::Netns {
+        self.client_ns.as_ref().unwrap_or(&self.ns)
     }
 
     pub fn path(&self) -> &Path {
@@ -204,9 +227,9 @@ impl GatewayDir {
         Proc::spawn(tag, cmd)
     }
 
-    /// Runs a client inside this namespace, headless.
+    /// Runs a client inside the clients' namespace, headless.
     pub fn run_client(&self, tag: &str, file: &Path) -> Proc {
-        let mut cmd = self.ns.command(BIN);
+        let mut cmd = self.clients_ns().command(BIN);
         cmd.args(["client", "run", "--no-tui", "--config", s(file)]).env_remove("RUST_LOG");
         Proc::spawn(tag, cmd)
     }
