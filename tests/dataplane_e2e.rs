@@ -265,6 +265,7 @@ fn gateway_config() -> GatewayDataPlaneConfig {
         tun_name: Some("hfgw".into()),
         underlay_mtu: 1500,
         nat_uplink: None,
+        offload: true,
     }
 }
 
