@@ -714,26 +714,33 @@ impl TunReader {
     }
 }
 
-/// A loop's TUN write side: inner packets collected from one UDP batch, written with one
-/// `send_multiple`, which coalesces TCP segments of a flow (GRO) when offload is on.
+/// A loop's TUN write side: inner packets collected from one UDP batch, then written.
+///
+/// With `coalesce`, one `send_multiple` merges the TCP segments of a flow into large packets
+/// (GRO) before they reach the kernel. tun-rs 2.8 copies every candidate packet into a fresh
+/// `Vec` while doing so (`offload::tcp_gro`), which breaks our no-allocation-per-packet rule, so
+/// it is off by default: each packet is then written on its own, behind a zeroed virtio-net
+/// header (no GSO, checksum already complete) when the device has offload on.
 pub struct TunWriter {
     out: Vec<Vec<u8>>,
     n: usize,
     gro: tun_rs::GROTable,
+    coalesce: bool,
 }
 
 impl Default for TunWriter {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
 impl TunWriter {
-    pub fn new() -> Self {
+    pub fn new(coalesce: bool) -> Self {
         // Each buffer may become the head of a coalesced 64 KiB packet, so each gets that much
-        // room once, here: coalescing then never allocates.
-        let out = (0..BATCH).map(|_| Vec::with_capacity(TUN_WRITE_OFFSET + 65535)).collect();
-        Self { out, n: 0, gro: tun_rs::GROTable::new() }
+        // room once, here: coalescing then never grows them.
+        let room = if coalesce { TUN_WRITE_OFFSET + 65535 } else { TUN_WRITE_OFFSET + MAX_INNER };
+        let out = (0..BATCH).map(|_| Vec::with_capacity(room)).collect();
+        Self { out, n: 0, gro: tun_rs::GROTable::new(), coalesce }
     }
 
     pub fn is_full(&self) -> bool {
@@ -757,7 +764,15 @@ impl TunWriter {
             return Ok((0, 0));
         }
         let bytes = self.out[..n].iter().map(|o| o.len() - TUN_WRITE_OFFSET).sum();
-        tun.send_multiple(&mut self.gro, &mut self.out[..n], TUN_WRITE_OFFSET).await?;
+        if self.coalesce {
+            tun.send_multiple(&mut self.gro, &mut self.out[..n], TUN_WRITE_OFFSET).await?;
+            return Ok((n, bytes));
+        }
+        // `push` zeroed the header room, which is exactly the "plain packet" virtio-net header.
+        let from = if tun.tcp_gso() { 0 } else { TUN_WRITE_OFFSET };
+        for o in &self.out[..n] {
+            tun.send(&o[from..]).await?;
+        }
         Ok((n, bytes))
     }
 }

@@ -224,8 +224,11 @@ pub struct GatewayDataPlaneConfig {
     pub underlay_mtu: u16,
     /// Masquerade the tunnel subnet out of this interface (`[nat]`), or no NAT.
     pub nat_uplink: Option<String>,
-    /// TUN offload (TSO/GRO): 64 KiB reads and coalesced writes.
+    /// TUN offload (TSO): 64 KiB reads, split in user space, instead of one packet per read.
     pub offload: bool,
+    /// Coalesce TCP segments when writing to the TUN device (GRO): faster, but tun-rs
+    /// allocates per packet doing it (see [`tunnel::TunWriter`]). Off by default.
+    pub coalesce_writes: bool,
 }
 
 impl GatewayDataPlaneConfig {
@@ -240,6 +243,7 @@ impl GatewayDataPlaneConfig {
             underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
             nat_uplink: config.nat.enabled.then(|| config.nat.uplink.clone()),
             offload: true,
+            coalesce_writes: false,
         }
     }
 }
@@ -390,7 +394,7 @@ async fn from_clients(
     bump(&c.rx_loop_starts);
     // One receive may hold many coalesced datagrams of one client (UDP GRO), up to 64 KiB.
     let mut buf = vec![0u8; 65535];
-    let mut writer = TunWriter::new();
+    let mut writer = TunWriter::new(ctx.cfg.offload && ctx.cfg.coalesce_writes);
     let mut notices = RateLimit::new(NOTICES_PER_SECOND, NOTICE_BURST);
     let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
