@@ -24,4 +24,5 @@ pub mod logging;
 pub mod pki;
 pub mod sansio;
 pub mod snapshot;
+pub mod tui;
 pub mod tunnel;

@@ -449,17 +449,6 @@ pub async fn pause(d: Duration) {
     }
 }
 
-/// The environment variable that turns the data plane off (`HOLDFAST_DATAPLANE=off`): the
-/// binary then runs the control plane only, creating no TUN device, socket or NAT rule. For
-/// tests that run on the machine's own loopback, where a TUN device would change the machine's
-/// routes, and for debugging the control plane alone.
-pub const DISABLE_ENV: &str = "HOLDFAST_DATAPLANE";
-
-/// Whether [`DISABLE_ENV`] turns the data plane off.
-pub fn disabled_by_env() -> bool {
-    std::env::var(DISABLE_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("off"))
-}
-
 /// Logs `what`'s counters (one info line) on every SIGUSR1, for operators and tests: the data
 /// plane never logs per packet, so this is how its drop counts are read from outside. Runs until
 /// the process ends; without a signal handler it does nothing.

@@ -422,9 +422,7 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
     let data = super::dataplane::start_for(&config, &plane).await?;
     let result = plane.serve(stop_signal()).await;
-    if let Some(data) = data {
-        data.stop().await;
-    }
+    data.stop().await;
     result
 }
 

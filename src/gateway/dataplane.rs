@@ -273,21 +273,16 @@ impl GatewayDataPlaneError {
 }
 
 /// Starts the data plane of `gateway run`: configured from `gateway.toml`, on the control
-/// plane's session table and clock. Also logs the counters on SIGUSR1. `None` when
-/// `HOLDFAST_DATAPLANE=off` (see [`tunnel::DISABLE_ENV`]).
+/// plane's session table and clock. Also logs the counters on SIGUSR1.
 pub async fn start_for(
     config: &GatewayConfig,
     control: &ControlPlane,
-) -> Result<Option<GatewayDataPlane>, GatewayDataPlaneError> {
-    if tunnel::disabled_by_env() {
-        tracing::info!(target: TARGET, "data plane off ({}=off): control plane only", tunnel::DISABLE_ENV);
-        return Ok(None);
-    }
+) -> Result<GatewayDataPlane, GatewayDataPlaneError> {
     let sessions = Arc::new(ControlSessions::new(control.sessions(), control.clock()));
     let data =
         GatewayDataPlane::start(GatewayDataPlaneConfig::from_config(config), sessions).await?;
     tokio::spawn(tunnel::log_stats_on_sigusr1("gateway data plane", data.counters()));
-    Ok(Some(data))
+    Ok(data)
 }
 
 /// A running gateway data plane. [`GatewayDataPlane::stop`] ends it and removes the NAT rule.
