@@ -19,6 +19,7 @@
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod gateway;
 pub mod logging;
 pub mod pki;

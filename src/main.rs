@@ -31,6 +31,12 @@ enum Top {
     Client(ClientCommand),
     /// Show what the running client is doing: state, session (never its key), counters and
     /// recent transitions. Exits 3 when no client is running.
+    /// A live demo on this machine (as root): a gateway and a client in network namespaces of
+    /// their own, the client's dashboard, a steady ping through the tunnel, and keys that inject
+    /// faults (k kill/restart the gateway, e expire the session, u blackhole UDP, c blackhole the
+    /// control port). Everything it creates is removed on exit; the machine's own network is
+    /// never touched.
+    Demo,
     Status {
         /// Print the report as JSON.
         #[arg(long)]
@@ -70,6 +76,13 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Top::Gateway(cmd) => run_gateway(cmd),
         Top::Client(ClientCommand::Run { config, no_tui }) => run_client(config, no_tui),
+        Top::Demo => match holdfast::demo::run() {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("holdfast demo: {e}");
+                e.exit_code()
+            }
+        },
         Top::Status { json, socket, config } => {
             status_socket::status_command(json, socket, config.as_deref())
         }
@@ -130,5 +143,5 @@ fn run_client(config: Option<PathBuf>, no_tui: bool) -> i32 {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    rt.block_on(app::run(settings, Arc::new(LoggingNoopKillSwitch), RunOptions { dashboard }))
+    rt.block_on(app::run(settings, Arc::new(LoggingNoopKillSwitch), RunOptions { dashboard, ..RunOptions::default() }))
 }

@@ -15,9 +15,12 @@ use crate::tunnel::{Counters, DropReason};
 const TARGET: &str = "holdfast::client";
 
 /// How the process is run.
+#[derive(Default)]
 pub struct RunOptions {
     /// Draw the dashboard on this terminal (else headless: logs to stderr).
     pub dashboard: bool,
+    /// Extra dashboard keys (the demo's fault injectors).
+    pub extra_keys: Vec<tui::ExtraKey>,
 }
 
 /// Runs the client until an explicit stop (SIGINT, SIGTERM, or `q` on the dashboard) and returns
@@ -67,7 +70,7 @@ pub async fn run(
     };
 
     if opts.dashboard {
-        run_dashboard(&handle, sampler, ks_desc).await;
+        run_dashboard(&handle, sampler, ks_desc, opts.extra_keys).await;
     } else {
         wait_for_stop_signal().await;
     }
@@ -75,9 +78,14 @@ pub async fn run(
     stop(handle, dataplane).await
 }
 
-async fn run_dashboard(handle: &ClientHandle, sampler: Sampler, ks_desc: String) {
+async fn run_dashboard(
+    handle: &ClientHandle,
+    sampler: Sampler,
+    ks_desc: String,
+    extras: Vec<tui::ExtraKey>,
+) {
     let outcome = tokio::select! {
-        r = tui::run_dashboard(handle, Some(sampler), ks_desc) => r,
+        r = tui::run_dashboard(handle, Some(sampler), ks_desc, extras) => r,
         () = wait_for_stop_signal() => Ok(DashboardExit::Stop),
     };
     match outcome {

@@ -51,6 +51,36 @@ pub fn action_for(key: &KeyEvent) -> Option<Action> {
     }
 }
 
+/// An extra key the embedding program adds to the dashboard (the demo's fault injectors): the key,
+/// a short label for the footer and the help, and an action that returns a notice to show. The
+/// action runs off the async runtime (it may start processes), never inside a render.
+#[derive(Clone)]
+pub struct ExtraKey {
+    pub key: char,
+    pub label: String,
+    pub action: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+impl std::fmt::Debug for ExtraKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExtraKey({:?}, {:?})", self.key, self.label)
+    }
+}
+
+/// The index of the extra key a key press selects, if any. Built-in keys win: an extra key that
+/// collides with `q`, `r` or `?` is never selected.
+pub fn extra_for(key: &KeyEvent, extras: &[ExtraKey]) -> Option<usize> {
+    if key.kind != KeyEventKind::Press || action_for(key).is_some() {
+        return None;
+    }
+    match key.code {
+        KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) => {
+            extras.iter().position(|e| e.key == c)
+        }
+        _ => None,
+    }
+}
+
 /// One throughput point: bytes per second received and sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Rate {
@@ -82,6 +112,8 @@ pub struct App {
     pub(super) help: bool,
     /// A line about the last key action ("re-authentication requested"), shown in the footer.
     pub(super) notice: Option<(Now, String)>,
+    /// Extra keys of the embedding program: (key, label).
+    extra_keys: Vec<(char, String)>,
 }
 
 /// How long a footer notice stays.
@@ -100,6 +132,7 @@ impl App {
             mark: None,
             help: false,
             notice: None,
+            extra_keys: Vec::new(),
         }
     }
 
@@ -180,6 +213,21 @@ impl App {
             }
             Action::Stop => self.notice = Some((self.now, "stopping...".into())),
         }
+    }
+
+    /// Labels of the extra keys, for the footer and the help overlay.
+    pub fn set_extra_keys(&mut self, keys: Vec<(char, String)>) {
+        self.extra_keys = keys;
+    }
+
+    /// The extra keys' labels.
+    pub fn extra_keys(&self) -> &[(char, String)] {
+        &self.extra_keys
+    }
+
+    /// Shows `text` in the footer for a while.
+    pub fn notify(&mut self, text: String) {
+        self.notice = Some((self.now, text));
     }
 
     /// Whether the help overlay is shown.

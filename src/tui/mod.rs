@@ -29,7 +29,7 @@ use futures_util::StreamExt;
 use ratatui::Terminal;
 use ratatui::backend::CrosstermBackend;
 
-pub use app::{Action, App, action_for};
+pub use app::{Action, App, ExtraKey, action_for, extra_for};
 pub use render::render;
 
 use crate::client::ClientHandle;
@@ -66,10 +66,12 @@ pub async fn run_dashboard(
     handle: &ClientHandle,
     sampler: Option<Sampler>,
     killswitch: String,
+    extras: Vec<ExtraKey>,
 ) -> io::Result<DashboardExit> {
     let mut status = handle.status();
     let mut clock = StatusClock::new(status.borrow().epoch);
     let mut app = App::new(killswitch);
+    app.set_extra_keys(extras.iter().map(|e| (e.key, e.label.clone())).collect());
 
     let _session = TerminalSession::enter()?;
     let mut term = Terminal::new(CrosstermBackend::new(io::stdout()))?;
@@ -104,6 +106,15 @@ pub async fn run_dashboard(
                 }
             }
             event = events.next() => match event {
+                Some(Ok(Event::Key(key))) if extra_for(&key, &extras).is_some() => {
+                    if let Some(extra) = extra_for(&key, &extras).and_then(|i| extras.get(i)) {
+                        let action = extra.action.clone();
+                        let notice = tokio::task::spawn_blocking(move || action())
+                            .await
+                            .unwrap_or_else(|e| format!("{}: failed ({e})", extra.label));
+                        app.notify(notice);
+                    }
+                }
                 Some(Ok(Event::Key(key))) => match action_for(&key) {
                     Some(Action::Stop) => {
                         app.apply(Action::Stop);

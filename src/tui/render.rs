@@ -66,7 +66,7 @@ pub fn render(app: &App, frame: &mut Frame) {
         frame.render_widget(Paragraph::new(footer_line(app)), footer);
     }
     if app.help {
-        render_help(frame, area);
+        render_help(frame, area, app.extra_keys());
     }
 }
 
@@ -188,6 +188,11 @@ fn footer_line(app: &App) -> Line<'static> {
         key(" ? "),
         Span::raw(" help"),
     ];
+    for (k, label) in app.extra_keys() {
+        spans.push(Span::raw("  "));
+        spans.push(Span::styled(format!(" {k} "), bold().fg(Color::Black).bg(Color::Yellow)));
+        spans.push(Span::raw(format!(" {label}")));
+    }
     if let Some((_, notice)) = &app.notice {
         spans.push(Span::styled(
             format!("   {notice}"),
@@ -535,15 +540,14 @@ const HELP: &[(&str, &str)] = &[
     ("?, F1", "show or hide this help; Esc closes it"),
 ];
 
-fn render_help(frame: &mut Frame, area: Rect) {
+fn render_help(frame: &mut Frame, area: Rect, extras: &[(char, String)]) {
+    let row = |k: String, what: String| {
+        Line::from(vec![Span::styled(format!(" {k:<11}"), bold()), Span::raw(what)])
+    };
     let mut lines: Vec<Line> = HELP
         .iter()
-        .map(|(k, what)| {
-            Line::from(vec![
-                Span::styled(format!(" {k:<11}"), bold()),
-                Span::raw(*what),
-            ])
-        })
+        .map(|(k, what)| row((*k).to_owned(), (*what).to_owned()))
+        .chain(extras.iter().map(|(k, what)| row(k.to_string(), what.clone())))
         .collect();
     lines.extend([
         Line::raw(""),
