@@ -33,8 +33,10 @@ fn a_person_sees_the_client_connect_forces_a_reauth_and_quits_with_q() {
 
     // Help, then back.
     tmux.keys("?");
-    tmux.wait_for(&["re-auth"], T);
+    tmux.wait_for(&["show or hide this help"], T);
     tmux.keys("Escape");
+    // A key typed right after Escape would reach the program as Alt+key: wait for Esc to act.
+    tmux.wait_gone("show or hide this help", T);
 
     // A forced re-authentication shows up as a transition with its cause, and comes back Healthy.
     tmux.keys("r");

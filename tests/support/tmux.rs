@@ -52,6 +52,19 @@ impl Tmux {
         }
     }
 
+    /// Waits until the screen no longer shows `needle`.
+    pub fn wait_gone(&self, needle: &str, within: Duration) {
+        let end = Instant::now() + within;
+        loop {
+            let screen = self.screen();
+            if !screen.contains(needle) {
+                return;
+            }
+            assert!(Instant::now() < end, "screen still shows {needle:?}:\n{screen}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The pane's program exit status, once it has exited.
     pub fn exit_status(&self, within: Duration) -> i32 {
         let end = Instant::now() + within;
