@@ -8,8 +8,10 @@
 //! - [`killswitch`]: the kill-switch interface.
 
 pub mod control;
+pub mod dns;
 pub mod driver;
 pub mod killswitch;
+pub mod routes;
 pub mod status;
 
 use std::path::PathBuf;
