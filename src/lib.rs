@@ -11,6 +11,7 @@
 //! - [`client`]: the tokio shell of the client: `start()`, the supervisor driver, the control-plane
 //!   client, logging.
 //! - [`gateway`]: the gateway: client registry, session registry, control service.
+//! - [`tunnel`]: the IO pieces both data planes share (TUN device, UDP socket, counters).
 //!
 //! The IO rule: only `client`, `gateway` and the binary touch the world. Everything under `sansio`
 //! is deterministic given its inputs, which is what lets the property tests replay any run.
@@ -23,3 +24,4 @@ pub mod logging;
 pub mod pki;
 pub mod sansio;
 pub mod snapshot;
+pub mod tunnel;

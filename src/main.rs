@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use holdfast::client::dataplane::{ClientDataPlane, ClientDataPlaneConfig};
 use holdfast::client::{self, ClientSettings};
 use holdfast::client::killswitch::LoggingNoopKillSwitch;
 use holdfast::config::{self, exit};
@@ -114,7 +115,11 @@ fn run_client(config: Option<PathBuf>) -> i32 {
             settings.file.name,
             settings.file.endpoint
         );
-        let handle = match client::start(settings, Arc::new(LoggingNoopKillSwitch), None) {
+        // Data plane (issue 3): comes up on the first snapshot, through the driver's hook.
+        let dataplane = (!holdfast::tunnel::disabled_by_env())
+            .then(|| ClientDataPlane::new(ClientDataPlaneConfig::from_file(&settings.file)));
+        let on_swap = dataplane.as_ref().map(|d| d.on_swap_hook());
+        let handle = match client::start(settings, Arc::new(LoggingNoopKillSwitch), on_swap) {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(target: "holdfast::client", "{e}");
@@ -122,8 +127,15 @@ fn run_client(config: Option<PathBuf>) -> i32 {
                 return exit::NOT_PERMITTED;
             }
         };
+        if let Some(dp) = &dataplane {
+            dp.bind(handle.getter(), handle.commands());
+            tokio::spawn(holdfast::tunnel::log_stats_on_sigusr1("client data plane", dp.counters()));
+        }
         wait_for_stop_signal().await;
         tracing::info!(target: "holdfast::client", "stop requested; shutting down");
+        if let Some(dp) = &dataplane {
+            dp.stop().await;
+        }
         match handle.stop().await {
             Ok(()) => exit::OK,
             Err(e) => {

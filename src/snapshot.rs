@@ -11,11 +11,15 @@
 
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use sha2::{Digest, Sha256};
+
+use crate::sansio::replay::ReplayWindow;
+use crate::sansio::seal::{Direction, OpenError, Opened, SessionCipher, TxCounter};
+use crate::sansio::wire;
 
 /// A session id: random, 64 bits, chosen by the gateway on every authentication.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -124,6 +128,10 @@ pub struct VpnAuthResponse {
     pub idle_timeout: Duration,
     /// When the client received it (wall clock, for display only).
     pub received_at: SystemTime,
+    /// The data plane's per-session state (cipher, send counter, replay window), created on first
+    /// use and dropped with the snapshot. Build it with `Default::default()`; read it through
+    /// [`VpnAuthResponse::crypto`].
+    pub crypto: CryptoSlot,
 }
 
 impl VpnAuthResponse {
@@ -137,6 +145,72 @@ impl VpnAuthResponse {
             self.gateway_ip,
             self.session_key.fingerprint()
         )
+    }
+
+    /// The data plane's state for this session, built from the key on first use (the key
+    /// expansion happens once per snapshot, not per packet).
+    pub fn crypto(&self) -> &SessionCrypto {
+        self.crypto.0.get_or_init(|| SessionCrypto::new(&self.session_key))
+    }
+}
+
+/// The per-session state of the data plane: what must change exactly when the session changes.
+///
+/// It lives inside the snapshot rather than in the UDP loops because the spec forbids the loops
+/// to keep session data: a counter or a replay window kept by a loop would outlive a re-auth and
+/// be applied to the wrong key. Here, a new snapshot brings a fresh counter (nonces restart at 0
+/// under a fresh key, which is safe) and a fresh window, atomically with the key.
+#[derive(Debug)]
+pub struct SessionCrypto {
+    /// The expanded AES-256-GCM key.
+    pub cipher: SessionCipher,
+    /// Counter of the datagrams this side seals (one direction per side, see `seal::Direction`).
+    pub tx: TxCounter,
+    /// The replay window of the direction this side receives.
+    rx: Mutex<ReplayWindow>,
+}
+
+impl SessionCrypto {
+    /// Fresh state for `key`: counter 0, empty window.
+    pub fn new(key: &SessionKey) -> Self {
+        Self {
+            cipher: SessionCipher::new(key),
+            tx: TxCounter::new(),
+            rx: Mutex::new(ReplayWindow::new()),
+        }
+    }
+
+    /// The receive window, locked. Hold it only around `check` and `accept`, not across the AEAD.
+    fn rx_window(&self) -> MutexGuard<'_, ReplayWindow> {
+        // A panic while holding the lock cannot leave the window inconsistent (its methods do
+        // not panic and update one word at a time), so a poisoned lock is still usable.
+        self.rx.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Opens a received datagram in place with the replay window applied: a cheap check first
+    /// (a replay costs no AES work), then the tag, then the window moves, so a forged datagram
+    /// never moves it. The lock is held only around the window operations, not the AEAD, so
+    /// several receivers could share a session.
+    pub fn open(&self, dir: Direction, datagram: &mut [u8]) -> Result<Opened, OpenError> {
+        let header = wire::parse_header(datagram)?;
+        self.rx_window().check(header.counter)?;
+        let opened = self.cipher.open(dir, datagram)?;
+        self.rx_window().accept(opened.counter)?;
+        Ok(opened)
+    }
+}
+
+/// Holder of a snapshot's [`SessionCrypto`], empty until the data plane first uses the snapshot.
+#[derive(Default)]
+pub struct CryptoSlot(OnceLock<SessionCrypto>);
+
+impl fmt::Debug for CryptoSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The cipher's Debug shows only a fingerprint, which `VpnAuthResponse` already shows.
+        match self.0.get() {
+            Some(c) => write!(f, "CryptoSlot(tx {})", c.tx.peek()),
+            None => f.write_str("CryptoSlot(unused)"),
+        }
     }
 }
 
@@ -190,6 +264,7 @@ mod tests {
             data_port: 51820,
             idle_timeout: Duration::from_secs(120),
             received_at: SystemTime::UNIX_EPOCH,
+            crypto: Default::default(),
         })
     }
 

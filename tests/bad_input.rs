@@ -83,6 +83,16 @@ fn missing_or_invalid_keys_are_named_with_their_exit_code() {
     assert_eq!(code, exit::BAD_KEYS, "{err}");
     assert!(err.contains("certificate"), "{err}");
 
+    // A valid key that belongs to another client's certificate.
+    let other = gw.add_client("other", |_| {});
+    let other_key = holdfast::config::client::ClientFile::load(&other).unwrap().tls.key;
+    let swapped = dir.path().join("swapped-key.toml");
+    std::fs::copy(&good, &swapped).unwrap();
+    edit_client_file(&swapped, |f| f.tls.key = other_key);
+    let (code, err) = client_fails(&swapped);
+    assert_eq!(code, exit::BAD_KEYS, "{err}");
+    assert!(err.contains("does not match the certificate"), "{err}");
+
     // No key at all.
     let nokey = dir.path().join("no-key.toml");
     std::fs::copy(&good, &nokey).unwrap();

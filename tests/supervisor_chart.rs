@@ -205,6 +205,7 @@ fn snap(id: u64) -> Arc<VpnAuthResponse> {
         data_port: 51820,
         idle_timeout: Duration::from_secs(120),
         received_at: SystemTime::UNIX_EPOCH,
+        crypto: Default::default(),
     })
 }
 

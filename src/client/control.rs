@@ -157,6 +157,7 @@ fn snapshot_from(r: pb::AuthenticateResponse) -> Result<Arc<VpnAuthResponse>, St
         data_port,
         idle_timeout: Duration::from_millis(r.session_idle_timeout_ms),
         received_at: SystemTime::now(),
+        crypto: Default::default(),
     }))
 }
 

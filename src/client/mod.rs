@@ -3,11 +3,13 @@
 //! - [`start`]: the spec's `StartAsync`. Enables the kill-switch, sets the snapshot to `None`, spawns
 //!   the supervisor and returns at once. No authentication, no tunnel, no IO on the control plane.
 //! - [`driver`]: the task that runs the pure supervisor machine and executes its effects.
+//! - [`dataplane`]: the TUN device and the UDP loops, started by the first snapshot.
 //! - [`control`]: the gRPC client (mutual TLS, deadlines, failure classification).
 //! - [`status`]: the status feed observers read.
 //! - [`killswitch`]: the kill-switch interface.
 
 pub mod control;
+pub mod dataplane;
 pub mod dns;
 pub mod driver;
 pub mod killswitch;

@@ -188,7 +188,7 @@ impl ClientFile {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let file: ClientFile = toml::from_str(text).map_err(|e| ConfigError::Malformed {
             path: path.to_owned(),
-            reason: e.message().to_owned(),
+            reason: super::toml_reason(text, &e),
         })?;
         file.validate(path)?;
         Ok(file)
@@ -253,6 +253,12 @@ impl ClientFile {
             .map_err(|reason| ConfigError::BadKey { path: cert.1.clone(), what: "certificate", reason })?;
         crate::pki::check_key_pem(&key.0)
             .map_err(|reason| ConfigError::BadKey { path: key.1.clone(), what: "key", reason })?;
+        // A key that does not belong to the certificate would only fail later, at every handshake.
+        crate::pki::check_pair(&cert.0, &key.0).map_err(|reason| ConfigError::BadKey {
+            path: key.1.clone(),
+            what: "key",
+            reason: format!("does not match the certificate: {reason}"),
+        })?;
         Ok(Credentials { gateway_ca_pem: ca.0, certificate_pem: cert.0, key_pem: key.0 })
     }
 }

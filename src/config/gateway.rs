@@ -192,7 +192,7 @@ impl GatewayConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let raw: RawGatewayFile = toml::from_str(text).map_err(|e| ConfigError::Malformed {
             path: path.to_owned(),
-            reason: toml_reason(text, &e),
+            reason: super::toml_reason(text, &e),
         })?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
         resolve(raw, dir).map_err(|reason| ConfigError::Malformed {
@@ -205,22 +205,6 @@ impl GatewayConfig {
     pub fn prefix_len(&self) -> u8 {
         self.subnet.prefix_len()
     }
-}
-
-/// A one-line description of a TOML error: the message plus the line it points at, so a bad
-/// value ("invalid value: ... expected a duration") names its key.
-pub fn toml_reason(text: &str, e: &toml::de::Error) -> String {
-    let Some(span) = e.span() else {
-        return e.message().to_owned();
-    };
-    let start = span.start.min(text.len());
-    let line_no = text[..start].matches('\n').count() + 1;
-    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-    if line.is_empty() {
-        return e.message().to_owned();
-    }
-    let shown: String = line.chars().take(80).collect();
-    format!("{} (line {line_no}: `{shown}`)", e.message().trim_end())
 }
 
 fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {

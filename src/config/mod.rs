@@ -90,3 +90,19 @@ pub fn default_log_dir() -> PathBuf {
         .map(|d| d.state_dir().unwrap_or(d.data_local_dir()).join("logs"))
         .unwrap_or_else(|| PathBuf::from("holdfast-logs"))
 }
+
+/// A one-line description of a TOML error: the message plus the line it points at, so a bad
+/// value ("invalid value: ... expected a duration") names its key.
+pub fn toml_reason(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_owned();
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    if line.is_empty() {
+        return e.message().to_owned();
+    }
+    let shown: String = line.chars().take(80).collect();
+    format!("{} (line {line_no}: `{shown}`)", e.message().trim_end())
+}

@@ -419,7 +419,13 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
     let config = GatewayConfig::load_dir(dir)?;
     let plane = ControlPlane::bind(&config)?;
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
-    plane.serve(stop_signal()).await
+    // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
+    let data = super::dataplane::start_for(&config, &plane).await?;
+    let result = plane.serve(stop_signal()).await;
+    if let Some(data) = data {
+        data.stop().await;
+    }
+    result
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -8,9 +8,11 @@
 //! - [`service`]: the `Authenticate` and `PingSession` RPCs.
 //! - [`tls`]: TLS 1.3-only mutual authentication, one handshake task per connection.
 //! - [`server`]: binds, serves, and runs housekeeping.
+//! - [`dataplane`]: the TUN device, the UDP loops and the NAT rule.
 //! - [`fsutil`]: atomic file writes and the registry's edit lock.
 
 pub mod cli;
+pub mod dataplane;
 pub mod fsutil;
 pub mod live;
 pub mod registry;
@@ -59,6 +61,9 @@ pub enum GatewayError {
     /// The gRPC server failed while serving.
     #[error("the control plane server failed: {0}")]
     Serve(tonic::transport::Error),
+    /// The data plane (TUN device, UDP socket, NAT rule) could not start.
+    #[error(transparent)]
+    DataPlane(#[from] dataplane::GatewayDataPlaneError),
 }
 
 impl GatewayError {
@@ -74,6 +79,7 @@ impl GatewayError {
             {
                 exit::NOT_PERMITTED
             }
+            GatewayError::DataPlane(e) if e.not_permitted() => exit::NOT_PERMITTED,
             _ => exit::FAILURE,
         }
     }

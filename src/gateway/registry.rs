@@ -215,7 +215,7 @@ impl Registry {
         };
         let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))?;
         let file: RegistryFile =
-            toml::from_str(text).map_err(|e| bad(crate::config::gateway::toml_reason(text, &e)))?;
+            toml::from_str(text).map_err(|e| bad(crate::config::toml_reason(text, &e)))?;
         let mut names = HashSet::new();
         let mut ips = HashSet::new();
         for c in &file.clients {

@@ -843,6 +843,7 @@ mod tests {
             data_port: 51820,
             idle_timeout: Duration::from_secs(120),
             received_at: SystemTime::UNIX_EPOCH,
+            crypto: Default::default(),
         })
     }
 

@@ -3,6 +3,8 @@
 //! when a test panics.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -200,7 +202,10 @@ impl GatewayDir {
 
     pub fn run(&self, tag: &str) -> Proc {
         let mut cmd = Command::new(BIN);
-        cmd.args(["gateway", "run", "--dir", s(self.path())]).env("RUST_LOG", "info,holdfast=debug");
+        // On the machine's own loopback: no data plane, which would add a TUN device and routes.
+        cmd.args(["gateway", "run", "--dir", s(self.path())])
+            .env("RUST_LOG", "info,holdfast=debug")
+            .env(holdfast::tunnel::DISABLE_ENV, "off");
         Proc::spawn(tag, cmd)
     }
 }
@@ -233,7 +238,10 @@ pub fn fast_timings(file: &mut ClientFile, log_dir: &Path) {
 
 pub fn run_client(tag: &str, file: &Path) -> Proc {
     let mut cmd = Command::new(BIN);
-    cmd.args(["client", "run", "--config", s(file)]).env_remove("RUST_LOG");
+    // On the machine's own loopback: no data plane, which would add a TUN device and routes.
+    cmd.args(["client", "run", "--config", s(file)])
+        .env_remove("RUST_LOG")
+        .env(holdfast::tunnel::DISABLE_ENV, "off");
     Proc::spawn(tag, cmd)
 }
 

@@ -1,0 +1,544 @@
+//! The client's data plane: one TUN device and one UDP socket, and the two loops between them.
+//!
+//! How it follows the spec:
+//! - *Started by the first snapshot, once*: [`ClientDataPlane::on_swap_hook`] is the driver's
+//!   `OnSwap`. On the first call it spawns the bring-up task, which creates the TUN device (with
+//!   the snapshot's address) and the socket, retrying with backoff while that fails (logged, never
+//!   fatal, never blocking the supervisor), then starts the send loop and the receive loop. Later
+//!   swaps only wake the send loop so it announces the new session; nothing is recreated.
+//! - *No session data in the loops*: every iteration calls the getter and uses only the snapshot
+//!   it returns. The per-session counter and replay window live in that snapshot
+//!   ([`VpnAuthResponse::crypto`]), so they change exactly when the key does.
+//! - *Survives everything*: socket and TUN errors are counted in [`Counters`] and survived; at most
+//!   one log line per [`ERROR_LOG_EVERY`] per loop. An "unknown session" notice from the gateway
+//!   is passed on as a rate-limited nudge: a hint to the supervisor, which still decides.
+//!
+//! Buffers are allocated once per loop; the per-packet path does not allocate.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tun_rs::AsyncDevice;
+
+use super::driver::{Command, OnSwap};
+use crate::config::client::ClientFile;
+use crate::sansio::seal::{Direction, SealError, SealedKind};
+use crate::sansio::wire::{self, HEADER_LEN, MsgType};
+use crate::snapshot::{GetAuth, VpnAuthResponse};
+use crate::tunnel::{
+    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TunSpec, bump, describe_io, pause,
+    stop_requested,
+};
+
+const TARGET: &str = "holdfast::dataplane";
+
+/// Default keepalive interval: well under the 30 s that common NAT boxes keep an idle UDP
+/// mapping, and the gateway's idle timeout.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The TUN device's name when the client file names none.
+pub const DEFAULT_TUN_NAME: &str = "holdfast0";
+
+/// At most one log line per loop per this interval about failing socket or TUN IO.
+pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Bring-up retry delays (TUN or socket creation failing): first, and cap.
+const BRINGUP_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
+
+/// While there is no snapshot, the send loop drops what the TUN offers and sleeps this long
+/// (doubling up to the cap) between reads, so it does not spin.
+const NO_SESSION_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_millis(500));
+
+/// Settings of the client data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientDataPlaneConfig {
+    /// The gateway's address; the UDP port comes from each snapshot (`data_port`).
+    pub gateway: IpAddr,
+    /// The TUN device's name; `None` lets the kernel choose.
+    pub tun_name: Option<String>,
+    /// The MTU of the path to the gateway; the TUN MTU is derived from it.
+    pub underlay_mtu: u16,
+    /// Send a keepalive when nothing was sent for this long.
+    pub keepalive: Duration,
+    /// Minimum spacing of nudges to the supervisor.
+    pub nudge_min_interval: Duration,
+}
+
+impl ClientDataPlaneConfig {
+    /// Defaults for a gateway at `gateway`.
+    pub fn new(gateway: IpAddr) -> Self {
+        Self {
+            gateway,
+            tun_name: None,
+            underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
+            keepalive: DEFAULT_KEEPALIVE,
+            nudge_min_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ClientDataPlaneConfig {
+    /// From the client file: the gateway's address from `endpoint`, the rest from `[network]`.
+    pub fn from_file(file: &ClientFile) -> Self {
+        let net = &file.network;
+        Self {
+            gateway: file.endpoint.ip(),
+            tun_name: Some(net.tun_name.clone().unwrap_or_else(|| DEFAULT_TUN_NAME.into())),
+            underlay_mtu: net.underlay_mtu.unwrap_or(tunnel::DEFAULT_UNDERLAY_MTU),
+            keepalive: net.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
+            nudge_min_interval: file.timings().nudge_min_interval,
+        }
+    }
+}
+
+/// What the data plane needs from the running client: the snapshot getter and a way to nudge the
+/// supervisor. Given after `client::start()` (see [`ClientDataPlane::bind`]).
+#[derive(Clone)]
+struct Binding {
+    get_auth: GetAuth,
+    commands: mpsc::Sender<Command>,
+}
+
+struct Shared {
+    cfg: ClientDataPlaneConfig,
+    binding: watch::Sender<Option<Binding>>,
+    counters: Arc<Counters>,
+    /// Set by the first snapshot: the bring-up runs once per process.
+    started: AtomicBool,
+    /// Woken on every snapshot swap: the send loop announces the new session at once, so the
+    /// gateway learns our endpoint before it has anything to send us.
+    swapped: Notify,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The client's data plane. Cheap to clone; all clones are the same data plane.
+#[derive(Clone)]
+pub struct ClientDataPlane {
+    shared: Arc<Shared>,
+}
+
+impl ClientDataPlane {
+    /// A data plane that will come up on the first snapshot. Nothing happens until then.
+    pub fn new(cfg: ClientDataPlaneConfig) -> Self {
+        let (binding, _) = watch::channel(None);
+        let (stop, _) = watch::channel(false);
+        Self {
+            shared: Arc::new(Shared {
+                cfg,
+                binding,
+                counters: Arc::default(),
+                started: AtomicBool::new(false),
+                swapped: Notify::new(),
+                stop,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Hands over the snapshot getter and the supervisor's command queue. `client::start()`
+    /// wants the hook before it returns the handle these come from, hence a separate step; the
+    /// bring-up waits for it.
+    pub fn bind(&self, get_auth: GetAuth, commands: mpsc::Sender<Command>) {
+        self.shared.binding.send_replace(Some(Binding { get_auth, commands }));
+    }
+
+    /// The driver's `OnSwap` hook. Never blocks: the first call spawns the bring-up task, every
+    /// call wakes the send loop. Must be called inside a tokio runtime (the driver's task is).
+    pub fn on_swap_hook(&self) -> OnSwap {
+        let shared = self.shared.clone();
+        Box::new(move |_snapshot: &Arc<VpnAuthResponse>| {
+            if !shared.started.swap(true, Ordering::AcqRel) {
+                let task = tokio::spawn(bring_up(shared.clone()));
+                lock(&shared.tasks).push(task);
+            }
+            shared.swapped.notify_one();
+        })
+    }
+
+    /// The counters (for the status feed and the dashboard).
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.stats()
+    }
+
+    /// The live counters, for a status feed or a stats dump that outlives a borrow.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.shared.counters.clone()
+    }
+
+    /// Explicit stop: ends the loops (and a bring-up still retrying) and removes the TUN device.
+    pub async fn stop(&self) {
+        self.shared.stop.send_replace(true);
+        let tasks = std::mem::take(&mut *lock(&self.shared.tasks));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The task list stays valid whatever panicked while it was held.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Resolves when a stop was requested.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    stop_requested(&mut rx).await;
+}
+
+/// Creates the TUN device and the socket (retrying with backoff until both exist or a stop),
+/// then starts the two loops, once.
+async fn bring_up(shared: Arc<Shared>) {
+    let stop = shared.stop.subscribe();
+    let mut binding_rx = shared.binding.subscribe();
+    let binding = tokio::select! {
+        b = binding_rx.wait_for(|b| b.is_some()) => match b {
+            Ok(b) => b.clone(),
+            Err(_) => return,
+        },
+        _ = stopped(stop.clone()) => return,
+    };
+    let Some(binding) = binding else { return };
+    let cfg = &shared.cfg;
+    let mtu = match tunnel::tun_mtu(cfg.underlay_mtu) {
+        Ok(m) => m,
+        Err(e) => {
+            // A configuration error, not a transient one: retrying cannot help. Still not fatal:
+            // the control plane keeps running, and the status shows the data plane down.
+            tracing::error!(target: TARGET, "data plane not started: {e}");
+            return;
+        }
+    };
+    let mut delay = BRINGUP_BACKOFF.0;
+    let mut attempt = 0u32;
+    let (tun, sock) = loop {
+        attempt += 1;
+        // Each attempt takes the address from the current snapshot; it is stable per client.
+        let Some(auth) = (binding.get_auth)() else {
+            // Cannot happen (we were started by a snapshot and snapshots are never cleared);
+            // handled anyway rather than assumed.
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => continue,
+                _ = stopped(stop.clone()) => return,
+            }
+        };
+        let spec = TunSpec {
+            name: cfg.tun_name.clone(),
+            address: auth.assigned_ip,
+            prefix_len: auth.prefix_len,
+            mtu,
+        };
+        let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
+            let any: IpAddr = match cfg.gateway {
+                IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            tunnel::bind_udp(SocketAddr::new(any, 0))
+                .map(|s| (t, s))
+                .map_err(|e| format!("cannot open the UDP socket: {e}"))
+        });
+        match result {
+            Ok(up) => break up,
+            Err(e) => {
+                bump(&shared.counters.tun_failures);
+                // Warn on the first failure, then info: the backoff caps the rate of lines.
+                if attempt == 1 {
+                    tracing::warn!(target: TARGET, "data plane not up yet, retrying in {delay:?}: {e}");
+                } else {
+                    tracing::info!(target: TARGET, "data plane still not up (attempt {attempt}), retrying in {delay:?}: {e}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopped(stop.clone()) => return,
+                }
+                delay = (delay * 2).min(BRINGUP_BACKOFF.1);
+            }
+        }
+    };
+    shared.counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
+    tracing::info!(
+        target: TARGET,
+        "data plane up: tun {} (ifindex {}, mtu {}), UDP {} -> gateway {}",
+        tun.name,
+        tun.ifindex,
+        tun.mtu,
+        sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
+        cfg.gateway,
+    );
+    let device = Arc::new(tun.device);
+    let sock = Arc::new(sock);
+    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), device.clone(), sock.clone()));
+    let rx = tokio::spawn(receive_loop(shared.clone(), binding, device, sock));
+    lock(&shared.tasks).extend([tx, rx]);
+}
+
+/// TUN -> gateway. Also sends keepalives when idle and announces each new session.
+async fn send_loop(
+    shared: Arc<Shared>,
+    binding: Binding,
+    tun: Arc<AsyncDevice>,
+    sock: Arc<UdpSocket>,
+) {
+    let c = &shared.counters;
+    bump(&c.tx_loop_starts);
+    let cfg = &shared.cfg;
+    let get_auth = &binding.get_auth;
+    let mut stop = shared.stop.subscribe();
+    let mut buf = tunnel::datagram_buffer();
+    let inner_end = buf.len() - wire::TAG_LEN;
+    let mut last_sent = Instant::now();
+    let mut no_session = ErrorBackoff::new(NO_SESSION_BACKOFF.0, NO_SESSION_BACKOFF.1);
+    let mut tun_errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    let mut sock_log = IoLog::new("sending to the gateway");
+    let mut tun_log = IoLog::new("reading from the TUN device");
+
+    loop {
+        let keepalive_at = last_sent + cfg.keepalive;
+        let announce = tokio::select! {
+            biased;
+            _ = stop_requested(&mut stop) => return,
+            _ = shared.swapped.notified() => true,
+            _ = tokio::time::sleep_until(keepalive_at) => false,
+            read = tun.recv(&mut buf[HEADER_LEN..inner_end]) => {
+                let len = match read {
+                    Ok(n) => { tun_errors.reset(); n }
+                    Err(e) => {
+                        c.count_drop(DropReason::TunError);
+                        tun_log.failed(&e);
+                        pause(tun_errors.failed()).await;
+                        continue;
+                    }
+                };
+                let Some(auth) = get_auth() else {
+                    c.count_drop(DropReason::NoSession);
+                    pause(no_session.failed()).await;
+                    continue;
+                };
+                no_session.reset();
+                if !tunnel::is_ipv4(&buf[HEADER_LEN..HEADER_LEN + len]) {
+                    c.count_drop(DropReason::NotIpv4);
+                    continue;
+                }
+                let crypto = auth.crypto();
+                let counter = match crypto.tx.next() {
+                    Ok(n) => n,
+                    Err(_) => { c.count_drop(DropReason::CounterExhausted); continue; }
+                };
+                let sealed = crypto.cipher.seal_data(
+                    Direction::ClientToGateway, auth.session_id, counter, &mut buf, len);
+                let Ok(n) = sealed else {
+                    c.count_drop(seal_drop(sealed));
+                    continue;
+                };
+                let dest = SocketAddr::from((cfg.gateway, auth.data_port));
+                match sock.send_to(&buf[..n], dest).await {
+                    Ok(_) => {
+                        Counters::packet(&c.tx_packets, &c.tx_bytes, len);
+                        sock_log.ok();
+                    }
+                    Err(e) => { c.count_drop(DropReason::SocketError); sock_log.failed(&e); }
+                }
+                last_sent = Instant::now();
+                continue;
+            }
+        };
+        // A keepalive: on a new snapshot (announce), or after `keepalive` without sending.
+        let Some(auth) = get_auth() else {
+            last_sent = Instant::now();
+            continue;
+        };
+        if announce {
+            tracing::info!(
+                target: TARGET,
+                "data plane on session {} (gateway {}:{}); {}",
+                auth.session_id,
+                cfg.gateway,
+                auth.data_port,
+                c.stats()
+            );
+        }
+        if send_keepalive(&auth, cfg.gateway, &sock, &mut buf, c).await {
+            sock_log.ok();
+        } else {
+            sock_log.failed_silently();
+        }
+        last_sent = Instant::now();
+    }
+}
+
+/// Sends one keepalive for `auth`'s session; returns whether the send succeeded.
+async fn send_keepalive(
+    auth: &VpnAuthResponse,
+    gateway: IpAddr,
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    c: &Counters,
+) -> bool {
+    let crypto = auth.crypto();
+    let counter = match crypto.tx.next() {
+        Ok(n) => n,
+        Err(_) => {
+            c.count_drop(DropReason::CounterExhausted);
+            return false;
+        }
+    };
+    let sealed =
+        crypto.cipher.seal_keepalive(Direction::ClientToGateway, auth.session_id, counter, buf);
+    let Ok(n) = sealed else {
+        c.count_drop(seal_drop(sealed));
+        return false;
+    };
+    match sock.send_to(&buf[..n], SocketAddr::from((gateway, auth.data_port))).await {
+        Ok(_) => {
+            bump(&c.keepalives_tx);
+            true
+        }
+        Err(_) => {
+            c.count_drop(DropReason::SocketError);
+            false
+        }
+    }
+}
+
+fn seal_drop<T>(r: Result<T, SealError>) -> DropReason {
+    match r {
+        Err(SealError::CounterExhausted) => DropReason::CounterExhausted,
+        // A TUN read is bounded by the buffer, so the datagram always fits; counted, not assumed.
+        _ => DropReason::Malformed,
+    }
+}
+
+/// Gateway -> TUN. Accepts datagrams from any source: authenticity comes from the AEAD, and a
+/// multi-homed gateway may answer from another address than the one we send to.
+async fn receive_loop(
+    shared: Arc<Shared>,
+    binding: Binding,
+    tun: Arc<AsyncDevice>,
+    sock: Arc<UdpSocket>,
+) {
+    let c = &shared.counters;
+    bump(&c.rx_loop_starts);
+    let get_auth = &binding.get_auth;
+    let mut stop = shared.stop.subscribe();
+    let mut buf = tunnel::datagram_buffer();
+    let mut nudges = RateLimit::every(shared.cfg.nudge_min_interval);
+    let mut sock_errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    let mut sock_log = IoLog::new("receiving from the gateway");
+    let mut tun_log = IoLog::new("writing to the TUN device");
+
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = stop_requested(&mut stop) => return,
+            r = sock.recv_from(&mut buf) => r,
+        };
+        let len = match received {
+            Ok((n, _from)) => {
+                sock_errors.reset();
+                n
+            }
+            Err(e) => {
+                c.count_drop(DropReason::SocketError);
+                sock_log.failed(&e);
+                pause(sock_errors.failed()).await;
+                continue;
+            }
+        };
+        let datagram = &mut buf[..len];
+        let Ok(header) = wire::parse_header(datagram) else {
+            c.count_drop(DropReason::Malformed);
+            continue;
+        };
+        let Some(auth) = get_auth() else {
+            c.count_drop(DropReason::NoSession);
+            continue;
+        };
+        if header.session_id != auth.session_id {
+            c.count_drop(DropReason::WrongSession);
+            continue;
+        }
+        if header.msg_type == MsgType::UnknownSession {
+            // Unauthenticated by nature: only ever a reason to ask the supervisor to check now.
+            bump(&c.notices_rx);
+            if nudges.allow(Instant::now()) && binding.commands.try_send(Command::Nudge).is_ok() {
+                bump(&c.nudges);
+            }
+            continue;
+        }
+        let crypto = auth.crypto();
+        let opened = match crypto.open(Direction::GatewayToClient, datagram) {
+            Ok(o) => o,
+            Err(e) => {
+                c.count_drop(DropReason::of_open(e));
+                continue;
+            }
+        };
+        match opened.kind {
+            SealedKind::Keepalive => bump(&c.keepalives_rx),
+            SealedKind::Data if opened.payload.is_empty() => c.count_drop(DropReason::Malformed),
+            SealedKind::Data => {
+                let inner = &buf[opened.payload];
+                match tun.send(inner).await {
+                    Ok(_) => {
+                        Counters::packet(&c.rx_packets, &c.rx_bytes, inner.len());
+                        tun_log.ok();
+                    }
+                    Err(e) => {
+                        c.count_drop(DropReason::TunError);
+                        tun_log.failed(&e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The log policy of one loop's failing IO: one warning when it starts failing, then at most one
+/// line per [`ERROR_LOG_EVERY`] with the count, and one line when it works again.
+struct IoLog {
+    what: &'static str,
+    failing: bool,
+    since_log: u64,
+    limit: RateLimit,
+}
+
+impl IoLog {
+    fn new(what: &'static str) -> Self {
+        Self { what, failing: false, since_log: 0, limit: RateLimit::every(ERROR_LOG_EVERY) }
+    }
+
+    fn failed(&mut self, e: &std::io::Error) {
+        self.since_log += 1;
+        if self.limit.allow(Instant::now()) {
+            let how = describe_io(e);
+            if self.failing {
+                tracing::info!(target: TARGET, "{} still failing ({} errors): {how}", self.what, self.since_log);
+            } else {
+                tracing::warn!(target: TARGET, "{} failing: {how} (counted, not logged per packet)", self.what);
+            }
+            self.since_log = 0;
+        }
+        self.failing = true;
+    }
+
+    fn failed_silently(&mut self) {
+        self.since_log += 1;
+        self.failing = true;
+    }
+
+    fn ok(&mut self) {
+        if self.failing {
+            self.failing = false;
+            if self.limit.allow(Instant::now()) {
+                tracing::info!(target: TARGET, "{} works again", self.what);
+            }
+        }
+    }
+}

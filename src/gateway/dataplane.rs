@@ -1,0 +1,652 @@
+//! The gateway's data plane: one TUN device (the gateway's tunnel address), one UDP socket (the
+//! control plane's port number), two loops started once, and the outbound NAT rule.
+//!
+//! From clients (UDP -> TUN): parse the header, find the session by id (lock-free, through
+//! [`SessionLookup`]), check the replay window, open, check that the inner source is the
+//! session's assigned address (no spoofing). Only then does the session's endpoint follow the
+//! packet's source (roaming, from authenticated, non-replayed packets only) and its last-seen
+//! time move. Then deliver: to the TUN device, or straight to another client when the
+//! destination is another session's address (re-sealed in place, no copy, and no dependence on
+//! the host's IP forwarding). A datagram for an unknown session id gets a small, rate-limited
+//! "unknown session" notice back.
+//!
+//! To clients (TUN -> UDP): route by inner destination to the session that owns the address,
+//! seal with that session's counter, send to its last authenticated endpoint.
+//!
+//! Per-session state the loops need ([`DataSession`]: cipher, counter, window, endpoint,
+//! last-seen) lives in the session table's entries, not in the loops; the loops hold buffers.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use ipnet::Ipv4Net;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tun_rs::AsyncDevice;
+
+use super::ControlPlane;
+use super::sessions::{Clock, Session, SessionTable};
+use crate::config::gateway::GatewayConfig;
+use crate::sansio::seal::{Direction, SealError, SealedKind};
+use crate::sansio::wire::{self, HEADER_LEN, MsgType};
+use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
+use crate::tunnel::{
+    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TunSpec, bump, pause,
+    stop_requested,
+};
+
+const TARGET: &str = "holdfast::gateway::dataplane";
+
+/// "Unknown session" notices: sustained rate and burst, for the whole gateway. After a restart
+/// every active client triggers one; clients that miss theirs still recover through their own
+/// periodic health check. A notice (20 bytes) is smaller than any datagram that triggers it
+/// (at least 36), so it cannot amplify a spoofed flood.
+const NOTICES_PER_SECOND: f64 = 100.0;
+const NOTICE_BURST: u32 = 200;
+
+/// How long start-up waits for a TUN name still held by a previous gateway's device.
+const TUN_BUSY_WAIT: Duration = Duration::from_secs(3);
+
+/// The nftables table holding the NAT rule; the gateway owns it whole, so removal is one command.
+pub const NAT_TABLE: &str = "holdfast_nat";
+
+/// One session as the data plane sees it. The session table creates one per Authenticate and
+/// keeps it (in an `Arc`) in its lock-free indexes by id and by assigned address.
+#[derive(Debug)]
+pub struct DataSession {
+    pub session_id: SessionId,
+    pub assigned_ip: Ipv4Addr,
+    /// Cipher, the gateway-to-client counter and the client-to-gateway replay window.
+    pub crypto: SessionCrypto,
+    /// Where the client was last seen; written by the receive loop only.
+    path: SessionPath,
+}
+
+impl DataSession {
+    pub fn new(session_id: SessionId, assigned_ip: Ipv4Addr, key: &SessionKey) -> Self {
+        Self {
+            session_id,
+            assigned_ip,
+            crypto: SessionCrypto::new(key),
+            path: SessionPath::default(),
+        }
+    }
+
+    /// The client's last authenticated UDP endpoint, if it has sent anything yet.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.path.endpoint.load().as_deref().copied()
+    }
+
+    /// When the last authenticated datagram of this session arrived.
+    pub fn last_seen(&self) -> Option<Instant> {
+        match self.path.last_seen_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(epoch() + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// Records an authenticated datagram from `from` at `now`. Returns whether the endpoint
+    /// changed (a first endpoint counts as a change) and whether the session is due for a
+    /// [`SessionLookup::touch`].
+    fn seen(&self, from: SocketAddr, now: Instant) -> Seen {
+        // Stored +1 so that 0 can mean "never".
+        let ms = now.saturating_duration_since(epoch()).as_millis() as u64 + 1;
+        self.path.last_seen_ms.store(ms, Ordering::Relaxed);
+        let touched = self.path.touched_ms.load(Ordering::Relaxed);
+        let touch = (touched == 0 || ms.saturating_sub(touched) >= TOUCH_EVERY.as_millis() as u64)
+            && self
+                .path
+                .touched_ms
+                .compare_exchange(touched, ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if self.path.endpoint.load().as_deref() == Some(&from) {
+            return Seen { roamed: false, touch };
+        }
+        // Allocates, but only when the endpoint changes (roaming), never per packet.
+        self.path.endpoint.store(Some(Arc::new(from)));
+        Seen { roamed: true, touch }
+    }
+}
+
+/// What [`DataSession::seen`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    roamed: bool,
+    touch: bool,
+}
+
+#[derive(Debug, Default)]
+struct SessionPath {
+    endpoint: ArcSwapOption<SocketAddr>,
+    /// Milliseconds since [`epoch`] plus one; 0 = never.
+    last_seen_ms: AtomicU64,
+    /// When the session table was last told the session is in use (same scale).
+    touched_ms: AtomicU64,
+}
+
+/// The time base of `last_seen` (the first call; any fixed instant would do).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// The session table as the data plane needs it: two lookups that never block on a writer (an
+/// Authenticate in progress must not stall packets).
+pub trait SessionLookup: Send + Sync + 'static {
+    /// The session with this id, if it may carry traffic now.
+    fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>>;
+    /// The session that owns this tunnel address (its client's newest), if it may carry traffic.
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>>;
+    /// The session carried authenticated traffic just now (so it is not idle). Called at most
+    /// once per [`TOUCH_EVERY`] per session.
+    fn touch(&self, _session: &DataSession) {}
+}
+
+/// How often the data plane reports a busy session as used (see [`SessionLookup::touch`]): often
+/// enough for idle timeouts of seconds, rarely enough to cost nothing per packet.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(1);
+
+/// The control plane's [`SessionTable`] seen through [`SessionLookup`].
+///
+/// The table's sessions hold the key; the data plane's per-session state (expanded cipher,
+/// counter, replay window, endpoint) is kept beside them in a map with the same shape as the
+/// table (an immutable map behind an `ArcSwap`): readers do one atomic load and a hash lookup and
+/// never wait; an entry is built once per session, on its first packet, under a mutex only
+/// writers take, and entries of sessions the table dropped are swept at that moment.
+pub struct ControlSessions {
+    table: Arc<SessionTable>,
+    clock: Clock,
+    data: ArcSwap<HashMap<SessionId, Arc<DataSession>>>,
+    writer: Mutex<()>,
+}
+
+impl ControlSessions {
+    pub fn new(table: Arc<SessionTable>, clock: Clock) -> Self {
+        Self { table, clock, data: ArcSwap::default(), writer: Mutex::new(()) }
+    }
+
+    /// The data-plane state of `s`, if `s` may carry traffic now.
+    fn data_for(&self, s: &Session) -> Option<Arc<DataSession>> {
+        // Expired but not yet pruned (housekeeping runs every second): no traffic.
+        self.table.validity(s, self.clock.now()).ok()?;
+        if let Some(d) = self.data.load().get(&s.id) {
+            return Some(d.clone());
+        }
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.data.load_full();
+        if let Some(d) = current.get(&s.id) {
+            return Some(d.clone());
+        }
+        let mut next: HashMap<_, _> = current
+            .iter()
+            .filter(|(id, _)| self.table.get(**id).is_some())
+            .map(|(id, d)| (*id, d.clone()))
+            .collect();
+        let d = Arc::new(DataSession::new(s.id, s.assigned_ip, &s.key));
+        next.insert(s.id, d.clone());
+        self.data.store(Arc::new(next));
+        Some(d)
+    }
+}
+
+impl SessionLookup for ControlSessions {
+    fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>> {
+        self.data_for(&*self.table.get(id)?)
+    }
+
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>> {
+        self.data_for(&*self.table.get_by_ip(ip)?)
+    }
+
+    fn touch(&self, session: &DataSession) {
+        if let Some(s) = self.table.get(session.session_id) {
+            s.touch(self.clock.now());
+        }
+    }
+}
+
+/// Settings of the gateway data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayDataPlaneConfig {
+    /// Where the UDP socket binds: the control plane's listen address (same port number).
+    pub listen: SocketAddr,
+    /// The tunnel subnet and the gateway's address in it.
+    pub subnet: Ipv4Net,
+    pub gateway_ip: Ipv4Addr,
+    /// The TUN device's name; `None` lets the kernel choose.
+    pub tun_name: Option<String>,
+    pub underlay_mtu: u16,
+    /// Masquerade the tunnel subnet out of this interface (`[nat]`), or no NAT.
+    pub nat_uplink: Option<String>,
+}
+
+impl GatewayDataPlaneConfig {
+    /// From `gateway.toml`: the UDP socket on the control plane's listen address, the TUN on the
+    /// gateway's tunnel address, NAT on `[nat] uplink` when `[nat] enabled`.
+    pub fn from_config(config: &GatewayConfig) -> Self {
+        Self {
+            listen: config.listen,
+            subnet: config.subnet,
+            gateway_ip: config.gateway_ip,
+            tun_name: None,
+            underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
+            nat_uplink: config.nat.enabled.then(|| config.nat.uplink.clone()),
+        }
+    }
+}
+
+/// Why the gateway's data plane could not start. All are start-up failures of the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayDataPlaneError {
+    #[error(transparent)]
+    Tun(#[from] tunnel::TunError),
+    #[error("cannot bind the data-plane UDP socket on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot install the NAT rule on {uplink}: {reason}")]
+    Nat { uplink: String, reason: String },
+}
+
+impl GatewayDataPlaneError {
+    /// Whether the cause is a missing privilege (CAP_NET_ADMIN for the TUN device or the NAT
+    /// rule, or a privileged port), which the binary reports with its own exit code.
+    pub fn not_permitted(&self) -> bool {
+        match self {
+            Self::Tun(tunnel::TunError::Create { source, .. }) | Self::Bind { source, .. } => {
+                source.kind() == std::io::ErrorKind::PermissionDenied
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Starts the data plane of `gateway run`: configured from `gateway.toml`, on the control
+/// plane's session table and clock. Also logs the counters on SIGUSR1. `None` when
+/// `HOLDFAST_DATAPLANE=off` (see [`tunnel::DISABLE_ENV`]).
+pub async fn start_for(
+    config: &GatewayConfig,
+    control: &ControlPlane,
+) -> Result<Option<GatewayDataPlane>, GatewayDataPlaneError> {
+    if tunnel::disabled_by_env() {
+        tracing::info!(target: TARGET, "data plane off ({}=off): control plane only", tunnel::DISABLE_ENV);
+        return Ok(None);
+    }
+    let sessions = Arc::new(ControlSessions::new(control.sessions(), control.clock()));
+    let data =
+        GatewayDataPlane::start(GatewayDataPlaneConfig::from_config(config), sessions).await?;
+    tokio::spawn(tunnel::log_stats_on_sigusr1("gateway data plane", data.counters()));
+    Ok(Some(data))
+}
+
+/// A running gateway data plane. [`GatewayDataPlane::stop`] ends it and removes the NAT rule.
+pub struct GatewayDataPlane {
+    counters: Arc<Counters>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    nat: Option<Nat>,
+    pub tun_name: String,
+    pub local: SocketAddr,
+}
+
+impl GatewayDataPlane {
+    /// Creates the TUN device and the socket, installs the NAT rule if configured, and starts the
+    /// loops. Must run inside a tokio runtime.
+    pub async fn start(
+        cfg: GatewayDataPlaneConfig,
+        sessions: Arc<dyn SessionLookup>,
+    ) -> Result<Self, GatewayDataPlaneError> {
+        let spec = TunSpec {
+            name: cfg.tun_name.clone(),
+            address: cfg.gateway_ip,
+            prefix_len: cfg.subnet.prefix_len(),
+            mtu: tunnel::tun_mtu(cfg.underlay_mtu)?,
+        };
+        let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
+        let sock = tunnel::bind_udp(cfg.listen)
+            .map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?;
+        let local = sock.local_addr().unwrap_or(cfg.listen);
+        let nat =
+            match &cfg.nat_uplink {
+                Some(uplink) => Some(Nat::install(cfg.subnet, uplink).await.map_err(|reason| {
+                    GatewayDataPlaneError::Nat { uplink: uplink.clone(), reason }
+                })?),
+                None => None,
+            };
+        let counters = Arc::new(Counters::default());
+        counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
+        tracing::info!(
+            target: TARGET,
+            "data plane up: tun {} (ifindex {}, {}/{}, mtu {}), UDP {local}{}",
+            tun.name,
+            tun.ifindex,
+            cfg.gateway_ip,
+            cfg.subnet.prefix_len(),
+            tun.mtu,
+            match &cfg.nat_uplink {
+                Some(u) => format!(", NAT {} -> {u}", cfg.subnet),
+                None => String::new(),
+            }
+        );
+        let (stop, _) = watch::channel(false);
+        let device = Arc::new(tun.device);
+        let sock = Arc::new(sock);
+        let ctx = Arc::new(Loops { cfg, sessions, counters: counters.clone() });
+        let tasks = vec![
+            tokio::spawn(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe())),
+            tokio::spawn(to_clients(ctx, device, sock, stop.subscribe())),
+        ];
+        Ok(Self { counters, stop, tasks, nat, tun_name: tun.name, local })
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.counters.stats()
+    }
+
+    /// The live counters, for a status feed that outlives a borrow of the data plane.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// Ends the loops, removes the NAT rule and the TUN device.
+    pub async fn stop(mut self) {
+        self.stop.send_replace(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        if let Some(nat) = self.nat.take() {
+            nat.remove().await;
+        }
+        tracing::info!(target: TARGET, "data plane stopped; {}", self.counters.stats());
+    }
+}
+
+/// What both loops share.
+struct Loops {
+    cfg: GatewayDataPlaneConfig,
+    sessions: Arc<dyn SessionLookup>,
+    counters: Arc<Counters>,
+}
+
+/// UDP -> TUN (or -> another client).
+async fn from_clients(
+    ctx: Arc<Loops>,
+    tun: Arc<AsyncDevice>,
+    sock: Arc<UdpSocket>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let c = &*ctx.counters;
+    bump(&c.rx_loop_starts);
+    let mut buf = tunnel::datagram_buffer();
+    let mut notices = RateLimit::new(NOTICES_PER_SECOND, NOTICE_BURST);
+    let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = stop_requested(&mut stop) => return,
+            r = sock.recv_from(&mut buf) => r,
+        };
+        let (len, from) = match received {
+            Ok(r) => {
+                errors.reset();
+                r
+            }
+            Err(_) => {
+                c.count_drop(DropReason::SocketError);
+                pause(errors.failed()).await;
+                continue;
+            }
+        };
+        let datagram = &mut buf[..len];
+        let header = match wire::parse_header(datagram) {
+            Ok(h) if h.msg_type != MsgType::UnknownSession => h,
+            // Clients never send notices; answering one could ping-pong with another gateway.
+            _ => {
+                c.count_drop(DropReason::Malformed);
+                continue;
+            }
+        };
+        let Some(session) = ctx.sessions.by_id(header.session_id) else {
+            c.count_drop(DropReason::UnknownSession);
+            if notices.allow(Instant::now()) {
+                let notice = wire::unknown_session_notice(header.session_id, header.counter);
+                match sock.send_to(&notice, from).await {
+                    Ok(_) => bump(&c.notices_tx),
+                    Err(_) => c.count_drop(DropReason::SocketError),
+                }
+            }
+            continue;
+        };
+        let crypto = &session.crypto;
+        let opened = match crypto.open(Direction::ClientToGateway, datagram) {
+            Ok(o) => o,
+            Err(e) => {
+                c.count_drop(DropReason::of_open(e));
+                continue;
+            }
+        };
+        let payload = opened.payload;
+        if opened.kind == SealedKind::Keepalive {
+            bump(&c.keepalives_rx);
+            note_seen(&*ctx.sessions, &session, from, c);
+            continue;
+        }
+        let Some((src, dst)) = tunnel::ipv4_addrs(&buf[payload.clone()]) else {
+            c.count_drop(DropReason::Malformed);
+            continue;
+        };
+        if src != session.assigned_ip {
+            c.count_drop(DropReason::Spoofed);
+            continue;
+        }
+        // Before delivery, not after: the answer to this packet may be on its way back through
+        // the other loop before this one runs again, and it must go to where the client is now.
+        note_seen(&*ctx.sessions, &session, from, c);
+        let inner_len = payload.len();
+        let peer = if dst == ctx.cfg.gateway_ip { None } else { ctx.sessions.by_ip(dst) };
+        match peer {
+            // Client to client: re-seal in place (the inner packet already sits at HEADER_LEN,
+            // and the tag room behind it is the one the datagram had) for the peer's session.
+            Some(peer) => {
+                Counters::packet(&c.rx_packets, &c.rx_bytes, inner_len);
+                send_to_session(&peer, &sock, &mut buf, inner_len, c).await;
+            }
+            None => match tun.send(&buf[payload]).await {
+                Ok(_) => Counters::packet(&c.rx_packets, &c.rx_bytes, inner_len),
+                Err(_) => c.count_drop(DropReason::TunError),
+            },
+        }
+    }
+}
+
+/// Moves the session's endpoint and last-seen after an authenticated, non-replayed datagram.
+fn note_seen(sessions: &dyn SessionLookup, session: &DataSession, from: SocketAddr, c: &Counters) {
+    let seen = session.seen(from, Instant::now());
+    if seen.touch {
+        sessions.touch(session);
+    }
+    if seen.roamed {
+        bump(&c.roams);
+        // One line per endpoint change of a session: bounded by what the client does.
+        tracing::debug!(target: TARGET, "session {} now at {from}", session.session_id);
+    }
+}
+
+/// Seals the inner packet at `buf[HEADER_LEN..HEADER_LEN + len]` for `session` and sends it to
+/// the session's endpoint, counting the outcome.
+async fn send_to_session(
+    session: &DataSession,
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    len: usize,
+    c: &Counters,
+) {
+    let Some(endpoint) = session.endpoint() else {
+        // The client has not sent anything on this session yet, so we don't know where it is.
+        c.count_drop(DropReason::NoRoute);
+        return;
+    };
+    let sealed = session.crypto.tx.next().and_then(|counter| {
+        session.crypto.cipher.seal_data(
+            Direction::GatewayToClient,
+            session.session_id,
+            counter,
+            buf,
+            len,
+        )
+    });
+    let n = match sealed {
+        Ok(n) => n,
+        Err(SealError::CounterExhausted) => {
+            c.count_drop(DropReason::CounterExhausted);
+            return;
+        }
+        Err(SealError::BufferTooSmall) => {
+            c.count_drop(DropReason::Malformed);
+            return;
+        }
+    };
+    match sock.send_to(&buf[..n], endpoint).await {
+        Ok(_) => Counters::packet(&c.tx_packets, &c.tx_bytes, len),
+        Err(_) => c.count_drop(DropReason::SocketError),
+    }
+}
+
+/// TUN -> UDP.
+async fn to_clients(
+    ctx: Arc<Loops>,
+    tun: Arc<AsyncDevice>,
+    sock: Arc<UdpSocket>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let c = &*ctx.counters;
+    bump(&c.tx_loop_starts);
+    let mut buf = tunnel::datagram_buffer();
+    let inner_end = buf.len() - wire::TAG_LEN;
+    let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        let read = tokio::select! {
+            biased;
+            _ = stop_requested(&mut stop) => return,
+            r = tun.recv(&mut buf[HEADER_LEN..inner_end]) => r,
+        };
+        let len = match read {
+            Ok(n) => {
+                errors.reset();
+                n
+            }
+            Err(_) => {
+                c.count_drop(DropReason::TunError);
+                pause(errors.failed()).await;
+                continue;
+            }
+        };
+        let Some((_, dst)) = tunnel::ipv4_addrs(&buf[HEADER_LEN..HEADER_LEN + len]) else {
+            // IPv6 (the kernel's own router solicitations, say) or garbage: we only route IPv4.
+            c.count_drop(DropReason::NotIpv4);
+            continue;
+        };
+        let Some(session) = ctx.sessions.by_ip(dst) else {
+            c.count_drop(DropReason::NoRoute);
+            continue;
+        };
+        send_to_session(&session, &sock, &mut buf, len, c).await;
+    }
+}
+
+/// The outbound NAT rule: one nftables table the gateway owns, so that install is idempotent (a
+/// gateway killed with SIGKILL left it behind) and removal cannot touch anyone else's rules.
+struct Nat;
+
+impl Nat {
+    async fn install(subnet: Ipv4Net, uplink: &str) -> Result<Nat, String> {
+        if !uplink.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.@".contains(ch))
+            || uplink.is_empty()
+        {
+            return Err(format!("invalid interface name {uplink:?}"));
+        }
+        // `table` then `delete table` makes the delete succeed whether or not it existed; the
+        // whole script is one atomic nftables transaction.
+        let script = format!(
+            "table ip {NAT_TABLE}\n\
+             delete table ip {NAT_TABLE}\n\
+             table ip {NAT_TABLE} {{\n\
+             \tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr {subnet} oifname \"{uplink}\" masquerade\n\
+             \t}}\n\
+             }}\n"
+        );
+        nft(&script).await?;
+        if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+            tracing::warn!(
+                target: TARGET,
+                "NAT is on but IP forwarding is off (net.ipv4.ip_forward = 0): clients will not reach beyond the gateway"
+            );
+        }
+        Ok(Nat)
+    }
+
+    async fn remove(self) {
+        if let Err(e) = nft(&format!("delete table ip {NAT_TABLE}\n")).await {
+            tracing::warn!(target: TARGET, "could not remove the NAT rule: {e}");
+        }
+    }
+}
+
+/// Runs `nft -f -` with `script`.
+async fn nft(script: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run nft: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).await.map_err(|e| format!("writing to nft: {e}"))?;
+    }
+    let out = child.wait_with_output().await.map_err(|e| format!("waiting for nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("nft failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_tracks_endpoint_changes_and_last_seen() {
+        let s =
+            DataSession::new(SessionId(7), Ipv4Addr::new(100, 64, 0, 2), &SessionKey::new([1; 32]));
+        assert_eq!(s.endpoint(), None);
+        assert_eq!(s.last_seen(), None);
+        let a: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
+        let b: SocketAddr = "198.18.0.2:4001".parse().expect("addr");
+        let t = epoch() + Duration::from_secs(5);
+        assert_eq!(s.seen(a, t), Seen { roamed: true, touch: true }, "first endpoint");
+        assert!(!s.seen(a, t + Duration::from_millis(1)).touch, "touches are spaced");
+        assert_eq!(s.seen(a, t + Duration::from_secs(1)), Seen { roamed: false, touch: true });
+        assert_eq!(s.endpoint(), Some(a));
+        assert!(s.seen(b, t + Duration::from_secs(2)).roamed);
+        assert_eq!(s.endpoint(), Some(b));
+        let seen = s.last_seen().expect("seen");
+        assert!(seen >= t + Duration::from_millis(1999) && seen <= t + Duration::from_millis(2001));
+    }
+
+    #[tokio::test]
+    async fn nat_refuses_interface_names_that_could_inject_rules() {
+        let net: Ipv4Net = "100.64.0.0/24".parse().expect("net");
+        for bad in ["", "eth0\" accept", "a;b", "x y"] {
+            assert!(Nat::install(net, bad).await.is_err(), "{bad:?}");
+        }
+    }
+}

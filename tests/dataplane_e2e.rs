@@ -1,0 +1,972 @@
+//! End-to-end tests of the data plane between network namespaces (root only; skipped otherwise).
+//!
+//! Two layers:
+//! - `inproc_*`: the real client and gateway data planes (TUN devices, UDP sockets, loops) in this
+//!   test process, each on a thread moved into its own namespace, with the snapshot and the
+//!   session table driven by the test. They pin the data-plane behaviour without the control
+//!   plane: re-auth after a gateway "restart", loop starts, TUN identity, hostile datagrams.
+//! - `bin_*`: the real `holdfast` binaries (gateway, clients) in namespaces, provisioned with the
+//!   CLI, through the control plane: ping and TCP through the tunnel, NAT to an outside host, a
+//!   gateway killed mid-transfer and restarted, client to client.
+//!
+//! Every wait is on an event (a counter moving, a log line, a ping reply), bounded in time.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use holdfast::client::dataplane::{ClientDataPlane, ClientDataPlaneConfig};
+use holdfast::client::driver::Command;
+use holdfast::gateway::dataplane::{
+    DataSession, GatewayDataPlane, GatewayDataPlaneConfig, SessionLookup,
+};
+use holdfast::sansio::seal::{Direction, SessionCipher};
+use holdfast::sansio::wire::{self, HEADER_LEN};
+use holdfast::snapshot::{AuthCell, SessionId, SessionKey, VpnAuthResponse};
+use holdfast::tunnel::{Counters, DropReason, Stats};
+use support::netns::{self, Netns};
+
+const GW_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+const PORT: u16 = 51820;
+
+/// Skips (with a visible note) when not root: namespaces and TUN devices need CAP_NET_ADMIN.
+macro_rules! require_root {
+    () => {
+        if !netns::available() {
+            eprintln!("SKIPPED: needs root and iproute2 (network namespaces, TUN devices)");
+            return;
+        }
+    };
+}
+
+/// Polls `cond` every 10 ms until it holds or `within` passes; returns whether it held.
+fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A UDP socket bound inside `ns` (a socket keeps the namespace it was created in).
+fn udp_in(ns: &Netns, bind: &str) -> UdpSocket {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter_current_thread();
+            UdpSocket::bind(bind).expect("bind probe socket")
+        })
+        .join()
+        .expect("probe thread")
+    })
+}
+
+/// A session table for the in-process gateway: what the control plane would fill.
+#[derive(Default)]
+struct Table {
+    by_id: RwLock<HashMap<SessionId, Arc<DataSession>>>,
+}
+
+impl Table {
+    fn install(&self, s: Arc<DataSession>) {
+        let mut map = self.by_id.write().expect("lock");
+        map.retain(|_, old| old.assigned_ip != s.assigned_ip);
+        map.insert(s.session_id, s);
+    }
+    fn clear(&self) {
+        self.by_id.write().expect("lock").clear();
+    }
+}
+
+impl SessionLookup for Table {
+    fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>> {
+        self.by_id.read().expect("lock").get(&id).cloned()
+    }
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>> {
+        self.by_id.read().expect("lock").values().find(|s| s.assigned_ip == ip).cloned()
+    }
+}
+
+fn snapshot(id: u64, ip: Ipv4Addr, key: [u8; 32]) -> Arc<VpnAuthResponse> {
+    Arc::new(VpnAuthResponse {
+        assigned_ip: ip,
+        gateway_ip: GW_TUN,
+        prefix_len: 24,
+        session_id: SessionId(id),
+        session_key: SessionKey::new(key),
+        data_port: PORT,
+        idle_timeout: Duration::from_secs(180),
+        received_at: SystemTime::now(),
+        crypto: Default::default(),
+    })
+}
+
+/// Runs a current-thread tokio runtime on a thread inside `ns` until the returned guard drops.
+struct NsRuntime {
+    handle: tokio::runtime::Handle,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NsRuntime {
+    fn new(ns: &Netns) -> NsRuntime {
+        let name = ns.name().to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/run/netns/{name}")).expect("netns handle");
+            // SAFETY: setns on a valid namespace fd, for this thread only.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns");
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            tx.send(rt.handle().clone()).expect("send handle");
+            rt.block_on(async {
+                let _ = done_rx.await;
+            });
+        });
+        let handle = rx.recv().expect("runtime handle");
+        NsRuntime { handle, done: Some(done), thread: Some(thread) }
+    }
+
+    /// Runs `f` on the namespace's runtime and waits for its result.
+    fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv_timeout(Duration::from_secs(20)).expect("task on namespace runtime")
+    }
+}
+
+impl Drop for NsRuntime {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            let _ = d.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One in-process client: its namespace, runtime, data plane, snapshot cell and nudge queue.
+struct InprocClient {
+    ns: Netns,
+    rt: NsRuntime,
+    dp: ClientDataPlane,
+    auth: AuthCell,
+    nudges: tokio::sync::mpsc::Receiver<Command>,
+    ip: Ipv4Addr,
+    hook: Arc<std::sync::Mutex<holdfast::client::driver::OnSwap>>,
+}
+
+impl InprocClient {
+    /// What the supervisor driver does on `SwapSnapshot`: swap, then call the hook.
+    fn swap(&self, snap: Arc<VpnAuthResponse>) {
+        self.auth.swap_in(snap.clone());
+        let hook = self.hook.clone();
+        self.rt.run(async move {
+            let mut h = hook.lock().expect("hook");
+            (*h)(&snap);
+        });
+    }
+
+    fn stats(&self) -> Stats {
+        self.dp.stats()
+    }
+}
+
+/// The in-process world: a gateway namespace with its data plane, and clients linked to it.
+struct Inproc {
+    gw_ns: Netns,
+    gw_rt: NsRuntime,
+    table: Arc<Table>,
+    gw: Option<GatewayDataPlane>,
+    gw_counters: Arc<Counters>,
+    /// Per client: its underlay address (the gateway's side is 198.18.<n>.1).
+    next_link: u8,
+}
+
+impl Inproc {
+    fn new() -> Inproc {
+        let gw_ns = Netns::new();
+        let gw_rt = NsRuntime::new(&gw_ns);
+        let table = Arc::new(Table::default());
+        let lookup: Arc<dyn SessionLookup> = table.clone();
+        let cfg = gateway_config();
+        let gw = gw_rt
+            .run(async move { GatewayDataPlane::start(cfg, lookup).await })
+            .expect("gateway data plane");
+        let gw_counters = gw.counters();
+        Inproc { gw_ns, gw_rt, table, gw: Some(gw), gw_counters, next_link: 0 }
+    }
+
+    fn gw_stats(&self) -> Stats {
+        self.gw_counters.stats()
+    }
+
+    /// A client namespace linked to the gateway's, with its data plane created (not yet up).
+    fn client(&mut self, ip: Ipv4Addr) -> InprocClient {
+        let n = self.next_link;
+        self.next_link += 1;
+        let ns = Netns::new();
+        let gw_underlay = Ipv4Addr::new(198, 18, n, 1);
+        netns::link(
+            &self.gw_ns,
+            &format!("c{n}"),
+            gw_underlay,
+            &ns,
+            "up0",
+            Ipv4Addr::new(198, 18, n, 2),
+            24,
+        );
+        let rt = NsRuntime::new(&ns);
+        let mut cfg = ClientDataPlaneConfig::new(gw_underlay.into());
+        cfg.tun_name = Some("hf0".into());
+        cfg.keepalive = Duration::from_secs(1);
+        cfg.nudge_min_interval = Duration::from_millis(100);
+        let dp = ClientDataPlane::new(cfg);
+        let auth = AuthCell::new();
+        let (tx, nudges) = tokio::sync::mpsc::channel(16);
+        dp.bind(auth.getter(), tx);
+        let hook = Arc::new(std::sync::Mutex::new(dp.on_swap_hook()));
+        InprocClient { ns, rt, dp, auth, nudges, ip, hook }
+    }
+
+    /// Registers a session on the gateway and hands the same snapshot to the client.
+    fn authenticate(&self, c: &InprocClient, id: u64, key: [u8; 32]) {
+        self.table.install(Arc::new(DataSession::new(SessionId(id), c.ip, &SessionKey::new(key))));
+        c.swap(snapshot(id, c.ip, key));
+    }
+}
+
+impl Drop for Inproc {
+    fn drop(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            self.gw_rt.run(async move { gw.stop().await });
+        }
+    }
+}
+
+fn gateway_config() -> GatewayDataPlaneConfig {
+    GatewayDataPlaneConfig {
+        listen: SocketAddr::from(([0, 0, 0, 0], PORT)),
+        subnet: "100.64.0.0/24".parse().expect("subnet"),
+        gateway_ip: GW_TUN,
+        tun_name: Some("hfgw".into()),
+        underlay_mtu: 1500,
+        nat_uplink: None,
+    }
+}
+
+/// A minimal IPv4/UDP packet from `src` to `dst` with a valid header checksum.
+fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let mut sum = 0u32;
+    for i in (0..20).step_by(2) {
+        sum += u32::from(u16::from_be_bytes([p[i], p[i + 1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&9u16.to_be_bytes());
+    p[22..24].copy_from_slice(&9u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
+/// Seals `inner` as a Data datagram the way a peer would.
+fn seal(key: [u8; 32], dir: Direction, id: u64, counter: u64, inner: &[u8]) -> Vec<u8> {
+    let cipher = SessionCipher::new(&SessionKey::new(key));
+    let mut buf = vec![0u8; inner.len() + wire::OVERHEAD];
+    buf[HEADER_LEN..HEADER_LEN + inner.len()].copy_from_slice(inner);
+    let n = cipher.seal_data(dir, SessionId(id), counter, &mut buf, inner.len()).expect("seal");
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn inproc_ping_both_ways_and_counters() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    assert_eq!(c.stats().tx_loop_starts, 0, "nothing starts before the first snapshot");
+    w.authenticate(&c, 0x1111, [1; 32]);
+    assert!(wait_until(Duration::from_secs(5), || c.stats().rx_loop_starts == 1), "loops start");
+    // The announcement keepalive tells the gateway where the client is before any traffic.
+    assert!(
+        wait_until(Duration::from_secs(5), || w.gw_stats().keepalives_rx >= 1),
+        "{}",
+        w.gw_stats()
+    );
+
+    assert_eq!(c.ns.ping_count(GW_TUN, 5), 5, "client -> gateway tunnel address");
+    assert_eq!(w.gw_ns.ping_count(c.ip, 5), 5, "gateway -> client");
+    let cs = c.stats();
+    let gs = w.gw_stats();
+    assert!(cs.tx_packets >= 10 && cs.rx_packets >= 10, "{cs}");
+    assert!(gs.tx_packets >= 10 && gs.rx_packets >= 10, "{gs}");
+    assert_eq!((cs.tx_loop_starts, cs.rx_loop_starts), (1, 1));
+    let tun = c.ns.ifindex("hf0").expect("client tun exists");
+    assert_eq!(cs.tun_ifindex, tun);
+    // The kernels' own IPv6 chatter on the TUN devices is dropped (not_ipv4); nothing else is.
+    let drops = |s: &Stats| {
+        DropReason::ALL
+            .iter()
+            .filter(|&&r| r != DropReason::NotIpv4)
+            .map(|&r| s.dropped(r))
+            .sum::<u64>()
+    };
+    assert_eq!(drops(&cs) + drops(&gs), 0, "no drops on a clean path: {cs} / {gs}");
+}
+
+impl Inproc {
+    /// Stops the gateway's data plane and starts a fresh one with an empty session table: what a
+    /// gateway restart looks like to the data plane (new TUN device, new socket, no sessions).
+    fn restart_gateway(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            self.gw_rt.run(async move { gw.stop().await });
+        }
+        self.table.clear();
+        let lookup: Arc<dyn SessionLookup> = self.table.clone();
+        let cfg = gateway_config();
+        let gw = self
+            .gw_rt
+            .run(async move { GatewayDataPlane::start(cfg, lookup).await })
+            .expect("gateway data plane restarts");
+        self.gw_counters = gw.counters();
+        self.gw = Some(gw);
+    }
+}
+
+#[test]
+fn inproc_gateway_restart_nudges_and_resumes_on_the_same_loops() {
+    require_root!();
+    let mut w = Inproc::new();
+    let mut c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    w.authenticate(&c, 0xa1, [2; 32]);
+    assert!(c.ns.ping_until(GW_TUN, Duration::from_secs(5)).is_some(), "tunnel up");
+    let before = c.stats();
+    let tun_before = c.ns.ifindex("hf0").expect("tun");
+
+    w.restart_gateway();
+    // The client keeps sending on its old session; the gateway no longer knows it and says so.
+    assert_eq!(c.ns.ping_count(GW_TUN, 3), 0, "no traffic on a session the gateway forgot");
+    let nudged =
+        wait_until(Duration::from_secs(5), || matches!(c.nudges.try_recv(), Ok(Command::Nudge)));
+    assert!(nudged, "an unknown-session notice becomes a nudge: {}", c.stats());
+    assert!(w.gw_stats().notices_tx >= 1 && c.stats().notices_rx >= 1);
+
+    // The supervisor re-authenticates (here: the test) and swaps the snapshot in.
+    let t0 = Instant::now();
+    w.authenticate(&c, 0xa2, [3; 32]);
+    let resumed = c.ns.ping_until(GW_TUN, Duration::from_secs(5)).expect("traffic resumes");
+    assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+
+    let after = c.stats();
+    assert_eq!((after.tx_loop_starts, after.rx_loop_starts), (1, 1), "loops never restart");
+    assert_eq!(after.tun_ifindex, before.tun_ifindex);
+    assert_eq!(c.ns.ifindex("hf0"), Some(tun_before), "same TUN device");
+    assert_eq!(c.ns.tun_devices().len(), 1, "and no second one");
+}
+
+#[test]
+fn inproc_two_clients_reach_each_other_through_the_gateway() {
+    require_root!();
+    let mut w = Inproc::new();
+    let a = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    let b = w.client(Ipv4Addr::new(100, 64, 0, 3));
+    w.authenticate(&a, 0xb1, [4; 32]);
+    w.authenticate(&b, 0xb2, [5; 32]);
+    assert!(a.ns.ping_until(b.ip, Duration::from_secs(5)).is_some(), "a -> b");
+    assert_eq!(b.ns.ping_count(a.ip, 5), 5, "b -> a");
+    // Re-sealed in place by the gateway, never handed to its kernel.
+    assert!(w.gw_stats().tx_packets >= 10, "{}", w.gw_stats());
+}
+
+#[test]
+fn inproc_hostile_datagrams_are_dropped_and_counted_and_traffic_continues() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    let key = [6; 32];
+    let id = 0xc1;
+    w.authenticate(&c, id, key);
+    assert!(c.ns.ping_until(GW_TUN, Duration::from_secs(5)).is_some(), "tunnel up");
+    let gw_addr = SocketAddr::from(([198, 18, 0, 1], PORT));
+    let client_ep = w.table.by_id(SessionId(id)).and_then(|s| s.endpoint()).expect("endpoint");
+
+    // --- at the gateway, from a socket in the client's namespace ---
+    let probe = udp_in(&c.ns, "0.0.0.0:0");
+    let g0 = w.gw_stats();
+    let reserve_c2g = || c.auth.get_auth().expect("snapshot").crypto().tx.next().expect("counter");
+    let inner = ipv4_udp(c.ip, GW_TUN, b"probe");
+    let valid = seal(key, Direction::ClientToGateway, id, reserve_c2g(), &inner);
+    let mut bad_tag = seal(key, Direction::ClientToGateway, id, reserve_c2g(), &inner);
+    let last = bad_tag.len() - 1;
+    bad_tag[last] ^= 1;
+    let spoofed = seal(
+        key,
+        Direction::ClientToGateway,
+        id,
+        reserve_c2g(),
+        &ipv4_udp(Ipv4Addr::new(100, 64, 0, 99), GW_TUN, b"x"),
+    );
+    let other_session = seal([9; 32], Direction::ClientToGateway, 0xdead, 0, &inner);
+    for d in [
+        &[0x55u8; 64][..], // garbage
+        &valid[..10],      // truncated
+        &valid[..],        // accepted once ...
+        &valid[..],        // ... then a replay
+        &bad_tag[..],
+        &spoofed[..],
+        &other_session[..],
+    ] {
+        probe.send_to(d, gw_addr).expect("send to gateway");
+    }
+    let counted = wait_until(Duration::from_secs(5), || {
+        let g = w.gw_stats();
+        let d = |r| g.dropped(r) - g0.dropped(r);
+        d(DropReason::Malformed) == 2
+            && d(DropReason::Replay) == 1
+            && d(DropReason::Decrypt) == 1
+            && d(DropReason::Spoofed) == 1
+            && d(DropReason::UnknownSession) == 1
+    });
+    assert!(counted, "gateway drops: before {g0}\nafter {}", w.gw_stats());
+    assert_eq!(w.gw_stats().rx_packets - g0.rx_packets, 1, "only the first copy was delivered");
+    // The accepted probe moved the session's endpoint (it is authentic); the client's next
+    // packet moves it back. A forged or replayed one never does.
+    let probe_ep = w.table.by_id(SessionId(id)).and_then(|s| s.endpoint()).expect("endpoint");
+    assert_eq!(probe_ep.port(), probe.local_addr().expect("addr").port());
+    // The notice for the unknown session came back to the probe.
+    let mut notice = [0u8; 64];
+    probe.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    // (The gateway's kernel answered the accepted probe packet, too: skip that datagram.)
+    let notice = (0..4)
+        .filter_map(|_| {
+            let (n, _) = probe.recv_from(&mut notice).expect("datagrams for the probe");
+            wire::parse_header(&notice[..n]).ok()
+        })
+        .find(|h| h.msg_type == wire::MsgType::UnknownSession)
+        .expect("an unknown-session notice");
+    assert_eq!(notice.session_id, SessionId(0xdead));
+
+    // --- at the client, from a socket in the gateway's namespace ---
+    assert_eq!(c.ns.ping_count(GW_TUN, 2), 2, "client traffic moved the endpoint back");
+    assert_eq!(w.table.by_id(SessionId(id)).and_then(|s| s.endpoint()), Some(client_ep));
+    let probe = udp_in(&w.gw_ns, "0.0.0.0:0");
+    let c0 = c.stats();
+    let session = w.table.by_id(SessionId(id)).expect("session");
+    let reserve_g2c = || session.crypto.tx.next().expect("counter");
+    let inner = ipv4_udp(GW_TUN, c.ip, b"probe");
+    let valid = seal(key, Direction::GatewayToClient, id, reserve_g2c(), &inner);
+    let mut bad_tag = seal(key, Direction::GatewayToClient, id, reserve_g2c(), &inner);
+    bad_tag[HEADER_LEN] ^= 1;
+    let wrong_session = seal(key, Direction::GatewayToClient, id + 1, reserve_g2c(), &inner);
+    let wrong_direction = seal(key, Direction::ClientToGateway, id, reserve_g2c(), &inner);
+    for d in [
+        &[0x55u8; 64][..],
+        &valid[..30],
+        &valid[..],
+        &valid[..],
+        &bad_tag[..],
+        &wrong_session[..],
+        &wrong_direction[..],
+    ] {
+        probe.send_to(d, client_ep).expect("send to client");
+    }
+    let counted = wait_until(Duration::from_secs(5), || {
+        let s = c.stats();
+        let d = |r| s.dropped(r) - c0.dropped(r);
+        d(DropReason::Malformed) == 2
+            && d(DropReason::Replay) == 1
+            && d(DropReason::Decrypt) == 2
+            && d(DropReason::WrongSession) == 1
+    });
+    assert!(counted, "client drops: before {c0}\nafter {}", c.stats());
+    assert_eq!(c.stats().rx_packets - c0.rx_packets, 1, "only the first copy was delivered");
+
+    // And traffic continues.
+    assert_eq!(c.ns.ping_count(GW_TUN, 5), 5);
+    let s = c.stats();
+    assert_eq!((s.tx_loop_starts, s.rx_loop_starts), (1, 1));
+}
+
+#[test]
+fn inproc_stop_removes_the_tun_device() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    w.authenticate(&c, 0xd1, [7; 32]);
+    assert!(wait_until(Duration::from_secs(5), || c.ns.ifindex("hf0").is_some()), "tun up");
+    let dp = c.dp.clone();
+    c.rt.run(async move { dp.stop().await });
+    assert_eq!(c.ns.ifindex("hf0"), None, "the TUN device goes with the data plane");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binaries in namespaces.
+// ---------------------------------------------------------------------------------------------
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use holdfast::config::client::ClientFile;
+use support::{BIN, Proc, edit_client_file, fast_timings, holdfast_ok, s};
+
+/// Bound on every wait for a process event.
+const T: Duration = Duration::from_secs(20);
+/// The gateway's underlay address on client 0's link (the endpoint in every client file).
+const GW_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// The outside host, behind the gateway's uplink.
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+const UPLINK: &str = "out0";
+const CLIENT_TUN: &str = "holdfast0";
+
+/// Gateway, clients and an outside host, each in its own namespace:
+///
+/// ```text
+///  client0 (up0 198.18.1.2) ---- (c0 198.18.1.1) gateway (out0 198.19.0.1) ---- outside (up0 198.19.0.2)
+///  client1 (up0 198.18.2.2) ---- (c1 198.18.2.1)
+/// ```
+struct World {
+    gw_ns: Netns,
+    outside: Netns,
+    clients: Vec<Netns>,
+    files: Vec<std::path::PathBuf>,
+    dir: tempfile::TempDir,
+    _logs: tempfile::TempDir,
+}
+
+impl World {
+    fn new(clients: usize, nat: bool) -> World {
+        Self::with_timings(clients, nat, |_| {})
+    }
+
+    /// Like [`World::new`], with `tweak` applied to each client file after the fast test timings.
+    fn with_timings(clients: usize, nat: bool, tweak: impl Fn(&mut ClientFile)) -> World {
+        let gw_ns = Netns::new();
+        let outside = Netns::new();
+        netns::link(&gw_ns, UPLINK, Ipv4Addr::new(198, 19, 0, 1), &outside, "up0", OUTSIDE, 24);
+        gw_ns.sysctl("net.ipv4.ip_forward", "1");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = tempfile::tempdir().expect("tempdir");
+        let endpoint = format!("{GW_UNDERLAY}:{PORT}");
+        holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
+        if nat {
+            let toml = dir.path().join("gateway.toml");
+            let text = std::fs::read_to_string(&toml).expect("gateway.toml");
+            let text = text.replace(
+                "[nat]\nenabled = false\nuplink = \"\"",
+                &format!("[nat]\nenabled = true\nuplink = \"{UPLINK}\""),
+            );
+            assert!(text.contains("enabled = true"), "[nat] section as written by init");
+            std::fs::write(&toml, text).expect("write gateway.toml");
+        }
+        let mut nss = Vec::new();
+        let mut files = Vec::new();
+        for i in 0..clients {
+            let n = u8::try_from(i + 1).expect("few clients");
+            let ns = Netns::new();
+            let gw_side = Ipv4Addr::new(198, 18, n, 1);
+            netns::link(
+                &gw_ns,
+                &format!("c{i}"),
+                gw_side,
+                &ns,
+                "up0",
+                Ipv4Addr::new(198, 18, n, 2),
+                24,
+            );
+            if gw_side != GW_UNDERLAY {
+                // Every client file names the same endpoint; the gateway owns that address.
+                ns.ip(&["route", "add", &format!("{GW_UNDERLAY}/32"), "via", &gw_side.to_string()]);
+            }
+            let file = dir.path().join(format!("client{i}.toml"));
+            holdfast_ok(&[
+                "gateway",
+                "add-client",
+                "--dir",
+                s(dir.path()),
+                &format!("client{i}"),
+                "--out",
+                s(&file),
+            ]);
+            edit_client_file(&file, |f| {
+                fast_timings(f, logs.path());
+                tweak(f);
+            });
+            nss.push(ns);
+            files.push(file);
+        }
+        World { gw_ns, outside, clients: nss, files, dir, _logs: logs }
+    }
+
+    /// Starts `holdfast gateway run` in the gateway's namespace and waits until its data plane is
+    /// up.
+    fn gateway(&self, tag: &str) -> Proc {
+        let mut p = self.gw_ns.spawn(
+            tag,
+            BIN,
+            &["gateway", "run", "--dir", s(self.dir.path())],
+            &[("RUST_LOG", "info,holdfast=debug")],
+        );
+        p.wait_for(&["data plane up"], T);
+        p
+    }
+
+    /// Starts `holdfast client run` for client `i` in its namespace; waits until its data plane
+    /// carries its first session. Returns the process and that log line.
+    fn client(&self, i: usize) -> (Proc, String) {
+        let mut p = self.clients[i].spawn(
+            &format!("client{i}"),
+            BIN,
+            &["client", "run", "--config", s(&self.files[i])],
+            &[],
+        );
+        let line = p.wait_for(&["data plane on session"], T);
+        (p, line)
+    }
+
+    /// The tunnel address the gateway gave client `i` (from its TUN device).
+    fn tunnel_ip(&self, i: usize) -> Ipv4Addr {
+        let out = self.clients[i].ip(&["-o", "-4", "addr", "show", "dev", CLIENT_TUN]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address on {CLIENT_TUN}: {out}"))
+    }
+}
+
+/// The `key=value` pairs of a stats line (`tunnel::Stats`'s `Display`).
+fn stats_of(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn stat(stats: &HashMap<String, String>, key: &str) -> u64 {
+    stats.get(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key} in {stats:?}"))
+}
+
+/// Asks a process for its data-plane counters (SIGUSR1) and returns them.
+fn dump_stats(p: &mut Proc) -> HashMap<String, String> {
+    p.signal("USR1");
+    stats_of(&p.wait_for(&["data plane stats:"], T))
+}
+
+/// The byte at offset `i` of the checked stream: a sequence with a long period, so a lost,
+/// duplicated or reordered segment shows.
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// A TCP server in `ns` on `bind` that accepts one connection and checks the stream. `ready`
+/// is signalled once it listens. Returns (bytes received, first mismatch, peer address).
+fn checked_server(
+    ns: &Netns,
+    bind: SocketAddr,
+) -> std::thread::JoinHandle<(u64, Option<u64>, SocketAddr)> {
+    let name = ns.name().to_owned();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        enter(&name);
+        let l = TcpListener::bind(bind).expect("listen");
+        ready_tx.send(()).expect("ready");
+        let (mut c, peer) = l.accept().expect("accept");
+        c.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut buf = [0u8; 16384];
+        let (mut total, mut bad) = (0u64, None);
+        loop {
+            let n = match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            for (k, b) in buf[..n].iter().enumerate() {
+                let at = total + k as u64;
+                if bad.is_none() && *b != pattern(at) {
+                    bad = Some(at);
+                }
+            }
+            total += n as u64;
+        }
+        let _ = c.write_all(&total.to_be_bytes());
+        (total, bad, peer)
+    });
+    ready.recv_timeout(T).expect("server listening");
+    h
+}
+
+/// Connects from `ns` to `dest` and sends `total` bytes of the pattern, publishing progress in
+/// `sent`; returns what the server says it received.
+fn checked_send(
+    ns: &Netns,
+    dest: SocketAddr,
+    total: u64,
+    sent: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<std::io::Result<u64>> {
+    let name = ns.name().to_owned();
+    std::thread::spawn(move || {
+        enter(&name);
+        let mut c = TcpStream::connect_timeout(&dest, Duration::from_secs(10))?;
+        c.set_write_timeout(Some(Duration::from_secs(30)))?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut chunk = vec![0u8; 8192];
+        let mut at = 0u64;
+        while at < total {
+            let n = chunk.len().min((total - at) as usize);
+            for (k, b) in chunk[..n].iter_mut().enumerate() {
+                *b = pattern(at + k as u64);
+            }
+            c.write_all(&chunk[..n])?;
+            at += n as u64;
+            sent.store(at, Ordering::Relaxed);
+        }
+        c.shutdown(std::net::Shutdown::Write)?;
+        let mut ack = [0u8; 8];
+        c.read_exact(&mut ack)?;
+        Ok(u64::from_be_bytes(ack))
+    })
+}
+
+/// Moves the calling thread into namespace `name`.
+fn enter(name: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{name}")).expect("netns handle");
+    // SAFETY: setns on a valid namespace fd, for this thread only.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {name}");
+}
+
+/// A checked TCP transfer of `total` bytes from `from` to `to_ns` listening on `dest`; returns
+/// the address the server saw the connection come from.
+fn transfer(from: &Netns, to_ns: &Netns, dest: SocketAddr, total: u64) -> SocketAddr {
+    let server = checked_server(to_ns, dest);
+    let acked = checked_send(from, dest, total, Arc::default()).join().expect("sender");
+    let (got, bad, peer) = server.join().expect("server");
+    assert_eq!(acked.expect("transfer completes"), total);
+    assert_eq!((got, bad), (total, None), "every byte arrives, in order, intact");
+    peer
+}
+
+#[test]
+fn bin_ping_tcp_nat_and_client_to_client() {
+    require_root!();
+    let w = World::new(2, true);
+    let mut gateway = w.gateway("gateway");
+    assert!(w.gw_ns.nft_ruleset().contains("masquerade"), "NAT rule installed on start");
+    let (_c0, _) = w.client(0);
+    let (_c1, _) = w.client(1);
+    let (ip0, ip1) = (w.tunnel_ip(0), w.tunnel_ip(1));
+
+    // Client -> gateway's tunnel address: ping and a checked TCP stream.
+    assert!(w.clients[0].ping_until(GW_TUN, T).is_some(), "ping through the tunnel");
+    assert_eq!(w.clients[0].ping_count(GW_TUN, 5), 5);
+    let peer = transfer(&w.clients[0], &w.gw_ns, SocketAddr::from((GW_TUN, 5001)), 512 * 1024);
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(ip0),
+        "the gateway sees the client's tunnel address"
+    );
+
+    // Client -> outside host, masqueraded behind the gateway's uplink address.
+    w.clients[0].ip(&["route", "add", "198.19.0.0/24", "dev", CLIENT_TUN]);
+    assert_eq!(w.clients[0].ping_count(OUTSIDE, 3), 3, "ping the outside host through NAT");
+    let peer = transfer(&w.clients[0], &w.outside, SocketAddr::from((OUTSIDE, 5002)), 256 * 1024);
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1)), "masqueraded");
+
+    // Client to client, through the gateway.
+    assert!(w.clients[1].ping_until(ip0, T).is_some(), "client1 -> client0");
+    assert_eq!(w.clients[0].ping_count(ip1, 3), 3, "client0 -> client1");
+
+    let g = dump_stats(&mut gateway);
+    assert_eq!(
+        (stat(&g, "drop_decrypt"), stat(&g, "drop_replay"), stat(&g, "drop_spoofed")),
+        (0, 0, 0)
+    );
+    // An explicit stop removes the NAT rule.
+    assert_eq!(gateway.terminate(T), Some(0));
+    assert!(!w.gw_ns.nft_ruleset().contains("holdfast_nat"), "NAT rule removed on stop");
+}
+
+#[test]
+fn bin_gateway_killed_mid_transfer_then_restarted_traffic_resumes_on_the_same_loops() {
+    require_root!();
+    // Production timings (health checks every 15-30 s, backoff up to 5 min, nudges at most one a
+    // second; only the RPC deadline is short): resuming within 2 s of the gateway's return
+    // then depends on the data plane's nudge (unknown-session notice -> immediate check), not on
+    // a health check that happens to fall in the window.
+    let w = World::with_timings(1, true, |f| {
+        f.timing.health_min = None;
+        f.timing.health_max = None;
+        f.timing.backoff_initial = None;
+        f.timing.backoff_max = None;
+        f.timing.nudge_min_interval = None;
+    });
+    let mut gateway = w.gateway("gateway");
+    let (mut client, _) = w.client(0);
+    let tun_before = w.clients[0].ifindex(CLIENT_TUN).expect("client TUN");
+    assert!(w.clients[0].ping_until(GW_TUN, T).is_some(), "tunnel up");
+    let s1 = dump_stats(&mut client);
+    assert_eq!(s1.get("loop_starts").map(String::as_str), Some("tx:1,rx:1"), "{s1:?}");
+
+    // A transfer in flight when the gateway dies.
+    let total = 2 * 1024 * 1024;
+    let dest = SocketAddr::from((GW_TUN, 5003));
+    let server = checked_server(&w.gw_ns, dest);
+    let sent = Arc::new(AtomicU64::new(0));
+    let sender = checked_send(&w.clients[0], dest, total, sent.clone());
+    assert!(wait_until(T, || sent.load(Ordering::Relaxed) >= 256 * 1024), "transfer under way");
+    gateway.signal("KILL");
+    gateway.wait_exit(T);
+    let at_kill = sent.load(Ordering::Relaxed);
+    assert!(at_kill < total, "killed mid-transfer ({at_kill} of {total} bytes sent)");
+
+    // Back again (its TUN device, socket, sessions and NAT rule are new; the old NAT table,
+    // left behind by SIGKILL, is replaced, not doubled).
+    let _gateway = w.gateway("gateway-restarted");
+    let back = Instant::now();
+    let resumed =
+        w.clients[0].ping_until(GW_TUN, Duration::from_secs(10)).expect("traffic resumes");
+    eprintln!("traffic resumed {resumed:?} after the gateway came back");
+    assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
+    assert_eq!(w.gw_ns.nft_ruleset().matches("table ip holdfast_nat").count(), 1);
+
+    // The transfer completes, every byte checked, over the client's same loops and TUN.
+    let acked = sender.join().expect("sender");
+    let (got, bad, _) = server.join().expect("server");
+    assert_eq!(acked.expect("transfer completes after the restart"), total);
+    assert_eq!((got, bad), (total, None));
+    assert!(back.elapsed() < T);
+
+    assert!(client.is_alive(), "the client process never restarts");
+    // The data plane moved to the new session (one line per session change) ...
+    let sessions =
+        client.all_lines().iter().filter(|l| l.contains("data plane on session")).count();
+    assert!(sessions >= 2, "announced the new session");
+    // ... on the loops and the TUN device it started with.
+    let s2 = dump_stats(&mut client);
+    assert_eq!(s2.get("loop_starts").map(String::as_str), Some("tx:1,rx:1"), "{s2:?}");
+    assert_eq!(s2.get("tun_ifindex"), s1.get("tun_ifindex"), "same TUN device");
+    assert_eq!(stat(&s2, "tun_ifindex"), u64::from(tun_before));
+    assert_eq!(w.clients[0].ifindex(CLIENT_TUN), Some(tun_before));
+    assert!(stat(&s2, "notices_rx") >= 1 && stat(&s2, "nudges") >= 1, "{s2:?}");
+    assert_eq!(stat(&s2, "tun_failures"), 0);
+    let ups = client.all_lines().iter().filter(|l| l.contains("data plane up")).count();
+    assert_eq!(ups, 1, "the data plane came up once");
+}
+
+#[test]
+fn bin_hostile_datagrams_at_both_ends_are_dropped_and_counted() {
+    require_root!();
+    let w = World::new(1, false);
+    let mut gateway = w.gateway("gateway");
+    let (mut client, _) = w.client(0);
+    assert!(w.clients[0].ping_until(GW_TUN, T).is_some(), "tunnel up");
+    let client_port: u16 = client
+        .all_lines()
+        .iter()
+        .find(|l| l.contains("data plane up"))
+        .and_then(|l| l.split("UDP ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.port())
+        .expect("client's UDP port in its log");
+    let client_ep = SocketAddr::from(([198, 18, 1, 2], client_port));
+    let gw_ep = SocketAddr::from((GW_UNDERLAY, PORT));
+    let g0 = dump_stats(&mut gateway);
+    let c0 = dump_stats(&mut client);
+
+    // Garbage, truncated, and a well-formed datagram of a session nobody has.
+    let mut stranger =
+        wire::Header { msg_type: wire::MsgType::Data, session_id: SessionId(0x5eed), counter: 1 }
+            .to_bytes()
+            .to_vec();
+    stranger.extend_from_slice(&[0xaa; 48]);
+    let garbage = [0x55u8; 64];
+    let truncated = &stranger[..12];
+    let to_gw = udp_in(&w.clients[0], "0.0.0.0:0");
+    let to_client = udp_in(&w.gw_ns, "0.0.0.0:0");
+    for d in [&garbage[..], truncated, &stranger[..]] {
+        to_gw.send_to(d, gw_ep).expect("send to gateway");
+        to_client.send_to(d, client_ep).expect("send to client");
+    }
+    // Replays: every datagram each side sends is duplicated on the wire by nftables.
+    w.clients[0].nft(&format!(
+        "table ip hfdup {{\n chain post {{\n  type filter hook postrouting priority 0;\n  udp dport {PORT} dup to {GW_UNDERLAY}\n }}\n}}\n"
+    ));
+    w.gw_ns.nft(&format!(
+        "table ip hfdup {{\n chain post {{\n  type filter hook postrouting priority 0;\n  udp sport {PORT} dup to 198.18.1.2\n }}\n}}\n"
+    ));
+    let out =
+        w.clients[0].exec("ping", &["-c", "5", "-i", "0.05", "-W", "1", "-n", &GW_TUN.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("5 received"), "traffic continues: {text}");
+    assert!(!text.contains("duplicates"), "replayed datagrams never reach the TUN: {text}");
+
+    let g = dump_stats(&mut gateway);
+    let c = dump_stats(&mut client);
+    let d =
+        |a: &HashMap<String, String>, b: &HashMap<String, String>, k: &str| stat(b, k) - stat(a, k);
+    assert_eq!(d(&g0, &g, "drop_malformed"), 2, "gateway: garbage and truncated");
+    assert_eq!(d(&g0, &g, "drop_unknown_session"), 1, "gateway: unknown session");
+    assert!(d(&g0, &g, "notices_tx") >= 1);
+    assert!(d(&g0, &g, "drop_replay") >= 5, "gateway: replays {g:?}");
+    assert_eq!(d(&c0, &c, "drop_malformed"), 2, "client: garbage and truncated");
+    assert_eq!(d(&c0, &c, "drop_wrong_session"), 1, "client: another session's datagram");
+    assert!(d(&c0, &c, "drop_replay") >= 5, "client: replays {c:?}");
+    // The stranger's notice went back to the probe, not to the client.
+    assert_eq!(d(&c0, &c, "notices_rx"), 0);
+    assert!(client.is_alive() && gateway.is_alive());
+}
+
+#[test]
+fn bin_after_a_long_outage_in_backoff_traffic_resumes_within_2s_of_the_gateway() {
+    require_root!();
+    // Quick health checks so the outage is noticed, and the production backoff (1 s doubling
+    // up to 5 min), so that by the time the gateway returns the next scheduled retry is seconds
+    // away: only the nudge can make the 2 s.
+    let w = World::with_timings(1, false, |f| {
+        f.timing.backoff_initial = None;
+        f.timing.backoff_max = None;
+        f.timing.nudge_min_interval = None;
+    });
+    let mut gateway = w.gateway("gateway");
+    let (mut client, _) = w.client(0);
+    assert!(w.clients[0].ping_until(GW_TUN, T).is_some(), "tunnel up");
+    gateway.signal("KILL");
+    gateway.wait_exit(T);
+    let line = client.wait_for(&["(failure 3)"], T);
+    eprintln!("client in backoff: {line}");
+
+    let _gateway = w.gateway("gateway-restarted");
+    let resumed =
+        w.clients[0].ping_until(GW_TUN, Duration::from_secs(10)).expect("traffic resumes");
+    eprintln!("traffic resumed {resumed:?} after the gateway came back");
+    assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
+    let s = dump_stats(&mut client);
+    assert_eq!(s.get("loop_starts").map(String::as_str), Some("tx:1,rx:1"), "{s:?}");
+}
