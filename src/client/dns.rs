@@ -32,7 +32,8 @@ pub const SYSTEM_RESOLV_CONF: &str = "/etc/resolv.conf";
 const RESOLVED_DIR: &str = "/run/systemd/resolve";
 
 /// First line of every file we write; how a leftover is recognised.
-const HEADER: &str = "# Written by holdfast while the VPN is up: resolvers reached through the tunnel.";
+const HEADER: &str =
+    "# Written by holdfast while the VPN is up: resolvers reached through the tunnel.";
 const ORIGINAL: &str = "# holdfast-original: ";
 const ORIGINAL_LINE: &str = "#|";
 const ORIGINAL_END: &str = "# holdfast-original-end";
@@ -71,7 +72,9 @@ pub fn render_resolv_conf(servers: &[IpAddr], original: &Original) -> Result<Str
     let mut s = String::new();
     s.push_str(HEADER);
     s.push('\n');
-    s.push_str("# The original follows; it is restored on stop, or run `holdfast client unblock`.\n");
+    s.push_str(
+        "# The original follows; it is restored on stop, or run `holdfast client unblock`.\n",
+    );
     if servers.len() > 3 {
         // glibc reads at most three (MAXNS); say so instead of failing.
         s.push_str("# Note: the C library uses only the first three nameserver lines.\n");
@@ -273,7 +276,8 @@ fn write_ours(path: &Path, servers: &[IpAddr]) -> Result<(), DnsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Original::Absent,
         Err(source) => return Err(DnsError::Read { path: path.to_owned(), source }),
         Ok(m) if m.file_type().is_symlink() => Original::Symlink(
-            fs::read_link(path).map_err(|source| DnsError::Read { path: path.to_owned(), source })?,
+            fs::read_link(path)
+                .map_err(|source| DnsError::Read { path: path.to_owned(), source })?,
         ),
         Ok(_) => {
             let text = read_regular(path)?.unwrap_or_default();
@@ -281,7 +285,8 @@ fn write_ours(path: &Path, servers: &[IpAddr]) -> Result<(), DnsError> {
         }
     };
     let text = render_resolv_conf(servers, &original)?;
-    write_atomically(path, &text).map_err(|source| DnsError::Write { path: path.to_owned(), source })
+    write_atomically(path, &text)
+        .map_err(|source| DnsError::Write { path: path.to_owned(), source })
 }
 
 /// The contents of `path` if it is a regular file (`None` if absent or a symlink).

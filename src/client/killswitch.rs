@@ -8,10 +8,10 @@
 //!
 //! Shape:
 //! - [`KillSwitchPlan`]: everything the rules depend on, checked once.
-//! - [`render_ruleset`] (pure): the plan as one `nft -f` batch that creates *or atomically
-//!   replaces* the table `inet holdfast` (a previous run killed with SIGKILL leaves its table in
-//!   place, failing closed; the next start swaps it in the same transaction, so there is no
-//!   instant without rules). Golden-tested below.
+//! - [`render_ruleset`] (pure): the plan as one `nft -f` batch that creates the table
+//!   `inet holdfast` *or updates it in place, atomically* (a previous run killed with SIGKILL
+//!   leaves its table, failing closed; the next start swaps the rules in one transaction while the
+//!   drop policies stay hooked, so there is no instant without protection). Golden-tested below.
 //! - [`check_listing`] (pure): compares `nft -j list table inet holdfast` with the plan.
 //! - [`NftKillSwitch`]: the IO shell that runs `nft`.
 //! - [`unblock`]: removes what a killed client left behind (`holdfast client unblock`).
@@ -164,7 +164,12 @@ impl KillSwitchPlan {
 /// bytes of ASCII letters, digits, `-`, `_` and `.`.
 pub fn check_ifname(name: &str) -> Result<(), String> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if name.is_empty() || name.len() > 15 || !name.chars().all(ok_char) || name == "." || name == ".." {
+    if name.is_empty()
+        || name.len() > 15
+        || !name.chars().all(ok_char)
+        || name == "."
+        || name == ".."
+    {
         return Err(format!(
             "{name:?} is not a usable interface name (1-15 characters: letters, digits, '-', '_', '.')"
         ));
@@ -230,7 +235,10 @@ fn chains(plan: &KillSwitchPlan) -> (Vec<Rule>, Vec<Rule>) {
         // gateway may answer after conntrack forgot the flow (a long outage, a flushed table).
         rule(format!("{ip} saddr {gw} udp sport {dp} accept"), "gateway data"),
         // Path-MTU and unreachable errors about flows the output chain let through.
-        rule("meta l4proto { icmp, icmpv6 } ct state related accept", "icmp errors of allowed flows"),
+        rule(
+            "meta l4proto { icmp, icmpv6 } ct state related accept",
+            "icmp errors of allowed flows",
+        ),
         rule("meta l4proto { tcp, udp } th sport 53 drop", "dns outside the tunnel"),
         rule("udp sport 67 udp dport 68 accept", "dhcpv4"),
         rule("udp sport 547 udp dport 546 accept", "dhcpv6"),
@@ -255,18 +263,27 @@ fn chains(plan: &KillSwitchPlan) -> (Vec<Rule>, Vec<Rule>) {
 /// nft >= 1.0.8.
 const REMOVE_BATCH: &str = "table inet holdfast {}\ndelete table inet holdfast\n";
 
-/// The whole kill-switch as one `nft -f` batch: remove any previous table and create the new one,
-/// in one transaction (the kernel applies all of it or none of it).
-pub fn render_ruleset(plan: &KillSwitchPlan) -> String {
-    let (output, input) = chains(plan);
-    let mut s = String::new();
-    s.push_str("# Holdfast kill-switch. Remove it with `holdfast client unblock`.\n");
-    s.push_str(REMOVE_BATCH);
-    s.push_str("table inet holdfast {\n");
-    for (name, rules) in [("output", &output), ("input", &input)] {
+const HEADER: &str = "# Holdfast kill-switch. Remove it with `holdfast client unblock`.\n";
+
+/// The base chains with their hooks and policies (no rules).
+fn chain_skeleton() -> String {
+    let mut s = String::from("table inet holdfast {\n");
+    for name in ["output", "input"] {
         // Writing to a String cannot fail.
         let _ = writeln!(s, "\tchain {name} {{");
         let _ = writeln!(s, "\t\ttype filter hook {name} priority 0; policy drop;");
+        s.push_str("\t}\n");
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// The plan's rules, added to the (existing) chains.
+fn chain_rules(plan: &KillSwitchPlan) -> String {
+    let (output, input) = chains(plan);
+    let mut s = String::from("table inet holdfast {\n");
+    for (name, rules) in [("output", &output), ("input", &input)] {
+        let _ = writeln!(s, "\tchain {name} {{");
         for r in rules {
             let _ = writeln!(s, "\t\t{} comment \"{}\"", r.statement, r.why);
         }
@@ -274,6 +291,30 @@ pub fn render_ruleset(plan: &KillSwitchPlan) -> String {
     }
     s.push_str("}\n");
     s
+}
+
+/// The kill-switch as one `nft -f` batch (one transaction: the kernel applies all of it or none)
+/// that creates the table, or *updates it in place* when a previous run left it: the base chains
+/// are declared (a no-op when they exist with the same hook and policy), their rules flushed and
+/// the new rules added. Rules are switched atomically (by generation); the chains and their drop
+/// policy stay in place throughout, so no packet passes during the update.
+///
+/// Why not delete and re-create the table in the batch: a base chain created in a transaction is
+/// hooked in before the commit, but gets its `drop` policy only during the commit, after the old
+/// chain is unhooked — a window in which packets pass. The first version of this code did that;
+/// `a_leftover_table_is_replaced_without_a_gap` (tests/killswitch_netns.rs), which streams probes
+/// while replacing the table 30 times, saw 4 to 13 probes pass on Linux 6.18. Updated in place,
+/// none pass.
+pub fn render_ruleset(plan: &KillSwitchPlan) -> String {
+    format!("{HEADER}{}flush table inet holdfast\n{}", chain_skeleton(), chain_rules(plan))
+}
+
+/// The fallback when the table cannot be updated in place (a chain with another hook or priority,
+/// an extra chain, from some other version): delete it and build it anew, in one transaction.
+/// This has the short window described at [`render_ruleset`]; it is used only when the in-place
+/// update fails or does not verify.
+pub fn render_rebuild(plan: &KillSwitchPlan) -> String {
+    format!("{HEADER}{REMOVE_BATCH}{}{}", chain_skeleton(), chain_rules(plan))
 }
 
 /// The batch that removes the table (whether or not it exists).
@@ -370,7 +411,8 @@ pub fn lan_subnets(tun_name: &str) -> Result<Vec<IpNet>, KillSwitchError> {
             continue;
         }
         // SAFETY: the pointers come from the same node; sockaddr_to_ip checks the family first.
-        let (addr, mask) = unsafe { (sockaddr_to_ip(ifa.ifa_addr), sockaddr_to_ip(ifa.ifa_netmask)) };
+        let (addr, mask) =
+            unsafe { (sockaddr_to_ip(ifa.ifa_addr), sockaddr_to_ip(ifa.ifa_netmask)) };
         if let (Some(addr), Some(mask)) = (addr, mask)
             && let Ok(net) = IpNet::with_netmask(addr, mask)
         {
@@ -442,6 +484,13 @@ impl NftKillSwitch {
         &self.plan
     }
 
+    /// Checks the table the kernel lists against the plan.
+    fn verify(&self) -> Result<(), KillSwitchError> {
+        let listing = run_nft(&self.nft, &["-j", "list", "table", "inet", TABLE])
+            .map_err(|e| KillSwitchError::Verify(format!("cannot list the table: {e}")))?;
+        check_listing(&listing, &self.plan)
+    }
+
     /// Whether the table exists in this namespace (whoever made it).
     pub fn table_present(&self) -> Result<bool, KillSwitchError> {
         table_present(&self.nft)
@@ -451,14 +500,24 @@ impl NftKillSwitch {
 impl KillSwitch for NftKillSwitch {
     fn enable(&self) -> Result<(), KillSwitchError> {
         let replaced = table_present(&self.nft).unwrap_or(false);
-        run_nft_batch(&self.nft, &render_ruleset(&self.plan)).map_err(KillSwitchError::Enable)?;
-        let listing = run_nft(&self.nft, &["-j", "list", "table", "inet", TABLE])
-            .map_err(|e| KillSwitchError::Verify(format!("cannot list the table: {e}")))?;
-        check_listing(&listing, &self.plan)?;
+        let applied = run_nft_batch(&self.nft, &render_ruleset(&self.plan))
+            .map_err(KillSwitchError::Enable)
+            .and_then(|()| self.verify());
+        if let Err(e) = applied {
+            if !replaced {
+                return Err(e);
+            }
+            // Only a table left by something else gets here; rebuilding it is still one
+            // transaction, and the result is verified like any other.
+            tracing::warn!(target: TARGET, "updating the existing kill-switch table failed ({e}); rebuilding it");
+            run_nft_batch(&self.nft, &render_rebuild(&self.plan))
+                .map_err(KillSwitchError::Enable)?;
+            self.verify()?;
+        }
         tracing::info!(
             target: TARGET,
             "kill-switch on{}: {}",
-            if replaced { " (replaced the table a previous run left)" } else { "" },
+            if replaced { " (updated the table a previous run left)" } else { "" },
             self.describe()
         );
         Ok(())
@@ -586,11 +645,17 @@ mod tests {
     }
 
     const GOLDEN_FULL: &str = r#"# Holdfast kill-switch. Remove it with `holdfast client unblock`.
-table inet holdfast {}
-delete table inet holdfast
 table inet holdfast {
 	chain output {
 		type filter hook output priority 0; policy drop;
+	}
+	chain input {
+		type filter hook input priority 0; policy drop;
+	}
+}
+flush table inet holdfast
+table inet holdfast {
+	chain output {
 		oifname "lo" accept comment "loopback"
 		oifname "holdfast0" accept comment "tunnel"
 		ip daddr 198.18.0.1 tcp dport 51820 accept comment "gateway control"
@@ -601,7 +666,6 @@ table inet holdfast {
 		icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept comment "ipv6 neighbour discovery"
 	}
 	chain input {
-		type filter hook input priority 0; policy drop;
 		iifname "lo" accept comment "loopback"
 		iifname "holdfast0" accept comment "tunnel"
 		ip saddr 198.18.0.1 tcp sport 51820 ct state established accept comment "gateway control"
@@ -630,13 +694,13 @@ table inet holdfast {
                 "192.168.1.0/24".parse().unwrap(),
             ]);
         let text = render_ruleset(&plan);
-        let output: Vec<&str> = text
+        let rules = text.split("flush table inet holdfast\n").nth(1).unwrap();
+        let output: Vec<&str> = rules
             .lines()
             .skip_while(|l| !l.contains("chain output"))
             .take_while(|l| !l.contains("chain input"))
             .collect();
         let expected_output = r#"	chain output {
-		type filter hook output priority 0; policy drop;
 		oifname "lo" accept comment "loopback"
 		oifname "wg-x_1.2" accept comment "tunnel"
 		ip6 daddr 2001:2::1 tcp dport 443 accept comment "gateway control"
@@ -681,7 +745,16 @@ table inet holdfast {
     #[test]
     fn removal_batch_tolerates_a_missing_table() {
         assert_eq!(render_removal(), "table inet holdfast {}\ndelete table inet holdfast\n");
-        assert!(render_ruleset(&plan4()).contains(render_removal()));
+        // The normal batch never deletes the table (that would open a window); the rebuild does,
+        // then declares exactly what the normal batch declares.
+        assert!(!render_ruleset(&plan4()).contains("delete"));
+        let rebuild = render_rebuild(&plan4());
+        let normal = render_ruleset(&plan4()).replace("flush table inet holdfast\n", "");
+        let header_end = normal.find('\n').unwrap() + 1;
+        assert_eq!(
+            rebuild,
+            format!("{}{}{}", &normal[..header_end], render_removal(), &normal[header_end..])
+        );
     }
 
     #[test]
@@ -721,7 +794,8 @@ table inet holdfast {
         assert_eq!(plan.tun_name(), "hf9");
         assert_eq!(plan.lan(), Some(&["192.168.7.0/24".parse().unwrap()][..]));
 
-        let no_lan = ClientFile::parse(&text.replace("allow_lan = true", ""), Path::new("c")).unwrap();
+        let no_lan =
+            ClientFile::parse(&text.replace("allow_lan = true", ""), Path::new("c")).unwrap();
         assert_eq!(KillSwitchPlan::for_client(&no_lan, &lan).unwrap().lan(), None);
     }
 
@@ -763,10 +837,18 @@ table inet holdfast {
         // Hook priority moved.
         assert!(mutate(&|items| items[3]["chain"]["prio"] = 10.into()).is_err());
         // A rule missing.
-        assert!(mutate(&|items| { items.pop(); }).is_err());
+        assert!(
+            mutate(&|items| {
+                items.pop();
+            })
+            .is_err()
+        );
         // An extra chain (e.g. someone added an accepting forward chain to our table).
-        assert!(mutate(&|items| items.push(serde_json::json!({"chain": {"family": "inet",
-            "table": "holdfast", "name": "forward"}}))).is_err());
+        assert!(
+            mutate(&|items| items.push(serde_json::json!({"chain": {"family": "inet",
+            "table": "holdfast", "name": "forward"}})))
+            .is_err()
+        );
         // Table missing altogether.
         assert!(mutate(&|items| items.retain(|i| i.get("table").is_none())).is_err());
         // Rules in another order.

@@ -270,8 +270,10 @@ async fn remove_specs(handle: &Handle, specs: &[RouteSpec]) -> Result<(), Routes
         if let Err(e) = handle.route().del(message(spec)).execute().await
             && !already_gone(&e)
         {
-            first_error
-                .get_or_insert(RoutesError::Remove { route: spec.to_string(), reason: e.to_string() });
+            first_error.get_or_insert(RoutesError::Remove {
+                route: spec.to_string(),
+                reason: e.to_string(),
+            });
         }
     }
     first_error.map_or(Ok(()), Err)
@@ -330,7 +332,8 @@ async fn remove_ours(handle: &Handle) -> Result<usize, RoutesError> {
                 RouteAttribute::Destination(d) => Some(format!("{d:?}")),
                 _ => None,
             });
-            let route = format!("{}/{}", dst.unwrap_or_default(), r.header.destination_prefix_length);
+            let route =
+                format!("{}/{}", dst.unwrap_or_default(), r.header.destination_prefix_length);
             return Err(RoutesError::Remove { route, reason: e.to_string() });
         }
     }
@@ -381,14 +384,20 @@ mod tests {
     fn full_tunnel_by_default() {
         assert_eq!(tunnel_cidrs(None, &[]), nets(&["0.0.0.0/1", "128.0.0.0/1"]));
         // A default route in the config becomes the two halves.
-        assert_eq!(tunnel_cidrs(Some(&nets(&["0.0.0.0/0"])), &[]), nets(&["0.0.0.0/1", "128.0.0.0/1"]));
+        assert_eq!(
+            tunnel_cidrs(Some(&nets(&["0.0.0.0/0"])), &[]),
+            nets(&["0.0.0.0/1", "128.0.0.0/1"])
+        );
     }
 
     #[test]
     fn split_tunnel_normalises_and_adds_uncovered_dns() {
         let configured = nets(&["10.1.2.3/16", "10.1.0.0/16", "172.16.0.0/12"]);
-        let dns: Vec<IpAddr> =
-            vec!["10.1.9.9".parse().unwrap(), "100.64.0.1".parse().unwrap(), "2001:2::53".parse().unwrap()];
+        let dns: Vec<IpAddr> = vec![
+            "10.1.9.9".parse().unwrap(),
+            "100.64.0.1".parse().unwrap(),
+            "2001:2::53".parse().unwrap(),
+        ];
         assert_eq!(
             tunnel_cidrs(Some(&configured), &dns),
             nets(&["10.1.0.0/16", "100.64.0.1/32", "172.16.0.0/12"])

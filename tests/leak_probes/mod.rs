@@ -1,0 +1,230 @@
+//! Leak probes and the observer that counts them, shared by `killswitch_netns.rs` and
+//! `leak_states.rs`.
+//!
+//! The observer sits on the far end of the client's physical link (the veth end in the
+//! "outside"/gateway namespace): an nftables table whose prerouting chain counts every packet that
+//! arrives from the client, by kind. Link noise a host always sends (IPv6 neighbour discovery,
+//! router solicitations, MLD) is counted apart as `link`; anything the kinds below do not cover
+//! lands in `other`.
+//!
+//! Probes are sent from the client namespace: TCP (a SYN), UDP, ICMP echo and DNS (UDP and TCP to
+//! port 53), each over IPv4 and IPv6, to the gateway's address (on other ports) and to a remote
+//! address behind it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use crate::support::netns::Netns;
+
+/// The client's end of its physical link, and the outside end.
+pub const CLIENT_IF: &str = "eth0";
+pub const OUTSIDE_IF: &str = "up0";
+pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const OUTSIDE4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+pub const OUTSIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+/// Addresses behind the outside end (on its loopback), reached through the client's default
+/// routes: "the internet".
+pub const REMOTE4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 99);
+pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x99);
+/// The port the TCP and UDP probes go to.
+pub const PROBE_PORT: u16 = 5555;
+
+/// The kinds of probe; a positive control must see every one of them.
+pub const PROBE_KINDS: [&str; 8] =
+    ["tcp4", "udp4", "icmp4", "dns4", "tcp6", "udp6", "icmp6", "dns6"];
+
+/// Runs `f` on a fresh thread moved into `ns` (sockets it opens and processes it starts live
+/// there). The thread ends with `f`, so it never goes back to a pool.
+pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter_current_thread();
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    })
+}
+
+/// Polls `cond` every 10 ms until it holds or `within` passes; returns whether it held.
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Joins `client` and `outside` by a veth pair carrying IPv4 and IPv6, puts the remote addresses
+/// on the outside's loopback, and gives the client default routes through the outside end.
+pub fn wire(client: &Netns, outside: &Netns) {
+    crate::support::netns::link(client, CLIENT_IF, CLIENT4, outside, OUTSIDE_IF, OUTSIDE4, 24);
+    client.ip(&["-6", "addr", "add", &format!("{CLIENT6}/64"), "dev", CLIENT_IF, "nodad"]);
+    outside.ip(&["-6", "addr", "add", &format!("{OUTSIDE6}/64"), "dev", OUTSIDE_IF, "nodad"]);
+    outside.ip(&["addr", "add", &format!("{REMOTE4}/32"), "dev", "lo"]);
+    outside.ip(&["-6", "addr", "add", &format!("{REMOTE6}/128"), "dev", "lo"]);
+    client.ip(&["route", "add", "default", "via", &OUTSIDE4.to_string()]);
+    client.ip(&["-6", "route", "add", "default", "via", &OUTSIDE6.to_string()]);
+}
+
+/// The observer: counters on the outside end of the client's link.
+pub struct Observer<'a> {
+    ns: &'a Netns,
+    script: String,
+}
+
+impl<'a> Observer<'a> {
+    /// Counts packets arriving on `iface` in `ns`; `gateway` with its TCP `control` and UDP
+    /// `data` ports are counted as `gw_control` and `gw_data`.
+    pub fn install(ns: &'a Netns, iface: &str, gateway: Ipv4Addr, control: u16, data: u16) -> Self {
+        let mut counters = vec!["link", "gw_control", "gw_data", "other"];
+        counters.extend(PROBE_KINDS);
+        let decl: String = counters.iter().map(|c| format!("\tcounter {c} {{}}\n")).collect();
+        let script = format!(
+            "table inet observe {{}}\n\
+             delete table inet observe\n\
+             table inet observe {{\n{decl}\
+             \tchain pre {{\n\
+             \t\ttype filter hook prerouting priority -300; policy accept;\n\
+             \t\tiifname != \"{iface}\" accept\n\
+             \t\ticmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, \
+                nd-neighbor-advert, mld-listener-report, mld2-listener-report }} counter name link accept\n\
+             \t\tip daddr {gateway} tcp dport {control} counter name gw_control accept\n\
+             \t\tip daddr {gateway} udp dport {data} counter name gw_data accept\n\
+             \t\tmeta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport 53 counter name dns4 accept\n\
+             \t\tmeta nfproto ipv6 meta l4proto {{ tcp, udp }} th dport 53 counter name dns6 accept\n\
+             \t\tmeta nfproto ipv4 meta l4proto tcp counter name tcp4 accept\n\
+             \t\tmeta nfproto ipv4 meta l4proto udp counter name udp4 accept\n\
+             \t\tmeta nfproto ipv4 meta l4proto icmp counter name icmp4 accept\n\
+             \t\tmeta nfproto ipv6 meta l4proto tcp counter name tcp6 accept\n\
+             \t\tmeta nfproto ipv6 meta l4proto udp counter name udp6 accept\n\
+             \t\tmeta nfproto ipv6 meta l4proto icmpv6 counter name icmp6 accept\n\
+             \t\tcounter name other\n\
+             \t}}\n\
+             }}\n"
+        );
+        let obs = Observer { ns, script };
+        obs.reset();
+        obs
+    }
+
+    /// Zeroes every counter (by replacing the table in one transaction).
+    pub fn reset(&self) {
+        self.ns.nft(&self.script);
+    }
+
+    /// The counters' packet counts by name.
+    pub fn counts(&self) -> Counts {
+        let json = self.ns.exec_ok("nft", &["-j", "list", "counters", "table", "inet", "observe"]);
+        let doc: serde_json::Value = serde_json::from_str(&json).expect("nft -j output");
+        let mut map = BTreeMap::new();
+        for item in doc["nftables"].as_array().expect("nftables array") {
+            if let Some(c) = item.get("counter") {
+                let name = c["name"].as_str().expect("counter name").to_owned();
+                map.insert(name, c["packets"].as_u64().expect("packets"));
+            }
+        }
+        Counts(map)
+    }
+}
+
+/// Packet counts by counter name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counts(pub BTreeMap<String, u64>);
+
+impl Counts {
+    pub fn get(&self, name: &str) -> u64 {
+        self.0.get(name).copied().unwrap_or(0)
+    }
+
+    /// The kinds (probes and `other`) that saw at least one packet: leaks, when the kill-switch
+    /// is on.
+    pub fn leaks(&self) -> Vec<(String, u64)> {
+        PROBE_KINDS
+            .iter()
+            .chain(&["other"])
+            .map(|k| (k.to_string(), self.get(k)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// The probe kinds that saw nothing: blind spots, in a positive control.
+    pub fn unseen(&self) -> Vec<&'static str> {
+        PROBE_KINDS.into_iter().filter(|k| self.get(k) == 0).collect()
+    }
+}
+
+/// What one probe round tried; errors are expected when the kill-switch blocks (EPERM).
+#[derive(Debug, Default)]
+pub struct ProbeReport {
+    pub lines: Vec<String>,
+}
+
+/// A DNS query for `example.com. A`, so the DNS probes look like what a resolver sends.
+const DNS_QUERY: [u8; 29] = [
+    0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x07, b'e', b'x', b'a',
+    b'm', b'p', b'l', b'e', 0x03, b'c', b'o', b'm', 0x00, 0x00, 0x01, 0x00, 0x01,
+];
+
+/// Sends every kind of probe from `client` to each of `targets`: a TCP connect and a UDP
+/// datagram to [`PROBE_PORT`], a DNS query over UDP and a TCP connect to port 53, and one ping.
+pub fn send_probes(client: &Netns, targets: &[IpAddr]) -> ProbeReport {
+    let mut report = in_ns(client, || {
+        let mut r = ProbeReport::default();
+        for &ip in targets {
+            let any: SocketAddr =
+                if ip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+            let udp = UdpSocket::bind(any).expect("bind probe socket");
+            for (port, payload) in [(PROBE_PORT, &b"leak probe"[..]), (53, &DNS_QUERY[..])] {
+                let res = udp.send_to(payload, SocketAddr::new(ip, port));
+                r.lines.push(format!("udp {ip}:{port}: {res:?}"));
+            }
+            for port in [PROBE_PORT, 53] {
+                let res = TcpStream::connect_timeout(
+                    &SocketAddr::new(ip, port),
+                    Duration::from_millis(500),
+                );
+                r.lines.push(format!("tcp {ip}:{port}: {:?}", res.map(|_| ())));
+            }
+        }
+        r
+    });
+    for &ip in targets {
+        let out = client.exec("ping", &["-c", "1", "-W", "0.3", "-n", "-q", &ip.to_string()]);
+        report.lines.push(format!("ping {ip}: {}", out.status));
+    }
+    report
+}
+
+/// The probe targets: the outside end of the link (also the gateway's address in the kill-switch
+/// tests) and the remote addresses, over IPv4 and IPv6.
+pub fn all_targets() -> Vec<IpAddr> {
+    vec![OUTSIDE4.into(), REMOTE4.into(), OUTSIDE6.into(), REMOTE6.into()]
+}
+
+/// Sends one TCP connect to `control` and one UDP datagram to `data` at `gateway`: the traffic
+/// the kill-switch must let through.
+pub fn send_gateway_probes(client: &Netns, gateway: IpAddr, control: u16, data: u16) {
+    in_ns(client, || {
+        let any: SocketAddr = if gateway.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let udp = UdpSocket::bind(any).expect("bind");
+        udp.send_to(b"gateway data", SocketAddr::new(gateway, data)).expect("udp to the gateway");
+        // Refused (nobody listens) is fine: the SYN went out.
+        let _ = TcpStream::connect_timeout(
+            &SocketAddr::new(gateway, control),
+            Duration::from_millis(500),
+        );
+    });
+}
