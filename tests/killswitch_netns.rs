@@ -14,7 +14,6 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -56,24 +55,9 @@ fn plan() -> KillSwitchPlan {
     KillSwitchPlan::new(OUTSIDE4.into(), CONTROL_PORT, DATA_PORT, TUN).unwrap()
 }
 
-/// One probe round from a clean observer: every probe kind, then the gateway probes; waits until
-/// the gateway probes have arrived (they are allowed in every phase), then returns the counts.
-fn probe_round(w: &World, obs: &Observer) -> Counts {
-    obs.reset();
-    let report = send_probes(&w.client, &all_targets());
-    send_gateway_probes(&w.client, OUTSIDE4.into(), CONTROL_PORT, DATA_PORT);
-    let arrived = wait_until(Duration::from_secs(5), || {
-        let c = obs.counts();
-        c.get("gw_control") >= 1 && c.get("gw_data") >= 1
-    });
-    assert!(arrived, "the gateway probes never arrived: {:?}\n{:#?}", obs.counts(), report.lines);
-    obs.counts()
-}
-
-/// Waits until every probe kind has been seen (the positive control).
-fn assert_all_seen(obs: &Observer) {
-    let all = wait_until(Duration::from_secs(5), || obs.counts().unseen().is_empty());
-    assert!(all, "positive control: probes {:?} never arrived", obs.counts().unseen());
+/// A probe round against this test's gateway (the outside end, [`plan`]'s ports).
+fn round(w: &World, obs: &Observer) -> Counts {
+    probe_round(&w.client, obs, &all_targets(), OUTSIDE4.into(), CONTROL_PORT, DATA_PORT)
 }
 
 #[test]
@@ -87,17 +71,16 @@ fn only_the_gateway_ports_pass_and_disable_restores_the_ruleset() {
          \t\tcounter\n\t}\n}\n",
     );
     // Stateless (`-s`): the counter in that table moves with the probes.
-    let ruleset = || w.client.exec_ok("nft", &["-s", "list", "ruleset"]);
-    let before = ruleset();
+    let before = ruleset(&w.client);
 
     // Positive control: without the kill-switch, every probe arrives.
-    probe_round(&w, &obs);
+    round(&w, &obs);
     assert_all_seen(&obs);
 
     let ks = NftKillSwitch::new(plan());
     in_ns(&w.client, || ks.enable()).expect("enable");
     assert!(in_ns(&w.client, || ks.table_present()).unwrap());
-    let counts = probe_round(&w, &obs);
+    let counts = round(&w, &obs);
     assert!(counts.leaks().is_empty(), "leaked past the kill-switch: {:?}", counts.leaks());
     assert!(counts.get("gw_control") >= 1 && counts.get("gw_data") >= 1, "{counts:?}");
 
@@ -107,12 +90,12 @@ fn only_the_gateway_ports_pass_and_disable_restores_the_ruleset() {
     assert_eq!(tables.matches("holdfast").count(), 1, "{tables}");
 
     in_ns(&w.client, || ks.disable()).expect("disable");
-    assert_eq!(ruleset(), before, "disable changed something besides our table");
+    assert_eq!(ruleset(&w.client), before, "disable changed something besides our table");
     // Disabling twice is harmless (a stop after an unblock).
     in_ns(&w.client, || ks.disable()).expect("disable again");
 
     // And the probes flow again.
-    probe_round(&w, &obs);
+    round(&w, &obs);
     assert_all_seen(&obs);
 }
 
@@ -262,12 +245,6 @@ fn enable_fails_closed_and_reports_without_nft() {
     assert!(err.to_string().contains("cannot enable the kill-switch"), "{err}");
 }
 
-/// `ip route` lines (all tables, both families) of `ns`: what must come back unchanged.
-fn route_table(ns: &Netns) -> String {
-    ns.ip(&["-4", "route", "show", "table", "all"])
-        + &ns.ip(&["-6", "route", "show", "table", "all"])
-}
-
 /// A device standing in for the TUN: routes only need an interface that is up with a carrier.
 /// (A veth pair with both ends in the namespace; deleting `TUN` deletes its peer too.)
 fn fake_tun(ns: &Netns) {
@@ -355,32 +332,6 @@ fn routes_skip_the_host_route_when_not_needed_and_recover_leftovers() {
     // No TUN: a clear error, nothing added.
     let err = block_on_in(&w.client, Routes::install(TUN, REMOTE4.into(), &full)).unwrap_err();
     assert!(matches!(err, RoutesError::NoInterface(_)), "{err}");
-}
-
-/// The resolver file `ip netns exec` bind-mounts over /etc/resolv.conf for a namespace; removed
-/// (with /etc/netns if it is then empty) on drop.
-struct NetnsEtc {
-    dir: PathBuf,
-}
-
-impl NetnsEtc {
-    fn new(ns: &Netns, resolv: &str) -> NetnsEtc {
-        let dir = Path::new("/etc/netns").join(ns.name());
-        std::fs::create_dir_all(&dir).unwrap();
-        let etc = NetnsEtc { dir };
-        std::fs::write(etc.resolv(), resolv).unwrap();
-        etc
-    }
-    fn resolv(&self) -> PathBuf {
-        self.dir.join("resolv.conf")
-    }
-}
-
-impl Drop for NetnsEtc {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = std::fs::remove_dir("/etc/netns");
-    }
 }
 
 /// Set by the parent test when it re-runs this binary as a helper inside a namespace.

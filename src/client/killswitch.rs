@@ -27,15 +27,13 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use super::dataplane::DEFAULT_TUN_NAME;
 use crate::config::client::ClientFile;
 
 const TARGET: &str = "holdfast::killswitch";
 
 /// The nftables table (family `inet`, so IPv4 and IPv6 both) that holds every rule of ours.
 pub const TABLE: &str = "holdfast";
-
-/// The TUN device's name when the client file does not set one.
-pub const DEFAULT_TUN_NAME: &str = "holdfast0";
 
 /// Why the kill-switch could not be applied or removed.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,10 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
+use super::dataplane::DEFAULT_TUN_NAME;
+use super::dns::{Dns, DnsError, DnsGuard};
+use crate::config::client::ClientFile;
+
 const TARGET: &str = "holdfast::routes";
 
 /// The routing protocol number every route of ours carries (`ip route` shows `proto 207`). Not one
@@ -359,6 +363,61 @@ pub fn remove_leftovers_blocking() -> Result<usize, RoutesError> {
         .join()
         .unwrap_or_else(|_| Err(RoutesError::List("the route cleanup thread panicked".into())))
     })
+}
+
+/// Why the tunnel's routes or resolver could not be set up or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(transparent)]
+    Routes(#[from] RoutesError),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+}
+
+/// Everything the client changes on the host when its tunnel comes up, for a client file: the
+/// routes ([`Routes::install`] with [`tunnel_cidrs`] of `[network] routes` and `dns`) and the
+/// resolver ([`Dns::apply`] with `[network] dns`). Brought up once, when the TUN device exists;
+/// left alone on re-auth; [`TunnelNetwork::down`] on an explicit stop.
+#[must_use = "call down() on stop"]
+#[derive(Debug)]
+pub struct TunnelNetwork {
+    routes: RouteGuard,
+    dns: DnsGuard,
+}
+
+impl TunnelNetwork {
+    /// Installs the routes, then points the resolver at the tunnel. If the resolver cannot be set,
+    /// the routes are removed again and the error returned (nothing half-done stays).
+    pub async fn up(file: &ClientFile) -> Result<Self, NetworkError> {
+        let net = &file.network;
+        let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
+        let cidrs = tunnel_cidrs(net.routes.as_deref(), &net.dns);
+        let routes = Routes::install(tun, file.endpoint.ip(), &cidrs).await?;
+        match Dns::apply(tun, &net.dns) {
+            Ok(dns) => Ok(Self { routes, dns }),
+            Err(e) => {
+                if let Err(undo) = routes.restore().await {
+                    tracing::warn!(target: TARGET, "{undo}");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The routes that were added.
+    pub fn routes(&self) -> &[RouteSpec] {
+        self.routes.routes()
+    }
+
+    /// Restores the resolver, then removes the routes. Both are attempted; the first error is
+    /// returned.
+    pub async fn down(self) -> Result<(), NetworkError> {
+        let dns = self.dns.restore();
+        let routes = self.routes.restore().await;
+        dns?;
+        routes?;
+        Ok(())
+    }
 }
 
 /// The index of interface `name` in the calling thread's network namespace.

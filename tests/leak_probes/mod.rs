@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::support::netns::Netns;
@@ -35,6 +36,13 @@ pub const PROBE_PORT: u16 = 5555;
 /// The kinds of probe; a positive control must see every one of them.
 pub const PROBE_KINDS: [&str; 8] =
     ["tcp4", "udp4", "icmp4", "dns4", "tcp6", "udp6", "icmp6", "dns6"];
+
+/// The kinds counted when they arrive from the tunnel (any interface but the link, from the tunnel
+/// subnet): the probes that went where they should. The tunnel carries IPv4 only.
+pub const TUNNEL_KINDS: [&str; 4] = ["tun_tcp4", "tun_udp4", "tun_icmp4", "tun_dns4"];
+
+/// The tunnel subnet (the gateway's default, within RFC 6598 space).
+pub const TUNNEL_SUBNET: &str = "100.64.0.0/10";
 
 /// Runs `f` on a fresh thread moved into `ns` (sockets it opens and processes it starts live
 /// there). The thread ends with `f`, so it never goes back to a pool.
@@ -87,6 +95,7 @@ impl<'a> Observer<'a> {
     pub fn install(ns: &'a Netns, iface: &str, gateway: Ipv4Addr, control: u16, data: u16) -> Self {
         let mut counters = vec!["link", "gw_control", "gw_data", "other"];
         counters.extend(PROBE_KINDS);
+        counters.extend(TUNNEL_KINDS);
         let decl: String = counters.iter().map(|c| format!("\tcounter {c} {{}}\n")).collect();
         let script = format!(
             "table inet observe {{}}\n\
@@ -94,6 +103,7 @@ impl<'a> Observer<'a> {
              table inet observe {{\n{decl}\
              \tchain pre {{\n\
              \t\ttype filter hook prerouting priority -300; policy accept;\n\
+             \t\tiifname != \"{iface}\" ip saddr {TUNNEL_SUBNET} jump tunnel\n\
              \t\tiifname != \"{iface}\" accept\n\
              \t\ticmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, \
                 nd-neighbor-advert, mld-listener-report, mld2-listener-report }} counter name link accept\n\
@@ -108,6 +118,12 @@ impl<'a> Observer<'a> {
              \t\tmeta nfproto ipv6 meta l4proto udp counter name udp6 accept\n\
              \t\tmeta nfproto ipv6 meta l4proto icmpv6 counter name icmp6 accept\n\
              \t\tcounter name other\n\
+             \t}}\n\
+             \tchain tunnel {{\n\
+             \t\tmeta l4proto {{ tcp, udp }} th dport 53 counter name tun_dns4 return\n\
+             \t\tmeta l4proto tcp counter name tun_tcp4 return\n\
+             \t\tmeta l4proto udp counter name tun_udp4 return\n\
+             \t\tmeta l4proto icmp counter name tun_icmp4 return\n\
              \t}}\n\
              }}\n"
         );
@@ -154,6 +170,11 @@ impl Counts {
             .map(|k| (k.to_string(), self.get(k)))
             .filter(|(_, n)| *n > 0)
             .collect()
+    }
+
+    /// The tunnel kinds that saw nothing (in a connected state: probes that did not go through).
+    pub fn unseen_in_tunnel(&self) -> Vec<&'static str> {
+        TUNNEL_KINDS.into_iter().filter(|k| self.get(k) == 0).collect()
     }
 
     /// The probe kinds that saw nothing: blind spots, in a positive control.
@@ -227,4 +248,89 @@ pub fn send_gateway_probes(client: &Netns, gateway: IpAddr, control: u16, data: 
             Duration::from_millis(500),
         );
     });
+}
+
+/// One probe round from a clean observer: every probe kind to `targets`, then the gateway probes;
+/// waits until those have arrived (the kill-switch lets them through in every state, so they mark
+/// the end of the round), then returns the counts.
+pub fn probe_round(
+    client: &Netns,
+    obs: &Observer,
+    targets: &[IpAddr],
+    gateway: IpAddr,
+    control: u16,
+    data: u16,
+) -> Counts {
+    obs.reset();
+    let report = send_probes(client, targets);
+    send_gateway_probes(client, gateway, control, data);
+    let arrived = wait_until(Duration::from_secs(5), || {
+        let c = obs.counts();
+        c.get("gw_control") >= 1 && c.get("gw_data") >= 1
+    });
+    assert!(arrived, "the gateway probes never arrived: {:?}\n{:#?}", obs.counts(), report.lines);
+    obs.counts()
+}
+
+/// Waits until every probe kind has been seen (the positive control).
+pub fn assert_all_seen(obs: &Observer) {
+    let all = wait_until(Duration::from_secs(5), || obs.counts().unseen().is_empty());
+    assert!(all, "positive control: probes {:?} never arrived", obs.counts().unseen());
+}
+
+/// `ip route` lines (all tables, both families) of `ns`.
+pub fn route_table(ns: &Netns) -> String {
+    ns.ip(&["-4", "route", "show", "table", "all"])
+        + &ns.ip(&["-6", "route", "show", "table", "all"])
+}
+
+/// The whole nftables ruleset of `ns`, without counter values.
+pub fn ruleset(ns: &Netns) -> String {
+    ns.exec_ok("nft", &["-s", "list", "ruleset"])
+}
+
+/// The resolver file `ip netns exec` bind-mounts over /etc/resolv.conf for a namespace; removed
+/// (with /etc/netns if it is then empty) on drop.
+pub struct NetnsEtc {
+    dir: PathBuf,
+}
+
+impl NetnsEtc {
+    pub fn new(ns: &Netns, resolv: &str) -> NetnsEtc {
+        let dir = Path::new("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/<ns>");
+        let etc = NetnsEtc { dir };
+        std::fs::write(etc.resolv(), resolv).expect("write resolv.conf");
+        etc
+    }
+
+    pub fn resolv(&self) -> PathBuf {
+        self.dir.join("resolv.conf")
+    }
+
+    pub fn read_resolv(&self) -> String {
+        std::fs::read_to_string(self.resolv()).expect("read resolv.conf")
+    }
+}
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir("/etc/netns");
+    }
+}
+
+/// What a client may change in its namespace, and must give back on an explicit stop (or
+/// `unblock` after a kill): the ruleset, the routes, the resolver file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HostState {
+    pub ruleset: String,
+    pub routes: String,
+    pub resolv: String,
+}
+
+impl HostState {
+    pub fn of(ns: &Netns, etc: &NetnsEtc) -> HostState {
+        HostState { ruleset: ruleset(ns), routes: route_table(ns), resolv: etc.read_resolv() }
+    }
 }
