@@ -9,6 +9,7 @@
 //! `ip netns exec` bind-mounts from /etc/netns/<ns>/). Everything is deleted on drop, also when a
 //! test panics; the machine's own namespace is never touched.
 
+#[macro_use]
 mod leak_probes;
 mod support;
 
@@ -22,21 +23,11 @@ use holdfast::client::dns::{self, Dns};
 use holdfast::client::killswitch::{self, KillSwitch, KillSwitchPlan, NftKillSwitch};
 use holdfast::client::routes::{self, RouteSpec, Routes, RoutesError};
 use leak_probes::*;
-use support::netns::{self, Netns};
+use support::netns::Netns;
 
 const CONTROL_PORT: u16 = 7443;
 const DATA_PORT: u16 = 7444;
 const TUN: &str = "hf0";
-
-/// Skips (with a visible note) when not root.
-macro_rules! require_root {
-    () => {
-        if !netns::available() {
-            eprintln!("SKIPPED: needs root, iproute2 and nftables (network namespaces)");
-            return;
-        }
-    };
-}
 
 struct World {
     client: Netns,

@@ -13,11 +13,23 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use socket2::{Domain, Protocol, Socket, Type};
+
 use crate::support::netns::Netns;
+
+/// Skips the calling test (with a visible note) when not root: namespaces need CAP_NET_ADMIN.
+macro_rules! require_root {
+    () => {
+        if !crate::support::netns::available() {
+            eprintln!("SKIPPED: needs root, iproute2 and nftables (network namespaces)");
+            return;
+        }
+    };
+}
 
 /// The client's end of its physical link, and the outside end.
 pub const CLIENT_IF: &str = "eth0";
@@ -74,6 +86,11 @@ pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// Joins `client` and `outside` by a veth pair carrying IPv4 and IPv6, puts the remote addresses
 /// on the outside's loopback, and gives the client default routes through the outside end.
 pub fn wire(client: &Netns, outside: &Netns) {
+    // No duplicate address detection: addresses (link-local ones too) are usable, and their
+    // routes present, as soon as they are added, so "before" snapshots are complete.
+    for ns in [client, outside] {
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
+    }
     crate::support::netns::link(client, CLIENT_IF, CLIENT4, outside, OUTSIDE_IF, OUTSIDE4, 24);
     client.ip(&["-6", "addr", "add", &format!("{CLIENT6}/64"), "dev", CLIENT_IF, "nodad"]);
     outside.ip(&["-6", "addr", "add", &format!("{OUTSIDE6}/64"), "dev", OUTSIDE_IF, "nodad"]);
@@ -81,6 +98,11 @@ pub fn wire(client: &Netns, outside: &Netns) {
     outside.ip(&["-6", "addr", "add", &format!("{REMOTE6}/128"), "dev", "lo"]);
     client.ip(&["route", "add", "default", "via", &OUTSIDE4.to_string()]);
     client.ip(&["-6", "route", "add", "default", "via", &OUTSIDE6.to_string()]);
+    let settled = wait_until(Duration::from_secs(5), || {
+        client.ip(&["-6", "addr", "show", "tentative"]).is_empty()
+            && outside.ip(&["-6", "addr", "show", "tentative"]).is_empty()
+    });
+    assert!(settled, "IPv6 addresses still tentative");
 }
 
 /// The observer: counters on the outside end of the client's link.
@@ -195,34 +217,71 @@ const DNS_QUERY: [u8; 29] = [
     b'm', b'p', b'l', b'e', 0x03, b'c', b'o', b'm', 0x00, 0x00, 0x01, 0x00, 0x01,
 ];
 
-/// Sends every kind of probe from `client` to each of `targets`: a TCP connect and a UDP
-/// datagram to [`PROBE_PORT`], a DNS query over UDP and a TCP connect to port 53, and one ping.
+/// An unconnected UDP socket of `to`'s family.
+fn udp_for(to: IpAddr) -> UdpSocket {
+    let any: IpAddr =
+        if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    UdpSocket::bind(SocketAddr::new(any, 0)).expect("bind probe socket")
+}
+
+/// Starts a TCP connection to `to` without waiting for it: the SYN leaves (or is refused by the
+/// firewall, EPERM) inside `connect`, so nothing here waits on the network.
+fn tcp_syn(to: SocketAddr) -> std::io::Result<()> {
+    let sock = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    sock.set_nonblocking(true)?;
+    match sock.connect(&to.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(()),
+        other => other,
+    }
+}
+
+/// Sends one ICMP (or ICMPv6) echo request to `to` on a raw socket.
+fn ping(to: IpAddr) -> std::io::Result<usize> {
+    let (domain, proto, kind) = match to {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128u8),
+    };
+    let sock = Socket::new(domain, Type::from(libc::SOCK_RAW), Some(proto))?;
+    let mut msg = [kind, 0, 0, 0, 0x48, 0x46, 0, 1, b'p', b'r', b'o', b'b', b'e', 0, 0, 0];
+    if to.is_ipv4() {
+        // ICMPv4 carries its own checksum; for ICMPv6 raw sockets the kernel fills it in.
+        let sum = internet_checksum(&msg);
+        msg[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    sock.send_to(&msg, &SocketAddr::new(to, 0).into())
+}
+
+/// The RFC 1071 checksum.
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends every kind of probe from `client` to each of `targets`: a TCP SYN and a UDP datagram to
+/// [`PROBE_PORT`], a DNS query over UDP and a TCP SYN to port 53, and an echo request. Nothing
+/// waits for an answer, so a round takes milliseconds and fits inside short-lived states.
 pub fn send_probes(client: &Netns, targets: &[IpAddr]) -> ProbeReport {
-    let mut report = in_ns(client, || {
+    in_ns(client, || {
         let mut r = ProbeReport::default();
         for &ip in targets {
-            let any: SocketAddr =
-                if ip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
-            let udp = UdpSocket::bind(any).expect("bind probe socket");
+            let udp = udp_for(ip);
             for (port, payload) in [(PROBE_PORT, &b"leak probe"[..]), (53, &DNS_QUERY[..])] {
                 let res = udp.send_to(payload, SocketAddr::new(ip, port));
                 r.lines.push(format!("udp {ip}:{port}: {res:?}"));
             }
             for port in [PROBE_PORT, 53] {
-                let res = TcpStream::connect_timeout(
-                    &SocketAddr::new(ip, port),
-                    Duration::from_millis(500),
-                );
-                r.lines.push(format!("tcp {ip}:{port}: {:?}", res.map(|_| ())));
+                r.lines.push(format!("tcp {ip}:{port}: {:?}", tcp_syn(SocketAddr::new(ip, port))));
             }
+            r.lines.push(format!("ping {ip}: {:?}", ping(ip)));
         }
         r
-    });
-    for &ip in targets {
-        let out = client.exec("ping", &["-c", "1", "-W", "0.3", "-n", "-q", &ip.to_string()]);
-        report.lines.push(format!("ping {ip}: {}", out.status));
-    }
-    report
+    })
 }
 
 /// The probe targets: the outside end of the link (also the gateway's address in the kill-switch
@@ -235,18 +294,10 @@ pub fn all_targets() -> Vec<IpAddr> {
 /// the kill-switch must let through.
 pub fn send_gateway_probes(client: &Netns, gateway: IpAddr, control: u16, data: u16) {
     in_ns(client, || {
-        let any: SocketAddr = if gateway.is_ipv4() {
-            "0.0.0.0:0".parse().unwrap()
-        } else {
-            "[::]:0".parse().unwrap()
-        };
-        let udp = UdpSocket::bind(any).expect("bind");
-        udp.send_to(b"gateway data", SocketAddr::new(gateway, data)).expect("udp to the gateway");
-        // Refused (nobody listens) is fine: the SYN went out.
-        let _ = TcpStream::connect_timeout(
-            &SocketAddr::new(gateway, control),
-            Duration::from_millis(500),
-        );
+        udp_for(gateway)
+            .send_to(b"gateway data", SocketAddr::new(gateway, data))
+            .expect("udp to the gateway");
+        tcp_syn(SocketAddr::new(gateway, control)).expect("tcp to the gateway");
     });
 }
 
