@@ -297,12 +297,12 @@ fn chain_rules(plan: &KillSwitchPlan) -> String {
 /// the new rules added. Rules are switched atomically (by generation); the chains and their drop
 /// policy stay in place throughout, so no packet passes during the update.
 ///
-/// Why not delete and re-create the table in the batch: a base chain created in a transaction is
-/// hooked in before the commit, but gets its `drop` policy only during the commit, after the old
-/// chain is unhooked — a window in which packets pass. The first version of this code did that;
-/// `a_leftover_table_is_replaced_without_a_gap` (tests/killswitch_netns.rs), which streams probes
-/// while replacing the table 30 times, saw 4 to 13 probes pass on Linux 6.18. Updated in place,
-/// none pass.
+/// Why not delete and re-create the table in the batch: that leaks. The first version of this code
+/// did it, and `a_leftover_table_is_replaced_without_a_gap` (tests/killswitch_netns.rs), which
+/// streams probes while replacing the table 30 times, saw 4 to 13 probes pass on Linux 6.18;
+/// updated in place, none pass. The likely cause, from reading nf_tables: a base chain created in
+/// a transaction is hooked in before the commit with policy accept and only gets its `drop` policy
+/// during the commit, while the old table's chains are unhooked in the same commit.
 pub fn render_ruleset(plan: &KillSwitchPlan) -> String {
     format!("{HEADER}{}flush table inet holdfast\n{}", chain_skeleton(), chain_rules(plan))
 }
