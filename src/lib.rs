@@ -19,9 +19,11 @@
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod gateway;
 pub mod logging;
 pub mod pki;
 pub mod sansio;
 pub mod snapshot;
+pub mod tui;
 pub mod tunnel;

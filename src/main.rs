@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use holdfast::client::dataplane::{ClientDataPlane, ClientDataPlaneConfig};
-use holdfast::client::{self, ClientSettings};
+use holdfast::client::app::{self, RunOptions};
 use holdfast::client::killswitch::LoggingNoopKillSwitch;
+use holdfast::client::{ClientSettings, status_socket};
 use holdfast::config::{self, exit};
 use holdfast::gateway::cli::GatewayCommand;
 use holdfast::logging::{self, LogSettings};
@@ -29,6 +29,26 @@ enum Top {
     /// Run the client.
     #[command(subcommand)]
     Client(ClientCommand),
+    /// Show what the running client is doing: state, session (never its key), counters and
+    /// recent transitions. Exits 3 when no client is running.
+    /// A live demo on this machine (as root): a gateway and a client in network namespaces of
+    /// their own, the client's dashboard, a steady ping through the tunnel, and keys that inject
+    /// faults (k kill/restart the gateway, e expire the session, u blackhole UDP, c blackhole the
+    /// control port). Everything it creates is removed on exit; the machine's own network is
+    /// never touched.
+    Demo,
+    Status {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The client's status socket. Default: `[status] socket` of the client file, else
+        /// /run/holdfast/client.sock as root, else the per-user runtime dir.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// The client file to read `[status] socket` from (default: as for `client run`).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -44,6 +64,10 @@ enum ClientCommand {
         /// Default: /etc/holdfast/client.toml as root, else client.toml in the per-user config dir.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Run headless: no dashboard; logs go to stderr (journald) and the log file. Implied
+        /// when stdin or stdout is not a terminal. With the dashboard, logs go to the file only.
+        #[arg(long)]
+        no_tui: bool,
     },
 }
 
@@ -51,7 +75,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Top::Gateway(cmd) => run_gateway(cmd),
-        Top::Client(ClientCommand::Run { config }) => run_client(config),
+        Top::Client(ClientCommand::Run { config, no_tui }) => run_client(config, no_tui),
+        Top::Demo => match holdfast::demo::run() {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("holdfast demo: {e}");
+                e.exit_code()
+            }
+        },
+        Top::Status { json, socket, config } => {
+            status_socket::status_command(json, socket, config.as_deref())
+        }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
@@ -85,7 +119,7 @@ fn run_gateway(cmd: GatewayCommand) -> i32 {
     }
 }
 
-fn run_client(config: Option<PathBuf>) -> i32 {
+fn run_client(config: Option<PathBuf>, no_tui: bool) -> i32 {
     let path = config.unwrap_or_else(config::default_client_file);
     // Critical start-up failures: reported on one line naming the file, with a distinct exit code.
     let settings = match ClientSettings::load(path) {
@@ -95,70 +129,19 @@ fn run_client(config: Option<PathBuf>) -> i32 {
             return e.exit_code();
         }
     };
+    let dashboard = holdfast::tui::should_use_dashboard(no_tui);
     let log = &settings.file.log;
     let _log_guard = logging::init(&LogSettings {
         dir: Some(log.dir.clone().unwrap_or_else(config::default_log_dir)),
         prefix: "holdfast-client",
         filter: log.level.clone().unwrap_or_else(|| "info".into()),
         keep_files: log.keep_files.unwrap_or(7),
-        stderr: true,
+        // The dashboard never shares its terminal with log lines.
+        stderr: !dashboard,
     });
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    rt.block_on(async move {
-        tracing::info!(
-            target: "holdfast::client",
-            "holdfast client {} starting: {} -> gateway {}",
-            env!("CARGO_PKG_VERSION"),
-            settings.file.name,
-            settings.file.endpoint
-        );
-        // Data plane (issue 3): comes up on the first snapshot, through the driver's hook.
-        let dataplane = (!holdfast::tunnel::disabled_by_env())
-            .then(|| ClientDataPlane::new(ClientDataPlaneConfig::from_file(&settings.file)));
-        let on_swap = dataplane.as_ref().map(|d| d.on_swap_hook());
-        let handle = match client::start(settings, Arc::new(LoggingNoopKillSwitch), on_swap) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::error!(target: "holdfast::client", "{e}");
-                eprintln!("holdfast client: {e}");
-                return exit::NOT_PERMITTED;
-            }
-        };
-        if let Some(dp) = &dataplane {
-            dp.bind(handle.getter(), handle.commands());
-            tokio::spawn(holdfast::tunnel::log_stats_on_sigusr1("client data plane", dp.counters()));
-        }
-        wait_for_stop_signal().await;
-        tracing::info!(target: "holdfast::client", "stop requested; shutting down");
-        if let Some(dp) = &dataplane {
-            dp.stop().await;
-        }
-        match handle.stop().await {
-            Ok(()) => exit::OK,
-            Err(e) => {
-                tracing::error!(target: "holdfast::client", "{e}");
-                exit::FAILURE
-            }
-        }
-    })
-}
-
-/// Waits for SIGINT or SIGTERM (the explicit stop of a daemon).
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        _ => {
-            // Without signal handlers we cannot be stopped cleanly; ctrl_c is the last resort.
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    rt.block_on(app::run(settings, Arc::new(LoggingNoopKillSwitch), RunOptions { dashboard, ..RunOptions::default() }))
 }

@@ -144,6 +144,20 @@ impl Counters {
         bump(&self.drops[why as usize]);
     }
 
+    /// Counts `n` drops.
+    #[inline]
+    pub fn count_drops(&self, why: DropReason, n: usize) {
+        if n > 0 {
+            Self::add(&self.drops[why as usize], n);
+        }
+    }
+
+    /// Adds `n` to a counter.
+    #[inline]
+    pub fn add(c: &AtomicU64, n: usize) {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// Counts one packet of `len` bytes on a (packets, bytes) pair.
     #[inline]
     pub fn packet(packets: &AtomicU64, bytes: &AtomicU64, len: usize) {
@@ -239,6 +253,8 @@ pub struct TunSpec {
     pub address: Ipv4Addr,
     pub prefix_len: u8,
     pub mtu: u16,
+    /// TSO/GRO offload (virtio-net headers): 64 KiB reads and coalesced writes.
+    pub offload: bool,
 }
 
 /// A TUN device that is up, and what the logs and the status feed show of it.
@@ -274,7 +290,10 @@ pub fn create_tun(spec: &TunSpec) -> Result<Tun, TunError> {
         prefix_len: spec.prefix_len,
         source,
     };
-    let mut builder = DeviceBuilder::new().ipv4(spec.address, spec.prefix_len, None).mtu(spec.mtu);
+    let mut builder = DeviceBuilder::new()
+        .ipv4(spec.address, spec.prefix_len, None)
+        .mtu(spec.mtu)
+        .offload(spec.offload);
     if let Some(name) = &spec.name {
         builder = builder.name(name.clone());
     }
@@ -430,17 +449,6 @@ pub async fn pause(d: Duration) {
     }
 }
 
-/// The environment variable that turns the data plane off (`HOLDFAST_DATAPLANE=off`): the
-/// binary then runs the control plane only, creating no TUN device, socket or NAT rule. For
-/// tests that run on the machine's own loopback, where a TUN device would change the machine's
-/// routes, and for debugging the control plane alone.
-pub const DISABLE_ENV: &str = "HOLDFAST_DATAPLANE";
-
-/// Whether [`DISABLE_ENV`] turns the data plane off.
-pub fn disabled_by_env() -> bool {
-    std::env::var(DISABLE_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("off"))
-}
-
 /// Logs `what`'s counters (one info line) on every SIGUSR1, for operators and tests: the data
 /// plane never logs per packet, so this is how its drop counts are read from outside. Runs until
 /// the process ends; without a signal handler it does nothing.
@@ -466,6 +474,360 @@ pub fn describe_io(e: &io::Error) -> String {
         Some(libc::ENOBUFS) => "ENOBUFS (queue full)".into(),
         _ => e.to_string(),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batching: UDP GSO/GRO on the socket, offload (TSO/GRO) on the TUN device.
+// ---------------------------------------------------------------------------------------------
+
+/// Most packets one loop iteration handles: a 64 KiB TSO/GRO super-packet of 1436-byte
+/// segments is 46 of them, and the kernel caps a UDP GSO send at 64 segments.
+pub const BATCH: usize = 64;
+
+/// Largest UDP payload of one `sendmsg`, GSO or not (IPv4 total length minus IP and UDP
+/// headers).
+const MAX_UDP_SEND: usize = 65507;
+
+/// Linux `UDP_SEGMENT` and `UDP_GRO` (uapi/linux/udp.h; not in the libc crate for glibc).
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// Room for a TUN packet read with offload: the virtio-net header and a 64 KiB super-packet.
+pub const TUN_READ_BUFFER: usize = tun_rs::VIRTIO_NET_HDR_LEN + 65535;
+
+/// Where an inner packet starts in a TUN write buffer: room for the virtio-net header the
+/// device wants in front of every packet when offload is on.
+pub const TUN_WRITE_OFFSET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+
+/// Asks the kernel to hand us coalesced UDP datagrams (one `recvmsg`, many datagrams of one
+/// size, the last maybe shorter). Best effort: without it we get one datagram per call.
+pub fn enable_udp_gro(sock: &UdpSocket) -> bool {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
+/// Receives one (possibly coalesced) datagram batch into `buf`: returns its length, the size of
+/// each datagram in it (all equal but the last, which may be shorter) and the sender.
+pub async fn recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+    sock.async_io(tokio::io::Interest::READABLE, || recvmsg_gro(sock, buf)).await
+}
+
+fn recvmsg_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: every pointer below points into locals or `buf`, all alive for the call, with the
+    // lengths given; the kernel writes at most those lengths.
+    unsafe {
+        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let mut control = [0u64; 8];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, 0);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        let mut segment = n;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                if size > 0 {
+                    segment = size as usize;
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        let from =
+            socket_addr(&addr).ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
+        Ok((n, segment.max(1), from))
+    }
+}
+
+/// The IP socket address in a `sockaddr_storage` the kernel filled.
+fn socket_addr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which it is large enough for.
+            let a =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::from((ip, u16::from_be(a.sin6_port))))
+        }
+        _ => None,
+    }
+}
+
+/// Sends `buf`, datagrams of `segment` bytes each (the last may be shorter), to `dest` in one
+/// call with UDP GSO. `gso` starts true and turns false for good if the kernel refuses GSO; the
+/// datagrams then go one by one.
+pub async fn send_gso(
+    sock: &UdpSocket,
+    gso: &mut bool,
+    buf: &[u8],
+    segment: usize,
+    dest: SocketAddr,
+) -> io::Result<()> {
+    if buf.len() <= segment || !*gso {
+        for d in buf.chunks(segment.max(1)) {
+            sock.send_to(d, dest).await?;
+        }
+        return Ok(());
+    }
+    let sent = sock
+        .async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest))
+        .await;
+    match sent {
+        Err(e)
+            if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) =>
+        {
+            // No UDP GSO here (old kernel, a device without it): fall back, once and for all.
+            *gso = false;
+            Box::pin(send_gso(sock, gso, buf, segment, dest)).await
+        }
+        other => other,
+    }
+}
+
+fn sendmsg_gso(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let addr = socket2::SockAddr::from(dest);
+    let segment = u16::try_from(segment).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the pointers point into `buf`, `addr` and the local control buffer, alive for the
+    // call; the control buffer is large enough for one u16 cmsg (checked by CMSG_SPACE below).
+    unsafe {
+        let mut control = [0u64; 4];
+        let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+        debug_assert!(space <= std::mem::size_of_val(&control));
+        let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = addr.as_ptr() as *mut _;
+        msg.msg_namelen = addr.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A loop's TUN read side: one read gives up to [`BATCH`] inner packets (a TSO super-packet split
+/// by tun-rs when offload is on, else one packet), each placed at [`wire::HEADER_LEN`] in its own
+/// slot of `stride` bytes, so it can be sealed where it lies. Buffers are allocated once.
+pub struct TunReader {
+    raw: Vec<u8>,
+    slots: Vec<u8>,
+    stride: usize,
+    sizes: [usize; BATCH],
+}
+
+impl TunReader {
+    /// Slots for inner packets of up to `mtu` bytes.
+    pub fn new(mtu: u16) -> Self {
+        let stride = wire::OVERHEAD + usize::from(mtu);
+        Self {
+            raw: vec![0; TUN_READ_BUFFER],
+            slots: vec![0; stride * BATCH],
+            stride,
+            sizes: [0; BATCH],
+        }
+    }
+
+    /// Reads one batch; returns how many packets it holds.
+    pub async fn read(&mut self, tun: &AsyncDevice) -> io::Result<usize> {
+        let mut chunks = self.slots.chunks_mut(self.stride);
+        let mut bufs: [&mut [u8]; BATCH] =
+            std::array::from_fn(|_| chunks.next().unwrap_or_default());
+        tun.recv_multiple(&mut self.raw, &mut bufs, &mut self.sizes, wire::HEADER_LEN).await
+    }
+
+    /// Length of packet `i` of the last batch.
+    pub fn len(&self, i: usize) -> usize {
+        self.sizes[i]
+    }
+
+    /// Slot `i`: the inner packet at `HEADER_LEN`, room for the header before and the tag after.
+    pub fn slot(&mut self, i: usize) -> &mut [u8] {
+        &mut self.slots[i * self.stride..(i + 1) * self.stride]
+    }
+
+    /// The inner packet `i` of the last batch.
+    pub fn packet(&self, i: usize) -> &[u8] {
+        let at = i * self.stride + wire::HEADER_LEN;
+        &self.slots[at..at + self.sizes[i]]
+    }
+
+    /// Sends sealed datagrams of this batch to `dest`: `lens[k]` bytes at the start of slot
+    /// `first + k` (0 = dropped); see [`send_datagrams`].
+    pub async fn send(
+        &mut self,
+        sock: &UdpSocket,
+        gso: &mut bool,
+        first: usize,
+        lens: &[usize],
+        dest: SocketAddr,
+    ) -> Sent {
+        let slots = &mut self.slots[first * self.stride..];
+        send_datagrams(sock, gso, slots, self.stride, lens, dest).await
+    }
+}
+
+/// A loop's TUN write side: inner packets collected from one UDP batch, then written.
+///
+/// With `coalesce`, one `send_multiple` merges the TCP segments of a flow into large packets
+/// (GRO) before they reach the kernel. tun-rs 2.8 copies every candidate packet into a fresh
+/// `Vec` while doing so (`offload::tcp_gro`), which breaks our no-allocation-per-packet rule, so
+/// it is off by default: each packet is then written on its own, behind a zeroed virtio-net
+/// header (no GSO, checksum already complete) when the device has offload on.
+pub struct TunWriter {
+    out: Vec<Vec<u8>>,
+    n: usize,
+    gro: tun_rs::GROTable,
+    coalesce: bool,
+}
+
+impl Default for TunWriter {
+    fn default() -> Self {
+        Self::new(false)
+    }
+}
+
+impl TunWriter {
+    pub fn new(coalesce: bool) -> Self {
+        // Each buffer may become the head of a coalesced 64 KiB packet, so each gets that much
+        // room once, here: coalescing then never grows them.
+        let room = if coalesce { TUN_WRITE_OFFSET + 65535 } else { TUN_WRITE_OFFSET + MAX_INNER };
+        let out = (0..BATCH).map(|_| Vec::with_capacity(room)).collect();
+        Self { out, n: 0, gro: tun_rs::GROTable::new(), coalesce }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.n == BATCH
+    }
+
+    /// Queues a copy of `packet`. Call [`TunWriter::flush`] first when full.
+    pub fn push(&mut self, packet: &[u8]) {
+        if let Some(o) = self.out.get_mut(self.n) {
+            o.clear();
+            o.resize(TUN_WRITE_OFFSET, 0);
+            o.extend_from_slice(packet);
+            self.n += 1;
+        }
+    }
+
+    /// Writes what is queued. Returns (packets, bytes) on success.
+    pub async fn flush(&mut self, tun: &AsyncDevice) -> io::Result<(usize, usize)> {
+        let n = std::mem::take(&mut self.n);
+        if n == 0 {
+            return Ok((0, 0));
+        }
+        let bytes = self.out[..n].iter().map(|o| o.len() - TUN_WRITE_OFFSET).sum();
+        if self.coalesce {
+            tun.send_multiple(&mut self.gro, &mut self.out[..n], TUN_WRITE_OFFSET).await?;
+            return Ok((n, bytes));
+        }
+        // `push` zeroed the header room, which is exactly the "plain packet" virtio-net header.
+        let from = if tun.tcp_gso() { 0 } else { TUN_WRITE_OFFSET };
+        for o in &self.out[..n] {
+            tun.send(&o[from..]).await?;
+        }
+        Ok((n, bytes))
+    }
+}
+
+/// What [`send_datagrams`] sent.
+#[derive(Debug, Default)]
+pub struct Sent {
+    pub datagrams: usize,
+    /// Inner bytes of the datagrams that went out.
+    pub inner_bytes: usize,
+    pub failed: usize,
+    /// The last send error, for the loop's (rate-limited) log.
+    pub error: Option<io::Error>,
+}
+
+/// Sealed datagrams lying at `big[i * stride..][..lens[i]]` for `i` in `range`, all for `dest`:
+/// moves them together into runs a GSO send accepts (equal sizes, the last maybe shorter, at
+/// most [`MAX_UDP_SEND`] bytes) and sends each run in one call. A zero length skips a slot.
+pub async fn send_datagrams(
+    sock: &UdpSocket,
+    gso: &mut bool,
+    big: &mut [u8],
+    stride: usize,
+    lens: &[usize],
+    dest: SocketAddr,
+) -> Sent {
+    let mut sent = Sent::default();
+    let mut i = 0;
+    while i < lens.len() {
+        let size = lens[i];
+        if size == 0 {
+            i += 1;
+            continue;
+        }
+        // Gather the run starting at slot i into big[i * stride..]; each move goes leftwards
+        // and never over a slot not yet moved, because `size <= stride`.
+        let start = i * stride;
+        let mut end = start + size;
+        let mut count = 1;
+        let mut j = i + 1;
+        while j < lens.len()
+            && lens[j] != 0
+            && lens[j] <= size
+            && end - start + lens[j] <= MAX_UDP_SEND
+        {
+            big.copy_within(j * stride..j * stride + lens[j], end);
+            end += lens[j];
+            count += 1;
+            j += 1;
+            if lens[j - 1] < size {
+                break; // only the last datagram of a GSO send may be shorter
+            }
+        }
+        match send_gso(sock, gso, &big[start..end], size, dest).await {
+            Ok(()) => {
+                sent.datagrams += count;
+                sent.inner_bytes += end - start - count * wire::OVERHEAD;
+            }
+            Err(e) => {
+                sent.failed += count;
+                sent.error = Some(e);
+            }
+        }
+        i = j;
+    }
+    sent
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ fn authenticates_and_pings_then_survives_a_gateway_restart() {
     let logs = tempfile::tempdir().unwrap();
     let file = gw.add_client("alice", |f| fast_timings(f, logs.path()));
     let mut gateway = gw.run("gateway");
-    let mut client = run_client("client", &file);
+    let mut client = gw.run_client("client", &file);
 
     let first = client.wait_for(&["-> Healthy", "session"], T);
     let (sid1, ip1) = session_of(&first);
@@ -57,13 +57,13 @@ fn a_revoked_client_keeps_retrying_and_recovers_when_re_added() {
     let logs = tempfile::tempdir().unwrap();
     let file = gw.add_client("bob", |f| fast_timings(f, logs.path()));
     let _gateway = gw.run("gateway");
-    let mut client = run_client("client", &file);
+    let mut client = gw.run_client("client", &file);
     client.wait_for(&["-> Healthy"], T);
 
     holdfast_ok(&["gateway", "revoke", "--dir", s(gw.path()), "bob"]);
     // Its session is dropped, re-authentication is refused with a clear reason, and it backs off.
-    let refused = client.wait_for(&["-> Backoff"], T);
-    assert!(refused.contains("revoked"), "the rejection says why: {refused}");
+    // (The rejection says why.)
+    client.wait_for(&["-> Backoff", "Rejected", "revoked"], T);
     // ... and keeps trying, at most Debug level after the first warning.
     client.wait_for(&["Backoff -> Authing"], T);
     client.wait_for(&["-> Backoff"], T);
@@ -84,7 +84,7 @@ fn a_gateway_that_accepts_tcp_but_never_answers_makes_the_client_degraded_not_de
     let logs = tempfile::tempdir().unwrap();
     let file = gw.add_client("carol", |f| fast_timings(f, logs.path()));
     let gateway = gw.run("gateway");
-    let mut client = run_client("client", &file);
+    let mut client = gw.run_client("client", &file);
     let first = client.wait_for(&["-> Healthy", "session"], T);
     let (sid1, _) = session_of(&first);
 
@@ -111,7 +111,7 @@ fn an_expired_session_makes_the_client_re_authenticate() {
     let logs = tempfile::tempdir().unwrap();
     let file = gw.add_client("dave", |f| fast_timings(f, logs.path()));
     let _gateway = gw.run("gateway");
-    let mut client = run_client("client", &file);
+    let mut client = gw.run_client("client", &file);
     let first = client.wait_for(&["-> Healthy", "session"], T);
     let (sid1, ip1) = session_of(&first);
     let expired = client.wait_for(&["-> Authing"], T);
@@ -128,7 +128,7 @@ fn a_client_started_while_the_gateway_is_down_connects_when_it_comes_up() {
     let gw = GatewayDir::init();
     let logs = tempfile::tempdir().unwrap();
     let file = gw.add_client("erin", |f| fast_timings(f, logs.path()));
-    let mut client = run_client("client", &file);
+    let mut client = gw.run_client("client", &file);
     let down = client.wait_for(&["-> Backoff"], T);
     assert!(down.contains("Unreachable"), "{down}");
     let _gateway = gw.run("gateway");

@@ -139,11 +139,17 @@ impl NsRuntime {
 
     /// Runs `f` on the namespace's runtime and waits for its result.
     fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        self.try_run(f).expect("task on namespace runtime")
+    }
+
+    /// [`NsRuntime::run`] without the panic, for `Drop` (a panic while unwinding would abort
+    /// the test process before the namespaces are deleted).
+    fn try_run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> Option<T> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.handle.spawn(async move {
             let _ = tx.send(f.await);
         });
-        rx.recv_timeout(Duration::from_secs(20)).expect("task on namespace runtime")
+        rx.recv_timeout(Duration::from_secs(20)).ok()
     }
 }
 
@@ -194,20 +200,35 @@ struct Inproc {
     gw_counters: Arc<Counters>,
     /// Per client: its underlay address (the gateway's side is 198.18.<n>.1).
     next_link: u8,
+    /// TUN IO mode of every data plane here: (offload, coalesce_writes).
+    io: (bool, bool),
 }
 
 impl Inproc {
     fn new() -> Inproc {
+        Self::with_io(true, false)
+    }
+
+    /// A world whose data planes use the given TUN IO mode.
+    fn with_io(offload: bool, coalesce_writes: bool) -> Inproc {
         let gw_ns = Netns::new();
         let gw_rt = NsRuntime::new(&gw_ns);
         let table = Arc::new(Table::default());
         let lookup: Arc<dyn SessionLookup> = table.clone();
-        let cfg = gateway_config();
+        let cfg = GatewayDataPlaneConfig { offload, coalesce_writes, ..gateway_config() };
         let gw = gw_rt
             .run(async move { GatewayDataPlane::start(cfg, lookup).await })
             .expect("gateway data plane");
         let gw_counters = gw.counters();
-        Inproc { gw_ns, gw_rt, table, gw: Some(gw), gw_counters, next_link: 0 }
+        Inproc {
+            gw_ns,
+            gw_rt,
+            table,
+            gw: Some(gw),
+            gw_counters,
+            next_link: 0,
+            io: (offload, coalesce_writes),
+        }
     }
 
     fn gw_stats(&self) -> Stats {
@@ -234,6 +255,7 @@ impl Inproc {
         cfg.tun_name = Some("hf0".into());
         cfg.keepalive = Duration::from_secs(1);
         cfg.nudge_min_interval = Duration::from_millis(100);
+        (cfg.offload, cfg.coalesce_writes) = self.io;
         let dp = ClientDataPlane::new(cfg);
         let auth = AuthCell::new();
         let (tx, nudges) = tokio::sync::mpsc::channel(16);
@@ -252,7 +274,7 @@ impl Inproc {
 impl Drop for Inproc {
     fn drop(&mut self) {
         if let Some(gw) = self.gw.take() {
-            self.gw_rt.run(async move { gw.stop().await });
+            let _ = self.gw_rt.try_run(async move { gw.stop().await });
         }
     }
 }
@@ -265,6 +287,8 @@ fn gateway_config() -> GatewayDataPlaneConfig {
         tun_name: Some("hfgw".into()),
         underlay_mtu: 1500,
         nat_uplink: None,
+        offload: true,
+        coalesce_writes: false,
     }
 }
 
@@ -347,7 +371,11 @@ impl Inproc {
         }
         self.table.clear();
         let lookup: Arc<dyn SessionLookup> = self.table.clone();
-        let cfg = gateway_config();
+        let cfg = GatewayDataPlaneConfig {
+            offload: self.io.0,
+            coalesce_writes: self.io.1,
+            ..gateway_config()
+        };
         let gw = self
             .gw_rt
             .run(async move { GatewayDataPlane::start(cfg, lookup).await })
@@ -969,4 +997,158 @@ fn bin_after_a_long_outage_in_backoff_traffic_resumes_within_2s_of_the_gateway()
     assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
     let s = dump_stats(&mut client);
     assert_eq!(s.get("loop_starts").map(String::as_str), Some("tx:1,rx:1"), "{s:?}");
+}
+
+#[test]
+fn inproc_tun_creation_failure_is_retried_until_it_works() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    // The name the data plane wants is taken by a device of another kind: creation fails.
+    c.ns.ip(&["link", "add", "hf0", "type", "veth", "peer", "name", "hf0peer"]);
+    w.authenticate(&c, 0xe1, [8; 32]);
+    assert!(wait_until(T, || c.stats().tun_failures >= 2), "retried: {}", c.stats());
+    assert_eq!(c.stats().tx_loop_starts, 0, "no loops without a TUN device");
+    // The obstacle goes away; the next retry (backoff doubles from 0.5 s) brings it up.
+    c.ns.ip(&["link", "del", "hf0"]);
+    assert!(c.ns.ping_until(GW_TUN, T).is_some(), "up after the retry");
+    let s = c.stats();
+    assert_eq!((s.tx_loop_starts, s.rx_loop_starts), (1, 1), "{s}");
+    assert_eq!(Some(s.tun_ifindex), c.ns.ifindex("hf0"));
+}
+
+#[test]
+fn inproc_tun_mtu_fits_one_sealed_packet_in_the_underlay() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    w.authenticate(&c, 0xf1, [9; 32]);
+    assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
+    let mtu = |ns: &Netns, dev: &str| {
+        let out = ns.ip(&["-o", "link", "show", "dev", dev]);
+        out.split_whitespace().skip_while(|w| *w != "mtu").nth(1).map(str::to_owned)
+    };
+    // 1500 (veth) - 20 (IPv4) - 8 (UDP) - 36 (datagram header + tag) = 1436.
+    assert_eq!(mtu(&c.ns, "hf0").as_deref(), Some("1436"));
+    assert_eq!(mtu(&w.gw_ns, "hfgw").as_deref(), Some("1436"));
+    // A full-size inner packet (1436 = 20 IP + 8 ICMP + 1408), DF set, crosses both ways.
+    let out =
+        c.ns.exec("ping", &["-c", "2", "-M", "do", "-s", "1408", "-W", "1", &GW_TUN.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out =
+        c.ns.exec("ping", &["-c", "1", "-M", "do", "-s", "1409", "-W", "1", &GW_TUN.to_string()]);
+    assert!(!out.status.success(), "one byte more does not fit the TUN MTU");
+}
+
+// ---------------------------------------------------------------------------------------------
+// No heap allocation per packet in the loops.
+// ---------------------------------------------------------------------------------------------
+
+/// Counts allocations made on threads that opted in (the namespace runtimes' threads, where only
+/// the data-plane loops run), so the rest of the test process doesn't disturb the count.
+struct CountingAlloc;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static COUNT_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn note_allocation() {
+    if COUNT_HERE.try_with(|c| c.get()).unwrap_or(false) {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: defers every operation to the system allocator unchanged; only counts.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded with the caller's pointer and layout.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's pointer, layout and size.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: CountingAlloc = CountingAlloc;
+
+/// Turns counting on or off on a runtime's thread. The flag changes as the task's last step, so
+/// the runtime's own bookkeeping for this task is not counted.
+fn count_on(rt: &NsRuntime, on: bool) {
+    rt.run(async move { COUNT_HERE.with(|c| c.set(on)) });
+}
+
+#[test]
+fn inproc_loops_do_not_allocate_per_packet() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    w.authenticate(&c, 0x0a, [10; 32]);
+    assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
+    assert_eq!(c.ns.ping_count(GW_TUN, 5), 5, "warm-up: every lazy structure exists");
+    // Warm-up of the batched paths too (TSO reads, GSO sends, GRO receives, coalesced writes).
+    transfer(&c.ns, &w.gw_ns, SocketAddr::from((GW_TUN, 5010)), 1 << 20);
+
+    // Positive control: an allocation on a counted thread is seen.
+    count_on(&c.rt, true);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    c.rt.run(async {
+        std::hint::black_box(Box::new(7u64));
+    });
+    assert!(ALLOCATIONS.load(Ordering::Relaxed) > before, "the counter counts");
+
+    count_on(&w.gw_rt, true);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let sent = c.stats().tx_packets;
+    let out =
+        c.ns.exec("ping", &["-c", "200", "-i", "0.005", "-W", "1", "-q", &GW_TUN.to_string()]);
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    count_on(&c.rt, false);
+    count_on(&w.gw_rt, false);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{allocations} allocations on the loops' threads for 200 pings");
+    // And a bulk TCP stream, which takes the batched paths.
+    count_on(&c.rt, true);
+    count_on(&w.gw_rt, true);
+    let before_bulk = ALLOCATIONS.load(Ordering::Relaxed);
+    transfer(&c.ns, &w.gw_ns, SocketAddr::from((GW_TUN, 5011)), 4 << 20);
+    let bulk = ALLOCATIONS.load(Ordering::Relaxed) - before_bulk;
+    count_on(&c.rt, false);
+    count_on(&w.gw_rt, false);
+    eprintln!("{bulk} allocations on the loops' threads for a 4 MiB TCP stream");
+    // About 3000 packets each way: one allocation per packet (or per batch) would show as
+    // thousands (or hundreds). Under heavy load the runtime itself rarely grows a queue once,
+    // which is the one allocation tolerated here.
+    assert!(bulk <= 1, "{bulk} allocations in the batched paths");
+    let packets = c.stats().tx_packets - sent;
+    assert!(packets >= 200);
+    // 800 packet traversals (client and gateway, each way), keepalives and timers included.
+    assert!(allocations <= 1, "{allocations} allocations for {packets} packets each way");
+}
+
+#[test]
+fn inproc_checked_streams_both_ways_in_every_tun_io_mode() {
+    require_root!();
+    // Plain single-packet IO, TSO reads with plain writes (the default), and TSO reads with
+    // GRO-coalesced writes: the same bytes arrive, in order, both ways.
+    for (offload, coalesce) in [(false, false), (true, false), (true, true)] {
+        let mut w = Inproc::with_io(offload, coalesce);
+        let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+        w.authenticate(&c, 0x10, [11; 32]);
+        assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up ({offload}, {coalesce})");
+        transfer(&c.ns, &w.gw_ns, SocketAddr::from((GW_TUN, 5020)), 1 << 20);
+        transfer(&w.gw_ns, &c.ns, SocketAddr::from((c.ip, 5021)), 1 << 20);
+        let (cs, gs) = (c.stats(), w.gw_stats());
+        let bad = |s: &Stats| s.dropped(DropReason::Decrypt) + s.dropped(DropReason::Replay);
+        assert_eq!(bad(&cs) + bad(&gs), 0, "({offload}, {coalesce}): {cs} / {gs}");
+    }
 }

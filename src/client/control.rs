@@ -120,6 +120,21 @@ impl ControlPlane {
     }
 }
 
+impl ControlPlane {
+    /// The empty `Probe` call: what one round trip on this connection costs with no registry
+    /// work (liveness checks; the control-plane benchmark's baseline).
+    pub async fn probe(&self, deadline: Duration) -> Result<(), CallError<PingFailure>> {
+        let mut req = tonic::Request::new(pb::ProbeRequest {});
+        req.set_timeout(deadline);
+        let mut client = self.client.clone();
+        match tokio::time::timeout(deadline, client.probe(req)).await {
+            Err(_) => Err(CallError { kind: PingFailure::TimedOut, detail: timed_out(deadline) }),
+            Ok(Err(status)) => Err(classify_ping(&status)),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+}
+
 fn timed_out(deadline: Duration) -> String {
     format!("no answer within {} ms", deadline.as_millis())
 }

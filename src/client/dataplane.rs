@@ -29,11 +29,11 @@ use tun_rs::AsyncDevice;
 use super::driver::{Command, OnSwap};
 use crate::config::client::ClientFile;
 use crate::sansio::seal::{Direction, SealError, SealedKind};
-use crate::sansio::wire::{self, HEADER_LEN, MsgType};
+use crate::sansio::wire::{self, MsgType};
 use crate::snapshot::{GetAuth, VpnAuthResponse};
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TunSpec, bump, describe_io, pause,
-    stop_requested,
+    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TunReader, TunSpec, TunWriter,
+    bump, describe_io, pause, stop_requested,
 };
 
 const TARGET: &str = "holdfast::dataplane";
@@ -69,6 +69,12 @@ pub struct ClientDataPlaneConfig {
     pub keepalive: Duration,
     /// Minimum spacing of nudges to the supervisor.
     pub nudge_min_interval: Duration,
+    /// TUN offload (TSO): 64 KiB reads, split in user space, instead of one packet per read.
+    pub offload: bool,
+    /// Coalesce TCP segments into large packets when writing to the TUN device (GRO). Faster
+    /// (3.3 vs 1.8 Gbit/s here) but tun-rs allocates per packet doing it; see
+    /// [`tunnel::TunWriter`]. Off by default.
+    pub coalesce_writes: bool,
 }
 
 impl ClientDataPlaneConfig {
@@ -80,6 +86,8 @@ impl ClientDataPlaneConfig {
             underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
             keepalive: DEFAULT_KEEPALIVE,
             nudge_min_interval: Duration::from_secs(1),
+            offload: true,
+            coalesce_writes: false,
         }
     }
 }
@@ -94,6 +102,8 @@ impl ClientDataPlaneConfig {
             underlay_mtu: net.underlay_mtu.unwrap_or(tunnel::DEFAULT_UNDERLAY_MTU),
             keepalive: net.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
             nudge_min_interval: file.timings().nudge_min_interval,
+            offload: true,
+            coalesce_writes: false,
         }
     }
 }
@@ -234,6 +244,7 @@ async fn bring_up(shared: Arc<Shared>) {
             address: auth.assigned_ip,
             prefix_len: auth.prefix_len,
             mtu,
+            offload: cfg.offload,
         };
         let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
             let any: IpAddr = match cfg.gateway {
@@ -272,9 +283,21 @@ async fn bring_up(shared: Arc<Shared>) {
         sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
         cfg.gateway,
     );
+    let tun_mtu = tun.mtu;
+    if !tunnel::enable_udp_gro(&sock) {
+        tracing::debug!(target: TARGET, "no UDP GRO on this kernel: one datagram per receive");
+    }
     let device = Arc::new(tun.device);
     let sock = Arc::new(sock);
-    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), device.clone(), sock.clone()));
+    let tun_ip = (binding.get_auth)().map(|a| a.assigned_ip);
+    let tx = tokio::spawn(send_loop(
+        shared.clone(),
+        binding.clone(),
+        device.clone(),
+        sock.clone(),
+        tun_ip,
+        tun_mtu,
+    ));
     let rx = tokio::spawn(receive_loop(shared.clone(), binding, device, sock));
     lock(&shared.tasks).extend([tx, rx]);
 }
@@ -285,14 +308,19 @@ async fn send_loop(
     binding: Binding,
     tun: Arc<AsyncDevice>,
     sock: Arc<UdpSocket>,
+    // The address and MTU the TUN device was created with: the device's, not the session's.
+    tun_ip: Option<Ipv4Addr>,
+    mtu: u16,
 ) {
     let c = &shared.counters;
     bump(&c.tx_loop_starts);
     let cfg = &shared.cfg;
     let get_auth = &binding.get_auth;
     let mut stop = shared.stop.subscribe();
-    let mut buf = tunnel::datagram_buffer();
-    let inner_end = buf.len() - wire::TAG_LEN;
+    let mut reader = TunReader::new(mtu);
+    let mut lens = [0usize; tunnel::BATCH];
+    let mut gso = true;
+    let mut keepalive_buf = [0u8; wire::OVERHEAD];
     let mut last_sent = Instant::now();
     let mut no_session = ErrorBackoff::new(NO_SESSION_BACKOFF.0, NO_SESSION_BACKOFF.1);
     let mut tun_errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
@@ -306,8 +334,8 @@ async fn send_loop(
             _ = stop_requested(&mut stop) => return,
             _ = shared.swapped.notified() => true,
             _ = tokio::time::sleep_until(keepalive_at) => false,
-            read = tun.recv(&mut buf[HEADER_LEN..inner_end]) => {
-                let len = match read {
+            read = reader.read(&tun) => {
+                let n = match read {
                     Ok(n) => { tun_errors.reset(); n }
                     Err(e) => {
                         c.count_drop(DropReason::TunError);
@@ -316,34 +344,38 @@ async fn send_loop(
                         continue;
                     }
                 };
+                // One snapshot for the whole batch.
                 let Some(auth) = get_auth() else {
-                    c.count_drop(DropReason::NoSession);
+                    c.count_drops(DropReason::NoSession, n);
                     pause(no_session.failed()).await;
                     continue;
                 };
                 no_session.reset();
-                if !tunnel::is_ipv4(&buf[HEADER_LEN..HEADER_LEN + len]) {
-                    c.count_drop(DropReason::NotIpv4);
-                    continue;
-                }
                 let crypto = auth.crypto();
-                let counter = match crypto.tx.next() {
-                    Ok(n) => n,
-                    Err(_) => { c.count_drop(DropReason::CounterExhausted); continue; }
-                };
-                let sealed = crypto.cipher.seal_data(
-                    Direction::ClientToGateway, auth.session_id, counter, &mut buf, len);
-                let Ok(n) = sealed else {
-                    c.count_drop(seal_drop(sealed));
-                    continue;
-                };
-                let dest = SocketAddr::from((cfg.gateway, auth.data_port));
-                match sock.send_to(&buf[..n], dest).await {
-                    Ok(_) => {
-                        Counters::packet(&c.tx_packets, &c.tx_bytes, len);
-                        sock_log.ok();
+                for (i, sealed_len) in lens.iter_mut().enumerate().take(n) {
+                    *sealed_len = 0;
+                    if !tunnel::is_ipv4(reader.packet(i)) {
+                        c.count_drop(DropReason::NotIpv4);
+                        continue;
                     }
-                    Err(e) => { c.count_drop(DropReason::SocketError); sock_log.failed(&e); }
+                    let len = reader.len(i);
+                    let sealed = crypto.tx.next().and_then(|counter| {
+                        crypto.cipher.seal_data(
+                            Direction::ClientToGateway, auth.session_id, counter, reader.slot(i), len)
+                    });
+                    match sealed {
+                        Ok(d) => *sealed_len = d,
+                        Err(e) => c.count_drop(seal_drop(e)),
+                    }
+                }
+                let dest = SocketAddr::from((cfg.gateway, auth.data_port));
+                let sent = reader.send(&sock, &mut gso, 0, &lens[..n], dest).await;
+                Counters::add(&c.tx_packets, sent.datagrams);
+                Counters::add(&c.tx_bytes, sent.inner_bytes);
+                c.count_drops(DropReason::SocketError, sent.failed);
+                match &sent.error {
+                    Some(e) => sock_log.failed(e),
+                    None => sock_log.ok(),
                 }
                 last_sent = Instant::now();
                 continue;
@@ -363,8 +395,18 @@ async fn send_loop(
                 auth.data_port,
                 c.stats()
             );
+            if tun_ip.is_some_and(|ip| ip != auth.assigned_ip) {
+                // The spec promises a stable address per client, so the device is never
+                // readdressed; say so once per session rather than fail silently.
+                tracing::warn!(
+                    target: TARGET,
+                    "the gateway assigned {} but the tunnel keeps {}: traffic from the new address will be refused",
+                    auth.assigned_ip,
+                    tun_ip.map(|ip| ip.to_string()).unwrap_or_default()
+                );
+            }
         }
-        if send_keepalive(&auth, cfg.gateway, &sock, &mut buf, c).await {
+        if send_keepalive(&auth, cfg.gateway, &sock, &mut keepalive_buf, c).await {
             sock_log.ok();
         } else {
             sock_log.failed_silently();
@@ -389,11 +431,17 @@ async fn send_keepalive(
             return false;
         }
     };
-    let sealed =
-        crypto.cipher.seal_keepalive(Direction::ClientToGateway, auth.session_id, counter, buf);
-    let Ok(n) = sealed else {
-        c.count_drop(seal_drop(sealed));
-        return false;
+    let n = match crypto.cipher.seal_keepalive(
+        Direction::ClientToGateway,
+        auth.session_id,
+        counter,
+        buf,
+    ) {
+        Ok(n) => n,
+        Err(e) => {
+            c.count_drop(seal_drop(e));
+            return false;
+        }
     };
     match sock.send_to(&buf[..n], SocketAddr::from((gateway, auth.data_port))).await {
         Ok(_) => {
@@ -407,11 +455,11 @@ async fn send_keepalive(
     }
 }
 
-fn seal_drop<T>(r: Result<T, SealError>) -> DropReason {
-    match r {
-        Err(SealError::CounterExhausted) => DropReason::CounterExhausted,
-        // A TUN read is bounded by the buffer, so the datagram always fits; counted, not assumed.
-        _ => DropReason::Malformed,
+fn seal_drop(e: SealError) -> DropReason {
+    match e {
+        SealError::CounterExhausted => DropReason::CounterExhausted,
+        // A TUN read is bounded by its slot, so the datagram always fits; counted, not assumed.
+        SealError::BufferTooSmall => DropReason::Malformed,
     }
 }
 
@@ -427,7 +475,9 @@ async fn receive_loop(
     bump(&c.rx_loop_starts);
     let get_auth = &binding.get_auth;
     let mut stop = shared.stop.subscribe();
-    let mut buf = tunnel::datagram_buffer();
+    // One receive may hold many coalesced datagrams (UDP GRO), up to 64 KiB.
+    let mut buf = vec![0u8; 65535];
+    let mut writer = TunWriter::new(shared.cfg.offload && shared.cfg.coalesce_writes);
     let mut nudges = RateLimit::every(shared.cfg.nudge_min_interval);
     let mut sock_errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
     let mut sock_log = IoLog::new("receiving from the gateway");
@@ -437,12 +487,12 @@ async fn receive_loop(
         let received = tokio::select! {
             biased;
             _ = stop_requested(&mut stop) => return,
-            r = sock.recv_from(&mut buf) => r,
+            r = tunnel::recv_gro(&sock, &mut buf) => r,
         };
-        let len = match received {
-            Ok((n, _from)) => {
+        let (len, segment) = match received {
+            Ok((n, segment, _from)) => {
                 sock_errors.reset();
-                n
+                (n, segment)
             }
             Err(e) => {
                 c.count_drop(DropReason::SocketError);
@@ -451,51 +501,66 @@ async fn receive_loop(
                 continue;
             }
         };
-        let datagram = &mut buf[..len];
-        let Ok(header) = wire::parse_header(datagram) else {
-            c.count_drop(DropReason::Malformed);
-            continue;
-        };
-        let Some(auth) = get_auth() else {
-            c.count_drop(DropReason::NoSession);
-            continue;
-        };
-        if header.session_id != auth.session_id {
-            c.count_drop(DropReason::WrongSession);
-            continue;
-        }
-        if header.msg_type == MsgType::UnknownSession {
-            // Unauthenticated by nature: only ever a reason to ask the supervisor to check now.
-            bump(&c.notices_rx);
-            if nudges.allow(Instant::now()) && binding.commands.try_send(Command::Nudge).is_ok() {
-                bump(&c.nudges);
-            }
-            continue;
-        }
-        let crypto = auth.crypto();
-        let opened = match crypto.open(Direction::GatewayToClient, datagram) {
-            Ok(o) => o,
-            Err(e) => {
-                c.count_drop(DropReason::of_open(e));
+        // One snapshot for the whole batch.
+        let auth = get_auth();
+        for datagram in buf[..len].chunks_mut(segment) {
+            let Ok(header) = wire::parse_header(datagram) else {
+                c.count_drop(DropReason::Malformed);
+                continue;
+            };
+            let Some(auth) = auth.as_deref() else {
+                c.count_drop(DropReason::NoSession);
+                continue;
+            };
+            if header.session_id != auth.session_id {
+                c.count_drop(DropReason::WrongSession);
                 continue;
             }
-        };
-        match opened.kind {
-            SealedKind::Keepalive => bump(&c.keepalives_rx),
-            SealedKind::Data if opened.payload.is_empty() => c.count_drop(DropReason::Malformed),
-            SealedKind::Data => {
-                let inner = &buf[opened.payload];
-                match tun.send(inner).await {
-                    Ok(_) => {
-                        Counters::packet(&c.rx_packets, &c.rx_bytes, inner.len());
-                        tun_log.ok();
+            if header.msg_type == MsgType::UnknownSession {
+                // Unauthenticated by nature: only ever a reason to ask the supervisor to check.
+                bump(&c.notices_rx);
+                if nudges.allow(Instant::now()) && binding.commands.try_send(Command::Nudge).is_ok()
+                {
+                    bump(&c.nudges);
+                }
+                continue;
+            }
+            let opened = match auth.crypto().open(Direction::GatewayToClient, datagram) {
+                Ok(o) => o,
+                Err(e) => {
+                    c.count_drop(DropReason::of_open(e));
+                    continue;
+                }
+            };
+            match opened.kind {
+                SealedKind::Keepalive => bump(&c.keepalives_rx),
+                SealedKind::Data if opened.payload.is_empty() => {
+                    c.count_drop(DropReason::Malformed)
+                }
+                SealedKind::Data => {
+                    if writer.is_full() {
+                        write_tun(&mut writer, &tun, c, &mut tun_log).await;
                     }
-                    Err(e) => {
-                        c.count_drop(DropReason::TunError);
-                        tun_log.failed(&e);
-                    }
+                    writer.push(&datagram[opened.payload]);
                 }
             }
+        }
+        write_tun(&mut writer, &tun, c, &mut tun_log).await;
+    }
+}
+
+/// Writes the queued inner packets to the TUN device, counting them.
+async fn write_tun(writer: &mut TunWriter, tun: &AsyncDevice, c: &Counters, log: &mut IoLog) {
+    match writer.flush(tun).await {
+        Ok((0, _)) => {}
+        Ok((packets, bytes)) => {
+            Counters::add(&c.rx_packets, packets);
+            Counters::add(&c.rx_bytes, bytes);
+            log.ok();
+        }
+        Err(e) => {
+            c.count_drop(DropReason::TunError);
+            log.failed(&e);
         }
     }
 }

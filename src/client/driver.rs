@@ -48,6 +48,8 @@ pub struct DriverParts {
     pub on_swap: Option<OnSwap>,
     /// Seed for the jitter RNG; `None` draws one from the OS.
     pub seed: Option<u64>,
+    /// Machine time zero (also published in every status).
+    pub epoch: Instant,
 }
 
 /// How many recent transitions the status feed keeps.
@@ -55,8 +57,8 @@ const RECENT_TRANSITIONS: usize = 32;
 
 /// Runs the supervisor until an explicit stop.
 pub async fn run(parts: DriverParts) {
-    let DriverParts { file, path, mut creds, auth, mut commands, status, mut on_swap, seed } = parts;
-    let epoch = Instant::now();
+    let DriverParts { file, path, mut creds, auth, mut commands, status, mut on_swap, seed, epoch } =
+        parts;
     let now = || epoch.elapsed();
     let mut rng = match seed {
         Some(s) => StdRng::seed_from_u64(s),
@@ -149,6 +151,7 @@ pub async fn run(parts: DriverParts) {
                 });
             }
             status.send_replace(ClientStatus {
+                epoch: epoch.into_std(),
                 supervisor: st,
                 snapshot: auth.get_auth().map(|a| super::status::SnapshotView::of(&a)),
                 recent: recent.iter().cloned().collect(),

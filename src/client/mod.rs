@@ -10,11 +10,13 @@
 
 pub mod control;
 pub mod dataplane;
+pub mod app;
 pub mod dns;
 pub mod driver;
 pub mod killswitch;
 pub mod routes;
 pub mod status;
+pub mod status_socket;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,7 +74,9 @@ pub fn start(
     killswitch.enable()?;
     let auth = AuthCell::new();
     let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (status_tx, status) = watch::channel(ClientStatus::initial());
+    // The supervisor's clock starts here, so the very first status already carries it.
+    let epoch = tokio::time::Instant::now();
+    let (status_tx, status) = watch::channel(ClientStatus::initial(epoch.into_std()));
     let parts = DriverParts {
         file: settings.file,
         path: settings.path,
@@ -82,6 +86,7 @@ pub fn start(
         status: status_tx,
         on_swap,
         seed: settings.seed,
+        epoch,
     };
     let task = tokio::spawn(driver::run(parts));
     Ok(ClientHandle { auth, commands, status, task, killswitch })

@@ -45,6 +45,9 @@ impl SnapshotView {
 /// The whole published status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientStatus {
+    /// The supervisor's time zero: machine time `t` is `epoch + t`. Lets an observer started at
+    /// any moment turn `since` and timer deadlines into ages and countdowns exactly.
+    pub epoch: std::time::Instant,
     pub supervisor: Status,
     pub snapshot: Option<SnapshotView>,
     pub recent: Vec<TransitionRecord>,
@@ -52,8 +55,9 @@ pub struct ClientStatus {
 
 impl ClientStatus {
     /// The status before the supervisor has handled anything.
-    pub fn initial() -> Self {
+    pub fn initial(epoch: std::time::Instant) -> Self {
         Self {
+            epoch,
             supervisor: Status {
                 state: StateName::Unauthed,
                 superstate: None,

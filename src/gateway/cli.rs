@@ -421,11 +421,25 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
     let data = super::dataplane::start_for(&config, &plane).await?;
+    tokio::spawn(end_sessions_on_sigusr2(plane.sessions()));
     let result = plane.serve(stop_signal()).await;
-    if let Some(data) = data {
-        data.stop().await;
-    }
+    data.stop().await;
     result
+}
+
+/// On SIGUSR2, ends every session at once (an operator's way to make every client
+/// re-authenticate, e.g. after rotating the authority; the demo's "expire session" key). Clients
+/// learn it at their next health check or data packet and re-authenticate by themselves.
+async fn end_sessions_on_sigusr2(sessions: std::sync::Arc<super::SessionTable>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        tracing::debug!("no SIGUSR2 handler: sessions cannot be ended on demand");
+        return;
+    };
+    while usr2.recv().await.is_some() {
+        let ended = sessions.retain(|_| false);
+        tracing::info!(sessions = ended.len(), "SIGUSR2: ended every session; clients will re-authenticate");
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

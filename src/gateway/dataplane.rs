@@ -34,11 +34,11 @@ use super::ControlPlane;
 use super::sessions::{Clock, Session, SessionTable};
 use crate::config::gateway::GatewayConfig;
 use crate::sansio::seal::{Direction, SealError, SealedKind};
-use crate::sansio::wire::{self, HEADER_LEN, MsgType};
+use crate::sansio::wire::{self, MsgType};
 use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TunSpec, bump, pause,
-    stop_requested,
+    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TunReader, TunSpec, TunWriter,
+    bump, pause, stop_requested,
 };
 
 const TARGET: &str = "holdfast::gateway::dataplane";
@@ -224,6 +224,11 @@ pub struct GatewayDataPlaneConfig {
     pub underlay_mtu: u16,
     /// Masquerade the tunnel subnet out of this interface (`[nat]`), or no NAT.
     pub nat_uplink: Option<String>,
+    /// TUN offload (TSO): 64 KiB reads, split in user space, instead of one packet per read.
+    pub offload: bool,
+    /// Coalesce TCP segments when writing to the TUN device (GRO): faster, but tun-rs
+    /// allocates per packet doing it (see [`tunnel::TunWriter`]). Off by default.
+    pub coalesce_writes: bool,
 }
 
 impl GatewayDataPlaneConfig {
@@ -237,6 +242,8 @@ impl GatewayDataPlaneConfig {
             tun_name: None,
             underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
             nat_uplink: config.nat.enabled.then(|| config.nat.uplink.clone()),
+            offload: true,
+            coalesce_writes: false,
         }
     }
 }
@@ -266,21 +273,16 @@ impl GatewayDataPlaneError {
 }
 
 /// Starts the data plane of `gateway run`: configured from `gateway.toml`, on the control
-/// plane's session table and clock. Also logs the counters on SIGUSR1. `None` when
-/// `HOLDFAST_DATAPLANE=off` (see [`tunnel::DISABLE_ENV`]).
+/// plane's session table and clock. Also logs the counters on SIGUSR1.
 pub async fn start_for(
     config: &GatewayConfig,
     control: &ControlPlane,
-) -> Result<Option<GatewayDataPlane>, GatewayDataPlaneError> {
-    if tunnel::disabled_by_env() {
-        tracing::info!(target: TARGET, "data plane off ({}=off): control plane only", tunnel::DISABLE_ENV);
-        return Ok(None);
-    }
+) -> Result<GatewayDataPlane, GatewayDataPlaneError> {
     let sessions = Arc::new(ControlSessions::new(control.sessions(), control.clock()));
     let data =
         GatewayDataPlane::start(GatewayDataPlaneConfig::from_config(config), sessions).await?;
     tokio::spawn(tunnel::log_stats_on_sigusr1("gateway data plane", data.counters()));
-    Ok(Some(data))
+    Ok(data)
 }
 
 /// A running gateway data plane. [`GatewayDataPlane::stop`] ends it and removes the NAT rule.
@@ -305,6 +307,7 @@ impl GatewayDataPlane {
             address: cfg.gateway_ip,
             prefix_len: cfg.subnet.prefix_len(),
             mtu: tunnel::tun_mtu(cfg.underlay_mtu)?,
+            offload: cfg.offload,
         };
         let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
         let sock = tunnel::bind_udp(cfg.listen)
@@ -336,9 +339,12 @@ impl GatewayDataPlane {
         let device = Arc::new(tun.device);
         let sock = Arc::new(sock);
         let ctx = Arc::new(Loops { cfg, sessions, counters: counters.clone() });
+        if !tunnel::enable_udp_gro(&sock) {
+            tracing::debug!(target: TARGET, "no UDP GRO on this kernel: one datagram per receive");
+        }
         let tasks = vec![
             tokio::spawn(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe())),
-            tokio::spawn(to_clients(ctx, device, sock, stop.subscribe())),
+            tokio::spawn(to_clients(ctx, device, sock, stop.subscribe(), tun.mtu)),
         ];
         Ok(Self { counters, stop, tasks, nat, tun_name: tun.name, local })
     }
@@ -381,16 +387,18 @@ async fn from_clients(
 ) {
     let c = &*ctx.counters;
     bump(&c.rx_loop_starts);
-    let mut buf = tunnel::datagram_buffer();
+    // One receive may hold many coalesced datagrams of one client (UDP GRO), up to 64 KiB.
+    let mut buf = vec![0u8; 65535];
+    let mut writer = TunWriter::new(ctx.cfg.offload && ctx.cfg.coalesce_writes);
     let mut notices = RateLimit::new(NOTICES_PER_SECOND, NOTICE_BURST);
     let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         let received = tokio::select! {
             biased;
             _ = stop_requested(&mut stop) => return,
-            r = sock.recv_from(&mut buf) => r,
+            r = tunnel::recv_gro(&sock, &mut buf) => r,
         };
-        let (len, from) = match received {
+        let (len, segment, from) = match received {
             Ok(r) => {
                 errors.reset();
                 r
@@ -401,65 +409,79 @@ async fn from_clients(
                 continue;
             }
         };
-        let datagram = &mut buf[..len];
-        let header = match wire::parse_header(datagram) {
-            Ok(h) if h.msg_type != MsgType::UnknownSession => h,
-            // Clients never send notices; answering one could ping-pong with another gateway.
-            _ => {
+        for datagram in buf[..len].chunks_mut(segment) {
+            let header = match wire::parse_header(datagram) {
+                Ok(h) if h.msg_type != MsgType::UnknownSession => h,
+                // Clients never send notices; answering one could ping-pong with a gateway.
+                _ => {
+                    c.count_drop(DropReason::Malformed);
+                    continue;
+                }
+            };
+            let Some(session) = ctx.sessions.by_id(header.session_id) else {
+                c.count_drop(DropReason::UnknownSession);
+                if notices.allow(Instant::now()) {
+                    let notice = wire::unknown_session_notice(header.session_id, header.counter);
+                    match sock.send_to(&notice, from).await {
+                        Ok(_) => bump(&c.notices_tx),
+                        Err(_) => c.count_drop(DropReason::SocketError),
+                    }
+                }
+                continue;
+            };
+            let opened = match session.crypto.open(Direction::ClientToGateway, datagram) {
+                Ok(o) => o,
+                Err(e) => {
+                    c.count_drop(DropReason::of_open(e));
+                    continue;
+                }
+            };
+            let payload = opened.payload;
+            if opened.kind == SealedKind::Keepalive {
+                bump(&c.keepalives_rx);
+                note_seen(&*ctx.sessions, &session, from, c);
+                continue;
+            }
+            let Some((src, dst)) = tunnel::ipv4_addrs(&datagram[payload.clone()]) else {
                 c.count_drop(DropReason::Malformed);
                 continue;
-            }
-        };
-        let Some(session) = ctx.sessions.by_id(header.session_id) else {
-            c.count_drop(DropReason::UnknownSession);
-            if notices.allow(Instant::now()) {
-                let notice = wire::unknown_session_notice(header.session_id, header.counter);
-                match sock.send_to(&notice, from).await {
-                    Ok(_) => bump(&c.notices_tx),
-                    Err(_) => c.count_drop(DropReason::SocketError),
-                }
-            }
-            continue;
-        };
-        let crypto = &session.crypto;
-        let opened = match crypto.open(Direction::ClientToGateway, datagram) {
-            Ok(o) => o,
-            Err(e) => {
-                c.count_drop(DropReason::of_open(e));
+            };
+            if src != session.assigned_ip {
+                c.count_drop(DropReason::Spoofed);
                 continue;
             }
-        };
-        let payload = opened.payload;
-        if opened.kind == SealedKind::Keepalive {
-            bump(&c.keepalives_rx);
+            // Before delivery, not after: the answer to this packet may be on its way back
+            // through the other loop before this one runs again, and must go to where the
+            // client is now.
             note_seen(&*ctx.sessions, &session, from, c);
-            continue;
-        }
-        let Some((src, dst)) = tunnel::ipv4_addrs(&buf[payload.clone()]) else {
-            c.count_drop(DropReason::Malformed);
-            continue;
-        };
-        if src != session.assigned_ip {
-            c.count_drop(DropReason::Spoofed);
-            continue;
-        }
-        // Before delivery, not after: the answer to this packet may be on its way back through
-        // the other loop before this one runs again, and it must go to where the client is now.
-        note_seen(&*ctx.sessions, &session, from, c);
-        let inner_len = payload.len();
-        let peer = if dst == ctx.cfg.gateway_ip { None } else { ctx.sessions.by_ip(dst) };
-        match peer {
-            // Client to client: re-seal in place (the inner packet already sits at HEADER_LEN,
-            // and the tag room behind it is the one the datagram had) for the peer's session.
-            Some(peer) => {
-                Counters::packet(&c.rx_packets, &c.rx_bytes, inner_len);
-                send_to_session(&peer, &sock, &mut buf, inner_len, c).await;
+            let peer = if dst == ctx.cfg.gateway_ip { None } else { ctx.sessions.by_ip(dst) };
+            match peer {
+                // Client to client: re-seal in place (the inner packet already sits at
+                // HEADER_LEN, and the tag room behind it is the one the datagram had).
+                Some(peer) => {
+                    Counters::packet(&c.rx_packets, &c.rx_bytes, payload.len());
+                    send_to_session(&peer, &sock, datagram, payload.len(), c).await;
+                }
+                None => {
+                    if writer.is_full() {
+                        write_tun(&mut writer, &tun, c).await;
+                    }
+                    writer.push(&datagram[payload]);
+                }
             }
-            None => match tun.send(&buf[payload]).await {
-                Ok(_) => Counters::packet(&c.rx_packets, &c.rx_bytes, inner_len),
-                Err(_) => c.count_drop(DropReason::TunError),
-            },
         }
+        write_tun(&mut writer, &tun, c).await;
+    }
+}
+
+/// Writes the queued inner packets to the TUN device, counting them.
+async fn write_tun(writer: &mut TunWriter, tun: &AsyncDevice, c: &Counters) {
+    match writer.flush(tun).await {
+        Ok((packets, bytes)) => {
+            Counters::add(&c.rx_packets, packets);
+            Counters::add(&c.rx_bytes, bytes);
+        }
+        Err(_) => c.count_drop(DropReason::TunError),
     }
 }
 
@@ -501,12 +523,8 @@ async fn send_to_session(
     });
     let n = match sealed {
         Ok(n) => n,
-        Err(SealError::CounterExhausted) => {
-            c.count_drop(DropReason::CounterExhausted);
-            return;
-        }
-        Err(SealError::BufferTooSmall) => {
-            c.count_drop(DropReason::Malformed);
+        Err(e) => {
+            c.count_drop(seal_drop(e));
             return;
         }
     };
@@ -516,25 +534,29 @@ async fn send_to_session(
     }
 }
 
-/// TUN -> UDP.
+/// TUN -> UDP. A batch (one TSO super-packet, usually) is routed packet by packet; runs of
+/// consecutive packets for one session go out in one GSO send.
 async fn to_clients(
     ctx: Arc<Loops>,
     tun: Arc<AsyncDevice>,
     sock: Arc<UdpSocket>,
     mut stop: watch::Receiver<bool>,
+    mtu: u16,
 ) {
     let c = &*ctx.counters;
     bump(&c.tx_loop_starts);
-    let mut buf = tunnel::datagram_buffer();
-    let inner_end = buf.len() - wire::TAG_LEN;
+    let mut reader = TunReader::new(mtu);
+    let mut lens = [0usize; tunnel::BATCH];
+    let mut routes: [Option<Arc<DataSession>>; tunnel::BATCH] = std::array::from_fn(|_| None);
+    let mut gso = true;
     let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         let read = tokio::select! {
             biased;
             _ = stop_requested(&mut stop) => return,
-            r = tun.recv(&mut buf[HEADER_LEN..inner_end]) => r,
+            r = reader.read(&tun) => r,
         };
-        let len = match read {
+        let n = match read {
             Ok(n) => {
                 errors.reset();
                 n
@@ -545,16 +567,65 @@ async fn to_clients(
                 continue;
             }
         };
-        let Some((_, dst)) = tunnel::ipv4_addrs(&buf[HEADER_LEN..HEADER_LEN + len]) else {
-            // IPv6 (the kernel's own router solicitations, say) or garbage: we only route IPv4.
-            c.count_drop(DropReason::NotIpv4);
-            continue;
-        };
-        let Some(session) = ctx.sessions.by_ip(dst) else {
-            c.count_drop(DropReason::NoRoute);
-            continue;
-        };
-        send_to_session(&session, &sock, &mut buf, len, c).await;
+        for i in 0..n {
+            lens[i] = 0;
+            routes[i] = None;
+            let Some((_, dst)) = tunnel::ipv4_addrs(reader.packet(i)) else {
+                // IPv6 (the kernel's own router solicitations, say) or garbage: IPv4 only.
+                c.count_drop(DropReason::NotIpv4);
+                continue;
+            };
+            // No session owns the address, or its client has not told us where it is yet.
+            let Some(session) = ctx.sessions.by_ip(dst).filter(|s| s.endpoint().is_some()) else {
+                c.count_drop(DropReason::NoRoute);
+                continue;
+            };
+            let len = reader.len(i);
+            let sealed = session.crypto.tx.next().and_then(|counter| {
+                let slot = reader.slot(i);
+                session.crypto.cipher.seal_data(
+                    Direction::GatewayToClient,
+                    session.session_id,
+                    counter,
+                    slot,
+                    len,
+                )
+            });
+            match sealed {
+                Ok(d) => {
+                    lens[i] = d;
+                    routes[i] = Some(session);
+                }
+                Err(e) => c.count_drop(seal_drop(e)),
+            }
+        }
+        let mut i = 0;
+        while i < n {
+            let Some(session) = routes[i].take() else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < n && routes[j].as_ref().is_some_and(|r| Arc::ptr_eq(r, &session)) {
+                routes[j] = None;
+                j += 1;
+            }
+            if let Some(endpoint) = session.endpoint() {
+                let sent = reader.send(&sock, &mut gso, i, &lens[i..j], endpoint).await;
+                Counters::add(&c.tx_packets, sent.datagrams);
+                Counters::add(&c.tx_bytes, sent.inner_bytes);
+                c.count_drops(DropReason::SocketError, sent.failed);
+            }
+            i = j;
+        }
+    }
+}
+
+fn seal_drop(e: SealError) -> DropReason {
+    match e {
+        SealError::CounterExhausted => DropReason::CounterExhausted,
+        // A TUN read is bounded by its slot, so the datagram always fits; counted, not assumed.
+        SealError::BufferTooSmall => DropReason::Malformed,
     }
 }
 

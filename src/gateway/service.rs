@@ -17,6 +17,7 @@ use super::tls::PeerIdentity;
 use crate::control::pb::control_server::Control;
 use crate::control::pb::{
     AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingSessionResponse, PingStatus,
+    ProbeRequest, ProbeResponse,
 };
 use crate::snapshot::SessionKey;
 
@@ -195,5 +196,11 @@ impl Control for ControlService {
         Ok(Response::new(PingSessionResponse {
             status: status as i32,
         }))
+    }
+
+    async fn probe(&self, request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        // Only an authenticated peer gets an answer, like every other call.
+        peer(&request)?;
+        Ok(Response::new(ProbeResponse {}))
     }
 }

@@ -4,9 +4,9 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod tmux;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -32,13 +32,6 @@ pub fn holdfast_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A free TCP port on 127.0.0.1 (also used for UDP by the gateway). The port is released before it
-/// is returned, so there is a small window in which another process could take it.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 /// A running process whose stderr (and stdout) lines are collected and can be awaited.
@@ -145,19 +138,23 @@ impl Drop for Proc {
     }
 }
 
-/// A provisioned gateway directory on loopback: `init` plus helpers to add clients and run it.
+/// A provisioned gateway directory and a network namespace of its own: the gateway and its
+/// clients run inside that namespace, on its loopback, so the client's TUN device, routes and
+/// kill-switch never touch the machine's own namespace. Everything is removed on drop.
 pub struct GatewayDir {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    pub ns: netns::Netns,
 }
 
 impl GatewayDir {
     pub fn init() -> GatewayDir {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
+        // The namespace is new and empty: any port is free in it.
+        let port = 51820;
         let endpoint = format!("127.0.0.1:{port}");
         holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
-        GatewayDir { dir, port }
+        GatewayDir { dir, port, ns: netns::Netns::new() }
     }
 
     pub fn path(&self) -> &Path {
@@ -200,13 +197,31 @@ impl GatewayDir {
         out
     }
 
+    /// Runs the gateway inside this namespace.
     pub fn run(&self, tag: &str) -> Proc {
-        let mut cmd = Command::new(BIN);
-        // On the machine's own loopback: no data plane, which would add a TUN device and routes.
-        cmd.args(["gateway", "run", "--dir", s(self.path())])
-            .env("RUST_LOG", "info,holdfast=debug")
-            .env(holdfast::tunnel::DISABLE_ENV, "off");
+        let mut cmd = self.ns.command(BIN);
+        cmd.args(["gateway", "run", "--dir", s(self.path())]).env("RUST_LOG", "info,holdfast=debug");
         Proc::spawn(tag, cmd)
+    }
+
+    /// Runs a client inside this namespace, headless.
+    pub fn run_client(&self, tag: &str, file: &Path) -> Proc {
+        let mut cmd = self.ns.command(BIN);
+        cmd.args(["client", "run", "--no-tui", "--config", s(file)]).env_remove("RUST_LOG");
+        Proc::spawn(tag, cmd)
+    }
+
+    /// Runs `f` on a thread inside this namespace (e.g. to connect to the gateway).
+    pub fn inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    self.ns.enter_current_thread();
+                    f()
+                })
+                .join()
+                .expect("thread inside the namespace")
+        })
     }
 }
 
@@ -234,15 +249,8 @@ pub fn fast_timings(file: &mut ClientFile, log_dir: &Path) {
         level: Some("info,holdfast=debug".into()),
         keep_files: None,
     };
-}
-
-pub fn run_client(tag: &str, file: &Path) -> Proc {
-    let mut cmd = Command::new(BIN);
-    // On the machine's own loopback: no data plane, which would add a TUN device and routes.
-    cmd.args(["client", "run", "--config", s(file)])
-        .env_remove("RUST_LOG")
-        .env(holdfast::tunnel::DISABLE_ENV, "off");
-    Proc::spawn(tag, cmd)
+    // Tests run clients in parallel: each gets its own status socket.
+    file.status.socket = Some(log_dir.join("client.sock"));
 }
 
 pub fn s(p: &Path) -> &str {

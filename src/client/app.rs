@@ -1,0 +1,151 @@
+//! The client process from start-up to explicit stop, shared by `holdfast client run` and the
+//! demo: start the supervisor, attach the data plane, serve the status socket, run the dashboard
+//! or wait for a signal, then stop everything in order.
+
+use std::sync::Arc;
+
+use super::dataplane::{ClientDataPlane, ClientDataPlaneConfig};
+use super::killswitch::KillSwitch;
+use super::status_socket::{self, DataPlaneSample, DropCount, Sampler, TunInfo};
+use super::{ClientHandle, ClientSettings};
+use crate::config::exit;
+use crate::tui::{self, DashboardExit};
+use crate::tunnel::{Counters, DropReason};
+
+const TARGET: &str = "holdfast::client";
+
+/// How the process is run.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Draw the dashboard on this terminal (else headless: logs to stderr).
+    pub dashboard: bool,
+    /// Extra dashboard keys (the demo's fault injectors).
+    pub extra_keys: Vec<tui::ExtraKey>,
+}
+
+/// Runs the client until an explicit stop (SIGINT, SIGTERM, or `q` on the dashboard) and returns
+/// the process exit code. Must run inside a tokio runtime. The only failure here is the
+/// kill-switch refusing to come up: the client never runs unprotected.
+pub async fn run(
+    settings: ClientSettings,
+    killswitch: Arc<dyn KillSwitch>,
+    opts: RunOptions,
+) -> i32 {
+    tracing::info!(
+        target: TARGET,
+        "holdfast client {} starting: {} -> gateway {}",
+        env!("CARGO_PKG_VERSION"),
+        settings.file.name,
+        settings.file.endpoint
+    );
+    let socket = status_socket::socket_path(&settings.file);
+    let dp_config = ClientDataPlaneConfig::from_file(&settings.file);
+    let tun_name = dp_config.tun_name.clone().unwrap_or_default();
+    // The data plane comes up on the first snapshot, through the driver's swap hook.
+    let dataplane = ClientDataPlane::new(dp_config);
+    let ks_desc = killswitch.describe();
+    let handle = match super::start(settings, killswitch, Some(dataplane.on_swap_hook())) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(target: TARGET, "{e}");
+            eprintln!("holdfast client: {e}");
+            return exit::NOT_PERMITTED;
+        }
+    };
+    dataplane.bind(handle.getter(), handle.commands());
+    tokio::spawn(crate::tunnel::log_stats_on_sigusr1("client data plane", dataplane.counters()));
+
+    let sampler = sampler(dataplane.counters(), tun_name);
+    let _status = match status_socket::serve(&socket, handle.status(), Some(sampler.clone()), ks_desc.clone()) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            // Not a critical start-up failure: the client runs on without it.
+            tracing::warn!(
+                target: TARGET,
+                "status socket {}: {e}; `holdfast status` cannot reach this client",
+                socket.display()
+            );
+            None
+        }
+    };
+
+    if opts.dashboard {
+        run_dashboard(&handle, sampler, ks_desc, opts.extra_keys).await;
+    } else {
+        wait_for_stop_signal().await;
+    }
+    tracing::info!(target: TARGET, "stop requested; shutting down");
+    stop(handle, dataplane).await
+}
+
+async fn run_dashboard(
+    handle: &ClientHandle,
+    sampler: Sampler,
+    ks_desc: String,
+    extras: Vec<tui::ExtraKey>,
+) {
+    let outcome = tokio::select! {
+        r = tui::run_dashboard(handle, Some(sampler), ks_desc, extras) => r,
+        () = wait_for_stop_signal() => Ok(DashboardExit::Stop),
+    };
+    match outcome {
+        Ok(DashboardExit::Stop | DashboardExit::ClientEnded) => {}
+        Ok(DashboardExit::TerminalLost) => wait_for_stop_signal().await,
+        Err(e) => {
+            tracing::warn!(target: TARGET, "dashboard failed ({e}); running headless");
+            wait_for_stop_signal().await;
+        }
+    }
+}
+
+/// Explicit stop: the data plane first (its TUN goes away), then the supervisor and the
+/// kill-switch, last, so nothing leaks while the rest comes down.
+async fn stop(handle: ClientHandle, dataplane: ClientDataPlane) -> i32 {
+    dataplane.stop().await;
+    match handle.stop().await {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            tracing::error!(target: TARGET, "{e}");
+            exit::FAILURE
+        }
+    }
+}
+
+/// Maps the data plane's counters into what the dashboard and `holdfast status` show. Called a
+/// few times a second: relaxed atomic loads and one small vector.
+fn sampler(counters: Arc<Counters>, tun_name: String) -> Sampler {
+    Arc::new(move || {
+        let s = counters.stats();
+        let drops = DropReason::ALL
+            .iter()
+            .map(|r| DropCount::new(r.name(), s.dropped(*r)))
+            .filter(|d| d.count > 0)
+            .collect();
+        Some(DataPlaneSample {
+            tun: (s.tun_ifindex != 0).then(|| TunInfo { name: tun_name.clone(), ifindex: s.tun_ifindex }),
+            loop_starts: u32::try_from(s.tx_loop_starts.max(s.rx_loop_starts)).unwrap_or(u32::MAX),
+            rx_packets: s.rx_packets,
+            rx_bytes: s.rx_bytes,
+            tx_packets: s.tx_packets,
+            tx_bytes: s.tx_bytes,
+            drops,
+        })
+    })
+}
+
+/// Waits for SIGINT or SIGTERM (the explicit stop of a daemon).
+pub async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers we cannot be stopped cleanly; ctrl_c is the last resort.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

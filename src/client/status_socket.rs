@@ -1,0 +1,851 @@
+//! The local status socket: how `holdfast status` asks a running client what it is doing.
+//!
+//! - [`serve`] binds a Unix socket (mode 0600; its folder is created 0700 if missing) and answers
+//!   every connection with one JSON document, a [`StatusReport`], then closes it. There is no
+//!   request: connecting is the question, so there is nothing for a peer to send us to parse.
+//! - [`query`] is the other end (`holdfast status`), [`format_human`] prints a report the way
+//!   `wg show` does, and [`default_socket_path`] is where both meet without configuration.
+//!
+//! The report is built from the same status feed the dashboard reads (never the machine itself)
+//! plus a plain sample of the data-plane counters ([`DataPlaneSample`], taken through a
+//! [`Sampler`]). It carries the session key's fingerprint and never the key: [`SnapshotView`]
+//! has no key to give.
+
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::status::{ClientStatus, SnapshotView};
+use crate::sansio::supervisor::{Now, StateName, Timer};
+
+/// The data-plane counters as the dashboard and the status socket see them: a plain value the
+/// data plane's own counters are mapped into, so neither observer depends on its internals. It
+/// is also the `data_plane` part of a [`StatusReport`], as is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPlaneSample {
+    /// The TUN device, once it is up.
+    pub tun: Option<TunInfo>,
+    /// How many times the UDP/TUN loops were started (the spec: exactly once).
+    pub loop_starts: u32,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Dropped packets by reason, in the order to show them (e.g. "no session",
+    /// "decrypt failure", "replay", "socket error").
+    pub drops: Vec<DropCount>,
+}
+
+/// Packets dropped for one reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropCount {
+    pub reason: String,
+    pub count: u64,
+}
+
+impl DropCount {
+    pub fn new(reason: &str, count: u64) -> Self {
+        Self {
+            reason: reason.to_owned(),
+            count,
+        }
+    }
+}
+
+/// The TUN device's name and interface index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunInfo {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+/// Takes a [`DataPlaneSample`] now; `None` while there is no data plane yet. Called a few times a
+/// second by the dashboard and once per `holdfast status`: it must be cheap and never block
+/// (relaxed atomic loads).
+pub type Sampler = Arc<dyn Fn() -> Option<DataPlaneSample> + Send + Sync>;
+
+/// Maps the supervisor's machine time ([`Now`]: time since the driver started) to this process's
+/// clock, so an observer can say "for 12 s" and "in 3 s".
+///
+/// The status feed does not carry the driver's epoch, so it is estimated: an observer created
+/// when the client starts is within a scheduling delay of it, and each status whose `since` is
+/// seen gives an upper bound (`observed at - since`), of which the earliest is kept. The error is
+/// milliseconds for an observer that starts with the client, which is how both observers are used.
+#[derive(Debug, Clone, Copy)]
+pub struct StatusClock {
+    epoch: Instant,
+}
+
+impl StatusClock {
+    /// A clock whose epoch is at most `at` (create it right after `client::start`).
+    pub fn new(at: Instant) -> Self {
+        Self { epoch: at }
+    }
+
+    /// Tightens the epoch estimate with a status observed at `at`.
+    pub fn observe(&mut self, status: &ClientStatus, at: Instant) {
+        if let Some(bound) = at.checked_sub(status.supervisor.since) {
+            self.epoch = self.epoch.min(bound);
+        }
+    }
+
+    /// Machine time at `at`.
+    pub fn now(&self, at: Instant) -> Now {
+        at.saturating_duration_since(self.epoch)
+    }
+}
+
+/// Format version of [`StatusReport`]; bumped when a field changes meaning.
+pub const REPORT_VERSION: u32 = 1;
+
+/// What `holdfast status` shows, as one JSON document. Durations are whole milliseconds, times
+/// are relative to the moment the report was built (`*_ago_ms`, `in_ms`), so a reader needs no
+/// clock of the client's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: u32,
+    /// The client process.
+    pub pid: u32,
+    /// Time since the supervisor started.
+    pub uptime_ms: u64,
+    /// The leaf state (`Unauthed`, `Authing`, `Healthy`, `Degraded`, `Backoff`, `Stopped`).
+    pub state: String,
+    /// The superstates enclosing it, outermost first (e.g. `["Running", "Connected"]`).
+    pub superstates: Vec<String>,
+    /// How long the client has been in `state`.
+    pub in_state_ms: u64,
+    /// What caused the last transition.
+    pub last_cause: String,
+    /// The one armed timer: what it is for and when it fires.
+    pub next_timer: Option<TimerReport>,
+    /// The un-jittered retry delay of the current failure streak (0 without failures).
+    pub backoff_ms: u64,
+    /// Consecutive failures since the last success.
+    pub failures: u32,
+    /// Last measured control-plane round trip, in microseconds.
+    pub last_rtt_us: Option<u64>,
+    /// The installed session, without its key.
+    pub snapshot: Option<SnapshotReport>,
+    /// The kill-switch, as it describes itself.
+    pub killswitch: String,
+    /// The data plane's counters; `None` while it is not up.
+    pub data_plane: Option<DataPlaneSample>,
+    /// Recent transitions, newest first.
+    pub recent: Vec<TransitionReport>,
+}
+
+/// The armed timer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerReport {
+    /// `health check`, `ping retry` or `auth retry`.
+    pub purpose: String,
+    pub in_ms: u64,
+}
+
+/// An installed session: everything but the key, which only appears as its fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub assigned_ip: String,
+    pub prefix_len: u8,
+    pub gateway_ip: String,
+    /// Hex, as in the logs.
+    pub session_id: String,
+    pub key_fingerprint: String,
+    /// Time since the client received it (wall clock).
+    pub age_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+/// One transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionReport {
+    /// Machine time of the transition (since the supervisor started).
+    pub at_ms: u64,
+    pub ago_ms: u64,
+    pub from: String,
+    pub to: String,
+    pub cause: String,
+}
+
+/// What the armed timer is for, in words. The same [`Timer::Health`] is a routine health check in
+/// Healthy and a retry of a failed ping in Degraded.
+pub fn timer_purpose(state: StateName, timer: Timer) -> &'static str {
+    match (timer, state) {
+        (Timer::Retry, _) => "auth retry",
+        (Timer::Health, StateName::Degraded) => "ping retry",
+        (Timer::Health, _) => "health check",
+    }
+}
+
+/// The superstates enclosing a leaf, outermost first. (`StateName::superstate` gives only the
+/// innermost; the chart's nesting is Running ⊃ {Establishing, Connected}.)
+pub fn superstates(state: StateName) -> Vec<&'static str> {
+    match state.superstate() {
+        None => Vec::new(),
+        Some("Running") => vec!["Running"],
+        Some(inner) => vec!["Running", inner],
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl StatusReport {
+    /// Builds a report at machine time `now` and wall time `wall` (both passed in, so tests can
+    /// pin them).
+    pub fn build(
+        status: &ClientStatus,
+        sample: Option<&DataPlaneSample>,
+        killswitch: &str,
+        now: Now,
+        wall: SystemTime,
+    ) -> Self {
+        let s = &status.supervisor;
+        StatusReport {
+            version: REPORT_VERSION,
+            pid: std::process::id(),
+            uptime_ms: ms(now),
+            state: s.state.to_string(),
+            superstates: superstates(s.state).into_iter().map(String::from).collect(),
+            in_state_ms: ms(now.saturating_sub(s.since)),
+            last_cause: s.last_cause.clone(),
+            next_timer: s.next_timer.map(|(timer, at)| TimerReport {
+                purpose: timer_purpose(s.state, timer).into(),
+                in_ms: ms(at.saturating_sub(now)),
+            }),
+            backoff_ms: ms(s.backoff),
+            failures: s.failures,
+            last_rtt_us: s
+                .last_rtt
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            snapshot: status
+                .snapshot
+                .as_ref()
+                .map(|v| SnapshotReport::of(v, wall)),
+            killswitch: killswitch.to_owned(),
+            data_plane: sample.cloned(),
+            recent: status
+                .recent
+                .iter()
+                .rev()
+                .map(|t| TransitionReport {
+                    at_ms: ms(t.at),
+                    ago_ms: ms(now.saturating_sub(t.at)),
+                    from: t.from.to_string(),
+                    to: t.to.to_string(),
+                    cause: t.cause.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl SnapshotReport {
+    fn of(v: &SnapshotView, wall: SystemTime) -> Self {
+        SnapshotReport {
+            assigned_ip: v.assigned_ip.to_string(),
+            prefix_len: v.prefix_len,
+            gateway_ip: v.gateway_ip.to_string(),
+            session_id: v.session_id.to_string(),
+            key_fingerprint: v.key_fingerprint.to_string(),
+            age_ms: ms(wall.duration_since(v.received_at).unwrap_or_default()),
+            idle_timeout_ms: ms(v.idle_timeout),
+        }
+    }
+}
+
+/// Short human forms shared by `holdfast status` and the dashboard.
+pub mod human {
+    use std::time::Duration;
+
+    /// `850ms`, `12s`, `4m05s`, `2h03m`, `3d04h`: two units at most, the way people read uptimes.
+    pub fn duration(d: Duration) -> String {
+        let s = d.as_secs();
+        match s {
+            0 => format!("{}ms", d.subsec_millis()),
+            1..60 => format!("{s}s"),
+            60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+            3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+            _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+        }
+    }
+
+    /// A duration given in milliseconds.
+    pub fn millis(ms: u64) -> String {
+        duration(Duration::from_millis(ms))
+    }
+
+    /// Bytes in binary units with one decimal: `512 B`, `1.5 KiB`, `3.2 GiB`.
+    pub fn bytes(n: u64) -> String {
+        const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+        if n < 1024 {
+            return format!("{n} B");
+        }
+        let mut v = n as f64 / 1024.0;
+        let mut unit = 0;
+        while v >= 1024.0 && unit + 1 < UNITS.len() {
+            v /= 1024.0;
+            unit += 1;
+        }
+        format!("{v:.1} {}", UNITS[unit])
+    }
+
+    /// A round trip: `850us`, `3.2ms`, `1.20s`.
+    pub fn rtt(us: u64) -> String {
+        match us {
+            0..1000 => format!("{us}us"),
+            1000..1_000_000 => format!("{:.1}ms", us as f64 / 1000.0),
+            _ => format!("{:.2}s", us as f64 / 1e6),
+        }
+    }
+}
+
+/// Prints a report for people, in the manner of `wg show` / `tailscale status`.
+pub fn format_human(r: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let path = if r.superstates.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", r.superstates.join(" > "))
+    };
+    // `write!` into a String cannot fail; the results are ignored for that reason.
+    let _ = writeln!(
+        o,
+        "holdfast client: {}{path} for {}",
+        r.state,
+        human::millis(r.in_state_ms)
+    );
+    let _ = writeln!(
+        o,
+        "  pid:          {} (up {})",
+        r.pid,
+        human::millis(r.uptime_ms)
+    );
+    if !r.last_cause.is_empty() {
+        let _ = writeln!(o, "  last cause:   {}", r.last_cause);
+    }
+    let next = match (&r.next_timer, r.state.as_str()) {
+        (Some(t), _) => format!("{} in {}", t.purpose, human::millis(t.in_ms)),
+        (None, "Authing") => "authentication in flight".into(),
+        (None, _) => "nothing scheduled".into(),
+    };
+    let _ = writeln!(o, "  next:         {next}");
+    let backoff = if r.failures == 0 {
+        "none".to_string()
+    } else {
+        format!(
+            "{} after {} failure(s)",
+            human::millis(r.backoff_ms),
+            r.failures
+        )
+    };
+    let _ = writeln!(o, "  backoff:      {backoff}");
+    let rtt = r.last_rtt_us.map(human::rtt).unwrap_or_else(|| "-".into());
+    let _ = writeln!(o, "  last rtt:     {rtt}");
+    let _ = writeln!(o, "  kill-switch:  {}", r.killswitch);
+
+    match &r.snapshot {
+        Some(s) => {
+            let _ = writeln!(o, "\nsession {}", s.session_id);
+            let _ = writeln!(o, "  address:      {}/{}", s.assigned_ip, s.prefix_len);
+            let _ = writeln!(o, "  gateway:      {}", s.gateway_ip);
+            let _ = writeln!(o, "  key:          fp:{}", s.key_fingerprint);
+            let _ = writeln!(
+                o,
+                "  age:          {} (gateway idle timeout {})",
+                human::millis(s.age_ms),
+                human::millis(s.idle_timeout_ms)
+            );
+        }
+        None => {
+            let _ = writeln!(o, "\nsession: none yet");
+        }
+    }
+
+    match &r.data_plane {
+        Some(d) => {
+            let tun = match &d.tun {
+                Some(t) => format!("tunnel {} (ifindex {})", t.name, t.ifindex),
+                None => "tunnel: not up".into(),
+            };
+            let _ = writeln!(o, "\n{tun}, loops started {} time(s)", d.loop_starts);
+            let _ = writeln!(
+                o,
+                "  received:     {} ({} packets)",
+                human::bytes(d.rx_bytes),
+                d.rx_packets
+            );
+            let _ = writeln!(
+                o,
+                "  sent:         {} ({} packets)",
+                human::bytes(d.tx_bytes),
+                d.tx_packets
+            );
+            if !d.drops.is_empty() {
+                let drops: Vec<String> = d
+                    .drops
+                    .iter()
+                    .map(|c| format!("{} {}", c.reason, c.count))
+                    .collect();
+                let _ = writeln!(o, "  drops:        {}", drops.join(", "));
+            }
+        }
+        None => {
+            let _ = writeln!(o, "\ndata plane: not up");
+        }
+    }
+
+    if !r.recent.is_empty() {
+        let _ = writeln!(o, "\nrecent transitions (newest first):");
+        for t in &r.recent {
+            let _ = writeln!(
+                o,
+                "  {:>8} ago  {:<8} -> {:<8}  {}",
+                human::millis(t.ago_ms),
+                t.from,
+                t.to,
+                t.cause
+            );
+        }
+    }
+    o
+}
+
+/// The default socket: `/run/holdfast/client.sock` as root, else `holdfast/client.sock` in the
+/// per-user runtime dir (`$XDG_RUNTIME_DIR`), else `/tmp/holdfast-<uid>/client.sock`.
+pub fn default_socket_path() -> PathBuf {
+    if crate::config::running_as_root() {
+        return PathBuf::from("/run/holdfast/client.sock");
+    }
+    if let Some(dir) =
+        directories::BaseDirs::new().and_then(|b| b.runtime_dir().map(Path::to_owned))
+    {
+        return dir.join("holdfast").join("client.sock");
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    PathBuf::from(format!("/tmp/holdfast-{uid}/client.sock"))
+}
+
+/// The socket a client file names, or the default.
+pub fn socket_path(file: &crate::config::client::ClientFile) -> PathBuf {
+    file.status
+        .socket
+        .clone()
+        .unwrap_or_else(default_socket_path)
+}
+
+/// The socket `holdfast status` should ask: `--socket` if given, else the `[status] socket` of the
+/// client file if it can be read (as root it usually can; a user reading a root-only file cannot,
+/// and then the default is right anyway), else the default.
+pub fn resolve_socket_path(explicit: Option<PathBuf>, config: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
+    }
+    let config = config
+        .map(Path::to_owned)
+        .unwrap_or_else(crate::config::default_client_file);
+    match crate::config::client::ClientFile::load(&config) {
+        Ok(file) => socket_path(&file),
+        Err(_) => default_socket_path(),
+    }
+}
+
+/// `holdfast status [--json] [--socket PATH] [--config FILE]`: asks the running client and prints
+/// its status (for people, or as pretty JSON with `json`). Returns the process exit code: 0, or
+/// [`StatusQueryError::exit_code`] after a one-line message on stderr.
+pub fn status_command(json: bool, socket: Option<PathBuf>, config: Option<&Path>) -> i32 {
+    use std::io::Write;
+    match status_text(json, socket, config) {
+        Ok(text) => {
+            // Not `print!`: that panics on a closed pipe (`holdfast status | head -1`).
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            crate::config::exit::OK
+        }
+        Err(e) => {
+            eprintln!("holdfast status: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// What [`status_command`] prints: the report of the client at the resolved socket, as
+/// [`format_human`] or as pretty JSON.
+pub fn status_text(
+    json: bool,
+    socket: Option<PathBuf>,
+    config: Option<&Path>,
+) -> Result<String, StatusQueryError> {
+    let path = resolve_socket_path(socket, config);
+    let report = query(&path)?;
+    if !json {
+        return Ok(format_human(&report));
+    }
+    serde_json::to_string_pretty(&report)
+        .map(|t| t + "\n")
+        .map_err(|e| StatusQueryError::Malformed {
+            path,
+            reason: e.to_string(),
+        })
+}
+
+/// How long a connection may take to read its report before it is dropped. A reader that stalls
+/// costs one small task until then, nothing more.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long [`query`] waits for the client's answer.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest report [`query`] accepts (a report is a few KiB; this only bounds a broken peer).
+const MAX_REPORT: u64 = 1 << 20;
+
+/// Keeps the status socket served. Dropping it stops serving and removes the socket file (if it
+/// is still ours: a file another process put there since is left alone).
+#[derive(Debug)]
+pub struct ServeGuard {
+    path: PathBuf,
+    /// Device and inode of the socket we bound, to recognise it at removal.
+    id: (u64, u64),
+    task: JoinHandle<()>,
+}
+
+impl ServeGuard {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ServeGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && (m.dev(), m.ino()) == self.id
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serves the status at `path` until the guard is dropped. Must be called inside a tokio runtime.
+///
+/// The socket's folder is created with mode 0700 if missing and must belong to us or root. A
+/// socket left by a killed client (nothing listening) is replaced; a live one is an error (two
+/// clients must not share a socket), and so is a path that is not a socket. The socket is bound
+/// under a temporary name, set to 0600 and then renamed into place, so it is never reachable
+/// with looser permissions.
+pub fn serve(
+    path: &Path,
+    status: watch::Receiver<ClientStatus>,
+    sampler: Option<Sampler>,
+    killswitch: String,
+) -> io::Result<ServeGuard> {
+    let clock = StatusClock::new(status.borrow().epoch);
+    let dir = prepare_dir(path)?;
+    clear_stale(path)?;
+
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        )
+    })?;
+    let mut tmp_name = name.to_owned();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let meta = std::fs::symlink_metadata(path)?;
+    let task = tokio::spawn(accept_loop(listener, status, sampler, killswitch, clock));
+    Ok(ServeGuard {
+        path: path.to_owned(),
+        id: (meta.dev(), meta.ino()),
+        task,
+    })
+}
+
+/// Creates the socket's folder (0700) if missing and checks who owns it; returns it.
+fn prepare_dir(path: &Path) -> io::Result<PathBuf> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+    }
+    let meta = std::fs::metadata(&dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        // Someone else's folder (e.g. a pre-created /tmp/holdfast-<uid>): they could swap our
+        // socket for theirs and answer `holdfast status` in our name.
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to uid {}, not to us; refusing to serve status there",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    Ok(dir)
+}
+
+/// Removes a socket nobody listens on; refuses a live one or a non-socket.
+fn clear_stale(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ),
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "another holdfast client is serving its status at {}",
+                path.display()
+            ),
+        )),
+        // Refused: the socket of a client that was killed. Anything else: not ours to judge,
+        // but a socket we cannot connect to is useless to everyone, so replace it too.
+        Err(_) => std::fs::remove_file(path),
+    }
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    mut status: watch::Receiver<ClientStatus>,
+    sampler: Option<Sampler>,
+    killswitch: String,
+    mut clock: StatusClock,
+) {
+    let mut feed_open = true;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let mut stream = match accepted {
+                    Ok((s, _)) => s,
+                    // EMFILE and friends: transient; keep serving. A short pause keeps a
+                    // persistent error from spinning the loop.
+                    Err(e) => {
+                        tracing::debug!(target: "holdfast::status", "status socket accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let at = Instant::now();
+                let current = status.borrow().clone();
+                clock.observe(&current, at);
+                let sample = sampler.as_ref().and_then(|s| s());
+                let report = StatusReport::build(&current, sample.as_ref(), &killswitch, clock.now(at), SystemTime::now());
+                let mut doc = match serde_json::to_vec(&report) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::debug!(target: "holdfast::status", "status report not serialisable: {e}");
+                        continue;
+                    }
+                };
+                doc.push(b'\n');
+                tokio::spawn(async move {
+                    let write = async {
+                        stream.write_all(&doc).await?;
+                        stream.shutdown().await
+                    };
+                    let _ = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+                });
+            }
+            changed = status.changed(), if feed_open => {
+                match changed {
+                    Ok(()) => {
+                        let current = status.borrow_and_update();
+                        clock.observe(&current, Instant::now());
+                    }
+                    // The client is gone; keep answering with its last status until dropped.
+                    Err(_) => feed_open = false,
+                }
+            }
+        }
+    }
+}
+
+/// Why `holdfast status` could not get a report.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusQueryError {
+    /// Nothing at the socket path.
+    #[error("no holdfast client is running (no socket at {})", path.display())]
+    NotRunning { path: PathBuf },
+    /// A socket file with nobody listening: a client that was killed.
+    #[error("no holdfast client is running (stale socket at {}, nothing listening)", path.display())]
+    Stale { path: PathBuf },
+    /// The socket is root-only (or another user's).
+    #[error("permission denied on {} (a client running as root answers root only: try sudo)", path.display())]
+    PermissionDenied { path: PathBuf },
+    /// The client did not answer in time.
+    #[error("the holdfast client at {} did not answer within {}s", path.display(), QUERY_TIMEOUT.as_secs())]
+    TimedOut { path: PathBuf },
+    /// Any other IO failure.
+    #[error("cannot read the status at {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    /// The answer is not a status report (another program's socket, or another version).
+    #[error("the answer at {} is not a holdfast status report: {reason}", path.display())]
+    Malformed { path: PathBuf, reason: String },
+}
+
+impl StatusQueryError {
+    /// Exit code for `holdfast status`: 3 when no client runs (as `systemctl status` does for
+    /// a stopped unit), 77 for permissions, 70 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StatusQueryError::NotRunning { .. } | StatusQueryError::Stale { .. } => 3,
+            StatusQueryError::PermissionDenied { .. } => crate::config::exit::NOT_PERMITTED,
+            _ => crate::config::exit::FAILURE,
+        }
+    }
+}
+
+/// Asks the client at `path` for its status (blocking, bounded by a 5 s timeout).
+pub fn query(path: &Path) -> Result<StatusReport, StatusQueryError> {
+    let text = query_raw(path)?;
+    serde_json::from_str(&text).map_err(|e| StatusQueryError::Malformed {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// The raw JSON document the client at `path` answers with (for `holdfast status --json`, which
+/// prints it as sent).
+pub fn query_raw(path: &Path) -> Result<String, StatusQueryError> {
+    let p = || path.to_owned();
+    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => StatusQueryError::NotRunning { path: p() },
+        io::ErrorKind::ConnectionRefused => StatusQueryError::Stale { path: p() },
+        io::ErrorKind::PermissionDenied => StatusQueryError::PermissionDenied { path: p() },
+        _ => StatusQueryError::Io {
+            path: p(),
+            source: e,
+        },
+    })?;
+    let io_err = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            StatusQueryError::TimedOut { path: p() }
+        }
+        _ => StatusQueryError::Io {
+            path: p(),
+            source: e,
+        },
+    };
+    stream
+        .set_read_timeout(Some(QUERY_TIMEOUT))
+        .map_err(io_err)?;
+    let mut bytes = Vec::new();
+    stream
+        .take(MAX_REPORT)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    String::from_utf8(bytes).map_err(|_| StatusQueryError::Malformed {
+        path: p(),
+        reason: "not UTF-8".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_forms() {
+        assert_eq!(human::duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(human::duration(Duration::from_secs(12)), "12s");
+        assert_eq!(human::duration(Duration::from_secs(245)), "4m05s");
+        assert_eq!(
+            human::duration(Duration::from_secs(2 * 3600 + 180)),
+            "2h03m"
+        );
+        assert_eq!(
+            human::duration(Duration::from_secs(3 * 86400 + 4 * 3600)),
+            "3d04h"
+        );
+        assert_eq!(human::bytes(512), "512 B");
+        assert_eq!(human::bytes(1536), "1.5 KiB");
+        assert_eq!(human::bytes(u64::MAX), "16.0 EiB");
+        assert_eq!(human::rtt(850), "850us");
+        assert_eq!(human::rtt(3200), "3.2ms");
+        assert_eq!(human::rtt(1_200_000), "1.20s");
+    }
+
+    #[test]
+    fn clock_keeps_the_earliest_bound() {
+        let t0 = Instant::now();
+        let mut clock = StatusClock::new(t0 + Duration::from_secs(5));
+        let mut st = ClientStatus::initial(std::time::Instant::now());
+        st.supervisor.since = Duration::from_secs(3);
+        // Observed 10 s after t0 with since = 3 s: the epoch is at most t0 + 7 s (no change).
+        clock.observe(&st, t0 + Duration::from_secs(10));
+        assert_eq!(
+            clock.now(t0 + Duration::from_secs(10)),
+            Duration::from_secs(5)
+        );
+        // Observed 4 s after t0 with since = 3 s: at most t0 + 1 s.
+        clock.observe(&st, t0 + Duration::from_secs(4));
+        assert_eq!(
+            clock.now(t0 + Duration::from_secs(10)),
+            Duration::from_secs(9)
+        );
+        assert_eq!(clock.now(t0), Duration::ZERO, "never negative");
+    }
+
+    #[test]
+    fn superstates_nest_outermost_first() {
+        assert_eq!(superstates(StateName::Unauthed), vec!["Running"]);
+        assert_eq!(
+            superstates(StateName::Backoff),
+            vec!["Running", "Establishing"]
+        );
+        assert_eq!(
+            superstates(StateName::Degraded),
+            vec!["Running", "Connected"]
+        );
+        assert!(superstates(StateName::Stopped).is_empty());
+        assert_eq!(
+            timer_purpose(StateName::Degraded, Timer::Health),
+            "ping retry"
+        );
+        assert_eq!(
+            timer_purpose(StateName::Healthy, Timer::Health),
+            "health check"
+        );
+        assert_eq!(
+            timer_purpose(StateName::Backoff, Timer::Retry),
+            "auth retry"
+        );
+    }
+}
