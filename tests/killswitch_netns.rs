@@ -15,6 +15,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -225,6 +226,26 @@ fn a_foreign_table_of_our_name_is_rebuilt_to_the_plan() {
         assert_eq!(listed, expected, "after a table with {chain:?}");
         in_ns(&w.client, || ks.disable()).unwrap();
     }
+}
+
+#[test]
+fn unblock_without_nft_still_restores_the_resolver_and_routes() {
+    require_root!();
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 192.168.1.1\n").unwrap();
+    std::mem::forget(Dns::apply_resolv_conf(&resolv, &["100.64.0.1".parse().unwrap()]).unwrap());
+    w.client.ip(&["route", "add", "198.19.0.99/32", "via", &OUTSIDE4.to_string(), "proto", "207"]);
+
+    let err = in_ns(&w.client, || killswitch::unblock_with(Path::new("/nonexistent/nft"), &resolv))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&format!("restored {}", resolv.display())), "{err}");
+    assert!(err.contains("removed 1 leftover route(s)"), "{err}");
+    assert!(err.contains("failed: ") && err.contains("/nonexistent/nft"), "{err}");
+    assert_eq!(std::fs::read_to_string(&resolv).unwrap(), "nameserver 192.168.1.1\n");
+    assert_eq!(w.client.ip(&["route", "show", "proto", "207"]), "");
 }
 
 #[test]

@@ -609,14 +609,17 @@ pub fn unblock() -> Result<String, KillSwitchError> {
 
 /// [`unblock`] with an explicit `nft` program and resolver file (tests).
 pub fn unblock_with(nft: &Path, resolv_conf: &Path) -> Result<String, KillSwitchError> {
-    let had_table = table_present(nft)?;
-    run_nft_batch(nft, REMOVE_BATCH).map_err(KillSwitchError::Disable)?;
-    let mut done = vec![if had_table {
-        format!("removed the kill-switch (table inet {TABLE})")
-    } else {
-        "no kill-switch was active".to_owned()
-    }];
+    // Each of the three is attempted whatever happened to the others: a user locked out wants
+    // back as much as can be given back.
+    let mut done = Vec::new();
     let mut failed = Vec::new();
+    match table_present(nft).and_then(|had| {
+        run_nft_batch(nft, REMOVE_BATCH).map(|()| had).map_err(KillSwitchError::Disable)
+    }) {
+        Ok(true) => done.push(format!("removed the kill-switch (table inet {TABLE})")),
+        Ok(false) => done.push("no kill-switch was active".to_owned()),
+        Err(e) => failed.push(e.to_string()),
+    }
     match super::dns::restore_leftover(resolv_conf) {
         Ok(true) => done.push(format!("restored {}", resolv_conf.display())),
         Ok(false) => {}
@@ -630,7 +633,8 @@ pub fn unblock_with(nft: &Path, resolv_conf: &Path) -> Result<String, KillSwitch
     if failed.is_empty() {
         Ok(done.join("; "))
     } else {
-        Err(KillSwitchError::Disable(format!("{}; but: {}", done.join("; "), failed.join("; "))))
+        let done = if done.is_empty() { String::new() } else { format!("{}; ", done.join("; ")) };
+        Err(KillSwitchError::Disable(format!("{done}failed: {}", failed.join("; "))))
     }
 }
 
