@@ -11,8 +11,10 @@
 pub mod control;
 pub mod dataplane;
 pub mod app;
+pub mod dns;
 pub mod driver;
 pub mod killswitch;
+pub mod routes;
 pub mod status;
 pub mod status_socket;
 

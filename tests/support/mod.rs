@@ -223,7 +223,8 @@ impl GatewayDir {
     /// Runs the gateway inside this namespace.
     pub fn run(&self, tag: &str) -> Proc {
         let mut cmd = self.ns.command(BIN);
-        cmd.args(["gateway", "run", "--dir", s(self.path())]).env("RUST_LOG", "info,holdfast=debug");
+        cmd.args(["gateway", "run", "--dir", s(self.path())])
+            .env("RUST_LOG", "info,holdfast=debug");
         Proc::spawn(tag, cmd)
     }
 

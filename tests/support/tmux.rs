@@ -69,7 +69,13 @@ impl Tmux {
     pub fn exit_status(&self, within: Duration) -> i32 {
         let end = Instant::now() + within;
         loop {
-            let out = self.tmux(&["display-message", "-p", "-t", &self.session, "#{pane_dead} #{pane_dead_status}"]);
+            let out = self.tmux(&[
+                "display-message",
+                "-p",
+                "-t",
+                &self.session,
+                "#{pane_dead} #{pane_dead_status}",
+            ]);
             let mut words = out.split_whitespace();
             if words.next() == Some("1") {
                 return words.next().and_then(|w| w.parse().ok()).unwrap_or(-1);
@@ -85,4 +91,3 @@ impl Drop for Tmux {
         let _ = Command::new("tmux").args(["kill-session", "-t", &self.session]).status();
     }
 }
-
