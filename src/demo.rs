@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use crate::client::ClientSettings;
 use crate::client::app::{self, RunOptions};
-use crate::client::killswitch::LoggingNoopKillSwitch;
 use crate::config::client::{ClientFile, LogSection, StatusSection, TimingSection};
 use crate::config::exit;
 use crate::gateway::cli::{AddClientArgs, InitArgs};
@@ -92,11 +91,9 @@ pub fn run() -> Result<i32, DemoError> {
         .enable_all()
         .build()
         .map_err(|e| setup("starting the async runtime", e))?;
-    let code = rt.block_on(app::run(
-        settings,
-        Arc::new(LoggingNoopKillSwitch),
-        RunOptions { dashboard, extra_keys },
-    ));
+    let killswitch = crate::client::killswitch::for_client(&settings.file)
+        .map_err(|e| setup("the kill-switch plan", e))?;
+    let code = rt.block_on(app::run(settings, killswitch, RunOptions { dashboard, extra_keys }));
     if let Ok(mut gw) = gateway.lock() {
         if let Some(child) = gw.take() {
             drop(KillOnDrop(child));

@@ -2,12 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
 use holdfast::client::app::{self, RunOptions};
-use holdfast::client::killswitch::LoggingNoopKillSwitch;
 use holdfast::client::{ClientSettings, status_socket};
 use holdfast::config::{self, exit};
 use holdfast::gateway::cli::GatewayCommand;
@@ -69,6 +67,9 @@ enum ClientCommand {
         #[arg(long)]
         no_tui: bool,
     },
+    /// Remove the kill-switch, routes and resolver change a killed client left behind (it fails
+    /// closed on SIGKILL), without starting the client. For a user who wants out.
+    Unblock,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +77,16 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Top::Gateway(cmd) => run_gateway(cmd),
         Top::Client(ClientCommand::Run { config, no_tui }) => run_client(config, no_tui),
+        Top::Client(ClientCommand::Unblock) => match holdfast::client::killswitch::unblock() {
+            Ok(done) => {
+                println!("{done}");
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("holdfast client unblock: {e}");
+                exit::FAILURE
+            }
+        },
         Top::Demo => match holdfast::demo::run() {
             Ok(code) => code,
             Err(e) => {
@@ -143,5 +154,14 @@ fn run_client(config: Option<PathBuf>, no_tui: bool) -> i32 {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    rt.block_on(app::run(settings, Arc::new(LoggingNoopKillSwitch), RunOptions { dashboard, ..RunOptions::default() }))
+    // The kill-switch is part of the configuration: a plan that cannot be built (a gateway on
+    // loopback, a bad interface name) is a critical start-up failure, like a bad key.
+    let killswitch = match holdfast::client::killswitch::for_client(&settings.file) {
+        Ok(ks) => ks,
+        Err(e) => {
+            eprintln!("holdfast client: {e}");
+            return exit::NOT_PERMITTED;
+        }
+    };
+    rt.block_on(app::run(settings, killswitch, RunOptions { dashboard, ..RunOptions::default() }))
 }

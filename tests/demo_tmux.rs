@@ -23,21 +23,6 @@ fn demo_namespaces(pid_hint: &str) -> Vec<String> {
         .collect()
 }
 
-/// The demo's pid: the child of the pane's shell.
-fn demo_pid(tmux: &Tmux, session: &str) -> String {
-    let shell = tmux.tmux(&["display-message", "-p", "-t", session, "#{pane_pid}"]).trim().to_owned();
-    let end = std::time::Instant::now() + T;
-    loop {
-        let out = Command::new("pgrep").args(["-P", &shell]).output().expect("pgrep");
-        let pid = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_owned();
-        if !pid.is_empty() {
-            return pid;
-        }
-        assert!(std::time::Instant::now() < end, "the demo did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn the_demo_recovers_from_every_fault_key_and_cleans_up() {
     if !netns::available() || !support::tmux::available() {
@@ -45,9 +30,8 @@ fn the_demo_recovers_from_every_fault_key_and_cleans_up() {
         return;
     }
     let session = format!("hf-demo-{}", std::process::id());
-    // The shell prints the demo's exit code: tmux does not always record it for this pane.
-    let tmux = Tmux::new(&session, &format!("sh -c '{BIN} demo; echo demo-exit=$?; sleep 60'"));
-    let pid = demo_pid(&tmux, &session);
+    let tmux = Tmux::new(&session, &format!("{BIN} demo"));
+    let pid = tmux.program_pid(T);
 
     tmux.wait_for(&["Healthy", "100.64.0.2", "gateway kill/start"], T);
     // The steady ping moves the counters.
@@ -75,6 +59,6 @@ fn the_demo_recovers_from_every_fault_key_and_cleans_up() {
 
     // q: explicit stop, exit 0, and everything the demo made is gone.
     tmux.keys("q");
-    tmux.wait_for(&["demo-exit=0"], T);
+    assert_eq!(tmux.exit_status(T), 0, "{}", tmux.screen());
     assert!(demo_namespaces(&pid).is_empty(), "namespaces left: {:?}", demo_namespaces(&pid));
 }

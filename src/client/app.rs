@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::dataplane::{ClientDataPlane, ClientDataPlaneConfig};
 use super::killswitch::KillSwitch;
+use super::routes::TunnelNetwork;
 use super::status_socket::{self, DataPlaneSample, DropCount, Sampler, TunInfo};
 use super::{ClientHandle, ClientSettings};
 use crate::config::exit;
@@ -39,6 +40,7 @@ pub async fn run(
         settings.file.endpoint
     );
     let socket = status_socket::socket_path(&settings.file);
+    let file = settings.file.clone();
     let dp_config = ClientDataPlaneConfig::from_file(&settings.file);
     let tun_name = dp_config.tun_name.clone().unwrap_or_default();
     // The data plane comes up on the first snapshot, through the driver's swap hook.
@@ -54,6 +56,8 @@ pub async fn run(
     };
     dataplane.bind(handle.getter(), handle.commands());
     tokio::spawn(crate::tunnel::log_stats_on_sigusr1("client data plane", dataplane.counters()));
+    // Routes and DNS go up once, when the TUN device exists, and stay through every re-auth.
+    let network = tokio::spawn(network_up(dataplane.clone(), file));
 
     let sampler = sampler(dataplane.counters(), tun_name);
     let _status = match status_socket::serve(&socket, handle.status(), Some(sampler.clone()), ks_desc.clone()) {
@@ -75,7 +79,33 @@ pub async fn run(
         wait_for_stop_signal().await;
     }
     tracing::info!(target: TARGET, "stop requested; shutting down");
-    stop(handle, dataplane).await
+    stop(handle, dataplane, network).await
+}
+
+/// Installs the tunnel's routes and resolver once the TUN device is up. A failure is retried
+/// with backoff, never fatal: meanwhile the kill-switch keeps everything blocked, so the cost is
+/// no traffic, not a leak. Returns what was installed, for the stop.
+async fn network_up(dataplane: ClientDataPlane, file: crate::config::client::ClientFile) -> Option<TunnelNetwork> {
+    if !dataplane.tun_up().await {
+        return None;
+    }
+    let mut delay = std::time::Duration::from_millis(500);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match TunnelNetwork::up(&file).await {
+            Ok(net) => {
+                tracing::info!(target: TARGET, "routes up: {} via the tunnel", net.routes().len());
+                return Some(net);
+            }
+            Err(e) if attempt == 1 => {
+                tracing::warn!(target: TARGET, "cannot set up routes/DNS yet ({e}); retrying")
+            }
+            Err(e) => tracing::debug!(target: TARGET, "routes/DNS attempt {attempt}: {e}"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+    }
 }
 
 async fn run_dashboard(
@@ -98,9 +128,23 @@ async fn run_dashboard(
     }
 }
 
-/// Explicit stop: the data plane first (its TUN goes away), then the supervisor and the
-/// kill-switch, last, so nothing leaks while the rest comes down.
-async fn stop(handle: ClientHandle, dataplane: ClientDataPlane) -> i32 {
+/// Explicit stop: routes and resolver first (restored exactly), then the data plane (its TUN goes
+/// away), then the supervisor and the kill-switch, last, so nothing leaks while the rest comes
+/// down.
+async fn stop(
+    handle: ClientHandle,
+    dataplane: ClientDataPlane,
+    network: tokio::task::JoinHandle<Option<TunnelNetwork>>,
+) -> i32 {
+    // Still waiting for the TUN or retrying: nothing (more) to undo.
+    if !network.is_finished() {
+        network.abort();
+    }
+    if let Ok(Some(net)) = network.await {
+        if let Err(e) = net.down().await {
+            tracing::warn!(target: TARGET, "restoring routes/DNS: {e}");
+        }
+    }
     dataplane.stop().await;
     match handle.stop().await {
         Ok(()) => exit::OK,

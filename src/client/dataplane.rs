@@ -126,6 +126,8 @@ struct Shared {
     /// gateway learns our endpoint before it has anything to send us.
     swapped: Notify,
     stop: watch::Sender<bool>,
+    /// Set once the TUN device exists: routes and DNS are installed on it then.
+    tun_up: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -139,6 +141,7 @@ impl ClientDataPlane {
     /// A data plane that will come up on the first snapshot. Nothing happens until then.
     pub fn new(cfg: ClientDataPlaneConfig) -> Self {
         let (binding, _) = watch::channel(None);
+        let (tun_up, _) = watch::channel(false);
         let (stop, _) = watch::channel(false);
         Self {
             shared: Arc::new(Shared {
@@ -148,6 +151,7 @@ impl ClientDataPlane {
                 started: AtomicBool::new(false),
                 swapped: Notify::new(),
                 stop,
+                tun_up,
                 tasks: Mutex::new(Vec::new()),
             }),
         }
@@ -184,6 +188,17 @@ impl ClientDataPlane {
     }
 
     /// Explicit stop: ends the loops (and a bring-up still retrying) and removes the TUN device.
+    /// Completes once the TUN device exists (it is created once, on the first snapshot); `false`
+    /// if the data plane was stopped first.
+    pub async fn tun_up(&self) -> bool {
+        let mut up = self.shared.tun_up.subscribe();
+        let mut stop = self.shared.stop.subscribe();
+        tokio::select! {
+            r = up.wait_for(|u| *u) => r.is_ok(),
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
+
     pub async fn stop(&self) {
         self.shared.stop.send_replace(true);
         let tasks = std::mem::take(&mut *lock(&self.shared.tasks));
@@ -274,6 +289,7 @@ async fn bring_up(shared: Arc<Shared>) {
         }
     };
     shared.counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
+    shared.tun_up.send_replace(true);
     tracing::info!(
         target: TARGET,
         "data plane up: tun {} (ifindex {}, mtu {}), UDP {} -> gateway {}",

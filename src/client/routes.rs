@@ -197,12 +197,15 @@ where
 
 /// Whether a failed delete means the route is not there (any more): deleted with its device when
 /// the TUN went away, or by someone else. Not an error for a cleanup.
-fn already_gone(e: &rtnetlink::Error) -> bool {
-    let errno = match e {
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
         _ => None,
-    };
-    matches!(errno, Some(libc::ESRCH | libc::ENOENT | libc::ENODEV))
+    }
+}
+
+fn already_gone(e: &rtnetlink::Error) -> bool {
+    matches!(errno(e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV))
 }
 
 /// Installing and removing the tunnel's routes.
@@ -227,7 +230,16 @@ impl Routes {
             let specs = plan(gateway, underlay, tun_index, cidrs)?;
             let mut added = Vec::with_capacity(specs.len());
             for spec in specs {
-                if let Err(e) = handle.route().add(message(&spec)).execute().await {
+                let result = handle.route().add(message(&spec)).execute().await;
+                if let (Err(e), RouteSpec::Host { .. }) = (&result, &spec)
+                    && errno(e) == Some(libc::EEXIST)
+                {
+                    // The administrator already pinned the gateway to the underlay with a host
+                    // route: that is what ours would do. It is not ours, so a stop leaves it.
+                    tracing::debug!(target: TARGET, "host route to {gateway} already present; keeping it");
+                    continue;
+                }
+                if let Err(e) = result {
                     let err = RoutesError::Add { route: spec.to_string(), reason: e.to_string() };
                     // Leave nothing half-done behind.
                     let _ = remove_specs(&handle, &added).await;

@@ -14,16 +14,17 @@ pub struct Tmux {
 }
 
 impl Tmux {
+    /// Starts `command` in a new detached session. The command runs under `sh`, which prints
+    /// its exit code when it ends (tmux does not always record a pane's exit status), and then
+    /// keeps the pane open.
     pub fn new(session: &str, command: &str) -> Tmux {
+        let wrapped = format!("sh -c '{command}; echo {EXIT_MARK}$?; sleep 600'");
         let st = Command::new("tmux")
-            .args(["new-session", "-d", "-s", session, "-x", "110", "-y", "36", command])
+            .args(["new-session", "-d", "-s", session, "-x", "110", "-y", "36", &wrapped])
             .status()
             .expect("tmux");
         assert!(st.success(), "tmux new-session");
-        let t = Tmux { session: session.to_owned() };
-        // Keep the pane after the program exits, so its exit status can be read.
-        t.tmux(&["set-option", "-t", session, "remain-on-exit", "on"]);
-        t
+        Tmux { session: session.to_owned() }
     }
 
     pub fn tmux(&self, args: &[&str]) -> String {
@@ -65,26 +66,34 @@ impl Tmux {
         }
     }
 
-    /// The pane's program exit status, once it has exited.
+    /// The program's exit code, once it has exited (read from the line its shell prints).
     pub fn exit_status(&self, within: Duration) -> i32 {
+        let screen = self.wait_for(&[EXIT_MARK], within);
+        screen
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(EXIT_MARK))
+            .and_then(|code| code.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no exit code on screen:\n{screen}"))
+    }
+
+    /// The pid of the program (the child of the pane's shell).
+    pub fn program_pid(&self, within: Duration) -> String {
+        let shell = self.tmux(&["display-message", "-p", "-t", &self.session, "#{pane_pid}"]);
         let end = Instant::now() + within;
         loop {
-            let out = self.tmux(&[
-                "display-message",
-                "-p",
-                "-t",
-                &self.session,
-                "#{pane_dead} #{pane_dead_status}",
-            ]);
-            let mut words = out.split_whitespace();
-            if words.next() == Some("1") {
-                return words.next().and_then(|w| w.parse().ok()).unwrap_or(-1);
+            let out = Command::new("pgrep").args(["-P", shell.trim()]).output().expect("pgrep");
+            let pid = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_owned();
+            if !pid.is_empty() {
+                return pid;
             }
-            assert!(Instant::now() < end, "the client did not exit:\n{}", self.screen());
-            std::thread::sleep(Duration::from_millis(100));
+            assert!(Instant::now() < end, "the program did not start");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
+
+/// What the wrapping shell prints before the program's exit code.
+const EXIT_MARK: &str = "program-exit=";
 
 impl Drop for Tmux {
     fn drop(&mut self) {
