@@ -16,25 +16,18 @@
 //! link; in Healthy the IPv4 probes to the remote host arrive through the tunnel. A positive
 //! control (no client) first proves the observer sees every probe.
 //!
-//! The client runs as this test binary re-run under `ip netns exec` (the `child` helper), wired
-//! the way `holdfast client run` is to be wired (kill-switch first, data plane, routes and resolver
-//! when the TUN is up, teardown in reverse): `main.rs` still starts the logging no-op kill-switch,
-//! so the binary cannot be tested here yet. Once it is wired, `spawn_client` can run
-//! `holdfast client run` instead, with the same assertions.
+//! The client is the real `holdfast client run --no-tui` under `ip netns exec` (kill-switch first,
+//! data plane, routes and resolver when the TUN is up, teardown in reverse on SIGTERM); states are
+//! awaited on its transition log lines, and `holdfast client unblock` is the real command too.
 
 #[macro_use]
 mod leak_probes;
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use holdfast::client::dataplane::{ClientDataPlane, ClientDataPlaneConfig};
-use holdfast::client::killswitch;
-use holdfast::client::routes::TunnelNetwork;
-use holdfast::client::{self, ClientSettings};
 use holdfast::config::client::ClientFile;
 use leak_probes::*;
 use support::netns::Netns;
@@ -96,23 +89,18 @@ impl World {
     }
 
     /// The client, as the `child` helper in the client namespace.
+    /// The real `holdfast client run`, headless, in the client's namespace.
     fn spawn_client(&self) -> Proc {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = self.client.command(exe.to_str().unwrap());
-        cmd.args(["--exact", "child", "--ignored", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, format!("client:{}", self.file.display()));
+        let mut cmd = self.client.command(BIN);
+        cmd.args(["client", "run", "--no-tui", "--config", s(&self.file)]).env_remove("RUST_LOG");
         Proc::spawn("client", cmd)
     }
 
+    /// The real `holdfast client unblock` in the client's namespace; returns what it printed.
     fn unblock(&self) -> String {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = self.client.command(exe.to_str().unwrap());
-        cmd.args(["--exact", "child", "--ignored", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, "unblock");
-        let mut p = Proc::spawn("unblock", cmd);
-        let line = p.wait_for(&["unblock "], T);
-        assert_eq!(p.wait_exit(T), Some(0));
-        line[line.find("unblock ").unwrap()..].to_owned()
+        let out = self.client.exec(BIN, &["client", "unblock"]);
+        assert!(out.status.success(), "unblock: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// Drops TCP to the gateway's control port in the gateway namespace (counted by the observer
@@ -144,15 +132,20 @@ impl World {
     }
 }
 
-/// Waits for the client to report `state` (its `state <Name> (<cause>)` lines).
+/// Waits for the client's transition into `state` (its `From -> To (cause)` log lines).
 fn wait_state(client: &mut Proc, state: &str) -> String {
-    client.wait_for(&[&format!("state {state} (")], T)
+    client.wait_for(&["holdfast::supervisor", &format!("-> {state} (")], T)
 }
 
-/// The last state the client reported.
+/// The state of the client's last transition line.
 fn last_state(client: &Proc) -> String {
     let lines = client.all_lines();
-    let last = lines.iter().rev().find_map(|l| l.split("state ").nth(1)).unwrap_or_default();
+    let last = lines
+        .iter()
+        .rev()
+        .filter(|l| l.contains("holdfast::supervisor"))
+        .find_map(|l| l.split(" -> ").nth(1))
+        .unwrap_or_default();
     last.split(' ').next().unwrap_or_default().to_owned()
 }
 
@@ -171,7 +164,7 @@ fn no_leak_in_any_state() {
     // first authentication attempt (Authing) until the deadline.
     w.blackhole_control(true);
     let mut c = w.spawn_client();
-    c.wait_for(&["started"], T);
+    c.wait_for(&["kill-switch on"], T);
     wait_state(&mut c, "Authing");
     w.assert_no_leak(&obs, "Authing, gateway down");
     assert_eq!(last_state(&c), "Authing", "the probes ran in Authing");
@@ -185,7 +178,7 @@ fn no_leak_in_any_state() {
     w.blackhole_control(false);
     let _gateway = w.gateway();
     wait_state(&mut c, "Healthy");
-    c.wait_for(&["network up"], T);
+    c.wait_for(&["routes up"], T);
     assert!(w.etc.read_resolv().contains(&format!("\nnameserver {TUNNEL_DNS}\n")));
     let counts = w.assert_no_leak(&obs, "Healthy");
     // The IPv4 probes to the remote host went through the tunnel.
@@ -204,7 +197,6 @@ fn no_leak_in_any_state() {
 
     // An explicit stop gives back the ruleset, routes and resolver exactly as they were.
     c.signal("TERM");
-    c.wait_for(&["stopped"], T);
     assert_eq!(c.wait_exit(T), Some(0));
     assert_eq!(HostState::of(&w.client, &w.etc), before, "state after an explicit stop");
     probe_round(&w.client, &obs, &w.targets(), GATEWAY4.into(), PORT, PORT);
@@ -213,7 +205,7 @@ fn no_leak_in_any_state() {
     // Connected again, then revoked: the session ends, re-auth is rejected: Backoff.
     let mut c = w.spawn_client();
     wait_state(&mut c, "Healthy");
-    c.wait_for(&["network up"], T);
+    c.wait_for(&["routes up"], T);
     holdfast_ok(&["gateway", "revoke", "--dir", s(w.dir.path()), "leaky"]);
     let line = wait_state(&mut c, "Backoff");
     assert!(line.to_lowercase().contains("reject"), "{line}");
@@ -226,7 +218,7 @@ fn no_leak_in_any_state() {
 
     // `unblock` gives the namespace back.
     let msg = w.unblock();
-    assert!(msg.starts_with("unblock ok: removed the kill-switch"), "{msg}");
+    assert!(msg.contains("removed the kill-switch"), "{msg}");
     assert!(msg.contains("restored /etc/resolv.conf"), "{msg}");
     assert_eq!(HostState::of(&w.client, &w.etc), before, "state after unblock");
     probe_round(&w.client, &obs, &w.targets(), GATEWAY4.into(), PORT, PORT);
@@ -240,126 +232,8 @@ fn start_fails_with_77_when_the_kill_switch_cannot_be_applied() {
     // A tunnel name nft cannot take: the plan is refused before anything runs.
     edit_client_file(&w.file, |f| f.network.tun_name = Some("bad name".into()));
     let mut c = w.spawn_client();
-    let line = c.wait_for(&["critical:"], T);
+    let line = c.wait_for(&["holdfast client:"], T);
     assert!(line.contains("kill-switch"), "{line}");
     assert_eq!(c.wait_exit(T), Some(77));
     assert!(!ruleset(&w.client).contains("holdfast"));
-}
-
-/// Set by the parent test when it re-runs this binary as the client inside a namespace.
-const CHILD_ENV: &str = "HOLDFAST_LEAK_CHILD";
-
-/// The client process of these tests (does nothing when run normally). Prints `started`,
-/// `state <Name> (<cause>)` on every state change, `network up` when the routes and resolver are
-/// in place, and `stopped` after a clean stop on SIGTERM.
-#[test]
-#[ignore = "helper: run by the tests above inside a namespace"]
-fn child() {
-    let Ok(mode) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    if mode == "unblock" {
-        match killswitch::unblock() {
-            Ok(msg) => println!("unblock ok: {msg}"),
-            Err(e) => println!("unblock failed: {e}"),
-        }
-        return;
-    }
-    let path = mode.strip_prefix("client:").expect("client:<file>");
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_env_filter("info")
-        .try_init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let code = rt.block_on(run_client(Path::new(path)));
-    std::process::exit(code);
-}
-
-/// `holdfast client run`, wired with the kill-switch, the data plane and the tunnel's routes and
-/// resolver: what the lead's `main.rs` is to do.
-async fn run_client(path: &Path) -> i32 {
-    let settings = ClientSettings::load(path.to_owned()).expect("client file");
-    let file = settings.file.clone();
-    // Kill-switch first: a failure is a critical start-up failure (exit 77).
-    let ks = match killswitch::for_client(&file) {
-        Ok(ks) => ks,
-        Err(e) => {
-            println!("critical: {e}");
-            return 77;
-        }
-    };
-    let dp = ClientDataPlane::new(ClientDataPlaneConfig::from_file(&file));
-    let handle = match client::start(settings, ks, Some(dp.on_swap_hook())) {
-        Ok(h) => h,
-        Err(e) => {
-            println!("critical: {e}");
-            return 77;
-        }
-    };
-    dp.bind(handle.getter(), handle.commands());
-    println!("started");
-
-    let mut status = handle.status();
-    tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            let s = status.borrow_and_update().supervisor.clone();
-            if last != Some(s.state) {
-                println!("state {:?} ({})", s.state, s.last_cause);
-                last = Some(s.state);
-            }
-            if status.changed().await.is_err() {
-                break;
-            }
-        }
-    });
-
-    // The TUN-up hook. The data plane has no callback for it yet, so this watches its counter.
-    let counters = dp.counters();
-    let net_file = file.clone();
-    let net = tokio::spawn(async move {
-        while counters.tun_ifindex.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        match TunnelNetwork::up(&net_file).await {
-            Ok(n) => {
-                println!("network up: {} routes", n.routes().len());
-                Some(n)
-            }
-            Err(e) => {
-                println!("network failed: {e}");
-                None
-            }
-        }
-    });
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    term.recv().await;
-
-    // Teardown in reverse: resolver and routes, data plane, and the kill-switch last, so nothing
-    // leaks while the rest goes.
-    let net = if net.is_finished() {
-        net.await.ok().flatten()
-    } else {
-        net.abort();
-        None
-    };
-    if let Some(n) = net
-        && let Err(e) = n.down().await
-    {
-        println!("network down failed: {e}");
-    }
-    dp.stop().await;
-    match handle.stop().await {
-        Ok(()) => {
-            println!("stopped");
-            0
-        }
-        Err(e) => {
-            println!("stop failed: {e}");
-            70
-        }
-    }
 }
