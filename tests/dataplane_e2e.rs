@@ -27,6 +27,7 @@ use holdfast::sansio::seal::{Direction, SessionCipher};
 use holdfast::sansio::wire::{self, HEADER_LEN};
 use holdfast::snapshot::{AuthCell, SessionId, SessionKey, VpnAuthResponse};
 use holdfast::tunnel::{Counters, DropReason, Stats};
+use support::wait_until;
 use support::netns::{self, Netns};
 
 const GW_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
@@ -40,20 +41,6 @@ macro_rules! require_root {
             return;
         }
     };
-}
-
-/// Polls `cond` every 10 ms until it holds or `within` passes; returns whether it held.
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// A UDP socket bound inside `ns` (a socket keeps the namespace it was created in).
@@ -1051,47 +1038,13 @@ fn inproc_tun_mtu_fits_one_sealed_packet_in_the_underlay() {
 // No heap allocation per packet in the loops.
 // ---------------------------------------------------------------------------------------------
 
-/// Counts allocations made on threads that opted in (the namespace runtimes' threads, where only
-/// the data-plane loops run), so the rest of the test process doesn't disturb the count.
-struct CountingAlloc;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static COUNT_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn note_allocation() {
-    if COUNT_HERE.try_with(|c| c.get()).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: defers every operation to the system allocator unchanged; only counts.
-unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        note_allocation();
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
-        note_allocation();
-        // SAFETY: forwarded with the caller's pointer, layout and size.
-        unsafe { std::alloc::System.realloc(ptr, layout, new) }
-    }
-}
-
 #[global_allocator]
-static COUNTING: CountingAlloc = CountingAlloc;
+static COUNTING: support::alloc::Counting = support::alloc::Counting;
 
 /// Turns counting on or off on a runtime's thread. The flag changes as the task's last step, so
 /// the runtime's own bookkeeping for this task is not counted.
 fn count_on(rt: &NsRuntime, on: bool) {
-    rt.run(async move { COUNT_HERE.with(|c| c.set(on)) });
+    rt.run(async move { support::alloc::count_here(on) });
 }
 
 #[test]
@@ -1107,18 +1060,18 @@ fn inproc_loops_do_not_allocate_per_packet() {
 
     // Positive control: an allocation on a counted thread is seen.
     count_on(&c.rt, true);
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = support::alloc::allocations();
     c.rt.run(async {
         std::hint::black_box(Box::new(7u64));
     });
-    assert!(ALLOCATIONS.load(Ordering::Relaxed) > before, "the counter counts");
+    assert!(support::alloc::allocations() > before, "the counter counts");
 
     count_on(&w.gw_rt, true);
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = support::alloc::allocations();
     let sent = c.stats().tx_packets;
     let out =
         c.ns.exec("ping", &["-c", "200", "-i", "0.005", "-W", "1", "-q", &GW_TUN.to_string()]);
-    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let allocations = support::alloc::allocations() - before;
     count_on(&c.rt, false);
     count_on(&w.gw_rt, false);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
@@ -1126,16 +1079,16 @@ fn inproc_loops_do_not_allocate_per_packet() {
     // And a bulk TCP stream, which takes the batched paths.
     count_on(&c.rt, true);
     count_on(&w.gw_rt, true);
-    let before_bulk = ALLOCATIONS.load(Ordering::Relaxed);
+    let before_bulk = support::alloc::allocations();
     transfer(&c.ns, &w.gw_ns, SocketAddr::from((GW_TUN, 5011)), 4 << 20);
-    let bulk = ALLOCATIONS.load(Ordering::Relaxed) - before_bulk;
+    let bulk = support::alloc::allocations() - before_bulk;
     count_on(&c.rt, false);
     count_on(&w.gw_rt, false);
     eprintln!("{bulk} allocations on the loops' threads for a 4 MiB TCP stream");
     // About 3000 packets each way: one allocation per packet (or per batch) would show as
-    // thousands (or hundreds). Under heavy load the runtime itself rarely grows a queue once,
-    // which is the one allocation tolerated here.
-    assert!(bulk <= 1, "{bulk} allocations in the batched paths");
+    // thousands (or hundreds). Under heavy load (a parallel build, say) the runtime itself
+    // occasionally grows a queue; a handful of those is tolerated, never one per batch.
+    assert!(bulk <= 4, "{bulk} allocations in the batched paths");
     let packets = c.stats().tx_packets - sent;
     assert!(packets >= 200);
     // 800 packet traversals (client and gateway, each way), keepalives and timers included.

@@ -5,8 +5,8 @@
 //! Counting is per thread (a thread-local switch), so the test harness's other threads and the
 //! other test in this file cannot disturb the count.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+mod support;
+
 use std::hint::black_box;
 
 use holdfast::sansio::replay::ReplayWindow;
@@ -14,55 +14,10 @@ use holdfast::sansio::seal::{Direction, OpenError, SealedKind, SessionCipher, Tx
 use holdfast::sansio::wire::{self, HEADER_LEN, MsgType, OVERHEAD, parse_header};
 use holdfast::snapshot::{SessionId, SessionKey};
 
-struct Counting;
-
-thread_local! {
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note_alloc() {
-    // `try_with`: the allocator also runs while thread-locals are being torn down. Const-init
-    // thread-locals without destructors never allocate themselves, so no recursion.
-    if ARMED.try_with(Cell::get).unwrap_or(false) {
-        let _ = ALLOCS.try_with(|n| n.set(n.get() + 1));
-    }
-}
-
-// SAFETY: every method forwards to `System` unchanged; counting has no effect on the memory.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as our caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: support::alloc::Counting = support::alloc::Counting;
 
-/// Runs `f` with counting switched on for this thread and returns how many allocations it made.
-fn allocations_in(f: impl FnOnce()) -> u64 {
-    ALLOCS.with(|n| n.set(0));
-    ARMED.with(|a| a.set(true));
-    f();
-    ARMED.with(|a| a.set(false));
-    ALLOCS.with(Cell::get)
-}
+use support::alloc::allocations_in;
 
 #[test]
 fn the_counter_sees_allocations() {

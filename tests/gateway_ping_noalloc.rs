@@ -5,8 +5,8 @@
 //! A counting global allocator counts only on the thread that armed it, so other tests (or
 //! the test harness) running in parallel cannot disturb the count.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+mod support;
+
 use std::net::Ipv4Addr;
 
 use holdfast::gateway::live::{LiveRegistry, Refusal};
@@ -15,56 +15,10 @@ use holdfast::gateway::sessions::{Expiry, NewSession, PingVerdict, SessionLimits
 use holdfast::pki::CertFingerprint;
 use holdfast::snapshot::{SessionId, SessionKey};
 
-struct Counting;
-
-thread_local! {
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note_alloc() {
-    // `try_with`: never panic inside the allocator, even during thread teardown.
-    let _ = ARMED.try_with(|armed| {
-        if armed.get() {
-            let _ = ALLOCS.try_with(|n| n.set(n.get() + 1));
-        }
-    });
-}
-
-// SAFETY: delegates every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: support::alloc::Counting = support::alloc::Counting;
 
-/// Runs `f` and returns how many allocations this thread made meanwhile.
-fn allocations_during(f: impl FnOnce()) -> u64 {
-    ALLOCS.with(|n| n.set(0));
-    ARMED.with(|a| a.set(true));
-    f();
-    ARMED.with(|a| a.set(false));
-    ALLOCS.with(|n| n.get())
-}
+use support::alloc::allocations_in as allocations_during;
 
 const LIMITS: SessionLimits = SessionLimits {
     idle_ms: 1_000,

@@ -3,6 +3,7 @@
 //! when a test panics.
 #![allow(dead_code)]
 
+pub mod alloc;
 pub mod netns;
 pub mod tmux;
 
@@ -288,4 +289,19 @@ pub fn fast_timings(file: &mut ClientFile, log_dir: &Path) {
 
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// Polls `cond` (every 10 ms) until it holds or `within` passes; returns whether it held. For
+/// conditions with no event to await (a counter, a device appearing).
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
