@@ -27,14 +27,17 @@ enum Top {
     /// Run the client.
     #[command(subcommand)]
     Client(ClientCommand),
-    /// Show what the running client is doing: state, session (never its key), counters and
-    /// recent transitions. Exits 3 when no client is running.
-    /// A live demo on this machine (as root): a gateway and a client in network namespaces of
-    /// their own, the client's dashboard, a steady ping through the tunnel, and keys that inject
-    /// faults (k kill/restart the gateway, e expire the session, u blackhole UDP, c blackhole the
+    /// Run a live demo (as root): a gateway and a client in namespaces, with the dashboard.
+    ///
+    /// A gateway and a client in network namespaces of their own on this machine, the client's
+    /// dashboard, a steady ping through the tunnel, and keys that inject faults (k kill/restart the gateway, e expire the session, u blackhole UDP, c blackhole the
     /// control port). Everything it creates is removed on exit; the machine's own network is
     /// never touched.
     Demo,
+    /// Show what the running client is doing (like `wg show`).
+    ///
+    /// State, session (never its key: a fingerprint), counters and recent transitions, read from
+    /// the running client's status socket. Exits 3 when no client is running.
     Status {
         /// Print the report as JSON.
         #[arg(long)]
