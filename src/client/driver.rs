@@ -126,7 +126,7 @@ pub async fn run(parts: DriverParts) {
                             let _ = tx.send(ev);
                         });
                     }
-                    Effect::ArmTimer { at, timer: which } => timer = Some((epoch + at, which)),
+                    Effect::ArmTimer { at, timer: which } => timer = Some((deadline_of(epoch, at), which)),
                     Effect::CancelTimer => timer = None,
                     Effect::SwapSnapshot(next) => {
                         auth.swap_in(next.clone());
@@ -186,6 +186,13 @@ pub async fn run(parts: DriverParts) {
             Some(_) = rpcs.join_next(), if !rpcs.is_empty() => {}
         }
     }
+}
+
+/// The instant of machine time `at`. Saturates far in the future rather than overflowing the
+/// clock: a timer that far out is one that never fires, not a crash of the supervisor.
+fn deadline_of(epoch: Instant, at: std::time::Duration) -> Instant {
+    const FAR: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+    epoch.checked_add(at).unwrap_or_else(|| epoch + FAR)
 }
 
 async fn sleep(until: Option<Instant>) {

@@ -49,6 +49,10 @@ use serde::{Deserialize, Serialize};
 use super::ConfigError;
 use crate::sansio::supervisor::Timings;
 
+/// The longest any `[timing]` value may be. Far above any sensible setting (the spec's longest
+/// wait is 5 minutes); it catches unit typos and keeps every deadline inside the clock's range.
+const MAX_TIMING: Duration = Duration::from_secs(24 * 3600);
+
 /// The parsed client file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -203,6 +207,22 @@ impl ClientFile {
             return Err(bad("`server_name` is empty".into()));
         }
         let t = self.timings();
+        let named = [
+            ("health_min", t.health_min),
+            ("health_max", t.health_max),
+            ("rpc_deadline", t.rpc_deadline),
+            ("backoff_initial", t.backoff_initial),
+            ("backoff_max", t.backoff_max),
+            ("repeat_log_every", t.repeat_log_every),
+            ("nudge_min_interval", t.nudge_min_interval),
+        ];
+        if let Some((key, d)) = named.iter().find(|(_, d)| *d > MAX_TIMING) {
+            return Err(bad(format!(
+                "[timing] {key} = {} is longer than the {} a timing may be",
+                humantime::format_duration(*d),
+                humantime::format_duration(MAX_TIMING)
+            )));
+        }
         if t.health_min.is_zero() || t.health_min > t.health_max {
             return Err(bad(format!(
                 "[timing] needs 0 < health_min <= health_max (got {:?} and {:?})",
