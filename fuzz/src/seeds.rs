@@ -1,5 +1,5 @@
 //! The seed corpus: small, meaningful inputs for every target, written to `fuzz/corpus/<target>/`
-//! by `cargo test --test fuzz_regressions -- --ignored write_seed_corpus`.
+//! by `HOLDFAST_WRITE_SEEDS=1 cargo test --test fuzz_regressions -- --ignored write_seed_corpus`.
 //!
 //! Configuration seeds are real files: a gateway made by `gateway init`, clients by
 //! `gateway add-client` (their keys are throwaway, made for this corpus and used nowhere else).
