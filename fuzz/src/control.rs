@@ -1,0 +1,341 @@
+//! The control plane's request handling: the gateway's `Authenticate` and `PingSession` handlers,
+//! called directly (no TLS, no HTTP/2) with arbitrary field values and an arbitrary, registered,
+//! revoked or missing peer identity, and the protobuf decoding of both request messages.
+//!
+//! The TLS layer is what attaches a [`PeerIdentity`] to a request; here the harness attaches one
+//! itself, which is exactly what a verified client certificate amounts to. Besides "never panics",
+//! each answer is checked against a small model of the documented rules:
+//! - no identity, or one the registry does not admit (unknown name, revoked, other certificate):
+//!   `UNAUTHENTICATED`; a `client_version` over 64 bytes: `INVALID_ARGUMENT`;
+//! - an admitted client gets its registered address, the gateway's, a 32-byte key and a fresh
+//!   non-zero session id;
+//! - PingSession answers OK exactly for the caller's own current or immediately previous session
+//!   while it is admitted and names itself in `client_id`; SESSION_EXPIRED otherwise; never an
+//!   error for an identified caller.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
+
+use holdfast::control::pb::control_server::Control;
+use holdfast::control::pb::{
+    AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingStatus,
+};
+use holdfast::gateway::PeerIdentity;
+use holdfast::gateway::live::LiveRegistry;
+use holdfast::gateway::registry::Registry;
+use holdfast::gateway::service::{ControlService, ControlState, MAX_CLIENT_VERSION};
+use holdfast::gateway::sessions::{Clock, SessionLimits, SessionTable};
+use holdfast::pki::CertFingerprint;
+use ipnet::Ipv4Net;
+use prost::Message;
+use tonic::{Code, Request, Response, Status};
+
+use super::input::Reader;
+
+/// The registered clients of the fixture: (name, pinned certificate, active).
+pub const CLIENTS: [(&str, [u8; 32], bool); 3] = [
+    ("alice", [1; 32], true),
+    ("bob", [2; 32], false),
+    ("carol", [3; 32], true),
+];
+const SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 24);
+const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+const DATA_PORT: u16 = 51820;
+/// Long enough that no session expires during a run, so the model needs no clock: what is
+/// checked is which session ids are honoured, not the expiry arithmetic (unit-tested in
+/// `sessions.rs` with a clock passed in).
+const LIMITS: SessionLimits = SessionLimits {
+    idle_ms: 3_600_000,
+    max_lifetime_ms: 86_400_000,
+    grace_ms: 3_600_000,
+};
+
+/// The registry file the service reads, written once per process.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    registry: PathBuf,
+    ips: HashMap<&'static str, Ipv4Addr>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        // Log lines are formatted (to a sink) so that attacker-chosen fields go through the
+        // service's log formatting too; `try_init` because a test binary may have one already.
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::DEBUG)
+            .try_init();
+        let dir = tempfile::tempdir().expect("a temporary dir for the fixture registry");
+        let registry = dir.path().join("clients.toml");
+        let mut reg = Registry::empty(&registry, SUBNET, GATEWAY_IP);
+        let mut ips = HashMap::new();
+        for (name, cert, active) in CLIENTS {
+            let plan = reg
+                .plan_add(name, None)
+                .expect("fixture names are valid and fit");
+            reg.commit_add(name, plan, CertFingerprint(cert), "2025-01-01T00:00:00Z");
+            if !active {
+                reg.revoke(name, "2025-01-01T00:00:00Z")
+                    .expect("registered just above");
+            }
+            ips.insert(name, plan.ip);
+        }
+        reg.save().expect("the fixture registry is writable");
+        Fixture {
+            _dir: dir,
+            registry,
+            ips,
+        }
+    })
+}
+
+/// A gateway control service with an empty session table, as after a restart.
+fn service() -> ControlService {
+    let f = fixture();
+    let registry =
+        LiveRegistry::open(&f.registry, SUBNET, GATEWAY_IP).expect("the fixture registry loads");
+    ControlService::new(Arc::new(ControlState {
+        registry,
+        sessions: Arc::new(SessionTable::new(LIMITS)),
+        clock: Clock::new(),
+        subnet: SUBNET,
+        gateway_ip: GATEWAY_IP,
+        data_port: DATA_PORT,
+    }))
+}
+
+/// Polls a handler's future once. The handlers never await (registry and session lookups are
+/// synchronous by design: PingSession must not wait on anything), so one poll must finish it.
+fn ready<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("a control handler suspended; it must answer without waiting"),
+    }
+}
+
+fn with_peer<T>(msg: T, peer: &Option<PeerIdentity>) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Some(p) = peer {
+        req.extensions_mut().insert(p.clone());
+    }
+    req
+}
+
+/// Reads a caller: none (a request without a verified certificate), a fixture client, a fixture
+/// name with another certificate, or any name and certificate.
+fn peer(r: &mut Reader<'_>) -> Option<PeerIdentity> {
+    let identity = |name: &str, cert: [u8; 32]| PeerIdentity {
+        name: Arc::from(name),
+        cert: CertFingerprint(cert),
+        remote_addr: None,
+    };
+    let cert = |r: &mut Reader<'_>| {
+        let mut c = [0u8; 32];
+        let got = r.take(32);
+        c[..got.len()].copy_from_slice(got);
+        c
+    };
+    match r.u8() % 6 {
+        0 => None,
+        i @ 1..=3 => {
+            let (name, cert, _) = CLIENTS[usize::from(i - 1)];
+            Some(identity(name, cert))
+        }
+        4 => {
+            let c = cert(r);
+            Some(identity(CLIENTS[usize::from(r.u8()) % CLIENTS.len()].0, c))
+        }
+        _ => {
+            let c = cert(r);
+            Some(identity(&r.string(), c))
+        }
+    }
+}
+
+/// What the harness expects of the service: the rules in the module doc.
+#[derive(Debug, Default)]
+pub struct Model {
+    /// Session ids handed out, per client, oldest first.
+    by_client: HashMap<String, Vec<u64>>,
+    /// Every id handed out, in order (PingSession picks from these).
+    issued: Vec<u64>,
+}
+
+impl Model {
+    /// The address the registry admits `p` with, if it does.
+    fn admitted(p: &PeerIdentity) -> Option<Ipv4Addr> {
+        CLIENTS
+            .iter()
+            .find(|(name, cert, active)| *name == &*p.name && *active && p.cert.0 == *cert)
+            .map(|(name, _, _)| fixture().ips[name])
+    }
+
+    fn expect_code(got: &Result<impl std::fmt::Debug, Status>, code: Code) {
+        match got {
+            Err(s) => assert_eq!(s.code(), code, "{s:?}"),
+            Ok(v) => panic!("expected {code:?}, got {v:?}"),
+        }
+    }
+
+    /// Calls Authenticate and checks the answer.
+    pub fn authenticate(
+        &mut self,
+        svc: &ControlService,
+        p: &Option<PeerIdentity>,
+        req: AuthenticateRequest,
+    ) {
+        let too_long = req.client_version.len() > MAX_CLIENT_VERSION;
+        let got = ready(svc.authenticate(with_peer(req, p)));
+        let Some(p) = p else {
+            return Self::expect_code(&got, Code::Unauthenticated);
+        };
+        if too_long {
+            return Self::expect_code(&got, Code::InvalidArgument);
+        }
+        let Some(ip) = Self::admitted(p) else {
+            return Self::expect_code(&got, Code::Unauthenticated);
+        };
+        let resp: AuthenticateResponse = got
+            .map(Response::into_inner)
+            .expect("an admitted client authenticates");
+        assert_eq!(resp.assigned_ip, ip.octets());
+        assert_eq!(resp.gateway_ip, GATEWAY_IP.octets());
+        assert_eq!(resp.prefix_len, u32::from(SUBNET.prefix_len()));
+        assert_eq!(resp.session_key.len(), 32);
+        assert_eq!(resp.data_port, u32::from(DATA_PORT));
+        assert_eq!(resp.session_idle_timeout_ms, LIMITS.idle_ms);
+        assert_ne!(resp.session_id, 0, "session id 0 handed out");
+        assert!(
+            !self.issued.contains(&resp.session_id),
+            "session id {:x} handed out twice",
+            resp.session_id
+        );
+        self.issued.push(resp.session_id);
+        self.by_client
+            .entry(p.name.to_string())
+            .or_default()
+            .push(resp.session_id);
+    }
+
+    /// Calls PingSession and checks the answer.
+    pub fn ping(
+        &mut self,
+        svc: &ControlService,
+        p: &Option<PeerIdentity>,
+        req: PingSessionRequest,
+    ) {
+        let valid = p.as_ref().is_some_and(|p| {
+            let held = self
+                .by_client
+                .get(&*p.name)
+                .map_or(&[][..], |ids| &ids[ids.len().saturating_sub(2)..]);
+            req.client_id == *p.name
+                && Self::admitted(p).is_some()
+                && held.contains(&req.session_id)
+        });
+        let got = ready(svc.ping_session(with_peer(req, p)));
+        if p.is_none() {
+            return Self::expect_code(&got, Code::Unauthenticated);
+        }
+        let status = got
+            .expect("PingSession answers an identified caller")
+            .into_inner()
+            .status;
+        let want = if valid {
+            PingStatus::Ok
+        } else {
+            PingStatus::SessionExpired
+        };
+        assert_eq!(PingStatus::try_from(status), Ok(want));
+    }
+
+    /// A session id: any value, or one handed out earlier in this run (to anyone).
+    fn session_id(&self, r: &mut Reader<'_>) -> u64 {
+        match (r.u8() % 2, self.issued.len()) {
+            (1, n) if n > 0 => self.issued[usize::from(r.u8()) % n],
+            _ => r.u64(),
+        }
+    }
+}
+
+/// Op codes of `control_handlers` (an op's first byte, modulo 2).
+pub mod op {
+    /// caller, then `client_version` (length-prefixed).
+    pub const AUTHENTICATE: u8 = 0;
+    /// caller, `client_id` choice (u8: 0 = the caller's own name, else a length-prefixed string
+    /// follows), session id choice (u8: 1 = index u8 into the ids handed out, else a u64).
+    pub const PING: u8 = 1;
+}
+
+/// Target `control_handlers`: a sequence of Authenticate and PingSession calls against one
+/// gateway, from callers the input chooses.
+pub fn control_handlers(data: &[u8]) {
+    let svc = service();
+    let mut model = Model::default();
+    let mut r = Reader::new(data);
+    while !r.is_empty() {
+        let kind = r.u8() % 2;
+        let who = peer(&mut r);
+        if kind == op::AUTHENTICATE {
+            let req = AuthenticateRequest {
+                client_version: r.string(),
+            };
+            model.authenticate(&svc, &who, req);
+        } else {
+            let client_id = match (r.u8(), &who) {
+                (0, Some(p)) => p.name.to_string(),
+                _ => r.string(),
+            };
+            let session_id = model.session_id(&mut r);
+            model.ping(
+                &svc,
+                &who,
+                PingSessionRequest {
+                    client_id,
+                    session_id,
+                },
+            );
+        }
+    }
+}
+
+/// Decodes `bytes` as `M`, and if that works checks that encoding and decoding again is lossless.
+fn decode<M: Message + Default + PartialEq + std::fmt::Debug>(bytes: &[u8]) -> Option<M> {
+    let m = M::decode(bytes).ok()?;
+    let again = M::decode(m.encode_to_vec().as_slice()).expect("prost decodes what it encoded");
+    assert_eq!(again, m, "protobuf round trip changed the message");
+    Some(m)
+}
+
+/// Target `control_decode`: byte 0 picks the message (even: AuthenticateRequest, odd:
+/// PingSessionRequest); the rest is its protobuf encoding, as the gRPC layer would hand it over.
+/// A message that decodes is then served to alice, a registered client, who already holds a
+/// session (so a decoded Authenticate replaces one, as a reconnecting client's does).
+pub fn control_decode(data: &[u8]) {
+    let mut r = Reader::new(data);
+    let which = r.u8();
+    let body = r.rest();
+    let svc = service();
+    let mut model = Model::default();
+    let (name, cert, _) = CLIENTS[0];
+    let alice = Some(PeerIdentity {
+        name: Arc::from(name),
+        cert: CertFingerprint(cert),
+        remote_addr: None,
+    });
+    model.authenticate(&svc, &alice, AuthenticateRequest::default());
+    if which.is_multiple_of(2) {
+        if let Some(req) = decode::<AuthenticateRequest>(body) {
+            model.authenticate(&svc, &alice, req);
+        }
+    } else if let Some(req) = decode::<PingSessionRequest>(body) {
+        model.ping(&svc, &alice, req);
+    }
+}
