@@ -94,9 +94,9 @@ fn replay(target: fn(&[u8]), input: &[u8]) -> Result<(), String> {
 /// the supervisor driver's `epoch + at` (src/client/driver.rs:127, `Effect::ArmTimer`) overflows
 /// `tokio::time::Instant` and panics: the supervisor task dies after the first Authenticate (or,
 /// for the backoff, after the first failed one), and the process keeps running with no
-/// supervisor. Reproduced end to end with `holdfast client run`.
+/// supervisor. Reproduced end to end with `holdfast client run`. Fixed: `ClientFile::validate`
+/// bounds every `[timing]` value and the driver saturates deadlines.
 #[test]
-#[ignore = "open bug: ClientFile::validate does not bound [timing] durations (src/config/client.rs)"]
 fn timing_durations_beyond_the_clock_range_are_refused_or_survived() {
     for input in [
         &include_bytes!("../fuzz/regressions/config_client/health-interval-overflows-instant")[..],
@@ -110,9 +110,9 @@ fn timing_durations_beyond_the_clock_range_are_refused_or_survived() {
 /// control.rs:83) panics inside tonic ("duration is unrealistically large": gRPC timeouts have at
 /// most 8 digits, so anything over 99,999,999 hours). The panic kills the spawned RPC task, whose
 /// result the supervisor waits for forever: the client stays in Authing and never retries.
-/// Reproduced end to end with `holdfast client run`.
+/// Reproduced end to end with `holdfast client run`. Fixed: `ClientFile::validate` bounds every
+/// `[timing]` value (24 h).
 #[test]
-#[ignore = "open bug: ClientFile::validate does not bound rpc_deadline (src/config/client.rs)"]
 fn rpc_deadline_beyond_the_grpc_timeout_range_is_refused_or_survived() {
     for input in [
         &include_bytes!("../fuzz/regressions/config_client/rpc-deadline-overflows-grpc-timeout")[..],

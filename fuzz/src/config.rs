@@ -97,6 +97,7 @@ fn snapshot() -> Arc<VpnAuthResponse> {
         data_port: 51820,
         idle_timeout: Duration::from_secs(180),
         received_at: SystemTime::UNIX_EPOCH,
+        crypto: Default::default(),
     })
 }
 

@@ -6,7 +6,7 @@
 //! policy: after a rejection it re-reads the client file, so credentials re-issued by the gateway
 //! operator take effect without a restart.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -70,6 +70,9 @@ pub async fn run(parts: DriverParts) {
     // RPC results come back through this channel, tagged with the attempt the machine gave them.
     let (results_tx, mut results) = mpsc::unbounded_channel::<(Event, String)>();
     let mut rpcs: JoinSet<()> = JoinSet::new();
+    // What each RPC task reports if it dies instead of answering (a panic in a library): the
+    // machine waits for every RPC's result, so a lost one would stall it for good.
+    let mut if_lost: HashMap<tokio::task::Id, Event> = HashMap::new();
     let mut timer: Option<(Instant, Timer)> = None;
     let mut pending: VecDeque<(Event, String)> = VecDeque::from([(Event::Started, String::new())]);
     let mut recent: VecDeque<TransitionRecord> = VecDeque::with_capacity(RECENT_TRANSITIONS);
@@ -94,13 +97,15 @@ pub async fn run(parts: DriverParts) {
                         };
                         let budget = deadline.saturating_sub(now());
                         let tx = results_tx.clone();
-                        rpcs.spawn(async move {
+                        let lost = Event::AuthFailed { attempt, failure: AuthFailure::GatewayError };
+                        let task = rpcs.spawn(async move {
                             let ev = match cp.authenticate(budget).await {
                                 Ok(auth) => (Event::AuthSucceeded { attempt, auth }, String::new()),
                                 Err(e) => (Event::AuthFailed { attempt, failure: e.kind }, e.detail),
                             };
                             let _ = tx.send(ev);
                         });
+                        if_lost.insert(task.id(), lost);
                     }
                     Effect::CallPing { attempt, session_id, deadline } => {
                         // The machine requires every RPC to be reported exactly once.
@@ -112,7 +117,8 @@ pub async fn run(parts: DriverParts) {
                         };
                         let budget = deadline.saturating_sub(now());
                         let tx = results_tx.clone();
-                        rpcs.spawn(async move {
+                        let lost = Event::PingFailed { attempt, failure: PingFailure::GatewayError };
+                        let task = rpcs.spawn(async move {
                             let sent = Instant::now();
                             let ev = match cp.ping(session_id, budget).await {
                                 Ok(PingAnswer::Ok) => {
@@ -125,6 +131,7 @@ pub async fn run(parts: DriverParts) {
                             };
                             let _ = tx.send(ev);
                         });
+                        if_lost.insert(task.id(), lost);
                     }
                     Effect::ArmTimer { at, timer: which } => timer = Some((deadline_of(epoch, at), which)),
                     Effect::CancelTimer => timer = None,
@@ -182,8 +189,19 @@ pub async fn run(parts: DriverParts) {
                     pending.push_back((Event::TimerFired(which), String::new()));
                 }
             }
-            // Reap finished RPC tasks so the set does not grow.
-            Some(_) = rpcs.join_next(), if !rpcs.is_empty() => {}
+            // Reap finished RPC tasks so the set does not grow; a task that died reports its
+            // failure, so the machine never waits for an answer that cannot come.
+            Some(done) = rpcs.join_next_with_id(), if !rpcs.is_empty() => match done {
+                Ok((id, ())) => {
+                    if_lost.remove(&id);
+                }
+                Err(e) => {
+                    if let Some(event) = if_lost.remove(&e.id()) {
+                        tracing::error!(target: "holdfast::supervisor", "an RPC task died ({e}); reported as a failure");
+                        pending.push_back((event, "the call's task died".into()));
+                    }
+                }
+            }
         }
     }
 }
