@@ -5,9 +5,7 @@
 //! Regenerate the seed corpus (after a format change) with
 //! `HOLDFAST_WRITE_SEEDS=1 cargo test --test fuzz_regressions -- --ignored write_seed_corpus`.
 
-// The harness is a library of the fuzz crate; this test uses all of its targets but not every
-// helper it exports.
-#[allow(dead_code)]
+// The fuzz crate's library, compiled into this test (it needs nothing the main crate lacks).
 #[path = "../fuzz/src/lib.rs"]
 mod harness;
 
