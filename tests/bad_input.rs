@@ -41,6 +41,7 @@ fn malformed_config_is_named_with_its_exit_code() {
         ("bad-endpoint.toml", "name = \"a\"\nendpoint = \"nowhere\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\n[tls]\n"),
         ("binary.toml", "\u{0}\u{1}\u{2}"),
         // Found by fuzzing: durations beyond the clock's range used to kill the supervisor task.
+        ("huge-keepalive.toml", "name = \"a\"\nendpoint = \"127.0.0.1:1\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\n[tls]\n[network]\nkeepalive = \"300000000000y\"\n"),
         ("huge-timing.toml", "name = \"a\"\nendpoint = \"127.0.0.1:1\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\n[tls]\n[timing]\nhealth_min = \"300000000000y\"\nhealth_max = \"300000000000y\"\n"),
     ];
     for (name, text) in cases {

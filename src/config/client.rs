@@ -223,6 +223,15 @@ impl ClientFile {
                 humantime::format_duration(MAX_TIMING)
             )));
         }
+        if let Some(k) = self.network.keepalive
+            && (k.is_zero() || k > MAX_TIMING)
+        {
+            return Err(bad(format!(
+                "[network] keepalive = {} must be above zero and at most {}",
+                humantime::format_duration(k),
+                humantime::format_duration(MAX_TIMING)
+            )));
+        }
         if t.health_min.is_zero() || t.health_min > t.health_max {
             return Err(bad(format!(
                 "[timing] needs 0 < health_min <= health_max (got {:?} and {:?})",
