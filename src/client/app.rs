@@ -56,6 +56,7 @@ pub async fn run(
     };
     dataplane.bind(handle.getter(), handle.commands());
     tokio::spawn(crate::tunnel::log_stats_on_sigusr1("client data plane", dataplane.counters()));
+    tokio::spawn(reauth_on_sighup(handle.commands()));
     // Routes and DNS go up once, when the TUN device exists, and stay through every re-auth.
     let network = tokio::spawn(network_up(dataplane.clone(), file));
 
@@ -175,6 +176,25 @@ fn sampler(counters: Arc<Counters>, tun_name: String) -> Sampler {
             drops,
         })
     })
+}
+
+/// On SIGHUP, re-authenticates now (make-before-break: the gateway keeps the old session for a
+/// grace period, so traffic flows on through the swap): the operator's way to move to a fresh
+/// session key without a restart. Installing the handler also
+/// means a hang-up of the dashboard's terminal no longer kills the client: SIGHUP's default action
+/// is to terminate, and this client only ends on an explicit stop.
+async fn reauth_on_sighup(commands: tokio::sync::mpsc::Sender<super::driver::Command>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::debug!(target: TARGET, "no SIGHUP handler: re-authentication on demand unavailable");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(target: TARGET, "SIGHUP: re-authenticating");
+        if commands.send(super::driver::Command::Reauth).await.is_err() {
+            return; // the supervisor has stopped
+        }
+    }
 }
 
 /// Waits for SIGINT or SIGTERM (the explicit stop of a daemon).
