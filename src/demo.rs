@@ -94,10 +94,10 @@ pub fn run() -> Result<i32, DemoError> {
     let killswitch = crate::client::killswitch::for_client(&settings.file)
         .map_err(|e| setup("the kill-switch plan", e))?;
     let code = rt.block_on(app::run(settings, killswitch, RunOptions { dashboard, extra_keys }));
-    if let Ok(mut gw) = gateway.lock() {
-        if let Some(child) = gw.take() {
-            drop(KillOnDrop(child));
-        }
+    if let Ok(mut gw) = gateway.lock()
+        && let Some(child) = gw.take()
+    {
+        drop(KillOnDrop(child));
     }
     eprintln!("holdfast demo: logs were in {} (removed now)", lab.dir.display());
     Ok(code)

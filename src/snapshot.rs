@@ -135,6 +135,26 @@ pub struct VpnAuthResponse {
 }
 
 impl VpnAuthResponse {
+    /// A well-formed snapshot of session `session_id` with key `key` and fixed everything else
+    /// (client 100.64.0.2/24, gateway 100.64.0.1, data port 51820, idle timeout 180 s, received at
+    /// the Unix epoch). The one fixture of the tests, benches and fuzz targets, which need *a*
+    /// session rather than one the gateway handed out; change fields with struct-update syntax.
+    /// Production code builds snapshots from the gateway's answer only.
+    #[doc(hidden)]
+    pub fn fixture(session_id: u64, key: [u8; 32]) -> Self {
+        Self {
+            assigned_ip: Ipv4Addr::new(100, 64, 0, 2),
+            gateway_ip: Ipv4Addr::new(100, 64, 0, 1),
+            prefix_len: 24,
+            session_id: SessionId(session_id),
+            session_key: SessionKey::new(key),
+            data_port: 51820,
+            idle_timeout: Duration::from_secs(180),
+            received_at: SystemTime::UNIX_EPOCH,
+            crypto: CryptoSlot::default(),
+        }
+    }
+
     /// A one-line summary safe for logs: never the key, only its fingerprint.
     pub fn summary(&self) -> String {
         format!(
@@ -255,17 +275,7 @@ mod tests {
     use super::*;
 
     fn snap(id: u64, key: u8) -> Arc<VpnAuthResponse> {
-        Arc::new(VpnAuthResponse {
-            assigned_ip: Ipv4Addr::new(100, 64, 0, 2),
-            gateway_ip: Ipv4Addr::new(100, 64, 0, 1),
-            prefix_len: 24,
-            session_id: SessionId(id),
-            session_key: SessionKey::new([key; 32]),
-            data_port: 51820,
-            idle_timeout: Duration::from_secs(120),
-            received_at: SystemTime::UNIX_EPOCH,
-            crypto: Default::default(),
-        })
+        Arc::new(VpnAuthResponse::fixture(id, [key; 32]))
     }
 
     #[test]

@@ -135,3 +135,25 @@ fn a_client_started_while_the_gateway_is_down_connects_when_it_comes_up() {
     client.wait_for(&["-> Healthy", "session"], T);
     assert_eq!(client.terminate(T), Some(0));
 }
+
+#[test]
+fn sighup_re_authenticates_without_restarting_the_client() {
+    let gw = GatewayDir::init();
+    let logs = tempfile::tempdir().unwrap();
+    let file = gw.add_client("carol", |f| fast_timings(f, logs.path()));
+    let mut gateway = gw.run("gateway");
+    let mut client = gw.run_client("client", &file);
+    let (sid1, ip1) = session_of(&client.wait_for(&["-> Healthy", "session"], T));
+    let pid = client.pid();
+
+    client.signal("HUP");
+    let line = client.wait_for(&["Healthy -> Authing", "ReauthRequested"], T);
+    assert!(!line.contains("WARN"), "a requested re-auth is not a failure: {line}");
+    let (sid2, ip2) = session_of(&client.wait_for(&["Authing -> Healthy", "session"], T));
+    assert_ne!(sid1, sid2, "SIGHUP gives a new session");
+    assert_eq!(ip1, ip2);
+    // The gateway saw the hand-over: the new session replaced the old one, which keeps its grace.
+    gateway.wait_for(&["PingSession", &sid2, "ok"], T);
+    assert!(client.is_alive() && client.pid() == pid, "SIGHUP no longer ends the process");
+    assert_eq!(client.terminate(T), Some(0));
+}

@@ -85,13 +85,9 @@ fn snapshot(id: u64, ip: Ipv4Addr, key: [u8; 32]) -> Arc<VpnAuthResponse> {
     Arc::new(VpnAuthResponse {
         assigned_ip: ip,
         gateway_ip: GW_TUN,
-        prefix_len: 24,
-        session_id: SessionId(id),
-        session_key: SessionKey::new(key),
         data_port: PORT,
-        idle_timeout: Duration::from_secs(180),
         received_at: SystemTime::now(),
-        crypto: Default::default(),
+        ..VpnAuthResponse::fixture(id, key)
     })
 }
 

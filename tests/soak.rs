@@ -32,7 +32,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use holdfast::client::status_socket::StatusReport;
 use leak_probes::{Counts, Observer, in_ns, probe_round, send_probes};
@@ -40,7 +40,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use support::netns::{self, Netns};
-use support::{BIN, GatewayDir, Proc, edit_client_file, fast_timings, holdfast_ok, s};
+use support::{BIN, GatewayDir, Pinger, Proc, edit_client_file, fast_timings, holdfast_ok, s, unix_now};
 
 const PORT: u16 = 51820;
 const GW: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -115,67 +115,6 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs_f64()
-}
-
-/// A `ping -D -i 0.1` to the gateway's tunnel address, running for the whole soak; restarted
-/// if it ever exits (it should not, but a dead pinger must not read as a dead tunnel).
-struct Pinger {
-    tag: String,
-    runs: Vec<Proc>,
-}
-
-impl Pinger {
-    fn start(ns: &Netns, tag: &str) -> Pinger {
-        let mut p = Pinger {
-            tag: tag.to_owned(),
-            runs: Vec::new(),
-        };
-        p.spawn(ns);
-        p
-    }
-
-    fn spawn(&mut self, ns: &Netns) {
-        let args = ["-D", "-n", "-i", "0.1", "-W", "1", &GW_TUN.to_string()];
-        self.runs.push(ns.spawn(&self.tag, "ping", &args, &[]));
-    }
-
-    fn keep_alive(&mut self, ns: &Netns) {
-        if !self.runs.last_mut().is_some_and(Proc::is_alive) {
-            self.spawn(ns);
-        }
-    }
-
-    /// Unix times of every reply so far.
-    fn replies(&self) -> Vec<f64> {
-        self.runs
-            .iter()
-            .flat_map(|p| p.all_lines())
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .collect()
-    }
-
-    /// Waits (bounded) for the first reply stamped after `since`; returns how long after.
-    fn first_reply_after(&mut self, ns: &Netns, since: f64, within: Duration) -> Option<Duration> {
-        let end = Instant::now() + within;
-        loop {
-            self.keep_alive(ns);
-            if let Some(t) = self.replies().into_iter().find(|&t| t > since) {
-                return Some(Duration::from_secs_f64(t - since));
-            }
-            if Instant::now() >= end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 /// One client: its namespace, file, logs, process and pinger.
@@ -643,7 +582,7 @@ fn soak_under_a_seeded_fault_schedule() {
             .env_remove("RUST_LOG");
         let mut proc = Proc::spawn(&name, cmd);
         proc.wait_for(&["data plane on session"], T);
-        let pinger = Pinger::start(ns, &format!("ping{i}"));
+        let pinger = Pinger::start(ns, &format!("ping{i}"), GW_TUN, "0.1");
         clients.push(Client {
             name,
             file,

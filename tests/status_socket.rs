@@ -13,7 +13,7 @@ use holdfast::client::status_socket::{
     self, DataPlaneSample, DropCount, Sampler, StatusQueryError, StatusReport, TunInfo,
 };
 use holdfast::sansio::supervisor::{StateName, Timer};
-use holdfast::snapshot::{SessionId, SessionKey, VpnAuthResponse};
+use holdfast::snapshot::{SessionKey, VpnAuthResponse};
 use tokio::sync::watch;
 
 const S: Duration = Duration::from_secs(1);
@@ -30,14 +30,8 @@ fn key_hex() -> String {
 fn auth() -> VpnAuthResponse {
     VpnAuthResponse {
         assigned_ip: Ipv4Addr::new(100, 64, 0, 9),
-        gateway_ip: Ipv4Addr::new(100, 64, 0, 1),
-        prefix_len: 24,
-        session_id: SessionId(0xfeed_beef_0000_0042),
-        session_key: SessionKey::new(key_bytes()),
-        data_port: 51820,
-        idle_timeout: 180 * S,
         received_at: SystemTime::now() - 30 * S,
-        crypto: Default::default(),
+        ..VpnAuthResponse::fixture(0xfeed_beef_0000_0042, key_bytes())
     }
 }
 

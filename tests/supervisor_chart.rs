@@ -9,14 +9,13 @@
 //! Then: every taken edge is in the chart, and every chart edge was taken.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use holdfast::sansio::supervisor::{
     AuthFailure, Effect, Event, PingFailure, StateName, Supervisor, Timer, Timings,
 };
-use holdfast::snapshot::{SessionId, SessionKey, VpnAuthResponse};
+use holdfast::snapshot::VpnAuthResponse;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -196,17 +195,7 @@ fn is_ident(s: &str) -> bool {
 }
 
 fn snap(id: u64) -> Arc<VpnAuthResponse> {
-    Arc::new(VpnAuthResponse {
-        assigned_ip: Ipv4Addr::new(100, 64, 0, 2),
-        gateway_ip: Ipv4Addr::new(100, 64, 0, 1),
-        prefix_len: 24,
-        session_id: SessionId(id),
-        session_key: SessionKey::new([7; 32]),
-        data_port: 51820,
-        idle_timeout: Duration::from_secs(120),
-        received_at: SystemTime::UNIX_EPOCH,
-        crypto: Default::default(),
-    })
+    Arc::new(VpnAuthResponse::fixture(id, [7; 32]))
 }
 
 /// A random event of kind `kind` (an index into `EVENT_NAMES`). Results carry the attempt of the

@@ -16,14 +16,13 @@
 //!
 //! Jitter comes from a `StdRng` seeded by the generated initial state, so failures replay.
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use holdfast::sansio::supervisor::{
     AuthFailure, Effect, Event, Level, PingFailure, StateName, Supervisor, Timer, Timings,
 };
-use holdfast::snapshot::{SessionId, SessionKey, VpnAuthResponse};
+use holdfast::snapshot::{SessionId, VpnAuthResponse};
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
@@ -292,17 +291,7 @@ impl Model {
 }
 
 fn snap(id: u64) -> Arc<VpnAuthResponse> {
-    Arc::new(VpnAuthResponse {
-        assigned_ip: Ipv4Addr::new(100, 64, 0, 2),
-        gateway_ip: Ipv4Addr::new(100, 64, 0, 1),
-        prefix_len: 24,
-        session_id: SessionId(id),
-        session_key: SessionKey::new([(id % 251) as u8; 32]),
-        data_port: 51820,
-        idle_timeout: Duration::from_secs(120),
-        received_at: SystemTime::UNIX_EPOCH,
-        crypto: Default::default(),
-    })
+    Arc::new(VpnAuthResponse::fixture(id, [(id % 251) as u8; 32]))
 }
 
 struct SupervisorModel;

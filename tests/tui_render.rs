@@ -3,12 +3,11 @@
 //! `tests/snapshots/` (insta). Plus: the key never appears, the current state is highlighted,
 //! and no size makes rendering panic.
 
-use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
 use holdfast::client::status::{ClientStatus, SnapshotView, TransitionRecord};
 use holdfast::sansio::supervisor::{StateName, Status, Timer};
-use holdfast::snapshot::{SessionId, SessionKey, VpnAuthResponse};
+use holdfast::snapshot::VpnAuthResponse;
 use holdfast::tui::{Action, App, DataPlaneSample, DropCount, TunInfo, render};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
@@ -35,15 +34,8 @@ fn wall() -> SystemTime {
 
 fn snapshot_view() -> SnapshotView {
     let auth = VpnAuthResponse {
-        assigned_ip: Ipv4Addr::new(100, 64, 0, 2),
-        gateway_ip: Ipv4Addr::new(100, 64, 0, 1),
-        prefix_len: 24,
-        session_id: SessionId(0x0123_4567_89ab_cdef),
-        session_key: SessionKey::new(key_bytes()),
-        data_port: 51820,
-        idle_timeout: Duration::from_secs(180),
         received_at: wall() - 65 * S,
-        crypto: Default::default(),
+        ..VpnAuthResponse::fixture(0x0123_4567_89ab_cdef, key_bytes())
     };
     SnapshotView::of(&auth)
 }

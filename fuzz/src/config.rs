@@ -17,7 +17,7 @@ use std::collections::{HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use holdfast::config::client::ClientFile;
 use holdfast::config::gateway::{
@@ -28,7 +28,7 @@ use holdfast::gateway::registry::{ClientEntry, ClientState, Registry, RegistryEr
 use holdfast::pki::{Authority, CertFingerprint};
 use holdfast::sansio::supervisor::{AuthFailure, Effect, Event, PingFailure, Supervisor, Timings};
 use holdfast::sansio::wire;
-use holdfast::snapshot::{SessionId, SessionKey, VpnAuthResponse};
+use holdfast::snapshot::VpnAuthResponse;
 use ipnet::Ipv4Net;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -88,17 +88,7 @@ pub fn config_client(data: &[u8]) {
 }
 
 fn snapshot() -> Arc<VpnAuthResponse> {
-    Arc::new(VpnAuthResponse {
-        assigned_ip: Ipv4Addr::new(100, 64, 0, 2),
-        gateway_ip: GATEWAY_IP,
-        prefix_len: 24,
-        session_id: SessionId(1),
-        session_key: SessionKey::new([7; 32]),
-        data_port: 51820,
-        idle_timeout: Duration::from_secs(180),
-        received_at: SystemTime::UNIX_EPOCH,
-        crypto: Default::default(),
-    })
+    Arc::new(VpnAuthResponse { gateway_ip: GATEWAY_IP, ..VpnAuthResponse::fixture(1, [7; 32]) })
 }
 
 /// Runs the supervisor on `timings` through failures, backoff, success and health checks, and

@@ -141,10 +141,10 @@ async fn stop(
     if !network.is_finished() {
         network.abort();
     }
-    if let Ok(Some(net)) = network.await {
-        if let Err(e) = net.down().await {
-            tracing::warn!(target: TARGET, "restoring routes/DNS: {e}");
-        }
+    if let Ok(Some(net)) = network.await
+        && let Err(e) = net.down().await
+    {
+        tracing::warn!(target: TARGET, "restoring routes/DNS: {e}");
     }
     dataplane.stop().await;
     match handle.stop().await {

@@ -141,7 +141,8 @@ fn epoch() -> Instant {
 pub trait SessionLookup: Send + Sync + 'static {
     /// The session with this id, if it may carry traffic now.
     fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>>;
-    /// The session that owns this tunnel address (its client's newest), if it may carry traffic.
+    /// The session that carries traffic to this tunnel address: its client's newest, or the one
+    /// before it while the client has not used the newest yet.
     fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>>;
     /// The session carried authenticated traffic just now (so it is not idle). Called at most
     /// once per [`TOUCH_EVERY`] per session.
@@ -201,7 +202,20 @@ impl SessionLookup for ControlSessions {
     }
 
     fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>> {
-        self.data_for(&*self.table.get_by_ip(ip)?)
+        let newest = self.data_for(&*self.table.get_by_ip(ip)?);
+        if newest.as_ref().is_some_and(|d| d.endpoint().is_some()) {
+            return newest;
+        }
+        // Make-before-break for the downlink: right after a re-auth the client may still be on
+        // its previous session and has not sent on the new one, so the gateway does not know
+        // where it is on it. Until it does, the previous session (in its grace period) carries
+        // the client's traffic; the client announces a new session at once, so this lasts a
+        // round trip.
+        let previous = self.table.previous_by_ip(ip).and_then(|s| self.data_for(&s));
+        match previous {
+            Some(p) if p.endpoint().is_some() => Some(p),
+            _ => newest,
+        }
     }
 
     fn touch(&self, session: &DataSession) {
@@ -711,6 +725,38 @@ mod tests {
         assert_eq!(s.endpoint(), Some(b));
         let seen = s.last_seen().expect("seen");
         assert!(seen >= t + Duration::from_millis(1999) && seen <= t + Duration::from_millis(2001));
+    }
+
+    #[test]
+    fn downlink_stays_on_the_previous_session_until_the_client_uses_the_new_one() {
+        use crate::gateway::sessions::{NewSession, SessionLimits};
+        use crate::pki::CertFingerprint;
+        let hour = Duration::from_secs(3600);
+        let table = Arc::new(SessionTable::new(SessionLimits::new(hour, hour, hour)));
+        let sessions = ControlSessions::new(table.clone(), Clock::new());
+        let ip = Ipv4Addr::new(100, 64, 0, 2);
+        let open = |id: u64| {
+            let new = NewSession {
+                client: "alice".into(),
+                cert: CertFingerprint([1; 32]),
+                assigned_ip: ip,
+                key: SessionKey::new([id as u8; 32]),
+            };
+            table.open(new, 0, || id).session.id
+        };
+        let from: SocketAddr = "198.18.0.1:5000".parse().expect("addr");
+        let first = open(11);
+        assert_eq!(sessions.by_ip(ip).map(|d| d.session_id), Some(first), "the only session");
+        sessions.by_id(first).expect("valid").seen(from, Instant::now());
+
+        let second = open(22);
+        assert_eq!(
+            sessions.by_ip(ip).map(|d| d.session_id),
+            Some(first),
+            "the client has not sent on the new session yet: no endpoint to send it to"
+        );
+        sessions.by_id(second).expect("valid").seen(from, Instant::now());
+        assert_eq!(sessions.by_ip(ip).map(|d| d.session_id), Some(second), "switched on first use");
     }
 
     #[tokio::test]

@@ -190,6 +190,8 @@ struct Tables {
     by_id: HashMap<u64, Arc<Session>>,
     /// The newest session of the client holding each address.
     by_ip: HashMap<Ipv4Addr, Arc<Session>>,
+    /// The session before it, while its grace period lasts.
+    previous_by_ip: HashMap<Ipv4Addr, Arc<Session>>,
 }
 
 /// The gateway's live sessions.
@@ -286,6 +288,14 @@ impl SessionTable {
         self.tables.load().by_ip.get(&ip).cloned()
     }
 
+    /// The session the newest one of `ip`'s client replaced, while the table still holds it (its
+    /// grace period). The data plane sends on it until the client has used the new one: until
+    /// then the gateway does not know where the client is on the new session. Lock-free, no
+    /// allocation.
+    pub fn previous_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Session>> {
+        self.tables.load().previous_by_ip.get(&ip).cloned()
+    }
+
     /// Opens a new session for a client, replacing its current one (which keeps `grace_ms`).
     ///
     /// `next_id` supplies random candidates; zero and ids of sessions still held are skipped, so
@@ -323,8 +333,7 @@ impl SessionTable {
             superseded_at: AtomicU64::new(CURRENT),
         });
         next.by_id.insert(id, session.clone());
-        next.by_ip = rebuild_by_ip(&next.by_id);
-        next.by_ip.insert(session.assigned_ip, session.clone());
+        (next.by_ip, next.previous_by_ip) = index_by_ip(&next.by_id);
         self.tables.store(Arc::new(next));
         Opened { session, replaced }
     }
@@ -353,26 +362,38 @@ impl SessionTable {
             .map(|(k, v)| (*k, v.clone()))
             .partition(|(_, s)| keep(s));
         if !removed.is_empty() {
-            let by_ip = rebuild_by_ip(&kept);
-            self.tables.store(Arc::new(Tables { by_id: kept, by_ip }));
+            let (by_ip, previous_by_ip) = index_by_ip(&kept);
+            self.tables.store(Arc::new(Tables { by_id: kept, by_ip, previous_by_ip }));
         }
         removed.into_values().collect()
     }
 }
 
-/// For each address, the newest session (the client's current one, or its superseded one while
-/// the current one is gone).
-fn rebuild_by_ip(by_id: &HashMap<u64, Arc<Session>>) -> HashMap<Ipv4Addr, Arc<Session>> {
-    let mut by_ip: HashMap<Ipv4Addr, Arc<Session>> = HashMap::with_capacity(by_id.len());
+/// For each address, the client's newest session (its current one, or its superseded one while
+/// the current one is gone), and the one before that, if the table still holds it.
+fn index_by_ip(
+    by_id: &HashMap<u64, Arc<Session>>,
+) -> (HashMap<Ipv4Addr, Arc<Session>>, HashMap<Ipv4Addr, Arc<Session>>) {
+    // A current session outranks a superseded one whatever their opening times (two sessions
+    // of one client may open within the same millisecond); among equals, the later one wins.
+    let rank = |s: &Session| (s.superseded_at().is_none(), s.opened_at, s.id.0);
+    let better = |a: &Session, b: Option<&Arc<Session>>| b.is_none_or(|b| rank(a) > rank(b));
+    let mut newest: HashMap<Ipv4Addr, Arc<Session>> = HashMap::with_capacity(by_id.len());
+    let mut previous: HashMap<Ipv4Addr, Arc<Session>> = HashMap::new();
     for s in by_id.values() {
-        let newer = by_ip
-            .get(&s.assigned_ip)
-            .is_none_or(|cur| s.opened_at > cur.opened_at);
-        if newer {
-            by_ip.insert(s.assigned_ip, s.clone());
+        let ip = s.assigned_ip;
+        let runner_up = if better(s, newest.get(&ip)) {
+            newest.insert(ip, s.clone())
+        } else {
+            Some(s.clone())
+        };
+        if let Some(r) = runner_up
+            && better(&r, previous.get(&ip))
+        {
+            previous.insert(ip, r);
         }
     }
-    by_ip
+    (newest, previous)
 }
 
 #[cfg(test)]
@@ -475,6 +496,26 @@ mod tests {
             t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id),
             Some(SessionId(3))
         );
+        assert_eq!(
+            t.previous_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id),
+            Some(SessionId(2)),
+            "the replaced session stays reachable by address for its grace"
+        );
+        t.prune(350);
+        assert!(t.previous_by_ip(Ipv4Addr::new(10, 0, 0, 1)).is_none(), "grace over");
+        assert_eq!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id), Some(SessionId(3)));
+    }
+
+    #[test]
+    fn a_reauth_within_the_same_millisecond_still_makes_the_new_session_newest() {
+        let t = SessionTable::new(LIMITS);
+        // Ids chosen so that the old session would win on id alone.
+        t.open(new("alice", 1), 40, ids(&[9]));
+        t.open(new("alice", 1), 40, ids(&[4]));
+        let ip = Ipv4Addr::new(10, 0, 0, 1);
+        assert_eq!(t.get_by_ip(ip).map(|s| s.id), Some(SessionId(4)));
+        assert_eq!(t.previous_by_ip(ip).map(|s| s.id), Some(SessionId(9)));
+        assert!(t.previous_by_ip(Ipv4Addr::new(10, 0, 0, 2)).is_none());
     }
 
     #[test]

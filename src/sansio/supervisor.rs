@@ -825,26 +825,16 @@ fn ms(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::SessionKey;
+    
     use rand::SeedableRng;
     use rand::rngs::StdRng;
-    use std::net::Ipv4Addr;
-    use std::time::SystemTime;
+    
+    
 
     const S: Duration = Duration::from_secs(1);
 
     fn snap(id: u64) -> Arc<VpnAuthResponse> {
-        Arc::new(VpnAuthResponse {
-            assigned_ip: Ipv4Addr::new(100, 64, 0, 2),
-            gateway_ip: Ipv4Addr::new(100, 64, 0, 1),
-            prefix_len: 24,
-            session_id: SessionId(id),
-            session_key: SessionKey::new([0x5a; 32]),
-            data_port: 51820,
-            idle_timeout: Duration::from_secs(120),
-            received_at: SystemTime::UNIX_EPOCH,
-            crypto: Default::default(),
-        })
+        Arc::new(VpnAuthResponse::fixture(id, [0x5a; 32]))
     }
 
     /// A supervisor with default timings, a clock the test moves and a seeded rng.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use holdfast::config::client::{ClientFile, LogSection, TimingSection};
 
@@ -303,5 +303,72 @@ pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Wall-clock time as Unix seconds (what `ping -D` stamps its replies with).
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// A `ping -D` running in a namespace for as long as it is needed; restarted if it ever exits (it
+/// should not, but a dead pinger must not read as a dead tunnel).
+pub struct Pinger {
+    tag: String,
+    target: std::net::Ipv4Addr,
+    interval: &'static str,
+    runs: Vec<Proc>,
+}
+
+impl Pinger {
+    /// Pings `target` every `interval` seconds (ping's `-i`; below 0.2 needs root).
+    pub fn start(ns: &netns::Netns, tag: &str, target: std::net::Ipv4Addr, interval: &'static str) -> Pinger {
+        let mut p = Pinger {
+            tag: tag.to_owned(),
+            target,
+            interval,
+            runs: Vec::new(),
+        };
+        p.spawn(ns);
+        p
+    }
+
+    fn spawn(&mut self, ns: &netns::Netns) {
+        let args = ["-D", "-n", "-i", self.interval, "-W", "1", &self.target.to_string()];
+        self.runs.push(ns.spawn(&self.tag, "ping", &args, &[]));
+    }
+
+    pub fn keep_alive(&mut self, ns: &netns::Netns) {
+        if !self.runs.last_mut().is_some_and(Proc::is_alive) {
+            self.spawn(ns);
+        }
+    }
+
+    /// Unix times of every reply so far.
+    pub fn replies(&self) -> Vec<f64> {
+        self.runs
+            .iter()
+            .flat_map(|p| p.all_lines())
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Waits (bounded) for the first reply stamped after `since`; returns how long after.
+    pub fn first_reply_after(&mut self, ns: &netns::Netns, since: f64, within: Duration) -> Option<Duration> {
+        let end = Instant::now() + within;
+        loop {
+            self.keep_alive(ns);
+            if let Some(t) = self.replies().into_iter().find(|&t| t > since) {
+                return Some(Duration::from_secs_f64(t - since));
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
