@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use holdfast::sansio::supervisor::{Effect, Event, PingFailure, StateName, Supervisor, Timer, Timings};
 use holdfast::snapshot::VpnAuthResponse;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
 
 /// Latencies of the modelled world.
@@ -51,8 +51,10 @@ enum Happening {
 /// packet delivered through the tunnel, or `None` if nothing got through within `give_up`.
 pub fn recovery(model: &Model, timings: &Timings, outage: Duration, seed: u64) -> Option<Duration> {
     let give_up = Duration::from_secs(600);
+    let mut rng = StdRng::seed_from_u64(seed);
     let down_at = Duration::from_secs(60);
-    let up_at = down_at + outage;
+    // The gateway returns at a random moment between two of the user's packets.
+    let up_at = down_at + outage + model.traffic_every.mul_f64(rng.random::<f64>());
     let gateway_up = |t: Duration| t < down_at || t >= up_at;
     // Sessions the gateway knows: before the outage every one; after it, only those it handed
     // out after it came back.
@@ -60,7 +62,6 @@ pub fn recovery(model: &Model, timings: &Timings, outage: Duration, seed: u64) -
     let mut next_session = 1u64;
 
     let mut machine = Supervisor::new(timings.clone());
-    let mut rng = StdRng::seed_from_u64(seed);
     let mut queue: BinaryHeap<Reverse<(Duration, Happening)>> = BinaryHeap::new();
     let mut results: Vec<Event> = Vec::new();
     let mut timer: Option<(Duration, Timer)> = None;
