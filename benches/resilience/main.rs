@@ -110,6 +110,7 @@ fn main() {
         cold_rpc: control.cold_auth,
         refused: Duration::from_micros(200),
         traffic_every: Duration::from_millis(10),
+        nudges: true,
     };
 
     for (outage, o) in &real_rows {

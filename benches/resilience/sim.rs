@@ -34,6 +34,9 @@ pub struct Model {
     pub refused: Duration,
     /// How often the user's traffic sends a packet (the real rows ping every 10 ms).
     pub traffic_every: Duration,
+    /// Whether the data plane turns "unknown session" notices into nudges (it does; `false` is
+    /// the counterfactual that shows what the nudges save).
+    pub nudges: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -147,7 +150,7 @@ pub fn recovery(model: &Model, timings: &Timings, outage: Duration, seed: u64) -
                     }
                     Happening::Notice => {
                         // The data plane's own rate limit, then the machine's (both 1 s by default).
-                        if last_nudge.is_none_or(|t| now - t >= timings.nudge_min_interval) {
+                        if model.nudges && last_nudge.is_none_or(|t| now - t >= timings.nudge_min_interval) {
                             last_nudge = Some(now);
                             pending.push(Event::Nudged);
                         }
