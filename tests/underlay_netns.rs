@@ -61,7 +61,7 @@ struct Running {
     gateway: Proc,
     client: Proc,
     logs: tempfile::TempDir,
-    _file: PathBuf,
+    file: PathBuf,
 }
 
 impl Running {
@@ -81,7 +81,7 @@ impl Running {
         });
         let mut client = gw.run_client("client", &file);
         client.wait_for(&["routes up"], T);
-        Running { gateway, client, logs, _file: file }
+        Running { gateway, client, logs, file }
     }
 
     fn socket(&self) -> PathBuf {
@@ -359,4 +359,29 @@ fn the_control_plane_is_healthy_again_soon_after_the_address_changes() {
     assert!(ns.ping_until(GW_TUN, TRAFFIC_BOUND).is_some(), "traffic flows from the new address");
     assert!(route_get(ns, gw_ip).contains("src 198.18.0.3"), "{}", route_get(ns, gw_ip));
     run.stop_client();
+}
+
+#[test]
+fn a_killed_clients_gateway_routes_are_cleaned_up_by_the_next_start() {
+    require_root!();
+    let (gw, gw_ip) = direct_world();
+    let ns = gw.clients_ns();
+    let before = route_table(ns);
+    let mut run = Running::start(&gw, None);
+    let ours = || ns.ip(&["route", "show", "proto", "207"]);
+    assert!(ours().contains(&format!("unreachable {gw_ip} ")), "the fallback is in place: {}", ours());
+    assert!(ours().contains(&format!("{gw_ip} dev hfc ")), "the on-link pin is in place: {}", ours());
+
+    // Killed: the TUN and its routes go; the gateway's pin and fallback stay (fail closed).
+    run.client.kill();
+    assert!(wait_until(T, || ns.tun_devices().is_empty()), "the TUN goes with the process");
+    assert!(ours().contains(&format!("unreachable {gw_ip} ")), "{}", ours());
+
+    // The next start removes them with any other leftover, and its stop restores exactly.
+    run.client = gw.run_client("client-again", &run.file);
+    run.client.wait_for(&["routes up"], T);
+    assert!(ns.ping_until(GW_TUN, T).is_some(), "tunnel up again");
+    assert_eq!(ours().matches(&format!("unreachable {gw_ip} ")).count(), 1, "{}", ours());
+    run.stop_client();
+    assert_eq!(route_table(ns), before, "routes after an explicit stop");
 }
