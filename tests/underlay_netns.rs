@@ -228,9 +228,19 @@ fn direct_world() -> (GatewayDir, Ipv4Addr) {
     (gateway_dir(gw_ns, client_ns, gw), gw)
 }
 
-#[test]
-fn a_directly_connected_gateway_never_routes_into_the_tunnel_while_the_link_is_down() {
-    require_root!();
+/// Which end of the client's link goes down.
+#[derive(Clone, Copy)]
+enum Outage {
+    /// `ip link set hfc down` in the client: the kernel deletes every route through the device.
+    Admin,
+    /// The gateway's end goes down: the client's device loses its carrier, and its routes stay,
+    /// flagged `linkdown`.
+    Carrier,
+}
+
+/// A directly connected gateway, its link down for a while, then up: nothing to the gateway
+/// enters the TUN at any time, and traffic recovers.
+fn link_outage(outage: Outage) {
     let (gw, gw_ip) = direct_world();
     let ns = gw.clients_ns();
     let before = route_table(ns);
@@ -238,16 +248,20 @@ fn a_directly_connected_gateway_never_routes_into_the_tunnel_while_the_link_is_d
     assert!(ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
     assert!(route_get(ns, gw_ip).contains("dev hfc"), "{}", route_get(ns, gw_ip));
     install_tun_counter(ns, gw_ip);
+    let set_link = |state: &str| match outage {
+        Outage::Admin => ns.ip(&["link", "set", "hfc", state]),
+        Outage::Carrier => gw.ns.ip(&["link", "set", "hfg", state]),
+    };
 
     let sampled = sampling(ns, gw_ip, |sampled| {
-        ns.ip(&["link", "set", "hfc", "down"]);
+        set_link("down");
         sampled.observe();
         // Down until the client has tried the gateway and noticed: pings through the tunnel
         // (the data plane sends them on to the gateway) and its health checks.
         assert_eq!(ns.ping_count(GW_TUN, 10), 0, "the link is down");
         assert!(run.wait_state("Degraded", T), "the client notices the link is gone");
         assert_eq!(tun_counter(ns), 0, "packets to the gateway went into the TUN");
-        ns.ip(&["link", "set", "hfc", "up"]);
+        set_link("up");
         sampled.observe();
         assert!(
             wait_until(TRAFFIC_BOUND, || route_get(ns, gw_ip).contains("dev hfc")),
@@ -259,6 +273,18 @@ fn a_directly_connected_gateway_never_routes_into_the_tunnel_while_the_link_is_d
         sampled.observe();
     });
     run.finish(ns, gw_ip, sampled, &before);
+}
+
+#[test]
+fn a_directly_connected_gateway_never_routes_into_the_tunnel_while_the_link_is_down() {
+    require_root!();
+    link_outage(Outage::Admin);
+}
+
+#[test]
+fn a_directly_connected_gateway_never_routes_into_the_tunnel_while_the_carrier_is_lost() {
+    require_root!();
+    link_outage(Outage::Carrier);
 }
 
 /// One of the client's uplinks in the routed world.
