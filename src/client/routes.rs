@@ -744,8 +744,13 @@ fn describe_path(gateway: IpAddr, now: PathSeen) {
     }
 }
 
-/// Pause before re-subscribing after the event socket failed (it should not).
+/// Pause before looking again after a look failed (a route add refused mid-change), or before
+/// re-subscribing after the event socket failed (it should not).
 const WATCH_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Without events, look again this often anyway: a netlink socket that overflows during an event
+/// storm drops notifications, and a look is one dump.
+const WATCH_BACKSTOP: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The watcher task: subscribe, look, then look again after every burst of events.
 async fn watch(
@@ -766,17 +771,22 @@ async fn watch(
                 let follow = async {
                     // Subscribed first, then looked: nothing between the two is missed.
                     loop {
-                        match look(&handle, gateway, pin, tun_index).await {
-                            Ok(now) if now != last => {
-                                describe_path(gateway, now);
-                                last = now;
-                                on_change();
+                        let wait = match look(&handle, gateway, pin, tun_index).await {
+                            Ok(now) => {
+                                if now != last {
+                                    describe_path(gateway, now);
+                                    last = now;
+                                    on_change();
+                                }
+                                WATCH_BACKSTOP
                             }
-                            Ok(_) => {}
-                            Err(e) => tracing::debug!(target: TARGET, "underlay look failed: {e}"),
-                        }
-                        // Wait for the next event, then take the whole burst at once.
-                        if events.next().await.is_none() {
+                            Err(e) => {
+                                tracing::debug!(target: TARGET, "underlay look failed: {e}");
+                                WATCH_RETRY
+                            }
+                        };
+                        // Wait for the next event (or the timeout), then take the whole burst.
+                        if let Ok(None) = tokio::time::timeout(wait, events.next()).await {
                             return;
                         }
                         while events.try_recv().is_ok() {}
