@@ -58,7 +58,7 @@ pub async fn run(
     tokio::spawn(crate::tunnel::log_stats_on_sigusr1("client data plane", dataplane.counters()));
     tokio::spawn(reauth_on_sighup(handle.commands()));
     // Routes and DNS go up once, when the TUN device exists, and stay through every re-auth.
-    let network = tokio::spawn(network_up(dataplane.clone(), file));
+    let network = tokio::spawn(network_up(dataplane.clone(), file, handle.commands()));
 
     let sampler = sampler(dataplane.counters(), tun_name);
     let _status = match status_socket::serve(&socket, handle.status(), Some(sampler.clone()), ks_desc.clone()) {
@@ -86,15 +86,26 @@ pub async fn run(
 /// Installs the tunnel's routes and resolver once the TUN device is up. A failure is retried
 /// with backoff, never fatal: meanwhile the kill-switch keeps everything blocked, so the cost is
 /// no traffic, not a leak. Returns what was installed, for the stop.
-async fn network_up(dataplane: ClientDataPlane, file: crate::config::client::ClientFile) -> Option<TunnelNetwork> {
+///
+/// The routes follow the underlay from then on; each change of the path to the gateway (roaming,
+/// a link back up) tells the supervisor, which reconnects its control channel and checks at once.
+async fn network_up(
+    dataplane: ClientDataPlane,
+    file: crate::config::client::ClientFile,
+    commands: tokio::sync::mpsc::Sender<super::driver::Command>,
+) -> Option<TunnelNetwork> {
     if !dataplane.tun_up().await {
         return None;
     }
+    let on_underlay_change: super::routes::UnderlayHook = std::sync::Arc::new(move || {
+        // Dropped when the queue is full: the failed call that follows reconnects too.
+        let _ = commands.try_send(super::driver::Command::UnderlayChanged);
+    });
     let mut delay = std::time::Duration::from_millis(500);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match TunnelNetwork::up(&file).await {
+        match TunnelNetwork::up(&file, on_underlay_change.clone()).await {
             Ok(net) => {
                 tracing::info!(target: TARGET, "routes up: {} via the tunnel", net.routes().len());
                 return Some(net);

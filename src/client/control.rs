@@ -4,6 +4,12 @@
 //! Why a lazy channel: `start()` must not block, and the gateway may be down when the client starts.
 //! tonic reconnects a lazy channel by itself on the next call after a failure, so a gateway restart
 //! needs nothing from us but the next call.
+//!
+//! What tonic cannot see is a connection that died silently: the client's address changed
+//! (roaming), or a middlebox forgot the flow. Its calls then hang until their deadline and the
+//! channel keeps using the dead connection until HTTP/2 keepalive gives up on it (the interval
+//! plus the timeout, about 15 s). [`ControlPlane::reconnected`] gives the driver a fresh channel
+//! on the same endpoint, at no cost until the next call, for when it knows or suspects that.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -43,6 +49,8 @@ pub struct CallError<K> {
 #[derive(Clone)]
 pub struct ControlPlane {
     client: ControlClient<Channel>,
+    /// Where `client` connects, kept to build a fresh channel (see [`ControlPlane::reconnected`]).
+    endpoint: Endpoint,
     /// The caller's own identity, sent in `PingSession` (the gateway checks it against the cert).
     client_id: Arc<str>,
 }
@@ -67,9 +75,23 @@ impl ControlPlane {
             // and replaced instead of every call waiting out its deadline on a corpse.
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(rpc_deadline)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        Ok(Self { client: ControlClient::new(channel), client_id: Arc::from(file.name.as_str()) })
+            .keep_alive_while_idle(true);
+        Ok(Self {
+            client: ControlClient::new(channel.connect_lazy()),
+            endpoint: channel,
+            client_id: Arc::from(file.name.as_str()),
+        })
+    }
+
+    /// The same control plane on a new, lazily connecting channel; performs no IO. Calls in
+    /// flight finish on the old channel, whose connection closes when the last of them ends; the
+    /// next call opens a new connection (from whatever address the client has now).
+    pub fn reconnected(&self) -> Self {
+        Self {
+            client: ControlClient::new(self.endpoint.connect_lazy()),
+            endpoint: self.endpoint.clone(),
+            client_id: Arc::clone(&self.client_id),
+        }
     }
 
     /// `Authenticate` with a deadline. The response is validated before it becomes a snapshot.
@@ -267,7 +289,8 @@ mod tests {
 
     #[test]
     fn invalid_responses_are_errors_not_panics() {
-        let cases: Vec<(fn(&mut pb::AuthenticateResponse), &str)> = vec![
+        type Mutation = fn(&mut pb::AuthenticateResponse);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|r| r.assigned_ip = vec![1, 2, 3], "assigned_ip"),
             (|r| r.gateway_ip = vec![0; 16], "gateway_ip"),
             (|r| r.prefix_len = 0, "prefix"),

@@ -2,9 +2,17 @@
 //!
 //! It owns what the machine must not: the clock, the RNG, the control-plane channel, the one timer
 //! and the RPC tasks. It feeds every observation to the machine and executes the effects that come
-//! back, in order. It never decides anything itself — with one exception that is about IO, not
-//! policy: after a rejection it re-reads the client file, so credentials re-issued by the gateway
-//! operator take effect without a restart.
+//! back, in order. It never decides anything itself — with exceptions that are about IO, not
+//! policy:
+//! - after a rejection it re-reads the client file, so credentials re-issued by the gateway
+//!   operator take effect without a restart;
+//! - it replaces the control channel with a fresh one ([`ControlPlane::reconnected`]) when the
+//!   connection is likely dead: a call on the current channel failed as unreachable or timed
+//!   out, or the underlay changed ([`Command::UnderlayChanged`], from the route watcher). A TCP
+//!   connection from an address the client no longer has never recovers, and HTTP/2 keepalive
+//!   would take ~15 s to give up on it; a fresh channel connects from the current address on the
+//!   next call. An underlay change is also fed to the machine as a nudge, so it checks at once
+//!   (the machine rate-limits nudges and decides what a check is in each state).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -31,6 +39,9 @@ pub enum Command {
     Reauth,
     /// The data plane saw an "unknown session" notice: check now.
     Nudge,
+    /// The path to the gateway or the client's address on it changed (roaming, a link came
+    /// back): reconnect the control channel and check now.
+    UnderlayChanged,
 }
 
 /// Called with each snapshot the machine installs, after the swap (the data plane uses it to come
@@ -66,9 +77,12 @@ pub async fn run(parts: DriverParts) {
     };
     let mut machine = Supervisor::new(file.timings());
     let mut control = build_control(&file, &creds);
+    // Counts channel replacements: a failure only condemns the channel it happened on.
+    let mut channel: u64 = 0;
 
-    // RPC results come back through this channel, tagged with the attempt the machine gave them.
-    let (results_tx, mut results) = mpsc::unbounded_channel::<(Event, String)>();
+    // RPC results come back through this channel, tagged with the attempt the machine gave them
+    // and the channel they ran on.
+    let (results_tx, mut results) = mpsc::unbounded_channel::<(Event, String, u64)>();
     let mut rpcs: JoinSet<()> = JoinSet::new();
     // What each RPC task reports if it dies instead of answering (a panic in a library): the
     // machine waits for every RPC's result, so a lost one would stall it for good.
@@ -99,11 +113,11 @@ pub async fn run(parts: DriverParts) {
                         let tx = results_tx.clone();
                         let lost = Event::AuthFailed { attempt, failure: AuthFailure::GatewayError };
                         let task = rpcs.spawn(async move {
-                            let ev = match cp.authenticate(budget).await {
+                            let (ev, detail) = match cp.authenticate(budget).await {
                                 Ok(auth) => (Event::AuthSucceeded { attempt, auth }, String::new()),
                                 Err(e) => (Event::AuthFailed { attempt, failure: e.kind }, e.detail),
                             };
-                            let _ = tx.send(ev);
+                            let _ = tx.send((ev, detail, channel));
                         });
                         if_lost.insert(task.id(), lost);
                     }
@@ -120,7 +134,7 @@ pub async fn run(parts: DriverParts) {
                         let lost = Event::PingFailed { attempt, failure: PingFailure::GatewayError };
                         let task = rpcs.spawn(async move {
                             let sent = Instant::now();
-                            let ev = match cp.ping(session_id, budget).await {
+                            let (ev, detail) = match cp.ping(session_id, budget).await {
                                 Ok(PingAnswer::Ok) => {
                                     (Event::PingSucceeded { attempt, rtt: sent.elapsed() }, String::new())
                                 }
@@ -129,7 +143,7 @@ pub async fn run(parts: DriverParts) {
                                 }
                                 Err(e) => (Event::PingFailed { attempt, failure: e.kind }, e.detail),
                             };
-                            let _ = tx.send(ev);
+                            let _ = tx.send((ev, detail, channel));
                         });
                         if_lost.insert(task.id(), lost);
                     }
@@ -167,20 +181,29 @@ pub async fn run(parts: DriverParts) {
                 rpcs.abort_all();
                 return;
             }
-            if rejected {
-                reload_credentials(&file, &path, &mut creds, &mut control);
+            if rejected && reload_credentials(&file, &path, &mut creds, &mut control) {
+                channel = channel.wrapping_add(1);
             }
         }
 
         let sleep_until = timer.map(|(at, _)| at);
         tokio::select! {
-            Some(result) = results.recv() => pending.push_back(result),
+            Some((event, detail, on)) = results.recv() => {
+                if on == channel && suggests_dead_connection(&event) {
+                    reconnect(&mut control, &mut channel);
+                }
+                pending.push_back((event, detail));
+            }
             cmd = commands.recv() => {
                 let event = match cmd {
                     // All handles gone means nobody can stop us any more: treat it as a stop.
                     Some(Command::Stop) | None => Event::Stop,
                     Some(Command::Reauth) => Event::ReauthRequested,
                     Some(Command::Nudge) => Event::Nudged,
+                    Some(Command::UnderlayChanged) => {
+                        reconnect(&mut control, &mut channel);
+                        Event::Nudged
+                    }
                 };
                 pending.push_back((event, String::new()));
             }
@@ -219,6 +242,25 @@ async fn sleep(until: Option<Instant>) {
     }
 }
 
+/// Whether a failed call suggests that the channel's connection is dead (rather than that the
+/// gateway answered with an error): then the next call should not wait on it.
+fn suggests_dead_connection(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::PingFailed { failure: PingFailure::Unreachable | PingFailure::TimedOut, .. }
+            | Event::AuthFailed { failure: AuthFailure::Unreachable | AuthFailure::TimedOut, .. }
+    )
+}
+
+/// Replaces the control channel with a fresh one on the same endpoint (no IO until the next
+/// call; calls in flight finish on the old one).
+fn reconnect(control: &mut Option<ControlPlane>, channel: &mut u64) {
+    if let Some(cp) = control.as_ref() {
+        *control = Some(cp.reconnected());
+        *channel = channel.wrapping_add(1);
+    }
+}
+
 fn build_control(file: &ClientFile, creds: &Credentials) -> Option<ControlPlane> {
     match ControlPlane::new(file, creds) {
         Ok(c) => Some(c),
@@ -231,12 +273,13 @@ fn build_control(file: &ClientFile, creds: &Credentials) -> Option<ControlPlane>
 
 /// After a rejection, picks up credentials the operator re-issued into the same client file. A file
 /// that became unreadable or invalid meanwhile is not fatal after start-up: we keep what we have.
+/// Returns whether the channel was replaced.
 fn reload_credentials(
     file: &ClientFile,
     path: &std::path::Path,
     creds: &mut Credentials,
     control: &mut Option<ControlPlane>,
-) {
+) -> bool {
     let fresh = ClientFile::load(path).and_then(|f| {
         let c = f.credentials(path)?;
         Ok((f, c))
@@ -254,9 +297,14 @@ fn reload_credentials(
                 );
                 *control = build_control(file, &c);
                 *creds = c;
+                return true;
             }
+            false
         }
-        Err(e) => tracing::debug!(target: "holdfast::supervisor", "not reloading credentials: {e}"),
+        Err(e) => {
+            tracing::debug!(target: "holdfast::supervisor", "not reloading credentials: {e}");
+            false
+        }
     }
 }
 
@@ -267,5 +315,27 @@ fn emit(level: Level, message: &str, detail: &str) {
         Level::Warn => tracing::warn!(target: "holdfast::supervisor", "{message}{sep}{detail}"),
         Level::Info => tracing::info!(target: "holdfast::supervisor", "{message}{sep}{detail}"),
         Level::Debug => tracing::debug!(target: "holdfast::supervisor", "{message}{sep}{detail}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transport_failures_condemn_the_connection() {
+        let ping = |failure| Event::PingFailed { attempt: 1, failure };
+        let auth = |failure| Event::AuthFailed { attempt: 1, failure };
+        assert!(suggests_dead_connection(&ping(PingFailure::Unreachable)));
+        assert!(suggests_dead_connection(&ping(PingFailure::TimedOut)));
+        assert!(suggests_dead_connection(&auth(AuthFailure::Unreachable)));
+        assert!(suggests_dead_connection(&auth(AuthFailure::TimedOut)));
+        // The gateway answered: the connection works.
+        assert!(!suggests_dead_connection(&ping(PingFailure::GatewayError)));
+        assert!(!suggests_dead_connection(&auth(AuthFailure::Rejected)));
+        assert!(!suggests_dead_connection(&auth(AuthFailure::CertificateRefused)));
+        assert!(!suggests_dead_connection(&auth(AuthFailure::GatewayError)));
+        assert!(!suggests_dead_connection(&Event::SessionExpired { attempt: 1 }));
+        assert!(!suggests_dead_connection(&Event::Nudged));
     }
 }

@@ -1,33 +1,56 @@
-//! Routes through the tunnel (rtnetlink).
+//! Routes through the tunnel (rtnetlink), and the gateway's own path outside it.
 //!
 //! Installed once, when the TUN device comes up, and never touched on re-auth (the tunnel and the
 //! assigned address outlive every session). [`Routes::install`]:
 //! 1. removes routes a killed run left behind (every route we add carries [`ROUTE_PROTOCOL`], so
-//!    they are recognisable; the TUN's own routes died with it, the host route did not);
+//!    they are recognisable; the TUN's own routes died with it, the host routes did not);
 //! 2. asks the kernel how it reaches the gateway right now (`ip route get`, which follows whatever
 //!    default route, more specific route or multipath choice applies) and, if that path goes
 //!    through a router and the tunnel routes would capture the gateway, pins it with a host
-//!    route; a gateway on a directly connected subnet needs none;
+//!    route;
 //! 3. adds the tunnel routes on the TUN: `0.0.0.0/1` and `128.0.0.0/1` (more specific than any
 //!    default route, which is left alone) or the configured split-tunnel CIDRs.
 //!
 //! It returns a [`RouteGuard`] that removes exactly those routes on an explicit stop. The pure
 //! part — which routes — is [`tunnel_cidrs`] and [`plan`], unit-tested below.
 //!
-//! Known limit: the host route pins the gateway to the router seen at install time. Moving to
-//! another network removes it with its interface; the gateway is then routed into the tunnel
-//! until the client restarts. (Policy routing on a socket mark would follow roaming; it is not
-//! what issue 4 asks for.)
+//! ## Following the underlay
+//! A host route pinned once goes stale: the kernel deletes every route through a device that is
+//! set down or loses its last IPv4 address (without a route notification), a directly connected
+//! gateway has no host route at all, and a laptop moves to another router. With the gateway
+//! captured by the tunnel routes, each of these would send the client's own encrypted UDP and
+//! control TCP into its TUN. [`TunnelNetwork`] therefore runs an [`UnderlayWatch`] beside the
+//! routes. For a captured gateway it keeps two routes of ours for the gateway's address:
+//! - the *fallback*: `unreachable GW/32 metric 4294967295`. It names no device, so no link event
+//!   removes it, and every real route to the gateway wins over it. Whenever the kernel has no
+//!   path outside the tunnel, the gateway is unreachable (sends fail at once), never routed into
+//!   the TUN — there is no window in which it is, however slow the watcher;
+//! - the *pin* (metric 0): the current underlay path, `GW/32 via ROUTER dev X` or, for a gateway
+//!   on the link itself, `GW/32 dev X scope link`. The watcher subscribes to rtnetlink link,
+//!   address and route events and, after each burst, recomputes the path from the routing tables
+//!   (ignoring our own routes and the TUN: [`choose_underlay`], pure and unit-tested) and
+//!   replaces the pin in one netlink call if it changed.
+//!
+//! The path is chosen from the `local` and `main` tables (longest prefix, then lowest metric,
+//! skipping dead and link-down next hops), as the default policy rules do; other policy rules
+//! are not followed. When the path or the source address towards the gateway changes, the watcher
+//! calls the client's hook (the supervisor rebuilds its control channel and checks at once).
+//!
+//! After a crash (SIGKILL) the pin and the fallback stay, like the old host route did, until the
+//! next start or `holdfast client unblock` removes every route carrying [`ROUTE_PROTOCOL`].
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use futures_util::TryStreamExt as _;
 use ipnet::Ipv4Net;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteVia,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteNextHopFlags,
+    RouteProtocol, RouteScope, RouteType, RouteVia,
 };
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
 use super::dataplane::DEFAULT_TUN_NAME;
 use super::dns::{Dns, DnsError, DnsGuard};
@@ -86,17 +109,29 @@ pub struct Underlay {
 /// One route of ours.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteSpec {
-    /// The gateway's address (a /32 or /128) via the original router.
+    /// The gateway's address (a /32 or /128) via a router of the underlay.
     Host { dst: IpAddr, via: IpAddr, oif: u32 },
     /// A tunnel route on the TUN device.
     Tunnel { net: Ipv4Net, oif: u32 },
+    /// The gateway's address on a directly connected link (no router): a device host route, so
+    /// that the tunnel routes never capture it while the link's own route is there.
+    OnLink { dst: Ipv4Addr, oif: u32 },
+    /// The fallback for the gateway's address: unreachable at [`FALLBACK_METRIC`]. Used only when
+    /// no real route to the gateway exists (link down, no address, no router): then sending to
+    /// the gateway fails instead of entering the tunnel.
+    Unreachable { dst: Ipv4Addr },
 }
+
+/// The fallback's metric: the highest there is, so that any real route to the gateway wins.
+pub const FALLBACK_METRIC: u32 = u32::MAX;
 
 impl fmt::Display for RouteSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RouteSpec::Host { dst, via, oif } => write!(f, "{dst} via {via} dev #{oif}"),
             RouteSpec::Tunnel { net, oif } => write!(f, "{net} dev #{oif}"),
+            RouteSpec::OnLink { dst, oif } => write!(f, "{dst} dev #{oif}"),
+            RouteSpec::Unreachable { dst } => write!(f, "unreachable {dst} metric {FALLBACK_METRIC}"),
         }
     }
 }
@@ -177,6 +212,18 @@ fn message(spec: &RouteSpec) -> RouteMessage {
             .destination_prefix(net.addr(), net.prefix_len())
             .output_interface(oif)
             .scope(RouteScope::Link)
+            .protocol(proto)
+            .build(),
+        RouteSpec::OnLink { dst, oif } => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .output_interface(oif)
+            .scope(RouteScope::Link)
+            .protocol(proto)
+            .build(),
+        RouteSpec::Unreachable { dst } => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .kind(RouteType::Unreachable)
+            .priority(FALLBACK_METRIC)
             .protocol(proto)
             .build(),
     }
@@ -297,50 +344,71 @@ async fn remove_specs(handle: &Handle, specs: &[RouteSpec]) -> Result<(), Routes
 
 /// How the kernel routes `gateway` now.
 async fn lookup(handle: &Handle, gateway: IpAddr) -> Result<Underlay, RoutesError> {
+    underlay_of(gateway, &lookup_route(handle, gateway).await?)
+}
+
+/// The kernel's answer to `ip route get GATEWAY`.
+async fn lookup_route(handle: &Handle, gateway: IpAddr) -> Result<RouteMessage, RoutesError> {
     let query = match gateway {
         IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(a, 32).build(),
         IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(a, 128).build(),
     };
     let no_path = |reason: String| RoutesError::NoPathToGateway { gateway, reason };
-    let route = handle
+    handle
         .route()
         .get(query)
         .execute()
         .try_next()
         .await
         .map_err(|e| no_path(e.to_string()))?
-        .ok_or_else(|| no_path("the kernel returned no route".into()))?;
-    let mut via = None;
-    let mut oif = None;
-    for attr in &route.attributes {
-        match attr {
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = Some(IpAddr::V4(*a)),
-            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => via = Some(IpAddr::V6(*a)),
-            RouteAttribute::Via(RouteVia::Inet6(a)) => via = Some(IpAddr::V6(*a)),
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            _ => {}
-        }
-    }
-    let oif = oif.ok_or_else(|| no_path("the route has no outgoing interface".into()))?;
-    Ok(Underlay { via, oif })
+        .ok_or_else(|| no_path("the kernel returned no route".into()))
+}
+
+/// The next hop and device of a route the kernel returned for `gateway`.
+fn underlay_of(gateway: IpAddr, route: &RouteMessage) -> Result<Underlay, RoutesError> {
+    let oif = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    let oif = oif.ok_or_else(|| RoutesError::NoPathToGateway {
+        gateway,
+        reason: "the route has no outgoing interface".into(),
+    })?;
+    Ok(Underlay { via: next_hop_of(&route.attributes), oif })
 }
 
 /// Removes every route carrying [`ROUTE_PROTOCOL`] (IPv4 and IPv6, any table); returns how many.
 async fn remove_ours(handle: &Handle) -> Result<usize, RoutesError> {
-    let mut ours = Vec::new();
+    remove_matching_any(handle, |m| m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)).await
+}
+
+/// Removes the IPv4 routes that `select` selects (see [`parse_dumped`]); returns how many.
+async fn remove_matching(
+    handle: &Handle,
+    select: impl Fn(&DumpedRoute) -> bool,
+) -> Result<usize, RoutesError> {
+    remove_matching_any(handle, |m| parse_dumped(m).is_some_and(|r| select(&r))).await
+}
+
+/// Removes every route (IPv4 and IPv6, any table) that `doomed` selects; returns how many.
+async fn remove_matching_any(
+    handle: &Handle,
+    doomed: impl Fn(&RouteMessage) -> bool,
+) -> Result<usize, RoutesError> {
+    let mut found = Vec::new();
     for dump in [
         RouteMessageBuilder::<Ipv4Addr>::new().build(),
         RouteMessageBuilder::<Ipv6Addr>::new().build(),
     ] {
         let mut routes = handle.route().get(dump).execute();
         while let Some(r) = routes.try_next().await.map_err(|e| RoutesError::List(e.to_string()))? {
-            if r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
-                ours.push(r);
+            if doomed(&r) {
+                found.push(r);
             }
         }
     }
-    let n = ours.len();
-    for r in ours {
+    let n = found.len();
+    for r in found {
         if let Err(e) = handle.route().del(r.clone()).execute().await
             && !already_gone(&e)
         {
@@ -377,6 +445,365 @@ pub fn remove_leftovers_blocking() -> Result<usize, RoutesError> {
     })
 }
 
+/// One IPv4 route from a dump, reduced to what [`choose_underlay`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpedRoute {
+    pub net: Ipv4Net,
+    /// Routing table id (254 = main, 255 = local).
+    pub table: u32,
+    pub kind: RouteType,
+    /// The metric.
+    pub priority: u32,
+    /// Carries [`ROUTE_PROTOCOL`].
+    pub ours: bool,
+    /// The next hops (one, or several for a multipath route).
+    pub hops: Vec<NextHop>,
+}
+
+/// One next hop of a [`DumpedRoute`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextHop {
+    pub via: Option<IpAddr>,
+    /// Outgoing interface (0 when the route names none, e.g. an unreachable route).
+    pub oif: u32,
+    /// Not flagged dead or link-down by the kernel.
+    pub alive: bool,
+}
+
+/// Where the gateway is reached outside the tunnel, as far as pinning is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderlayChoice {
+    /// Pin the gateway to this path.
+    Pin(Underlay),
+    /// Nothing to pin: the gateway is a local address, or a host route that is not ours (an
+    /// administrator's) already pins it.
+    Unpinned,
+    /// No path outside the tunnel (link down, no address, no router, or an administrator's
+    /// unreachable route): the fallback applies.
+    NoPath,
+}
+
+const TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+const TABLE_LOCAL: u32 = 255;
+
+/// Chooses the gateway's underlay path from the routing tables, the way the kernel's default
+/// policy would (the `local` table first, then `main`: longest prefix, then lowest metric, dead
+/// and link-down next hops skipped) but ignoring our own routes and anything through the TUN —
+/// those are exactly what must not decide the gateway's path. Of a multipath route, the first
+/// live next hop is taken.
+pub fn choose_underlay(routes: &[DumpedRoute], gateway: Ipv4Addr, tun_index: u32) -> UnderlayChoice {
+    let covers = |r: &&DumpedRoute| r.net.contains(&gateway);
+    if routes.iter().filter(covers).any(|r| r.table == TABLE_LOCAL && r.kind == RouteType::Local) {
+        return UnderlayChoice::Unpinned;
+    }
+    let mut main: Vec<&DumpedRoute> =
+        routes.iter().filter(covers).filter(|r| r.table == TABLE_MAIN && !r.ours).collect();
+    main.sort_by_key(|r| (std::cmp::Reverse(r.net.prefix_len()), r.priority));
+    for r in main {
+        match r.kind {
+            RouteType::Unicast => {
+                let usable = r.hops.iter().find(|h| h.alive && h.oif != 0 && h.oif != tun_index);
+                match usable {
+                    // Someone else's host route for the gateway: the kernel follows it already.
+                    Some(_) if r.net.prefix_len() == 32 => return UnderlayChoice::Unpinned,
+                    Some(h) => return UnderlayChoice::Pin(Underlay { via: h.via, oif: h.oif }),
+                    // Dead, or through the tunnel: the kernel would not (or must not) use it.
+                    None => continue,
+                }
+            }
+            // The administrator says the gateway is not reachable: do not route around that.
+            RouteType::Unreachable | RouteType::BlackHole | RouteType::Prohibit | RouteType::Throw => {
+                return UnderlayChoice::NoPath;
+            }
+            _ => continue,
+        }
+    }
+    UnderlayChoice::NoPath
+}
+
+/// The pin for `choice`, if any.
+fn pin_for(gateway: Ipv4Addr, choice: UnderlayChoice) -> Option<RouteSpec> {
+    match choice {
+        UnderlayChoice::Pin(Underlay { via: Some(via), oif }) => {
+            Some(RouteSpec::Host { dst: IpAddr::V4(gateway), via, oif })
+        }
+        UnderlayChoice::Pin(Underlay { via: None, oif }) => Some(RouteSpec::OnLink { dst: gateway, oif }),
+        UnderlayChoice::Unpinned | UnderlayChoice::NoPath => None,
+    }
+}
+
+fn next_hop_of(attrs: &[RouteAttribute]) -> Option<IpAddr> {
+    attrs.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(v)) => Some(IpAddr::V4(*v)),
+        RouteAttribute::Gateway(RouteAddress::Inet6(v)) => Some(IpAddr::V6(*v)),
+        RouteAttribute::Via(RouteVia::Inet6(v)) => Some(IpAddr::V6(*v)),
+        _ => None,
+    })
+}
+
+/// Reduces a dumped route to a [`DumpedRoute`]; `None` for anything but a well-formed IPv4 route.
+pub fn parse_dumped(m: &RouteMessage) -> Option<DumpedRoute> {
+    if m.header.address_family != AddressFamily::Inet {
+        return None;
+    }
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut table = u32::from(m.header.table);
+    let mut priority = 0;
+    let mut oif = 0;
+    let mut multipath = None;
+    for attr in &m.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => priority = *p,
+            RouteAttribute::Oif(i) => oif = *i,
+            RouteAttribute::MultiPath(hops) => multipath = Some(hops),
+            _ => {}
+        }
+    }
+    let net = Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?;
+    let dead = RouteFlags::Dead | RouteFlags::Linkdown;
+    let hops = match multipath {
+        Some(hops) => hops
+            .iter()
+            .map(|h| NextHop {
+                via: next_hop_of(&h.attributes),
+                oif: h.interface_index,
+                alive: !h.flags.intersects(RouteNextHopFlags::Dead | RouteNextHopFlags::Linkdown),
+            })
+            .collect(),
+        None => vec![NextHop {
+            via: next_hop_of(&m.attributes),
+            oif,
+            alive: !m.header.flags.intersects(dead),
+        }],
+    };
+    Some(DumpedRoute {
+        net,
+        table,
+        kind: m.header.kind,
+        priority,
+        ours: m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL),
+        hops,
+    })
+}
+
+/// Called when the path or the source address towards the gateway changed.
+pub type UnderlayHook = Arc<dyn Fn() + Send + Sync>;
+
+/// What the watcher compares between two looks: the kernel's answer for the gateway (`ip route
+/// get`: next hop, device, source address), or `None` when it has none.
+type PathSeen = Option<(Underlay, Option<IpAddr>)>;
+
+/// Follows the underlay (see the module doc): keeps the gateway's pin and fallback current when
+/// `pin` is set, and calls the hook on each change of the path towards the gateway.
+#[derive(Debug)]
+pub struct UnderlayWatch {
+    gateway: IpAddr,
+    pin: bool,
+    /// The watcher; `None` once halted.
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl UnderlayWatch {
+    /// Brings the gateway's routes up to date once (so the fallback and the pin are in place when
+    /// this returns), then watches in a task. `pin`: whether the tunnel captures the gateway.
+    pub async fn start(
+        gateway: IpAddr,
+        tun_index: u32,
+        pin: bool,
+        on_change: UnderlayHook,
+    ) -> Result<Self, RoutesError> {
+        let pin_v4 = match gateway {
+            IpAddr::V4(v4) if pin => Some(v4),
+            _ => None,
+        };
+        let first = with_handle(|h| async move { look(&h, gateway, pin_v4, tun_index).await }).await?;
+        describe_path(gateway, first);
+        let task = tokio::spawn(watch(gateway, pin_v4, tun_index, first, on_change));
+        Ok(Self { gateway, pin: pin_v4.is_some(), task: Some(task) })
+    }
+
+    /// Stops watching (the routes stay as they are).
+    async fn halt(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            // Only the cancellation comes back: the watcher never ends by itself.
+            let _ = task.await;
+        }
+    }
+
+    /// Stops watching and removes the gateway's pin and fallback.
+    pub async fn remove(mut self) -> Result<(), RoutesError> {
+        self.halt().await;
+        let IpAddr::V4(gw) = self.gateway else { return Ok(()) };
+        if !self.pin {
+            return Ok(());
+        }
+        with_handle(|handle| async move {
+            let target = Ipv4Net::from(gw);
+            remove_matching(&handle, |r| r.ours && r.net == target).await.map(drop)
+        })
+        .await
+    }
+}
+
+/// One look at the underlay: pins (when `pin` names the gateway) and returns what the kernel
+/// now does with the gateway's address.
+async fn look(
+    handle: &Handle,
+    gateway: IpAddr,
+    pin: Option<Ipv4Addr>,
+    tun_index: u32,
+) -> Result<PathSeen, RoutesError> {
+    if let Some(gw) = pin {
+        reconcile(handle, gw, tun_index).await?;
+    }
+    Ok(match lookup_route(handle, gateway).await {
+        Ok(route) => {
+            let src = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::PrefSource(RouteAddress::Inet(v)) => Some(IpAddr::V4(*v)),
+                RouteAttribute::PrefSource(RouteAddress::Inet6(v)) => Some(IpAddr::V6(*v)),
+                _ => None,
+            });
+            underlay_of(gateway, &route).ok().map(|u| (u, src))
+        }
+        // Unreachable (our fallback) or no route at all.
+        Err(_) => None,
+    })
+}
+
+/// Makes the gateway's fallback and pin match the routing tables. Stateless: what is installed
+/// is read back from the dump, since the kernel removes routes without telling (link down).
+async fn reconcile(handle: &Handle, gw: Ipv4Addr, tun_index: u32) -> Result<(), RoutesError> {
+    let routes = dump_v4(handle).await?;
+    let host = Ipv4Net::from(gw);
+    let ours_for_gw = |r: &&DumpedRoute| r.ours && r.net == host && r.table == TABLE_MAIN;
+    if !routes.iter().filter(ours_for_gw).any(|r| r.kind == RouteType::Unreachable) {
+        add(handle, &RouteSpec::Unreachable { dst: gw }, false).await?;
+    }
+    let current = routes
+        .iter()
+        .filter(ours_for_gw)
+        .find(|r| r.kind == RouteType::Unicast && r.priority == 0)
+        .and_then(|r| r.hops.first())
+        .map(|h| match h.via {
+            Some(via) => RouteSpec::Host { dst: IpAddr::V4(gw), via, oif: h.oif },
+            None => RouteSpec::OnLink { dst: gw, oif: h.oif },
+        });
+    let wanted = pin_for(gw, choose_underlay(&routes, gw, tun_index));
+    match (current, wanted) {
+        (current, wanted) if current == wanted => Ok(()),
+        // One netlink call: the old path is replaced by the new, no gap in between.
+        (Some(_), Some(next)) => add(handle, &next, true).await,
+        (None, Some(next)) => add(handle, &next, false).await,
+        (Some(stale), None) => match handle.route().del(message(&stale)).execute().await {
+            Err(e) if !already_gone(&e) => {
+                Err(RoutesError::Remove { route: stale.to_string(), reason: e.to_string() })
+            }
+            _ => Ok(()),
+        },
+        (None, None) => Ok(()),
+    }
+}
+
+/// Adds `spec` (replacing the route of the same destination and metric when `replace`). A route
+/// that already exists is fine: the next look compares again.
+async fn add(handle: &Handle, spec: &RouteSpec, replace: bool) -> Result<(), RoutesError> {
+    let req = handle.route().add(message(spec));
+    let req = if replace { req.replace() } else { req };
+    match req.execute().await {
+        Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(RoutesError::Add { route: spec.to_string(), reason: e.to_string() }),
+        Ok(()) => Ok(()),
+    }
+}
+
+async fn dump_v4(handle: &Handle) -> Result<Vec<DumpedRoute>, RoutesError> {
+    let mut routes = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    let mut out = Vec::new();
+    while let Some(r) = routes.try_next().await.map_err(|e| RoutesError::List(e.to_string()))? {
+        out.extend(parse_dumped(&r));
+    }
+    Ok(out)
+}
+
+/// Logs a change of the gateway's path (once per change, not per event).
+fn describe_path(gateway: IpAddr, now: PathSeen) {
+    match now {
+        Some((u, src)) => {
+            let via = u.via.map(|v| format!(" via {v}")).unwrap_or_default();
+            let src = src.map(|s| format!(" from {s}")).unwrap_or_default();
+            tracing::info!(target: TARGET, "gateway {gateway} reached{via} dev #{}{src}", u.oif);
+        }
+        None => tracing::info!(
+            target: TARGET,
+            "no path to the gateway {gateway} outside the tunnel; it stays unreachable (never \
+             routed into the tunnel) until one returns"
+        ),
+    }
+}
+
+/// Pause before looking again after a look failed (a route add refused mid-change), or before
+/// re-subscribing after the event socket failed (it should not).
+const WATCH_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Without events, look again this often anyway: a netlink socket that overflows during an event
+/// storm drops notifications, and a look is one dump.
+const WATCH_BACKSTOP: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The watcher task: subscribe, look, then look again after every burst of events.
+async fn watch(
+    gateway: IpAddr,
+    pin: Option<Ipv4Addr>,
+    tun_index: u32,
+    mut last: PathSeen,
+    on_change: UnderlayHook,
+) {
+    use futures_util::StreamExt as _;
+    let mut groups = vec![MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv4Route];
+    if gateway.is_ipv6() {
+        groups.extend([MulticastGroup::Ipv6Ifaddr, MulticastGroup::Ipv6Route]);
+    }
+    loop {
+        match rtnetlink::new_multicast_connection(&groups) {
+            Ok((conn, handle, mut events)) => {
+                let follow = async {
+                    // Subscribed first, then looked: nothing between the two is missed.
+                    loop {
+                        let wait = match look(&handle, gateway, pin, tun_index).await {
+                            Ok(now) => {
+                                if now != last {
+                                    describe_path(gateway, now);
+                                    last = now;
+                                    on_change();
+                                }
+                                WATCH_BACKSTOP
+                            }
+                            Err(e) => {
+                                tracing::debug!(target: TARGET, "underlay look failed: {e}");
+                                WATCH_RETRY
+                            }
+                        };
+                        // Wait for the next event (or the timeout), then take the whole burst.
+                        if let Ok(None) = tokio::time::timeout(wait, events.next()).await {
+                            return;
+                        }
+                        while events.try_recv().is_ok() {}
+                    }
+                };
+                tokio::select! {
+                    () = conn => {}
+                    () = follow => {}
+                }
+                tracing::debug!(target: TARGET, "underlay event socket closed; re-subscribing");
+            }
+            Err(e) => tracing::debug!(target: TARGET, "cannot watch the underlay: {e}"),
+        }
+        tokio::time::sleep(WATCH_RETRY).await;
+    }
+}
+
 /// Why the tunnel's routes or resolver could not be set up or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -387,28 +814,51 @@ pub enum NetworkError {
 }
 
 /// Everything the client changes on the host when its tunnel comes up, for a client file: the
-/// routes ([`Routes::install`] with [`tunnel_cidrs`] of `[network] routes` and `dns`) and the
-/// resolver ([`Dns::apply`] with `[network] dns`). Brought up once, when the TUN device exists;
-/// left alone on re-auth; [`TunnelNetwork::down`] on an explicit stop.
+/// routes ([`Routes::install`] with [`tunnel_cidrs`] of `[network] routes` and `dns`), the
+/// [`UnderlayWatch`] that keeps the gateway's own path outside the tunnel, and the resolver
+/// ([`Dns::apply`] with `[network] dns`). Brought up once, when the TUN device exists; left alone
+/// on re-auth; [`TunnelNetwork::down`] on an explicit stop.
 #[must_use = "call down() on stop"]
 #[derive(Debug)]
 pub struct TunnelNetwork {
     routes: RouteGuard,
+    underlay: UnderlayWatch,
     dns: DnsGuard,
 }
 
 impl TunnelNetwork {
-    /// Installs the routes, then points the resolver at the tunnel. If the resolver cannot be set,
-    /// the routes are removed again and the error returned (nothing half-done stays).
-    pub async fn up(file: &ClientFile) -> Result<Self, NetworkError> {
+    /// Installs the routes, starts following the underlay (calling `on_underlay_change` on each
+    /// change of the path to the gateway), then points the resolver at the tunnel. On error
+    /// everything done so far is undone and the error returned (nothing half-done stays).
+    pub async fn up(file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<Self, NetworkError> {
         let net = &file.network;
         let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
         let cidrs = tunnel_cidrs(net.routes.as_deref(), &net.dns);
-        let routes = Routes::install(tun, file.endpoint.ip(), &cidrs).await?;
-        match Dns::apply(tun, &net.dns) {
-            Ok(dns) => Ok(Self { routes, dns }),
+        let gateway = file.endpoint.ip();
+        let routes = Routes::install(tun, gateway, &cidrs).await?;
+        let captured = match gateway {
+            // A loopback gateway (tests, a gateway on this host) is delivered locally whatever
+            // the main table says.
+            IpAddr::V4(v4) => !v4.is_loopback() && cidrs.iter().any(|n| n.contains(&v4)),
+            IpAddr::V6(_) => false,
+        };
+        let underlay = match ifindex(tun) {
+            Ok(tun_index) => UnderlayWatch::start(gateway, tun_index, captured, on_underlay_change).await,
+            Err(e) => Err(e),
+        };
+        let underlay = match underlay {
+            Ok(u) => u,
             Err(e) => {
                 if let Err(undo) = routes.restore().await {
+                    tracing::warn!(target: TARGET, "{undo}");
+                }
+                return Err(e.into());
+            }
+        };
+        match Dns::apply(tun, &net.dns) {
+            Ok(dns) => Ok(Self { routes, underlay, dns }),
+            Err(e) => {
+                if let Err(undo) = Self::remove_routes(routes, underlay).await {
                     tracing::warn!(target: TARGET, "{undo}");
                 }
                 Err(e.into())
@@ -416,19 +866,31 @@ impl TunnelNetwork {
         }
     }
 
-    /// The routes that were added.
+    /// The routes that were added at start (the gateway's pin and fallback, which follow the
+    /// underlay, not included).
     pub fn routes(&self) -> &[RouteSpec] {
         self.routes.routes()
     }
 
     /// Restores the resolver, then removes the routes. Both are attempted; the first error is
     /// returned.
-    pub async fn down(self) -> Result<(), NetworkError> {
+    pub async fn down(mut self) -> Result<(), NetworkError> {
+        // The watcher stops first, so it cannot put a pin back while the routes go.
+        self.underlay.halt().await;
         let dns = self.dns.restore();
-        let routes = self.routes.restore().await;
+        let routes = Self::remove_routes(self.routes, self.underlay).await;
         dns?;
         routes?;
         Ok(())
+    }
+
+    /// The tunnel routes first, then the gateway's pin and fallback: while the tunnel routes
+    /// exist, the gateway never loses the routes that keep it out of the tunnel.
+    async fn remove_routes(routes: RouteGuard, underlay: UnderlayWatch) -> Result<(), RoutesError> {
+        let tunnel = routes.restore().await;
+        let gateway = underlay.remove().await;
+        tunnel?;
+        gateway
     }
 }
 
@@ -553,5 +1015,148 @@ mod tests {
     fn unknown_interface_is_a_clear_error() {
         assert!(matches!(ifindex("nope-holdfast"), Err(RoutesError::NoInterface(_))));
         assert!(matches!(ifindex("a\0b"), Err(RoutesError::NoInterface(_))));
+    }
+
+    const TUN: u32 = 9;
+
+    fn hop(via: Option<&str>, oif: u32) -> NextHop {
+        NextHop { via: via.map(|v| v.parse().unwrap()), oif, alive: true }
+    }
+
+    fn route(net: &str, priority: u32, hops: Vec<NextHop>) -> DumpedRoute {
+        DumpedRoute {
+            net: net.parse().unwrap(),
+            table: TABLE_MAIN,
+            kind: RouteType::Unicast,
+            priority,
+            ours: false,
+            hops,
+        }
+    }
+
+    fn pin(via: Option<&str>, oif: u32) -> UnderlayChoice {
+        UnderlayChoice::Pin(Underlay { via: via.map(|v| v.parse().unwrap()), oif })
+    }
+
+    /// A laptop: wired and wireless default routes, their subnets, our tunnel routes, our pin
+    /// and fallback, and the gateway somewhere on the internet.
+    fn laptop() -> Vec<DumpedRoute> {
+        let ours = |mut r: DumpedRoute| {
+            r.ours = true;
+            r
+        };
+        let mut fallback = ours(route("203.0.113.7/32", FALLBACK_METRIC, vec![hop(None, 0)]));
+        fallback.kind = RouteType::Unreachable;
+        vec![
+            route("0.0.0.0/0", 100, vec![hop(Some("192.168.1.1"), 2)]),
+            route("0.0.0.0/0", 600, vec![hop(Some("10.0.0.1"), 3)]),
+            route("192.168.1.0/24", 100, vec![hop(None, 2)]),
+            route("10.0.0.0/24", 600, vec![hop(None, 3)]),
+            ours(route("0.0.0.0/1", 0, vec![hop(None, TUN)])),
+            ours(route("128.0.0.0/1", 0, vec![hop(None, TUN)])),
+            // A stale pin of ours: never a candidate.
+            ours(route("203.0.113.7/32", 0, vec![hop(Some("172.16.0.1"), 4)])),
+            fallback,
+        ]
+    }
+
+    #[test]
+    fn the_underlay_is_the_best_route_that_is_not_ours_nor_the_tunnel() {
+        let gw: Ipv4Addr = "203.0.113.7".parse().unwrap();
+        let mut routes = laptop();
+        // Lowest metric wins among equal prefixes.
+        assert_eq!(choose_underlay(&routes, gw, TUN), pin(Some("192.168.1.1"), 2));
+        // Wired link down: its routes are flagged (or gone); wireless takes over.
+        routes[0].hops[0].alive = false;
+        assert_eq!(choose_underlay(&routes, gw, TUN), pin(Some("10.0.0.1"), 3));
+        // Only our own routes and the tunnel left: no path, whatever ours say.
+        routes.drain(..4);
+        assert_eq!(choose_underlay(&routes, gw, TUN), UnderlayChoice::NoPath);
+        // A gateway on a connected subnet: on the link, no router.
+        let near: Ipv4Addr = "10.0.0.9".parse().unwrap();
+        assert_eq!(choose_underlay(&laptop(), near, TUN), pin(None, 3));
+        // A longer prefix beats a lower metric.
+        let mut routes = laptop();
+        routes.push(route("203.0.113.0/24", 1000, vec![hop(Some("10.0.0.254"), 3)]));
+        assert_eq!(choose_underlay(&routes, gw, TUN), pin(Some("10.0.0.254"), 3));
+    }
+
+    #[test]
+    fn nothing_to_pin_for_a_local_or_already_pinned_gateway_and_no_path_when_forbidden() {
+        let gw: Ipv4Addr = "203.0.113.7".parse().unwrap();
+        // An administrator's own host route already pins it.
+        let mut routes = laptop();
+        routes.push(route("203.0.113.7/32", 0, vec![hop(Some("10.0.0.1"), 3)]));
+        assert_eq!(choose_underlay(&routes, gw, TUN), UnderlayChoice::Unpinned);
+        // A local address of this host.
+        let mut routes = laptop();
+        let mut local = route("203.0.113.7/32", 0, vec![hop(None, 1)]);
+        (local.table, local.kind) = (TABLE_LOCAL, RouteType::Local);
+        routes.push(local);
+        assert_eq!(choose_underlay(&routes, gw, TUN), UnderlayChoice::Unpinned);
+        // An administrator's unreachable route: respected, not routed around.
+        let mut routes = laptop();
+        let mut forbidden = route("203.0.113.0/24", 0, vec![]);
+        forbidden.kind = RouteType::Prohibit;
+        routes.push(forbidden);
+        assert_eq!(choose_underlay(&routes, gw, TUN), UnderlayChoice::NoPath);
+        // Other tables and routes through the tunnel are not the underlay.
+        let mut other = route("203.0.113.0/24", 0, vec![hop(Some("10.0.0.77"), 3)]);
+        other.table = 100;
+        let via_tun = route("203.0.113.0/25", 0, vec![hop(None, TUN)]);
+        let mut routes = laptop();
+        routes.extend([other, via_tun]);
+        assert_eq!(choose_underlay(&routes, gw, TUN), pin(Some("192.168.1.1"), 2));
+    }
+
+    #[test]
+    fn multipath_takes_the_first_live_next_hop() {
+        let gw: Ipv4Addr = "203.0.113.7".parse().unwrap();
+        let mut dead = hop(Some("192.168.1.1"), 2);
+        dead.alive = false;
+        let routes = vec![route("0.0.0.0/0", 0, vec![dead, hop(Some("10.0.0.1"), 3)])];
+        assert_eq!(choose_underlay(&routes, gw, TUN), pin(Some("10.0.0.1"), 3));
+    }
+
+    #[test]
+    fn pins_and_fallback_are_shaped_as_the_kernel_needs() {
+        let gw: Ipv4Addr = "198.18.0.2".parse().unwrap();
+        assert_eq!(pin_for(gw, pin(None, 2)), Some(RouteSpec::OnLink { dst: gw, oif: 2 }));
+        assert_eq!(
+            pin_for(gw, pin(Some("198.18.1.1"), 2)),
+            Some(RouteSpec::Host { dst: gw.into(), via: "198.18.1.1".parse().unwrap(), oif: 2 })
+        );
+        assert_eq!(pin_for(gw, UnderlayChoice::NoPath), None);
+        assert_eq!(pin_for(gw, UnderlayChoice::Unpinned), None);
+
+        let on_link = message(&RouteSpec::OnLink { dst: gw, oif: 2 });
+        assert_eq!(on_link.header.scope, RouteScope::Link);
+        assert_eq!(on_link.header.destination_prefix_length, 32);
+        assert!(on_link.attributes.contains(&RouteAttribute::Oif(2)));
+        let fallback = message(&RouteSpec::Unreachable { dst: gw });
+        assert_eq!(fallback.header.kind, RouteType::Unreachable);
+        assert_eq!(fallback.header.protocol, RouteProtocol::Other(ROUTE_PROTOCOL));
+        assert!(fallback.attributes.contains(&RouteAttribute::Priority(FALLBACK_METRIC)));
+        assert!(!fallback.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(_))));
+        // Our own messages read back as ours, with what the chooser needs.
+        let back = parse_dumped(&fallback).unwrap();
+        assert!(back.ours);
+        assert_eq!((back.net, back.priority), (Ipv4Net::from(gw), FALLBACK_METRIC));
+        let back = parse_dumped(&message(&RouteSpec::Host {
+            dst: gw.into(),
+            via: "198.18.1.1".parse().unwrap(),
+            oif: 2,
+        }))
+        .unwrap();
+        assert_eq!(back.hops, vec![hop(Some("198.18.1.1"), 2)]);
+        assert_eq!(back.table, TABLE_MAIN);
+        // IPv6 routes are not parsed as IPv4 ones.
+        let v6 = message(&RouteSpec::Host {
+            dst: "2001:2::1".parse().unwrap(),
+            via: "fe80::1".parse().unwrap(),
+            oif: 3,
+        });
+        assert_eq!(parse_dumped(&v6), None);
+        assert_eq!(RouteSpec::Unreachable { dst: gw }.to_string(), "unreachable 198.18.0.2 metric 4294967295");
     }
 }
