@@ -339,3 +339,44 @@ pub fn control_decode(data: &[u8]) {
         model.ping(&svc, &alice, req);
     }
 }
+
+/// Target `gateway_answer`: protobuf bytes of an `AuthenticateResponse` as a buggy or hostile
+/// gateway could send them, through the client's check of the answer (`snapshot_from`).
+/// Oracles: never panics; an answer is accepted exactly when every field is usable (IPv4
+/// addresses of 4 bytes, a prefix length 1..=32, a non-zero session id, a 32-byte key, a data port
+/// 1..=65535); what is accepted carries those values unchanged, builds its cipher and renders for
+/// the status feed; neither the accepted snapshot's summary nor a refusal ever shows the key.
+pub fn gateway_answer(data: &[u8]) {
+    let Ok(answer) = AuthenticateResponse::decode(data) else {
+        return;
+    };
+    let usable = answer.assigned_ip.len() == 4
+        && answer.gateway_ip.len() == 4
+        && (1..=32).contains(&answer.prefix_len)
+        && answer.session_id != 0
+        && answer.session_key.len() == 32
+        && (1..=u32::from(u16::MAX)).contains(&answer.data_port);
+    // Only a full-length key's hex is distinctive enough to look for in text.
+    let key_hex = (answer.session_key.len() == 32)
+        .then(|| answer.session_key.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let shows_key = |text: &str| key_hex.as_ref().is_some_and(|k| text.to_lowercase().contains(k));
+    match holdfast::client::control::snapshot_from(answer.clone()) {
+        Ok(snap) => {
+            assert!(usable, "accepted an unusable answer: {answer:?}");
+            assert_eq!(snap.assigned_ip.octets().as_slice(), answer.assigned_ip.as_slice());
+            assert_eq!(snap.gateway_ip.octets().as_slice(), answer.gateway_ip.as_slice());
+            assert_eq!(u32::from(snap.prefix_len), answer.prefix_len);
+            assert_eq!(snap.session_id.0, answer.session_id);
+            assert_eq!(u32::from(snap.data_port), answer.data_port);
+            assert_eq!(snap.session_key.expose().as_slice(), answer.session_key.as_slice());
+            let _ = snap.crypto();
+            let view = holdfast::client::status::SnapshotView::of(&snap);
+            assert!(!shows_key(&snap.summary()), "summary shows the key");
+            assert!(!shows_key(&format!("{view:?}")), "status view shows the key");
+        }
+        Err(e) => {
+            assert!(!usable, "refused a usable answer ({e}): {answer:?}");
+            assert!(!shows_key(&e), "refusal shows the key: {e}");
+        }
+    }
+}

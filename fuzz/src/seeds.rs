@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use holdfast::config::client::ClientFile;
 use holdfast::config::gateway::DEFAULT_SUBNET;
-use holdfast::control::pb::{AuthenticateRequest, PingSessionRequest};
+use holdfast::control::pb::{AuthenticateRequest, AuthenticateResponse, PingSessionRequest};
 use holdfast::gateway::cli::{self, AddClientArgs, InitArgs, RevokeArgs};
 use holdfast::sansio::replay::WINDOW;
 use holdfast::sansio::seal::{Direction, SealedKind};
@@ -250,6 +250,37 @@ fn control_seeds() -> Vec<Seed> {
             req(1, ping_unknown_field),
         ),
     ]
+    .into_iter()
+    .chain(gateway_answer_seeds())
+    .collect()
+}
+
+/// A well-formed gateway answer, and the same answer with one field broken each.
+fn gateway_answer_seeds() -> Vec<Seed> {
+    let good = AuthenticateResponse {
+        assigned_ip: vec![100, 64, 0, 2],
+        gateway_ip: vec![100, 64, 0, 1],
+        prefix_len: 24,
+        session_id: 0x0123_4567_89ab_cdef,
+        session_key: (0..32).collect(),
+        data_port: 51820,
+        session_idle_timeout_ms: 180_000,
+    };
+    let broken: [(&'static str, fn(&mut AuthenticateResponse)); 6] = [
+        ("ipv6-assigned-ip", |a| a.assigned_ip = vec![0xfd; 16]),
+        ("prefix-0", |a| a.prefix_len = 0),
+        ("session-0", |a| a.session_id = 0),
+        ("short-key", |a| a.session_key.truncate(31)),
+        ("port-70000", |a| a.data_port = 70_000),
+        ("idle-max", |a| a.session_idle_timeout_ms = u64::MAX),
+    ];
+    let mut seeds = vec![seed("gateway_answer", "valid", good.encode_to_vec())];
+    for (name, brk) in broken {
+        let mut a = good.clone();
+        brk(&mut a);
+        seeds.push(seed("gateway_answer", name, a.encode_to_vec()));
+    }
+    seeds
 }
 
 fn read(p: &Path) -> Vec<u8> {

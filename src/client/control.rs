@@ -161,9 +161,10 @@ fn timed_out(deadline: Duration) -> String {
     format!("no answer within {} ms", deadline.as_millis())
 }
 
-/// Turns a validated `AuthenticateResponse` into a snapshot. Every field is checked: a gateway bug
-/// must not become a client crash or a half-usable session.
-fn snapshot_from(r: pb::AuthenticateResponse) -> Result<Arc<VpnAuthResponse>, String> {
+/// Turns an `AuthenticateResponse` into a snapshot. Every field is checked: a gateway bug (or a
+/// hostile gateway) must not become a client crash or a half-usable session. Public for the
+/// `gateway_answer` fuzz target; the error is a sentence for the log, never containing the key.
+pub fn snapshot_from(r: pb::AuthenticateResponse) -> Result<Arc<VpnAuthResponse>, String> {
     let ip = |b: &[u8], what: &str| {
         <[u8; 4]>::try_from(b).map(Ipv4Addr::from).map_err(|_| {
             format!("gateway sent a {what} of {} bytes, expected an IPv4 address", b.len())
