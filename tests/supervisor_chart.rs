@@ -30,7 +30,7 @@ const ALL_STATES: [StateName; 6] = [
     StateName::Stopped,
 ];
 
-const EVENT_NAMES: [&str; 10] = [
+const EVENT_NAMES: [&str; 11] = [
     "Started",
     "AuthSucceeded",
     "AuthFailed",
@@ -40,6 +40,7 @@ const EVENT_NAMES: [&str; 10] = [
     "TimerFired",
     "ReauthRequested",
     "Nudged",
+    "UnderlayChanged",
     "Stop",
 ];
 
@@ -244,6 +245,7 @@ fn event(kind: usize, attempt: u64, pick: &mut StdRng) -> Event {
         }),
         7 => Event::ReauthRequested,
         8 => Event::Nudged,
+        9 => Event::UnderlayChanged,
         _ => Event::Stop,
     }
 }
@@ -275,10 +277,12 @@ fn explore(walks: u64, steps: usize) -> Explored {
         let mut attempt = 0;
         for _ in 0..steps {
             now += Duration::from_millis(pick.random_range(0..1500));
+            // Stop (the last kind) is rare, so walks get somewhere before they end.
+            let stop = EVENT_NAMES.len() - 1;
             let kind = if pick.random_ratio(1, 60) {
-                9
+                stop
             } else {
-                pick.random_range(0..9)
+                pick.random_range(0..stop)
             };
             let ev = event(kind, attempt, &mut pick);
             let before = sup.state();

@@ -195,8 +195,14 @@ impl Model {
                 self.timer = None;
                 Some(Authing)
             }
-            Event::Nudged if from == Backoff && self.nudge_ok() => {
+            Event::Nudged | Event::UnderlayChanged if from == Backoff && self.nudge_ok() => {
                 self.last_nudge = Some(self.now);
+                Some(Authing)
+            }
+            Event::UnderlayChanged if from == Authing && self.nudge_ok() => {
+                // A fresh attempt: re-entry sends it, the one in flight becomes stale.
+                self.last_nudge = Some(self.now);
+                self.settle();
                 Some(Authing)
             }
             Event::ReauthRequested if from == Backoff || connected => Some(Authing),
@@ -205,7 +211,7 @@ impl Model {
                 self.begin(Rpc::Ping);
                 None
             }
-            Event::Nudged if connected && self.nudge_ok() => {
+            Event::Nudged | Event::UnderlayChanged if connected && self.nudge_ok() => {
                 self.last_nudge = Some(self.now);
                 self.begin(Rpc::Ping);
                 None
@@ -269,7 +275,7 @@ impl Model {
         let kind = match ev {
             Event::AuthFailed { failure, .. } => Kind::Auth(*failure),
             Event::PingFailed { failure, .. } => Kind::Ping(*failure),
-            Event::TimerFired(_) | Event::Nudged => return Level::Debug,
+            Event::TimerFired(_) | Event::Nudged | Event::UnderlayChanged => return Level::Debug,
             _ => return Level::Info,
         };
         if !self.warned.contains(&kind) {
@@ -409,6 +415,7 @@ impl ReferenceStateMachine for SupervisorModel {
             ),
             (2, Just(Step::Deliver(Event::ReauthRequested)).boxed()),
             (3, Just(Step::Deliver(Event::Nudged)).boxed()),
+            (2, Just(Step::Deliver(Event::UnderlayChanged)).boxed()),
             (1, Just(Step::Deliver(Event::Stop)).boxed()),
         ];
         proptest::strategy::Union::new_weighted(choices).boxed()

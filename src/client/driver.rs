@@ -202,7 +202,7 @@ pub async fn run(parts: DriverParts) {
                     Some(Command::Nudge) => Event::Nudged,
                     Some(Command::UnderlayChanged) => {
                         reconnect(&mut control, &mut channel);
-                        Event::Nudged
+                        Event::UnderlayChanged
                     }
                 };
                 pending.push_back((event, String::new()));

@@ -127,6 +127,11 @@ pub enum Event {
     /// The data plane saw a sign that the gateway lost our session (an "unknown session" notice):
     /// check now instead of waiting for the timer. Rate-limited by `nudge_min_interval`.
     Nudged,
+    /// The client's own network path changed (another router, interface or address): the
+    /// connection an RPC in flight uses may be dead. Like `Nudged` (and rate-limited with it),
+    /// and in Authing it also restarts the attempt, on the driver's fresh connection, instead of
+    /// waiting out a deadline on the old one.
+    UnderlayChanged,
     /// Explicit stop.
     Stop,
 }
@@ -232,6 +237,7 @@ impl Event {
             Event::TimerFired(_) => "TimerFired",
             Event::ReauthRequested => "ReauthRequested",
             Event::Nudged => "Nudged",
+            Event::UnderlayChanged => "UnderlayChanged",
             Event::Stop => "Stop",
         }
     }
@@ -407,8 +413,10 @@ struct Machine {
 /// Running                      Stop -> Stopped; anything unhandled below is ignored
 /// ├── Unauthed                 Started -> Authing
 /// ├── Establishing
-/// │   ├── Authing              AuthSucceeded -> Healthy, AuthFailed -> Backoff
-/// │   └── Backoff              TimerFired(Retry) | Nudged | ReauthRequested -> Authing
+/// │   ├── Authing              AuthSucceeded -> Healthy, AuthFailed -> Backoff,
+/// │   │                        UnderlayChanged -> Authing (a fresh attempt)
+/// │   └── Backoff              TimerFired(Retry) | Nudged | UnderlayChanged
+/// │                            | ReauthRequested -> Authing
 /// └── Connected                SessionExpired | ReauthRequested -> Authing
 ///     ├── Healthy              PingFailed -> Degraded
 ///     └── Degraded             PingSucceeded -> Healthy, PingFailed -> Degraded
@@ -449,7 +457,10 @@ impl Machine {
     }
 
     /// An `Authenticate` is in flight (entry sends it). Outgoing: `AuthSucceeded` -> Healthy
-    /// (swapping the snapshot in), `AuthFailed` -> Backoff.
+    /// (swapping the snapshot in), `AuthFailed` -> Backoff, `UnderlayChanged` (rate-limited) ->
+    /// Authing, whose re-entry sends a fresh attempt and makes the old one stale. A plain
+    /// `Nudged` does not restart it: the data plane nudges on every "unknown session" notice
+    /// while a re-auth is under way, and restarting then could starve a slow gateway's answer.
     #[state(superstate = "establishing", entry_action = "enter_authing")]
     fn authing(&mut self, context: &mut Ctx<'_>, event: &Event) -> Outcome<State> {
         match event {
@@ -463,6 +474,11 @@ impl Machine {
             Event::AuthFailed { attempt, .. } if self.awaits(*attempt, Rpc::Authenticate) => {
                 self.settle_failure();
                 Transition(State::backoff())
+            }
+            Event::UnderlayChanged if self.nudge_allowed(context.now) => {
+                self.last_nudge = Some(context.now);
+                self.pending = None;
+                Transition(State::authing())
             }
             _ => Super,
         }
@@ -483,7 +499,8 @@ impl Machine {
     }
 
     /// Waiting to retry authentication (entry arms the retry timer). Outgoing:
-    /// `TimerFired(Retry)`, `Nudged` (rate-limited), `ReauthRequested` -> Authing.
+    /// `TimerFired(Retry)`, `Nudged` and `UnderlayChanged` (rate-limited), `ReauthRequested` ->
+    /// Authing.
     #[state(superstate = "establishing", entry_action = "enter_backoff")]
     fn backoff(&mut self, context: &mut Ctx<'_>, event: &Event) -> Outcome<State> {
         match event {
@@ -491,7 +508,7 @@ impl Machine {
                 self.next_timer = None;
                 Transition(State::authing())
             }
-            Event::Nudged if self.nudge_allowed(context.now) => {
+            Event::Nudged | Event::UnderlayChanged if self.nudge_allowed(context.now) => {
                 self.last_nudge = Some(context.now);
                 Transition(State::authing())
             }
@@ -506,7 +523,7 @@ impl Machine {
     }
 
     /// A snapshot is installed and the gateway knows our session. Internal: `TimerFired(Health)`
-    /// and `Nudged` (rate-limited) send a ping. Outgoing: `SessionExpired`, `ReauthRequested`
+    /// and `Nudged` / `UnderlayChanged` (rate-limited) send a ping. Outgoing: `SessionExpired`, `ReauthRequested`
     /// -> Authing, keeping the snapshot until the new one swaps in.
     #[superstate(superstate = "running")]
     fn connected(&mut self, context: &mut Ctx<'_>, event: &Event) -> Outcome<State> {
@@ -516,7 +533,7 @@ impl Machine {
                 self.call_ping(context);
                 Handled
             }
-            Event::Nudged if self.nudge_allowed(context.now) => {
+            Event::Nudged | Event::UnderlayChanged if self.nudge_allowed(context.now) => {
                 self.last_nudge = Some(context.now);
                 self.call_ping(context);
                 Handled
@@ -778,7 +795,8 @@ impl Machine {
             Event::PingFailed { failure, .. } => {
                 self.failure_level(FailureKind::Ping(*failure), now)
             }
-            Event::TimerFired(_) | Event::Nudged => Level::Debug,
+            // The underlay watcher logs the change itself, once.
+            Event::TimerFired(_) | Event::Nudged | Event::UnderlayChanged => Level::Debug,
             _ => Level::Info,
         }
     }
@@ -940,6 +958,7 @@ mod tests {
         assert!(h.sup.installed().is_none());
         for ev in [
             Event::Nudged,
+            Event::UnderlayChanged,
             Event::ReauthRequested,
             Event::TimerFired(Timer::Retry),
             Event::PingFailed {
@@ -1264,6 +1283,34 @@ mod tests {
     }
 
     #[test]
+    fn an_underlay_change_restarts_a_pending_auth_and_otherwise_acts_like_a_nudge() {
+        let mut h = Harness::new();
+        h.send(Event::Started);
+        let stuck = h.attempt;
+        assert!(h.send(Event::Nudged).is_empty(), "a nudge does not restart an auth in flight");
+        let fx = h.send(Event::UnderlayChanged);
+        assert_eq!(h.sup.state(), StateName::Authing);
+        let fresh = fx
+            .iter()
+            .find_map(|e| match e {
+                Effect::CallAuthenticate { attempt, .. } => Some(*attempt),
+                _ => None,
+            })
+            .expect("a fresh Authenticate");
+        assert_ne!(fresh, stuck);
+        assert_eq!(one_log(&fx).level, Level::Debug, "the watcher logs the change, not the machine");
+        assert!(h.send(Event::UnderlayChanged).is_empty(), "rate-limited with nudges");
+        // The old attempt's answer is stale now; the fresh one counts.
+        assert!(h.send(Event::AuthFailed { attempt: stuck, failure: AuthFailure::TimedOut }).is_empty());
+        h.send(Event::AuthSucceeded { attempt: fresh, auth: snap(1) });
+        assert_eq!(h.sup.state(), StateName::Healthy);
+        h.advance(S);
+        let fx = h.send(Event::UnderlayChanged);
+        assert!(matches!(fx.as_slice(), [Effect::CallPing { .. }]), "{fx:?}");
+        assert_eq!(h.sup.state(), StateName::Healthy);
+    }
+
+    #[test]
     fn stale_and_mismatched_results_are_ignored() {
         let mut h = Harness::new();
         h.send(Event::Started);
@@ -1570,6 +1617,7 @@ mod tests {
             (Event::TimerFired(Timer::Retry), "TimerFired"),
             (Event::ReauthRequested, "ReauthRequested"),
             (Event::Nudged, "Nudged"),
+            (Event::UnderlayChanged, "UnderlayChanged"),
             (Event::Stop, "Stop"),
         ];
         for (ev, name) in evs {
