@@ -266,7 +266,8 @@ fn gateway_answer_seeds() -> Vec<Seed> {
         data_port: 51820,
         session_idle_timeout_ms: 180_000,
     };
-    let broken: [(&'static str, fn(&mut AuthenticateResponse)); 6] = [
+    type Break = fn(&mut AuthenticateResponse);
+    let broken: [(&'static str, Break); 6] = [
         ("ipv6-assigned-ip", |a| a.assigned_ip = vec![0xfd; 16]),
         ("prefix-0", |a| a.prefix_len = 0),
         ("session-0", |a| a.session_id = 0),
