@@ -619,7 +619,7 @@ impl UnderlayWatch {
             _ => None,
         };
         let first = with_handle(|h| async move { look(&h, gateway, pin_v4, tun_index).await }).await?;
-        describe_path(gateway, first);
+        describe_path(gateway, first, true);
         let task = tokio::spawn(watch(gateway, pin_v4, tun_index, first, on_change));
         Ok(Self { gateway, pin: pin_v4.is_some(), task: Some(task) })
     }
@@ -728,19 +728,28 @@ async fn dump_v4(handle: &Handle) -> Result<Vec<DumpedRoute>, RoutesError> {
     Ok(out)
 }
 
-/// Logs a change of the gateway's path (once per change, not per event).
-fn describe_path(gateway: IpAddr, now: PathSeen) {
-    match now {
+/// A flapping link changes the path again and again: after one change at info, further ones
+/// within this window are logged at debug, so the log shows the change, not every flap.
+const PATH_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Logs a change of the gateway's path (once per change, not per event): at info when `loud`,
+/// else at debug.
+fn describe_path(gateway: IpAddr, now: PathSeen, loud: bool) {
+    let line = match now {
         Some((u, src)) => {
             let via = u.via.map(|v| format!(" via {v}")).unwrap_or_default();
             let src = src.map(|s| format!(" from {s}")).unwrap_or_default();
-            tracing::info!(target: TARGET, "gateway {gateway} reached{via} dev #{}{src}", u.oif);
+            format!("gateway {gateway} reached{via} dev #{}{src}", u.oif)
         }
-        None => tracing::info!(
-            target: TARGET,
+        None => format!(
             "no path to the gateway {gateway} outside the tunnel; it stays unreachable (never \
              routed into the tunnel) until one returns"
         ),
+    };
+    if loud {
+        tracing::info!(target: TARGET, "{line}");
+    } else {
+        tracing::debug!(target: TARGET, "{line}");
     }
 }
 
@@ -761,6 +770,7 @@ async fn watch(
     on_change: UnderlayHook,
 ) {
     use futures_util::StreamExt as _;
+    let mut last_loud: Option<tokio::time::Instant> = None;
     let mut groups = vec![MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv4Route];
     if gateway.is_ipv6() {
         groups.extend([MulticastGroup::Ipv6Ifaddr, MulticastGroup::Ipv6Route]);
@@ -774,7 +784,12 @@ async fn watch(
                         let wait = match look(&handle, gateway, pin, tun_index).await {
                             Ok(now) => {
                                 if now != last {
-                                    describe_path(gateway, now);
+                                    let t = tokio::time::Instant::now();
+                                    let loud = last_loud.is_none_or(|l| t - l >= PATH_LOG_EVERY);
+                                    if loud {
+                                        last_loud = Some(t);
+                                    }
+                                    describe_path(gateway, now, loud);
                                     last = now;
                                     on_change();
                                 }
