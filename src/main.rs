@@ -60,6 +60,9 @@ enum ClientCommand {
     /// 66 config file missing or unreadable, 78 config invalid, 65 key or certificate missing or
     /// invalid, 77 kill-switch could not be enabled. Everything after start-up (auth failures,
     /// gateway restarts, timeouts, network loss) is recovered from, never fatal.
+    ///
+    /// Signals: SIGINT/SIGTERM stop it; SIGHUP re-authenticates now (a fresh session, no packet
+    /// lost); SIGUSR1 logs the data plane's counters.
     Run {
         /// The client file written by `holdfast gateway add-client`.
         /// Default: /etc/holdfast/client.toml as root, else client.toml in the per-user config dir.

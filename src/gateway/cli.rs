@@ -54,10 +54,13 @@ pub enum GatewayCommand {
     Revoke(RevokeArgs),
     /// Show the client registry: name, tunnel address, state, certificate, creation time.
     List(ListArgs),
-    /// Serve the control plane (gRPC over mutual TLS 1.3) until SIGINT or SIGTERM.
+    /// Serve the control plane (gRPC over mutual TLS 1.3) and the data plane until SIGINT or
+    /// SIGTERM.
     ///
-    /// Listens on `listen` from gateway.toml. Registry changes (add-client, revoke) take effect
-    /// without a restart.
+    /// Listens on `listen` from gateway.toml (TCP for the control plane, UDP on the same port for
+    /// the data plane). Registry changes (add-client, revoke) take effect without a restart.
+    /// Signals: SIGUSR2 ends every session (clients re-authenticate by themselves); SIGUSR1 logs
+    /// the data plane's counters.
     Run(RunArgs),
 }
 
