@@ -176,6 +176,43 @@ impl World {
     }
 }
 
+/// Times `client::start()` with the real nftables kill-switch, `runs` times (sorted), in a
+/// namespace of its own (an empty one: the endpoint leads nowhere, which `start()` does not
+/// care about). The difference to the no-op kill-switch's figure is the cost of enabling the
+/// kill-switch: `nft` runs as a child process (check, one atomic batch, verify).
+pub fn start_times_with_killswitch(runs: usize) -> Vec<Duration> {
+    let ns = crate::support::netns::Netns::new();
+    let p = crate::common::provision("198.18.0.2:9");
+    let file = p.client_file.clone();
+    let samples = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // nft inherits this thread's namespace: the kill-switch never touches the host's.
+                ns.enter_current_thread();
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                rt.block_on(async {
+                    let mut samples = Vec::with_capacity(runs);
+                    for _ in 0..runs {
+                        let settings = holdfast::client::ClientSettings::load(file.clone()).expect("client file");
+                        let ks = holdfast::client::killswitch::for_client(&settings.file).expect("kill-switch plan");
+                        let t0 = Instant::now();
+                        let handle = holdfast::client::start(settings, ks, None).expect("start");
+                        samples.push(t0.elapsed());
+                        handle.stop().await.expect("stop");
+                    }
+                    samples
+                })
+            })
+            .join()
+            .expect("start() thread")
+    });
+    let left = ns.exec_ok("nft", &["list", "ruleset"]);
+    assert!(!left.contains("holdfast"), "every stop removed the kill-switch:\n{left}");
+    let mut samples = samples;
+    samples.sort();
+    samples
+}
+
 fn start_gateway(gw: &GatewayDir, n: u32) -> Proc {
     let mut p = gw.run(&format!("gateway#{n}"));
     p.wait_for(&["control plane listening"], T);
