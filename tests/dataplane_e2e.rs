@@ -193,7 +193,7 @@ struct Inproc {
 
 impl Inproc {
     fn new() -> Inproc {
-        Self::with_io(true, false)
+        Self::with_io(true, true)
     }
 
     /// A world whose data planes use the given TUN IO mode.
@@ -275,7 +275,7 @@ fn gateway_config() -> GatewayDataPlaneConfig {
         underlay_mtu: 1500,
         nat_uplink: None,
         offload: true,
-        coalesce_writes: false,
+        coalesce_writes: true,
     }
 }
 
@@ -1098,8 +1098,8 @@ fn inproc_loops_do_not_allocate_per_packet() {
 #[test]
 fn inproc_checked_streams_both_ways_in_every_tun_io_mode() {
     require_root!();
-    // Plain single-packet IO, TSO reads with plain writes (the default), and TSO reads with
-    // GRO-coalesced writes: the same bytes arrive, in order, both ways.
+    // Plain single-packet IO, TSO reads with plain writes, and TSO reads with GRO-coalesced
+    // writes (the default): the same bytes arrive, in order, both ways.
     for (offload, coalesce) in [(false, false), (true, false), (true, true)] {
         let mut w = Inproc::with_io(offload, coalesce);
         let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
