@@ -102,8 +102,10 @@ impl ClientDataPlaneConfig {
             underlay_mtu: net.underlay_mtu.unwrap_or(tunnel::DEFAULT_UNDERLAY_MTU),
             keepalive: net.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
             nudge_min_interval: file.timings().nudge_min_interval,
-            offload: true,
-            coalesce_writes: true,
+            offload: net.offload.unwrap_or(true),
+            // Merging needs offload; without it the key is moot (the file check refuses asking
+            // for both "on" and "off").
+            coalesce_writes: net.coalesce_writes.unwrap_or(true) && net.offload.unwrap_or(true),
         }
     }
 }

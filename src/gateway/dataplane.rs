@@ -243,8 +243,8 @@ impl GatewayDataPlaneConfig {
             tun_name: None,
             underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
             nat_uplink: config.nat.enabled.then(|| config.nat.uplink.clone()),
-            offload: true,
-            coalesce_writes: true,
+            offload: config.dataplane.offload,
+            coalesce_writes: config.dataplane.coalesce_writes,
         }
     }
 }
