@@ -120,6 +120,9 @@ pub struct Counters {
     pub notices_rx: AtomicU64,
     /// Nudges handed to the supervisor (client).
     pub nudges: AtomicU64,
+    /// Inner packets written to the TUN device merged into the packet before them (GRO): with
+    /// `rx_packets`, how well coalescing works.
+    pub rx_coalesced: AtomicU64,
     /// Authenticated datagrams that came from a new endpoint (gateway: roaming).
     pub roams: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
@@ -179,6 +182,7 @@ impl Counters {
             notices_tx: r(&self.notices_tx),
             notices_rx: r(&self.notices_rx),
             nudges: r(&self.nudges),
+            rx_coalesced: r(&self.rx_coalesced),
             roams: r(&self.roams),
             drops: std::array::from_fn(|i| r(&self.drops[i])),
             tx_loop_starts: r(&self.tx_loop_starts),
@@ -201,6 +205,7 @@ pub struct Stats {
     pub notices_tx: u64,
     pub notices_rx: u64,
     pub nudges: u64,
+    pub rx_coalesced: u64,
     pub roams: u64,
     pub drops: [u64; DropReason::ALL.len()],
     pub tx_loop_starts: u64,
@@ -223,7 +228,7 @@ impl fmt::Display for Stats {
             f,
             "loop_starts=tx:{},rx:{} tun_ifindex={} rx_packets={} rx_bytes={} tx_packets={} \
              tx_bytes={} keepalives_tx={} keepalives_rx={} notices_tx={} notices_rx={} nudges={} \
-             roams={} tun_failures={}",
+             roams={} tun_failures={} rx_coalesced={}",
             self.tx_loop_starts,
             self.rx_loop_starts,
             self.tun_ifindex,
@@ -237,7 +242,8 @@ impl fmt::Display for Stats {
             self.notices_rx,
             self.nudges,
             self.roams,
-            self.tun_failures
+            self.tun_failures,
+            self.rx_coalesced
         )?;
         for why in DropReason::ALL {
             write!(f, " drop_{}={}", why.name(), self.dropped(why))?;
@@ -714,6 +720,8 @@ pub struct TunWriter {
     vnet_header: bool,
     packets: usize,
     bytes: usize,
+    /// `co.merged()` at the last flush, so each flush counts only its own merges.
+    merged_counted: u64,
 }
 
 impl TunWriter {
@@ -730,6 +738,7 @@ impl TunWriter {
             vnet_header,
             packets: 0,
             bytes: 0,
+            merged_counted: 0,
         }
     }
 
@@ -753,11 +762,12 @@ impl TunWriter {
         self.co.finish().map(move |p| &p[from..])
     }
 
-    /// Writes what is queued. Returns the inner (packets, bytes) it held on success; on an error
-    /// the rest of the batch is dropped.
-    pub async fn flush(&mut self, tun: &AsyncDevice) -> io::Result<(usize, usize)> {
-        let counts = (std::mem::take(&mut self.packets), std::mem::take(&mut self.bytes));
-        let mut result = Ok(counts);
+    /// Writes what is queued and counts it in `c` (`rx_packets`, `rx_bytes`, `rx_coalesced`).
+    /// Returns how many inner packets it held; on an error the rest of the batch is dropped
+    /// (the caller counts the error).
+    pub async fn flush(&mut self, tun: &AsyncDevice, c: &Counters) -> io::Result<usize> {
+        let (packets, bytes) = (self.packets, self.bytes);
+        let mut result = Ok(packets);
         for p in self.pending() {
             if let Err(e) = tun.send(p).await {
                 result = Err(e);
@@ -765,6 +775,13 @@ impl TunWriter {
             }
         }
         self.co.clear();
+        let merged =
+            self.co.merged() - std::mem::replace(&mut self.merged_counted, self.co.merged());
+        if result.is_ok() && packets > 0 {
+            Counters::add(&c.rx_packets, packets);
+            Counters::add(&c.rx_bytes, bytes);
+            c.rx_coalesced.fetch_add(merged, Ordering::Relaxed);
+        }
         result
     }
 }

@@ -573,13 +573,9 @@ async fn receive_loop(
 
 /// Writes the queued inner packets to the TUN device, counting them.
 async fn write_tun(writer: &mut TunWriter, tun: &AsyncDevice, c: &Counters, log: &mut IoLog) {
-    match writer.flush(tun).await {
-        Ok((0, _)) => {}
-        Ok((packets, bytes)) => {
-            Counters::add(&c.rx_packets, packets);
-            Counters::add(&c.rx_bytes, bytes);
-            log.ok();
-        }
+    match writer.flush(tun, c).await {
+        Ok(0) => {}
+        Ok(_) => log.ok(),
         Err(e) => {
             c.count_drop(DropReason::TunError);
             log.failed(&e);

@@ -481,12 +481,8 @@ async fn from_clients(
 
 /// Writes the queued inner packets to the TUN device, counting them.
 async fn write_tun(writer: &mut TunWriter, tun: &AsyncDevice, c: &Counters) {
-    match writer.flush(tun).await {
-        Ok((packets, bytes)) => {
-            Counters::add(&c.rx_packets, packets);
-            Counters::add(&c.rx_bytes, bytes);
-        }
-        Err(_) => c.count_drop(DropReason::TunError),
+    if writer.flush(tun, c).await.is_err() {
+        c.count_drop(DropReason::TunError);
     }
 }
 
