@@ -410,6 +410,12 @@ async fn from_clients(
                 continue;
             }
         };
+        // One clock read per batch (microseconds long): `seen` keeps millisecond resolution.
+        let now = Instant::now();
+        // A GRO batch comes from one sender, so one lookup usually serves all its datagrams. A
+        // session removed while the batch is handled is used for the rest of it, as if the
+        // batch had arrived a few microseconds earlier.
+        let mut session: Option<Arc<DataSession>> = None;
         for datagram in buf[..len].chunks_mut(segment) {
             let header = match wire::parse_header(datagram) {
                 Ok(h) if h.msg_type != MsgType::UnknownSession => h,
@@ -419,9 +425,12 @@ async fn from_clients(
                     continue;
                 }
             };
-            let Some(session) = ctx.sessions.by_id(header.session_id) else {
+            if session.as_ref().is_none_or(|s| s.session_id != header.session_id) {
+                session = ctx.sessions.by_id(header.session_id);
+            }
+            let Some(session) = session.as_deref() else {
                 c.count_drop(DropReason::UnknownSession);
-                if notices.allow(Instant::now()) {
+                if notices.allow(now) {
                     let notice = wire::unknown_session_notice(header.session_id, header.counter);
                     match sock.send_to(&notice, from).await {
                         Ok(_) => bump(&c.notices_tx),
@@ -440,7 +449,7 @@ async fn from_clients(
             let payload = opened.payload;
             if opened.kind == SealedKind::Keepalive {
                 bump(&c.keepalives_rx);
-                note_seen(&*ctx.sessions, &session, from, c);
+                note_seen(&*ctx.sessions, session, from, now, c);
                 continue;
             }
             let Some((src, dst)) = tunnel::ipv4_addrs(&datagram[payload.clone()]) else {
@@ -454,8 +463,11 @@ async fn from_clients(
             // Before delivery, not after: the answer to this packet may be on its way back
             // through the other loop before this one runs again, and must go to where the
             // client is now.
-            note_seen(&*ctx.sessions, &session, from, c);
-            let peer = if dst == ctx.cfg.gateway_ip { None } else { ctx.sessions.by_ip(dst) };
+            note_seen(&*ctx.sessions, session, from, now, c);
+            // Only tunnel addresses belong to sessions: traffic for the gateway itself or for
+            // the outside (NAT) needs no lookup.
+            let to_peer = dst != ctx.cfg.gateway_ip && ctx.cfg.subnet.contains(&dst);
+            let peer = if to_peer { ctx.sessions.by_ip(dst) } else { None };
             match peer {
                 // Client to client: re-seal in place (the inner packet already sits at
                 // HEADER_LEN, and the tag room behind it is the one the datagram had).
@@ -487,8 +499,14 @@ async fn write_tun(writer: &mut TunWriter, tun: &AsyncDevice, c: &Counters) {
 }
 
 /// Moves the session's endpoint and last-seen after an authenticated, non-replayed datagram.
-fn note_seen(sessions: &dyn SessionLookup, session: &DataSession, from: SocketAddr, c: &Counters) {
-    let seen = session.seen(from, Instant::now());
+fn note_seen(
+    sessions: &dyn SessionLookup,
+    session: &DataSession,
+    from: SocketAddr,
+    now: Instant,
+    c: &Counters,
+) {
+    let seen = session.seen(from, now);
     if seen.touch {
         sessions.touch(session);
     }
