@@ -710,10 +710,11 @@ impl TunReader {
 ///
 /// With `coalesce` (and a device with TSO), consecutive TCP segments of a flow are merged into
 /// large packets before they reach the kernel (GRO in user space, [`Coalescer`]): the kernel
-/// then runs its receive path once per burst instead of once per 1.4 KB segment, which more
-/// than doubled throughput here. Without it each packet is written on its own, behind a zeroed
-/// virtio-net header (no GSO, checksum already complete) when the device has offload on. The
-/// buffers are allocated once; nothing here allocates per packet.
+/// then runs its receive path once per burst instead of once per 1.4 KB segment (measured with
+/// `benches/throughput.sh`, both ends on one 2-core machine: 1.9 Gbit/s without, 3.1 with under
+/// load from other builds, 5.9 on a quiet machine). Without it each packet is written on its
+/// own, behind a zeroed virtio-net header (no GSO, checksum already complete) when the device
+/// has offload on. The buffers are allocated once; nothing here allocates per packet.
 pub struct TunWriter {
     co: Coalescer,
     /// The device wants a virtio-net header in front of every packet (offload on).
