@@ -54,7 +54,7 @@ for n in $NA $NB; do ip -n $n link set lo up; done; ip -n $NA link set $VA up; i
 
 echo "# holdfast data-plane bench $(date -u +%FT%TZ) nproc=$(nproc) runs=$RUNS secs=$SECS"
 cargo build --release --quiet --bin holdfast
-BIN=$PWD/target/release/holdfast
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/holdfast
 measure veth $UB
 
 # --- holdfast: gateway in B, client in A ----------------------------------------------------

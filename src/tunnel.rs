@@ -15,6 +15,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
+use crate::sansio::coalesce::{Coalescer, PushError, VNET_HDR_LEN};
 use crate::sansio::seal::OpenError;
 use crate::sansio::wire;
 
@@ -119,6 +120,9 @@ pub struct Counters {
     pub notices_rx: AtomicU64,
     /// Nudges handed to the supervisor (client).
     pub nudges: AtomicU64,
+    /// Inner packets written to the TUN device merged into the packet before them (GRO): with
+    /// `rx_packets`, how well coalescing works.
+    pub rx_coalesced: AtomicU64,
     /// Authenticated datagrams that came from a new endpoint (gateway: roaming).
     pub roams: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
@@ -178,6 +182,7 @@ impl Counters {
             notices_tx: r(&self.notices_tx),
             notices_rx: r(&self.notices_rx),
             nudges: r(&self.nudges),
+            rx_coalesced: r(&self.rx_coalesced),
             roams: r(&self.roams),
             drops: std::array::from_fn(|i| r(&self.drops[i])),
             tx_loop_starts: r(&self.tx_loop_starts),
@@ -200,6 +205,7 @@ pub struct Stats {
     pub notices_tx: u64,
     pub notices_rx: u64,
     pub nudges: u64,
+    pub rx_coalesced: u64,
     pub roams: u64,
     pub drops: [u64; DropReason::ALL.len()],
     pub tx_loop_starts: u64,
@@ -222,7 +228,7 @@ impl fmt::Display for Stats {
             f,
             "loop_starts=tx:{},rx:{} tun_ifindex={} rx_packets={} rx_bytes={} tx_packets={} \
              tx_bytes={} keepalives_tx={} keepalives_rx={} notices_tx={} notices_rx={} nudges={} \
-             roams={} tun_failures={}",
+             roams={} tun_failures={} rx_coalesced={}",
             self.tx_loop_starts,
             self.rx_loop_starts,
             self.tun_ifindex,
@@ -236,7 +242,8 @@ impl fmt::Display for Stats {
             self.notices_rx,
             self.nudges,
             self.roams,
-            self.tun_failures
+            self.tun_failures,
+            self.rx_coalesced
         )?;
         for why in DropReason::ALL {
             write!(f, " drop_{}={}", why.name(), self.dropped(why))?;
@@ -495,10 +502,6 @@ const UDP_GRO: libc::c_int = 104;
 /// Room for a TUN packet read with offload: the virtio-net header and a 64 KiB super-packet.
 pub const TUN_READ_BUFFER: usize = tun_rs::VIRTIO_NET_HDR_LEN + 65535;
 
-/// Where an inner packet starts in a TUN write buffer: room for the virtio-net header the
-/// device wants in front of every packet when offload is on.
-pub const TUN_WRITE_OFFSET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
-
 /// Asks the kernel to hand us coalesced UDP datagrams (one `recvmsg`, many datagrams of one
 /// size, the last maybe shorter). Best effort: without it we get one datagram per call.
 pub fn enable_udp_gro(sock: &UdpSocket) -> bool {
@@ -705,64 +708,82 @@ impl TunReader {
 
 /// A loop's TUN write side: inner packets collected from one UDP batch, then written.
 ///
-/// With `coalesce`, one `send_multiple` merges the TCP segments of a flow into large packets
-/// (GRO) before they reach the kernel. tun-rs 2.8 copies every candidate packet into a fresh
-/// `Vec` while doing so (`offload::tcp_gro`), which breaks our no-allocation-per-packet rule, so
-/// it is off by default: each packet is then written on its own, behind a zeroed virtio-net
-/// header (no GSO, checksum already complete) when the device has offload on.
+/// With `coalesce` (and a device with TSO), consecutive TCP segments of a flow are merged into
+/// large packets before they reach the kernel (GRO in user space, [`Coalescer`]): the kernel
+/// then runs its receive path once per burst instead of once per 1.4 KB segment (measured with
+/// `benches/throughput.sh`, both ends on one 2-core machine: 1.9 Gbit/s without, 3.1 with under
+/// load from other builds, 5.9 on a quiet machine). Without it each packet is written on its
+/// own, behind a zeroed virtio-net header (no GSO, checksum already complete) when the device
+/// has offload on. The buffers are allocated once; nothing here allocates per packet.
 pub struct TunWriter {
-    out: Vec<Vec<u8>>,
-    n: usize,
-    gro: tun_rs::GROTable,
-    coalesce: bool,
-}
-
-impl Default for TunWriter {
-    fn default() -> Self {
-        Self::new(false)
-    }
+    co: Coalescer,
+    /// The device wants a virtio-net header in front of every packet (offload on).
+    vnet_header: bool,
+    packets: usize,
+    bytes: usize,
+    /// `co.merged()` at the last flush, so each flush counts only its own merges.
+    merged_counted: u64,
 }
 
 impl TunWriter {
-    pub fn new(coalesce: bool) -> Self {
-        // Each buffer may become the head of a coalesced 64 KiB packet, so each gets that much
-        // room once, here: coalescing then never grows them.
-        let room = if coalesce { TUN_WRITE_OFFSET + 65535 } else { TUN_WRITE_OFFSET + MAX_INNER };
-        let out = (0..BATCH).map(|_| Vec::with_capacity(room)).collect();
-        Self { out, n: 0, gro: tun_rs::GROTable::new(), coalesce }
+    /// A writer for `tun`. Merging needs the device's TSO (it takes merged packets only behind
+    /// a virtio-net header), so `coalesce` is ignored on a device without it.
+    pub fn new(tun: &AsyncDevice, coalesce: bool) -> Self {
+        Self::with_offload(tun.tcp_gso(), coalesce)
+    }
+
+    /// As [`TunWriter::new`], for a device with (`vnet_header`) or without offload.
+    pub fn with_offload(vnet_header: bool, coalesce: bool) -> Self {
+        Self {
+            co: Coalescer::new(BATCH, coalesce && vnet_header),
+            vnet_header,
+            packets: 0,
+            bytes: 0,
+            merged_counted: 0,
+        }
     }
 
     pub fn is_full(&self) -> bool {
-        self.n == BATCH
+        self.co.is_full()
     }
 
-    /// Queues a copy of `packet`. Call [`TunWriter::flush`] first when full.
-    pub fn push(&mut self, packet: &[u8]) {
-        if let Some(o) = self.out.get_mut(self.n) {
-            o.clear();
-            o.resize(TUN_WRITE_OFFSET, 0);
-            o.extend_from_slice(packet);
-            self.n += 1;
-        }
+    /// Queues `packet` (copied). Call [`TunWriter::flush`] first when full.
+    pub fn push(&mut self, packet: &[u8]) -> Result<(), PushError> {
+        self.co.push(packet)?;
+        self.packets += 1;
+        self.bytes += packet.len();
+        Ok(())
     }
 
-    /// Writes what is queued. Returns (packets, bytes) on success.
-    pub async fn flush(&mut self, tun: &AsyncDevice) -> io::Result<(usize, usize)> {
-        let n = std::mem::take(&mut self.n);
-        if n == 0 {
-            return Ok((0, 0));
+    /// What is queued, as the byte strings to write to the device ([`TunWriter::flush`] writes
+    /// them; tests read them). The writer starts empty again at the next push.
+    pub fn pending(&mut self) -> impl Iterator<Item = &[u8]> {
+        (self.packets, self.bytes) = (0, 0);
+        let from = if self.vnet_header { 0 } else { VNET_HDR_LEN };
+        self.co.finish().map(move |p| &p[from..])
+    }
+
+    /// Writes what is queued and counts it in `c` (`rx_packets`, `rx_bytes`, `rx_coalesced`).
+    /// Returns how many inner packets it held; on an error the rest of the batch is dropped
+    /// (the caller counts the error).
+    pub async fn flush(&mut self, tun: &AsyncDevice, c: &Counters) -> io::Result<usize> {
+        let (packets, bytes) = (self.packets, self.bytes);
+        let mut result = Ok(packets);
+        for p in self.pending() {
+            if let Err(e) = tun.send(p).await {
+                result = Err(e);
+                break;
+            }
         }
-        let bytes = self.out[..n].iter().map(|o| o.len() - TUN_WRITE_OFFSET).sum();
-        if self.coalesce {
-            tun.send_multiple(&mut self.gro, &mut self.out[..n], TUN_WRITE_OFFSET).await?;
-            return Ok((n, bytes));
+        self.co.clear();
+        let merged =
+            self.co.merged() - std::mem::replace(&mut self.merged_counted, self.co.merged());
+        if result.is_ok() && packets > 0 {
+            Counters::add(&c.rx_packets, packets);
+            Counters::add(&c.rx_bytes, bytes);
+            c.rx_coalesced.fetch_add(merged, Ordering::Relaxed);
         }
-        // `push` zeroed the header room, which is exactly the "plain packet" virtio-net header.
-        let from = if tun.tcp_gso() { 0 } else { TUN_WRITE_OFFSET };
-        for o in &self.out[..n] {
-            tun.send(&o[from..]).await?;
-        }
-        Ok((n, bytes))
+        result
     }
 }
 

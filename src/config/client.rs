@@ -31,6 +31,8 @@
 //! tun_name = "holdfast0"
 //! underlay_mtu = 1500           # TUN MTU = underlay_mtu - 64 (IPv4/UDP headers + datagram overhead)
 //! keepalive = "15s"
+//! offload = true                # TUN offload (TSO/GRO): 64 KiB reads, merged writes; off = one packet per syscall
+//! coalesce_writes = true        # merge TCP segments written to the TUN device (needs offload)
 //! routes = ["0.0.0.0/1", "128.0.0.0/1"]   # full tunnel; list CIDRs for a split tunnel
 //! dns = []                      # resolvers while connected, e.g. ["100.64.0.1"]
 //! allow_lan = false
@@ -89,6 +91,14 @@ pub struct NetworkSection {
     /// Keepalive interval while idle, so NAT mappings survive (default 15 s).
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<Duration>,
+    /// TUN offload (default true): the device hands over 64 KiB TSO super-packets and accepts
+    /// merged ones. Off: one packet per read and write (for a kernel whose offload misbehaves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<bool>,
+    /// Merge consecutive TCP segments into large packets when writing to the TUN device
+    /// (default true; needs `offload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coalesce_writes: Option<bool>,
     /// Routes through the tunnel. Default: everything (`0.0.0.0/1` and `128.0.0.0/1`, a full
     /// tunnel); a list of CIDRs makes a split tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -231,6 +241,13 @@ impl ClientFile {
                 humantime::format_duration(k),
                 humantime::format_duration(MAX_TIMING)
             )));
+        }
+        if self.network.coalesce_writes == Some(true) && self.network.offload == Some(false) {
+            return Err(bad(
+                "[network] coalesce_writes = true needs offload (merged packets go to the TUN \
+                 device with a virtio-net header); drop one of the two keys"
+                    .into(),
+            ));
         }
         if t.health_min.is_zero() || t.health_min > t.health_max {
             return Err(bad(format!(

@@ -240,8 +240,9 @@ pub struct GatewayDataPlaneConfig {
     pub nat_uplink: Option<String>,
     /// TUN offload (TSO): 64 KiB reads, split in user space, instead of one packet per read.
     pub offload: bool,
-    /// Coalesce TCP segments when writing to the TUN device (GRO): faster, but tun-rs
-    /// allocates per packet doing it (see [`tunnel::TunWriter`]). Off by default.
+    /// Merge consecutive TCP segments into large packets when writing to the TUN device (GRO
+    /// in user space, see [`tunnel::TunWriter`]); needs `offload`. On by default: the kernel's
+    /// receive path then runs once per burst instead of once per segment.
     pub coalesce_writes: bool,
 }
 
@@ -256,8 +257,8 @@ impl GatewayDataPlaneConfig {
             tun_name: None,
             underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
             nat_uplink: config.nat.enabled.then(|| config.nat.uplink.clone()),
-            offload: true,
-            coalesce_writes: false,
+            offload: config.dataplane.offload,
+            coalesce_writes: config.dataplane.coalesce_writes,
         }
     }
 }
@@ -403,7 +404,7 @@ async fn from_clients(
     bump(&c.rx_loop_starts);
     // One receive may hold many coalesced datagrams of one client (UDP GRO), up to 64 KiB.
     let mut buf = vec![0u8; 65535];
-    let mut writer = TunWriter::new(ctx.cfg.offload && ctx.cfg.coalesce_writes);
+    let mut writer = TunWriter::new(&tun, ctx.cfg.coalesce_writes);
     let mut notices = RateLimit::new(NOTICES_PER_SECOND, NOTICE_BURST);
     let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
@@ -423,6 +424,12 @@ async fn from_clients(
                 continue;
             }
         };
+        // One clock read per batch (microseconds long): `seen` keeps millisecond resolution.
+        let now = Instant::now();
+        // A GRO batch comes from one sender, so one lookup usually serves all its datagrams. A
+        // session removed while the batch is handled is used for the rest of it, as if the
+        // batch had arrived a few microseconds earlier.
+        let mut session: Option<Arc<DataSession>> = None;
         for datagram in buf[..len].chunks_mut(segment) {
             let header = match wire::parse_header(datagram) {
                 Ok(h) if h.msg_type != MsgType::UnknownSession => h,
@@ -432,9 +439,12 @@ async fn from_clients(
                     continue;
                 }
             };
-            let Some(session) = ctx.sessions.by_id(header.session_id) else {
+            if session.as_ref().is_none_or(|s| s.session_id != header.session_id) {
+                session = ctx.sessions.by_id(header.session_id);
+            }
+            let Some(session) = session.as_deref() else {
                 c.count_drop(DropReason::UnknownSession);
-                if notices.allow(Instant::now()) {
+                if notices.allow(now) {
                     let notice = wire::unknown_session_notice(header.session_id, header.counter);
                     match sock.send_to(&notice, from).await {
                         Ok(_) => bump(&c.notices_tx),
@@ -453,7 +463,7 @@ async fn from_clients(
             let payload = opened.payload;
             if opened.kind == SealedKind::Keepalive {
                 bump(&c.keepalives_rx);
-                note_seen(&*ctx.sessions, &session, from, c);
+                note_seen(&*ctx.sessions, session, from, now, c);
                 continue;
             }
             let Some((src, dst)) = tunnel::ipv4_addrs(&datagram[payload.clone()]) else {
@@ -467,8 +477,11 @@ async fn from_clients(
             // Before delivery, not after: the answer to this packet may be on its way back
             // through the other loop before this one runs again, and must go to where the
             // client is now.
-            note_seen(&*ctx.sessions, &session, from, c);
-            let peer = if dst == ctx.cfg.gateway_ip { None } else { ctx.sessions.by_ip(dst) };
+            note_seen(&*ctx.sessions, session, from, now, c);
+            // Only tunnel addresses belong to sessions: traffic for the gateway itself or for
+            // the outside (NAT) needs no lookup.
+            let to_peer = dst != ctx.cfg.gateway_ip && ctx.cfg.subnet.contains(&dst);
+            let peer = if to_peer { ctx.sessions.by_ip(dst) } else { None };
             match peer {
                 // Client to client: re-seal in place (the inner packet already sits at
                 // HEADER_LEN, and the tag room behind it is the one the datagram had).
@@ -480,7 +493,11 @@ async fn from_clients(
                     if writer.is_full() {
                         write_tun(&mut writer, &tun, c).await;
                     }
-                    writer.push(&datagram[payload]);
+                    // Cannot fail (room was made above, and a payload is shorter than
+                    // 64 KiB); counted rather than assumed.
+                    if writer.push(&datagram[payload]).is_err() {
+                        c.count_drop(DropReason::Malformed);
+                    }
                 }
             }
         }
@@ -490,18 +507,20 @@ async fn from_clients(
 
 /// Writes the queued inner packets to the TUN device, counting them.
 async fn write_tun(writer: &mut TunWriter, tun: &AsyncDevice, c: &Counters) {
-    match writer.flush(tun).await {
-        Ok((packets, bytes)) => {
-            Counters::add(&c.rx_packets, packets);
-            Counters::add(&c.rx_bytes, bytes);
-        }
-        Err(_) => c.count_drop(DropReason::TunError),
+    if writer.flush(tun, c).await.is_err() {
+        c.count_drop(DropReason::TunError);
     }
 }
 
 /// Moves the session's endpoint and last-seen after an authenticated, non-replayed datagram.
-fn note_seen(sessions: &dyn SessionLookup, session: &DataSession, from: SocketAddr, c: &Counters) {
-    let seen = session.seen(from, Instant::now());
+fn note_seen(
+    sessions: &dyn SessionLookup,
+    session: &DataSession,
+    from: SocketAddr,
+    now: Instant,
+    c: &Counters,
+) {
+    let seen = session.seen(from, now);
     if seen.touch {
         sessions.touch(session);
     }

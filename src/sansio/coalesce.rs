@@ -1,0 +1,451 @@
+//! TCP receive coalescing for TUN writes (GRO in user space), without allocation per packet.
+//!
+//! A UDP GRO receive hands the loop a burst of inner packets, most of them consecutive segments
+//! of one TCP flow (the peer read them from its TUN device as one TSO super-packet and split
+//! them). Writing each to the TUN device costs the kernel a full receive path per 1.4 KB
+//! segment; merging them back into one large packet behind a virtio-net header with
+//! `GSO_TCPV4` lets the kernel handle the burst as one packet, as its own GRO would.
+//!
+//! The rules follow the kernel's `tcp_gro_receive` / `inet_gro_receive` (and wireguard-go's
+//! user-space GRO), made strict enough that the kernel re-segmenting a merged packet gives back
+//! exactly the packets that went in:
+//! - IPv4 only (the tunnel carries nothing else), no IP fragments, equal IP header fields
+//!   (TOS, DF, TTL, options) and IP ids that increase by one per segment;
+//! - TCP with only ACK, or ACK|PSH, set; equal ack number, window and options; the segment's
+//!   sequence number continues the merged packet's; payloads of one size, the last one may be
+//!   shorter, and nothing after a shorter one or after PSH;
+//! - both IP and TCP checksums valid: a merged packet goes to the kernel with `NEEDS_CSUM`,
+//!   which it does not verify, so a segment the kernel would have dropped must not be merged.
+//!
+//! A packet is only ever appended to the most recent packet of its flow in the batch, so the
+//! order of packets within a flow is kept; packets of different flows may be written in another
+//! interleaving, as GRO does. Anything that does not qualify passes through unchanged.
+//!
+//! Pure logic: bytes in, bytes out, buffers allocated once in [`Coalescer::new`].
+
+/// Length of the virtio-net header a TUN device with offload expects before every packet.
+pub const VNET_HDR_LEN: usize = 10;
+
+/// The largest IPv4 packet (its total-length field is 16 bits).
+pub const MAX_PACKET: usize = 65535;
+
+/// How many of the most recent items a packet is compared with when looking for its flow. A
+/// burst is almost always one flow; a small bound keeps a batch of many flows from costing
+/// quadratic time.
+const FLOW_LOOKBACK: usize = 8;
+
+const VNET_F_NEEDS_CSUM: u8 = 1;
+const VNET_GSO_TCPV4: u8 = 1;
+const TCP_ACK: u8 = 0x10;
+const TCP_PSH: u8 = 0x08;
+const IPPROTO_TCP: u8 = 6;
+/// The TCP checksum's offset inside the TCP header.
+const TCP_CSUM_OFFSET: usize = 16;
+
+/// Why a packet could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// Every item slot is taken: write out ([`Coalescer::finish`]) and [`Coalescer::clear`] first.
+    #[error("the coalescer is full")]
+    Full,
+    /// Longer than any IPv4 packet can be.
+    #[error("packet longer than {MAX_PACKET} bytes")]
+    TooLong,
+}
+
+/// A TCP/IPv4 flow: source and destination addresses and ports, as on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlowKey {
+    addrs: u64,
+    ports: u32,
+}
+
+/// What the coalescer reads from a packet that could be merged.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    flow: FlowKey,
+    iph_len: usize,
+    tcph_len: usize,
+    seq: u32,
+    ack: u32,
+    id: u16,
+    window: u16,
+    psh: bool,
+    payload_len: usize,
+}
+
+/// One output packet: a packet that passed through, or the head of a merged run.
+#[derive(Debug, Clone, Copy, Default)]
+struct Item {
+    /// Bytes of the packet (after the virtio-net header).
+    len: usize,
+    /// The TCP flow, for any TCP/IPv4 packet (even one that cannot merge, so a later segment
+    /// of its flow is never appended to an earlier item past it).
+    flow: Option<FlowKey>,
+    /// Still accepts appended segments.
+    open: bool,
+    /// The head's checksums were verified (done lazily, when a second segment arrives).
+    head_checked: bool,
+    iph_len: usize,
+    tcph_len: usize,
+    ack: u32,
+    window: u16,
+    next_seq: u32,
+    next_id: u16,
+    gso_size: usize,
+    segments: usize,
+}
+
+/// Collects the inner packets of one receive batch and writes them out merged where possible.
+///
+/// Use: [`push`](Self::push) each packet, then [`finish`](Self::finish) and write every slice
+/// it yields (virtio-net header included) to the TUN device, then [`clear`](Self::clear).
+pub struct Coalescer {
+    /// One buffer per item: the virtio-net header, then up to [`MAX_PACKET`] bytes of packet.
+    bufs: Vec<Box<[u8]>>,
+    items: Vec<Item>,
+    n: usize,
+    merge: bool,
+    finished: bool,
+    /// Segments appended to an earlier packet since creation (a tally for tests and stats).
+    merged: u64,
+}
+
+impl Coalescer {
+    /// Room for `capacity` output packets. With `merge` false every packet passes through on its
+    /// own (behind a zero virtio-net header): for devices without TSO.
+    pub fn new(capacity: usize, merge: bool) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            bufs: (0..capacity).map(|_| vec![0u8; VNET_HDR_LEN + MAX_PACKET].into()).collect(),
+            items: vec![Item::default(); capacity],
+            n: 0,
+            merge,
+            finished: false,
+            merged: 0,
+        }
+    }
+
+    /// No free item slot: a push may fail with [`PushError::Full`].
+    pub fn is_full(&self) -> bool {
+        self.n == self.items.len()
+    }
+
+    /// Nothing queued.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Segments merged into an earlier packet so far.
+    pub fn merged(&self) -> u64 {
+        self.merged
+    }
+
+    /// Queues `packet`: appended to the latest packet of its flow when the rules allow it, else
+    /// copied into a new item.
+    pub fn push(&mut self, packet: &[u8]) -> Result<(), PushError> {
+        if packet.len() > MAX_PACKET {
+            return Err(PushError::TooLong);
+        }
+        if self.finished {
+            // Headers of the finished items were rewritten; new packets must not join them.
+            self.clear();
+        }
+        let seg = if self.merge { parse_segment(packet) } else { None };
+        let mut open_new = true;
+        if let Some(seg) = &seg
+            && let Some(i) = self.latest_of_flow(seg.flow)
+        {
+            match self.try_append(i, packet, seg) {
+                Append::Done => return Ok(()),
+                Append::No => {}
+                Append::BadChecksum => open_new = false,
+            }
+        }
+        if self.is_full() {
+            return Err(PushError::Full);
+        }
+        let item = &mut self.items[self.n];
+        let buf = &mut self.bufs[self.n];
+        buf[..VNET_HDR_LEN].fill(0);
+        buf[VNET_HDR_LEN..VNET_HDR_LEN + packet.len()].copy_from_slice(packet);
+        *item = match seg {
+            Some(s) => Item {
+                len: packet.len(),
+                flow: Some(s.flow),
+                // PSH ends a merged run; a bad checksum is never merged with.
+                open: open_new && !s.psh,
+                head_checked: false,
+                iph_len: s.iph_len,
+                tcph_len: s.tcph_len,
+                ack: s.ack,
+                window: s.window,
+                next_seq: s.seq.wrapping_add(s.payload_len as u32),
+                next_id: s.id.wrapping_add(1),
+                gso_size: s.payload_len,
+                segments: 1,
+            },
+            None => Item {
+                len: packet.len(),
+                flow: if self.merge { tcp_flow(packet) } else { None },
+                segments: 1,
+                ..Item::default()
+            },
+        };
+        self.n += 1;
+        Ok(())
+    }
+
+    /// The most recent item of `flow` among the last [`FLOW_LOOKBACK`].
+    fn latest_of_flow(&self, flow: FlowKey) -> Option<usize> {
+        let from = self.n.saturating_sub(FLOW_LOOKBACK);
+        (from..self.n).rev().find(|&i| self.items[i].flow == Some(flow))
+    }
+
+    fn try_append(&mut self, i: usize, packet: &[u8], seg: &Segment) -> Append {
+        let item = self.items[i];
+        let buf = &self.bufs[i][VNET_HDR_LEN..];
+        let head = &buf[..item.len];
+        let fits = item.open
+            && seg.seq == item.next_seq
+            && seg.ack == item.ack
+            && seg.window == item.window
+            && seg.id == item.next_id
+            && seg.iph_len == item.iph_len
+            && seg.tcph_len == item.tcph_len
+            && seg.payload_len <= item.gso_size
+            && item.len + seg.payload_len <= MAX_PACKET
+            && ip_headers_match(head, packet, seg.iph_len)
+            && head[seg.iph_len + 20..seg.iph_len + seg.tcph_len]
+                == packet[seg.iph_len + 20..seg.iph_len + seg.tcph_len];
+        if !fits {
+            return Append::No;
+        }
+        if !item.head_checked {
+            if !checksums_valid(head, item.iph_len) {
+                self.items[i].open = false;
+                return Append::No;
+            }
+            self.items[i].head_checked = true;
+        }
+        if !checksums_valid(packet, seg.iph_len) {
+            return Append::BadChecksum;
+        }
+        let headers = seg.iph_len + seg.tcph_len;
+        let at = VNET_HDR_LEN + item.len;
+        self.bufs[i][at..at + seg.payload_len].copy_from_slice(&packet[headers..]);
+        let item = &mut self.items[i];
+        item.len += seg.payload_len;
+        item.segments += 1;
+        item.next_seq = item.next_seq.wrapping_add(seg.payload_len as u32);
+        item.next_id = item.next_id.wrapping_add(1);
+        if seg.psh {
+            // PSH belongs to the last segment, and the kernel's segmentation puts it there.
+            let flags = VNET_HDR_LEN + item.iph_len + 13;
+            self.bufs[i][flags] |= TCP_PSH;
+        }
+        if seg.psh || seg.payload_len < item.gso_size {
+            item.open = false;
+        }
+        self.merged += 1;
+        Append::Done
+    }
+
+    /// Completes the headers of merged packets and returns every queued packet, in order, each
+    /// behind its virtio-net header. The slices stay valid until the next `push` or `clear`.
+    pub fn finish(&mut self) -> impl ExactSizeIterator<Item = &[u8]> {
+        if !self.finished {
+            for (item, buf) in self.items[..self.n].iter().zip(self.bufs.iter_mut()) {
+                if item.segments > 1 {
+                    write_gso_headers(item, buf);
+                }
+            }
+            self.finished = true;
+        }
+        self.items[..self.n]
+            .iter()
+            .zip(self.bufs.iter())
+            .map(|(item, buf)| &buf[..VNET_HDR_LEN + item.len])
+    }
+
+    /// Forgets what is queued (buffers are kept).
+    pub fn clear(&mut self) {
+        self.n = 0;
+        self.finished = false;
+    }
+}
+
+enum Append {
+    Done,
+    /// Not a continuation of that item: the packet starts a new one.
+    No,
+    /// The packet's own checksums are wrong: it goes on its own, unmerged, for the kernel to drop.
+    BadChecksum,
+}
+
+/// The virtio-net header, IPv4 total length and checksums of a merged packet: the TCP checksum
+/// field holds the pseudo-header sum only, for the kernel to complete (`NEEDS_CSUM`).
+fn write_gso_headers(item: &Item, buf: &mut [u8]) {
+    let (hdr, pkt) = buf.split_at_mut(VNET_HDR_LEN);
+    let pkt = &mut pkt[..item.len];
+    let iph = item.iph_len;
+    // The merge kept `len <= MAX_PACKET`, so these fit in 16 bits.
+    let total = item.len as u16;
+    let tcp_len = (item.len - iph) as u16;
+    pkt[2..4].copy_from_slice(&total.to_be_bytes());
+    pkt[10..12].fill(0);
+    let ip_csum = !fold(sum(&pkt[..iph]));
+    pkt[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    let pseudo = fold(pseudo_header_sum(&pkt[12..20], tcp_len));
+    pkt[iph + TCP_CSUM_OFFSET..iph + TCP_CSUM_OFFSET + 2].copy_from_slice(&pseudo.to_be_bytes());
+    // struct virtio_net_hdr, in the host's byte order (a TUN device's default).
+    hdr[0] = VNET_F_NEEDS_CSUM;
+    hdr[1] = VNET_GSO_TCPV4;
+    hdr[2..4].copy_from_slice(&((iph + item.tcph_len) as u16).to_ne_bytes());
+    hdr[4..6].copy_from_slice(&(item.gso_size as u16).to_ne_bytes());
+    hdr[6..8].copy_from_slice(&(iph as u16).to_ne_bytes());
+    hdr[8..10].copy_from_slice(&(TCP_CSUM_OFFSET as u16).to_ne_bytes());
+}
+
+/// The IPv4 header's length if `p` is a whole, unfragmented IPv4 packet carrying TCP.
+fn tcp_ipv4_header_len(p: &[u8]) -> Option<usize> {
+    let h = p.get(..20)?;
+    if h[0] >> 4 != 4 || h[9] != IPPROTO_TCP {
+        return None;
+    }
+    let iph_len = usize::from(h[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    // More-fragments flag or a fragment offset: a fragment.
+    let fragment = h[6] & 0x3f != 0 || h[7] != 0;
+    (iph_len >= 20 && total == p.len() && !fragment && p.len() >= iph_len + 20).then_some(iph_len)
+}
+
+/// The flow of any whole TCP/IPv4 packet.
+fn tcp_flow(p: &[u8]) -> Option<FlowKey> {
+    let iph_len = tcp_ipv4_header_len(p)?;
+    Some(flow_key(p, iph_len))
+}
+
+fn flow_key(p: &[u8], iph_len: usize) -> FlowKey {
+    let mut addrs = [0u8; 8];
+    addrs.copy_from_slice(&p[12..20]);
+    let mut ports = [0u8; 4];
+    ports.copy_from_slice(&p[iph_len..iph_len + 4]);
+    FlowKey { addrs: u64::from_ne_bytes(addrs), ports: u32::from_ne_bytes(ports) }
+}
+
+/// The segment's fields if `p` is a TCP/IPv4 packet that may be merged: payload, and only ACK or
+/// ACK|PSH set.
+fn parse_segment(p: &[u8]) -> Option<Segment> {
+    let iph_len = tcp_ipv4_header_len(p)?;
+    let t = &p[iph_len..];
+    let tcph_len = usize::from(t[12] >> 4) * 4;
+    if !(20..=60).contains(&tcph_len) || t.len() <= tcph_len {
+        return None;
+    }
+    let flags = t[13];
+    if flags != TCP_ACK && flags != TCP_ACK | TCP_PSH {
+        return None;
+    }
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Some(Segment {
+        flow: flow_key(p, iph_len),
+        iph_len,
+        tcph_len,
+        seq: be32(&t[4..8]),
+        ack: be32(&t[8..12]),
+        id: u16::from_be_bytes([p[4], p[5]]),
+        window: u16::from_be_bytes([t[14], t[15]]),
+        psh: flags & TCP_PSH != 0,
+        payload_len: t.len() - tcph_len,
+    })
+}
+
+/// Whether two IPv4 headers of length `iph_len` agree on everything GRO keeps from the first:
+/// TOS, the DF and reserved bits, TTL, protocol, addresses and options.
+fn ip_headers_match(a: &[u8], b: &[u8], iph_len: usize) -> bool {
+    a[1] == b[1]
+        && a[6] >> 5 == b[6] >> 5
+        && a[8..10] == b[8..10]
+        && a[12..iph_len] == b[12..iph_len]
+}
+
+/// Whether the IPv4 header checksum and the TCP checksum of `p` verify.
+fn checksums_valid(p: &[u8], iph_len: usize) -> bool {
+    if fold(sum(&p[..iph_len])) != 0xffff {
+        return false;
+    }
+    let Ok(tcp_len) = u16::try_from(p.len() - iph_len) else {
+        return false;
+    };
+    fold(pseudo_header_sum(&p[12..20], tcp_len) + sum(&p[iph_len..])) == 0xffff
+}
+
+/// The TCP pseudo-header's contribution: addresses (`addrs` = source then destination),
+/// protocol and TCP length, as a sum of big-endian words still to [`fold`].
+fn pseudo_header_sum(addrs: &[u8], tcp_len: u16) -> u64 {
+    sum(addrs) + u64::from(IPPROTO_TCP) + u64::from(tcp_len)
+}
+
+/// The ones'-complement sum of `data` read as big-endian 16-bit words (a last odd byte padded
+/// with zero), folded to 16 bits but returned wide so sums can be added before [`fold`].
+///
+/// It adds the 32-bit halves of native 64-bit words, which the compiler vectorises, and swaps
+/// to big-endian once at the end: the end-around carry makes the byte order of the words
+/// commute with the sum. (Measured: about 1% of the data plane's CPU at 5 Gbit/s.)
+fn sum(data: &[u8]) -> u64 {
+    let mut acc: u64 = 0;
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        let v = u64::from_ne_bytes(b);
+        // At most 2^33 per step: 65535 bytes cannot overflow 64 bits.
+        acc += (v & 0xffff_ffff) + (v >> 32);
+    }
+    let mut rest = words.remainder().chunks_exact(2);
+    for w in &mut rest {
+        acc += u64::from(u16::from_ne_bytes([w[0], w[1]]));
+    }
+    if let [last] = rest.remainder() {
+        acc += u64::from(u16::from_ne_bytes([*last, 0]));
+    }
+    u64::from(u16::from_be(fold(acc)))
+}
+
+/// Folds a ones'-complement sum to 16 bits with end-around carries (not complemented).
+fn fold(mut acc: u64) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference checksum: big-endian words one at a time.
+    fn slow_sum(data: &[u8]) -> u16 {
+        let mut acc: u32 = 0;
+        for w in data.chunks(2) {
+            let v =
+                if w.len() == 2 { u16::from_be_bytes([w[0], w[1]]) } else { u16::from(w[0]) << 8 };
+            acc += u32::from(v);
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc as u16
+    }
+
+    #[test]
+    fn fast_sum_matches_reference() {
+        let data: Vec<u8> =
+            (0..3000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        for len in 0..200 {
+            assert_eq!(fold(sum(&data[..len])), slow_sum(&data[..len]), "len {len}");
+        }
+        assert_eq!(fold(sum(&data)), slow_sum(&data));
+        let ones = vec![0xffu8; 65535];
+        assert_eq!(fold(sum(&ones)), slow_sum(&ones));
+    }
+}

@@ -1,0 +1,376 @@
+//! Properties of the TUN-write coalescer (`holdfast::sansio::coalesce`): what it writes, once
+//! the kernel re-segments it the way TSO does, is exactly what went in (per flow, in order);
+//! anything it cannot merge passes through byte for byte; hostile bytes never panic it.
+
+use holdfast::sansio::coalesce::{Coalescer, MAX_PACKET, PushError, VNET_HDR_LEN};
+use proptest::prelude::*;
+
+const ACK: u8 = 0x10;
+const PSH: u8 = 0x08;
+const FIN: u8 = 0x01;
+
+/// Reference ones'-complement sum over big-endian words, one word at a time.
+fn csum(data: &[u8], initial: u32) -> u16 {
+    let mut acc = initial;
+    for w in data.chunks(2) {
+        let v = if w.len() == 2 { u16::from_be_bytes([w[0], w[1]]) } else { u16::from(w[0]) << 8 };
+        acc += u32::from(v);
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+fn pseudo(p: &[u8], tcp_len: usize) -> u32 {
+    u32::from(csum(&p[12..20], 0)) + 6 + tcp_len as u32
+}
+
+/// Writes correct IPv4 header and TCP checksums into `p` (IPv4 header length `iph`).
+fn fix_checksums(p: &mut [u8], iph: usize) {
+    p[10..12].fill(0);
+    let ip = !csum(&p[..iph], 0);
+    p[10..12].copy_from_slice(&ip.to_be_bytes());
+    p[iph + 16..iph + 18].fill(0);
+    let tcp = !csum(&p[iph..], pseudo(p, p.len() - iph));
+    p[iph + 16..iph + 18].copy_from_slice(&tcp.to_be_bytes());
+}
+
+#[derive(Debug, Clone)]
+struct Flow {
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    id: u16,
+    window: u16,
+    /// TCP options (a multiple of 4 bytes), e.g. a timestamp.
+    options: Vec<u8>,
+    ttl: u8,
+}
+
+impl Flow {
+    fn packet(&mut self, payload_len: usize, flags: u8) -> Vec<u8> {
+        let tcph = 20 + self.options.len();
+        let total = 20 + tcph + payload_len;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&self.id.to_be_bytes());
+        p[6] = 0x40; // DF
+        p[8] = self.ttl;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&self.src);
+        p[16..20].copy_from_slice(&self.dst);
+        let t = &mut p[20..];
+        t[0..2].copy_from_slice(&self.sport.to_be_bytes());
+        t[2..4].copy_from_slice(&self.dport.to_be_bytes());
+        t[4..8].copy_from_slice(&self.seq.to_be_bytes());
+        t[8..12].copy_from_slice(&self.ack.to_be_bytes());
+        t[12] = ((tcph / 4) as u8) << 4;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&self.window.to_be_bytes());
+        t[20..tcph].copy_from_slice(&self.options);
+        for (i, b) in t[tcph..].iter_mut().enumerate() {
+            *b = (self.seq as usize).wrapping_add(i).wrapping_mul(31) as u8;
+        }
+        fix_checksums(&mut p, 20);
+        self.seq = self.seq.wrapping_add(payload_len as u32);
+        self.id = self.id.wrapping_add(1);
+        p
+    }
+}
+
+/// What a packet's flow is, for comparing per-flow order: the TCP 4-tuple, or "other".
+fn flow_of(p: &[u8]) -> Option<[u8; 12]> {
+    if p.len() < 40 || p[0] != 0x45 || p[9] != 6 {
+        return None;
+    }
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&p[12..20]);
+    k[8..].copy_from_slice(&p[20..24]);
+    Some(k)
+}
+
+/// The kernel's side: a written packet (virtio-net header first) as the packets TSO would make
+/// of it. Also checks the header is one the kernel accepts.
+fn resegment(written: &[u8]) -> Vec<Vec<u8>> {
+    let (hdr, p) = written.split_at(VNET_HDR_LEN);
+    if hdr.iter().all(|&b| b == 0) {
+        return vec![p.to_vec()];
+    }
+    let u16n = |b: &[u8]| u16::from_ne_bytes([b[0], b[1]]) as usize;
+    assert_eq!(hdr[0], 1, "NEEDS_CSUM");
+    assert_eq!(hdr[1], 1, "GSO_TCPV4");
+    let (hdr_len, gso, csum_start, csum_off) =
+        (u16n(&hdr[2..]), u16n(&hdr[4..]), u16n(&hdr[6..]), u16n(&hdr[8..]));
+    let iph = usize::from(p[0] & 0xf) * 4;
+    let tcph = usize::from(p[iph + 12] >> 4) * 4;
+    assert_eq!((hdr_len, csum_start, csum_off), (iph + tcph, iph, 16));
+    assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, p.len(), "IPv4 total length");
+    assert_eq!(csum(&p[..iph], 0), 0xffff, "IPv4 header checksum");
+    let partial = u16::from_be_bytes([p[iph + 16], p[iph + 17]]);
+    assert_eq!(u32::from(partial), u32::from(csum(&[], pseudo(p, p.len() - iph))), "pseudo sum");
+    let payload = &p[hdr_len..];
+    assert!(payload.len() > gso, "a merged packet has more than one segment");
+    let id0 = u16::from_be_bytes([p[4], p[5]]);
+    let seq0 = u32::from_be_bytes([p[iph + 4], p[iph + 5], p[iph + 6], p[iph + 7]]);
+    let chunks: Vec<&[u8]> = payload.chunks(gso).collect();
+    let last = chunks.len() - 1;
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut s = p[..hdr_len].to_vec();
+            s.extend_from_slice(chunk);
+            let total = s.len() as u16;
+            s[2..4].copy_from_slice(&total.to_be_bytes());
+            s[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            let seq = seq0.wrapping_add((i * gso) as u32);
+            s[iph + 4..iph + 8].copy_from_slice(&seq.to_be_bytes());
+            if i != last {
+                s[iph + 13] &= !(PSH | FIN);
+            }
+            fix_checksums(&mut s, iph);
+            s
+        })
+        .collect()
+}
+
+/// Runs `input` through a coalescer of `capacity` items, flushing when full, as the loops do.
+fn run(input: &[Vec<u8>], capacity: usize, merge: bool) -> Vec<Vec<u8>> {
+    let mut co = Coalescer::new(capacity, merge);
+    let mut out = Vec::new();
+    for p in input {
+        match co.push(p) {
+            Ok(()) => {}
+            Err(PushError::Full) => {
+                out.extend(co.finish().map(<[u8]>::to_vec));
+                co.clear();
+                co.push(p).expect("room after a flush");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    out.extend(co.finish().map(<[u8]>::to_vec));
+    out
+}
+
+fn per_flow(packets: &[Vec<u8>]) -> std::collections::BTreeMap<Option<[u8; 12]>, Vec<Vec<u8>>> {
+    let mut m = std::collections::BTreeMap::<_, Vec<_>>::new();
+    for p in packets {
+        m.entry(flow_of(p)).or_default().push(p.clone());
+    }
+    m
+}
+
+fn flow(n: u8) -> Flow {
+    Flow {
+        src: [100, 64, 0, 2 + n],
+        dst: [100, 64, 0, 1],
+        sport: 40000 + u16::from(n),
+        dport: 5201,
+        seq: 0xffff_f000u32.wrapping_add(u32::from(n) * 77), // wraps during a run
+        ack: 1000,
+        id: 0xfff0,
+        window: 500,
+        options: if n.is_multiple_of(2) {
+            vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]
+        } else {
+            vec![]
+        },
+        ttl: 64,
+    }
+}
+
+/// One step of traffic.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A data segment on flow `f`: full-sized, or shorter, maybe with PSH.
+    Data {
+        f: usize,
+        short: Option<usize>,
+        psh: bool,
+    },
+    /// A segment whose TCP checksum is wrong.
+    BadChecksum {
+        f: usize,
+    },
+    /// Sequence gap (a lost segment), new ack number, new window, new TTL, non-consecutive id.
+    Gap(usize),
+    NewAck(usize),
+    NewWindow(usize),
+    NewTtl(usize),
+    IdJump(usize),
+    /// A pure ACK or a FIN: TCP that never merges.
+    PureAck(usize),
+    Fin(usize),
+    /// Anything else: a UDP packet, an IPv6 header, garbage.
+    Other(Vec<u8>),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let f = 0usize..3;
+    prop_oneof![
+        12 => (f.clone(), proptest::option::weighted(0.15, 1usize..1400), proptest::bool::weighted(0.1))
+            .prop_map(|(f, short, psh)| Step::Data { f, short, psh }),
+        1 => f.clone().prop_map(|f| Step::BadChecksum { f }),
+        1 => f.clone().prop_map(Step::Gap),
+        1 => f.clone().prop_map(Step::NewAck),
+        1 => f.clone().prop_map(Step::NewWindow),
+        1 => f.clone().prop_map(Step::NewTtl),
+        1 => f.clone().prop_map(Step::IdJump),
+        1 => f.clone().prop_map(Step::PureAck),
+        1 => f.prop_map(Step::Fin),
+        1 => proptest::collection::vec(any::<u8>(), 0..80).prop_map(Step::Other),
+    ]
+}
+
+const MSS: usize = 1400;
+
+fn traffic(steps: &[Step]) -> Vec<Vec<u8>> {
+    let mut flows: Vec<Flow> = (0..3).map(flow).collect();
+    let mut out = Vec::new();
+    for s in steps {
+        match s {
+            Step::Data { f, short, psh } => {
+                let flags = if *psh { ACK | PSH } else { ACK };
+                out.push(flows[*f].packet(short.unwrap_or(MSS), flags));
+            }
+            Step::BadChecksum { f } => {
+                let mut p = flows[*f].packet(MSS, ACK);
+                let at = p.len() - 1;
+                p[at] ^= 0x5a;
+                out.push(p);
+            }
+            Step::Gap(f) => flows[*f].seq = flows[*f].seq.wrapping_add(MSS as u32),
+            Step::NewAck(f) => flows[*f].ack = flows[*f].ack.wrapping_add(2896),
+            Step::NewWindow(f) => flows[*f].window ^= 0x100,
+            Step::NewTtl(f) => flows[*f].ttl ^= 1,
+            Step::IdJump(f) => flows[*f].id = flows[*f].id.wrapping_add(3),
+            Step::PureAck(f) => out.push(flows[*f].packet(0, ACK)),
+            Step::Fin(f) => out.push(flows[*f].packet(0, ACK | FIN)),
+            Step::Other(bytes) => out.push(bytes.clone()),
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn resegmented_output_equals_input_per_flow(
+        steps in proptest::collection::vec(step(), 0..160),
+        capacity in 1usize..70,
+    ) {
+        let input = traffic(&steps);
+        let out = run(&input, capacity, true);
+        let back: Vec<Vec<u8>> = out.iter().flat_map(|w| resegment(w)).collect();
+        prop_assert_eq!(back.len(), input.len());
+        prop_assert_eq!(per_flow(&back), per_flow(&input));
+        // Packets of no TCP flow keep their order among everything: compare positions.
+        let others = |v: &[Vec<u8>]| v.iter().filter(|p| flow_of(p).is_none()).cloned().collect::<Vec<_>>();
+        prop_assert_eq!(others(&back), others(&input));
+    }
+
+    #[test]
+    fn without_merging_everything_passes_through_in_order(
+        steps in proptest::collection::vec(step(), 0..100),
+    ) {
+        let input = traffic(&steps);
+        let out = run(&input, 64, false);
+        prop_assert_eq!(out.len(), input.len());
+        for (w, p) in out.iter().zip(&input) {
+            prop_assert!(w[..VNET_HDR_LEN].iter().all(|&b| b == 0));
+            prop_assert_eq!(&w[VNET_HDR_LEN..], &p[..]);
+        }
+    }
+
+    #[test]
+    fn hostile_bytes_pass_through_unchanged(
+        packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..40),
+        tcp_like in any::<bool>(),
+    ) {
+        // Garbage, and garbage dressed as TCP/IPv4 (version, protocol and length right): never a
+        // panic, and unless it really is a valid segment, back out byte for byte.
+        let input: Vec<Vec<u8>> = packets.into_iter().map(|mut p| {
+            if tcp_like && p.len() >= 40 {
+                p[0] = 0x45;
+                p[9] = 6;
+                let n = p.len() as u16;
+                p[2..4].copy_from_slice(&n.to_be_bytes());
+                p[6] &= 0x40;
+                p[7] = 0;
+            }
+            p
+        }).collect();
+        let out = run(&input, 64, true);
+        let back: Vec<Vec<u8>> = out.iter().flat_map(|w| resegment(w)).collect();
+        prop_assert_eq!(per_flow(&back), per_flow(&input));
+    }
+}
+
+#[test]
+fn a_burst_of_one_flow_becomes_one_packet() {
+    let mut f = flow(0);
+    let input: Vec<Vec<u8>> = (0..45)
+        .map(|i| f.packet(if i == 44 { 300 } else { MSS }, if i == 44 { ACK | PSH } else { ACK }))
+        .collect();
+    let out = run(&input, 64, true);
+    assert_eq!(out.len(), 1);
+    let w = &out[0];
+    assert_eq!(u16::from_ne_bytes([w[4], w[5]]) as usize, MSS, "gso_size");
+    assert_eq!(w.len(), VNET_HDR_LEN + 20 + 32 + 44 * MSS + 300);
+    assert_eq!(resegment(w), input);
+    // PSH rides on the merged packet (it belongs to its last segment).
+    assert_eq!(w[VNET_HDR_LEN + 20 + 13], ACK | PSH);
+}
+
+#[test]
+fn merged_packets_stay_within_an_ipv4_packet() {
+    let mut f = flow(1);
+    let input: Vec<Vec<u8>> = (0..120).map(|_| f.packet(MSS, ACK)).collect();
+    let out = run(&input, 64, true);
+    assert!(out.len() >= 3, "{} packets", out.len());
+    assert!(out.iter().all(|w| w.len() - VNET_HDR_LEN <= MAX_PACKET));
+    let back: Vec<Vec<u8>> = out.iter().flat_map(|w| resegment(w)).collect();
+    assert_eq!(back, input);
+}
+
+#[test]
+fn a_bad_checksum_is_never_merged() {
+    let mut f = flow(1);
+    let mut input: Vec<Vec<u8>> = (0..6).map(|_| f.packet(MSS, ACK)).collect();
+    input[3][100] ^= 1;
+    // The head's own checksum is checked too.
+    let mut g = flow(2);
+    let mut second: Vec<Vec<u8>> = (0..3).map(|_| g.packet(MSS, ACK)).collect();
+    second[0][60] ^= 1;
+    input.extend(second);
+    let out = run(&input, 64, true);
+    let bad: Vec<&Vec<u8>> = [&input[3], &input[6]].into();
+    for b in bad {
+        let alone = out
+            .iter()
+            .any(|w| w[..VNET_HDR_LEN] == [0; VNET_HDR_LEN] && w[VNET_HDR_LEN..] == b[..]);
+        assert!(alone, "a corrupted segment went out on its own, unchanged");
+    }
+    // 0..3 merged, 3 alone, 4..6 merged; flow 2: 0 alone, 1..3 merged.
+    assert_eq!(out.len(), 5);
+}
+
+#[test]
+fn too_long_is_refused() {
+    let mut co = Coalescer::new(4, true);
+    assert_eq!(co.push(&vec![0u8; MAX_PACKET + 1]), Err(PushError::TooLong));
+    assert!(co.is_empty());
+    for _ in 0..4 {
+        co.push(&[0x60; 40]).expect("room");
+    }
+    assert!(co.is_full());
+    assert_eq!(co.push(&[0x60; 40]), Err(PushError::Full));
+}
