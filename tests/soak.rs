@@ -132,17 +132,7 @@ impl Client {
     }
 
     fn status(&self) -> StatusReport {
-        let out = std::process::Command::new(BIN)
-            .args(["status", "--json", "--socket", s(&self.socket())])
-            .output()
-            .expect("run holdfast status");
-        assert!(
-            out.status.success(),
-            "{}: holdfast status failed: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("status --json parses")
+        support::status_of(&self.socket())
     }
 
     /// (loop starts, TUN ifindex) from the status report.

@@ -23,14 +23,14 @@ mod leak_probes;
 mod support;
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use holdfast::client::status_socket::StatusReport;
 use leak_probes::route_table;
 use support::netns::{self, Netns};
-use support::{BIN, GatewayDir, Proc, fast_timings, holdfast_ok, s, wait_until};
+use support::{GatewayDir, Proc, fast_timings, holdfast_ok, s, status_of, wait_until};
 
 const PORT: u16 = 51820;
 const TUN: &str = "holdfast0";
@@ -118,15 +118,6 @@ impl Running {
         assert_eq!(route_table(ns), before, "routes after an explicit stop");
         assert!(self.gateway.is_alive(), "the gateway exited:\n{}", self.gateway.all_lines().join("\n"));
     }
-}
-
-fn status_of(socket: &Path) -> StatusReport {
-    let out = std::process::Command::new(BIN)
-        .args(["status", "--json", "--socket", s(socket)])
-        .output()
-        .expect("run holdfast status");
-    assert!(out.status.success(), "holdfast status: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status --json parses")
 }
 
 /// `ip route get DST` in `ns`: the kernel's answer, or its error.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use holdfast::client::status_socket::StatusReport;
 use holdfast::config::client::LogSection;
 
-use crate::support::{BIN, GatewayDir, Pinger, Proc, edit_client_file, s, unix_now, wait_until};
+use crate::support::{GatewayDir, Pinger, Proc, edit_client_file, unix_now, wait_until};
 
 const GW_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 /// Bound on every wait for a process event.
@@ -83,12 +83,7 @@ impl World {
     }
 
     pub fn status(&self) -> StatusReport {
-        let out = std::process::Command::new(BIN)
-            .args(["status", "--json", "--socket", s(&self.socket())])
-            .output()
-            .expect("run holdfast status");
-        assert!(out.status.success(), "holdfast status: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).expect("status --json parses")
+        crate::support::status_of(&self.socket())
     }
 
     fn session(&self) -> Option<String> {

@@ -476,8 +476,8 @@ impl Machine {
                 Transition(State::backoff())
             }
             Event::UnderlayChanged if self.nudge_allowed(context.now) => {
+                // Re-entry begins a fresh attempt, which makes the one in flight stale.
                 self.last_nudge = Some(context.now);
-                self.pending = None;
                 Transition(State::authing())
             }
             _ => Super,

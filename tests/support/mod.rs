@@ -372,3 +372,14 @@ impl Pinger {
         }
     }
 }
+
+/// Asks the client whose status socket is `socket` (`holdfast status --json`), asserting it
+/// answers.
+pub fn status_of(socket: &Path) -> holdfast::client::status_socket::StatusReport {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--socket", s(socket)])
+        .output()
+        .expect("run holdfast status");
+    assert!(out.status.success(), "holdfast status: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status --json parses")
+}
