@@ -246,7 +246,7 @@ impl GatewayConfig {
 }
 
 fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
-    crate::gateway::registry::check_name(&raw.name).map_err(|r| format!("`name`: {r}"))?;
+    super::check_name(&raw.name).map_err(|r| format!("`name`: {r}"))?;
     if raw.endpoint.port() == 0 {
         return Err(format!(
             "`endpoint` {} needs a port (clients connect to it)",

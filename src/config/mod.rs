@@ -9,6 +9,28 @@ pub mod gateway;
 
 use std::path::{Path, PathBuf};
 
+/// The longest client name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks a client (or gateway) name: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter or
+/// digit. The name becomes a certificate common name and a file name (`clients/NAME.toml`), so
+/// no path separators, no leading dot (hidden files, `..`), no leading dash (looks like an option).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!("must be 1 to {MAX_NAME_LEN} characters long"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err("only letters, digits, '.', '_' and '-' are allowed".into());
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err("must start with a letter or a digit".into());
+    }
+    Ok(())
+}
+
 /// Exit codes of the `holdfast` binary (sysexits.h values, familiar to operators).
 pub mod exit {
     /// Explicit stop, or a command that succeeded.

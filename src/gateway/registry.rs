@@ -32,10 +32,11 @@ use serde::{Deserialize, Serialize};
 
 use super::fsutil::{self, Existing};
 use crate::config::gateway::check_host_in;
+// The naming rule is the config layer's (a gateway's `name` follows it too); re-exported here,
+// where the registry's callers look for it.
+pub use crate::config::{MAX_NAME_LEN, check_name};
 use crate::pki::CertFingerprint;
 
-/// The longest client name.
-pub const MAX_NAME_LEN: usize = 64;
 
 /// A problem with the registry or a requested change to it.
 #[derive(Debug, thiserror::Error)]
@@ -120,25 +121,6 @@ struct RegistryFile {
 const HEADER: &str = "# Holdfast client registry. Rewritten as a whole by `holdfast gateway add-client` and\n\
                       # `revoke`; the running gateway reloads it when it changes. Prefer the commands to\n\
                       # editing by hand.\n\n";
-
-/// Checks a client (or gateway) name: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter or
-/// digit. The name becomes a certificate common name and a file name (`clients/NAME.toml`), so
-/// no path separators, no leading dot (hidden files, `..`), no leading dash (looks like an option).
-pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(format!("must be 1 to {MAX_NAME_LEN} characters long"));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        return Err("only letters, digits, '.', '_' and '-' are allowed".into());
-    }
-    if !name.as_bytes()[0].is_ascii_alphanumeric() {
-        return Err("must start with a letter or a digit".into());
-    }
-    Ok(())
-}
 
 fn valid_name(name: &str) -> Result<(), RegistryError> {
     check_name(name).map_err(|reason| RegistryError::InvalidName {

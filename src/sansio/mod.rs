@@ -4,5 +4,6 @@
 pub mod coalesce;
 pub mod replay;
 pub mod seal;
+pub mod session;
 pub mod supervisor;
 pub mod wire;

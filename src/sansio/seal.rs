@@ -25,7 +25,7 @@ use thiserror::Error;
 
 use super::replay::{ReplayError, ReplayWindow};
 use super::wire::{self, HEADER_LEN, Header, MsgType, OVERHEAD, TAG_LEN, WireError};
-use crate::snapshot::{KeyFingerprint, SessionId, SessionKey};
+use super::session::{KeyFingerprint, SessionId, SessionKey};
 
 /// Which way a datagram travels. Part of the nonce, so the two directions of one session never
 /// share a nonce under their shared key.

@@ -31,7 +31,7 @@ use std::time::Duration;
 use rand::{Rng, RngCore};
 use statig::prelude::*;
 
-use crate::snapshot::{SessionId, VpnAuthResponse};
+use super::session::{SessionId, VpnAuthResponse};
 
 /// Machine time: the time elapsed since the driver started, passed in by the shell.
 /// (A `Duration` rather than an `Instant` so tests can construct any point in time.)

@@ -37,7 +37,7 @@
 
 use thiserror::Error;
 
-use crate::snapshot::SessionId;
+use super::session::SessionId;
 
 /// The format version carried in the high nibble of byte 0.
 pub const VERSION: u8 = 1;
