@@ -346,6 +346,30 @@ pub fn control_decode(data: &[u8]) {
 /// addresses of 4 bytes, a prefix length 1..=32, a non-zero session id, a 32-byte key, a data port
 /// 1..=65535); what is accepted carries those values unchanged, builds its cipher and renders for
 /// the status feed; neither the accepted snapshot's summary nor a refusal ever shows the key.
+/// The oracle's own reading of the DNS fields: counts bounded, addresses 4 or 16 bytes and
+/// unicast, names of letters, digits, '-', '_' and dots only.
+fn dns_usable(a: &AuthenticateResponse) -> bool {
+    let servers_ok = a.dns_servers.len() <= 8
+        && a.dns_servers.iter().all(|b| {
+            let ip: Option<std::net::IpAddr> = match b.len() {
+                4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(Into::into),
+                16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(Into::into),
+                _ => None,
+            };
+            ip.is_some_and(|ip| {
+                !ip.is_unspecified()
+                    && !ip.is_multicast()
+                    && ip != std::net::IpAddr::from([255, 255, 255, 255])
+            })
+        });
+    let names_ok = a.search_domains.len() <= 6
+        && a.search_domains.iter().all(|d| holdfast::config::check_search_domain(d).is_ok())
+        && a.search_domains.iter().all(|d| {
+            d.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        });
+    servers_ok && names_ok && (!a.dns_servers.is_empty() || a.search_domains.is_empty())
+}
+
 pub fn gateway_answer(data: &[u8]) {
     let Ok(answer) = AuthenticateResponse::decode(data) else {
         return;
@@ -355,7 +379,8 @@ pub fn gateway_answer(data: &[u8]) {
         && (1..=32).contains(&answer.prefix_len)
         && answer.session_id != 0
         && answer.session_key.len() == 32
-        && (1..=u32::from(u16::MAX)).contains(&answer.data_port);
+        && (1..=u32::from(u16::MAX)).contains(&answer.data_port)
+        && dns_usable(&answer);
     // Only a full-length key's hex is distinctive enough to look for in text.
     let key_hex = (answer.session_key.len() == 32)
         .then(|| answer.session_key.iter().map(|b| format!("{b:02x}")).collect::<String>());
@@ -369,6 +394,22 @@ pub fn gateway_answer(data: &[u8]) {
             assert_eq!(snap.session_id.0, answer.session_id);
             assert_eq!(u32::from(snap.data_port), answer.data_port);
             assert_eq!(snap.session_key.expose().as_slice(), answer.session_key.as_slice());
+            assert_eq!(snap.dns_servers.len(), answer.dns_servers.len());
+            assert_eq!(snap.search_domains, answer.search_domains);
+            // What a hostile gateway could do with an accepted answer: the resolv.conf written
+            // from it has exactly one line per server, one search line, and comments.
+            let text = holdfast::client::dns::render_resolv_conf(
+                &snap.dns_servers,
+                &snap.search_domains,
+                &holdfast::client::dns::Original::Absent,
+            )
+            .expect("renders");
+            let directives: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+            let want = snap.dns_servers.len() + usize::from(!snap.search_domains.is_empty());
+            assert_eq!(directives.len(), want, "injected lines: {text}");
+            for l in directives {
+                assert!(l.starts_with("nameserver ") || l.starts_with("search "), "{l}");
+            }
             let _ = snap.crypto();
             let view = holdfast::client::status::SnapshotView::of(&snap);
             assert!(!shows_key(&snap.summary()), "summary shows the key");

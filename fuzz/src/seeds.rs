@@ -265,9 +265,18 @@ fn gateway_answer_seeds() -> Vec<Seed> {
         session_key: (0..32).collect(),
         data_port: 51820,
         session_idle_timeout_ms: 180_000,
+        dns_servers: vec![vec![100, 64, 0, 1]],
+        search_domains: vec!["corp.example".into()],
+        ..Default::default()
     };
     type Break = fn(&mut AuthenticateResponse);
-    let broken: [(&'static str, Break); 6] = [
+    let broken: [(&'static str, Break); 10] = [
+        ("dns-server-5-bytes", |a| a.dns_servers = vec![vec![100, 64, 0, 1, 0]]),
+        ("dns-server-multicast", |a| a.dns_servers = vec![vec![224, 0, 0, 251]]),
+        ("search-domain-newline", |a| {
+            a.search_domains = vec!["lan\nnameserver 198.18.9.9".into()]
+        }),
+        ("search-domains-too-many", |a| a.search_domains = vec!["x".into(); 7]),
         ("ipv6-assigned-ip", |a| a.assigned_ip = vec![0xfd; 16]),
         ("prefix-0", |a| a.prefix_len = 0),
         ("session-0", |a| a.session_id = 0),

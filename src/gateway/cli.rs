@@ -59,8 +59,11 @@ pub enum GatewayCommand {
     ///
     /// Listens on `listen` from gateway.toml (TCP for the control plane, UDP on the same port for
     /// the data plane). Registry changes (add-client, revoke) take effect without a restart.
+    /// The resolver (`[dns]`, on by default) answers DNS on UDP and TCP port 53 of the tunnel
+    /// address, only for clients with a live session, forwarding to `[dns] upstreams` or this
+    /// host's /etc/resolv.conf nameservers; clients are told to use it when they connect.
     /// Signals: SIGUSR2 ends every session (clients re-authenticate by themselves); SIGUSR1 logs
-    /// the data plane's counters.
+    /// the data plane's and the resolver's counters.
     Run(RunArgs),
 }
 
@@ -420,12 +423,38 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
 /// `gateway run`: serves until SIGINT or SIGTERM.
 async fn run(dir: &Path) -> Result<(), GatewayError> {
     let config = GatewayConfig::load_dir(dir)?;
-    let plane = ControlPlane::bind(&config)?;
+    // The resolver (issue 11): decided first, because clients are told about it when they
+    // authenticate; started once the TUN device (its address) exists.
+    let dns_plan = super::dns::ResolverPlan::for_gateway(&config);
+    let push = dns_plan.as_ref().map(super::dns::ResolverPlan::push).unwrap_or_default();
+    let plane = ControlPlane::bind_with_dns(&config, push)?;
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
     let data = super::dataplane::start_for(&config, &plane).await?;
+    let resolver = match dns_plan {
+        Some(plan) => {
+            let live = std::sync::Arc::new(super::dns::LiveSessions {
+                table: plane.sessions(),
+                clock: plane.clock(),
+            });
+            match super::dns::GatewayResolver::start(plan, &data.tun_name, live) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    data.stop().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        None => None,
+    };
+    if let Some(r) = &resolver {
+        tokio::spawn(super::dns::log_stats_on_sigusr1(r.counters()));
+    }
     tokio::spawn(end_sessions_on_sigusr2(plane.sessions()));
     let result = plane.serve(stop_signal()).await;
+    if let Some(r) = resolver {
+        r.stop().await;
+    }
     data.stop().await;
     result
 }

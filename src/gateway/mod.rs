@@ -9,10 +9,12 @@
 //! - [`tls`]: TLS 1.3-only mutual authentication, one handshake task per connection.
 //! - [`server`]: binds, serves, and runs housekeeping.
 //! - [`dataplane`]: the TUN device, the UDP loops and the NAT rule.
+//! - [`dns`]: the resolver on the tunnel address(es), pushed to clients.
 //! - [`fsutil`]: atomic file writes and the registry's edit lock.
 
 pub mod cli;
 pub mod dataplane;
+pub mod dns;
 pub mod fsutil;
 pub mod live;
 pub mod registry;
@@ -64,6 +66,9 @@ pub enum GatewayError {
     /// The data plane (TUN device, UDP socket, NAT rule) could not start.
     #[error(transparent)]
     DataPlane(#[from] dataplane::GatewayDataPlaneError),
+    /// The resolver could not start (`[dns]`).
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
 }
 
 impl GatewayError {
@@ -80,6 +85,7 @@ impl GatewayError {
                 exit::NOT_PERMITTED
             }
             GatewayError::DataPlane(e) if e.not_permitted() => exit::NOT_PERMITTED,
+            GatewayError::Dns(e) if e.not_permitted() => exit::NOT_PERMITTED,
             _ => exit::FAILURE,
         }
     }

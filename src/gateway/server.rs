@@ -74,6 +74,15 @@ impl ControlPlane {
     /// Loads the credentials and the registry and binds `config.listen`. Must run inside a tokio
     /// runtime (the listener registers with it).
     pub fn bind(config: &GatewayConfig) -> Result<Self, GatewayError> {
+        Self::bind_with_dns(config, super::dns::DnsPush::default())
+    }
+
+    /// [`ControlPlane::bind`], announcing the resolver `dns` to every client that authenticates
+    /// (what `gateway run` does when its resolver is on).
+    pub fn bind_with_dns(
+        config: &GatewayConfig,
+        dns: super::dns::DnsPush,
+    ) -> Result<Self, GatewayError> {
         let ca = read_pem(&config.ca_cert, "authority certificate")?;
         let cert = read_pem(&config.cert, "server certificate")?;
         let key = read_pem(&config.key, "server key")?;
@@ -102,6 +111,7 @@ impl ControlPlane {
             subnet: config.subnet,
             gateway_ip: config.gateway_ip,
             data_port: config.endpoint.port(),
+            dns,
         });
 
         let tcp = TcpIncoming::bind(config.listen)
