@@ -275,12 +275,14 @@ fn a_flood_from_one_session_does_not_stall_another() {
     let text = std::fs::read_to_string(w.gw.config()).unwrap();
     std::fs::write(w.gw.config(), text.replace("# rate_limit = 100", "rate_limit = 20")).unwrap();
     let _dnsmasq = w.upstream();
-    let mut gateway = w.gateway();
     // The second client gets a namespace of its own (one kill-switch table, one resolv.conf and
     // one set of tunnel routes per namespace), joined to the gateway's by another link.
     let calm_ns = Netns::new();
+    // Two links make the gateway multi-homed: its data plane must answer from the endpoint.
+    w.gw.set("listen", &format!("\"{GW_UNDERLAY}:{}\"", w.gw.port));
     netns::link(&calm_ns, "hfc", Ipv4Addr::new(198, 18, 2, 1), &w.gw.ns, "hfg2", Ipv4Addr::new(198, 18, 2, 2), 30);
     calm_ns.ip(&["route", "add", &format!("{GW_UNDERLAY}/32"), "via", "198.18.2.2"]);
+    let mut gateway = w.gateway();
     let (flood_logs, calm_logs) = (w.logs.path().join("flood"), w.logs.path().join("calm"));
     let flood_file = w.gw.add_client("flood", |f| fast_timings(f, &flood_logs));
     let calm_file = w.gw.add_client("calm", |f| fast_timings(f, &calm_logs));
