@@ -173,7 +173,7 @@ fn home_network_resolves_through_the_tunnel_and_gets_its_resolver_back() {
     require_root!();
     let w = world();
     let _dnsmasq = w.upstream();
-    let _gateway = w.gateway();
+    let mut gateway = w.gateway();
     let file = w.client_file();
     let cns = w.gw.clients_ns();
 
@@ -188,6 +188,19 @@ fn home_network_resolves_through_the_tunnel_and_gets_its_resolver_back() {
     // TCP too, and straight to the tunnel address.
     let tcp = ask_tcp(cns, tunnel_dns(), NAME).expect("an answer over TCP");
     assert_eq!(a_records(&tcp), [ANSWER]);
+
+    // The gateway restarts pushing a search domain: the client's next snapshot carries it, and
+    // the resolver follows without a restart of the client.
+    gateway.kill();
+    let text = std::fs::read_to_string(w.gw.config()).unwrap();
+    let text = text.replace("# search_domains = []", "search_domains = [\"example.test\"]");
+    std::fs::write(w.gw.config(), text).unwrap();
+    let _gateway = w.gateway();
+    client.wait_for(&["resolvers follow the new session"], T);
+    let during = w.client_resolv();
+    assert!(during.contains("\nsearch example.test\n"), "{during}");
+    // A short name now resolves through the search domain.
+    assert!(system_lookup(cns, "www").contains("198.18.7.7"));
 
     // An explicit stop gives the original back, byte for byte.
     assert_eq!(client.terminate(T), Some(0));
