@@ -73,7 +73,7 @@ pub fn dns_query(data: &[u8]) {
     let mut in_flight = [0u32; 8];
     for b in gate_ops {
         let client = usize::from(b & 7);
-        let ip = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2 + b & 7));
+        let ip = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2 + (b & 7)));
         if b & 0x80 != 0 && in_flight[client] > 0 {
             gate.done(ip);
             in_flight[client] -= 1;

@@ -327,7 +327,6 @@ mod tests {
             session_idle_timeout_ms: 180_000,
             dns_servers: vec![vec![100, 64, 0, 1]],
             search_domains: vec!["corp.example".into()],
-            ..Default::default()
         }
     }
 

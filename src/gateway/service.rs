@@ -187,7 +187,6 @@ impl Control for ControlService {
             session_idle_timeout_ms: state.sessions.limits().idle_ms,
             dns_servers: state.dns.servers.iter().map(ip_bytes).collect(),
             search_domains: state.dns.search_domains.clone(),
-            ..Default::default()
         }))
     }
 
