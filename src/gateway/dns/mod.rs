@@ -336,7 +336,9 @@ impl GatewayResolver {
             let addr = SocketAddr::new(*ip, port);
             let err = |proto, source| DnsError::Bind { addr, proto, tun: tun.to_owned(), source };
             let udp = bind_udp_on(addr, tun).map_err(|e| err("udp", e))?;
-            let tcp = bind_tcp_on(addr, tun).map_err(|e| err("tcp", e))?;
+            // TCP on the port UDP got (the same unless `port` was 0).
+            let bound = udp.local_addr().map_err(|e| err("udp", e))?;
+            let tcp = bind_tcp_on(bound, tun).map_err(|e| err("tcp", e))?;
             sockets.push((udp, tcp));
         }
         let mut tasks = Vec::new();
@@ -598,5 +600,119 @@ mod tests {
         std::fs::write(&resolv, "nameserver 100.64.0.1\n").unwrap();
         assert_eq!(ResolverPlan::with_resolv_conf(&conf(""), &resolv), None);
         assert_eq!(ResolverPlan::with_resolv_conf(&conf(""), &dir.path().join("none")), None);
+    }
+
+    // The shell on loopback ("lo" standing in for the TUN device), with a fake upstream. Needs
+    // CAP_NET_RAW for SO_BINDTODEVICE: skipped without it.
+
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, Record, RecordType, rdata::A};
+    use std::net::Ipv4Addr;
+    use std::str::FromStr;
+
+    struct Only(IpAddr);
+    impl LiveClients for Only {
+        fn is_live(&self, ip: IpAddr) -> bool {
+            ip == self.0
+        }
+    }
+
+    fn query(id: u16) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(Name::from_str("www.example.test.").unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    /// An upstream on loopback answering every query with 198.18.7.7, or saying nothing.
+    async fn fake_upstream(answer: bool) -> SocketAddr {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let Ok(mut m) = Message::from_vec(&buf[..n]) else { continue };
+                if !answer {
+                    continue;
+                }
+                m.metadata.message_type = MessageType::Response;
+                let name = m.queries[0].name().clone();
+                m.add_answer(Record::from_rdata(name, 60, RData::A(A(Ipv4Addr::new(198, 18, 7, 7)))));
+                let _ = sock.send_to(&m.to_vec().unwrap(), from).await;
+            }
+        });
+        addr
+    }
+
+    fn plan(upstreams: Vec<SocketAddr>) -> ResolverPlan {
+        ResolverPlan {
+            listen: vec![IpAddr::from([127, 0, 0, 1])],
+            upstreams,
+            timeout: Duration::from_millis(300),
+            rate_limit: 100,
+            search_domains: vec![],
+        }
+    }
+
+    async fn ask(from: &str, to: SocketAddr, wait: Duration) -> Option<Message> {
+        let sock = UdpSocket::bind(from).await.unwrap();
+        sock.send_to(&query(77), to).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let (n, _) = tokio::time::timeout(wait, sock.recv_from(&mut buf)).await.ok()?.ok()?;
+        Message::from_vec(&buf[..n]).ok()
+    }
+
+    fn start(plan: ResolverPlan, live: IpAddr) -> Option<GatewayResolver> {
+        match GatewayResolver::start_on_port(plan, "lo", 0, Arc::new(Only(live))) {
+            Ok(r) => Some(r),
+            Err(e) if e.not_permitted() => {
+                eprintln!("SKIPPED: SO_BINDTODEVICE needs CAP_NET_RAW");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_live_clients_and_nobody_else() {
+        let up = fake_upstream(true).await;
+        let Some(r) = start(plan(vec![up]), IpAddr::from([127, 0, 0, 1])) else { return };
+        let at = r.local[0];
+        let m = ask("127.0.0.1:0", at, Duration::from_secs(5)).await.expect("an answer");
+        assert_eq!((m.metadata.id, m.metadata.response_code), (77, ResponseCode::NoError));
+        assert_eq!(m.answers.len(), 1);
+        // TCP, length-prefixed.
+        let mut s = TcpStream::connect(at).await.unwrap();
+        let q = query(78);
+        s.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        s.write_all(&q).await.unwrap();
+        let len = s.read_u16().await.unwrap();
+        let mut buf = vec![0u8; usize::from(len)];
+        s.read_exact(&mut buf).await.unwrap();
+        // Forwarded over TCP too, where this upstream does not listen: SERVFAIL at once.
+        let m = Message::from_vec(&buf).unwrap();
+        assert_eq!((m.metadata.id, m.metadata.response_code), (78, ResponseCode::ServFail));
+        // Another source address (not a live session): silence, counted.
+        assert!(ask("127.0.0.2:0", at, Duration::from_millis(300)).await.is_none());
+        let st = r.stats();
+        assert_eq!((st.queries, st.answered, st.servfail, st.refused), (3, 1, 1, 1), "{st}");
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_gives_servfail_within_the_bound() {
+        let (silent, answering) = (fake_upstream(false).await, fake_upstream(true).await);
+        let Some(r) = start(plan(vec![silent]), IpAddr::from([127, 0, 0, 1])) else { return };
+        let t0 = Instant::now();
+        let m = ask("127.0.0.1:0", r.local[0], Duration::from_secs(5)).await.expect("an answer");
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(3), "{took:?}");
+        assert_eq!(r.stats().servfail, 1);
+        r.stop().await;
+        // A silent first upstream hands over to the next within its share of the time.
+        let Some(r) = start(plan(vec![silent, answering]), IpAddr::from([127, 0, 0, 1])) else { return };
+        let m = ask("127.0.0.1:0", r.local[0], Duration::from_secs(5)).await.expect("an answer");
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        r.stop().await;
     }
 }
