@@ -58,7 +58,10 @@ pub const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
     /// A socket on a tunnel address could not be set up.
-    #[error("cannot listen for DNS on {addr} ({proto}) on {tun}: {source}")]
+    #[error(
+        "cannot listen for DNS on {addr} ({proto}) on {tun}: {source} (another DNS server bound to \
+         every address? set [dns] enabled = false in gateway.toml to run without the resolver)"
+    )]
     Bind { addr: SocketAddr, proto: &'static str, tun: String, source: io::Error },
 }
 
