@@ -371,6 +371,40 @@ mod tests {
         assert!(matches!(check_query(&notify, 1), Verdict::Reply(r) if rcode(&r) == ResponseCode::NotImp));
     }
 
+    proptest::proptest! {
+        /// Any bytes, and valid queries with bytes flipped or cut: a verdict, never a panic; a
+        /// local reply is always a response to the query's own id.
+        #[test]
+        fn any_input_gets_a_verdict(
+            raw in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            flips in proptest::collection::vec((0usize..64, proptest::num::u8::ANY), 0..6),
+            cut in 0usize..64,
+        ) {
+            let mut mutated = query("www.example.test.", RecordType::A, 0x0102);
+            for (at, b) in flips {
+                if let Some(x) = mutated.get_mut(at) {
+                    *x = b;
+                }
+            }
+            mutated.truncate(mutated.len().saturating_sub(cut).max(1));
+            for input in [&raw, &mutated] {
+                match check_query(input, 9) {
+                    Verdict::Reply(r) => {
+                        proptest::prop_assert!(r.len() >= 12 && r[2] & 0x80 != 0);
+                        proptest::prop_assert_eq!(&r[..2], &input[..2]);
+                    }
+                    Verdict::Forward(f) => {
+                        // The query itself is never taken for its answer; random bytes rarely are.
+                        proptest::prop_assert!(check_reply(&f, &f.wire).is_err());
+                        let _ = check_reply(&f, &raw);
+                        proptest::prop_assert_eq!(&servfail(&f)[..2], &input[..2]);
+                    }
+                    Verdict::Drop(_) => {}
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_gate_limits_each_client_on_its_own() {
         let t0 = Instant::now();
