@@ -196,7 +196,7 @@ fn home_network_resolves_through_the_tunnel_and_gets_its_resolver_back() {
     let text = text.replace("# search_domains = []", "search_domains = [\"example.test\"]");
     std::fs::write(w.gw.config(), text).unwrap();
     let _gateway = w.gateway();
-    client.wait_for(&["resolvers follow the new session"], T);
+    client.wait_for(&["resolvers follow the new session", "example.test"], T);
     let during = w.client_resolv();
     assert!(during.contains("\nsearch example.test\n"), "{during}");
     // A short name now resolves through the search domain.

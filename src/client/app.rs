@@ -53,7 +53,8 @@ pub async fn run(
     let (pushed_tx, pushed_rx) = tokio::sync::watch::channel(PushedDns::default());
     let mut dataplane_hook = dataplane.on_swap_hook();
     let on_swap: OnSwap = Box::new(move |snapshot| {
-        dataplane_hook(snapshot);
+        // Published before the data plane's hook runs: the first swap starts the bring-up, and
+        // the resolvers must be there when the TUN is up and the network task reads them.
         let next = PushedDns::of(snapshot);
         pushed_tx.send_if_modified(|current| {
             let changed = *current != next;
@@ -62,6 +63,7 @@ pub async fn run(
             }
             changed
         });
+        dataplane_hook(snapshot);
     });
     let handle = match super::start(settings, killswitch, Some(on_swap)) {
         Ok(h) => h,
@@ -132,7 +134,12 @@ async fn network(
                 }
                 let next = pushed.borrow_and_update().clone();
                 match net.update_dns(&file, &next) {
-                    Ok(true) => tracing::info!(target: TARGET, "resolvers follow the new session"),
+                    Ok(true) => tracing::info!(
+                        target: TARGET,
+                        "resolvers follow the new session: {:?} search {:?}",
+                        next.servers,
+                        next.search_domains
+                    ),
                     Ok(false) => {}
                     Err(e) => tracing::warn!(target: TARGET, "cannot update the resolvers: {e}"),
                 }
