@@ -107,6 +107,7 @@ fn service() -> ControlService {
         subnet: SUBNET,
         gateway_ip: GATEWAY_IP,
         data_port: DATA_PORT,
+        counters: Default::default(),
     }))
 }
 

@@ -21,6 +21,7 @@
 //! session_max_lifetime = "24h"        # a session expires this long after Authenticate, used or not
 //! reauth_grace = "10s"                # a replaced session stays valid this long (packets in flight)
 //! handshake_timeout = "10s"           # a TLS handshake not finished in this time is dropped
+//! status_socket = "gateway.sock"      # `gateway status` asks here (mode 0600; relative to this dir)
 //!
 //! [nat]                               # masquerading of client traffic (used by a later release)
 //! enabled = false
@@ -29,6 +30,10 @@
 //! [dataplane]
 //! offload = true                      # TUN offload (TSO/GRO): 64 KiB reads, merged writes
 //! coalesce_writes = true              # merge TCP segments written to the TUN device (needs offload)
+//!
+//! [metrics]                           # Prometheus text exposition over HTTP, at /metrics
+//! enabled = false                     # default: on when `listen` is given, else off
+//! listen = "127.0.0.1:9464"           # a non-loopback address is allowed (with a warning)
 //! ```
 //!
 //! Durations are humantime strings ("90s", "3m", "1h 30m").
@@ -52,6 +57,15 @@ pub const DEFAULT_SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0
 pub const DEFAULT_SERVER_NAME: &str = "holdfast-gateway";
 /// Default gateway name.
 pub const DEFAULT_NAME: &str = "holdfast";
+/// Default status socket, relative to the gateway's directory: one per gateway however many run
+/// on a machine (names need not differ), and in the one folder a hardened unit may write to.
+pub const DEFAULT_STATUS_SOCKET: &str = "gateway.sock";
+/// Default metrics address: loopback, the port commonly used for a VPN exporter.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
+/// The longest socket path Linux accepts (`sun_path` is 108 bytes with its NUL), less room for
+/// the temporary name the socket is bound under before it is renamed into place.
+const MAX_SOCKET_PATH: usize = 107 - 16;
 
 const DEFAULT_IDLE: Duration = Duration::from_secs(180);
 const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -103,6 +117,10 @@ struct RawGatewayFile {
     nat: NatSection,
     #[serde(default)]
     dataplane: DataPlaneSection,
+    #[serde(default = "default_status_socket")]
+    status_socket: PathBuf,
+    #[serde(default)]
+    metrics: MetricsSection,
 }
 
 fn default_name() -> String {
@@ -131,6 +149,9 @@ fn default_registry() -> PathBuf {
 }
 fn default_clients_dir() -> PathBuf {
     "clients".into()
+}
+fn default_status_socket() -> PathBuf {
+    DEFAULT_STATUS_SOCKET.into()
 }
 fn default_idle() -> Duration {
     DEFAULT_IDLE
@@ -169,6 +190,25 @@ struct DataPlaneSection {
     /// Default true when offload is on; needs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     coalesce_writes: Option<bool>,
+}
+
+/// `[metrics]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    /// Serve metrics. Default: on when `listen` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
+    /// Where to serve them. Default 127.0.0.1:9464.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+}
+
+/// `[metrics]` resolved: where the metrics endpoint listens, if it is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetricsSettings {
+    /// `None`: off (the default; nothing listens).
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[dataplane]` with its defaults applied.
@@ -212,6 +252,10 @@ pub struct GatewayConfig {
     pub handshake_timeout: Duration,
     pub nat: NatSection,
     pub dataplane: DataPlaneSettings,
+    /// Where `gateway status` finds the running gateway (absolute, or relative to the working
+    /// directory like every other path here).
+    pub status_socket: PathBuf,
+    pub metrics: MetricsSettings,
 }
 
 impl GatewayConfig {
@@ -302,7 +346,15 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
                     to the TUN device with a virtio-net header)"
             .into());
     }
+    let metrics = check_metrics(&raw.metrics, raw.listen, raw.endpoint)?;
     let abs = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
+    let status_socket = abs(raw.status_socket);
+    if status_socket.as_os_str().len() > MAX_SOCKET_PATH || status_socket.file_name().is_none() {
+        return Err(format!(
+            "`status_socket` {} is not a usable socket path (a file name, at most {MAX_SOCKET_PATH} bytes)",
+            status_socket.display()
+        ));
+    }
     Ok(GatewayConfig {
         name: raw.name,
         endpoint: raw.endpoint,
@@ -324,6 +376,8 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
         handshake_timeout: raw.handshake_timeout,
         nat: raw.nat,
         dataplane: raw.dataplane.resolve(),
+        status_socket,
+        metrics,
         dir,
     })
 }
@@ -379,6 +433,34 @@ pub fn check_server_name(name: &str) -> Result<(), String> {
             "`server_name` '{name}' is not a valid DNS name or IP address"
         ))
     }
+}
+
+/// Resolves `[metrics]`: on when enabled, or when `listen` is given and `enabled` is not. The
+/// address needs a port and must not be the control plane's own TCP port.
+fn check_metrics(
+    m: &MetricsSection,
+    control_listen: Option<SocketAddr>,
+    endpoint: SocketAddr,
+) -> Result<MetricsSettings, String> {
+    let on = m.enabled.unwrap_or(m.listen.is_some());
+    let addr = m.listen.unwrap_or(DEFAULT_METRICS_LISTEN);
+    if !on {
+        return Ok(MetricsSettings { listen: None });
+    }
+    if addr.port() == 0 {
+        return Err(format!("[metrics] `listen` {addr} needs a port (scrapers connect to it)"));
+    }
+    let control = control_listen.unwrap_or_else(|| {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), endpoint.port())
+    });
+    let overlaps =
+        addr.ip() == control.ip() || addr.ip().is_unspecified() || control.ip().is_unspecified();
+    if addr.port() == control.port() && overlaps {
+        return Err(format!(
+            "[metrics] `listen` {addr} is the control plane's own port ({control}); choose another port"
+        ));
+    }
+    Ok(MetricsSettings { listen: Some(addr) })
 }
 
 fn check_nat(nat: &NatSection) -> Result<(), String> {
@@ -443,7 +525,11 @@ pub fn render_initial(v: &InitialValues) -> String {
          \n\
          [nat]\n\
          enabled = false\n\
-         uplink = \"\"\n",
+         uplink = \"\"\n\
+         \n\
+         # Prometheus metrics at http://LISTEN/metrics; off unless `listen` is set.\n\
+         [metrics]\n\
+         # listen = \"127.0.0.1:9464\"\n",
         name = q(&v.name),
         endpoint = q(&v.endpoint.to_string()),
         listen =
@@ -491,6 +577,32 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.nat, NatSection::default());
         assert_eq!(c.dataplane, DataPlaneSettings { offload: true, coalesce_writes: true });
+        assert_eq!(c.status_socket, PathBuf::from("/etc/hf/gateway.sock"));
+        assert_eq!(c.metrics, MetricsSettings { listen: None }, "metrics are off by default");
+    }
+
+    #[test]
+    fn metrics_are_on_when_asked_for_and_bad_values_name_the_key() {
+        let ep = "endpoint = \"198.18.0.1:51820\"\n";
+        let listen = |extra: &str| parse(&format!("{ep}{extra}")).unwrap().metrics.listen;
+        assert_eq!(listen("[metrics]\nenabled = true"), Some(DEFAULT_METRICS_LISTEN));
+        assert_eq!(
+            listen("[metrics]\nlisten = \"127.0.0.1:9500\""),
+            Some("127.0.0.1:9500".parse().unwrap()),
+            "a listen address alone turns them on"
+        );
+        assert_eq!(listen("[metrics]\nenabled = false\nlisten = \"127.0.0.1:9500\""), None);
+        assert_eq!(
+            listen("[metrics]\nlisten = \"0.0.0.0:9464\""),
+            Some("0.0.0.0:9464".parse().unwrap()),
+            "non-loopback is allowed (gateway run warns)"
+        );
+        assert!(reason(&format!("{ep}[metrics]\nlisten = \"127.0.0.1:0\"")).contains("[metrics] `listen`"));
+        assert!(reason(&format!("{ep}[metrics]\nlisten = \"127.0.0.1:51820\"")).contains("control plane's own port"));
+        assert!(reason(&format!("{ep}[metrics]\nlisten = \"nope\"")).contains("listen"));
+        assert!(reason(&format!("{ep}[metrics]\nport = 1")).contains("unknown field `port`"));
+        let long = format!("status_socket = \"/{}\"\n{ep}", "x".repeat(120));
+        assert!(reason(&long).contains("`status_socket`"));
     }
 
     #[test]

@@ -60,8 +60,36 @@ pub enum GatewayCommand {
     /// Listens on `listen` from gateway.toml (TCP for the control plane, UDP on the same port for
     /// the data plane). Registry changes (add-client, revoke) take effect without a restart.
     /// Signals: SIGUSR2 ends every session (clients re-authenticate by themselves); SIGUSR1 logs
-    /// the data plane's counters.
+    /// the data plane's counters; SIGHUP re-reads gateway.toml and applies, without a restart,
+    /// the session timeouts (session_idle_timeout, session_max_lifetime, reauth_grace) and the
+    /// [metrics] endpoint. Other changes wait for a restart (the log line names them); a file
+    /// that does not load is refused and the running configuration stays.
+    ///
+    /// Serves `gateway status` on `status_socket` (default DIR/gateway.sock, mode 0600) and,
+    /// if `[metrics]` is on, Prometheus metrics at http://LISTEN/metrics.
     Run(RunArgs),
+    /// Show what the running gateway is doing (like `wg show`): live sessions with client,
+    /// tunnel addresses, endpoint, age, last seen, traffic and drops (never a key: a
+    /// fingerprint), the control plane's totals and the data plane's counters.
+    ///
+    /// Asks the gateway on its status socket (`status_socket` in DIR/gateway.toml, default
+    /// DIR/gateway.sock; root-only for a gateway run as root). Exits 3 when no gateway is
+    /// running.
+    Status(StatusArgs),
+}
+
+/// Arguments of `gateway status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The gateway's directory (holding gateway.toml, which names the status socket).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The status socket to ask, instead of the one gateway.toml names.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 /// Arguments of `gateway init`.
@@ -140,6 +168,17 @@ impl GatewayCommand {
             GatewayCommand::Revoke(a) => revoke(&a).map(|report| say(&report)),
             GatewayCommand::List(a) => list(&a.dir).map(|report| say(&report)),
             GatewayCommand::Run(a) => run(&a.dir).await,
+            GatewayCommand::Status(a) => {
+                let path = super::status::socket_of(&a.dir, a.socket)?;
+                // The query blocks (bounded by its timeout): off the runtime's workers.
+                let text = tokio::task::spawn_blocking(move || {
+                    super::status::status_text(&path, a.json)
+                })
+                .await
+                .map_err(|e| GatewayError::Usage { flag: "status", reason: e.to_string() })??;
+                say(&text);
+                Ok(())
+            }
         }
     }
 }
@@ -420,10 +459,39 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
 /// `gateway run`: serves until SIGINT or SIGTERM.
 async fn run(dir: &Path) -> Result<(), GatewayError> {
     let config = GatewayConfig::load_dir(dir)?;
+    let started = std::time::Instant::now();
+    // Registered before anything is announced: SIGHUP's default action would end the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let plane = ControlPlane::bind(&config)?;
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
-    let data = super::dataplane::start_for(&config, &plane).await?;
+    let sessions = std::sync::Arc::new(super::dataplane::ControlSessions::of(&plane));
+    let data = super::dataplane::start_for(&config, sessions.clone()).await?;
+    // Operations (issue 15): the status socket, metrics, SIGHUP.
+    let observed = std::sync::Arc::new(super::status::Observed {
+        name: config.name.clone(),
+        endpoint: config.endpoint,
+        control_listen: plane.local_addr(),
+        data_listen: data.local,
+        tun: data.tun_name.clone(),
+        subnet: config.subnet,
+        gateway_ip: config.gateway_ip,
+        started,
+        control: plane.state(),
+        data: sessions,
+        counters: data.counters(),
+    });
+    let _status = super::status::serve(&config.status_socket, observed.clone()).map_err(
+        |source| GatewayError::StatusSocket { path: config.status_socket.clone(), source },
+    )?;
+    let registry = std::sync::Arc::new(super::metrics::registry(&observed));
+    let reloader = super::reload::Reloader::start(config.clone(), plane.state(), registry).await?;
+    match hangup {
+        Ok(hangup) => {
+            tokio::spawn(super::reload::on_sighup(reloader, hangup));
+        }
+        Err(e) => tracing::warn!("cannot watch SIGHUP ({e}); gateway.toml is read at start only"),
+    }
     tokio::spawn(end_sessions_on_sigusr2(plane.sessions()));
     let result = plane.serve(stop_signal()).await;
     data.stop().await;

@@ -102,6 +102,7 @@ impl ControlPlane {
             subnet: config.subnet,
             gateway_ip: config.gateway_ip,
             data_port: config.endpoint.port(),
+            counters: Default::default(),
         });
 
         let tcp = TcpIncoming::bind(config.listen)
@@ -132,6 +133,11 @@ impl ControlPlane {
     /// The session table, for the data plane: lock-free lookups by session id and by address.
     pub fn sessions(&self) -> Arc<SessionTable> {
         self.state.sessions.clone()
+    }
+
+    /// What the control service shares (sessions, registry, counters), for observers.
+    pub fn state(&self) -> Arc<ControlState> {
+        self.state.clone()
     }
 
     /// The clock the session table's times are measured on.
