@@ -22,7 +22,7 @@ use super::dataplane::ControlSessions;
 use super::service::ControlState;
 use super::sessions::Millis;
 use crate::client::status_socket::{DropCount, human};
-use crate::config::gateway::GatewayConfig;
+use crate::config::gateway::{DEFAULT_STATUS_SOCKET, GATEWAY_FILE};
 use crate::local_socket::{self, ServeGuard, Speaker, StatusQueryError};
 use crate::tunnel::{Counters, Stats};
 
@@ -286,12 +286,19 @@ pub fn query(path: &Path) -> Result<GatewayReport, StatusQueryError> {
 }
 
 /// The socket `gateway status` asks: `--socket` if given, else `status_socket` of DIR's
-/// gateway.toml.
-pub fn socket_of(dir: &Path, explicit: Option<PathBuf>) -> Result<PathBuf, crate::config::ConfigError> {
-    match explicit {
-        Some(p) => Ok(p),
-        None => Ok(GatewayConfig::load_dir(dir)?.status_socket),
+/// gateway.toml, else the default `DIR/gateway.sock`. Only that one key is read, leniently: an
+/// operator asks for the status precisely while the file is being edited, and a file another
+/// key of which is broken must not hide a running gateway.
+pub fn socket_of(dir: &Path, explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
     }
+    let named = std::fs::read_to_string(dir.join(GATEWAY_FILE))
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("status_socket")?.as_str().map(PathBuf::from));
+    let path = named.unwrap_or_else(|| PathBuf::from(DEFAULT_STATUS_SOCKET));
+    if path.is_absolute() { path } else { dir.join(path) }
 }
 
 /// What `gateway status` prints: the report for people, or as pretty JSON.
