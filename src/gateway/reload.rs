@@ -221,7 +221,7 @@ mod tests {
     use std::path::Path;
 
     fn config(extra: &str) -> GatewayConfig {
-        let text = format!("{extra}\nendpoint = \"198.18.0.1:51820\"\n");
+        let text = format!("endpoint = \"198.18.0.1:51820\"\n{extra}\n");
         GatewayConfig::parse(&text, Path::new("/etc/hf/gateway.toml")).expect("parses")
     }
 
