@@ -95,12 +95,17 @@ impl Site {
     }
 
     fn gateway(&self) -> Proc {
-        let mut p = self.gw.spawn(
-            "gateway",
-            BIN,
-            &["gateway", "run", "--dir", s(self.dir.path())],
-            &[("RUST_LOG", "info,holdfast=debug")],
-        );
+        self.gateway_logging(Some("info,holdfast=debug"))
+    }
+
+    /// The gateway with `RUST_LOG` set to `rust_log`, or unset (then `[log] level` decides).
+    fn gateway_logging(&self, rust_log: Option<&str>) -> Proc {
+        let mut cmd = self.gw.command(BIN);
+        cmd.args(["gateway", "run", "--dir", s(self.dir.path())]).env_remove("RUST_LOG");
+        if let Some(filter) = rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let mut p = Proc::spawn("gateway", cmd);
         p.wait_for(&["control plane listening"], T);
         p
     }
@@ -400,23 +405,36 @@ fn metrics_endpoint_answers_valid_exposition_and_counters_move_with_traffic() {
 }
 
 #[test]
-fn sighup_reloads_timeouts_and_metrics_refuses_a_broken_file_and_never_stops_the_gateway() {
+fn sighup_reloads_timeouts_metrics_and_log_level_refuses_a_broken_file_and_never_stops_the_gateway() {
     require_root!();
     let site = Site::new(1, &[], Some(METRICS));
-    let mut gateway = site.gateway();
+    // No RUST_LOG: `[log] level` (default "info") decides, and SIGHUP can change it.
+    let mut gateway = site.gateway_logging(None);
     let _c0 = site.client(0);
     let pid = gateway.pid();
+    let pings_ok = |site: &Site| {
+        let (report, _) = site.report();
+        report.totals.pings.iter().find(|r| r.result == "ok").map_or(0, |r| r.count)
+    };
+    assert!(wait_until(T, || pings_ok(&site) >= 1), "the client pings");
+    assert!(
+        !gateway.all_lines().iter().any(|l| l.contains("PingSession")),
+        "PingSession is logged at debug: not shown at the default level"
+    );
     let client_socket = site.logs.path().join("client0").join("client.sock");
 
-    // A good change: a new idle timeout and the metrics on another port.
+    // A good change: a new idle timeout, the metrics on another port, a debug log level.
     site.set_config(|t| {
         t.replace("session_idle_timeout = \"3m\"", "session_idle_timeout = \"7s\"")
             .replace(METRICS, "127.0.0.1:9465")
+            .replace("[metrics]", "[log]\nlevel = \"info,holdfast=debug\"\n\n[metrics]")
     });
     gateway.signal("HUP");
     let line = gateway.wait_for(&["SIGHUP:"], T);
     assert!(line.contains("session_idle_timeout 3m -> 7s"), "{line}");
     assert!(line.contains("metrics 127.0.0.1:9464 -> 127.0.0.1:9465"), "{line}");
+    assert!(line.contains("[log] level info -> info,holdfast=debug"), "{line}");
+    gateway.wait_for(&["PingSession"], T);
     assert!(gateway.is_alive() && gateway.pid() == pid, "same process");
     let (report, _) = site.report();
     assert_eq!(report.limits.idle_timeout_ms, 7_000);
@@ -438,10 +456,7 @@ fn sighup_reloads_timeouts_and_metrics_refuses_a_broken_file_and_never_stops_the
         wait_until(T, || support::status_of(&client_socket).state == "Healthy"),
         "the client is Healthy after the reloads"
     );
-    let pings_before = site.report().0.totals.pings.iter().map(|r| r.count).sum::<u64>();
-    assert!(
-        wait_until(T, || site.report().0.totals.pings.iter().map(|r| r.count).sum::<u64>() > pings_before),
-        "the control plane keeps answering pings"
-    );
+    let before = pings_ok(&site);
+    assert!(wait_until(T, || pings_ok(&site) > before), "the control plane keeps answering pings");
     assert_eq!(gateway.pid(), pid);
 }

@@ -34,6 +34,9 @@
 //! [metrics]                           # Prometheus text exposition over HTTP, at /metrics
 //! enabled = false                     # default: on when `listen` is given, else off
 //! listen = "127.0.0.1:9464"           # a non-loopback address is allowed (with a warning)
+//!
+//! [log]
+//! level = "info"                      # a tracing filter, e.g. "info,holdfast=debug"; RUST_LOG wins
 //! ```
 //!
 //! Durations are humantime strings ("90s", "3m", "1h 30m").
@@ -60,6 +63,8 @@ pub const DEFAULT_NAME: &str = "holdfast";
 /// Default status socket, relative to the gateway's directory: one per gateway however many run
 /// on a machine (names need not differ), and in the one folder a hardened unit may write to.
 pub const DEFAULT_STATUS_SOCKET: &str = "gateway.sock";
+/// Default `[log] level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default metrics address: loopback, the port commonly used for a VPN exporter.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
@@ -121,6 +126,17 @@ struct RawGatewayFile {
     status_socket: PathBuf,
     #[serde(default)]
     metrics: MetricsSection,
+    #[serde(default)]
+    log: LogSection,
+}
+
+/// `[log]` as written. The gateway logs to stderr (the journal), so only the level is here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogSection {
+    /// A tracing filter. Default "info".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    level: Option<String>,
 }
 
 fn default_name() -> String {
@@ -256,6 +272,8 @@ pub struct GatewayConfig {
     /// directory like every other path here).
     pub status_socket: PathBuf,
     pub metrics: MetricsSettings,
+    /// `[log] level`: the tracing filter (`RUST_LOG`, when set, wins over it).
+    pub log_level: String,
 }
 
 impl GatewayConfig {
@@ -347,6 +365,9 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
             .into());
     }
     let metrics = check_metrics(&raw.metrics, raw.listen, raw.endpoint)?;
+    let log_level = raw.log.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
+    crate::logging::check_filter(&log_level)
+        .map_err(|e| format!("[log] `level` '{log_level}' is not a valid filter: {e}"))?;
     let abs = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
     let status_socket = abs(raw.status_socket);
     if status_socket.as_os_str().len() > MAX_SOCKET_PATH || status_socket.file_name().is_none() {
@@ -378,6 +399,7 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
         dataplane: raw.dataplane.resolve(),
         status_socket,
         metrics,
+        log_level,
         dir,
     })
 }
@@ -601,6 +623,8 @@ mod tests {
         assert!(reason(&format!("{ep}[metrics]\nlisten = \"127.0.0.1:51820\"")).contains("control plane's own port"));
         assert!(reason(&format!("{ep}[metrics]\nlisten = \"nope\"")).contains("listen"));
         assert!(reason(&format!("{ep}[metrics]\nport = 1")).contains("unknown field `port`"));
+        assert!(reason(&format!("{ep}[log]\nlevel = \"holdfast=loud\"")).contains("[log] `level`"));
+        assert_eq!(parse(&format!("{ep}[log]\nlevel = \"info,holdfast=debug\"")).unwrap().log_level, "info,holdfast=debug");
         let long = format!("status_socket = \"/{}\"\n{ep}", "x".repeat(120));
         assert!(reason(&long).contains("`status_socket`"));
     }

@@ -61,8 +61,8 @@ pub enum GatewayCommand {
     /// the data plane). Registry changes (add-client, revoke) take effect without a restart.
     /// Signals: SIGUSR2 ends every session (clients re-authenticate by themselves); SIGUSR1 logs
     /// the data plane's counters; SIGHUP re-reads gateway.toml and applies, without a restart,
-    /// the session timeouts (session_idle_timeout, session_max_lifetime, reauth_grace) and the
-    /// [metrics] endpoint. Other changes wait for a restart (the log line names them); a file
+    /// the session timeouts (session_idle_timeout, session_max_lifetime, reauth_grace), the
+    /// [metrics] endpoint and [log] level (unless RUST_LOG is set). Other changes wait for a restart (the log line names them); a file
     /// that does not load is refused and the running configuration stays.
     ///
     /// Serves `gateway status` on `status_socket` (default DIR/gateway.sock, mode 0600) and,
@@ -460,6 +460,9 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
 async fn run(dir: &Path) -> Result<(), GatewayError> {
     let config = GatewayConfig::load_dir(dir)?;
     let started = std::time::Instant::now();
+    // `[log] level`, unless RUST_LOG says otherwise. No subscriber of ours (a test running the
+    // gateway in process) is not a reason to stop.
+    let _ = crate::logging::set_filter(&config.log_level);
     // Registered before anything is announced: SIGHUP's default action would end the process.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let plane = ControlPlane::bind(&config)?;

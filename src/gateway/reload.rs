@@ -7,7 +7,8 @@
 //! - the session expiry settings (`session_idle_timeout`, `session_max_lifetime`,
 //!   `reauth_grace`), for open sessions too, from their next check;
 //! - the metrics endpoint (`[metrics]`): turned on, off, or moved to another address. The new
-//!   address is bound before the old one is let go, so a bind failure keeps the old endpoint.
+//!   address is bound before the old one is let go, so a bind failure keeps the old endpoint;
+//! - the log filter (`[log] level`), unless `RUST_LOG` is set (it wins, at start and after).
 //!
 //! Everything else (addresses, subnet, credentials, NAT, data-plane settings, the status socket)
 //! is bound at start; a change to it is named in the log line as needing a restart and otherwise
@@ -37,6 +38,8 @@ pub struct Plan {
     pub limits: Option<SessionLimits>,
     /// The new metrics address (`Some(None)`: turn them off), if it changed.
     pub metrics: Option<Option<SocketAddr>>,
+    /// The new log filter, if it changed.
+    pub log_level: Option<String>,
     /// What takes effect, in words (`session_idle_timeout 3m -> 2s`).
     pub changes: Vec<String>,
     /// Keys that changed but only take effect at a restart.
@@ -73,6 +76,10 @@ pub fn plan(old: &GatewayConfig, new: &GatewayConfig) -> Plan {
             addr_word(new.metrics.listen)
         ));
     }
+    let log_level = (old.log_level != new.log_level).then(|| new.log_level.clone());
+    if let Some(level) = &log_level {
+        changes.push(format!("[log] level {} -> {level}", old.log_level));
+    }
     let mut restart_needed = Vec::new();
     let mut restart = |key, differs: bool| {
         if differs {
@@ -95,7 +102,7 @@ pub fn plan(old: &GatewayConfig, new: &GatewayConfig) -> Plan {
     restart("status_socket", old.status_socket != new.status_socket);
     restart("[nat]", old.nat != new.nat);
     restart("[dataplane]", old.dataplane != new.dataplane);
-    Plan { limits, metrics, changes, restart_needed }
+    Plan { limits, metrics, log_level, changes, restart_needed }
 }
 
 /// The running gateway's reloadable parts.
@@ -155,6 +162,16 @@ impl Reloader {
             } else {
                 self.config.metrics = new.metrics;
             }
+        }
+        if let Some(level) = &plan.log_level {
+            match crate::logging::set_filter(level) {
+                Ok(crate::logging::FilterChange::Applied) => {}
+                Ok(crate::logging::FilterChange::OverriddenByEnv) => {
+                    changes.push("(RUST_LOG is set and wins over [log] level)".into())
+                }
+                Err(e) => changes.push(format!("[log] level NOT applied ({e})")),
+            }
+            self.config.log_level = level.clone();
         }
         if let Some(limits) = plan.limits {
             self.control.sessions.set_limits(limits);
@@ -228,7 +245,10 @@ mod tests {
     #[test]
     fn unchanged_file_changes_nothing() {
         let p = plan(&config(""), &config(""));
-        assert_eq!(p, Plan { limits: None, metrics: None, changes: vec![], restart_needed: vec![] });
+        assert_eq!(
+            p,
+            Plan { limits: None, metrics: None, log_level: None, changes: vec![], restart_needed: vec![] }
+        );
     }
 
     #[test]
@@ -236,12 +256,16 @@ mod tests {
         let old = config("");
         let new = config(
             "session_idle_timeout = \"2s\"\nsubnet = \"100.64.1.0/24\"\n\
-             [metrics]\nlisten = \"127.0.0.1:9500\"",
+             [metrics]\nlisten = \"127.0.0.1:9500\"\n[log]\nlevel = \"debug\"",
         );
         let p = plan(&old, &new);
         assert_eq!(p.limits.map(|l| l.idle_ms), Some(2_000));
         assert_eq!(p.metrics, Some(Some("127.0.0.1:9500".parse().unwrap())));
-        assert_eq!(p.changes, vec!["session_idle_timeout 3m -> 2s", "metrics off -> 127.0.0.1:9500"]);
+        assert_eq!(
+            p.changes,
+            vec!["session_idle_timeout 3m -> 2s", "metrics off -> 127.0.0.1:9500", "[log] level info -> debug"]
+        );
+        assert_eq!(p.log_level.as_deref(), Some("debug"));
         assert_eq!(p.restart_needed, vec!["subnet", "gateway_ip"]);
         // And back: metrics off.
         assert_eq!(plan(&new, &old).metrics, Some(None));
