@@ -348,7 +348,7 @@ pub fn format_human(r: &GatewayReport) -> String {
     let _ = writeln!(o, "  registry:     {} client(s), version {}", r.registry.clients, r.registry.version);
     let _ = writeln!(
         o,
-        "  sessions:     {} of {} client(s); idle timeout {}, lifetime {}, re-auth grace {}",
+        "  sessions:     {} ({} client(s)); idle timeout {}, lifetime {}, re-auth grace {}",
         r.totals.sessions,
         r.totals.clients_connected,
         human::millis(r.limits.idle_timeout_ms),
