@@ -62,8 +62,9 @@ pub enum GatewayCommand {
     /// Signals: SIGUSR2 ends every session (clients re-authenticate by themselves); SIGUSR1 logs
     /// the data plane's counters; SIGHUP re-reads gateway.toml and applies, without a restart,
     /// the session timeouts (session_idle_timeout, session_max_lifetime, reauth_grace), the
-    /// [metrics] endpoint and [log] level (unless RUST_LOG is set). Other changes wait for a restart (the log line names them); a file
-    /// that does not load is refused and the running configuration stays.
+    /// [metrics] endpoint and [log] level (unless RUST_LOG is set). Other changes wait for a
+    /// restart (the log line names them); a file that does not load is refused and the running
+    /// configuration stays.
     ///
     /// Serves `gateway status` on `status_socket` (default DIR/gateway.sock, mode 0600) and,
     /// if `[metrics]` is on, Prometheus metrics at http://LISTEN/metrics.
@@ -169,14 +170,10 @@ impl GatewayCommand {
             GatewayCommand::List(a) => list(&a.dir).map(|report| say(&report)),
             GatewayCommand::Run(a) => run(&a.dir).await,
             GatewayCommand::Status(a) => {
+                // Blocks (bounded by the query's timeout): the binary runs commands on its main
+                // thread with nothing else to do meanwhile.
                 let path = super::status::socket_of(&a.dir, a.socket);
-                // The query blocks (bounded by its timeout): off the runtime's workers.
-                let text = tokio::task::spawn_blocking(move || {
-                    super::status::status_text(&path, a.json)
-                })
-                .await
-                .map_err(|e| GatewayError::Usage { flag: "status", reason: e.to_string() })??;
-                say(&text);
+                say(&super::status::status_text(&path, a.json)?);
                 Ok(())
             }
         }
@@ -459,42 +456,14 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
 /// `gateway run`: serves until SIGINT or SIGTERM.
 async fn run(dir: &Path) -> Result<(), GatewayError> {
     let config = GatewayConfig::load_dir(dir)?;
-    let started = std::time::Instant::now();
-    // `[log] level`, unless RUST_LOG says otherwise. No subscriber of ours (a test running the
-    // gateway in process) is not a reason to stop.
-    let _ = crate::logging::set_filter(&config.log_level);
-    // Registered before anything is announced: SIGHUP's default action would end the process.
-    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let early = super::ops::Early::now(&config);
     let plane = ControlPlane::bind(&config)?;
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
     let sessions = std::sync::Arc::new(super::dataplane::ControlSessions::of(&plane));
     let data = super::dataplane::start_for(&config, sessions.clone()).await?;
     // Operations (issue 15): the status socket, metrics, SIGHUP.
-    let observed = std::sync::Arc::new(super::status::Observed {
-        name: config.name.clone(),
-        endpoint: config.endpoint,
-        control_listen: plane.local_addr(),
-        data_listen: data.local,
-        tun: data.tun_name.clone(),
-        subnet: config.subnet,
-        gateway_ip: config.gateway_ip,
-        started,
-        control: plane.state(),
-        data: sessions,
-        counters: data.counters(),
-    });
-    let _status = super::status::serve(&config.status_socket, observed.clone()).map_err(
-        |source| GatewayError::StatusSocket { path: config.status_socket.clone(), source },
-    )?;
-    let registry = std::sync::Arc::new(super::metrics::registry(&observed));
-    let reloader = super::reload::Reloader::start(config.clone(), plane.state(), registry).await?;
-    match hangup {
-        Ok(hangup) => {
-            tokio::spawn(super::reload::on_sighup(reloader, hangup));
-        }
-        Err(e) => tracing::warn!("cannot watch SIGHUP ({e}); gateway.toml is read at start only"),
-    }
+    let _ops = super::ops::start(early, &config, &plane, sessions, &data).await?;
     tokio::spawn(end_sessions_on_sigusr2(plane.sessions()));
     let result = plane.serve(stop_signal()).await;
     data.stop().await;

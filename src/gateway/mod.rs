@@ -13,12 +13,14 @@
 //! - [`status`]: `gateway status` and the status socket the running gateway answers it on.
 //! - [`metrics`]: the control plane's counters and the opt-in Prometheus endpoint.
 //! - [`reload`]: what `gateway run` re-reads on SIGHUP.
+//! - [`ops`]: starts the three above for `gateway run`.
 
 pub mod cli;
 pub mod dataplane;
 pub mod fsutil;
 pub mod live;
 pub mod metrics;
+pub mod ops;
 pub mod registry;
 pub mod reload;
 pub mod server;
