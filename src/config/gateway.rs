@@ -544,6 +544,8 @@ pub fn render_initial(v: &InitialValues) -> String {
          reauth_grace = \"{grace}\"\n\
          # A TLS handshake on the control port must finish within this time.\n\
          handshake_timeout = \"{handshake}\"\n\
+         # `holdfast gateway status` asks the running gateway on this socket (mode 0600).\n\
+         # status_socket = \"gateway.sock\"\n\
          \n\
          [nat]\n\
          enabled = false\n\
