@@ -112,6 +112,7 @@ impl ControlPlane {
             gateway_ip: config.gateway_ip,
             data_port: config.endpoint.port(),
             dns,
+            counters: Default::default(),
         });
 
         let tcp = TcpIncoming::bind(config.listen)
@@ -142,6 +143,11 @@ impl ControlPlane {
     /// The session table, for the data plane: lock-free lookups by session id and by address.
     pub fn sessions(&self) -> Arc<SessionTable> {
         self.state.sessions.clone()
+    }
+
+    /// What the control service shares (sessions, registry, counters), for observers.
+    pub fn state(&self) -> Arc<ControlState> {
+        self.state.clone()
     }
 
     /// The clock the session table's times are measured on.
