@@ -277,6 +277,13 @@ fn answers_only_through_the_tunnel_and_servfails_in_time_when_the_upstream_is_do
     let stats = gateway.wait_for(&["resolver stats"], T);
     assert!(stats.contains("servfail 2"), "{stats}");
     assert!(!stats.contains("answered 0"), "{stats}");
+    // `gateway status` shows the same counters, and the addresses pushed to clients.
+    let json = holdfast_ok(&["gateway", "status", "--dir", s(w.gw.path()), "--json"]);
+    let report: holdfast::gateway::status::GatewayReport = serde_json::from_str(&json).unwrap();
+    let dns = report.resolver.expect("the resolver is on");
+    assert_eq!(dns.addresses, ["100.64.0.1"]);
+    assert_eq!(dns.stats.servfail, 2);
+    assert!(dns.stats.answered >= 1 && dns.stats.queries >= 3, "{:?}", dns.stats);
     assert_eq!(client.terminate(T), Some(0));
 }
 

@@ -108,6 +108,7 @@ fn service() -> ControlService {
         gateway_ip: GATEWAY_IP,
         data_port: DATA_PORT,
         dns: Default::default(),
+        dns_counters: Default::default(),
         counters: Default::default(),
     }))
 }

@@ -475,7 +475,7 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
                 table: plane.sessions(),
                 clock: plane.clock(),
             });
-            match super::dns::GatewayResolver::start(plan, &data.tun_name, live) {
+            match super::dns::GatewayResolver::start(plan, &data.tun_name, live, plane.dns_counters()) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     data.stop().await;

@@ -112,6 +112,7 @@ impl ControlPlane {
             gateway_ip: config.gateway_ip,
             data_port: config.endpoint.port(),
             dns,
+            dns_counters: Default::default(),
             counters: Default::default(),
         });
 
@@ -148,6 +149,11 @@ impl ControlPlane {
     /// What the control service shares (sessions, registry, counters), for observers.
     pub fn state(&self) -> Arc<ControlState> {
         self.state.clone()
+    }
+
+    /// The counters the resolver counts into (shared with `gateway status` and the metrics).
+    pub fn dns_counters(&self) -> Arc<super::dns::DnsCounters> {
+        self.state.dns_counters.clone()
     }
 
     /// The clock the session table's times are measured on.

@@ -37,6 +37,8 @@ pub struct ControlState {
     pub data_port: u16,
     /// The resolver announced to clients (empty when the gateway runs none).
     pub dns: super::dns::DnsPush,
+    /// The resolver's counters (status, metrics); they stay at zero when it runs none.
+    pub dns_counters: Arc<super::dns::DnsCounters>,
     /// Results of Authenticate and PingSession, registry reloads (`gateway status`, metrics).
     pub counters: ControlCounters,
 }

@@ -184,7 +184,7 @@ pub struct DnsCounters {
 }
 
 /// A snapshot of [`DnsCounters`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DnsStats {
     pub queries: u64,
     pub answered: u64,
@@ -308,13 +308,16 @@ pub struct GatewayResolver {
 
 impl GatewayResolver {
     /// Binds UDP and TCP port 53 on each of `plan.listen`, on the TUN device `tun`, and starts
-    /// serving. The TUN device must exist with those addresses. Must run inside a tokio runtime.
+    /// serving, counting into `counters` (the control plane's, see
+    /// [`super::ControlPlane::dns_counters`], so `gateway status` and the metrics show them). The
+    /// TUN device must exist with those addresses. Must run inside a tokio runtime.
     pub fn start(
         plan: ResolverPlan,
         tun: &str,
         live: Arc<dyn LiveClients>,
+        counters: Arc<DnsCounters>,
     ) -> Result<Self, DnsError> {
-        Self::start_on_port(plan, tun, DNS_PORT, live)
+        Self::start_on_port(plan, tun, DNS_PORT, live, counters)
     }
 
     /// [`GatewayResolver::start`] on another port (tests without CAP_NET_BIND_SERVICE).
@@ -323,6 +326,7 @@ impl GatewayResolver {
         tun: &str,
         port: u16,
         live: Arc<dyn LiveClients>,
+        counters: Arc<DnsCounters>,
     ) -> Result<Self, DnsError> {
         let rate = plan.rate_limit;
         let shared = Arc::new(Shared {
@@ -331,7 +335,7 @@ impl GatewayResolver {
             live,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             tcp_slots: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
-            counters: Arc::default(),
+            counters,
         });
         let (stop, _) = watch::channel(false);
         let mut sockets = Vec::new();
@@ -665,7 +669,7 @@ mod tests {
     }
 
     fn start(plan: ResolverPlan, live: IpAddr) -> Option<GatewayResolver> {
-        match GatewayResolver::start_on_port(plan, "lo", 0, Arc::new(Only(live))) {
+        match GatewayResolver::start_on_port(plan, "lo", 0, Arc::new(Only(live)), Arc::default()) {
             Ok(r) => Some(r),
             Err(e) if e.not_permitted() => {
                 eprintln!("SKIPPED: SO_BINDTODEVICE needs CAP_NET_RAW");
