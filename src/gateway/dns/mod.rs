@@ -441,8 +441,12 @@ async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>, mut stop: watch::R
             _ = stopped(&mut stop) => return,
             r = sock.recv_from(&mut buf) => match r {
                 Ok(r) => r,
-                // ICMP errors from earlier replies surface here; nothing to do about them.
-                Err(_) => continue,
+                // ICMP errors about earlier replies surface here; nothing to do about them but
+                // not to spin if the error persists.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
             },
         };
         let client = from.ip();
