@@ -45,7 +45,7 @@ pub async fn run(
     let tun_name = dp_config.tun_name.clone().unwrap_or_default();
     // The data plane comes up on the first snapshot, through the driver's swap hook.
     let dataplane = ClientDataPlane::new(dp_config);
-    let ks_desc = killswitch.describe();
+    let ks = killswitch.clone();
     let handle = match super::start(settings, killswitch, Some(dataplane.on_swap_hook())) {
         Ok(h) => h,
         Err(e) => {
@@ -54,11 +54,15 @@ pub async fn run(
             return exit::NOT_PERMITTED;
         }
     };
+    // Described after enabling: the description names the mode the kill-switch found in force.
+    let ks_desc = ks.describe();
     dataplane.bind(handle.getter(), handle.commands());
     tokio::spawn(crate::tunnel::log_stats_on_sigusr1("client data plane", dataplane.counters()));
     tokio::spawn(reauth_on_sighup(handle.commands()));
-    // Routes and DNS go up once, when the TUN device exists, and stay through every re-auth.
-    let network = tokio::spawn(network_up(dataplane.clone(), file, handle.commands()));
+    // Routes and DNS go up once, when the TUN device exists, and stay through every re-auth;
+    // they are put back on a TUN device re-created after another program deleted it.
+    let (network_stop, network_stopped) = tokio::sync::watch::channel(false);
+    let network = tokio::spawn(network_task(dataplane.clone(), file, handle.commands(), network_stopped));
 
     let sampler = sampler(dataplane.counters(), tun_name);
     let _status = match status_socket::serve(&socket, handle.status(), Some(sampler.clone()), ks_desc.clone()) {
@@ -80,6 +84,7 @@ pub async fn run(
         wait_for_stop_signal().await;
     }
     tracing::info!(target: TARGET, "stop requested; shutting down");
+    network_stop.send_replace(true);
     stop(handle, dataplane, network).await
 }
 
@@ -90,22 +95,17 @@ pub async fn run(
 /// The routes follow the underlay from then on; each change of the path to the gateway (roaming,
 /// a link back up) tells the supervisor, which reconnects its control channel and checks at once.
 async fn network_up(
-    dataplane: ClientDataPlane,
-    file: crate::config::client::ClientFile,
-    commands: tokio::sync::mpsc::Sender<super::driver::Command>,
+    dataplane: &ClientDataPlane,
+    file: &crate::config::client::ClientFile,
+    on_underlay_change: &super::routes::UnderlayHook,
 ) -> Option<TunnelNetwork> {
     if !dataplane.tun_up().await {
         return None;
     }
-    let on_underlay_change: super::routes::UnderlayHook = std::sync::Arc::new(move || {
-        // Dropped when the queue is full: the failed call that follows reconnects too.
-        let _ = commands.try_send(super::driver::Command::UnderlayChanged);
-    });
-    let mut delay = std::time::Duration::from_millis(500);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match TunnelNetwork::up(&file, on_underlay_change.clone()).await {
+        match TunnelNetwork::up(file, on_underlay_change.clone()).await {
             Ok(net) => {
                 tracing::info!(target: TARGET, "routes up: {} via the tunnel", net.routes().len());
                 return Some(net);
@@ -115,8 +115,54 @@ async fn network_up(
             }
             Err(e) => tracing::debug!(target: TARGET, "routes/DNS attempt {attempt}: {e}"),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+        tokio::time::sleep(network_retry(attempt)).await;
+    }
+}
+
+/// The pause before routes/DNS attempt `attempt + 1`: 500 ms doubling up to 30 s.
+fn network_retry(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(500).saturating_mul(1 << attempt.min(6).saturating_sub(1)).min(std::time::Duration::from_secs(30))
+}
+
+/// [`network_up`], then puts the routes and per-link DNS back each time the data plane re-creates
+/// the TUN device, until `stop`. Returns what is installed, for the stop to remove.
+async fn network_task(
+    dataplane: ClientDataPlane,
+    file: crate::config::client::ClientFile,
+    commands: tokio::sync::mpsc::Sender<super::driver::Command>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<TunnelNetwork> {
+    let on_underlay_change: super::routes::UnderlayHook = std::sync::Arc::new(move || {
+        // Dropped when the queue is full: the failed call that follows reconnects too.
+        let _ = commands.try_send(super::driver::Command::UnderlayChanged);
+    });
+    let mut changes = dataplane.tun_changes();
+    let mut net = tokio::select! {
+        n = network_up(&dataplane, &file, &on_underlay_change) => n?,
+        _ = stop.wait_for(|s| *s) => return None,
+    };
+    // The device the routes were installed on is the one current now.
+    changes.mark_unchanged();
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return Some(net) },
+            _ = stop.wait_for(|s| *s) => return Some(net),
+        }
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match net.reattach(&file, on_underlay_change.clone()).await {
+                Ok(()) => break,
+                Err(e) if attempt == 1 => {
+                    tracing::warn!(target: TARGET, "cannot put the routes/DNS back on the new TUN device yet ({e}); retrying")
+                }
+                Err(e) => tracing::debug!(target: TARGET, "routes/DNS attempt {attempt}: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(network_retry(attempt)) => {}
+                _ = stop.wait_for(|s| *s) => return Some(net),
+            }
+        }
     }
 }
 
@@ -148,10 +194,7 @@ async fn stop(
     dataplane: ClientDataPlane,
     network: tokio::task::JoinHandle<Option<TunnelNetwork>>,
 ) -> i32 {
-    // Still waiting for the TUN or retrying: nothing (more) to undo.
-    if !network.is_finished() {
-        network.abort();
-    }
+    // The network task ends on the stop signal, returning what it installed.
     if let Ok(Some(net)) = network.await
         && let Err(e) = net.down().await
     {

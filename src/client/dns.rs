@@ -222,6 +222,17 @@ pub struct DnsGuard {
 }
 
 impl DnsGuard {
+    /// Puts the settings back after the TUN device was re-created: per-link settings
+    /// (systemd-resolved) went away with the old device; a rewritten resolver file did not.
+    pub fn reattach(&self, servers: &[IpAddr]) -> Result<(), DnsError> {
+        if let Some(Backend::Resolved { link }) = &self.backend {
+            for args in resolvectl_apply_args(link, servers) {
+                resolvectl(&args)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Puts the original resolver back. If someone else replaced our file meanwhile, theirs is
     /// left alone.
     pub fn restore(self) -> Result<(), DnsError> {
