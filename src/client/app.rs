@@ -22,6 +22,9 @@ pub struct RunOptions {
     pub dashboard: bool,
     /// Extra dashboard keys (the demo's fault injectors).
     pub extra_keys: Vec<tui::ExtraKey>,
+    /// A hangup (SIGHUP, or the dashboard's terminal gone) is an explicit stop: the demo, which
+    /// must clean up its namespaces when its terminal closes. Otherwise SIGHUP re-authenticates.
+    pub hangup_stops: bool,
 }
 
 /// Runs the client until an explicit stop (SIGINT, SIGTERM, or `q` on the dashboard) and returns
@@ -58,7 +61,9 @@ pub async fn run(
     let ks_desc = ks.describe();
     dataplane.bind(handle.getter(), handle.commands());
     tokio::spawn(crate::tunnel::log_stats_on_sigusr1("client data plane", dataplane.counters()));
-    tokio::spawn(reauth_on_sighup(handle.commands()));
+    if !opts.hangup_stops {
+        tokio::spawn(reauth_on_sighup(handle.commands()));
+    }
     // Routes and DNS go up once, when the TUN device exists, and stay through every re-auth;
     // they are put back on a TUN device re-created after another program deleted it.
     let (network_stop, network_stopped) = tokio::sync::watch::channel(false);
@@ -78,10 +83,11 @@ pub async fn run(
         }
     };
 
+    let hangup = opts.hangup_stops;
     if opts.dashboard {
-        run_dashboard(&handle, sampler, ks_desc, opts.extra_keys).await;
+        run_dashboard(&handle, sampler, ks_desc, opts.extra_keys, hangup).await;
     } else {
-        wait_for_stop_signal().await;
+        stop_signal(hangup).await;
     }
     tracing::info!(target: TARGET, "stop requested; shutting down");
     network_stop.send_replace(true);
@@ -171,17 +177,20 @@ async fn run_dashboard(
     sampler: Sampler,
     ks_desc: String,
     extras: Vec<tui::ExtraKey>,
+    hangup_stops: bool,
 ) {
     let outcome = tokio::select! {
         r = tui::run_dashboard(handle, Some(sampler), ks_desc, extras) => r,
-        () = wait_for_stop_signal() => Ok(DashboardExit::Stop),
+        () = stop_signal(hangup_stops) => Ok(DashboardExit::Stop),
     };
     match outcome {
         Ok(DashboardExit::Stop | DashboardExit::ClientEnded) => {}
-        Ok(DashboardExit::TerminalLost) => wait_for_stop_signal().await,
+        // The terminal closed: a hangup, whether or not its SIGHUP reached us.
+        Ok(DashboardExit::TerminalLost) if hangup_stops => {}
+        Ok(DashboardExit::TerminalLost) => stop_signal(false).await,
         Err(e) => {
             tracing::warn!(target: TARGET, "dashboard failed ({e}); running headless");
-            wait_for_stop_signal().await;
+            stop_signal(hangup_stops).await;
         }
     }
 }
@@ -253,12 +262,26 @@ async fn reauth_on_sighup(commands: tokio::sync::mpsc::Sender<super::driver::Com
 
 /// Waits for SIGINT or SIGTERM (the explicit stop of a daemon).
 pub async fn wait_for_stop_signal() {
+    stop_signal(false).await
+}
+
+/// Waits for SIGINT or SIGTERM, and SIGHUP too when `hangup` (the demo).
+async fn stop_signal(hangup: bool) {
     use tokio::signal::unix::{SignalKind, signal};
+    let hup = async {
+        match signal(SignalKind::hangup()) {
+            Ok(mut h) if hangup => {
+                h.recv().await;
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
     match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
+                () = hup => tracing::info!(target: TARGET, "SIGHUP: the terminal closed; stopping"),
             }
         }
         _ => {
