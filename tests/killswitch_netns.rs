@@ -154,12 +154,20 @@ fn replace_under_fire(
 ) -> (Counts, u64) {
     obs.reset();
     let stop = AtomicBool::new(false);
+    /// Ends the flood however the rounds end: a failing round must fail the test, not hang it.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let sent = std::thread::scope(|s| {
         let flood = s.spawn(|| udp_flood(&w.client, &stop));
+        let guard = StopOnDrop(&stop);
         for i in 0..rounds {
             replace(i);
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(guard);
         flood.join().expect("flood thread")
     });
     send_gateway_probes(&w.client, OUTSIDE4.into(), CONTROL_PORT, DATA_PORT);
