@@ -384,6 +384,10 @@ impl KillSwitchMode {
     }
 }
 
+/// How long `enable` waits, in steps, for a table owner that is going away (see its use).
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+const OWNER_WAITS: u32 = 10;
+
 /// The nftables kill-switch, spoken over netlink (see the module doc).
 pub struct NftKillSwitch {
     plan: KillSwitchPlan,
@@ -453,6 +457,7 @@ impl NftKillSwitch {
         let mut mode = if self.force_fallback { KillSwitchMode::Watched } else { lock(&self.mode).unwrap_or(KillSwitchMode::Owned) };
         // The watched mode subscribes before applying, so a change right after is not missed.
         let mut sub = None;
+        let mut owner_waits = 0;
         loop {
             if mode == KillSwitchMode::Watched && sub.is_none() && lock(&self.watcher).is_none() {
                 sub = Some(kernel::subscribe().map_err(|e| fail(&format!("cannot watch nftables events: {e}")))?);
@@ -462,6 +467,13 @@ impl NftKillSwitch {
                 Err(ApplyError::Unsupported(e)) if mode == KillSwitchMode::Owned => {
                     tracing::info!(target: TARGET, "owned tables unavailable ({e}); using the watched fallback");
                     mode = KillSwitchMode::Watched;
+                }
+                // An owner that just closed its socket may still hold it for a moment: a child
+                // forked by another thread keeps a copy of every descriptor until it execs, and
+                // the kernel orphans the table only when the last copy goes.
+                Err(ApplyError::OwnedByOther(_)) if owner_waits < OWNER_WAITS => {
+                    owner_waits += 1;
+                    std::thread::sleep(OWNER_WAIT);
                 }
                 Err(ApplyError::Verify(m)) => return Err(KillSwitchError::Verify(m)),
                 Err(e) => return Err(fail(&e)),
