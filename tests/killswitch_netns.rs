@@ -154,13 +154,6 @@ fn replace_under_fire(
 ) -> (Counts, u64) {
     obs.reset();
     let stop = AtomicBool::new(false);
-    /// Ends the flood however the rounds end: a failing round must fail the test, not hang it.
-    struct StopOnDrop<'a>(&'a AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
     let sent = std::thread::scope(|s| {
         let flood = s.spawn(|| udp_flood(&w.client, &stop));
         let guard = StopOnDrop(&stop);

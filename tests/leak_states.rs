@@ -387,13 +387,6 @@ fn a_killed_clients_table_blocks_is_adopted_without_a_gap_and_unblock_removes_it
     // The next start adopts it while a flood probes for a gap.
     obs.reset();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    /// Ends the flood however the start goes: a failure must fail the test, not hang it.
-    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
     let sent = std::sync::atomic::AtomicU64::new(0);
     let sent = std::thread::scope(|sc| {
         let f = sc.spawn(|| flood(&w.client, &stop, &sent));

@@ -386,7 +386,7 @@ fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-fn attr<'a>(b: &'a [u8], ty: u16) -> Option<&'a [u8]> {
+fn attr(b: &[u8], ty: u16) -> Option<&[u8]> {
     attrs(b).find(|(t, _)| *t == ty).map(|(_, p)| p)
 }
 
