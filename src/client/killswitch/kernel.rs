@@ -84,8 +84,8 @@ impl NfSocket {
     /// the send call, so every reply is queued by the time `send` returns: the replies are read
     /// without blocking.
     pub fn send_batch(&mut self, build: impl FnOnce(&mut Batch)) -> Result<(), NlError> {
-        let seq = self.next_seq(256);
-        let mut batch = Batch::new(seq);
+        let first_seq = self.next_seq(256);
+        let mut batch = Batch::new(first_seq);
         build(&mut batch);
         let (bytes, msgs) = batch.finish();
         self.sock.send(&bytes, 0)?;
@@ -99,11 +99,18 @@ impl NfSocket {
             };
             for reply in nfnl::messages(&self.buf[..n]) {
                 if let Reply::Ack { seq, errno } = reply {
-                    let Some((_, what)) = msgs.iter().find(|(s, _)| *s == seq) else { continue };
-                    if errno == 0 {
-                        acked += 1;
-                    } else if first_error.is_none() {
-                        first_error = Some(NlError::Refused { what: what.clone(), errno });
+                    let what = msgs.iter().find(|(s, _)| *s == seq).map(|(_, w)| w.as_str());
+                    match what {
+                        Some(_) if errno == 0 => acked += 1,
+                        // Not one of ours: a reply to an earlier request on this socket.
+                        None if errno == 0 || seq.wrapping_sub(first_seq) > msgs.len() as u32 + 1 => {}
+                        // An error for the batch as a whole (its begin or end message).
+                        _ => {
+                            first_error.get_or_insert(NlError::Refused {
+                                what: what.unwrap_or("the batch").to_owned(),
+                                errno,
+                            });
+                        }
                     }
                 }
             }
@@ -263,9 +270,11 @@ pub fn apply(sock: &mut NfSocket, rules: &Ruleset, mode: KillSwitchMode) -> Resu
             return Err(ApplyError::Unsupported(e));
         }
         Err(e) if e.errno() == Some(libc::EPERM) => {
-            // Taken by another process between our look and the batch.
-            let owner = sock.table(TABLE).ok().flatten().and_then(|t| t.owner).unwrap_or(0);
-            return Err(ApplyError::OwnedByOther(owner));
+            // Taken by another process between our look and the batch, or no CAP_NET_ADMIN.
+            return Err(match sock.table(TABLE).ok().flatten().and_then(|t| t.owner) {
+                Some(owner) if owner != sock.portid() => ApplyError::OwnedByOther(owner),
+                _ => e.into(),
+            });
         }
         other => other?,
     }
