@@ -857,20 +857,10 @@ impl TunnelNetwork {
         on_underlay_change: UnderlayHook,
     ) -> Result<Self, NetworkError> {
         let net = &file.network;
-        let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
-        let cidrs = tunnel_cidrs(net.routes.as_deref(), net.dns.configured());
+        let (tun, cidrs) = tun_and_cidrs(file);
         let gateway = file.endpoint.ip();
         let routes = Routes::install(tun, gateway, &cidrs).await?;
-        let captured = match gateway {
-            // A loopback gateway (tests, a gateway on this host) is delivered locally whatever
-            // the main table says.
-            IpAddr::V4(v4) => !v4.is_loopback() && cidrs.iter().any(|n| n.contains(&v4)),
-            IpAddr::V6(_) => false,
-        };
-        let underlay = match ifindex(tun) {
-            Ok(tun_index) => UnderlayWatch::start(gateway, tun_index, captured, on_underlay_change).await,
-            Err(e) => Err(e),
-        };
+        let underlay = Self::watch_underlay(file, on_underlay_change).await;
         let underlay = match underlay {
             Ok(u) => u,
             Err(e) => {
@@ -911,6 +901,35 @@ impl TunnelNetwork {
         Ok(true)
     }
 
+    /// Starts following the underlay for the file's gateway and TUN.
+    async fn watch_underlay(file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<UnderlayWatch, RoutesError> {
+        let (tun, cidrs) = tun_and_cidrs(file);
+        let gateway = file.endpoint.ip();
+        let captured = match gateway {
+            // A loopback gateway (tests, a gateway on this host) is delivered locally whatever
+            // the main table says.
+            IpAddr::V4(v4) => !v4.is_loopback() && cidrs.iter().any(|n| n.contains(&v4)),
+            IpAddr::V6(_) => false,
+        };
+        UnderlayWatch::start(gateway, ifindex(tun)?, captured, on_underlay_change).await
+    }
+
+    /// Puts the routes (and per-link DNS settings) back on a TUN device that was re-created
+    /// under the same name: the kernel removed the old device's routes with it, and the underlay
+    /// watcher must follow the new interface index. The resolver file, if that is the backend,
+    /// never went away. On error the caller retries; the kill-switch blocks meanwhile.
+    pub async fn reattach(&mut self, file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<(), NetworkError> {
+        let (tun, cidrs) = tun_and_cidrs(file);
+        self.underlay.halt().await;
+        // Also removes what is left of ours (the gateway's pin and fallback) before adding.
+        let routes = Routes::install(tun, file.endpoint.ip(), &cidrs).await?;
+        // The old guard's routes are gone (with the device, or removed as stale just now).
+        let _old = std::mem::replace(&mut self.routes, routes);
+        self.underlay = Self::watch_underlay(file, on_underlay_change).await?;
+        self.dns.reattach(&self.dns_set.0, &self.dns_set.1)?;
+        Ok(())
+    }
+
     /// The routes that were added at start (the gateway's pin and fallback, which follow the
     /// underlay, not included).
     pub fn routes(&self) -> &[RouteSpec] {
@@ -937,6 +956,12 @@ impl TunnelNetwork {
         tunnel?;
         gateway
     }
+}
+
+/// The TUN name and the CIDRs routed through it, for a client file.
+fn tun_and_cidrs(file: &ClientFile) -> (&str, Vec<Ipv4Net>) {
+    let net = &file.network;
+    (net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME), tunnel_cidrs(net.routes.as_deref(), net.dns.configured()))
 }
 
 /// The index of interface `name` in the calling thread's network namespace.
