@@ -265,6 +265,7 @@ fn gateway_answer_seeds() -> Vec<Seed> {
         session_key: (0..32).collect(),
         data_port: 51820,
         session_idle_timeout_ms: 180_000,
+        ..Default::default()
     };
     type Break = fn(&mut AuthenticateResponse);
     let broken: [(&'static str, Break); 6] = [

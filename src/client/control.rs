@@ -277,6 +277,7 @@ mod tests {
             session_key: vec![7; 32],
             data_port: 51820,
             session_idle_timeout_ms: 180_000,
+            ..Default::default()
         }
     }
 

@@ -158,6 +158,9 @@ impl Control for ControlService {
             .sessions
             .open(new, state.clock.now(), || rng.next_u64());
         let s: &Session = &opened.session;
+        // With a shared registry, the other gateways end this client's session there (one
+        // live session per client across gateways).
+        state.registry.session_opened(&s.client);
         match &opened.replaced {
             Some(old) => tracing::info!(
                 client = %s.client, ip = %s.assigned_ip, session = %s.id, key_fp = %s.key.fingerprint(),
@@ -176,6 +179,7 @@ impl Control for ControlService {
             session_key: s.key.expose().to_vec(),
             data_port: u32::from(state.data_port),
             session_idle_timeout_ms: state.sessions.limits().idle_ms,
+            endpoints: view.endpoints().to_vec(),
         }))
     }
 
