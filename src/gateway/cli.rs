@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use super::GatewayError;
 use super::fsutil::{self, Existing};
 use super::registry::postgres::{Deployment, PgStore};
-use super::registry::{ClientState, RegistryStore, RevokeOutcome, check_name};
+use super::registry::{ClientState, RegistryError, RegistryStore, RevokeOutcome, check_name};
 use super::server::ControlPlane;
 use crate::config::ConfigError;
 use crate::config::client::{ClientFile, TlsSection};
@@ -238,8 +238,8 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
 /// `gateway init --registry URL`: the deployment is created in the database, this gateway is
 /// its first.
 pub async fn init_shared(a: &InitArgs, url: &str) -> Result<String, GatewayError> {
-    gwconf::check_database_url(url).map_err(|reason| GatewayError::Usage {
-        flag: "--registry",
+    gwconf::check_database_url(url).map_err(|reason| RegistryError::DatabaseUrl {
+        url: gwconf::redact_url(url),
         reason,
     })?;
     let shared = SharedValues {

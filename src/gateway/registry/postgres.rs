@@ -197,15 +197,22 @@ impl PgStore {
     pub async fn prepare(&self) -> Result<(), RegistryError> {
         let db = &self.db;
         let mut conn = bounded(db, self.pool.acquire()).await?;
-        let applied: Option<i64> = bounded(
+        let has_table: bool = bounded(
             db,
-            sqlx::query_scalar(
-                "SELECT CASE WHEN to_regclass('_sqlx_migrations') IS NULL THEN NULL \
-                 ELSE (SELECT max(version) FROM _sqlx_migrations WHERE success) END",
-            )
-            .fetch_one(&mut *conn),
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&mut *conn),
         )
         .await?;
+        let applied: Option<i64> = if has_table {
+            bounded(
+                db,
+                sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(&mut *conn),
+            )
+            .await?
+        } else {
+            None
+        };
         drop(conn);
         let known = known_schema();
         if let Some(version) = applied.filter(|v| *v > known) {
