@@ -226,3 +226,170 @@ fn concurrent_add_clients_from_two_hosts_never_share_an_address() {
     assert_eq!(file.tunnel_ip.to_string(), recorded.trim());
     let _ = Duration::ZERO;
 }
+
+/// A deployment in namespaces: gateway A at 198.18.0.2 and B at 198.18.0.6, each in its own
+/// namespace, a client namespace linked to both; the registry in `db`. Gateways reach the
+/// database through `link`, a symlink to its socket directory, so a test can take the database
+/// away from the gateways (and only from them) by pointing the link elsewhere.
+struct Deployment {
+    db: Cluster,
+    tmp: tempfile::TempDir,
+    link: std::path::PathBuf,
+    c: support::netns::Netns,
+    a: support::netns::Netns,
+    b: support::netns::Netns,
+}
+
+const EP_A: &str = "198.18.0.2:51820";
+const EP_B: &str = "198.18.0.6:51820";
+const T: Duration = Duration::from_secs(20);
+
+impl Deployment {
+    fn new() -> Deployment {
+        use std::net::Ipv4Addr;
+        use support::netns::{Netns, link};
+        let db = Cluster::start();
+        let tmp = tempfile::tempdir().unwrap();
+        let (c, a, b) = (Netns::new(), Netns::new(), Netns::new());
+        link(&c, "hfa", Ipv4Addr::new(198, 18, 0, 1), &a, "hfg", Ipv4Addr::new(198, 18, 0, 2), 30);
+        link(&c, "hfb", Ipv4Addr::new(198, 18, 0, 5), &b, "hfg", Ipv4Addr::new(198, 18, 0, 6), 30);
+        let link = db.root().join("gw");
+        std::os::unix::fs::symlink(db.socket_dir(), &link).unwrap();
+        let d = Deployment { db, tmp, link, c, a, b };
+        init(&d.dir("a"), EP_A, &d.db.url(), "100.64.0.0/24");
+        holdfast_ok(&["gateway", "join", "--dir", s(&d.dir("b")), "--from", s(&d.dir("a")), "--endpoint", EP_B]);
+        // The gateways use the link; the operator's commands (a copy of A's dir) the socket.
+        let cp = Command::new("cp").arg("-a").arg(d.dir("a")).arg(d.dir("ops")).status().unwrap();
+        assert!(cp.success());
+        let gw_url = format!("postgres://postgres@localhost/holdfast?host={}", d.link.display());
+        for g in ["a", "b"] {
+            let path = d.dir(g).join("gateway.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.replace(&d.db.url(), &gw_url);
+            std::fs::write(&path, text).unwrap();
+        }
+        d
+    }
+
+    fn dir(&self, g: &str) -> std::path::PathBuf {
+        self.tmp.path().join(g)
+    }
+
+    fn run(&self, g: &str) -> support::Proc {
+        let ns = if g == "a" { &self.a } else { &self.b };
+        let mut cmd = ns.command(BIN);
+        cmd.args(["gateway", "run", "--dir", s(&self.dir(g))]).env("RUST_LOG", "info,holdfast=debug");
+        let mut p = support::Proc::spawn(&format!("gw-{g}"), cmd);
+        p.wait_for(&["control plane listening"], T);
+        p
+    }
+
+    /// Adds a client with test timings, its first gateway `first`.
+    fn client(&self, name: &str, first: &str, logs: &Path) -> std::path::PathBuf {
+        let out = self.tmp.path().join(format!("{name}.toml"));
+        holdfast_ok(&["gateway", "add-client", "--dir", s(&self.dir("a")), name, "--out", s(&out)]);
+        support::edit_client_file(&out, |f| {
+            support::fast_timings(f, logs);
+            f.endpoint = first.parse().unwrap();
+        });
+        out
+    }
+
+    fn run_client(&self, file: &Path) -> support::Proc {
+        let mut cmd = self.c.command(BIN);
+        cmd.args(["client", "run", "--no-tui", "--config", s(file)]).env_remove("RUST_LOG");
+        support::Proc::spawn("client", cmd)
+    }
+
+    /// Points the gateways' way to the database at an empty directory (unreachable for them).
+    fn cut_gateways_off(&self) {
+        let empty = self.db.root().join("nothing");
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::remove_file(&self.link).unwrap();
+        std::os::unix::fs::symlink(&empty, &self.link).unwrap();
+    }
+
+    fn reconnect_gateways(&self) {
+        let next = self.db.root().join("gw.next");
+        std::os::unix::fs::symlink(self.db.socket_dir(), &next).unwrap();
+        std::fs::rename(&next, &self.link).unwrap();
+    }
+}
+
+#[test]
+fn a_revocation_at_one_gateway_ends_the_session_at_the_other_within_a_second() {
+    if skip() || !support::netns::available() {
+        return;
+    }
+    let d = Deployment::new();
+    let logs = tempfile::tempdir().unwrap();
+    let _gw_a = d.run("a");
+    let mut gw_b = d.run("b");
+    let file = d.client("alice", EP_B, logs.path());
+    let mut client = d.run_client(&file);
+    client.wait_for(&["-> Healthy"], T);
+    gw_b.wait_for(&["session opened", "alice"], T);
+
+    // Revoke through gateway A's directory; B ends the session and refuses the client.
+    holdfast_ok(&["gateway", "revoke", "--dir", s(&d.dir("a")), "alice"]);
+    let revoked_at = Instant::now();
+    gw_b.wait_for(&["session closed", "alice", "revoked"], T);
+    let took = revoked_at.elapsed();
+    assert!(took <= Duration::from_secs(1), "gateway B ended the session {took:?} after the revocation");
+    gw_b.wait_for(&["authentication refused", "alice", "revoked"], T);
+    assert!(client.is_alive());
+}
+
+#[test]
+fn a_database_outage_goes_unnoticed_and_a_revocation_applies_on_its_return() {
+    if skip() || !support::netns::available() {
+        return;
+    }
+    let d = Deployment::new();
+    let logs = tempfile::tempdir().unwrap();
+    let mut gw = d.run("a");
+    let file = d.client("alice", EP_A, logs.path());
+    let mut client = d.run_client(&file);
+    client.wait_for(&["-> Healthy", "session"], T);
+    let mut pinger = support::Pinger::start(&d.c, "ping", "100.64.0.1".parse().unwrap(), "0.2");
+    assert!(pinger.first_reply_after(&d.c, support::unix_now(), T).is_some(), "traffic flows");
+
+    // The database stops for 30 s under traffic.
+    let seen_before = client.all_lines().len();
+    d.db.stop();
+    let stopped = support::unix_now();
+    gw.wait_for(&["serving from the last good view"], T);
+    std::thread::sleep(Duration::from_secs(30));
+    pinger.keep_alive(&d.c);
+    let during: Vec<f64> = pinger.replies().into_iter().filter(|t| *t > stopped).collect();
+    let gaps = during.windows(2).map(|w| w[1] - w[0]).fold(0.0f64, f64::max);
+    assert!(during.len() >= 100, "{} replies in 30 s", during.len());
+    assert!(gaps < 1.5, "traffic paused {gaps:.2} s during the outage");
+    // No transition at all: the client never noticed.
+    let transitions: Vec<String> = client.all_lines()[seen_before..]
+        .iter()
+        .filter(|l| l.contains(" -> "))
+        .cloned()
+        .collect();
+    let said: usize = gw.all_lines().iter().filter(|l| l.contains("serving from the last good view")).count();
+    assert_eq!(said, 1, "the outage is said once");
+
+    // While the gateway still cannot reach it, the operator revokes alice; the gateway learns it
+    // within a second of the database coming back for it.
+    d.cut_gateways_off();
+    d.db.restart();
+    holdfast_ok(&["gateway", "revoke", "--dir", s(&d.dir("ops")), "alice"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !gw.all_lines().iter().any(|l| l.contains("session closed")),
+        "the gateway cannot have learnt it yet"
+    );
+    d.reconnect_gateways();
+    let back = Instant::now();
+    gw.wait_for(&["session closed", "alice", "revoked"], T);
+    let took = back.elapsed();
+    assert!(took <= Duration::from_secs(1), "the revocation applied {took:?} after the database returned");
+    assert!(gw.all_lines().iter().any(|l| l.contains("registry database reachable again")));
+    assert!(client.is_alive());
+    assert!(transitions.is_empty(), "the client noticed the outage: {transitions:?}");
+}

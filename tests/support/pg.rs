@@ -140,6 +140,16 @@ impl Cluster {
         self.pg_start();
     }
 
+    /// The directory of the server's unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.sock
+    }
+
+    /// The cluster's scratch directory (removed on drop).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The URL of the `holdfast` database over the unix socket.
     pub fn url(&self) -> String {
         self.url_for("postgres", "holdfast")
