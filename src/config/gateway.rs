@@ -16,9 +16,8 @@
 //! cert = "server.pem"                 # the gateway's TLS certificate, signed by the authority
 //! key = "server.key"                  # the gateway's TLS private key (mode 0600)
 //! registry = "clients.toml"           # the client registry, rewritten atomically by add-client/revoke
-//! # database = "postgres://holdfast@/holdfast?host=/run/postgresql"
-//!                                     # a shared registry in PostgreSQL instead of `registry`
-//!                                     # (several gateways, one client population)
+//! # Or, for several gateways on one shared registry in PostgreSQL, instead of `registry`:
+//! #   e.g. database = "postgres://holdfast@localhost/holdfast?host=/run/postgresql"
 //! clients_dir = "clients"             # where add-client writes client files by default
 //! session_idle_timeout = "3m"         # a session not pinged (or, later, used) this long expires
 //! session_max_lifetime = "24h"        # a session expires this long after Authenticate, used or not
