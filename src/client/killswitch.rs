@@ -20,6 +20,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -86,6 +87,10 @@ pub struct KillSwitchPlan {
     gateway: IpAddr,
     control_port: u16,
     data_port: u16,
+    /// The deployment's other gateways (several gateways on one shared registry), each allowed
+    /// like `gateway` on its one port (TCP control, UDP data), so a failover never waits on the
+    /// kill-switch and nothing else gets through.
+    other_gateways: Vec<SocketAddr>,
     tun_name: String,
     allow_lan: bool,
     lan_subnets: Vec<IpNet>,
@@ -113,6 +118,7 @@ impl KillSwitchPlan {
             gateway,
             control_port,
             data_port,
+            other_gateways: Vec::new(),
             tun_name: tun_name.to_owned(),
             allow_lan: false,
             lan_subnets: Vec::new(),
@@ -130,14 +136,41 @@ impl KillSwitchPlan {
         self
     }
 
-    /// The plan for a client file: the gateway endpoint (its one port number serves the control
-    /// plane over TCP and the data plane over UDP), the TUN name, and with `allow_lan` the given
-    /// subnets (see [`lan_subnets`]).
+    /// Also allows these gateways of the deployment, each on its one port (TCP control, UDP
+    /// data). Duplicates of the first gateway or of each other are dropped.
+    pub fn with_other_gateways(mut self, others: &[SocketAddr]) -> Result<Self, KillSwitchError> {
+        for g in others {
+            let ip = g.ip();
+            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || g.port() == 0 {
+                return Err(KillSwitchError::InvalidPlan(format!(
+                    "the gateway endpoint {g} is not a unicast address and port of another host"
+                )));
+            }
+            let first = ip == self.gateway && g.port() == self.control_port && g.port() == self.data_port;
+            if !first && !self.other_gateways.contains(g) {
+                self.other_gateways.push(*g);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Every gateway the plan allows: (address, TCP control port, UDP data port), the first one
+    /// first.
+    pub fn gateways(&self) -> Vec<(IpAddr, u16, u16)> {
+        std::iter::once((self.gateway, self.control_port, self.data_port))
+            .chain(self.other_gateways.iter().map(|g| (g.ip(), g.port(), g.port())))
+            .collect()
+    }
+
+    /// The plan for a client file: every gateway endpoint it names (each one port number serves
+    /// the control plane over TCP and the data plane over UDP), the TUN name, and with
+    /// `allow_lan` the given subnets (see [`lan_subnets`]).
     pub fn for_client(file: &ClientFile, lan: &[IpNet]) -> Result<Self, KillSwitchError> {
         let net = &file.network;
         let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
         let port = file.endpoint.port();
-        let plan = Self::new(file.endpoint.ip(), port, port, tun)?;
+        let all = file.all_endpoints();
+        let plan = Self::new(file.endpoint.ip(), port, port, tun)?.with_other_gateways(&all[1..])?;
         Ok(if net.allow_lan.unwrap_or(false) { plan.allow_lan(lan) } else { plan })
     }
 
@@ -202,15 +235,18 @@ fn net_family(net: &IpNet) -> &'static str {
 /// and LAN accepts (a LAN resolver is never reachable outside the tunnel).
 fn chains(plan: &KillSwitchPlan) -> (Vec<Rule>, Vec<Rule>) {
     let tun = &plan.tun_name;
-    let gw = plan.gateway;
-    let ip = family(gw);
-    let (cp, dp) = (plan.control_port, plan.data_port);
+    let gateways = plan.gateways();
 
     let mut output = vec![
         rule(r#"oifname "lo" accept"#, "loopback"),
         rule(format!(r#"oifname "{tun}" accept"#), "tunnel"),
-        rule(format!("{ip} daddr {gw} tcp dport {cp} accept"), "gateway control"),
-        rule(format!("{ip} daddr {gw} udp dport {dp} accept"), "gateway data"),
+    ];
+    for &(gw, cp, dp) in &gateways {
+        let ip = family(gw);
+        output.push(rule(format!("{ip} daddr {gw} tcp dport {cp} accept"), "gateway control"));
+        output.push(rule(format!("{ip} daddr {gw} udp dport {dp} accept"), "gateway data"));
+    }
+    output.extend([
         rule("meta l4proto { tcp, udp } th dport 53 drop", "dns outside the tunnel"),
         rule("udp sport 68 udp dport 67 accept", "dhcpv4"),
         rule("udp sport 546 udp dport 547 accept", "dhcpv6"),
@@ -220,18 +256,23 @@ fn chains(plan: &KillSwitchPlan) -> (Vec<Rule>, Vec<Rule>) {
              ip6 hoplimit 255 accept",
             "ipv6 neighbour discovery",
         ),
-    ];
+    ]);
     let mut input = vec![
         rule(r#"iifname "lo" accept"#, "loopback"),
         rule(format!(r#"iifname "{tun}" accept"#), "tunnel"),
+    ];
+    for &(gw, cp, dp) in &gateways {
+        let ip = family(gw);
         // Only replies: the client opens the control connection, never the gateway.
-        rule(
+        input.push(rule(
             format!("{ip} saddr {gw} tcp sport {cp} ct state established accept"),
             "gateway control",
-        ),
+        ));
         // Not tied to conntrack state: every datagram is authenticated by the data plane, and the
         // gateway may answer after conntrack forgot the flow (a long outage, a flushed table).
-        rule(format!("{ip} saddr {gw} udp sport {dp} accept"), "gateway data"),
+        input.push(rule(format!("{ip} saddr {gw} udp sport {dp} accept"), "gateway data"));
+    }
+    input.extend([
         // Path-MTU and unreachable errors about flows the output chain let through.
         rule(
             "meta l4proto { icmp, icmpv6 } ct state related accept",
@@ -245,7 +286,7 @@ fn chains(plan: &KillSwitchPlan) -> (Vec<Rule>, Vec<Rule>) {
              ip6 hoplimit 255 accept",
             "ipv6 neighbour discovery",
         ),
-    ];
+    ]);
     if let Some(lan) = plan.lan() {
         for net in lan {
             let f = net_family(net);
@@ -681,6 +722,37 @@ table inet holdfast {
     #[test]
     fn golden_full_tunnel() {
         assert_eq!(render_ruleset(&plan4()), GOLDEN_FULL);
+    }
+
+    #[test]
+    fn every_gateway_of_the_deployment_is_allowed_and_nothing_more() {
+        let plan = KillSwitchPlan::new("198.18.0.2".parse().unwrap(), 51820, 51820, "holdfast0")
+            .unwrap()
+            .with_other_gateways(&[
+                "198.18.0.6:51821".parse().unwrap(),
+                "198.18.0.2:51820".parse().unwrap(),
+                "198.18.0.6:51821".parse().unwrap(),
+            ])
+            .unwrap();
+        assert_eq!(plan.gateways().len(), 2, "duplicates dropped");
+        let text = render_ruleset(&plan);
+        for line in [
+            "ip daddr 198.18.0.2 tcp dport 51820 accept",
+            "ip daddr 198.18.0.2 udp dport 51820 accept",
+            "ip daddr 198.18.0.6 tcp dport 51821 accept",
+            "ip daddr 198.18.0.6 udp dport 51821 accept",
+            "ip saddr 198.18.0.6 tcp sport 51821 ct state established accept",
+            "ip saddr 198.18.0.6 udp sport 51821 accept",
+        ] {
+            assert_eq!(text.matches(line).count(), 1, "{line} in {text}");
+        }
+        assert_eq!(text.matches("daddr").count(), 4, "{text}");
+        assert!(
+            KillSwitchPlan::new("198.18.0.2".parse().unwrap(), 1, 1, "t")
+                .unwrap()
+                .with_other_gateways(&["0.0.0.0:51820".parse().unwrap()])
+                .is_err()
+        );
     }
 
     #[test]
