@@ -3,6 +3,8 @@
 //! Skipped with a note when the server binaries are not installed (`.ci/run` installs them).
 
 mod support;
+#[macro_use]
+mod leak_probes;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -392,4 +394,51 @@ fn a_database_outage_goes_unnoticed_and_a_revocation_applies_on_its_return() {
     assert!(gw.all_lines().iter().any(|l| l.contains("registry database reachable again")));
     assert!(client.is_alive());
     assert!(transitions.is_empty(), "the client noticed the outage: {transitions:?}");
+}
+
+#[test]
+fn when_its_gateway_dies_the_client_fails_over_with_its_address_and_without_a_leak() {
+    if skip() || !support::netns::available() {
+        return;
+    }
+    let d = Deployment::new();
+    let logs = tempfile::tempdir().unwrap();
+    let mut gw_a = d.run("a");
+    let mut gw_b = d.run("b");
+    // The client file lists both gateways (A first); the kill-switch stays on.
+    let file = d.client("carol", EP_A, logs.path());
+    let listed = holdfast::config::client::ClientFile::load(&file).unwrap().all_endpoints();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let mut client = d.run_client(&file);
+    let first = client.wait_for(&["-> Healthy", "session"], T);
+    assert!(first.contains("ip 100.64.0.2/24"), "{first}");
+    gw_a.wait_for(&["session opened", "carol"], T);
+    let pid = client.pid();
+    let mut pinger = support::Pinger::start(&d.c, "ping", "100.64.0.1".parse().unwrap(), "0.05");
+    assert!(pinger.first_reply_after(&d.c, support::unix_now(), T).is_some(), "traffic via A");
+
+    // Observers on the far ends of both of the client's links count whatever it sends there.
+    let obs_a = leak_probes::Observer::install(&d.a, "hfg", "198.18.0.2".parse().unwrap(), 51820, 51820);
+    let obs_b = leak_probes::Observer::install(&d.b, "hfg", "198.18.0.6".parse().unwrap(), 51820, 51820);
+
+    gw_a.kill();
+    let killed = support::unix_now();
+    let back = pinger.first_reply_after(&d.c, killed, Duration::from_secs(10));
+    let back = back.expect("traffic resumed through gateway B");
+    eprintln!("traffic through gateway B {back:?} after gateway A died");
+    assert!(back <= Duration::from_secs(2), "traffic resumed {back:?} after gateway A died");
+
+    gw_b.wait_for(&["session opened", "carol", "100.64.0.2"], T);
+    let second = client.wait_for(&["-> Healthy", "session"], T);
+    assert!(second.contains("ip 100.64.0.2/24"), "same tunnel address: {second}");
+    assert!(
+        client.all_lines().iter().any(|l| l.contains("-> Failover")),
+        "the supervisor failed over"
+    );
+    assert!(client.is_alive() && client.pid() == pid, "same client process");
+    assert!(obs_b.counts().get("gw_data") > 0, "the data plane follows the session to B");
+    for (name, obs) in [("A", &obs_a), ("B", &obs_b)] {
+        let leaks = obs.counts().leaks();
+        assert!(leaks.is_empty(), "leaked towards gateway {name}'s link during the switch: {leaks:?}");
+    }
 }
