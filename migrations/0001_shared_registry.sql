@@ -63,11 +63,15 @@ CREATE TRIGGER holdfast_gateways_changed
 -- Which gateway holds each client's live session (never the session or its key: those stay in
 -- the memory of the gateway that made them). A claim gets a number from a sequence; the other
 -- gateways hear `client gateway claim` on `holdfast_sessions` and drop their older session.
+-- `opened_at` is when the session opened, on the database's clock (now() minus its age as the
+-- gateway measured it): a claim for a session older than the recorded one is refused, so a
+-- gateway that hung and comes back late cannot take a client over from the gateway it moved to.
 CREATE SEQUENCE holdfast_claims;
 CREATE TABLE holdfast_sessions (
-    client  text PRIMARY KEY REFERENCES holdfast_clients (name) ON DELETE CASCADE,
-    gateway text NOT NULL,
-    claim   bigint NOT NULL
+    client    text PRIMARY KEY REFERENCES holdfast_clients (name) ON DELETE CASCADE,
+    gateway   text NOT NULL,
+    claim     bigint NOT NULL,
+    opened_at timestamptz NOT NULL
 );
 
 CREATE FUNCTION holdfast_announce_claim() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -3,7 +3,7 @@
 //! Skipped with a note when the server binaries are not installed (`.ci/run` installs them).
 
 mod support;
-#[macro_use]
+#[allow(unused_macros)]
 mod leak_probes;
 
 use std::collections::HashSet;
@@ -441,4 +441,34 @@ fn when_its_gateway_dies_the_client_fails_over_with_its_address_and_without_a_le
         let leaks = obs.counts().leaks();
         assert!(leaks.is_empty(), "leaked towards gateway {name}'s link during the switch: {leaks:?}");
     }
+}
+
+#[test]
+fn a_client_that_moved_to_another_gateway_has_its_old_session_ended_there() {
+    if skip() || !support::netns::available() {
+        return;
+    }
+    let d = Deployment::new();
+    let logs = tempfile::tempdir().unwrap();
+    let mut gw_a = d.run("a");
+    let mut gw_b = d.run("b");
+    let file = d.client("dave", EP_A, logs.path());
+    let mut client = d.run_client(&file);
+    client.wait_for(&["-> Healthy"], T);
+    gw_a.wait_for(&["session opened", "dave"], T);
+
+    // A hangs (its process stopped, its memory kept): the client moves to B, which claims the
+    // client's session in the database.
+    gw_a.signal("STOP");
+    gw_b.wait_for(&["session opened", "dave"], T);
+    client.wait_for(&["Authing -> Healthy"], T);
+    // When A runs again it hears of the claim and ends its own, older session of that client,
+    // so the client's address is routed by one gateway only.
+    gw_a.signal("CONT");
+    gw_a.wait_for(&["session closed", "dave", "authenticated at another gateway"], T);
+    assert!(
+        !gw_b.all_lines().iter().any(|l| l.contains("session closed") && l.contains("dave")),
+        "B keeps the live session: {:?}", gw_b.all_lines().iter().filter(|l| l.contains("dave") && !l.contains("PingSession")).collect::<Vec<_>>()
+    );
+    assert!(client.is_alive());
 }

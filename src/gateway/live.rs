@@ -244,10 +244,10 @@ impl LiveRegistry {
         })
     }
 
-    /// Authenticate opened a session for `client` here (tells a shared registry; never waits).
-    pub fn session_opened(&self, client: &Arc<str>) {
+    /// Authenticate opened `session` for `client` here (tells a shared registry; never waits).
+    pub fn session_opened(&self, client: &Arc<str>, session: crate::snapshot::SessionId) {
         if let Some(c) = &self.inner.claims {
-            c.claim(client);
+            c.claim(client, session);
         }
     }
 

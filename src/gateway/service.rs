@@ -160,7 +160,7 @@ impl Control for ControlService {
         let s: &Session = &opened.session;
         // With a shared registry, the other gateways end this client's session there (one
         // live session per client across gateways).
-        state.registry.session_opened(&s.client);
+        state.registry.session_opened(&s.client, s.id);
         match &opened.replaced {
             Some(old) => tracing::info!(
                 client = %s.client, ip = %s.assigned_ip, session = %s.id, key_fp = %s.key.fingerprint(),

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::{
     AddPlan, ClientEntry, ClientState, RegistryError, RevokeOutcome, plan_add, timestamp_now,
@@ -37,6 +38,7 @@ use crate::gateway::fsutil::{self, Existing};
 use crate::gateway::live::{LiveRegistry, RegistryView};
 use crate::gateway::sessions::SessionTable;
 use crate::pki::CertFingerprint;
+use crate::snapshot::SessionId;
 
 /// The migrations, embedded at build time.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -528,19 +530,29 @@ impl PgStore {
         Ok((outcome, ip))
     }
 
-    /// Records that `gateway` now holds `client`'s live session; returns the claim's number.
-    pub async fn claim_session(&self, client: &str, gateway: &str) -> Result<i64, RegistryError> {
+    /// Records that `gateway` now holds `client`'s live session, opened `age` ago; returns the
+    /// claim's number, or `None` when a session opened later elsewhere holds the client (this
+    /// claim is stale: its gateway hung or its claim queued while the database was away).
+    pub async fn claim_session(
+        &self,
+        client: &str,
+        gateway: &str,
+        age: Duration,
+    ) -> Result<Option<i64>, RegistryError> {
         bounded(
             &self.db,
             sqlx::query_scalar(
-                "INSERT INTO holdfast_sessions (client, gateway, claim) \
-                 VALUES ($1, $2, nextval('holdfast_claims')) \
-                 ON CONFLICT (client) DO UPDATE SET gateway = EXCLUDED.gateway, claim = EXCLUDED.claim \
+                "INSERT INTO holdfast_sessions (client, gateway, claim, opened_at) \
+                 VALUES ($1, $2, nextval('holdfast_claims'), now() - make_interval(secs => $3)) \
+                 ON CONFLICT (client) DO UPDATE SET gateway = EXCLUDED.gateway, \
+                 claim = EXCLUDED.claim, opened_at = EXCLUDED.opened_at \
+                 WHERE holdfast_sessions.opened_at <= EXCLUDED.opened_at \
                  RETURNING claim",
             )
             .bind(client)
             .bind(gateway)
-            .fetch_one(&self.pool),
+            .bind(age.as_secs_f64())
+            .fetch_optional(&self.pool),
         )
         .await
     }
@@ -574,15 +586,27 @@ fn write_cache(path: &Path, snap: &SharedSnapshot) {
     }
 }
 
+/// A session opened here, to be claimed in the database.
+#[derive(Debug)]
+struct Claim {
+    client: Arc<str>,
+    session: SessionId,
+    opened: Instant,
+}
+
 /// Tells the follower that a client authenticated here (from `Authenticate`; never waits).
 #[derive(Debug, Clone)]
-pub struct ClaimSender(mpsc::Sender<Arc<str>>);
+pub struct ClaimSender(mpsc::Sender<Claim>);
 
 impl ClaimSender {
     /// Queues the claim; if the queue is full (the database is slow) it is dropped: the other
     /// gateway's session then ends by idling out instead.
-    pub fn claim(&self, client: &Arc<str>) {
-        let _ = self.0.try_send(client.clone());
+    pub fn claim(&self, client: &Arc<str>, session: SessionId) {
+        let _ = self.0.try_send(Claim {
+            client: client.clone(),
+            session,
+            opened: Instant::now(),
+        });
     }
 }
 
@@ -595,7 +619,7 @@ pub struct SharedStart {
 struct FollowerParts {
     store: PgStore,
     prepared: bool,
-    claims: mpsc::Receiver<Arc<str>>,
+    claims: mpsc::Receiver<Claim>,
     cache: PathBuf,
     me: String,
     name: String,
@@ -744,11 +768,19 @@ impl Follower {
         loop {
             tokio::select! {
                 biased;
-                Some(client) = self.parts.claims.recv() => {
-                    match store.claim_session(&client, &self.parts.me).await {
-                        Ok(n) => { self.own_claims.insert(client, n); }
+                Some(claim) = self.parts.claims.recv() => {
+                    let age = claim.opened.elapsed();
+                    match store.claim_session(&claim.client, &self.parts.me, age).await {
+                        Ok(Some(n)) => { self.own_claims.insert(claim.client, n); }
+                        Ok(None) => {
+                            // The client moved on while this gateway was not looking: its
+                            // session here is the stale one.
+                            for s in self.sessions.retain(|s| s.id != claim.session) {
+                                tracing::info!(client = %s.client, session = %s.id, key_fp = %s.key.fingerprint(), "session closed: the client authenticated at another gateway since");
+                            }
+                        }
                         Err(e) => {
-                            tracing::debug!(%client, "session claim not recorded: {e}");
+                            tracing::debug!(client = %claim.client, "session claim not recorded: {e}");
                             return Err(e);
                         }
                     }
