@@ -62,7 +62,7 @@ CREATE TRIGGER holdfast_gateways_changed
 
 -- Which gateway holds each client's live session (never the session or its key: those stay in
 -- the memory of the gateway that made them). A claim gets a number from a sequence; the other
--- gateways hear `client gateway claim` on `holdfast_sessions` and drop their older session.
+-- gateways hear `client gateway claim age_ms` on `holdfast_sessions` and drop their older session.
 -- `opened_at` is when the session opened, on the database's clock (now() minus its age as the
 -- gateway measured it): a claim for a session older than the recorded one is refused, so a
 -- gateway that hung and comes back late cannot take a client over from the gateway it moved to.
@@ -76,7 +76,9 @@ CREATE TABLE holdfast_sessions (
 
 CREATE FUNCTION holdfast_announce_claim() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('holdfast_sessions', NEW.client || ' ' || NEW.gateway || ' ' || NEW.claim::text);
+    -- The claimed session's age in ms: a gateway ends only its sessions older than that.
+    PERFORM pg_notify('holdfast_sessions', NEW.client || ' ' || NEW.gateway || ' ' || NEW.claim::text
+        || ' ' || (extract(epoch FROM (now() - NEW.opened_at)) * 1000)::bigint::text);
     RETURN NULL;
 END
 $$;

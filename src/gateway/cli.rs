@@ -658,7 +658,7 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
     let config = GatewayConfig::load_dir(dir)?;
     let serving = RegistryStore::serve(&config).await?;
     let plane = ControlPlane::bind_with(&config, serving.live.clone())?;
-    serving.follow(plane.sessions());
+    serving.follow(plane.sessions(), plane.clock());
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
     let data = super::dataplane::start_for(&config, &plane).await?;

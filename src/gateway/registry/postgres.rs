@@ -36,7 +36,7 @@ use super::{
 use crate::config::gateway::redact_url;
 use crate::gateway::fsutil::{self, Existing};
 use crate::gateway::live::{LiveRegistry, RegistryView};
-use crate::gateway::sessions::SessionTable;
+use crate::gateway::sessions::{Clock, SessionTable};
 use crate::pki::CertFingerprint;
 use crate::snapshot::SessionId;
 
@@ -702,11 +702,12 @@ pub async fn start_shared(
 
 impl SharedStart {
     /// Starts the follower on the gateway's session table. It runs until the runtime stops.
-    pub fn follow(self, sessions: Arc<SessionTable>) {
+    pub fn follow(self, sessions: Arc<SessionTable>, clock: Clock) {
         let follower = Follower {
             parts: self.follower,
             live: self.live.clone(),
             sessions,
+            clock,
             own_claims: HashMap::new(),
         };
         tokio::spawn(follower.run());
@@ -718,6 +719,8 @@ struct Follower {
     parts: FollowerParts,
     live: LiveRegistry,
     sessions: Arc<SessionTable>,
+    /// The session table's clock (sessions' ages, compared with a claim's).
+    clock: Clock,
     /// The latest claim this gateway made per client: a claim by another gateway older than
     /// ours is stale and ends nothing.
     own_claims: HashMap<Arc<str>, i64>,
@@ -827,15 +830,17 @@ impl Follower {
         Ok(())
     }
 
-    /// `client gateway claim` from the sessions channel: another gateway now holds the client's
-    /// session, so ours (if any) ends, unless we claimed it again since.
+    /// `client gateway claim age_ms` from the sessions channel: another gateway now holds the
+    /// client's session, opened `age_ms` ago, so ours ends if it is older (a newer one here
+    /// means the client came back, and its own claim follows), unless we claimed it again since.
     fn claimed_elsewhere(&mut self, payload: &str) {
         let mut parts = payload.split(' ');
-        let (Some(client), Some(gateway), Some(claim)) = (parts.next(), parts.next(), parts.next())
+        let (Some(client), Some(gateway), Some(claim), Some(age)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return;
         };
-        let Ok(claim) = claim.parse::<i64>() else {
+        let (Ok(claim), Ok(age)) = (claim.parse::<i64>(), age.parse::<u64>()) else {
             return;
         };
         if gateway == self.parts.me {
@@ -845,8 +850,10 @@ impl Follower {
             return;
         }
         self.own_claims.remove(client);
-        for s in self.sessions.retain(|s| &*s.client != client) {
-            tracing::info!(client = %s.client, session = %s.id, key_fp = %s.key.fingerprint(), at = %gateway, "session closed: the client authenticated at another gateway");
+        let now = self.clock.now();
+        let older = |s: &crate::gateway::Session| now.saturating_sub(s.opened_at) > age;
+        for s in self.sessions.retain(|s| &*s.client != client || !older(s)) {
+            tracing::info!(client = %s.client, session = %s.id, key_fp = %s.key.fingerprint(), at = %gateway, claim, their_age_ms = age, "session closed: the client authenticated at another gateway");
         }
     }
 }

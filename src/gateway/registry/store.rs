@@ -42,9 +42,9 @@ pub struct ServingRegistry {
 impl ServingRegistry {
     /// Starts following the shared registry (nothing to do for a file, which the control
     /// plane's housekeeping polls).
-    pub fn follow(self, sessions: Arc<SessionTable>) {
+    pub fn follow(self, sessions: Arc<SessionTable>, clock: crate::gateway::Clock) {
         if let Some(shared) = self.shared {
-            shared.follow(sessions);
+            shared.follow(sessions, clock);
         }
     }
 }
