@@ -574,10 +574,12 @@ impl KillSwitch for NftKillSwitch {
                 format!("LAN {}", list.join(" "))
             }
         };
-        format!(
-            "nftables inet {TABLE}: only via {} and to {} (tcp {}, udp {}); {lan}",
-            p.tun_name, p.gateway, p.control_port, p.data_port
-        )
+        let gateways: Vec<String> = p
+            .gateways()
+            .iter()
+            .map(|(ip, cp, dp)| format!("{ip} (tcp {cp}, udp {dp})"))
+            .collect();
+        format!("nftables inet {TABLE}: only via {} and to {}; {lan}", p.tun_name, gateways.join(", "))
     }
 }
 
