@@ -656,7 +656,7 @@ pub async fn list_in(dir: &Path) -> Result<String, GatewayError> {
 /// `gateway run`: serves until SIGINT or SIGTERM.
 async fn run(dir: &Path) -> Result<(), GatewayError> {
     let config = GatewayConfig::load_dir(dir)?;
-    let serving = RegistryStore::serve(&config).await?;
+    let serving = super::follow::serve(&config).await?;
     let plane = ControlPlane::bind_with(&config, serving.live.clone())?;
     serving.follow(plane.sessions(), plane.clock());
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");

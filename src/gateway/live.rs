@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 
-use super::registry::postgres::ClaimSender;
 use super::registry::{ClientState, Registry, RegistryError};
 use crate::pki::CertFingerprint;
 
@@ -145,6 +144,34 @@ impl RegistryView {
 
     pub fn is_empty(&self) -> bool {
         self.clients.is_empty()
+    }
+}
+
+/// A session opened here, to be claimed in a shared registry (see `gateway::follow`).
+#[derive(Debug)]
+pub struct Claim {
+    pub client: Arc<str>,
+    pub session: crate::snapshot::SessionId,
+    pub opened: tokio::time::Instant,
+}
+
+/// Tells the follower that a client authenticated here (from `Authenticate`; never waits).
+#[derive(Debug, Clone)]
+pub struct ClaimSender(tokio::sync::mpsc::Sender<Claim>);
+
+impl ClaimSender {
+    pub fn new(tx: tokio::sync::mpsc::Sender<Claim>) -> Self {
+        Self(tx)
+    }
+
+    /// Queues the claim; if the queue is full (the database is slow) it is dropped: the other
+    /// gateway's session then ends by idling out instead.
+    pub fn claim(&self, client: &Arc<str>, session: crate::snapshot::SessionId) {
+        let _ = self.0.try_send(Claim {
+            client: client.clone(),
+            session,
+            opened: tokio::time::Instant::now(),
+        });
     }
 }
 

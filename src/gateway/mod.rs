@@ -4,7 +4,8 @@
 //! - [`cli`]: the `holdfast gateway <command>` commands (init, add-client, revoke, list, run).
 //! - [`registry`]: the client registry (names, stable tunnel addresses, pinned certificates)
 //!   behind one store seam: a file (one gateway) or PostgreSQL (several gateways).
-//! - [`live`]: the running gateway's view of that file, reloaded when it changes.
+//! - [`live`]: the running gateway's view of the registry, reloaded when the file changes.
+//! - [`follow`]: with a shared registry, keeps that view in step with the database.
 //! - [`sessions`]: the session table: lock-free lookups by session id and by tunnel address.
 //! - [`service`]: the `Authenticate` and `PingSession` RPCs.
 //! - [`tls`]: TLS 1.3-only mutual authentication, one handshake task per connection.
@@ -14,6 +15,7 @@
 
 pub mod cli;
 pub mod dataplane;
+pub mod follow;
 pub mod fsutil;
 pub mod live;
 pub mod registry;

@@ -34,7 +34,7 @@ pub mod file;
 pub mod postgres;
 mod store;
 
-pub use store::{RegistrySnapshot, RegistryStore, ServingRegistry};
+pub use store::{RegistrySnapshot, RegistryStore};
 
 use super::fsutil::{self, Existing};
 use crate::config::gateway::check_host_in;

@@ -86,7 +86,15 @@ impl Cluster {
         ok(
             as_postgres(
                 &c.bin.join("initdb"),
-                &["-A", "trust", "-U", "postgres", "--no-sync", "-D", c.data.to_str().unwrap()],
+                &[
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-D",
+                    c.data.to_str().unwrap(),
+                ],
             ),
             "initdb",
         );
@@ -129,7 +137,14 @@ impl Cluster {
         ok(
             as_postgres(
                 &self.bin.join("pg_ctl"),
-                &["-D", self.data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+                &[
+                    "-D",
+                    self.data.to_str().unwrap(),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "stop",
+                ],
             ),
             "pg_ctl stop",
         );
@@ -156,7 +171,10 @@ impl Cluster {
     }
 
     pub fn url_for(&self, user: &str, db: &str) -> String {
-        format!("postgres://{user}@localhost/{db}?host={}", self.sock.display())
+        format!(
+            "postgres://{user}@localhost/{db}?host={}",
+            self.sock.display()
+        )
     }
 
     /// Runs SQL with psql as the superuser; returns stdout.
@@ -186,7 +204,14 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = as_postgres(
             &self.bin.join("pg_ctl"),
-            &["-D", self.data.to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
         let _ = std::fs::remove_dir_all(&self.root);
     }

@@ -3,12 +3,9 @@
 //! the commands call the store's operations and never ask which it is.
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 
 use super::file::FileStore;
-use super::postgres::{PgStore, SharedStart};
-use crate::gateway::live::LiveRegistry;
-use crate::gateway::sessions::SessionTable;
+use super::postgres::PgStore;
 use super::{AddPlan, ClientEntry, RegistryError, RevokeOutcome};
 use crate::config::gateway::GatewayConfig;
 use crate::pki::CertFingerprint;
@@ -32,51 +29,7 @@ pub struct RegistrySnapshot {
     pub version: u64,
 }
 
-/// The registry of a running gateway: its live view and, for a shared registry, what keeps
-/// that view in step with the database.
-pub struct ServingRegistry {
-    pub live: LiveRegistry,
-    shared: Option<SharedStart>,
-}
-
-impl ServingRegistry {
-    /// Starts following the shared registry (nothing to do for a file, which the control
-    /// plane's housekeeping polls).
-    pub fn follow(self, sessions: Arc<SessionTable>, clock: crate::gateway::Clock) {
-        if let Some(shared) = self.shared {
-            shared.follow(sessions, clock);
-        }
-    }
-}
-
 impl RegistryStore {
-    /// Opens the registry `gateway run` serves from. A file must load; a database may be
-    /// unreachable if this gateway has a last good view (see
-    /// [`super::postgres::start_shared`]).
-    pub async fn serve(config: &GatewayConfig) -> Result<ServingRegistry, RegistryError> {
-        match &config.database {
-            None => Ok(ServingRegistry {
-                live: LiveRegistry::open(&config.registry, config.subnet, config.gateway_ip)?,
-                shared: None,
-            }),
-            Some(url) => {
-                let shared = super::postgres::start_shared(
-                    url,
-                    &config.dir,
-                    &config.name,
-                    &config.endpoint.to_string(),
-                    config.subnet,
-                    config.gateway_ip,
-                )
-                .await?;
-                Ok(ServingRegistry {
-                    live: shared.live.clone(),
-                    shared: Some(shared),
-                })
-            }
-        }
-    }
-
     /// Opens the store `config` names. For the database: connects, checks the schema (migrating
     /// an older one) and that the deployment serves this gateway's subnet.
     pub async fn open(config: &GatewayConfig) -> Result<Self, RegistryError> {
