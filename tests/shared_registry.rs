@@ -475,8 +475,7 @@ fn a_client_that_moved_to_another_gateway_has_its_old_session_ended_there() {
             p.all_lines()
                 .into_iter()
                 .filter(|l| l.contains("dave") && l.contains("session "))
-                .filter(|l| l.contains("session opened") || l.contains("session closed"))
-                .next_back()
+                .rfind(|l| l.contains("session opened") || l.contains("session closed"))
                 .unwrap_or_default()
         };
         last(&gw_a).contains("session closed") && last(&gw_b).contains("session opened")
