@@ -102,7 +102,7 @@ pub struct InitCommand {
     #[command(flatten)]
     pub args: InitArgs,
     /// Keep the registry in this PostgreSQL database (shared by every gateway of the
-    /// deployment) instead of DIR/clients.toml, e.g. postgres://holdfast@/holdfast?host=/run/postgresql
+    /// deployment) instead of DIR/clients.toml, e.g. postgres://holdfast@localhost/holdfast?host=/run/postgresql
     #[arg(long, value_name = "URL")]
     pub registry: Option<String>,
 }
