@@ -487,3 +487,34 @@ fn a_client_that_moved_to_another_gateway_has_its_old_session_ended_there() {
     assert!(healthy, "the client ends Healthy");
     assert!(client.is_alive());
 }
+
+#[test]
+fn a_gateway_starts_from_its_last_good_view_without_the_database_and_fails_clearly_without_one() {
+    if skip() || !support::netns::available() {
+        return;
+    }
+    let d = Deployment::new();
+    let logs = tempfile::tempdir().unwrap();
+    // A has run once (so it has a view cached); B never has.
+    let mut gw_a = d.run("a");
+    let file = d.client("erin", EP_A, logs.path());
+    gw_a.wait_for(&["shared registry changed"], T);
+    gw_a.kill();
+    d.db.stop();
+
+    let mut cmd = d.b.command(BIN);
+    cmd.args(["gateway", "run", "--dir", s(&d.dir("b"))]);
+    let mut gw_b = support::Proc::spawn("gw-b", cmd);
+    let mut gw_a = d.run("a");
+    assert!(gw_a.all_lines().iter().any(|l| l.contains("serving from the last good view")));
+    let mut client = d.run_client(&file);
+    client.wait_for(&["-> Healthy", "ip 100.64.0.2/24"], T);
+    gw_a.wait_for(&["session opened", "erin"], T);
+
+    // B waits for the database it never had a view of, then exits with one line and 69.
+    let code = gw_b.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(exit::DB_UNAVAILABLE));
+    let last = gw_b.all_lines().last().cloned().unwrap_or_default();
+    assert!(last.contains("cannot reach the registry database"), "{last}");
+    assert!(client.is_alive());
+}
