@@ -177,9 +177,15 @@ impl Cluster {
         )
     }
 
-    /// Runs SQL with psql as the superuser; returns stdout.
-    pub fn psql(&self, sql: &str) -> String {
-        let out = as_postgres(
+    /// Runs SQL that must fail; returns psql's error output.
+    pub fn psql_err(&self, sql: &str) -> String {
+        let out = self.psql_output(sql);
+        assert!(!out.status.success(), "psql {sql} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn psql_output(&self, sql: &str) -> Output {
+        as_postgres(
             &self.bin.join("psql"),
             &[
                 "-h",
@@ -194,7 +200,12 @@ impl Cluster {
                 "-c",
                 sql,
             ],
-        );
+        )
+    }
+
+    /// Runs SQL with psql as the superuser; returns stdout.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = self.psql_output(sql);
         ok(out.clone(), &format!("psql {sql}"));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
