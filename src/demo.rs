@@ -9,6 +9,12 @@
 //!               veth 198.18.0.1/30 <------------------> veth 198.18.0.2/30 (:51820 tcp+udp)
 //! ```
 //!
+//! Where PostgreSQL's server binaries are installed (`/usr/lib/postgresql/*/bin`), the demo also
+//! starts a throw-away cluster (unix socket only, in the demo's work folder) and runs two gateways
+//! on it: A as above, and B at 198.18.0.6 in a third namespace, linked to the client by
+//! 198.18.0.5/30. The client file lists both; `k` then kills the gateway the client is on, so you
+//! watch it fail over with its address unchanged, and starts it again on the next press.
+//!
 //! The machine's own namespace is never changed: the namespaces, the veth pair and everything in
 //! them are removed on exit (SIGINT, SIGTERM, SIGHUP — its terminal closed —, `q`, or an error). This process moves its own
 //! network namespace into the client's before it starts any thread, so the client it runs — the
@@ -26,13 +32,16 @@ use crate::client::ClientSettings;
 use crate::client::app::{self, RunOptions};
 use crate::config::client::{ClientFile, LogSection, StatusSection, TimingSection};
 use crate::config::exit;
-use crate::gateway::cli::{AddClientArgs, InitArgs};
+use crate::gateway::cli::{AddClientArgs, InitArgs, JoinArgs};
 use crate::logging::{self, LogSettings};
 use crate::tui::ExtraKey;
 
 const PORT: u16 = 51820;
 const CLIENT_UNDERLAY: &str = "198.18.0.1";
 const GATEWAY_UNDERLAY: &str = "198.18.0.2";
+/// The second gateway (with PostgreSQL) and the client's end of its link.
+const GATEWAY_B_UNDERLAY: &str = "198.18.0.6";
+const CLIENT_B_UNDERLAY: &str = "198.18.0.5";
 const GATEWAY_TUNNEL: &str = "100.64.0.1";
 /// Prefix of every namespace and link the demo creates (plus the pid), so a demo that was
 /// SIGKILLed can be swept by the next one.
@@ -75,11 +84,27 @@ pub fn run() -> Result<i32, DemoError> {
     // SAFETY: setting a signal's disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     sweep_stale();
-    let lab = Lab::create()?;
-    let settings = lab.provision()?;
-    let gateway = Arc::new(Mutex::new(Some(lab.start_gateway()?)));
-    // Stops the gateway however this function ends (a panic included), before the lab goes.
-    let _stop_gateway = StopGateway(gateway.clone());
+    let pg = pg_bin_dir();
+    let lab = Lab::create(pg.is_some())?;
+    // Declared after the lab, so it stops before the lab's folder (its data) is removed.
+    let db = match pg {
+        Some(bin) => Some(DemoDb::start(&bin, &lab.dir)?),
+        None => None,
+    };
+    let settings = lab.provision(db.as_ref())?;
+    let mut gateways = vec![GatewayProc::new(&lab.gw_ns, lab.dir.join("gateway"), "A")];
+    if let Some(ns) = &lab.gwb_ns {
+        gateways.push(GatewayProc::new(ns, lab.dir.join("gateway-b"), "B"));
+    }
+    let gateway = Arc::new(Mutex::new(gateways));
+    // Stops the gateways however this function ends (a panic included), before the database
+    // and the lab go.
+    let stop_gateways = StopGateways(gateway.clone());
+    if let Ok(mut gws) = gateway.lock() {
+        for g in gws.iter_mut() {
+            g.start(&lab.dir).map_err(|e| setup("starting a gateway", e))?;
+        }
+    }
 
     // From here on this process lives in the client's namespace; the gateway, already started,
     // stays in its own. Every thread and child created later inherits the client's namespace.
@@ -103,7 +128,8 @@ pub fn run() -> Result<i32, DemoError> {
         .map_err(|e| setup("the kill-switch plan", e))?;
     let opts = RunOptions { dashboard, extra_keys, hangup_stops: true };
     let code = rt.block_on(app::run(settings, killswitch, opts));
-    drop(_stop_gateway);
+    drop(stop_gateways);
+    drop(db);
     // Not eprintln!: after a hangup the terminal is gone, and a failed write must not panic.
     let _ = writeln!(std::io::stderr(), "holdfast demo: logs were in {} (removed now)", lab.dir.display());
     Ok(code)
@@ -116,15 +142,22 @@ fn setup(what: &str, e: impl std::fmt::Display) -> DemoError {
 /// The namespaces, the veth pair and the work folder; all removed on drop.
 struct Lab {
     gw_ns: String,
+    /// Gateway B's namespace, with two gateways.
+    gwb_ns: Option<String>,
     client_ns: String,
     dir: PathBuf,
 }
 
 impl Lab {
-    fn create() -> Result<Lab, DemoError> {
+    fn create(two_gateways: bool) -> Result<Lab, DemoError> {
         let id = std::process::id();
         let dir = std::env::temp_dir().join(format!("holdfast-demo-{id}"));
-        let lab = Lab { gw_ns: format!("{PREFIX}{id}g"), client_ns: format!("{PREFIX}{id}c"), dir };
+        let lab = Lab {
+            gw_ns: format!("{PREFIX}{id}g"),
+            gwb_ns: two_gateways.then(|| format!("{PREFIX}{id}b")),
+            client_ns: format!("{PREFIX}{id}c"),
+            dir,
+        };
         std::fs::create_dir_all(&lab.dir).map_err(|e| setup("creating the work folder", e))?;
         let (vc, vg) = (format!("{PREFIX}{id}vc"), format!("{PREFIX}{id}vg"));
         let (client_addr, gw_addr) = (format!("{CLIENT_UNDERLAY}/30"), format!("{GATEWAY_UNDERLAY}/30"));
@@ -144,21 +177,65 @@ impl Lab {
         for args in steps {
             exec("ip", &args)?;
         }
+        if let Some(b) = &lab.gwb_ns {
+            let (vc, vg) = (format!("{PREFIX}{id}wc"), format!("{PREFIX}{id}wg"));
+            let (client_addr, gw_addr) =
+                (format!("{CLIENT_B_UNDERLAY}/30"), format!("{GATEWAY_B_UNDERLAY}/30"));
+            let steps: Vec<Vec<&str>> = vec![
+                vec!["netns", "add", b],
+                vec!["link", "add", &vc, "type", "veth", "peer", "name", &vg],
+                vec!["link", "set", &vc, "netns", &lab.client_ns],
+                vec!["link", "set", &vg, "netns", b],
+                vec!["-n", &lab.client_ns, "addr", "add", &client_addr, "dev", &vc],
+                vec!["-n", b, "addr", "add", &gw_addr, "dev", &vg],
+                vec!["-n", &lab.client_ns, "link", "set", &vc, "up"],
+                vec!["-n", b, "link", "set", &vg, "up"],
+                vec!["-n", b, "link", "set", "lo", "up"],
+            ];
+            for args in steps {
+                exec("ip", &args)?;
+            }
+        }
         Ok(lab)
     }
 
     /// Gateway identity, one client, and a client file with demo timings (health checks every
     /// 3–5 s and short backoffs, so recoveries happen while you watch).
-    fn provision(&self) -> Result<ClientSettings, DemoError> {
+    fn provision(&self, db: Option<&DemoDb>) -> Result<ClientSettings, DemoError> {
         let gw_dir = self.dir.join("gateway");
         let client_file = self.dir.join("demo-client.toml");
-        crate::gateway::cli::init(&InitArgs {
+        let init = InitArgs {
             dir: gw_dir.clone(),
             endpoint: format!("{GATEWAY_UNDERLAY}:{PORT}").parse().map_err(|e| setup("endpoint", e))?,
             subnet: crate::config::gateway::DEFAULT_SUBNET,
             name: "demo".into(),
             server_name: crate::config::gateway::DEFAULT_SERVER_NAME.into(),
-        })
+        };
+        match db {
+            None => crate::gateway::cli::init(&init).map(drop),
+            // Two gateways on the shared registry (a short-lived runtime: no thread may outlive
+            // this step, the process enters the client's namespace next).
+            Some(db) => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| setup("starting a runtime", e))?;
+                let join = JoinArgs {
+                    dir: self.dir.join("gateway-b"),
+                    from: gw_dir.clone(),
+                    endpoint: format!("{GATEWAY_B_UNDERLAY}:{PORT}")
+                        .parse()
+                        .map_err(|e| setup("endpoint", e))?,
+                    name: Some("demo-b".into()),
+                };
+                let done = rt.block_on(async {
+                    crate::gateway::cli::init_shared(&init, &db.url()).await?;
+                    crate::gateway::cli::join(&join).await
+                });
+                rt.shutdown_timeout(Duration::from_secs(1));
+                done.map(drop)
+            }
+        }
         .map_err(|e| setup("gateway init", e))?;
         crate::gateway::cli::add_client(&AddClientArgs {
             dir: gw_dir,
@@ -188,15 +265,6 @@ impl Lab {
         ClientSettings::load(client_file).map_err(|e| setup("loading the client file", e))
     }
 
-    fn start_gateway(&self) -> Result<Child, DemoError> {
-        let exe = std::env::current_exe().map_err(|e| setup("finding this program", e))?;
-        let log = File::create(self.dir.join("gateway.log")).map_err(|e| setup("gateway log", e))?;
-        let err = log.try_clone().map_err(|e| setup("gateway log", e))?;
-        gateway_command(&exe, &self.gw_ns, &self.dir, log, err)
-            .spawn()
-            .map_err(|e| setup("starting the gateway", e))
-    }
-
     fn enter_client_ns(&self) -> Result<(), DemoError> {
         let handle = File::open(Path::new("/run/netns").join(&self.client_ns))
             .map_err(|e| setup("opening the client namespace", e))?;
@@ -213,58 +281,92 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         // Deleting a namespace deletes its end of the veth pair, and with it the other end.
-        for ns in [&self.client_ns, &self.gw_ns] {
+        for ns in [Some(&self.client_ns), Some(&self.gw_ns), self.gwb_ns.as_ref()].into_iter().flatten() {
             let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
+/// One gateway process of the demo, started and killed by the `k` key.
+struct GatewayProc {
+    ns: String,
+    dir: PathBuf,
+    name: &'static str,
+    child: Option<Child>,
+}
+
+impl GatewayProc {
+    fn new(ns: &str, dir: PathBuf, name: &'static str) -> Self {
+        Self { ns: ns.to_owned(), dir, name, child: None }
+    }
+
+    /// Starts `holdfast gateway run` in the gateway's namespace, logging to `lab/gateway-NAME.log`.
+    fn start(&mut self, lab: &Path) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(lab.join(format!("gateway-{}.log", self.name)))
+            .and_then(|f| Ok((f.try_clone()?, f)))
+            .map_err(|e| format!("gateway log: {e}"))?;
+        let child = gateway_command(&exe, &self.ns, &self.dir, log.0, log.1)
+            .spawn()
+            .map_err(|e| format!("cannot start gateway {}: {e}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
 /// The demo's fault keys: each toggles one fault and says what it did.
-fn fault_keys(lab: &Lab, gateway: Arc<Mutex<Option<Child>>>) -> Vec<ExtraKey> {
-    let exe = std::env::current_exe().ok();
-    let gw_ns = lab.gw_ns.clone();
+fn fault_keys(lab: &Lab, gateway: Arc<Mutex<Vec<GatewayProc>>>) -> Vec<ExtraKey> {
     let dir = lab.dir.clone();
     let gw = gateway.clone();
+    // With two gateways, `k` cycles: kill A (the client's first; it fails over to B), start A
+    // (the client stays on B), kill B (it fails over to A), start B. Each kill hits the gateway
+    // the client is on. With one gateway it toggles it.
+    let presses = Arc::new(Mutex::new(0usize));
     let kill_restart = move || -> String {
-        let Ok(mut slot) = gw.lock() else { return "gateway: lock poisoned".into() };
-        match slot.take() {
+        let (Ok(mut gws), Ok(mut n)) = (gw.lock(), presses.lock()) else {
+            return "gateway: lock poisoned".into();
+        };
+        let count = gws.len();
+        let two = count > 1;
+        let g = &mut gws[(*n / 2) % count];
+        *n += 1;
+        match g.child.take() {
             Some(mut child) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                "gateway killed (SIGKILL); press k to start it again".into()
-            }
-            None => {
-                let Some(exe) = exe.as_ref() else { return "cannot find this program".into() };
-                let log = File::options().append(true).open(dir.join("gateway.log"));
-                let (out, err) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
-                    Ok(pair) => pair,
-                    Err(e) => return format!("gateway log: {e}"),
-                };
-                match gateway_command(exe, &gw_ns, &dir, out, err).spawn() {
-                    Ok(child) => {
-                        *slot = Some(child);
-                        "gateway restarted: it knows no session; the client re-authenticates".into()
-                    }
-                    Err(e) => format!("cannot restart the gateway: {e}"),
+                if two {
+                    format!("gateway {} killed (SIGKILL): the client fails over, same address; k starts it again", g.name)
+                } else {
+                    "gateway killed (SIGKILL); press k to start it again".into()
                 }
             }
+            None => match g.start(&dir) {
+                Ok(()) if two => format!("gateway {} started again", g.name),
+                Ok(()) => "gateway restarted: it knows no session; the client re-authenticates".into(),
+                Err(e) => e,
+            },
         }
     };
     let gw = gateway;
     let expire = move || -> String {
-        let Ok(slot) = gw.lock() else { return "gateway: lock poisoned".into() };
-        match slot.as_ref() {
-            Some(child) => {
-                // SAFETY: kill(2) with a pid we own (our child) and a valid signal number.
-                let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR2) };
-                if rc == 0 {
-                    "every session ended (SIGUSR2): SessionExpired, then re-authentication".into()
-                } else {
-                    format!("cannot signal the gateway: {}", std::io::Error::last_os_error())
-                }
+        let Ok(gws) = gw.lock() else { return "gateway: lock poisoned".into() };
+        let mut signalled = 0;
+        for child in gws.iter().filter_map(|g| g.child.as_ref()) {
+            // SAFETY: kill(2) with a pid we own (our child) and a valid signal number.
+            let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR2) };
+            if rc != 0 {
+                return format!("cannot signal the gateway: {}", std::io::Error::last_os_error());
             }
-            None => "the gateway is not running (press k)".into(),
+            signalled += 1;
+        }
+        if signalled == 0 {
+            "no gateway is running (press k)".into()
+        } else {
+            "every session ended (SIGUSR2): SessionExpired, then re-authentication".into()
         }
     };
     let blackhole = |table: &'static str, proto: &'static str, what: &'static str| {
@@ -398,13 +500,13 @@ impl Drop for Pinger {
 /// The demo's gateway in its namespace, logging to `out`/`err`. In a process group of its own:
 /// the terminal's SIGHUP goes to the foreground group, and the gateway must outlive it until the
 /// demo has cleaned up (the demo stops it then).
-fn gateway_command(exe: &Path, gw_ns: &str, dir: &Path, out: File, err: File) -> Command {
+fn gateway_command(exe: &Path, gw_ns: &str, gateway_dir: &Path, out: File, err: File) -> Command {
     use std::os::unix::process::CommandExt as _;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", gw_ns])
         .arg(exe)
         .args(["gateway", "run", "--dir"])
-        .arg(dir.join("gateway"))
+        .arg(gateway_dir)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -412,16 +514,16 @@ fn gateway_command(exe: &Path, gw_ns: &str, dir: &Path, out: File, err: File) ->
     cmd
 }
 
-/// Kills (and reaps) the gateway, if it runs, when dropped.
-struct StopGateway(Arc<Mutex<Option<Child>>>);
+/// Kills (and reaps) the gateways that run, when dropped.
+struct StopGateways(Arc<Mutex<Vec<GatewayProc>>>);
 
-impl Drop for StopGateway {
+impl Drop for StopGateways {
     fn drop(&mut self) {
-        let child = match self.0.lock() {
-            Ok(mut slot) => slot.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
+        let mut gws = match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(child) = child {
+        for child in gws.iter_mut().filter_map(|g| g.child.take()) {
             drop(KillOnDrop(child));
         }
     }
@@ -450,6 +552,62 @@ fn exec(program: &str, args: &[&str]) -> Result<(), DemoError> {
             &format!("{program} {}", args.join(" ")),
             String::from_utf8_lossy(&out.stderr).trim(),
         ))
+    }
+}
+
+/// Debian's PostgreSQL server binaries, if installed: then the demo runs two gateways.
+fn pg_bin_dir() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").exists() && b.join("pg_ctl").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// The demo's throw-away PostgreSQL cluster: in the work folder, owned by the postgres user,
+/// unix socket only. Stopped on drop.
+struct DemoDb {
+    bin: PathBuf,
+    data: PathBuf,
+    sock: PathBuf,
+}
+
+impl DemoDb {
+    fn start(bin: &Path, lab: &Path) -> Result<DemoDb, DemoError> {
+        let root = lab.join("pg");
+        let (data, sock) = (root.join("data"), root.join("s"));
+        std::fs::create_dir_all(&sock).map_err(|e| setup("creating the database folder", e))?;
+        exec("chown", &["-R", "postgres:postgres", &root.to_string_lossy()])?;
+        let db = DemoDb { bin: bin.to_owned(), data, sock };
+        let data = db.data.to_string_lossy().into_owned();
+        let sock = db.sock.to_string_lossy().into_owned();
+        db.as_postgres("initdb", &["-A", "trust", "-U", "postgres", "--no-sync", "-D", &data])?;
+        let opts = format!("-k {sock} -c listen_addresses=''");
+        let log = root.join("log").to_string_lossy().into_owned();
+        db.as_postgres("pg_ctl", &["-D", &data, "-o", &opts, "-l", &log, "-w", "start"])?;
+        db.as_postgres("createdb", &["-h", &sock, "-U", "postgres", "holdfast"])?;
+        Ok(db)
+    }
+
+    fn as_postgres(&self, program: &str, args: &[&str]) -> Result<(), DemoError> {
+        let program = self.bin.join(program).to_string_lossy().into_owned();
+        let mut all = vec!["-u", "postgres", "--", &program];
+        all.extend_from_slice(args);
+        exec("runuser", &all)
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@localhost/holdfast?host={}", self.sock.display())
+    }
+}
+
+impl Drop for DemoDb {
+    fn drop(&mut self) {
+        let data = self.data.to_string_lossy().into_owned();
+        let _ = self.as_postgres("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
     }
 }
 

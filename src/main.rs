@@ -125,7 +125,9 @@ fn run_gateway(cmd: GatewayCommand) -> i32 {
     let _log_guard = logging::init(&LogSettings {
         dir: None,
         prefix: "holdfast-gateway",
-        filter: "info".into(),
+        // sqlx reports the server's notices and its pool's reconnects at info; the gateway says
+        // what matters about its database itself (once per outage).
+        filter: "info,sqlx=warn".into(),
         keep_files: 1,
         stderr: true,
     });

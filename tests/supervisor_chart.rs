@@ -21,16 +21,17 @@ use rand::{Rng, SeedableRng};
 
 const CHART: &str = include_str!("../statecharts/supervisor.mmd");
 
-const ALL_STATES: [StateName; 6] = [
+const ALL_STATES: [StateName; 7] = [
     StateName::Unauthed,
     StateName::Authing,
     StateName::Healthy,
     StateName::Degraded,
     StateName::Backoff,
+    StateName::Failover,
     StateName::Stopped,
 ];
 
-const EVENT_NAMES: [&str; 11] = [
+const EVENT_NAMES: [&str; 13] = [
     "Started",
     "AuthSucceeded",
     "AuthFailed",
@@ -41,6 +42,8 @@ const EVENT_NAMES: [&str; 11] = [
     "ReauthRequested",
     "Nudged",
     "UnderlayChanged",
+    "GatewaysChanged",
+    "GatewaySwitched",
     "Stop",
 ];
 
@@ -246,6 +249,10 @@ fn event(kind: usize, attempt: u64, pick: &mut StdRng) -> Event {
         7 => Event::ReauthRequested,
         8 => Event::Nudged,
         9 => Event::UnderlayChanged,
+        10 => Event::GatewaysChanged {
+            count: pick.random_range(1..4),
+        },
+        11 => Event::GatewaySwitched,
         _ => Event::Stop,
     }
 }

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use holdfast::sansio::supervisor::{
-    AuthFailure, Effect, Event, Level, PingFailure, StateName, Supervisor, Timer, Timings,
+    AuthFailure, Effect, Event, FAILOVER_AFTER, Level, PingFailure, StateName, Supervisor, Timer,
+    Timings,
 };
 use holdfast::snapshot::{SessionId, VpnAuthResponse};
 use proptest::prelude::*;
@@ -79,6 +80,8 @@ struct Expect {
     arm: Option<(Timer, Wait)>,
     cancel: bool,
     exit: bool,
+    /// The machine asks the driver to move to the next gateway.
+    switch: bool,
 }
 
 /// The reference model: the spec's rules, written plainly.
@@ -95,6 +98,9 @@ struct Model {
     warned: Vec<Kind>,
     last_loud: Option<Duration>,
     last_nudge: Option<Duration>,
+    /// Gateways known (GatewaysChanged), and moves to another since the last success/backoff.
+    gateways: usize,
+    switches: usize,
     expect: Expect,
 }
 
@@ -119,6 +125,8 @@ impl Model {
             warned: Vec::new(),
             last_loud: None,
             last_nudge: None,
+            gateways: 1,
+            switches: 0,
             expect: Expect::default(),
         }
     }
@@ -183,11 +191,22 @@ impl Model {
                 self.expect.swap = true;
                 Some(Healthy)
             }
-            Event::AuthFailed { attempt, .. }
+            Event::GatewaysChanged { count } => {
+                self.gateways = (*count).max(1);
+                None
+            }
+            Event::GatewaySwitched if from == Failover => Some(Authing),
+            Event::AuthFailed { attempt, failure }
                 if from == Authing && self.awaits(*attempt, Rpc::Auth) =>
             {
                 self.fail();
-                Some(Backoff)
+                // Unreachable or silent: try the next gateway, once each per round.
+                let transport = matches!(failure, AuthFailure::Unreachable | AuthFailure::TimedOut);
+                if transport && self.switches + 1 < self.gateways {
+                    Some(Failover)
+                } else {
+                    Some(Backoff)
+                }
             }
             Event::TimerFired(Timer::Retry)
                 if from == Backoff && self.timer == Some(Timer::Retry) =>
@@ -231,9 +250,21 @@ impl Model {
                     Some(Healthy)
                 }
             }
-            Event::PingFailed { attempt, .. } if connected && self.awaits(*attempt, Rpc::Ping) => {
+            Event::PingFailed { attempt, failure }
+                if connected && self.awaits(*attempt, Rpc::Ping) =>
+            {
                 self.fail();
-                Some(Degraded)
+                // The FAILOVER_AFTER-th transport failure in a row moves to another gateway.
+                let transport = matches!(failure, PingFailure::Unreachable | PingFailure::TimedOut);
+                if from == Degraded
+                    && transport
+                    && self.failures >= FAILOVER_AFTER
+                    && self.switches + 1 < self.gateways
+                {
+                    Some(Failover)
+                } else {
+                    Some(Degraded)
+                }
             }
             _ => None,
         };
@@ -251,10 +282,19 @@ impl Model {
                 self.expect.cancel = self.timer.take().is_some();
                 self.begin(Rpc::Auth);
             }
-            StateName::Backoff => self.arm(Timer::Retry, Wait::Retry { base: self.base() }),
+            StateName::Backoff => {
+                self.switches = 0;
+                self.arm(Timer::Retry, Wait::Retry { base: self.base() })
+            }
+            StateName::Failover => {
+                self.switches += 1;
+                self.expect.cancel = self.timer.take().is_some();
+                self.expect.switch = true;
+            }
             StateName::Degraded => self.arm(Timer::Health, Wait::Retry { base: self.base() }),
             StateName::Healthy => {
                 self.failures = 0;
+                self.switches = 0;
                 self.warned.clear();
                 self.last_loud = None;
                 self.arm(Timer::Health, Wait::Health);
@@ -414,6 +454,11 @@ impl ReferenceStateMachine for SupervisorModel {
                 deliver(timer.prop_map(Event::TimerFired).boxed()),
             ),
             (2, Just(Step::Deliver(Event::ReauthRequested)).boxed()),
+            (2, (1usize..4).prop_map(|count| Step::Deliver(Event::GatewaysChanged { count })).boxed()),
+            (
+                if m.state == Failover { 12 } else { 1 },
+                Just(Step::Deliver(Event::GatewaySwitched)).boxed(),
+            ),
             (3, Just(Step::Deliver(Event::Nudged)).boxed()),
             (2, Just(Step::Deliver(Event::UnderlayChanged)).boxed()),
             (1, Just(Step::Deliver(Event::Stop)).boxed()),
@@ -449,6 +494,7 @@ struct Sorted<'a> {
     cancels: usize,
     logs: Vec<(Level, &'a str)>,
     exits: usize,
+    switches: usize,
 }
 
 fn sort(fx: &[Effect]) -> Sorted<'_> {
@@ -470,6 +516,7 @@ fn sort(fx: &[Effect]) -> Sorted<'_> {
             Effect::CancelTimer => s.cancels += 1,
             Effect::Log(l) => s.logs.push((l.level, l.message.as_str())),
             Effect::Exit => s.exits += 1,
+            Effect::SwitchGateway => s.switches += 1,
         }
     }
     s
@@ -598,6 +645,7 @@ impl StateMachineTest for Sut {
         }
 
         assert_eq!(s.cancels, usize::from(x.cancel), "{fx:?}");
+        assert_eq!(s.switches, usize::from(x.switch), "{fx:?}");
         // Exit: only in answer to Stop, once, last.
         assert_eq!(s.exits, usize::from(x.exit), "{fx:?}");
         if s.exits > 0 {

@@ -187,6 +187,7 @@ fn check(name: &str, c: &Case) {
             StateName::Degraded => Color::Yellow,
             StateName::Backoff => Color::Red,
             StateName::Authing => Color::Cyan,
+            StateName::Failover => Color::Magenta,
             StateName::Unauthed => Color::Gray,
             StateName::Stopped => Color::DarkGray,
         }

@@ -116,7 +116,8 @@ pub fn recovery(model: &Model, timings: &Timings, outage: Duration, seed: u64) -
                     Effect::ArmTimer { at, timer: t } => timer = Some((at, t)),
                     Effect::CancelTimer => timer = None,
                     Effect::SwapSnapshot(auth) => installed = Some(auth.session_id.0),
-                    Effect::Log(_) | Effect::Exit => {}
+                    // One gateway here: the machine is never told of others, so it never switches.
+                    Effect::Log(_) | Effect::Exit | Effect::SwitchGateway => {}
                 }
             }
         }

@@ -267,6 +267,7 @@ fn gateway_answer_seeds() -> Vec<Seed> {
         session_idle_timeout_ms: 180_000,
         dns_servers: vec![vec![100, 64, 0, 1]],
         search_domains: vec!["corp.example".into()],
+        ..Default::default()
     };
     type Break = fn(&mut AuthenticateResponse);
     let broken: [(&'static str, Break); 10] = [

@@ -11,7 +11,7 @@
 //! plus the timeout, about 15 s). [`ControlPlane::reconnected`] gives the driver a fresh channel
 //! on the same endpoint, at no cost until the next call, for when it knows or suspects that.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -53,12 +53,24 @@ pub struct ControlPlane {
     endpoint: Endpoint,
     /// The caller's own identity, sent in `PingSession` (the gateway checks it against the cert).
     client_id: Arc<str>,
+    /// The gateway this channel talks to (recorded in each snapshot it hands out).
+    gateway: SocketAddr,
 }
 
 impl ControlPlane {
-    /// Builds a lazily connecting channel; performs no IO.
+    /// Builds a lazily connecting channel to the file's `endpoint`; performs no IO.
     pub fn new(file: &ClientFile, creds: &Credentials) -> Result<Self, ChannelError> {
-        let endpoint = format!("https://{}", file.endpoint);
+        Self::to_gateway(file, creds, file.endpoint)
+    }
+
+    /// Builds a lazily connecting channel to the gateway at `gateway` (one of the deployment's:
+    /// same authority, same server name); performs no IO.
+    pub fn to_gateway(
+        file: &ClientFile,
+        creds: &Credentials,
+        gateway: SocketAddr,
+    ) -> Result<Self, ChannelError> {
+        let endpoint = format!("https://{gateway}");
         let setup = |reason: String| ChannelError::Setup { endpoint: endpoint.clone(), reason };
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&creds.gateway_ca_pem))
@@ -80,6 +92,7 @@ impl ControlPlane {
             client: ControlClient::new(channel.connect_lazy()),
             endpoint: channel,
             client_id: Arc::from(file.name.as_str()),
+            gateway,
         })
     }
 
@@ -91,7 +104,13 @@ impl ControlPlane {
             client: ControlClient::new(self.endpoint.connect_lazy()),
             endpoint: self.endpoint.clone(),
             client_id: Arc::clone(&self.client_id),
+            gateway: self.gateway,
         }
+    }
+
+    /// The gateway this channel talks to.
+    pub fn gateway(&self) -> SocketAddr {
+        self.gateway
     }
 
     /// `Authenticate` with a deadline. The response is validated before it becomes a snapshot.
@@ -110,7 +129,7 @@ impl ControlPlane {
             Ok(Err(status)) => return Err(classify_auth(&status)),
             Ok(Ok(resp)) => resp.into_inner(),
         };
-        snapshot_from(resp).map_err(|detail| CallError { kind: AuthFailure::GatewayError, detail })
+        snapshot_from_gateway(resp, Some(self.gateway)).map_err(|detail| CallError { kind: AuthFailure::GatewayError, detail })
     }
 
     /// `PingSession` with a deadline.
@@ -165,6 +184,14 @@ fn timed_out(deadline: Duration) -> String {
 /// hostile gateway) must not become a client crash or a half-usable session. Public for the
 /// `gateway_answer` fuzz target; the error is a sentence for the log, never containing the key.
 pub fn snapshot_from(r: pb::AuthenticateResponse) -> Result<Arc<VpnAuthResponse>, String> {
+    snapshot_from_gateway(r, None)
+}
+
+/// [`snapshot_from`] for an answer of the gateway at `gateway`.
+pub fn snapshot_from_gateway(
+    r: pb::AuthenticateResponse,
+    gateway: Option<SocketAddr>,
+) -> Result<Arc<VpnAuthResponse>, String> {
     let ip = |b: &[u8], what: &str| {
         <[u8; 4]>::try_from(b).map(Ipv4Addr::from).map_err(|_| {
             format!("gateway sent a {what} of {} bytes, expected an IPv4 address", b.len())
@@ -187,6 +214,19 @@ pub fn snapshot_from(r: pb::AuthenticateResponse) -> Result<Arc<VpnAuthResponse>
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("gateway sent an invalid data port {}", r.data_port))?;
     let (dns_servers, search_domains) = dns_from(&r.dns_servers, &r.search_domains)?;
+    if r.endpoints.len() > crate::config::client::MAX_ENDPOINTS {
+        return Err(format!("gateway listed {} gateways; at most {} are accepted", r.endpoints.len(), crate::config::client::MAX_ENDPOINTS));
+    }
+    let endpoints = r
+        .endpoints
+        .iter()
+        .map(|e| {
+            e.parse::<SocketAddr>()
+                .ok()
+                .filter(|a| a.port() != 0 && !a.ip().is_unspecified())
+                .ok_or_else(|| format!("gateway listed an invalid endpoint {:?}", e.escape_debug().to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Arc::new(VpnAuthResponse {
         assigned_ip,
         gateway_ip,
@@ -198,6 +238,8 @@ pub fn snapshot_from(r: pb::AuthenticateResponse) -> Result<Arc<VpnAuthResponse>
         dns_servers,
         search_domains,
         received_at: SystemTime::now(),
+        gateway_addr: gateway,
+        endpoints,
         crypto: Default::default(),
     }))
 }
@@ -327,6 +369,7 @@ mod tests {
             session_idle_timeout_ms: 180_000,
             dns_servers: vec![vec![100, 64, 0, 1]],
             search_domains: vec!["corp.example".into()],
+            ..Default::default()
         }
     }
 

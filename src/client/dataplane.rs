@@ -497,7 +497,7 @@ async fn send_loop(
                         Err(e) => c.count_drop(seal_drop(e)),
                     }
                 }
-                let dest = SocketAddr::from((cfg.gateway, auth.data_port));
+                let dest = SocketAddr::from((gateway_of(&auth, cfg), auth.data_port));
                 let sent = reader.send(&sock, &mut gso, 0, &lens[..n], dest).await;
                 Counters::add(&c.tx_packets, sent.datagrams);
                 Counters::add(&c.tx_bytes, sent.inner_bytes);
@@ -520,7 +520,7 @@ async fn send_loop(
                 target: TARGET,
                 "data plane on session {} (gateway {}:{}); {}",
                 auth.session_id,
-                cfg.gateway,
+                gateway_of(&auth, cfg),
                 auth.data_port,
                 c.stats()
             );
@@ -535,13 +535,19 @@ async fn send_loop(
                 );
             }
         }
-        if send_keepalive(&auth, cfg.gateway, &sock, &mut keepalive_buf, c).await {
+        if send_keepalive(&auth, gateway_of(&auth, cfg), &sock, &mut keepalive_buf, c).await {
             sock_log.ok();
         } else {
             sock_log.failed_silently();
         }
         last_sent = Instant::now();
     }
+}
+
+/// Where `auth`'s datagrams go: the gateway that issued the session (several gateways: the data
+/// plane follows the snapshot), else the configured one.
+fn gateway_of(auth: &VpnAuthResponse, cfg: &ClientDataPlaneConfig) -> IpAddr {
+    auth.gateway_addr.map_or(cfg.gateway, |g| g.ip())
 }
 
 /// Sends one keepalive for `auth`'s session; returns whether the send succeeded.

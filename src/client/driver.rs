@@ -76,7 +76,11 @@ pub async fn run(parts: DriverParts) {
         None => StdRng::from_os_rng(),
     };
     let mut machine = Supervisor::new(file.timings());
-    let mut control = build_control(&file, &creds);
+    // Every gateway of the deployment, the one in use at `current`. Starts with the client
+    // file's list; each Authenticate answer that lists the gateways replaces it.
+    let mut gateways = file.all_endpoints();
+    let mut current = 0usize;
+    let mut control = build_control(&file, &creds, gateways[current]);
     // Counts channel replacements: a failure only condemns the channel it happened on.
     let mut channel: u64 = 0;
 
@@ -88,7 +92,10 @@ pub async fn run(parts: DriverParts) {
     // machine waits for every RPC's result, so a lost one would stall it for good.
     let mut if_lost: HashMap<tokio::task::Id, Event> = HashMap::new();
     let mut timer: Option<(Instant, Timer)> = None;
-    let mut pending: VecDeque<(Event, String)> = VecDeque::from([(Event::Started, String::new())]);
+    let mut pending: VecDeque<(Event, String)> = VecDeque::from([
+        (Event::GatewaysChanged { count: gateways.len() }, String::new()),
+        (Event::Started, String::new()),
+    ]);
     let mut recent: VecDeque<TransitionRecord> = VecDeque::with_capacity(RECENT_TRANSITIONS);
 
     loop {
@@ -150,10 +157,30 @@ pub async fn run(parts: DriverParts) {
                     Effect::ArmTimer { at, timer: which } => timer = Some((deadline_of(epoch, at), which)),
                     Effect::CancelTimer => timer = None,
                     Effect::SwapSnapshot(next) => {
+                        // The gateway's current list of the deployment's gateways, if it sent one.
+                        if !next.endpoints.is_empty() && next.endpoints != gateways {
+                            let using = gateways[current];
+                            gateways = next.endpoints.clone();
+                            current = gateways.iter().position(|g| *g == using).unwrap_or_else(|| {
+                                gateways.insert(0, using);
+                                0
+                            });
+                            pending.push_back((
+                                Event::GatewaysChanged { count: gateways.len() },
+                                String::new(),
+                            ));
+                        }
                         auth.swap_in(next.clone());
                         if let Some(hook) = on_swap.as_mut() {
                             hook(&next);
                         }
+                    }
+                    Effect::SwitchGateway => {
+                        current = (current + 1) % gateways.len();
+                        tracing::debug!(target: "holdfast::supervisor", "moving to gateway {}", gateways[current]);
+                        control = build_control(&file, &creds, gateways[current]);
+                        channel = channel.wrapping_add(1);
+                        pending.push_back((Event::GatewaySwitched, String::new()));
                     }
                     Effect::Log(line) => emit(line.level, &line.message, &detail),
                     Effect::Exit => exit = true,
@@ -181,7 +208,7 @@ pub async fn run(parts: DriverParts) {
                 rpcs.abort_all();
                 return;
             }
-            if rejected && reload_credentials(&file, &path, &mut creds, &mut control) {
+            if rejected && reload_credentials(&file, &path, &mut creds, &mut control, gateways[current]) {
                 channel = channel.wrapping_add(1);
             }
         }
@@ -261,8 +288,12 @@ fn reconnect(control: &mut Option<ControlPlane>, channel: &mut u64) {
     }
 }
 
-fn build_control(file: &ClientFile, creds: &Credentials) -> Option<ControlPlane> {
-    match ControlPlane::new(file, creds) {
+fn build_control(
+    file: &ClientFile,
+    creds: &Credentials,
+    gateway: std::net::SocketAddr,
+) -> Option<ControlPlane> {
+    match ControlPlane::to_gateway(file, creds, gateway) {
         Ok(c) => Some(c),
         Err(e) => {
             tracing::error!(target: "holdfast::supervisor", "{e}");
@@ -279,6 +310,7 @@ fn reload_credentials(
     path: &std::path::Path,
     creds: &mut Credentials,
     control: &mut Option<ControlPlane>,
+    gateway: std::net::SocketAddr,
 ) -> bool {
     let fresh = ClientFile::load(path).and_then(|f| {
         let c = f.credentials(path)?;
@@ -295,7 +327,7 @@ fn reload_credentials(
                     "client file {} has new credentials; using them from the next attempt",
                     path.display()
                 );
-                *control = build_control(file, &c);
+                *control = build_control(file, &c, gateway);
                 *creds = c;
                 return true;
             }

@@ -267,6 +267,19 @@ impl Routes {
         gateway: IpAddr,
         cidrs: &[Ipv4Net],
     ) -> Result<RouteGuard, RoutesError> {
+        Self::install_for(tun_name, gateway, &[], cidrs).await
+    }
+
+    /// [`Routes::install`] for a deployment with several gateways: the other gateways' addresses
+    /// get host routes over their current underlay too (when the tunnel routes would capture
+    /// them), so a failover reaches them outside the tunnel. Only `gateway`'s path is followed
+    /// by the underlay watcher; the others are pinned as found at start.
+    pub async fn install_for(
+        tun_name: &str,
+        gateway: IpAddr,
+        others: &[IpAddr],
+        cidrs: &[Ipv4Net],
+    ) -> Result<RouteGuard, RoutesError> {
         let tun_index = ifindex(tun_name)?;
         with_handle(|handle| async move {
             let stale = remove_ours(&handle).await?;
@@ -274,7 +287,19 @@ impl Routes {
                 tracing::info!(target: TARGET, "removed {stale} route(s) a previous run left");
             }
             let underlay = lookup(&handle, gateway).await?;
-            let specs = plan(gateway, underlay, tun_index, cidrs)?;
+            let mut specs = plan(gateway, underlay, tun_index, cidrs)?;
+            for &other in others.iter().filter(|o| **o != gateway) {
+                // Another gateway without a path now is not fatal: failing over to it fails
+                // like any unreachable gateway, and the client tries the next.
+                match lookup(&handle, other).await {
+                    Ok(u) if u.oif != tun_index => {
+                        let pins = plan(other, u, tun_index, cidrs)?;
+                        specs.splice(0..0, pins.into_iter().filter(|p| matches!(p, RouteSpec::Host { .. })));
+                    }
+                    Ok(_) => tracing::warn!(target: TARGET, "gateway {other} is routed through the tunnel; failing over to it will not work"),
+                    Err(e) => tracing::warn!(target: TARGET, "{e}; failing over to {other} needs a path to it"),
+                }
+            }
             let mut added = Vec::with_capacity(specs.len());
             for spec in specs {
                 let result = handle.route().add(message(&spec)).execute().await;
@@ -859,7 +884,8 @@ impl TunnelNetwork {
         let net = &file.network;
         let (tun, cidrs) = tun_and_cidrs(file);
         let gateway = file.endpoint.ip();
-        let routes = Routes::install(tun, gateway, &cidrs).await?;
+        let others: Vec<IpAddr> = file.all_endpoints().iter().skip(1).map(|e| e.ip()).collect();
+        let routes = Routes::install_for(tun, gateway, &others, &cidrs).await?;
         let underlay = Self::watch_underlay(file, on_underlay_change).await;
         let underlay = match underlay {
             Ok(u) => u,
@@ -922,7 +948,8 @@ impl TunnelNetwork {
         let (tun, cidrs) = tun_and_cidrs(file);
         self.underlay.halt().await;
         // Also removes what is left of ours (the gateway's pin and fallback) before adding.
-        let routes = Routes::install(tun, file.endpoint.ip(), &cidrs).await?;
+        let others: Vec<IpAddr> = file.all_endpoints().iter().skip(1).map(|e| e.ip()).collect();
+        let routes = Routes::install_for(tun, file.endpoint.ip(), &others, &cidrs).await?;
         // The old guard's routes are gone (with the device, or removed as stale just now).
         let _old = std::mem::replace(&mut self.routes, routes);
         self.underlay = Self::watch_underlay(file, on_underlay_change).await?;

@@ -4,6 +4,9 @@
 //! ```toml
 //! name = "alice"                      # the client's identity (also the name in its certificate)
 //! endpoint = "198.18.0.1:51820"       # gateway control (TCP) and data (UDP) port
+//! endpoints = ["198.18.0.1:51820", "198.18.0.5:51820"]
+//!                                     # optional: every gateway of the deployment, tried in turn
+//!                                     # when the current one stops answering
 //! server_name = "holdfast-gateway"    # the name the gateway's certificate is checked against
 //! tunnel_ip = "100.64.0.2"            # informational: the gateway assigns it and always the same
 //!
@@ -56,6 +59,9 @@ use crate::sansio::supervisor::Timings;
 /// wait is 5 minutes); it catches unit typos and keeps every deadline inside the clock's range.
 const MAX_TIMING: Duration = Duration::from_secs(24 * 3600);
 
+/// The most gateways a client file (or an `Authenticate` answer) may list.
+pub const MAX_ENDPOINTS: usize = 32;
+
 /// The parsed client file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +70,11 @@ pub struct ClientFile {
     pub name: String,
     /// Gateway endpoint: the control plane (TCP) and the data plane (UDP) share the port number.
     pub endpoint: SocketAddr,
+    /// Every gateway of the deployment (several gateways on one shared registry). Optional: a
+    /// file with `endpoint` alone names one gateway. The client also keeps the list each
+    /// `Authenticate` answer carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<SocketAddr>,
     /// The name in the gateway's certificate (TLS server name).
     pub server_name: String,
     /// The tunnel address this client was registered with.
@@ -298,6 +309,17 @@ impl ClientFile {
         Ok(file)
     }
 
+    /// Every gateway this file names, `endpoint` first, without repeats.
+    pub fn all_endpoints(&self) -> Vec<SocketAddr> {
+        let mut all = vec![self.endpoint];
+        for e in &self.endpoints {
+            if !all.contains(e) {
+                all.push(*e);
+            }
+        }
+        all
+    }
+
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |reason: String| ConfigError::Malformed { path: path.to_owned(), reason };
         if self.name.trim().is_empty() {
@@ -305,6 +327,20 @@ impl ClientFile {
         }
         if self.server_name.trim().is_empty() {
             return Err(bad("`server_name` is empty".into()));
+        }
+        if let Some(e) = std::iter::once(&self.endpoint)
+            .chain(&self.endpoints)
+            .find(|e| e.port() == 0 || e.ip().is_unspecified())
+        {
+            return Err(bad(format!(
+                "gateway endpoint {e} is not an address and port (in `endpoint` or `endpoints`)"
+            )));
+        }
+        if self.endpoints.len() > MAX_ENDPOINTS {
+            return Err(bad(format!(
+                "`endpoints` lists {} gateways; at most {MAX_ENDPOINTS} are accepted",
+                self.endpoints.len()
+            )));
         }
         let t = self.timings();
         let named = [

@@ -16,6 +16,8 @@
 //! cert = "server.pem"                 # the gateway's TLS certificate, signed by the authority
 //! key = "server.key"                  # the gateway's TLS private key (mode 0600)
 //! registry = "clients.toml"           # the client registry, rewritten atomically by add-client/revoke
+//! # Or, for several gateways on one shared registry in PostgreSQL, instead of `registry`:
+//! #   e.g. database = "postgres://holdfast@localhost/holdfast?host=/run/postgresql"
 //! clients_dir = "clients"             # where add-client writes client files by default
 //! session_idle_timeout = "3m"         # a session not pinged (or, later, used) this long expires
 //! session_max_lifetime = "24h"        # a session expires this long after Authenticate, used or not
@@ -113,8 +115,10 @@ struct RawGatewayFile {
     cert: PathBuf,
     #[serde(default = "default_key")]
     key: PathBuf,
-    #[serde(default = "default_registry")]
-    registry: PathBuf,
+    #[serde(default)]
+    registry: Option<PathBuf>,
+    #[serde(default)]
+    database: Option<String>,
     #[serde(default = "default_clients_dir")]
     clients_dir: PathBuf,
     #[serde(default = "default_idle", with = "humantime_serde")]
@@ -390,7 +394,11 @@ pub struct GatewayConfig {
     pub ca_key: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The registry file (used when `database` is not set).
     pub registry: PathBuf,
+    /// The shared registry's PostgreSQL URL, when the registry lives in a database (see
+    /// `gateway::registry::RegistryStore`, the one place that picks the store).
+    pub database: Option<String>,
     pub clients_dir: PathBuf,
     pub session_idle_timeout: Duration,
     pub session_max_lifetime: Duration,
@@ -500,6 +508,14 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
     let log_level = raw.log.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
     crate::logging::check_filter(&log_level)
         .map_err(|e| format!("[log] `level` '{log_level}' is not a valid filter: {e}"))?;
+    if let Some(url) = &raw.database {
+        if raw.registry.is_some() {
+            return Err("`registry` and `database` are both set: the registry lives either in a \
+                        file or in the database; remove one"
+                .into());
+        }
+        check_database_url(url).map_err(|r| format!("`database`: {r}"))?;
+    }
     let abs = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
     let status_socket = abs(raw.status_socket);
     if status_socket.as_os_str().len() > MAX_SOCKET_PATH || status_socket.file_name().is_none() {
@@ -521,7 +537,8 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
         ca_key: abs(raw.ca_key),
         cert: abs(raw.cert),
         key: abs(raw.key),
-        registry: abs(raw.registry),
+        registry: abs(raw.registry.unwrap_or_else(default_registry)),
+        database: raw.database,
         clients_dir: abs(raw.clients_dir),
         session_idle_timeout: raw.session_idle_timeout,
         session_max_lifetime: raw.session_max_lifetime,
@@ -632,6 +649,36 @@ fn check_nat(nat: &NatSection) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the form of `database` (the connection itself is tried by the store, which names the
+/// problem: unreachable, credentials, schema).
+pub fn check_database_url(url: &str) -> Result<(), String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(
+            "not a PostgreSQL URL (postgres://USER@HOST/DB, or postgres://USER@/DB?host=/SOCKET/DIR)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// A database URL fit for a log line or an error: any password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{scheme}://{name}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// The values `gateway init` chooses; everything else is left at its documented default.
 #[derive(Debug, Clone)]
 pub struct InitialValues {
@@ -644,8 +691,31 @@ pub struct InitialValues {
 /// Renders the `gateway.toml` that `gateway init` writes: the chosen values plus every other key
 /// at its default, commented, so the operator sees what can be tuned.
 pub fn render_initial(v: &InitialValues) -> String {
+    render_with(v, &SharedValues::default())
+}
+
+/// What a gateway of a deployment with a shared registry adds to [`InitialValues`]: the
+/// database, and (for `gateway join`) the deployment's tunnel address when it is not the
+/// subnet's first host.
+#[derive(Debug, Clone, Default)]
+pub struct SharedValues {
+    pub database: Option<String>,
+    pub gateway_ip: Option<Ipv4Addr>,
+}
+
+/// [`render_initial`] with the shared-registry keys: `database` replaces `registry`.
+pub fn render_with(v: &InitialValues, shared: &SharedValues) -> String {
     // toml's own string encoding, so any value round-trips whatever it contains.
     let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let registry = match &shared.database {
+        Some(url) => format!(
+            "# The shared client registry of this deployment (every gateway of it names the same).\n\
+             database = {}",
+            q(url)
+        ),
+        None => "registry = \"clients.toml\"".to_owned(),
+    };
+    let gateway_ip = shared.gateway_ip.unwrap_or_else(|| first_host(v.subnet));
     format!(
         "# Holdfast gateway configuration. Paths are relative to this file's directory.\n\
          # Every key but `endpoint` is optional; the values shown are the defaults.\n\
@@ -666,7 +736,7 @@ pub fn render_initial(v: &InitialValues) -> String {
          ca_key = \"ca.key\"\n\
          cert = \"server.pem\"\n\
          key = \"server.key\"\n\
-         registry = \"clients.toml\"\n\
+         {registry}\n\
          clients_dir = \"clients\"\n\
          \n\
          # A session not pinged for this long expires (clients ping every 15-30 s).\n\
@@ -702,7 +772,7 @@ pub fn render_initial(v: &InitialValues) -> String {
         listen =
             q(&SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), v.endpoint.port()).to_string()),
         subnet = q(&v.subnet.to_string()),
-        gateway_ip = q(&first_host(v.subnet).to_string()),
+        gateway_ip = q(&gateway_ip.to_string()),
         server_name = q(&v.server_name),
         // Written the way an operator would (humantime would print "1day" for 24h); the test
         // `rendered_initial_file_parses_back` checks they equal the defaults.

@@ -92,6 +92,13 @@ pub mod exit {
     pub const NOT_PERMITTED: i32 = 77;
     /// Any other failure at start-up, or a failed one-shot command (EX_SOFTWARE).
     pub const FAILURE: i32 = 70;
+    /// The shared registry's database cannot be reached, and there is no last good view to
+    /// serve from (EX_UNAVAILABLE).
+    pub const DB_UNAVAILABLE: i32 = 69;
+    /// The shared registry's database refused the user name or password (EX_NOUSER).
+    pub const DB_CREDENTIALS: i32 = 67;
+    /// The shared registry's schema is newer than this binary (EX_PROTOCOL): upgrade holdfast.
+    pub const DB_SCHEMA_NEWER: i32 = 76;
 }
 
 /// A problem with a configuration file or the credentials it names.

@@ -13,13 +13,14 @@ use ipnet::Ipv4Net;
 
 use super::GatewayError;
 use super::fsutil::{self, Existing};
-use super::registry::{ClientState, Registry, RevokeOutcome, check_name, timestamp_now};
+use super::registry::postgres::{Deployment, PgStore};
+use super::registry::{ClientState, RegistryError, RegistryStore, RevokeOutcome, check_name};
 use super::server::ControlPlane;
 use crate::config::ConfigError;
 use crate::config::client::{ClientFile, TlsSection};
 use crate::config::gateway::{
     self as gwconf, DEFAULT_NAME, DEFAULT_SERVER_NAME, DEFAULT_SUBNET, GATEWAY_FILE, GatewayConfig,
-    InitialValues,
+    InitialValues, SharedValues,
 };
 use crate::pki::Authority;
 
@@ -37,7 +38,17 @@ pub enum GatewayCommand {
     /// credentials), server.pem + server.key (the gateway's TLS 1.3 identity, signed by the
     /// authority) and clients.toml (the client registry). Keys are written with mode 0600.
     /// Refuses to overwrite an existing identity.
-    Init(InitArgs),
+    ///
+    /// With --registry postgres://..., the registry is the database's instead of clients.toml:
+    /// the deployment (its subnet) is created there and this gateway is its first; add more
+    /// with `gateway join`.
+    Init(InitCommand),
+    /// Create another gateway of an existing deployment (shared registry in PostgreSQL).
+    ///
+    /// Copies the authority and the registry's database from --from DIR, takes the deployment's
+    /// subnet, and writes into NEW its own TLS identity for --endpoint and its gateway.toml.
+    /// Clients are told about every gateway and fail over between them.
+    Join(JoinArgs),
     /// Register a client and write its self-contained client file.
     ///
     /// The client gets a stable tunnel address (the next free one in the subnet, or --ip) and a
@@ -117,6 +128,43 @@ pub struct InitArgs {
     pub server_name: String,
 }
 
+/// `gateway init`: the file-store arguments plus `--registry`.
+#[derive(Debug, Args)]
+pub struct InitCommand {
+    #[command(flatten)]
+    pub args: InitArgs,
+    /// Keep the registry in this PostgreSQL database (shared by every gateway of the
+    /// deployment) instead of DIR/clients.toml, e.g. postgres://holdfast@localhost/holdfast?host=/run/postgresql
+    #[arg(long, value_name = "URL")]
+    pub registry: Option<String>,
+}
+
+// `gateway init`'s flags are InitArgs' (the file store's, as before) plus one: reading them through
+// the command keeps every caller of InitArgs unchanged.
+impl std::ops::Deref for InitCommand {
+    type Target = InitArgs;
+    fn deref(&self) -> &InitArgs {
+        &self.args
+    }
+}
+
+/// Arguments of `gateway join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The new gateway's directory (created if missing, mode 0700).
+    #[arg(long, value_name = "NEW")]
+    pub dir: PathBuf,
+    /// The directory of a gateway of the deployment (its authority and database are used).
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+    /// The new gateway's public address and port.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub endpoint: SocketAddr,
+    /// The new gateway's name (default: the --from gateway's).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+}
+
 /// Arguments of `gateway add-client`.
 #[derive(Debug, Args)]
 pub struct AddClientArgs {
@@ -167,10 +215,15 @@ impl GatewayCommand {
     /// installs a subscriber first.
     pub async fn run(self) -> Result<(), GatewayError> {
         match self {
-            GatewayCommand::Init(a) => init(&a).map(|report| say(&report)),
-            GatewayCommand::AddClient(a) => add_client(&a).map(|report| say(&report)),
-            GatewayCommand::Revoke(a) => revoke(&a).map(|report| say(&report)),
-            GatewayCommand::List(a) => list(&a.dir).map(|report| say(&report)),
+            GatewayCommand::Init(a) => match &a.registry {
+                None => init(&a.args),
+                Some(url) => init_shared(&a.args, url).await,
+            }
+            .map(|report| say(&report)),
+            GatewayCommand::Join(a) => join(&a).await.map(|report| say(&report)),
+            GatewayCommand::AddClient(a) => add_client_in(&a).await.map(|report| say(&report)),
+            GatewayCommand::Revoke(a) => revoke_in(&a).await.map(|report| say(&report)),
+            GatewayCommand::List(a) => list_in(&a.dir).await.map(|report| say(&report)),
             GatewayCommand::Run(a) => run(&a.dir).await,
             GatewayCommand::Status(a) => {
                 // Blocks (bounded by the query's timeout): the binary runs commands on its main
@@ -205,8 +258,93 @@ fn write_file(
     })
 }
 
-/// `gateway init`. Returns the text to print.
+/// `gateway init` with the file store. Returns the text to print.
 pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
+    let (config, config_text) = plan_init(a, &SharedValues::default())?;
+    let authority = Authority::generate(&a.name)?;
+    write_identity(&config, &authority)?;
+    super::registry::file::FileStore::new(&config.registry, config.subnet, config.gateway_ip)
+        .create()?;
+    write_file(
+        &config.dir.join(GATEWAY_FILE),
+        config_text.as_bytes(),
+        PUBLIC_MODE,
+        Existing::Refuse,
+    )?;
+    Ok(init_report(&config, &a.dir, &config.registry.display().to_string()))
+}
+
+/// `gateway init --registry URL`: the deployment is created in the database, this gateway is
+/// its first.
+pub async fn init_shared(a: &InitArgs, url: &str) -> Result<String, GatewayError> {
+    gwconf::check_database_url(url).map_err(|reason| RegistryError::DatabaseUrl {
+        url: gwconf::redact_url(url),
+        reason,
+    })?;
+    let shared = SharedValues {
+        database: Some(url.to_owned()),
+        gateway_ip: None,
+    };
+    let (config, config_text) = plan_init(a, &shared)?;
+    let store = PgStore::connect(url).await?;
+    store
+        .create_deployment(Deployment {
+            subnet: config.subnet,
+            gateway_ip: config.gateway_ip,
+        })
+        .await?;
+    let authority = Authority::generate(&a.name)?;
+    finish_shared(&store, &config, &config_text, &authority).await?;
+    Ok(init_report(&config, &a.dir, &format!("database {}", store.db())))
+}
+
+/// `gateway join`: another gateway of the deployment `--from` belongs to.
+pub async fn join(a: &JoinArgs) -> Result<String, GatewayError> {
+    let from = GatewayConfig::load_dir(&a.from)?;
+    let Some(url) = from.database.clone() else {
+        return Err(GatewayError::Usage {
+            flag: "--from",
+            reason: format!(
+                "{} keeps its registry in a file; only gateways on a shared registry \
+                 (`gateway init --registry postgres://...`) can be joined",
+                a.from.display()
+            ),
+        });
+    };
+    let store = PgStore::connect(&url).await?;
+    let dep = store.check_deployment(from.subnet, from.gateway_ip).await?;
+    let args = InitArgs {
+        dir: a.dir.clone(),
+        endpoint: a.endpoint,
+        subnet: dep.subnet,
+        name: a.name.clone().unwrap_or_else(|| from.name.clone()),
+        server_name: from.server_name.clone(),
+    };
+    let shared = SharedValues {
+        database: Some(url),
+        gateway_ip: Some(dep.gateway_ip),
+    };
+    let (config, config_text) = plan_init(&args, &shared)?;
+    let authority = load_authority(&from)?;
+    finish_shared(&store, &config, &config_text, &authority).await?;
+    let endpoints = store.snapshot().await?.endpoints;
+    Ok(format!(
+        "Gateway '{}' joined the deployment in {}\n  endpoint     {}\n  subnet       {} (gateway {})\n  \
+         gateways     {}\n  registry     database {}\n\
+         Start it with: holdfast gateway run --dir {}\n",
+        config.name,
+        a.dir.display(),
+        config.endpoint,
+        config.subnet,
+        config.gateway_ip,
+        endpoints.join(", "),
+        store.db(),
+        a.dir.display(),
+    ))
+}
+
+/// Checks the flags, renders gateway.toml and parses it back; refuses an existing identity.
+fn plan_init(a: &InitArgs, shared: &SharedValues) -> Result<(GatewayConfig, String), GatewayError> {
     let usage = |flag, reason| GatewayError::Usage { flag, reason };
     check_name(&a.name).map_err(|r| usage("--name", format!("'{}': {r}", a.name)))?;
     gwconf::check_server_name(&a.server_name).map_err(|r| usage("--server-name", r))?;
@@ -227,17 +365,19 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
         server_name: a.server_name.clone(),
     };
     let config_path = a.dir.join(GATEWAY_FILE);
-    let config_text = gwconf::render_initial(&values);
+    let config_text = gwconf::render_with(&values, shared);
     // What we are about to write must be what every other command reads back.
     let config = GatewayConfig::parse(&config_text, &config_path)?;
-    let files = [
+    let mut files = vec![
         &config_path,
         &config.ca_cert,
         &config.ca_key,
         &config.cert,
         &config.key,
-        &config.registry,
     ];
+    if config.database.is_none() {
+        files.push(&config.registry);
+    }
     if let Some(existing) = files.iter().find(|p| p.exists()) {
         return Err(GatewayError::AlreadyInitialised {
             path: existing.to_path_buf(),
@@ -247,11 +387,15 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
         path: a.dir.clone(),
         source,
     })?;
+    Ok((config, config_text))
+}
 
-    let authority = Authority::generate(&a.name)?;
-    let server = authority.issue_server(&a.server_name, Some(a.endpoint.ip()))?;
-    // Keys first, gateway.toml last: an interrupted init leaves no config pointing at
-    // missing files (and a re-run names the leftover file it refuses to overwrite).
+/// Writes the authority (new for init, copied for join) and a new TLS identity for this
+/// gateway's endpoint. Keys first, gateway.toml last (the caller): an interrupted init leaves no
+/// config pointing at missing files (and a re-run names the leftover file it refuses to
+/// overwrite).
+fn write_identity(config: &GatewayConfig, authority: &Authority) -> Result<(), GatewayError> {
+    let server = authority.issue_server(&config.server_name, Some(config.endpoint.ip()))?;
     write_file(
         &config.ca_key,
         authority.key_pem().as_bytes(),
@@ -276,20 +420,41 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
         PUBLIC_MODE,
         Existing::Refuse,
     )?;
-    Registry::empty(&config.registry, config.subnet, config.gateway_ip).save()?;
-    write_file(
-        &config_path,
-        config_text.as_bytes(),
-        PUBLIC_MODE,
-        Existing::Refuse,
-    )?;
+    Ok(())
+}
 
-    Ok(format!(
+/// The shared-registry half of init and join: registers the gateway's endpoint, then writes its
+/// identity and gateway.toml (mode 0600: the database URL may hold a password). A failure
+/// after registering takes the endpoint back out of the list.
+async fn finish_shared(
+    store: &PgStore,
+    config: &GatewayConfig,
+    config_text: &str,
+    authority: &Authority,
+) -> Result<(), GatewayError> {
+    let endpoint = config.endpoint.to_string();
+    store.register_gateway(&config.name, &endpoint).await?;
+    let written = write_identity(config, authority).and_then(|()| {
+        write_file(
+            &config.dir.join(GATEWAY_FILE),
+            config_text.as_bytes(),
+            SECRET_MODE,
+            Existing::Refuse,
+        )
+    });
+    if written.is_err() {
+        let _ = store.unregister_gateway(&endpoint).await;
+    }
+    written
+}
+
+fn init_report(config: &GatewayConfig, dir: &Path, registry: &str) -> String {
+    format!(
         "Initialised gateway '{}' in {}\n  endpoint     {}\n  subnet       {} (gateway {})\n  server name  {}\n  \
          authority    {} (key {})\n  TLS identity {} (key {})\n  registry     {}\n\
          Next: holdfast gateway add-client --dir {} NAME\n",
         config.name,
-        a.dir.display(),
+        dir.display(),
         config.endpoint,
         config.subnet,
         config.gateway_ip,
@@ -298,9 +463,9 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
         config.ca_key.display(),
         config.cert.display(),
         config.key.display(),
-        config.registry.display(),
-        a.dir.display(),
-    ))
+        registry,
+        dir.display(),
+    )
 }
 
 fn load_authority(config: &GatewayConfig) -> Result<Authority, GatewayError> {
@@ -330,22 +495,98 @@ fn load_authority(config: &GatewayConfig) -> Result<Authority, GatewayError> {
 const CLIENT_FILE_HEADER: &str = "# Holdfast client file, written by `holdfast gateway add-client`.\n\
                                   # It holds this client's private key: keep it mode 0600, copy it only to the client.\n\n";
 
-/// `gateway add-client`. Returns the text to print.
+/// Runs a one-shot command's future for a caller outside any tokio runtime (the async
+/// versions are what `GatewayCommand::run` uses). Called from inside a runtime, it runs on a
+/// thread of its own, since a runtime cannot block on another.
+fn block_on<T: Send>(
+    f: impl Future<Output = Result<T, GatewayError>> + Send,
+) -> Result<T, GatewayError> {
+    let run = move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| GatewayError::Write {
+                path: PathBuf::from("(tokio runtime)"),
+                source: e,
+            })?
+            .block_on(f)
+    };
+    if tokio::runtime::Handle::try_current().is_err() {
+        return run();
+    }
+    std::thread::scope(|s| {
+        s.spawn(run).join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// `gateway add-client`, outside a runtime. Returns the text to print.
 pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
+    block_on(add_client_in(a))
+}
+
+/// `gateway add-client`. Returns the text to print.
+pub async fn add_client_in(a: &AddClientArgs) -> Result<String, GatewayError> {
     check_name(&a.name).map_err(|r| GatewayError::Usage {
         flag: "NAME",
         reason: format!("'{}': {r}", a.name),
     })?;
     let config = GatewayConfig::load_dir(&a.dir)?;
-    let _lock = Registry::lock(&config.registry)?;
-    let mut registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
-    let plan = registry.plan_add(&a.name, a.ip)?;
-    let authority = load_authority(&config)?;
-    let issued = authority.issue_client(&a.name)?;
+    let store = RegistryStore::open(&config).await?;
+    // Every gateway of the deployment goes into the client file, this one first.
+    let mut endpoints = store
+        .snapshot(&config.endpoint.to_string())
+        .await?
+        .endpoints;
+    let own = config.endpoint.to_string();
+    endpoints.retain(|e| *e != own);
+    endpoints.insert(0, own);
+    let mut written = None;
+    let plan = store
+        .add_client(&a.name, a.ip, |plan| {
+            let authority = load_authority(&config)?;
+            let issued = authority.issue_client(&a.name)?;
+            let out = write_client_file(a, &config, &authority, &issued, plan, &endpoints)?;
+            written = Some((out, issued.fingerprint));
+            Ok::<_, GatewayError>(issued.fingerprint)
+        })
+        .await?;
+    // Invariant: the store returns Ok only after running `issue`, which set `written`.
+    let (out, fp) = written.expect("add_client ran issue");
+    let what = if plan.reenable {
+        "re-enabled (same address, new certificate)"
+    } else {
+        "registered"
+    };
+    Ok(format!(
+        "Client '{}' {what}: tunnel address {}, certificate {}\nClient file (mode 0600, contains the client's key): {}\n",
+        a.name,
+        plan.ip,
+        fp.short(),
+        out.display()
+    ))
+}
 
+/// Writes the client file for a planned add: the client must be able to read back exactly what
+/// we write. The file first, the registry second: if we stop in between, the registry still pins
+/// the old certificate (or has no entry), and running add-client again fixes it.
+fn write_client_file(
+    a: &AddClientArgs,
+    config: &GatewayConfig,
+    authority: &Authority,
+    issued: &crate::pki::IssuedCert,
+    plan: &super::registry::AddPlan,
+    endpoints: &[String],
+) -> Result<PathBuf, GatewayError> {
     let file = ClientFile {
         name: a.name.clone(),
         endpoint: config.endpoint,
+        // Only a deployment with several gateways lists them (a single gateway's file stays as
+        // it always was).
+        endpoints: if endpoints.len() > 1 {
+            endpoints.iter().filter_map(|e| e.parse().ok()).collect()
+        } else {
+            Vec::new()
+        },
         server_name: config.server_name.clone(),
         tunnel_ip: plan.ip,
         tls: TlsSection {
@@ -376,54 +617,42 @@ pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
         source: std::io::Error::other(e.to_string()),
     })?;
     let text = format!("{CLIENT_FILE_HEADER}{body}");
-    // The client must be able to read back exactly what we write.
     ClientFile::parse(&text, &out)?.credentials(&out)?;
-    // The client file first, the registry second: if we stop in between, the registry still
-    // pins the old certificate (or has no entry), and running add-client again fixes it.
     write_file(&out, text.as_bytes(), SECRET_MODE, Existing::Replace)?;
-    registry.commit_add(&a.name, plan, issued.fingerprint, &timestamp_now());
-    registry.save()?;
+    Ok(out)
+}
 
-    let what = if plan.reenable {
-        "re-enabled (same address, new certificate)"
-    } else {
-        "registered"
-    };
-    Ok(format!(
-        "Client '{}' {what}: tunnel address {}, certificate {}\nClient file (mode 0600, contains the client's key): {}\n",
-        a.name,
-        plan.ip,
-        issued.fingerprint.short(),
-        out.display()
-    ))
+/// `gateway revoke`, outside a runtime. Returns the text to print.
+pub fn revoke(a: &RevokeArgs) -> Result<String, GatewayError> {
+    block_on(revoke_in(a))
 }
 
 /// `gateway revoke`. Returns the text to print.
-pub fn revoke(a: &RevokeArgs) -> Result<String, GatewayError> {
+pub async fn revoke_in(a: &RevokeArgs) -> Result<String, GatewayError> {
     let config = GatewayConfig::load_dir(&a.dir)?;
-    let _lock = Registry::lock(&config.registry)?;
-    let mut registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
-    match registry.revoke(&a.name, &timestamp_now())? {
-        RevokeOutcome::AlreadyRevoked => Ok(format!("Client '{}' was already revoked.\n", a.name)),
-        RevokeOutcome::Revoked => {
-            registry.save()?;
-            let ip = registry
-                .get(&a.name)
-                .map(|c| c.ip.to_string())
-                .unwrap_or_default();
-            Ok(format!(
-                "Client '{}' revoked; its address {ip} stays reserved for it (add-client re-enables it).\n",
-                a.name
-            ))
+    let store = RegistryStore::open(&config).await?;
+    match store.revoke(&a.name).await? {
+        (RevokeOutcome::AlreadyRevoked, _) => {
+            Ok(format!("Client '{}' was already revoked.\n", a.name))
         }
+        (RevokeOutcome::Revoked, ip) => Ok(format!(
+            "Client '{}' revoked; its address {ip} stays reserved for it (add-client re-enables it).\n",
+            a.name
+        )),
     }
 }
 
-/// `gateway list`. Returns the table to print.
+/// `gateway list`, outside a runtime. Returns the table to print.
 pub fn list(dir: &Path) -> Result<String, GatewayError> {
+    block_on(list_in(dir))
+}
+
+/// `gateway list`. Returns the table to print.
+pub async fn list_in(dir: &Path) -> Result<String, GatewayError> {
     let config = GatewayConfig::load_dir(dir)?;
-    let registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
-    let mut clients: Vec<_> = registry.clients().iter().collect();
+    let store = RegistryStore::open(&config).await?;
+    let snapshot = store.snapshot(&config.endpoint.to_string()).await?;
+    let mut clients: Vec<_> = snapshot.clients.iter().collect();
     clients.sort_by_key(|c| c.ip);
     let mut out = format!(
         "{:<24} {:<15} {:<8} {:<16} CREATED\n",
@@ -453,6 +682,13 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
         config.subnet,
         config.gateway_ip
     ));
+    if config.database.is_some() {
+        out.push_str(&format!(
+            "shared registry version {}; gateways: {}\n",
+            snapshot.version,
+            snapshot.endpoints.join(", ")
+        ));
+    }
     Ok(out)
 }
 
@@ -464,7 +700,9 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
     // authenticate; started once the TUN device (its address) exists.
     let dns_plan = super::dns::ResolverPlan::for_gateway(&config);
     let push = dns_plan.as_ref().map(super::dns::ResolverPlan::push).unwrap_or_default();
-    let plane = ControlPlane::bind_with_dns(&config, push)?;
+    let serving = super::follow::serve(&config).await?;
+    let plane = ControlPlane::bind_with(&config, serving.live.clone(), push)?;
+    serving.follow(plane.sessions(), plane.clock());
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
     let sessions = std::sync::Arc::new(super::dataplane::ControlSessions::of(&plane));

@@ -1,5 +1,7 @@
 //! The running gateway's view of the client registry, reloaded when the file changes, so
-//! `add-client` and `revoke` take effect without a restart.
+//! `add-client` and `revoke` take effect without a restart. With a shared registry (PostgreSQL)
+//! the view is pushed instead, by the follower in [`super::registry::postgres`], which installs
+//! each new version with [`LiveRegistry::install`]; readers see no difference.
 //!
 //! Change detection is a `stat(2)` compared with the stamp of the loaded version (device, inode,
 //! size, mtime and ctime in nanoseconds). Every save is a rename of a new file, so the inode changes
@@ -66,12 +68,35 @@ pub enum Refusal {
 pub struct RegistryView {
     stamp: Option<FileStamp>,
     clients: HashMap<String, ClientRecord>,
+    /// The store's version of this view (the database's counter; for the file, the number of
+    /// loads so far). For status and metrics.
+    version: u64,
+    /// Every gateway endpoint of the deployment, as clients should be told (empty: a single
+    /// gateway, whose clients know its one endpoint).
+    endpoints: Vec<String>,
 }
 
 impl RegistryView {
     fn from_registry(reg: &Registry, stamp: Option<FileStamp>) -> Self {
-        let clients = reg
-            .clients()
+        Self::from_entries(reg.clients(), stamp, 0, Vec::new())
+    }
+
+    /// A view of `clients` at `version` of the store, with the deployment's gateway endpoints.
+    pub fn from_shared(
+        clients: &[super::registry::ClientEntry],
+        version: u64,
+        endpoints: Vec<String>,
+    ) -> Self {
+        Self::from_entries(clients, None, version, endpoints)
+    }
+
+    fn from_entries(
+        clients: &[super::registry::ClientEntry],
+        stamp: Option<FileStamp>,
+        version: u64,
+        endpoints: Vec<String>,
+    ) -> Self {
+        let clients = clients
             .iter()
             .map(|c| {
                 let rec = ClientRecord {
@@ -82,7 +107,22 @@ impl RegistryView {
                 (c.name.clone(), rec)
             })
             .collect();
-        Self { stamp, clients }
+        Self {
+            stamp,
+            clients,
+            version,
+            endpoints,
+        }
+    }
+
+    /// The store's version of this view (see the field).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The deployment's gateway endpoints (empty for a single gateway on a file registry).
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
     }
 
     /// The record of `name` if the client may use the certificate `cert` now. No allocation.
@@ -107,6 +147,34 @@ impl RegistryView {
     }
 }
 
+/// A session opened here, to be claimed in a shared registry (see `gateway::follow`).
+#[derive(Debug)]
+pub struct Claim {
+    pub client: Arc<str>,
+    pub session: crate::snapshot::SessionId,
+    pub opened: tokio::time::Instant,
+}
+
+/// Tells the follower that a client authenticated here (from `Authenticate`; never waits).
+#[derive(Debug, Clone)]
+pub struct ClaimSender(tokio::sync::mpsc::Sender<Claim>);
+
+impl ClaimSender {
+    pub fn new(tx: tokio::sync::mpsc::Sender<Claim>) -> Self {
+        Self(tx)
+    }
+
+    /// Queues the claim; if the queue is full (the database is slow) it is dropped: the other
+    /// gateway's session then ends by idling out instead.
+    pub fn claim(&self, client: &Arc<str>, session: crate::snapshot::SessionId) {
+        let _ = self.0.try_send(Claim {
+            client: client.clone(),
+            session,
+            opened: tokio::time::Instant::now(),
+        });
+    }
+}
+
 /// How a caller of [`LiveRegistry::refresh`] deals with a reload already in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
@@ -116,22 +184,51 @@ pub enum Wait {
     No,
 }
 
-/// The registry as the running gateway sees it.
+/// Where the views come from.
+enum Source {
+    /// The registry file, polled by `refresh`.
+    File {
+        path: PathBuf,
+        subnet: Ipv4Net,
+        gateway_ip: Ipv4Addr,
+        /// Serialises reloads; also remembers the stamp of the last version that failed to
+        /// load (`Some(None)`: the file was missing), so a broken file is reported once, not
+        /// per request.
+        reload: Mutex<Option<Option<FileStamp>>>,
+        /// Loads so far: the file view's version.
+        loads: std::sync::atomic::AtomicU64,
+    },
+    /// A shared registry: views are installed by its follower; `refresh` has nothing to do.
+    Pushed,
+}
+
+/// The registry as the running gateway sees it. Cloning shares it (the control service and a
+/// shared registry's follower hold the same one).
+#[derive(Clone)]
 pub struct LiveRegistry {
-    path: PathBuf,
-    subnet: Ipv4Net,
-    gateway_ip: Ipv4Addr,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    source: Source,
     view: ArcSwap<RegistryView>,
-    /// Serialises reloads; also remembers the stamp of the last version that failed to load
-    /// (`Some(None)`: the file was missing), so a broken file is reported once, not per request.
-    reload: Mutex<Option<Option<FileStamp>>>,
+    /// Wakes the housekeeping task when a pushed view arrives, so a revocation ends sessions
+    /// at once rather than at the next tick.
+    changed: tokio::sync::Notify,
+    /// The shared registry's database is unreachable: the view is the last good one.
+    degraded: std::sync::atomic::AtomicBool,
+    /// With a shared registry: where Authenticate reports the clients that opened a session
+    /// here, so the other gateways end theirs.
+    claims: Option<ClaimSender>,
 }
 
 impl std::fmt::Debug for LiveRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveRegistry")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("LiveRegistry");
+        if let Source::File { path, .. } = &self.inner.source {
+            d.field("path", path);
+        }
+        d.finish_non_exhaustive()
     }
 }
 
@@ -139,42 +236,111 @@ impl LiveRegistry {
     /// Loads the registry; a missing file is an empty registry, any other failure is an error
     /// (at start-up the operator must hear about a broken registry).
     pub fn open(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Result<Self, RegistryError> {
-        let view = load_view(path, subnet, gateway_ip)?;
-        Ok(Self {
-            path: path.to_owned(),
-            subnet,
-            gateway_ip,
+        let mut view = load_view(path, subnet, gateway_ip)?;
+        view.version = 1;
+        Ok(Self::from_inner(Inner {
+            source: Source::File {
+                path: path.to_owned(),
+                subnet,
+                gateway_ip,
+                reload: Mutex::new(None),
+                loads: std::sync::atomic::AtomicU64::new(1),
+            },
             view: ArcSwap::from_pointee(view),
-            reload: Mutex::new(None),
+            changed: tokio::sync::Notify::new(),
+            degraded: Default::default(),
+            claims: None,
+        }))
+    }
+
+    fn from_inner(inner: Inner) -> Self {
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// A registry whose views are pushed (a shared registry's follower), starting at `view`;
+    /// `claims` hears of every session opened here.
+    pub fn pushed(view: RegistryView, claims: ClaimSender) -> Self {
+        Self::from_inner(Inner {
+            source: Source::Pushed,
+            view: ArcSwap::from_pointee(view),
+            changed: tokio::sync::Notify::new(),
+            degraded: Default::default(),
+            claims: Some(claims),
         })
+    }
+
+    /// Authenticate opened `session` for `client` here (tells a shared registry; never waits).
+    pub fn session_opened(&self, client: &Arc<str>, session: crate::snapshot::SessionId) {
+        if let Some(c) = &self.inner.claims {
+            c.claim(client, session);
+        }
+    }
+
+    /// Whether the view is the last good one of a database that is unreachable now (for the
+    /// log and status).
+    pub fn degraded(&self) -> bool {
+        self.inner.degraded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Set by the shared registry's follower when it loses or regains the database.
+    pub fn set_degraded(&self, degraded: bool) {
+        self.inner
+            .degraded
+            .store(degraded, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The current view: one atomic load.
     pub fn view(&self) -> Arc<RegistryView> {
-        self.view.load_full()
+        self.inner.view.load_full()
+    }
+
+    /// Installs a new pushed view and wakes whoever waits in [`LiveRegistry::changed`].
+    pub fn install(&self, view: RegistryView) -> Arc<RegistryView> {
+        let view = Arc::new(view);
+        self.inner.view.store(view.clone());
+        self.inner.changed.notify_one();
+        view
+    }
+
+    /// Completes when a pushed view was installed since the last call (never for a file).
+    pub async fn changed(&self) {
+        self.inner.changed.notified().await;
     }
 
     /// Reloads the registry if its file changed. Returns the new view if it did.
     ///
     /// A file that fails to load keeps the previous view in force (a half-edited file must not
     /// lock every client out or let a revoked one back in); it is logged once per version.
+    /// A pushed registry returns `None`: its follower installs new views itself.
     pub fn refresh(&self, wait: Wait) -> Option<Arc<RegistryView>> {
-        let on_disk = std::fs::metadata(&self.path)
+        let Source::File {
+            path,
+            subnet,
+            gateway_ip,
+            reload,
+            loads,
+        } = &self.inner.source
+        else {
+            return None;
+        };
+        let on_disk = std::fs::metadata(path)
             .ok()
             .map(|m| FileStamp::of(&m));
-        if on_disk == self.view.load().stamp {
+        if on_disk == self.inner.view.load().stamp {
             return None;
         }
         let mut failed = match wait {
-            Wait::Yes => self.reload.lock().unwrap_or_else(|p| p.into_inner()),
-            Wait::No => match self.reload.try_lock() {
+            Wait::Yes => reload.lock().unwrap_or_else(|p| p.into_inner()),
+            Wait::No => match reload.try_lock() {
                 Ok(g) => g,
                 Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
                 Err(std::sync::TryLockError::WouldBlock) => return None,
             },
         };
         // Another caller may have reloaded (or failed to) while we waited for the lock.
-        if on_disk == self.view.load().stamp || *failed == Some(on_disk) {
+        if on_disk == self.inner.view.load().stamp || *failed == Some(on_disk) {
             return None;
         }
         let loaded = match on_disk {
@@ -182,18 +348,17 @@ impl LiveRegistry {
             // progress), not "revoke everyone": keep the last version.
             None => Err(format!(
                 "the client registry {} has disappeared",
-                self.path.display()
+                path.display()
             )),
-            Some(_) => {
-                load_view(&self.path, self.subnet, self.gateway_ip).map_err(|e| e.to_string())
-            }
+            Some(_) => load_view(path, *subnet, *gateway_ip).map_err(|e| e.to_string()),
         };
         match loaded {
-            Ok(view) => {
+            Ok(mut view) => {
+                view.version = loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 let view = Arc::new(view);
-                self.view.store(view.clone());
+                self.inner.view.store(view.clone());
                 *failed = None;
-                tracing::info!(registry = %self.path.display(), clients = view.len(), "client registry reloaded");
+                tracing::info!(registry = %path.display(), clients = view.len(), "client registry reloaded");
                 Some(view)
             }
             Err(e) => {

@@ -2,8 +2,10 @@
 //! registry, and the control service (gRPC over mutual TLS 1.3).
 //!
 //! - [`cli`]: the `holdfast gateway <command>` commands (init, add-client, revoke, list, run).
-//! - [`registry`]: the client registry file (names, stable tunnel addresses, pinned certificates).
-//! - [`live`]: the running gateway's view of that file, reloaded when it changes.
+//! - [`registry`]: the client registry (names, stable tunnel addresses, pinned certificates)
+//!   behind one store seam: a file (one gateway) or PostgreSQL (several gateways).
+//! - [`live`]: the running gateway's view of the registry, reloaded when the file changes.
+//! - [`follow`]: with a shared registry, keeps that view in step with the database.
 //! - [`sessions`]: the session table: lock-free lookups by session id and by tunnel address.
 //! - [`service`]: the `Authenticate` and `PingSession` RPCs.
 //! - [`tls`]: TLS 1.3-only mutual authentication, one handshake task per connection.
@@ -19,6 +21,7 @@
 pub mod cli;
 pub mod dataplane;
 pub mod dns;
+pub mod follow;
 pub mod fsutil;
 pub mod live;
 pub mod metrics;
@@ -95,6 +98,12 @@ impl GatewayError {
             GatewayError::Config(e) => e.exit_code(),
             GatewayError::Registry(RegistryError::Read { .. }) => exit::CONFIG_MISSING,
             GatewayError::Registry(RegistryError::Malformed { .. }) => exit::CONFIG_INVALID,
+            GatewayError::Registry(RegistryError::DatabaseUrl { .. }) => exit::CONFIG_INVALID,
+            GatewayError::Registry(RegistryError::DatabaseUnreachable { .. }) => {
+                exit::DB_UNAVAILABLE
+            }
+            GatewayError::Registry(RegistryError::DatabaseAuth { .. }) => exit::DB_CREDENTIALS,
+            GatewayError::Registry(RegistryError::SchemaNewer { .. }) => exit::DB_SCHEMA_NEWER,
             GatewayError::Pki(PkiError::BadAuthority { .. }) => exit::BAD_KEYS,
             GatewayError::Bind { source, .. }
                 if source.kind() == io::ErrorKind::PermissionDenied =>

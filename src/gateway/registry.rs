@@ -30,6 +30,12 @@ use std::time::SystemTime;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+pub mod file;
+pub mod postgres;
+mod store;
+
+pub use store::{RegistrySnapshot, RegistryStore};
+
 use super::fsutil::{self, Existing};
 use crate::config::gateway::check_host_in;
 // The naming rule is the config layer's (a gateway's `name` follows it too); re-exported here,
@@ -67,6 +73,41 @@ pub enum RegistryError {
     /// Every address in the subnet is taken (revoked entries keep theirs).
     #[error("no free address left in {subnet} (revoked clients keep their addresses)")]
     SubnetFull { subnet: Ipv4Net },
+    /// `database` in gateway.toml (or `--registry`) is not a usable PostgreSQL URL.
+    #[error("invalid database URL '{url}': {reason}")]
+    DatabaseUrl { url: String, reason: String },
+    /// The database server cannot be reached (or the database does not exist).
+    #[error("cannot reach the registry database {db}: {reason}")]
+    DatabaseUnreachable { db: String, reason: String },
+    /// The database refused the user name or password.
+    #[error("the registry database {db} refused the credentials: {reason}")]
+    DatabaseAuth { db: String, reason: String },
+    /// The database's schema was made by a newer holdfast; this binary does not touch it.
+    #[error(
+        "the registry database {db} has schema version {version}, newer than this holdfast knows (up to {known}); upgrade holdfast"
+    )]
+    SchemaNewer { db: String, version: i64, known: i64 },
+    /// Any other database failure (a query or a migration failed).
+    #[error("registry database {db}: {reason}")]
+    Database { db: String, reason: String },
+    /// The database holds no deployment yet (`gateway init --registry` creates one).
+    #[error("the registry database {db} holds no deployment; create one with `holdfast gateway init --registry URL`")]
+    NoDeployment { db: String },
+    /// `init --registry` on a database that already holds a deployment.
+    #[error("the registry database {db} already holds a deployment (subnet {subnet}); add a gateway to it with `holdfast gateway join`")]
+    DeploymentExists { db: String, subnet: Ipv4Net },
+    /// gateway.toml's subnet or tunnel address disagrees with the deployment's.
+    #[error("this gateway's subnet {ours} (gateway {ours_ip}) differs from the deployment's {theirs} (gateway {theirs_ip}) in {db}; every gateway of a deployment serves the same subnet")]
+    DeploymentMismatch {
+        db: String,
+        ours: Ipv4Net,
+        ours_ip: Ipv4Addr,
+        theirs: Ipv4Net,
+        theirs_ip: Ipv4Addr,
+    },
+    /// Another gateway of the deployment already uses this endpoint.
+    #[error("endpoint {endpoint} is already a gateway of this deployment ('{name}')")]
+    EndpointTaken { endpoint: String, name: String },
 }
 
 /// Whether a client may authenticate.
@@ -274,64 +315,12 @@ impl Registry {
         name: &str,
         requested: Option<Ipv4Addr>,
     ) -> Result<AddPlan, RegistryError> {
-        valid_name(name)?;
-        if let Some(existing) = self.get(name) {
-            if existing.state == ClientState::Active {
-                return Err(RegistryError::AlreadyActive {
-                    name: name.to_owned(),
-                    ip: existing.ip,
-                });
-            }
-            if let Some(ip) = requested.filter(|ip| *ip != existing.ip) {
-                return Err(RegistryError::AddressUnavailable {
-                    ip,
-                    reason: format!(
-                        "'{name}' keeps its reserved address {}; omit --ip",
-                        existing.ip
-                    ),
-                });
-            }
-            return Ok(AddPlan {
-                ip: existing.ip,
-                reenable: true,
-            });
-        }
-        let ip = match requested {
-            Some(ip) => {
-                self.check_free(ip)?;
-                ip
-            }
-            None => self.next_free().ok_or(RegistryError::SubnetFull {
-                subnet: self.subnet,
-            })?,
-        };
-        Ok(AddPlan {
-            ip,
-            reenable: false,
-        })
-    }
-
-    fn check_free(&self, ip: Ipv4Addr) -> Result<(), RegistryError> {
-        let unavailable = |reason: String| RegistryError::AddressUnavailable { ip, reason };
-        check_host_in(self.subnet, ip).map_err(unavailable)?;
-        if ip == self.gateway_ip {
-            return Err(unavailable("it is the gateway's own address".into()));
-        }
-        if let Some(owner) = self.clients.iter().find(|c| c.ip == ip) {
-            return Err(unavailable(format!(
-                "taken by '{}' ({:?})",
-                owner.name, owner.state
-            )));
-        }
-        Ok(())
+        plan_add(&self.clients, self.subnet, self.gateway_ip, name, requested)
     }
 
     /// The lowest host address of the subnet not used by the gateway or any entry.
     pub fn next_free(&self) -> Option<Ipv4Addr> {
-        let taken: HashSet<Ipv4Addr> = self.clients.iter().map(|c| c.ip).collect();
-        self.subnet
-            .hosts()
-            .find(|ip| *ip != self.gateway_ip && !taken.contains(ip))
+        next_free_v4(&self.clients, self.subnet, self.gateway_ip)
     }
 
     /// Records a (re-)added client with the certificate just issued for it. `plan` must come from
@@ -372,6 +361,85 @@ impl Registry {
         entry.revoked_at = Some(now.to_owned());
         Ok(RevokeOutcome::Revoked)
     }
+}
+
+/// Decides the address for `add-client NAME [--ip IP]` given every current entry, without
+/// changing anything: a revoked name gets its reserved address back; a new name gets `requested`
+/// (checked) or the lowest free address. Shared by every store (the file store under its lock
+/// file, the database under its advisory lock, where a UNIQUE constraint backs it up).
+pub fn plan_add(
+    clients: &[ClientEntry],
+    subnet: Ipv4Net,
+    gateway_ip: Ipv4Addr,
+    name: &str,
+    requested: Option<Ipv4Addr>,
+) -> Result<AddPlan, RegistryError> {
+    valid_name(name)?;
+    if let Some(existing) = clients.iter().find(|c| c.name == name) {
+        if existing.state == ClientState::Active {
+            return Err(RegistryError::AlreadyActive {
+                name: name.to_owned(),
+                ip: existing.ip,
+            });
+        }
+        if let Some(ip) = requested.filter(|ip| *ip != existing.ip) {
+            return Err(RegistryError::AddressUnavailable {
+                ip,
+                reason: format!(
+                    "'{name}' keeps its reserved address {}; omit --ip",
+                    existing.ip
+                ),
+            });
+        }
+        return Ok(AddPlan {
+            ip: existing.ip,
+            reenable: true,
+        });
+    }
+    let ip = match requested {
+        Some(ip) => {
+            check_free(clients, subnet, gateway_ip, ip)?;
+            ip
+        }
+        None => next_free_v4(clients, subnet, gateway_ip)
+            .ok_or(RegistryError::SubnetFull { subnet })?,
+    };
+    Ok(AddPlan {
+        ip,
+        reenable: false,
+    })
+}
+
+fn check_free(
+    clients: &[ClientEntry],
+    subnet: Ipv4Net,
+    gateway_ip: Ipv4Addr,
+    ip: Ipv4Addr,
+) -> Result<(), RegistryError> {
+    let unavailable = |reason: String| RegistryError::AddressUnavailable { ip, reason };
+    check_host_in(subnet, ip).map_err(unavailable)?;
+    if ip == gateway_ip {
+        return Err(unavailable("it is the gateway's own address".into()));
+    }
+    if let Some(owner) = clients.iter().find(|c| c.ip == ip) {
+        return Err(unavailable(format!(
+            "taken by '{}' ({:?})",
+            owner.name, owner.state
+        )));
+    }
+    Ok(())
+}
+
+/// The lowest host address of `subnet` used neither by the gateway nor by any entry.
+pub fn next_free_v4(
+    clients: &[ClientEntry],
+    subnet: Ipv4Net,
+    gateway_ip: Ipv4Addr,
+) -> Option<Ipv4Addr> {
+    let taken: HashSet<Ipv4Addr> = clients.iter().map(|c| c.ip).collect();
+    subnet
+        .hosts()
+        .find(|ip| *ip != gateway_ip && !taken.contains(ip))
 }
 
 #[cfg(test)]

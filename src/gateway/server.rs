@@ -71,16 +71,20 @@ fn read_pem(path: &Path, what: &'static str) -> Result<String, ConfigError> {
 }
 
 impl ControlPlane {
-    /// Loads the credentials and the registry and binds `config.listen`. Must run inside a tokio
-    /// runtime (the listener registers with it).
+    /// Loads the credentials and the registry file and binds `config.listen`. Must run inside a
+    /// tokio runtime (the listener registers with it). A gateway on a shared registry is bound
+    /// with [`ControlPlane::bind_with`] (see `gateway run`).
     pub fn bind(config: &GatewayConfig) -> Result<Self, GatewayError> {
-        Self::bind_with_dns(config, super::dns::DnsPush::default())
+        let registry = LiveRegistry::open(&config.registry, config.subnet, config.gateway_ip)?;
+        Self::bind_with(config, registry, super::dns::DnsPush::default())
     }
 
-    /// [`ControlPlane::bind`], announcing the resolver `dns` to every client that authenticates
-    /// (what `gateway run` does when its resolver is on).
-    pub fn bind_with_dns(
+    /// [`ControlPlane::bind`] on a registry already opened (a file's or a shared one's),
+    /// announcing the resolver `dns` to every client that authenticates (what `gateway run` does
+    /// when its resolver is on).
+    pub fn bind_with(
         config: &GatewayConfig,
+        registry: LiveRegistry,
         dns: super::dns::DnsPush,
     ) -> Result<Self, GatewayError> {
         let ca = read_pem(&config.ca_cert, "authority certificate")?;
@@ -98,7 +102,6 @@ impl ControlPlane {
         let tls = tls::server_config(&ca, &cert, &key)
             .map_err(|r| bad(&config.cert, "TLS identity", r))?;
 
-        let registry = LiveRegistry::open(&config.registry, config.subnet, config.gateway_ip)?;
         let limits = SessionLimits::new(
             config.session_idle_timeout,
             config.session_max_lifetime,
@@ -154,6 +157,11 @@ impl ControlPlane {
     /// The counters the resolver counts into (shared with `gateway status` and the metrics).
     pub fn dns_counters(&self) -> Arc<super::dns::DnsCounters> {
         self.state.dns_counters.clone()
+    }
+
+    /// The running gateway's view of the registry.
+    pub fn registry(&self) -> LiveRegistry {
+        self.state.registry.clone()
     }
 
     /// The clock the session table's times are measured on.
@@ -221,7 +229,12 @@ async fn housekeeping(state: Arc<ControlState>) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        // A view pushed by a shared registry's follower is enforced at once (a revocation ends
+        // sessions within a second everywhere); a file is looked at every tick.
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = state.registry.changed() => {}
+        }
         state.refresh_registry(Wait::Yes);
         state.enforce_registry(&state.registry.view());
         let now = state.clock.now();

@@ -180,6 +180,9 @@ impl Control for ControlService {
             .open(new, state.clock.now(), || rng.next_u64());
         let s: &Session = &opened.session;
         state.counters.auth(AuthResult::Ok);
+        // With a shared registry, the other gateways end this client's session there (one
+        // live session per client across gateways).
+        state.registry.session_opened(&s.client, s.id);
         match &opened.replaced {
             Some(old) => tracing::info!(
                 client = %s.client, ip = %s.assigned_ip, session = %s.id, key_fp = %s.key.fingerprint(),
@@ -200,6 +203,7 @@ impl Control for ControlService {
             session_idle_timeout_ms: state.sessions.limits().idle_ms,
             dns_servers: state.dns.servers.iter().map(ip_bytes).collect(),
             search_domains: state.dns.search_domains.clone(),
+            endpoints: view.endpoints().to_vec(),
         }))
     }
 

@@ -126,6 +126,13 @@ pub struct VpnAuthResponse {
     pub search_domains: Vec<String>,
     /// When the client received it (wall clock, for display only).
     pub received_at: SystemTime,
+    /// The gateway (control endpoint) that handed out this session. The data plane sends to its
+    /// address, so it follows the session to whichever gateway of the deployment issued it.
+    /// `None` (fixtures): the data plane's configured gateway.
+    pub gateway_addr: Option<std::net::SocketAddr>,
+    /// Every gateway of the deployment as this answer listed them (empty: not a multi-gateway
+    /// deployment). The client keeps the latest list for failover.
+    pub endpoints: Vec<std::net::SocketAddr>,
     /// The data plane's per-session state (cipher, send counter, replay window), created on first
     /// use and dropped with the snapshot. Build it with `Default::default()`; read it through
     /// [`VpnAuthResponse::crypto`].
@@ -151,6 +158,8 @@ impl VpnAuthResponse {
             dns_servers: Vec::new(),
             search_domains: Vec::new(),
             received_at: SystemTime::UNIX_EPOCH,
+            gateway_addr: None,
+            endpoints: Vec::new(),
             crypto: CryptoSlot::default(),
         }
     }

@@ -132,9 +132,19 @@ pub enum Event {
     /// and in Authing it also restarts the attempt, on the driver's fresh connection, instead of
     /// waiting out a deadline on the old one.
     UnderlayChanged,
+    /// The deployment's gateway list changed size (from the client file at start, then from each
+    /// `Authenticate` answer): `count` gateways are known. Internal: no transition.
+    GatewaysChanged { count: usize },
+    /// The driver moved its control channel to the next gateway (after `SwitchGateway`).
+    GatewaySwitched,
     /// Explicit stop.
     Stop,
 }
+
+/// Failed health checks in a row (the last one a transport failure: unreachable, timed out)
+/// after which a client that knows other gateways moves to the next one. Two, so a single lost
+/// ping does not move a client; with the test timings that is about a second.
+pub const FAILOVER_AFTER: u32 = 2;
 
 /// Outputs of the machine, executed by the driver in order.
 #[derive(Debug, Clone)]
@@ -153,6 +163,9 @@ pub enum Effect {
     CancelTimer,
     /// Install this snapshot in the one `AuthCell` (a single atomic swap).
     SwapSnapshot(Arc<VpnAuthResponse>),
+    /// Move the control channel to the next known gateway, then report `GatewaySwitched`. The
+    /// installed snapshot stays until the new gateway's answer swaps in.
+    SwitchGateway,
     /// Emit this log line (the only routine log lines of the client come from here).
     Log(LogLine),
     /// The machine has stopped: the driver tears down and returns.
@@ -182,6 +195,7 @@ pub enum StateName {
     Healthy,
     Degraded,
     Backoff,
+    Failover,
     Stopped,
 }
 
@@ -211,7 +225,7 @@ impl StateName {
     pub fn superstate(self) -> Option<&'static str> {
         match self {
             StateName::Unauthed => Some("Running"),
-            StateName::Authing | StateName::Backoff => Some("Establishing"),
+            StateName::Authing | StateName::Backoff | StateName::Failover => Some("Establishing"),
             StateName::Healthy | StateName::Degraded => Some("Connected"),
             StateName::Stopped => None,
         }
@@ -238,6 +252,8 @@ impl Event {
             Event::ReauthRequested => "ReauthRequested",
             Event::Nudged => "Nudged",
             Event::UnderlayChanged => "UnderlayChanged",
+            Event::GatewaysChanged { .. } => "GatewaysChanged",
+            Event::GatewaySwitched => "GatewaySwitched",
             Event::Stop => "Stop",
         }
     }
@@ -405,6 +421,10 @@ struct Machine {
     /// When a failure was last logged at warn or info, to space out the repeats.
     last_loud: Option<Now>,
     last_transition: Option<TransitionTaken>,
+    /// How many gateways the client knows (at least 1).
+    gateways: usize,
+    /// Gateways moved to since the last success or backoff: a round tries each once.
+    switches: usize,
 }
 
 /// The chart (`statecharts/supervisor.mmd`):
@@ -414,12 +434,15 @@ struct Machine {
 /// ├── Unauthed                 Started -> Authing
 /// ├── Establishing
 /// │   ├── Authing              AuthSucceeded -> Healthy, AuthFailed -> Backoff,
+/// │   │                        AuthFailed (unreachable, an untried gateway left) -> Failover,
 /// │   │                        UnderlayChanged -> Authing (a fresh attempt)
-/// │   └── Backoff              TimerFired(Retry) | Nudged | UnderlayChanged
-/// │                            | ReauthRequested -> Authing
+/// │   ├── Backoff              TimerFired(Retry) | Nudged | UnderlayChanged
+/// │   │                        | ReauthRequested -> Authing
+/// │   └── Failover             GatewaySwitched -> Authing
 /// └── Connected                SessionExpired | ReauthRequested -> Authing
 ///     ├── Healthy              PingFailed -> Degraded
-///     └── Degraded             PingSucceeded -> Healthy, PingFailed -> Degraded
+///     └── Degraded             PingSucceeded -> Healthy, PingFailed -> Degraded,
+///                              PingFailed (FAILOVER_AFTER-th unreachable, other gateways) -> Failover
 /// Stopped                      ignores everything
 /// ```
 #[state_machine(
@@ -430,12 +453,17 @@ struct Machine {
     visibility = "pub(crate)"
 )]
 impl Machine {
-    /// Every state but `Stopped`. Outgoing: `Stop` -> Stopped. Events no state below handles
-    /// end here and are ignored: nothing but `Stop` ever stops the machine.
+    /// Every state but `Stopped`. Outgoing: `Stop` -> Stopped. Internal: `GatewaysChanged`
+    /// records how many gateways there are. Events no state below handles end here and are
+    /// ignored: nothing but `Stop` ever stops the machine.
     #[superstate]
-    fn running(event: &Event) -> Outcome<State> {
+    fn running(&mut self, event: &Event) -> Outcome<State> {
         match event {
             Event::Stop => Transition(State::stopped()),
+            Event::GatewaysChanged { count } => {
+                self.gateways = (*count).max(1);
+                Handled
+            }
             _ => Handled,
         }
     }
@@ -471,9 +499,14 @@ impl Machine {
                 context.effects.push(Effect::SwapSnapshot(Arc::clone(auth)));
                 Transition(State::healthy())
             }
-            Event::AuthFailed { attempt, .. } if self.awaits(*attempt, Rpc::Authenticate) => {
+            Event::AuthFailed { attempt, failure } if self.awaits(*attempt, Rpc::Authenticate) => {
                 self.settle_failure();
-                Transition(State::backoff())
+                let transport = matches!(failure, AuthFailure::Unreachable | AuthFailure::TimedOut);
+                if transport && self.untried_gateway() {
+                    Transition(State::failover())
+                } else {
+                    Transition(State::backoff())
+                }
             }
             Event::UnderlayChanged if self.nudge_allowed(context.now) => {
                 // Re-entry begins a fresh attempt, which makes the one in flight stale.
@@ -519,7 +552,29 @@ impl Machine {
 
     #[action]
     fn enter_backoff(&mut self, context: &mut Ctx<'_>) {
+        // A new round: after the wait, every gateway may be tried once more.
+        self.switches = 0;
         self.arm_retry(Timer::Retry, context);
+    }
+
+    /// The current gateway stopped answering and another is known (entry asks the driver to
+    /// move to it). Outgoing: `GatewaySwitched` -> Authing. The snapshot stays installed, so the
+    /// data plane keeps trying the old gateway until the new one's session swaps in.
+    #[state(superstate = "establishing", entry_action = "enter_failover")]
+    fn failover(event: &Event) -> Outcome<State> {
+        match event {
+            Event::GatewaySwitched => Transition(State::authing()),
+            _ => Super,
+        }
+    }
+
+    #[action]
+    fn enter_failover(&mut self, context: &mut Ctx<'_>) {
+        self.switches = self.switches.saturating_add(1);
+        if self.next_timer.take().is_some() {
+            context.effects.push(Effect::CancelTimer);
+        }
+        context.effects.push(Effect::SwitchGateway);
     }
 
     /// A snapshot is installed and the gateway knows our session. Internal: `TimerFired(Health)`
@@ -569,6 +624,7 @@ impl Machine {
     fn enter_healthy(&mut self, context: &mut Ctx<'_>) {
         // Every way into Healthy is a success: the failure streak and its log bookkeeping end.
         self.failures = 0;
+        self.switches = 0;
         self.warned.clear();
         self.last_loud = None;
         self.arm_health(context);
@@ -584,9 +640,14 @@ impl Machine {
                 self.settle_ping_ok(*rtt);
                 Transition(State::healthy())
             }
-            Event::PingFailed { attempt, .. } if self.awaits(*attempt, Rpc::Ping) => {
+            Event::PingFailed { attempt, failure } if self.awaits(*attempt, Rpc::Ping) => {
                 self.settle_failure();
-                Transition(State::degraded())
+                let transport = matches!(failure, PingFailure::Unreachable | PingFailure::TimedOut);
+                if transport && self.failures >= FAILOVER_AFTER && self.untried_gateway() {
+                    Transition(State::failover())
+                } else {
+                    Transition(State::degraded())
+                }
             }
             _ => Super,
         }
@@ -619,6 +680,7 @@ impl State {
             State::Backoff { .. } => StateName::Backoff,
             State::Healthy { .. } => StateName::Healthy,
             State::Degraded { .. } => StateName::Degraded,
+            State::Failover { .. } => StateName::Failover,
             State::Stopped { .. } => StateName::Stopped,
         }
     }
@@ -640,7 +702,14 @@ impl Machine {
             warned: Vec::new(),
             last_loud: None,
             last_transition: None,
+            gateways: 1,
+            switches: 0,
         }
+    }
+
+    /// Whether this round of failovers has a gateway left to try.
+    fn untried_gateway(&self) -> bool {
+        self.switches.saturating_add(1) < self.gateways
     }
 
     /// Starts an RPC: a fresh attempt number, which makes every earlier one stale.
@@ -776,6 +845,11 @@ impl Machine {
                 }
                 write!(out, "; next check in {wait}")
             }
+            (StateName::Failover, _) => write!(
+                out,
+                "; trying the next of {} gateways",
+                self.gateways
+            ),
             (StateName::Backoff | StateName::Degraded, Some(wait)) => {
                 write!(out, "; retry in {wait} (failure {})", self.failures)
             }
@@ -920,6 +994,52 @@ mod tests {
                 attempt: self.attempt,
                 failure,
             })
+        }
+    }
+
+    fn switches(fx: &[Effect]) -> usize {
+        fx.iter().filter(|e| matches!(e, Effect::SwitchGateway)).count()
+    }
+
+    #[test]
+    fn an_unreachable_gateway_fails_over_keeping_the_snapshot_and_each_gateway_once_per_round() {
+        let mut h = Harness::new();
+        h.send(Event::GatewaysChanged { count: 2 });
+        let first = h.healthy(1);
+        // One failed check is not enough to leave a gateway.
+        h.fail_ping(PingFailure::Unreachable);
+        assert_eq!(h.sup.state(), StateName::Degraded);
+        // A gateway that answers with an error is not gone either.
+        let fx = h.fail_ping(PingFailure::GatewayError);
+        assert_eq!((h.sup.state(), switches(&fx)), (StateName::Degraded, 0));
+        let fx = h.fail_ping(PingFailure::TimedOut);
+        assert_eq!((h.sup.state(), switches(&fx)), (StateName::Failover, 1));
+        assert!(Arc::ptr_eq(h.sup.installed().unwrap(), &first), "snapshot kept");
+        let fx = h.send(Event::GatewaySwitched);
+        assert_eq!(h.sup.state(), StateName::Authing);
+        assert!(fx.iter().any(|e| matches!(e, Effect::CallAuthenticate { .. })));
+        // The other gateway is unreachable too: the round is over, back off (no third switch).
+        let fx = h.fail_auth(AuthFailure::Unreachable);
+        assert_eq!((h.sup.state(), switches(&fx)), (StateName::Backoff, 0));
+        // The next round starts at the current gateway and may switch once more.
+        h.advance(10 * S);
+        h.send(Event::TimerFired(Timer::Retry));
+        let fx = h.fail_auth(AuthFailure::TimedOut);
+        assert_eq!((h.sup.state(), switches(&fx)), (StateName::Failover, 1));
+        // A rejection is an answer: no failover on it.
+        h.send(Event::GatewaySwitched);
+        let fx = h.fail_auth(AuthFailure::Rejected);
+        assert_eq!((h.sup.state(), switches(&fx)), (StateName::Backoff, 0));
+    }
+
+    #[test]
+    fn a_single_gateway_never_fails_over() {
+        let mut h = Harness::new();
+        h.healthy(1);
+        for _ in 0..5 {
+            let fx = h.fail_ping(PingFailure::Unreachable);
+            assert_eq!((h.sup.state(), switches(&fx)), (StateName::Degraded, 0));
+            h.advance(400 * S);
         }
     }
 

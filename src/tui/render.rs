@@ -78,6 +78,7 @@ fn state_color(s: StateName) -> Color {
         StateName::Healthy => Color::Green,
         StateName::Degraded => Color::Yellow,
         StateName::Backoff => Color::Red,
+        StateName::Failover => Color::Magenta,
         StateName::Stopped => Color::DarkGray,
     }
 }
@@ -212,6 +213,7 @@ const fn name(s: StateName) -> &'static str {
         StateName::Healthy => "Healthy",
         StateName::Degraded => "Degraded",
         StateName::Backoff => "Backoff",
+        StateName::Failover => "Failover",
         StateName::Stopped => "Stopped",
     }
 }
@@ -302,6 +304,8 @@ fn meaning_of(s: StateName, has_session: bool) -> &'static str {
         (StateName::Backoff, true) => "waiting to retry; the old session keeps the tunnel up",
         (StateName::Healthy, _) => "session up, health checks pass",
         (StateName::Degraded, _) => "health checks failing; session and tunnel kept",
+        // Transient (the driver switches at once); not drawn as a cell of its own.
+        (StateName::Failover, _) => "gateway not answering; moving to the next one",
         (StateName::Stopped, _) => "stopped",
     }
 }

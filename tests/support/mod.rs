@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod netns;
+pub mod pg;
 pub mod tmux;
 
 use std::io::{BufRead, BufReader};

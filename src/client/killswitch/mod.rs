@@ -170,9 +170,9 @@ impl KillSwitchPlan {
         self
     }
 
-    /// The plan for a client file: the gateway endpoint (its one port number serves the control
-    /// plane over TCP and the data plane over UDP), the TUN name, and with `allow_lan` the given
-    /// subnets (see [`lan_subnets`]).
+    /// The plan for a client file: every gateway endpoint it names (each one port number serves
+    /// the control plane over TCP and the data plane over UDP), the TUN name, and with
+    /// `allow_lan` the given subnets (see [`lan_subnets`]).
     pub fn for_client(file: &ClientFile, lan: &[IpNet]) -> Result<Self, KillSwitchError> {
         let net = &file.network;
         let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
@@ -180,7 +180,12 @@ impl KillSwitchPlan {
         // The resolvers a file names are known now; those a gateway pushes only after the first
         // answer, so with `dns = "gateway"` DNS through the tunnel is not restricted (it goes
         // encrypted to the gateway either way; outside the tunnel it is dropped in every case).
-        let plan = Self::new(file.endpoint.ip(), port, port, tun)?.tunnel_dns_only(net.dns.configured());
+        let mut plan = Self::new(file.endpoint.ip(), port, port, tun)?.tunnel_dns_only(net.dns.configured());
+        // Every gateway of the deployment the file names (a failover never waits on the
+        // kill-switch, and nothing else gets through).
+        for g in file.all_endpoints().iter().skip(1) {
+            plan = plan.with_gateway(g.ip(), g.port(), g.port())?;
+        }
         Ok(if net.allow_lan.unwrap_or(false) { plan.allow_lan(lan) } else { plan })
     }
 

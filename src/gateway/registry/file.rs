@@ -1,0 +1,79 @@
+//! The file store: the registry as one TOML file beside gateway.toml (the default, for a single
+//! gateway). Each change takes the file's edit lock, loads, edits and saves atomically, exactly
+//! as before the store seam existed.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+
+use super::{AddPlan, ClientEntry, Registry, RegistryError, RevokeOutcome, timestamp_now};
+use crate::pki::CertFingerprint;
+
+/// The registry file of one gateway.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    path: PathBuf,
+    subnet: Ipv4Net,
+    gateway_ip: Ipv4Addr,
+}
+
+impl FileStore {
+    pub fn new(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Self {
+        Self {
+            path: path.to_owned(),
+            subnet,
+            gateway_ip,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes an empty registry (what `init` does).
+    pub fn create(&self) -> Result<(), RegistryError> {
+        Registry::empty(&self.path, self.subnet, self.gateway_ip).save()
+    }
+
+    /// Plans the address, lets `issue` make (and write) the credentials for it, then records the
+    /// client; all under the edit lock.
+    pub fn add_client<E: From<RegistryError>>(
+        &self,
+        name: &str,
+        requested: Option<Ipv4Addr>,
+        issue: impl FnOnce(&AddPlan) -> Result<CertFingerprint, E>,
+    ) -> Result<AddPlan, E> {
+        let _lock = Registry::lock(&self.path)?;
+        let mut registry = Registry::load(&self.path, self.subnet, self.gateway_ip)?;
+        let plan = registry.plan_add(name, requested)?;
+        let cert = issue(&plan)?;
+        registry.commit_add(name, plan, cert, &timestamp_now());
+        registry.save()?;
+        Ok(plan)
+    }
+
+    /// Revokes `name`; returns what happened and the client's (still reserved) address.
+    pub fn revoke(&self, name: &str) -> Result<(RevokeOutcome, Ipv4Addr), RegistryError> {
+        let _lock = Registry::lock(&self.path)?;
+        let mut registry = Registry::load(&self.path, self.subnet, self.gateway_ip)?;
+        let outcome = registry.revoke(name, &timestamp_now())?;
+        if outcome == RevokeOutcome::Revoked {
+            registry.save()?;
+        }
+        let ip = registry
+            .get(name)
+            .map(|c| c.ip)
+            .ok_or_else(|| RegistryError::NotRegistered {
+                name: name.to_owned(),
+            })?;
+        Ok((outcome, ip))
+    }
+
+    /// Every entry.
+    pub fn clients(&self) -> Result<Vec<ClientEntry>, RegistryError> {
+        Ok(Registry::load(&self.path, self.subnet, self.gateway_ip)?
+            .clients()
+            .to_vec())
+    }
+}
