@@ -265,9 +265,17 @@ fn gateway_answer_seeds() -> Vec<Seed> {
         session_key: (0..32).collect(),
         data_port: 51820,
         session_idle_timeout_ms: 180_000,
+        assigned_ip6: [0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2].to_vec(),
+        gateway_ip6: [0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1].to_vec(),
+        prefix_len6: 64,
     };
     type Break = fn(&mut AuthenticateResponse);
-    let broken: [(&'static str, Break); 6] = [
+    let broken: [(&'static str, Break); 11] = [
+        ("v6-short-ip", |a| a.assigned_ip6.truncate(15)),
+        ("v6-half-config", |a| a.gateway_ip6.clear()),
+        ("v6-prefix-129", |a| a.prefix_len6 = 129),
+        ("v6-outside-subnet", |a| a.assigned_ip6[0] = 0xfc),
+        ("v6-multicast", |a| a.assigned_ip6[0] = 0xff),
         ("ipv6-assigned-ip", |a| a.assigned_ip = vec![0xfd; 16]),
         ("prefix-0", |a| a.prefix_len = 0),
         ("session-0", |a| a.session_id = 0),
@@ -296,6 +304,7 @@ fn config_seeds() -> Vec<Seed> {
         dir: dir.clone(),
         endpoint: "198.18.0.1:51820".parse().expect("literal"),
         subnet: DEFAULT_SUBNET,
+        subnet6: Some("fd00:64::/64".parse().expect("literal")),
         name: "holdfast".into(),
         server_name: "holdfast-gateway".into(),
     })

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::GatewayError;
 use super::fsutil::{self, Existing};
@@ -76,6 +76,10 @@ pub struct InitArgs {
     /// The tunnel subnet; the gateway takes its first host address.
     #[arg(long, value_name = "CIDR", default_value_t = DEFAULT_SUBNET)]
     pub subnet: Ipv4Net,
+    /// The IPv6 tunnel subnet (/48 to /120); the gateway takes its first host address.
+    /// Default: a random RFC 4193 unique local /64 (fdXX:XXXX:XXXX::/64), chosen once here.
+    #[arg(long, value_name = "CIDR6")]
+    pub subnet6: Option<Ipv6Net>,
     /// This gateway's name (logs, the authority's certificate).
     #[arg(long, value_name = "NAME", default_value = DEFAULT_NAME)]
     pub name: String,
@@ -172,6 +176,10 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
     check_name(&a.name).map_err(|r| usage("--name", format!("'{}': {r}", a.name)))?;
     gwconf::check_server_name(&a.server_name).map_err(|r| usage("--server-name", r))?;
     gwconf::check_subnet(a.subnet).map_err(|r| usage("--subnet", r))?;
+    let subnet6 = match a.subnet6 {
+        Some(net) => gwconf::check_subnet6(net).map_err(|r| usage("--subnet6", r))?,
+        None => random_ula(),
+    };
     if a.endpoint.port() == 0 || a.endpoint.ip().is_unspecified() {
         return Err(usage(
             "--endpoint",
@@ -185,6 +193,7 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
         name: a.name.clone(),
         endpoint: a.endpoint,
         subnet: a.subnet,
+        subnet6,
         server_name: a.server_name.clone(),
     };
     let config_path = a.dir.join(GATEWAY_FILE);
@@ -237,7 +246,7 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
         PUBLIC_MODE,
         Existing::Refuse,
     )?;
-    Registry::empty(&config.registry, config.subnet, config.gateway_ip).save()?;
+    Registry::empty(&config.registry, config.subnet, config.gateway_ip, config.v6).save()?;
     write_file(
         &config_path,
         config_text.as_bytes(),
@@ -246,7 +255,7 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
     )?;
 
     Ok(format!(
-        "Initialised gateway '{}' in {}\n  endpoint     {}\n  subnet       {} (gateway {})\n  server name  {}\n  \
+        "Initialised gateway '{}' in {}\n  endpoint     {}\n  subnet       {} (gateway {})\n  subnet6      {}\n  server name  {}\n  \
          authority    {} (key {})\n  TLS identity {} (key {})\n  registry     {}\n\
          Next: holdfast gateway add-client --dir {} NAME\n",
         config.name,
@@ -254,6 +263,7 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
         config.endpoint,
         config.subnet,
         config.gateway_ip,
+        v6_text(&config),
         config.server_name,
         config.ca_cert.display(),
         config.ca_key.display(),
@@ -262,6 +272,59 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
         config.registry.display(),
         a.dir.display(),
     ))
+}
+
+/// A random RFC 4193 unique local /64 (40 random bits of global id).
+fn random_ula() -> Ipv6Net {
+    let mut id = [0u8; 5];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+    gwconf::random_ula64(id)
+}
+
+/// "SUBNET6 (gateway GW6)" or "none", for reports.
+fn v6_text(config: &GatewayConfig) -> String {
+    match config.v6 {
+        Some(v6) => format!("{} (gateway {})", v6.subnet, v6.gateway_ip),
+        None => "none".into(),
+    }
+}
+
+/// Loads `DIR/gateway.toml` for a command that serves or adds clients, upgrading a directory
+/// written before IPv6 in place first: gateway.toml gets a random ULA `subnet6` (inserted as
+/// text, so comments and layout stay), and every registry entry without an IPv6 address gets
+/// one. IPv4 addresses never change. Returns the config and one line per change made (empty
+/// when there was nothing to do), which the caller prints or logs.
+pub fn load_upgraded(dir: &Path) -> Result<(GatewayConfig, Vec<String>), GatewayError> {
+    let path = dir.join(GATEWAY_FILE);
+    let mut config = GatewayConfig::load(&path)?;
+    let mut changes = Vec::new();
+    if config.v6.is_none() {
+        let text = crate::config::read_config_text(&path)?;
+        let subnet6 = random_ula();
+        if let Some(new_text) = gwconf::upgrade_text(&text, subnet6) {
+            // Parse what we are about to write: the upgrade must never break the file.
+            let upgraded = GatewayConfig::parse(&new_text, &path)?;
+            write_file(&path, new_text.as_bytes(), PUBLIC_MODE, Existing::Replace)?;
+            changes.push(format!("{}: added subnet6 = \"{subnet6}\" (dual stack)", path.display()));
+            config = upgraded;
+        }
+    }
+    if config.v6.is_some() {
+        let _lock = Registry::lock(&config.registry)?;
+        let mut registry =
+            Registry::load(&config.registry, config.subnet, config.gateway_ip, config.v6)?;
+        let named = registry.assign_missing_ip6()?;
+        if !named.is_empty() {
+            registry.save()?;
+            changes.push(format!(
+                "{}: gave {} client(s) an IPv6 address ({}); IPv4 addresses unchanged",
+                config.registry.display(),
+                named.len(),
+                named.join(", ")
+            ));
+        }
+    }
+    Ok((config, changes))
 }
 
 fn load_authority(config: &GatewayConfig) -> Result<Authority, GatewayError> {
@@ -297,9 +360,10 @@ pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
         flag: "NAME",
         reason: format!("'{}': {r}", a.name),
     })?;
-    let config = GatewayConfig::load_dir(&a.dir)?;
+    let (config, upgraded) = load_upgraded(&a.dir)?;
     let _lock = Registry::lock(&config.registry)?;
-    let mut registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
+    let mut registry =
+        Registry::load(&config.registry, config.subnet, config.gateway_ip, config.v6)?;
     let plan = registry.plan_add(&a.name, a.ip)?;
     let authority = load_authority(&config)?;
     let issued = authority.issue_client(&a.name)?;
@@ -350,20 +414,24 @@ pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
     } else {
         "registered"
     };
-    Ok(format!(
-        "Client '{}' {what}: tunnel address {}, certificate {}\nClient file (mode 0600, contains the client's key): {}\n",
+    let ip6 = plan.ip6.map(|ip| format!(" and {ip}")).unwrap_or_default();
+    let mut report: String = upgraded.iter().map(|l| format!("Upgraded {l}\n")).collect();
+    report.push_str(&format!(
+        "Client '{}' {what}: tunnel address {}{ip6}, certificate {}\nClient file (mode 0600, contains the client's key): {}\n",
         a.name,
         plan.ip,
         issued.fingerprint.short(),
         out.display()
-    ))
+    ));
+    Ok(report)
 }
 
 /// `gateway revoke`. Returns the text to print.
 pub fn revoke(a: &RevokeArgs) -> Result<String, GatewayError> {
     let config = GatewayConfig::load_dir(&a.dir)?;
     let _lock = Registry::lock(&config.registry)?;
-    let mut registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
+    let mut registry =
+        Registry::load(&config.registry, config.subnet, config.gateway_ip, config.v6)?;
     match registry.revoke(&a.name, &timestamp_now())? {
         RevokeOutcome::AlreadyRevoked => Ok(format!("Client '{}' was already revoked.\n", a.name)),
         RevokeOutcome::Revoked => {
@@ -383,12 +451,12 @@ pub fn revoke(a: &RevokeArgs) -> Result<String, GatewayError> {
 /// `gateway list`. Returns the table to print.
 pub fn list(dir: &Path) -> Result<String, GatewayError> {
     let config = GatewayConfig::load_dir(dir)?;
-    let registry = Registry::load(&config.registry, config.subnet, config.gateway_ip)?;
+    let registry = Registry::load(&config.registry, config.subnet, config.gateway_ip, config.v6)?;
     let mut clients: Vec<_> = registry.clients().iter().collect();
     clients.sort_by_key(|c| c.ip);
     let mut out = format!(
-        "{:<24} {:<15} {:<8} {:<16} CREATED\n",
-        "NAME", "ADDRESS", "STATE", "CERT (SHA-256)"
+        "{:<24} {:<15} {:<24} {:<8} {:<16} CREATED\n",
+        "NAME", "ADDRESS", "ADDRESS6", "STATE", "CERT (SHA-256)"
     );
     for c in &clients {
         let state = match c.state {
@@ -396,9 +464,10 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
             ClientState::Revoked => "revoked",
         };
         out.push_str(&format!(
-            "{:<24} {:<15} {:<8} {:<16} {}\n",
+            "{:<24} {:<15} {:<24} {:<8} {:<16} {}\n",
             c.name,
             c.ip.to_string(),
+            c.ip6.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
             state,
             c.cert_sha256.short().to_string(),
             c.created
@@ -409,19 +478,23 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
         .filter(|c| c.state == ClientState::Active)
         .count();
     out.push_str(&format!(
-        "{} client(s), {active} active; subnet {} (gateway {})\n",
+        "{} client(s), {active} active; subnet {} (gateway {}); subnet6 {}\n",
         clients.len(),
         config.subnet,
-        config.gateway_ip
+        config.gateway_ip,
+        v6_text(&config)
     ));
     Ok(out)
 }
 
 /// `gateway run`: serves until SIGINT or SIGTERM.
 async fn run(dir: &Path) -> Result<(), GatewayError> {
-    let config = GatewayConfig::load_dir(dir)?;
+    let (config, upgraded) = load_upgraded(dir)?;
+    for change in &upgraded {
+        tracing::info!("upgraded {change}");
+    }
     let plane = ControlPlane::bind(&config)?;
-    tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
+    tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, subnet6 = %v6_text(&config), "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
     let data = super::dataplane::start_for(&config, &plane).await?;
     tokio::spawn(end_sessions_on_sigusr2(plane.sessions()));

@@ -759,6 +759,7 @@ mod tests {
                 client: "alice".into(),
                 cert: CertFingerprint([1; 32]),
                 assigned_ip: ip,
+                assigned_ip6: None,
                 key: SessionKey::new([id as u8; 32]),
             };
             table.open(new, 0, || id).session.id

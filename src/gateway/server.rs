@@ -89,7 +89,7 @@ impl ControlPlane {
         let tls = tls::server_config(&ca, &cert, &key)
             .map_err(|r| bad(&config.cert, "TLS identity", r))?;
 
-        let registry = LiveRegistry::open(&config.registry, config.subnet, config.gateway_ip)?;
+        let registry = LiveRegistry::open(&config.registry, config.subnet, config.gateway_ip, config.v6)?;
         let limits = SessionLimits::new(
             config.session_idle_timeout,
             config.session_max_lifetime,
@@ -101,6 +101,7 @@ impl ControlPlane {
             clock: Clock::new(),
             subnet: config.subnet,
             gateway_ip: config.gateway_ip,
+            v6: config.v6,
             data_port: config.endpoint.port(),
         });
 
