@@ -14,7 +14,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,6 +31,8 @@ use support::wait_until;
 use support::netns::{self, Netns};
 
 const GW_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+/// The gateway's IPv6 tunnel address; clients get fd00:64::<last octet of their IPv4 one>.
+const GW_TUN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 1);
 const PORT: u16 = 51820;
 
 /// Skips (with a visible note) when not root: namespaces and TUN devices need CAP_NET_ADMIN.
@@ -76,15 +78,23 @@ impl SessionLookup for Table {
     fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>> {
         self.by_id.read().expect("lock").get(&id).cloned()
     }
-    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>> {
-        self.by_id.read().expect("lock").values().find(|s| s.assigned_ip == ip).cloned()
+    fn by_ip(&self, ip: IpAddr) -> Option<Arc<DataSession>> {
+        self.by_id.read().expect("lock").values().find(|s| s.owns(ip)).cloned()
     }
+}
+
+/// The IPv6 tunnel address that goes with an in-process client's IPv4 one.
+fn ip6_of(ip: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, u16::from(ip.octets()[3]))
 }
 
 fn snapshot(id: u64, ip: Ipv4Addr, key: [u8; 32]) -> Arc<VpnAuthResponse> {
     Arc::new(VpnAuthResponse {
         assigned_ip: ip,
         gateway_ip: GW_TUN,
+        assigned_ip6: Some(ip6_of(ip)),
+        gateway_ip6: Some(GW_TUN6),
+        prefix_len6: 64,
         data_port: PORT,
         received_at: SystemTime::now(),
         ..VpnAuthResponse::fixture(id, key)
@@ -220,21 +230,28 @@ impl Inproc {
 
     /// A client namespace linked to the gateway's, with its data plane created (not yet up).
     fn client(&mut self, ip: Ipv4Addr) -> InprocClient {
+        self.client_over(ip, false)
+    }
+
+    /// [`Inproc::client`], reaching the gateway over an IPv6 underlay (2001:db8:<n>::1) when
+    /// `ipv6_underlay`; the gateway's one dual-stack socket serves both kinds.
+    fn client_over(&mut self, ip: Ipv4Addr, ipv6_underlay: bool) -> InprocClient {
         let n = self.next_link;
         self.next_link += 1;
         let ns = Netns::new();
         let gw_underlay = Ipv4Addr::new(198, 18, n, 1);
-        netns::link(
-            &self.gw_ns,
-            &format!("c{n}"),
-            gw_underlay,
-            &ns,
-            "up0",
-            Ipv4Addr::new(198, 18, n, 2),
-            24,
-        );
+        let link = format!("c{n}");
+        netns::link(&self.gw_ns, &link, gw_underlay, &ns, "up0", Ipv4Addr::new(198, 18, n, 2), 24);
+        let gateway: IpAddr = if ipv6_underlay {
+            let gw6 = Ipv6Addr::new(0x2001, 0xdb8, u16::from(n), 0, 0, 0, 0, 1);
+            self.gw_ns.add_addr6(&link, gw6, 64);
+            ns.add_addr6("up0", Ipv6Addr::new(0x2001, 0xdb8, u16::from(n), 0, 0, 0, 0, 2), 64);
+            gw6.into()
+        } else {
+            gw_underlay.into()
+        };
         let rt = NsRuntime::new(&ns);
-        let mut cfg = ClientDataPlaneConfig::new(gw_underlay.into());
+        let mut cfg = ClientDataPlaneConfig::new(gateway);
         cfg.tun_name = Some("hf0".into());
         cfg.keepalive = Duration::from_secs(1);
         cfg.nudge_min_interval = Duration::from_millis(100);
@@ -249,7 +266,8 @@ impl Inproc {
 
     /// Registers a session on the gateway and hands the same snapshot to the client.
     fn authenticate(&self, c: &InprocClient, id: u64, key: [u8; 32]) {
-        self.table.install(Arc::new(DataSession::new(SessionId(id), c.ip, &SessionKey::new(key))));
+        let s = DataSession::new(SessionId(id), c.ip, &SessionKey::new(key));
+        self.table.install(Arc::new(s.with_ip6(Some(ip6_of(c.ip)))));
         c.swap(snapshot(id, c.ip, key));
     }
 }
@@ -264,9 +282,14 @@ impl Drop for Inproc {
 
 fn gateway_config() -> GatewayDataPlaneConfig {
     GatewayDataPlaneConfig {
-        listen: SocketAddr::from(([0, 0, 0, 0], PORT)),
+        // One dual-stack socket: IPv4 clients arrive on it as well as IPv6 ones.
+        listen: SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT)),
         subnet: "100.64.0.0/24".parse().expect("subnet"),
         gateway_ip: GW_TUN,
+        v6: Some(holdfast::config::gateway::Tunnel6 {
+            subnet: "fd00:64::/64".parse().expect("subnet6"),
+            gateway_ip: GW_TUN6,
+        }),
         tun_name: Some("hfgw".into()),
         underlay_mtu: 1500,
         nat_uplink: None,
@@ -297,6 +320,24 @@ fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     p[22..24].copy_from_slice(&9u16.to_be_bytes());
     p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     p[28..].copy_from_slice(payload);
+    p
+}
+
+/// A minimal IPv6/UDP packet from `src` to `dst` (UDP checksum left zero: the receivers here only
+/// count or route it).
+fn ipv6_udp(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let mut p = vec![0u8; 40 + udp_len];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    p[6] = 17;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..42].copy_from_slice(&9u16.to_be_bytes());
+    p[42..44].copy_from_slice(&9u16.to_be_bytes());
+    p[44..46].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    p[48..].copy_from_slice(payload);
     p
 }
 
@@ -334,11 +375,12 @@ fn inproc_ping_both_ways_and_counters() {
     assert_eq!((cs.tx_loop_starts, cs.rx_loop_starts), (1, 1));
     let tun = c.ns.ifindex("hf0").expect("client tun exists");
     assert_eq!(cs.tun_ifindex, tun);
-    // The kernels' own IPv6 chatter on the TUN devices is dropped (not_ipv4); nothing else is.
+    // The kernels' own link-scope chatter on the TUN devices is dropped (not_carried); nothing
+    // else is.
     let drops = |s: &Stats| {
         DropReason::ALL
             .iter()
-            .filter(|&&r| r != DropReason::NotIpv4)
+            .filter(|&&r| r != DropReason::NotCarried)
             .map(|&r| s.dropped(r))
             .sum::<u64>()
     };
@@ -521,6 +563,93 @@ fn inproc_hostile_datagrams_are_dropped_and_counted_and_traffic_continues() {
     assert_eq!(c.ns.ping_count(GW_TUN, 5), 5);
     let s = c.stats();
     assert_eq!((s.tx_loop_starts, s.rx_loop_starts), (1, 1));
+}
+
+#[test]
+fn inproc_ipv6_inside_the_tunnel_over_both_underlays_and_client_to_client() {
+    require_root!();
+    let mut w = Inproc::new();
+    let a = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    let b = w.client_over(Ipv4Addr::new(100, 64, 0, 3), true);
+    w.authenticate(&a, 0x61, [21; 32]);
+    w.authenticate(&b, 0x62, [22; 32]);
+    let (a6, b6) = (ip6_of(a.ip), ip6_of(b.ip));
+    // Both TUN devices carry both addresses.
+    for (c, ip6) in [(&a, a6), (&b, b6)] {
+        let addrs = c.ns.ip(&["-o", "addr", "show", "dev", "hf0"]);
+        assert!(addrs.contains(&format!("inet {}/24", c.ip)), "{addrs}");
+        assert!(addrs.contains(&format!("inet6 {ip6}/64")), "{addrs}");
+    }
+    // Over an IPv4 underlay (a) and an IPv6 one (b): ping6 both ways, then IPv4 too on b.
+    for (c, ip6) in [(&a, a6), (&b, b6)] {
+        assert!(c.ns.ping_until(GW_TUN6, T).is_some(), "client {ip6} -> gateway over IPv6");
+        assert_eq!(c.ns.ping_count(GW_TUN6, 5), 5);
+        assert_eq!(w.gw_ns.ping_count(ip6, 5), 5, "gateway -> client {ip6}");
+    }
+    assert_eq!(b.ns.ping_count(GW_TUN, 3), 3, "IPv4 inside an IPv6 underlay");
+    let ep = w.table.by_id(SessionId(0x62)).and_then(|s| s.endpoint()).expect("endpoint");
+    assert!(ep.is_ipv6(), "b reached the gateway over IPv6: {ep}");
+    let ep = w.table.by_id(SessionId(0x61)).and_then(|s| s.endpoint()).expect("endpoint");
+    assert!(ep.is_ipv4(), "a's endpoint is an IPv4 address, not a mapped one: {ep}");
+    // Client to client by inner IPv6 destination, re-sealed at the gateway.
+    assert_eq!(a.ns.ping_count(b6, 5), 5, "a -> b over IPv6");
+    assert_eq!(b.ns.ping_count(a6, 5), 5, "b -> a over IPv6");
+    // Content-checked TCP over IPv6 both ways, across the IPv6 underlay.
+    let peer = transfer(&b.ns, &w.gw_ns, SocketAddr::from((GW_TUN6, 5060)), 1 << 20);
+    assert_eq!(peer.ip(), IpAddr::V6(b6), "the gateway sees the client's IPv6 tunnel address");
+    transfer(&w.gw_ns, &b.ns, SocketAddr::from((b6, 5061)), 1 << 20);
+    transfer(&a.ns, &b.ns, SocketAddr::from((b6, 5062)), 256 * 1024);
+    let (gs, as_, bs) = (w.gw_stats(), a.stats(), b.stats());
+    let bad = |s: &Stats| {
+        [DropReason::Decrypt, DropReason::Replay, DropReason::Spoofed, DropReason::Malformed]
+            .iter()
+            .map(|r| s.dropped(*r))
+            .sum::<u64>()
+    };
+    assert_eq!(bad(&gs) + bad(&as_) + bad(&bs), 0, "{gs}\n{as_}\n{bs}");
+}
+
+#[test]
+fn inproc_spoofed_and_hostile_inner_ipv6_is_dropped_and_counted() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    let (key, id) = ([23; 32], 0x63);
+    w.authenticate(&c, id, key);
+    assert!(c.ns.ping_until(GW_TUN6, T).is_some(), "tunnel up");
+    let gw_addr = SocketAddr::from(([198, 18, 0, 1], PORT));
+    let probe = udp_in(&c.ns, "0.0.0.0:0");
+    let reserve = || c.auth.get_auth().expect("snapshot").crypto().tx.next().expect("counter");
+    let own = ip6_of(c.ip);
+    let other = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 0x99);
+    let g0 = w.gw_stats();
+    let sealed = |inner: &[u8]| seal(key, Direction::ClientToGateway, id, reserve(), inner);
+    let good = ipv6_udp(own, GW_TUN6, b"fine");
+    let spoofed = ipv6_udp(other, GW_TUN6, b"not mine");
+    // Another session's address is as foreign as an unassigned one.
+    let mut b_as_src = ipv6_udp(Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 3), GW_TUN6, b"x");
+    b_as_src.truncate(40);
+    let truncated = &good[..39];
+    // A payload length (jumbo: 0 with no hop-by-hop header) and a next-header chain that do not
+    // fit the packet: the gateway still reads only the fixed header, and the kernel drops it.
+    let mut jumbo = ipv6_udp(own, GW_TUN6, b"jumbo");
+    jumbo[4..6].copy_from_slice(&0u16.to_be_bytes());
+    let mut bad_chain = ipv6_udp(own, GW_TUN6, b"chain");
+    bad_chain[6] = 0; // hop-by-hop options header that is not there
+    for inner in [&good[..], &spoofed[..], &b_as_src[..], truncated, &jumbo[..], &bad_chain[..]] {
+        probe.send_to(&sealed(inner), gw_addr).expect("send");
+    }
+    let counted = wait_until(T, || {
+        let g = w.gw_stats();
+        let d = |r| g.dropped(r) - g0.dropped(r);
+        d(DropReason::Spoofed) == 2 && d(DropReason::Malformed) == 1
+    });
+    assert!(counted, "before {g0}\nafter {}", w.gw_stats());
+    // The good one and the two malformed-but-own ones went to the kernel, which judges them.
+    assert_eq!(w.gw_stats().rx_packets - g0.rx_packets, 3, "{}", w.gw_stats());
+    // And traffic continues, both families.
+    assert_eq!(c.ns.ping_count(GW_TUN6, 3), 3);
+    assert_eq!(c.ns.ping_count(GW_TUN, 3), 3);
 }
 
 #[test]
@@ -1020,7 +1149,16 @@ fn inproc_tun_mtu_fits_one_sealed_packet_in_the_underlay() {
     };
     // 1500 (veth) - 20 (IPv4) - 8 (UDP) - 36 (datagram header + tag) = 1436.
     assert_eq!(mtu(&c.ns, "hf0").as_deref(), Some("1436"));
-    assert_eq!(mtu(&w.gw_ns, "hfgw").as_deref(), Some("1436"));
+    // The gateway's dual-stack socket serves IPv6 clients too, whose underlay header is 20
+    // bytes longer: 1500 - 40 - 8 - 36 = 1416 (what it sends fits either kind of client).
+    assert_eq!(mtu(&w.gw_ns, "hfgw").as_deref(), Some("1416"));
+    let c6 = w.client_over(Ipv4Addr::new(100, 64, 0, 3), true);
+    w.authenticate(&c6, 0xf2, [8; 32]);
+    assert!(c6.ns.ping_until(GW_TUN6, T).is_some(), "tunnel up over IPv6");
+    assert_eq!(mtu(&c6.ns, "hf0").as_deref(), Some("1416"), "a client over IPv6 sizes for it");
+    // A full-size inner IPv6 packet (1416 = 40 IPv6 + 8 ICMPv6 + 1368) crosses, DF being implied.
+    let out = c6.ns.exec("ping", &["-c", "2", "-s", "1368", "-W", "1", &GW_TUN6.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     // A full-size inner packet (1436 = 20 IP + 8 ICMP + 1408), DF set, crosses both ways.
     let out =
         c.ns.exec("ping", &["-c", "2", "-M", "do", "-s", "1408", "-W", "1", &GW_TUN.to_string()]);

@@ -15,7 +15,7 @@
 //!
 //! Buffers are allocated once per loop; the per-packet path does not allocate.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
 use crate::config::client::ClientFile;
+use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, MsgType};
 use crate::snapshot::{GetAuth, VpnAuthResponse};
@@ -234,7 +235,7 @@ async fn bring_up(shared: Arc<Shared>) {
     };
     let Some(binding) = binding else { return };
     let cfg = &shared.cfg;
-    let mtu = match tunnel::tun_mtu(cfg.underlay_mtu) {
+    let mtu = match tunnel::tun_mtu(cfg.underlay_mtu, IpFamily::of_addr(cfg.gateway)) {
         Ok(m) => m,
         Err(e) => {
             // A configuration error, not a transient one: retrying cannot help. Still not fatal:
@@ -256,10 +257,21 @@ async fn bring_up(shared: Arc<Shared>) {
                 _ = stopped(stop.clone()) => return,
             }
         };
+        let address6 = match auth.assigned_ip6 {
+            Some(ip6) if mtu >= tunnel::MIN_IPV6_MTU => Some((ip6, auth.prefix_len6)),
+            Some(_) => {
+                if attempt == 1 {
+                    tracing::warn!(target: TARGET, "TUN MTU {mtu} is below the IPv6 minimum of 1280: the tunnel carries IPv4 only (raise underlay_mtu)");
+                }
+                None
+            }
+            None => None,
+        };
         let spec = TunSpec {
             name: cfg.tun_name.clone(),
             address: auth.assigned_ip,
             prefix_len: auth.prefix_len,
+            address6,
             mtu,
             offload: cfg.offload,
         };
@@ -307,7 +319,7 @@ async fn bring_up(shared: Arc<Shared>) {
     }
     let device = Arc::new(tun.device);
     let sock = Arc::new(sock);
-    let tun_ip = (binding.get_auth)().map(|a| a.assigned_ip);
+    let tun_ip = (binding.get_auth)().map(|a| (a.assigned_ip, a.assigned_ip6));
     let tx = tokio::spawn(send_loop(
         shared.clone(),
         binding.clone(),
@@ -327,7 +339,7 @@ async fn send_loop(
     tun: Arc<AsyncDevice>,
     sock: Arc<UdpSocket>,
     // The address and MTU the TUN device was created with: the device's, not the session's.
-    tun_ip: Option<Ipv4Addr>,
+    tun_ip: Option<(Ipv4Addr, Option<Ipv6Addr>)>,
     mtu: u16,
 ) {
     let c = &shared.counters;
@@ -372,8 +384,13 @@ async fn send_loop(
                 let crypto = auth.crypto();
                 for (i, sealed_len) in lens.iter_mut().enumerate().take(n) {
                     *sealed_len = 0;
-                    if !tunnel::is_ipv4(reader.packet(i)) {
-                        c.count_drop(DropReason::NotIpv4);
+                    // Neither IP, nor the host's own link-scope chatter, nor a family this
+                    // session has no address in (IPv6 with a gateway that has none) goes to the
+                    // gateway; what is spoofed is the gateway's call (it drops and counts it).
+                    let carried = InnerPacket::parse(reader.packet(i))
+                        .is_some_and(|p| !p.is_link_chatter() && auth.carries(p.family()));
+                    if !carried {
+                        c.count_drop(DropReason::NotCarried);
                         continue;
                     }
                     let len = reader.len(i);
@@ -413,14 +430,17 @@ async fn send_loop(
                 auth.data_port,
                 c.stats()
             );
-            if tun_ip.is_some_and(|ip| ip != auth.assigned_ip) {
+            if tun_ip.is_some_and(|ip| ip != (auth.assigned_ip, auth.assigned_ip6)) {
                 // The spec promises a stable address per client, so the device is never
                 // readdressed; say so once per session rather than fail silently.
                 tracing::warn!(
                     target: TARGET,
                     "the gateway assigned {} but the tunnel keeps {}: traffic from the new address will be refused",
                     auth.assigned_ip,
-                    tun_ip.map(|ip| ip.to_string()).unwrap_or_default()
+                    tun_ip.map(|(ip, ip6)| match ip6 {
+                        Some(ip6) => format!("{ip} and {ip6}"),
+                        None => ip.to_string(),
+                    }).unwrap_or_default()
                 );
             }
         }

@@ -174,6 +174,15 @@ impl VpnAuthResponse {
         )
     }
 
+    /// Whether this session has a tunnel address of `family` (every session has IPv4; IPv6 only
+    /// when the gateway has it).
+    pub fn carries(&self, family: super::inner::IpFamily) -> bool {
+        match family {
+            super::inner::IpFamily::V4 => true,
+            super::inner::IpFamily::V6 => self.assigned_ip6.is_some(),
+        }
+    }
+
     /// Whether `ip` is one of this session's tunnel addresses (either family).
     pub fn owns(&self, ip: std::net::IpAddr) -> bool {
         match ip {
