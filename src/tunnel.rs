@@ -297,6 +297,17 @@ pub enum TunError {
     MtuTooSmallForIpv6(u16),
 }
 
+/// Whether IPv6 is turned off in the calling thread's network namespace
+/// (`net.ipv6.conf.{all,default}.disable_ipv6 = 1`, or no IPv6 in the kernel at all). Then the
+/// kernel refuses an IPv6 address or route on any new device (EACCES), so both sides run the
+/// tunnel IPv4 only rather than fail to bring it up.
+pub fn ipv6_disabled() -> bool {
+    ["all", "default"].iter().any(|conf| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"))
+            .map_or(true, |v| v.trim() == "1")
+    })
+}
+
 /// The smallest link MTU IPv6 allows (RFC 8200, section 5).
 pub const MIN_IPV6_MTU: u16 = 1280;
 

@@ -258,6 +258,12 @@ async fn bring_up(shared: Arc<Shared>) {
             }
         };
         let address6 = match auth.assigned_ip6 {
+            Some(_) if tunnel::ipv6_disabled() => {
+                if attempt == 1 {
+                    tracing::warn!(target: TARGET, "IPv6 is disabled on this host: the tunnel carries IPv4 only");
+                }
+                None
+            }
             Some(ip6) if mtu >= tunnel::MIN_IPV6_MTU => Some((ip6, auth.prefix_len6)),
             Some(_) => {
                 if attempt == 1 {

@@ -890,7 +890,11 @@ impl TunnelNetwork {
     pub async fn up(file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<Self, NetworkError> {
         let net = &file.network;
         let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
-        let cidrs = tunnel_cidrs(net.routes.as_deref(), &net.dns);
+        let mut cidrs = tunnel_cidrs(net.routes.as_deref(), &net.dns);
+        if crate::tunnel::ipv6_disabled() {
+            // The kernel refuses IPv6 routes here; there is no IPv6 traffic to route either.
+            cidrs.retain(|n| n.addr().is_ipv4());
+        }
         let gateway = file.endpoint.ip();
         let routes = Routes::install(tun, gateway, &cidrs).await?;
         let captured = captures(&cidrs, gateway);

@@ -493,6 +493,11 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
     for change in &upgraded {
         tracing::info!("upgraded {change}");
     }
+    if config.v6.is_some() && super::dataplane::served_v6(&config).is_none() {
+        tracing::warn!(
+            "IPv6 is disabled on this host (net.ipv6.conf.*.disable_ipv6 = 1): serving IPv4 only; `subnet6` is kept for when it is enabled"
+        );
+    }
     let plane = ControlPlane::bind(&config)?;
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, subnet6 = %v6_text(&config), "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.

@@ -268,6 +268,15 @@ pub struct GatewayDataPlaneConfig {
     pub coalesce_writes: bool,
 }
 
+/// The IPv6 plan this gateway serves: `subnet6` from gateway.toml, unless IPv6 is disabled on
+/// the host, where the kernel would refuse the TUN device's IPv6 address. Then clients get
+/// IPv4-only sessions, as from a gateway without `subnet6`, while the registry (still checked
+/// against `subnet6`) keeps their IPv6 addresses for when IPv6 is back. The one place that
+/// decides it: the control service and the data plane both ask here.
+pub fn served_v6(config: &GatewayConfig) -> Option<Tunnel6> {
+    config.v6.filter(|_| !tunnel::ipv6_disabled())
+}
+
 impl GatewayDataPlaneConfig {
     /// From `gateway.toml`: the UDP socket on the control plane's listen address, the TUN on the
     /// gateway's tunnel address, NAT on `[nat] uplink` when `[nat] enabled`.
@@ -276,7 +285,7 @@ impl GatewayDataPlaneConfig {
             listen: config.listen,
             subnet: config.subnet,
             gateway_ip: config.gateway_ip,
-            v6: config.v6,
+            v6: served_v6(config),
             tun_name: None,
             underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
             nat_uplink: config.nat.enabled.then(|| config.nat.uplink.clone()),

@@ -114,7 +114,7 @@ impl ControlPlane {
             clock: Clock::new(),
             subnet: config.subnet,
             gateway_ip: config.gateway_ip,
-            v6: config.v6,
+            v6: super::dataplane::served_v6(config),
             data_port: config.endpoint.port(),
         });
 
