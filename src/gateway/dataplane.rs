@@ -125,12 +125,14 @@ impl DataSession {
                 .touched_ms
                 .compare_exchange(touched, ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
-        if self.path.endpoint.load().as_deref() == Some(&from) {
-            return Seen { roamed: false, touch };
+        let before = self.path.endpoint.load().as_deref().copied();
+        if before == Some(from) {
+            return Seen { roamed: false, touch, family_changed: false };
         }
         // Allocates, but only when the endpoint changes (roaming), never per packet.
         self.path.endpoint.store(Some(Arc::new(from)));
-        Seen { roamed: true, touch }
+        let family_changed = before.is_some_and(|b| b.is_ipv4() != from.is_ipv4());
+        Seen { roamed: true, touch, family_changed }
     }
 }
 
@@ -139,6 +141,8 @@ impl DataSession {
 struct Seen {
     roamed: bool,
     touch: bool,
+    /// The new endpoint is of the other IP family than the previous one.
+    family_changed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -575,6 +579,11 @@ fn note_seen(
     if seen.touch {
         sessions.touch(session);
     }
+    if seen.family_changed {
+        // Roaming between an IPv4 and an IPv6 underlay is not a supported setup (a client keeps
+        // one gateway address); it works as any roam does, and is said once per change.
+        tracing::info!(target: TARGET, "session {} changed underlay family: now at {from}", session.session_id);
+    }
     if seen.roamed {
         bump(&c.roams);
         // One line per endpoint change of a session: bounded by what the client does.
@@ -807,14 +816,22 @@ mod tests {
         let a: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
         let b: SocketAddr = "198.18.0.2:4001".parse().expect("addr");
         let t = epoch() + Duration::from_secs(5);
-        assert_eq!(s.seen(a, t), Seen { roamed: true, touch: true }, "first endpoint");
+        let first = Seen { roamed: true, touch: true, family_changed: false };
+        assert_eq!(s.seen(a, t), first, "first endpoint");
         assert!(!s.seen(a, t + Duration::from_millis(1)).touch, "touches are spaced");
-        assert_eq!(s.seen(a, t + Duration::from_secs(1)), Seen { roamed: false, touch: true });
+        let again = Seen { roamed: false, touch: true, family_changed: false };
+        assert_eq!(s.seen(a, t + Duration::from_secs(1)), again);
         assert_eq!(s.endpoint(), Some(a));
-        assert!(s.seen(b, t + Duration::from_secs(2)).roamed);
+        let roam = s.seen(b, t + Duration::from_secs(2));
+        assert!(roam.roamed && !roam.family_changed);
         assert_eq!(s.endpoint(), Some(b));
         let seen = s.last_seen().expect("seen");
         assert!(seen >= t + Duration::from_millis(1999) && seen <= t + Duration::from_millis(2001));
+        // Over to an IPv6 underlay and back: each a change of family.
+        let c: SocketAddr = "[2001:db8::2]:4000".parse().expect("addr");
+        assert!(s.seen(c, t + Duration::from_secs(3)).family_changed);
+        assert!(!s.seen(c, t + Duration::from_secs(4)).family_changed);
+        assert!(s.seen(a, t + Duration::from_secs(5)).family_changed);
     }
 
     #[test]
