@@ -830,6 +830,18 @@ impl World {
         (p, line)
     }
 
+    /// The end of a clean run: the gateway dropped nothing as forged, replayed or spoofed, and
+    /// an explicit stop removes its NAT rule.
+    fn clean_stop(&self, mut gateway: Proc) {
+        let g = dump_stats(&mut gateway);
+        assert_eq!(
+            (stat(&g, "drop_decrypt"), stat(&g, "drop_replay"), stat(&g, "drop_spoofed")),
+            (0, 0, 0)
+        );
+        assert_eq!(gateway.terminate(T), Some(0));
+        assert!(!self.gw_ns.nft_ruleset().contains("holdfast_nat"), "NAT rule removed on stop");
+    }
+
     /// The IPv6 tunnel address the gateway gave client `i` (from its TUN device).
     fn tunnel_ip6(&self, i: usize) -> Ipv6Addr {
         let out = self.clients[i].ip(&["-o", "-6", "addr", "show", "dev", CLIENT_TUN, "scope", "global"]);
@@ -974,7 +986,7 @@ fn transfer(from: &Netns, to_ns: &Netns, dest: SocketAddr, total: u64) -> Socket
 fn bin_ping_tcp_nat_and_client_to_client() {
     require_root!();
     let w = World::new(2, true);
-    let mut gateway = w.gateway("gateway");
+    let gateway = w.gateway("gateway");
     assert!(w.gw_ns.nft_ruleset().contains("masquerade"), "NAT rule installed on start");
     let (_c0, _) = w.client(0);
     let (_c1, _) = w.client(1);
@@ -1000,14 +1012,7 @@ fn bin_ping_tcp_nat_and_client_to_client() {
     assert!(w.clients[1].ping_until(ip0, T).is_some(), "client1 -> client0");
     assert_eq!(w.clients[0].ping_count(ip1, 3), 3, "client0 -> client1");
 
-    let g = dump_stats(&mut gateway);
-    assert_eq!(
-        (stat(&g, "drop_decrypt"), stat(&g, "drop_replay"), stat(&g, "drop_spoofed")),
-        (0, 0, 0)
-    );
-    // An explicit stop removes the NAT rule.
-    assert_eq!(gateway.terminate(T), Some(0));
-    assert!(!w.gw_ns.nft_ruleset().contains("holdfast_nat"), "NAT rule removed on stop");
+    w.clean_stop(gateway);
 }
 
 /// The IPv6 counterpart of `bin_ping_tcp_nat_and_client_to_client`, over an IPv6 underlay (the
@@ -1019,7 +1024,7 @@ fn bin_ping_tcp_nat_and_client_to_client() {
 fn bin_ipv6_underlay_ping6_tcp_nat66_and_client_to_client() {
     require_root!();
     let w = World::ipv6_underlay(2, true);
-    let mut gateway = w.gateway("gateway");
+    let gateway = w.gateway("gateway");
     let rules = w.gw_ns.nft_ruleset();
     assert!(rules.contains("ip6 saddr fd") && rules.contains("masquerade"), "NAT66 rule: {rules}");
     let (_c0, _) = w.client(0);
@@ -1046,13 +1051,7 @@ fn bin_ipv6_underlay_ping6_tcp_nat66_and_client_to_client() {
     assert_eq!(w.clients[0].ping_count(b6, 3), 3, "client0 -> client1");
     transfer(&w.clients[1], &w.clients[0], SocketAddr::from((a6, 5104)), 256 * 1024);
 
-    let g = dump_stats(&mut gateway);
-    assert_eq!(
-        (stat(&g, "drop_decrypt"), stat(&g, "drop_replay"), stat(&g, "drop_spoofed")),
-        (0, 0, 0)
-    );
-    assert_eq!(gateway.terminate(T), Some(0));
-    assert!(!w.gw_ns.nft_ruleset().contains("holdfast_nat"), "NAT rule removed on stop");
+    w.clean_stop(gateway);
 }
 
 #[test]

@@ -343,7 +343,13 @@ fn the_host_route_follows_the_default_route_to_another_router() {
     netns::link(&ns, b.dev, b4, &gw_ns, "up2", rb4, 24);
     gw_ns.ip(&["addr", "add", &format!("{endpoint}/32"), "dev", "lo"]);
     ns.default_route(ra4);
-    let gw = gateway_dir(gw_ns, ns, endpoint);
+    roam_back_and_forth(gateway_dir(gw_ns, ns, endpoint), endpoint, &a, &b, |_| {});
+}
+
+/// With the client on uplink `a` (its default route there), starts gateway and client, checks
+/// the pin (and `extra` on the client's namespace), then roams to `b` and back while sampling
+/// that nothing to the gateway ever enters the tunnel.
+fn roam_back_and_forth(gw: GatewayDir, endpoint: IpAddr, a: &Uplink, b: &Uplink, extra: impl Fn(&Netns)) {
     let ns = gw.clients_ns();
     let before = route_table(ns);
 
@@ -351,11 +357,12 @@ fn the_host_route_follows_the_default_route_to_another_router() {
     assert!(ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
     let first = format!("via {} dev {}", a.router, a.dev);
     assert!(route_get(ns, endpoint).contains(&first), "{}", route_get(ns, endpoint));
+    extra(ns);
     install_tun_counter(ns, endpoint);
 
     let sampled = sampling(ns, endpoint, |sampled| {
-        roam(ns, &mut run, sampled, endpoint, &b, &a);
-        roam(ns, &mut run, sampled, endpoint, &a, &b);
+        roam(ns, &mut run, sampled, endpoint, b, a);
+        roam(ns, &mut run, sampled, endpoint, a, b);
         ns.ip(&["link", "set", b.dev, "up"]);
         sampled.observe();
     });
@@ -381,26 +388,11 @@ fn the_ipv6_host_route_follows_the_default_route_to_another_router() {
     }
     gw_ns.ip(&["-6", "addr", "add", &format!("{endpoint}/128"), "dev", "lo", "nodad"]);
     ns.ip(&["-6", "route", "add", "default", "via", &a.router.to_string(), "dev", a.dev]);
-    let gw = gateway_dir(gw_ns, ns, endpoint);
-    let ns = gw.clients_ns();
-    let before = route_table(ns);
-
-    let mut run = Running::start(&gw, None);
-    assert!(ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
-    let first = format!("via {} dev {}", a.router, a.dev);
-    assert!(route_get(ns, endpoint).contains(&first), "{}", route_get(ns, endpoint));
-    let ours = ns.ip(&["-6", "route", "show", "proto", "207"]);
-    assert!(ours.contains(&format!("unreachable {endpoint} ")), "the /128 fallback: {ours}");
-    assert!(ours.contains("::/1 dev holdfast0") && ours.contains("8000::/1 dev holdfast0"), "{ours}");
-    install_tun_counter(ns, endpoint);
-
-    let sampled = sampling(ns, endpoint, |sampled| {
-        roam(ns, &mut run, sampled, endpoint, &b, &a);
-        roam(ns, &mut run, sampled, endpoint, &a, &b);
-        ns.ip(&["link", "set", b.dev, "up"]);
-        sampled.observe();
+    roam_back_and_forth(gateway_dir(gw_ns, ns, endpoint), endpoint, &a, &b, |ns| {
+        let ours = ns.ip(&["-6", "route", "show", "proto", "207"]);
+        assert!(ours.contains(&format!("unreachable {endpoint} ")), "the /128 fallback: {ours}");
+        assert!(ours.contains("::/1 dev holdfast0") && ours.contains("8000::/1 dev holdfast0"), "{ours}");
     });
-    run.finish(ns, endpoint, sampled, &before);
 }
 
 #[test]

@@ -1234,7 +1234,7 @@ mod tests {
         assert_eq!(pin_for(gw, pin(None, 2)), Some(RouteSpec::OnLink { dst: gw, oif: 2 }));
         assert_eq!(
             pin_for(gw, pin(Some("198.18.1.1"), 2)),
-            Some(RouteSpec::Host { dst: gw.into(), via: "198.18.1.1".parse().unwrap(), oif: 2 })
+            Some(RouteSpec::Host { dst: gw, via: "198.18.1.1".parse().unwrap(), oif: 2 })
         );
         assert_eq!(pin_for(gw, UnderlayChoice::NoPath), None);
         assert_eq!(pin_for(gw, UnderlayChoice::Unpinned), None);
@@ -1253,7 +1253,7 @@ mod tests {
         assert!(back.ours);
         assert_eq!((back.net, back.priority), (IpNet::from(gw), FALLBACK_METRIC));
         let back = parse_dumped(&message(&RouteSpec::Host {
-            dst: gw.into(),
+            dst: gw,
             via: "198.18.1.1".parse().unwrap(),
             oif: 2,
         }))
