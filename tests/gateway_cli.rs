@@ -183,6 +183,13 @@ fn a_gateway_dir_from_before_ipv6_upgrades_in_place_keeping_every_ipv4_address()
     let (_, changes) = cli::load_upgraded(&dir).unwrap();
     assert!(changes.is_empty(), "{changes:?}");
     assert_eq!(registry(&dir).get("alice").unwrap().ip6, after.get("alice").unwrap().ip6);
+
+    // `subnet6` lost while the registry holds IPv6 addresses: refused, nothing rewritten.
+    strip(dir.join("gateway.toml"), &["subnet6", "gateway_ip6"]);
+    let text = std::fs::read_to_string(dir.join("gateway.toml")).unwrap();
+    let err = cli::load_upgraded(&dir).unwrap_err();
+    assert!(err.to_string().contains("no `subnet6`"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("gateway.toml")).unwrap(), text);
 }
 
 #[test]

@@ -299,6 +299,10 @@ pub fn load_upgraded(dir: &Path) -> Result<(GatewayConfig, Vec<String>), Gateway
     let mut config = GatewayConfig::load(&path)?;
     let mut changes = Vec::new();
     if config.v6.is_none() {
+        // A registry that already holds IPv6 addresses lost its `subnet6` (an edit gone wrong):
+        // a fresh random one would not contain them. Refused, naming the key (the registry's
+        // own check says "... but gateway.toml has no `subnet6`"), and nothing is written.
+        Registry::load(&config.registry, config.subnet, config.gateway_ip, None)?;
         let text = crate::config::read_config_text(&path)?;
         let subnet6 = random_ula();
         if let Some(new_text) = gwconf::upgrade_text(&text, subnet6) {
