@@ -12,6 +12,7 @@
 //!   client, logging.
 //! - [`gateway`]: the gateway: client registry, session registry, control service.
 //! - [`tunnel`]: the IO pieces both data planes share (TUN device, UDP socket, counters).
+//! - [`local_socket`]: the root-only Unix socket both binaries answer status queries on.
 //!
 //! The IO rule: only `client`, `gateway` and the binary touch the world. Everything under `sansio`
 //! is deterministic given its inputs, which is what lets the property tests replay any run.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod gateway;
+pub mod local_socket;
 pub mod logging;
 pub mod pki;
 pub mod sansio;

@@ -5,10 +5,11 @@
 //! `warn` the first occurrence of a degradation, `debug` control RPCs, `trace` per packet.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -37,9 +38,12 @@ pub struct LogGuard {
 /// Installs the global subscriber. A log folder that cannot be created is not fatal: the process
 /// logs to stderr and reports why (the caller decides whether to say so).
 pub fn init(s: &LogSettings) -> LogGuard {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&s.filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let from_env_set = from_env.is_some();
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(&s.filter).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
     let opened = s.dir.as_deref().map(|dir| open_file(dir, s.prefix, s.keep_files));
     let (file_layer, guard, file_error) = match opened {
         None => (None, None, None),
@@ -58,7 +62,11 @@ pub fn init(s: &LogSettings) -> LogGuard {
         tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)
     });
     // A second init (tests) keeps the first subscriber; that is fine.
-    let _ = tracing_subscriber::registry().with(filter).with(file_layer).with(stderr_layer).try_init();
+    let installed =
+        tracing_subscriber::registry().with(filter).with(file_layer).with(stderr_layer).try_init();
+    if installed.is_ok() {
+        let _ = FILTER.set(FilterHandle { handle, from_env: from_env_set });
+    }
     if let (Some(e), Some(dir)) = (&file_error, &s.dir) {
         tracing::warn!("cannot write log files in {}: {e}; logging to stderr only", dir.display());
     }
@@ -74,4 +82,39 @@ fn open_file(dir: &Path, prefix: &str, keep: usize) -> Result<RollingFileAppende
         .max_log_files(keep.max(1))
         .build(dir)
         .map_err(|e| e.to_string())
+}
+
+/// The installed subscriber's filter, replaceable while the process runs (the gateway's `[log]
+/// level` on SIGHUP).
+struct FilterHandle {
+    handle: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` was set: it wins over any configured level, at start and on reload.
+    from_env: bool,
+}
+
+static FILTER: OnceLock<FilterHandle> = OnceLock::new();
+
+/// What [`set_filter`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterChange {
+    Applied,
+    /// `RUST_LOG` is set and wins; the configured level is not applied.
+    OverriddenByEnv,
+}
+
+/// Checks a tracing filter (`info`, `info,holdfast=debug`) without applying it.
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    EnvFilter::try_new(filter).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Replaces the filter of the subscriber [`init`] installed (unless `RUST_LOG` is set, which
+/// wins). An error if the filter does not parse or no subscriber of ours is installed.
+pub fn set_filter(filter: &str) -> Result<FilterChange, String> {
+    let new = EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    let installed = FILTER.get().ok_or("no log subscriber of ours is installed")?;
+    if installed.from_env {
+        return Ok(FilterChange::OverriddenByEnv);
+    }
+    installed.handle.reload(new).map_err(|e| e.to_string())?;
+    Ok(FilterChange::Applied)
 }

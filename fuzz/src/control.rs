@@ -108,6 +108,7 @@ fn service() -> ControlService {
         gateway_ip: GATEWAY_IP,
         v6: None,
         data_port: DATA_PORT,
+        counters: Default::default(),
     }))
 }
 

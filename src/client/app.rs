@@ -11,7 +11,7 @@ use super::status_socket::{self, DataPlaneSample, DropCount, Sampler, TunInfo};
 use super::{ClientHandle, ClientSettings};
 use crate::config::exit;
 use crate::tui::{self, DashboardExit};
-use crate::tunnel::{Counters, DropReason};
+use crate::tunnel::Counters;
 
 const TARGET: &str = "holdfast::client";
 
@@ -172,11 +172,7 @@ async fn stop(
 fn sampler(counters: Arc<Counters>, tun_name: String) -> Sampler {
     Arc::new(move || {
         let s = counters.stats();
-        let drops = DropReason::ALL
-            .iter()
-            .map(|r| DropCount::new(r.name(), s.dropped(*r)))
-            .filter(|d| d.count > 0)
-            .collect();
+        let drops = DropCount::nonzero(&s);
         Some(DataPlaneSample {
             tun: (s.tun_ifindex != 0).then(|| TunInfo { name: tun_name.clone(), ifindex: s.tun_ifindex }),
             loop_starts: u32::try_from(s.tx_loop_starts.max(s.rx_loop_starts)).unwrap_or(u32::MAX),

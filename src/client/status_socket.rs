@@ -11,17 +11,14 @@
 //! [`Sampler`]). It carries the session key's fingerprint and never the key: [`SnapshotView`]
 //! has no key to give.
 
-use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::status::{ClientStatus, SnapshotView};
 use crate::sansio::supervisor::{Now, StateName, Timer};
@@ -57,6 +54,15 @@ impl DropCount {
             reason: reason.to_owned(),
             count,
         }
+    }
+
+    /// The non-zero drop counters of `stats`, in counter order.
+    pub fn nonzero(stats: &crate::tunnel::Stats) -> Vec<DropCount> {
+        crate::tunnel::DropReason::ALL
+            .iter()
+            .map(|r| DropCount::new(r.name(), stats.dropped(*r)))
+            .filter(|d| d.count > 0)
+            .collect()
     }
 }
 
@@ -482,18 +488,7 @@ pub fn resolve_socket_path(explicit: Option<PathBuf>, config: Option<&Path>) -> 
 /// its status (for people, or as pretty JSON with `json`). Returns the process exit code: 0, or
 /// [`StatusQueryError::exit_code`] after a one-line message on stderr.
 pub fn status_command(json: bool, socket: Option<PathBuf>, config: Option<&Path>) -> i32 {
-    use std::io::Write;
-    match status_text(json, socket, config) {
-        Ok(text) => {
-            // Not `print!`: that panics on a closed pipe (`holdfast status | head -1`).
-            let _ = std::io::stdout().lock().write_all(text.as_bytes());
-            crate::config::exit::OK
-        }
-        Err(e) => {
-            eprintln!("holdfast status: {e}");
-            e.exit_code()
-        }
-    }
+    local_socket::print_or_exit("holdfast status", status_text(json, socket, config))
 }
 
 /// What [`status_command`] prints: the report of the client at the resolved socket, as
@@ -511,56 +506,20 @@ pub fn status_text(
     serde_json::to_string_pretty(&report)
         .map(|t| t + "\n")
         .map_err(|e| StatusQueryError::Malformed {
+            who: Speaker::Client,
             path,
             reason: e.to_string(),
         })
 }
 
-/// How long a connection may take to read its report before it is dropped. A reader that stalls
-/// costs one small task until then, nothing more.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How long [`query`] waits for the client's answer.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Largest report [`query`] accepts (a report is a few KiB; this only bounds a broken peer).
-const MAX_REPORT: u64 = 1 << 20;
-
-/// Keeps the status socket served. Dropping it stops serving and removes the socket file (if it
-/// is still ours: a file another process put there since is left alone).
-#[derive(Debug)]
-pub struct ServeGuard {
-    path: PathBuf,
-    /// Device and inode of the socket we bound, to recognise it at removal.
-    id: (u64, u64),
-    task: JoinHandle<()>,
-}
-
-impl ServeGuard {
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for ServeGuard {
-    fn drop(&mut self) {
-        self.task.abort();
-        if let Ok(m) = std::fs::symlink_metadata(&self.path)
-            && (m.dev(), m.ino()) == self.id
-        {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
+pub use crate::local_socket::{ServeGuard, StatusQueryError};
+use crate::local_socket::{self, Speaker};
 
 /// Serves the status at `path` until the guard is dropped. Must be called inside a tokio runtime.
 ///
-/// The socket's folder is created with mode 0700 if missing and must belong to us or root. A
-/// socket left by a killed client (nothing listening) is replaced; a live one is an error (two
-/// clients must not share a socket), and so is a path that is not a socket. The socket is bound
-/// under a temporary name, set to 0600 and then renamed into place, so it is never reachable
-/// with looser permissions.
+/// The socket is bound by [`local_socket::bind`]: mode 0600 in a folder created 0700 if missing
+/// (which must belong to us or root); a socket left by a killed client is replaced, a live one is
+/// an error (two clients must not share a socket), and so is a path that is not a socket.
 pub fn serve(
     path: &Path,
     status: watch::Receiver<ClientStatus>,
@@ -568,94 +527,9 @@ pub fn serve(
     killswitch: String,
 ) -> io::Result<ServeGuard> {
     let clock = StatusClock::new(status.borrow().epoch);
-    let dir = prepare_dir(path)?;
-    clear_stale(path)?;
-
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} names no file", path.display()),
-        )
-    })?;
-    let mut tmp_name = name.to_owned();
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let meta = std::fs::symlink_metadata(path)?;
+    let (listener, guard) = local_socket::bind(path, Speaker::Client)?;
     let task = tokio::spawn(accept_loop(listener, status, sampler, killswitch, clock));
-    Ok(ServeGuard {
-        path: path.to_owned(),
-        id: (meta.dev(), meta.ino()),
-        task,
-    })
-}
-
-/// Creates the socket's folder (0700) if missing and checks who owns it; returns it.
-fn prepare_dir(path: &Path) -> io::Result<PathBuf> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
-    }
-    let meta = std::fs::metadata(&dir)?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me && meta.uid() != 0 {
-        // Someone else's folder (e.g. a pre-created /tmp/holdfast-<uid>): they could swap our
-        // socket for theirs and answer `holdfast status` in our name.
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "{} belongs to uid {}, not to us; refusing to serve status there",
-                dir.display(),
-                meta.uid()
-            ),
-        ));
-    }
-    Ok(dir)
-}
-
-/// Removes a socket nobody listens on; refuses a live one or a non-socket.
-fn clear_stale(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            ),
-        ));
-    }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!(
-                "another holdfast client is serving its status at {}",
-                path.display()
-            ),
-        )),
-        // Refused: the socket of a client that was killed. Anything else: not ours to judge,
-        // but a socket we cannot connect to is useless to everyone, so replace it too.
-        Err(_) => std::fs::remove_file(path),
-    }
+    Ok(guard.with_task(task))
 }
 
 async fn accept_loop(
@@ -668,17 +542,7 @@ async fn accept_loop(
     let mut feed_open = true;
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let mut stream = match accepted {
-                    Ok((s, _)) => s,
-                    // EMFILE and friends: transient; keep serving. A short pause keeps a
-                    // persistent error from spinning the loop.
-                    Err(e) => {
-                        tracing::debug!(target: "holdfast::status", "status socket accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
+            stream = local_socket::accept(&listener) => {
                 let at = Instant::now();
                 let current = status.borrow().clone();
                 clock.observe(&current, at);
@@ -692,13 +556,7 @@ async fn accept_loop(
                     }
                 };
                 doc.push(b'\n');
-                tokio::spawn(async move {
-                    let write = async {
-                        stream.write_all(&doc).await?;
-                        stream.shutdown().await
-                    };
-                    let _ = tokio::time::timeout(WRITE_TIMEOUT, write).await;
-                });
+                local_socket::reply(stream, doc);
             }
             changed = status.changed(), if feed_open => {
                 match changed {
@@ -714,84 +572,15 @@ async fn accept_loop(
     }
 }
 
-/// Why `holdfast status` could not get a report.
-#[derive(Debug, thiserror::Error)]
-pub enum StatusQueryError {
-    /// Nothing at the socket path.
-    #[error("no holdfast client is running (no socket at {})", path.display())]
-    NotRunning { path: PathBuf },
-    /// A socket file with nobody listening: a client that was killed.
-    #[error("no holdfast client is running (stale socket at {}, nothing listening)", path.display())]
-    Stale { path: PathBuf },
-    /// The socket is root-only (or another user's).
-    #[error("permission denied on {} (a client running as root answers root only: try sudo)", path.display())]
-    PermissionDenied { path: PathBuf },
-    /// The client did not answer in time.
-    #[error("the holdfast client at {} did not answer within {}s", path.display(), QUERY_TIMEOUT.as_secs())]
-    TimedOut { path: PathBuf },
-    /// Any other IO failure.
-    #[error("cannot read the status at {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
-    /// The answer is not a status report (another program's socket, or another version).
-    #[error("the answer at {} is not a holdfast status report: {reason}", path.display())]
-    Malformed { path: PathBuf, reason: String },
-}
-
-impl StatusQueryError {
-    /// Exit code for `holdfast status`: 3 when no client runs (as `systemctl status` does for
-    /// a stopped unit), 77 for permissions, 70 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            StatusQueryError::NotRunning { .. } | StatusQueryError::Stale { .. } => 3,
-            StatusQueryError::PermissionDenied { .. } => crate::config::exit::NOT_PERMITTED,
-            _ => crate::config::exit::FAILURE,
-        }
-    }
-}
-
 /// Asks the client at `path` for its status (blocking, bounded by a 5 s timeout).
 pub fn query(path: &Path) -> Result<StatusReport, StatusQueryError> {
-    let text = query_raw(path)?;
-    serde_json::from_str(&text).map_err(|e| StatusQueryError::Malformed {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })
+    local_socket::query(path, Speaker::Client)
 }
 
 /// The raw JSON document the client at `path` answers with (for `holdfast status --json`, which
 /// prints it as sent).
 pub fn query_raw(path: &Path) -> Result<String, StatusQueryError> {
-    let p = || path.to_owned();
-    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => StatusQueryError::NotRunning { path: p() },
-        io::ErrorKind::ConnectionRefused => StatusQueryError::Stale { path: p() },
-        io::ErrorKind::PermissionDenied => StatusQueryError::PermissionDenied { path: p() },
-        _ => StatusQueryError::Io {
-            path: p(),
-            source: e,
-        },
-    })?;
-    let io_err = |e: io::Error| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            StatusQueryError::TimedOut { path: p() }
-        }
-        _ => StatusQueryError::Io {
-            path: p(),
-            source: e,
-        },
-    };
-    stream
-        .set_read_timeout(Some(QUERY_TIMEOUT))
-        .map_err(io_err)?;
-    let mut bytes = Vec::new();
-    stream
-        .take(MAX_REPORT)
-        .read_to_end(&mut bytes)
-        .map_err(io_err)?;
-    String::from_utf8(bytes).map_err(|_| StatusQueryError::Malformed {
-        path: p(),
-        reason: "not UTF-8".into(),
-    })
+    local_socket::query_raw(path, Speaker::Client)
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@
 //! session_max_lifetime = "24h"        # a session expires this long after Authenticate, used or not
 //! reauth_grace = "10s"                # a replaced session stays valid this long (packets in flight)
 //! handshake_timeout = "10s"           # a TLS handshake not finished in this time is dropped
+//! status_socket = "gateway.sock"      # `gateway status` asks here (mode 0600; relative to this dir)
 //!
 //! [nat]                               # masquerading of client traffic (used by a later release)
 //! enabled = false
@@ -35,6 +36,13 @@
 //! [dataplane]
 //! offload = true                      # TUN offload (TSO/GRO): 64 KiB reads, merged writes
 //! coalesce_writes = true              # merge TCP segments written to the TUN device (needs offload)
+//!
+//! [metrics]                           # Prometheus text exposition over HTTP, at /metrics
+//! enabled = false                     # default: on when `listen` is given, else off
+//! listen = "127.0.0.1:9464"           # a non-loopback address is allowed (with a warning)
+//!
+//! [log]
+//! level = "info"                      # a tracing filter, e.g. "info,holdfast=debug"; RUST_LOG wins
 //! ```
 //!
 //! Durations are humantime strings ("90s", "3m", "1h 30m").
@@ -58,6 +66,17 @@ pub const DEFAULT_SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0
 pub const DEFAULT_SERVER_NAME: &str = "holdfast-gateway";
 /// Default gateway name.
 pub const DEFAULT_NAME: &str = "holdfast";
+/// Default status socket, relative to the gateway's directory: one per gateway however many run
+/// on a machine (names need not differ), and in the one folder a hardened unit may write to.
+pub const DEFAULT_STATUS_SOCKET: &str = "gateway.sock";
+/// Default `[log] level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default metrics address: loopback, the port commonly used for a VPN exporter.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
+/// The longest socket path Linux accepts (`sun_path` is 108 bytes with its NUL), less room for
+/// the temporary name the socket is bound under before it is renamed into place.
+const MAX_SOCKET_PATH: usize = 107 - 16;
 
 const DEFAULT_IDLE: Duration = Duration::from_secs(180);
 const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -113,6 +132,21 @@ struct RawGatewayFile {
     nat: NatSection,
     #[serde(default)]
     dataplane: DataPlaneSection,
+    #[serde(default = "default_status_socket")]
+    status_socket: PathBuf,
+    #[serde(default)]
+    metrics: MetricsSection,
+    #[serde(default)]
+    log: LogSection,
+}
+
+/// `[log]` as written. The gateway logs to stderr (the journal), so only the level is here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogSection {
+    /// A tracing filter. Default "info".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    level: Option<String>,
 }
 
 fn default_name() -> String {
@@ -141,6 +175,9 @@ fn default_registry() -> PathBuf {
 }
 fn default_clients_dir() -> PathBuf {
     "clients".into()
+}
+fn default_status_socket() -> PathBuf {
+    DEFAULT_STATUS_SOCKET.into()
 }
 fn default_idle() -> Duration {
     DEFAULT_IDLE
@@ -179,6 +216,25 @@ struct DataPlaneSection {
     /// Default true when offload is on; needs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     coalesce_writes: Option<bool>,
+}
+
+/// `[metrics]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    /// Serve metrics. Default: on when `listen` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
+    /// Where to serve them. Default 127.0.0.1:9464.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+}
+
+/// `[metrics]` resolved: where the metrics endpoint listens, if it is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetricsSettings {
+    /// `None`: off (the default; nothing listens).
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[dataplane]` with its defaults applied.
@@ -225,6 +281,12 @@ pub struct GatewayConfig {
     pub handshake_timeout: Duration,
     pub nat: NatSection,
     pub dataplane: DataPlaneSettings,
+    /// Where `gateway status` finds the running gateway (absolute, or relative to the working
+    /// directory like every other path here).
+    pub status_socket: PathBuf,
+    pub metrics: MetricsSettings,
+    /// `[log] level`: the tracing filter (`RUST_LOG`, when set, wins over it).
+    pub log_level: String,
 }
 
 impl GatewayConfig {
@@ -344,7 +406,18 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
                     to the TUN device with a virtio-net header)"
             .into());
     }
+    let metrics = check_metrics(&raw.metrics, raw.listen, raw.endpoint)?;
+    let log_level = raw.log.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
+    crate::logging::check_filter(&log_level)
+        .map_err(|e| format!("[log] `level` '{log_level}' is not a valid filter: {e}"))?;
     let abs = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
+    let status_socket = abs(raw.status_socket);
+    if status_socket.as_os_str().len() > MAX_SOCKET_PATH || status_socket.file_name().is_none() {
+        return Err(format!(
+            "`status_socket` {} is not a usable socket path (a file name, at most {MAX_SOCKET_PATH} bytes)",
+            status_socket.display()
+        ));
+    }
     Ok(GatewayConfig {
         name: raw.name,
         endpoint: raw.endpoint,
@@ -365,6 +438,9 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
         handshake_timeout: raw.handshake_timeout,
         nat: raw.nat,
         dataplane: raw.dataplane.resolve(),
+        status_socket,
+        metrics,
+        log_level,
         dir,
     })
 }
@@ -516,6 +592,34 @@ pub fn check_server_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Resolves `[metrics]`: on when enabled, or when `listen` is given and `enabled` is not. The
+/// address needs a port and must not be the control plane's own TCP port.
+fn check_metrics(
+    m: &MetricsSection,
+    control_listen: Option<SocketAddr>,
+    endpoint: SocketAddr,
+) -> Result<MetricsSettings, String> {
+    let on = m.enabled.unwrap_or(m.listen.is_some());
+    let addr = m.listen.unwrap_or(DEFAULT_METRICS_LISTEN);
+    if !on {
+        return Ok(MetricsSettings { listen: None });
+    }
+    if addr.port() == 0 {
+        return Err(format!("[metrics] `listen` {addr} needs a port (scrapers connect to it)"));
+    }
+    let control = control_listen.unwrap_or_else(|| {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), endpoint.port())
+    });
+    let overlaps =
+        addr.ip() == control.ip() || addr.ip().is_unspecified() || control.ip().is_unspecified();
+    if addr.port() == control.port() && overlaps {
+        return Err(format!(
+            "[metrics] `listen` {addr} is the control plane's own port ({control}); choose another port"
+        ));
+    }
+    Ok(MetricsSettings { listen: Some(addr) })
+}
+
 fn check_nat(nat: &NatSection) -> Result<(), String> {
     if nat.enabled && nat.uplink.is_empty() {
         return Err("[nat] enabled = true needs `uplink` (the uplink interface)".into());
@@ -580,10 +684,16 @@ pub fn render_initial(v: &InitialValues) -> String {
          reauth_grace = \"{grace}\"\n\
          # A TLS handshake on the control port must finish within this time.\n\
          handshake_timeout = \"{handshake}\"\n\
+         # `holdfast gateway status` asks the running gateway on this socket (mode 0600).\n\
+         # status_socket = \"gateway.sock\"\n\
          \n\
          [nat]\n\
          enabled = false\n\
-         uplink = \"\"\n",
+         uplink = \"\"\n\
+         \n\
+         # Prometheus metrics at http://LISTEN/metrics; off unless `listen` is set.\n\
+         [metrics]\n\
+         # listen = \"127.0.0.1:9464\"\n",
         name = q(&v.name),
         endpoint = q(&v.endpoint.to_string()),
         listen = q(&default_listen(v.endpoint).to_string()),
@@ -633,6 +743,34 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.nat, NatSection::default());
         assert_eq!(c.dataplane, DataPlaneSettings { offload: true, coalesce_writes: true });
+        assert_eq!(c.status_socket, PathBuf::from("/etc/hf/gateway.sock"));
+        assert_eq!(c.metrics, MetricsSettings { listen: None }, "metrics are off by default");
+    }
+
+    #[test]
+    fn metrics_are_on_when_asked_for_and_bad_values_name_the_key() {
+        let ep = "endpoint = \"198.18.0.1:51820\"\n";
+        let listen = |extra: &str| parse(&format!("{ep}{extra}")).unwrap().metrics.listen;
+        assert_eq!(listen("[metrics]\nenabled = true"), Some(DEFAULT_METRICS_LISTEN));
+        assert_eq!(
+            listen("[metrics]\nlisten = \"127.0.0.1:9500\""),
+            Some("127.0.0.1:9500".parse().unwrap()),
+            "a listen address alone turns them on"
+        );
+        assert_eq!(listen("[metrics]\nenabled = false\nlisten = \"127.0.0.1:9500\""), None);
+        assert_eq!(
+            listen("[metrics]\nlisten = \"0.0.0.0:9464\""),
+            Some("0.0.0.0:9464".parse().unwrap()),
+            "non-loopback is allowed (gateway run warns)"
+        );
+        assert!(reason(&format!("{ep}[metrics]\nlisten = \"127.0.0.1:0\"")).contains("[metrics] `listen`"));
+        assert!(reason(&format!("{ep}[metrics]\nlisten = \"127.0.0.1:51820\"")).contains("control plane's own port"));
+        assert!(reason(&format!("{ep}[metrics]\nlisten = \"nope\"")).contains("listen"));
+        assert!(reason(&format!("{ep}[metrics]\nport = 1")).contains("unknown field `port`"));
+        assert!(reason(&format!("{ep}[log]\nlevel = \"holdfast=loud\"")).contains("[log] `level`"));
+        assert_eq!(parse(&format!("{ep}[log]\nlevel = \"info,holdfast=debug\"")).unwrap().log_level, "info,holdfast=debug");
+        let long = format!("status_socket = \"/{}\"\n{ep}", "x".repeat(120));
+        assert!(reason(&long).contains("`status_socket`"));
     }
 
     #[test]

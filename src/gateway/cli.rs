@@ -60,8 +60,37 @@ pub enum GatewayCommand {
     /// Listens on `listen` from gateway.toml (TCP for the control plane, UDP on the same port for
     /// the data plane). Registry changes (add-client, revoke) take effect without a restart.
     /// Signals: SIGUSR2 ends every session (clients re-authenticate by themselves); SIGUSR1 logs
-    /// the data plane's counters.
+    /// the data plane's counters; SIGHUP re-reads gateway.toml and applies, without a restart,
+    /// the session timeouts (session_idle_timeout, session_max_lifetime, reauth_grace), the
+    /// [metrics] endpoint and [log] level (unless RUST_LOG is set). Other changes wait for a
+    /// restart (the log line names them); a file that does not load is refused and the running
+    /// configuration stays.
+    ///
+    /// Serves `gateway status` on `status_socket` (default DIR/gateway.sock, mode 0600) and,
+    /// if `[metrics]` is on, Prometheus metrics at http://LISTEN/metrics.
     Run(RunArgs),
+    /// Show what the running gateway is doing (like `wg show`): live sessions with client,
+    /// tunnel addresses, endpoint, age, last seen, traffic and drops (never a key: a
+    /// fingerprint), the control plane's totals and the data plane's counters.
+    ///
+    /// Asks the gateway on its status socket (`status_socket` in DIR/gateway.toml, default
+    /// DIR/gateway.sock; root-only for a gateway run as root). Exits 3 when no gateway is
+    /// running.
+    Status(StatusArgs),
+}
+
+/// Arguments of `gateway status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The gateway's directory (holding gateway.toml, which names the status socket).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The status socket to ask, instead of the one gateway.toml names.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 /// Arguments of `gateway init`.
@@ -144,6 +173,13 @@ impl GatewayCommand {
             GatewayCommand::Revoke(a) => revoke(&a).map(|report| say(&report)),
             GatewayCommand::List(a) => list(&a.dir).map(|report| say(&report)),
             GatewayCommand::Run(a) => run(&a.dir).await,
+            GatewayCommand::Status(a) => {
+                // Blocks (bounded by the query's timeout): the binary runs commands on its main
+                // thread with nothing else to do meanwhile.
+                let path = super::status::socket_of(&a.dir, a.socket);
+                say(&super::status::status_text(&path, a.json)?);
+                Ok(())
+            }
         }
     }
 }
@@ -494,6 +530,7 @@ pub fn list(dir: &Path) -> Result<String, GatewayError> {
 /// `gateway run`: serves until SIGINT or SIGTERM.
 async fn run(dir: &Path) -> Result<(), GatewayError> {
     let (config, upgraded) = load_upgraded(dir)?;
+    let early = super::ops::Early::now(&config);
     for change in &upgraded {
         tracing::info!("upgraded {change}");
     }
@@ -505,7 +542,10 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
     let plane = ControlPlane::bind(&config)?;
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, subnet6 = %v6_text(&config), "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
-    let data = super::dataplane::start_for(&config, &plane).await?;
+    let sessions = std::sync::Arc::new(super::dataplane::ControlSessions::of(&plane));
+    let data = super::dataplane::start_for(&config, sessions.clone()).await?;
+    // Operations (issue 15): the status socket, metrics, SIGHUP.
+    let _ops = super::ops::start(early, &config, &plane, sessions, &data).await?;
     tokio::spawn(end_sessions_on_sigusr2(plane.sessions()));
     let result = plane.serve(stop_signal()).await;
     data.stop().await;

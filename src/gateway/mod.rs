@@ -10,15 +10,23 @@
 //! - [`server`]: binds, serves, and runs housekeeping.
 //! - [`dataplane`]: the TUN device, the UDP loops and the NAT rule.
 //! - [`fsutil`]: atomic file writes and the registry's edit lock.
+//! - [`status`]: `gateway status` and the status socket the running gateway answers it on.
+//! - [`metrics`]: the control plane's counters and the opt-in Prometheus endpoint.
+//! - [`reload`]: what `gateway run` re-reads on SIGHUP.
+//! - [`ops`]: starts the three above for `gateway run`.
 
 pub mod cli;
 pub mod dataplane;
 pub mod fsutil;
 pub mod live;
+pub mod metrics;
+pub mod ops;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod sessions;
+pub mod status;
 pub mod tls;
 
 use std::io;
@@ -64,6 +72,15 @@ pub enum GatewayError {
     /// The data plane (TUN device, UDP socket, NAT rule) could not start.
     #[error(transparent)]
     DataPlane(#[from] dataplane::GatewayDataPlaneError),
+    /// The status socket cannot be served (`status_socket`).
+    #[error("cannot serve the status socket {} (`status_socket` in gateway.toml): {source}", path.display())]
+    StatusSocket { path: PathBuf, source: io::Error },
+    /// The metrics endpoint cannot be bound (`[metrics] listen`).
+    #[error("cannot serve metrics on {addr} ([metrics] `listen` in gateway.toml): {source}")]
+    Metrics { addr: SocketAddr, source: io::Error },
+    /// `gateway status` got no report.
+    #[error(transparent)]
+    Status(#[from] crate::local_socket::StatusQueryError),
 }
 
 impl GatewayError {
@@ -80,6 +97,7 @@ impl GatewayError {
                 exit::NOT_PERMITTED
             }
             GatewayError::DataPlane(e) if e.not_permitted() => exit::NOT_PERMITTED,
+            GatewayError::Status(e) => e.exit_code(),
             _ => exit::FAILURE,
         }
     }

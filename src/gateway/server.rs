@@ -116,6 +116,7 @@ impl ControlPlane {
             gateway_ip: config.gateway_ip,
             v6: super::dataplane::served_v6(config),
             data_port: config.endpoint.port(),
+            counters: Default::default(),
         });
 
         let tcp = TcpIncoming::from(bind_tcp(config.listen).map_err(|source| {
@@ -147,6 +148,11 @@ impl ControlPlane {
     /// The session table, for the data plane: lock-free lookups by session id and by address.
     pub fn sessions(&self) -> Arc<SessionTable> {
         self.state.sessions.clone()
+    }
+
+    /// What the control service shares (sessions, registry, counters), for observers.
+    pub fn state(&self) -> Arc<ControlState> {
+        self.state.clone()
     }
 
     /// The clock the session table's times are measured on.

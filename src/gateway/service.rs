@@ -12,6 +12,7 @@ use rand::RngCore;
 use tonic::{Request, Response, Status};
 
 use super::live::{LiveRegistry, Refusal, RegistryView, Wait};
+use super::metrics::{AuthResult, ControlCounters};
 use super::sessions::{Clock, Expiry, NewSession, PingVerdict, Session, SessionTable};
 use super::tls::PeerIdentity;
 use crate::control::pb::control_server::Control;
@@ -37,6 +38,8 @@ pub struct ControlState {
     pub v6: Option<Tunnel6>,
     /// The UDP data port announced to clients (the endpoint's port).
     pub data_port: u16,
+    /// Results of Authenticate and PingSession, registry reloads (`gateway status`, metrics).
+    pub counters: ControlCounters,
 }
 
 impl ControlState {
@@ -44,6 +47,7 @@ impl ControlState {
     /// version no longer admits (revoked, removed, or given a new certificate).
     pub fn refresh_registry(&self, wait: Wait) {
         if let Some(view) = self.registry.refresh(wait) {
+            self.counters.registry_reloaded();
             self.enforce_registry(&view);
         }
     }
@@ -137,6 +141,7 @@ impl Control for ControlService {
         let who = peer(&request)?;
         let version = &request.get_ref().client_version;
         if version.len() > MAX_CLIENT_VERSION {
+            self.state.counters.auth(AuthResult::InvalidRequest);
             return Err(Status::invalid_argument(format!(
                 "client_version is {} bytes long; at most {MAX_CLIENT_VERSION} are accepted",
                 version.len()
@@ -147,6 +152,11 @@ impl Control for ControlService {
         state.refresh_registry(Wait::Yes);
         let view = state.registry.view();
         let record = view.admit(&who.name, &who.cert).map_err(|r| {
+            state.counters.auth(match r {
+                Refusal::NotRegistered => AuthResult::NotRegistered,
+                Refusal::Revoked => AuthResult::Revoked,
+                Refusal::CertificateReplaced => AuthResult::CertificateReplaced,
+            });
             tracing::info!(client = %who.name, remote = ?who.remote_addr, "authentication refused: {}", refusal_word(r));
             refusal_status(&who.name, r)
         })?;
@@ -163,6 +173,7 @@ impl Control for ControlService {
             .sessions
             .open(new, state.clock.now(), || rng.next_u64());
         let s: &Session = &opened.session;
+        state.counters.auth(AuthResult::Ok);
         match &opened.replaced {
             Some(old) => tracing::info!(
                 client = %s.client, ip = %s.assigned_ip, ip6 = ?s.assigned_ip6, session = %s.id, key_fp = %s.key.fingerprint(),
@@ -204,6 +215,7 @@ impl Control for ControlService {
         self.state.refresh_registry(Wait::No);
         let view = self.state.registry.view();
         let verdict = self.ping_verdict(who, &view, request.get_ref());
+        self.state.counters.ping(verdict);
         tracing::debug!(client = %who.name, session = %crate::snapshot::SessionId(request.get_ref().session_id), "PingSession: {verdict}");
         let status = match verdict {
             PingVerdict::Ok => PingStatus::Ok,

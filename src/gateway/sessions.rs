@@ -213,14 +213,49 @@ pub struct SessionTable {
     tables: ArcSwap<Tables>,
     /// Serialises writers (copy, edit, swap). Readers never take it.
     writer: Mutex<()>,
-    limits: SessionLimits,
+    /// Atomics rather than a plain value: `gateway run` changes them on SIGHUP, and every
+    /// validity check (per ping, per packet batch) reads them without a lock.
+    limits: LimitCell,
+}
+
+/// [`SessionLimits`] that can be replaced while readers use them (three relaxed atomics: a
+/// reader may see a mix of the old and new limits for an instant, which is harmless).
+#[derive(Debug)]
+struct LimitCell {
+    idle_ms: AtomicU64,
+    max_lifetime_ms: AtomicU64,
+    grace_ms: AtomicU64,
+}
+
+impl LimitCell {
+    fn new(l: SessionLimits) -> Self {
+        Self {
+            idle_ms: AtomicU64::new(l.idle_ms),
+            max_lifetime_ms: AtomicU64::new(l.max_lifetime_ms),
+            grace_ms: AtomicU64::new(l.grace_ms),
+        }
+    }
+
+    fn get(&self) -> SessionLimits {
+        SessionLimits {
+            idle_ms: self.idle_ms.load(Ordering::Relaxed),
+            max_lifetime_ms: self.max_lifetime_ms.load(Ordering::Relaxed),
+            grace_ms: self.grace_ms.load(Ordering::Relaxed),
+        }
+    }
+
+    fn set(&self, l: SessionLimits) {
+        self.idle_ms.store(l.idle_ms, Ordering::Relaxed);
+        self.max_lifetime_ms.store(l.max_lifetime_ms, Ordering::Relaxed);
+        self.grace_ms.store(l.grace_ms, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for SessionTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionTable")
             .field("len", &self.len())
-            .field("limits", &self.limits)
+            .field("limits", &self.limits.get())
             .finish()
     }
 }
@@ -230,12 +265,24 @@ impl SessionTable {
         Self {
             tables: ArcSwap::from_pointee(Tables::default()),
             writer: Mutex::new(()),
-            limits,
+            limits: LimitCell::new(limits),
         }
     }
 
     pub fn limits(&self) -> SessionLimits {
-        self.limits
+        self.limits.get()
+    }
+
+    /// Replaces the expiry settings (`gateway run` on SIGHUP). They apply to every session from
+    /// the next check on, the ones already open included.
+    pub fn set_limits(&self, limits: SessionLimits) {
+        self.limits.set(limits);
+    }
+
+    /// Every session held (valid or not yet pruned), for observers (`gateway status`). A copy of
+    /// the list; one atomic load, no lock.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.tables.load().by_id.values().cloned().collect()
     }
 
     /// Number of sessions held (valid or not yet pruned).
@@ -249,7 +296,7 @@ impl SessionTable {
 
     /// Whether `s` is valid at `now`, and if not, why.
     pub fn validity(&self, s: &Session, now: Millis) -> Result<(), Expiry> {
-        let l = &self.limits;
+        let l = &self.limits.get();
         let superseded = s.superseded_at.load(Ordering::Relaxed);
         if superseded != CURRENT && now >= superseded.saturating_add(l.grace_ms) {
             return Err(Expiry::Superseded);
