@@ -592,7 +592,9 @@ fn inproc_ipv6_inside_the_tunnel_over_both_underlays_and_client_to_client() {
     let ep = w.table.by_id(SessionId(0x61)).and_then(|s| s.endpoint()).expect("endpoint");
     assert!(ep.is_ipv4(), "a's endpoint is an IPv4 address, not a mapped one: {ep}");
     // Client to client by inner IPv6 destination, re-sealed at the gateway.
+    assert!(a.ns.ping_until(b6, T).is_some(), "a -> b over IPv6");
     assert_eq!(a.ns.ping_count(b6, 5), 5, "a -> b over IPv6");
+    assert!(b.ns.ping_until(a6, T).is_some(), "b -> a over IPv6");
     assert_eq!(b.ns.ping_count(a6, 5), 5, "b -> a over IPv6");
     // Content-checked TCP over IPv6 both ways, across the IPv6 underlay.
     let peer = transfer(&b.ns, &w.gw_ns, SocketAddr::from((GW_TUN6, 5060)), 1 << 20);
