@@ -846,13 +846,10 @@ impl World {
 
     /// The IPv6 tunnel address the gateway gave client `i` (from its TUN device).
     fn tunnel_ip6(&self, i: usize) -> Ipv6Addr {
-        let out = self.clients[i].ip(&["-o", "-6", "addr", "show", "dev", CLIENT_TUN, "scope", "global"]);
-        out.split_whitespace()
-            .skip_while(|w| *w != "inet6")
-            .nth(1)
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no IPv6 address on {CLIENT_TUN}: {out}"))
+        match self.clients[i].global_addr(CLIENT_TUN, "-6") {
+            Some(IpAddr::V6(ip)) => ip,
+            other => panic!("no IPv6 address on {CLIENT_TUN}: {other:?}"),
+        }
     }
 
     /// The gateway's IPv6 tunnel address (from gateway.toml, as `init` chose it).
@@ -863,13 +860,10 @@ impl World {
 
     /// The tunnel address the gateway gave client `i` (from its TUN device).
     fn tunnel_ip(&self, i: usize) -> Ipv4Addr {
-        let out = self.clients[i].ip(&["-o", "-4", "addr", "show", "dev", CLIENT_TUN]);
-        out.split_whitespace()
-            .skip_while(|w| *w != "inet")
-            .nth(1)
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address on {CLIENT_TUN}: {out}"))
+        match self.clients[i].global_addr(CLIENT_TUN, "-4") {
+            Some(IpAddr::V4(ip)) => ip,
+            other => panic!("no address on {CLIENT_TUN}: {other:?}"),
+        }
     }
 }
 

@@ -123,25 +123,17 @@ impl Site {
 
     /// The tunnel address client `i` got (from its TUN device).
     fn tunnel_ip(&self, i: usize) -> String {
-        let out = self.clients[i].ip(&["-o", "-4", "addr", "show", "dev", CLIENT_TUN]);
-        out.split_whitespace()
-            .skip_while(|w| *w != "inet")
-            .nth(1)
-            .and_then(|a| a.split('/').next())
-            .unwrap_or_else(|| panic!("no address on {CLIENT_TUN}: {out}"))
-            .to_owned()
+        self.tun_addr(i, "-4")
     }
 
     /// The IPv6 tunnel address of client `i` (the global one on its TUN device).
     fn tunnel_ip6(&self, i: usize) -> String {
-        let out =
-            self.clients[i].ip(&["-o", "-6", "addr", "show", "dev", CLIENT_TUN, "scope", "global"]);
-        out.split_whitespace()
-            .skip_while(|w| *w != "inet6")
-            .nth(1)
-            .and_then(|a| a.split('/').next())
-            .unwrap_or_else(|| panic!("no IPv6 address on {CLIENT_TUN}: {out}"))
-            .to_owned()
+        self.tun_addr(i, "-6")
+    }
+
+    fn tun_addr(&self, i: usize, family: &str) -> String {
+        let addr = self.clients[i].global_addr(CLIENT_TUN, family);
+        addr.unwrap_or_else(|| panic!("no {family} address on {CLIENT_TUN}")).to_string()
     }
 
     /// `holdfast gateway status --dir DIR [--json]`: (exit code, stdout, stderr).

@@ -177,6 +177,17 @@ impl Netns {
         self.ip(&["-6", "addr", "add", &format!("{addr}/{prefix}"), "dev", ifname, "nodad"]);
     }
 
+    /// The first global address of `family` (`"-4"` or `"-6"`) on `ifname`, if it has one.
+    pub fn global_addr(&self, ifname: &str, family: &str) -> Option<IpAddr> {
+        let out = self.ip(&["-o", family, "addr", "show", "dev", ifname, "scope", "global"]);
+        let word = if family == "-6" { "inet6" } else { "inet" };
+        out.split_whitespace()
+            .skip_while(|w| *w != word)
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+    }
+
     /// The interface index of `ifname` in this namespace.
     pub fn ifindex(&self, ifname: &str) -> Option<u32> {
         let out = run("ip", &["-n", &self.name, "-o", "link", "show", "dev", ifname]);
