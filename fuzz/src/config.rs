@@ -247,7 +247,8 @@ struct RegistryFile<'a> {
     clients: &'a [ClientEntry],
 }
 
-/// Target `config_registry`: any bytes as `clients.toml` of a gateway on 100.64.0.0/24.
+/// Target `config_registry`: any bytes as `clients.toml` of a gateway on 100.64.0.0/24 and
+/// fd00:64::/64.
 pub fn config_registry(data: &[u8]) {
     let path = Path::new(REGISTRY_PATH);
     let reg = match Registry::parse(data, path, SUBNET, GATEWAY_IP, Some(V6)) {
@@ -261,8 +262,12 @@ pub fn config_registry(data: &[u8]) {
             return;
         }
     };
-    let (mut names, mut ips) = (HashSet::new(), HashSet::new());
+    let (mut names, mut ips, mut ip6s) = (HashSet::new(), HashSet::new(), HashSet::new());
     for c in reg.clients() {
+        if let Some(ip6) = c.ip6 {
+            assert!(ip6s.insert(ip6), "IPv6 address {ip6} twice");
+            assert!(V6.subnet.contains(&ip6) && ip6 != V6.gateway_ip && ip6 != V6.subnet.network());
+        }
         check_name(&c.name).expect("registered names follow the naming rule");
         assert!(names.insert(c.name.as_str()), "name {} twice", c.name);
         assert!(ips.insert(c.ip), "address {} twice", c.ip);
@@ -286,6 +291,9 @@ pub fn config_registry(data: &[u8]) {
         Ok(plan) => {
             assert!(!plan.reenable);
             assert!(plan.ip != GATEWAY_IP && !ips.contains(&plan.ip) && SUBNET.contains(&plan.ip));
+            // A fresh IPv6 address too, in the subnet, taken by nobody (a /64 never fills here).
+            let ip6 = plan.ip6.expect("a gateway with subnet6 gives an IPv6 address");
+            assert!(V6.subnet.contains(&ip6) && ip6 != V6.gateway_ip && !ip6s.contains(&ip6));
         }
         Err(RegistryError::SubnetFull { .. }) => {
             assert!(reg.next_free().is_none());
