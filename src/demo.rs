@@ -175,6 +175,9 @@ impl Lab {
         };
         file.log = LogSection { dir: Some(self.dir.join("logs")), level: None, keep_files: Some(1) };
         file.status = StatusSection { socket: Some(self.dir.join("client.sock")) };
+        // The demo's client joins its namespace with setns only (no mount namespace of its own),
+        // so /etc/resolv.conf is the machine's: it must not set the resolvers the gateway pushes.
+        file.network.dns = crate::config::client::DnsChoice::System;
         let text = toml::to_string(&file).map_err(|e| setup("writing the client file", e))?;
         std::fs::write(&client_file, text).map_err(|e| setup("writing the client file", e))?;
         ClientSettings::load(client_file).map_err(|e| setup("loading the client file", e))

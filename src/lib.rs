@@ -2,7 +2,8 @@
 //!
 //! # Module map
 //! - [`sansio`]: the pure core. The supervisor statechart ([`sansio::supervisor`]) and the packet
-//!   crypto ([`sansio::wire`], [`sansio::seal`], [`sansio::replay`]). No tokio, sockets, files,
+//!   crypto ([`sansio::wire`], [`sansio::seal`], [`sansio::replay`]), the gateway resolver's request
+//!   handling ([`sansio::dns`]). No tokio, sockets, files,
 //!   clocks or RNG in here: time and randomness come in as arguments, decisions come out as values.
 //! - [`snapshot`]: the one atomically swapped session snapshot (`VpnAuthResponse`) and its getter.
 //! - [`control`]: the generated gRPC code of the control plane and the conversions to our types.
@@ -10,7 +11,8 @@
 //! - [`pki`]: the gateway's authority, certificates and fingerprints (rcgen).
 //! - [`client`]: the tokio shell of the client: `start()`, the supervisor driver, the control-plane
 //!   client, logging.
-//! - [`gateway`]: the gateway: client registry, session registry, control service.
+//! - [`gateway`]: the gateway: client registry, session registry, control service, data plane,
+//!   resolver.
 //! - [`tunnel`]: the IO pieces both data planes share (TUN device, UDP socket, counters).
 //! - [`local_socket`]: the root-only Unix socket both binaries answer status queries on.
 //!

@@ -61,6 +61,11 @@ enum ClientCommand {
     /// invalid, 77 kill-switch could not be enabled. Everything after start-up (auth failures,
     /// gateway restarts, timeouts, network loss) is recovered from, never fatal.
     ///
+    /// DNS: by default the system resolver (/etc/resolv.conf, or systemd-resolved) is pointed at
+    /// the resolvers the gateway pushes when the client connects, and given back on stop. The
+    /// client file's `[network] dns` overrides: a list of resolvers, or "system" to leave the
+    /// system's resolver alone.
+    ///
     /// Signals: SIGINT/SIGTERM stop it; SIGHUP re-authenticates now (a fresh session, no packet
     /// lost); SIGUSR1 logs the data plane's counters.
     Run {

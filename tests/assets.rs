@@ -103,7 +103,11 @@ fn the_client_sample_holds_no_key() {
 fn the_gateway_sample_parses_and_documents_every_key() {
     let path = Path::new("/etc/holdfast/gateway/gateway.toml");
     let shipped = GatewayConfig::parse(GATEWAY_SAMPLE, path).expect("sample as shipped");
-    let on = GatewayConfig::parse(&all_on(GATEWAY_SAMPLE), path).expect("sample with every key on");
+    let mut on =
+        GatewayConfig::parse(&all_on(GATEWAY_SAMPLE), path).expect("sample with every key on");
+    // `[dns] upstreams` has no value that means its default (this host's resolv.conf): the
+    // sample shows an example list, which must parse.
+    assert_eq!(on.dns.upstreams.take().map(|u| u.len()), Some(2));
     assert_eq!(on, shipped, "the commented values are the defaults");
     assert_eq!(shipped.ca_key, Path::new("/etc/holdfast/gateway/ca.key"));
 

@@ -235,7 +235,7 @@ fn unblock_without_nft_still_restores_the_resolver_and_routes() {
     let dir = tempfile::tempdir().unwrap();
     let resolv = dir.path().join("resolv.conf");
     std::fs::write(&resolv, "nameserver 192.168.1.1\n").unwrap();
-    std::mem::forget(Dns::apply_resolv_conf(&resolv, &["100.64.0.1".parse().unwrap()]).unwrap());
+    std::mem::forget(Dns::apply_resolv_conf(&resolv, &["100.64.0.1".parse().unwrap()], &[]).unwrap());
     w.client.ip(&["route", "add", "198.19.0.99/32", "via", &OUTSIDE4.to_string(), "proto", "207"]);
 
     let err = in_ns(&w.client, || killswitch::unblock_with(Path::new("/nonexistent/nft"), &resolv))
@@ -396,7 +396,7 @@ fn child() {
     };
     match mode.as_str() {
         "dns" => {
-            let guard = Dns::apply(TUN, &["100.64.0.1".parse().unwrap()]).unwrap();
+            let guard = Dns::apply(TUN, &["100.64.0.1".parse().unwrap()], &[]).unwrap();
             println!("applied");
             // Holds the change until the parent closes our stdin (or kills us).
             let mut sink = String::new();

@@ -29,7 +29,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use holdfast::config::client::ClientFile;
+use holdfast::config::client::{ClientFile, DnsChoice};
 use leak_probes::*;
 use support::netns::Netns;
 use support::{BIN, Proc, edit_client_file, fast_timings, holdfast_ok, s};
@@ -78,7 +78,7 @@ fn world_at(gateway: IpAddr) -> World {
         f.timing.rpc_deadline = Some(Duration::from_secs(4));
         f.timing.backoff_initial = Some(Duration::from_secs(3));
         f.timing.backoff_max = Some(Duration::from_secs(3));
-        f.network.dns = vec![TUNNEL_DNS.parse().unwrap()];
+        f.network.dns = DnsChoice::Servers(vec![TUNNEL_DNS.parse().unwrap()]);
     });
     let etc = NetnsEtc::new(&client, "nameserver 198.18.0.1\nsearch lan\n");
     World { gateway, client, gw, dir, _logs: logs, file, etc }
@@ -204,12 +204,15 @@ fn no_leak_in_any_state_with(w: World) {
     c.wait_for(&["routes up"], T);
     assert!(w.etc.read_resolv().contains(&format!("\nnameserver {TUNNEL_DNS}\n")));
     let counts = w.assert_no_leak(&obs, "Healthy");
-    // The IPv4 and IPv6 probes to the remote host went through the tunnel.
+    // The IPv4 and IPv6 probes to the remote host went through the tunnel, but for DNS: with
+    // resolvers named in the file, port 53 through the tunnel goes to them only (issue 11).
     assert!(
-        wait_until(T, || obs.counts().unseen_in_tunnel().is_empty()),
+        wait_until(T, || obs.counts().unseen_in_tunnel() == ["tun_dns4", "tun_dns6"]),
         "Healthy: probes not seen through the tunnel: {:?} ({counts:?})",
         obs.counts().unseen_in_tunnel()
     );
+    assert_eq!(obs.counts().get("tun_dns4"), 0, "DNS to another resolver went through the tunnel");
+    assert_eq!(obs.counts().get("tun_dns6"), 0, "DNS to another resolver went through the tunnel");
 
     // The control port blackholed while connected: Degraded (snapshot, tunnel and permits kept).
     w.blackhole_control(true);

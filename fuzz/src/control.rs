@@ -108,6 +108,8 @@ fn service() -> ControlService {
         gateway_ip: GATEWAY_IP,
         v6: None,
         data_port: DATA_PORT,
+        dns: Default::default(),
+        dns_counters: Default::default(),
         counters: Default::default(),
     }))
 }
@@ -371,6 +373,30 @@ fn usable_v6(a: &AuthenticateResponse) -> bool {
 /// 1..=65535; the IPv6 fields either all absent or two distinct unicast 16-byte addresses in one
 /// prefix of length 48..=128); what is accepted carries those values unchanged, builds its cipher and renders for
 /// the status feed; neither the accepted snapshot's summary nor a refusal ever shows the key.
+/// The oracle's own reading of the DNS fields: counts bounded, addresses 4 or 16 bytes and
+/// unicast, names of letters, digits, '-', '_' and dots only.
+fn dns_usable(a: &AuthenticateResponse) -> bool {
+    let servers_ok = a.dns_servers.len() <= 8
+        && a.dns_servers.iter().all(|b| {
+            let ip: Option<std::net::IpAddr> = match b.len() {
+                4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(Into::into),
+                16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(Into::into),
+                _ => None,
+            };
+            ip.is_some_and(|ip| {
+                !ip.is_unspecified()
+                    && !ip.is_multicast()
+                    && ip != std::net::IpAddr::from([255, 255, 255, 255])
+            })
+        });
+    let names_ok = a.search_domains.len() <= 6
+        && a.search_domains.iter().all(|d| holdfast::config::check_search_domain(d).is_ok())
+        && a.search_domains.iter().all(|d| {
+            d.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        });
+    servers_ok && names_ok && (!a.dns_servers.is_empty() || a.search_domains.is_empty())
+}
+
 pub fn gateway_answer(data: &[u8]) {
     let Ok(answer) = AuthenticateResponse::decode(data) else {
         return;
@@ -381,7 +407,8 @@ pub fn gateway_answer(data: &[u8]) {
         && answer.session_id != 0
         && answer.session_key.len() == 32
         && (1..=u32::from(u16::MAX)).contains(&answer.data_port)
-        && usable_v6(&answer);
+        && usable_v6(&answer)
+        && dns_usable(&answer);
     // Only a full-length key's hex is distinctive enough to look for in text.
     let key_hex = (answer.session_key.len() == 32)
         .then(|| answer.session_key.iter().map(|b| format!("{b:02x}")).collect::<String>());
@@ -399,6 +426,22 @@ pub fn gateway_answer(data: &[u8]) {
             assert_eq!(octets(snap.assigned_ip6), answer.assigned_ip6);
             assert_eq!(octets(snap.gateway_ip6), answer.gateway_ip6);
             assert_eq!(u32::from(snap.prefix_len6), answer.prefix_len6);
+            assert_eq!(snap.dns_servers.len(), answer.dns_servers.len());
+            assert_eq!(snap.search_domains, answer.search_domains);
+            // What a hostile gateway could do with an accepted answer: the resolv.conf written
+            // from it has exactly one line per server, one search line, and comments.
+            let text = holdfast::client::dns::render_resolv_conf(
+                &snap.dns_servers,
+                &snap.search_domains,
+                &holdfast::client::dns::Original::Absent,
+            )
+            .expect("renders");
+            let directives: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+            let want = snap.dns_servers.len() + usize::from(!snap.search_domains.is_empty());
+            assert_eq!(directives.len(), want, "injected lines: {text}");
+            for l in directives {
+                assert!(l.starts_with("nameserver ") || l.starts_with("search "), "{l}");
+            }
             let _ = snap.crypto();
             let view = holdfast::client::status::SnapshotView::of(&snap);
             assert!(!shows_key(&snap.summary()), "summary shows the key");

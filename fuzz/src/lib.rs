@@ -19,6 +19,7 @@
 //! | `control_handlers`   | Authenticate / PingSession calls from chosen peers                |
 //! | `control_decode`     | protobuf bytes of either request, then served                     |
 //! | `gateway_answer`     | protobuf bytes of an AuthenticateResponse, checked by the client  |
+//! | `dns_query`          | a query and an upstream reply to the gateway resolver, gate ops   |
 //! | `config_client`      | client file text                                                  |
 //! | `config_gateway`     | `gateway.toml` text                                               |
 //! | `config_registry`    | `clients.toml` bytes                                              |
@@ -26,24 +27,27 @@
 pub mod config;
 pub mod control;
 pub mod datagram;
+pub mod dns;
 pub mod input;
 pub mod seeds;
 
 pub use config::{config_client, config_gateway, config_registry};
 pub use control::{control_decode, control_handlers, gateway_answer};
 pub use datagram::{datagram_open, datagram_parse, datagram_sequence};
+pub use dns::dns_query;
 
 /// A harness entry point.
 pub type Target = fn(&[u8]);
 
 /// Every target by name: the name of its `fuzz_targets/` file and of its `corpus/` directory.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("datagram_parse", datagram_parse),
     ("datagram_open", datagram_open),
     ("datagram_sequence", datagram_sequence),
     ("control_handlers", control_handlers),
     ("control_decode", control_decode),
     ("gateway_answer", gateway_answer),
+    ("dns_query", dns_query),
     ("config_client", config_client),
     ("config_gateway", config_gateway),
     ("config_registry", config_registry),

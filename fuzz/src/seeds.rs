@@ -268,14 +268,22 @@ fn gateway_answer_seeds() -> Vec<Seed> {
         assigned_ip6: [0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2].to_vec(),
         gateway_ip6: [0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1].to_vec(),
         prefix_len6: 64,
+        dns_servers: vec![vec![100, 64, 0, 1]],
+        search_domains: vec!["corp.example".into()],
     };
     type Break = fn(&mut AuthenticateResponse);
-    let broken: [(&'static str, Break); 11] = [
+    let broken: [(&'static str, Break); 15] = [
         ("v6-short-ip", |a| a.assigned_ip6.truncate(15)),
         ("v6-half-config", |a| a.gateway_ip6.clear()),
         ("v6-prefix-129", |a| a.prefix_len6 = 129),
         ("v6-outside-subnet", |a| a.assigned_ip6[0] = 0xfc),
         ("v6-multicast", |a| a.assigned_ip6[0] = 0xff),
+        ("dns-server-5-bytes", |a| a.dns_servers = vec![vec![100, 64, 0, 1, 0]]),
+        ("dns-server-multicast", |a| a.dns_servers = vec![vec![224, 0, 0, 251]]),
+        ("search-domain-newline", |a| {
+            a.search_domains = vec!["lan\nnameserver 198.18.9.9".into()]
+        }),
+        ("search-domains-too-many", |a| a.search_domains = vec!["x".into(); 7]),
         ("ipv6-assigned-ip", |a| a.assigned_ip = vec![0xfd; 16]),
         ("prefix-0", |a| a.prefix_len = 0),
         ("session-0", |a| a.session_id = 0),
@@ -290,6 +298,67 @@ fn gateway_answer_seeds() -> Vec<Seed> {
         seeds.push(seed("gateway_answer", name, a.encode_to_vec()));
     }
     seeds
+}
+
+/// A DNS query for `name` (dot-separated labels), type `qtype`, class IN, id `id`, with RD set.
+/// Written out byte by byte on purpose: seeds must say exactly what the resolver receives,
+/// including the malformed variants below.
+fn dns_query_bytes(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(u8::try_from(label.len()).expect("short label"));
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
+    q
+}
+
+/// The upstream's answer to [`dns_query_bytes`] (re-id'd to `id`): one A record 198.18.7.7.
+fn dns_answer_bytes(query: &[u8], id: u16) -> Vec<u8> {
+    let mut a = query.to_vec();
+    a[..2].copy_from_slice(&id.to_be_bytes());
+    a[2] = 0x81;
+    a[3] = 0x80;
+    a[7] = 1; // one answer
+    // Name: a pointer to the question's name at offset 12; A, IN, TTL 60, 4 bytes.
+    a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 18, 7, 7]);
+    a
+}
+
+/// Resolver inputs: a good exchange, and the hostile shapes the issue names.
+fn dns_seeds() -> Vec<Seed> {
+    let up = 0x4242;
+    let q = dns_query_bytes(0x1234, "www.example.test", 1);
+    let good = Writer::new().u16(up).bytes(&q).bytes(&dns_answer_bytes(&q, up)).finish();
+    let wrong_id = Writer::new().u16(up).bytes(&q).bytes(&dns_answer_bytes(&q, up ^ 1)).finish();
+    let mut looped = q[..12].to_vec();
+    looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+    let mut answer_loop = dns_answer_bytes(&q, up);
+    let n = answer_loop.len();
+    // The answer's name pointer aimed at itself.
+    answer_loop[n - 16] = 0xc0;
+    answer_loop[n - 15] = u8::try_from(n - 16).unwrap_or(0);
+    let truncated = q[..q.len() - 3].to_vec();
+    let mut response = q.clone();
+    response[2] |= 0x80;
+    let axfr = dns_query_bytes(7, "example.test", 252);
+    let oversized = dns_query_bytes(8, &["a"; 2100].join("."), 1);
+    // One client flooding (byte 0: client 0, no time passing), then others, then answers.
+    let flood = Writer::new().u16(up).bytes(&q).bytes(&[]).raw(&[0u8; 40]).raw(&[1, 2, 3, 0x80, 0x80, 8, 16]).finish();
+    vec![
+        seed("dns_query", "good-exchange", good),
+        seed("dns_query", "reply-wrong-id", wrong_id),
+        seed("dns_query", "compression-loop", Writer::new().u16(up).bytes(&looped).finish()),
+        seed("dns_query", "answer-compression-loop", Writer::new().u16(up).bytes(&q).bytes(&answer_loop).finish()),
+        seed("dns_query", "truncated", Writer::new().u16(up).bytes(&truncated).finish()),
+        seed("dns_query", "response-as-query", Writer::new().u16(up).bytes(&response).finish()),
+        seed("dns_query", "axfr", Writer::new().u16(up).bytes(&axfr).finish()),
+        seed("dns_query", "oversized", Writer::new().u16(up).bytes(&oversized).finish()),
+        seed("dns_query", "flood-one-client", flood),
+    ]
 }
 
 fn read(p: &Path) -> Vec<u8> {
@@ -351,7 +420,7 @@ fn config_seeds() -> Vec<Seed> {
         "0.0.0.0/1".parse().expect("cidr"),
         "128.0.0.0/1".parse().expect("cidr"),
     ]);
-    tuned.network.dns = vec!["100.64.0.1".parse().expect("ip")];
+    tuned.network.dns = holdfast::config::client::DnsChoice::Servers(vec!["100.64.0.1".parse().expect("ip")]);
     tuned.network.allow_lan = Some(false);
     tuned.network.killswitch = Some(true);
     tuned.status.socket = Some("/run/holdfast/client.sock".into());
@@ -400,6 +469,7 @@ fn config_seeds() -> Vec<Seed> {
 pub fn all() -> Vec<Seed> {
     let mut s = datagram_seeds();
     s.extend(control_seeds());
+    s.extend(dns_seeds());
     s.extend(config_seeds());
     s
 }

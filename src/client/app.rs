@@ -5,6 +5,8 @@
 use std::sync::Arc;
 
 use super::dataplane::{ClientDataPlane, ClientDataPlaneConfig};
+use super::dns::PushedDns;
+use super::driver::OnSwap;
 use super::killswitch::KillSwitch;
 use super::routes::TunnelNetwork;
 use super::status_socket::{self, DataPlaneSample, DropCount, Sampler, TunInfo};
@@ -46,7 +48,24 @@ pub async fn run(
     // The data plane comes up on the first snapshot, through the driver's swap hook.
     let dataplane = ClientDataPlane::new(dp_config);
     let ks_desc = killswitch.describe();
-    let handle = match super::start(settings, killswitch, Some(dataplane.on_swap_hook())) {
+    // The resolvers the gateway pushes follow the snapshot: each swap publishes its DNS fields
+    // (an effect of the swap, like the data plane's wake-up); the network task applies changes.
+    let (pushed_tx, pushed_rx) = tokio::sync::watch::channel(PushedDns::default());
+    let mut dataplane_hook = dataplane.on_swap_hook();
+    let on_swap: OnSwap = Box::new(move |snapshot| {
+        // Published before the data plane's hook runs: the first swap starts the bring-up, and
+        // the resolvers must be there when the TUN is up and the network task reads them.
+        let next = PushedDns::of(snapshot);
+        pushed_tx.send_if_modified(|current| {
+            let changed = *current != next;
+            if changed {
+                *current = next;
+            }
+            changed
+        });
+        dataplane_hook(snapshot);
+    });
+    let handle = match super::start(settings, killswitch, Some(on_swap)) {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(target: TARGET, "{e}");
@@ -57,8 +76,16 @@ pub async fn run(
     dataplane.bind(handle.getter(), handle.commands());
     tokio::spawn(crate::tunnel::log_stats_on_sigusr1("client data plane", dataplane.counters()));
     tokio::spawn(reauth_on_sighup(handle.commands()));
-    // Routes and DNS go up once, when the TUN device exists, and stay through every re-auth.
-    let network = tokio::spawn(network_up(dataplane.clone(), file, handle.commands()));
+    // Routes and DNS go up once, when the TUN device exists, and stay through every re-auth; the
+    // resolvers follow what later snapshots push.
+    let (network_stop, network_stop_rx) = tokio::sync::watch::channel(false);
+    let network = tokio::spawn(network(
+        dataplane.clone(),
+        file,
+        handle.commands(),
+        pushed_rx,
+        network_stop_rx,
+    ));
 
     let sampler = sampler(dataplane.counters(), tun_name);
     let _status = match status_socket::serve(&socket, handle.status(), Some(sampler.clone()), ks_desc.clone()) {
@@ -80,7 +107,47 @@ pub async fn run(
         wait_for_stop_signal().await;
     }
     tracing::info!(target: TARGET, "stop requested; shutting down");
-    stop(handle, dataplane, network).await
+    stop(handle, dataplane, network, network_stop).await
+}
+
+/// The host's side of the tunnel for the client's whole life: [`network_up`] once the TUN device
+/// exists, then each change of the pushed resolvers applied ([`TunnelNetwork::update_dns`]),
+/// until `stop`. Returns what is installed, for the stop to undo.
+async fn network(
+    dataplane: ClientDataPlane,
+    file: crate::config::client::ClientFile,
+    commands: tokio::sync::mpsc::Sender<super::driver::Command>,
+    mut pushed: tokio::sync::watch::Receiver<PushedDns>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<TunnelNetwork> {
+    let mut net = tokio::select! {
+        net = network_up(dataplane, &file, commands, &mut pushed) => net?,
+        _ = stop.wait_for(|s| *s) => return None,
+    };
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Some(net),
+            changed = pushed.changed() => {
+                if changed.is_err() {
+                    // The supervisor is gone (stopping): nothing more will be pushed.
+                    break;
+                }
+                let next = pushed.borrow_and_update().clone();
+                match net.update_dns(&file, &next) {
+                    Ok(true) => tracing::info!(
+                        target: TARGET,
+                        "resolvers follow the new session: {:?} search {:?}",
+                        next.servers,
+                        next.search_domains
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(target: TARGET, "cannot update the resolvers: {e}"),
+                }
+            }
+        }
+    }
+    let _ = stop.wait_for(|s| *s).await;
+    Some(net)
 }
 
 /// Installs the tunnel's routes and resolver once the TUN device is up. A failure is retried
@@ -91,8 +158,9 @@ pub async fn run(
 /// a link back up) tells the supervisor, which reconnects its control channel and checks at once.
 async fn network_up(
     dataplane: ClientDataPlane,
-    file: crate::config::client::ClientFile,
+    file: &crate::config::client::ClientFile,
     commands: tokio::sync::mpsc::Sender<super::driver::Command>,
+    pushed: &mut tokio::sync::watch::Receiver<PushedDns>,
 ) -> Option<TunnelNetwork> {
     if !dataplane.tun_up().await {
         return None;
@@ -105,7 +173,8 @@ async fn network_up(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match TunnelNetwork::up(&file, on_underlay_change.clone()).await {
+        let current = pushed.borrow_and_update().clone();
+        match TunnelNetwork::up(file, &current, on_underlay_change.clone()).await {
             Ok(net) => {
                 tracing::info!(target: TARGET, "routes up: {} via the tunnel", net.routes().len());
                 return Some(net);
@@ -147,11 +216,11 @@ async fn stop(
     handle: ClientHandle,
     dataplane: ClientDataPlane,
     network: tokio::task::JoinHandle<Option<TunnelNetwork>>,
+    network_stop: tokio::sync::watch::Sender<bool>,
 ) -> i32 {
-    // Still waiting for the TUN or retrying: nothing (more) to undo.
-    if !network.is_finished() {
-        network.abort();
-    }
+    // Still waiting for the TUN or retrying: nothing (more) to undo; else it hands over what
+    // it installed.
+    network_stop.send_replace(true);
     if let Ok(Some(net)) = network.await
         && let Err(e) = net.down().await
     {

@@ -11,7 +11,7 @@
 //! plus the timeout, about 15 s). [`ControlPlane::reconnected`] gives the driver a fresh channel
 //! on the same endpoint, at no cost until the next call, for when it knows or suspects that.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -187,6 +187,7 @@ pub fn snapshot_from(r: pb::AuthenticateResponse) -> Result<Arc<VpnAuthResponse>
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("gateway sent an invalid data port {}", r.data_port))?;
+    let (dns_servers, search_domains) = dns_from(&r.dns_servers, &r.search_domains)?;
     Ok(Arc::new(VpnAuthResponse {
         assigned_ip,
         gateway_ip,
@@ -198,6 +199,8 @@ pub fn snapshot_from(r: pb::AuthenticateResponse) -> Result<Arc<VpnAuthResponse>
         session_key,
         data_port,
         idle_timeout: Duration::from_millis(r.session_idle_timeout_ms),
+        dns_servers,
+        search_domains,
         received_at: SystemTime::now(),
         crypto: Default::default(),
     }))
@@ -239,6 +242,51 @@ fn v6_fields(
         ));
     }
     Ok((Some(assigned), Some(gateway), prefix_len6))
+}
+
+/// Checks the resolvers and search domains a gateway pushes. They end up in `/etc/resolv.conf` or
+/// in `resolvectl` arguments, so a hostile gateway must not get anything but addresses and plain
+/// domain names there: bounded counts, exact address lengths, unicast addresses, and names made
+/// only of letters, digits, `-`, `_` and dots (no spaces, line breaks or comment characters).
+fn dns_from(servers: &[Vec<u8>], search: &[String]) -> Result<(Vec<IpAddr>, Vec<String>), String> {
+    use crate::config::{MAX_DNS_SERVERS, MAX_SEARCH_DOMAINS, check_search_domain};
+    if servers.len() > MAX_DNS_SERVERS {
+        return Err(format!(
+            "gateway sent {} dns_servers; at most {MAX_DNS_SERVERS} are accepted",
+            servers.len()
+        ));
+    }
+    let ips = servers
+        .iter()
+        .map(|b| {
+            let ip = match b.len() {
+                4 => <[u8; 4]>::try_from(b.as_slice()).map(IpAddr::from).ok(),
+                16 => <[u8; 16]>::try_from(b.as_slice()).map(IpAddr::from).ok(),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                format!("gateway sent a dns_servers entry of {} bytes, expected 4 or 16", b.len())
+            })?;
+            let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+            if ip.is_unspecified() || ip.is_multicast() || broadcast {
+                return Err(format!("gateway sent dns_servers entry {ip}, not a unicast address"));
+            }
+            Ok(ip)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if search.len() > MAX_SEARCH_DOMAINS {
+        return Err(format!(
+            "gateway sent {} search_domains; at most {MAX_SEARCH_DOMAINS} are accepted",
+            search.len()
+        ));
+    }
+    for d in search {
+        check_search_domain(d).map_err(|r| format!("gateway sent an invalid search_domains entry: {r}"))?;
+    }
+    if ips.is_empty() && !search.is_empty() {
+        return Err("gateway sent search_domains without dns_servers".into());
+    }
+    Ok((ips, search.to_vec()))
 }
 
 /// Renders an error and its sources on one line (tonic's transport errors hide the useful part,
@@ -322,6 +370,8 @@ mod tests {
             assigned_ip6: "fd00:64::2".parse::<Ipv6Addr>().unwrap().octets().to_vec(),
             gateway_ip6: "fd00:64::1".parse::<Ipv6Addr>().unwrap().octets().to_vec(),
             prefix_len6: 64,
+            dns_servers: vec![vec![100, 64, 0, 1]],
+            search_domains: vec!["corp.example".into()],
         }
     }
 
@@ -347,6 +397,17 @@ mod tests {
     }
 
     #[test]
+    fn pushed_resolvers_are_kept() {
+        let s = snapshot_from(good()).expect("valid");
+        assert_eq!(s.dns_servers, vec![IpAddr::from([100, 64, 0, 1])]);
+        assert_eq!(s.search_domains, ["corp.example"]);
+        let mut none = good();
+        none.dns_servers.clear();
+        none.search_domains.clear();
+        assert!(snapshot_from(none).unwrap().dns_servers.is_empty());
+    }
+
+    #[test]
     fn invalid_responses_are_errors_not_panics() {
         type Mutation = fn(&mut pb::AuthenticateResponse);
         let cases: Vec<(Mutation, &str)> = vec![
@@ -369,6 +430,15 @@ mod tests {
             (|r| r.gateway_ip6 = Ipv6Addr::LOCALHOST.octets().to_vec(), "unusable IPv6"),
             (|r| r.assigned_ip6 = "ff02::1".parse::<Ipv6Addr>().unwrap().octets().to_vec(), "unusable IPv6"),
             (|r| r.assigned_ip6 = "fd01::2".parse::<Ipv6Addr>().unwrap().octets().to_vec(), "outside"),
+            (|r| r.dns_servers = vec![vec![1, 2, 3]], "dns_servers entry of 3 bytes"),
+            (|r| r.dns_servers = vec![vec![0; 4]], "not a unicast"),
+            (|r| r.dns_servers = vec![vec![255; 4]], "not a unicast"),
+            (|r| r.dns_servers = vec![vec![224, 0, 0, 1]], "not a unicast"),
+            (|r| r.dns_servers = vec![vec![100, 64, 0, 1]; 9], "at most 8"),
+            (|r| r.search_domains = vec!["lan\nnameserver 198.18.9.9".into()], "search_domains entry"),
+            (|r| r.search_domains = vec!["a b".into()], "search_domains entry"),
+            (|r| r.search_domains = vec!["x".into(); 7], "at most 6"),
+            (|r| r.dns_servers.clear(), "without dns_servers"),
         ];
         for (mutate, expect) in cases {
             let mut r = good();

@@ -67,8 +67,18 @@ pub enum Original {
     Absent,
 }
 
-/// The file holdfast writes: the header, one `nameserver` line per server, then the original.
-pub fn render_resolv_conf(servers: &[IpAddr], original: &Original) -> Result<String, DnsError> {
+/// The file holdfast writes: the header, one `nameserver` line per server, a `search` line when
+/// there are search domains, then the original. Search domains must be plain names (checked
+/// where they come from: the client file or the gateway's answer); one that is not is refused
+/// here too, so nothing but these lines can ever be written.
+pub fn render_resolv_conf(
+    servers: &[IpAddr],
+    search: &[String],
+    original: &Original,
+) -> Result<String, DnsError> {
+    for d in search {
+        crate::config::check_search_domain(d).map_err(DnsError::Invalid)?;
+    }
     let mut s = String::new();
     s.push_str(HEADER);
     s.push('\n');
@@ -81,6 +91,9 @@ pub fn render_resolv_conf(servers: &[IpAddr], original: &Original) -> Result<Str
     }
     for ip in servers {
         s.push_str(&format!("nameserver {ip}\n"));
+    }
+    if !search.is_empty() {
+        s.push_str(&format!("search {}\n", search.join(" ")));
     }
     match original {
         Original::File(text) => {
@@ -133,6 +146,23 @@ pub fn parse_ours(text: &str) -> Option<Original> {
     (lines.next()? == ORIGINAL_END).then_some(original)
 }
 
+/// What the gateway pushed in the current snapshot (`AuthenticateResponse` fields 11 and 12,
+/// checked by the client): the input `[network] dns = "gateway"` follows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushedDns {
+    pub servers: Vec<IpAddr>,
+    pub search_domains: Vec<String>,
+}
+
+impl PushedDns {
+    pub fn of(snapshot: &crate::snapshot::VpnAuthResponse) -> Self {
+        Self {
+            servers: snapshot.dns_servers.clone(),
+            search_domains: snapshot.search_domains.clone(),
+        }
+    }
+}
+
 /// How the servers get to the system.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
@@ -155,14 +185,17 @@ pub fn detect(path: &Path, tun_name: &str) -> Backend {
     }
 }
 
-/// The `resolvectl` invocations that make `link` the resolver for everything.
-pub fn resolvectl_apply_args(link: &str, servers: &[IpAddr]) -> Vec<Vec<String>> {
+/// The `resolvectl` invocations that make `link` the resolver for everything (and the search
+/// domains, if any, search domains of that link).
+pub fn resolvectl_apply_args(link: &str, servers: &[IpAddr], search: &[String]) -> Vec<Vec<String>> {
     let mut dns = vec!["dns".to_owned(), link.to_owned()];
     dns.extend(servers.iter().map(ToString::to_string));
+    // `~.`: a routing-only domain matching every name, so queries prefer this link.
+    let mut domain = vec!["domain".to_owned(), link.to_owned(), "~.".to_owned()];
+    domain.extend(search.iter().cloned());
     vec![
         dns,
-        // `~.`: a routing-only domain matching every name, so queries prefer this link.
-        vec!["domain".into(), link.into(), "~.".into()],
+        domain,
         vec!["default-route".into(), link.into(), "yes".into()],
     ]
 }
@@ -173,29 +206,30 @@ pub struct Dns;
 impl Dns {
     /// Points the system resolver at `servers` (the backend chosen by [`detect`] on
     /// `/etc/resolv.conf`). Call once the TUN `tun_name` is up. With no servers nothing changes.
-    pub fn apply(tun_name: &str, servers: &[IpAddr]) -> Result<DnsGuard, DnsError> {
-        Self::apply_with(detect(Path::new(SYSTEM_RESOLV_CONF), tun_name), servers)
+    pub fn apply(tun_name: &str, servers: &[IpAddr], search: &[String]) -> Result<DnsGuard, DnsError> {
+        Self::apply_with(detect(Path::new(SYSTEM_RESOLV_CONF), tun_name), servers, search)
     }
 
     /// [`Dns::apply`] with an explicit resolver file (tests, containers).
-    pub fn apply_resolv_conf(path: &Path, servers: &[IpAddr]) -> Result<DnsGuard, DnsError> {
-        Self::apply_with(Backend::ResolvConf(path.to_owned()), servers)
+    pub fn apply_resolv_conf(path: &Path, servers: &[IpAddr], search: &[String]) -> Result<DnsGuard, DnsError> {
+        Self::apply_with(Backend::ResolvConf(path.to_owned()), servers, search)
     }
 
     /// [`Dns::apply`] with an explicit backend.
-    pub fn apply_with(backend: Backend, servers: &[IpAddr]) -> Result<DnsGuard, DnsError> {
+    pub fn apply_with(backend: Backend, servers: &[IpAddr], search: &[String]) -> Result<DnsGuard, DnsError> {
         if servers.is_empty() {
             tracing::info!(
                 target: TARGET,
-                "no [network] dns servers: the system resolver is left as it is (with the \
-                 kill-switch on, it works only if it is reached through the tunnel)"
+                "no resolvers to set (none pushed by the gateway, or [network] dns = \"system\"): \
+                 the system resolver is left as it is (with the kill-switch on, it works only if \
+                 it is reached through the tunnel)"
             );
             return Ok(DnsGuard { backend: None });
         }
         match &backend {
-            Backend::ResolvConf(path) => write_ours(path, servers)?,
+            Backend::ResolvConf(path) => write_ours(path, servers, search)?,
             Backend::Resolved { link } => {
-                for args in resolvectl_apply_args(link, servers) {
+                for args in resolvectl_apply_args(link, servers, search) {
                     resolvectl(&args)?;
                 }
             }
@@ -222,6 +256,11 @@ pub struct DnsGuard {
 }
 
 impl DnsGuard {
+    /// A guard of nothing (no resolver set).
+    pub fn unset() -> Self {
+        Self { backend: None }
+    }
+
     /// Puts the original resolver back. If someone else replaced our file meanwhile, theirs is
     /// left alone.
     pub fn restore(self) -> Result<(), DnsError> {
@@ -271,7 +310,7 @@ pub fn restore_leftover(path: &Path) -> Result<bool, DnsError> {
 
 /// Writes our file over `path`, recording what is there now (or what a previous, killed run
 /// recorded, so the real original is never lost).
-fn write_ours(path: &Path, servers: &[IpAddr]) -> Result<(), DnsError> {
+fn write_ours(path: &Path, servers: &[IpAddr], search: &[String]) -> Result<(), DnsError> {
     let original = match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Original::Absent,
         Err(source) => return Err(DnsError::Read { path: path.to_owned(), source }),
@@ -284,7 +323,7 @@ fn write_ours(path: &Path, servers: &[IpAddr]) -> Result<(), DnsError> {
             parse_ours(&text).unwrap_or(Original::File(text))
         }
     };
-    let text = render_resolv_conf(servers, &original)?;
+    let text = render_resolv_conf(servers, search, &original)?;
     write_atomically(path, &text)
         .map_err(|source| DnsError::Write { path: path.to_owned(), source })
 }
@@ -416,9 +455,21 @@ mod tests {
     }
 
     #[test]
+    fn search_domains_become_one_line_and_nothing_else_gets_in() {
+        let search = vec!["corp.example".to_owned(), "lan".to_owned()];
+        let text = render_resolv_conf(&servers(), &search, &Original::Absent).unwrap();
+        assert!(text.contains("\nnameserver 2001:2::53\nsearch corp.example lan\n"), "{text}");
+        let hostile = vec!["lan\nnameserver 198.18.9.9".to_owned()];
+        assert!(matches!(
+            render_resolv_conf(&servers(), &hostile, &Original::Absent),
+            Err(DnsError::Invalid(_))
+        ));
+    }
+
+    #[test]
     fn golden_rewrite_of_a_file() {
         let original = Original::File("nameserver 192.168.1.1\nsearch lan\n".into());
-        let text = render_resolv_conf(&servers(), &original).unwrap();
+        let text = render_resolv_conf(&servers(), &[], &original).unwrap();
         assert_eq!(
             text,
             "# Written by holdfast while the VPN is up: resolvers reached through the tunnel.\n\
@@ -444,17 +495,17 @@ mod tests {
             Original::Absent,
         ];
         for original in cases {
-            let text = render_resolv_conf(&servers(), &original).unwrap();
+            let text = render_resolv_conf(&servers(), &[], &original).unwrap();
             assert_eq!(parse_ours(&text), Some(original.clone()), "{text}");
         }
         let odd = Original::Symlink("a\nb".into());
-        assert!(matches!(render_resolv_conf(&servers(), &odd), Err(DnsError::Invalid(_))));
+        assert!(matches!(render_resolv_conf(&servers(), &[], &odd), Err(DnsError::Invalid(_))));
     }
 
     #[test]
     fn more_than_three_servers_are_written_with_a_note() {
         let many: Vec<IpAddr> = (1..=4).map(|i| IpAddr::from([10, 0, 0, i])).collect();
-        let text = render_resolv_conf(&many, &Original::Absent).unwrap();
+        let text = render_resolv_conf(&many, &[], &Original::Absent).unwrap();
         assert!(text.contains("only the first three"));
         assert_eq!(text.matches("\nnameserver ").count(), 4);
     }
@@ -463,7 +514,7 @@ mod tests {
     fn foreign_or_damaged_files_are_not_ours() {
         assert_eq!(parse_ours("nameserver 1.1.1.1\n"), None);
         assert_eq!(parse_ours(""), None);
-        let ours = render_resolv_conf(&servers(), &Original::File("x\n".into())).unwrap();
+        let ours = render_resolv_conf(&servers(), &[], &Original::File("x\n".into())).unwrap();
         // Truncated before the end marker, or a body line without its prefix: left alone.
         let cut = &ours[..ours.find(ORIGINAL_END).unwrap()];
         assert_eq!(parse_ours(cut), None);
@@ -475,10 +526,10 @@ mod tests {
     #[test]
     fn resolvectl_commands() {
         assert_eq!(
-            resolvectl_apply_args("holdfast0", &servers()),
+            resolvectl_apply_args("holdfast0", &servers(), &["lan".to_owned()]),
             vec![
                 vec!["dns", "holdfast0", "100.64.0.1", "2001:2::53"],
-                vec!["domain", "holdfast0", "~."],
+                vec!["domain", "holdfast0", "~.", "lan"],
                 vec!["default-route", "holdfast0", "yes"],
             ]
         );
@@ -509,7 +560,7 @@ mod tests {
         let (dir, path) = resolv_with(before);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
 
-        let guard = Dns::apply_resolv_conf(&path, &servers()).unwrap();
+        let guard = Dns::apply_resolv_conf(&path, &servers(), &[]).unwrap();
         let during = fs::read_to_string(&path).unwrap();
         assert!(during.contains("nameserver 100.64.0.1\n"));
         assert!(!during.contains("\nnameserver 192.168.1.1"), "{during}");
@@ -526,9 +577,9 @@ mod tests {
         let (_dir, path) = resolv_with(before);
 
         // First run "killed": its guard is never restored.
-        std::mem::forget(Dns::apply_resolv_conf(&path, &servers()).unwrap());
+        std::mem::forget(Dns::apply_resolv_conf(&path, &servers(), &[]).unwrap());
         // The next run records the real original, not the first run's file.
-        let guard = Dns::apply_resolv_conf(&path, &["100.64.0.9".parse().unwrap()]).unwrap();
+        let guard = Dns::apply_resolv_conf(&path, &["100.64.0.9".parse().unwrap()], &[]).unwrap();
         let during = fs::read_to_string(&path).unwrap();
         assert_eq!(during.matches(HEADER).count(), 1, "{during}");
         std::mem::forget(guard);
@@ -545,13 +596,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("resolv.conf");
         std::os::unix::fs::symlink("/run/NetworkManager/resolv.conf", &path).unwrap();
-        let guard = Dns::apply_resolv_conf(&path, &servers()).unwrap();
+        let guard = Dns::apply_resolv_conf(&path, &servers(), &[]).unwrap();
         assert!(fs::symlink_metadata(&path).unwrap().file_type().is_file());
         guard.restore().unwrap();
         assert_eq!(fs::read_link(&path).unwrap(), Path::new("/run/NetworkManager/resolv.conf"));
 
         let absent = dir.path().join("none.conf");
-        let guard = Dns::apply_resolv_conf(&absent, &servers()).unwrap();
+        let guard = Dns::apply_resolv_conf(&absent, &servers(), &[]).unwrap();
         assert!(absent.exists());
         guard.restore().unwrap();
         assert!(!absent.exists());
@@ -560,7 +611,7 @@ mod tests {
     #[test]
     fn a_file_replaced_while_connected_is_left_alone() {
         let (_dir, path) = resolv_with("nameserver 192.168.1.1\n");
-        let guard = Dns::apply_resolv_conf(&path, &servers()).unwrap();
+        let guard = Dns::apply_resolv_conf(&path, &servers(), &[]).unwrap();
         fs::write(&path, "nameserver 9.9.9.9\n").unwrap();
         guard.restore().unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "nameserver 9.9.9.9\n");
@@ -569,7 +620,7 @@ mod tests {
     #[test]
     fn no_servers_changes_nothing() {
         let (_dir, path) = resolv_with("nameserver 192.168.1.1\n");
-        Dns::apply_resolv_conf(&path, &[]).unwrap().restore().unwrap();
+        Dns::apply_resolv_conf(&path, &[], &[]).unwrap().restore().unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "nameserver 192.168.1.1\n");
     }
 

@@ -89,6 +89,8 @@ pub struct KillSwitchPlan {
     tun_name: String,
     allow_lan: bool,
     lan_subnets: Vec<IpNet>,
+    /// DNS (issue 11): when not empty, DNS inside the tunnel may go to these resolvers only.
+    tunnel_dns: Vec<IpAddr>,
 }
 
 impl KillSwitchPlan {
@@ -116,7 +118,23 @@ impl KillSwitchPlan {
             tun_name: tun_name.to_owned(),
             allow_lan: false,
             lan_subnets: Vec::new(),
+            tunnel_dns: Vec::new(),
         })
+    }
+
+    /// Inside the tunnel too, DNS may go to `resolvers` only (every other port 53 through the
+    /// tunnel is dropped). Empty: DNS through the tunnel is not restricted.
+    pub fn tunnel_dns_only(mut self, resolvers: &[IpAddr]) -> Self {
+        let mut r = resolvers.to_vec();
+        r.sort();
+        r.dedup();
+        self.tunnel_dns = r;
+        self
+    }
+
+    /// The resolvers DNS through the tunnel is restricted to (empty: not restricted).
+    pub fn tunnel_dns(&self) -> &[IpAddr] {
+        &self.tunnel_dns
     }
 
     /// Also allows the directly connected subnets `subnets` (in both directions), except DNS.
@@ -137,7 +155,10 @@ impl KillSwitchPlan {
         let net = &file.network;
         let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
         let port = file.endpoint.port();
-        let plan = Self::new(file.endpoint.ip(), port, port, tun)?;
+        // The resolvers a file names are known now; those a gateway pushes only after the first
+        // answer, so with `dns = "gateway"` DNS through the tunnel is not restricted (it goes
+        // encrypted to the gateway either way; outside the tunnel it is dropped in every case).
+        let plan = Self::new(file.endpoint.ip(), port, port, tun)?.tunnel_dns_only(net.dns.configured());
         Ok(if net.allow_lan.unwrap_or(false) { plan.allow_lan(lan) } else { plan })
     }
 
@@ -206,8 +227,10 @@ fn chains(plan: &KillSwitchPlan) -> (Vec<Rule>, Vec<Rule>) {
     let ip = family(gw);
     let (cp, dp) = (plan.control_port, plan.data_port);
 
-    let mut output = vec![
-        rule(r#"oifname "lo" accept"#, "loopback"),
+    let mut output = vec![rule(r#"oifname "lo" accept"#, "loopback")];
+    // DNS (issue 11): in the tunnel, port 53 only to the plan's resolvers (one rule per family).
+    output.extend(tunnel_dns_rules(plan));
+    output.extend([
         rule(format!(r#"oifname "{tun}" accept"#), "tunnel"),
         rule(format!("{ip} daddr {gw} tcp dport {cp} accept"), "gateway control"),
         rule(format!("{ip} daddr {gw} udp dport {dp} accept"), "gateway data"),
@@ -220,7 +243,7 @@ fn chains(plan: &KillSwitchPlan) -> (Vec<Rule>, Vec<Rule>) {
              ip6 hoplimit 255 accept",
             "ipv6 neighbour discovery",
         ),
-    ];
+    ]);
     let mut input = vec![
         rule(r#"iifname "lo" accept"#, "loopback"),
         rule(format!(r#"iifname "{tun}" accept"#), "tunnel"),
@@ -254,6 +277,32 @@ fn chains(plan: &KillSwitchPlan) -> (Vec<Rule>, Vec<Rule>) {
         }
     }
     (output, input)
+}
+
+/// DNS through the tunnel to anything but `plan.tunnel_dns` is dropped: for each family, port 53
+/// to another address of that family (or to any, when no resolver of that family is listed).
+/// Nothing when the plan does not restrict it.
+fn tunnel_dns_rules(plan: &KillSwitchPlan) -> Vec<Rule> {
+    if plan.tunnel_dns.is_empty() {
+        return Vec::new();
+    }
+    let tun = &plan.tun_name;
+    [("ip", "ipv4", true), ("ip6", "ipv6", false)]
+        .into_iter()
+        .map(|(f, nfproto, v4)| {
+            let list: Vec<String> =
+                plan.tunnel_dns.iter().filter(|a| a.is_ipv4() == v4).map(ToString::to_string).collect();
+            let to = if list.is_empty() {
+                format!("meta nfproto {nfproto}")
+            } else {
+                format!("{f} daddr != {{ {} }}", list.join(", "))
+            };
+            rule(
+                format!(r#"oifname "{tun}" {to} meta l4proto {{ tcp, udp }} th dport 53 drop"#),
+                "dns in the tunnel to other resolvers",
+            )
+        })
+        .collect()
 }
 
 /// Declares the table (a no-op if it exists) and deletes it: in one batch this removes any previous
@@ -739,6 +788,22 @@ table inet holdfast {
                 assert!(pos(after) > dns, "{after} must follow the DNS drop");
             }
         }
+    }
+
+    #[test]
+    fn tunnel_dns_is_restricted_to_the_named_resolvers_only_when_asked() {
+        // Not restricted by default: the golden full tunnel is unchanged.
+        assert!(plan4().tunnel_dns().is_empty());
+        let plan = plan4().tunnel_dns_only(&["100.64.0.1".parse().unwrap(), "100.64.0.1".parse().unwrap()]);
+        assert_eq!(plan.tunnel_dns(), ["100.64.0.1".parse::<IpAddr>().unwrap()]);
+        let text = render_ruleset(&plan);
+        assert!(text.contains(
+            "\t\toifname \"holdfast0\" ip daddr != { 100.64.0.1 } meta l4proto { tcp, udp } th dport 53 drop comment \"dns in the tunnel to other resolvers\"\n\
+             \t\toifname \"holdfast0\" meta nfproto ipv6 meta l4proto { tcp, udp } th dport 53 drop comment \"dns in the tunnel to other resolvers\"\n\
+             \t\toifname \"holdfast0\" accept comment \"tunnel\"\n"
+        ), "{text}");
+        let both = plan4().tunnel_dns_only(&["fd00::1".parse().unwrap(), "100.64.0.1".parse().unwrap()]);
+        assert!(render_ruleset(&both).contains("ip6 daddr != { fd00::1 } meta l4proto"));
     }
 
     #[test]

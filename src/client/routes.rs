@@ -58,7 +58,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
 use super::dataplane::DEFAULT_TUN_NAME;
-use super::dns::{Dns, DnsError, DnsGuard};
+use super::dns::{Dns, DnsError, DnsGuard, PushedDns};
 use crate::config::client::ClientFile;
 
 const TARGET: &str = "holdfast::routes";
@@ -881,16 +881,26 @@ pub struct TunnelNetwork {
     routes: RouteGuard,
     underlay: UnderlayWatch,
     dns: DnsGuard,
+    /// The resolvers and search domains `dns` set (to tell whether a new snapshot changes them).
+    dns_set: (Vec<IpAddr>, Vec<String>),
+    tun: String,
 }
 
 impl TunnelNetwork {
     /// Installs the routes, starts following the underlay (calling `on_underlay_change` on each
     /// change of the path to the gateway), then points the resolver at the tunnel. On error
     /// everything done so far is undone and the error returned (nothing half-done stays).
-    pub async fn up(file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<Self, NetworkError> {
+    ///
+    /// The resolvers are `[network] dns` applied to what the gateway pushed (`pushed`, from the
+    /// current snapshot); [`TunnelNetwork::update_dns`] follows later snapshots.
+    pub async fn up(
+        file: &ClientFile,
+        pushed: &PushedDns,
+        on_underlay_change: UnderlayHook,
+    ) -> Result<Self, NetworkError> {
         let net = &file.network;
         let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
-        let mut cidrs = tunnel_cidrs(net.routes.as_deref(), &net.dns);
+        let mut cidrs = tunnel_cidrs(net.routes.as_deref(), net.dns.configured());
         if crate::tunnel::ipv6_disabled() {
             // The kernel refuses IPv6 routes here; there is no IPv6 traffic to route either.
             cidrs.retain(|n| n.addr().is_ipv4());
@@ -911,8 +921,9 @@ impl TunnelNetwork {
                 return Err(e.into());
             }
         };
-        match Dns::apply(tun, &net.dns) {
-            Ok(dns) => Ok(Self { routes, underlay, dns }),
+        let dns_set = net.dns.effective(&pushed.servers, &pushed.search_domains);
+        match Dns::apply(tun, &dns_set.0, &dns_set.1) {
+            Ok(dns) => Ok(Self { routes, underlay, dns, dns_set, tun: tun.to_owned() }),
             Err(e) => {
                 if let Err(undo) = Self::remove_routes(routes, underlay).await {
                     tracing::warn!(target: TARGET, "{undo}");
@@ -920,6 +931,25 @@ impl TunnelNetwork {
                 Err(e.into())
             }
         }
+    }
+
+    /// Follows a new snapshot's resolvers: when `[network] dns` applied to `pushed` gives other
+    /// resolvers than those set, sets them (or restores the system's when there are none now).
+    /// Returns whether anything changed.
+    pub fn update_dns(&mut self, file: &ClientFile, pushed: &PushedDns) -> Result<bool, DnsError> {
+        let want = file.network.dns.effective(&pushed.servers, &pushed.search_domains);
+        if want == self.dns_set {
+            return Ok(false);
+        }
+        if want.0.is_empty() {
+            std::mem::replace(&mut self.dns, DnsGuard::unset()).restore()?;
+        } else {
+            // Applying over our own file keeps the original it recorded, so the guard of the
+            // previous setting is not needed to restore it.
+            self.dns = Dns::apply(&self.tun, &want.0, &want.1)?;
+        }
+        self.dns_set = want;
+        Ok(true)
     }
 
     /// The routes that were added at start (the gateway's pin and fallback, which follow the

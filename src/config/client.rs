@@ -35,7 +35,8 @@
 //! coalesce_writes = true        # merge TCP segments written to the TUN device (needs offload)
 //! routes = ["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"]   # full tunnel (both families);
 //!                               # list CIDRs of either family for a split tunnel
-//! dns = []                      # resolvers while connected, e.g. ["100.64.0.1"]
+//! dns = "gateway"               # resolvers while connected: "gateway" (those it pushes),
+//!                               # "system" (leave the system's alone), or ["100.64.0.1", ...]
 //! allow_lan = false
 //! killswitch = true
 //!
@@ -105,10 +106,11 @@ pub struct NetworkSection {
     /// tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<ipnet::IpNet>>,
-    /// Resolvers to use while connected (default: none, the system's resolver is left alone —
-    /// but the kill-switch still allows DNS only through the tunnel).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub dns: Vec<std::net::IpAddr>,
+    /// Resolvers to use while connected: `"gateway"` (default: those the gateway pushes),
+    /// `"system"` (leave the system's resolver alone; the kill-switch still allows DNS only
+    /// through the tunnel), or a list of addresses.
+    #[serde(default, skip_serializing_if = "DnsChoice::is_gateway")]
+    pub dns: DnsChoice,
     /// Allow traffic to the local LAN (the directly connected subnets) outside the tunnel
     /// (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,6 +119,94 @@ pub struct NetworkSection {
     /// traffic can leak.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub killswitch: Option<bool>,
+}
+
+/// `[network] dns`: which resolvers the system uses while connected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DnsChoice {
+    /// Those the gateway pushes when the client authenticates (its own resolver, on its tunnel
+    /// address). If it pushes none, the system's resolver is left alone. `dns = "gateway"` or no
+    /// key.
+    #[default]
+    Gateway,
+    /// Leave the system's resolver alone whatever the gateway pushes: `dns = "system"`. An empty
+    /// list (`dns = []`, what this key meant before the gateway pushed resolvers) reads the same.
+    System,
+    /// These resolvers, whatever the gateway pushes: `dns = ["100.64.0.1"]`.
+    Servers(Vec<std::net::IpAddr>),
+}
+
+impl DnsChoice {
+    pub fn is_gateway(&self) -> bool {
+        *self == DnsChoice::Gateway
+    }
+
+    /// The resolvers named in the file (empty unless [`DnsChoice::Servers`]): known before any
+    /// answer from the gateway (routes of a split tunnel, the kill-switch plan).
+    pub fn configured(&self) -> &[std::net::IpAddr] {
+        match self {
+            DnsChoice::Servers(s) => s,
+            _ => &[],
+        }
+    }
+
+    /// The resolvers and search domains to set, given what the gateway pushed.
+    pub fn effective(
+        &self,
+        pushed: &[std::net::IpAddr],
+        pushed_search: &[String],
+    ) -> (Vec<std::net::IpAddr>, Vec<String>) {
+        match self {
+            DnsChoice::Gateway => (pushed.to_vec(), pushed_search.to_vec()),
+            DnsChoice::System => (Vec::new(), Vec::new()),
+            DnsChoice::Servers(s) => (s.clone(), Vec::new()),
+        }
+    }
+}
+
+impl Serialize for DnsChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DnsChoice::Gateway => s.serialize_str("gateway"),
+            DnsChoice::System => s.serialize_str("system"),
+            DnsChoice::Servers(list) => list.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DnsChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DnsChoice;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"gateway\", \"system\" or a list of IP addresses")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DnsChoice, E> {
+                match v {
+                    "gateway" => Ok(DnsChoice::Gateway),
+                    "system" => Ok(DnsChoice::System),
+                    other => Err(E::custom(format!(
+                        "`dns` = {other:?}: expected \"gateway\", \"system\" or a list of IP addresses"
+                    ))),
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<DnsChoice, A::Error> {
+                let mut list = Vec::new();
+                while let Some(ip) = seq.next_element::<std::net::IpAddr>()? {
+                    if list.len() == super::MAX_DNS_SERVERS {
+                        return Err(serde::de::Error::custom(format!(
+                            "`dns`: at most {} resolvers",
+                            super::MAX_DNS_SERVERS
+                        )));
+                    }
+                    list.push(ip);
+                }
+                Ok(if list.is_empty() { DnsChoice::System } else { DnsChoice::Servers(list) })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The local status socket that `holdfast status` reads.

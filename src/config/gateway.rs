@@ -33,6 +33,13 @@
 //! enabled = false
 //! uplink = ""                         # the uplink interface, required when enabled
 //!
+//! [dns]                             # the resolver on the tunnel address(es), pushed to clients
+//! enabled = true
+//! upstreams = ["198.18.1.2"]          # default: the nameservers of this host's /etc/resolv.conf
+//! timeout = "2s"                      # no upstream answer in this time: SERVFAIL (100ms to 30s)
+//! rate_limit = 100                    # queries per second per client (bursts of twice that)
+//! search_domains = []                 # pushed to clients with the servers, e.g. ["corp.example"]
+//!
 //! [dataplane]
 //! offload = true                      # TUN offload (TSO/GRO): 64 KiB reads, merged writes
 //! coalesce_writes = true              # merge TCP segments written to the TUN device (needs offload)
@@ -132,6 +139,8 @@ struct RawGatewayFile {
     nat: NatSection,
     #[serde(default)]
     dataplane: DataPlaneSection,
+    #[serde(default)]
+    dns: DnsSection,
     #[serde(default = "default_status_socket")]
     status_socket: PathBuf,
     #[serde(default)]
@@ -202,6 +211,127 @@ pub struct NatSection {
     /// The uplink interface name. Default empty; required when `enabled`.
     #[serde(default)]
     pub uplink: String,
+}
+
+/// Default `[dns] timeout`: a healthy upstream answers in milliseconds, a recursive lookup of a
+/// slow zone in well under a second; glibc's own retry comes after 5 s, so the SERVFAIL arrives
+/// before the client gives up on us.
+pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default `[dns] rate_limit` (queries per second per client): a browser opening a busy page
+/// makes a few dozen lookups at once; the burst (twice the rate) covers that.
+pub const DEFAULT_DNS_RATE: u32 = 100;
+const DNS_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(30));
+const DNS_RATE_MAX: u32 = 100_000;
+
+/// `[dns]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DnsSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstreams: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    search_domains: Vec<String>,
+}
+
+/// `[dns]` with its defaults applied: the gateway's resolver on its tunnel address(es).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Run the resolver and push it to clients. Default true.
+    pub enabled: bool,
+    /// Where queries go; `None`: the nameservers of the host's `/etc/resolv.conf`, read when the
+    /// gateway starts.
+    pub upstreams: Option<Vec<SocketAddr>>,
+    /// No answer from any upstream within this time: SERVFAIL.
+    pub timeout: Duration,
+    /// Queries per second per client (bursts of twice that).
+    pub rate_limit: u32,
+    /// Search domains pushed to clients with the servers.
+    pub search_domains: Vec<String>,
+}
+
+/// Parses an upstream: `IP` (port 53) or `IP:PORT` (`[IPv6]:PORT`).
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    let addr = s
+        .parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .or_else(|_| s.parse::<SocketAddr>())
+        .map_err(|_| format!("{s:?} is not an address (IP or IP:PORT)"))?;
+    let ip = addr.ip();
+    if ip.is_unspecified() || ip.is_multicast() || addr.port() == 0 {
+        return Err(format!("{s:?} is not a unicast address and port"));
+    }
+    Ok(addr)
+}
+
+impl DnsSection {
+    fn resolve(&self, own: &[IpAddr]) -> Result<DnsSettings, String> {
+        let timeout = self.timeout.unwrap_or(DEFAULT_DNS_TIMEOUT);
+        if timeout < DNS_TIMEOUT_RANGE.0 || timeout > DNS_TIMEOUT_RANGE.1 {
+            return Err(format!(
+                "[dns] `timeout` = {} is out of range (100ms to 30s)",
+                humantime::format_duration(timeout)
+            ));
+        }
+        let rate_limit = self.rate_limit.unwrap_or(DEFAULT_DNS_RATE);
+        if !(1..=DNS_RATE_MAX).contains(&rate_limit) {
+            return Err(format!(
+                "[dns] `rate_limit` = {rate_limit} is out of range (1 to {DNS_RATE_MAX} queries per second)"
+            ));
+        }
+        let upstreams = match &self.upstreams {
+            None => None,
+            Some(list) => {
+                if list.is_empty() || list.len() > super::MAX_DNS_SERVERS {
+                    return Err(format!(
+                        "[dns] `upstreams` needs 1 to {} addresses (leave it out to use this host's /etc/resolv.conf)",
+                        super::MAX_DNS_SERVERS
+                    ));
+                }
+                let mut out = Vec::with_capacity(list.len());
+                for s in list {
+                    let a = parse_upstream(s).map_err(|r| format!("[dns] `upstreams`: {r}"))?;
+                    check_not_own(a, own).map_err(|r| format!("[dns] `upstreams`: {r}"))?;
+                    out.push(a);
+                }
+                Some(out)
+            }
+        };
+        if self.search_domains.len() > super::MAX_SEARCH_DOMAINS {
+            return Err(format!(
+                "[dns] `search_domains` has {} entries; at most {}",
+                self.search_domains.len(),
+                super::MAX_SEARCH_DOMAINS
+            ));
+        }
+        for d in &self.search_domains {
+            super::check_search_domain(d).map_err(|r| format!("[dns] `search_domains`: {r}"))?;
+        }
+        Ok(DnsSettings {
+            enabled: self.enabled.unwrap_or(true),
+            upstreams,
+            timeout,
+            rate_limit,
+            search_domains: self.search_domains.clone(),
+        })
+    }
+}
+
+/// Refuses an upstream that is one of the gateway's own tunnel addresses (the resolver would ask
+/// itself, forever).
+pub fn check_not_own(upstream: SocketAddr, own: &[IpAddr]) -> Result<(), String> {
+    if own.contains(&upstream.ip()) {
+        return Err(format!(
+            "{upstream} is this gateway's own tunnel address (the resolver would forward to itself)"
+        ));
+    }
+    Ok(())
 }
 
 /// `[dataplane]` as written: how the data plane talks to its TUN device. Both default to on,
@@ -281,6 +411,7 @@ pub struct GatewayConfig {
     pub handshake_timeout: Duration,
     pub nat: NatSection,
     pub dataplane: DataPlaneSettings,
+    pub dns: DnsSettings,
     /// Where `gateway status` finds the running gateway (absolute, or relative to the working
     /// directory like every other path here).
     pub status_socket: PathBuf,
@@ -406,6 +537,7 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
                     to the TUN device with a virtio-net header)"
             .into());
     }
+    let dns = raw.dns.resolve(&[IpAddr::V4(gateway_ip)])?;
     let metrics = check_metrics(&raw.metrics, raw.listen, raw.endpoint)?;
     let log_level = raw.log.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
     crate::logging::check_filter(&log_level)
@@ -438,6 +570,7 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
         handshake_timeout: raw.handshake_timeout,
         nat: raw.nat,
         dataplane: raw.dataplane.resolve(),
+        dns,
         status_socket,
         metrics,
         log_level,
@@ -691,6 +824,16 @@ pub fn render_initial(v: &InitialValues) -> String {
          enabled = false\n\
          uplink = \"\"\n\
          \n\
+         # The resolver clients use while connected: answers on the tunnel address, only to\n\
+         # clients with a live session, and is pushed to them when they connect.\n\
+         [dns]\n\
+         enabled = true\n\
+         # Where it forwards to. Default: the nameservers of this host's /etc/resolv.conf.\n\
+         # upstreams = [\"198.18.1.2\", \"198.18.1.3:5353\"]\n\
+         # timeout = \"2s\"          # no upstream answer: SERVFAIL after this long\n\
+         # rate_limit = 100          # queries per second per client\n\
+         # search_domains = []       # pushed to clients, e.g. [\"corp.example\"]\n\
+         \n\
          # Prometheus metrics at http://LISTEN/metrics; off unless `listen` is set.\n\
          [metrics]\n\
          # listen = \"127.0.0.1:9464\"\n",
@@ -743,8 +886,34 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.nat, NatSection::default());
         assert_eq!(c.dataplane, DataPlaneSettings { offload: true, coalesce_writes: true });
+        assert_eq!(
+            c.dns,
+            DnsSettings {
+                enabled: true,
+                upstreams: None,
+                timeout: DEFAULT_DNS_TIMEOUT,
+                rate_limit: DEFAULT_DNS_RATE,
+                search_domains: vec![],
+            }
+        );
         assert_eq!(c.status_socket, PathBuf::from("/etc/hf/gateway.sock"));
         assert_eq!(c.metrics, MetricsSettings { listen: None }, "metrics are off by default");
+    }
+
+    #[test]
+    fn dns_keys_parse() {
+        let c = parse(
+            "endpoint = \"198.18.0.1:51820\"\n[dns]\nenabled = false\n\
+             upstreams = [\"198.18.1.2\", \"198.18.1.3:5353\", \"2001:db8::53\", \"[2001:db8::54]:5353\"]\n\
+             timeout = \"500ms\"\nrate_limit = 7\nsearch_domains = [\"corp.example\"]",
+        )
+        .unwrap();
+        assert!(!c.dns.enabled);
+        let ups: Vec<String> = c.dns.upstreams.unwrap().iter().map(ToString::to_string).collect();
+        assert_eq!(ups, ["198.18.1.2:53", "198.18.1.3:5353", "[2001:db8::53]:53", "[2001:db8::54]:5353"]);
+        assert_eq!(c.dns.timeout, Duration::from_millis(500));
+        assert_eq!(c.dns.rate_limit, 7);
+        assert_eq!(c.dns.search_domains, ["corp.example"]);
     }
 
     #[test]
@@ -863,6 +1032,18 @@ mod tests {
                 "not a valid interface name",
             ),
             ("[nat]\nmasq = 1", "unknown field `masq`"),
+            ("[dns]\ntimeout = \"10ms\"", "[dns] `timeout`"),
+            ("[dns]\ntimeout = \"1m\"", "[dns] `timeout`"),
+            ("[dns]\nrate_limit = 0", "[dns] `rate_limit`"),
+            ("[dns]\nupstreams = []", "[dns] `upstreams` needs 1 to 8"),
+            ("[dns]\nupstreams = [\"resolver\"]", "[dns] `upstreams`: \"resolver\" is not an address"),
+            ("[dns]\nupstreams = [\"0.0.0.0\"]", "not a unicast"),
+            ("[dns]\nupstreams = [\"198.18.1.2:0\"]", "not a unicast"),
+            ("[dns]\nupstreams = [\"100.64.0.1\"]", "own tunnel address"),
+            ("[dns]\nsearch_domains = [\"a b\"]", "[dns] `search_domains`"),
+            ("[dns]\nsearch_domains = [\"x\\nnameserver 1.2.3.4\"]", "[dns] `search_domains`"),
+            ("[dns]\nsearch_domains = [\"a\",\"b\",\"c\",\"d\",\"e\",\"f\",\"g\"]", "at most 6"),
+            ("[dns]\nforward = 1", "unknown field `forward`"),
             ("colour = \"blue\"", "unknown field `colour`"),
         ];
         for (extra, want) in cases {

@@ -31,6 +31,53 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(test)]
+mod dns_name_tests {
+    use super::check_search_domain;
+
+    #[test]
+    fn search_domains_are_plain_names() {
+        for ok in ["lan", "corp.example.test", "a-b.c_d.", &"a".repeat(63)] {
+            assert!(check_search_domain(ok).is_ok(), "{ok}");
+        }
+        let long = ["a"; 130].join(".");
+        for bad in ["", ".", "a..b", "-a", "a-", "a b", "a\nnameserver 1.2.3.4", "x#y", "x;y", &"a".repeat(64), &long] {
+            assert!(check_search_domain(bad).is_err(), "{bad:?}");
+        }
+    }
+}
+
+/// The most DNS servers a gateway pushes (and a client accepts): glibc reads three nameserver
+/// lines; a few more leave room for both address families.
+pub const MAX_DNS_SERVERS: usize = 8;
+/// The most search domains pushed (and accepted): glibc's historical limit.
+pub const MAX_SEARCH_DOMAINS: usize = 6;
+
+/// Checks a DNS search domain: a name of 1 to 253 characters, labels of 1 to 63 letters, digits,
+/// `-` or `_`, not starting or ending with `-`, separated by single dots (one trailing dot
+/// allowed). It ends up on a `search` line of resolv.conf or in a `resolvectl` argument, so
+/// nothing else can be in it: no spaces, line breaks, `#` or `;`.
+pub fn check_search_domain(name: &str) -> Result<(), String> {
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    if trimmed.is_empty() || name.len() > 253 {
+        return Err(format!("{:?} is not a domain name (1 to 253 characters)", name.escape_debug().to_string()));
+    }
+    for label in trimmed.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "{:?} is not a domain name (labels of 1 to 63 letters, digits, '-' or '_')",
+                name.escape_debug().to_string()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Exit codes of the `holdfast` binary (sysexits.h values, familiar to operators).
 pub mod exit {
     /// Explicit stop, or a command that succeeded.

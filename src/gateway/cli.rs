@@ -59,8 +59,11 @@ pub enum GatewayCommand {
     ///
     /// Listens on `listen` from gateway.toml (TCP for the control plane, UDP on the same port for
     /// the data plane). Registry changes (add-client, revoke) take effect without a restart.
+    /// The resolver (`[dns]`, on by default) answers DNS on UDP and TCP port 53 of the tunnel
+    /// address, only for clients with a live session, forwarding to `[dns] upstreams` or this
+    /// host's /etc/resolv.conf nameservers; clients are told to use it when they connect.
     /// Signals: SIGUSR2 ends every session (clients re-authenticate by themselves); SIGUSR1 logs
-    /// the data plane's counters; SIGHUP re-reads gateway.toml and applies, without a restart,
+    /// the data plane's and the resolver's counters; SIGHUP re-reads gateway.toml and applies, without a restart,
     /// the session timeouts (session_idle_timeout, session_max_lifetime, reauth_grace), the
     /// [metrics] endpoint and [log] level (unless RUST_LOG is set). Other changes wait for a
     /// restart (the log line names them); a file that does not load is refused and the running
@@ -539,15 +542,41 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
             "IPv6 is disabled on this host (net.ipv6.conf.*.disable_ipv6 = 1): serving IPv4 only; `subnet6` is kept for when it is enabled"
         );
     }
-    let plane = ControlPlane::bind(&config)?;
+    // The resolver (issue 11): decided first, because clients are told about it when they
+    // authenticate; started once the TUN device (its address) exists.
+    let dns_plan = super::dns::ResolverPlan::for_gateway(&config);
+    let push = dns_plan.as_ref().map(super::dns::ResolverPlan::push).unwrap_or_default();
+    let plane = ControlPlane::bind_with_dns(&config, push)?;
     tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, subnet6 = %v6_text(&config), "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
     let sessions = std::sync::Arc::new(super::dataplane::ControlSessions::of(&plane));
     let data = super::dataplane::start_for(&config, sessions.clone()).await?;
+    let resolver = match dns_plan {
+        Some(plan) => {
+            let live = std::sync::Arc::new(super::dns::LiveSessions {
+                table: plane.sessions(),
+                clock: plane.clock(),
+            });
+            match super::dns::GatewayResolver::start(plan, &data.tun_name, live, plane.dns_counters()) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    data.stop().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        None => None,
+    };
+    if let Some(r) = &resolver {
+        tokio::spawn(super::dns::log_stats_on_sigusr1(r.counters()));
+    }
     // Operations (issue 15): the status socket, metrics, SIGHUP.
     let _ops = super::ops::start(early, &config, &plane, sessions, &data).await?;
     tokio::spawn(end_sessions_on_sigusr2(plane.sessions()));
     let result = plane.serve(stop_signal()).await;
+    if let Some(r) = resolver {
+        r.stop().await;
+    }
     data.stop().await;
     result
 }

@@ -213,6 +213,23 @@ impl Collector for GatewayCollector {
         let s = o.counters.stats();
         let sessions = control.sessions.len() as u64;
         metric(&mut e, "sessions", "Sessions held (current and in their re-auth grace).", Gauge, "", &[("", sessions)])?;
+        // The resolver (`[dns]`): zero when it is off.
+        let d = control.dns_counters.stats();
+        metric(&mut e, "dns_queries", "DNS queries received by the resolver on the tunnel address.", Counter, "", &[("", d.queries)])?;
+        metric(
+            &mut e,
+            "dns_results",
+            "DNS queries by outcome: answered (by an upstream), servfail, refused (not a live session), malformed, rate_limited.",
+            Counter,
+            "result",
+            &[
+                ("answered", d.answered),
+                ("servfail", d.servfail),
+                ("refused", d.refused),
+                ("malformed", d.malformed),
+                ("rate_limited", d.rate_limited),
+            ],
+        )?;
         let registered = control.registry.view().len() as u64;
         metric(&mut e, "registered_clients", "Clients in the registry (active or revoked).", Gauge, "", &[("", registered)])?;
         let version = control.counters.registry_version();

@@ -9,6 +9,7 @@
 //! - [`tls`]: TLS 1.3-only mutual authentication, one handshake task per connection.
 //! - [`server`]: binds, serves, and runs housekeeping.
 //! - [`dataplane`]: the TUN device, the UDP loops and the NAT rule.
+//! - [`dns`]: the resolver on the tunnel address(es), pushed to clients.
 //! - [`fsutil`]: atomic file writes and the registry's edit lock.
 //! - [`status`]: `gateway status` and the status socket the running gateway answers it on.
 //! - [`metrics`]: the control plane's counters and the opt-in Prometheus endpoint.
@@ -17,6 +18,7 @@
 
 pub mod cli;
 pub mod dataplane;
+pub mod dns;
 pub mod fsutil;
 pub mod live;
 pub mod metrics;
@@ -72,6 +74,9 @@ pub enum GatewayError {
     /// The data plane (TUN device, UDP socket, NAT rule) could not start.
     #[error(transparent)]
     DataPlane(#[from] dataplane::GatewayDataPlaneError),
+    /// The resolver could not start (`[dns]`).
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
     /// The status socket cannot be served (`status_socket`).
     #[error("cannot serve the status socket {} (`status_socket` in gateway.toml): {source}", path.display())]
     StatusSocket { path: PathBuf, source: io::Error },
@@ -97,6 +102,7 @@ impl GatewayError {
                 exit::NOT_PERMITTED
             }
             GatewayError::DataPlane(e) if e.not_permitted() => exit::NOT_PERMITTED,
+            GatewayError::Dns(e) if e.not_permitted() => exit::NOT_PERMITTED,
             GatewayError::Status(e) => e.exit_code(),
             _ => exit::FAILURE,
         }

@@ -87,6 +87,15 @@ impl ControlPlane {
     /// Loads the credentials and the registry and binds `config.listen`. Must run inside a tokio
     /// runtime (the listener registers with it).
     pub fn bind(config: &GatewayConfig) -> Result<Self, GatewayError> {
+        Self::bind_with_dns(config, super::dns::DnsPush::default())
+    }
+
+    /// [`ControlPlane::bind`], announcing the resolver `dns` to every client that authenticates
+    /// (what `gateway run` does when its resolver is on).
+    pub fn bind_with_dns(
+        config: &GatewayConfig,
+        dns: super::dns::DnsPush,
+    ) -> Result<Self, GatewayError> {
         let ca = read_pem(&config.ca_cert, "authority certificate")?;
         let cert = read_pem(&config.cert, "server certificate")?;
         let key = read_pem(&config.key, "server key")?;
@@ -116,6 +125,8 @@ impl ControlPlane {
             gateway_ip: config.gateway_ip,
             v6: super::dataplane::served_v6(config),
             data_port: config.endpoint.port(),
+            dns,
+            dns_counters: Default::default(),
             counters: Default::default(),
         });
 
@@ -153,6 +164,11 @@ impl ControlPlane {
     /// What the control service shares (sessions, registry, counters), for observers.
     pub fn state(&self) -> Arc<ControlState> {
         self.state.clone()
+    }
+
+    /// The counters the resolver counts into (shared with `gateway status` and the metrics).
+    pub fn dns_counters(&self) -> Arc<super::dns::DnsCounters> {
+        self.state.dns_counters.clone()
     }
 
     /// The clock the session table's times are measured on.

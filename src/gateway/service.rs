@@ -38,6 +38,10 @@ pub struct ControlState {
     pub v6: Option<Tunnel6>,
     /// The UDP data port announced to clients (the endpoint's port).
     pub data_port: u16,
+    /// The resolver announced to clients (empty when the gateway runs none).
+    pub dns: super::dns::DnsPush,
+    /// The resolver's counters (status, metrics); they stay at zero when it runs none.
+    pub dns_counters: Arc<super::dns::DnsCounters>,
     /// Results of Authenticate and PingSession, registry reloads (`gateway status`, metrics).
     pub counters: ControlCounters,
 }
@@ -105,6 +109,13 @@ fn refusal_status(name: &str, r: Refusal) -> Status {
             format!("the certificate of client '{name}' was replaced; use the new client file")
         }
     })
+}
+
+fn ip_bytes(ip: &std::net::IpAddr) -> Vec<u8> {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
 }
 
 fn fresh_key() -> SessionKey {
@@ -203,6 +214,8 @@ impl Control for ControlService {
             session_key: s.key.expose().to_vec(),
             data_port: u32::from(state.data_port),
             session_idle_timeout_ms: state.sessions.limits().idle_ms,
+            dns_servers: state.dns.servers.iter().map(ip_bytes).collect(),
+            search_domains: state.dns.search_domains.clone(),
         }))
     }
 

@@ -72,6 +72,9 @@ pub struct GatewayReport {
     pub limits: LimitsReport,
     pub totals: Totals,
     pub data_plane: DataPlaneReport,
+    /// The resolver on the tunnel address(es) (`[dns]`): `None` when it is off.
+    #[serde(default)]
+    pub resolver: Option<ResolverReport>,
     /// Live sessions, by client name, then oldest first.
     pub sessions: Vec<SessionReport>,
 }
@@ -129,6 +132,14 @@ pub struct DataPlaneReport {
     pub loop_starts: [u64; 2],
     /// Drops by reason, non-zero ones only.
     pub drops: Vec<DropCount>,
+}
+
+/// The gateway's resolver: where it answers (the addresses pushed to clients) and its counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolverReport {
+    pub addresses: Vec<String>,
+    pub search_domains: Vec<String>,
+    pub stats: super::dns::DnsStats,
 }
 
 /// One live session. Never the key: its fingerprint.
@@ -261,6 +272,11 @@ impl Observed {
                 pings: results(control.counters.pings()),
             },
             data_plane: DataPlaneReport::of(&self.counters.stats()),
+            resolver: (!control.dns.servers.is_empty()).then(|| ResolverReport {
+                addresses: control.dns.servers.iter().map(ToString::to_string).collect(),
+                search_domains: control.dns.search_domains.clone(),
+                stats: control.dns_counters.stats(),
+            }),
             sessions,
         }
     }
@@ -374,6 +390,15 @@ pub fn format_human(r: &GatewayReport) -> String {
         d.keepalives_rx, d.unknown_session_notices_tx, d.roams
     );
     let _ = writeln!(o, "  drops:        {}", drops(&d.drops));
+    match &r.resolver {
+        Some(dns) => {
+            let _ = writeln!(o, "\nresolver on {}", dns.addresses.join(", "));
+            let _ = writeln!(o, "  queries:      {}", dns.stats);
+        }
+        None => {
+            let _ = writeln!(o, "\nresolver off");
+        }
+    }
     for s in &r.sessions {
         let _ = writeln!(o, "\nsession {} (client {}, {})", s.session_id, s.client, s.state);
         let _ = writeln!(o, "  addresses:    {}", s.addresses.join(", "));

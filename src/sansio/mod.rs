@@ -2,6 +2,7 @@
 //! arguments; decisions come out as values.
 
 pub mod coalesce;
+pub mod dns;
 pub mod inner;
 pub mod replay;
 pub mod seal;

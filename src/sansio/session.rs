@@ -4,7 +4,7 @@
 //! cell that holds the current one is the shell's business ([`crate::snapshot`]).
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -126,6 +126,11 @@ pub struct VpnAuthResponse {
     pub data_port: u16,
     /// How long the gateway keeps an idle session.
     pub idle_timeout: Duration,
+    /// The resolvers the gateway offers (its own, on its tunnel address(es)); empty when it runs
+    /// none. Checked: at most `config::MAX_DNS_SERVERS`, unicast.
+    pub dns_servers: Vec<IpAddr>,
+    /// Search domains to use with them; checked plain domain names (they go into resolv.conf).
+    pub search_domains: Vec<String>,
     /// When the client received it (wall clock, for display only).
     pub received_at: SystemTime,
     /// The data plane's per-session state (cipher, send counter, replay window), created on first
@@ -153,6 +158,8 @@ impl VpnAuthResponse {
             session_key: SessionKey::new(key),
             data_port: 51820,
             idle_timeout: Duration::from_secs(180),
+            dns_servers: Vec::new(),
+            search_domains: Vec::new(),
             received_at: SystemTime::UNIX_EPOCH,
             crypto: CryptoSlot::default(),
         }

@@ -68,7 +68,29 @@ impl Netns {
         run_ok("ip", &["netns", "add", &name]);
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"]);
+        // A resolv.conf of its own, which `ip netns exec` mounts over /etc/resolv.conf: a client
+        // in here that sets its resolvers (the default, when a gateway pushes them) rewrites this
+        // file, never the machine's. No nameserver, so a gateway in here runs no resolver unless
+        // a test says otherwise (see `set_resolv_conf`).
+        ns.set_resolv_conf("# holdfast test namespace: no resolver\n");
         ns
+    }
+
+    /// The namespace's own `/etc/resolv.conf` (`/etc/netns/NAME/resolv.conf`, removed with it).
+    pub fn resolv_conf_path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/etc/netns").join(&self.name).join("resolv.conf")
+    }
+
+    /// Replaces the namespace's `/etc/resolv.conf` (seen by processes started after this).
+    pub fn set_resolv_conf(&self, text: &str) {
+        let path = self.resolv_conf_path();
+        std::fs::create_dir_all(path.parent().expect("has a parent")).expect("create /etc/netns/NAME");
+        std::fs::write(&path, text).expect("write /etc/netns/NAME/resolv.conf");
+    }
+
+    /// The namespace's `/etc/resolv.conf` as it is now.
+    pub fn resolv_conf(&self) -> String {
+        std::fs::read_to_string(self.resolv_conf_path()).unwrap_or_default()
     }
 
     pub fn name(&self) -> &str {
@@ -275,14 +297,16 @@ fn delete(name: &str) {
         }
     }
     let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+    let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(name));
+    // Only when nothing else is in it (another test's namespace, the machine's own).
+    let _ = std::fs::remove_dir("/etc/netns");
 }
 
-/// Deletes `hf<pid>x<n>` namespaces whose test process is gone.
+/// Deletes `hf<pid>x<n>` namespaces (and their `/etc/netns` folders) whose test process is gone.
 fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for e in entries.flatten() {
+    let run = std::fs::read_dir("/run/netns").into_iter().flatten();
+    let etc = std::fs::read_dir("/etc/netns").into_iter().flatten();
+    for e in run.chain(etc).flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = name.strip_prefix("hf").and_then(|r| r.split('x').next()) else {
             continue;
