@@ -10,11 +10,12 @@
 //! ```
 //!
 //! The machine's own namespace is never changed: the namespaces, the veth pair and everything in
-//! them are removed on exit (SIGINT, SIGTERM, `q`, or an error). This process moves its own
+//! them are removed on exit (SIGINT, SIGTERM, SIGHUP — its terminal closed —, `q`, or an error). This process moves its own
 //! network namespace into the client's before it starts any thread, so the client it runs — the
 //! same code as `holdfast client run` — lives there entirely.
 
 use std::fs::File;
+use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -68,10 +69,17 @@ pub fn run() -> Result<i32, DemoError> {
             return Err(DemoError::MissingTool(tool));
         }
     }
+    // A hangup (the terminal closed) before the client's handler is in place must not kill us
+    // with namespaces half made: ignored until then (the dashboard then sees its terminal gone,
+    // which stops the demo the same way).
+    // SAFETY: setting a signal's disposition to SIG_IGN has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     sweep_stale();
     let lab = Lab::create()?;
     let settings = lab.provision()?;
     let gateway = Arc::new(Mutex::new(Some(lab.start_gateway()?)));
+    // Stops the gateway however this function ends (a panic included), before the lab goes.
+    let _stop_gateway = StopGateway(gateway.clone());
 
     // From here on this process lives in the client's namespace; the gateway, already started,
     // stays in its own. Every thread and child created later inherits the client's namespace.
@@ -93,13 +101,11 @@ pub fn run() -> Result<i32, DemoError> {
         .map_err(|e| setup("starting the async runtime", e))?;
     let killswitch = crate::client::killswitch::for_client(&settings.file)
         .map_err(|e| setup("the kill-switch plan", e))?;
-    let code = rt.block_on(app::run(settings, killswitch, RunOptions { dashboard, extra_keys }));
-    if let Ok(mut gw) = gateway.lock()
-        && let Some(child) = gw.take()
-    {
-        drop(KillOnDrop(child));
-    }
-    eprintln!("holdfast demo: logs were in {} (removed now)", lab.dir.display());
+    let opts = RunOptions { dashboard, extra_keys, hangup_stops: true };
+    let code = rt.block_on(app::run(settings, killswitch, opts));
+    drop(_stop_gateway);
+    // Not eprintln!: after a hangup the terminal is gone, and a failed write must not panic.
+    let _ = writeln!(std::io::stderr(), "holdfast demo: logs were in {} (removed now)", lab.dir.display());
     Ok(code)
 }
 
@@ -187,14 +193,7 @@ impl Lab {
         let exe = std::env::current_exe().map_err(|e| setup("finding this program", e))?;
         let log = File::create(self.dir.join("gateway.log")).map_err(|e| setup("gateway log", e))?;
         let err = log.try_clone().map_err(|e| setup("gateway log", e))?;
-        Command::new("ip")
-            .args(["netns", "exec", &self.gw_ns])
-            .arg(exe)
-            .args(["gateway", "run", "--dir"])
-            .arg(self.dir.join("gateway"))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
+        gateway_command(&exe, &self.gw_ns, &self.dir, log, err)
             .spawn()
             .map_err(|e| setup("starting the gateway", e))
     }
@@ -243,16 +242,7 @@ fn fault_keys(lab: &Lab, gateway: Arc<Mutex<Option<Child>>>) -> Vec<ExtraKey> {
                     Ok(pair) => pair,
                     Err(e) => return format!("gateway log: {e}"),
                 };
-                match Command::new("ip")
-                    .args(["netns", "exec", &gw_ns])
-                    .arg(exe)
-                    .args(["gateway", "run", "--dir"])
-                    .arg(dir.join("gateway"))
-                    .stdin(Stdio::null())
-                    .stdout(out)
-                    .stderr(err)
-                    .spawn()
-                {
+                match gateway_command(exe, &gw_ns, &dir, out, err).spawn() {
                     Ok(child) => {
                         *slot = Some(child);
                         "gateway restarted: it knows no session; the client re-authenticates".into()
@@ -403,6 +393,38 @@ impl Drop for Pinger {
         }
         // The thread may have started one more ping between its last check and the stop.
         kill(&self.child);
+    }
+}
+
+/// The demo's gateway in its namespace, logging to `out`/`err`. In a process group of its own:
+/// the terminal's SIGHUP goes to the foreground group, and the gateway must outlive it until the
+/// demo has cleaned up (the demo stops it then).
+fn gateway_command(exe: &Path, gw_ns: &str, dir: &Path, out: File, err: File) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", gw_ns])
+        .arg(exe)
+        .args(["gateway", "run", "--dir"])
+        .arg(dir.join("gateway"))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    cmd
+}
+
+/// Kills (and reaps) the gateway, if it runs, when dropped.
+struct StopGateway(Arc<Mutex<Option<Child>>>);
+
+impl Drop for StopGateway {
+    fn drop(&mut self) {
+        let child = match self.0.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(child) = child {
+            drop(KillOnDrop(child));
+        }
     }
 }
 

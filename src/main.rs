@@ -79,7 +79,8 @@ enum ClientCommand {
         no_tui: bool,
     },
     /// Remove the kill-switch, routes and resolver change a killed client left behind (it fails
-    /// closed on SIGKILL), without starting the client. For a user who wants out.
+    /// closed on SIGKILL), without starting the client. For a user who wants out. A running
+    /// client's kill-switch is refused: stop that client instead (SIGTERM, or `q`).
     Unblock,
 }
 

@@ -62,3 +62,60 @@ fn the_demo_recovers_from_every_fault_key_and_cleans_up() {
     assert_eq!(tmux.exit_status(T), 0, "{}", tmux.screen());
     assert!(demo_namespaces(&pid).is_empty(), "namespaces left: {:?}", demo_namespaces(&pid));
 }
+
+/// Whether process `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
+}
+
+/// `pid` and every process below it, with their command lines.
+fn family(pid: u32) -> Vec<(u32, String)> {
+    let mut parent_of = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        // The fields after the command name: state, then the parent's pid.
+        let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((p, ppid));
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let cur = out[i];
+        out.extend(parent_of.iter().filter(|(_, pp)| *pp == cur).map(|(p, _)| *p));
+        i += 1;
+    }
+    out.into_iter()
+        .map(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            (p, String::from_utf8_lossy(&cmd).replace('\0', " "))
+        })
+        .collect()
+}
+
+#[test]
+fn closing_the_demos_terminal_cleans_up_everything() {
+    if !netns::available() || !support::tmux::available() {
+        eprintln!("SKIPPED: needs root, ip and tmux");
+        return;
+    }
+    let session = format!("hf-demo-hup-{}", std::process::id());
+    let tmux = Tmux::new(&session, &format!("{BIN} demo"));
+    let pid = tmux.program_pid(T);
+    tmux.wait_for(&["Healthy", "100.64.0.2"], T);
+    assert_eq!(demo_namespaces(&pid).len(), 2);
+    let procs = family(pid.parse().unwrap());
+    assert!(procs.iter().any(|(_, cmd)| cmd.contains("gateway run")), "no gateway child: {procs:?}");
+
+    // The terminal goes away: its session killed, as when a user closes the window.
+    tmux.tmux(&["kill-session", "-t", &session]);
+    let clean = wait_until(T, || demo_namespaces(&pid).is_empty() && procs.iter().all(|(p, _)| !alive(*p)));
+    let left: Vec<_> = procs.iter().filter(|(p, _)| alive(*p)).collect();
+    assert!(clean, "left behind: namespaces {:?}, processes {left:?}", demo_namespaces(&pid));
+    // The kill-switch table lived in the client namespace, which is gone; nothing in ours.
+    let ours = std::process::Command::new("nft").args(["list", "tables"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ours.stdout).contains("holdfast"), "a holdfast table in the host namespace");
+}

@@ -15,7 +15,6 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -157,10 +156,11 @@ fn replace_under_fire(
     let stop = AtomicBool::new(false);
     let sent = std::thread::scope(|s| {
         let flood = s.spawn(|| udp_flood(&w.client, &stop));
+        let guard = StopOnDrop(&stop);
         for i in 0..rounds {
             replace(i);
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(guard);
         flood.join().expect("flood thread")
     });
     send_gateway_probes(&w.client, OUTSIDE4.into(), CONTROL_PORT, DATA_PORT);
@@ -173,25 +173,26 @@ fn a_leftover_table_is_replaced_without_a_gap() {
     require_root!();
     let w = world();
     let obs = Observer::install(&w.outside, OUTSIDE_IF, OUTSIDE4, CONTROL_PORT, DATA_PORT);
-    let a = NftKillSwitch::new(plan());
     // Plan B differs (another tunnel name), so every enable really swaps the rules.
-    let b = NftKillSwitch::new(
-        KillSwitchPlan::new(OUTSIDE4.into(), CONTROL_PORT, DATA_PORT, "hf1").unwrap(),
-    );
-    // A "killed" run left its table.
-    in_ns(&w.client, || a.enable()).unwrap();
+    let plan_b = KillSwitchPlan::new(OUTSIDE4.into(), CONTROL_PORT, DATA_PORT, "hf1").unwrap();
+    // A "killed" run left its table: its owner (socket) is gone, the table stays, orphaned.
+    in_ns(&w.client, || NftKillSwitch::new(plan()).enable()).unwrap();
+    assert!(in_ns(&w.client, killswitch::table_present).unwrap());
 
+    // Each round is a new run that adopts the table its killed predecessor left, and dies in
+    // turn (its kill-switch dropped without disable).
     let (counts, sent) = replace_under_fire(&w, &obs, 30, |i| {
-        let ks = if i % 2 == 0 { &b } else { &a };
-        in_ns(&w.client, || ks.enable()).expect("replace");
+        let p = if i % 2 == 0 { plan_b.clone() } else { plan() };
+        in_ns(&w.client, || NftKillSwitch::new(p).enable()).expect("adopt");
     });
     assert!(sent > 100, "the flood barely ran ({sent} sends)");
-    assert_eq!(counts.get("udp4"), 0, "a probe slipped through while the table was replaced");
-    // The last enable was plan A's (i = 29): the listing matches it, not B.
-    in_ns(&w.client, || a.enable()).unwrap();
+    assert_eq!(counts.get("udp4"), 0, "a probe slipped through while the table was adopted");
+    // The last run was plan A's (i = 29): the kernel's table is plan A's.
+    assert_listing(&w.client, &plan());
 
     // Positive control of this test's sensitivity: removing and re-adding in two steps (what the
     // single batch avoids) does leave gaps the flood finds.
+    let a = NftKillSwitch::new(plan());
     let (counts, _) = replace_under_fire(&w, &obs, 30, |_| {
         in_ns(&w.client, || {
             a.disable().unwrap();
@@ -200,6 +201,20 @@ fn a_leftover_table_is_replaced_without_a_gap() {
     });
     assert!(counts.get("udp4") > 0, "the flood would not have seen a gap: {counts:?}");
     in_ns(&w.client, || a.disable()).unwrap();
+}
+
+/// The kernel's table, printed by the real `nft`, is exactly the plan's rules (text, comments,
+/// order), and `nft -j` agrees chain by chain.
+fn assert_listing(ns: &Netns, plan: &KillSwitchPlan) {
+    let listed = ns.exec_ok("nft", &["-s", "list", "table", "inet", "holdfast"]);
+    let body: String = listed
+        .lines()
+        .filter(|l| l.starts_with("\t\t") || l.starts_with("\tchain") || *l == "\t}")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(body, killswitch::rules::listing(&killswitch::rules::chains(plan)), "{listed}");
+    let json = ns.exec_ok("nft", &["-j", "list", "table", "inet", "holdfast"]);
+    killswitch::check_listing(&json, plan).expect("nft -j listing");
 }
 
 #[test]
@@ -214,9 +229,9 @@ fn a_foreign_table_of_our_name_is_rebuilt_to_the_plan() {
         listed
     };
     let foreign = [
-        // An extra accepting chain: the in-place update succeeds but does not verify.
+        // A plain table (no owner flags) with an extra accepting chain.
         "chain forward {\n\t\ttype filter hook forward priority 0; policy accept;",
-        // A chain of ours on another priority: the in-place update itself is refused.
+        // A chain of ours on another priority.
         "chain output {\n\t\ttype filter hook output priority 10; policy accept;",
     ];
     for chain in foreign {
@@ -229,7 +244,7 @@ fn a_foreign_table_of_our_name_is_rebuilt_to_the_plan() {
 }
 
 #[test]
-fn unblock_without_nft_still_restores_the_resolver_and_routes() {
+fn unblock_refuses_a_running_clients_table_but_restores_the_resolver_and_routes() {
     require_root!();
     let w = world();
     let dir = tempfile::tempdir().unwrap();
@@ -237,24 +252,22 @@ fn unblock_without_nft_still_restores_the_resolver_and_routes() {
     std::fs::write(&resolv, "nameserver 192.168.1.1\n").unwrap();
     std::mem::forget(Dns::apply_resolv_conf(&resolv, &["100.64.0.1".parse().unwrap()], &[]).unwrap());
     w.client.ip(&["route", "add", "198.19.0.99/32", "via", &OUTSIDE4.to_string(), "proto", "207"]);
+    // A live owner: the table is its, only it may remove it.
+    let running = NftKillSwitch::new(plan());
+    in_ns(&w.client, || running.enable()).unwrap();
 
-    let err = in_ns(&w.client, || killswitch::unblock_with(Path::new("/nonexistent/nft"), &resolv))
-        .unwrap_err()
-        .to_string();
+    let err = in_ns(&w.client, || killswitch::unblock_with(&resolv)).unwrap_err().to_string();
     assert!(err.contains(&format!("restored {}", resolv.display())), "{err}");
     assert!(err.contains("removed 1 leftover route(s)"), "{err}");
-    assert!(err.contains("failed: ") && err.contains("/nonexistent/nft"), "{err}");
+    assert!(err.contains("failed: ") && err.contains("another running process"), "{err}");
     assert_eq!(std::fs::read_to_string(&resolv).unwrap(), "nameserver 192.168.1.1\n");
     assert_eq!(w.client.ip(&["route", "show", "proto", "207"]), "");
-}
+    assert!(in_ns(&w.client, killswitch::table_present).unwrap(), "the running client's table went");
 
-#[test]
-fn enable_fails_closed_and_reports_without_nft() {
-    require_root!();
-    let w = world();
-    let ks = NftKillSwitch::new(plan()).with_nft_program("/nonexistent/nft");
-    let err = in_ns(&w.client, || ks.enable()).unwrap_err();
-    assert!(err.to_string().contains("cannot enable the kill-switch"), "{err}");
+    // A second client in the same namespace is refused the same way, with a clear message.
+    let err = in_ns(&w.client, || NftKillSwitch::new(plan()).enable()).unwrap_err().to_string();
+    assert!(err.contains("another holdfast client running"), "{err}");
+    in_ns(&w.client, || running.disable()).unwrap();
 }
 
 /// A device standing in for the TUN: routes only need an interface that is up with a carrier.

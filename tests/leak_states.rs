@@ -48,7 +48,7 @@ struct World {
     client: Netns,
     gw: Netns,
     dir: tempfile::TempDir,
-    _logs: tempfile::TempDir,
+    logs: tempfile::TempDir,
     file: PathBuf,
     etc: NetnsEtc,
 }
@@ -81,7 +81,7 @@ fn world_at(gateway: IpAddr) -> World {
         f.network.dns = DnsChoice::Servers(vec![TUNNEL_DNS.parse().unwrap()]);
     });
     let etc = NetnsEtc::new(&client, "nameserver 198.18.0.1\nsearch lan\n");
-    World { gateway, client, gw, dir, _logs: logs, file, etc }
+    World { gateway, client, gw, dir, logs, file, etc }
 }
 
 impl World {
@@ -103,9 +103,20 @@ impl World {
     /// The client, as the `child` helper in the client namespace.
     /// The real `holdfast client run`, headless, in the client's namespace.
     fn spawn_client(&self) -> Proc {
+        self.spawn_client_with(&[])
+    }
+
+    /// [`World::spawn_client`] with extra environment variables.
+    fn spawn_client_with(&self, env: &[(&str, &str)]) -> Proc {
         let mut cmd = self.client.command(BIN);
         cmd.args(["client", "run", "--no-tui", "--config", s(&self.file)]).env_remove("RUST_LOG");
+        cmd.envs(env.iter().copied());
         Proc::spawn("client", cmd)
+    }
+
+    /// The running client's `holdfast status --json`.
+    fn status(&self) -> holdfast::client::status_socket::StatusReport {
+        support::status_of(&self.logs.path().join("client.sock"))
     }
 
     /// The real `holdfast client unblock` in the client's namespace; returns what it printed.
@@ -262,4 +273,233 @@ fn start_fails_with_77_when_the_kill_switch_cannot_be_applied() {
     assert!(line.contains("kill-switch"), "{line}");
     assert_eq!(c.wait_exit(T), Some(77));
     assert!(!ruleset(&w.client).contains("holdfast"));
+}
+
+/// What other programs do to the firewall, as `nft` arguments or a script for `nft -f`.
+enum Attack {
+    Flush,
+    DeleteTable,
+    /// Another program's ruleset, loaded the way such programs do: flush everything, then theirs.
+    LoadRuleset,
+}
+
+const OTHER_RULESET: &str = "flush ruleset\ntable inet otherfw {\n\tchain output {\n\t\t\
+    type filter hook output priority 10; policy accept;\n\t\tcounter\n\t}\n}\n";
+
+impl Attack {
+    const ALL: [Attack; 3] = [Attack::Flush, Attack::DeleteTable, Attack::LoadRuleset];
+
+    /// Runs the attack in `ns`; returns whether `nft` succeeded.
+    fn run(&self, ns: &Netns) -> bool {
+        match self {
+            Attack::Flush => ns.exec("nft", &["flush", "ruleset"]).status.success(),
+            Attack::DeleteTable => ns.exec("nft", &["delete", "table", "inet", "holdfast"]).status.success(),
+            Attack::LoadRuleset => {
+                let mut child = ns
+                    .command("nft")
+                    .args(["-f", "-"])
+                    .stdin(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("nft");
+                use std::io::Write as _;
+                child.stdin.take().unwrap().write_all(OTHER_RULESET.as_bytes()).unwrap();
+                child.wait().unwrap().success()
+            }
+        }
+    }
+}
+
+/// Whether the kill-switch table exists in `ns` (asked over netlink, no process start).
+fn table_present(ns: &Netns) -> bool {
+    in_ns(ns, holdfast::client::killswitch::table_present).expect("ask nf_tables")
+}
+
+/// The attacks of issue 13 against a running client, in Healthy and in Backoff: after each, no
+/// probe leaks, and the other program's own rules loaded. In the watched mode the table is back
+/// within 100 ms of each attack (measured from the moment `nft` returned).
+fn other_programs_cannot_open_the_kill_switch(fallback: bool) {
+    let w = world();
+    let obs = w.observer();
+    // Positive control: no client, so every probe reaches the link.
+    probe_round(&w.client, &obs, &w.targets(), GATEWAY4.into(), PORT, PORT);
+    assert_all_seen(&obs);
+
+    let _gateway = w.gateway();
+    let env: &[(&str, &str)] =
+        if fallback { &[(holdfast::client::killswitch::FORCE_FALLBACK_ENV, "1")] } else { &[] };
+    let mut c = w.spawn_client_with(env);
+    let mode = if fallback { "watched" } else { "owned" };
+    c.wait_for(&["kill-switch on", &format!("({mode}:")], T);
+    wait_state(&mut c, "Healthy");
+    c.wait_for(&["routes up"], T);
+    assert!(w.status().killswitch.contains(&format!("[{mode}]")), "{}", w.status().killswitch);
+
+    for state in ["Healthy", "Backoff"] {
+        if state == "Backoff" {
+            holdfast_ok(&["gateway", "revoke", "--dir", s(w.dir.path()), "leaky"]);
+            wait_state(&mut c, "Backoff");
+        }
+        for attack in Attack::ALL {
+            let ok = attack.run(&w.client);
+            let done = std::time::Instant::now();
+            match (&attack, fallback) {
+                // Nobody but the owner may delete an owned table.
+                (Attack::DeleteTable, false) => assert!(!ok, "{state}: deleting the owned table succeeded"),
+                _ => assert!(ok, "{state}: the other program's nft failed"),
+            }
+            if fallback {
+                assert!(wait_until(Duration::from_secs(2), || table_present(&w.client)), "{state}: not restored");
+                let restored_in = done.elapsed();
+                assert!(
+                    restored_in <= Duration::from_millis(100),
+                    "{state}: the table came back after {restored_in:?} (bound: 100 ms)"
+                );
+            } else {
+                assert!(table_present(&w.client), "{state}: the owned table went away");
+            }
+            if let Attack::LoadRuleset = attack {
+                let theirs = w.client.exec("nft", &["list", "table", "inet", "otherfw"]);
+                assert!(theirs.status.success(), "{state}: the other program's ruleset did not load");
+                w.client.exec_ok("nft", &["delete", "table", "inet", "otherfw"]);
+            }
+            w.assert_no_leak(&obs, state);
+            assert_eq!(last_state(&c), state, "the probes ran in {state}");
+        }
+    }
+    assert!(c.is_alive(), "the client died");
+    c.signal("TERM");
+    assert_eq!(c.wait_exit(T), Some(0));
+    assert!(!table_present(&w.client), "an explicit stop removes the table");
+}
+
+#[test]
+fn other_programs_cannot_open_the_owned_kill_switch() {
+    require_root!();
+    other_programs_cannot_open_the_kill_switch(false);
+}
+
+#[test]
+fn the_watched_fallback_restores_the_kill_switch_within_100ms() {
+    require_root!();
+    other_programs_cannot_open_the_kill_switch(true);
+}
+
+/// Sends UDP to a remote host from `ns` as fast as it can until `stop`, counting in `sent`.
+fn flood(ns: &Netns, stop: &std::sync::atomic::AtomicBool, sent: &std::sync::atomic::AtomicU64) {
+    in_ns(ns, || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = sock.send_to(b"gap probe", (REMOTE4, PROBE_PORT));
+            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+}
+
+#[test]
+fn a_killed_clients_table_blocks_is_adopted_without_a_gap_and_unblock_removes_it() {
+    require_root!();
+    let w = world();
+    let obs = w.observer();
+    let _gateway = w.gateway();
+    let mut c = w.spawn_client();
+    wait_state(&mut c, "Healthy");
+    c.kill();
+    assert!(wait_until(T, || w.client.tun_devices().is_empty()));
+    // The table outlived its owner and still blocks; nobody owns it now.
+    assert!(table_present(&w.client));
+    w.assert_no_leak(&obs, "after SIGKILL");
+
+    // The next start adopts it while a flood probes for a gap.
+    obs.reset();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let sent = std::sync::atomic::AtomicU64::new(0);
+    let sent = std::thread::scope(|sc| {
+        let f = sc.spawn(|| flood(&w.client, &stop, &sent));
+        let guard = StopOnDrop(&stop);
+        // The flood runs before the client starts, so the whole start is under fire.
+        assert!(wait_until(T, || sent.load(std::sync::atomic::Ordering::Relaxed) > 100));
+        let mut c = w.spawn_client();
+        c.wait_for(&["kill-switch on (owned"], T);
+        wait_state(&mut c, "Healthy");
+        drop(guard);
+        f.join().unwrap();
+        let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+        // Adopted: it is this client's now, so another program still cannot delete it.
+        assert!(!w.client.exec("nft", &["delete", "table", "inet", "holdfast"]).status.success());
+        c.kill();
+        sent
+    });
+    assert!(sent > 100, "the flood barely ran ({sent})");
+    // What went through the tunnel once it was up is fine; nothing may show on the link.
+    let counts = obs.counts();
+    assert_eq!(counts.get("udp4"), 0, "flood probes leaked around the restart: {counts:?}");
+    w.assert_no_leak(&obs, "after the second kill");
+
+    let msg = w.unblock();
+    assert!(msg.contains("removed the kill-switch"), "{msg}");
+    assert!(!table_present(&w.client));
+}
+
+#[test]
+fn a_deleted_tun_comes_back_while_traffic_flows() {
+    require_root!();
+    let w = world();
+    // The gateway is multi-homed here (its endpoint on lo): its data plane must answer from the
+    // endpoint address, the only one the kill-switch lets in.
+    let toml = w.dir.path().join("gateway.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("listen = \"{GATEWAY4}:{PORT}\"\n{text}")).unwrap();
+    let obs = w.observer();
+    let _gateway = w.gateway();
+    let mut c = w.spawn_client();
+    wait_state(&mut c, "Healthy");
+    c.wait_for(&["routes up"], T);
+    let before = w.status();
+    let dp = before.data_plane.clone().expect("data plane up");
+    let old_ifindex = dp.tun.as_ref().expect("tun").ifindex;
+    assert_eq!(dp.loop_starts, 1);
+
+    // A ping through the tunnel to the gateway's tunnel address.
+    let mut ping = support::Pinger::start(&w.client, "ping", Ipv4Addr::new(100, 64, 0, 1), "0.05");
+    assert!(
+        ping.first_reply_after(&w.client, support::unix_now(), T).is_some(),
+        "no traffic before: {:?} {:?} {:?} {}",
+        ping.replies(),
+        w.client.exec("ping", &["-c", "2", "-W", "1", "100.64.0.1"]),
+        w.status().data_plane,
+        w.client.ip(&["addr"]),
+    );
+
+    let cut = support::unix_now();
+    w.client.ip(&["link", "del", "holdfast0"]);
+    let back = ping.first_reply_after(&w.client, cut, Duration::from_secs(10)).expect("traffic never came back");
+    assert!(back <= Duration::from_secs(2), "traffic came back after {back:?} (bound: 2 s)");
+    c.wait_for(&["re-created it (ifindex"], T);
+
+    // The same process, the same loops, a new device, the snapshot untouched.
+    assert!(c.is_alive());
+    let after = w.status();
+    let dp = after.data_plane.clone().expect("data plane up");
+    assert_eq!(dp.loop_starts, 1, "the loops were restarted");
+    assert_ne!(dp.tun.expect("tun").ifindex, old_ifindex, "no new device");
+    assert_eq!(
+        after.snapshot.as_ref().map(|s| &s.session_id),
+        before.snapshot.as_ref().map(|s| &s.session_id),
+        "the snapshot changed"
+    );
+    assert_eq!(last_state(&c), "Healthy");
+    // The full-tunnel routes are back on the new device.
+    assert!(
+        wait_until(T, || w.client.ip(&["route", "get", &REMOTE4.to_string()]).contains("dev holdfast0")),
+        "{}",
+        w.client.ip(&["route", "show"])
+    );
+    w.assert_no_leak(&obs, "after the TUN came back");
+    // One log line for the incident.
+    let lines = c.all_lines();
+    assert_eq!(lines.iter().filter(|l| l.contains("removed by another program")).count(), 1, "{lines:#?}");
+    drop(ping);
+    c.signal("TERM");
+    assert_eq!(c.wait_exit(T), Some(0));
 }

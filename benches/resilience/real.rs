@@ -174,7 +174,7 @@ impl World {
 /// Times `client::start()` with the real nftables kill-switch, `runs` times (sorted), in a
 /// namespace of its own (an empty one: the endpoint leads nowhere, which `start()` does not
 /// care about). The difference to the no-op kill-switch's figure is the cost of enabling the
-/// kill-switch: `nft` runs as a child process (check, one atomic batch, verify).
+/// kill-switch: a netlink socket, a look at the table, one atomic batch and a check.
 pub fn start_times_with_killswitch(runs: usize) -> Vec<Duration> {
     let ns = crate::support::netns::Netns::new();
     let p = crate::common::provision("198.18.0.2:9");
@@ -182,7 +182,7 @@ pub fn start_times_with_killswitch(runs: usize) -> Vec<Duration> {
     let samples = std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                // nft inherits this thread's namespace: the kill-switch never touches the host's.
+                // The kill-switch's netlink socket opens in this thread's namespace, never the host's.
                 ns.enter_current_thread();
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
                 rt.block_on(async {

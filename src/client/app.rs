@@ -24,6 +24,9 @@ pub struct RunOptions {
     pub dashboard: bool,
     /// Extra dashboard keys (the demo's fault injectors).
     pub extra_keys: Vec<tui::ExtraKey>,
+    /// A hangup (SIGHUP, or the dashboard's terminal gone) is an explicit stop: the demo, which
+    /// must clean up its namespaces when its terminal closes. Otherwise SIGHUP re-authenticates.
+    pub hangup_stops: bool,
 }
 
 /// Runs the client until an explicit stop (SIGINT, SIGTERM, or `q` on the dashboard) and returns
@@ -47,7 +50,7 @@ pub async fn run(
     let tun_name = dp_config.tun_name.clone().unwrap_or_default();
     // The data plane comes up on the first snapshot, through the driver's swap hook.
     let dataplane = ClientDataPlane::new(dp_config);
-    let ks_desc = killswitch.describe();
+    let ks = killswitch.clone();
     // The resolvers the gateway pushes follow the snapshot: each swap publishes its DNS fields
     // (an effect of the swap, like the data plane's wake-up); the network task applies changes.
     let (pushed_tx, pushed_rx) = tokio::sync::watch::channel(PushedDns::default());
@@ -73,13 +76,18 @@ pub async fn run(
             return exit::NOT_PERMITTED;
         }
     };
+    // Described after enabling: the description names the mode the kill-switch found in force.
+    let ks_desc = ks.describe();
     dataplane.bind(handle.getter(), handle.commands());
     tokio::spawn(crate::tunnel::log_stats_on_sigusr1("client data plane", dataplane.counters()));
-    tokio::spawn(reauth_on_sighup(handle.commands()));
+    if !opts.hangup_stops {
+        tokio::spawn(reauth_on_sighup(handle.commands()));
+    }
     // Routes and DNS go up once, when the TUN device exists, and stay through every re-auth; the
-    // resolvers follow what later snapshots push.
+    // resolvers follow what later snapshots push, and everything is put back on a TUN device
+    // re-created after another program deleted it.
     let (network_stop, network_stop_rx) = tokio::sync::watch::channel(false);
-    let network = tokio::spawn(network(
+    let network = tokio::spawn(network_task(
         dataplane.clone(),
         file,
         handle.commands(),
@@ -101,53 +109,14 @@ pub async fn run(
         }
     };
 
+    let hangup = opts.hangup_stops;
     if opts.dashboard {
-        run_dashboard(&handle, sampler, ks_desc, opts.extra_keys).await;
+        run_dashboard(&handle, sampler, ks_desc, opts.extra_keys, hangup).await;
     } else {
-        wait_for_stop_signal().await;
+        stop_signal(hangup).await;
     }
     tracing::info!(target: TARGET, "stop requested; shutting down");
     stop(handle, dataplane, network, network_stop).await
-}
-
-/// The host's side of the tunnel for the client's whole life: [`network_up`] once the TUN device
-/// exists, then each change of the pushed resolvers applied ([`TunnelNetwork::update_dns`]),
-/// until `stop`. Returns what is installed, for the stop to undo.
-async fn network(
-    dataplane: ClientDataPlane,
-    file: crate::config::client::ClientFile,
-    commands: tokio::sync::mpsc::Sender<super::driver::Command>,
-    mut pushed: tokio::sync::watch::Receiver<PushedDns>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Option<TunnelNetwork> {
-    let mut net = tokio::select! {
-        net = network_up(dataplane, &file, commands, &mut pushed) => net?,
-        _ = stop.wait_for(|s| *s) => return None,
-    };
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return Some(net),
-            changed = pushed.changed() => {
-                if changed.is_err() {
-                    // The supervisor is gone (stopping): nothing more will be pushed.
-                    break;
-                }
-                let next = pushed.borrow_and_update().clone();
-                match net.update_dns(&file, &next) {
-                    Ok(true) => tracing::info!(
-                        target: TARGET,
-                        "resolvers follow the new session: {:?} search {:?}",
-                        next.servers,
-                        next.search_domains
-                    ),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(target: TARGET, "cannot update the resolvers: {e}"),
-                }
-            }
-        }
-    }
-    let _ = stop.wait_for(|s| *s).await;
-    Some(net)
 }
 
 /// Installs the tunnel's routes and resolver once the TUN device is up. A failure is retried
@@ -157,19 +126,14 @@ async fn network(
 /// The routes follow the underlay from then on; each change of the path to the gateway (roaming,
 /// a link back up) tells the supervisor, which reconnects its control channel and checks at once.
 async fn network_up(
-    dataplane: ClientDataPlane,
+    dataplane: &ClientDataPlane,
     file: &crate::config::client::ClientFile,
-    commands: tokio::sync::mpsc::Sender<super::driver::Command>,
+    on_underlay_change: &super::routes::UnderlayHook,
     pushed: &mut tokio::sync::watch::Receiver<PushedDns>,
 ) -> Option<TunnelNetwork> {
     if !dataplane.tun_up().await {
         return None;
     }
-    let on_underlay_change: super::routes::UnderlayHook = std::sync::Arc::new(move || {
-        // Dropped when the queue is full: the failed call that follows reconnects too.
-        let _ = commands.try_send(super::driver::Command::UnderlayChanged);
-    });
-    let mut delay = std::time::Duration::from_millis(500);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -184,8 +148,78 @@ async fn network_up(
             }
             Err(e) => tracing::debug!(target: TARGET, "routes/DNS attempt {attempt}: {e}"),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+        tokio::time::sleep(network_retry(attempt)).await;
+    }
+}
+
+/// The pause before routes/DNS attempt `attempt + 1`: 500 ms doubling up to 30 s.
+fn network_retry(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(500).saturating_mul(1 << attempt.min(6).saturating_sub(1)).min(std::time::Duration::from_secs(30))
+}
+
+/// [`network_up`], then puts the routes and per-link DNS back each time the data plane re-creates
+/// the TUN device, until `stop`. Returns what is installed, for the stop to remove.
+async fn network_task(
+    dataplane: ClientDataPlane,
+    file: crate::config::client::ClientFile,
+    commands: tokio::sync::mpsc::Sender<super::driver::Command>,
+    mut pushed: tokio::sync::watch::Receiver<PushedDns>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<TunnelNetwork> {
+    let on_underlay_change: super::routes::UnderlayHook = std::sync::Arc::new(move || {
+        // Dropped when the queue is full: the failed call that follows reconnects too.
+        let _ = commands.try_send(super::driver::Command::UnderlayChanged);
+    });
+    let mut changes = dataplane.tun_changes();
+    let mut net = tokio::select! {
+        n = network_up(&dataplane, &file, &on_underlay_change, &mut pushed) => n?,
+        _ = stop.wait_for(|s| *s) => return None,
+    };
+    // The device the routes were installed on is the one current now.
+    changes.mark_unchanged();
+    // Once the supervisor is gone (stopping) nothing more is pushed; the TUN may still change.
+    let mut pushing = true;
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return Some(net) },
+            r = pushed.changed(), if pushing => {
+                match r {
+                    Ok(()) => follow_pushed_dns(&mut net, &file, &pushed.borrow_and_update().clone()),
+                    Err(_) => pushing = false,
+                }
+                continue;
+            }
+            _ = stop.wait_for(|s| *s) => return Some(net),
+        }
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match net.reattach(&file, on_underlay_change.clone()).await {
+                Ok(()) => break,
+                Err(e) if attempt == 1 => {
+                    tracing::warn!(target: TARGET, "cannot put the routes/DNS back on the new TUN device yet ({e}); retrying")
+                }
+                Err(e) => tracing::debug!(target: TARGET, "routes/DNS attempt {attempt}: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(network_retry(attempt)) => {}
+                _ = stop.wait_for(|s| *s) => return Some(net),
+            }
+        }
+    }
+}
+
+/// Applies a new snapshot's resolvers (when `[network] dns` makes them differ from those set).
+fn follow_pushed_dns(net: &mut TunnelNetwork, file: &crate::config::client::ClientFile, next: &PushedDns) {
+    match net.update_dns(file, next) {
+        Ok(true) => tracing::info!(
+            target: TARGET,
+            "resolvers follow the new session: {:?} search {:?}",
+            next.servers,
+            next.search_domains
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(target: TARGET, "cannot update the resolvers: {e}"),
     }
 }
 
@@ -194,17 +228,20 @@ async fn run_dashboard(
     sampler: Sampler,
     ks_desc: String,
     extras: Vec<tui::ExtraKey>,
+    hangup_stops: bool,
 ) {
     let outcome = tokio::select! {
         r = tui::run_dashboard(handle, Some(sampler), ks_desc, extras) => r,
-        () = wait_for_stop_signal() => Ok(DashboardExit::Stop),
+        () = stop_signal(hangup_stops) => Ok(DashboardExit::Stop),
     };
     match outcome {
         Ok(DashboardExit::Stop | DashboardExit::ClientEnded) => {}
-        Ok(DashboardExit::TerminalLost) => wait_for_stop_signal().await,
+        // The terminal closed: a hangup, whether or not its SIGHUP reached us.
+        Ok(DashboardExit::TerminalLost) if hangup_stops => {}
+        Ok(DashboardExit::TerminalLost) => stop_signal(false).await,
         Err(e) => {
             tracing::warn!(target: TARGET, "dashboard failed ({e}); running headless");
-            wait_for_stop_signal().await;
+            stop_signal(hangup_stops).await;
         }
     }
 }
@@ -275,12 +312,26 @@ async fn reauth_on_sighup(commands: tokio::sync::mpsc::Sender<super::driver::Com
 
 /// Waits for SIGINT or SIGTERM (the explicit stop of a daemon).
 pub async fn wait_for_stop_signal() {
+    stop_signal(false).await
+}
+
+/// Waits for SIGINT or SIGTERM, and SIGHUP too when `hangup` (the demo).
+async fn stop_signal(hangup: bool) {
     use tokio::signal::unix::{SignalKind, signal};
+    let hup = async {
+        match signal(SignalKind::hangup()) {
+            Ok(mut h) if hangup => {
+                h.recv().await;
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
     match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
+                () = hup => tracing::info!(target: TARGET, "SIGHUP: the terminal closed; stopping"),
             }
         }
         _ => {

@@ -10,7 +10,11 @@
 //!   it returns. The per-session counter and replay window live in that snapshot
 //!   ([`VpnAuthResponse::crypto`]), so they change exactly when the key does.
 //! - *Survives everything*: socket and TUN errors are counted in [`Counters`] and survived; at most
-//!   one log line per [`ERROR_LOG_EVERY`] per loop. An "unknown session" notice from the gateway
+//!   one log line per [`ERROR_LOG_EVERY`] per loop. When another program deletes the TUN device,
+//!   a keeper task brings up a new one with the same name, address and MTU (retrying with
+//!   backoff) and hands it to the two loops, which carry on with it: they are not restarted. The
+//!   routes and DNS follow through [`ClientDataPlane::tun_changes`]; the kill-switch names the
+//!   tunnel by name, so it holds throughout. An "unknown session" notice from the gateway
 //!   is passed on as a rate-limited nudge: a hint to the supervisor, which still decides.
 //!
 //! Buffers are allocated once per loop; the per-packet path does not allocate.
@@ -51,6 +55,10 @@ pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Bring-up retry delays (TUN or socket creation failing): first, and cap.
 const BRINGUP_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
+
+/// Retry delays when a deleted TUN device cannot be re-created at once: first, and cap. Short at
+/// first: the tunnel is down until it is back.
+const TUN_RECREATE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
 
 /// While there is no snapshot, the send loop drops what the TUN offers and sleeps this long
 /// (doubling up to the cap) between reads, so it does not spin.
@@ -129,8 +137,11 @@ struct Shared {
     /// gateway learns our endpoint before it has anything to send us.
     swapped: Notify,
     stop: watch::Sender<bool>,
-    /// Set once the TUN device exists: routes and DNS are installed on it then.
-    tun_up: watch::Sender<bool>,
+    /// The current TUN device and its generation (1 for the first, +1 per re-creation); `None`
+    /// until the first exists. The loops read from and write to whatever this holds.
+    device: watch::Sender<Option<(u64, Arc<AsyncDevice>)>>,
+    /// The generation of a device a loop found gone (EBADFD): the keeper re-creates it.
+    lost: watch::Sender<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -144,7 +155,8 @@ impl ClientDataPlane {
     /// A data plane that will come up on the first snapshot. Nothing happens until then.
     pub fn new(cfg: ClientDataPlaneConfig) -> Self {
         let (binding, _) = watch::channel(None);
-        let (tun_up, _) = watch::channel(false);
+        let (device, _) = watch::channel(None);
+        let (lost, _) = watch::channel(0);
         let (stop, _) = watch::channel(false);
         Self {
             shared: Arc::new(Shared {
@@ -154,7 +166,8 @@ impl ClientDataPlane {
                 started: AtomicBool::new(false),
                 swapped: Notify::new(),
                 stop,
-                tun_up,
+                device,
+                lost,
                 tasks: Mutex::new(Vec::new()),
             }),
         }
@@ -194,12 +207,18 @@ impl ClientDataPlane {
     /// Completes once the TUN device exists (it is created once, on the first snapshot); `false`
     /// if the data plane was stopped first.
     pub async fn tun_up(&self) -> bool {
-        let mut up = self.shared.tun_up.subscribe();
+        let mut up = self.shared.device.subscribe();
         let mut stop = self.shared.stop.subscribe();
         tokio::select! {
-            r = up.wait_for(|u| *u) => r.is_ok(),
+            r = up.wait_for(Option::is_some) => r.is_ok(),
             _ = stop.wait_for(|s| *s) => false,
         }
+    }
+
+    /// Changes whenever the TUN device is re-created (after another program deleted it): the
+    /// routes and per-link DNS must be put back on the new device.
+    pub fn tun_changes(&self) -> watch::Receiver<Option<(u64, Arc<AsyncDevice>)>> {
+        self.shared.device.subscribe()
     }
 
     pub async fn stop(&self) {
@@ -208,6 +227,8 @@ impl ClientDataPlane {
         for t in tasks {
             let _ = t.await;
         }
+        // The last reference to the device: closing it removes it.
+        self.shared.device.send_replace(None);
     }
 }
 
@@ -257,30 +278,12 @@ async fn bring_up(shared: Arc<Shared>) {
                 _ = stopped(stop.clone()) => return,
             }
         };
-        let address6 = match auth.assigned_ip6 {
-            Some(_) if tunnel::ipv6_disabled() => {
-                if attempt == 1 {
-                    tracing::warn!(target: TARGET, "IPv6 is disabled on this host: the tunnel carries IPv4 only");
-                }
-                None
-            }
-            Some(ip6) if mtu >= tunnel::MIN_IPV6_MTU => Some((ip6, auth.prefix_len6)),
-            Some(_) => {
-                if attempt == 1 {
-                    tracing::warn!(target: TARGET, "TUN MTU {mtu} is below the IPv6 minimum of 1280: the tunnel carries IPv4 only (raise underlay_mtu)");
-                }
-                None
-            }
-            None => None,
-        };
-        let spec = TunSpec {
-            name: cfg.tun_name.clone(),
-            address: auth.assigned_ip,
-            prefix_len: auth.prefix_len,
-            address6,
-            mtu,
-            offload: cfg.offload,
-        };
+        if attempt == 1
+            && let Some(why) = address6_for(&auth, mtu).1
+        {
+            tracing::warn!(target: TARGET, "{why}: the tunnel carries IPv4 only");
+        }
+        let spec = tun_spec(cfg, cfg.tun_name.clone(), &auth, mtu);
         let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
             let any: IpAddr = match cfg.gateway {
                 IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
@@ -309,7 +312,6 @@ async fn bring_up(shared: Arc<Shared>) {
         }
     };
     shared.counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
-    shared.tun_up.send_replace(true);
     tracing::info!(
         target: TARGET,
         "data plane up: tun {} (ifindex {}, mtu {}), UDP {} -> gateway {}",
@@ -325,24 +327,117 @@ async fn bring_up(shared: Arc<Shared>) {
     }
     let device = Arc::new(tun.device);
     let sock = Arc::new(sock);
-    let tun_ip = (binding.get_auth)().map(|a| (a.assigned_ip, a.assigned_ip6));
-    let tx = tokio::spawn(send_loop(
-        shared.clone(),
-        binding.clone(),
-        device.clone(),
-        sock.clone(),
-        tun_ip,
-        tun_mtu,
-    ));
-    let rx = tokio::spawn(receive_loop(shared.clone(), binding, device, sock));
-    lock(&shared.tasks).extend([tx, rx]);
+    // The device keeps the address it was created with; a re-created one gets the same.
+    let created_with = (binding.get_auth)();
+    let tun_ip = created_with.as_ref().map(|a| (a.assigned_ip, a.assigned_ip6));
+    shared.device.send_replace(Some((1, device)));
+    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun_mtu));
+    let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock));
+    let mut tasks = vec![tx, rx];
+    if let Some(auth) = created_with {
+        let spec = tun_spec(cfg, Some(tun.name), &auth, mtu);
+        tasks.push(tokio::spawn(keep_tun(shared.clone(), spec)));
+    }
+    lock(&shared.tasks).extend(tasks);
+}
+
+/// How the TUN device is brought up, with its addresses: the one place that says so, for the
+/// first device and every re-created one.
+fn tun_spec(cfg: &ClientDataPlaneConfig, name: Option<String>, auth: &VpnAuthResponse, mtu: u16) -> TunSpec {
+    TunSpec {
+        name,
+        address: auth.assigned_ip,
+        prefix_len: auth.prefix_len,
+        address6: address6_for(auth, mtu).0,
+        mtu,
+        offload: cfg.offload,
+    }
+}
+
+/// The TUN device's IPv6 address and prefix length: the session's, unless this host cannot
+/// carry IPv6 on it (IPv6 disabled, or an MTU below IPv6's minimum); then `None` and why.
+fn address6_for(auth: &VpnAuthResponse, mtu: u16) -> (Option<(Ipv6Addr, u8)>, Option<String>) {
+    match auth.assigned_ip6 {
+        Some(_) if tunnel::ipv6_disabled() => (None, Some("IPv6 is disabled on this host".into())),
+        Some(ip6) if mtu >= tunnel::MIN_IPV6_MTU => (Some((ip6, auth.prefix_len6)), None),
+        Some(_) => (
+            None,
+            Some(format!("TUN MTU {mtu} is below the IPv6 minimum of 1280 (raise underlay_mtu)")),
+        ),
+        None => (None, None),
+    }
+}
+
+/// Whether a TUN read or write failed because the device is gone (deleted by another program):
+/// the kernel detaches the file from the device and answers EBADFD from then on.
+fn device_gone(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EBADFD)
+}
+
+/// Re-creates the TUN device (same name, address, MTU, offload) each time a loop reports it
+/// gone, retrying with backoff, and hands the new one to the loops. One log line per incident.
+async fn keep_tun(shared: Arc<Shared>, spec: TunSpec) {
+    let mut lost = shared.lost.subscribe();
+    let mut generation = 1u64;
+    loop {
+        tokio::select! {
+            r = lost.wait_for(|g| *g == generation) => if r.is_err() { return },
+            _ = stopped(shared.stop.subscribe()) => return,
+        }
+        let since = Instant::now();
+        let mut delay = TUN_RECREATE_BACKOFF.0;
+        let mut attempts = 0u32;
+        let tun = loop {
+            attempts += 1;
+            // The old device's name is released asynchronously: EBUSY for a moment.
+            match tunnel::create_tun_retrying(&spec, Duration::from_millis(500)).await {
+                Ok(t) => break t,
+                Err(e) => {
+                    bump(&shared.counters.tun_failures);
+                    if attempts == 1 {
+                        // The incident's line, when the first attempt does not settle it.
+                        tracing::warn!(target: TARGET, "the TUN device was removed and cannot be re-created yet (retrying): {e}");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stopped(shared.stop.subscribe()) => return,
+                    }
+                    delay = (delay * 2).min(TUN_RECREATE_BACKOFF.1);
+                }
+            }
+        };
+        generation += 1;
+        shared.counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
+        if attempts == 1 {
+            tracing::warn!(
+                target: TARGET,
+                "the TUN device {} was removed by another program; re-created it (ifindex {}) in {:?}",
+                tun.name,
+                tun.ifindex,
+                since.elapsed()
+            );
+        } else {
+            tracing::info!(target: TARGET, "TUN device {} re-created after {attempts} attempts", tun.name);
+        }
+        shared.device.send_replace(Some((generation, Arc::new(tun.device))));
+    }
+}
+
+/// The current device, waiting for one while a re-creation is under way; `None` on a stop.
+async fn current_device(
+    devices: &mut watch::Receiver<Option<(u64, Arc<AsyncDevice>)>>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(u64, Arc<AsyncDevice>)> {
+    tokio::select! {
+        d = devices.wait_for(Option::is_some) => d.ok().and_then(|d| d.clone()),
+        _ = stop_requested(stop) => None,
+    }
 }
 
 /// TUN -> gateway. Also sends keepalives when idle and announces each new session.
 async fn send_loop(
     shared: Arc<Shared>,
     binding: Binding,
-    tun: Arc<AsyncDevice>,
     sock: Arc<UdpSocket>,
     // The address and MTU the TUN device was created with: the device's, not the session's.
     tun_ip: Option<(Ipv4Addr, Option<Ipv6Addr>)>,
@@ -353,6 +448,8 @@ async fn send_loop(
     let cfg = &shared.cfg;
     let get_auth = &binding.get_auth;
     let mut stop = shared.stop.subscribe();
+    let mut devices = shared.device.subscribe();
+    let Some((mut generation, mut tun)) = current_device(&mut devices, &mut stop).await else { return };
     let mut reader = TunReader::new(mtu);
     let mut lens = [0usize; tunnel::BATCH];
     let mut gso = true;
@@ -368,11 +465,34 @@ async fn send_loop(
         let announce = tokio::select! {
             biased;
             _ = stop_requested(&mut stop) => return,
+            // A re-created device (the receive loop found the old one gone first).
+            r = devices.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                if let Some((g, t)) = devices.borrow_and_update().clone() {
+                    (generation, tun) = (g, t);
+                }
+                continue;
+            }
             _ = shared.swapped.notified() => true,
             _ = tokio::time::sleep_until(keepalive_at) => false,
             read = reader.read(&tun) => {
                 let n = match read {
                     Ok(n) => { tun_errors.reset(); n }
+                    Err(e) if device_gone(&e) => {
+                        // The keeper logs the incident; wait for the device it brings up.
+                        c.count_drop(DropReason::TunError);
+                        shared.lost.send_replace(generation);
+                        devices.mark_unchanged();
+                        let next = tokio::select! {
+                            r = devices.wait_for(|d| d.as_ref().is_some_and(|(g, _)| *g != generation)) => r.ok().and_then(|d| d.clone()),
+                            _ = stop_requested(&mut stop) => None,
+                        };
+                        let Some((g, t)) = next else { return };
+                        (generation, tun) = (g, t);
+                        continue;
+                    }
                     Err(e) => {
                         c.count_drop(DropReason::TunError);
                         tun_log.failed(&e);
@@ -509,16 +629,13 @@ fn seal_drop(e: SealError) -> DropReason {
 
 /// Gateway -> TUN. Accepts datagrams from any source: authenticity comes from the AEAD, and a
 /// multi-homed gateway may answer from another address than the one we send to.
-async fn receive_loop(
-    shared: Arc<Shared>,
-    binding: Binding,
-    tun: Arc<AsyncDevice>,
-    sock: Arc<UdpSocket>,
-) {
+async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket>) {
     let c = &shared.counters;
     bump(&c.rx_loop_starts);
     let get_auth = &binding.get_auth;
     let mut stop = shared.stop.subscribe();
+    let mut devices = shared.device.subscribe();
+    let Some((mut generation, mut tun)) = current_device(&mut devices, &mut stop).await else { return };
     // One receive may hold many coalesced datagrams (UDP GRO), up to 64 KiB.
     let mut buf = vec![0u8; 65535];
     let mut writer = TunWriter::new(&tun, shared.cfg.coalesce_writes);
@@ -533,6 +650,13 @@ async fn receive_loop(
             _ = stop_requested(&mut stop) => return,
             r = tunnel::recv_gro(&sock, &mut buf) => r,
         };
+        // A re-created device (once per incident; a version check otherwise).
+        if devices.has_changed().unwrap_or(false)
+            && let Some((g, t)) = devices.borrow_and_update().clone()
+        {
+            writer = TunWriter::new(&t, shared.cfg.coalesce_writes);
+            (generation, tun) = (g, t);
+        }
         let (len, segment) = match received {
             Ok((n, segment, _from)) => {
                 sock_errors.reset();
@@ -583,7 +707,7 @@ async fn receive_loop(
                 }
                 SealedKind::Data => {
                     if writer.is_full() {
-                        write_tun(&mut writer, &tun, c, &mut tun_log).await;
+                        write_tun(&mut writer, &tun, c, &mut tun_log, &shared.lost, generation).await;
                     }
                     // Cannot fail (room was made above, and a payload is shorter than
                     // 64 KiB); counted rather than assumed.
@@ -593,15 +717,27 @@ async fn receive_loop(
                 }
             }
         }
-        write_tun(&mut writer, &tun, c, &mut tun_log).await;
+        write_tun(&mut writer, &tun, c, &mut tun_log, &shared.lost, generation).await;
     }
 }
 
 /// Writes the queued inner packets to the TUN device, counting them.
-async fn write_tun(writer: &mut TunWriter, tun: &AsyncDevice, c: &Counters, log: &mut IoLog) {
+/// A device found gone is reported to the keeper (as generation `generation`) instead of logged.
+async fn write_tun(
+    writer: &mut TunWriter,
+    tun: &AsyncDevice,
+    c: &Counters,
+    log: &mut IoLog,
+    lost: &watch::Sender<u64>,
+    generation: u64,
+) {
     match writer.flush(tun, c).await {
         Ok(0) => {}
         Ok(_) => log.ok(),
+        Err(e) if device_gone(&e) => {
+            c.count_drop(DropReason::TunError);
+            lost.send_replace(generation);
+        }
         Err(e) => {
             c.count_drop(DropReason::TunError);
             log.failed(&e);

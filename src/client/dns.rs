@@ -261,6 +261,17 @@ impl DnsGuard {
         Self { backend: None }
     }
 
+    /// Puts the settings back after the TUN device was re-created: per-link settings
+    /// (systemd-resolved) went away with the old device; a rewritten resolver file did not.
+    pub fn reattach(&self, servers: &[IpAddr], search_domains: &[String]) -> Result<(), DnsError> {
+        if let Some(Backend::Resolved { link }) = &self.backend {
+            for args in resolvectl_apply_args(link, servers, search_domains) {
+                resolvectl(&args)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Puts the original resolver back. If someone else replaced our file meanwhile, theirs is
     /// left alone.
     pub fn restore(self) -> Result<(), DnsError> {

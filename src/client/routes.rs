@@ -899,19 +899,10 @@ impl TunnelNetwork {
         on_underlay_change: UnderlayHook,
     ) -> Result<Self, NetworkError> {
         let net = &file.network;
-        let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
-        let mut cidrs = tunnel_cidrs(net.routes.as_deref(), net.dns.configured());
-        if crate::tunnel::ipv6_disabled() {
-            // The kernel refuses IPv6 routes here; there is no IPv6 traffic to route either.
-            cidrs.retain(|n| n.addr().is_ipv4());
-        }
+        let (tun, cidrs) = tun_and_cidrs(file);
         let gateway = file.endpoint.ip();
         let routes = Routes::install(tun, gateway, &cidrs).await?;
-        let captured = captures(&cidrs, gateway);
-        let underlay = match ifindex(tun) {
-            Ok(tun_index) => UnderlayWatch::start(gateway, tun_index, captured, on_underlay_change).await,
-            Err(e) => Err(e),
-        };
+        let underlay = Self::watch_underlay(file, on_underlay_change).await;
         let underlay = match underlay {
             Ok(u) => u,
             Err(e) => {
@@ -952,6 +943,30 @@ impl TunnelNetwork {
         Ok(true)
     }
 
+    /// Starts following the underlay for the file's gateway and TUN.
+    async fn watch_underlay(file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<UnderlayWatch, RoutesError> {
+        let (tun, cidrs) = tun_and_cidrs(file);
+        let gateway = file.endpoint.ip();
+        let captured = captures(&cidrs, gateway);
+        UnderlayWatch::start(gateway, ifindex(tun)?, captured, on_underlay_change).await
+    }
+
+    /// Puts the routes (and per-link DNS settings) back on a TUN device that was re-created
+    /// under the same name: the kernel removed the old device's routes with it, and the underlay
+    /// watcher must follow the new interface index. The resolver file, if that is the backend,
+    /// never went away. On error the caller retries; the kill-switch blocks meanwhile.
+    pub async fn reattach(&mut self, file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<(), NetworkError> {
+        let (tun, cidrs) = tun_and_cidrs(file);
+        self.underlay.halt().await;
+        // Also removes what is left of ours (the gateway's pin and fallback) before adding.
+        let routes = Routes::install(tun, file.endpoint.ip(), &cidrs).await?;
+        // The old guard's routes are gone (with the device, or removed as stale just now).
+        let _old = std::mem::replace(&mut self.routes, routes);
+        self.underlay = Self::watch_underlay(file, on_underlay_change).await?;
+        self.dns.reattach(&self.dns_set.0, &self.dns_set.1)?;
+        Ok(())
+    }
+
     /// The routes that were added at start (the gateway's pin and fallback, which follow the
     /// underlay, not included).
     pub fn routes(&self) -> &[RouteSpec] {
@@ -978,6 +993,17 @@ impl TunnelNetwork {
         tunnel?;
         gateway
     }
+}
+
+/// The TUN name and the CIDRs routed through it, for a client file.
+fn tun_and_cidrs(file: &ClientFile) -> (&str, Vec<IpNet>) {
+    let net = &file.network;
+    let mut cidrs = tunnel_cidrs(net.routes.as_deref(), net.dns.configured());
+    if crate::tunnel::ipv6_disabled() {
+        // The kernel refuses IPv6 routes here; there is no IPv6 traffic to route either.
+        cidrs.retain(|n| n.addr().is_ipv4());
+    }
+    (net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME), cidrs)
 }
 
 /// The index of interface `name` in the calling thread's network namespace.

@@ -75,6 +75,16 @@ pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
 
 pub use crate::support::wait_until;
 
+/// Sets its flag when dropped: ends a probe flood however the code around it ends, so a failing
+/// step fails its test instead of hanging it on the flood thread.
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Joins `client` and `outside` by a veth pair carrying IPv4 and IPv6, puts the remote addresses
 /// on the outside's loopback, and gives the client default routes through the outside end.
 pub fn wire(client: &Netns, outside: &Netns) {
