@@ -8,7 +8,9 @@
 #   SKIP_BORINGTUN=1 bash benches/throughput.sh
 #
 # Needs root. Creates two namespaces joined by a veth pair on 198.18.0.0/15 (tunnel addresses in
-# 100.64.0.0/10), removes everything on exit, never touches the machine's own namespace.
+# 100.64.0.0/10 and fd00::/8), removes everything on exit, never touches the machine's own
+# namespace. The holdfast6 row is TCP over IPv6 inside the same tunnel (TSO6 reads, GSO_TCPV6
+# merged writes).
 # boringtun-cli is installed with `cargo install` into target/bench-tools (cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,7 @@ RUNS=${RUNS:-3} SECS=${SECS:-10}
 TAG=hfb$$ NA=${TAG}a NB=${TAG}b VA=${TAG}va VB=${TAG}vb
 UA=198.18.0.1 UB=198.18.0.2 PORT=51820
 WG_A=100.64.1.1 WG_B=100.64.1.2
+GW6=fd00:b:e::1
 TOOLS=$PWD/target/bench-tools
 WORK=$(mktemp -d /tmp/holdfast-bench.XXXX)
 PIDS=()
@@ -58,7 +61,7 @@ BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/holdfast
 measure veth $UB
 
 # --- holdfast: gateway in B, client in A ----------------------------------------------------
-"$BIN" gateway init --dir "$WORK/gw" --endpoint $UB:$PORT >/dev/null
+"$BIN" gateway init --dir "$WORK/gw" --endpoint $UB:$PORT --subnet6 fd00:b:e::/64 >/dev/null
 "$BIN" gateway add-client --dir "$WORK/gw" bench --out "$WORK/client.toml" >/dev/null
 python3 - "$WORK/client.toml" "$WORK/logs" <<'PY'
 import sys
@@ -69,7 +72,7 @@ def section(text, name, body):
     head = '[%s]\n' % name
     return text.replace(head, head + body, 1) if head in text else text + '\n' + head + body
 # Split tunnel to the gateway's tunnel address only: the bench measures the data plane, not routing.
-text = section(text, 'network', 'routes = ["100.64.0.1/32"]\nkillswitch = false\n')
+text = section(text, 'network', 'routes = ["100.64.0.1/32", "fd00:b:e::1/128"]\nkillswitch = false\n')
 text = section(text, 'log', 'dir = "%s"\n' % logs)
 open(path, 'w').write(text)
 PY
@@ -78,6 +81,7 @@ ip netns exec $NA "$BIN" client run --no-tui --config "$WORK/client.toml" >"$WOR
 for _ in $(seq 100); do ip netns exec $NA ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
 ip netns exec $NA ping -q -c 1 -W 2 100.64.0.1 >/dev/null || { echo "holdfast tunnel did not come up"; tail -20 "$WORK/client.log" "$WORK/gw.log"; exit 1; }
 measure holdfast 100.64.0.1
+measure holdfast6 $GW6
 stop_all
 
 # --- boringtun-cli ----------------------------------------------------------------------------
@@ -104,6 +108,7 @@ fi
 # --- ratios -----------------------------------------------------------------------------------
 ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.2f' % (a/b) if b else 'n/a')" "$1" "$2"; }
 echo "holdfast/veth      tcp $(ratio "${TCP[holdfast]}" "${TCP[veth]}")"
+echo "holdfast6/holdfast tcp $(ratio "${TCP[holdfast6]}" "${TCP[holdfast]}")   (TCP over IPv6 vs IPv4 inside the tunnel)"
 if [ -n "${TCP[boringtun]:-}" ]; then
   echo "holdfast/boringtun tcp $(ratio "${TCP[holdfast]}" "${TCP[boringtun]}")   ping $(ratio "${RTT[holdfast]}" "${RTT[boringtun]}") (lower is better)"
 fi

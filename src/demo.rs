@@ -208,6 +208,7 @@ impl Lab {
             dir: gw_dir.clone(),
             endpoint: format!("{GATEWAY_UNDERLAY}:{PORT}").parse().map_err(|e| setup("endpoint", e))?,
             subnet: crate::config::gateway::DEFAULT_SUBNET,
+            subnet6: None,
             name: "demo".into(),
             server_name: crate::config::gateway::DEFAULT_SERVER_NAME.into(),
         };

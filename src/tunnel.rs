@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
 use crate::sansio::coalesce::{Coalescer, PushError, VNET_HDR_LEN};
+use crate::sansio::inner::IpFamily;
 use crate::sansio::seal::OpenError;
 use crate::sansio::wire;
 
@@ -32,7 +33,7 @@ const SOCKET_BUFFER: usize = 4 << 20;
 pub enum DropReason {
     /// No session snapshot yet (client), so nothing can be sealed or opened.
     NoSession,
-    /// The datagram's header or length is invalid, or a packet is not IPv4 or is empty.
+    /// The datagram's header or length is invalid, or a packet is not IPv4/IPv6 or is empty.
     Malformed,
     /// The tag did not verify: wrong key, tampering, or garbage with a valid-looking header.
     Decrypt,
@@ -53,9 +54,10 @@ pub enum DropReason {
     TunError,
     /// The session's send counter is exhausted: it needs a re-authentication.
     CounterExhausted,
-    /// The TUN device offered a packet that is not IPv4 (the kernel's own IPv6 chatter): the
-    /// tunnel carries IPv4 only.
-    NotIpv4,
+    /// The TUN device offered a packet the tunnel does not carry: not IP at all, or the host's
+    /// own link-scope chatter (IPv6 router solicitations, MLD, link-local sources), or (gateway)
+    /// a packet of a family the destination session has no address in.
+    NotCarried,
 }
 
 impl DropReason {
@@ -72,7 +74,7 @@ impl DropReason {
         DropReason::SocketError,
         DropReason::TunError,
         DropReason::CounterExhausted,
-        DropReason::NotIpv4,
+        DropReason::NotCarried,
     ];
 
     /// Short stable name, for logs and the dashboard.
@@ -89,7 +91,7 @@ impl DropReason {
             DropReason::SocketError => "socket_error",
             DropReason::TunError => "tun_error",
             DropReason::CounterExhausted => "counter_exhausted",
-            DropReason::NotIpv4 => "not_ipv4",
+            DropReason::NotCarried => "not_carried",
         }
     }
 
@@ -259,6 +261,8 @@ pub struct TunSpec {
     pub name: Option<String>,
     pub address: Ipv4Addr,
     pub prefix_len: u8,
+    /// The IPv6 tunnel address and prefix length, when the session has them.
+    pub address6: Option<(Ipv6Addr, u8)>,
     pub mtu: u16,
     /// TSO/GRO offload (virtio-net headers): 64 KiB reads and coalesced writes.
     pub offload: bool,
@@ -272,9 +276,10 @@ pub struct Tun {
     pub mtu: u16,
 }
 
-/// The TUN MTU for an underlay MTU: one sealed inner packet fits one underlay IPv4/UDP packet.
-pub fn tun_mtu(underlay_mtu: u16) -> Result<u16, TunError> {
-    wire::tun_mtu_for(underlay_mtu).ok_or(TunError::UnderlayMtu(underlay_mtu))
+/// The TUN MTU for an underlay MTU: one sealed inner packet fits one underlay UDP packet of the
+/// underlay's family (an IPv6 header is 20 bytes longer than an IPv4 one).
+pub fn tun_mtu(underlay_mtu: u16, underlay: IpFamily) -> Result<u16, TunError> {
+    wire::tun_mtu_over(underlay_mtu, underlay).ok_or(TunError::UnderlayMtu(underlay_mtu))
 }
 
 /// Why a TUN device could not be brought up.
@@ -286,7 +291,25 @@ pub enum TunError {
     /// The kernel refused (no /dev/net/tun, no CAP_NET_ADMIN, name taken, ...).
     #[error("cannot create TUN device {name} ({address}/{prefix_len}): {source}")]
     Create { name: String, address: Ipv4Addr, prefix_len: u8, source: io::Error },
+    /// IPv6 needs links of at least 1280 bytes (RFC 8200); the kernel refuses IPv6 on a smaller
+    /// one, so the tunnel cannot carry it.
+    #[error("TUN MTU {0} is below the IPv6 minimum of 1280: raise the underlay MTU")]
+    MtuTooSmallForIpv6(u16),
 }
+
+/// Whether IPv6 is turned off in the calling thread's network namespace
+/// (`net.ipv6.conf.{all,default}.disable_ipv6 = 1`, or no IPv6 in the kernel at all). Then the
+/// kernel refuses an IPv6 address or route on any new device (EACCES), so both sides run the
+/// tunnel IPv4 only rather than fail to bring it up.
+pub fn ipv6_disabled() -> bool {
+    ["all", "default"].iter().any(|conf| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"))
+            .map_or(true, |v| v.trim() == "1")
+    })
+}
+
+/// The smallest link MTU IPv6 allows (RFC 8200, section 5).
+pub const MIN_IPV6_MTU: u16 = 1280;
 
 /// Creates, addresses and brings up a TUN device. Blocking ioctls (a few microseconds): fine to
 /// call from a task that does nothing else meanwhile.
@@ -297,10 +320,18 @@ pub fn create_tun(spec: &TunSpec) -> Result<Tun, TunError> {
         prefix_len: spec.prefix_len,
         source,
     };
+    if spec.address6.is_some() && spec.mtu < MIN_IPV6_MTU {
+        return Err(TunError::MtuTooSmallForIpv6(spec.mtu));
+    }
     let mut builder = DeviceBuilder::new()
         .ipv4(spec.address, spec.prefix_len, None)
         .mtu(spec.mtu)
         .offload(spec.offload);
+    // A TUN device is point-to-point without a hardware address: the kernel runs no duplicate
+    // address detection on it, so the address is usable at once.
+    if let Some((address6, prefix6)) = spec.address6 {
+        builder = builder.ipv6(address6, prefix6);
+    }
     if let Some(name) = &spec.name {
         builder = builder.name(name.clone());
     }
@@ -335,8 +366,18 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
     sock.set_nonblocking(true)?;
+    dual_stack(&sock, addr)?;
     sock.bind(&addr.into())?;
     UdpSocket::from_std(sock.into())
+}
+
+/// A socket about to bind `[::]` takes IPv4 peers too (one socket, both families), whatever the
+/// host's `net.ipv6.bindv6only` default: a gateway's default `listen` must reach every client.
+pub fn dual_stack(sock: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        sock.set_only_v6(false)?;
+    }
+    Ok(())
 }
 
 /// The largest inner packet a loop's buffer holds. Inner packets are at most the TUN MTU, which
@@ -347,24 +388,6 @@ pub const MAX_INNER: usize = 65535;
 /// One loop's reusable datagram buffer: header room in front, tag room behind.
 pub fn datagram_buffer() -> Vec<u8> {
     vec![0u8; wire::OVERHEAD + MAX_INNER]
-}
-
-/// Whether `packet` starts like an IPv4 packet (version nibble 4, room for a header).
-#[inline]
-pub fn is_ipv4(packet: &[u8]) -> bool {
-    packet.len() >= 20 && packet[0] >> 4 == 4
-}
-
-/// The source and destination of an IPv4 packet, or `None` if it is not one (IPv6, garbage,
-/// shorter than a header).
-pub fn ipv4_addrs(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    let h = packet.get(..20)?;
-    if h[0] >> 4 != 4 {
-        return None;
-    }
-    let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
-    let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
-    Some((src, dst))
 }
 
 /// A token bucket: `burst` events at once, refilled at `per_second`. Time is passed in, so tests
@@ -578,6 +601,13 @@ fn socket_addr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
             let a =
                 unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            // An IPv4 peer of a dual-stack socket arrives as ::ffff:a.b.c.d. Kept as the IPv4
+            // address it is, so logs and endpoint comparisons see one form; sending to it on the
+            // same socket works either way (the kernel takes IPv4 destinations on it).
+            let ip = match ip.to_ipv4_mapped() {
+                Some(v4) => std::net::IpAddr::V4(v4),
+                None => std::net::IpAddr::V6(ip),
+            };
             Some(SocketAddr::from((ip, u16::from_be(a.sin6_port))))
         }
         _ => None,
@@ -888,22 +918,6 @@ mod tests {
         assert_eq!(waits, [10, 20, 40, 40]);
         b.reset();
         assert_eq!(b.failed(), Duration::ZERO);
-    }
-
-    #[test]
-    fn ipv4_addrs_reads_only_ipv4_headers() {
-        let mut p = [0u8; 20];
-        p[0] = 0x45;
-        p[12..16].copy_from_slice(&[100, 64, 0, 2]);
-        p[16..20].copy_from_slice(&[100, 64, 0, 1]);
-        assert_eq!(
-            ipv4_addrs(&p),
-            Some((Ipv4Addr::new(100, 64, 0, 2), Ipv4Addr::new(100, 64, 0, 1)))
-        );
-        assert_eq!(ipv4_addrs(&p[..19]), None);
-        p[0] = 0x60;
-        assert_eq!(ipv4_addrs(&p), None);
-        assert_eq!(ipv4_addrs(&[]), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Properties of the TUN-write coalescer (`holdfast::sansio::coalesce`): what it writes, once
 //! the kernel re-segments it the way TSO does, is exactly what went in (per flow, in order);
-//! anything it cannot merge passes through byte for byte; hostile bytes never panic it.
+//! anything it cannot merge passes through byte for byte; hostile bytes never panic it. Traffic
+//! mixes TCP over IPv4 and over IPv6 flows.
 
 use holdfast::sansio::coalesce::{Coalescer, MAX_PACKET, PushError, VNET_HDR_LEN};
 use proptest::prelude::*;
@@ -23,15 +24,23 @@ fn csum(data: &[u8], initial: u32) -> u16 {
     acc as u16
 }
 
-fn pseudo(p: &[u8], tcp_len: usize) -> u32 {
-    u32::from(csum(&p[12..20], 0)) + 6 + tcp_len as u32
+fn is_v6(p: &[u8]) -> bool {
+    p[0] >> 4 == 6
 }
 
-/// Writes correct IPv4 header and TCP checksums into `p` (IPv4 header length `iph`).
+fn pseudo(p: &[u8], tcp_len: usize) -> u32 {
+    let addrs = if is_v6(p) { &p[8..40] } else { &p[12..20] };
+    u32::from(csum(addrs, 0)) + 6 + tcp_len as u32
+}
+
+/// Writes correct IPv4 header (IPv6 has none) and TCP checksums into `p` (IP header length
+/// `iph`).
 fn fix_checksums(p: &mut [u8], iph: usize) {
-    p[10..12].fill(0);
-    let ip = !csum(&p[..iph], 0);
-    p[10..12].copy_from_slice(&ip.to_be_bytes());
+    if !is_v6(p) {
+        p[10..12].fill(0);
+        let ip = !csum(&p[..iph], 0);
+        p[10..12].copy_from_slice(&ip.to_be_bytes());
+    }
     p[iph + 16..iph + 18].fill(0);
     let tcp = !csum(&p[iph..], pseudo(p, p.len() - iph));
     p[iph + 16..iph + 18].copy_from_slice(&tcp.to_be_bytes());
@@ -39,8 +48,10 @@ fn fix_checksums(p: &mut [u8], iph: usize) {
 
 #[derive(Debug, Clone)]
 struct Flow {
-    src: [u8; 4],
-    dst: [u8; 4],
+    /// IPv4 flows use the first 4 bytes.
+    src: [u8; 16],
+    dst: [u8; 16],
+    v6: bool,
     sport: u16,
     dport: u16,
     seq: u32,
@@ -55,17 +66,28 @@ struct Flow {
 impl Flow {
     fn packet(&mut self, payload_len: usize, flags: u8) -> Vec<u8> {
         let tcph = 20 + self.options.len();
-        let total = 20 + tcph + payload_len;
+        let iph = if self.v6 { 40 } else { 20 };
+        let total = iph + tcph + payload_len;
         let mut p = vec![0u8; total];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        p[4..6].copy_from_slice(&self.id.to_be_bytes());
-        p[6] = 0x40; // DF
-        p[8] = self.ttl;
-        p[9] = 6;
-        p[12..16].copy_from_slice(&self.src);
-        p[16..20].copy_from_slice(&self.dst);
-        let t = &mut p[20..];
+        if self.v6 {
+            // Version 6, traffic class 0x0a, flow label 0xbcdef.
+            p[..4].copy_from_slice(&[0x60, 0xab, 0xcd, 0xef]);
+            p[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+            p[6] = 6;
+            p[7] = self.ttl;
+            p[8..24].copy_from_slice(&self.src);
+            p[24..40].copy_from_slice(&self.dst);
+        } else {
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            p[4..6].copy_from_slice(&self.id.to_be_bytes());
+            p[6] = 0x40; // DF
+            p[8] = self.ttl;
+            p[9] = 6;
+            p[12..16].copy_from_slice(&self.src[..4]);
+            p[16..20].copy_from_slice(&self.dst[..4]);
+        }
+        let t = &mut p[iph..];
         t[0..2].copy_from_slice(&self.sport.to_be_bytes());
         t[2..4].copy_from_slice(&self.dport.to_be_bytes());
         t[4..8].copy_from_slice(&self.seq.to_be_bytes());
@@ -77,22 +99,23 @@ impl Flow {
         for (i, b) in t[tcph..].iter_mut().enumerate() {
             *b = (self.seq as usize).wrapping_add(i).wrapping_mul(31) as u8;
         }
-        fix_checksums(&mut p, 20);
+        fix_checksums(&mut p, iph);
         self.seq = self.seq.wrapping_add(payload_len as u32);
         self.id = self.id.wrapping_add(1);
         p
     }
 }
 
-/// What a packet's flow is, for comparing per-flow order: the TCP 4-tuple, or "other".
-fn flow_of(p: &[u8]) -> Option<[u8; 12]> {
+/// What a packet's flow is, for comparing per-flow order: the TCP 4-tuple (of either family), or
+/// "other".
+fn flow_of(p: &[u8]) -> Option<Vec<u8>> {
+    if p.len() >= 60 && p[0] >> 4 == 6 && p[6] == 6 {
+        return Some([&p[8..40], &p[40..44]].concat());
+    }
     if p.len() < 40 || p[0] != 0x45 || p[9] != 6 {
         return None;
     }
-    let mut k = [0u8; 12];
-    k[..8].copy_from_slice(&p[12..20]);
-    k[8..].copy_from_slice(&p[20..24]);
-    Some(k)
+    Some([&p[12..20], &p[20..24]].concat())
 }
 
 /// The kernel's side: a written packet (virtio-net header first) as the packets TSO would make
@@ -103,15 +126,20 @@ fn resegment(written: &[u8]) -> Vec<Vec<u8>> {
         return vec![p.to_vec()];
     }
     let u16n = |b: &[u8]| u16::from_ne_bytes([b[0], b[1]]) as usize;
+    let v6 = is_v6(p);
     assert_eq!(hdr[0], 1, "NEEDS_CSUM");
-    assert_eq!(hdr[1], 1, "GSO_TCPV4");
+    assert_eq!(hdr[1], if v6 { 4 } else { 1 }, "GSO_TCPV6 or GSO_TCPV4");
     let (hdr_len, gso, csum_start, csum_off) =
         (u16n(&hdr[2..]), u16n(&hdr[4..]), u16n(&hdr[6..]), u16n(&hdr[8..]));
-    let iph = usize::from(p[0] & 0xf) * 4;
+    let iph = if v6 { 40 } else { usize::from(p[0] & 0xf) * 4 };
     let tcph = usize::from(p[iph + 12] >> 4) * 4;
     assert_eq!((hdr_len, csum_start, csum_off), (iph + tcph, iph, 16));
-    assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, p.len(), "IPv4 total length");
-    assert_eq!(csum(&p[..iph], 0), 0xffff, "IPv4 header checksum");
+    if v6 {
+        assert_eq!(u16::from_be_bytes([p[4], p[5]]) as usize, p.len() - 40, "IPv6 payload length");
+    } else {
+        assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, p.len(), "IPv4 total length");
+        assert_eq!(csum(&p[..iph], 0), 0xffff, "IPv4 header checksum");
+    }
     let partial = u16::from_be_bytes([p[iph + 16], p[iph + 17]]);
     assert_eq!(u32::from(partial), u32::from(csum(&[], pseudo(p, p.len() - iph))), "pseudo sum");
     let payload = &p[hdr_len..];
@@ -126,9 +154,14 @@ fn resegment(written: &[u8]) -> Vec<Vec<u8>> {
         .map(|(i, chunk)| {
             let mut s = p[..hdr_len].to_vec();
             s.extend_from_slice(chunk);
-            let total = s.len() as u16;
-            s[2..4].copy_from_slice(&total.to_be_bytes());
-            s[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            if v6 {
+                let payload = (s.len() - 40) as u16;
+                s[4..6].copy_from_slice(&payload.to_be_bytes());
+            } else {
+                let total = s.len() as u16;
+                s[2..4].copy_from_slice(&total.to_be_bytes());
+                s[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            }
             let seq = seq0.wrapping_add((i * gso) as u32);
             s[iph + 4..iph + 8].copy_from_slice(&seq.to_be_bytes());
             if i != last {
@@ -159,7 +192,7 @@ fn run(input: &[Vec<u8>], capacity: usize, merge: bool) -> Vec<Vec<u8>> {
     out
 }
 
-fn per_flow(packets: &[Vec<u8>]) -> std::collections::BTreeMap<Option<[u8; 12]>, Vec<Vec<u8>>> {
+fn per_flow(packets: &[Vec<u8>]) -> std::collections::BTreeMap<Option<Vec<u8>>, Vec<Vec<u8>>> {
     let mut m = std::collections::BTreeMap::<_, Vec<_>>::new();
     for p in packets {
         m.entry(flow_of(p)).or_default().push(p.clone());
@@ -167,10 +200,25 @@ fn per_flow(packets: &[Vec<u8>]) -> std::collections::BTreeMap<Option<[u8; 12]>,
     m
 }
 
+/// Flows 0 to 2 are TCP over IPv4, 3 and 4 over IPv6.
+const FLOWS: usize = 5;
+
 fn flow(n: u8) -> Flow {
+    let v6 = n >= 3;
+    let addr = |host: u8| {
+        let mut a = [0u8; 16];
+        if v6 {
+            a[..4].copy_from_slice(&[0xfd, 0, 0, 0x64]);
+            a[15] = host;
+        } else {
+            a[..4].copy_from_slice(&[100, 64, 0, host]);
+        }
+        a
+    };
     Flow {
-        src: [100, 64, 0, 2 + n],
-        dst: [100, 64, 0, 1],
+        src: addr(2 + n),
+        dst: addr(1),
+        v6,
         sport: 40000 + u16::from(n),
         dport: 5201,
         seq: 0xffff_f000u32.wrapping_add(u32::from(n) * 77), // wraps during a run
@@ -199,7 +247,8 @@ enum Step {
     BadChecksum {
         f: usize,
     },
-    /// Sequence gap (a lost segment), new ack number, new window, new TTL, non-consecutive id.
+    /// Sequence gap (a lost segment), new ack number, new window, new TTL (hop limit),
+    /// non-consecutive id (IPv4 only: IPv6 has none, the step changes nothing there).
     Gap(usize),
     NewAck(usize),
     NewWindow(usize),
@@ -213,7 +262,7 @@ enum Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    let f = 0usize..3;
+    let f = 0usize..FLOWS;
     prop_oneof![
         12 => (f.clone(), proptest::option::weighted(0.15, 1usize..1400), proptest::bool::weighted(0.1))
             .prop_map(|(f, short, psh)| Step::Data { f, short, psh }),
@@ -232,7 +281,7 @@ fn step() -> impl Strategy<Value = Step> {
 const MSS: usize = 1400;
 
 fn traffic(steps: &[Step]) -> Vec<Vec<u8>> {
-    let mut flows: Vec<Flow> = (0..3).map(flow).collect();
+    let mut flows: Vec<Flow> = (0..FLOWS as u8).map(flow).collect();
     let mut out = Vec::new();
     for s in steps {
         match s {
@@ -293,18 +342,24 @@ proptest! {
     #[test]
     fn hostile_bytes_pass_through_unchanged(
         packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..40),
-        tcp_like in any::<bool>(),
+        tcp_like in 0u8..3,
     ) {
-        // Garbage, and garbage dressed as TCP/IPv4 (version, protocol and length right): never a
-        // panic, and unless it really is a valid segment, back out byte for byte.
+        // Garbage, and garbage dressed as TCP/IPv4 or TCP/IPv6 (version, protocol and length
+        // right): never a panic, and unless it really is a valid segment, back out byte for byte.
         let input: Vec<Vec<u8>> = packets.into_iter().map(|mut p| {
-            if tcp_like && p.len() >= 40 {
+            if tcp_like == 1 && p.len() >= 40 {
                 p[0] = 0x45;
                 p[9] = 6;
                 let n = p.len() as u16;
                 p[2..4].copy_from_slice(&n.to_be_bytes());
                 p[6] &= 0x40;
                 p[7] = 0;
+            }
+            if tcp_like == 2 && p.len() >= 60 {
+                p[0] = 0x60 | (p[0] & 0x0f);
+                p[6] = 6;
+                let n = (p.len() - 40) as u16;
+                p[4..6].copy_from_slice(&n.to_be_bytes());
             }
             p
         }).collect();
@@ -361,6 +416,62 @@ fn a_bad_checksum_is_never_merged() {
     }
     // 0..3 merged, 3 alone, 4..6 merged; flow 2: 0 alone, 1..3 merged.
     assert_eq!(out.len(), 5);
+}
+
+#[test]
+fn an_ipv6_burst_becomes_one_tcpv6_packet() {
+    // Flow 4: IPv6 with a 12-byte timestamp option (a 32-byte TCP header).
+    let mut f = flow(4);
+    assert!(f.v6);
+    let input: Vec<Vec<u8>> = (0..40)
+        .map(|i| f.packet(if i == 39 { 77 } else { MSS }, if i == 39 { ACK | PSH } else { ACK }))
+        .collect();
+    let out = run(&input, 64, true);
+    assert_eq!(out.len(), 1);
+    let w = &out[0];
+    assert_eq!(w[1], 4, "GSO_TCPV6");
+    assert_eq!(u16::from_ne_bytes([w[4], w[5]]) as usize, MSS, "gso_size");
+    assert_eq!(w.len(), VNET_HDR_LEN + 40 + 32 + 39 * MSS + 77);
+    assert_eq!(resegment(w), input);
+}
+
+#[test]
+fn hostile_ipv6_is_never_merged() {
+    // A valid IPv6 run, each packet then spoiled one way: truncated below its payload length, a
+    // next-header chain that does not lead straight to TCP (hop-by-hop, routing, fragment), a
+    // jumbogram's zero payload length, a payload length beyond the packet. None may merge,
+    // each passes through byte for byte.
+    let spoil: [fn(&mut Vec<u8>); 7] = [
+        |p| p.truncate(p.len() - 1),
+        |p| p[6] = 0,
+        |p| p[6] = 43,
+        |p| p[6] = 44,
+        |p| p[4..6].copy_from_slice(&[0, 0]),
+        |p| p[4..6].copy_from_slice(&[0xff, 0xff]),
+        |p| p.truncate(39),
+    ];
+    for (k, s) in spoil.iter().enumerate() {
+        let mut f = flow(4);
+        let mut input: Vec<Vec<u8>> = (0..6).map(|_| f.packet(MSS, ACK)).collect();
+        for p in &mut input {
+            s(p);
+        }
+        let out = run(&input, 64, true);
+        assert_eq!(out.len(), input.len(), "case {k}: nothing merged");
+        for (w, p) in out.iter().zip(&input) {
+            assert_eq!(&w[..VNET_HDR_LEN], &[0; VNET_HDR_LEN], "case {k}");
+            assert_eq!(&w[VNET_HDR_LEN..], &p[..], "case {k}");
+        }
+    }
+    // An IPv4 and an IPv6 flow with the same ports never mix.
+    let (mut a, mut b) = (flow(0), flow(3));
+    b.sport = a.sport;
+    b.seq = a.seq;
+    let input = vec![a.packet(MSS, ACK), b.packet(MSS, ACK), a.packet(MSS, ACK), b.packet(MSS, ACK)];
+    let out = run(&input, 64, true);
+    assert_eq!(out.len(), 2);
+    let back: Vec<Vec<u8>> = out.iter().flat_map(|w| resegment(w)).collect();
+    assert_eq!(per_flow(&back), per_flow(&input));
 }
 
 #[test]

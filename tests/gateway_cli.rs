@@ -26,6 +26,7 @@ fn init_args(dir: &Path) -> InitArgs {
         dir: dir.to_owned(),
         endpoint: "192.0.2.10:4433".parse().unwrap(),
         subnet: "10.77.0.0/24".parse().unwrap(),
+        subnet6: None,
         name: "gw".into(),
         server_name: "vpn.example.net".into(),
     }
@@ -46,7 +47,7 @@ fn mode(p: &Path) -> u32 {
 
 fn registry(dir: &Path) -> Registry {
     let c = GatewayConfig::load_dir(dir).unwrap();
-    Registry::load(&c.registry, c.subnet, c.gateway_ip).unwrap()
+    Registry::load(&c.registry, c.subnet, c.gateway_ip, c.v6).unwrap()
 }
 
 #[test]
@@ -82,7 +83,11 @@ fn init_writes_the_identity_with_private_keys_and_refuses_to_overwrite() {
     assert_eq!(mode(&dir.join("server.key")), 0o600);
     let config = GatewayConfig::load_dir(&dir).unwrap();
     assert_eq!(config.gateway_ip.to_string(), "10.77.0.1");
-    assert_eq!(config.listen.to_string(), "0.0.0.0:4433");
+    assert_eq!(config.listen.to_string(), "[::]:4433");
+    // A random RFC 4193 ULA /64 (fd00::/8 + 40 random bits), the gateway on its first host.
+    let v6 = config.v6.expect("init gives every gateway an IPv6 subnet");
+    assert_eq!((v6.subnet.prefix_len(), v6.subnet.network().octets()[0]), (64, 0xfd));
+    assert_eq!(u128::from(v6.gateway_ip), u128::from(v6.subnet.network()) + 1);
     assert_eq!(config.server_name, "vpn.example.net");
     pki::check_pair(
         &std::fs::read_to_string(&config.cert).unwrap(),
@@ -111,6 +116,80 @@ fn init_writes_the_identity_with_private_keys_and_refuses_to_overwrite() {
     let err = cli::init(&init_args(&dir2)).unwrap_err();
     assert!(err.to_string().contains("server.key"), "{err}");
     assert!(!dir2.join("gateway.toml").exists());
+}
+
+#[test]
+fn init_picks_a_fresh_ula_each_time_or_takes_subnet6() {
+    let tmp = tempfile::tempdir().unwrap();
+    let subnet6 = |dir: &Path| GatewayConfig::load_dir(dir).unwrap().v6.unwrap().subnet;
+    cli::init(&init_args(&tmp.path().join("a"))).unwrap();
+    cli::init(&init_args(&tmp.path().join("b"))).unwrap();
+    assert_ne!(subnet6(&tmp.path().join("a")), subnet6(&tmp.path().join("b")), "40 random bits");
+    let c = tmp.path().join("c");
+    let report = cli::init(&InitArgs {
+        subnet6: Some("fd00:77::/64".parse().unwrap()),
+        ..init_args(&c)
+    })
+    .unwrap();
+    assert!(report.contains("fd00:77::/64 (gateway fd00:77::1)"), "{report}");
+    let err = cli::init(&InitArgs {
+        subnet6: Some("fd00:77::/32".parse().unwrap()),
+        ..init_args(&tmp.path().join("d"))
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("--subnet6"), "{err}");
+}
+
+#[test]
+fn a_gateway_dir_from_before_ipv6_upgrades_in_place_keeping_every_ipv4_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gw");
+    cli::init(&init_args(&dir)).unwrap();
+    add(&dir, "alice", None).unwrap();
+    add(&dir, "bob", Some("10.77.0.9")).unwrap();
+    add(&dir, "carol", None).unwrap();
+    cli::revoke(&RevokeArgs { dir: dir.clone(), name: "carol".into() }).unwrap();
+    // Make it what an older release wrote: no subnet6/gateway_ip6, no ip6 in the registry.
+    let strip = |path: PathBuf, keys: &[&str]| {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let kept: Vec<&str> =
+            text.lines().filter(|l| !keys.iter().any(|k| l.starts_with(k))).collect();
+        std::fs::write(&path, kept.join("\n") + "\n").unwrap();
+    };
+    strip(dir.join("gateway.toml"), &["subnet6", "gateway_ip6"]);
+    strip(dir.join("clients.toml"), &["ip6"]);
+    let old = GatewayConfig::load_dir(&dir).unwrap();
+    assert_eq!(old.v6, None);
+    let before: Vec<_> = registry(&dir).clients().iter().map(|c| (c.name.clone(), c.ip, c.ip6)).collect();
+    assert!(before.iter().all(|(_, _, ip6)| ip6.is_none()));
+
+    let report = add(&dir, "dave", None).unwrap();
+    assert!(report.contains("Upgraded") && report.contains("subnet6"), "{report}");
+    let new = GatewayConfig::load_dir(&dir).unwrap();
+    let v6 = new.v6.expect("upgraded");
+    assert_eq!(v6.subnet.network().octets()[0], 0xfd);
+    assert_eq!((new.subnet, new.gateway_ip), (old.subnet, old.gateway_ip));
+    let after = registry(&dir);
+    for (name, ip, _) in &before {
+        let e = after.get(name).unwrap();
+        assert_eq!(e.ip, *ip, "{name}'s IPv4 address must not change");
+        assert!(e.ip6.is_some_and(|ip6| v6.subnet.contains(&ip6)), "{name}: {:?}", e.ip6);
+    }
+    let dave = after.get("dave").unwrap();
+    assert!(dave.ip6.is_some());
+    let all: HashSet<_> = after.clients().iter().filter_map(|c| c.ip6).collect();
+    assert_eq!(all.len(), 4, "every IPv6 address distinct");
+    // A second run has nothing left to do, and keeps the addresses.
+    let (_, changes) = cli::load_upgraded(&dir).unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(registry(&dir).get("alice").unwrap().ip6, after.get("alice").unwrap().ip6);
+
+    // `subnet6` lost while the registry holds IPv6 addresses: refused, nothing rewritten.
+    strip(dir.join("gateway.toml"), &["subnet6", "gateway_ip6"]);
+    let text = std::fs::read_to_string(dir.join("gateway.toml")).unwrap();
+    let err = cli::load_upgraded(&dir).unwrap_err();
+    assert!(err.to_string().contains("no `subnet6`"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("gateway.toml")).unwrap(), text);
 }
 
 #[test]

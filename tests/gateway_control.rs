@@ -49,6 +49,7 @@ impl Gateway {
             dir: dir.clone(),
             endpoint: "127.0.0.1:51820".parse().unwrap(),
             subnet: "100.64.0.0/24".parse().unwrap(),
+            subnet6: Some("fd00:64::/64".parse().unwrap()),
             name: "test-gw".into(),
             server_name: "holdfast-gateway".into(),
         })
@@ -193,6 +194,10 @@ async fn authenticate_twice_gives_same_ip_and_fresh_sessions() {
     assert_eq!(ip(&a.assigned_ip), Ipv4Addr::new(100, 64, 0, 2));
     assert_eq!(ip(&a.gateway_ip), Ipv4Addr::new(100, 64, 0, 1));
     assert_eq!(a.prefix_len, 24);
+    // Dual stack: the client's IPv6 address next to the IPv4 one, in the gateway's subnet6.
+    assert_eq!(a.assigned_ip6, "fd00:64::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    assert_eq!(a.gateway_ip6, "fd00:64::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    assert_eq!(a.prefix_len6, 64);
     assert_ne!(a.session_id, 0);
     assert_eq!(a.session_key.len(), 32);
     assert_eq!(a.data_port, 51820);
@@ -466,6 +471,8 @@ async fn restart_keeps_addresses_and_expires_old_sessions() {
     );
     let after = auth(&mut c).await.unwrap();
     assert_eq!(after.assigned_ip, before.assigned_ip);
+    assert_eq!(after.assigned_ip6, before.assigned_ip6, "the IPv6 address survives a restart too");
+    assert_eq!(after.assigned_ip6.len(), 16);
     assert_ne!(after.session_id, before.session_id);
     server.shutdown().await;
 }

@@ -123,13 +123,17 @@ impl Site {
 
     /// The tunnel address client `i` got (from its TUN device).
     fn tunnel_ip(&self, i: usize) -> String {
-        let out = self.clients[i].ip(&["-o", "-4", "addr", "show", "dev", CLIENT_TUN]);
-        out.split_whitespace()
-            .skip_while(|w| *w != "inet")
-            .nth(1)
-            .and_then(|a| a.split('/').next())
-            .unwrap_or_else(|| panic!("no address on {CLIENT_TUN}: {out}"))
-            .to_owned()
+        self.tun_addr(i, "-4")
+    }
+
+    /// The IPv6 tunnel address of client `i` (the global one on its TUN device).
+    fn tunnel_ip6(&self, i: usize) -> String {
+        self.tun_addr(i, "-6")
+    }
+
+    fn tun_addr(&self, i: usize, family: &str) -> String {
+        let addr = self.clients[i].global_addr(CLIENT_TUN, family);
+        addr.unwrap_or_else(|| panic!("no {family} address on {CLIENT_TUN}")).to_string()
     }
 
     /// `holdfast gateway status --dir DIR [--json]`: (exit code, stdout, stderr).
@@ -232,7 +236,8 @@ fn status_lists_live_sessions_with_counters_and_forgets_an_expired_one() {
             .iter()
             .find(|s| s.client == name)
             .unwrap_or_else(|| panic!("{name} listed: {json}"));
-        assert_eq!(s.addresses, vec![site.tunnel_ip(i)], "{name}'s tunnel address");
+        let both = vec![site.tunnel_ip(i), site.tunnel_ip6(i)];
+        assert_eq!(s.addresses, both, "{name}'s tunnel addresses, IPv4 then IPv6");
         assert!(s.rx_packets >= 3 && s.rx_bytes > 0, "{name} received: {s:?}");
         assert!(s.tx_packets >= 3 && s.tx_bytes > 0, "{name} sent: {s:?}");
         let endpoint = s.endpoint.as_deref().unwrap_or("");

@@ -42,6 +42,7 @@ fn ping_lookup_does_not_allocate() {
         client: "alice".into(),
         cert: cert(1),
         assigned_ip: Ipv4Addr::new(10, 0, 0, ip),
+        assigned_ip6: None,
         key: SessionKey::new([1; 32]),
     };
     table.open(alice(2), 0, &mut next);
@@ -50,6 +51,7 @@ fn ping_lookup_does_not_allocate() {
             client: "bob".into(),
             cert: cert(2),
             assigned_ip: Ipv4Addr::new(10, 0, 0, 3),
+            assigned_ip6: None,
             key: SessionKey::new([2; 32]),
         },
         0,
@@ -64,6 +66,7 @@ fn ping_lookup_does_not_allocate() {
                 client: name.into(),
                 cert: cert(3),
                 assigned_ip: ip,
+                assigned_ip6: None,
                 key: SessionKey::new([3; 32]),
             },
             0,
@@ -74,11 +77,11 @@ fn ping_lookup_does_not_allocate() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("clients.toml");
     let subnet = "10.0.0.0/24".parse().unwrap();
-    let mut reg = Registry::empty(&path, subnet, Ipv4Addr::new(10, 0, 0, 1));
+    let mut reg = Registry::empty(&path, subnet, Ipv4Addr::new(10, 0, 0, 1), None);
     let plan = reg.plan_add("alice", None).unwrap();
     reg.commit_add("alice", plan, cert(1), "t");
     reg.save().unwrap();
-    let live = LiveRegistry::open(&path, subnet, Ipv4Addr::new(10, 0, 0, 1)).unwrap();
+    let live = LiveRegistry::open(&path, subnet, Ipv4Addr::new(10, 0, 0, 1), None).unwrap();
 
     let probe = || {
         let view = live.view();

@@ -2,7 +2,7 @@
 //! skipped otherwise).
 //!
 //! Topology per test: a client namespace and an "outside" namespace (the gateway's side) joined by
-//! a veth pair on 198.18.0.0/24 and 2001:2::/64, remote addresses behind the outside end, and the
+//! a veth pair on 198.18.0.0/24 and 2001:db8::/64, remote addresses behind the outside end, and the
 //! observer of `leak_probes` counting what arrives there. The kill-switch is applied by the
 //! library code on a thread moved into the client namespace (the `nft` it runs inherits that
 //! namespace), or by this test binary re-run under `ip netns exec` (for the resolver file, which
@@ -98,7 +98,7 @@ fn ipv6_gateway_and_allow_lan() {
     // (link-local included), never loopback.
     let lan = in_ns(&w.client, || killswitch::lan_subnets(TUN)).unwrap();
     let expected: Vec<ipnet::IpNet> =
-        ["198.18.0.0/24", "2001:2::/64", "fe80::/64"].iter().map(|s| s.parse().unwrap()).collect();
+        ["198.18.0.0/24", "2001:db8::/64", "fe80::/64"].iter().map(|s| s.parse().unwrap()).collect();
     assert_eq!(lan, expected);
     // The gateway over IPv6.
     let ks = NftKillSwitch::new(
@@ -301,7 +301,8 @@ fn routes_pin_the_gateway_and_restore_exactly() {
     assert!(
         matches!(guard.routes()[0], RouteSpec::Host { via, .. } if via == IpAddr::from(OUTSIDE4))
     );
-    assert_eq!(guard.routes().len(), 3, "{:?}", guard.routes());
+    // The host route and both families' halves.
+    assert_eq!(guard.routes().len(), 5, "{:?}", guard.routes());
     let get = |dst: &str| w.client.ip(&["route", "get", dst]);
     assert!(
         get("198.19.0.99").contains(&format!("via {OUTSIDE4} dev {CLIENT_IF}")),
@@ -315,6 +316,13 @@ fn routes_pin_the_gateway_and_restore_exactly() {
     assert!(get("198.18.0.1").contains(&format!("dev {CLIENT_IF}")));
     let ours = w.client.ip(&["route", "show", "proto", "207"]);
     assert_eq!(ours.lines().count(), 3, "{ours}");
+    // IPv6 goes into the tunnel too, but the link's own /64 stays on the link.
+    for dst in ["2001:db8:ff::99", "2001:db8:77::1"] {
+        assert!(get(dst).contains(&format!("dev {TUN}")), "{dst}: {}", get(dst));
+    }
+    assert!(get("2001:db8::1").contains(&format!("dev {CLIENT_IF}")));
+    let ours6 = w.client.ip(&["-6", "route", "show", "proto", "207"]);
+    assert_eq!(ours6.lines().count(), 2, "{ours6}");
 
     block_on_in(&w.client, guard.restore()).expect("restore");
     assert_eq!(route_table(&w.client), before);

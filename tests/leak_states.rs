@@ -4,17 +4,18 @@
 //!
 //! ```text
 //!  client ns                                   gateway ns ("outside")
-//!  eth0 198.18.0.2/24, 2001:2::2/64  ------  up0 198.18.0.1/24, 2001:2::1/64   (router)
-//!  default routes via the router               lo: 198.19.0.1 (gateway endpoint)
-//!  holdfast0 (TUN, once connected)                 198.19.0.99, 2001:2:ff::99 (remote hosts)
+//!  eth0 198.18.0.2/24, 2001:db8::2/64  ------  up0 198.18.0.1/24, 2001:db8::1/64   (router)
+//!  default routes via the router               lo: 198.19.0.1 or 2001:db8:ff::1 (gateway endpoint)
+//!  holdfast0 (TUN, once connected)                 198.19.0.99, 2001:db8:ff::99 (remote hosts)
 //! ```
 //!
 //! The observer counts, on `up0`, every packet that leaves the client namespace over its physical
 //! link (by kind), and separately what arrives from the tunnel. In each state the client
 //! namespace sends TCP, UDP, ICMP and DNS probes over IPv4 and IPv6 to the router, the gateway's
 //! address (other ports) and the remote hosts. Nothing but the gateway's two ports may show on the
-//! link; in Healthy the IPv4 probes to the remote host arrive through the tunnel. A positive
-//! control (no client) first proves the observer sees every probe.
+//! link; in Healthy the IPv4 and IPv6 probes to the remote host arrive through the tunnel. A
+//! positive control (no client) first proves the observer sees every probe. The whole run is
+//! done twice: with the gateway's endpoint an IPv4 address, and an IPv6 one.
 //!
 //! The client is the real `holdfast client run --no-tui` under `ip netns exec` (kill-switch first,
 //! data plane, routes and resolver when the TUN is up, teardown in reverse on SIGTERM); states are
@@ -24,7 +25,7 @@
 mod leak_probes;
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,12 +36,15 @@ use support::{BIN, Proc, edit_client_file, fast_timings, holdfast_ok, s};
 
 const PORT: u16 = 51820;
 const GATEWAY4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
 /// The resolver the client sets while connected: the gateway's tunnel address.
 const TUNNEL_DNS: &str = "100.64.0.1";
 /// How long any state change may take to show.
 const T: Duration = Duration::from_secs(20);
 
 struct World {
+    /// The gateway's endpoint address (IPv4 or IPv6).
+    gateway: IpAddr,
     client: Netns,
     gw: Netns,
     dir: tempfile::TempDir,
@@ -50,13 +54,21 @@ struct World {
 }
 
 fn world() -> World {
+    world_at(GATEWAY4.into())
+}
+
+/// The world with the gateway's endpoint at `gateway` (on the gateway namespace's loopback).
+fn world_at(gateway: IpAddr) -> World {
     let client = Netns::new();
     let gw = Netns::new();
     wire(&client, &gw);
-    gw.ip(&["addr", "add", &format!("{GATEWAY4}/32"), "dev", "lo"]);
+    match gateway {
+        IpAddr::V4(v4) => gw.ip(&["addr", "add", &format!("{v4}/32"), "dev", "lo"]),
+        IpAddr::V6(v6) => gw.ip(&["-6", "addr", "add", &format!("{v6}/128"), "dev", "lo", "nodad"]),
+    };
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
-    let endpoint = format!("{GATEWAY4}:{PORT}");
+    let endpoint = SocketAddr::new(gateway, PORT).to_string();
     holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
     let file = dir.path().join("leaky.toml");
     holdfast_ok(&["gateway", "add-client", "--dir", s(dir.path()), "leaky", "--out", s(&file)]);
@@ -69,12 +81,12 @@ fn world() -> World {
         f.network.dns = DnsChoice::Servers(vec![TUNNEL_DNS.parse().unwrap()]);
     });
     let etc = NetnsEtc::new(&client, "nameserver 198.18.0.1\nsearch lan\n");
-    World { client, gw, dir, logs, file, etc }
+    World { gateway, client, gw, dir, logs, file, etc }
 }
 
 impl World {
     fn observer(&self) -> Observer<'_> {
-        Observer::install(&self.gw, OUTSIDE_IF, GATEWAY4, PORT, PORT)
+        Observer::install(&self.gw, OUTSIDE_IF, self.gateway, PORT, PORT)
     }
 
     fn gateway(&self) -> Proc {
@@ -130,14 +142,14 @@ impl World {
 
     fn targets(&self) -> Vec<IpAddr> {
         let mut t = all_targets();
-        t.push(GATEWAY4.into());
+        t.push(self.gateway);
         t
     }
 
     /// A probe round; asserts nothing but the gateway's ports left over the link. Returns the
     /// counts (with what came through the tunnel).
     fn assert_no_leak(&self, obs: &Observer, state: &str) -> Counts {
-        let c = probe_round(&self.client, obs, &self.targets(), GATEWAY4.into(), PORT, PORT);
+        let c = probe_round(&self.client, obs, &self.targets(), self.gateway, PORT, PORT);
         assert!(c.leaks().is_empty(), "{state}: leaked over the physical link: {:?}", c.leaks());
         c
     }
@@ -163,12 +175,23 @@ fn last_state(client: &Proc) -> String {
 #[test]
 fn no_leak_in_any_state() {
     require_root!();
-    let w = world();
+    no_leak_in_any_state_with(world());
+}
+
+/// The same with the gateway reached over IPv6: its pin and fallback are /128s, the kill-switch
+/// lets IPv6 out to it alone, and the tunnel carries both families.
+#[test]
+fn no_leak_in_any_state_with_an_ipv6_gateway() {
+    require_root!();
+    no_leak_in_any_state_with(world_at(GATEWAY6.into()));
+}
+
+fn no_leak_in_any_state_with(w: World) {
     let obs = w.observer();
     let before = HostState::of(&w.client, &w.etc);
 
     // Positive control: no client, so every probe reaches the link.
-    probe_round(&w.client, &obs, &w.targets(), GATEWAY4.into(), PORT, PORT);
+    probe_round(&w.client, &obs, &w.targets(), w.gateway, PORT, PORT);
     assert_all_seen(&obs);
 
     // Gateway down, its control port blackholed: the client starts (Unauthed) and sits in its
@@ -192,14 +215,15 @@ fn no_leak_in_any_state() {
     c.wait_for(&["routes up"], T);
     assert!(w.etc.read_resolv().contains(&format!("\nnameserver {TUNNEL_DNS}\n")));
     let counts = w.assert_no_leak(&obs, "Healthy");
-    // The IPv4 probes to the remote host went through the tunnel, but for DNS: with resolvers
-    // named in the file, port 53 through the tunnel goes to them only (issue 11).
+    // The IPv4 and IPv6 probes to the remote host went through the tunnel, but for DNS: with
+    // resolvers named in the file, port 53 through the tunnel goes to them only (issue 11).
     assert!(
-        wait_until(T, || obs.counts().unseen_in_tunnel() == ["tun_dns4"]),
+        wait_until(T, || obs.counts().unseen_in_tunnel() == ["tun_dns4", "tun_dns6"]),
         "Healthy: probes not seen through the tunnel: {:?} ({counts:?})",
         obs.counts().unseen_in_tunnel()
     );
     assert_eq!(obs.counts().get("tun_dns4"), 0, "DNS to another resolver went through the tunnel");
+    assert_eq!(obs.counts().get("tun_dns6"), 0, "DNS to another resolver went through the tunnel");
 
     // The control port blackholed while connected: Degraded (snapshot, tunnel and permits kept).
     w.blackhole_control(true);
@@ -212,7 +236,7 @@ fn no_leak_in_any_state() {
     c.signal("TERM");
     assert_eq!(c.wait_exit(T), Some(0));
     assert_eq!(HostState::of(&w.client, &w.etc), before, "state after an explicit stop");
-    probe_round(&w.client, &obs, &w.targets(), GATEWAY4.into(), PORT, PORT);
+    probe_round(&w.client, &obs, &w.targets(), w.gateway, PORT, PORT);
     assert_all_seen(&obs);
 
     // Connected again, then revoked: the session ends, re-auth is rejected: Backoff.
@@ -234,7 +258,7 @@ fn no_leak_in_any_state() {
     assert!(msg.contains("removed the kill-switch"), "{msg}");
     assert!(msg.contains("restored /etc/resolv.conf"), "{msg}");
     assert_eq!(HostState::of(&w.client, &w.etc), before, "state after unblock");
-    probe_round(&w.client, &obs, &w.targets(), GATEWAY4.into(), PORT, PORT);
+    probe_round(&w.client, &obs, &w.targets(), w.gateway, PORT, PORT);
     assert_all_seen(&obs);
 }
 

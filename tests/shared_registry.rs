@@ -425,8 +425,8 @@ fn when_its_gateway_dies_the_client_fails_over_with_its_address_and_without_a_le
     assert!(pinger.first_reply_after(&d.c, support::unix_now(), T).is_some(), "traffic via A");
 
     // Observers on the far ends of both of the client's links count whatever it sends there.
-    let obs_a = leak_probes::Observer::install(&d.a, "hfg", "198.18.0.2".parse().unwrap(), 51820, 51820);
-    let obs_b = leak_probes::Observer::install(&d.b, "hfg", "198.18.0.6".parse().unwrap(), 51820, 51820);
+    let obs_a = leak_probes::Observer::install(&d.a, "hfg", "198.18.0.2".parse::<std::net::IpAddr>().unwrap(), 51820, 51820);
+    let obs_b = leak_probes::Observer::install(&d.b, "hfg", "198.18.0.6".parse::<std::net::IpAddr>().unwrap(), 51820, 51820);
 
     gw_a.kill();
     let killed = support::unix_now();

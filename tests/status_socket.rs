@@ -121,6 +121,9 @@ async fn a_query_gets_the_status_without_the_key() {
     assert_eq!(r.killswitch, "on (test)");
     let snap = r.snapshot.as_ref().expect("snapshot");
     assert_eq!(snap.assigned_ip, "100.64.0.9");
+    // Both tunnel addresses are shown.
+    assert_eq!(snap.assigned_ip6.as_deref(), Some("fd00:64::2"));
+    assert_eq!((snap.prefix_len6, snap.gateway_ip6.as_deref()), (64, Some("fd00:64::1")));
     assert_eq!(snap.session_id, "feedbeef00000042");
     assert_eq!(
         snap.key_fingerprint,
@@ -151,6 +154,8 @@ async fn a_query_gets_the_status_without_the_key() {
         "{human}"
     );
     assert!(human.contains("address:      100.64.0.9/24"), "{human}");
+    assert!(human.contains("address6:     fd00:64::2/64"), "{human}");
+    assert!(human.contains("gateway6:     fd00:64::1"), "{human}");
     assert!(human.contains("tunnel holdfast0 (ifindex 12)"), "{human}");
     assert!(human.contains("replay 4"), "{human}");
 

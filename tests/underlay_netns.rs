@@ -10,6 +10,9 @@
 //!  hfa 198.18.1.2/24 ------------------------ up1 198.18.1.1/24
 //!  hfb 198.18.2.2/24 ------------------------ up2 198.18.2.1/24
 //!  default via 198.18.1.1 (moves to .2.1)     lo 198.19.0.1 (endpoint 198.19.0.1:51820)
+//!
+//!  routed IPv6 world: the same, with 2001:db8:1::/64 and 2001:db8:2::/64 on the links and the
+//!  endpoint [2001:db8:ff::1]:51820 (the pin and fallback are /128s)
 //! ```
 //!
 //! Asserted: the gateway's address never resolves into the TUN (sampled `ip route get` all along,
@@ -22,7 +25,7 @@
 mod leak_probes;
 mod support;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -45,9 +48,9 @@ const TRAFFIC_BOUND: Duration = Duration::from_secs(5);
 const CONTROL_BOUND: Duration = Duration::from_secs(4);
 
 /// A provisioned gateway whose namespaces the caller built.
-fn gateway_dir(gw_ns: Netns, client_ns: Netns, endpoint: Ipv4Addr) -> GatewayDir {
+fn gateway_dir(gw_ns: Netns, client_ns: Netns, endpoint: impl Into<IpAddr>) -> GatewayDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    let endpoint = format!("{endpoint}:{PORT}");
+    let endpoint = SocketAddr::new(endpoint.into(), PORT).to_string();
     holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
     let gw = GatewayDir { dir, port: PORT, ns: gw_ns, client_ns: Some(client_ns) };
     // Replies leave from the endpoint address on every link: the only source the client's
@@ -106,14 +109,14 @@ impl Running {
     /// After the faults: nothing to the gateway `gw` went into the TUN (neither in the sampled
     /// routes nor on the counter, whose positive control then runs), the control plane is
     /// Healthy in the same process, and an explicit stop gives back the routes as `before`.
-    fn finish(&mut self, ns: &Netns, gw: Ipv4Addr, sampled: (usize, Vec<String>), before: &str) {
+    fn finish(&mut self, ns: &Netns, gw: IpAddr, sampled: (usize, Vec<String>), before: &str) {
         let (samples, into_tun) = sampled;
         eprintln!("{samples} route samples");
         assert!(into_tun.is_empty(), "the gateway resolved into the TUN: {into_tun:?}");
         assert_eq!(tun_counter(ns), 0, "packets to the gateway went into the TUN");
         assert!(self.wait_state("Healthy", T), "the control plane recovers");
         assert_counter_sees_tun_traffic(ns, gw);
-        ns.nft("delete table ip hfprobe\n");
+        ns.nft("delete table inet hfprobe\n");
         self.stop_client();
         assert_eq!(route_table(ns), before, "routes after an explicit stop");
         assert!(self.gateway.is_alive(), "the gateway exited:\n{}", self.gateway.all_lines().join("\n"));
@@ -121,7 +124,7 @@ impl Running {
 }
 
 /// `ip route get DST` in `ns`: the kernel's answer, or its error.
-fn route_get(ns: &Netns, dst: Ipv4Addr) -> String {
+fn route_get(ns: &Netns, dst: IpAddr) -> String {
     let out = ns.exec("ip", &["route", "get", &dst.to_string()]);
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -152,7 +155,7 @@ impl Drop for StopOnDrop<'_> {
 
 /// Runs `body` while a thread samples `ip route get GW` in `ns`; returns the number of samples
 /// and the answers that went through the TUN.
-fn sampling(ns: &Netns, gw: Ipv4Addr, body: impl FnOnce(&Samples)) -> (usize, Vec<String>) {
+fn sampling(ns: &Netns, gw: IpAddr, body: impl FnOnce(&Samples)) -> (usize, Vec<String>) {
     let samples = Samples { taken: AtomicUsize::new(0), stop: AtomicBool::new(false) };
     std::thread::scope(|scope| {
         let sampler = scope.spawn(|| {
@@ -175,15 +178,16 @@ fn sampling(ns: &Netns, gw: Ipv4Addr, body: impl FnOnce(&Samples)) -> (usize, Ve
 }
 
 /// Counts, in `ns`, packets to `gw` that leave through the TUN (they must never).
-fn install_tun_counter(ns: &Netns, gw: Ipv4Addr) {
+fn install_tun_counter(ns: &Netns, gw: IpAddr) {
+    let ip = if gw.is_ipv4() { "ip" } else { "ip6" };
     ns.nft(&format!(
-        "table ip hfprobe {{\n chain out {{ type filter hook output priority -300; \
-         oifname \"{TUN}\" ip daddr {gw} counter; }}\n}}\n"
+        "table inet hfprobe {{\n chain out {{ type filter hook output priority -300; \
+         oifname \"{TUN}\" {ip} daddr {gw} counter; }}\n}}\n"
     ));
 }
 
 fn tun_counter(ns: &Netns) -> u64 {
-    let listing = ns.exec_ok("nft", &["list", "table", "ip", "hfprobe"]);
+    let listing = ns.exec_ok("nft", &["list", "table", "inet", "hfprobe"]);
     listing
         .split("counter packets ")
         .nth(1)
@@ -193,7 +197,7 @@ fn tun_counter(ns: &Netns) -> u64 {
 }
 
 /// Positive control: a packet to `gw` forced out through the TUN is counted.
-fn assert_counter_sees_tun_traffic(ns: &Netns, gw: Ipv4Addr) {
+fn assert_counter_sees_tun_traffic(ns: &Netns, gw: IpAddr) {
     let before = tun_counter(ns);
     // The reply does not matter; the packet leaving through the TUN does.
     let _ = ns.exec("ping", &["-c", "1", "-W", "0.3", "-I", TUN, &gw.to_string()]);
@@ -212,11 +216,26 @@ fn namespaces() -> (Netns, Netns) {
     pair
 }
 
-fn direct_world() -> (GatewayDir, Ipv4Addr) {
+/// Two fresh namespaces with IPv6, without duplicate address detection (addresses, and the
+/// routes of link-local ones, are there as soon as a link is) and keeping addresses on a link
+/// taken down (as IPv4 does; IPv6 would drop them, and a roam back would find none).
+fn namespaces6() -> (Netns, Netns) {
+    let pair = (Netns::new(), Netns::new());
+    for ns in [&pair.0, &pair.1] {
+        for key in ["accept_dad=0", "keep_addr_on_down=1"] {
+            let (k, v) = key.split_once('=').unwrap_or_default();
+            ns.sysctl(&format!("net.ipv6.conf.all.{k}"), v);
+            ns.sysctl(&format!("net.ipv6.conf.default.{k}"), v);
+        }
+    }
+    pair
+}
+
+fn direct_world() -> (GatewayDir, IpAddr) {
     let (gw_ns, client_ns) = namespaces();
     let gw = Ipv4Addr::new(198, 18, 0, 2);
     netns::link(&client_ns, "hfc", Ipv4Addr::new(198, 18, 0, 1), &gw_ns, "hfg", gw, 24);
-    (gateway_dir(gw_ns, client_ns, gw), gw)
+    (gateway_dir(gw_ns, client_ns, gw), gw.into())
 }
 
 /// Which end of the client's link goes down.
@@ -281,16 +300,17 @@ fn a_directly_connected_gateway_never_routes_into_the_tunnel_while_the_carrier_i
 /// One of the client's uplinks in the routed world.
 struct Uplink {
     dev: &'static str,
-    addr: Ipv4Addr,
-    router: Ipv4Addr,
+    addr: IpAddr,
+    router: IpAddr,
 }
 
 /// Moves the default route from `from` to `to` and takes `from` down, as a laptop leaving one
 /// network for another does; asserts the gateway's host route, the tunnel's traffic and the
 /// control plane (a new connection from `to`'s address) follow.
-fn roam(ns: &Netns, run: &mut Running, sampled: &Samples, endpoint: Ipv4Addr, to: &Uplink, from: &Uplink) {
+fn roam(ns: &Netns, run: &mut Running, sampled: &Samples, endpoint: IpAddr, to: &Uplink, from: &Uplink) {
     ns.ip(&["link", "set", to.dev, "up"]);
-    ns.ip(&["route", "replace", "default", "via", &to.router.to_string(), "dev", to.dev]);
+    let family = if to.router.is_ipv4() { "-4" } else { "-6" };
+    ns.ip(&[family, "route", "replace", "default", "via", &to.router.to_string(), "dev", to.dev]);
     sampled.observe();
     let via = format!("via {} dev {}", to.router, to.dev);
     assert!(
@@ -302,7 +322,11 @@ fn roam(ns: &Netns, run: &mut Running, sampled: &Samples, endpoint: Ipv4Addr, to
     sampled.observe();
     let back = ns.ping_until(GW_TUN, TRAFFIC_BOUND);
     assert!(back.is_some(), "traffic through the tunnel recovers over {}", to.dev);
-    let remote = format!("remote={}:", to.addr);
+    // "remote=198.18.2.2:" or "remote=[2001:db8:2::2]:", whatever the port.
+    let remote = match to.addr {
+        IpAddr::V4(a) => format!("remote={a}:"),
+        IpAddr::V6(a) => format!("remote=[{a}]:"),
+    };
     run.gateway.wait_for(&["control connection established", &remote], T);
 }
 
@@ -310,14 +334,22 @@ fn roam(ns: &Netns, run: &mut Running, sampled: &Samples, endpoint: Ipv4Addr, to
 fn the_host_route_follows_the_default_route_to_another_router() {
     require_root!();
     let (gw_ns, ns) = namespaces();
-    let endpoint = Ipv4Addr::new(198, 19, 0, 1);
-    let a = Uplink { dev: "hfa", addr: Ipv4Addr::new(198, 18, 1, 2), router: Ipv4Addr::new(198, 18, 1, 1) };
-    let b = Uplink { dev: "hfb", addr: Ipv4Addr::new(198, 18, 2, 2), router: Ipv4Addr::new(198, 18, 2, 1) };
-    netns::link(&ns, a.dev, a.addr, &gw_ns, "up1", a.router, 24);
-    netns::link(&ns, b.dev, b.addr, &gw_ns, "up2", b.router, 24);
+    let endpoint: IpAddr = Ipv4Addr::new(198, 19, 0, 1).into();
+    let (a4, ra4) = (Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(198, 18, 1, 1));
+    let (b4, rb4) = (Ipv4Addr::new(198, 18, 2, 2), Ipv4Addr::new(198, 18, 2, 1));
+    let a = Uplink { dev: "hfa", addr: a4.into(), router: ra4.into() };
+    let b = Uplink { dev: "hfb", addr: b4.into(), router: rb4.into() };
+    netns::link(&ns, a.dev, a4, &gw_ns, "up1", ra4, 24);
+    netns::link(&ns, b.dev, b4, &gw_ns, "up2", rb4, 24);
     gw_ns.ip(&["addr", "add", &format!("{endpoint}/32"), "dev", "lo"]);
-    ns.default_route(a.router);
-    let gw = gateway_dir(gw_ns, ns, endpoint);
+    ns.default_route(ra4);
+    roam_back_and_forth(gateway_dir(gw_ns, ns, endpoint), endpoint, &a, &b, |_| {});
+}
+
+/// With the client on uplink `a` (its default route there), starts gateway and client, checks
+/// the pin (and `extra` on the client's namespace), then roams to `b` and back while sampling
+/// that nothing to the gateway ever enters the tunnel.
+fn roam_back_and_forth(gw: GatewayDir, endpoint: IpAddr, a: &Uplink, b: &Uplink, extra: impl Fn(&Netns)) {
     let ns = gw.clients_ns();
     let before = route_table(ns);
 
@@ -325,15 +357,42 @@ fn the_host_route_follows_the_default_route_to_another_router() {
     assert!(ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
     let first = format!("via {} dev {}", a.router, a.dev);
     assert!(route_get(ns, endpoint).contains(&first), "{}", route_get(ns, endpoint));
+    extra(ns);
     install_tun_counter(ns, endpoint);
 
     let sampled = sampling(ns, endpoint, |sampled| {
-        roam(ns, &mut run, sampled, endpoint, &b, &a);
-        roam(ns, &mut run, sampled, endpoint, &a, &b);
+        roam(ns, &mut run, sampled, endpoint, b, a);
+        roam(ns, &mut run, sampled, endpoint, a, b);
         ns.ip(&["link", "set", b.dev, "up"]);
         sampled.observe();
     });
     run.finish(ns, endpoint, sampled, &before);
+}
+
+/// The same roam with the gateway reached over IPv6: the watcher keeps the /128 pin on the
+/// current router (a global next hop), and nothing to the gateway ever enters the tunnel, whose
+/// `::/1` and `8000::/1` would capture it.
+#[test]
+fn the_ipv6_host_route_follows_the_default_route_to_another_router() {
+    require_root!();
+    let (gw_ns, ns) = namespaces6();
+    let v6 = |net: u16, host: u16| Ipv6Addr::new(0x2001, 0xdb8, net, 0, 0, 0, 0, host);
+    let endpoint: IpAddr = v6(0xff, 1).into();
+    let a = Uplink { dev: "hfa", addr: v6(1, 2).into(), router: v6(1, 1).into() };
+    let b = Uplink { dev: "hfb", addr: v6(2, 2).into(), router: v6(2, 1).into() };
+    netns::link(&ns, a.dev, Ipv4Addr::new(198, 18, 1, 2), &gw_ns, "up1", Ipv4Addr::new(198, 18, 1, 1), 24);
+    netns::link(&ns, b.dev, Ipv4Addr::new(198, 18, 2, 2), &gw_ns, "up2", Ipv4Addr::new(198, 18, 2, 1), 24);
+    for (u, gw_dev, net) in [(&a, "up1", 1), (&b, "up2", 2)] {
+        ns.add_addr6(u.dev, v6(net, 2), 64);
+        gw_ns.add_addr6(gw_dev, v6(net, 1), 64);
+    }
+    gw_ns.ip(&["-6", "addr", "add", &format!("{endpoint}/128"), "dev", "lo", "nodad"]);
+    ns.ip(&["-6", "route", "add", "default", "via", &a.router.to_string(), "dev", a.dev]);
+    roam_back_and_forth(gateway_dir(gw_ns, ns, endpoint), endpoint, &a, &b, |ns| {
+        let ours = ns.ip(&["-6", "route", "show", "proto", "207"]);
+        assert!(ours.contains(&format!("unreachable {endpoint} ")), "the /128 fallback: {ours}");
+        assert!(ours.contains("::/1 dev holdfast0") && ours.contains("8000::/1 dev holdfast0"), "{ours}");
+    });
 }
 
 #[test]

@@ -14,14 +14,14 @@
 //!   on it.
 
 use std::collections::{HashSet, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use holdfast::config::client::ClientFile;
 use holdfast::config::gateway::{
-    GatewayConfig, InitialValues, check_host_in, first_host, render_initial,
+    GatewayConfig, InitialValues, Tunnel6, check_host_in, first_host, render_initial,
 };
 use holdfast::config::{ConfigError, exit};
 use holdfast::gateway::registry::{ClientEntry, ClientState, Registry, RegistryError, check_name};
@@ -29,7 +29,7 @@ use holdfast::pki::{Authority, CertFingerprint};
 use holdfast::sansio::supervisor::{AuthFailure, Effect, Event, PingFailure, Supervisor, Timings};
 use holdfast::sansio::wire;
 use holdfast::snapshot::VpnAuthResponse;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -40,6 +40,10 @@ const REGISTRY_PATH: &str = "/etc/holdfast/clients.toml";
 /// The registry target's gateway: `gateway init`'s defaults, as in the seeds.
 const SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 24);
 const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+const V6: Tunnel6 = Tunnel6 {
+    subnet: Ipv6Net::new_assert(Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 0), 64),
+    gateway_ip: Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 1),
+};
 
 /// A config error must name its file and map to a configuration exit code.
 fn assert_config_error(e: &ConfigError, path: &str) {
@@ -205,6 +209,7 @@ fn check_gateway(c: &GatewayConfig, path: &Path) {
         name: c.name.clone(),
         endpoint: c.endpoint,
         subnet: c.subnet,
+        subnet6: c.v6.map_or(V6.subnet, |v6| v6.subnet),
         server_name: c.server_name.clone(),
     };
     let back = GatewayConfig::parse(&render_initial(&v), path)
@@ -242,10 +247,11 @@ struct RegistryFile<'a> {
     clients: &'a [ClientEntry],
 }
 
-/// Target `config_registry`: any bytes as `clients.toml` of a gateway on 100.64.0.0/24.
+/// Target `config_registry`: any bytes as `clients.toml` of a gateway on 100.64.0.0/24 and
+/// fd00:64::/64.
 pub fn config_registry(data: &[u8]) {
     let path = Path::new(REGISTRY_PATH);
-    let reg = match Registry::parse(data, path, SUBNET, GATEWAY_IP) {
+    let reg = match Registry::parse(data, path, SUBNET, GATEWAY_IP, Some(V6)) {
         Ok(r) => r,
         Err(e) => {
             let msg = e.to_string();
@@ -256,8 +262,12 @@ pub fn config_registry(data: &[u8]) {
             return;
         }
     };
-    let (mut names, mut ips) = (HashSet::new(), HashSet::new());
+    let (mut names, mut ips, mut ip6s) = (HashSet::new(), HashSet::new(), HashSet::new());
     for c in reg.clients() {
+        if let Some(ip6) = c.ip6 {
+            assert!(ip6s.insert(ip6), "IPv6 address {ip6} twice");
+            assert!(V6.subnet.contains(&ip6) && ip6 != V6.gateway_ip && ip6 != V6.subnet.network());
+        }
         check_name(&c.name).expect("registered names follow the naming rule");
         assert!(names.insert(c.name.as_str()), "name {} twice", c.name);
         assert!(ips.insert(c.ip), "address {} twice", c.ip);
@@ -273,7 +283,7 @@ pub fn config_registry(data: &[u8]) {
         clients: reg.clients(),
     })
     .expect("entries serialise");
-    let again = Registry::parse(text.as_bytes(), path, SUBNET, GATEWAY_IP)
+    let again = Registry::parse(text.as_bytes(), path, SUBNET, GATEWAY_IP, Some(V6))
         .unwrap_or_else(|e| panic!("a valid registry does not read back once written: {e}"));
     assert_eq!(again.clients(), reg.clients());
     // What `add-client` would do next.
@@ -281,6 +291,9 @@ pub fn config_registry(data: &[u8]) {
         Ok(plan) => {
             assert!(!plan.reenable);
             assert!(plan.ip != GATEWAY_IP && !ips.contains(&plan.ip) && SUBNET.contains(&plan.ip));
+            // A fresh IPv6 address too, in the subnet, taken by nobody (a /64 never fills here).
+            let ip6 = plan.ip6.expect("a gateway with subnet6 gives an IPv6 address");
+            assert!(V6.subnet.contains(&ip6) && ip6 != V6.gateway_ip && !ip6s.contains(&ip6));
         }
         Err(RegistryError::SubnetFull { .. }) => {
             assert!(reg.next_free().is_none());

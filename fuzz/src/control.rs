@@ -73,7 +73,7 @@ fn fixture() -> &'static Fixture {
             .try_init();
         let dir = tempfile::tempdir().expect("a temporary dir for the fixture registry");
         let registry = dir.path().join("clients.toml");
-        let mut reg = Registry::empty(&registry, SUBNET, GATEWAY_IP);
+        let mut reg = Registry::empty(&registry, SUBNET, GATEWAY_IP, None);
         let mut ips = HashMap::new();
         for (name, cert, active) in CLIENTS {
             let plan = reg
@@ -99,13 +99,14 @@ fn fixture() -> &'static Fixture {
 fn service() -> ControlService {
     let f = fixture();
     let registry =
-        LiveRegistry::open(&f.registry, SUBNET, GATEWAY_IP).expect("the fixture registry loads");
+        LiveRegistry::open(&f.registry, SUBNET, GATEWAY_IP, None).expect("the fixture registry loads");
     ControlService::new(Arc::new(ControlState {
         registry,
         sessions: Arc::new(SessionTable::new(LIMITS)),
         clock: Clock::new(),
         subnet: SUBNET,
         gateway_ip: GATEWAY_IP,
+        v6: None,
         data_port: DATA_PORT,
         dns: Default::default(),
         dns_counters: Default::default(),
@@ -343,11 +344,34 @@ pub fn control_decode(data: &[u8]) {
     }
 }
 
+/// The oracle's own reading of the IPv6 fields, on bytes (independent of `snapshot_from`).
+fn usable_v6(a: &AuthenticateResponse) -> bool {
+    if a.assigned_ip6.is_empty() && a.gateway_ip6.is_empty() && a.prefix_len6 == 0 {
+        return true;
+    }
+    let (Ok(ip), Ok(gw)) = (<[u8; 16]>::try_from(a.assigned_ip6.as_slice()), <[u8; 16]>::try_from(a.gateway_ip6.as_slice())) else {
+        return false;
+    };
+    let unicast = |b: &[u8; 16]| {
+        let zero_head = b[..15].iter().all(|x| *x == 0);
+        let v4_mapped = b[..10].iter().all(|x| *x == 0) && b[10] == 0xff && b[11] == 0xff;
+        b[0] != 0xff && !(zero_head && b[15] <= 1) && !v4_mapped
+    };
+    let p = a.prefix_len6;
+    let same_prefix = (48..=128).contains(&p) && {
+        let shift = 128 - p;
+        let (i, g) = (u128::from_be_bytes(ip), u128::from_be_bytes(gw));
+        shift == 128 || (i >> shift) == (g >> shift)
+    };
+    unicast(&ip) && unicast(&gw) && ip != gw && same_prefix
+}
+
 /// Target `gateway_answer`: protobuf bytes of an `AuthenticateResponse` as a buggy or hostile
 /// gateway could send them, through the client's check of the answer (`snapshot_from`).
 /// Oracles: never panics; an answer is accepted exactly when every field is usable (IPv4
 /// addresses of 4 bytes, a prefix length 1..=32, a non-zero session id, a 32-byte key, a data port
-/// 1..=65535); what is accepted carries those values unchanged, builds its cipher and renders for
+/// 1..=65535; the IPv6 fields either all absent or two distinct unicast 16-byte addresses in one
+/// prefix of length 48..=128); what is accepted carries those values unchanged, builds its cipher and renders for
 /// the status feed; neither the accepted snapshot's summary nor a refusal ever shows the key.
 /// The oracle's own reading of the DNS fields: counts bounded, addresses 4 or 16 bytes and
 /// unicast, names of letters, digits, '-', '_' and dots only.
@@ -383,6 +407,7 @@ pub fn gateway_answer(data: &[u8]) {
         && answer.session_id != 0
         && answer.session_key.len() == 32
         && (1..=u32::from(u16::MAX)).contains(&answer.data_port)
+        && usable_v6(&answer)
         && dns_usable(&answer);
     // Only a full-length key's hex is distinctive enough to look for in text.
     let key_hex = (answer.session_key.len() == 32)
@@ -397,6 +422,10 @@ pub fn gateway_answer(data: &[u8]) {
             assert_eq!(snap.session_id.0, answer.session_id);
             assert_eq!(u32::from(snap.data_port), answer.data_port);
             assert_eq!(snap.session_key.expose().as_slice(), answer.session_key.as_slice());
+            let octets = |ip: Option<std::net::Ipv6Addr>| ip.map(|ip| ip.octets().to_vec()).unwrap_or_default();
+            assert_eq!(octets(snap.assigned_ip6), answer.assigned_ip6);
+            assert_eq!(octets(snap.gateway_ip6), answer.gateway_ip6);
+            assert_eq!(u32::from(snap.prefix_len6), answer.prefix_len6);
             assert_eq!(snap.dns_servers.len(), answer.dns_servers.len());
             assert_eq!(snap.search_domains, answer.search_domains);
             // What a hostile gateway could do with an accepted answer: the resolv.conf written

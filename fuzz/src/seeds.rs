@@ -265,12 +265,20 @@ fn gateway_answer_seeds() -> Vec<Seed> {
         session_key: (0..32).collect(),
         data_port: 51820,
         session_idle_timeout_ms: 180_000,
+        assigned_ip6: [0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2].to_vec(),
+        gateway_ip6: [0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1].to_vec(),
+        prefix_len6: 64,
         dns_servers: vec![vec![100, 64, 0, 1]],
         search_domains: vec!["corp.example".into()],
         ..Default::default()
     };
     type Break = fn(&mut AuthenticateResponse);
-    let broken: [(&'static str, Break); 10] = [
+    let broken: [(&'static str, Break); 15] = [
+        ("v6-short-ip", |a| a.assigned_ip6.truncate(15)),
+        ("v6-half-config", |a| a.gateway_ip6.clear()),
+        ("v6-prefix-129", |a| a.prefix_len6 = 129),
+        ("v6-outside-subnet", |a| a.assigned_ip6[0] = 0xfc),
+        ("v6-multicast", |a| a.assigned_ip6[0] = 0xff),
         ("dns-server-5-bytes", |a| a.dns_servers = vec![vec![100, 64, 0, 1, 0]]),
         ("dns-server-multicast", |a| a.dns_servers = vec![vec![224, 0, 0, 251]]),
         ("search-domain-newline", |a| {
@@ -366,6 +374,7 @@ fn config_seeds() -> Vec<Seed> {
         dir: dir.clone(),
         endpoint: "198.18.0.1:51820".parse().expect("literal"),
         subnet: DEFAULT_SUBNET,
+        subnet6: Some("fd00:64::/64".parse().expect("literal")),
         name: "holdfast".into(),
         server_name: "holdfast-gateway".into(),
     })

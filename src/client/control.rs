@@ -11,7 +11,7 @@
 //! plus the timeout, about 15 s). [`ControlPlane::reconnected`] gives the driver a fresh channel
 //! on the same endpoint, at no cost until the next call, for when it knows or suspects that.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -203,6 +203,7 @@ pub fn snapshot_from_gateway(
         .ok()
         .filter(|p| (1..=32).contains(p))
         .ok_or_else(|| format!("gateway sent an invalid prefix length {}", r.prefix_len))?;
+    let (assigned_ip6, gateway_ip6, prefix_len6) = v6_fields(&r)?;
     let session_key = SessionKey::from_slice(&r.session_key).ok_or_else(|| {
         format!("gateway sent a session key of {} bytes, expected 32", r.session_key.len())
     })?;
@@ -231,6 +232,9 @@ pub fn snapshot_from_gateway(
         assigned_ip,
         gateway_ip,
         prefix_len,
+        assigned_ip6,
+        gateway_ip6,
+        prefix_len6,
         session_id: SessionId(r.session_id),
         session_key,
         data_port,
@@ -242,6 +246,44 @@ pub fn snapshot_from_gateway(
         endpoints,
         crypto: Default::default(),
     }))
+}
+
+/// The IPv6 fields of an answer: all three empty (a gateway without IPv6, or one from before it:
+/// the session runs IPv4 only) or all three valid. Anything in between is refused: half an IPv6
+/// configuration would give a TUN address with no route, or a route with no address.
+fn v6_fields(
+    r: &pb::AuthenticateResponse,
+) -> Result<(Option<Ipv6Addr>, Option<Ipv6Addr>, u8), String> {
+    if r.assigned_ip6.is_empty() && r.gateway_ip6.is_empty() && r.prefix_len6 == 0 {
+        return Ok((None, None, 0));
+    }
+    let ip6 = |b: &[u8], what: &str| {
+        <[u8; 16]>::try_from(b).map(Ipv6Addr::from).map_err(|_| {
+            format!("gateway sent a {what} of {} bytes, expected an IPv6 address", b.len())
+        })
+    };
+    let assigned = ip6(&r.assigned_ip6, "assigned_ip6")?;
+    let gateway = ip6(&r.gateway_ip6, "gateway_ip6")?;
+    let prefix_len6 = u8::try_from(r.prefix_len6)
+        .ok()
+        .filter(|p| (48..=128).contains(p))
+        .ok_or_else(|| format!("gateway sent an invalid IPv6 prefix length {}", r.prefix_len6))?;
+    let unicast = |ip: Ipv6Addr| {
+        !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.to_ipv4_mapped().is_some())
+    };
+    if !unicast(assigned) || !unicast(gateway) || assigned == gateway {
+        return Err(format!(
+            "gateway sent unusable IPv6 tunnel addresses {assigned} and {gateway}"
+        ));
+    }
+    let net = ipnet::Ipv6Net::new(gateway, prefix_len6).map_err(|e| e.to_string())?;
+    if !net.contains(&assigned) {
+        return Err(format!(
+            "gateway sent IPv6 address {assigned} outside its own subnet {}",
+            net.trunc()
+        ));
+    }
+    Ok((Some(assigned), Some(gateway), prefix_len6))
 }
 
 /// Checks the resolvers and search domains a gateway pushes. They end up in `/etc/resolv.conf` or
@@ -367,6 +409,9 @@ mod tests {
             session_key: vec![7; 32],
             data_port: 51820,
             session_idle_timeout_ms: 180_000,
+            assigned_ip6: "fd00:64::2".parse::<Ipv6Addr>().unwrap().octets().to_vec(),
+            gateway_ip6: "fd00:64::1".parse::<Ipv6Addr>().unwrap().octets().to_vec(),
+            prefix_len6: 64,
             dns_servers: vec![vec![100, 64, 0, 1]],
             search_domains: vec!["corp.example".into()],
             ..Default::default()
@@ -379,6 +424,24 @@ mod tests {
         assert_eq!(s.assigned_ip, Ipv4Addr::new(100, 64, 0, 2));
         assert_eq!(s.session_id, SessionId(42));
         assert_eq!(s.idle_timeout, Duration::from_secs(180));
+        assert_eq!(s.assigned_ip6, Some("fd00:64::2".parse().unwrap()));
+        assert_eq!(s.gateway_ip6, Some("fd00:64::1".parse().unwrap()));
+        assert_eq!(s.prefix_len6, 64);
+    }
+
+    #[test]
+    fn a_gateway_without_ipv6_gives_an_ipv4_only_session() {
+        let mut r = good();
+        r.assigned_ip6.clear();
+        r.gateway_ip6.clear();
+        r.prefix_len6 = 0;
+        let s = snapshot_from(r).expect("an old gateway's answer is valid");
+        assert_eq!((s.assigned_ip6, s.gateway_ip6, s.prefix_len6), (None, None, 0));
+    }
+
+    #[test]
+    fn pushed_resolvers_are_kept() {
+        let s = snapshot_from(good()).expect("valid");
         assert_eq!(s.dns_servers, vec![IpAddr::from([100, 64, 0, 1])]);
         assert_eq!(s.search_domains, ["corp.example"]);
         let mut none = good();
@@ -399,6 +462,17 @@ mod tests {
             (|r| r.session_id = 0, "session id"),
             (|r| r.data_port = 70_000, "data port"),
             (|r| r.data_port = 0, "data port"),
+            (|r| r.assigned_ip6 = vec![0xfd; 4], "assigned_ip6"),
+            (|r| r.assigned_ip6.clear(), "assigned_ip6"),
+            (|r| r.gateway_ip6 = vec![0xfd; 17], "gateway_ip6"),
+            (|r| r.prefix_len6 = 0, "IPv6 prefix"),
+            (|r| r.prefix_len6 = 129, "IPv6 prefix"),
+            (|r| r.prefix_len6 = 8, "IPv6 prefix"),
+            (|r| r.assigned_ip6 = r.gateway_ip6.clone(), "unusable IPv6"),
+            (|r| r.assigned_ip6 = Ipv6Addr::UNSPECIFIED.octets().to_vec(), "unusable IPv6"),
+            (|r| r.gateway_ip6 = Ipv6Addr::LOCALHOST.octets().to_vec(), "unusable IPv6"),
+            (|r| r.assigned_ip6 = "ff02::1".parse::<Ipv6Addr>().unwrap().octets().to_vec(), "unusable IPv6"),
+            (|r| r.assigned_ip6 = "fd01::2".parse::<Ipv6Addr>().unwrap().octets().to_vec(), "outside"),
             (|r| r.dns_servers = vec![vec![1, 2, 3]], "dns_servers entry of 3 bytes"),
             (|r| r.dns_servers = vec![vec![0; 4]], "not a unicast"),
             (|r| r.dns_servers = vec![vec![255; 4]], "not a unicast"),

@@ -19,7 +19,7 @@
 //!
 //! Buffers are allocated once per loop; the per-packet path does not allocate.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +32,7 @@ use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
 use crate::config::client::ClientFile;
+use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, MsgType};
 use crate::snapshot::{GetAuth, VpnAuthResponse};
@@ -255,7 +256,7 @@ async fn bring_up(shared: Arc<Shared>) {
     };
     let Some(binding) = binding else { return };
     let cfg = &shared.cfg;
-    let mtu = match tunnel::tun_mtu(cfg.underlay_mtu) {
+    let mtu = match tunnel::tun_mtu(cfg.underlay_mtu, IpFamily::of_addr(cfg.gateway)) {
         Ok(m) => m,
         Err(e) => {
             // A configuration error, not a transient one: retrying cannot help. Still not fatal:
@@ -277,6 +278,11 @@ async fn bring_up(shared: Arc<Shared>) {
                 _ = stopped(stop.clone()) => return,
             }
         };
+        if attempt == 1
+            && let Some(why) = address6_for(&auth, mtu).1
+        {
+            tracing::warn!(target: TARGET, "{why}: the tunnel carries IPv4 only");
+        }
         let spec = tun_spec(cfg, cfg.tun_name.clone(), &auth, mtu);
         let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
             let any: IpAddr = match cfg.gateway {
@@ -323,7 +329,7 @@ async fn bring_up(shared: Arc<Shared>) {
     let sock = Arc::new(sock);
     // The device keeps the address it was created with; a re-created one gets the same.
     let created_with = (binding.get_auth)();
-    let tun_ip = created_with.as_ref().map(|a| a.assigned_ip);
+    let tun_ip = created_with.as_ref().map(|a| (a.assigned_ip, a.assigned_ip6));
     shared.device.send_replace(Some((1, device)));
     let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun_mtu));
     let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock));
@@ -338,7 +344,28 @@ async fn bring_up(shared: Arc<Shared>) {
 /// How the TUN device is brought up, with its addresses: the one place that says so, for the
 /// first device and every re-created one.
 fn tun_spec(cfg: &ClientDataPlaneConfig, name: Option<String>, auth: &VpnAuthResponse, mtu: u16) -> TunSpec {
-    TunSpec { name, address: auth.assigned_ip, prefix_len: auth.prefix_len, mtu, offload: cfg.offload }
+    TunSpec {
+        name,
+        address: auth.assigned_ip,
+        prefix_len: auth.prefix_len,
+        address6: address6_for(auth, mtu).0,
+        mtu,
+        offload: cfg.offload,
+    }
+}
+
+/// The TUN device's IPv6 address and prefix length: the session's, unless this host cannot
+/// carry IPv6 on it (IPv6 disabled, or an MTU below IPv6's minimum); then `None` and why.
+fn address6_for(auth: &VpnAuthResponse, mtu: u16) -> (Option<(Ipv6Addr, u8)>, Option<String>) {
+    match auth.assigned_ip6 {
+        Some(_) if tunnel::ipv6_disabled() => (None, Some("IPv6 is disabled on this host".into())),
+        Some(ip6) if mtu >= tunnel::MIN_IPV6_MTU => (Some((ip6, auth.prefix_len6)), None),
+        Some(_) => (
+            None,
+            Some(format!("TUN MTU {mtu} is below the IPv6 minimum of 1280 (raise underlay_mtu)")),
+        ),
+        None => (None, None),
+    }
 }
 
 /// Whether a TUN read or write failed because the device is gone (deleted by another program):
@@ -413,7 +440,7 @@ async fn send_loop(
     binding: Binding,
     sock: Arc<UdpSocket>,
     // The address and MTU the TUN device was created with: the device's, not the session's.
-    tun_ip: Option<Ipv4Addr>,
+    tun_ip: Option<(Ipv4Addr, Option<Ipv6Addr>)>,
     mtu: u16,
 ) {
     let c = &shared.counters;
@@ -483,8 +510,13 @@ async fn send_loop(
                 let crypto = auth.crypto();
                 for (i, sealed_len) in lens.iter_mut().enumerate().take(n) {
                     *sealed_len = 0;
-                    if !tunnel::is_ipv4(reader.packet(i)) {
-                        c.count_drop(DropReason::NotIpv4);
+                    // Neither IP, nor the host's own link-scope chatter, nor a family this
+                    // session has no address in (IPv6 with a gateway that has none) goes to the
+                    // gateway; what is spoofed is the gateway's call (it drops and counts it).
+                    let carried = InnerPacket::parse(reader.packet(i))
+                        .is_some_and(|p| !p.is_link_chatter() && auth.carries(p.family()));
+                    if !carried {
+                        c.count_drop(DropReason::NotCarried);
                         continue;
                     }
                     let len = reader.len(i);
@@ -524,14 +556,17 @@ async fn send_loop(
                 auth.data_port,
                 c.stats()
             );
-            if tun_ip.is_some_and(|ip| ip != auth.assigned_ip) {
+            if tun_ip.is_some_and(|ip| ip != (auth.assigned_ip, auth.assigned_ip6)) {
                 // The spec promises a stable address per client, so the device is never
                 // readdressed; say so once per session rather than fail silently.
                 tracing::warn!(
                     target: TARGET,
                     "the gateway assigned {} but the tunnel keeps {}: traffic from the new address will be refused",
                     auth.assigned_ip,
-                    tun_ip.map(|ip| ip.to_string()).unwrap_or_default()
+                    tun_ip.map(|(ip, ip6)| match ip6 {
+                        Some(ip6) => format!("{ip} and {ip6}"),
+                        None => ip.to_string(),
+                    }).unwrap_or_default()
                 );
             }
         }

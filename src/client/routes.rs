@@ -8,8 +8,13 @@
 //!    default route, more specific route or multipath choice applies) and, if that path goes
 //!    through a router and the tunnel routes would capture the gateway, pins it with a host
 //!    route;
-//! 3. adds the tunnel routes on the TUN: `0.0.0.0/1` and `128.0.0.0/1` (more specific than any
-//!    default route, which is left alone) or the configured split-tunnel CIDRs.
+//! 3. adds the tunnel routes on the TUN: `0.0.0.0/1` and `128.0.0.0/1`, and `::/1` and
+//!    `8000::/1` for IPv6 (more specific than any default route, which is left alone), or the
+//!    configured split-tunnel CIDRs of either family.
+//!
+//! Both families go through the same code: a route is an `IpNet`/`IpAddr`, and only
+//! [`message`] and [`parse_dumped`] look at the family. The gateway's pin and fallback follow
+//! whichever family its endpoint is (a /32 or a /128).
 //!
 //! It returns a [`RouteGuard`] that removes exactly those routes on an explicit stop. The pure
 //! part — which routes — is [`tunnel_cidrs`] and [`plan`], unit-tested below.
@@ -44,7 +49,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use futures_util::TryStreamExt as _;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteNextHopFlags,
@@ -63,13 +68,25 @@ const TARGET: &str = "holdfast::routes";
 /// run are found.
 pub const ROUTE_PROTOCOL: u8 = 207;
 
-/// The full tunnel: two halves of the IPv4 space, more specific than the default route, so the
-/// default route is never replaced (and comes back untouched on stop).
-pub const FULL_TUNNEL: [Ipv4Net; 2] = [
+/// The full tunnel: two halves of the IPv4 space and two of the IPv6 space, more specific than
+/// the default routes, so no default route is ever replaced (and each comes back untouched on
+/// stop).
+pub const FULL_TUNNEL: [IpNet; 4] = [
     // Evaluated at compile time: a bad prefix length would fail the build, not panic at run time.
-    Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 1),
-    Ipv4Net::new_assert(Ipv4Addr::new(128, 0, 0, 0), 1),
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 1)),
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(128, 0, 0, 0), 1)),
+    IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 0), 1)),
+    IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::new(0x8000, 0, 0, 0, 0, 0, 0, 0), 1)),
 ];
+
+/// The metric the kernel gives a route added without one: 0 for IPv4, 1024 for IPv6 (it never
+/// stores an IPv6 route with metric 0). The gateway's pin is added that way, and found again by it.
+pub const fn default_metric(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(_) => 0,
+        IpAddr::V6(_) => 1024,
+    }
+}
 
 /// Why routes could not be installed or removed.
 #[derive(Debug, thiserror::Error)]
@@ -112,14 +129,14 @@ pub enum RouteSpec {
     /// The gateway's address (a /32 or /128) via a router of the underlay.
     Host { dst: IpAddr, via: IpAddr, oif: u32 },
     /// A tunnel route on the TUN device.
-    Tunnel { net: Ipv4Net, oif: u32 },
+    Tunnel { net: IpNet, oif: u32 },
     /// The gateway's address on a directly connected link (no router): a device host route, so
     /// that the tunnel routes never capture it while the link's own route is there.
-    OnLink { dst: Ipv4Addr, oif: u32 },
+    OnLink { dst: IpAddr, oif: u32 },
     /// The fallback for the gateway's address: unreachable at [`FALLBACK_METRIC`]. Used only when
     /// no real route to the gateway exists (link down, no address, no router): then sending to
     /// the gateway fails instead of entering the tunnel.
-    Unreachable { dst: Ipv4Addr },
+    Unreachable { dst: IpAddr },
 }
 
 /// The fallback's metric: the highest there is, so that any real route to the gateway wins.
@@ -136,24 +153,24 @@ impl fmt::Display for RouteSpec {
     }
 }
 
-/// The CIDRs to route through the tunnel: `configured` (a split tunnel) or the full tunnel when
-/// `None`. `0.0.0.0/0` becomes the two halves (it would collide with the default route); host bits
-/// are cleared and duplicates dropped. Each IPv4 DNS server not already covered gets a /32, so the
-/// resolver is reached through the tunnel (the kill-switch lets DNS out nowhere else).
-pub fn tunnel_cidrs(configured: Option<&[Ipv4Net]>, dns: &[IpAddr]) -> Vec<Ipv4Net> {
-    let mut nets: Vec<Ipv4Net> = Vec::new();
+/// The CIDRs to route through the tunnel: `configured` (a split tunnel, either family) or the
+/// full tunnel when `None`. `0.0.0.0/0` and `::/0` become their family's two halves (each would
+/// collide with a default route); host bits are cleared and duplicates dropped. Each DNS server
+/// not already covered gets a /32 or /128, so the resolver is reached through the tunnel (the
+/// kill-switch lets DNS out nowhere else).
+pub fn tunnel_cidrs(configured: Option<&[IpNet]>, dns: &[IpAddr]) -> Vec<IpNet> {
+    let mut nets: Vec<IpNet> = Vec::new();
     for net in configured.unwrap_or(&FULL_TUNNEL) {
         if net.prefix_len() == 0 {
-            nets.extend(FULL_TUNNEL);
+            let same_family = |n: &&IpNet| n.addr().is_ipv4() == net.addr().is_ipv4();
+            nets.extend(FULL_TUNNEL.iter().filter(same_family));
         } else {
             nets.push(net.trunc());
         }
     }
     for ip in dns {
-        if let IpAddr::V4(v4) = ip
-            && !nets.iter().any(|n| n.contains(v4))
-        {
-            nets.push(Ipv4Net::from(*v4));
+        if !nets.iter().any(|n| n.contains(ip)) {
+            nets.push(IpNet::from(*ip));
         }
     }
     nets.sort();
@@ -168,22 +185,24 @@ pub fn plan(
     gateway: IpAddr,
     underlay: Underlay,
     tun_index: u32,
-    cidrs: &[Ipv4Net],
+    cidrs: &[IpNet],
 ) -> Result<Vec<RouteSpec>, RoutesError> {
     if underlay.oif == tun_index {
         return Err(RoutesError::GatewayViaTunnel(gateway));
     }
-    let captured = match gateway {
-        IpAddr::V4(v4) => cidrs.iter().any(|n| n.contains(&v4)),
-        // The tunnel carries IPv4 only.
-        IpAddr::V6(_) => false,
-    };
+    let captured = captures(cidrs, gateway);
     let mut routes = Vec::with_capacity(cidrs.len() + 1);
     if let (true, Some(via)) = (captured, underlay.via) {
         routes.push(RouteSpec::Host { dst: gateway, via, oif: underlay.oif });
     }
     routes.extend(cidrs.iter().map(|&net| RouteSpec::Tunnel { net, oif: tun_index }));
     Ok(routes)
+}
+
+/// Whether the tunnel routes `cidrs` would carry traffic for `gateway` (of either family). A
+/// loopback gateway (tests, a gateway on this host) is delivered locally whatever they say.
+pub fn captures(cidrs: &[IpNet], gateway: IpAddr) -> bool {
+    !gateway.is_loopback() && cidrs.iter().any(|n| n.contains(&gateway))
 }
 
 /// The netlink message that adds (or, sent as a delete, removes exactly) `spec`.
@@ -208,20 +227,36 @@ fn message(spec: &RouteSpec) -> RouteMessage {
             };
             b.output_interface(oif).protocol(proto).build()
         }
-        RouteSpec::Tunnel { net, oif } => RouteMessageBuilder::<Ipv4Addr>::new()
+        RouteSpec::Tunnel { net: IpNet::V4(net), oif } => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(net.addr(), net.prefix_len())
             .output_interface(oif)
             .scope(RouteScope::Link)
             .protocol(proto)
             .build(),
-        RouteSpec::OnLink { dst, oif } => RouteMessageBuilder::<Ipv4Addr>::new()
+        RouteSpec::Tunnel { net: IpNet::V6(net), oif } => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(net.addr(), net.prefix_len())
+            .output_interface(oif)
+            .protocol(proto)
+            .build(),
+        RouteSpec::OnLink { dst: IpAddr::V4(dst), oif } => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, 32)
             .output_interface(oif)
             .scope(RouteScope::Link)
             .protocol(proto)
             .build(),
-        RouteSpec::Unreachable { dst } => RouteMessageBuilder::<Ipv4Addr>::new()
+        RouteSpec::OnLink { dst: IpAddr::V6(dst), oif } => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst, 128)
+            .output_interface(oif)
+            .protocol(proto)
+            .build(),
+        RouteSpec::Unreachable { dst: IpAddr::V4(dst) } => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, 32)
+            .kind(RouteType::Unreachable)
+            .priority(FALLBACK_METRIC)
+            .protocol(proto)
+            .build(),
+        RouteSpec::Unreachable { dst: IpAddr::V6(dst) } => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst, 128)
             .kind(RouteType::Unreachable)
             .priority(FALLBACK_METRIC)
             .protocol(proto)
@@ -265,7 +300,7 @@ impl Routes {
     pub async fn install(
         tun_name: &str,
         gateway: IpAddr,
-        cidrs: &[Ipv4Net],
+        cidrs: &[IpNet],
     ) -> Result<RouteGuard, RoutesError> {
         Self::install_for(tun_name, gateway, &[], cidrs).await
     }
@@ -278,7 +313,7 @@ impl Routes {
         tun_name: &str,
         gateway: IpAddr,
         others: &[IpAddr],
-        cidrs: &[Ipv4Net],
+        cidrs: &[IpNet],
     ) -> Result<RouteGuard, RoutesError> {
         let tun_index = ifindex(tun_name)?;
         with_handle(|handle| async move {
@@ -407,7 +442,8 @@ async fn remove_ours(handle: &Handle) -> Result<usize, RoutesError> {
     remove_matching_any(handle, |m| m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)).await
 }
 
-/// Removes the IPv4 routes that `select` selects (see [`parse_dumped`]); returns how many.
+/// Removes the routes (either family) that `select` selects (see [`parse_dumped`]); returns how
+/// many.
 async fn remove_matching(
     handle: &Handle,
     select: impl Fn(&DumpedRoute) -> bool,
@@ -470,10 +506,10 @@ pub fn remove_leftovers_blocking() -> Result<usize, RoutesError> {
     })
 }
 
-/// One IPv4 route from a dump, reduced to what [`choose_underlay`] needs.
+/// One route from a dump (either family), reduced to what [`choose_underlay`] needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DumpedRoute {
-    pub net: Ipv4Net,
+    pub net: IpNet,
     /// Routing table id (254 = main, 255 = local).
     pub table: u32,
     pub kind: RouteType,
@@ -516,7 +552,7 @@ const TABLE_LOCAL: u32 = 255;
 /// and link-down next hops skipped) but ignoring our own routes and anything through the TUN —
 /// those are exactly what must not decide the gateway's path. Of a multipath route, the first
 /// live next hop is taken.
-pub fn choose_underlay(routes: &[DumpedRoute], gateway: Ipv4Addr, tun_index: u32) -> UnderlayChoice {
+pub fn choose_underlay(routes: &[DumpedRoute], gateway: IpAddr, tun_index: u32) -> UnderlayChoice {
     let covers = |r: &&DumpedRoute| r.net.contains(&gateway);
     if routes.iter().filter(covers).any(|r| r.table == TABLE_LOCAL && r.kind == RouteType::Local) {
         return UnderlayChoice::Unpinned;
@@ -530,7 +566,9 @@ pub fn choose_underlay(routes: &[DumpedRoute], gateway: Ipv4Addr, tun_index: u32
                 let usable = r.hops.iter().find(|h| h.alive && h.oif != 0 && h.oif != tun_index);
                 match usable {
                     // Someone else's host route for the gateway: the kernel follows it already.
-                    Some(_) if r.net.prefix_len() == 32 => return UnderlayChoice::Unpinned,
+                    Some(_) if r.net.prefix_len() == r.net.max_prefix_len() => {
+                        return UnderlayChoice::Unpinned;
+                    }
                     Some(h) => return UnderlayChoice::Pin(Underlay { via: h.via, oif: h.oif }),
                     // Dead, or through the tunnel: the kernel would not (or must not) use it.
                     None => continue,
@@ -547,10 +585,10 @@ pub fn choose_underlay(routes: &[DumpedRoute], gateway: Ipv4Addr, tun_index: u32
 }
 
 /// The pin for `choice`, if any.
-fn pin_for(gateway: Ipv4Addr, choice: UnderlayChoice) -> Option<RouteSpec> {
+fn pin_for(gateway: IpAddr, choice: UnderlayChoice) -> Option<RouteSpec> {
     match choice {
         UnderlayChoice::Pin(Underlay { via: Some(via), oif }) => {
-            Some(RouteSpec::Host { dst: IpAddr::V4(gateway), via, oif })
+            Some(RouteSpec::Host { dst: gateway, via, oif })
         }
         UnderlayChoice::Pin(Underlay { via: None, oif }) => Some(RouteSpec::OnLink { dst: gateway, oif }),
         UnderlayChoice::Unpinned | UnderlayChoice::NoPath => None,
@@ -566,19 +604,22 @@ fn next_hop_of(attrs: &[RouteAttribute]) -> Option<IpAddr> {
     })
 }
 
-/// Reduces a dumped route to a [`DumpedRoute`]; `None` for anything but a well-formed IPv4 route.
+/// Reduces a dumped route to a [`DumpedRoute`]; `None` for anything but a well-formed IPv4 or
+/// IPv6 route.
 pub fn parse_dumped(m: &RouteMessage) -> Option<DumpedRoute> {
-    if m.header.address_family != AddressFamily::Inet {
-        return None;
-    }
-    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut dst = match m.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
     let mut table = u32::from(m.header.table);
     let mut priority = 0;
     let mut oif = 0;
     let mut multipath = None;
     for attr in &m.attributes {
         match attr {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+            RouteAttribute::Destination(RouteAddress::Inet(a)) if dst.is_ipv4() => dst = (*a).into(),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) if dst.is_ipv6() => dst = (*a).into(),
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Priority(p) => priority = *p,
             RouteAttribute::Oif(i) => oif = *i,
@@ -586,7 +627,7 @@ pub fn parse_dumped(m: &RouteMessage) -> Option<DumpedRoute> {
             _ => {}
         }
     }
-    let net = Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?;
+    let net = IpNet::new(dst, m.header.destination_prefix_length).ok()?;
     let dead = RouteFlags::Dead | RouteFlags::Linkdown;
     let hops = match multipath {
         Some(hops) => hops
@@ -639,14 +680,11 @@ impl UnderlayWatch {
         pin: bool,
         on_change: UnderlayHook,
     ) -> Result<Self, RoutesError> {
-        let pin_v4 = match gateway {
-            IpAddr::V4(v4) if pin => Some(v4),
-            _ => None,
-        };
-        let first = with_handle(|h| async move { look(&h, gateway, pin_v4, tun_index).await }).await?;
+        let pinned = pin.then_some(gateway);
+        let first = with_handle(|h| async move { look(&h, gateway, pinned, tun_index).await }).await?;
         describe_path(gateway, first, true);
-        let task = tokio::spawn(watch(gateway, pin_v4, tun_index, first, on_change));
-        Ok(Self { gateway, pin: pin_v4.is_some(), task: Some(task) })
+        let task = tokio::spawn(watch(gateway, pinned, tun_index, first, on_change));
+        Ok(Self { gateway, pin, task: Some(task) })
     }
 
     /// Stops watching (the routes stay as they are).
@@ -661,12 +699,11 @@ impl UnderlayWatch {
     /// Stops watching and removes the gateway's pin and fallback.
     pub async fn remove(mut self) -> Result<(), RoutesError> {
         self.halt().await;
-        let IpAddr::V4(gw) = self.gateway else { return Ok(()) };
         if !self.pin {
             return Ok(());
         }
+        let target = IpNet::from(self.gateway);
         with_handle(|handle| async move {
-            let target = Ipv4Net::from(gw);
             remove_matching(&handle, |r| r.ours && r.net == target).await.map(drop)
         })
         .await
@@ -678,7 +715,7 @@ impl UnderlayWatch {
 async fn look(
     handle: &Handle,
     gateway: IpAddr,
-    pin: Option<Ipv4Addr>,
+    pin: Option<IpAddr>,
     tun_index: u32,
 ) -> Result<PathSeen, RoutesError> {
     if let Some(gw) = pin {
@@ -700,9 +737,9 @@ async fn look(
 
 /// Makes the gateway's fallback and pin match the routing tables. Stateless: what is installed
 /// is read back from the dump, since the kernel removes routes without telling (link down).
-async fn reconcile(handle: &Handle, gw: Ipv4Addr, tun_index: u32) -> Result<(), RoutesError> {
-    let routes = dump_v4(handle).await?;
-    let host = Ipv4Net::from(gw);
+async fn reconcile(handle: &Handle, gw: IpAddr, tun_index: u32) -> Result<(), RoutesError> {
+    let routes = dump(handle, gw).await?;
+    let host = IpNet::from(gw);
     let ours_for_gw = |r: &&DumpedRoute| r.ours && r.net == host && r.table == TABLE_MAIN;
     if !routes.iter().filter(ours_for_gw).any(|r| r.kind == RouteType::Unreachable) {
         add(handle, &RouteSpec::Unreachable { dst: gw }, false).await?;
@@ -710,10 +747,10 @@ async fn reconcile(handle: &Handle, gw: Ipv4Addr, tun_index: u32) -> Result<(), 
     let current = routes
         .iter()
         .filter(ours_for_gw)
-        .find(|r| r.kind == RouteType::Unicast && r.priority == 0)
+        .find(|r| r.kind == RouteType::Unicast && r.priority == default_metric(gw))
         .and_then(|r| r.hops.first())
         .map(|h| match h.via {
-            Some(via) => RouteSpec::Host { dst: IpAddr::V4(gw), via, oif: h.oif },
+            Some(via) => RouteSpec::Host { dst: gw, via, oif: h.oif },
             None => RouteSpec::OnLink { dst: gw, oif: h.oif },
         });
     let wanted = pin_for(gw, choose_underlay(&routes, gw, tun_index));
@@ -744,8 +781,13 @@ async fn add(handle: &Handle, spec: &RouteSpec, replace: bool) -> Result<(), Rou
     }
 }
 
-async fn dump_v4(handle: &Handle) -> Result<Vec<DumpedRoute>, RoutesError> {
-    let mut routes = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+/// Every route of `like`'s family.
+async fn dump(handle: &Handle, like: IpAddr) -> Result<Vec<DumpedRoute>, RoutesError> {
+    let query = match like {
+        IpAddr::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        IpAddr::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    };
+    let mut routes = handle.route().get(query).execute();
     let mut out = Vec::new();
     while let Some(r) = routes.try_next().await.map_err(|e| RoutesError::List(e.to_string()))? {
         out.extend(parse_dumped(&r));
@@ -789,7 +831,7 @@ const WATCH_BACKSTOP: std::time::Duration = std::time::Duration::from_secs(30);
 /// The watcher task: subscribe, look, then look again after every burst of events.
 async fn watch(
     gateway: IpAddr,
-    pin: Option<Ipv4Addr>,
+    pin: Option<IpAddr>,
     tun_index: u32,
     mut last: PathSeen,
     on_change: UnderlayHook,
@@ -931,12 +973,7 @@ impl TunnelNetwork {
     async fn watch_underlay(file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<UnderlayWatch, RoutesError> {
         let (tun, cidrs) = tun_and_cidrs(file);
         let gateway = file.endpoint.ip();
-        let captured = match gateway {
-            // A loopback gateway (tests, a gateway on this host) is delivered locally whatever
-            // the main table says.
-            IpAddr::V4(v4) => !v4.is_loopback() && cidrs.iter().any(|n| n.contains(&v4)),
-            IpAddr::V6(_) => false,
-        };
+        let captured = captures(&cidrs, gateway);
         UnderlayWatch::start(gateway, ifindex(tun)?, captured, on_underlay_change).await
     }
 
@@ -986,9 +1023,14 @@ impl TunnelNetwork {
 }
 
 /// The TUN name and the CIDRs routed through it, for a client file.
-fn tun_and_cidrs(file: &ClientFile) -> (&str, Vec<Ipv4Net>) {
+fn tun_and_cidrs(file: &ClientFile) -> (&str, Vec<IpNet>) {
     let net = &file.network;
-    (net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME), tunnel_cidrs(net.routes.as_deref(), net.dns.configured()))
+    let mut cidrs = tunnel_cidrs(net.routes.as_deref(), net.dns.configured());
+    if crate::tunnel::ipv6_disabled() {
+        // The kernel refuses IPv6 routes here; there is no IPv6 traffic to route either.
+        cidrs.retain(|n| n.addr().is_ipv4());
+    }
+    (net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME), cidrs)
 }
 
 /// The index of interface `name` in the calling thread's network namespace.
@@ -1006,18 +1048,22 @@ fn ifindex(name: &str) -> Result<u32, RoutesError> {
 mod tests {
     use super::*;
 
-    fn nets(list: &[&str]) -> Vec<Ipv4Net> {
+    fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
 
     #[test]
     fn full_tunnel_by_default() {
-        assert_eq!(tunnel_cidrs(None, &[]), nets(&["0.0.0.0/1", "128.0.0.0/1"]));
-        // A default route in the config becomes the two halves.
+        assert_eq!(
+            tunnel_cidrs(None, &[]),
+            nets(&["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"])
+        );
+        // A default route in the config becomes its family's two halves.
         assert_eq!(
             tunnel_cidrs(Some(&nets(&["0.0.0.0/0"])), &[]),
             nets(&["0.0.0.0/1", "128.0.0.0/1"])
         );
+        assert_eq!(tunnel_cidrs(Some(&nets(&["::/0"])), &[]), nets(&["::/1", "8000::/1"]));
     }
 
     #[test]
@@ -1030,10 +1076,15 @@ mod tests {
         ];
         assert_eq!(
             tunnel_cidrs(Some(&configured), &dns),
-            nets(&["10.1.0.0/16", "100.64.0.1/32", "172.16.0.0/12"])
+            nets(&["10.1.0.0/16", "100.64.0.1/32", "172.16.0.0/12", "2001:2::53/128"])
         );
-        // Full tunnel already covers every IPv4 resolver.
-        assert_eq!(tunnel_cidrs(None, &dns).len(), 2);
+        // Split-tunnel IPv6 CIDRs are normalised like IPv4 ones.
+        assert_eq!(
+            tunnel_cidrs(Some(&nets(&["fd00:1::5/64", "2001:db8::/32"])), &[]),
+            nets(&["2001:db8::/32", "fd00:1::/64"])
+        );
+        // Full tunnel already covers every resolver.
+        assert_eq!(tunnel_cidrs(None, &dns).len(), 4);
     }
 
     #[test]
@@ -1047,21 +1098,29 @@ mod tests {
                 RouteSpec::Host { dst: gw, via: "192.168.1.1".parse().unwrap(), oif: 2 },
                 RouteSpec::Tunnel { net: full[0], oif: 9 },
                 RouteSpec::Tunnel { net: full[1], oif: 9 },
+                RouteSpec::Tunnel { net: full[2], oif: 9 },
+                RouteSpec::Tunnel { net: full[3], oif: 9 },
             ]
         );
         // Directly connected gateway: no host route.
         let connected = Underlay { via: None, oif: 2 };
-        assert_eq!(plan(gw, connected, 9, &full).unwrap().len(), 2);
+        assert_eq!(plan(gw, connected, 9, &full).unwrap().len(), 4);
         // Split tunnel that does not cover the gateway: no host route either.
         let split = nets(&["10.0.0.0/8"]);
         assert_eq!(
             plan(gw, routed, 9, &split).unwrap(),
             vec![RouteSpec::Tunnel { net: split[0], oif: 9 }]
         );
-        // IPv6 gateway: the IPv4 tunnel never captures it.
-        let gw6: IpAddr = "2001:2::1".parse().unwrap();
+        // IPv6 gateway: the IPv6 full tunnel captures it, so it is pinned like an IPv4 one...
+        let gw6: IpAddr = "2001:db8::1".parse().unwrap();
         let routed6 = Underlay { via: Some("fe80::1".parse().unwrap()), oif: 2 };
-        assert_eq!(plan(gw6, routed6, 9, &full).unwrap().len(), 2);
+        assert_eq!(
+            plan(gw6, routed6, 9, &full).unwrap()[0],
+            RouteSpec::Host { dst: gw6, via: "fe80::1".parse().unwrap(), oif: 2 }
+        );
+        // ... but an IPv4-only split tunnel does not.
+        assert_eq!(plan(gw6, routed6, 9, &split).unwrap().len(), 1);
+        assert!(!captures(&full, "::1".parse().unwrap()), "loopback is never captured");
     }
 
     #[test]
@@ -1093,6 +1152,12 @@ mod tests {
             Ipv4Addr::new(128, 0, 0, 0)
         ))));
         assert!(!tun.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_))));
+        let tun6 = message(&RouteSpec::Tunnel { net: FULL_TUNNEL[3], oif: 9 });
+        assert_eq!(tun6.header.address_family, AddressFamily::Inet6);
+        assert_eq!(tun6.header.destination_prefix_length, 1);
+        assert!(tun6.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet6(
+            "8000::".parse().unwrap()
+        ))));
 
         let host6 = message(&RouteSpec::Host {
             dst: "2001:2::1".parse().unwrap(),
@@ -1159,7 +1224,7 @@ mod tests {
 
     #[test]
     fn the_underlay_is_the_best_route_that_is_not_ours_nor_the_tunnel() {
-        let gw: Ipv4Addr = "203.0.113.7".parse().unwrap();
+        let gw: IpAddr = "203.0.113.7".parse().unwrap();
         let mut routes = laptop();
         // Lowest metric wins among equal prefixes.
         assert_eq!(choose_underlay(&routes, gw, TUN), pin(Some("192.168.1.1"), 2));
@@ -1170,7 +1235,7 @@ mod tests {
         routes.drain(..4);
         assert_eq!(choose_underlay(&routes, gw, TUN), UnderlayChoice::NoPath);
         // A gateway on a connected subnet: on the link, no router.
-        let near: Ipv4Addr = "10.0.0.9".parse().unwrap();
+        let near: IpAddr = "10.0.0.9".parse().unwrap();
         assert_eq!(choose_underlay(&laptop(), near, TUN), pin(None, 3));
         // A longer prefix beats a lower metric.
         let mut routes = laptop();
@@ -1180,7 +1245,7 @@ mod tests {
 
     #[test]
     fn nothing_to_pin_for_a_local_or_already_pinned_gateway_and_no_path_when_forbidden() {
-        let gw: Ipv4Addr = "203.0.113.7".parse().unwrap();
+        let gw: IpAddr = "203.0.113.7".parse().unwrap();
         // An administrator's own host route already pins it.
         let mut routes = laptop();
         routes.push(route("203.0.113.7/32", 0, vec![hop(Some("10.0.0.1"), 3)]));
@@ -1207,8 +1272,39 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_gateway_is_chosen_the_same_way() {
+        let gw: IpAddr = "2001:db8:77::1".parse().unwrap();
+        let ours = |mut r: DumpedRoute| {
+            r.ours = true;
+            r
+        };
+        let mut routes = vec![
+            route("::/0", 1024, vec![hop(Some("fe80::1"), 2)]),
+            route("2001:db8:1::/64", 256, vec![hop(None, 2)]),
+            route("fe80::/64", 256, vec![hop(None, 2)]),
+            ours(route("::/1", 1024, vec![hop(None, TUN)])),
+            ours(route("8000::/1", 1024, vec![hop(None, TUN)])),
+        ];
+        assert_eq!(choose_underlay(&routes, gw, TUN), pin(Some("fe80::1"), 2));
+        assert_eq!(
+            pin_for(gw, pin(Some("fe80::1"), 2)),
+            Some(RouteSpec::Host { dst: gw, via: "fe80::1".parse().unwrap(), oif: 2 })
+        );
+        // On the link: an on-link /128.
+        let near: IpAddr = "2001:db8:1::9".parse().unwrap();
+        assert_eq!(choose_underlay(&routes, near, TUN), pin(None, 2));
+        assert_eq!(pin_for(near, pin(None, 2)), Some(RouteSpec::OnLink { dst: near, oif: 2 }));
+        // Someone else's /128 already pins it.
+        routes.push(route("2001:db8:77::1/128", 1024, vec![hop(Some("fe80::2"), 2)]));
+        assert_eq!(choose_underlay(&routes, gw, TUN), UnderlayChoice::Unpinned);
+        // Default route gone: no path.
+        assert_eq!(choose_underlay(&routes[1..5], gw, TUN), UnderlayChoice::NoPath);
+        assert_eq!(default_metric(gw), 1024);
+    }
+
+    #[test]
     fn multipath_takes_the_first_live_next_hop() {
-        let gw: Ipv4Addr = "203.0.113.7".parse().unwrap();
+        let gw: IpAddr = "203.0.113.7".parse().unwrap();
         let mut dead = hop(Some("192.168.1.1"), 2);
         dead.alive = false;
         let routes = vec![route("0.0.0.0/0", 0, vec![dead, hop(Some("10.0.0.1"), 3)])];
@@ -1217,11 +1313,11 @@ mod tests {
 
     #[test]
     fn pins_and_fallback_are_shaped_as_the_kernel_needs() {
-        let gw: Ipv4Addr = "198.18.0.2".parse().unwrap();
+        let gw: IpAddr = "198.18.0.2".parse().unwrap();
         assert_eq!(pin_for(gw, pin(None, 2)), Some(RouteSpec::OnLink { dst: gw, oif: 2 }));
         assert_eq!(
             pin_for(gw, pin(Some("198.18.1.1"), 2)),
-            Some(RouteSpec::Host { dst: gw.into(), via: "198.18.1.1".parse().unwrap(), oif: 2 })
+            Some(RouteSpec::Host { dst: gw, via: "198.18.1.1".parse().unwrap(), oif: 2 })
         );
         assert_eq!(pin_for(gw, UnderlayChoice::NoPath), None);
         assert_eq!(pin_for(gw, UnderlayChoice::Unpinned), None);
@@ -1238,22 +1334,28 @@ mod tests {
         // Our own messages read back as ours, with what the chooser needs.
         let back = parse_dumped(&fallback).unwrap();
         assert!(back.ours);
-        assert_eq!((back.net, back.priority), (Ipv4Net::from(gw), FALLBACK_METRIC));
+        assert_eq!((back.net, back.priority), (IpNet::from(gw), FALLBACK_METRIC));
         let back = parse_dumped(&message(&RouteSpec::Host {
-            dst: gw.into(),
+            dst: gw,
             via: "198.18.1.1".parse().unwrap(),
             oif: 2,
         }))
         .unwrap();
         assert_eq!(back.hops, vec![hop(Some("198.18.1.1"), 2)]);
         assert_eq!(back.table, TABLE_MAIN);
-        // IPv6 routes are not parsed as IPv4 ones.
-        let v6 = message(&RouteSpec::Host {
-            dst: "2001:2::1".parse().unwrap(),
+        // IPv6 pins and fallbacks read back as /128s of their family.
+        let gw6: IpAddr = "2001:db8::1".parse().unwrap();
+        let v6 = parse_dumped(&message(&RouteSpec::Host {
+            dst: gw6,
             via: "fe80::1".parse().unwrap(),
             oif: 3,
-        });
-        assert_eq!(parse_dumped(&v6), None);
+        }))
+        .unwrap();
+        assert_eq!((v6.net, v6.hops.clone()), (IpNet::from(gw6), vec![hop(Some("fe80::1"), 3)]));
+        let fb6 = parse_dumped(&message(&RouteSpec::Unreachable { dst: gw6 })).unwrap();
+        assert_eq!((fb6.net.prefix_len(), fb6.kind, fb6.ours), (128, RouteType::Unreachable, true));
         assert_eq!(RouteSpec::Unreachable { dst: gw }.to_string(), "unreachable 198.18.0.2 metric 4294967295");
+        let on_link6 = message(&RouteSpec::OnLink { dst: gw6, oif: 2 });
+        assert_eq!(on_link6.header.destination_prefix_length, 128);
     }
 }

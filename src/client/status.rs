@@ -1,7 +1,7 @@
 //! The client's status feed: what the dashboard, `holdfast status` and tests observe. Published by
 //! the driver after every event; observers only read it, they never drive the machine.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
 use crate::sansio::supervisor::{Now, StateName, Status};
@@ -22,6 +22,10 @@ pub struct SnapshotView {
     pub assigned_ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway_ip: Ipv4Addr,
+    /// The IPv6 side, when the session has one.
+    pub assigned_ip6: Option<Ipv6Addr>,
+    pub prefix_len6: u8,
+    pub gateway_ip6: Option<Ipv6Addr>,
     pub session_id: SessionId,
     pub key_fingerprint: KeyFingerprint,
     pub received_at: SystemTime,
@@ -34,6 +38,9 @@ impl SnapshotView {
             assigned_ip: a.assigned_ip,
             prefix_len: a.prefix_len,
             gateway_ip: a.gateway_ip,
+            assigned_ip6: a.assigned_ip6,
+            prefix_len6: a.prefix_len6,
+            gateway_ip6: a.gateway_ip6,
             session_id: a.session_id,
             key_fingerprint: a.session_key.fingerprint(),
             received_at: a.received_at,

@@ -162,6 +162,14 @@ pub struct SnapshotReport {
     pub assigned_ip: String,
     pub prefix_len: u8,
     pub gateway_ip: String,
+    /// The IPv6 tunnel address, its prefix length and the gateway's: absent (and 0) when the
+    /// session is IPv4 only. Defaulted when reading a report of a client from before IPv6.
+    #[serde(default)]
+    pub assigned_ip6: Option<String>,
+    #[serde(default)]
+    pub prefix_len6: u8,
+    #[serde(default)]
+    pub gateway_ip6: Option<String>,
     /// Hex, as in the logs.
     pub session_id: String,
     pub key_fingerprint: String,
@@ -261,6 +269,9 @@ impl SnapshotReport {
             assigned_ip: v.assigned_ip.to_string(),
             prefix_len: v.prefix_len,
             gateway_ip: v.gateway_ip.to_string(),
+            assigned_ip6: v.assigned_ip6.map(|ip| ip.to_string()),
+            prefix_len6: v.prefix_len6,
+            gateway_ip6: v.gateway_ip6.map(|ip| ip.to_string()),
             session_id: v.session_id.to_string(),
             key_fingerprint: v.key_fingerprint.to_string(),
             age_ms: ms(wall.duration_since(v.received_at).unwrap_or_default()),
@@ -364,7 +375,13 @@ pub fn format_human(r: &StatusReport) -> String {
         Some(s) => {
             let _ = writeln!(o, "\nsession {}", s.session_id);
             let _ = writeln!(o, "  address:      {}/{}", s.assigned_ip, s.prefix_len);
+            if let Some(ip6) = &s.assigned_ip6 {
+                let _ = writeln!(o, "  address6:     {ip6}/{}", s.prefix_len6);
+            }
             let _ = writeln!(o, "  gateway:      {}", s.gateway_ip);
+            if let Some(gw6) = &s.gateway_ip6 {
+                let _ = writeln!(o, "  gateway6:     {gw6}");
+            }
             let _ = writeln!(o, "  key:          fp:{}", s.key_fingerprint);
             let _ = writeln!(
                 o,

@@ -36,7 +36,8 @@
 //! keepalive = "15s"
 //! offload = true                # TUN offload (TSO/GRO): 64 KiB reads, merged writes; off = one packet per syscall
 //! coalesce_writes = true        # merge TCP segments written to the TUN device (needs offload)
-//! routes = ["0.0.0.0/1", "128.0.0.0/1"]   # full tunnel; list CIDRs for a split tunnel
+//! routes = ["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"]   # full tunnel (both families);
+//!                               # list CIDRs of either family for a split tunnel
 //! dns = "gateway"               # resolvers while connected: "gateway" (those it pushes),
 //!                               # "system" (leave the system's alone), or ["100.64.0.1", ...]
 //! allow_lan = false
@@ -111,10 +112,11 @@ pub struct NetworkSection {
     /// (default true; needs `offload`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coalesce_writes: Option<bool>,
-    /// Routes through the tunnel. Default: everything (`0.0.0.0/1` and `128.0.0.0/1`, a full
-    /// tunnel); a list of CIDRs makes a split tunnel.
+    /// Routes through the tunnel. Default: everything (`0.0.0.0/1`, `128.0.0.0/1`, `::/1` and
+    /// `8000::/1`, a full tunnel of both families); a list of CIDRs (IPv4 or IPv6) makes a split
+    /// tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub routes: Option<Vec<ipnet::Ipv4Net>>,
+    pub routes: Option<Vec<ipnet::IpNet>>,
     /// Resolvers to use while connected: `"gateway"` (default: those the gateway pushes),
     /// `"system"` (leave the system's resolver alone; the kill-switch still allows DNS only
     /// through the tunnel), or a list of addresses.

@@ -7,9 +7,15 @@
 //! name = "holdfast"                   # this gateway's name, for logs and the authority's certificate
 //! endpoint = "198.18.0.1:51820"       # REQUIRED. The address clients connect to: TCP control plane
 //!                                     # and UDP data plane share the port number. Goes into client files.
-//! listen = "0.0.0.0:51820"            # where the control plane listens; default 0.0.0.0:<endpoint port>
+//! listen = "[::]:51820"               # where the control and data planes listen; default
+//!                                     # [::]:<endpoint port> (one dual-stack socket). An IPv4
+//!                                     # `listen` with an IPv6 `endpoint` is refused.
 //! subnet = "100.64.0.0/24"            # the tunnel subnet (IPv4, prefix /8 to /30, no host bits set)
 //! gateway_ip = "100.64.0.1"           # the gateway's tunnel address; default: first host of `subnet`
+//! subnet6 = "fd12:3456:789a:1::/64"   # the IPv6 tunnel subnet (/48 to /120); `gateway init` picks a
+//!                                     # random RFC 4193 ULA /64. Missing (a dir from before IPv6):
+//!                                     # `gateway run`/`add-client` pick one and write it here.
+//! gateway_ip6 = "fd12:3456:789a:1::1" # the gateway's IPv6 tunnel address; default: first host
 //! server_name = "holdfast-gateway"    # the DNS name (or IP) in the gateway's TLS certificate
 //! ca_cert = "ca.pem"                  # the authority's certificate (paths relative to this file's dir)
 //! ca_key = "ca.key"                   # the authority's private key (mode 0600)
@@ -50,11 +56,11 @@
 //!
 //! Durations are humantime strings ("90s", "3m", "1h 30m").
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -105,6 +111,10 @@ struct RawGatewayFile {
     subnet: Ipv4Net,
     #[serde(default)]
     gateway_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    subnet6: Option<Ipv6Net>,
+    #[serde(default)]
+    gateway_ip6: Option<Ipv6Addr>,
     #[serde(default = "default_server_name")]
     server_name: String,
     #[serde(default = "default_ca_cert")]
@@ -389,6 +399,9 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     pub subnet: Ipv4Net,
     pub gateway_ip: Ipv4Addr,
+    /// The IPv6 tunnel plan; `None` only for a directory written before IPv6 (see
+    /// [`upgrade_text`]: the commands that serve or add clients give it one first).
+    pub v6: Option<Tunnel6>,
     pub server_name: String,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
@@ -468,6 +481,35 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
         }
         None => first_host(subnet),
     };
+    if let Some(listen) = raw.listen {
+        // A socket bound to an IPv4 address never sees an IPv6 client (and the reverse, but for
+        // `[::]`, which takes both): clients would sit in Backoff with "connection refused".
+        let reachable = listen.is_ipv4() == raw.endpoint.is_ipv4()
+            || (listen.is_ipv6() && listen.ip().is_unspecified());
+        if !reachable {
+            return Err(format!(
+                "`listen` {listen} cannot receive clients connecting to `endpoint` {} (another \
+                 address family); use [::]:{} or an address of the endpoint's family",
+                raw.endpoint,
+                listen.port()
+            ));
+        }
+    }
+    let v6 = match (raw.subnet6, raw.gateway_ip6) {
+        (Some(subnet6), gw6) => {
+            let subnet = check_subnet6(subnet6)?;
+            let gateway_ip = match gw6 {
+                Some(ip) => {
+                    check_host6_in(subnet, ip).map_err(|r| format!("`gateway_ip6` {ip}: {r}"))?;
+                    ip
+                }
+                None => first_host6(subnet),
+            };
+            Some(Tunnel6 { subnet, gateway_ip })
+        }
+        (None, Some(_)) => return Err("`gateway_ip6` needs `subnet6`".into()),
+        (None, None) => None,
+    };
     check_server_name(&raw.server_name)?;
     let durations = [
         (
@@ -527,11 +569,10 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
     Ok(GatewayConfig {
         name: raw.name,
         endpoint: raw.endpoint,
-        listen: raw.listen.unwrap_or_else(|| {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), raw.endpoint.port())
-        }),
+        listen: raw.listen.unwrap_or_else(|| default_listen(raw.endpoint)),
         subnet,
         gateway_ip,
+        v6,
         server_name: raw.server_name,
         ca_cert: abs(raw.ca_cert),
         ca_key: abs(raw.ca_key),
@@ -587,6 +628,100 @@ pub fn check_host_in(subnet: Ipv4Net, ip: Ipv4Addr) -> Result<(), String> {
         return Err(format!("the broadcast address of {subnet}"));
     }
     Ok(())
+}
+
+/// The IPv6 side of the tunnel plan: the subnet clients get their IPv6 addresses from and the
+/// gateway's own address in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tunnel6 {
+    pub subnet: Ipv6Net,
+    pub gateway_ip: Ipv6Addr,
+}
+
+/// Where a gateway listens by default: `[::]` (one dual-stack socket takes IPv4 and IPv6 clients)
+/// on the endpoint's port. An operator whose host has IPv6 turned off sets `listen` explicitly.
+pub fn default_listen(endpoint: SocketAddr) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), endpoint.port())
+}
+
+/// Checks an IPv6 tunnel subnet: prefix /48 to /120 (a /64 is the norm; longer ones are for
+/// operators who carve a small range out of a routed prefix), written as its network address.
+pub fn check_subnet6(subnet: Ipv6Net) -> Result<Ipv6Net, String> {
+    if !(48..=120).contains(&subnet.prefix_len()) {
+        return Err(format!("`subnet6` {subnet}: the prefix must be /48 to /120"));
+    }
+    if subnet.addr() != subnet.network() {
+        return Err(format!(
+            "`subnet6` {subnet} has host bits set; did you mean {}?",
+            subnet.trunc()
+        ));
+    }
+    if subnet.addr().is_multicast() || subnet.addr().is_loopback() || subnet.addr().is_unspecified() {
+        return Err(format!("`subnet6` {subnet} is not a unicast range"));
+    }
+    Ok(subnet)
+}
+
+/// The first host of an IPv6 subnet (network + 1): the gateway's default IPv6 address. (The
+/// network address itself is the subnet-router anycast address, never a host's.)
+pub fn first_host6(subnet: Ipv6Net) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(subnet.network()).saturating_add(1))
+}
+
+/// Checks that `ip` is a usable host address of `subnet` (inside it, not the subnet-router
+/// anycast address).
+pub fn check_host6_in(subnet: Ipv6Net, ip: Ipv6Addr) -> Result<(), String> {
+    if !subnet.contains(&ip) {
+        return Err(format!("outside the subnet {subnet}"));
+    }
+    if ip == subnet.network() {
+        return Err(format!("the subnet-router anycast address of {subnet}"));
+    }
+    Ok(())
+}
+
+/// A random RFC 4193 unique local /64: `fd` + a 40-bit global id + subnet id 0. `random` gives
+/// the 40 bits (the caller's RNG: this module does no IO).
+pub fn random_ula64(random: [u8; 5]) -> Ipv6Net {
+    let mut o = [0u8; 16];
+    o[0] = 0xfd;
+    o[1..6].copy_from_slice(&random);
+    // new_assert cannot fail: 64 is a valid IPv6 prefix length.
+    Ipv6Net::new_assert(Ipv6Addr::from(o), 64)
+}
+
+/// The in-place upgrade of a `gateway.toml` written before IPv6: the same text with a
+/// `subnet6 = "<subnet>"` line (and a comment) inserted before the first table, so it stays a
+/// top-level key and the operator's layout and comments are kept. `None` if the file already has
+/// `subnet6`.
+pub fn upgrade_text(text: &str, subnet6: Ipv6Net) -> Option<String> {
+    let parsed: toml::Table = toml::from_str(text).ok()?;
+    if parsed.contains_key("subnet6") {
+        return None;
+    }
+    let insert = format!(
+        "# The IPv6 tunnel subnet, added when this gateway was upgraded to dual stack.\n\
+         subnet6 = \"{subnet6}\"\n"
+    );
+    // The first line that opens a table ends the top level. A `[` inside a multi-line string
+    // cannot start a line in the files we write, and the result is parsed back by the caller.
+    let mut at = text.len();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('[') {
+            at = offset;
+            break;
+        }
+        offset += line.len();
+    }
+    let mut out = String::with_capacity(text.len() + insert.len() + 1);
+    out.push_str(&text[..at]);
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(&insert);
+    out.push_str(&text[at..]);
+    Some(out)
 }
 
 /// Checks that a server name is something a TLS client can verify (a DNS name or an IP address)
@@ -685,6 +820,7 @@ pub struct InitialValues {
     pub name: String,
     pub endpoint: SocketAddr,
     pub subnet: Ipv4Net,
+    pub subnet6: Ipv6Net,
     pub server_name: String,
 }
 
@@ -701,6 +837,8 @@ pub fn render_initial(v: &InitialValues) -> String {
 pub struct SharedValues {
     pub database: Option<String>,
     pub gateway_ip: Option<Ipv4Addr>,
+    /// The deployment's IPv6 tunnel address, for `gateway join` (default: first host of subnet6).
+    pub gateway_ip6: Option<Ipv6Addr>,
 }
 
 /// [`render_initial`] with the shared-registry keys: `database` replaces `registry`.
@@ -724,11 +862,15 @@ pub fn render_with(v: &InitialValues, shared: &SharedValues) -> String {
          name = {name}\n\
          # The address clients connect to (TCP control plane, UDP data plane; same port).\n\
          endpoint = {endpoint}\n\
-         # Where the control plane listens. Default: 0.0.0.0:<endpoint port>.\n\
+         # Where the control and data planes listen. Default: [::]:<endpoint port> (dual-stack).\n\
          # listen = {listen}\n\
          # The tunnel subnet; the gateway takes `gateway_ip` (default: its first host).\n\
          subnet = {subnet}\n\
          gateway_ip = {gateway_ip}\n\
+         # The IPv6 tunnel subnet (a random RFC 4193 ULA /64 chosen at init) and the gateway's\n\
+         # IPv6 tunnel address (default: its first host).\n\
+         subnet6 = {subnet6}\n\
+         gateway_ip6 = {gateway_ip6}\n\
          # The name in the gateway's TLS certificate; clients check it.\n\
          server_name = {server_name}\n\
          \n\
@@ -769,10 +911,11 @@ pub fn render_with(v: &InitialValues, shared: &SharedValues) -> String {
          # listen = \"127.0.0.1:9464\"\n",
         name = q(&v.name),
         endpoint = q(&v.endpoint.to_string()),
-        listen =
-            q(&SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), v.endpoint.port()).to_string()),
+        listen = q(&default_listen(v.endpoint).to_string()),
         subnet = q(&v.subnet.to_string()),
         gateway_ip = q(&gateway_ip.to_string()),
+        subnet6 = q(&v.subnet6.to_string()),
+        gateway_ip6 = q(&shared.gateway_ip6.unwrap_or_else(|| first_host6(v.subnet6)).to_string()),
         server_name = q(&v.server_name),
         // Written the way an operator would (humantime would print "1day" for 24h); the test
         // `rendered_initial_file_parses_back` checks they equal the defaults.
@@ -802,7 +945,8 @@ mod tests {
     fn minimal_file_takes_every_default() {
         let c = parse("endpoint = \"198.18.0.1:51820\"").unwrap();
         assert_eq!(c.name, "holdfast");
-        assert_eq!(c.listen, "0.0.0.0:51820".parse().unwrap());
+        assert_eq!(c.listen, "[::]:51820".parse().unwrap());
+        assert_eq!(c.v6, None);
         assert_eq!(c.subnet.to_string(), "100.64.0.0/24");
         assert_eq!(c.gateway_ip, Ipv4Addr::new(100, 64, 0, 1));
         assert_eq!(c.server_name, "holdfast-gateway");
@@ -893,12 +1037,20 @@ mod tests {
             name: "gw-1".into(),
             endpoint: "203.0.113.7:4433".parse().unwrap(),
             subnet: "10.9.0.0/16".parse().unwrap(),
+            subnet6: random_ula64([1, 2, 3, 4, 5]),
             server_name: "vpn.example.org".into(),
         };
         let c = parse(&render_initial(&v)).unwrap();
+        assert_eq!(
+            c.v6,
+            Some(Tunnel6 {
+                subnet: "fd01:203:405::/64".parse().unwrap(),
+                gateway_ip: "fd01:203:405::1".parse().unwrap()
+            })
+        );
         assert_eq!(c.name, "gw-1");
         assert_eq!(c.endpoint, v.endpoint);
-        assert_eq!(c.listen, "0.0.0.0:4433".parse().unwrap());
+        assert_eq!(c.listen, "[::]:4433".parse().unwrap());
         assert_eq!(c.subnet, v.subnet);
         assert_eq!(c.gateway_ip, Ipv4Addr::new(10, 9, 0, 1));
         assert_eq!(c.server_name, "vpn.example.org");
@@ -925,6 +1077,17 @@ mod tests {
             ("gateway_ip = \"10.0.0.1\"", "outside the subnet"),
             ("gateway_ip = \"100.64.0.255\"", "broadcast"),
             ("gateway_ip = \"100.64.0.0\"", "network address"),
+            ("subnet6 = \"fd00::/32\"", "/48 to /120"),
+            ("subnet6 = \"fd00::1/64\"", "did you mean fd00::/64"),
+            ("subnet6 = \"100.64.0.0/24\"", "subnet6"),
+            ("subnet6 = \"ff00::/64\"", "not a unicast range"),
+            ("subnet6 = \"fd00::/64\"\ngateway_ip6 = \"fd01::1\"", "`gateway_ip6` fd01::1: outside"),
+            ("subnet6 = \"fd00::/64\"\ngateway_ip6 = \"fd00::\"", "subnet-router anycast"),
+            ("gateway_ip6 = \"fd00::1\"", "needs `subnet6`"),
+            (
+                "endpoint = \"[2001:db8::1]:51820\"\nlisten = \"0.0.0.0:51820\"",
+                "`listen` 0.0.0.0:51820 cannot receive",
+            ),
             ("server_name = \"bad name\"", "not a valid DNS name"),
             ("server_name = \"\"", "not a valid DNS name"),
             ("name = \"a/b\"", "`name`"),
@@ -969,6 +1132,31 @@ mod tests {
                 "for {extra:?}: expected {want:?} in {r:?}"
             );
         }
+    }
+
+    #[test]
+    fn upgrade_inserts_subnet6_at_top_level_and_keeps_the_rest() {
+        let old = "# mine\nendpoint = \"198.18.0.1:51820\"\nsubnet = \"100.64.9.0/24\"\n\n[nat]\nenabled = false\n";
+        let net = random_ula64([9, 8, 7, 6, 5]);
+        let new = upgrade_text(old, net).unwrap();
+        assert!(new.starts_with("# mine\n"), "{new}");
+        assert!(new.ends_with("[nat]\nenabled = false\n"), "{new}");
+        let c = parse(&new).unwrap();
+        assert_eq!(c.subnet.to_string(), "100.64.9.0/24");
+        assert_eq!(c.v6.unwrap().subnet, net);
+        assert_eq!(c.v6.unwrap().gateway_ip, first_host6(net));
+        // Idempotent: an upgraded file is left alone.
+        assert_eq!(upgrade_text(&new, random_ula64([0; 5])), None);
+        // No table at all, no final newline.
+        let c = parse(&upgrade_text("endpoint = \"198.18.0.1:1\"", net).unwrap()).unwrap();
+        assert_eq!(c.v6.unwrap().subnet, net);
+    }
+
+    #[test]
+    fn ula_is_fd_plus_40_random_bits() {
+        let n = random_ula64([0xab, 0xcd, 0xef, 0x01, 0x23]);
+        assert_eq!(n.to_string(), "fdab:cdef:123::/64");
+        assert!(check_subnet6(n).is_ok());
     }
 
     #[test]

@@ -9,12 +9,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::GatewayError;
 use super::fsutil::{self, Existing};
 use super::registry::postgres::{Deployment, PgStore};
-use super::registry::{ClientState, RegistryError, RegistryStore, RevokeOutcome, check_name};
+use super::registry::{ClientState, Registry, RegistryError, RegistryStore, RevokeOutcome, check_name};
 use super::server::ControlPlane;
 use crate::config::ConfigError;
 use crate::config::client::{ClientFile, TlsSection};
@@ -119,6 +119,10 @@ pub struct InitArgs {
     /// The tunnel subnet; the gateway takes its first host address.
     #[arg(long, value_name = "CIDR", default_value_t = DEFAULT_SUBNET)]
     pub subnet: Ipv4Net,
+    /// The IPv6 tunnel subnet (/48 to /120); the gateway takes its first host address.
+    /// Default: a random RFC 4193 unique local /64 (fdXX:XXXX:XXXX::/64), chosen once here.
+    #[arg(long, value_name = "CIDR6")]
+    pub subnet6: Option<Ipv6Net>,
     /// This gateway's name (logs, the authority's certificate).
     #[arg(long, value_name = "NAME", default_value = DEFAULT_NAME)]
     pub name: String,
@@ -263,7 +267,7 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
     let (config, config_text) = plan_init(a, &SharedValues::default())?;
     let authority = Authority::generate(&a.name)?;
     write_identity(&config, &authority)?;
-    super::registry::file::FileStore::new(&config.registry, config.subnet, config.gateway_ip)
+    super::registry::file::FileStore::new(&config.registry, config.subnet, config.gateway_ip, config.v6)
         .create()?;
     write_file(
         &config.dir.join(GATEWAY_FILE),
@@ -284,6 +288,7 @@ pub async fn init_shared(a: &InitArgs, url: &str) -> Result<String, GatewayError
     let shared = SharedValues {
         database: Some(url.to_owned()),
         gateway_ip: None,
+        gateway_ip6: None,
     };
     let (config, config_text) = plan_init(a, &shared)?;
     let store = PgStore::connect(url).await?;
@@ -291,6 +296,7 @@ pub async fn init_shared(a: &InitArgs, url: &str) -> Result<String, GatewayError
         .create_deployment(Deployment {
             subnet: config.subnet,
             gateway_ip: config.gateway_ip,
+            v6: config.v6,
         })
         .await?;
     let authority = Authority::generate(&a.name)?;
@@ -312,17 +318,19 @@ pub async fn join(a: &JoinArgs) -> Result<String, GatewayError> {
         });
     };
     let store = PgStore::connect(&url).await?;
-    let dep = store.check_deployment(from.subnet, from.gateway_ip).await?;
+    let dep = store.check_deployment(from.subnet, from.gateway_ip, from.v6).await?;
     let args = InitArgs {
         dir: a.dir.clone(),
         endpoint: a.endpoint,
         subnet: dep.subnet,
+        subnet6: dep.v6.map(|v6| v6.subnet),
         name: a.name.clone().unwrap_or_else(|| from.name.clone()),
         server_name: from.server_name.clone(),
     };
     let shared = SharedValues {
         database: Some(url),
         gateway_ip: Some(dep.gateway_ip),
+        gateway_ip6: dep.v6.map(|v6| v6.gateway_ip),
     };
     let (config, config_text) = plan_init(&args, &shared)?;
     let authority = load_authority(&from)?;
@@ -349,6 +357,10 @@ fn plan_init(a: &InitArgs, shared: &SharedValues) -> Result<(GatewayConfig, Stri
     check_name(&a.name).map_err(|r| usage("--name", format!("'{}': {r}", a.name)))?;
     gwconf::check_server_name(&a.server_name).map_err(|r| usage("--server-name", r))?;
     gwconf::check_subnet(a.subnet).map_err(|r| usage("--subnet", r))?;
+    let subnet6 = match a.subnet6 {
+        Some(net) => gwconf::check_subnet6(net).map_err(|r| usage("--subnet6", r))?,
+        None => random_ula(),
+    };
     if a.endpoint.port() == 0 || a.endpoint.ip().is_unspecified() {
         return Err(usage(
             "--endpoint",
@@ -362,6 +374,7 @@ fn plan_init(a: &InitArgs, shared: &SharedValues) -> Result<(GatewayConfig, Stri
         name: a.name.clone(),
         endpoint: a.endpoint,
         subnet: a.subnet,
+        subnet6,
         server_name: a.server_name.clone(),
     };
     let config_path = a.dir.join(GATEWAY_FILE);
@@ -450,7 +463,7 @@ async fn finish_shared(
 
 fn init_report(config: &GatewayConfig, dir: &Path, registry: &str) -> String {
     format!(
-        "Initialised gateway '{}' in {}\n  endpoint     {}\n  subnet       {} (gateway {})\n  server name  {}\n  \
+        "Initialised gateway '{}' in {}\n  endpoint     {}\n  subnet       {} (gateway {})\n  subnet6      {}\n  server name  {}\n  \
          authority    {} (key {})\n  TLS identity {} (key {})\n  registry     {}\n\
          Next: holdfast gateway add-client --dir {} NAME\n",
         config.name,
@@ -458,6 +471,7 @@ fn init_report(config: &GatewayConfig, dir: &Path, registry: &str) -> String {
         config.endpoint,
         config.subnet,
         config.gateway_ip,
+        v6_text(config),
         config.server_name,
         config.ca_cert.display(),
         config.ca_key.display(),
@@ -466,6 +480,67 @@ fn init_report(config: &GatewayConfig, dir: &Path, registry: &str) -> String {
         registry,
         dir.display(),
     )
+}
+
+/// A random RFC 4193 unique local /64 (40 random bits of global id).
+fn random_ula() -> Ipv6Net {
+    let mut id = [0u8; 5];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+    gwconf::random_ula64(id)
+}
+
+/// "SUBNET6 (gateway GW6)" or "none", for reports.
+fn v6_text(config: &GatewayConfig) -> String {
+    match config.v6 {
+        Some(v6) => format!("{} (gateway {})", v6.subnet, v6.gateway_ip),
+        None => "none".into(),
+    }
+}
+
+/// Loads `DIR/gateway.toml` for a command that serves or adds clients, upgrading a directory
+/// written before IPv6 in place first: gateway.toml gets a random ULA `subnet6` (inserted as
+/// text, so comments and layout stay), and every registry entry without an IPv6 address gets
+/// one. IPv4 addresses never change. Returns the config and one line per change made (empty
+/// when there was nothing to do), which the caller prints or logs. A gateway on a shared
+/// registry is left as it is: its deployment's address plan lives in the database.
+pub fn load_upgraded(dir: &Path) -> Result<(GatewayConfig, Vec<String>), GatewayError> {
+    let path = dir.join(GATEWAY_FILE);
+    let mut config = GatewayConfig::load(&path)?;
+    let mut changes = Vec::new();
+    if config.database.is_some() {
+        return Ok((config, changes));
+    }
+    if config.v6.is_none() {
+        // A registry that already holds IPv6 addresses lost its `subnet6` (an edit gone wrong):
+        // a fresh random one would not contain them. Refused, naming the key (the registry's
+        // own check says "... but gateway.toml has no `subnet6`"), and nothing is written.
+        Registry::load(&config.registry, config.subnet, config.gateway_ip, None)?;
+        let text = crate::config::read_config_text(&path)?;
+        let subnet6 = random_ula();
+        if let Some(new_text) = gwconf::upgrade_text(&text, subnet6) {
+            // Parse what we are about to write: the upgrade must never break the file.
+            let upgraded = GatewayConfig::parse(&new_text, &path)?;
+            write_file(&path, new_text.as_bytes(), PUBLIC_MODE, Existing::Replace)?;
+            changes.push(format!("{}: added subnet6 = \"{subnet6}\" (dual stack)", path.display()));
+            config = upgraded;
+        }
+    }
+    if config.v6.is_some() {
+        let _lock = Registry::lock(&config.registry)?;
+        let mut registry =
+            Registry::load(&config.registry, config.subnet, config.gateway_ip, config.v6)?;
+        let named = registry.assign_missing_ip6()?;
+        if !named.is_empty() {
+            registry.save()?;
+            changes.push(format!(
+                "{}: gave {} client(s) an IPv6 address ({}); IPv4 addresses unchanged",
+                config.registry.display(),
+                named.len(),
+                named.join(", ")
+            ));
+        }
+    }
+    Ok((config, changes))
 }
 
 fn load_authority(config: &GatewayConfig) -> Result<Authority, GatewayError> {
@@ -530,7 +605,7 @@ pub async fn add_client_in(a: &AddClientArgs) -> Result<String, GatewayError> {
         flag: "NAME",
         reason: format!("'{}': {r}", a.name),
     })?;
-    let config = GatewayConfig::load_dir(&a.dir)?;
+    let (config, upgraded) = load_upgraded(&a.dir)?;
     let store = RegistryStore::open(&config).await?;
     // Every gateway of the deployment goes into the client file, this one first.
     let mut endpoints = store
@@ -557,13 +632,16 @@ pub async fn add_client_in(a: &AddClientArgs) -> Result<String, GatewayError> {
     } else {
         "registered"
     };
-    Ok(format!(
-        "Client '{}' {what}: tunnel address {}, certificate {}\nClient file (mode 0600, contains the client's key): {}\n",
+    let ip6 = plan.ip6.map(|ip| format!(" and {ip}")).unwrap_or_default();
+    let mut report: String = upgraded.iter().map(|l| format!("Upgraded {l}\n")).collect();
+    report.push_str(&format!(
+        "Client '{}' {what}: tunnel address {}{ip6}, certificate {}\nClient file (mode 0600, contains the client's key): {}\n",
         a.name,
         plan.ip,
         fp.short(),
         out.display()
-    ))
+    ));
+    Ok(report)
 }
 
 /// Writes the client file for a planned add: the client must be able to read back exactly what
@@ -655,8 +733,8 @@ pub async fn list_in(dir: &Path) -> Result<String, GatewayError> {
     let mut clients: Vec<_> = snapshot.clients.iter().collect();
     clients.sort_by_key(|c| c.ip);
     let mut out = format!(
-        "{:<24} {:<15} {:<8} {:<16} CREATED\n",
-        "NAME", "ADDRESS", "STATE", "CERT (SHA-256)"
+        "{:<24} {:<15} {:<24} {:<8} {:<16} CREATED\n",
+        "NAME", "ADDRESS", "ADDRESS6", "STATE", "CERT (SHA-256)"
     );
     for c in &clients {
         let state = match c.state {
@@ -664,9 +742,10 @@ pub async fn list_in(dir: &Path) -> Result<String, GatewayError> {
             ClientState::Revoked => "revoked",
         };
         out.push_str(&format!(
-            "{:<24} {:<15} {:<8} {:<16} {}\n",
+            "{:<24} {:<15} {:<24} {:<8} {:<16} {}\n",
             c.name,
             c.ip.to_string(),
+            c.ip6.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
             state,
             c.cert_sha256.short().to_string(),
             c.created
@@ -677,10 +756,11 @@ pub async fn list_in(dir: &Path) -> Result<String, GatewayError> {
         .filter(|c| c.state == ClientState::Active)
         .count();
     out.push_str(&format!(
-        "{} client(s), {active} active; subnet {} (gateway {})\n",
+        "{} client(s), {active} active; subnet {} (gateway {}); subnet6 {}\n",
         clients.len(),
         config.subnet,
-        config.gateway_ip
+        config.gateway_ip,
+        v6_text(&config)
     ));
     if config.database.is_some() {
         out.push_str(&format!(
@@ -694,8 +774,16 @@ pub async fn list_in(dir: &Path) -> Result<String, GatewayError> {
 
 /// `gateway run`: serves until SIGINT or SIGTERM.
 async fn run(dir: &Path) -> Result<(), GatewayError> {
-    let config = GatewayConfig::load_dir(dir)?;
+    let (config, upgraded) = load_upgraded(dir)?;
     let early = super::ops::Early::now(&config);
+    for change in &upgraded {
+        tracing::info!("upgraded {change}");
+    }
+    if config.v6.is_some() && super::dataplane::served_v6(&config).is_none() {
+        tracing::warn!(
+            "IPv6 is disabled on this host (net.ipv6.conf.*.disable_ipv6 = 1): serving IPv4 only; `subnet6` is kept for when it is enabled"
+        );
+    }
     // The resolver (issue 11): decided first, because clients are told about it when they
     // authenticate; started once the TUN device (its address) exists.
     let dns_plan = super::dns::ResolverPlan::for_gateway(&config);
@@ -703,7 +791,7 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
     let serving = super::follow::serve(&config).await?;
     let plane = ControlPlane::bind_with(&config, serving.live.clone(), push)?;
     serving.follow(plane.sessions(), plane.clock());
-    tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, "gateway starting");
+    tracing::info!(gateway = %config.name, endpoint = %config.endpoint, subnet = %config.subnet, subnet6 = %v6_text(&config), "gateway starting");
     // Data plane (issue 3): TUN, UDP loops and NAT beside the control plane, on its sessions.
     let sessions = std::sync::Arc::new(super::dataplane::ControlSessions::of(&plane));
     let data = super::dataplane::start_for(&config, sessions.clone()).await?;

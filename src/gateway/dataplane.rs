@@ -17,7 +17,7 @@
 //! last-seen) lives in the session table's entries, not in the loops; the loops hold buffers.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -32,7 +32,8 @@ use tun_rs::AsyncDevice;
 
 use super::ControlPlane;
 use super::sessions::{Clock, Session, SessionTable};
-use crate::config::gateway::GatewayConfig;
+use crate::config::gateway::{GatewayConfig, Tunnel6};
+use crate::sansio::inner::{IpFamily, InnerPacket};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, MsgType};
 use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
@@ -62,6 +63,8 @@ pub const NAT_TABLE: &str = "holdfast_nat";
 pub struct DataSession {
     pub session_id: SessionId,
     pub assigned_ip: Ipv4Addr,
+    /// The client's IPv6 tunnel address, if its session has one.
+    pub assigned_ip6: Option<Ipv6Addr>,
     /// Cipher, the gateway-to-client counter and the client-to-gateway replay window.
     pub crypto: SessionCrypto,
     /// Where the client was last seen; written by the receive loop only.
@@ -77,9 +80,26 @@ impl DataSession {
         Self {
             session_id,
             assigned_ip,
+            assigned_ip6: None,
             crypto: SessionCrypto::new(key),
             path: SessionPath::default(),
             traffic: Counters::default(),
+        }
+    }
+
+    /// The same session with an IPv6 tunnel address too.
+    pub fn with_ip6(mut self, ip6: Option<Ipv6Addr>) -> Self {
+        self.assigned_ip6 = ip6;
+        self
+    }
+
+    /// Whether `ip` is one of this session's tunnel addresses: the anti-spoofing check, for
+    /// either family.
+    #[inline]
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => v4 == self.assigned_ip,
+            IpAddr::V6(v6) => Some(v6) == self.assigned_ip6,
         }
     }
 
@@ -117,12 +137,14 @@ impl DataSession {
                 .touched_ms
                 .compare_exchange(touched, ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
-        if self.path.endpoint.load().as_deref() == Some(&from) {
-            return Seen { roamed: false, touch };
+        let before = self.path.endpoint.load().as_deref().copied();
+        if before == Some(from) {
+            return Seen { roamed: false, touch, family_changed: false };
         }
         // Allocates, but only when the endpoint changes (roaming), never per packet.
         self.path.endpoint.store(Some(Arc::new(from)));
-        Seen { roamed: true, touch }
+        let family_changed = before.is_some_and(|b| b.is_ipv4() != from.is_ipv4());
+        Seen { roamed: true, touch, family_changed }
     }
 }
 
@@ -131,6 +153,8 @@ impl DataSession {
 struct Seen {
     roamed: bool,
     touch: bool,
+    /// The new endpoint is of the other IP family than the previous one.
+    family_changed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -153,9 +177,9 @@ fn epoch() -> Instant {
 pub trait SessionLookup: Send + Sync + 'static {
     /// The session with this id, if it may carry traffic now.
     fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>>;
-    /// The session that carries traffic to this tunnel address: its client's newest, or the one
-    /// before it while the client has not used the newest yet.
-    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>>;
+    /// The session that carries traffic to this tunnel address (IPv4 or IPv6): its client's
+    /// newest, or the one before it while the client has not used the newest yet.
+    fn by_ip(&self, ip: IpAddr) -> Option<Arc<DataSession>>;
     /// The session carried authenticated traffic just now (so it is not idle). Called at most
     /// once per [`TOUCH_EVERY`] per session.
     fn touch(&self, _session: &DataSession) {}
@@ -212,7 +236,7 @@ impl ControlSessions {
             .filter(|(id, _)| self.table.get(**id).is_some())
             .map(|(id, d)| (*id, d.clone()))
             .collect();
-        let d = Arc::new(DataSession::new(s.id, s.assigned_ip, &s.key));
+        let d = Arc::new(DataSession::new(s.id, s.assigned_ip, &s.key).with_ip6(s.assigned_ip6));
         next.insert(s.id, d.clone());
         self.data.store(Arc::new(next));
         Some(d)
@@ -224,7 +248,7 @@ impl SessionLookup for ControlSessions {
         self.data_for(&*self.table.get(id)?)
     }
 
-    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<DataSession>> {
+    fn by_ip(&self, ip: IpAddr) -> Option<Arc<DataSession>> {
         let newest = self.data_for(&*self.table.get_by_ip(ip)?);
         if newest.as_ref().is_some_and(|d| d.endpoint().is_some()) {
             return newest;
@@ -256,6 +280,8 @@ pub struct GatewayDataPlaneConfig {
     /// The tunnel subnet and the gateway's address in it.
     pub subnet: Ipv4Net,
     pub gateway_ip: Ipv4Addr,
+    /// The IPv6 tunnel subnet and the gateway's address in it, if the gateway has IPv6.
+    pub v6: Option<Tunnel6>,
     /// The TUN device's name; `None` lets the kernel choose.
     pub tun_name: Option<String>,
     pub underlay_mtu: u16,
@@ -269,6 +295,15 @@ pub struct GatewayDataPlaneConfig {
     pub coalesce_writes: bool,
 }
 
+/// The IPv6 plan this gateway serves: `subnet6` from gateway.toml, unless IPv6 is disabled on
+/// the host, where the kernel would refuse the TUN device's IPv6 address. Then clients get
+/// IPv4-only sessions, as from a gateway without `subnet6`, while the registry (still checked
+/// against `subnet6`) keeps their IPv6 addresses for when IPv6 is back. The one place that
+/// decides it: the control service and the data plane both ask here.
+pub fn served_v6(config: &GatewayConfig) -> Option<Tunnel6> {
+    config.v6.filter(|_| !tunnel::ipv6_disabled())
+}
+
 impl GatewayDataPlaneConfig {
     /// From `gateway.toml`: the UDP socket on the control plane's listen address, the TUN on the
     /// gateway's tunnel address, NAT on `[nat] uplink` when `[nat] enabled`.
@@ -277,11 +312,26 @@ impl GatewayDataPlaneConfig {
             listen: config.listen,
             subnet: config.subnet,
             gateway_ip: config.gateway_ip,
+            v6: served_v6(config),
             tun_name: None,
             underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
             nat_uplink: config.nat.enabled.then(|| config.nat.uplink.clone()),
             offload: config.dataplane.offload,
             coalesce_writes: config.dataplane.coalesce_writes,
+        }
+    }
+}
+
+impl GatewayDataPlaneConfig {
+    /// Whether `dst` is a client's tunnel address (in a tunnel subnet, not the gateway's own):
+    /// the only destinations worth a session lookup.
+    #[inline]
+    fn is_client_address(&self, dst: IpAddr) -> bool {
+        match dst {
+            IpAddr::V4(ip) => ip != self.gateway_ip && self.subnet.contains(&ip),
+            IpAddr::V6(ip) => {
+                self.v6.is_some_and(|v6| ip != v6.gateway_ip && v6.subnet.contains(&ip))
+            }
         }
     }
 }
@@ -339,11 +389,14 @@ impl GatewayDataPlane {
         cfg: GatewayDataPlaneConfig,
         sessions: Arc<dyn SessionLookup>,
     ) -> Result<Self, GatewayDataPlaneError> {
+        // A dual-stack socket carries IPv6 clients too: size the tunnel for the costlier family.
+        let underlay = IpFamily::of_addr(cfg.listen.ip());
         let spec = TunSpec {
             name: cfg.tun_name.clone(),
             address: cfg.gateway_ip,
             prefix_len: cfg.subnet.prefix_len(),
-            mtu: tunnel::tun_mtu(cfg.underlay_mtu)?,
+            address6: cfg.v6.map(|v6| (v6.gateway_ip, v6.subnet.prefix_len())),
+            mtu: tunnel::tun_mtu(cfg.underlay_mtu, underlay)?,
             offload: cfg.offload,
         };
         let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
@@ -352,7 +405,7 @@ impl GatewayDataPlane {
         let local = sock.local_addr().unwrap_or(cfg.listen);
         let nat =
             match &cfg.nat_uplink {
-                Some(uplink) => Some(Nat::install(cfg.subnet, uplink).await.map_err(|reason| {
+                Some(uplink) => Some(Nat::install(cfg.subnet, cfg.v6.map(|v6| v6.subnet), uplink).await.map_err(|reason| {
                     GatewayDataPlaneError::Nat { uplink: uplink.clone(), reason }
                 })?),
                 None => None,
@@ -361,15 +414,17 @@ impl GatewayDataPlane {
         counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
         tracing::info!(
             target: TARGET,
-            "data plane up: tun {} (ifindex {}, {}/{}, mtu {}), UDP {local}{}",
+            "data plane up: tun {} (ifindex {}, {}/{}{}, mtu {}), UDP {local}{}",
             tun.name,
             tun.ifindex,
             cfg.gateway_ip,
             cfg.subnet.prefix_len(),
+            cfg.v6.map(|v6| format!(" and {}/{}", v6.gateway_ip, v6.subnet.prefix_len())).unwrap_or_default(),
             tun.mtu,
-            match &cfg.nat_uplink {
-                Some(u) => format!(", NAT {} -> {u}", cfg.subnet),
-                None => String::new(),
+            match (&cfg.nat_uplink, cfg.v6) {
+                (Some(u), Some(v6)) => format!(", NAT {} and {} -> {u}", cfg.subnet, v6.subnet),
+                (Some(u), None) => format!(", NAT {} -> {u}", cfg.subnet),
+                (None, _) => String::new(),
             }
         );
         let (stop, _) = watch::channel(false);
@@ -489,11 +544,11 @@ async fn from_clients(
                 note_seen(&*ctx.sessions, session, from, now, c);
                 continue;
             }
-            let Some((src, dst)) = tunnel::ipv4_addrs(&datagram[payload.clone()]) else {
+            let Some(inner) = InnerPacket::parse(&datagram[payload.clone()]) else {
                 session.drop_packet(c, DropReason::Malformed);
                 continue;
             };
-            if src != session.assigned_ip {
+            if !session.owns(inner.src) {
                 session.drop_packet(c, DropReason::Spoofed);
                 continue;
             }
@@ -504,8 +559,8 @@ async fn from_clients(
             Counters::packet(&session.traffic.rx_packets, &session.traffic.rx_bytes, payload.len());
             // Only tunnel addresses belong to sessions: traffic for the gateway itself or for
             // the outside (NAT) needs no lookup.
-            let to_peer = dst != ctx.cfg.gateway_ip && ctx.cfg.subnet.contains(&dst);
-            let peer = if to_peer { ctx.sessions.by_ip(dst) } else { None };
+            let to_peer = ctx.cfg.is_client_address(inner.dst);
+            let peer = if to_peer { ctx.sessions.by_ip(inner.dst) } else { None };
             match peer {
                 // Client to client: re-seal in place (the inner packet already sits at
                 // HEADER_LEN, and the tag room behind it is the one the datagram had).
@@ -547,6 +602,11 @@ fn note_seen(
     let seen = session.seen(from, now);
     if seen.touch {
         sessions.touch(session);
+    }
+    if seen.family_changed {
+        // Roaming between an IPv4 and an IPv6 underlay is not a supported setup (a client keeps
+        // one gateway address); it works as any roam does, and is said once per change.
+        tracing::info!(target: TARGET, "session {} changed underlay family: now at {from}", session.session_id);
     }
     if seen.roamed {
         bump(&c.roams);
@@ -630,13 +690,16 @@ async fn to_clients(
         for i in 0..n {
             lens[i] = 0;
             routes[i] = None;
-            let Some((_, dst)) = tunnel::ipv4_addrs(reader.packet(i)) else {
-                // IPv6 (the kernel's own router solicitations, say) or garbage: IPv4 only.
-                c.count_drop(DropReason::NotIpv4);
+            // Not IP at all, or the kernel's own link-scope chatter on the device (MLD reports,
+            // router solicitations): nothing a client could use.
+            let inner = InnerPacket::parse(reader.packet(i)).filter(|p| !p.is_link_chatter());
+            let Some(inner) = inner else {
+                c.count_drop(DropReason::NotCarried);
                 continue;
             };
             // No session owns the address, or its client has not told us where it is yet.
-            let Some(session) = ctx.sessions.by_ip(dst).filter(|s| s.endpoint().is_some()) else {
+            let session = ctx.sessions.by_ip(inner.dst).filter(|s| s.endpoint().is_some());
+            let Some(session) = session else {
                 c.count_drop(DropReason::NoRoute);
                 continue;
             };
@@ -698,25 +761,42 @@ fn seal_drop(e: SealError) -> DropReason {
 struct Nat;
 
 impl Nat {
-    async fn install(subnet: Ipv4Net, uplink: &str) -> Result<Nat, String> {
+    async fn install(subnet: Ipv4Net, subnet6: Option<ipnet::Ipv6Net>, uplink: &str) -> Result<Nat, String> {
         if !uplink.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.@".contains(ch))
             || uplink.is_empty()
         {
             return Err(format!("invalid interface name {uplink:?}"));
         }
         // `table` then `delete table` makes the delete succeed whether or not it existed; the
-        // whole script is one atomic nftables transaction.
+        // whole script is one atomic nftables transaction. One `inet` table masquerades both
+        // families (NAT66 for the IPv6 subnet); the `ip` one is what releases before IPv6
+        // installed, removed in case a killed one left it behind.
+        let nat66 = subnet6
+            .map(|s6| format!("\t\tip6 saddr {s6} oifname \"{uplink}\" masquerade\n"))
+            .unwrap_or_default();
         let script = format!(
             "table ip {NAT_TABLE}\n\
              delete table ip {NAT_TABLE}\n\
-             table ip {NAT_TABLE} {{\n\
+             table inet {NAT_TABLE}\n\
+             delete table inet {NAT_TABLE}\n\
+             table inet {NAT_TABLE} {{\n\
              \tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
              \t\tip saddr {subnet} oifname \"{uplink}\" masquerade\n\
+             {nat66}\
              \t}}\n\
              }}\n"
         );
         nft(&script).await?;
+        if subnet6.is_some()
+            && std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
+                .is_ok_and(|v| v.trim() == "0")
+        {
+            tracing::warn!(
+                target: TARGET,
+                "NAT is on but IPv6 forwarding is off (net.ipv6.conf.all.forwarding = 0): clients' IPv6 will not reach beyond the gateway"
+            );
+        }
         if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
             tracing::warn!(
                 target: TARGET,
@@ -727,7 +807,7 @@ impl Nat {
     }
 
     async fn remove(self) {
-        if let Err(e) = nft(&format!("delete table ip {NAT_TABLE}\n")).await {
+        if let Err(e) = nft(&format!("delete table inet {NAT_TABLE}\n")).await {
             tracing::warn!(target: TARGET, "could not remove the NAT rule: {e}");
         }
     }
@@ -767,14 +847,22 @@ mod tests {
         let a: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
         let b: SocketAddr = "198.18.0.2:4001".parse().expect("addr");
         let t = epoch() + Duration::from_secs(5);
-        assert_eq!(s.seen(a, t), Seen { roamed: true, touch: true }, "first endpoint");
+        let first = Seen { roamed: true, touch: true, family_changed: false };
+        assert_eq!(s.seen(a, t), first, "first endpoint");
         assert!(!s.seen(a, t + Duration::from_millis(1)).touch, "touches are spaced");
-        assert_eq!(s.seen(a, t + Duration::from_secs(1)), Seen { roamed: false, touch: true });
+        let again = Seen { roamed: false, touch: true, family_changed: false };
+        assert_eq!(s.seen(a, t + Duration::from_secs(1)), again);
         assert_eq!(s.endpoint(), Some(a));
-        assert!(s.seen(b, t + Duration::from_secs(2)).roamed);
+        let roam = s.seen(b, t + Duration::from_secs(2));
+        assert!(roam.roamed && !roam.family_changed);
         assert_eq!(s.endpoint(), Some(b));
         let seen = s.last_seen().expect("seen");
         assert!(seen >= t + Duration::from_millis(1999) && seen <= t + Duration::from_millis(2001));
+        // Over to an IPv6 underlay and back: each a change of family.
+        let c: SocketAddr = "[2001:db8::2]:4000".parse().expect("addr");
+        assert!(s.seen(c, t + Duration::from_secs(3)).family_changed);
+        assert!(!s.seen(c, t + Duration::from_secs(4)).family_changed);
+        assert!(s.seen(a, t + Duration::from_secs(5)).family_changed);
     }
 
     #[test]
@@ -790,30 +878,31 @@ mod tests {
                 client: "alice".into(),
                 cert: CertFingerprint([1; 32]),
                 assigned_ip: ip,
+                assigned_ip6: None,
                 key: SessionKey::new([id as u8; 32]),
             };
             table.open(new, 0, || id).session.id
         };
         let from: SocketAddr = "198.18.0.1:5000".parse().expect("addr");
         let first = open(11);
-        assert_eq!(sessions.by_ip(ip).map(|d| d.session_id), Some(first), "the only session");
+        assert_eq!(sessions.by_ip(ip.into()).map(|d| d.session_id), Some(first), "the only session");
         sessions.by_id(first).expect("valid").seen(from, Instant::now());
 
         let second = open(22);
         assert_eq!(
-            sessions.by_ip(ip).map(|d| d.session_id),
+            sessions.by_ip(ip.into()).map(|d| d.session_id),
             Some(first),
             "the client has not sent on the new session yet: no endpoint to send it to"
         );
         sessions.by_id(second).expect("valid").seen(from, Instant::now());
-        assert_eq!(sessions.by_ip(ip).map(|d| d.session_id), Some(second), "switched on first use");
+        assert_eq!(sessions.by_ip(ip.into()).map(|d| d.session_id), Some(second), "switched on first use");
     }
 
     #[tokio::test]
     async fn nat_refuses_interface_names_that_could_inject_rules() {
         let net: Ipv4Net = "100.64.0.0/24".parse().expect("net");
         for bad in ["", "eth0\" accept", "a;b", "x y"] {
-            assert!(Nat::install(net, bad).await.is_err(), "{bad:?}");
+            assert!(Nat::install(net, None, bad).await.is_err(), "{bad:?}");
         }
     }
 }

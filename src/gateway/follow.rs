@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::gateway::Tunnel6;
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 use tokio::sync::mpsc;
@@ -63,7 +64,7 @@ impl ServingRegistry {
 pub async fn serve(config: &GatewayConfig) -> Result<ServingRegistry, RegistryError> {
     match &config.database {
         None => Ok(ServingRegistry {
-            live: LiveRegistry::open(&config.registry, config.subnet, config.gateway_ip)?,
+            live: LiveRegistry::open(&config.registry, config.subnet, config.gateway_ip, config.v6)?,
             shared: None,
         }),
         Some(url) => {
@@ -74,6 +75,7 @@ pub async fn serve(config: &GatewayConfig) -> Result<ServingRegistry, RegistryEr
                 &config.endpoint.to_string(),
                 config.subnet,
                 config.gateway_ip,
+                config.v6,
             )
             .await?;
             Ok(ServingRegistry {
@@ -121,6 +123,7 @@ struct FollowerParts {
     name: String,
     subnet: Ipv4Net,
     gateway_ip: Ipv4Addr,
+    v6: Option<Tunnel6>,
 }
 
 /// Claims queued while the database is slow; beyond this they are dropped.
@@ -137,6 +140,7 @@ pub async fn start_shared(
     endpoint: &str,
     subnet: Ipv4Net,
     gateway_ip: Ipv4Addr,
+    v6: Option<Tunnel6>,
 ) -> Result<SharedStart, RegistryError> {
     let store = PgStore::new(url)?;
     let cache = dir.join(CACHE_FILE);
@@ -145,7 +149,7 @@ pub async fn start_shared(
     let (snapshot, prepared) = loop {
         let attempt = async {
             store.prepare().await?;
-            store.check_deployment(subnet, gateway_ip).await?;
+            store.check_deployment(subnet, gateway_ip, v6).await?;
             store.register_gateway(name, endpoint).await?;
             store.snapshot().await
         };
@@ -194,6 +198,7 @@ pub async fn start_shared(
             name: name.to_owned(),
             subnet,
             gateway_ip,
+            v6,
         },
     })
 }
@@ -251,7 +256,7 @@ impl Follower {
         if !self.parts.prepared {
             store.prepare().await?;
             store
-                .check_deployment(self.parts.subnet, self.parts.gateway_ip)
+                .check_deployment(self.parts.subnet, self.parts.gateway_ip, self.parts.v6)
                 .await?;
             store
                 .register_gateway(&self.parts.name, &self.parts.me)

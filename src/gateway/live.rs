@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,7 @@ use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 
 use super::registry::{ClientState, Registry, RegistryError};
+use crate::config::gateway::Tunnel6;
 use crate::pki::CertFingerprint;
 
 /// Identifies one version of the registry file.
@@ -51,6 +52,8 @@ impl FileStamp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientRecord {
     pub ip: Ipv4Addr,
+    /// `None` for an entry from before IPv6 not yet upgraded: that client is served IPv4 only.
+    pub ip6: Option<Ipv6Addr>,
     pub cert: CertFingerprint,
     pub revoked: bool,
 }
@@ -101,6 +104,7 @@ impl RegistryView {
             .map(|c| {
                 let rec = ClientRecord {
                     ip: c.ip,
+                    ip6: c.ip6,
                     cert: c.cert_sha256,
                     revoked: c.state == ClientState::Revoked,
                 };
@@ -191,6 +195,7 @@ enum Source {
         path: PathBuf,
         subnet: Ipv4Net,
         gateway_ip: Ipv4Addr,
+        v6: Option<Tunnel6>,
         /// Serialises reloads; also remembers the stamp of the last version that failed to
         /// load (`Some(None)`: the file was missing), so a broken file is reported once, not
         /// per request.
@@ -235,14 +240,20 @@ impl std::fmt::Debug for LiveRegistry {
 impl LiveRegistry {
     /// Loads the registry; a missing file is an empty registry, any other failure is an error
     /// (at start-up the operator must hear about a broken registry).
-    pub fn open(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Result<Self, RegistryError> {
-        let mut view = load_view(path, subnet, gateway_ip)?;
+    pub fn open(
+        path: &Path,
+        subnet: Ipv4Net,
+        gateway_ip: Ipv4Addr,
+        v6: Option<Tunnel6>,
+    ) -> Result<Self, RegistryError> {
+        let mut view = load_view(path, subnet, gateway_ip, v6)?;
         view.version = 1;
         Ok(Self::from_inner(Inner {
             source: Source::File {
                 path: path.to_owned(),
                 subnet,
                 gateway_ip,
+                v6,
                 reload: Mutex::new(None),
                 loads: std::sync::atomic::AtomicU64::new(1),
             },
@@ -319,6 +330,7 @@ impl LiveRegistry {
             path,
             subnet,
             gateway_ip,
+            v6,
             reload,
             loads,
         } = &self.inner.source
@@ -350,7 +362,7 @@ impl LiveRegistry {
                 "the client registry {} has disappeared",
                 path.display()
             )),
-            Some(_) => load_view(path, *subnet, *gateway_ip).map_err(|e| e.to_string()),
+            Some(_) => load_view(path, *subnet, *gateway_ip, *v6).map_err(|e| e.to_string()),
         };
         match loaded {
             Ok(mut view) => {
@@ -374,6 +386,7 @@ fn load_view(
     path: &Path,
     subnet: Ipv4Net,
     gateway_ip: Ipv4Addr,
+    v6: Option<Tunnel6>,
 ) -> Result<RegistryView, RegistryError> {
     let read_err = |source| RegistryError::Read {
         path: path.to_owned(),
@@ -387,7 +400,7 @@ fn load_view(
     let stamp = FileStamp::of(&file.metadata().map_err(read_err)?);
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(read_err)?;
-    let reg = Registry::parse(&bytes, path, subnet, gateway_ip)?;
+    let reg = Registry::parse(&bytes, path, subnet, gateway_ip, v6)?;
     Ok(RegistryView::from_registry(&reg, Some(stamp)))
 }
 
@@ -401,14 +414,14 @@ mod tests {
         let path = dir.path().join("clients.toml");
         let subnet: Ipv4Net = "10.1.0.0/24".parse().unwrap();
         let gw = Ipv4Addr::new(10, 1, 0, 1);
-        let live = LiveRegistry::open(&path, subnet, gw).unwrap();
+        let live = LiveRegistry::open(&path, subnet, gw, None).unwrap();
         assert!(live.view().is_empty());
         assert!(
             live.refresh(Wait::Yes).is_none(),
             "missing before and after: no change"
         );
 
-        let mut reg = Registry::empty(&path, subnet, gw);
+        let mut reg = Registry::empty(&path, subnet, gw, None);
         let plan = reg.plan_add("alice", None).unwrap();
         reg.commit_add("alice", plan, CertFingerprint([1; 32]), "t");
         reg.save().unwrap();

@@ -6,6 +6,7 @@
 //! [[client]]
 //! name = "alice"
 //! ip = "100.64.0.2"
+//! ip6 = "fd12:3456:789a:1::2"  # its IPv6 tunnel address (entries from before IPv6 get one on upgrade)
 //! state = "active"            # or "revoked": the entry stays, so its address stays reserved
 //! cert_sha256 = "3f1c..."     # SHA-256 of the client's certificate (DER), 64 hex digits
 //! created = "2025-01-01T12:00:00Z"
@@ -23,7 +24,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -37,7 +38,7 @@ mod store;
 pub use store::{RegistrySnapshot, RegistryStore};
 
 use super::fsutil::{self, Existing};
-use crate::config::gateway::check_host_in;
+use crate::config::gateway::{Tunnel6, check_host_in, check_host6_in};
 // The naming rule is the config layer's (a gateway's `name` follows it too); re-exported here,
 // where the registry's callers look for it.
 pub use crate::config::{MAX_NAME_LEN, check_name};
@@ -105,9 +106,15 @@ pub enum RegistryError {
         theirs: Ipv4Net,
         theirs_ip: Ipv4Addr,
     },
+    /// gateway.toml's IPv6 tunnel plan disagrees with the deployment's.
+    #[error("this gateway's IPv6 tunnel plan {ours} differs from the deployment's {theirs} in {db}; every gateway of a deployment serves the same subnets")]
+    Deployment6Mismatch { db: String, ours: String, theirs: String },
     /// Another gateway of the deployment already uses this endpoint.
     #[error("endpoint {endpoint} is already a gateway of this deployment ('{name}')")]
     EndpointTaken { endpoint: String, name: String },
+    /// Every address in the IPv6 subnet is taken (only possible with a long `subnet6` prefix).
+    #[error("no free address left in {subnet} (revoked clients keep their addresses)")]
+    Subnet6Full { subnet: ipnet::Ipv6Net },
 }
 
 /// Whether a client may authenticate.
@@ -125,6 +132,10 @@ pub struct ClientEntry {
     pub name: String,
     /// The client's tunnel address: fixed for the life of the entry, revoked or not.
     pub ip: Ipv4Addr,
+    /// The client's IPv6 tunnel address, fixed like `ip`. `None` only in a registry written
+    /// before IPv6, until the gateway's upgrade ([`Registry::assign_missing_ip6`]) gives it one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub state: ClientState,
     /// The only certificate this client may present.
     #[serde(with = "fingerprint_hex")]
@@ -181,13 +192,40 @@ pub struct Registry {
     path: PathBuf,
     subnet: Ipv4Net,
     gateway_ip: Ipv4Addr,
+    v6: Option<Tunnel6>,
     clients: Vec<ClientEntry>,
+}
+
+/// The lowest host address of `subnet` that is neither the gateway's nor in `taken`: how a new
+/// client gets its IPv4 address. Pure, so every registry store allocates the same way.
+pub fn next_free_ip4(
+    subnet: Ipv4Net,
+    gateway_ip: Ipv4Addr,
+    taken: &HashSet<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
+    subnet
+        .hosts()
+        .find(|ip| *ip != gateway_ip && !taken.contains(ip))
+}
+
+/// The IPv6 counterpart of [`next_free_ip4`]: the lowest address after the subnet-router anycast
+/// address that is neither the gateway's nor in `taken`. Looks at most `taken.len() + 2`
+/// candidates, however large the subnet.
+pub fn next_free_ip6(plan: Tunnel6, taken: &HashSet<Ipv6Addr>) -> Option<Ipv6Addr> {
+    let first = u128::from(plan.subnet.network()).checked_add(1)?;
+    let last = u128::from(plan.subnet.broadcast());
+    (first..=last)
+        .map(Ipv6Addr::from)
+        .take(taken.len() + 2)
+        .find(|ip| *ip != plan.gateway_ip && !taken.contains(ip))
 }
 
 /// What `add-client` is about to do, decided before anything is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AddPlan {
     pub ip: Ipv4Addr,
+    /// The IPv6 address (`None` when the gateway has no IPv6 plan).
+    pub ip6: Option<Ipv6Addr>,
     /// The name was revoked and is being re-enabled (same address, new certificate).
     pub reenable: bool,
 }
@@ -201,21 +239,27 @@ pub enum RevokeOutcome {
 
 impl Registry {
     /// An empty registry (what `init` writes).
-    pub fn empty(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Self {
+    pub fn empty(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr, v6: Option<Tunnel6>) -> Self {
         Self {
             path: path.to_owned(),
             subnet,
             gateway_ip,
+            v6,
             clients: Vec::new(),
         }
     }
 
     /// Loads the registry at `path`. A missing file is an empty registry (no client added yet).
-    pub fn load(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Result<Self, RegistryError> {
+    pub fn load(
+        path: &Path,
+        subnet: Ipv4Net,
+        gateway_ip: Ipv4Addr,
+        v6: Option<Tunnel6>,
+    ) -> Result<Self, RegistryError> {
         match std::fs::read(path) {
-            Ok(bytes) => Self::parse(&bytes, path, subnet, gateway_ip),
+            Ok(bytes) => Self::parse(&bytes, path, subnet, gateway_ip, v6),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Ok(Self::empty(path, subnet, gateway_ip))
+                Ok(Self::empty(path, subnet, gateway_ip, v6))
             }
             Err(source) => Err(RegistryError::Read {
                 path: path.to_owned(),
@@ -225,12 +269,14 @@ impl Registry {
     }
 
     /// Parses registry bytes and checks every entry: valid unique names, unique usable addresses
-    /// inside `subnet` other than the gateway's.
+    /// inside `subnet` other than the gateway's, and the same for the IPv6 addresses against
+    /// `v6` (an `ip6` without a `v6` plan is refused: the gateway could not route it).
     pub fn parse(
         bytes: &[u8],
         path: &Path,
         subnet: Ipv4Net,
         gateway_ip: Ipv4Addr,
+        v6: Option<Tunnel6>,
     ) -> Result<Self, RegistryError> {
         let bad = |reason: String| RegistryError::Malformed {
             path: path.to_owned(),
@@ -241,6 +287,7 @@ impl Registry {
             toml::from_str(text).map_err(|e| bad(crate::config::toml_reason(text, &e)))?;
         let mut names = HashSet::new();
         let mut ips = HashSet::new();
+        let mut ip6s = HashSet::new();
         for c in &file.clients {
             check_name(&c.name).map_err(|r| bad(format!("client name '{}': {r}", c.name)))?;
             if !names.insert(c.name.as_str()) {
@@ -258,11 +305,32 @@ impl Registry {
                     }
                 })
                 .map_err(|r| bad(format!("client '{}' has address {}: {r}", c.name, c.ip)))?;
+            if let Some(ip6) = c.ip6 {
+                if !ip6s.insert(ip6) {
+                    return Err(bad(format!("address {ip6} is given to two clients")));
+                }
+                let plan = v6.ok_or_else(|| {
+                    bad(format!(
+                        "client '{}' has IPv6 address {ip6} but gateway.toml has no `subnet6`",
+                        c.name
+                    ))
+                })?;
+                check_host6_in(plan.subnet, ip6)
+                    .and_then(|()| {
+                        if ip6 == plan.gateway_ip {
+                            Err("the gateway's own address".into())
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .map_err(|r| bad(format!("client '{}' has address {ip6}: {r}", c.name)))?;
+            }
         }
         Ok(Self {
             path: path.to_owned(),
             subnet,
             gateway_ip,
+            v6,
             clients: file.clients,
         })
     }
@@ -315,7 +383,7 @@ impl Registry {
         name: &str,
         requested: Option<Ipv4Addr>,
     ) -> Result<AddPlan, RegistryError> {
-        plan_add(&self.clients, self.subnet, self.gateway_ip, name, requested)
+        plan_add(&self.clients, self.subnet, self.gateway_ip, self.v6, name, requested)
     }
 
     /// The lowest host address of the subnet not used by the gateway or any entry.
@@ -323,10 +391,31 @@ impl Registry {
         next_free_v4(&self.clients, self.subnet, self.gateway_ip)
     }
 
+    /// The lowest free IPv6 address; `Ok(None)` when the gateway has no IPv6 plan.
+    fn free_ip6(&self) -> Result<Option<Ipv6Addr>, RegistryError> {
+        free_ip6(&self.clients, self.v6)
+    }
+
+    /// The in-place upgrade to dual stack: gives every entry without an IPv6 address the next
+    /// free one (in file order, so the result does not depend on timing). IPv4 addresses are not
+    /// touched. Returns the names upgraded; the caller saves (under the lock) if any.
+    pub fn assign_missing_ip6(&mut self) -> Result<Vec<String>, RegistryError> {
+        let mut done = Vec::new();
+        for i in 0..self.clients.len() {
+            if self.clients[i].ip6.is_none() {
+                let Some(ip6) = self.free_ip6()? else { break };
+                self.clients[i].ip6 = Some(ip6);
+                done.push(self.clients[i].name.clone());
+            }
+        }
+        Ok(done)
+    }
+
     /// Records a (re-)added client with the certificate just issued for it. `plan` must come from
     /// [`Registry::plan_add`] on this same registry.
     pub fn commit_add(&mut self, name: &str, plan: AddPlan, cert: CertFingerprint, now: &str) {
         if let Some(existing) = self.clients.iter_mut().find(|c| c.name == name) {
+            existing.ip6 = existing.ip6.or(plan.ip6);
             existing.state = ClientState::Active;
             existing.cert_sha256 = cert;
             existing.cert_issued = now.to_owned();
@@ -336,6 +425,7 @@ impl Registry {
         self.clients.push(ClientEntry {
             name: name.to_owned(),
             ip: plan.ip,
+            ip6: plan.ip6,
             state: ClientState::Active,
             cert_sha256: cert,
             created: now.to_owned(),
@@ -371,6 +461,7 @@ pub fn plan_add(
     clients: &[ClientEntry],
     subnet: Ipv4Net,
     gateway_ip: Ipv4Addr,
+    v6: Option<Tunnel6>,
     name: &str,
     requested: Option<Ipv4Addr>,
 ) -> Result<AddPlan, RegistryError> {
@@ -393,6 +484,10 @@ pub fn plan_add(
         }
         return Ok(AddPlan {
             ip: existing.ip,
+            ip6: match existing.ip6 {
+                Some(ip6) => Some(ip6),
+                None => free_ip6(clients, v6)?,
+            },
             reenable: true,
         });
     }
@@ -406,8 +501,18 @@ pub fn plan_add(
     };
     Ok(AddPlan {
         ip,
+        ip6: free_ip6(clients, v6)?,
         reenable: false,
     })
+}
+
+/// The lowest free IPv6 address given every entry; `Ok(None)` when there is no IPv6 plan.
+fn free_ip6(clients: &[ClientEntry], v6: Option<Tunnel6>) -> Result<Option<Ipv6Addr>, RegistryError> {
+    let Some(plan) = v6 else { return Ok(None) };
+    let taken: HashSet<Ipv6Addr> = clients.iter().filter_map(|c| c.ip6).collect();
+    next_free_ip6(plan, &taken)
+        .map(Some)
+        .ok_or(RegistryError::Subnet6Full { subnet: plan.subnet })
 }
 
 fn check_free(
@@ -437,9 +542,7 @@ pub fn next_free_v4(
     gateway_ip: Ipv4Addr,
 ) -> Option<Ipv4Addr> {
     let taken: HashSet<Ipv4Addr> = clients.iter().map(|c| c.ip).collect();
-    subnet
-        .hosts()
-        .find(|ip| *ip != gateway_ip && !taken.contains(ip))
+    next_free_ip4(subnet, gateway_ip, &taken)
 }
 
 #[cfg(test)]
@@ -457,11 +560,19 @@ mod tests {
             &dir.join("clients.toml"),
             subnet(),
             Ipv4Addr::new(10, 1, 0, 1),
+            Some(v6()),
         )
     }
 
+    fn v6() -> Tunnel6 {
+        Tunnel6 {
+            subnet: "fd00:1::/64".parse().unwrap(),
+            gateway_ip: "fd00:1::1".parse().unwrap(),
+        }
+    }
+
     fn reload(r: &Registry) -> Registry {
-        Registry::load(r.path(), subnet(), Ipv4Addr::new(10, 1, 0, 1)).unwrap()
+        Registry::load(r.path(), subnet(), Ipv4Addr::new(10, 1, 0, 1), Some(v6())).unwrap()
     }
 
     fn add(
@@ -546,6 +657,7 @@ mod tests {
             plan,
             AddPlan {
                 ip: Ipv4Addr::new(10, 1, 0, 2),
+                ip6: Some("fd00:1::2".parse().unwrap()),
                 reenable: true
             }
         );
@@ -557,6 +669,58 @@ mod tests {
             r.revoke("carol", NOW),
             Err(RegistryError::NotRegistered { .. })
         ));
+    }
+
+    #[test]
+    fn every_client_gets_a_stable_ip6_next_to_its_ip4() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = fresh(dir.path());
+        let a = add(&mut r, "a", None, 1).unwrap();
+        let b = add(&mut r, "b", None, 2).unwrap();
+        assert_eq!(a.ip6, Some("fd00:1::2".parse().unwrap()));
+        assert_eq!(b.ip6, Some("fd00:1::3".parse().unwrap()));
+        assert_eq!(reload(&r).get("b").unwrap().ip6, b.ip6);
+    }
+
+    #[test]
+    fn upgrade_in_place_adds_ip6_and_keeps_every_ip4() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("clients.toml");
+        // A registry written before IPv6: no `ip6` keys, and the gateway had no v6 plan.
+        let mut old = Registry::empty(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1), None);
+        for (name, ip) in [("a", 5), ("b", 2), ("c", 3)] {
+            let plan = old.plan_add(name, Some(Ipv4Addr::new(10, 1, 0, ip))).unwrap();
+            assert_eq!(plan.ip6, None);
+            old.commit_add(name, plan, CertFingerprint([ip; 32]), NOW);
+        }
+        old.revoke("c", NOW).unwrap();
+        old.save().unwrap();
+        assert!(!std::fs::read_to_string(&p).unwrap().contains("ip6"));
+        let mut r = reload(&old);
+        assert_eq!(r.assign_missing_ip6().unwrap(), ["a", "b", "c"]);
+        r.save().unwrap();
+        let r = reload(&r);
+        for (before, after) in old.clients().iter().zip(r.clients()) {
+            assert_eq!((&before.name, before.ip, before.state), (&after.name, after.ip, after.state));
+        }
+        let ip6 = |n| r.get(n).unwrap().ip6.unwrap().to_string();
+        assert_eq!((ip6("a"), ip6("b"), ip6("c")), ("fd00:1::2".into(), "fd00:1::3".into(), "fd00:1::4".into()));
+        let mut r = r;
+        assert!(r.assign_missing_ip6().unwrap().is_empty());
+    }
+
+    #[test]
+    fn next_free_ip6_is_pure_and_bounded() {
+        let small = Tunnel6 {
+            subnet: "fd00:1::/126".parse().unwrap(),
+            gateway_ip: "fd00:1::1".parse().unwrap(),
+        };
+        let mut taken = HashSet::new();
+        assert_eq!(next_free_ip6(small, &taken), Some("fd00:1::2".parse().unwrap()));
+        taken.insert("fd00:1::2".parse().unwrap());
+        assert_eq!(next_free_ip6(small, &taken), Some("fd00:1::3".parse().unwrap()));
+        taken.insert("fd00:1::3".parse().unwrap());
+        assert_eq!(next_free_ip6(small, &taken), None);
     }
 
     #[test]
@@ -654,16 +818,32 @@ mod tests {
                 "unknown variant",
             ),
             ("[[client]]\nname = \"a\"\n".to_string(), "missing field"),
+            (
+                format!("{}ip6 = \"fd00:2::2\"\n", entry("a", "10.1.0.2")),
+                "outside the subnet fd00:1::/64",
+            ),
+            (
+                format!("{}ip6 = \"fd00:1::1\"\n", entry("a", "10.1.0.2")),
+                "gateway's own address",
+            ),
+            (
+                format!(
+                    "{}ip6 = \"fd00:1::5\"\n{}ip6 = \"fd00:1::5\"\n",
+                    entry("a", "10.1.0.2"),
+                    entry("b", "10.1.0.3")
+                ),
+                "two clients",
+            ),
         ];
         for (text, want) in cases {
             std::fs::write(&p, &text).unwrap();
-            let err = Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1)).unwrap_err();
+            let err = Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1), Some(v6())).unwrap_err();
             assert!(matches!(err, RegistryError::Malformed { .. }), "{err}");
             assert!(err.to_string().contains(want), "expected {want:?} in {err}");
         }
         std::fs::remove_file(&p).unwrap();
         assert!(
-            Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1))
+            Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1), Some(v6()))
                 .unwrap()
                 .clients()
                 .is_empty()

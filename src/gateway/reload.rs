@@ -10,9 +10,9 @@
 //!   address is bound before the old one is let go, so a bind failure keeps the old endpoint;
 //! - the log filter (`[log] level`), unless `RUST_LOG` is set (it wins, at start and after).
 //!
-//! Everything else (addresses, subnet, credentials, NAT, data-plane settings, the status socket)
-//! is bound at start; a change to it is named in the log line as needing a restart and otherwise
-//! ignored. The client registry needs no signal: it reloads by itself when its file changes (the
+//! Everything else (addresses, the subnets of both families, credentials, NAT, data-plane
+//! settings, the status socket) is bound at start; a change to it is named in the log line as
+//! needing a restart and otherwise ignored. The client registry needs no signal: it reloads by itself when its file changes (the
 //! SIGHUP checks it at once as well). Exactly one log line per SIGHUP.
 //!
 //! [`plan`] is the pure part (what changed, what takes effect, what waits for a restart);
@@ -91,6 +91,7 @@ pub fn plan(old: &GatewayConfig, new: &GatewayConfig) -> Plan {
     restart("listen", old.listen != new.listen);
     restart("subnet", old.subnet != new.subnet);
     restart("gateway_ip", old.gateway_ip != new.gateway_ip);
+    restart("subnet6/gateway_ip6", old.v6 != new.v6);
     restart("server_name", old.server_name != new.server_name);
     restart(
         "ca_cert/ca_key/cert/key",
@@ -267,6 +268,8 @@ mod tests {
         );
         assert_eq!(p.log_level.as_deref(), Some("debug"));
         assert_eq!(p.restart_needed, vec!["subnet", "gateway_ip"]);
+        let p = plan(&old, &config("subnet6 = \"fd00:77::/64\""));
+        assert_eq!(p.restart_needed, vec!["subnet6/gateway_ip6"]);
         // And back: metrics off.
         assert_eq!(plan(&new, &old).metrics, Some(None));
     }

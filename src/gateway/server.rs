@@ -70,12 +70,25 @@ fn read_pem(path: &Path, what: &'static str) -> Result<String, ConfigError> {
     })
 }
 
+/// The control port's listener: `[::]` dual-stack (see [`crate::tunnel::dual_stack`]), address
+/// reuse as std sets it, non-blocking, registered with the current runtime.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    crate::tunnel::dual_stack(&sock, addr)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(sock.into())
+}
+
 impl ControlPlane {
     /// Loads the credentials and the registry file and binds `config.listen`. Must run inside a
     /// tokio runtime (the listener registers with it). A gateway on a shared registry is bound
     /// with [`ControlPlane::bind_with`] (see `gateway run`).
     pub fn bind(config: &GatewayConfig) -> Result<Self, GatewayError> {
-        let registry = LiveRegistry::open(&config.registry, config.subnet, config.gateway_ip)?;
+        let registry = LiveRegistry::open(&config.registry, config.subnet, config.gateway_ip, config.v6)?;
         Self::bind_with(config, registry, super::dns::DnsPush::default())
     }
 
@@ -113,17 +126,19 @@ impl ControlPlane {
             clock: Clock::new(),
             subnet: config.subnet,
             gateway_ip: config.gateway_ip,
+            v6: super::dataplane::served_v6(config),
             data_port: config.endpoint.port(),
             dns,
             dns_counters: Default::default(),
             counters: Default::default(),
         });
 
-        let tcp = TcpIncoming::bind(config.listen)
-            .map_err(|source| GatewayError::Bind {
+        let tcp = TcpIncoming::from(bind_tcp(config.listen).map_err(|source| {
+            GatewayError::Bind {
                 addr: config.listen,
                 source,
-            })?
+            }
+        })?)
             .with_nodelay(Some(true))
             .with_keepalive(Some(TCP_KEEPALIVE));
         let local_addr = tcp.local_addr().map_err(|source| GatewayError::Bind {

@@ -20,6 +20,7 @@ use crate::control::pb::{
     AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingSessionResponse, PingStatus,
     ProbeRequest, ProbeResponse,
 };
+use crate::config::gateway::Tunnel6;
 use crate::snapshot::SessionKey;
 
 /// The longest `client_version` accepted (it only goes into a log line).
@@ -33,6 +34,8 @@ pub struct ControlState {
     pub clock: Clock,
     pub subnet: Ipv4Net,
     pub gateway_ip: Ipv4Addr,
+    /// The IPv6 side of the tunnel, if the gateway has one.
+    pub v6: Option<Tunnel6>,
     /// The UDP data port announced to clients (the endpoint's port).
     pub data_port: u16,
     /// The resolver announced to clients (empty when the gateway runs none).
@@ -172,6 +175,8 @@ impl Control for ControlService {
             client: who.name.clone(),
             cert: who.cert,
             assigned_ip: record.ip,
+            // Only with a plan to route it by: a registry entry's ip6 is checked against it.
+            assigned_ip6: state.v6.and(record.ip6),
             key: fresh_key(),
         };
         let mut rng = rand::rng();
@@ -185,15 +190,26 @@ impl Control for ControlService {
         state.registry.session_opened(&s.client, s.id);
         match &opened.replaced {
             Some(old) => tracing::info!(
-                client = %s.client, ip = %s.assigned_ip, session = %s.id, key_fp = %s.key.fingerprint(),
+                client = %s.client, ip = %s.assigned_ip, ip6 = ?s.assigned_ip6, session = %s.id, key_fp = %s.key.fingerprint(),
                 replaced = %old.id, "session opened (previous one in its grace period)"
             ),
             None => tracing::info!(
-                client = %s.client, ip = %s.assigned_ip, session = %s.id, key_fp = %s.key.fingerprint(),
+                client = %s.client, ip = %s.assigned_ip, ip6 = ?s.assigned_ip6, session = %s.id, key_fp = %s.key.fingerprint(),
                 "session opened"
             ),
         }
+        let (assigned_ip6, gateway_ip6, prefix_len6) = match (s.assigned_ip6, state.v6) {
+            (Some(ip6), Some(v6)) => (
+                ip6.octets().to_vec(),
+                v6.gateway_ip.octets().to_vec(),
+                u32::from(v6.subnet.prefix_len()),
+            ),
+            _ => (Vec::new(), Vec::new(), 0),
+        };
         Ok(Response::new(AuthenticateResponse {
+            assigned_ip6,
+            gateway_ip6,
+            prefix_len6,
             assigned_ip: s.assigned_ip.octets().to_vec(),
             gateway_ip: state.gateway_ip.octets().to_vec(),
             prefix_len: u32::from(state.subnet.prefix_len()),

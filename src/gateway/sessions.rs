@@ -21,7 +21,7 @@
 //! ([`SessionTable::retain`]).
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -90,6 +90,8 @@ pub struct Session {
     pub cert: CertFingerprint,
     /// The client's tunnel address.
     pub assigned_ip: Ipv4Addr,
+    /// The client's IPv6 tunnel address, if the gateway and its registry entry have one.
+    pub assigned_ip6: Option<Ipv6Addr>,
     pub key: SessionKey,
     pub opened_at: Millis,
     last_seen: AtomicU64,
@@ -102,6 +104,7 @@ impl std::fmt::Debug for Session {
             .field("id", &self.id)
             .field("client", &self.client)
             .field("assigned_ip", &self.assigned_ip)
+            .field("assigned_ip6", &self.assigned_ip6)
             .field("key_fp", &self.key.fingerprint())
             .field("opened_at", &self.opened_at)
             .field("last_seen", &self.last_seen())
@@ -111,6 +114,15 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// Whether `ip` is one of this session's tunnel addresses: the anti-spoofing check of the
+    /// data plane, for either family.
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => v4 == self.assigned_ip,
+            IpAddr::V6(v6) => Some(v6) == self.assigned_ip6,
+        }
+    }
+
     /// Records activity at `now` (a ping, or later a valid data packet). Never moves backwards.
     pub fn touch(&self, now: Millis) {
         self.last_seen.fetch_max(now, Ordering::Relaxed);
@@ -182,16 +194,18 @@ pub struct NewSession {
     pub client: Arc<str>,
     pub cert: CertFingerprint,
     pub assigned_ip: Ipv4Addr,
+    pub assigned_ip6: Option<Ipv6Addr>,
     pub key: SessionKey,
 }
 
 #[derive(Default, Clone)]
 struct Tables {
     by_id: HashMap<u64, Arc<Session>>,
-    /// The newest session of the client holding each address.
-    by_ip: HashMap<Ipv4Addr, Arc<Session>>,
+    /// The newest session of the client holding each address (IPv4 and IPv6: a session is
+    /// indexed under both of its addresses).
+    by_ip: HashMap<IpAddr, Arc<Session>>,
     /// The session before it, while its grace period lasts.
-    previous_by_ip: HashMap<Ipv4Addr, Arc<Session>>,
+    previous_by_ip: HashMap<IpAddr, Arc<Session>>,
 }
 
 /// The gateway's live sessions.
@@ -330,17 +344,18 @@ impl SessionTable {
         self.tables.load().by_id.get(&id.0).cloned()
     }
 
-    /// The newest session of the client whose tunnel address is `ip`. Lock-free, no allocation.
-    pub fn get_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Session>> {
-        self.tables.load().by_ip.get(&ip).cloned()
+    /// The newest session of the client whose tunnel address (of either family) is `ip`.
+    /// Lock-free, no allocation.
+    pub fn get_by_ip(&self, ip: impl Into<IpAddr>) -> Option<Arc<Session>> {
+        self.tables.load().by_ip.get(&ip.into()).cloned()
     }
 
     /// The session the newest one of `ip`'s client replaced, while the table still holds it (its
     /// grace period). The data plane sends on it until the client has used the new one: until
     /// then the gateway does not know where the client is on the new session. Lock-free, no
     /// allocation.
-    pub fn previous_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Session>> {
-        self.tables.load().previous_by_ip.get(&ip).cloned()
+    pub fn previous_by_ip(&self, ip: impl Into<IpAddr>) -> Option<Arc<Session>> {
+        self.tables.load().previous_by_ip.get(&ip.into()).cloned()
     }
 
     /// Opens a new session for a client, replacing its current one (which keeps `grace_ms`).
@@ -374,6 +389,7 @@ impl SessionTable {
             client: new.client,
             cert: new.cert,
             assigned_ip: new.assigned_ip,
+            assigned_ip6: new.assigned_ip6,
             key: new.key,
             opened_at: now,
             last_seen: AtomicU64::new(now),
@@ -420,15 +436,18 @@ impl SessionTable {
 /// the current one is gone), and the one before that, if the table still holds it.
 fn index_by_ip(
     by_id: &HashMap<u64, Arc<Session>>,
-) -> (HashMap<Ipv4Addr, Arc<Session>>, HashMap<Ipv4Addr, Arc<Session>>) {
+) -> (HashMap<IpAddr, Arc<Session>>, HashMap<IpAddr, Arc<Session>>) {
     // A current session outranks a superseded one whatever their opening times (two sessions
     // of one client may open within the same millisecond); among equals, the later one wins.
     let rank = |s: &Session| (s.superseded_at().is_none(), s.opened_at, s.id.0);
     let better = |a: &Session, b: Option<&Arc<Session>>| b.is_none_or(|b| rank(a) > rank(b));
-    let mut newest: HashMap<Ipv4Addr, Arc<Session>> = HashMap::with_capacity(by_id.len());
-    let mut previous: HashMap<Ipv4Addr, Arc<Session>> = HashMap::new();
-    for s in by_id.values() {
-        let ip = s.assigned_ip;
+    let mut newest: HashMap<IpAddr, Arc<Session>> = HashMap::with_capacity(2 * by_id.len());
+    let mut previous: HashMap<IpAddr, Arc<Session>> = HashMap::new();
+    let addresses = by_id.values().flat_map(|s| {
+        let v6 = s.assigned_ip6.map(|ip| (IpAddr::V6(ip), s));
+        std::iter::once((IpAddr::V4(s.assigned_ip), s)).chain(v6)
+    });
+    for (ip, s) in addresses {
         let runner_up = if better(s, newest.get(&ip)) {
             newest.insert(ip, s.clone())
         } else {
@@ -459,6 +478,7 @@ mod tests {
             client: name.into(),
             cert: CertFingerprint([ip; 32]),
             assigned_ip: Ipv4Addr::new(10, 0, 0, ip),
+            assigned_ip6: Some(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(ip))),
             key: SessionKey::new([ip; 32]),
         }
     }
@@ -548,6 +568,14 @@ mod tests {
             Some(SessionId(2)),
             "the replaced session stays reachable by address for its grace"
         );
+        // The same by the IPv6 address.
+        let ip6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+        assert_eq!(t.get_by_ip(ip6).map(|s| s.id), Some(SessionId(3)));
+        assert_eq!(t.previous_by_ip(ip6).map(|s| s.id), Some(SessionId(2)));
+        assert!(t.get_by_ip(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9)).is_none());
+        let s = t.get_by_ip(ip6).unwrap();
+        assert!(s.owns(ip6.into()) && s.owns(Ipv4Addr::new(10, 0, 0, 1).into()));
+        assert!(!s.owns(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2).into()));
         t.prune(350);
         assert!(t.previous_by_ip(Ipv4Addr::new(10, 0, 0, 1)).is_none(), "grace over");
         assert_eq!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id), Some(SessionId(3)));

@@ -65,7 +65,7 @@ pub struct GatewayReport {
     pub control_listen: String,
     pub data_listen: String,
     pub tun: String,
-    /// The tunnel subnets and the gateway's addresses in them (IPv4 today).
+    /// The tunnel subnets and the gateway's addresses in them (IPv4, then IPv6 when served).
     pub subnets: Vec<String>,
     pub gateway_addresses: Vec<String>,
     pub registry: RegistryReport,
@@ -213,7 +213,9 @@ impl Observed {
                 let traffic = data.as_ref().map(|d| d.traffic.stats()).unwrap_or_default();
                 SessionReport {
                     client: s.client.to_string(),
-                    addresses: vec![s.assigned_ip.to_string()],
+                    addresses: std::iter::once(s.assigned_ip.to_string())
+                        .chain(s.assigned_ip6.map(|ip| ip.to_string()))
+                        .collect(),
                     session_id: s.id.to_string(),
                     key_fingerprint: s.key.fingerprint().to_string(),
                     state: if s.superseded_at().is_some() { "superseded" } else { "current" }
@@ -247,8 +249,13 @@ impl Observed {
             control_listen: self.control_listen.to_string(),
             data_listen: self.data_listen.to_string(),
             tun: self.tun.clone(),
-            subnets: vec![self.subnet.to_string()],
-            gateway_addresses: vec![self.gateway_ip.to_string()],
+            // The IPv6 side as served (absent on a host with IPv6 disabled).
+            subnets: std::iter::once(self.subnet.to_string())
+                .chain(control.v6.map(|v6| v6.subnet.to_string()))
+                .collect(),
+            gateway_addresses: std::iter::once(self.gateway_ip.to_string())
+                .chain(control.v6.map(|v6| v6.gateway_ip.to_string()))
+                .collect(),
             registry: RegistryReport {
                 clients: control.registry.view().len(),
                 version: control.counters.registry_version(),

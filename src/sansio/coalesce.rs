@@ -4,13 +4,18 @@
 //! of one TCP flow (the peer read them from its TUN device as one TSO super-packet and split
 //! them). Writing each to the TUN device costs the kernel a full receive path per 1.4 KB
 //! segment; merging them back into one large packet behind a virtio-net header with
-//! `GSO_TCPV4` lets the kernel handle the burst as one packet, as its own GRO would.
+//! `GSO_TCPV4` (or `GSO_TCPV6`) lets the kernel handle the burst as one packet, as its own GRO
+//! would.
 //!
 //! The rules follow the kernel's `tcp_gro_receive` / `inet_gro_receive` (and wireguard-go's
 //! user-space GRO), made strict enough that the kernel re-segmenting a merged packet gives back
 //! exactly the packets that went in:
-//! - IPv4 only (the tunnel carries nothing else), no IP fragments, equal IP header fields
-//!   (TOS, DF, TTL, options) and IP ids that increase by one per segment;
+//! - IPv4: no IP fragments, equal IP header fields (TOS, DF, TTL, options) and IP ids that
+//!   increase by one per segment;
+//! - IPv6: TCP directly behind the fixed header (any extension header, a fragment header among
+//!   them, and a jumbogram's zero payload length pass through unmerged), equal version, traffic
+//!   class, flow label and hop limit (IPv6 has no id; `Ip` keeps the family differences in one
+//!   place);
 //! - TCP with only ACK, or ACK|PSH, set; equal ack number, window and options; the segment's
 //!   sequence number continues the merged packet's; payloads of one size, the last one may be
 //!   shorter, and nothing after a shorter one or after PSH;
@@ -26,7 +31,8 @@
 /// Length of the virtio-net header a TUN device with offload expects before every packet.
 pub const VNET_HDR_LEN: usize = 10;
 
-/// The largest IPv4 packet (its total-length field is 16 bits).
+/// The largest packet merged or passed through: the largest IPv4 packet (its total-length field
+/// is 16 bits). An IPv6 packet could be 40 bytes longer; merged ones stay within this too.
 pub const MAX_PACKET: usize = 65535;
 
 /// How many of the most recent items a packet is compared with when looking for its flow. A
@@ -36,6 +42,7 @@ const FLOW_LOOKBACK: usize = 8;
 
 const VNET_F_NEEDS_CSUM: u8 = 1;
 const VNET_GSO_TCPV4: u8 = 1;
+const VNET_GSO_TCPV6: u8 = 4;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 const IPPROTO_TCP: u8 = 6;
@@ -53,22 +60,136 @@ pub enum PushError {
     TooLong,
 }
 
-/// A TCP/IPv4 flow: source and destination addresses and ports, as on the wire.
+/// The IP family of a segment: everything that differs between IPv4 and IPv6 is a method here,
+/// so the merge rules themselves read the same for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ip {
+    V4,
+    V6,
+}
+
+/// IPv6's fixed header; with TCP right behind it, also its whole header.
+const IPV6_HEADER: usize = 40;
+
+impl Ip {
+    /// The family and IP header length if `p` is a whole, unfragmented IP packet carrying TCP
+    /// directly (no IPv6 extension header) with room for a TCP header.
+    fn tcp_packet(p: &[u8]) -> Option<(Ip, usize)> {
+        match p.first()? >> 4 {
+            4 => {
+                let h = p.get(..20)?;
+                if h[9] != IPPROTO_TCP {
+                    return None;
+                }
+                let iph_len = usize::from(h[0] & 0x0f) * 4;
+                let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+                // More-fragments flag or a fragment offset: a fragment.
+                let fragment = h[6] & 0x3f != 0 || h[7] != 0;
+                (iph_len >= 20 && total == p.len() && !fragment && p.len() >= iph_len + 20)
+                    .then_some((Ip::V4, iph_len))
+            }
+            6 => {
+                let h = p.get(..IPV6_HEADER)?;
+                // The payload length covers everything after the fixed header; 0 would be a
+                // jumbogram, whose real length sits in a hop-by-hop option: not merged.
+                let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
+                (h[6] == IPPROTO_TCP
+                    && payload != 0
+                    && IPV6_HEADER + payload == p.len()
+                    && p.len() >= IPV6_HEADER + 20)
+                    .then_some((Ip::V6, IPV6_HEADER))
+            }
+            _ => None,
+        }
+    }
+
+    /// Where the source and destination addresses sit, back to back (the TCP pseudo-header's).
+    fn addrs(self) -> std::ops::Range<usize> {
+        match self {
+            Ip::V4 => 12..20,
+            Ip::V6 => 8..40,
+        }
+    }
+
+    /// The packet's IP id, and how much it grows per segment. IPv6 has no id: 0, never growing.
+    fn id(self, p: &[u8]) -> (u16, u16) {
+        match self {
+            Ip::V4 => (u16::from_be_bytes([p[4], p[5]]), 1),
+            Ip::V6 => (0, 0),
+        }
+    }
+
+    /// Whether two IP headers of length `iph_len` agree on everything GRO keeps from the first:
+    /// IPv4: TOS, the DF and reserved bits, TTL, protocol, addresses and options; IPv6: version,
+    /// traffic class, flow label, next header, hop limit and addresses.
+    fn headers_match(self, a: &[u8], b: &[u8], iph_len: usize) -> bool {
+        match self {
+            Ip::V4 => {
+                a[1] == b[1]
+                    && a[6] >> 5 == b[6] >> 5
+                    && a[8..10] == b[8..10]
+                    && a[12..iph_len] == b[12..iph_len]
+            }
+            Ip::V6 => a[..4] == b[..4] && a[6..IPV6_HEADER] == b[6..IPV6_HEADER],
+        }
+    }
+
+    /// Whether the IP header's own checksum verifies (IPv6 has none).
+    fn header_checksum_valid(self, p: &[u8], iph_len: usize) -> bool {
+        match self {
+            Ip::V4 => fold(sum(&p[..iph_len])) == 0xffff,
+            Ip::V6 => true,
+        }
+    }
+
+    /// Writes the length field (and IPv4's header checksum) of a merged packet `pkt`.
+    fn write_length(self, pkt: &mut [u8], iph_len: usize) {
+        match self {
+            Ip::V4 => {
+                // The merge kept `len <= MAX_PACKET`, so it fits in 16 bits.
+                let total = pkt.len() as u16;
+                pkt[2..4].copy_from_slice(&total.to_be_bytes());
+                pkt[10..12].fill(0);
+                let ip_csum = !fold(sum(&pkt[..iph_len]));
+                pkt[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+            }
+            Ip::V6 => {
+                let payload = (pkt.len() - IPV6_HEADER) as u16;
+                pkt[4..6].copy_from_slice(&payload.to_be_bytes());
+            }
+        }
+    }
+
+    /// The virtio-net GSO type.
+    fn gso_type(self) -> u8 {
+        match self {
+            Ip::V4 => VNET_GSO_TCPV4,
+            Ip::V6 => VNET_GSO_TCPV6,
+        }
+    }
+}
+
+/// A TCP flow: source and destination addresses (IPv4 ones in the first word) and ports, as on
+/// the wire, and the family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FlowKey {
-    addrs: u64,
+    addrs: [u64; 4],
     ports: u32,
+    ip: Ip,
 }
 
 /// What the coalescer reads from a packet that could be merged.
 #[derive(Debug, Clone, Copy)]
 struct Segment {
     flow: FlowKey,
+    ip: Ip,
     iph_len: usize,
     tcph_len: usize,
     seq: u32,
     ack: u32,
     id: u16,
+    /// How much the IP id grows per segment (1 for IPv4, 0 for IPv6, which has none).
+    id_step: u16,
     window: u16,
     psh: bool,
     payload_len: usize,
@@ -79,9 +200,11 @@ struct Segment {
 struct Item {
     /// Bytes of the packet (after the virtio-net header).
     len: usize,
-    /// The TCP flow, for any TCP/IPv4 packet (even one that cannot merge, so a later segment
-    /// of its flow is never appended to an earlier item past it).
+    /// The TCP flow, for any TCP packet (even one that cannot merge, so a later segment of its
+    /// flow is never appended to an earlier item past it).
     flow: Option<FlowKey>,
+    /// The family (meaningful for a mergeable head).
+    ip: Option<Ip>,
     /// Still accepts appended segments.
     open: bool,
     /// The head's checksums were verified (done lazily, when a second segment arrives).
@@ -173,6 +296,7 @@ impl Coalescer {
             Some(s) => Item {
                 len: packet.len(),
                 flow: Some(s.flow),
+                ip: Some(s.ip),
                 // PSH ends a merged run; a bad checksum is never merged with.
                 open: open_new && !s.psh,
                 head_checked: false,
@@ -181,7 +305,7 @@ impl Coalescer {
                 ack: s.ack,
                 window: s.window,
                 next_seq: s.seq.wrapping_add(s.payload_len as u32),
-                next_id: s.id.wrapping_add(1),
+                next_id: s.id.wrapping_add(s.id_step),
                 gso_size: s.payload_len,
                 segments: 1,
             },
@@ -215,20 +339,21 @@ impl Coalescer {
             && seg.tcph_len == item.tcph_len
             && seg.payload_len <= item.gso_size
             && item.len + seg.payload_len <= MAX_PACKET
-            && ip_headers_match(head, packet, seg.iph_len)
+            && item.ip == Some(seg.ip)
+            && seg.ip.headers_match(head, packet, seg.iph_len)
             && head[seg.iph_len + 20..seg.iph_len + seg.tcph_len]
                 == packet[seg.iph_len + 20..seg.iph_len + seg.tcph_len];
         if !fits {
             return Append::No;
         }
         if !item.head_checked {
-            if !checksums_valid(head, item.iph_len) {
+            if !checksums_valid(seg.ip, head, item.iph_len) {
                 self.items[i].open = false;
                 return Append::No;
             }
             self.items[i].head_checked = true;
         }
-        if !checksums_valid(packet, seg.iph_len) {
+        if !checksums_valid(seg.ip, packet, seg.iph_len) {
             return Append::BadChecksum;
         }
         let headers = seg.iph_len + seg.tcph_len;
@@ -238,7 +363,7 @@ impl Coalescer {
         item.len += seg.payload_len;
         item.segments += 1;
         item.next_seq = item.next_seq.wrapping_add(seg.payload_len as u32);
-        item.next_id = item.next_id.wrapping_add(1);
+        item.next_id = item.next_id.wrapping_add(seg.id_step);
         if seg.psh {
             // PSH belongs to the last segment, and the kernel's segmentation puts it there.
             let flags = VNET_HDR_LEN + item.iph_len + 13;
@@ -283,61 +408,50 @@ enum Append {
     BadChecksum,
 }
 
-/// The virtio-net header, IPv4 total length and checksums of a merged packet: the TCP checksum
+/// The virtio-net header, IP length (and IPv4 checksum) of a merged packet: the TCP checksum
 /// field holds the pseudo-header sum only, for the kernel to complete (`NEEDS_CSUM`).
 fn write_gso_headers(item: &Item, buf: &mut [u8]) {
+    // Only a merged head (which has a family) gets here.
+    let Some(ip) = item.ip else { return };
     let (hdr, pkt) = buf.split_at_mut(VNET_HDR_LEN);
     let pkt = &mut pkt[..item.len];
     let iph = item.iph_len;
-    // The merge kept `len <= MAX_PACKET`, so these fit in 16 bits.
-    let total = item.len as u16;
+    // The merge kept `len <= MAX_PACKET`, so this fits in 16 bits.
     let tcp_len = (item.len - iph) as u16;
-    pkt[2..4].copy_from_slice(&total.to_be_bytes());
-    pkt[10..12].fill(0);
-    let ip_csum = !fold(sum(&pkt[..iph]));
-    pkt[10..12].copy_from_slice(&ip_csum.to_be_bytes());
-    let pseudo = fold(pseudo_header_sum(&pkt[12..20], tcp_len));
+    ip.write_length(pkt, iph);
+    let pseudo = fold(pseudo_header_sum(&pkt[ip.addrs()], tcp_len));
     pkt[iph + TCP_CSUM_OFFSET..iph + TCP_CSUM_OFFSET + 2].copy_from_slice(&pseudo.to_be_bytes());
     // struct virtio_net_hdr, in the host's byte order (a TUN device's default).
     hdr[0] = VNET_F_NEEDS_CSUM;
-    hdr[1] = VNET_GSO_TCPV4;
+    hdr[1] = ip.gso_type();
     hdr[2..4].copy_from_slice(&((iph + item.tcph_len) as u16).to_ne_bytes());
     hdr[4..6].copy_from_slice(&(item.gso_size as u16).to_ne_bytes());
     hdr[6..8].copy_from_slice(&(iph as u16).to_ne_bytes());
     hdr[8..10].copy_from_slice(&(TCP_CSUM_OFFSET as u16).to_ne_bytes());
 }
 
-/// The IPv4 header's length if `p` is a whole, unfragmented IPv4 packet carrying TCP.
-fn tcp_ipv4_header_len(p: &[u8]) -> Option<usize> {
-    let h = p.get(..20)?;
-    if h[0] >> 4 != 4 || h[9] != IPPROTO_TCP {
-        return None;
-    }
-    let iph_len = usize::from(h[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
-    // More-fragments flag or a fragment offset: a fragment.
-    let fragment = h[6] & 0x3f != 0 || h[7] != 0;
-    (iph_len >= 20 && total == p.len() && !fragment && p.len() >= iph_len + 20).then_some(iph_len)
-}
-
-/// The flow of any whole TCP/IPv4 packet.
+/// The flow of any whole TCP packet.
 fn tcp_flow(p: &[u8]) -> Option<FlowKey> {
-    let iph_len = tcp_ipv4_header_len(p)?;
-    Some(flow_key(p, iph_len))
+    let (ip, iph_len) = Ip::tcp_packet(p)?;
+    Some(flow_key(ip, p, iph_len))
 }
 
-fn flow_key(p: &[u8], iph_len: usize) -> FlowKey {
-    let mut addrs = [0u8; 8];
-    addrs.copy_from_slice(&p[12..20]);
+fn flow_key(ip: Ip, p: &[u8], iph_len: usize) -> FlowKey {
+    let mut addrs = [0u64; 4];
+    for (word, bytes) in addrs.iter_mut().zip(p[ip.addrs()].chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(bytes);
+        *word = u64::from_ne_bytes(b);
+    }
     let mut ports = [0u8; 4];
     ports.copy_from_slice(&p[iph_len..iph_len + 4]);
-    FlowKey { addrs: u64::from_ne_bytes(addrs), ports: u32::from_ne_bytes(ports) }
+    FlowKey { addrs, ports: u32::from_ne_bytes(ports), ip }
 }
 
-/// The segment's fields if `p` is a TCP/IPv4 packet that may be merged: payload, and only ACK or
-/// ACK|PSH set.
+/// The segment's fields if `p` is a TCP packet (either family) that may be merged: payload, and
+/// only ACK or ACK|PSH set.
 fn parse_segment(p: &[u8]) -> Option<Segment> {
-    let iph_len = tcp_ipv4_header_len(p)?;
+    let (ip, iph_len) = Ip::tcp_packet(p)?;
     let t = &p[iph_len..];
     let tcph_len = usize::from(t[12] >> 4) * 4;
     if !(20..=60).contains(&tcph_len) || t.len() <= tcph_len {
@@ -348,41 +462,36 @@ fn parse_segment(p: &[u8]) -> Option<Segment> {
         return None;
     }
     let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let (id, id_step) = ip.id(p);
     Some(Segment {
-        flow: flow_key(p, iph_len),
+        flow: flow_key(ip, p, iph_len),
+        ip,
         iph_len,
         tcph_len,
         seq: be32(&t[4..8]),
         ack: be32(&t[8..12]),
-        id: u16::from_be_bytes([p[4], p[5]]),
+        id,
+        id_step,
         window: u16::from_be_bytes([t[14], t[15]]),
         psh: flags & TCP_PSH != 0,
         payload_len: t.len() - tcph_len,
     })
 }
 
-/// Whether two IPv4 headers of length `iph_len` agree on everything GRO keeps from the first:
-/// TOS, the DF and reserved bits, TTL, protocol, addresses and options.
-fn ip_headers_match(a: &[u8], b: &[u8], iph_len: usize) -> bool {
-    a[1] == b[1]
-        && a[6] >> 5 == b[6] >> 5
-        && a[8..10] == b[8..10]
-        && a[12..iph_len] == b[12..iph_len]
-}
-
-/// Whether the IPv4 header checksum and the TCP checksum of `p` verify.
-fn checksums_valid(p: &[u8], iph_len: usize) -> bool {
-    if fold(sum(&p[..iph_len])) != 0xffff {
+/// Whether the IP header checksum (IPv4 only) and the TCP checksum of `p` verify.
+fn checksums_valid(ip: Ip, p: &[u8], iph_len: usize) -> bool {
+    if !ip.header_checksum_valid(p, iph_len) {
         return false;
     }
     let Ok(tcp_len) = u16::try_from(p.len() - iph_len) else {
         return false;
     };
-    fold(pseudo_header_sum(&p[12..20], tcp_len) + sum(&p[iph_len..])) == 0xffff
+    fold(pseudo_header_sum(&p[ip.addrs()], tcp_len) + sum(&p[iph_len..])) == 0xffff
 }
 
 /// The TCP pseudo-header's contribution: addresses (`addrs` = source then destination),
-/// protocol and TCP length, as a sum of big-endian words still to [`fold`].
+/// protocol and TCP length, as a sum of big-endian words still to [`fold`]. The same for both
+/// families: IPv6's 32-bit upper-layer length is below 2^16 here, so it sums the same.
 fn pseudo_header_sum(addrs: &[u8], tcp_len: u16) -> u64 {
     sum(addrs) + u64::from(IPPROTO_TCP) + u64::from(tcp_len)
 }

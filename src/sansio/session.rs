@@ -4,7 +4,7 @@
 //! cell that holds the current one is the shell's business ([`crate::snapshot`]).
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -111,6 +111,13 @@ pub struct VpnAuthResponse {
     pub gateway_ip: Ipv4Addr,
     /// Prefix length of the tunnel subnet.
     pub prefix_len: u8,
+    /// The client's IPv6 tunnel address; `None` when the gateway has no IPv6 (the client then
+    /// runs IPv4 only). Some exactly when `gateway_ip6` is.
+    pub assigned_ip6: Option<Ipv6Addr>,
+    /// The gateway's IPv6 tunnel address.
+    pub gateway_ip6: Option<Ipv6Addr>,
+    /// Prefix length of the IPv6 tunnel subnet (0 without IPv6).
+    pub prefix_len6: u8,
     /// The session id the gateway chose.
     pub session_id: SessionId,
     /// The session key. Never printed: see [`SessionKey`].
@@ -141,7 +148,7 @@ pub struct VpnAuthResponse {
 
 impl VpnAuthResponse {
     /// A well-formed snapshot of session `session_id` with key `key` and fixed everything else
-    /// (client 100.64.0.2/24, gateway 100.64.0.1, data port 51820, idle timeout 180 s, received at
+    /// (client 100.64.0.2/24 and fd00:64::2/64, gateway 100.64.0.1 and fd00:64::1, data port 51820, idle timeout 180 s, received at
     /// the Unix epoch). The one fixture of the tests, benches and fuzz targets, which need *a*
     /// session rather than one the gateway handed out; change fields with struct-update syntax.
     /// Production code builds snapshots from the gateway's answer only.
@@ -151,6 +158,9 @@ impl VpnAuthResponse {
             assigned_ip: Ipv4Addr::new(100, 64, 0, 2),
             gateway_ip: Ipv4Addr::new(100, 64, 0, 1),
             prefix_len: 24,
+            assigned_ip6: Some(Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 2)),
+            gateway_ip6: Some(Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 1)),
+            prefix_len6: 64,
             session_id: SessionId(session_id),
             session_key: SessionKey::new(key),
             data_port: 51820,
@@ -166,14 +176,35 @@ impl VpnAuthResponse {
 
     /// A one-line summary safe for logs: never the key, only its fingerprint.
     pub fn summary(&self) -> String {
+        let v6 = match (self.assigned_ip6, self.gateway_ip6) {
+            (Some(ip6), Some(gw6)) => format!(" ip6 {ip6}/{} gateway6 {gw6}", self.prefix_len6),
+            _ => String::new(),
+        };
         format!(
-            "session {} ip {}/{} gateway {} key fp:{}",
+            "session {} ip {}/{} gateway {}{v6} key fp:{}",
             self.session_id,
             self.assigned_ip,
             self.prefix_len,
             self.gateway_ip,
             self.session_key.fingerprint()
         )
+    }
+
+    /// Whether this session has a tunnel address of `family` (every session has IPv4; IPv6 only
+    /// when the gateway has it).
+    pub fn carries(&self, family: super::inner::IpFamily) -> bool {
+        match family {
+            super::inner::IpFamily::V4 => true,
+            super::inner::IpFamily::V6 => self.assigned_ip6.is_some(),
+        }
+    }
+
+    /// Whether `ip` is one of this session's tunnel addresses (either family).
+    pub fn owns(&self, ip: std::net::IpAddr) -> bool {
+        match ip {
+            std::net::IpAddr::V4(v4) => v4 == self.assigned_ip,
+            std::net::IpAddr::V6(v6) => Some(v6) == self.assigned_ip6,
+        }
     }
 
     /// The data plane's state for this session, built from the key on first use (the key

@@ -20,8 +20,10 @@
 //! +---------------------------------------------------------------+
 //! ```
 //!
-//! - Byte 0: high nibble = format version ([`VERSION`] = 1), low nibble = [`MsgType`]. Type 0 is
-//!   never valid, so an all-zero buffer never parses.
+//! - Byte 0 holds two 4-bit fields: the high nibble (`byte0 >> 4`) is the format version
+//!   ([`VERSION`] = 1), the low nibble (`byte0 & 0x0f`) is the [`MsgType`]. A Data datagram of
+//!   version 1 therefore starts with the byte 0x11, a Keepalive with 0x12, an UnknownSession
+//!   notice with 0x13. Type 0 is never valid, so an all-zero buffer never parses.
 //! - The three reserved bytes keep the two 64-bit fields 4-byte aligned and the inner IP packet
 //!   at a 4-byte aligned offset. They must be zero: a receiver rejects anything else, so a later
 //!   version can give them a meaning without old peers misreading it. For sealed types they are
@@ -55,6 +57,9 @@ pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 /// our datagram.
 pub const IPV4_UDP_HEADERS: usize = 28;
 
+/// Bytes of an IPv6 header plus a UDP header: the underlay's cost when it is IPv6.
+pub const IPV6_UDP_HEADERS: usize = 48;
+
 /// The smallest MTU an IPv4 link must support (RFC 791); a TUN MTU below it is useless.
 const MIN_IPV4_MTU: u16 = 68;
 
@@ -62,6 +67,20 @@ const MIN_IPV4_MTU: u16 = 68;
 const RESERVED: std::ops::Range<usize> = 1..4;
 const SESSION_ID: std::ops::Range<usize> = 4..12;
 const COUNTER: std::ops::Range<usize> = 12..20;
+
+/// [`tun_mtu_for`] over an underlay of either family: an IPv6 underlay costs 20 bytes more.
+pub const fn tun_mtu_over(underlay_mtu: u16, underlay: super::inner::IpFamily) -> Option<u16> {
+    match underlay {
+        super::inner::IpFamily::V4 => tun_mtu_for(underlay_mtu),
+        // The difference is a small constant (20), so the cast cannot truncate.
+        super::inner::IpFamily::V6 => match underlay_mtu
+            .checked_sub((IPV6_UDP_HEADERS - IPV4_UDP_HEADERS) as u16)
+        {
+            Some(m) => tun_mtu_for(m),
+            None => None,
+        },
+    }
+}
 
 /// The MTU to give the TUN device so that one inner packet, sealed, fits in one underlay packet
 /// of `underlay_mtu` bytes (IPv4 + UDP). `None` if what would remain is below the IPv4 minimum.
@@ -297,5 +316,10 @@ mod tests {
         assert_eq!(tun_mtu_for(64 + 68), Some(68));
         assert_eq!(tun_mtu_for(64 + 67), None);
         assert_eq!(tun_mtu_for(0), None);
+        use crate::sansio::inner::IpFamily;
+        assert_eq!(tun_mtu_over(1500, IpFamily::V4), Some(1436));
+        assert_eq!(tun_mtu_over(1500, IpFamily::V6), Some(1416));
+        assert_eq!(tun_mtu_over(84 + 68, IpFamily::V6), Some(68));
+        assert_eq!(tun_mtu_over(10, IpFamily::V6), None);
     }
 }

@@ -28,7 +28,7 @@ use crate::sansio::supervisor::StateName;
 /// Below this size the full layout cannot show its panels; a summary is drawn instead. The full
 /// layout fits the classic 80x24 terminal.
 pub const MIN_WIDTH: u16 = RUNNING_WIDTH + 21;
-pub const MIN_HEIGHT: u16 = 23;
+pub const MIN_HEIGHT: u16 = 24;
 
 /// Draws the whole dashboard.
 pub fn render(app: &App, frame: &mut Frame) {
@@ -39,7 +39,8 @@ pub fn render(app: &App, frame: &mut Frame) {
         let [header, top, middle, traffic, recent, footer] = Layout::vertical([
             Constraint::Length(2),
             Constraint::Length(6),
-            Constraint::Length(7),
+            // Six lines: the session panel shows both tunnel addresses.
+            Constraint::Length(8),
             Constraint::Length(4),
             Constraint::Min(3),
             Constraint::Length(1),
@@ -352,9 +353,16 @@ fn session_panel(app: &App) -> Paragraph<'static> {
         return Paragraph::new(Line::styled("no session yet", dim())).block(panel("session"));
     };
     let age = app.wall.duration_since(v.received_at).unwrap_or_default();
+    let (address6, gateway) = match (v.assigned_ip6, v.gateway_ip6) {
+        (Some(ip6), Some(gw6)) => {
+            (format!("{ip6}/{}", v.prefix_len6), format!("{} / {gw6}", v.gateway_ip))
+        }
+        _ => ("none (IPv4-only session)".to_string(), v.gateway_ip.to_string()),
+    };
     let lines = vec![
         field("address", format!("{}/{}", v.assigned_ip, v.prefix_len)),
-        field("gateway", v.gateway_ip.to_string()),
+        field("address6", address6),
+        field("gateway", gateway),
         field("session", v.session_id.to_string()),
         field("key", format!("fp:{}", v.key_fingerprint)),
         field(

@@ -36,12 +36,12 @@ pub const CLIENT_IF: &str = "eth0";
 pub const OUTSIDE_IF: &str = "up0";
 pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const OUTSIDE4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
-pub const OUTSIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+pub const OUTSIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// Addresses behind the outside end (on its loopback), reached through the client's default
 /// routes: "the internet".
 pub const REMOTE4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 99);
-pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x99);
+pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x99);
 /// The port the TCP and UDP probes go to.
 pub const PROBE_PORT: u16 = 5555;
 
@@ -49,12 +49,16 @@ pub const PROBE_PORT: u16 = 5555;
 pub const PROBE_KINDS: [&str; 8] =
     ["tcp4", "udp4", "icmp4", "dns4", "tcp6", "udp6", "icmp6", "dns6"];
 
-/// The kinds counted when they arrive from the tunnel (any interface but the link, from the tunnel
-/// subnet): the probes that went where they should. The tunnel carries IPv4 only.
-pub const TUNNEL_KINDS: [&str; 4] = ["tun_tcp4", "tun_udp4", "tun_icmp4", "tun_dns4"];
+/// The kinds counted when they arrive from the tunnel (any interface but the link, from a tunnel
+/// subnet): the probes that went where they should, over both families.
+pub const TUNNEL_KINDS: [&str; 8] = [
+    "tun_tcp4", "tun_udp4", "tun_icmp4", "tun_dns4", "tun_tcp6", "tun_udp6", "tun_icmp6", "tun_dns6",
+];
 
 /// The tunnel subnet (the gateway's default, within RFC 6598 space).
 pub const TUNNEL_SUBNET: &str = "100.64.0.0/10";
+/// The IPv6 tunnel subnets: `gateway init` picks a random ULA /64 inside it.
+pub const TUNNEL_SUBNET6: &str = "fd00::/8";
 
 /// Runs `f` on a fresh thread moved into `ns` (sockets it opens and processes it starts live
 /// there). The thread ends with `f`, so it never goes back to a pool.
@@ -112,7 +116,9 @@ pub struct Observer<'a> {
 impl<'a> Observer<'a> {
     /// Counts packets arriving on `iface` in `ns`; `gateway` with its TCP `control` and UDP
     /// `data` ports are counted as `gw_control` and `gw_data`.
-    pub fn install(ns: &'a Netns, iface: &str, gateway: Ipv4Addr, control: u16, data: u16) -> Self {
+    pub fn install(ns: &'a Netns, iface: &str, gateway: impl Into<IpAddr>, control: u16, data: u16) -> Self {
+        let gateway = gateway.into();
+        let ip = if gateway.is_ipv4() { "ip" } else { "ip6" };
         let mut counters = vec!["link", "gw_control", "gw_data", "other"];
         counters.extend(PROBE_KINDS);
         counters.extend(TUNNEL_KINDS);
@@ -124,11 +130,12 @@ impl<'a> Observer<'a> {
              \tchain pre {{\n\
              \t\ttype filter hook prerouting priority -300; policy accept;\n\
              \t\tiifname != \"{iface}\" ip saddr {TUNNEL_SUBNET} jump tunnel\n\
+             \t\tiifname != \"{iface}\" ip6 saddr {TUNNEL_SUBNET6} jump tunnel6\n\
              \t\tiifname != \"{iface}\" accept\n\
              \t\ticmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, \
                 nd-neighbor-advert, mld-listener-report, mld2-listener-report }} counter name link accept\n\
-             \t\tip daddr {gateway} tcp dport {control} counter name gw_control accept\n\
-             \t\tip daddr {gateway} udp dport {data} counter name gw_data accept\n\
+             \t\t{ip} daddr {gateway} tcp dport {control} counter name gw_control accept\n\
+             \t\t{ip} daddr {gateway} udp dport {data} counter name gw_data accept\n\
              \t\tmeta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport 53 counter name dns4 accept\n\
              \t\tmeta nfproto ipv6 meta l4proto {{ tcp, udp }} th dport 53 counter name dns6 accept\n\
              \t\tmeta nfproto ipv4 meta l4proto tcp counter name tcp4 accept\n\
@@ -144,6 +151,12 @@ impl<'a> Observer<'a> {
              \t\tmeta l4proto tcp counter name tun_tcp4 return\n\
              \t\tmeta l4proto udp counter name tun_udp4 return\n\
              \t\tmeta l4proto icmp counter name tun_icmp4 return\n\
+             \t}}\n\
+             \tchain tunnel6 {{\n\
+             \t\tmeta l4proto {{ tcp, udp }} th dport 53 counter name tun_dns6 return\n\
+             \t\tmeta l4proto tcp counter name tun_tcp6 return\n\
+             \t\tmeta l4proto udp counter name tun_udp6 return\n\
+             \t\tmeta l4proto icmpv6 icmpv6 type echo-request counter name tun_icmp6 return\n\
              \t}}\n\
              }}\n"
         );

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -187,6 +187,29 @@ impl Netns {
         self.ip(&["route", "add", "default", "via", &gw.to_string()]);
     }
 
+    /// Adds `addr/prefix` to `ifname` without duplicate address detection (`nodad`), so it is
+    /// usable at once instead of after a second of DAD. Only the test ranges: 2001:db8::/32
+    /// (underlay) and fd00::/8 (tunnel).
+    pub fn add_addr6(&self, ifname: &str, addr: Ipv6Addr, prefix: u8) {
+        let seg = addr.segments();
+        assert!(
+            (seg[0], seg[1]) == (0x2001, 0x0db8) || seg[0] >> 8 == 0xfd,
+            "IPv6 test addresses must be in 2001:db8::/32 or fd00::/8, got {addr}"
+        );
+        self.ip(&["-6", "addr", "add", &format!("{addr}/{prefix}"), "dev", ifname, "nodad"]);
+    }
+
+    /// The first global address of `family` (`"-4"` or `"-6"`) on `ifname`, if it has one.
+    pub fn global_addr(&self, ifname: &str, family: &str) -> Option<IpAddr> {
+        let out = self.ip(&["-o", family, "addr", "show", "dev", ifname, "scope", "global"]);
+        let word = if family == "-6" { "inet6" } else { "inet" };
+        out.split_whitespace()
+            .skip_while(|w| *w != word)
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+    }
+
     /// The interface index of `ifname` in this namespace.
     pub fn ifindex(&self, ifname: &str) -> Option<u32> {
         let out = run("ip", &["-n", &self.name, "-o", "link", "show", "dev", ifname]);
@@ -213,9 +236,10 @@ impl Netns {
     /// Pings `addr` from this namespace until one reply arrives or `within` passes; returns the
     /// time to the first reply. Each attempt is one ping with a short wait, so a lost reply costs
     /// little.
-    pub fn ping_until(&self, addr: Ipv4Addr, within: Duration) -> Option<Duration> {
+    pub fn ping_until(&self, addr: impl Into<IpAddr>, within: Duration) -> Option<Duration> {
         let start = Instant::now();
-        let target = addr.to_string();
+        // iputils' ping picks ICMPv6 for an IPv6 address by itself.
+        let target = addr.into().to_string();
         while start.elapsed() < within {
             let out = self.exec("ping", &["-c", "1", "-n", "-q", "-W", "0.3", "-s", "56", &target]);
             if out.status.success() {
@@ -226,10 +250,10 @@ impl Netns {
     }
 
     /// Sends `count` pings (0.05 s apart) and returns how many were answered.
-    pub fn ping_count(&self, addr: Ipv4Addr, count: u32) -> u32 {
+    pub fn ping_count(&self, addr: impl Into<IpAddr>, count: u32) -> u32 {
         let out = self.exec(
             "ping",
-            &["-c", &count.to_string(), "-i", "0.05", "-W", "1", "-n", "-q", &addr.to_string()],
+            &["-c", &count.to_string(), "-i", "0.05", "-W", "1", "-n", "-q", &addr.into().to_string()],
         );
         let text = String::from_utf8_lossy(&out.stdout);
         // "N packets transmitted, M received, ..."

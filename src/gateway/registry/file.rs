@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 
+use crate::config::gateway::Tunnel6;
+
 use super::{AddPlan, ClientEntry, Registry, RegistryError, RevokeOutcome, timestamp_now};
 use crate::pki::CertFingerprint;
 
@@ -16,14 +18,16 @@ pub struct FileStore {
     path: PathBuf,
     subnet: Ipv4Net,
     gateway_ip: Ipv4Addr,
+    v6: Option<Tunnel6>,
 }
 
 impl FileStore {
-    pub fn new(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Self {
+    pub fn new(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr, v6: Option<Tunnel6>) -> Self {
         Self {
             path: path.to_owned(),
             subnet,
             gateway_ip,
+            v6,
         }
     }
 
@@ -33,7 +37,7 @@ impl FileStore {
 
     /// Writes an empty registry (what `init` does).
     pub fn create(&self) -> Result<(), RegistryError> {
-        Registry::empty(&self.path, self.subnet, self.gateway_ip).save()
+        Registry::empty(&self.path, self.subnet, self.gateway_ip, self.v6).save()
     }
 
     /// Plans the address, lets `issue` make (and write) the credentials for it, then records the
@@ -45,7 +49,7 @@ impl FileStore {
         issue: impl FnOnce(&AddPlan) -> Result<CertFingerprint, E>,
     ) -> Result<AddPlan, E> {
         let _lock = Registry::lock(&self.path)?;
-        let mut registry = Registry::load(&self.path, self.subnet, self.gateway_ip)?;
+        let mut registry = Registry::load(&self.path, self.subnet, self.gateway_ip, self.v6)?;
         let plan = registry.plan_add(name, requested)?;
         let cert = issue(&plan)?;
         registry.commit_add(name, plan, cert, &timestamp_now());
@@ -56,7 +60,7 @@ impl FileStore {
     /// Revokes `name`; returns what happened and the client's (still reserved) address.
     pub fn revoke(&self, name: &str) -> Result<(RevokeOutcome, Ipv4Addr), RegistryError> {
         let _lock = Registry::lock(&self.path)?;
-        let mut registry = Registry::load(&self.path, self.subnet, self.gateway_ip)?;
+        let mut registry = Registry::load(&self.path, self.subnet, self.gateway_ip, self.v6)?;
         let outcome = registry.revoke(name, &timestamp_now())?;
         if outcome == RevokeOutcome::Revoked {
             registry.save()?;
@@ -72,7 +76,7 @@ impl FileStore {
 
     /// Every entry.
     pub fn clients(&self) -> Result<Vec<ClientEntry>, RegistryError> {
-        Ok(Registry::load(&self.path, self.subnet, self.gateway_ip)?
+        Ok(Registry::load(&self.path, self.subnet, self.gateway_ip, self.v6)?
             .clients()
             .to_vec())
     }

@@ -16,6 +16,7 @@ use std::net::Ipv4Addr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::config::gateway::Tunnel6;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -45,6 +46,8 @@ pub const CHANNEL_SESSIONS: &str = "holdfast_sessions";
 pub struct Deployment {
     pub subnet: Ipv4Net,
     pub gateway_ip: Ipv4Addr,
+    /// The IPv6 tunnel plan (`None`: IPv4 only inside the tunnel).
+    pub v6: Option<Tunnel6>,
 }
 
 /// One consistent read of the registry: every client, every gateway endpoint, the version.
@@ -222,7 +225,10 @@ impl PgStore {
     ) -> Result<Option<Deployment>, RegistryError> {
         let row = bounded(
             &self.db,
-            sqlx::query("SELECT subnet::text, host(gateway_ip) FROM holdfast_deployment")
+            sqlx::query(
+                "SELECT subnet::text, host(gateway_ip), subnet6::text, host(gateway_ip6) \
+                 FROM holdfast_deployment",
+            )
                 .fetch_optional(&mut *conn),
         )
         .await?;
@@ -233,7 +239,21 @@ impl PgStore {
         };
         let subnet: String = row.try_get(0).map_err(|e| bad(e.to_string()))?;
         let gw: String = row.try_get(1).map_err(|e| bad(e.to_string()))?;
+        let subnet6: Option<String> = row.try_get(2).map_err(|e| bad(e.to_string()))?;
+        let gw6: Option<String> = row.try_get(3).map_err(|e| bad(e.to_string()))?;
+        let v6 = match (subnet6, gw6) {
+            (Some(net), Some(gw6)) => Some(Tunnel6 {
+                subnet: net
+                    .parse()
+                    .map_err(|_| bad(format!("bad deployment subnet6 {net}")))?,
+                gateway_ip: gw6
+                    .parse()
+                    .map_err(|_| bad(format!("bad deployment gateway address {gw6}")))?,
+            }),
+            _ => None,
+        };
         Ok(Some(Deployment {
+            v6,
             subnet: subnet
                 .parse()
                 .map_err(|_| bad(format!("bad deployment subnet {subnet}")))?,
@@ -257,8 +277,19 @@ impl PgStore {
         &self,
         subnet: Ipv4Net,
         gateway_ip: Ipv4Addr,
+        v6: Option<Tunnel6>,
     ) -> Result<Deployment, RegistryError> {
         let dep = self.require_deployment().await?;
+        if dep.v6 != v6 {
+            let text = |v: Option<Tunnel6>| {
+                v.map_or_else(|| "none".to_owned(), |v| format!("{} (gateway {})", v.subnet, v.gateway_ip))
+            };
+            return Err(RegistryError::Deployment6Mismatch {
+                db: self.db.clone(),
+                ours: text(v6),
+                theirs: text(dep.v6),
+            });
+        }
         if dep.subnet != subnet || dep.gateway_ip != gateway_ip {
             return Err(RegistryError::DeploymentMismatch {
                 db: self.db.clone(),
@@ -276,12 +307,14 @@ impl PgStore {
         let done = bounded(
             &self.db,
             sqlx::query(
-                "INSERT INTO holdfast_deployment (subnet, gateway_ip, created) \
-                 VALUES ($1::cidr, $2::inet, $3) ON CONFLICT DO NOTHING",
+                "INSERT INTO holdfast_deployment (subnet, gateway_ip, created, subnet6, gateway_ip6) \
+                 VALUES ($1::cidr, $2::inet, $3, $4::cidr, $5::inet) ON CONFLICT DO NOTHING",
             )
             .bind(dep.subnet.to_string())
             .bind(dep.gateway_ip.to_string())
             .bind(timestamp_now())
+            .bind(dep.v6.map(|v| v.subnet.to_string()))
+            .bind(dep.v6.map(|v| v.gateway_ip.to_string()))
             .execute(&self.pool),
         )
         .await?;
@@ -337,7 +370,7 @@ impl PgStore {
         let rows = bounded(
             &self.db,
             sqlx::query(
-                "SELECT name, host(ip), state, cert_sha256, created, cert_issued, revoked_at \
+                "SELECT name, host(ip), state, cert_sha256, created, cert_issued, revoked_at, host(ip6) \
                  FROM holdfast_clients ORDER BY ip",
             )
             .fetch_all(&mut *conn),
@@ -374,6 +407,10 @@ impl PgStore {
             revoked_at: r
                 .try_get::<Option<String>, _>(6)
                 .map_err(|e| bad(e.to_string()))?,
+            ip6: match r.try_get::<Option<String>, _>(7).map_err(|e| bad(e.to_string()))? {
+                Some(ip6) => Some(ip6.parse().map_err(|_| bad(format!("address {ip6}")))?),
+                None => None,
+            },
         })
     }
 
@@ -446,26 +483,28 @@ impl PgStore {
             .await?
             .ok_or_else(|| RegistryError::NoDeployment { db: db.clone() })?;
         let clients = self.clients_on(&mut tx).await?;
-        let plan = plan_add(&clients, dep.subnet, dep.gateway_ip, name, requested)?;
+        let plan = plan_add(&clients, dep.subnet, dep.gateway_ip, dep.v6, name, requested)?;
         let cert = issue(&plan)?;
         let now = timestamp_now();
         let query = if plan.reenable {
             sqlx::query(
                 "UPDATE holdfast_clients SET state = 'active', cert_sha256 = $2, cert_issued = $3, \
-                 revoked_at = NULL WHERE name = $1",
+                 revoked_at = NULL, ip6 = $4::inet WHERE name = $1",
             )
             .bind(name)
             .bind(cert.0.to_vec())
             .bind(now)
+            .bind(plan.ip6.map(|ip| ip.to_string()))
         } else {
             sqlx::query(
-                "INSERT INTO holdfast_clients (name, ip, state, cert_sha256, created, cert_issued) \
-                 VALUES ($1, $4::inet, 'active', $2, $3, $3)",
+                "INSERT INTO holdfast_clients (name, ip, state, cert_sha256, created, cert_issued, ip6) \
+                 VALUES ($1, $4::inet, 'active', $2, $3, $3, $5::inet)",
             )
             .bind(name)
             .bind(cert.0.to_vec())
             .bind(now)
             .bind(plan.ip.to_string())
+            .bind(plan.ip6.map(|ip| ip.to_string()))
         };
         bounded(db, query.execute(&mut *tx)).await?;
         bounded(db, tx.commit()).await?;

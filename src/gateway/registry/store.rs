@@ -38,11 +38,12 @@ impl RegistryStore {
                 &config.registry,
                 config.subnet,
                 config.gateway_ip,
+                config.v6,
             ))),
             Some(url) => {
                 let store = PgStore::connect(url).await?;
                 store
-                    .check_deployment(config.subnet, config.gateway_ip)
+                    .check_deployment(config.subnet, config.gateway_ip, config.v6)
                     .await?;
                 Ok(Self::Postgres(store))
             }
