@@ -69,7 +69,7 @@ impl DemoError {
 
 /// Runs the demo until the user quits. Must be called before any tokio runtime or other thread
 /// exists (it moves the process into the client's namespace).
-pub fn run() -> Result<i32, DemoError> {
+pub fn run(one_gateway: bool) -> Result<i32, DemoError> {
     if !crate::config::running_as_root() {
         return Err(DemoError::NotRoot);
     }
@@ -84,7 +84,7 @@ pub fn run() -> Result<i32, DemoError> {
     // SAFETY: setting a signal's disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     sweep_stale();
-    let pg = pg_bin_dir();
+    let pg = if one_gateway { None } else { pg_bin_dir() };
     let lab = Lab::create(pg.is_some())?;
     // Declared after the lab, so it stops before the lab's folder (its data) is removed.
     let db = match pg {
@@ -103,6 +103,11 @@ pub fn run() -> Result<i32, DemoError> {
     if let Ok(mut gws) = gateway.lock() {
         for g in gws.iter_mut() {
             g.start(&lab.dir).map_err(|e| setup("starting a gateway", e))?;
+        }
+        // The client starts once every gateway serves: with two, a client that found the first
+        // not yet listening would fail over at once, and `k` would kill the wrong one.
+        for g in gws.iter() {
+            g.wait_serving().map_err(|e| setup("starting a gateway", e))?;
         }
     }
 
@@ -300,6 +305,22 @@ struct GatewayProc {
 impl GatewayProc {
     fn new(ns: &str, dir: PathBuf, name: &'static str) -> Self {
         Self { ns: ns.to_owned(), dir, name, child: None }
+    }
+
+    /// Waits (up to 20 s) until the gateway answers on its status socket: by then its control
+    /// port is bound. The socket is a file, reachable from this namespace.
+    fn wait_serving(&self) -> Result<(), String> {
+        let socket = crate::gateway::status::socket_of(&self.dir, None);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match crate::gateway::status::query(&socket) {
+                Ok(_) => return Ok(()),
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    return Err(format!("gateway {} did not come up within 20 s: {e}", self.name));
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
     }
 
     /// Starts `holdfast gateway run` in the gateway's namespace, logging to `lab/gateway-NAME.log`.

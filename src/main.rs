@@ -31,9 +31,14 @@ enum Top {
     ///
     /// A gateway and a client in network namespaces of their own on this machine, the client's
     /// dashboard, a steady ping through the tunnel, and keys that inject faults (k kill/restart the gateway, e expire the session, u blackhole UDP, c blackhole the
-    /// control port). Everything it creates is removed on exit; the machine's own network is
-    /// never touched.
-    Demo,
+    /// control port). Where PostgreSQL's server binaries are installed it runs two gateways on a
+    /// throw-away database, and `k` kills the one the client is on so you watch it fail over.
+    /// Everything it creates is removed on exit; the machine's own network is never touched.
+    Demo {
+        /// One gateway, even where PostgreSQL is installed (no database, no failover).
+        #[arg(long)]
+        one_gateway: bool,
+    },
     /// Show what the running client is doing (like `wg show`).
     ///
     /// State, session (never its key: a fingerprint), counters and recent transitions, read from
@@ -99,7 +104,7 @@ fn main() -> ExitCode {
                 exit::FAILURE
             }
         },
-        Top::Demo => match holdfast::demo::run() {
+        Top::Demo { one_gateway } => match holdfast::demo::run(one_gateway) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("holdfast demo: {e}");

@@ -30,7 +30,7 @@ fn the_demo_recovers_from_every_fault_key_and_cleans_up() {
         return;
     }
     let session = format!("hf-demo-{}", std::process::id());
-    let tmux = Tmux::new(&session, &format!("{BIN} demo"));
+    let tmux = Tmux::new(&session, &format!("{BIN} demo --one-gateway"));
     let pid = tmux.program_pid(T);
 
     tmux.wait_for(&["Healthy", "100.64.0.2", "gateway kill/start"], T);
@@ -103,7 +103,7 @@ fn closing_the_demos_terminal_cleans_up_everything() {
         return;
     }
     let session = format!("hf-demo-hup-{}", std::process::id());
-    let tmux = Tmux::new(&session, &format!("{BIN} demo"));
+    let tmux = Tmux::new(&session, &format!("{BIN} demo --one-gateway"));
     let pid = tmux.program_pid(T);
     tmux.wait_for(&["Healthy", "100.64.0.2"], T);
     assert_eq!(demo_namespaces(&pid).len(), 2);
@@ -118,4 +118,51 @@ fn closing_the_demos_terminal_cleans_up_everything() {
     // The kill-switch table lived in the client namespace, which is gone; nothing in ours.
     let ours = std::process::Command::new("nft").args(["list", "tables"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&ours.stdout).contains("holdfast"), "a holdfast table in the host namespace");
+}
+
+/// Where PostgreSQL's server binaries are installed, the demo runs two gateways on a throw-away
+/// database (`holdfast demo` without `--one-gateway`).
+fn postgres_installed() -> bool {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().any(|e| e.path().join("bin/initdb").exists()))
+        .unwrap_or(false)
+}
+
+#[test]
+fn with_two_gateways_k_makes_the_client_fail_over_with_its_address() {
+    if !netns::available() || !support::tmux::available() || !postgres_installed() {
+        eprintln!("SKIPPED: needs root, ip, tmux and PostgreSQL's server binaries");
+        return;
+    }
+    let session = format!("hf-demo-pg-{}", std::process::id());
+    let tmux = Tmux::new(&session, &format!("{BIN} demo"));
+    let pid = tmux.program_pid(T);
+    tmux.wait_for(&["Healthy", "100.64.0.2", "gateway kill/start"], T);
+    assert_eq!(demo_namespaces(&pid).len(), 3, "two gateways and a client");
+    let procs = family(pid.parse().unwrap());
+    assert_eq!(procs.iter().filter(|(_, cmd)| cmd.contains("gateway run")).count(), 2, "{procs:?}");
+    // The database daemonises (pg_ctl): found by its data folder in the demo's work folder.
+    let db: Vec<(u32, String)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter_map(|p| {
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/cmdline")).ok()?).replace('\0', " ");
+            (cmd.contains("postgres") && cmd.contains(&format!("holdfast-demo-{pid}"))).then_some((p, cmd))
+        })
+        .collect();
+    assert!(!db.is_empty(), "no database under the demo's folder");
+    let procs: Vec<(u32, String)> = procs.into_iter().chain(db).collect();
+
+    // k kills the gateway the client is on: it fails over to the other, same address.
+    tmux.keys("k");
+    tmux.wait_for(&["Failover"], T);
+    tmux.wait_for(&["Authing  -> Healthy", "100.64.0.2"], T);
+
+    tmux.keys("q");
+    assert_eq!(tmux.exit_status(T), 0, "{}", tmux.screen());
+    assert!(demo_namespaces(&pid).is_empty(), "namespaces left: {:?}", demo_namespaces(&pid));
+    let clean = wait_until(T, || procs.iter().all(|(p, _)| !alive(*p)));
+    let left: Vec<_> = procs.iter().filter(|(p, _)| alive(*p)).collect();
+    assert!(clean, "processes left behind (the database included): {left:?}");
 }
