@@ -2,6 +2,7 @@
 //! arguments; decisions come out as values.
 
 pub mod coalesce;
+pub mod filter;
 pub mod replay;
 pub mod seal;
 pub mod session;
