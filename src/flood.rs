@@ -1,0 +1,264 @@
+//! Shedding a flood at the data-plane sockets: the shell around [`crate::sansio::filter`] (the
+//! kernel socket filter) and [`crate::sansio::budget`] (per-source budgets, the flood watch).
+//!
+//! - [`guard_socket`] attaches the filter to a data-plane socket, so junk is dropped in the
+//!   kernel before it wakes a loop, and keeps a handle to read the kernel's drop count.
+//! - [`Shedder`] is the receive loop's per-source budget table (allocated once): called only in
+//!   the loop's failure branches, plus one comparison before opening a datagram.
+//! - [`watch`] samples the totals once a second and logs one line when a flood starts being
+//!   shed and one when it ends, with the counts. Nothing here logs per packet.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch as tokio_watch;
+use tokio::time::Instant;
+
+use crate::sansio::budget::{
+    BudgetLimits, Charge, DEFAULT_CAPACITY, FloodEvent, FloodThresholds, FloodTotals, FloodWatch,
+    SourceBudgets,
+};
+use crate::sansio::filter::{FilterSpec, Insn, Side};
+use crate::tunnel::bump;
+
+const TARGET: &str = "holdfast::flood";
+
+/// Attaches the socket filter for `spec` to `sock` (`SO_ATTACH_FILTER`; replaces any before).
+pub fn attach_filter(sock: &impl AsRawFd, spec: FilterSpec) -> io::Result<()> {
+    let program: Vec<Insn> = spec.program();
+    let len = u16::try_from(program.len()).map_err(|_| io::Error::other("filter too long"))?;
+    // `Insn` is `#[repr(C)]` with the kernel's `sock_filter` layout (u16, u8, u8, u32).
+    let fprog = libc::sock_fprog { len, filter: program.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: a valid fd, and a sock_fprog pointing at `program`, alive for the call (the kernel
+    // copies the instructions).
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Datagrams the kernel dropped for this socket: refused by its filter, or no room in its
+/// receive buffer (the kernel counts both in one `sk_drops`). `None` if it cannot be read.
+pub fn kernel_drops(sock: &impl AsRawFd) -> Option<u64> {
+    // SK_MEMINFO_VARS (9 on current kernels; the kernel writes at most `len`).
+    let mut info = [0u32; 16];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: a valid fd and a buffer of `len` bytes the kernel writes at most `len` of.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| u64::from(info[libc::SK_MEMINFO_DROPS as usize]))
+}
+
+/// Attaches the filter for `side` to a data-plane socket (`coalesced`: it has UDP GRO on) and
+/// returns the shedding counters of that socket. A kernel that refuses the filter costs
+/// throughput under a flood, not correctness: logged once, the loop's parser still checks all.
+pub fn guard_socket(sock: &impl AsRawFd, side: Side, coalesced: bool) -> Arc<ShedCounters> {
+    let filtered = match attach_filter(sock, FilterSpec { side, coalesced }) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(target: TARGET, "no socket filter on the data-plane socket ({e}): junk reaches user space");
+            false
+        }
+    };
+    // A duplicate of the socket's fd, only ever read from (its drop count): the socket itself
+    // stays with the loops.
+    // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd we own, or -1.
+    let dup = unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    let kernel = (dup >= 0).then(|| {
+        // SAFETY: `dup` is a fresh fd owned by nothing else.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) }
+    });
+    let base = kernel.as_ref().and_then(kernel_drops).unwrap_or(0);
+    Arc::new(ShedCounters { filtered, kernel, kernel_base: base, ..Default::default() })
+}
+
+/// What the gateway's data plane shed, read by the status socket, the metrics and the watch.
+#[derive(Debug, Default)]
+pub struct ShedCounters {
+    /// Whether the socket filter is attached.
+    filtered: bool,
+    kernel: Option<OwnedFd>,
+    /// The socket's drop count when the filter was attached.
+    kernel_base: u64,
+    /// Datagrams that failed in user space (bad header, unknown session, bad tag, replay).
+    pub failed: AtomicU64,
+    /// Datagrams from an over-budget source, not from their session's endpoint, dropped
+    /// without the AES work.
+    pub shed: AtomicU64,
+    /// Unknown-session notices not sent because the source was over budget.
+    pub notices_withheld: AtomicU64,
+    /// Floods seen (the watch's start lines), and whether one is being shed now.
+    pub floods: AtomicU64,
+    pub flooded: AtomicBool,
+}
+
+impl ShedCounters {
+    pub fn totals(&self) -> FloodTotals {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FloodTotals {
+            kernel_dropped: self
+                .kernel
+                .as_ref()
+                .and_then(kernel_drops)
+                .map_or(0, |d| d.saturating_sub(self.kernel_base)),
+            failed: r(&self.failed),
+            shed: r(&self.shed),
+            notices_withheld: r(&self.notices_withheld),
+        }
+    }
+
+    pub fn report(&self) -> ShedReport {
+        let t = self.totals();
+        ShedReport {
+            filter: self.filtered,
+            kernel_dropped: t.kernel_dropped,
+            failed: t.failed,
+            shed: t.shed,
+            notices_withheld: t.notices_withheld,
+            floods: self.floods.load(Ordering::Relaxed),
+            flooded: self.flooded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The shedding figures in `gateway status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShedReport {
+    /// The socket filter is attached.
+    pub filter: bool,
+    /// Dropped in the kernel: refused by the filter or no room in the receive buffer.
+    pub kernel_dropped: u64,
+    /// Failed in user space: bad header, unknown session, bad tag, replay.
+    pub failed: u64,
+    /// Of those, dropped without the AES work (over-budget source, not the session's endpoint).
+    pub shed: u64,
+    pub notices_withheld: u64,
+    pub floods: u64,
+    /// A flood is being shed now.
+    pub flooded: bool,
+}
+
+/// The receive loop's side of the budgets. Allocated once per loop; nothing per packet.
+pub struct Shedder {
+    budgets: SourceBudgets,
+    epoch: Instant,
+    counters: Arc<ShedCounters>,
+}
+
+impl Shedder {
+    pub fn new(counters: Arc<ShedCounters>) -> Self {
+        Self {
+            budgets: SourceBudgets::new(DEFAULT_CAPACITY, rand::random(), BudgetLimits::default()),
+            epoch: Instant::now(),
+            counters,
+        }
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
+    /// A datagram from `from` failed (bad header, bad tag, replay): charged to its source.
+    pub fn failed(&mut self, from: SocketAddr, now: Instant) {
+        bump(&self.counters.failed);
+        let ms = self.ms(now);
+        self.budgets.charge(from.ip(), ms);
+    }
+
+    /// A datagram from `from` named an unknown session: charged to its source. Returns whether
+    /// a notice may go out (the source is within its budget; the global limit still applies).
+    pub fn unknown_session(&mut self, from: SocketAddr, now: Instant) -> bool {
+        bump(&self.counters.failed);
+        let ms = self.ms(now);
+        let within = self.budgets.charge(from.ip(), ms) == Charge::Within;
+        if !within {
+            bump(&self.counters.notices_withheld);
+        }
+        within
+    }
+
+    /// Whether to open a datagram from `from` for a session whose established endpoint is
+    /// `endpoint`. Always yes from the endpoint itself, for a session without one yet, and
+    /// while no source is over budget (one comparison); otherwise no for an over-budget
+    /// source, counted as shed.
+    #[inline]
+    pub fn admit(
+        &mut self,
+        from: SocketAddr,
+        endpoint: impl FnOnce() -> Option<SocketAddr>,
+        now: Instant,
+    ) -> bool {
+        let ms = self.ms(now);
+        if !self.budgets.shedding(ms) {
+            return true;
+        }
+        match endpoint() {
+            None => true,
+            Some(e) if e == from => true,
+            Some(_) if !self.budgets.is_over(from.ip(), ms) => true,
+            Some(_) => {
+                bump(&self.counters.shed);
+                false
+            }
+        }
+    }
+}
+
+/// How often the watch samples the totals.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Logs one line when a flood starts being shed and one when it ends, until `stop`.
+pub async fn watch(counters: Arc<ShedCounters>, mut stop: tokio_watch::Receiver<bool>) {
+    let mut w = FloodWatch::new(FloodThresholds::default());
+    let epoch = Instant::now();
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = crate::tunnel::stop_requested(&mut stop) => return,
+            _ = tick.tick() => {}
+        }
+        let ms = epoch.elapsed().as_millis() as u64;
+        match w.observe(ms, counters.totals()) {
+            Some(FloodEvent::Started { per_second }) => {
+                bump(&counters.floods);
+                counters.flooded.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    target: TARGET,
+                    "flood on the data port: {per_second} rejected datagrams/s, shedding (kernel filter, per-source budgets)"
+                );
+            }
+            Some(FloodEvent::Ended { duration_ms, totals: t }) => {
+                counters.flooded.store(false, Ordering::Relaxed);
+                tracing::info!(
+                    target: TARGET,
+                    "flood over after {:.1} s: {} dropped in the kernel, {} failed in the gateway ({} shed, {} notices withheld)",
+                    duration_ms as f64 / 1000.0,
+                    t.kernel_dropped,
+                    t.failed,
+                    t.shed,
+                    t.notices_withheld
+                );
+            }
+            None => {}
+        }
+    }
+}
