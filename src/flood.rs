@@ -98,7 +98,8 @@ pub struct ShedCounters {
     kernel: Option<OwnedFd>,
     /// The socket's drop count when the filter was attached.
     kernel_base: u64,
-    /// Datagrams that failed in user space (bad header, unknown session, bad tag, replay).
+    /// Datagrams that failed in user space (bad header, unknown session, bad tag, replay),
+    /// shed ones included.
     pub failed: AtomicU64,
     /// Datagrams from an over-budget source, not from their session's endpoint, dropped
     /// without the AES work.
@@ -215,6 +216,7 @@ impl Shedder {
             Some(e) if e == from => true,
             Some(_) if !self.budgets.is_over(from.ip(), ms) => true,
             Some(_) => {
+                bump(&self.counters.failed);
                 bump(&self.counters.shed);
                 false
             }
@@ -260,5 +262,60 @@ pub async fn watch(counters: Arc<ShedCounters>, mut stop: tokio_watch::Receiver<
             }
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever fails, from wherever (the client's own address included, as a spoofer would
+        /// send), a datagram from its session's established endpoint, or for a session with no
+        /// endpoint yet, is always opened; only over-budget sources elsewhere are shed.
+        #[test]
+        fn budgets_never_drop_a_live_sessions_datagrams(
+            failures in proptest::collection::vec((0u8..4, 0u8..3, 0u64..5000), 1..3000),
+        ) {
+            let counters = Arc::new(ShedCounters::default());
+            let mut shed = Shedder::new(counters.clone());
+            let t0 = shed.epoch;
+            let endpoint: SocketAddr = "198.18.0.1:51000".parse().unwrap();
+            let source = |n: u8| match n {
+                0 => endpoint,
+                1 => "198.18.0.1:40000".parse().unwrap(), // the client's address, another port
+                n => SocketAddr::from(([198, 19, 0, n], 9)),
+            };
+            for (src, kind, ms) in failures {
+                let now = t0 + Duration::from_millis(ms);
+                let from = source(src);
+                match kind {
+                    0 => shed.failed(from, now),
+                    1 => { shed.unknown_session(from, now); }
+                    _ => { shed.admit(from, || Some(endpoint), now); }
+                }
+                prop_assert!(shed.admit(endpoint, || Some(endpoint), now));
+                prop_assert!(shed.admit(from, || None, now), "a session without an endpoint yet");
+            }
+        }
+    }
+
+    #[test]
+    fn an_over_budget_source_is_shed_and_notices_withheld_and_counted() {
+        let counters = Arc::new(ShedCounters::default());
+        let mut shed = Shedder::new(counters.clone());
+        let now = shed.epoch + Duration::from_millis(10);
+        let endpoint: SocketAddr = "198.18.0.1:51000".parse().unwrap();
+        let noisy: SocketAddr = "198.18.9.9:53".parse().unwrap();
+        let within = (0..200).filter(|_| shed.unknown_session(noisy, now)).count() as u64;
+        let burst = BudgetLimits::default().burst as u64;
+        assert_eq!(within, burst - 1, "notices until the budget is spent");
+        assert!(!shed.admit(noisy, || Some(endpoint), now), "forgeries from it are shed");
+        assert!(shed.admit(endpoint, || Some(endpoint), now));
+        let other: SocketAddr = "198.18.7.7:53".parse().unwrap();
+        assert!(shed.admit(other, || Some(endpoint), now), "another source is not");
+        let t = counters.totals();
+        assert_eq!((t.failed, t.shed, t.notices_withheld), (201, 1, 200 - within));
     }
 }
