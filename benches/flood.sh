@@ -19,6 +19,7 @@
 # in count and time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/provision.sh
 SECS=${SECS:-10}
 FLOOD_SECS=${FLOOD_SECS:-$((2 * SECS + 15))}
 CASES=${CASES:-none reference junk headers forged}
@@ -54,19 +55,7 @@ if [ -z "${BIN:-}" ]; then
   BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/holdfast
 fi
 
-"$BIN" gateway init --dir "$WORK/gw" --endpoint $GW:$PORT >/dev/null
-"$BIN" gateway add-client --dir "$WORK/gw" bench --out "$WORK/client.toml" >/dev/null
-python3 - "$WORK/client.toml" "$WORK/logs" <<'PY'
-import sys
-path, logs = sys.argv[1], sys.argv[2]
-text = open(path).read()
-def section(text, name, body):
-    head = '[%s]\n' % name
-    return text.replace(head, head + body, 1) if head in text else text + '\n' + head + body
-text = section(text, 'network', 'routes = ["100.64.0.1/32"]\nkillswitch = false\n')
-text = section(text, 'log', 'dir = "%s"\n' % logs)
-open(path, 'w').write(text)
-PY
+provision_pair "$BIN" "$WORK" $GW:$PORT
 ip netns exec $NG "$BIN" gateway run --dir "$WORK/gw" >"$WORK/gw.log" 2>&1 & GW_PID=$!
 ip netns exec $NC "$BIN" client run --no-tui --config "$WORK/client.toml" >"$WORK/client.log" 2>&1 & CL_PID=$!
 for _ in $(seq 100); do ip netns exec $NC ping -q -c 1 -W 1 $TUN_GW >/dev/null 2>&1 && break; sleep 0.1; done
