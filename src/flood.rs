@@ -67,6 +67,25 @@ pub fn kernel_drops(sock: &impl AsRawFd) -> Option<u64> {
     (rc == 0).then(|| u64::from(info[libc::SK_MEMINFO_DROPS as usize]))
 }
 
+/// UDP datagrams this network namespace dropped for a full receive buffer (`RcvbufErrors` of
+/// IPv4 and IPv6; a v4-mapped datagram on a dual-stack socket counts under IPv4). The socket's
+/// own drop count cannot tell those from the filter's, so the flood watch subtracts these:
+/// a heavy upload that overruns the socket is not a flood.
+pub fn receive_buffer_errors() -> Option<u64> {
+    let v4 = std::fs::read_to_string("/proc/net/snmp").ok().and_then(|t| {
+        let mut udp = t.lines().filter(|l| l.starts_with("Udp: "));
+        let (names, values) = (udp.next()?, udp.next()?);
+        let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+        values.split_whitespace().nth(at)?.parse::<u64>().ok()
+    })?;
+    let v6 = std::fs::read_to_string("/proc/net/snmp6").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("Udp6RcvbufErrors"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    Some(v4 + v6.unwrap_or(0))
+}
+
 /// Attaches the filter for `side` to a data-plane socket (`coalesced`: it has UDP GRO on) and
 /// returns the shedding counters of that socket. A kernel that refuses the filter costs
 /// throughput under a flood, not correctness: logged once, the loop's parser still checks all.
@@ -87,7 +106,14 @@ pub fn guard_socket(sock: &impl AsRawFd, side: Side, coalesced: bool) -> Arc<She
         unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) }
     });
     let base = kernel.as_ref().and_then(kernel_drops).unwrap_or(0);
-    Arc::new(ShedCounters { filtered, kernel, kernel_base: base, ..Default::default() })
+    let overflow_base = receive_buffer_errors().unwrap_or(0);
+    Arc::new(ShedCounters {
+        filtered,
+        kernel,
+        kernel_base: base,
+        overflow_base,
+        ..Default::default()
+    })
 }
 
 /// What the gateway's data plane shed, read by the status socket, the metrics and the watch.
@@ -96,8 +122,10 @@ pub struct ShedCounters {
     /// Whether the socket filter is attached.
     filtered: bool,
     kernel: Option<OwnedFd>,
-    /// The socket's drop count when the filter was attached.
+    /// The socket's drop count when the filter was attached, and the namespace's receive
+    /// buffer errors then.
     kernel_base: u64,
+    overflow_base: u64,
     /// Datagrams that failed in user space (bad header, unknown session, bad tag, replay),
     /// shed ones included.
     pub failed: AtomicU64,
@@ -112,14 +140,23 @@ pub struct ShedCounters {
 }
 
 impl ShedCounters {
+    /// Datagrams dropped for a full receive buffer since start, in this network namespace
+    /// (all UDP sockets; see [`receive_buffer_errors`]).
+    pub fn buffer_overflows(&self) -> u64 {
+        receive_buffer_errors().map_or(0, |n| n.saturating_sub(self.overflow_base))
+    }
+
+    /// The totals; `kernel_dropped` without the receive-buffer overflows (as far as the
+    /// namespace's counters can tell them apart): what the filter refused.
     pub fn totals(&self) -> FloodTotals {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let socket_drops = self
+            .kernel
+            .as_ref()
+            .and_then(kernel_drops)
+            .map_or(0, |d| d.saturating_sub(self.kernel_base));
         FloodTotals {
-            kernel_dropped: self
-                .kernel
-                .as_ref()
-                .and_then(kernel_drops)
-                .map_or(0, |d| d.saturating_sub(self.kernel_base)),
+            kernel_dropped: socket_drops.saturating_sub(self.buffer_overflows()),
             failed: r(&self.failed),
             shed: r(&self.shed),
             notices_withheld: r(&self.notices_withheld),
@@ -131,6 +168,7 @@ impl ShedCounters {
         ShedReport {
             filter: self.filtered,
             kernel_dropped: t.kernel_dropped,
+            buffer_overflows: self.buffer_overflows(),
             failed: t.failed,
             shed: t.shed,
             notices_withheld: t.notices_withheld,
@@ -145,8 +183,12 @@ impl ShedCounters {
 pub struct ShedReport {
     /// The socket filter is attached.
     pub filter: bool,
-    /// Dropped in the kernel: refused by the filter or no room in the receive buffer.
+    /// Dropped in the kernel by the socket filter (the socket's drops less the namespace's
+    /// receive-buffer overflows).
     pub kernel_dropped: u64,
+    /// UDP datagrams the namespace dropped for a full receive buffer (a loop that fell behind).
+    #[serde(default)]
+    pub buffer_overflows: u64,
     /// Failed in user space: bad header, unknown session, bad tag, replay.
     pub failed: u64,
     /// Of those, dropped without the AES work (over-budget source, not the session's endpoint).
@@ -252,7 +294,7 @@ pub async fn watch(counters: Arc<ShedCounters>, mut stop: tokio_watch::Receiver<
                 counters.flooded.store(false, Ordering::Relaxed);
                 tracing::info!(
                     target: TARGET,
-                    "flood over after {:.1} s: {} dropped in the kernel, {} failed in the gateway ({} shed, {} notices withheld)",
+                    "flood over after {:.1} s: {} dropped by the socket filter, {} failed in the gateway ({} shed, {} notices withheld)",
                     duration_ms as f64 / 1000.0,
                     t.kernel_dropped,
                     t.failed,

@@ -247,11 +247,12 @@ impl Collector for GatewayCollector {
         metric(
             &mut e,
             "shed_datagrams",
-            "Datagrams rejected at the data port: kernel (socket filter or full receive buffer), failed (in the gateway: bad header, unknown session, bad tag, replay), shed (of those, dropped without AES work: over-budget source).",
+            "Datagrams rejected at the data port: kernel (by the socket filter), failed (in the gateway: bad header, unknown session, bad tag, replay), shed (of those, dropped without AES work: over-budget source).",
             Counter,
             "stage",
             &[("kernel", f.kernel_dropped), ("failed", f.failed), ("shed", f.shed)],
         )?;
+        metric(&mut e, "receive_buffer_overflows", "UDP datagrams the gateway's network namespace dropped for a full receive buffer.", Counter, "", &[("", f.buffer_overflows)])?;
         metric(&mut e, "notices_withheld", "Unknown-session notices not sent: the source was over its failure budget.", Counter, "", &[("", f.notices_withheld)])?;
         metric(&mut e, "floods", "Floods at the data port seen (one per start line in the log).", Counter, "", &[("", f.floods)])?;
         metric(&mut e, "flooded", "1 while a flood at the data port is being shed.", Gauge, "", &[("", u64::from(f.flooded))])?;

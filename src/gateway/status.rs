@@ -377,14 +377,15 @@ pub fn format_human(r: &GatewayReport) -> String {
     let f = &d.shedding;
     let _ = writeln!(
         o,
-        "  shedding:     {}{}; {} dropped in the kernel, {} failed ({} shed), {} notices withheld, {} flood(s)",
+        "  shedding:     {}{}; {} dropped by the filter, {} failed ({} shed), {} notices withheld, {} flood(s); {} receive-buffer overflows",
         if f.filter { "socket filter on" } else { "no socket filter" },
         if f.flooded { ", FLOOD being shed now" } else { "" },
         f.kernel_dropped,
         f.failed,
         f.shed,
         f.notices_withheld,
-        f.floods
+        f.floods,
+        f.buffer_overflows
     );
     for s in &r.sessions {
         let _ = writeln!(o, "\nsession {} (client {}, {})", s.session_id, s.client, s.state);

@@ -187,7 +187,7 @@ impl SourceBudgets {
 /// Totals the flood watch reads once per tick.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FloodTotals {
-    /// Datagrams the kernel dropped for the socket (the filter, or a full receive buffer).
+    /// Datagrams the kernel's socket filter dropped.
     pub kernel_dropped: u64,
     /// Datagrams that failed in user space (unknown session, bad tag, bad header, replay).
     pub failed: u64,
