@@ -8,9 +8,11 @@
 #               unknown session; per-source budgets withhold the notices)
 #   forged      well-formed headers naming the live session, bad tags (budgets shed the AES work)
 # Goal: flooded rows at >= 90 % of the reference both ways; tunnel ping <= 1.5x the unflooded one.
+# Each flooded case runs once per gateway mode (HOLDFAST_SHED, MODES): off (no filter, no budgets:
+# the data plane before), filter (the socket filter only), full (filter and per-source budgets).
 #
 #   bash benches/flood.sh                 # SECS=10 per iperf3 run; each flood covers up, down, ping
-#   SECS=5 CASES="none reference junk" bash benches/flood.sh
+#   SECS=5 CASES="none reference junk" MODES=full bash benches/flood.sh
 #   BIN=/path/to/other/holdfast bash benches/flood.sh   # the same run with another build
 #
 # Needs root and python3. Creates four namespaces (client, gateway, two flooders) joined by veth
@@ -23,6 +25,7 @@ cd "$(dirname "$0")/.."
 SECS=${SECS:-10}
 FLOOD_SECS=${FLOOD_SECS:-$((2 * SECS + 15))}
 CASES=${CASES:-none reference junk headers forged}
+MODES=${MODES:-off filter full}
 TAG=hff$$ NC=${TAG}c NG=${TAG}g NJ=${TAG}j NH=${TAG}h
 GW=198.18.0.2 PORT=51820 CLOSED=51999 TUN_GW=100.64.0.1
 WORK=$(mktemp -d /tmp/holdfast-flood.XXXX)
@@ -56,11 +59,17 @@ if [ -z "${BIN:-}" ]; then
 fi
 
 provision_pair "$BIN" "$WORK" $GW:$PORT
-ip netns exec $NG "$BIN" gateway run --dir "$WORK/gw" >"$WORK/gw.log" 2>&1 & GW_PID=$!
-ip netns exec $NC "$BIN" client run --no-tui --config "$WORK/client.toml" >"$WORK/client.log" 2>&1 & CL_PID=$!
-for _ in $(seq 100); do ip netns exec $NC ping -q -c 1 -W 1 $TUN_GW >/dev/null 2>&1 && break; sleep 0.1; done
-ip netns exec $NC ping -q -c 1 -W 2 $TUN_GW >/dev/null || { echo "tunnel did not come up"; tail -20 "$WORK/client.log" "$WORK/gw.log"; exit 1; }
-SID=$("$BIN" gateway status --dir "$WORK/gw" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sessions"][0]["session_id"])')
+start_pair() { # HOLDFAST_SHED mode of the gateway: off (before this work), filter, full
+  HOLDFAST_SHED=$1 ip netns exec $NG "$BIN" gateway run --dir "$WORK/gw" >"$WORK/gw-$1.log" 2>&1 & GW_PID=$!
+  ip netns exec $NC "$BIN" client run --no-tui --config "$WORK/client.toml" >"$WORK/client-$1.log" 2>&1 & CL_PID=$!
+  for _ in $(seq 100); do ip netns exec $NC ping -q -c 1 -W 1 $TUN_GW >/dev/null 2>&1 && break; sleep 0.1; done
+  ip netns exec $NC ping -q -c 1 -W 2 $TUN_GW >/dev/null || { echo "tunnel did not come up"; tail -20 "$WORK/client-$1.log" "$WORK/gw-$1.log"; exit 1; }
+  SID=$("$BIN" gateway status --dir "$WORK/gw" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sessions"][0]["session_id"])')
+}
+stop_pair() {
+  kill -TERM $CL_PID $GW_PID 2>/dev/null || true; wait $CL_PID $GW_PID 2>/dev/null || true
+  for _ in $(seq 50); do ip -n $NC link show holdfast0 >/dev/null 2>&1 || break; sleep 0.1; done
+}
 
 gbps() { # extra-iperf3-args...
   timeout $((SECS+20)) ip netns exec $NG iperf3 -s -1 -B $TUN_GW >/dev/null 2>&1 & local sp=$!
@@ -84,29 +93,31 @@ flood() { # port: both flooders at the gateway's PORT (headers/junk) or a closed
   esac
   sleep 1
 }
-printf '%-10s %12s %12s %10s\n' case "up Gbit/s" "down Gbit/s" "ping ms"
+printf '%-18s %12s %12s %10s\n' case "up Gbit/s" "down Gbit/s" "ping ms"
 declare -A UP DOWN RTT
-for case in $CASES; do
-  : >"$WORK/flood.log"
-  case $case in none) ;; reference) flood reference $CLOSED ;; *) flood $case $PORT ;; esac
-  # Each measurement gets a fresh flood window: iperf3 up, down, then ping.
-  UP[$case]=$(gbps); DOWN[$case]=$(gbps -R); RTT[$case]=$(rtt_ms)
-  stop_all
-  printf '%-10s %12s %12s %10s   %s\n' "$case" "${UP[$case]}" "${DOWN[$case]}" "${RTT[$case]}" "$(tr '\n' ' ' <"$WORK/flood.log")"
+for mode in $MODES; do
+  start_pair "$mode"
+  for case in $CASES; do
+    # The unflooded and closed-port rows do not depend on the mode: measured once.
+    if [ "$case" = none ] || [ "$case" = reference ]; then [ -z "${UP[$case]:-}" ] || continue; key=$case
+    else key="$case/$mode"; fi
+    : >"$WORK/flood.log"
+    case $case in none) ;; reference) flood reference $CLOSED ;; *) flood $case $PORT ;; esac
+    # Each measurement in the same flood: iperf3 up, down, then ping.
+    UP[$key]=$(gbps); DOWN[$key]=$(gbps -R); RTT[$key]=$(rtt_ms)
+    stop_all
+    printf '%-18s %12s %12s %10s   %s\n' "$key" "${UP[$key]}" "${DOWN[$key]}" "${RTT[$key]}" "$(tr '\n' ' ' <"$WORK/flood.log")"
+  done
+  echo "# gateway ($mode): $("$BIN" gateway status --dir "$WORK/gw" | grep -E 'shedding' | sed 's/^ *//')"
+  stop_pair
 done
 ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.2f' % (a/b) if b else 'n/a')" "$1" "$2"; }
 if [ -n "${UP[reference]:-}" ]; then
-  for case in junk headers forged; do
-    [ -n "${UP[$case]:-}" ] || continue
-    echo "$case / reference: up $(ratio "${UP[$case]}" "${UP[reference]}") down $(ratio "${DOWN[$case]}" "${DOWN[reference]}") (goal >= 0.90)"
-  done
+  for key in "${!UP[@]}"; do
+    case $key in none|reference) continue ;; esac
+    echo "$key / reference: up $(ratio "${UP[$key]}" "${UP[reference]}") down $(ratio "${DOWN[$key]}" "${DOWN[reference]}") (goal >= 0.90)   ping / unflooded: $(ratio "${RTT[$key]}" "${RTT[none]:-0}") (goal <= 1.5)"
+  done | sort
 fi
-if [ -n "${RTT[none]:-}" ]; then
-  for case in reference junk headers forged; do
-    [ -n "${RTT[$case]:-}" ] && echo "$case ping / unflooded: $(ratio "${RTT[$case]}" "${RTT[none]}") (goal <= 1.5)"
-  done
-fi
-echo "# gateway status after the run:"
-"$BIN" gateway status --dir "$WORK/gw" | grep -E "shedding|drops" || true
-grep -E "flood" "$WORK/gw.log" | tail -6 || true
+echo "# flood log lines (full mode):"
+grep -hE "flood (on|over)" "$WORK"/gw-full.log 2>/dev/null | tail -6 || true
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -28,6 +28,34 @@ use crate::tunnel::bump;
 
 const TARGET: &str = "holdfast::flood";
 
+/// What the gateway sheds. Always [`ShedMode::Full`] but for benchmarks, which measure each
+/// step in one run by starting the gateway with `HOLDFAST_SHED=off|filter|full` in its
+/// environment (read once; a value it does not know is named in a warning and ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedMode {
+    /// No socket filter, no budgets: what the data plane did before.
+    Off,
+    /// The socket filter only.
+    Filter,
+    /// The socket filter and the per-source budgets.
+    Full,
+}
+
+impl ShedMode {
+    pub fn from_env() -> ShedMode {
+        static MODE: std::sync::OnceLock<ShedMode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var("HOLDFAST_SHED").as_deref() {
+            Err(_) | Ok("full") => ShedMode::Full,
+            Ok("filter") => ShedMode::Filter,
+            Ok("off") => ShedMode::Off,
+            Ok(other) => {
+                tracing::warn!(target: TARGET, "HOLDFAST_SHED={other:?} is not off, filter or full: ignored (full)");
+                ShedMode::Full
+            }
+        })
+    }
+}
+
 /// Attaches the socket filter for `spec` to `sock` (`SO_ATTACH_FILTER`; replaces any before).
 pub fn attach_filter(sock: &impl AsRawFd, spec: FilterSpec) -> io::Result<()> {
     let program: Vec<Insn> = spec.program();
@@ -90,12 +118,19 @@ pub fn receive_buffer_errors() -> Option<u64> {
 /// returns the shedding counters of that socket. A kernel that refuses the filter costs
 /// throughput under a flood, not correctness: logged once, the loop's parser still checks all.
 pub fn guard_socket(sock: &impl AsRawFd, side: Side, coalesced: bool) -> Arc<ShedCounters> {
-    let filtered = match attach_filter(sock, FilterSpec { side, coalesced }) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(target: TARGET, "no socket filter on the data-plane socket ({e}): junk reaches user space");
-            false
-        }
+    let mode = ShedMode::from_env();
+    if mode != ShedMode::Full {
+        tracing::warn!(target: TARGET, "HOLDFAST_SHED: flood shedding reduced to {mode:?} (a benchmark setting)");
+    }
+    let filtered = match mode {
+        ShedMode::Off => false,
+        _ => match attach_filter(sock, FilterSpec { side, coalesced }) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(target: TARGET, "no socket filter on the data-plane socket ({e}): junk reaches user space");
+                false
+            }
+        },
     };
     // A duplicate of the socket's fd, only ever read from (its drop count): the socket itself
     // stays with the loops.
@@ -109,6 +144,7 @@ pub fn guard_socket(sock: &impl AsRawFd, side: Side, coalesced: bool) -> Arc<She
     let overflow_base = receive_buffer_errors().unwrap_or(0);
     Arc::new(ShedCounters {
         filtered,
+        budgets: mode == ShedMode::Full,
         kernel,
         kernel_base: base,
         overflow_base,
@@ -117,10 +153,12 @@ pub fn guard_socket(sock: &impl AsRawFd, side: Side, coalesced: bool) -> Arc<She
 }
 
 /// What the gateway's data plane shed, read by the status socket, the metrics and the watch.
-#[derive(Debug, Default)]
+/// `Default`: no socket behind it (no kernel count), budgets on.
+#[derive(Debug)]
 pub struct ShedCounters {
-    /// Whether the socket filter is attached.
+    /// Whether the socket filter is attached, and whether the budgets apply.
     filtered: bool,
+    budgets: bool,
     kernel: Option<OwnedFd>,
     /// The socket's drop count when the filter was attached, and the namespace's receive
     /// buffer errors then.
@@ -137,6 +175,23 @@ pub struct ShedCounters {
     /// Floods seen (the watch's start lines), and whether one is being shed now.
     pub floods: AtomicU64,
     pub flooded: AtomicBool,
+}
+
+impl Default for ShedCounters {
+    fn default() -> Self {
+        Self {
+            filtered: false,
+            budgets: true,
+            kernel: None,
+            kernel_base: 0,
+            overflow_base: 0,
+            failed: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            notices_withheld: AtomicU64::new(0),
+            floods: AtomicU64::new(0),
+            flooded: AtomicBool::new(false),
+        }
+    }
 }
 
 impl ShedCounters {
@@ -201,6 +256,8 @@ pub struct ShedReport {
 
 /// The receive loop's side of the budgets. Allocated once per loop; nothing per packet.
 pub struct Shedder {
+    /// Off only in a benchmark's "before" runs ([`ShedMode`]).
+    on: bool,
     budgets: SourceBudgets,
     epoch: Instant,
     counters: Arc<ShedCounters>,
@@ -209,6 +266,7 @@ pub struct Shedder {
 impl Shedder {
     pub fn new(counters: Arc<ShedCounters>) -> Self {
         Self {
+            on: counters.budgets,
             budgets: SourceBudgets::new(DEFAULT_CAPACITY, rand::random(), BudgetLimits::default()),
             epoch: Instant::now(),
             counters,
@@ -222,8 +280,10 @@ impl Shedder {
     /// A datagram from `from` failed (bad header, bad tag, replay): charged to its source.
     pub fn failed(&mut self, from: SocketAddr, now: Instant) {
         bump(&self.counters.failed);
-        let ms = self.ms(now);
-        self.budgets.charge(from.ip(), ms);
+        if self.on {
+            let ms = self.ms(now);
+            self.budgets.charge(from.ip(), ms);
+        }
     }
 
     /// A datagram from `from` named an unknown session: charged to its source. Returns whether
@@ -231,7 +291,7 @@ impl Shedder {
     pub fn unknown_session(&mut self, from: SocketAddr, now: Instant) -> bool {
         bump(&self.counters.failed);
         let ms = self.ms(now);
-        let within = self.budgets.charge(from.ip(), ms) == Charge::Within;
+        let within = !self.on || self.budgets.charge(from.ip(), ms) == Charge::Within;
         if !within {
             bump(&self.counters.notices_withheld);
         }
@@ -251,7 +311,7 @@ impl Shedder {
     ) -> bool {
         let ms = self.ms(now);
         if !self.budgets.shedding(ms) {
-            return true;
+            return true; // also when off: nothing is ever charged then
         }
         match endpoint() {
             None => true,
