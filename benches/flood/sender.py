@@ -11,7 +11,10 @@ KIND: junk     random bytes, random lengths 20..200 (what a port scanner or a Do
                for a session the gateway knows, which cost it an AES-GCM open each
 The datagrams are generated once (a pool of 4096), so the loop is one sendto per datagram.
 """
-import os, random, socket, sys, time
+import os, random, signal, socket, sys, time
+
+# The bench stops a flood with SIGTERM: end through `finally`, so the count is still printed.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 kind, ip, port, secs, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 sid = bytes.fromhex(sys.argv[6]) if len(sys.argv) > 6 else None
