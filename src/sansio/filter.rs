@@ -51,6 +51,20 @@ pub const UDP_HEADER: u32 = 8;
 /// The filter's "keep the whole datagram".
 pub const ACCEPT: u32 = u32::MAX;
 
+/// The ancillary load that gives a random u32 (`SKF_AD_OFF + SKF_AD_RANDOM`).
+pub const LOAD_RANDOM: u32 = (-0x1000i32 + 56) as u32;
+
+/// Most session ids a program checks (5 instructions each, inside the kernel's 4096).
+pub const MAX_SESSION_IDS: usize = 800;
+
+/// Sessions a flood-time program lets through: the live ids, and one datagram in `one_in` for
+/// any other id (a sample, so a client of a restarted gateway still draws its notice).
+#[derive(Debug, Clone, Copy)]
+pub struct KnownSessions<'a> {
+    pub ids: &'a [u64],
+    pub one_in: u32,
+}
+
 /// Which datagrams a socket may receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -101,14 +115,37 @@ impl FilterSpec {
     ///
     /// A datagram shorter than 4 bytes makes the load fail, which ends the program with 0.
     pub fn program(self) -> Vec<Insn> {
+        self.program_for(None)
+    }
+
+    /// The program while a flood is being shed: as [`FilterSpec::program`], then a datagram
+    /// passes only if its session id is one of `known.ids` (or, for any other id, one in
+    /// `known.one_in`, drawn by the kernel). `None` if there are more ids than
+    /// [`MAX_SESSION_IDS`]: then the plain program is all the kernel can do.
+    ///
+    /// ```text
+    /// ...      as the plain program, but a datagram that passed goes on behind its returns
+    /// id i     A = session id's high word; if A != hi(i): next id
+    ///          A = low word; if A == lo(i): return u32::MAX       (else: next id)
+    /// sample   A = random; if A >= u32::MAX / one_in: return 0, else return u32::MAX
+    /// ```
+    pub fn program_with_sessions(self, known: KnownSessions<'_>) -> Option<Vec<Insn>> {
+        (known.ids.len() <= MAX_SESSION_IDS).then(|| self.program_for(Some(known)))
+    }
+
+    fn program_for(self, known: Option<KnownSessions<'_>>) -> Vec<Insn> {
         let rules: Vec<(MsgType, LenRule)> = self.rules().collect();
         let n = rules.len();
         let check = |t: usize| 1 + n + 2 * t;
         let accept = 1 + 3 * n;
         let drop = accept + 1;
-        // Relative jump from the instruction at `pc` to `target` (both small: fits a u8).
+        // With ids, a datagram that passed its type's checks goes on to the id checks behind
+        // the two returns; every jump stays short (a jump offset is one byte).
+        let passed = if known.is_some() { drop + 1 } else { accept };
+        // Relative jump from the instruction at `pc` to `target`; the layout keeps every one
+        // within a byte (checked by the tests, which run programs of the largest size).
         let rel = |pc: usize, target: usize| (target - pc - 1) as u8;
-        let mut p = Vec::with_capacity(drop + 1);
+        let mut p = Vec::with_capacity(drop + 1 + known.map_or(0, |k| 5 * k.ids.len() + 4));
         p.push(Insn { code: op::LD_W_ABS, jt: 0, jf: 0, k: UDP_HEADER });
         for (t, (msg_type, _)) in rules.iter().enumerate() {
             let pc = 1 + t;
@@ -125,11 +162,27 @@ impl FilterSpec {
             };
             // Lengths are at most OVERHEAD (36): the cast cannot truncate.
             let k = UDP_HEADER + len as u32;
-            p.push(Insn { code, jt: rel(pc, accept), jf: rel(pc, drop), k });
+            p.push(Insn { code, jt: rel(pc, passed), jf: rel(pc, drop), k });
         }
         p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: ACCEPT });
         p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: 0 });
         debug_assert_eq!(p.len(), drop + 1);
+        if let Some(known) = known {
+            let sid = UDP_HEADER + 4;
+            for &id in known.ids {
+                // hi != : skip the next 3 (to the next id); lo == : fall into the accept.
+                p.push(Insn { code: op::LD_W_ABS, jt: 0, jf: 0, k: sid });
+                p.push(Insn { code: op::JEQ_K, jt: 0, jf: 3, k: (id >> 32) as u32 });
+                p.push(Insn { code: op::LD_W_ABS, jt: 0, jf: 0, k: sid + 4 });
+                p.push(Insn { code: op::JEQ_K, jt: 0, jf: 1, k: id as u32 });
+                p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: ACCEPT });
+            }
+            let below = u32::MAX / known.one_in.max(1);
+            p.push(Insn { code: op::LD_W_ABS, jt: 0, jf: 0, k: LOAD_RANDOM });
+            p.push(Insn { code: op::JGE_K, jt: 1, jf: 0, k: below });
+            p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: ACCEPT });
+            p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: 0 });
+        }
         p
     }
 }
@@ -147,6 +200,10 @@ mod tests {
     /// semantics for them: a load past the end ends the program with 0; jumps are relative to
     /// the next instruction; running off the end is an invalid program (a test failure).
     fn run(program: &[Insn], udp_payload: &[u8]) -> u32 {
+        run_with_random(program, udp_payload, 0)
+    }
+
+    fn run_with_random(program: &[Insn], udp_payload: &[u8], random: u32) -> u32 {
         let mut packet = vec![0u8; UDP_HEADER as usize];
         packet.extend_from_slice(udp_payload);
         let mut a: u32 = 0;
@@ -155,6 +212,7 @@ mod tests {
             let i = program.get(pc).unwrap_or_else(|| panic!("ran off the program at {pc}"));
             pc += 1;
             match i.code {
+                op::LD_W_ABS if i.k == LOAD_RANDOM => a = random,
                 op::LD_W_ABS => {
                     let at = i.k as usize;
                     let Some(w) = packet.get(at..at + 4) else { return 0 };
@@ -257,8 +315,66 @@ mod tests {
         skb
     }
 
+    #[test]
+    fn during_a_flood_only_live_session_ids_pass_and_a_sample_of_the_rest() {
+        let live = [0x0102_0304_0506_0708u64, 0xffff_0000_1234_5678, 7];
+        for spec in SPECS {
+            let known = KnownSessions { ids: &live, one_in: 64 };
+            let p = spec.program_with_sessions(known).expect("few ids");
+            let pass = |sid: u64, random: u32| {
+                let d = sealed(1, sid, 1, &[0x45; 40], Direction::ClientToGateway);
+                run_with_random(&p, &d, random) == ACCEPT
+            };
+            for &sid in &live {
+                assert!(pass(sid, u32::MAX), "{spec:?}: live id {sid:#x} passes whatever the draw");
+            }
+            // Same high word as a live id, other low word; and the other way round.
+            for sid in [0x0102_0304_0000_0000, 0x0000_0000_0506_0708, 8, 0] {
+                assert!(!pass(sid, u32::MAX / 64), "{spec:?}: {sid:#x} not sampled");
+                assert!(pass(sid, u32::MAX / 64 - 1), "{spec:?}: {sid:#x} sampled");
+            }
+            // The type and length checks still come first.
+            assert_eq!(run_with_random(&p, &[0x55; 64], 0), 0);
+            let notice = wire::unknown_session_notice(SessionId(live[0]), 1);
+            assert_eq!(run_with_random(&p, &notice, 0) == ACCEPT, spec.side == Side::Client);
+            // Keepalives of live sessions too.
+            let ka = sealed(0, live[1], 1, &[], Direction::ClientToGateway);
+            assert_eq!(run_with_random(&p, &ka, u32::MAX), ACCEPT);
+            assert!(p.len() <= 4096);
+        }
+        let many: Vec<u64> = (0..=MAX_SESSION_IDS as u64).collect();
+        let spec = SPECS[0];
+        assert!(spec.program_with_sessions(KnownSessions { ids: &many, one_in: 64 }).is_none());
+        let p = spec
+            .program_with_sessions(KnownSessions { ids: &many[..MAX_SESSION_IDS], one_in: 64 })
+            .expect("the most ids");
+        assert!(p.len() < 4096, "{} instructions", p.len());
+        for &id in &many[..MAX_SESSION_IDS] {
+            let d = sealed(1, id, 1, &[1; 8], Direction::ClientToGateway);
+            assert_eq!(run_with_random(&p, &d, u32::MAX), ACCEPT, "id {id} of a full table");
+        }
+        let stranger = sealed(1, 1 << 40, 1, &[1; 8], Direction::ClientToGateway);
+        assert_eq!(run_with_random(&p, &stranger, u32::MAX), 0);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// A flood-time program passes every live session's datagrams, whatever the draw.
+        #[test]
+        fn a_flood_program_never_drops_a_live_session(
+            ids in proptest::collection::vec(any::<u64>(), 1..40),
+            pick: proptest::sample::Index,
+            kind in 0u8..2,
+            payload in proptest::collection::vec(any::<u8>(), 0..200),
+            random: u32,
+            coalesced: bool,
+        ) {
+            let spec = FilterSpec { side: Side::Gateway, coalesced };
+            let p = spec.program_with_sessions(KnownSessions { ids: &ids, one_in: 16 }).expect("few");
+            let d = sealed(kind, ids[pick.index(ids.len())], 3, &payload, Direction::ClientToGateway);
+            prop_assert_eq!(run_with_random(&p, &d, random), ACCEPT);
+        }
 
         /// Everything the real sealer produces passes, alone and coalesced by GRO.
         #[test]
