@@ -23,7 +23,8 @@ use crate::sansio::budget::{
     BudgetLimits, Charge, DEFAULT_CAPACITY, FloodEvent, FloodThresholds, FloodTotals, FloodWatch,
     SourceBudgets,
 };
-use crate::sansio::filter::{FilterSpec, Insn, Side};
+use crate::sansio::filter::{FilterSpec, Insn, KnownSessions, Side};
+use crate::sansio::session::SessionId;
 use crate::tunnel::bump;
 
 const TARGET: &str = "holdfast::flood";
@@ -58,7 +59,11 @@ impl ShedMode {
 
 /// Attaches the socket filter for `spec` to `sock` (`SO_ATTACH_FILTER`; replaces any before).
 pub fn attach_filter(sock: &impl AsRawFd, spec: FilterSpec) -> io::Result<()> {
-    let program: Vec<Insn> = spec.program();
+    attach_program(sock, &spec.program())
+}
+
+/// Attaches `program` (`SO_ATTACH_FILTER`; the kernel swaps it in atomically).
+fn attach_program(sock: &impl AsRawFd, program: &[Insn]) -> io::Result<()> {
     let len = u16::try_from(program.len()).map_err(|_| io::Error::other("filter too long"))?;
     // `Insn` is `#[repr(C)]` with the kernel's `sock_filter` layout (u16, u8, u8, u32).
     let fprog = libc::sock_fprog { len, filter: program.as_ptr() as *mut libc::sock_filter };
@@ -144,6 +149,7 @@ pub fn guard_socket(sock: &impl AsRawFd, side: Side, coalesced: bool) -> Arc<She
     let overflow_base = receive_buffer_errors().unwrap_or(0);
     Arc::new(ShedCounters {
         filtered,
+        spec: FilterSpec { side, coalesced },
         budgets: mode == ShedMode::Full,
         kernel,
         kernel_base: base,
@@ -158,6 +164,7 @@ pub fn guard_socket(sock: &impl AsRawFd, side: Side, coalesced: bool) -> Arc<She
 pub struct ShedCounters {
     /// Whether the socket filter is attached, and whether the budgets apply.
     filtered: bool,
+    spec: FilterSpec,
     budgets: bool,
     kernel: Option<OwnedFd>,
     /// The socket's drop count when the filter was attached, and the namespace's receive
@@ -181,6 +188,7 @@ impl Default for ShedCounters {
     fn default() -> Self {
         Self {
             filtered: false,
+            spec: FilterSpec { side: Side::Gateway, coalesced: true },
             budgets: true,
             kernel: None,
             kernel_base: 0,
@@ -326,11 +334,77 @@ impl Shedder {
     }
 }
 
-/// How often the watch samples the totals.
-const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How often the watch samples the totals (and, during a flood, the live session ids: a session
+/// opened meanwhile waits at most this long to be let through by the kernel).
+const WATCH_EVERY: Duration = Duration::from_millis(250);
 
-/// Logs one line when a flood starts being shed and one when it ends, until `stop`.
-pub async fn watch(counters: Arc<ShedCounters>, mut stop: tokio_watch::Receiver<bool>) {
+/// During a flood, datagrams for unknown session ids reach the gateway one in this many (drawn
+/// by the kernel): enough for a client of a restarted gateway to draw its notice soon, few
+/// enough that a flood of made-up ids costs the gateway next to nothing.
+const UNKNOWN_SAMPLE: u32 = 64;
+
+/// The flood-time socket filter: while a flood is being shed (with budgets on), only datagrams
+/// of live sessions (and a sample of the rest) pass the kernel; refreshed when the sessions
+/// change, back to the plain filter when the flood ends.
+struct SessionFilter {
+    /// The ids the attached program lets through, sorted; `None` = the plain program.
+    attached: Option<Vec<SessionId>>,
+    scratch: Vec<SessionId>,
+}
+
+impl SessionFilter {
+    /// Brings the socket's program in line with `flooded` and the live ids.
+    fn update(
+        &mut self,
+        counters: &ShedCounters,
+        flooded: bool,
+        live_ids: &impl Fn(&mut Vec<SessionId>) -> bool,
+    ) {
+        let Some(fd) = counters.kernel.as_ref().filter(|_| counters.filtered && counters.budgets)
+        else {
+            return;
+        };
+        self.scratch.clear();
+        let narrow = flooded && live_ids(&mut self.scratch);
+        if !narrow {
+            if self.attached.take().is_some() {
+                if let Err(e) = attach_filter(fd, counters.spec) {
+                    tracing::warn!(target: TARGET, "cannot restore the socket filter: {e}");
+                }
+            }
+            return;
+        }
+        self.scratch.sort_unstable();
+        self.scratch.dedup();
+        if self.attached.as_ref() == Some(&self.scratch) {
+            return;
+        }
+        let ids: Vec<u64> = self.scratch.iter().map(|id| id.0).collect();
+        let known = KnownSessions { ids: &ids, one_in: UNKNOWN_SAMPLE };
+        let Some(program) = counters.spec.program_with_sessions(known) else {
+            // More sessions than a classic BPF program can list: the plain filter stays.
+            return;
+        };
+        match attach_program(fd, &program) {
+            Ok(()) => {
+                if self.attached.is_none() {
+                    tracing::info!(target: TARGET, "socket filter narrowed to the {} live session(s) while the flood lasts", ids.len());
+                }
+                self.attached = Some(self.scratch.clone());
+            }
+            Err(e) => tracing::warn!(target: TARGET, "cannot narrow the socket filter: {e}"),
+        }
+    }
+}
+
+/// Logs one line when a flood starts being shed and one when it ends, until `stop`; while it
+/// lasts, narrows the socket filter to the sessions `live_ids` lists (see [`SessionFilter`]).
+pub async fn watch(
+    counters: Arc<ShedCounters>,
+    live_ids: impl Fn(&mut Vec<SessionId>) -> bool + Send + 'static,
+    mut stop: tokio_watch::Receiver<bool>,
+) {
+    let mut narrowed = SessionFilter { attached: None, scratch: Vec::new() };
     let mut w = FloodWatch::new(FloodThresholds::default());
     let epoch = Instant::now();
     let mut tick = tokio::time::interval(WATCH_EVERY);
@@ -364,6 +438,7 @@ pub async fn watch(counters: Arc<ShedCounters>, mut stop: tokio_watch::Receiver<
             }
             None => {}
         }
+        narrowed.update(&counters, w.flooded(), &live_ids);
     }
 }
 

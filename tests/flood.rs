@@ -280,6 +280,32 @@ fn a_client_keeps_working_while_a_flood_runs_and_the_flood_is_logged_once() {
     let lines = gateway.all_lines();
     let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
     assert_eq!((count("flood on the data port"), count("flood over after")), (1, 1));
+    // While it lasted, the kernel let only the live session's ids through (and a sample).
+    assert_eq!(count("socket filter narrowed to the 1 live session(s)"), 1, "{lines:#?}");
+    // And after it, the plain filter is back: a stranger's datagram reaches the gateway again
+    // and draws its notice.
+    let stranger = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                gw.clients_ns().enter_current_thread();
+                let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                sock.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+                let mut d = wire::Header {
+                    msg_type: wire::MsgType::Data,
+                    session_id: SessionId(0x5eed),
+                    counter: 1,
+                }
+                .to_bytes()
+                .to_vec();
+                d.extend_from_slice(&[0xaa; 48]);
+                sock.send_to(&d, SocketAddr::from(([198, 18, 0, 2], gw.port))).expect("send");
+                let mut buf = [0u8; 64];
+                sock.recv_from(&mut buf).ok().and_then(|(n, _)| wire::parse_header(&buf[..n]).ok())
+            })
+            .join()
+            .expect("thread")
+    });
+    assert_eq!(stranger.map(|h| (h.msg_type, h.session_id)), Some((wire::MsgType::UnknownSession, SessionId(0x5eed))));
     // The live session was never shed: it still carries traffic, and its drops are the
     // forgeries (decrypt) only, never its own datagrams.
     assert_eq!(gw.clients_ns().ping_count(tunnel, 5), 5);

@@ -161,6 +161,11 @@ pub trait SessionLookup: Send + Sync + 'static {
     /// The session carried authenticated traffic just now (so it is not idle). Called at most
     /// once per [`TOUCH_EVERY`] per session.
     fn touch(&self, _session: &DataSession) {}
+    /// Puts the ids of every session that may carry traffic now into `out` and returns true;
+    /// false if this table cannot say (then no flood-time filter narrows traffic to them).
+    fn live_ids(&self, _out: &mut Vec<SessionId>) -> bool {
+        false
+    }
 }
 
 /// How often the data plane reports a busy session as used (see [`SessionLookup::touch`]): often
@@ -247,6 +252,14 @@ impl SessionLookup for ControlSessions {
         if let Some(s) = self.table.get(session.session_id) {
             s.touch(self.clock.now());
         }
+    }
+
+    fn live_ids(&self, out: &mut Vec<SessionId>) -> bool {
+        let now = self.clock.now();
+        out.extend(
+            self.table.all().iter().filter(|s| self.table.validity(s, now).is_ok()).map(|s| s.id),
+        );
+        true
     }
 }
 
@@ -383,11 +396,13 @@ impl GatewayDataPlane {
             tracing::debug!(target: TARGET, "no UDP GRO on this kernel: one datagram per receive");
         }
         let shedding = flood::guard_socket(&*sock, Side::Gateway, gro);
+        let table = sessions.clone();
+        let live_ids = move |out: &mut Vec<SessionId>| table.live_ids(out);
         let ctx = Arc::new(Loops { cfg, sessions, counters: counters.clone(), shedding: shedding.clone() });
         let tasks = vec![
             tokio::spawn(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe())),
             tokio::spawn(to_clients(ctx, device, sock, stop.subscribe(), tun.mtu)),
-            tokio::spawn(flood::watch(shedding.clone(), stop.subscribe())),
+            tokio::spawn(flood::watch(shedding.clone(), live_ids, stop.subscribe())),
         ];
         Ok(Self { counters, shedding, stop, tasks, nat, tun_name: tun.name, local })
     }
