@@ -105,18 +105,31 @@ pub fn kernel_drops(sock: &impl AsRawFd) -> Option<u64> {
 /// own drop count cannot tell those from the filter's, so the flood watch subtracts these:
 /// a heavy upload that overruns the socket is not a flood.
 pub fn receive_buffer_errors() -> Option<u64> {
-    let v4 = std::fs::read_to_string("/proc/net/snmp").ok().and_then(|t| {
-        let mut udp = t.lines().filter(|l| l.starts_with("Udp: "));
-        let (names, values) = (udp.next()?, udp.next()?);
-        let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
-        values.split_whitespace().nth(at)?.parse::<u64>().ok()
-    })?;
-    let v6 = std::fs::read_to_string("/proc/net/snmp6").ok().and_then(|t| {
-        t.lines()
-            .find_map(|l| l.strip_prefix("Udp6RcvbufErrors"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    });
-    Some(v4 + v6.unwrap_or(0))
+    // Read into a buffer kept per thread: the watch asks every tick, from the loops' runtime,
+    // where nothing should allocate after warm-up (the allocation tests count that thread).
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(16 << 10));
+    }
+    fn read<T>(path: &str, buf: &mut Vec<u8>, parse: impl FnOnce(&str) -> Option<T>) -> Option<T> {
+        use std::io::Read;
+        buf.clear();
+        std::fs::File::open(path).ok()?.read_to_end(buf).ok()?;
+        parse(std::str::from_utf8(buf).ok()?)
+    }
+    BUF.with_borrow_mut(|buf| {
+        let v4 = read("/proc/net/snmp", buf, |t| {
+            let mut udp = t.lines().filter(|l| l.starts_with("Udp: "));
+            let (names, values) = (udp.next()?, udp.next()?);
+            let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+            values.split_whitespace().nth(at)?.parse::<u64>().ok()
+        })?;
+        let v6 = read("/proc/net/snmp6", buf, |t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Udp6RcvbufErrors"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+        Some(v4 + v6.unwrap_or(0))
+    })
 }
 
 /// Attaches the filter for `side` to a data-plane socket (`coalesced`: it has UDP GRO on) and
