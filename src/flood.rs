@@ -66,7 +66,10 @@ pub fn attach_filter(sock: &impl AsRawFd, spec: FilterSpec) -> io::Result<()> {
 fn attach_program(sock: &impl AsRawFd, program: &[Insn]) -> io::Result<()> {
     let len = u16::try_from(program.len()).map_err(|_| io::Error::other("filter too long"))?;
     // `Insn` is `#[repr(C)]` with the kernel's `sock_filter` layout (u16, u8, u8, u32).
-    let fprog = libc::sock_fprog { len, filter: program.as_ptr() as *mut libc::sock_filter };
+    let fprog = libc::sock_fprog {
+        len,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
     // SAFETY: a valid fd, and a sock_fprog pointing at `program`, alive for the call (the kernel
     // copies the instructions).
     let rc = unsafe {
@@ -78,7 +81,11 @@ fn attach_program(sock: &impl AsRawFd, program: &[Insn]) -> io::Result<()> {
             std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Datagrams the kernel dropped for this socket: refused by its filter, or no room in its
@@ -201,7 +208,10 @@ impl Default for ShedCounters {
     fn default() -> Self {
         Self {
             filtered: false,
-            spec: FilterSpec { side: Side::Gateway, coalesced: true },
+            spec: FilterSpec {
+                side: Side::Gateway,
+                coalesced: true,
+            },
             budgets: true,
             kernel: None,
             kernel_base: 0,
@@ -373,17 +383,20 @@ impl SessionFilter {
         flooded: bool,
         live_ids: &impl Fn(&mut Vec<SessionId>) -> bool,
     ) {
-        let Some(fd) = counters.kernel.as_ref().filter(|_| counters.filtered && counters.budgets)
+        let Some(fd) = counters
+            .kernel
+            .as_ref()
+            .filter(|_| counters.filtered && counters.budgets)
         else {
             return;
         };
         self.scratch.clear();
         let narrow = flooded && live_ids(&mut self.scratch);
         if !narrow {
-            if self.attached.take().is_some() {
-                if let Err(e) = attach_filter(fd, counters.spec) {
-                    tracing::warn!(target: TARGET, "cannot restore the socket filter: {e}");
-                }
+            if self.attached.take().is_some()
+                && let Err(e) = attach_filter(fd, counters.spec)
+            {
+                tracing::warn!(target: TARGET, "cannot restore the socket filter: {e}");
             }
             return;
         }
@@ -393,7 +406,10 @@ impl SessionFilter {
             return;
         }
         let ids: Vec<u64> = self.scratch.iter().map(|id| id.0).collect();
-        let known = KnownSessions { ids: &ids, one_in: UNKNOWN_SAMPLE };
+        let known = KnownSessions {
+            ids: &ids,
+            one_in: UNKNOWN_SAMPLE,
+        };
         let Some(program) = counters.spec.program_with_sessions(known) else {
             // More sessions than a classic BPF program can list: the plain filter stays.
             return;
@@ -417,7 +433,10 @@ pub async fn watch(
     live_ids: impl Fn(&mut Vec<SessionId>) -> bool + Send + 'static,
     mut stop: tokio_watch::Receiver<bool>,
 ) {
-    let mut narrowed = SessionFilter { attached: None, scratch: Vec::new() };
+    let mut narrowed = SessionFilter {
+        attached: None,
+        scratch: Vec::new(),
+    };
     let mut w = FloodWatch::new(FloodThresholds::default());
     let epoch = Instant::now();
     let mut tick = tokio::time::interval(WATCH_EVERY);
@@ -437,7 +456,10 @@ pub async fn watch(
                     "flood on the data port: {per_second} rejected datagrams/s, shedding (kernel filter, per-source budgets)"
                 );
             }
-            Some(FloodEvent::Ended { duration_ms, totals: t }) => {
+            Some(FloodEvent::Ended {
+                duration_ms,
+                totals: t,
+            }) => {
                 counters.flooded.store(false, Ordering::Relaxed);
                 tracing::info!(
                     target: TARGET,
@@ -498,14 +520,25 @@ mod tests {
         let now = shed.epoch + Duration::from_millis(10);
         let endpoint: SocketAddr = "198.18.0.1:51000".parse().unwrap();
         let noisy: SocketAddr = "198.18.9.9:53".parse().unwrap();
-        let within = (0..200).filter(|_| shed.unknown_session(noisy, now)).count() as u64;
+        let within = (0..200)
+            .filter(|_| shed.unknown_session(noisy, now))
+            .count() as u64;
         let burst = BudgetLimits::default().burst as u64;
         assert_eq!(within, burst - 1, "notices until the budget is spent");
-        assert!(!shed.admit(noisy, || Some(endpoint), now), "forgeries from it are shed");
+        assert!(
+            !shed.admit(noisy, || Some(endpoint), now),
+            "forgeries from it are shed"
+        );
         assert!(shed.admit(endpoint, || Some(endpoint), now));
         let other: SocketAddr = "198.18.7.7:53".parse().unwrap();
-        assert!(shed.admit(other, || Some(endpoint), now), "another source is not");
+        assert!(
+            shed.admit(other, || Some(endpoint), now),
+            "another source is not"
+        );
         let t = counters.totals();
-        assert_eq!((t.failed, t.shed, t.notices_withheld), (201, 1, 200 - within));
+        assert_eq!(
+            (t.failed, t.shed, t.notices_withheld),
+            (201, 1, 200 - within)
+        );
     }
 }

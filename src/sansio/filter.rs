@@ -38,8 +38,9 @@ pub struct Insn {
 
 /// Opcodes used here (linux/bpf_common.h).
 pub mod op {
-    pub const LD_W_ABS: u16 = 0x00 | 0x00 | 0x20; // BPF_LD | BPF_W | BPF_ABS
-    pub const LD_LEN: u16 = 0x00 | 0x00 | 0x80; // BPF_LD | BPF_W | BPF_LEN
+    // BPF_LD and BPF_W are 0, so these are the mode bits alone.
+    pub const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    pub const LD_LEN: u16 = 0x80; // BPF_LD | BPF_W | BPF_LEN
     pub const JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
     pub const JGE_K: u16 = 0x05 | 0x30; // BPF_JMP | BPF_JGE | BPF_K
     pub const RET_K: u16 = 0x06; // BPF_RET | BPF_K
@@ -95,12 +96,21 @@ impl FilterSpec {
     /// The types this side accepts, each with its length rule, in the order the program tests
     /// them (Data first: the common case takes the fewest jumps).
     fn rules(self) -> impl Iterator<Item = (MsgType, LenRule)> {
-        let fixed = |n| if self.coalesced { LenRule::AtLeast(n) } else { LenRule::Exactly(n) };
-        let notice = (self.side == Side::Client)
-            .then_some((MsgType::UnknownSession, fixed(HEADER_LEN)));
-        [(MsgType::Data, LenRule::AtLeast(OVERHEAD)), (MsgType::Keepalive, fixed(OVERHEAD))]
-            .into_iter()
-            .chain(notice)
+        let fixed = |n| {
+            if self.coalesced {
+                LenRule::AtLeast(n)
+            } else {
+                LenRule::Exactly(n)
+            }
+        };
+        let notice =
+            (self.side == Side::Client).then_some((MsgType::UnknownSession, fixed(HEADER_LEN)));
+        [
+            (MsgType::Data, LenRule::AtLeast(OVERHEAD)),
+            (MsgType::Keepalive, fixed(OVERHEAD)),
+        ]
+        .into_iter()
+        .chain(notice)
     }
 
     /// The program. Its shape, for `n` accepted types:
@@ -146,15 +156,30 @@ impl FilterSpec {
         // within a byte (checked by the tests, which run programs of the largest size).
         let rel = |pc: usize, target: usize| (target - pc - 1) as u8;
         let mut p = Vec::with_capacity(drop + 1 + known.map_or(0, |k| 5 * k.ids.len() + 4));
-        p.push(Insn { code: op::LD_W_ABS, jt: 0, jf: 0, k: UDP_HEADER });
+        p.push(Insn {
+            code: op::LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: UDP_HEADER,
+        });
         for (t, (msg_type, _)) in rules.iter().enumerate() {
             let pc = 1 + t;
             let otherwise = if t + 1 == n { rel(pc, drop) } else { 0 };
             let word = u32::from(msg_type.first_byte()) << 24;
-            p.push(Insn { code: op::JEQ_K, jt: rel(pc, check(t)), jf: otherwise, k: word });
+            p.push(Insn {
+                code: op::JEQ_K,
+                jt: rel(pc, check(t)),
+                jf: otherwise,
+                k: word,
+            });
         }
         for (t, (_, rule)) in rules.iter().enumerate() {
-            p.push(Insn { code: op::LD_LEN, jt: 0, jf: 0, k: 0 });
+            p.push(Insn {
+                code: op::LD_LEN,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            });
             let pc = check(t) + 1;
             let (code, len) = match *rule {
                 LenRule::AtLeast(n) => (op::JGE_K, n),
@@ -162,26 +187,86 @@ impl FilterSpec {
             };
             // Lengths are at most OVERHEAD (36): the cast cannot truncate.
             let k = UDP_HEADER + len as u32;
-            p.push(Insn { code, jt: rel(pc, passed), jf: rel(pc, drop), k });
+            p.push(Insn {
+                code,
+                jt: rel(pc, passed),
+                jf: rel(pc, drop),
+                k,
+            });
         }
-        p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: ACCEPT });
-        p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: 0 });
+        p.push(Insn {
+            code: op::RET_K,
+            jt: 0,
+            jf: 0,
+            k: ACCEPT,
+        });
+        p.push(Insn {
+            code: op::RET_K,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        });
         debug_assert_eq!(p.len(), drop + 1);
         if let Some(known) = known {
             let sid = UDP_HEADER + 4;
             for &id in known.ids {
                 // hi != : skip the next 3 (to the next id); lo == : fall into the accept.
-                p.push(Insn { code: op::LD_W_ABS, jt: 0, jf: 0, k: sid });
-                p.push(Insn { code: op::JEQ_K, jt: 0, jf: 3, k: (id >> 32) as u32 });
-                p.push(Insn { code: op::LD_W_ABS, jt: 0, jf: 0, k: sid + 4 });
-                p.push(Insn { code: op::JEQ_K, jt: 0, jf: 1, k: id as u32 });
-                p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: ACCEPT });
+                p.push(Insn {
+                    code: op::LD_W_ABS,
+                    jt: 0,
+                    jf: 0,
+                    k: sid,
+                });
+                p.push(Insn {
+                    code: op::JEQ_K,
+                    jt: 0,
+                    jf: 3,
+                    k: (id >> 32) as u32,
+                });
+                p.push(Insn {
+                    code: op::LD_W_ABS,
+                    jt: 0,
+                    jf: 0,
+                    k: sid + 4,
+                });
+                p.push(Insn {
+                    code: op::JEQ_K,
+                    jt: 0,
+                    jf: 1,
+                    k: id as u32,
+                });
+                p.push(Insn {
+                    code: op::RET_K,
+                    jt: 0,
+                    jf: 0,
+                    k: ACCEPT,
+                });
             }
             let below = u32::MAX / known.one_in.max(1);
-            p.push(Insn { code: op::LD_W_ABS, jt: 0, jf: 0, k: LOAD_RANDOM });
-            p.push(Insn { code: op::JGE_K, jt: 1, jf: 0, k: below });
-            p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: ACCEPT });
-            p.push(Insn { code: op::RET_K, jt: 0, jf: 0, k: 0 });
+            p.push(Insn {
+                code: op::LD_W_ABS,
+                jt: 0,
+                jf: 0,
+                k: LOAD_RANDOM,
+            });
+            p.push(Insn {
+                code: op::JGE_K,
+                jt: 1,
+                jf: 0,
+                k: below,
+            });
+            p.push(Insn {
+                code: op::RET_K,
+                jt: 0,
+                jf: 0,
+                k: ACCEPT,
+            });
+            p.push(Insn {
+                code: op::RET_K,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            });
         }
         p
     }
@@ -209,13 +294,17 @@ mod tests {
         let mut a: u32 = 0;
         let mut pc = 0usize;
         loop {
-            let i = program.get(pc).unwrap_or_else(|| panic!("ran off the program at {pc}"));
+            let i = program
+                .get(pc)
+                .unwrap_or_else(|| panic!("ran off the program at {pc}"));
             pc += 1;
             match i.code {
                 op::LD_W_ABS if i.k == LOAD_RANDOM => a = random,
                 op::LD_W_ABS => {
                     let at = i.k as usize;
-                    let Some(w) = packet.get(at..at + 4) else { return 0 };
+                    let Some(w) = packet.get(at..at + 4) else {
+                        return 0;
+                    };
                     a = u32::from_be_bytes([w[0], w[1], w[2], w[3]]);
                 }
                 op::LD_LEN => a = packet.len() as u32,
@@ -229,15 +318,30 @@ mod tests {
 
     fn passes(spec: FilterSpec, datagram: &[u8]) -> bool {
         let kept = run(&spec.program(), datagram);
-        assert!(kept == 0 || kept == ACCEPT, "a filter of ours never trims: {kept}");
+        assert!(
+            kept == 0 || kept == ACCEPT,
+            "a filter of ours never trims: {kept}"
+        );
         kept == ACCEPT
     }
 
     const SPECS: [FilterSpec; 4] = [
-        FilterSpec { side: Side::Gateway, coalesced: false },
-        FilterSpec { side: Side::Gateway, coalesced: true },
-        FilterSpec { side: Side::Client, coalesced: false },
-        FilterSpec { side: Side::Client, coalesced: true },
+        FilterSpec {
+            side: Side::Gateway,
+            coalesced: false,
+        },
+        FilterSpec {
+            side: Side::Gateway,
+            coalesced: true,
+        },
+        FilterSpec {
+            side: Side::Client,
+            coalesced: false,
+        },
+        FilterSpec {
+            side: Side::Client,
+            coalesced: true,
+        },
     ];
 
     /// Whether `side` takes a datagram the parser accepted.
@@ -267,7 +371,10 @@ mod tests {
             // Every jump lands inside the program.
             for (pc, i) in p.iter().enumerate() {
                 if i.code == op::JEQ_K || i.code == op::JGE_K {
-                    assert!(pc + 1 + usize::from(i.jt.max(i.jf)) < p.len(), "{spec:?} at {pc}");
+                    assert!(
+                        pc + 1 + usize::from(i.jt.max(i.jf)) < p.len(),
+                        "{spec:?} at {pc}"
+                    );
                 }
             }
         }
@@ -280,9 +387,16 @@ mod tests {
         let notice = wire::unknown_session_notice(SessionId(5), 9).to_vec();
         for spec in SPECS {
             assert!(passes(spec, &data), "{spec:?} data");
-            assert!(passes(spec, &sealed(1, 5, 9, &[], Direction::ClientToGateway)), "empty data");
+            assert!(
+                passes(spec, &sealed(1, 5, 9, &[], Direction::ClientToGateway)),
+                "empty data"
+            );
             assert!(passes(spec, &keepalive), "{spec:?} keepalive");
-            assert_eq!(passes(spec, &notice), spec.side == Side::Client, "{spec:?} notice");
+            assert_eq!(
+                passes(spec, &notice),
+                spec.side == Side::Client,
+                "{spec:?} notice"
+            );
             for junk in [&[][..], &[0x11], &[0x11, 0, 0], &[0x55; 64], &[0; 40]] {
                 assert!(!passes(spec, junk), "{spec:?} {junk:?}");
             }
@@ -294,13 +408,20 @@ mod tests {
             bad[0] = 0x11;
             bad[2] = 1; // a reserved byte
             assert!(!passes(spec, &bad));
-            assert!(!passes(spec, &data[..OVERHEAD - 1]), "data without room for a tag");
+            assert!(
+                !passes(spec, &data[..OVERHEAD - 1]),
+                "data without room for a tag"
+            );
             assert!(!passes(spec, &keepalive[..OVERHEAD - 1]), "short keepalive");
             assert!(!passes(spec, &notice[..HEADER_LEN - 1]), "short notice");
             // Too long for its type: only a socket without GRO can tell.
             let mut long_ka = keepalive.clone();
             long_ka.push(0);
-            assert_eq!(passes(spec, &long_ka), spec.coalesced, "{spec:?} long keepalive");
+            assert_eq!(
+                passes(spec, &long_ka),
+                spec.coalesced,
+                "{spec:?} long keepalive"
+            );
         }
     }
 
@@ -319,14 +440,20 @@ mod tests {
     fn during_a_flood_only_live_session_ids_pass_and_a_sample_of_the_rest() {
         let live = [0x0102_0304_0506_0708u64, 0xffff_0000_1234_5678, 7];
         for spec in SPECS {
-            let known = KnownSessions { ids: &live, one_in: 64 };
+            let known = KnownSessions {
+                ids: &live,
+                one_in: 64,
+            };
             let p = spec.program_with_sessions(known).expect("few ids");
             let pass = |sid: u64, random: u32| {
                 let d = sealed(1, sid, 1, &[0x45; 40], Direction::ClientToGateway);
                 run_with_random(&p, &d, random) == ACCEPT
             };
             for &sid in &live {
-                assert!(pass(sid, u32::MAX), "{spec:?}: live id {sid:#x} passes whatever the draw");
+                assert!(
+                    pass(sid, u32::MAX),
+                    "{spec:?}: live id {sid:#x} passes whatever the draw"
+                );
             }
             // Same high word as a live id, other low word; and the other way round.
             for sid in [0x0102_0304_0000_0000, 0x0000_0000_0506_0708, 8, 0] {
@@ -336,7 +463,10 @@ mod tests {
             // The type and length checks still come first.
             assert_eq!(run_with_random(&p, &[0x55; 64], 0), 0);
             let notice = wire::unknown_session_notice(SessionId(live[0]), 1);
-            assert_eq!(run_with_random(&p, &notice, 0) == ACCEPT, spec.side == Side::Client);
+            assert_eq!(
+                run_with_random(&p, &notice, 0) == ACCEPT,
+                spec.side == Side::Client
+            );
             // Keepalives of live sessions too.
             let ka = sealed(0, live[1], 1, &[], Direction::ClientToGateway);
             assert_eq!(run_with_random(&p, &ka, u32::MAX), ACCEPT);
@@ -344,14 +474,27 @@ mod tests {
         }
         let many: Vec<u64> = (0..=MAX_SESSION_IDS as u64).collect();
         let spec = SPECS[0];
-        assert!(spec.program_with_sessions(KnownSessions { ids: &many, one_in: 64 }).is_none());
+        assert!(
+            spec.program_with_sessions(KnownSessions {
+                ids: &many,
+                one_in: 64
+            })
+            .is_none()
+        );
         let p = spec
-            .program_with_sessions(KnownSessions { ids: &many[..MAX_SESSION_IDS], one_in: 64 })
+            .program_with_sessions(KnownSessions {
+                ids: &many[..MAX_SESSION_IDS],
+                one_in: 64,
+            })
             .expect("the most ids");
         assert!(p.len() < 4096, "{} instructions", p.len());
         for &id in &many[..MAX_SESSION_IDS] {
             let d = sealed(1, id, 1, &[1; 8], Direction::ClientToGateway);
-            assert_eq!(run_with_random(&p, &d, u32::MAX), ACCEPT, "id {id} of a full table");
+            assert_eq!(
+                run_with_random(&p, &d, u32::MAX),
+                ACCEPT,
+                "id {id} of a full table"
+            );
         }
         let stranger = sealed(1, 1 << 40, 1, &[1; 8], Direction::ClientToGateway);
         assert_eq!(run_with_random(&p, &stranger, u32::MAX), 0);
