@@ -36,6 +36,23 @@ pub struct Insn {
     pub k: u32,
 }
 
+impl Insn {
+    /// A load or a return: no jumps.
+    pub const fn stmt(code: u16, k: u32) -> Insn {
+        Insn {
+            code,
+            jt: 0,
+            jf: 0,
+            k,
+        }
+    }
+
+    /// A conditional jump: `jt` / `jf` instructions forward when true / false.
+    pub const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> Insn {
+        Insn { code, jt, jf, k }
+    }
+}
+
 /// Opcodes used here (linux/bpf_common.h).
 pub mod op {
     // BPF_LD and BPF_W are 0, so these are the mode bits alone.
@@ -156,30 +173,15 @@ impl FilterSpec {
         // within a byte (checked by the tests, which run programs of the largest size).
         let rel = |pc: usize, target: usize| (target - pc - 1) as u8;
         let mut p = Vec::with_capacity(drop + 1 + known.map_or(0, |k| 5 * k.ids.len() + 4));
-        p.push(Insn {
-            code: op::LD_W_ABS,
-            jt: 0,
-            jf: 0,
-            k: UDP_HEADER,
-        });
+        p.push(Insn::stmt(op::LD_W_ABS, UDP_HEADER));
         for (t, (msg_type, _)) in rules.iter().enumerate() {
             let pc = 1 + t;
             let otherwise = if t + 1 == n { rel(pc, drop) } else { 0 };
             let word = u32::from(msg_type.first_byte()) << 24;
-            p.push(Insn {
-                code: op::JEQ_K,
-                jt: rel(pc, check(t)),
-                jf: otherwise,
-                k: word,
-            });
+            p.push(Insn::jump(op::JEQ_K, word, rel(pc, check(t)), otherwise));
         }
         for (t, (_, rule)) in rules.iter().enumerate() {
-            p.push(Insn {
-                code: op::LD_LEN,
-                jt: 0,
-                jf: 0,
-                k: 0,
-            });
+            p.push(Insn::stmt(op::LD_LEN, 0));
             let pc = check(t) + 1;
             let (code, len) = match *rule {
                 LenRule::AtLeast(n) => (op::JGE_K, n),
@@ -187,86 +189,26 @@ impl FilterSpec {
             };
             // Lengths are at most OVERHEAD (36): the cast cannot truncate.
             let k = UDP_HEADER + len as u32;
-            p.push(Insn {
-                code,
-                jt: rel(pc, passed),
-                jf: rel(pc, drop),
-                k,
-            });
+            p.push(Insn::jump(code, k, rel(pc, passed), rel(pc, drop)));
         }
-        p.push(Insn {
-            code: op::RET_K,
-            jt: 0,
-            jf: 0,
-            k: ACCEPT,
-        });
-        p.push(Insn {
-            code: op::RET_K,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        });
+        p.push(Insn::stmt(op::RET_K, ACCEPT));
+        p.push(Insn::stmt(op::RET_K, 0));
         debug_assert_eq!(p.len(), drop + 1);
         if let Some(known) = known {
             let sid = UDP_HEADER + 4;
             for &id in known.ids {
                 // hi != : skip the next 3 (to the next id); lo == : fall into the accept.
-                p.push(Insn {
-                    code: op::LD_W_ABS,
-                    jt: 0,
-                    jf: 0,
-                    k: sid,
-                });
-                p.push(Insn {
-                    code: op::JEQ_K,
-                    jt: 0,
-                    jf: 3,
-                    k: (id >> 32) as u32,
-                });
-                p.push(Insn {
-                    code: op::LD_W_ABS,
-                    jt: 0,
-                    jf: 0,
-                    k: sid + 4,
-                });
-                p.push(Insn {
-                    code: op::JEQ_K,
-                    jt: 0,
-                    jf: 1,
-                    k: id as u32,
-                });
-                p.push(Insn {
-                    code: op::RET_K,
-                    jt: 0,
-                    jf: 0,
-                    k: ACCEPT,
-                });
+                p.push(Insn::stmt(op::LD_W_ABS, sid));
+                p.push(Insn::jump(op::JEQ_K, (id >> 32) as u32, 0, 3));
+                p.push(Insn::stmt(op::LD_W_ABS, sid + 4));
+                p.push(Insn::jump(op::JEQ_K, id as u32, 0, 1));
+                p.push(Insn::stmt(op::RET_K, ACCEPT));
             }
             let below = u32::MAX / known.one_in.max(1);
-            p.push(Insn {
-                code: op::LD_W_ABS,
-                jt: 0,
-                jf: 0,
-                k: LOAD_RANDOM,
-            });
-            p.push(Insn {
-                code: op::JGE_K,
-                jt: 1,
-                jf: 0,
-                k: below,
-            });
-            p.push(Insn {
-                code: op::RET_K,
-                jt: 0,
-                jf: 0,
-                k: ACCEPT,
-            });
-            p.push(Insn {
-                code: op::RET_K,
-                jt: 0,
-                jf: 0,
-                k: 0,
-            });
+            p.push(Insn::stmt(op::LD_W_ABS, LOAD_RANDOM));
+            p.push(Insn::jump(op::JGE_K, below, 1, 0));
+            p.push(Insn::stmt(op::RET_K, ACCEPT));
+            p.push(Insn::stmt(op::RET_K, 0));
         }
         p
     }
