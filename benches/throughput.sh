@@ -14,6 +14,7 @@
 # boringtun-cli is installed with `cargo install` into target/bench-tools (cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/provision.sh
 RUNS=${RUNS:-3} SECS=${SECS:-10}
 TAG=hfb$$ NA=${TAG}a NB=${TAG}b VA=${TAG}va VB=${TAG}vb
 UA=198.18.0.1 UB=198.18.0.2 PORT=51820
@@ -61,21 +62,7 @@ BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/holdfast
 measure veth $UB
 
 # --- holdfast: gateway in B, client in A ----------------------------------------------------
-"$BIN" gateway init --dir "$WORK/gw" --endpoint $UB:$PORT --subnet6 fd00:b:e::/64 >/dev/null
-"$BIN" gateway add-client --dir "$WORK/gw" bench --out "$WORK/client.toml" >/dev/null
-python3 - "$WORK/client.toml" "$WORK/logs" <<'PY'
-import sys
-path, logs = sys.argv[1], sys.argv[2]
-text = open(path).read()
-def section(text, name, body):
-    # add-client may already write an empty [name] table: fill it, or append one.
-    head = '[%s]\n' % name
-    return text.replace(head, head + body, 1) if head in text else text + '\n' + head + body
-# Split tunnel to the gateway's tunnel address only: the bench measures the data plane, not routing.
-text = section(text, 'network', 'routes = ["100.64.0.1/32", "fd00:b:e::1/128"]\nkillswitch = false\n')
-text = section(text, 'log', 'dir = "%s"\n' % logs)
-open(path, 'w').write(text)
-PY
+provision_pair "$BIN" "$WORK" $UB:$PORT
 ip netns exec $NB "$BIN" gateway run --dir "$WORK/gw" >"$WORK/gw.log" 2>&1 & PIDS+=($!)
 ip netns exec $NA "$BIN" client run --no-tui --config "$WORK/client.toml" >"$WORK/client.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do ip netns exec $NA ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1 && break; sleep 0.1; done

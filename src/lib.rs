@@ -23,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod flood;
 pub mod gateway;
 pub mod local_socket;
 pub mod logging;

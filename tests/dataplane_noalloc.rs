@@ -223,3 +223,40 @@ fn tun_write_coalescing_allocates_nothing_per_packet() {
     assert_eq!(co.merged(), 500 * 44);
     assert!(written > 0);
 }
+
+#[test]
+fn flood_shedding_allocates_nothing_per_packet() {
+    use holdfast::flood::{ShedCounters, Shedder};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    // Setup outside the counted region: the budget table is allocated here, once.
+    let counters = Arc::new(ShedCounters::default());
+    let mut shed = Shedder::new(counters.clone());
+    let t0 = tokio::time::Instant::now();
+    let endpoint: SocketAddr = "198.18.0.1:51000".parse().expect("addr");
+    let mut admitted = 0u64;
+    let allocs = allocations_in(|| {
+        for i in 0..50_000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) * 20);
+            // Many sources (the table fills and recycles), one very noisy one.
+            let from = if i % 2 == 0 {
+                SocketAddr::from(([198, 19, (i >> 8) as u8, i as u8], 9))
+            } else {
+                SocketAddr::from(([198, 18, 9, 9], 53))
+            };
+            match i % 3 {
+                0 => shed.failed(from, now),
+                1 => {
+                    black_box(shed.unknown_session(from, now));
+                }
+                _ => admitted += u64::from(shed.admit(from, || Some(endpoint), now)),
+            }
+            admitted += u64::from(shed.admit(endpoint, || Some(endpoint), now));
+        }
+    });
+    assert_eq!(allocs, 0, "shedding allocated {allocs} times");
+    let t = counters.totals();
+    assert!(t.shed > 0 && t.notices_withheld > 0 && admitted > 50_000, "{t:?}");
+}

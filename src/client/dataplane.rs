@@ -32,6 +32,7 @@ use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
 use crate::config::client::ClientFile;
+use crate::sansio::filter::{FilterSpec, Side};
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, MsgType};
@@ -322,8 +323,13 @@ async fn bring_up(shared: Arc<Shared>) {
         cfg.gateway,
     );
     let tun_mtu = tun.mtu;
-    if !tunnel::enable_udp_gro(&sock) {
+    let gro = tunnel::enable_udp_gro(&sock);
+    if !gro {
         tracing::debug!(target: TARGET, "no UDP GRO on this kernel: one datagram per receive");
+    }
+    // Junk dropped in the kernel (see crate::sansio::filter); the receive loop still checks all.
+    if let Err(e) = crate::flood::attach_filter(&sock, FilterSpec { side: Side::Client, coalesced: gro }) {
+        tracing::debug!(target: TARGET, "no socket filter on the data-plane socket: {e}");
     }
     let device = Arc::new(tun.device);
     let sock = Arc::new(sock);

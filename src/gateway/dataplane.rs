@@ -33,7 +33,9 @@ use tun_rs::AsyncDevice;
 use super::ControlPlane;
 use super::sessions::{Clock, Session, SessionTable};
 use crate::config::gateway::{GatewayConfig, Tunnel6};
-use crate::sansio::inner::{IpFamily, InnerPacket};
+use crate::flood::{self, ShedCounters, Shedder};
+use crate::sansio::filter::Side;
+use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, MsgType};
 use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
@@ -183,6 +185,11 @@ pub trait SessionLookup: Send + Sync + 'static {
     /// The session carried authenticated traffic just now (so it is not idle). Called at most
     /// once per [`TOUCH_EVERY`] per session.
     fn touch(&self, _session: &DataSession) {}
+    /// Puts the ids of every session that may carry traffic now into `out` and returns true;
+    /// false if this table cannot say (then no flood-time filter narrows traffic to them).
+    fn live_ids(&self, _out: &mut Vec<SessionId>) -> bool {
+        false
+    }
 }
 
 /// How often the data plane reports a busy session as used (see [`SessionLookup::touch`]): often
@@ -269,6 +276,14 @@ impl SessionLookup for ControlSessions {
         if let Some(s) = self.table.get(session.session_id) {
             s.touch(self.clock.now());
         }
+    }
+
+    fn live_ids(&self, out: &mut Vec<SessionId>) -> bool {
+        let now = self.clock.now();
+        out.extend(
+            self.table.all().iter().filter(|s| self.table.validity(s, now).is_ok()).map(|s| s.id),
+        );
+        true
     }
 }
 
@@ -375,6 +390,7 @@ pub async fn start_for(
 /// A running gateway data plane. [`GatewayDataPlane::stop`] ends it and removes the NAT rule.
 pub struct GatewayDataPlane {
     counters: Arc<Counters>,
+    shedding: Arc<ShedCounters>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     nat: Option<Nat>,
@@ -430,15 +446,20 @@ impl GatewayDataPlane {
         let (stop, _) = watch::channel(false);
         let device = Arc::new(tun.device);
         let sock = Arc::new(sock);
-        let ctx = Arc::new(Loops { cfg, sessions, counters: counters.clone() });
-        if !tunnel::enable_udp_gro(&sock) {
+        let gro = tunnel::enable_udp_gro(&sock);
+        if !gro {
             tracing::debug!(target: TARGET, "no UDP GRO on this kernel: one datagram per receive");
         }
+        let shedding = flood::guard_socket(&*sock, Side::Gateway, gro);
+        let table = sessions.clone();
+        let live_ids = move |out: &mut Vec<SessionId>| table.live_ids(out);
+        let ctx = Arc::new(Loops { cfg, sessions, counters: counters.clone(), shedding: shedding.clone() });
         let tasks = vec![
             tokio::spawn(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe())),
             tokio::spawn(to_clients(ctx, device, sock, stop.subscribe(), tun.mtu)),
+            tokio::spawn(flood::watch(shedding.clone(), live_ids, stop.subscribe())),
         ];
-        Ok(Self { counters, stop, tasks, nat, tun_name: tun.name, local })
+        Ok(Self { counters, shedding, stop, tasks, nat, tun_name: tun.name, local })
     }
 
     pub fn stats(&self) -> Stats {
@@ -448,6 +469,11 @@ impl GatewayDataPlane {
     /// The live counters, for a status feed that outlives a borrow of the data plane.
     pub fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+
+    /// What the socket filter and the per-source budgets shed (see [`crate::flood`]).
+    pub fn shedding(&self) -> Arc<ShedCounters> {
+        self.shedding.clone()
     }
 
     /// Ends the loops, removes the NAT rule and the TUN device.
@@ -468,6 +494,7 @@ struct Loops {
     cfg: GatewayDataPlaneConfig,
     sessions: Arc<dyn SessionLookup>,
     counters: Arc<Counters>,
+    shedding: Arc<ShedCounters>,
 }
 
 /// UDP -> TUN (or -> another client).
@@ -483,6 +510,8 @@ async fn from_clients(
     let mut buf = vec![0u8; 65535];
     let mut writer = TunWriter::new(&tun, ctx.cfg.coalesce_writes);
     let mut notices = RateLimit::new(NOTICES_PER_SECOND, NOTICE_BURST);
+    // Per-source budgets of failures (see crate::flood): consulted only when a datagram fails.
+    let mut shed = Shedder::new(ctx.shedding.clone());
     let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         let received = tokio::select! {
@@ -513,6 +542,7 @@ async fn from_clients(
                 // Clients never send notices; answering one could ping-pong with a gateway.
                 _ => {
                     c.count_drop(DropReason::Malformed);
+                    shed.failed(from, now);
                     continue;
                 }
             };
@@ -521,7 +551,7 @@ async fn from_clients(
             }
             let Some(session) = session.as_deref() else {
                 c.count_drop(DropReason::UnknownSession);
-                if notices.allow(now) {
+                if shed.unknown_session(from, now) && notices.allow(now) {
                     let notice = wire::unknown_session_notice(header.session_id, header.counter);
                     match sock.send_to(&notice, from).await {
                         Ok(_) => bump(&c.notices_tx),
@@ -530,10 +560,15 @@ async fn from_clients(
                 }
                 continue;
             };
+            // Established sessions first: from its endpoint a datagram is always opened.
+            if !shed.admit(from, || session.endpoint(), now) {
+                continue;
+            }
             let opened = match session.crypto.open(Direction::ClientToGateway, datagram) {
                 Ok(o) => o,
                 Err(e) => {
                     session.drop_packet(c, DropReason::of_open(e));
+                    shed.failed(from, now);
                     continue;
                 }
             };

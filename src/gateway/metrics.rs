@@ -260,6 +260,19 @@ impl Collector for GatewayCollector {
         metric(&mut e, "keepalives_received", "Keepalives received from clients.", Counter, "", &[("", s.keepalives_rx)])?;
         metric(&mut e, "unknown_session_notices", "Unknown-session notices sent to clients.", Counter, "", &[("", s.notices_tx)])?;
         metric(&mut e, "roams", "Authenticated datagrams from a new client endpoint.", Counter, "", &[("", s.roams)])?;
+        let f = o.shedding.report();
+        metric(
+            &mut e,
+            "shed_datagrams",
+            "Datagrams rejected at the data port: kernel (by the socket filter), failed (in the gateway: bad header, unknown session, bad tag, replay), shed (of those, dropped without AES work: over-budget source).",
+            Counter,
+            "stage",
+            &[("kernel", f.kernel_dropped), ("failed", f.failed), ("shed", f.shed)],
+        )?;
+        metric(&mut e, "receive_buffer_overflows", "UDP datagrams the gateway's network namespace dropped for a full receive buffer.", Counter, "", &[("", f.buffer_overflows)])?;
+        metric(&mut e, "notices_withheld", "Unknown-session notices not sent: the source was over its failure budget.", Counter, "", &[("", f.notices_withheld)])?;
+        metric(&mut e, "floods", "Floods at the data port seen (one per start line in the log).", Counter, "", &[("", f.floods)])?;
+        metric(&mut e, "flooded", "1 while a flood at the data port is being shed.", Gauge, "", &[("", u64::from(f.flooded))])?;
         Ok(())
     }
 }

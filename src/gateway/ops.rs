@@ -59,6 +59,7 @@ pub async fn start(
         control: plane.state(),
         data: sessions,
         counters: data.counters(),
+        shedding: data.shedding(),
     });
     let status = status::serve(&config.status_socket, observed.clone()).map_err(|source| {
         GatewayError::StatusSocket { path: config.status_socket.clone(), source }

@@ -23,6 +23,7 @@ use super::service::ControlState;
 use super::sessions::Millis;
 use crate::client::status_socket::{DropCount, human};
 use crate::config::gateway::{DEFAULT_STATUS_SOCKET, GATEWAY_FILE};
+use crate::flood::{ShedCounters, ShedReport};
 use crate::local_socket::{self, ServeGuard, Speaker, StatusQueryError};
 use crate::tunnel::{Counters, Stats};
 
@@ -41,6 +42,8 @@ pub struct Observed {
     pub control: Arc<ControlState>,
     pub data: Arc<ControlSessions>,
     pub counters: Arc<Counters>,
+    /// What the socket filter and the per-source budgets shed.
+    pub shedding: Arc<ShedCounters>,
 }
 
 impl std::fmt::Debug for Observed {
@@ -132,6 +135,9 @@ pub struct DataPlaneReport {
     pub loop_starts: [u64; 2],
     /// Drops by reason, non-zero ones only.
     pub drops: Vec<DropCount>,
+    /// Flood shedding: the socket filter, per-source budgets (absent in older reports).
+    #[serde(default)]
+    pub shedding: ShedReport,
 }
 
 /// The gateway's resolver: where it answers (the addresses pushed to clients) and its counters.
@@ -181,7 +187,7 @@ fn results(counts: Vec<(&'static str, u64)>) -> Vec<ResultCount> {
 }
 
 impl DataPlaneReport {
-    fn of(s: &Stats) -> Self {
+    fn of(s: &Stats, shedding: ShedReport) -> Self {
         Self {
             rx_packets: s.rx_packets,
             rx_bytes: s.rx_bytes,
@@ -193,6 +199,7 @@ impl DataPlaneReport {
             rx_coalesced: s.rx_coalesced,
             loop_starts: [s.tx_loop_starts, s.rx_loop_starts],
             drops: DropCount::nonzero(s),
+            shedding,
         }
     }
 }
@@ -271,7 +278,7 @@ impl Observed {
                 authentications: results(control.counters.authentications()),
                 pings: results(control.counters.pings()),
             },
-            data_plane: DataPlaneReport::of(&self.counters.stats()),
+            data_plane: DataPlaneReport::of(&self.counters.stats(), self.shedding.report()),
             resolver: (!control.dns.servers.is_empty()).then(|| ResolverReport {
                 addresses: control.dns.servers.iter().map(ToString::to_string).collect(),
                 search_domains: control.dns.search_domains.clone(),
@@ -390,6 +397,19 @@ pub fn format_human(r: &GatewayReport) -> String {
         d.keepalives_rx, d.unknown_session_notices_tx, d.roams
     );
     let _ = writeln!(o, "  drops:        {}", drops(&d.drops));
+    let f = &d.shedding;
+    let _ = writeln!(
+        o,
+        "  shedding:     {}{}; {} dropped by the filter, {} failed ({} shed), {} notices withheld, {} flood(s); {} receive-buffer overflows",
+        if f.filter { "socket filter on" } else { "no socket filter" },
+        if f.flooded { ", FLOOD being shed now" } else { "" },
+        f.kernel_dropped,
+        f.failed,
+        f.shed,
+        f.notices_withheld,
+        f.floods,
+        f.buffer_overflows
+    );
     match &r.resolver {
         Some(dns) => {
             let _ = writeln!(o, "\nresolver on {}", dns.addresses.join(", "));

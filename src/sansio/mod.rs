@@ -1,9 +1,11 @@
 //! The pure (sans-IO) core: no tokio, sockets, files, clocks or RNG. Time and randomness come in as
 //! arguments; decisions come out as values.
 
+pub mod budget;
 pub mod coalesce;
 pub mod dns;
 pub mod inner;
+pub mod filter;
 pub mod replay;
 pub mod seal;
 pub mod session;
