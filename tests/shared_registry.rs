@@ -388,6 +388,18 @@ fn a_database_outage_goes_unnoticed_and_a_revocation_applies_on_its_return() {
         .collect();
     let said: usize = gw.all_lines().iter().filter(|l| l.contains("serving from the last good view")).count();
     assert_eq!(said, 1, "the outage is said once");
+    // ... and status says so while it lasts.
+    let status = |json: bool| {
+        let dir = d.dir("a");
+        let mut args = vec!["gateway", "status", "--dir", s(&dir)];
+        if json {
+            args.push("--json");
+        }
+        holdfast_ok(&args)
+    };
+    let report: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert_eq!(report["registry"]["degraded"], serde_json::json!(true), "{report}");
+    assert!(status(false).contains("DATABASE UNREACHABLE"));
 
     // While the gateway still cannot reach it, the operator revokes alice; the gateway learns it
     // within a second of the database coming back for it.
@@ -402,6 +414,8 @@ fn a_database_outage_goes_unnoticed_and_a_revocation_applies_on_its_return() {
     d.reconnect_gateways();
     let back = Instant::now();
     gw.wait_for(&["session closed", "alice", "revoked"], T);
+    let report: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert_eq!(report["registry"]["degraded"], serde_json::json!(false), "caught up: {report}");
     let took = back.elapsed();
     assert!(took <= Duration::from_secs(1), "the revocation applied {took:?} after the database returned");
     assert!(gw.all_lines().iter().any(|l| l.contains("registry database reachable again")));

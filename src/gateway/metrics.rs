@@ -112,8 +112,6 @@ pub const fn ping_result_name(v: PingVerdict) -> &'static str {
 pub struct ControlCounters {
     auth: [AtomicU64; AuthResult::ALL.len()],
     pings: [AtomicU64; PING_RESULTS.len()],
-    /// Successful reloads of the client registry since start.
-    registry_reloads: AtomicU64,
 }
 
 impl ControlCounters {
@@ -125,9 +123,6 @@ impl ControlCounters {
         self.pings[ping_index(v)].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn registry_reloaded(&self) {
-        self.registry_reloads.fetch_add(1, Ordering::Relaxed);
-    }
 
     /// Authentications by result, every result listed.
     pub fn authentications(&self) -> Vec<(&'static str, u64)> {
@@ -145,11 +140,6 @@ impl ControlCounters {
             .collect()
     }
 
-    /// The version of the client registry in force: 1 for the one loaded at start, one more per
-    /// reload since.
-    pub fn registry_version(&self) -> u64 {
-        1 + self.registry_reloads.load(Ordering::Relaxed)
-    }
 }
 
 /// Every collector the endpoint serves: **the one place to register new metrics**.
@@ -232,8 +222,10 @@ impl Collector for GatewayCollector {
         )?;
         let registered = control.registry.view().len() as u64;
         metric(&mut e, "registered_clients", "Clients in the registry (active or revoked).", Gauge, "", &[("", registered)])?;
-        let version = control.counters.registry_version();
-        metric(&mut e, "registry_version", "Version of the client registry in force: 1 at start, +1 per reload.", Gauge, "", &[("", version)])?;
+        let version = control.registry.view().version();
+        metric(&mut e, "registry_version", "Version of the client registry in force: a file's is 1 at start, +1 per reload; a shared registry's is the database's.", Gauge, "", &[("", version)])?;
+        let degraded = u64::from(control.registry.degraded());
+        metric(&mut e, "registry_degraded", "1 while the shared registry's database is unreachable (serving the last good view).", Gauge, "", &[("", degraded)])?;
         let uptime = o.started.elapsed().as_secs();
         metric(&mut e, "uptime_seconds", "Seconds since the gateway started.", Gauge, "", &[("", uptime)])?;
         metric(&mut e, "authentications", "Authenticate calls by result.", Counter, "result", &control.counters.authentications())?;
@@ -393,8 +385,5 @@ mod tests {
         assert_eq!(counts, vec![1, 2, 3, 4, 5, 6, 7]);
         c.auth(AuthResult::Revoked);
         assert!(c.authentications().contains(&("revoked", 1)));
-        assert_eq!(c.registry_version(), 1);
-        c.registry_reloaded();
-        assert_eq!(c.registry_version(), 2);
     }
 }

@@ -51,7 +51,6 @@ impl ControlState {
     /// version no longer admits (revoked, removed, or given a new certificate).
     pub fn refresh_registry(&self, wait: Wait) {
         if let Some(view) = self.registry.refresh(wait) {
-            self.counters.registry_reloaded();
             self.enforce_registry(&view);
         }
     }

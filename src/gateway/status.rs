@@ -87,8 +87,12 @@ pub struct GatewayReport {
 pub struct RegistryReport {
     /// Registered clients, active or revoked.
     pub clients: usize,
-    /// 1 for the version loaded at start, one more per reload.
+    /// A file's: 1 for the version loaded at start, one more per reload. A shared registry's:
+    /// the database's version.
     pub version: u64,
+    /// The shared registry's database is unreachable: this gateway serves its last good view.
+    #[serde(default)]
+    pub degraded: bool,
 }
 
 /// The session expiry settings in force (they change on SIGHUP).
@@ -265,7 +269,8 @@ impl Observed {
                 .collect(),
             registry: RegistryReport {
                 clients: control.registry.view().len(),
-                version: control.counters.registry_version(),
+                version: control.registry.view().version(),
+                degraded: control.registry.degraded(),
             },
             limits: LimitsReport {
                 idle_timeout_ms: limits.idle_ms,
@@ -375,7 +380,13 @@ pub fn format_human(r: &GatewayReport) -> String {
         r.subnets.join(", "),
         r.tun
     );
-    let _ = writeln!(o, "  registry:     {} client(s), version {}", r.registry.clients, r.registry.version);
+    let _ = writeln!(
+        o,
+        "  registry:     {} client(s), version {}{}",
+        r.registry.clients,
+        r.registry.version,
+        if r.registry.degraded { " (DATABASE UNREACHABLE: serving the last good view)" } else { "" }
+    );
     let _ = writeln!(
         o,
         "  sessions:     {} ({} client(s)); idle timeout {}, lifetime {}, re-auth grace {}",
