@@ -3,6 +3,7 @@
 
 pub mod coalesce;
 pub mod dns;
+pub mod icmp;
 pub mod inner;
 pub mod replay;
 pub mod seal;
