@@ -37,7 +37,7 @@ use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, MsgType};
 use crate::snapshot::{GetAuth, VpnAuthResponse};
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TunReader, TunSpec, TunWriter,
+    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
     bump, describe_io, pause, stop_requested,
 };
 
@@ -454,6 +454,8 @@ async fn send_loop(
     let mut lens = [0usize; tunnel::BATCH];
     let mut gso = true;
     let mut keepalive_buf = [0u8; wire::OVERHEAD];
+    // The usable inner MTU is the TUN's (sized from the path to the gateway at bring-up).
+    let mut too_big = TooBig::new();
     let mut last_sent = Instant::now();
     let mut no_session = ErrorBackoff::new(NO_SESSION_BACKOFF.0, NO_SESSION_BACKOFF.1);
     let mut tun_errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
@@ -520,6 +522,20 @@ async fn send_loop(
                         continue;
                     }
                     let len = reader.len(i);
+                    if len > usize::from(mtu) {
+                        // Answered from the gateway's tunnel address: the tunnel's far end is
+                        // what is too small, and an address of this host would be dropped by
+                        // its own kernel as martian.
+                        let from = match IpFamily::of(reader.packet(i)) {
+                            Some(IpFamily::V6) => auth.gateway_ip6.map(IpAddr::V6),
+                            _ => Some(IpAddr::V4(auth.gateway_ip)),
+                        };
+                        match from {
+                            Some(from) => too_big.send(&tun, reader.packet(i), mtu, from, c).await,
+                            None => c.count_drop(DropReason::TooBig),
+                        }
+                        continue;
+                    }
                     let sealed = crypto.tx.next().and_then(|counter| {
                         crypto.cipher.seal_data(
                             Direction::ClientToGateway, auth.session_id, counter, reader.slot(i), len)

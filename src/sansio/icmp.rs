@@ -68,17 +68,6 @@ pub fn too_big(packet: &[u8], mtu: u16, from: IpAddr, out: &mut [u8]) -> Result<
     }
 }
 
-/// Whether an IPv4 packet may be answered with "fragmentation needed" rather than fragmented:
-/// its DF bit is set. Without DF the sender asked for fragmentation, not an answer.
-pub fn dont_fragment(packet: &[u8]) -> bool {
-    match IpFamily::of(packet) {
-        Some(IpFamily::V4) => packet.get(6).is_some_and(|b| b & 0x40 != 0),
-        // IPv6 routers never fragment.
-        Some(IpFamily::V6) => true,
-        None => false,
-    }
-}
-
 fn frag_needed_v4(packet: &[u8], mtu: u16, from: Ipv4Addr, out: &mut [u8]) -> Result<usize, IcmpError> {
     let header = packet.get(..IPV4_HEADER).ok_or(IcmpError::Truncated)?;
     let ihl = usize::from(header[0] & 0x0f) * 4;
@@ -328,9 +317,7 @@ mod tests {
         let mut p = v4(1500, 0, 0);
         p[6] = 0; // DF clear: fragment instead
         assert_eq!(too_big(&p, 1400, GW4.into(), &mut out), Err(IcmpError::NotAnswerable));
-        assert!(!dont_fragment(&p));
         let mut p = v4(1500, 0, 0);
-        assert!(dont_fragment(&p));
         p[7] = 1; // not the first fragment
         assert_eq!(too_big(&p, 1400, GW4.into(), &mut out), Err(IcmpError::NotAnswerable));
         let mut p = v4(1500, 0, 0);
