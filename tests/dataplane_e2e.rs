@@ -1236,10 +1236,7 @@ fn inproc_tun_mtu_fits_one_sealed_packet_in_the_underlay() {
     let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
     w.authenticate(&c, 0xf1, [9; 32]);
     assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
-    let mtu = |ns: &Netns, dev: &str| {
-        let out = ns.ip(&["-o", "link", "show", "dev", dev]);
-        out.split_whitespace().skip_while(|w| *w != "mtu").nth(1).map(str::to_owned)
-    };
+    let mtu = link_mtu;
     // 1500 (veth) - 20 (IPv4) - 8 (UDP) - 36 (datagram header + tag) = 1436.
     assert_eq!(mtu(&c.ns, "hf0").as_deref(), Some("1436"));
     // The gateway's dual-stack socket serves IPv6 clients too, whose underlay header is 20
@@ -1259,6 +1256,57 @@ fn inproc_tun_mtu_fits_one_sealed_packet_in_the_underlay() {
     let out =
         c.ns.exec("ping", &["-c", "1", "-M", "do", "-s", "1409", "-W", "1", &GW_TUN.to_string()]);
     assert!(!out.status.success(), "one byte more does not fit the TUN MTU");
+}
+
+/// The MTU `ip link` shows for `dev` in `ns`.
+fn link_mtu(ns: &Netns, dev: &str) -> Option<String> {
+    let out = ns.ip(&["-o", "link", "show", "dev", dev]);
+    out.split_whitespace().skip_while(|w| *w != "mtu").nth(1).map(str::to_owned)
+}
+
+#[test]
+fn inproc_tun_mtu_starts_from_the_path_to_the_gateway() {
+    require_root!();
+    let mut w = Inproc::new();
+    // A client whose own link is 1280 (PPPoE, mobile, a nested VPN), set before the TUN exists.
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    c.ns.ip(&["link", "set", "up0", "mtu", "1280"]);
+    w.authenticate(&c, 0xe1, [7; 32]);
+    assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
+    // 1280 - 20 (IPv4) - 8 (UDP) - 36 (datagram header + tag) = 1216.
+    assert_eq!(link_mtu(&c.ns, "hf0").as_deref(), Some("1216"));
+    // The largest inner packet with DF set (1216 = 20 IP + 8 ICMP + 1188) crosses both ways...
+    let ping = |size: &str| {
+        let out = c.ns.exec("ping", &["-c", "2", "-M", "do", "-s", size, "-W", "1", &GW_TUN.to_string()]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let (ok, out) = ping("1188");
+    assert!(ok, "a full-size packet fits the path: {out}");
+    // ... and one byte more is refused with the MTU, not lost on the way.
+    let (ok, out) = ping("1189");
+    assert!(!ok, "one byte more does not fit: {out}");
+    assert!(
+        out.contains("message too long") || out.contains("Frag needed"),
+        "the sender is told why: {out}"
+    );
+    assert_eq!(c.stats().dropped(DropReason::SocketError), 0, "{}", c.stats());
+
+    // The route's MTU metric wins over the link's (a narrower path behind a 1500 link).
+    let c2 = w.client(Ipv4Addr::new(100, 64, 0, 3));
+    c2.ns.ip(&["route", "add", "198.18.1.1/32", "dev", "up0", "mtu", "1400"]);
+    w.authenticate(&c2, 0xe2, [6; 32]);
+    assert!(c2.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
+    assert_eq!(link_mtu(&c2.ns, "hf0").as_deref(), Some("1336"), "1400 - 64");
+
+    // Over an IPv6 underlay the header is 20 bytes longer: 1280 - 84 = 1196.
+    let c6 = w.client_over(Ipv4Addr::new(100, 64, 0, 4), true);
+    c6.ns.ip(&["link", "set", "up0", "mtu", "1280"]);
+    w.authenticate(&c6, 0xe3, [5; 32]);
+    assert!(c6.ns.ping_until(GW_TUN, T).is_some(), "tunnel up over IPv6");
+    assert_eq!(link_mtu(&c6.ns, "hf0").as_deref(), Some("1196"));
+    let out = c6.ns.exec("ping", &["-c", "2", "-M", "do", "-s", "1168", "-W", "1", &GW_TUN.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 // ---------------------------------------------------------------------------------------------

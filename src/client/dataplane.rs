@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
+use super::routes;
 use crate::config::client::ClientFile;
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
@@ -72,8 +73,9 @@ pub struct ClientDataPlaneConfig {
     pub gateway: IpAddr,
     /// The TUN device's name; `None` lets the kernel choose.
     pub tun_name: Option<String>,
-    /// The MTU of the path to the gateway; the TUN MTU is derived from it.
-    pub underlay_mtu: u16,
+    /// The MTU of the path to the gateway, which the TUN MTU is derived from; `None` (the
+    /// default): found at bring-up from the route toward the gateway ([`routes::path_mtu`]).
+    pub underlay_mtu: Option<u16>,
     /// Send a keepalive when nothing was sent for this long.
     pub keepalive: Duration,
     /// Minimum spacing of nudges to the supervisor.
@@ -92,7 +94,7 @@ impl ClientDataPlaneConfig {
         Self {
             gateway,
             tun_name: None,
-            underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
+            underlay_mtu: None,
             keepalive: DEFAULT_KEEPALIVE,
             nudge_min_interval: Duration::from_secs(1),
             offload: true,
@@ -108,7 +110,7 @@ impl ClientDataPlaneConfig {
         Self {
             gateway: file.endpoint.ip(),
             tun_name: Some(net.tun_name.clone().unwrap_or_else(|| DEFAULT_TUN_NAME.into())),
-            underlay_mtu: net.underlay_mtu.unwrap_or(tunnel::DEFAULT_UNDERLAY_MTU),
+            underlay_mtu: net.underlay_mtu,
             keepalive: net.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
             nudge_min_interval: file.timings().nudge_min_interval,
             offload: net.offload.unwrap_or(true),
@@ -256,7 +258,23 @@ async fn bring_up(shared: Arc<Shared>) {
     };
     let Some(binding) = binding else { return };
     let cfg = &shared.cfg;
-    let mtu = match tunnel::tun_mtu(cfg.underlay_mtu, IpFamily::of_addr(cfg.gateway)) {
+    let underlay_mtu = match cfg.underlay_mtu {
+        Some(mtu) => mtu,
+        None => match routes::path_mtu(cfg.gateway).await {
+            Ok(mtu) => mtu,
+            Err(e) => {
+                // No path right now (link down, only the fail-closed route): Ethernet's is the
+                // likeliest once it is back. Too-big packets are then answered, not lost.
+                tracing::warn!(
+                    target: TARGET,
+                    "cannot find the MTU of the path to the gateway ({e}); assuming {} (set underlay_mtu to choose)",
+                    tunnel::DEFAULT_UNDERLAY_MTU
+                );
+                tunnel::DEFAULT_UNDERLAY_MTU
+            }
+        },
+    };
+    let mtu = match tunnel::tun_mtu(underlay_mtu, IpFamily::of_addr(cfg.gateway)) {
         Ok(m) => m,
         Err(e) => {
             // A configuration error, not a transient one: retrying cannot help. Still not fatal:
@@ -314,10 +332,11 @@ async fn bring_up(shared: Arc<Shared>) {
     shared.counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
     tracing::info!(
         target: TARGET,
-        "data plane up: tun {} (ifindex {}, mtu {}), UDP {} -> gateway {}",
+        "data plane up: tun {} (ifindex {}, mtu {} for a path MTU of {underlay_mtu}{}), UDP {} -> gateway {}",
         tun.name,
         tun.ifindex,
         tun.mtu,
+        if cfg.underlay_mtu.is_some() { ", underlay_mtu" } else { "" },
         sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
         cfg.gateway,
     );
