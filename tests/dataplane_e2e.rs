@@ -1309,6 +1309,68 @@ fn inproc_tun_mtu_starts_from_the_path_to_the_gateway() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
+/// The "too big" answer as the data planes write it (`TooBig::send`, from the gateway's tunnel
+/// address) is accepted by a real kernel, for both families: the sender's ping is told "Frag
+/// needed" / "Packet too big" with our MTU, and the kernel caches that MTU for the destination.
+/// With and without TUN offload (the answer then goes behind a virtio-net header).
+#[test]
+fn too_big_answers_are_taken_by_the_kernel() {
+    require_root!();
+    let gw6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+    for (offload, v6) in [(false, false), (true, false), (false, true), (true, true)] {
+        let ns = Netns::new();
+        let rt = NsRuntime::new(&ns);
+        let spec = holdfast::tunnel::TunSpec {
+            name: Some("hft0".into()),
+            address: Ipv4Addr::new(100, 64, 0, 2),
+            prefix_len: 24,
+            address6: Some((Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2), 64)),
+            mtu: 1436,
+            offload,
+        };
+        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(t.device)) });
+        let tun = tun.expect("TUN device");
+        let (dst, from, request, said) = if v6 {
+            ns.ip(&["-6", "route", "add", "2001:db8:9::/64", "dev", "hft0"]);
+            ("2001:db8:9::9", IpAddr::V6(gw6), 40 + 8 + 1380, "Packet too big")
+        } else {
+            ns.ip(&["route", "add", "198.18.9.0/24", "dev", "hft0"]);
+            ("198.18.9.9", IpAddr::V4(GW_TUN), 20 + 8 + 1380, "Frag needed")
+        };
+        let mut ping = ns.command("ping");
+        // 1428 bytes: fits the TUN (1436), not the 1300 we claim.
+        ping.args(["-c", "1", "-M", "do", "-s", "1380", "-W", "2", dst]);
+        let pinger = std::thread::spawn(move || ping.output());
+        let c = Arc::new(Counters::default());
+        let counters = c.clone();
+        // The device comes back too: closing it would remove it, and the route with it.
+        let (answered, _tun) = rt.run(async move {
+            let mut buf = vec![0u8; 65536];
+            let mut too_big = holdfast::tunnel::TooBig::new();
+            let skip = if offload { holdfast::sansio::coalesce::VNET_HDR_LEN } else { 0 };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            // The echo request, past whatever else the kernel sends first (MLD, ...).
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tun.recv(&mut buf)).await {
+                let packet = &buf[skip..n];
+                if packet.len() == request {
+                    too_big.send(&tun, packet, 1300, from, &counters).await;
+                    return (true, tun);
+                }
+            }
+            (false, tun)
+        });
+        let case = format!("offload {offload}, IPv6 {v6}");
+        let out = pinger.join().expect("ping thread").expect("ping runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(answered, "{case}: the oversized echo request reached the TUN: {text}");
+        assert_eq!(c.stats().dropped(DropReason::TooBig), 1, "{case}");
+        assert_eq!(c.stats().dropped(DropReason::TunError), 0, "{case}: the answer was written");
+        assert!(text.contains(said) && text.contains("1300"), "{case}: {text}");
+        let route = ns.ip(&["route", "get", dst]);
+        assert!(route.contains("mtu 1300"), "{case}: the kernel took the MTU: {route}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // No heap allocation per packet in the loops.
 // ---------------------------------------------------------------------------------------------
