@@ -101,34 +101,20 @@ fn frag_needed_v4(packet: &[u8], mtu: u16, from: Ipv4Addr, out: &mut [u8]) -> Re
     let (ip, rest) = out.split_at_mut(IPV4_HEADER);
     // Total length fits: at most 20 + 8 + 60 + 8.
     let total16 = total as u16;
-    ip.copy_from_slice(&[
-        0x45,
-        0xc0, // precedence "internetwork control", as the kernel marks its ICMP errors
-        (total16 >> 8) as u8,
-        total16 as u8,
-        0,
-        0,
-        0,
-        0,
-        HOP_LIMIT,
-        PROTO_ICMP,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]);
+    ip.fill(0); // id, flags, fragment offset, checksum (for now): zero
+    ip[0] = 0x45;
+    // Precedence "internetwork control", as the kernel marks its own ICMP errors.
+    ip[1] = 0xc0;
+    ip[2..4].copy_from_slice(&total16.to_be_bytes());
+    ip[8] = HOP_LIMIT;
+    ip[9] = PROTO_ICMP;
     ip[12..16].copy_from_slice(&from.octets());
     ip[16..20].copy_from_slice(&src.octets());
     let sum = checksum(0, ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let (icmp, body) = rest.split_at_mut(ICMP_HEADER);
-    icmp.copy_from_slice(&[3, 4, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8]);
+    let [m0, m1] = mtu.to_be_bytes();
+    icmp.copy_from_slice(&[3, 4, 0, 0, 0, 0, m0, m1]);
     body.copy_from_slice(quote);
     let sum = checksum(0, rest);
     rest[2..4].copy_from_slice(&sum.to_be_bytes());
@@ -159,16 +145,10 @@ fn packet_too_big_v6(packet: &[u8], mtu: u16, from: Ipv6Addr, out: &mut [u8]) ->
     let (ip, rest) = out.split_at_mut(IPV6_HEADER);
     // At most 1240: fits.
     let payload16 = payload as u16;
-    ip[..8].copy_from_slice(&[
-        0x60,
-        0,
-        0,
-        0,
-        (payload16 >> 8) as u8,
-        payload16 as u8,
-        NEXT_HEADER_ICMPV6,
-        HOP_LIMIT,
-    ]);
+    ip[..4].copy_from_slice(&[0x60, 0, 0, 0]); // version 6, no traffic class, no flow label
+    ip[4..6].copy_from_slice(&payload16.to_be_bytes());
+    ip[6] = NEXT_HEADER_ICMPV6;
+    ip[7] = HOP_LIMIT;
     ip[8..24].copy_from_slice(&from.octets());
     ip[24..40].copy_from_slice(&src.octets());
     let (icmp, body) = rest.split_at_mut(ICMP_HEADER);
