@@ -71,6 +71,10 @@ enum ClientCommand {
     /// client file's `[network] dns` overrides: a list of resolvers, or "system" to leave the
     /// system's resolver alone.
     ///
+    /// MTU: the TUN MTU is sized from the path to the gateway (the route's MTU, else the MTU of
+    /// the interface it leaves by) when the TUN comes up; the client file's `[network]
+    /// underlay_mtu` overrides. A packet too big for the tunnel is answered with an ICMP "too big".
+    ///
     /// Signals: SIGINT/SIGTERM stop it; SIGHUP re-authenticates now (a fresh session, no packet
     /// lost); SIGUSR1 logs the data plane's counters.
     Run {

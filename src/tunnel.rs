@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
 use crate::sansio::coalesce::{Coalescer, PushError, VNET_HDR_LEN};
+use crate::sansio::icmp;
 use crate::sansio::inner::IpFamily;
 use crate::sansio::seal::OpenError;
 use crate::sansio::wire;
@@ -58,11 +59,14 @@ pub enum DropReason {
     /// own link-scope chatter (IPv6 router solicitations, MLD, link-local sources), or (gateway)
     /// a packet of a family the destination session has no address in.
     NotCarried,
+    /// An inner packet bigger than the tunnel's usable MTU. Not silent: the sender got an ICMP
+    /// "fragmentation needed" / "packet too big" (rate-limited) so its TCP lowers its segment size.
+    TooBig,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NoSession,
         DropReason::Malformed,
         DropReason::Decrypt,
@@ -75,6 +79,7 @@ impl DropReason {
         DropReason::TunError,
         DropReason::CounterExhausted,
         DropReason::NotCarried,
+        DropReason::TooBig,
     ];
 
     /// Short stable name, for logs and the dashboard.
@@ -92,6 +97,7 @@ impl DropReason {
             DropReason::TunError => "tun_error",
             DropReason::CounterExhausted => "counter_exhausted",
             DropReason::NotCarried => "not_carried",
+            DropReason::TooBig => "too_big",
         }
     }
 
@@ -736,6 +742,73 @@ impl TunReader {
     }
 }
 
+/// How many "too big" answers a loop writes back into the TUN device, at most: as the kernel
+/// limits its own ICMP errors, so a flood of oversized packets cannot turn into a flood of
+/// answers. Ample: one answer makes a TCP connection lower its segment size for ten minutes.
+pub const TOO_BIG_PER_SECOND: f64 = 100.0;
+/// Burst allowance of those answers (several connections learning the MTU at once).
+pub const TOO_BIG_BURST: u32 = 20;
+
+/// A loop's answer to inner packets bigger than the tunnel's usable MTU: an ICMP "fragmentation
+/// needed" / "packet too big" ([`icmp::too_big`]) written back into the TUN device, so the
+/// sender learns the size at once instead of retransmitting into a black hole. Rate-limited;
+/// every such packet is counted as [`DropReason::TooBig`]. The answer buffer is allocated once.
+pub struct TooBig {
+    limit: RateLimit,
+    /// A virtio-net header's room, then the answer.
+    buf: Box<[u8; VNET_HDR_LEN + icmp::MAX_ANSWER]>,
+}
+
+impl Default for TooBig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TooBig {
+    pub fn new() -> Self {
+        Self {
+            limit: RateLimit::new(TOO_BIG_PER_SECOND, TOO_BIG_BURST),
+            buf: Box::new([0; VNET_HDR_LEN + icmp::MAX_ANSWER]),
+        }
+    }
+
+    /// Counts `packet` (bigger than `mtu`) as dropped and, where the rules and the rate allow,
+    /// returns the bytes to write to the device: the answer from `from`, behind a zeroed
+    /// virtio-net header if the device has offload on (`vnet_header`). `None`: nothing to write
+    /// (an IPv4 packet with DF clear, an ICMP error, hostile bytes, or over the rate).
+    pub fn answer(
+        &mut self,
+        packet: &[u8],
+        mtu: u16,
+        from: IpAddr,
+        vnet_header: bool,
+        now: Instant,
+        c: &Counters,
+    ) -> Option<&[u8]> {
+        c.count_drop(DropReason::TooBig);
+        // The rules first (DF clear, ICMP errors, ...), so refused packets do not use up the rate.
+        let (head, body) = self.buf.split_at_mut(VNET_HDR_LEN);
+        let n = icmp::too_big(packet, mtu, from, body).ok()?;
+        if !self.limit.allow(now) {
+            return None;
+        }
+        // No GSO, checksum complete: a zeroed header says so.
+        head.fill(0);
+        Some(&self.buf[if vnet_header { 0 } else { VNET_HDR_LEN }..VNET_HDR_LEN + n])
+    }
+
+    /// [`TooBig::answer`], written to `tun`. A failed write is counted as a TUN error.
+    pub async fn send(&mut self, tun: &AsyncDevice, packet: &[u8], mtu: u16, from: IpAddr, c: &Counters) {
+        let vnet_header = tun.tcp_gso();
+        if let Some(answer) = self.answer(packet, mtu, from, vnet_header, Instant::now(), c)
+            && tun.send(answer).await.is_err()
+        {
+            c.count_drop(DropReason::TunError);
+        }
+    }
+}
+
 /// A loop's TUN write side: inner packets collected from one UDP batch, then written.
 ///
 /// With `coalesce` (and a device with TSO), consecutive TCP segments of a flow are merged into
@@ -884,6 +957,43 @@ pub async fn send_datagrams(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_big_answers_counted_rate_limited_and_behind_the_vnet_header() {
+        let c = Counters::default();
+        let mut tb = TooBig::new();
+        let t0 = Instant::now();
+        // An IPv4 TCP packet of 1500 bytes with DF set, from a tunnel client.
+        let mut p = vec![0u8; 1500];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&1500u16.to_be_bytes());
+        p[6] = 0x40;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[100, 64, 0, 2]);
+        p[16..20].copy_from_slice(&[198, 18, 0, 9]);
+        let from = IpAddr::from([100, 64, 0, 1]);
+        let a = tb.answer(&p, 1436, from, true, t0, &c).expect("answered").to_vec();
+        assert_eq!(a.len(), VNET_HDR_LEN + 20 + 8 + 28);
+        assert_eq!(&a[..VNET_HDR_LEN], &[0; VNET_HDR_LEN], "a zeroed virtio-net header");
+        assert_eq!(&a[VNET_HDR_LEN + 16..VNET_HDR_LEN + 20], &[100, 64, 0, 2], "back to the sender");
+        assert_eq!(&a[VNET_HDR_LEN + 20..VNET_HDR_LEN + 22], &[3, 4]);
+        let plain = tb.answer(&p, 1436, from, false, t0, &c).expect("answered").to_vec();
+        assert_eq!(plain, a[VNET_HDR_LEN..], "no header without offload");
+        // The burst runs out; every packet is still counted.
+        let answered = (0..100).filter(|_| tb.answer(&p, 1436, from, false, t0, &c).is_some()).count();
+        assert_eq!(answered, TOO_BIG_BURST as usize - 2);
+        assert!(tb.answer(&p, 1436, from, false, t0 + Duration::from_millis(20), &c).is_some(), "refilled");
+        // DF clear: dropped and counted, no answer, no token used.
+        p[6] = 0;
+        let later = t0 + Duration::from_secs(10);
+        assert!(tb.answer(&p, 1436, from, false, later, &c).is_none());
+        assert_eq!(c.stats().dropped(DropReason::TooBig), 2 + 100 + 1 + 1);
+        p[6] = 0x40;
+        assert!((0..TOO_BIG_BURST).all(|_| tb.answer(&p, 1436, from, false, later, &c).is_some()));
+        // Hostile bytes: counted, never a panic.
+        assert!(tb.answer(&[0x45, 0, 1], 1436, from, false, later, &c).is_none());
+        assert!(tb.answer(&[], 1436, from, false, later, &c).is_none());
+    }
 
     #[test]
     fn rate_limit_allows_burst_then_refills() {

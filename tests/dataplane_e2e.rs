@@ -1242,10 +1242,7 @@ fn inproc_tun_mtu_fits_one_sealed_packet_in_the_underlay() {
     let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
     w.authenticate(&c, 0xf1, [9; 32]);
     assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
-    let mtu = |ns: &Netns, dev: &str| {
-        let out = ns.ip(&["-o", "link", "show", "dev", dev]);
-        out.split_whitespace().skip_while(|w| *w != "mtu").nth(1).map(str::to_owned)
-    };
+    let mtu = link_mtu;
     // 1500 (veth) - 20 (IPv4) - 8 (UDP) - 36 (datagram header + tag) = 1436.
     assert_eq!(mtu(&c.ns, "hf0").as_deref(), Some("1436"));
     // The gateway's dual-stack socket serves IPv6 clients too, whose underlay header is 20
@@ -1265,6 +1262,119 @@ fn inproc_tun_mtu_fits_one_sealed_packet_in_the_underlay() {
     let out =
         c.ns.exec("ping", &["-c", "1", "-M", "do", "-s", "1409", "-W", "1", &GW_TUN.to_string()]);
     assert!(!out.status.success(), "one byte more does not fit the TUN MTU");
+}
+
+/// The MTU `ip link` shows for `dev` in `ns`.
+fn link_mtu(ns: &Netns, dev: &str) -> Option<String> {
+    let out = ns.ip(&["-o", "link", "show", "dev", dev]);
+    out.split_whitespace().skip_while(|w| *w != "mtu").nth(1).map(str::to_owned)
+}
+
+#[test]
+fn inproc_tun_mtu_starts_from_the_path_to_the_gateway() {
+    require_root!();
+    let mut w = Inproc::new();
+    // A client whose own link is 1280 (PPPoE, mobile, a nested VPN), set before the TUN exists.
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    c.ns.ip(&["link", "set", "up0", "mtu", "1280"]);
+    w.authenticate(&c, 0xe1, [7; 32]);
+    assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
+    // 1280 - 20 (IPv4) - 8 (UDP) - 36 (datagram header + tag) = 1216.
+    assert_eq!(link_mtu(&c.ns, "hf0").as_deref(), Some("1216"));
+    // The largest inner packet with DF set (1216 = 20 IP + 8 ICMP + 1188) crosses both ways...
+    let ping = |size: &str| {
+        let out = c.ns.exec("ping", &["-c", "2", "-M", "do", "-s", size, "-W", "1", &GW_TUN.to_string()]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let (ok, out) = ping("1188");
+    assert!(ok, "a full-size packet fits the path: {out}");
+    // ... and one byte more is refused with the MTU, not lost on the way.
+    let (ok, out) = ping("1189");
+    assert!(!ok, "one byte more does not fit: {out}");
+    assert!(
+        out.contains("message too long") || out.contains("Frag needed"),
+        "the sender is told why: {out}"
+    );
+    assert_eq!(c.stats().dropped(DropReason::SocketError), 0, "{}", c.stats());
+
+    // The route's MTU metric wins over the link's (a narrower path behind a 1500 link).
+    let c2 = w.client(Ipv4Addr::new(100, 64, 0, 3));
+    c2.ns.ip(&["route", "add", "198.18.1.1/32", "dev", "up0", "mtu", "1400"]);
+    w.authenticate(&c2, 0xe2, [6; 32]);
+    assert!(c2.ns.ping_until(GW_TUN, T).is_some(), "tunnel up");
+    assert_eq!(link_mtu(&c2.ns, "hf0").as_deref(), Some("1336"), "1400 - 64");
+
+    // Over an IPv6 underlay the header is 20 bytes longer: 1280 - 84 = 1196.
+    let c6 = w.client_over(Ipv4Addr::new(100, 64, 0, 4), true);
+    c6.ns.ip(&["link", "set", "up0", "mtu", "1280"]);
+    w.authenticate(&c6, 0xe3, [5; 32]);
+    assert!(c6.ns.ping_until(GW_TUN, T).is_some(), "tunnel up over IPv6");
+    assert_eq!(link_mtu(&c6.ns, "hf0").as_deref(), Some("1196"));
+    let out = c6.ns.exec("ping", &["-c", "2", "-M", "do", "-s", "1168", "-W", "1", &GW_TUN.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// The "too big" answer as the data planes write it (`TooBig::send`, from the gateway's tunnel
+/// address) is accepted by a real kernel, for both families: the sender's ping is told "Frag
+/// needed" / "Packet too big" with our MTU, and the kernel caches that MTU for the destination.
+/// With and without TUN offload (the answer then goes behind a virtio-net header).
+#[test]
+fn too_big_answers_are_taken_by_the_kernel() {
+    require_root!();
+    let gw6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+    for (offload, v6) in [(false, false), (true, false), (false, true), (true, true)] {
+        let ns = Netns::new();
+        let rt = NsRuntime::new(&ns);
+        let spec = holdfast::tunnel::TunSpec {
+            name: Some("hft0".into()),
+            address: Ipv4Addr::new(100, 64, 0, 2),
+            prefix_len: 24,
+            address6: Some((Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2), 64)),
+            mtu: 1436,
+            offload,
+        };
+        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(t.device)) });
+        let tun = tun.expect("TUN device");
+        let (dst, from, request, said) = if v6 {
+            ns.ip(&["-6", "route", "add", "2001:db8:9::/64", "dev", "hft0"]);
+            ("2001:db8:9::9", IpAddr::V6(gw6), 40 + 8 + 1380, "Packet too big")
+        } else {
+            ns.ip(&["route", "add", "198.18.9.0/24", "dev", "hft0"]);
+            ("198.18.9.9", IpAddr::V4(GW_TUN), 20 + 8 + 1380, "Frag needed")
+        };
+        let mut ping = ns.command("ping");
+        // 1428 bytes: fits the TUN (1436), not the 1300 we claim.
+        ping.args(["-c", "1", "-M", "do", "-s", "1380", "-W", "2", dst]);
+        let pinger = std::thread::spawn(move || ping.output());
+        let c = Arc::new(Counters::default());
+        let counters = c.clone();
+        // The device comes back too: closing it would remove it, and the route with it.
+        let (answered, _tun) = rt.run(async move {
+            let mut buf = vec![0u8; 65536];
+            let mut too_big = holdfast::tunnel::TooBig::new();
+            let skip = if offload { holdfast::sansio::coalesce::VNET_HDR_LEN } else { 0 };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            // The echo request, past whatever else the kernel sends first (MLD, ...).
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tun.recv(&mut buf)).await {
+                let packet = &buf[skip..n];
+                if packet.len() == request {
+                    too_big.send(&tun, packet, 1300, from, &counters).await;
+                    return (true, tun);
+                }
+            }
+            (false, tun)
+        });
+        let case = format!("offload {offload}, IPv6 {v6}");
+        let out = pinger.join().expect("ping thread").expect("ping runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(answered, "{case}: the oversized echo request reached the TUN: {text}");
+        assert_eq!(c.stats().dropped(DropReason::TooBig), 1, "{case}");
+        assert_eq!(c.stats().dropped(DropReason::TunError), 0, "{case}: the answer was written");
+        assert!(text.contains(said) && text.contains("1300"), "{case}: {text}");
+        let route = ns.ip(&["route", "get", dst]);
+        assert!(route.contains("mtu 1300"), "{case}: the kernel took the MTU: {route}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

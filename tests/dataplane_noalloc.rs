@@ -260,3 +260,41 @@ fn flood_shedding_allocates_nothing_per_packet() {
     let t = counters.totals();
     assert!(t.shed > 0 && t.notices_withheld > 0 && admitted > 50_000, "{t:?}");
 }
+
+#[test]
+fn too_big_answers_allocate_nothing_per_packet() {
+    use holdfast::tunnel::{Counters, DropReason, TooBig};
+    use std::net::IpAddr;
+    // Setup outside the counted region: the answerer (its buffer), both families' offenders.
+    let c = Counters::default();
+    let mut tb = TooBig::new();
+    let mut v4 = vec![0u8; 1500];
+    v4[0] = 0x45;
+    v4[6] = 0x40; // DF
+    v4[9] = 6;
+    v4[12..16].copy_from_slice(&[100, 64, 0, 2]);
+    v4[16..20].copy_from_slice(&[198, 18, 0, 9]);
+    let mut v6 = vec![0u8; 1500];
+    v6[0] = 0x60;
+    v6[6] = 6;
+    v6[8] = 0xfd;
+    v6[23] = 2;
+    v6[24] = 0x20;
+    let (gw4, gw6): (IpAddr, IpAddr) = ([100, 64, 0, 1].into(), "fd00::1".parse().unwrap());
+    let t0 = tokio::time::Instant::now();
+    let mut bytes = 0usize;
+    let allocs = allocations_in(|| {
+        for i in 0..2_000u64 {
+            // Spread over time so the rate limit lets most through (100/s).
+            let now = t0 + std::time::Duration::from_millis(10 * i);
+            for (p, from) in [(&v4, gw4), (&v6, gw6)] {
+                if let Some(a) = tb.answer(black_box(p), 1400, from, i % 2 == 0, now, &c) {
+                    bytes += a.len();
+                }
+            }
+        }
+    });
+    assert_eq!(allocs, 0, "too-big answers allocated {allocs} times");
+    assert_eq!(c.stats().dropped(DropReason::TooBig), 4_000);
+    assert!(bytes > 2_000 * 48, "answers were written: {bytes} bytes");
+}

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
+use super::routes;
 use crate::config::client::ClientFile;
 use crate::sansio::filter::{FilterSpec, Side};
 use crate::sansio::inner::{InnerPacket, IpFamily};
@@ -38,7 +39,7 @@ use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, MsgType};
 use crate::snapshot::{GetAuth, VpnAuthResponse};
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TunReader, TunSpec, TunWriter,
+    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
     bump, describe_io, pause, stop_requested,
 };
 
@@ -73,8 +74,9 @@ pub struct ClientDataPlaneConfig {
     pub gateway: IpAddr,
     /// The TUN device's name; `None` lets the kernel choose.
     pub tun_name: Option<String>,
-    /// The MTU of the path to the gateway; the TUN MTU is derived from it.
-    pub underlay_mtu: u16,
+    /// The MTU of the path to the gateway, which the TUN MTU is derived from; `None` (the
+    /// default): found at bring-up from the route toward the gateway ([`routes::path_mtu`]).
+    pub underlay_mtu: Option<u16>,
     /// Send a keepalive when nothing was sent for this long.
     pub keepalive: Duration,
     /// Minimum spacing of nudges to the supervisor.
@@ -93,7 +95,7 @@ impl ClientDataPlaneConfig {
         Self {
             gateway,
             tun_name: None,
-            underlay_mtu: tunnel::DEFAULT_UNDERLAY_MTU,
+            underlay_mtu: None,
             keepalive: DEFAULT_KEEPALIVE,
             nudge_min_interval: Duration::from_secs(1),
             offload: true,
@@ -109,7 +111,7 @@ impl ClientDataPlaneConfig {
         Self {
             gateway: file.endpoint.ip(),
             tun_name: Some(net.tun_name.clone().unwrap_or_else(|| DEFAULT_TUN_NAME.into())),
-            underlay_mtu: net.underlay_mtu.unwrap_or(tunnel::DEFAULT_UNDERLAY_MTU),
+            underlay_mtu: net.underlay_mtu,
             keepalive: net.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
             nudge_min_interval: file.timings().nudge_min_interval,
             offload: net.offload.unwrap_or(true),
@@ -257,7 +259,23 @@ async fn bring_up(shared: Arc<Shared>) {
     };
     let Some(binding) = binding else { return };
     let cfg = &shared.cfg;
-    let mtu = match tunnel::tun_mtu(cfg.underlay_mtu, IpFamily::of_addr(cfg.gateway)) {
+    let underlay_mtu = match cfg.underlay_mtu {
+        Some(mtu) => mtu,
+        None => match routes::path_mtu(cfg.gateway).await {
+            Ok(mtu) => mtu,
+            Err(e) => {
+                // No path right now (link down, only the fail-closed route): Ethernet's is the
+                // likeliest once it is back. Too-big packets are then answered, not lost.
+                tracing::warn!(
+                    target: TARGET,
+                    "cannot find the MTU of the path to the gateway ({e}); assuming {} (set underlay_mtu to choose)",
+                    tunnel::DEFAULT_UNDERLAY_MTU
+                );
+                tunnel::DEFAULT_UNDERLAY_MTU
+            }
+        },
+    };
+    let mtu = match tunnel::tun_mtu(underlay_mtu, IpFamily::of_addr(cfg.gateway)) {
         Ok(m) => m,
         Err(e) => {
             // A configuration error, not a transient one: retrying cannot help. Still not fatal:
@@ -315,10 +333,11 @@ async fn bring_up(shared: Arc<Shared>) {
     shared.counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
     tracing::info!(
         target: TARGET,
-        "data plane up: tun {} (ifindex {}, mtu {}), UDP {} -> gateway {}",
+        "data plane up: tun {} (ifindex {}, mtu {} for a path MTU of {underlay_mtu}{}), UDP {} -> gateway {}",
         tun.name,
         tun.ifindex,
         tun.mtu,
+        if cfg.underlay_mtu.is_some() { ", underlay_mtu" } else { "" },
         sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
         cfg.gateway,
     );
@@ -460,6 +479,8 @@ async fn send_loop(
     let mut lens = [0usize; tunnel::BATCH];
     let mut gso = true;
     let mut keepalive_buf = [0u8; wire::OVERHEAD];
+    // The usable inner MTU is the TUN's (sized from the path to the gateway at bring-up).
+    let mut too_big = TooBig::new();
     let mut last_sent = Instant::now();
     let mut no_session = ErrorBackoff::new(NO_SESSION_BACKOFF.0, NO_SESSION_BACKOFF.1);
     let mut tun_errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
@@ -526,6 +547,20 @@ async fn send_loop(
                         continue;
                     }
                     let len = reader.len(i);
+                    if len > usize::from(mtu) {
+                        // Answered from the gateway's tunnel address: the tunnel's far end is
+                        // what is too small, and an address of this host would be dropped by
+                        // its own kernel as martian.
+                        let from = match IpFamily::of(reader.packet(i)) {
+                            Some(IpFamily::V6) => auth.gateway_ip6.map(IpAddr::V6),
+                            _ => Some(IpAddr::V4(auth.gateway_ip)),
+                        };
+                        match from {
+                            Some(from) => too_big.send(&tun, reader.packet(i), mtu, from, c).await,
+                            None => c.count_drop(DropReason::TooBig),
+                        }
+                        continue;
+                    }
                     let sealed = crypto.tx.next().and_then(|counter| {
                         crypto.cipher.seal_data(
                             Direction::ClientToGateway, auth.session_id, counter, reader.slot(i), len)

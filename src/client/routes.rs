@@ -53,8 +53,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteNextHopFlags,
-    RouteProtocol, RouteScope, RouteType, RouteVia,
+    RouteMetric, RouteProtocol, RouteScope, RouteType, RouteVia,
 };
+use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
 use super::dataplane::DEFAULT_TUN_NAME;
@@ -422,6 +423,50 @@ async fn lookup_route(handle: &Handle, gateway: IpAddr) -> Result<RouteMessage, 
         .await
         .map_err(|e| no_path(e.to_string()))?
         .ok_or_else(|| no_path("the kernel returned no route".into()))
+}
+
+/// The MTU of the path the kernel would send `gateway`'s packets on: the route's MTU metric
+/// (`ip route ... mtu N`, as a PPPoE or VPN set-up installs) if it has one, else the MTU of the
+/// interface it leaves by. What the TUN MTU is sized from when `underlay_mtu` is not set.
+pub async fn path_mtu(gateway: IpAddr) -> Result<u16, RoutesError> {
+    with_handle(|handle| async move {
+        let route = lookup_route(&handle, gateway).await?;
+        let route_mtu = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
+                RouteMetric::Mtu(mtu) => Some(*mtu),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let link_mtu = match route_mtu {
+            Some(_) => None,
+            None => {
+                let oif = underlay_of(gateway, &route)?.oif;
+                let link = handle.link().get().match_index(oif).execute().try_next().await;
+                let no_link = |reason: String| RoutesError::NoPathToGateway { gateway, reason };
+                let link = link
+                    .map_err(|e| no_link(format!("interface {oif}: {e}")))?
+                    .ok_or_else(|| no_link(format!("interface {oif} is gone")))?;
+                link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Mtu(mtu) => Some(*mtu),
+                    _ => None,
+                })
+            }
+        };
+        choose_path_mtu(route_mtu, link_mtu).ok_or_else(|| RoutesError::NoPathToGateway {
+            gateway,
+            reason: "neither the route nor its interface has an MTU".into(),
+        })
+    })
+    .await
+}
+
+/// The path MTU from a route's MTU metric and its interface's MTU: the route's wins (it is set to
+/// say the path is narrower than the link), a zero means unset. Capped at what a UDP datagram
+/// can use (a loopback's 65536 would not fit `u16`).
+pub fn choose_path_mtu(route_mtu: Option<u32>, link_mtu: Option<u32>) -> Option<u16> {
+    let mtu = route_mtu.filter(|m| *m > 0).or(link_mtu.filter(|m| *m > 0))?;
+    Some(u16::try_from(mtu).unwrap_or(u16::MAX))
 }
 
 /// The next hop and device of a route the kernel returned for `gateway`.
@@ -1046,6 +1091,16 @@ fn ifindex(name: &str) -> Result<u32, RoutesError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn path_mtu_prefers_the_route_metric_then_the_link() {
+        assert_eq!(choose_path_mtu(Some(1400), Some(1500)), Some(1400));
+        assert_eq!(choose_path_mtu(None, Some(1280)), Some(1280));
+        assert_eq!(choose_path_mtu(Some(0), Some(1280)), Some(1280), "0 means unset");
+        assert_eq!(choose_path_mtu(None, Some(65536)), Some(u16::MAX), "loopback, capped");
+        assert_eq!(choose_path_mtu(None, None), None);
+        assert_eq!(choose_path_mtu(Some(0), Some(0)), None);
+    }
+
     use super::*;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {

@@ -32,7 +32,8 @@
 //!
 //! [network]         # every key optional; defaults shown
 //! tun_name = "holdfast0"
-//! underlay_mtu = 1500           # TUN MTU = underlay_mtu - 64 (IPv4/UDP headers + datagram overhead)
+//! underlay_mtu = 1500           # default: the MTU of the path to the gateway (route, else link);
+//!                               # TUN MTU = underlay_mtu - 64 (IPv4/UDP headers + datagram overhead)
 //! keepalive = "15s"
 //! offload = true                # TUN offload (TSO/GRO): 64 KiB reads, merged writes; off = one packet per syscall
 //! coalesce_writes = true        # merge TCP segments written to the TUN device (needs offload)
@@ -98,7 +99,8 @@ pub struct NetworkSection {
     /// Name of the TUN device (default `holdfast0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tun_name: Option<String>,
-    /// MTU of the path to the gateway (default 1500); the TUN MTU is derived from it.
+    /// MTU of the path to the gateway, which the TUN MTU is derived from. Default: found when the
+    /// TUN comes up, from the route toward the gateway (its MTU, else its interface's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay_mtu: Option<u16>,
     /// Keepalive interval while idle, so NAT mappings survive (default 15 s).

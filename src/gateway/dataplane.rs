@@ -40,7 +40,7 @@ use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, MsgType};
 use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TunReader, TunSpec, TunWriter,
+    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
     bump, pause, stop_requested,
 };
 
@@ -701,6 +701,8 @@ async fn to_clients(
     let c = &*ctx.counters;
     bump(&c.tx_loop_starts);
     let mut reader = TunReader::new(mtu);
+    // The usable inner MTU is the TUN's.
+    let mut too_big = TooBig::new();
     let mut lens = [0usize; tunnel::BATCH];
     let mut routes: [Option<Arc<DataSession>>; tunnel::BATCH] = std::array::from_fn(|_| None);
     let mut gso = true;
@@ -739,6 +741,13 @@ async fn to_clients(
                 continue;
             };
             let len = reader.len(i);
+            if len > usize::from(mtu) {
+                // Answered from the client's tunnel address, as a router at the tunnel's far
+                // end would: the gateway's own address would be dropped by its own kernel as
+                // martian (a local source arriving on the TUN device).
+                too_big.send(&tun, reader.packet(i), mtu, inner.dst, c).await;
+                continue;
+            }
             let sealed = session.crypto.tx.next().and_then(|counter| {
                 let slot = reader.slot(i);
                 session.crypto.cipher.seal_data(

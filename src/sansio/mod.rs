@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod coalesce;
 pub mod dns;
+pub mod icmp;
 pub mod inner;
 pub mod filter;
 pub mod replay;
