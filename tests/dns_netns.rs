@@ -117,7 +117,8 @@ fn ask_udp(ns: &Netns, to: SocketAddr, name: &str, wait: Duration) -> Option<(Me
     q.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::A));
     let wire = q.to_vec().unwrap();
     in_ns(ns, || {
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+        let sock = UdpSocket::bind(any).unwrap();
         sock.set_read_timeout(Some(wait)).unwrap();
         let start = Instant::now();
         sock.send_to(&wire, to).ok()?;
@@ -188,6 +189,30 @@ fn home_network_resolves_through_the_tunnel_and_gets_its_resolver_back() {
     // TCP too, and straight to the tunnel address.
     let tcp = ask_tcp(cns, tunnel_dns(), NAME).expect("an answer over TCP");
     assert_eq!(a_records(&tcp), [ANSWER]);
+    // The kill-switch now lets DNS through the tunnel go to the pushed resolvers only.
+    client.wait_for(&["DNS through the tunnel only to", "100.64.0.1"], T);
+    let table = cns.exec_ok("nft", &["list", "table", "inet", "holdfast"]);
+    for rule in [
+        "oifname \"holdfast0\" ip daddr 100.64.0.1 udp dport 53 accept",
+        "oifname \"holdfast0\" ip daddr 100.64.0.1 tcp dport 53 accept",
+        "oifname \"holdfast0\" udp dport 53 drop comment \"dns in the tunnel to other resolvers\"",
+        "oifname \"holdfast0\" tcp dport 53 drop comment \"dns in the tunnel to other resolvers\"",
+    ] {
+        assert!(table.contains(rule), "missing `{rule}` in\n{table}");
+    }
+    // A query through the tunnel to another resolver (the upstream itself) gets no answer, while
+    // the tunnel resolver still answers.
+    assert!(ask_udp(cns, SocketAddr::from((UPSTREAM, 53)), NAME, Duration::from_secs(2)).is_none());
+    assert!(ask_udp(cns, tunnel_dns(), NAME, Duration::from_secs(5)).is_some());
+    // The resolver answers on the gateway's IPv6 tunnel address too (pushed beside the IPv4 one).
+    let v6 = w
+        .client_resolv()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver "))
+        .find_map(|a| a.parse::<std::net::Ipv6Addr>().ok())
+        .expect("an IPv6 tunnel resolver in resolv.conf");
+    let m = ask_udp(cns, SocketAddr::from((v6, 53)), NAME, Duration::from_secs(5)).expect("an answer over IPv6");
+    assert_eq!(a_records(&m.0), [ANSWER]);
 
     // The gateway restarts pushing a search domain: the client's next snapshot carries it, and
     // the resolver follows without a restart of the client.
@@ -281,7 +306,11 @@ fn answers_only_through_the_tunnel_and_servfails_in_time_when_the_upstream_is_do
     let json = holdfast_ok(&["gateway", "status", "--dir", s(w.gw.path()), "--json"]);
     let report: holdfast::gateway::status::GatewayReport = serde_json::from_str(&json).unwrap();
     let dns = report.resolver.expect("the resolver is on");
-    assert_eq!(dns.addresses, ["100.64.0.1"]);
+    // Both tunnel addresses: the IPv4 one and the gateway's IPv6 one (its random ULA's first host).
+    assert_eq!(dns.addresses.len(), 2, "{:?}", dns.addresses);
+    assert_eq!(dns.addresses[0], "100.64.0.1");
+    let v6: std::net::Ipv6Addr = dns.addresses[1].parse().expect("an IPv6 address");
+    assert!(v6.segments()[0] & 0xff00 == 0xfd00 && v6.segments()[7] == 1, "{v6}");
     assert_eq!(dns.stats.servfail, 2);
     assert!(dns.stats.answered >= 1 && dns.stats.queries >= 3, "{:?}", dns.stats);
     assert_eq!(client.terminate(T), Some(0));

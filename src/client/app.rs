@@ -93,6 +93,7 @@ pub async fn run(
         handle.commands(),
         pushed_rx,
         network_stop_rx,
+        ks.clone(),
     ));
 
     let sampler = sampler(dataplane.counters(), tun_name);
@@ -165,6 +166,7 @@ async fn network_task(
     commands: tokio::sync::mpsc::Sender<super::driver::Command>,
     mut pushed: tokio::sync::watch::Receiver<PushedDns>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    killswitch: std::sync::Arc<dyn super::killswitch::KillSwitch>,
 ) -> Option<TunnelNetwork> {
     let on_underlay_change: super::routes::UnderlayHook = std::sync::Arc::new(move || {
         // Dropped when the queue is full: the failed call that follows reconnects too.
@@ -177,6 +179,7 @@ async fn network_task(
     };
     // The device the routes were installed on is the one current now.
     changes.mark_unchanged();
+    restrict_dns(&*killswitch, &net);
     // Once the supervisor is gone (stopping) nothing more is pushed; the TUN may still change.
     let mut pushing = true;
     loop {
@@ -184,7 +187,10 @@ async fn network_task(
             r = changes.changed() => if r.is_err() { return Some(net) },
             r = pushed.changed(), if pushing => {
                 match r {
-                    Ok(()) => follow_pushed_dns(&mut net, &file, &pushed.borrow_and_update().clone()),
+                    Ok(()) => {
+                        follow_pushed_dns(&mut net, &file, &pushed.borrow_and_update().clone());
+                        restrict_dns(&*killswitch, &net);
+                    }
                     Err(_) => pushing = false,
                 }
                 continue;
@@ -206,6 +212,15 @@ async fn network_task(
                 _ = stop.wait_for(|s| *s) => return Some(net),
             }
         }
+    }
+}
+
+/// DNS through the tunnel only to the resolvers in force (the kill-switch's half of "DNS to
+/// anything but the tunnel resolvers stays blocked"). A failure leaves the previous rules, which
+/// still block DNS outside the tunnel: logged, not fatal.
+fn restrict_dns(killswitch: &dyn super::killswitch::KillSwitch, net: &TunnelNetwork) {
+    if let Err(e) = killswitch.restrict_tunnel_dns(net.resolvers()) {
+        tracing::warn!(target: TARGET, "cannot restrict DNS in the tunnel to its resolvers: {e}");
     }
 }
 

@@ -995,6 +995,11 @@ impl TunnelNetwork {
         }
     }
 
+    /// The resolvers set now (empty: the system's own were left alone).
+    pub fn resolvers(&self) -> &[IpAddr] {
+        &self.dns_set.0
+    }
+
     /// Follows a new snapshot's resolvers: when `[network] dns` applied to `pushed` gives other
     /// resolvers than those set, sets them (or restores the system's when there are none now).
     /// Returns whether anything changed.

@@ -347,7 +347,7 @@ impl Watcher {
     pub fn start(
         sub: Subscription,
         control: Arc<Mutex<Option<NfSocket>>>,
-        rules: Arc<Ruleset>,
+        rules: Arc<arc_swap::ArcSwap<Ruleset>>,
         restores: Arc<std::sync::atomic::AtomicU64>,
     ) -> io::Result<Self> {
         // SAFETY: eventfd has no memory preconditions; the result is checked.
@@ -383,7 +383,7 @@ fn watch(
     wake: i32,
     stop: &AtomicBool,
     control: &Mutex<Option<NfSocket>>,
-    rules: &Ruleset,
+    rules: &arc_swap::ArcSwap<Ruleset>,
     restores: &std::sync::atomic::AtomicU64,
 ) {
     let mut buf = vec![0u8; RECV_BUF];
@@ -433,7 +433,7 @@ fn watch(
         let result = {
             let mut guard = control.lock().unwrap_or_else(|p| p.into_inner());
             match guard.as_mut() {
-                Some(s) => apply(s, rules, KillSwitchMode::Watched),
+                Some(s) => apply(s, &rules.load(), KillSwitchMode::Watched),
                 None => return,
             }
         };

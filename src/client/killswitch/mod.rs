@@ -78,6 +78,12 @@ pub trait KillSwitch: Send + Sync {
     /// A short description for logs, the dashboard and `holdfast status` (with the mode in force
     /// once enabled).
     fn describe(&self) -> String;
+    /// DNS through the tunnel from now on only to `resolvers` (the ones the gateway pushed, once
+    /// they are known); empty lifts the restriction. Updated in place, in one transaction: the
+    /// rest of the rules hold throughout. A plan whose client file names its resolvers keeps them.
+    fn restrict_tunnel_dns(&self, _resolvers: &[IpAddr]) -> Result<(), KillSwitchError> {
+        Ok(())
+    }
 }
 
 /// A kill-switch that blocks nothing and says so in the log (`killswitch = false`).
@@ -417,7 +423,9 @@ const OWNER_WAITS: u32 = 10;
 /// The nftables kill-switch, spoken over netlink (see the module doc).
 pub struct NftKillSwitch {
     plan: KillSwitchPlan,
-    rules: Arc<Ruleset>,
+    /// The rules in force: the plan's, with the tunnel resolvers pushed at run time when the
+    /// file names none. Shared with the watcher, which restores whatever is current.
+    rules: Arc<arc_swap::ArcSwap<Ruleset>>,
     force_fallback: bool,
     /// The socket that owns the table. Opened by the first `enable` (in the network namespace of
     /// the calling thread) and kept until this value is dropped: closing it is what orphans an
@@ -438,7 +446,7 @@ impl NftKillSwitch {
     pub fn new(plan: KillSwitchPlan) -> Self {
         let force_fallback = std::env::var_os(FORCE_FALLBACK_ENV).is_some();
         Self {
-            rules: Arc::new(rules::chains(&plan)),
+            rules: Arc::new(arc_swap::ArcSwap::from_pointee(rules::chains(&plan))),
             plan,
             force_fallback,
             sock: Arc::new(Mutex::new(None)),
@@ -488,7 +496,7 @@ impl NftKillSwitch {
             if mode == KillSwitchMode::Watched && sub.is_none() && lock(&self.watcher).is_none() {
                 sub = Some(kernel::subscribe().map_err(|e| fail(&format!("cannot watch nftables events: {e}")))?);
             }
-            match kernel::apply(s, &self.rules, mode) {
+            match kernel::apply(s, &self.rules.load(), mode) {
                 Ok(()) => break,
                 Err(ApplyError::Unsupported(e)) if mode == KillSwitchMode::Owned => {
                     tracing::info!(target: TARGET, "owned tables unavailable ({e}); using the watched fallback");
@@ -541,6 +549,31 @@ impl KillSwitch for NftKillSwitch {
         kernel::remove(s).map_err(|e| KillSwitchError::Disable(e.to_string()))?;
         *lock(&self.mode) = None;
         tracing::info!(target: TARGET, "kill-switch off: table inet {TABLE} removed");
+        Ok(())
+    }
+
+    fn restrict_tunnel_dns(&self, resolvers: &[IpAddr]) -> Result<(), KillSwitchError> {
+        if !self.plan.tunnel_dns().is_empty() {
+            // The client file names its resolvers: those are the ones, whatever is pushed.
+            return Ok(());
+        }
+        let next = Arc::new(rules::chains(&self.plan.clone().tunnel_dns_only(resolvers)));
+        if **self.rules.load() == *next {
+            return Ok(());
+        }
+        let mut sock = lock(&self.sock);
+        // Stored before applying, so a watcher restoring meanwhile puts back the new rules.
+        self.rules.store(next.clone());
+        if let (Some(s), Some(mode)) = (sock.as_mut(), self.mode()) {
+            kernel::apply(s, &next, mode).map_err(|e| KillSwitchError::Enable(e.to_string()))?;
+            tracing::info!(
+                target: TARGET,
+                "kill-switch: DNS through the tunnel only to {}",
+                if resolvers.is_empty() { "any resolver (not restricted)".to_owned() } else {
+                    resolvers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                }
+            );
+        }
         Ok(())
     }
 

@@ -112,8 +112,11 @@ impl ResolverPlan {
             tracing::info!(target: TARGET, "resolver off ([dns] enabled = false): clients keep their own DNS");
             return None;
         }
-        // One entry per tunnel address; the IPv6 tunnel address will be one more.
-        let listen = vec![IpAddr::V4(config.gateway_ip)];
+        // One entry per tunnel address the gateway serves (IPv6 when this host has it on).
+        let mut listen = vec![IpAddr::V4(config.gateway_ip)];
+        if let Some(v6) = crate::gateway::dataplane::served_v6(config) {
+            listen.push(IpAddr::V6(v6.gateway_ip));
+        }
         let upstreams = match &dns.upstreams {
             Some(list) => list.clone(),
             None => {
@@ -235,14 +238,9 @@ pub struct LiveSessions {
 
 impl LiveClients for LiveSessions {
     fn is_live(&self, ip: IpAddr) -> bool {
-        match ip {
-            IpAddr::V4(v4) => self
-                .table
-                .get_by_ip(v4)
-                .is_some_and(|s| self.table.validity(&s, self.clock.now()).is_ok()),
-            // No IPv6 tunnel addresses yet: nobody to answer.
-            IpAddr::V6(_) => false,
-        }
+        self.table
+            .get_by_ip(ip)
+            .is_some_and(|s| self.table.validity(&s, self.clock.now()).is_ok())
     }
 }
 
@@ -397,11 +395,22 @@ pub async fn log_stats_on_sigusr1(counters: Arc<DnsCounters>) {
     }
 }
 
+/// The tunnel addresses may still be settling when the resolver starts (an IPv6 address on a
+/// fresh device is not usable at once): binding them "free" lets the socket take the address
+/// the TUN device is given, instead of failing the start on a race with the kernel.
+fn set_freebind(sock: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
+    match addr {
+        SocketAddr::V4(_) => sock.set_freebind_v4(true),
+        SocketAddr::V6(_) => sock.set_freebind_v6(true),
+    }
+}
+
 fn bind_udp_on(addr: SocketAddr, tun: &str) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Only what came in through the tunnel: see the module doc.
     sock.bind_device(Some(tun.as_bytes()))?;
+    set_freebind(&sock, addr)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     UdpSocket::from_std(sock.into())
@@ -411,6 +420,7 @@ fn bind_tcp_on(addr: SocketAddr, tun: &str) -> io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.bind_device(Some(tun.as_bytes()))?;
+    set_freebind(&sock, addr)?;
     sock.set_reuse_address(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
