@@ -171,6 +171,32 @@ fn database_trouble_is_one_clear_line_and_a_distinct_exit_code() {
     // gone (after its start-up wait); tested without the wait by the command path above.
     let list = holdfast_ok(&["gateway", "list", "--dir", s(&a)]);
     assert!(list.contains("0 client(s)"), "{list}");
+
+    // A schema from an older holdfast (before migration 2, the deployment's IPv6 tunnel
+    // address), with data migration 2 cannot take (a /128 subnet6 leaves no first host): the
+    // migration fails half-way, one clear line, and its transaction leaves the old schema whole.
+    let old_schema = "ALTER TABLE holdfast_deployment DROP CONSTRAINT holdfast_deployment_v6_whole; \
+                      ALTER TABLE holdfast_deployment DROP COLUMN gateway_ip6; \
+                      DELETE FROM _sqlx_migrations WHERE version = 2;";
+    let subnet6 = db.psql("SELECT subnet6 FROM holdfast_deployment");
+    let subnet6 = subnet6.trim().to_owned();
+    db.psql(old_schema);
+    db.psql("UPDATE holdfast_deployment SET subnet6 = 'fd00:dead::/128'");
+    let has_column = || {
+        db.psql("SELECT count(*) FROM information_schema.columns WHERE column_name = 'gateway_ip6'").trim() == "1"
+    };
+    let (code, err) = code_and_err(&["gateway", "list", "--dir", s(&a)]);
+    assert_ne!(code, 0, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!has_column(), "a failed migration left half of itself behind");
+    assert_eq!(db.psql("SELECT count(*) FROM _sqlx_migrations WHERE version = 2").trim(), "0");
+    // The data put right, the older schema is migrated on the next connect, and the
+    // deployment serves on.
+    db.psql(&format!("UPDATE holdfast_deployment SET subnet6 = '{subnet6}'"));
+    let list = holdfast_ok(&["gateway", "list", "--dir", s(&a)]);
+    assert!(list.contains("0 client(s)"), "{list}");
+    assert!(has_column(), "migration 2 applied");
+    assert_eq!(db.psql("SELECT count(*) FROM _sqlx_migrations WHERE version = 2 AND success").trim(), "1");
 }
 
 #[test]
