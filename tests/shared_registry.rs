@@ -561,3 +561,35 @@ fn a_gateway_starts_from_its_last_good_view_without_the_database_and_fails_clear
     assert!(last.contains("cannot reach the registry database"), "{last}");
     assert!(client.is_alive());
 }
+
+#[test]
+fn a_gateway_learnt_from_the_answers_is_reachable_for_a_failover() {
+    if skip() || !support::netns::available() {
+        return;
+    }
+    let d = Deployment::new();
+    let logs = tempfile::tempdir().unwrap();
+    let (mut gw_a, mut gw_b) = (d.run("a"), d.run("b"));
+    // A client file written before gateway B joined: it names gateway A only.
+    let file = d.client("erin", EP_A, logs.path());
+    support::edit_client_file(&file, |f| f.endpoints.clear());
+    let listed = holdfast::config::client::ClientFile::load(&file).unwrap().all_endpoints();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let mut client = d.run_client(&file);
+    client.wait_for(&["-> Healthy", "ip 100.64.0.2/24"], T);
+    gw_a.wait_for(&["session opened", "erin"], T);
+    // A's answer lists both gateways: the kill-switch now lets the client reach B too.
+    client.wait_for(&["kill-switch: the deployment's gateways", "198.18.0.6:51820"], T);
+    let table = d.c.exec_ok("nft", &["list", "table", "inet", "holdfast"]);
+    assert!(table.contains("ip daddr 198.18.0.6 udp dport 51820 accept"), "{table}");
+    let pid = client.pid();
+    let mut pinger = support::Pinger::start(&d.c, "ping", "100.64.0.1".parse().unwrap(), "0.05");
+    assert!(pinger.first_reply_after(&d.c, support::unix_now(), T).is_some(), "traffic via A");
+
+    gw_a.kill();
+    let killed = support::unix_now();
+    let back = pinger.first_reply_after(&d.c, killed, Duration::from_secs(10));
+    assert!(back.is_some(), "traffic resumed through gateway B, which the file did not name");
+    gw_b.wait_for(&["session opened", "erin", "100.64.0.2"], T);
+    assert!(client.is_alive() && client.pid() == pid, "same client process");
+}

@@ -54,8 +54,18 @@ pub async fn run(
     // The resolvers the gateway pushes follow the snapshot: each swap publishes its DNS fields
     // (an effect of the swap, like the data plane's wake-up); the network task applies changes.
     let (pushed_tx, pushed_rx) = tokio::sync::watch::channel(PushedDns::default());
+    // Likewise the deployment's gateways each answer lists: the kill-switch and the routes let
+    // the client reach them, so it can fail over to one that joined after its file was written.
+    let (gateways_tx, gateways_rx) = tokio::sync::watch::channel(Vec::<std::net::SocketAddr>::new());
     let mut dataplane_hook = dataplane.on_swap_hook();
     let on_swap: OnSwap = Box::new(move |snapshot| {
+        gateways_tx.send_if_modified(|current| {
+            let changed = *current != snapshot.endpoints;
+            if changed {
+                current.clone_from(&snapshot.endpoints);
+            }
+            changed
+        });
         // Published before the data plane's hook runs: the first swap starts the bring-up, and
         // the resolvers must be there when the TUN is up and the network task reads them.
         let next = PushedDns::of(snapshot);
@@ -92,6 +102,7 @@ pub async fn run(
         file,
         handle.commands(),
         pushed_rx,
+        gateways_rx,
         network_stop_rx,
         ks.clone(),
     ));
@@ -165,6 +176,7 @@ async fn network_task(
     file: crate::config::client::ClientFile,
     commands: tokio::sync::mpsc::Sender<super::driver::Command>,
     mut pushed: tokio::sync::watch::Receiver<PushedDns>,
+    mut gateways: tokio::sync::watch::Receiver<Vec<std::net::SocketAddr>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     killswitch: std::sync::Arc<dyn super::killswitch::KillSwitch>,
 ) -> Option<TunnelNetwork> {
@@ -180,11 +192,22 @@ async fn network_task(
     // The device the routes were installed on is the one current now.
     changes.mark_unchanged();
     restrict_dns(&*killswitch, &net);
+    let current = gateways.borrow_and_update().clone();
+    reach_gateways(&*killswitch, &mut net, &file, &current).await;
     // Once the supervisor is gone (stopping) nothing more is pushed; the TUN may still change.
     let mut pushing = true;
     loop {
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return Some(net) },
+        // What woke us; the work that awaits is done after the select (its branches hold
+        // borrows of the channels that must not live across an await).
+        let gateways_changed = tokio::select! {
+            r = changes.changed() => if r.is_err() { return Some(net) } else { false },
+            r = gateways.changed(), if pushing => match r {
+                Ok(()) => true,
+                Err(_) => {
+                    pushing = false;
+                    continue;
+                }
+            },
             r = pushed.changed(), if pushing => {
                 match r {
                     Ok(()) => {
@@ -196,12 +219,22 @@ async fn network_task(
                 continue;
             }
             _ = stop.wait_for(|s| *s) => return Some(net),
+        };
+        if gateways_changed {
+            let list = gateways.borrow_and_update().clone();
+            reach_gateways(&*killswitch, &mut net, &file, &list).await;
+            continue;
         }
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             match net.reattach(&file, on_underlay_change.clone()).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    // The re-created routes cover the file's gateways; pin the learnt ones again.
+                    let list = gateways.borrow().clone();
+                    reach_gateways(&*killswitch, &mut net, &file, &list).await;
+                    break;
+                }
                 Err(e) if attempt == 1 => {
                     tracing::warn!(target: TARGET, "cannot put the routes/DNS back on the new TUN device yet ({e}); retrying")
                 }
@@ -212,6 +245,27 @@ async fn network_task(
                 _ = stop.wait_for(|s| *s) => return Some(net),
             }
         }
+    }
+}
+
+/// Lets the client reach every gateway the latest answer lists (kill-switch and host routes),
+/// beside the ones its file names. Failures are logged, not fatal: failing over to a gateway
+/// that cannot be reached fails like any unreachable gateway, and nothing leaks either way.
+async fn reach_gateways(
+    killswitch: &dyn super::killswitch::KillSwitch,
+    net: &mut TunnelNetwork,
+    file: &crate::config::client::ClientFile,
+    gateways: &[std::net::SocketAddr],
+) {
+    if gateways.is_empty() {
+        return;
+    }
+    if let Err(e) = killswitch.allow_gateways(gateways) {
+        tracing::warn!(target: TARGET, "cannot let the kill-switch reach the deployment's gateways: {e}");
+    }
+    let ips: Vec<std::net::IpAddr> = gateways.iter().map(std::net::SocketAddr::ip).collect();
+    if let Err(e) = net.pin_gateways(file, &ips).await {
+        tracing::warn!(target: TARGET, "cannot route to the deployment's gateways: {e}");
     }
 }
 

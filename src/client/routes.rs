@@ -378,6 +378,71 @@ impl RouteGuard {
         &self.added
     }
 
+    /// Pins gateways learnt while running (a gateway that joined the deployment after the client
+    /// file was written) the way [`Routes::install_for`] pins the file's, so a failover to them
+    /// never enters the tunnel. The tunnel routes are up now and would answer a lookup for a
+    /// captured address, so a new gateway goes over the underlay the first gateway's pin uses
+    /// (a deployment's gateways share the client's way out); without such a pin (the first
+    /// gateway is on the client's own link), a gateway the kernel routes outside the tunnel
+    /// needs none, and one it routes into the tunnel is skipped with a warning. Returns how many
+    /// routes were added; stop removes them with the rest.
+    pub async fn pin_more(&mut self, tun_name: &str, gateways: &[IpAddr]) -> Result<usize, RoutesError> {
+        let tun_index = ifindex(tun_name)?;
+        let known: Vec<IpAddr> = self
+            .added
+            .iter()
+            .filter_map(|s| match s {
+                RouteSpec::Host { dst, .. } | RouteSpec::OnLink { dst, .. } | RouteSpec::Unreachable { dst } => Some(*dst),
+                RouteSpec::Tunnel { .. } => None,
+            })
+            .collect();
+        let new: Vec<IpAddr> = gateways.iter().copied().filter(|g| !known.contains(g)).collect();
+        if new.is_empty() {
+            return Ok(0);
+        }
+        let ways: Vec<(IpAddr, u32)> = self
+            .added
+            .iter()
+            .filter_map(|s| match s {
+                RouteSpec::Host { via, oif, .. } => Some((*via, *oif)),
+                _ => None,
+            })
+            .collect();
+        let added = with_handle(|handle| async move {
+            let mut added = Vec::new();
+            for g in new {
+                let spec = match ways.iter().find(|(via, _)| via.is_ipv4() == g.is_ipv4()) {
+                    Some(&(via, oif)) => RouteSpec::Host { dst: g, via, oif },
+                    None => {
+                        match lookup(&handle, g).await {
+                            Ok(u) if u.oif == tun_index => tracing::warn!(
+                                target: TARGET,
+                                "gateway {g} is routed through the tunnel; failing over to it will not work"
+                            ),
+                            Ok(_) => {}
+                            Err(e) => tracing::debug!(target: TARGET, "{e}; no pin for gateway {g}"),
+                        }
+                        continue;
+                    }
+                };
+                match handle.route().add(message(&spec)).execute().await {
+                    Ok(()) => added.push(spec),
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    Err(e) => tracing::warn!(target: TARGET, "cannot pin gateway {g}: {e}"),
+                }
+            }
+            Ok(added)
+        })
+        .await?;
+        if !added.is_empty() {
+            let list: Vec<String> = added.iter().map(ToString::to_string).collect();
+            tracing::info!(target: TARGET, "routes added for the deployment's other gateways: {}", list.join(", "));
+        }
+        let n = added.len();
+        self.added.extend(added);
+        Ok(n)
+    }
+
     /// Removes exactly the routes that were added, newest first. Routes already gone (the TUN
     /// was removed first) are fine.
     pub async fn restore(self) -> Result<(), RoutesError> {
@@ -993,6 +1058,12 @@ impl TunnelNetwork {
                 Err(e.into())
             }
         }
+    }
+
+    /// Pins the deployment's gateways learnt while running (see [`RouteGuard::pin_more`]).
+    pub async fn pin_gateways(&mut self, file: &ClientFile, gateways: &[IpAddr]) -> Result<usize, NetworkError> {
+        let (tun, _) = tun_and_cidrs(file);
+        Ok(self.routes.pin_more(tun, gateways).await?)
     }
 
     /// The resolvers set now (empty: the system's own were left alone).

@@ -31,7 +31,7 @@ pub mod kernel;
 pub mod nfnl;
 pub mod rules;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,6 +82,13 @@ pub trait KillSwitch: Send + Sync {
     /// they are known); empty lifts the restriction. Updated in place, in one transaction: the
     /// rest of the rules hold throughout. A plan whose client file names its resolvers keeps them.
     fn restrict_tunnel_dns(&self, _resolvers: &[IpAddr]) -> Result<(), KillSwitchError> {
+        Ok(())
+    }
+    /// Also lets the client reach these gateways of its deployment (each on its one port, TCP
+    /// control and UDP data), beside those its file names: the list each `Authenticate` answer
+    /// carries, so a gateway that joined after the file was written can be failed over to.
+    /// Updated in place, like [`KillSwitch::restrict_tunnel_dns`].
+    fn allow_gateways(&self, _gateways: &[SocketAddr]) -> Result<(), KillSwitchError> {
         Ok(())
     }
 }
@@ -431,9 +438,20 @@ pub struct NftKillSwitch {
     /// the calling thread) and kept until this value is dropped: closing it is what orphans an
     /// owned table.
     sock: Arc<Mutex<Option<NfSocket>>>,
+    /// What the running client learnt since the start: added to `plan` for the rules in force.
+    learnt: Mutex<Learnt>,
     mode: Mutex<Option<KillSwitchMode>>,
     watcher: Mutex<Option<Watcher>>,
     restores: Arc<AtomicU64>,
+}
+
+/// What the kill-switch learns while the client runs (see [`NftKillSwitch::learnt`]).
+#[derive(Debug, Default)]
+struct Learnt {
+    /// The resolvers in force (pushed by the gateway), when the file names none.
+    tunnel_dns: Vec<IpAddr>,
+    /// The deployment's gateways, as the latest `Authenticate` answer lists them.
+    gateways: Vec<SocketAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -450,6 +468,7 @@ impl NftKillSwitch {
             plan,
             force_fallback,
             sock: Arc::new(Mutex::new(None)),
+            learnt: Mutex::default(),
             mode: Mutex::new(None),
             watcher: Mutex::new(None),
             restores: Arc::default(),
@@ -479,6 +498,30 @@ impl NftKillSwitch {
     /// Whether the table exists in the namespace of the calling thread (whoever made it).
     pub fn table_present(&self) -> Result<bool, KillSwitchError> {
         table_present()
+    }
+
+    /// Brings the rules in force to the plan plus what was `learnt`, in place and in one
+    /// transaction (nothing changes when they are already those). Logs `what` when it applied.
+    fn reapply(&self, learnt: &Learnt, what: &str) -> Result<(), KillSwitchError> {
+        let mut plan = self.plan.clone();
+        if plan.tunnel_dns().is_empty() {
+            plan = plan.tunnel_dns_only(&learnt.tunnel_dns);
+        }
+        for g in &learnt.gateways {
+            plan = plan.with_gateway(g.ip(), g.port(), g.port())?;
+        }
+        let next = Arc::new(rules::chains(&plan));
+        if **self.rules.load() == *next {
+            return Ok(());
+        }
+        let mut sock = lock(&self.sock);
+        // Stored before applying, so a watcher restoring meanwhile puts back the new rules.
+        self.rules.store(next.clone());
+        if let (Some(s), Some(mode)) = (sock.as_mut(), self.mode()) {
+            kernel::apply(s, &next, mode).map_err(|e| KillSwitchError::Enable(e.to_string()))?;
+            tracing::info!(target: TARGET, "kill-switch: {what}");
+        }
+        Ok(())
     }
 
     fn enable_inner(&self) -> Result<KillSwitchMode, KillSwitchError> {
@@ -557,24 +600,26 @@ impl KillSwitch for NftKillSwitch {
             // The client file names its resolvers: those are the ones, whatever is pushed.
             return Ok(());
         }
-        let next = Arc::new(rules::chains(&self.plan.clone().tunnel_dns_only(resolvers)));
-        if **self.rules.load() == *next {
-            return Ok(());
-        }
-        let mut sock = lock(&self.sock);
-        // Stored before applying, so a watcher restoring meanwhile puts back the new rules.
-        self.rules.store(next.clone());
-        if let (Some(s), Some(mode)) = (sock.as_mut(), self.mode()) {
-            kernel::apply(s, &next, mode).map_err(|e| KillSwitchError::Enable(e.to_string()))?;
-            tracing::info!(
-                target: TARGET,
-                "kill-switch: DNS through the tunnel only to {}",
-                if resolvers.is_empty() { "any resolver (not restricted)".to_owned() } else {
-                    resolvers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-                }
-            );
-        }
-        Ok(())
+        let mut learnt = lock(&self.learnt);
+        learnt.tunnel_dns = resolvers.to_vec();
+        let what = if resolvers.is_empty() {
+            "any resolver (not restricted)".to_owned()
+        } else {
+            resolvers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        };
+        self.reapply(&learnt, &format!("DNS through the tunnel only to {what}"))
+    }
+
+    fn allow_gateways(&self, gateways: &[SocketAddr]) -> Result<(), KillSwitchError> {
+        let mut learnt = lock(&self.learnt);
+        // An address the plan cannot hold (a gateway listing nonsense) is left out, not fatal.
+        learnt.gateways = gateways
+            .iter()
+            .copied()
+            .filter(|g| check_gateway(g.ip(), g.port(), g.port()).is_ok())
+            .collect();
+        let list: Vec<String> = learnt.gateways.iter().map(ToString::to_string).collect();
+        self.reapply(&learnt, &format!("the deployment's gateways {} allowed", list.join(", ")))
     }
 
     fn describe(&self) -> String {
