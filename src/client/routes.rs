@@ -1034,10 +1034,8 @@ impl TunnelNetwork {
         on_underlay_change: UnderlayHook,
     ) -> Result<Self, NetworkError> {
         let net = &file.network;
-        let (tun, cidrs) = tun_and_cidrs(file);
-        let gateway = file.endpoint.ip();
-        let others: Vec<IpAddr> = file.all_endpoints().iter().skip(1).map(|e| e.ip()).collect();
-        let routes = Routes::install_for(tun, gateway, &others, &cidrs).await?;
+        let (tun, _) = tun_and_cidrs(file);
+        let routes = install_for_file(file).await?;
         let underlay = Self::watch_underlay(file, on_underlay_change).await;
         let underlay = match underlay {
             Ok(u) => u,
@@ -1103,11 +1101,9 @@ impl TunnelNetwork {
     /// watcher must follow the new interface index. The resolver file, if that is the backend,
     /// never went away. On error the caller retries; the kill-switch blocks meanwhile.
     pub async fn reattach(&mut self, file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<(), NetworkError> {
-        let (tun, cidrs) = tun_and_cidrs(file);
         self.underlay.halt().await;
         // Also removes what is left of ours (the gateway's pin and fallback) before adding.
-        let others: Vec<IpAddr> = file.all_endpoints().iter().skip(1).map(|e| e.ip()).collect();
-        let routes = Routes::install_for(tun, file.endpoint.ip(), &others, &cidrs).await?;
+        let routes = install_for_file(file).await?;
         // The old guard's routes are gone (with the device, or removed as stale just now).
         let _old = std::mem::replace(&mut self.routes, routes);
         self.underlay = Self::watch_underlay(file, on_underlay_change).await?;
@@ -1144,6 +1140,14 @@ impl TunnelNetwork {
 }
 
 /// The TUN name and the CIDRs routed through it, for a client file.
+/// [`Routes::install_for`] as `file` says: its TUN and tunnel CIDRs, its first gateway, and the
+/// other gateways of the deployment it names.
+async fn install_for_file(file: &ClientFile) -> Result<RouteGuard, RoutesError> {
+    let (tun, cidrs) = tun_and_cidrs(file);
+    let others: Vec<IpAddr> = file.all_endpoints().iter().skip(1).map(|e| e.ip()).collect();
+    Routes::install_for(tun, file.endpoint.ip(), &others, &cidrs).await
+}
+
 fn tun_and_cidrs(file: &ClientFile) -> (&str, Vec<IpNet>) {
     let net = &file.network;
     let mut cidrs = tunnel_cidrs(net.routes.as_deref(), net.dns.configured());
