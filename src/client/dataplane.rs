@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
+use super::path_mtu::PathMtu;
 use super::routes;
 use crate::config::client::ClientFile;
 use crate::sansio::filter::{FilterSpec, Side};
@@ -146,6 +147,8 @@ struct Shared {
     /// The generation of a device a loop found gone (EBADFD): the keeper re-creates it.
     lost: watch::Sender<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The path MTU, known once the bring-up found it; the send loop and the status read it.
+    path: std::sync::OnceLock<Arc<PathMtu>>,
 }
 
 /// The client's data plane. Cheap to clone; all clones are the same data plane.
@@ -172,6 +175,7 @@ impl ClientDataPlane {
                 device,
                 lost,
                 tasks: Mutex::new(Vec::new()),
+                path: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -199,6 +203,11 @@ impl ClientDataPlane {
     /// The counters (for the status feed and the dashboard).
     pub fn stats(&self) -> Stats {
         self.shared.counters.stats()
+    }
+
+    /// The path MTU in use, once the data plane is up.
+    pub fn path_mtu(&self) -> Option<Arc<PathMtu>> {
+        self.shared.path.get().cloned()
     }
 
     /// The live counters, for a status feed or a stats dump that outlives a borrow.
@@ -275,7 +284,8 @@ async fn bring_up(shared: Arc<Shared>) {
             }
         },
     };
-    let mtu = match tunnel::tun_mtu(underlay_mtu, IpFamily::of_addr(cfg.gateway)) {
+    let underlay = IpFamily::of_addr(cfg.gateway);
+    let mtu = match tunnel::tun_mtu(underlay_mtu, underlay) {
         Ok(m) => m,
         Err(e) => {
             // A configuration error, not a transient one: retrying cannot help. Still not fatal:
@@ -341,7 +351,10 @@ async fn bring_up(shared: Arc<Shared>) {
         sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
         cfg.gateway,
     );
-    let tun_mtu = tun.mtu;
+    let path = shared
+        .path
+        .get_or_init(|| Arc::new(PathMtu::new(underlay_mtu, underlay, cfg.underlay_mtu.is_some())))
+        .clone();
     let gro = tunnel::enable_udp_gro(&sock);
     if !gro {
         tracing::debug!(target: TARGET, "no UDP GRO on this kernel: one datagram per receive");
@@ -356,7 +369,7 @@ async fn bring_up(shared: Arc<Shared>) {
     let created_with = (binding.get_auth)();
     let tun_ip = created_with.as_ref().map(|a| (a.assigned_ip, a.assigned_ip6));
     shared.device.send_replace(Some((1, device)));
-    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun_mtu));
+    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun.mtu, path));
     let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock));
     let mut tasks = vec![tx, rx];
     if let Some(auth) = created_with {
@@ -466,7 +479,8 @@ async fn send_loop(
     sock: Arc<UdpSocket>,
     // The address and MTU the TUN device was created with: the device's, not the session's.
     tun_ip: Option<(Ipv4Addr, Option<Ipv6Addr>)>,
-    mtu: u16,
+    tun_mtu: u16,
+    path: Arc<PathMtu>,
 ) {
     let c = &shared.counters;
     bump(&c.tx_loop_starts);
@@ -475,11 +489,11 @@ async fn send_loop(
     let mut stop = shared.stop.subscribe();
     let mut devices = shared.device.subscribe();
     let Some((mut generation, mut tun)) = current_device(&mut devices, &mut stop).await else { return };
-    let mut reader = TunReader::new(mtu);
+    let mut reader = TunReader::new(tun_mtu);
     let mut lens = [0usize; tunnel::BATCH];
     let mut gso = true;
     let mut keepalive_buf = [0u8; wire::OVERHEAD];
-    // The usable inner MTU is the TUN's (sized from the path to the gateway at bring-up).
+    // The usable inner MTU is the path's (read per batch: it follows the path at run time).
     let mut too_big = TooBig::new();
     let mut last_sent = Instant::now();
     let mut no_session = ErrorBackoff::new(NO_SESSION_BACKOFF.0, NO_SESSION_BACKOFF.1);
@@ -535,6 +549,7 @@ async fn send_loop(
                 };
                 no_session.reset();
                 let crypto = auth.crypto();
+                let mtu = path.inner();
                 for (i, sealed_len) in lens.iter_mut().enumerate().take(n) {
                     *sealed_len = 0;
                     // Neither IP, nor the host's own link-scope chatter, nor a family this

@@ -4,6 +4,7 @@
 //!   the supervisor and returns at once. No authentication, no tunnel, no IO on the control plane.
 //! - [`driver`]: the task that runs the pure supervisor machine and executes its effects.
 //! - [`dataplane`]: the TUN device and the UDP loops, started by the first snapshot.
+//! - [`path_mtu`]: the size of the path to the gateway, learnt at bring-up and at run time.
 //! - [`control`]: the gRPC client (mutual TLS, deadlines, failure classification).
 //! - [`status`]: the status feed observers read.
 //! - [`killswitch`]: the kill-switch interface.
@@ -14,6 +15,7 @@ pub mod app;
 pub mod dns;
 pub mod driver;
 pub mod killswitch;
+pub mod path_mtu;
 pub mod routes;
 pub mod status;
 pub mod status_socket;

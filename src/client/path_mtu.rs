@@ -1,0 +1,200 @@
+//! The size of the path to the gateway, as the client knows it right now: one value that every
+//! part reads and the parts that learn something about the path write.
+//!
+//! Two things bound the outer (underlay) packet size, and they are learnt differently:
+//! - the **link**: the MTU of the route or interface the path leaves by (or `underlay_mtu` from
+//!   the client file, which then wins for good). Found at bring-up and followed at run time by
+//!   the underlay watcher;
+//! - **discovery**: a smaller hop further along (a PPPoE or tunnel hop between two 1500-byte
+//!   links), learnt from the UDP socket's errors or by probing (DPLPMTUD).
+//!
+//! The usable outer size is the smaller of the two; the inner size (the TUN MTU, what the send
+//! loop lets through before it answers "too big") is that minus the tunnel's overhead for the
+//! underlay's family. Readers on the packet path use [`PathMtu::inner`] (two relaxed atomic
+//! loads); whoever applies the size to the TUN device waits on [`PathMtu::changes`].
+
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use tokio::sync::watch;
+
+use crate::sansio::inner::IpFamily;
+use crate::sansio::wire;
+
+/// No discovered bound: the link alone decides.
+const NONE: u16 = u16::MAX;
+
+/// The smallest inner MTU the tunnel is ever sized to, whatever the path says: IPv4's minimum
+/// datagram that every host must accept (RFC 791). A path smaller than that cannot carry the
+/// tunnel at all; the too-big answers then say 576 and the outer packets fragment.
+pub const MIN_INNER_MTU: u16 = 576;
+
+/// What bounds the outer size now (for the log, the status and the dashboard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// The route or link the path leaves by.
+    Link,
+    /// `underlay_mtu` in the client file.
+    Configured,
+    /// A smaller hop further along, found by discovery.
+    Discovered,
+}
+
+impl Bound {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bound::Link => "link",
+            Bound::Configured => "configured",
+            Bound::Discovered => "discovered",
+        }
+    }
+}
+
+/// The path MTU state of one client. Shared (`Arc`) between the loops, the underlay watcher and
+/// the prober.
+#[derive(Debug)]
+pub struct PathMtu {
+    underlay: IpFamily,
+    configured: bool,
+    link: AtomicU16,
+    discovered: AtomicU16,
+    /// The inner MTU, published on every change.
+    changes: watch::Sender<u16>,
+}
+
+impl PathMtu {
+    /// A path whose link MTU is `link` (outer bytes) over an underlay of family `underlay`;
+    /// `configured`: the value is `underlay_mtu` from the file, not read from the system.
+    pub fn new(link: u16, underlay: IpFamily, configured: bool) -> Self {
+        let inner = inner_for(link, underlay);
+        Self {
+            underlay,
+            configured,
+            link: AtomicU16::new(link),
+            discovered: AtomicU16::new(NONE),
+            changes: watch::channel(inner).0,
+        }
+    }
+
+    /// The usable outer packet size (IP header included): the smaller of the link's and the
+    /// discovered bound.
+    pub fn outer(&self) -> u16 {
+        self.link.load(Ordering::Relaxed).min(self.discovered.load(Ordering::Relaxed))
+    }
+
+    /// The usable inner packet size: what the TUN MTU should be and what the send loop lets
+    /// through.
+    pub fn inner(&self) -> u16 {
+        inner_for(self.outer(), self.underlay)
+    }
+
+    /// The link's MTU (outer bytes).
+    pub fn link(&self) -> u16 {
+        self.link.load(Ordering::Relaxed)
+    }
+
+    /// The discovered bound (outer bytes), if any.
+    pub fn discovered(&self) -> Option<u16> {
+        match self.discovered.load(Ordering::Relaxed) {
+            NONE => None,
+            d => Some(d),
+        }
+    }
+
+    /// What bounds the size now.
+    pub fn bound(&self) -> Bound {
+        match self.discovered() {
+            Some(d) if d < self.link() => Bound::Discovered,
+            _ if self.configured => Bound::Configured,
+            _ => Bound::Link,
+        }
+    }
+
+    /// The underlay's family (what the overhead is computed for).
+    pub fn underlay(&self) -> IpFamily {
+        self.underlay
+    }
+
+    /// Whether the link value is `underlay_mtu` from the file (then the system's is not followed).
+    pub fn is_configured(&self) -> bool {
+        self.configured
+    }
+
+    /// The link's MTU changed (the underlay watcher saw it). Ignored when the file configures it.
+    /// Returns whether the usable inner MTU changed.
+    pub fn set_link(&self, outer: u16) -> bool {
+        if self.configured {
+            return false;
+        }
+        self.link.store(outer, Ordering::Relaxed);
+        self.publish()
+    }
+
+    /// Discovery found the path to fit `outer` bytes at most (`None`: no bound beyond the link,
+    /// as after a probe confirmed the link's size). Returns whether the usable inner MTU changed.
+    pub fn set_discovered(&self, outer: Option<u16>) -> bool {
+        self.discovered.store(outer.unwrap_or(NONE), Ordering::Relaxed);
+        self.publish()
+    }
+
+    /// Changes of the usable inner MTU (the current value first).
+    pub fn changes(&self) -> watch::Receiver<u16> {
+        self.changes.subscribe()
+    }
+
+    fn publish(&self) -> bool {
+        let inner = self.inner();
+        self.changes.send_if_modified(|v| {
+            let changed = *v != inner;
+            *v = inner;
+            changed
+        })
+    }
+}
+
+/// The inner MTU over an outer one, never below [`MIN_INNER_MTU`].
+fn inner_for(outer: u16, underlay: IpFamily) -> u16 {
+    wire::tun_mtu_over(outer, underlay).unwrap_or(MIN_INNER_MTU).max(MIN_INNER_MTU)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_smaller_bound_wins_and_each_change_is_published_once() {
+        let p = PathMtu::new(1500, IpFamily::V4, false);
+        let mut rx = p.changes();
+        assert_eq!(p.inner(), 1500 - 28 - wire::OVERHEAD as u16);
+        assert_eq!(p.bound(), Bound::Link);
+        assert!(p.set_discovered(Some(1280)));
+        assert_eq!((p.outer(), p.bound()), (1280, Bound::Discovered));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 1280 - 28 - wire::OVERHEAD as u16);
+        // The link shrinking above the discovered bound changes nothing.
+        assert!(!p.set_link(1400));
+        assert!(!rx.has_changed().unwrap());
+        assert!(p.set_link(1200));
+        assert_eq!((p.outer(), p.bound()), (1200, Bound::Link));
+        // Lifting the discovered bound changes nothing while the link is smaller still.
+        assert!(!p.set_discovered(None));
+        assert!(p.set_link(1500));
+        assert_eq!(p.inner(), 1500 - 28 - wire::OVERHEAD as u16);
+    }
+
+    #[test]
+    fn ipv6_underlay_costs_twenty_bytes_more_and_tiny_paths_are_floored() {
+        let p = PathMtu::new(1500, IpFamily::V6, false);
+        assert_eq!(p.inner(), 1500 - 48 - wire::OVERHEAD as u16);
+        p.set_link(300);
+        assert_eq!(p.inner(), MIN_INNER_MTU);
+    }
+
+    #[test]
+    fn a_configured_link_is_not_followed() {
+        let p = PathMtu::new(1400, IpFamily::V4, true);
+        assert!(!p.set_link(1500));
+        assert_eq!((p.link(), p.bound()), (1400, Bound::Configured));
+        assert!(p.set_discovered(Some(1300)));
+        assert_eq!(p.bound(), Bound::Discovered);
+    }
+}
