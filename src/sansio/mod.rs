@@ -6,6 +6,7 @@ pub mod coalesce;
 pub mod dns;
 pub mod icmp;
 pub mod inner;
+pub mod pmtud;
 pub mod filter;
 pub mod replay;
 pub mod seal;
