@@ -764,6 +764,9 @@ async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket
             };
             match opened.kind {
                 SealedKind::Keepalive => bump(&c.keepalives_rx),
+                // Clients never receive probes; the gateway never sends one.
+                SealedKind::Probe => c.count_drop(DropReason::Malformed),
+                SealedKind::ProbeAck => {}
                 SealedKind::Data if opened.payload.is_empty() => {
                     c.count_drop(DropReason::Malformed)
                 }

@@ -24,7 +24,7 @@
 //! bounds only; the exact lengths are then left to the parser, which runs per datagram. Without
 //! GRO the kernel splits every GSO skb before the filter and the exact lengths are enforced.
 
-use super::wire::{HEADER_LEN, MsgType, OVERHEAD};
+use super::wire::{HEADER_LEN, MIN_PROBE_LEN, MsgType, OVERHEAD};
 
 /// One classic BPF instruction, laid out like the kernel's `struct sock_filter`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,10 +86,10 @@ pub struct KnownSessions<'a> {
 /// Which datagrams a socket may receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
-    /// From clients: Data and Keepalive. Clients never send notices, and the gateway drops one
-    /// (answering could ping-pong with another gateway).
+    /// From clients: Data, Keepalive and path MTU probes. Clients never send notices, and the
+    /// gateway drops one (answering could ping-pong with another gateway).
     Gateway,
-    /// From the gateway: Data, Keepalive and UnknownSession notices.
+    /// From the gateway: Data, Keepalive, UnknownSession notices and probe acks.
     Client,
 }
 
@@ -120,14 +120,20 @@ impl FilterSpec {
                 LenRule::Exactly(n)
             }
         };
-        let notice =
-            (self.side == Side::Client).then_some((MsgType::UnknownSession, fixed(HEADER_LEN)));
+        let side_only: [(MsgType, LenRule); 1] = match self.side {
+            Side::Client => [(MsgType::UnknownSession, fixed(HEADER_LEN))],
+            Side::Gateway => [(MsgType::Probe, LenRule::AtLeast(MIN_PROBE_LEN))],
+        };
+        // Probe acks last: they are rare. Padded, so their length is only ever a lower bound.
+        let ack = (self.side == Side::Client)
+            .then_some((MsgType::ProbeAck, LenRule::AtLeast(MIN_PROBE_LEN)));
         [
             (MsgType::Data, LenRule::AtLeast(OVERHEAD)),
             (MsgType::Keepalive, fixed(OVERHEAD)),
         ]
         .into_iter()
-        .chain(notice)
+        .chain(side_only)
+        .chain(ack)
     }
 
     /// The program. Its shape, for `n` accepted types:
@@ -187,7 +193,7 @@ impl FilterSpec {
                 LenRule::AtLeast(n) => (op::JGE_K, n),
                 LenRule::Exactly(n) => (op::JEQ_K, n),
             };
-            // Lengths are at most OVERHEAD (36): the cast cannot truncate.
+            // Lengths are at most MIN_PROBE_LEN (48): the cast cannot truncate.
             let k = UDP_HEADER + len as u32;
             p.push(Insn::jump(code, k, rel(pc, passed), rel(pc, drop)));
         }
@@ -288,7 +294,11 @@ mod tests {
 
     /// Whether `side` takes a datagram the parser accepted.
     fn wanted(side: Side, t: MsgType) -> bool {
-        side == Side::Client || t != MsgType::UnknownSession
+        match t {
+            MsgType::Data | MsgType::Keepalive => true,
+            MsgType::UnknownSession | MsgType::ProbeAck => side == Side::Client,
+            MsgType::Probe => side == Side::Gateway,
+        }
     }
 
     fn sealed(kind: u8, sid: u64, counter: u64, payload: &[u8], dir: Direction) -> Vec<u8> {
@@ -345,8 +355,15 @@ mod tests {
             let mut bad = data.clone();
             bad[0] = 0x21; // version 2
             assert!(!passes(spec, &bad));
-            bad[0] = 0x14; // type 4
+            bad[0] = 0x16; // type 6
             assert!(!passes(spec, &bad));
+            // Probes to the gateway only, acks to the client only, never shorter than a body.
+            for (t, side) in [(MsgType::Probe, Side::Gateway), (MsgType::ProbeAck, Side::Client)] {
+                let mut probe = data.clone();
+                probe[0] = t.first_byte();
+                assert_eq!(passes(spec, &probe), spec.side == side, "{spec:?} {t:?}");
+                assert!(!passes(spec, &probe[..wire::MIN_PROBE_LEN - 1]), "{spec:?} short {t:?}");
+            }
             bad[0] = 0x11;
             bad[2] = 1; // a reserved byte
             assert!(!passes(spec, &bad));
@@ -516,7 +533,7 @@ mod tests {
                     prop_assert!(!ok || pass, "{:?} dropped a valid datagram {:?}", spec, d);
                     if pass {
                         // The first datagram of the batch, cut at its type's size, parses.
-                        let first = [OVERHEAD, HEADER_LEN]
+                        let first = [wire::MIN_PROBE_LEN, OVERHEAD, HEADER_LEN]
                             .into_iter()
                             .filter(|&n| n <= d.len())
                             .filter_map(|n| parse_header(&d[..n]).ok())

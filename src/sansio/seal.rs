@@ -141,6 +141,10 @@ pub enum SealedKind {
     Data,
     /// An empty keepalive.
     Keepalive,
+    /// A path MTU probe (client to gateway): `payload` is a [`wire::ProbeBody`] and padding.
+    Probe,
+    /// The answer to a probe (gateway to client): a [`wire::ProbeAckBody`] and padding.
+    ProbeAck,
 }
 
 /// A datagram that opened: authentic, decrypted in place.
@@ -210,6 +214,21 @@ impl SessionCipher {
         self.seal(dir, MsgType::Keepalive, session_id, counter, buf, 0)
     }
 
+    /// Seals a path MTU probe or ack whose payload (body and padding, see [`wire::ProbeBody`])
+    /// is already at `buf[HEADER_LEN..HEADER_LEN + payload_len]`; returns the datagram length.
+    pub fn seal_probe(
+        &self,
+        dir: Direction,
+        ack: bool,
+        session_id: SessionId,
+        counter: u64,
+        buf: &mut [u8],
+        payload_len: usize,
+    ) -> Result<usize, SealError> {
+        let msg_type = if ack { MsgType::ProbeAck } else { MsgType::Probe };
+        self.seal(dir, msg_type, session_id, counter, buf, payload_len)
+    }
+
     fn seal(
         &self,
         dir: Direction,
@@ -260,6 +279,8 @@ impl SessionCipher {
         let kind = match header.msg_type {
             MsgType::Data => SealedKind::Data,
             MsgType::Keepalive => SealedKind::Keepalive,
+            MsgType::Probe => SealedKind::Probe,
+            MsgType::ProbeAck => SealedKind::ProbeAck,
             MsgType::UnknownSession => return Err(OpenError::NotSealed),
         };
         // parse_header guarantees len >= OVERHEAD for sealed types; checked anyway so that a
@@ -402,6 +423,44 @@ mod tests {
         assert_eq!(
             c.open(Direction::ClientToGateway, &mut d),
             Err(OpenError::Decrypt)
+        );
+    }
+
+    #[test]
+    fn probes_and_acks_round_trip_padded_and_cannot_pass_for_data() {
+        use crate::sansio::wire::{ProbeAckBody, ProbeBody, ProbeKind};
+        let c = cipher(3);
+        let mut buf = vec![0u8; 1500];
+        let probe = ProbeBody { id: 5, kind: ProbeKind::Up, ack_len: 0, down_ok: 1400 };
+        let padded = 1400 - OVERHEAD;
+        probe.write(&mut buf[HEADER_LEN..HEADER_LEN + padded]).expect("body");
+        let n = c.seal_probe(Direction::ClientToGateway, false, SID, 8, &mut buf, padded).expect("seal");
+        assert_eq!(n, 1400, "padded to the size under test");
+        let o = c.open(Direction::ClientToGateway, &mut buf[..n]).expect("open");
+        assert_eq!(o.kind, SealedKind::Probe);
+        assert_eq!(ProbeBody::parse(&buf[o.payload]), Ok(probe));
+
+        let ack = ProbeAckBody { id: 5, kind: ProbeKind::Up, probe_len: 1400 };
+        ack.write(&mut buf[HEADER_LEN..HEADER_LEN + wire::PROBE_BODY_LEN]).expect("body");
+        let n = c
+            .seal_probe(Direction::GatewayToClient, true, SID, 1, &mut buf, wire::PROBE_BODY_LEN)
+            .expect("seal");
+        assert_eq!(n, wire::MIN_PROBE_LEN);
+        let mut d = buf[..n].to_vec();
+        // The type is in the AAD: an ack cannot be replayed as data or as a probe.
+        for t in [MsgType::Data, MsgType::Probe] {
+            let mut forged = d.clone();
+            forged[0] = t.first_byte();
+            assert_eq!(c.open(Direction::GatewayToClient, &mut forged), Err(OpenError::Decrypt));
+        }
+        let o = c.open(Direction::GatewayToClient, &mut d).expect("open");
+        assert_eq!(o.kind, SealedKind::ProbeAck);
+        assert_eq!(ProbeAckBody::parse(&d[o.payload]), Ok(ack));
+        // Garbage after the header of a probe type: refused before any crypto.
+        let mut short = d[..wire::MIN_PROBE_LEN - 1].to_vec();
+        assert_eq!(
+            c.open(Direction::GatewayToClient, &mut short),
+            Err(OpenError::Malformed(WireError::Truncated))
         );
     }
 

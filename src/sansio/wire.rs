@@ -36,6 +36,33 @@
 //!   doesn't know), so a receiver may use it only as a hint. Its counter field echoes the counter
 //!   of the datagram that triggered it. It is smaller than any datagram that can trigger it, so it
 //!   cannot be used for amplification.
+//! - [`MsgType::Probe`] (client to gateway, 0x14) and [`MsgType::ProbeAck`] (gateway to client,
+//!   0x15) carry path MTU discovery (see [`crate::sansio::pmtud`]). Both are sealed like a
+//!   keepalive, so the gateway answers only a probe that opened under its session's key (never
+//!   an unauthenticated datagram), and their payload is a [`ProbeBody`] /
+//!   [`ProbeAckBody`] of [`PROBE_BODY_LEN`] bytes followed by zero padding:
+//!
+//! ```text
+//!  Probe payload                              ProbeAck payload
+//!  0..4   probe id (echoed by the ack)         0..4   probe id (the probe's)
+//!  4      kind: 1 up, 2 down                   4      kind (the probe's)
+//!  5      reserved (zero)                      5      reserved (zero)
+//!  6..8   ack_len: the datagram length the     6..8   probe_len: the length of the probe
+//!         ack must have (down; 0 for up)              datagram as it arrived
+//!  8..10  down_ok: the largest datagram        8..12  reserved (zero)
+//!         length the client has seen arrive
+//!         from the gateway (0: no bound known)
+//!  10..12 reserved (zero)
+//!  12..   zero padding                         12..   zero padding, up to the probe's ack_len
+//! ```
+//!
+//!   The client drives discovery of both directions, so the gateway keeps no timer per session:
+//!   an *up* probe is padded to the size under test and answered with a minimal ack; a *down*
+//!   probe is minimal and asks for an ack padded to the size under test. Every probe carries
+//!   `down_ok`, which tells the gateway what fits the path to this client. An ack is never
+//!   longer than the probe asked for and never longer than [`MAX_PROBE_LEN`]; a padded ack is
+//!   only ever sent to an authenticated session (its own key), so it cannot amplify a spoofed
+//!   flood, and the gateway rate-limits them in total.
 
 use thiserror::Error;
 
@@ -104,6 +131,10 @@ pub enum MsgType {
     Keepalive = 2,
     /// Gateway to client, unauthenticated: "I don't know this session id".
     UnknownSession = 3,
+    /// Client to gateway, sealed: a path MTU probe ([`ProbeBody`] + padding).
+    Probe = 4,
+    /// Gateway to client, sealed: the answer to a probe ([`ProbeAckBody`] + padding).
+    ProbeAck = 5,
 }
 
 impl MsgType {
@@ -117,6 +148,8 @@ impl MsgType {
             1 => Some(Self::Data),
             2 => Some(Self::Keepalive),
             3 => Some(Self::UnknownSession),
+            4 => Some(Self::Probe),
+            5 => Some(Self::ProbeAck),
             _ => None,
         }
     }
@@ -191,6 +224,8 @@ pub fn parse_header(datagram: &[u8]) -> Result<Header, WireError> {
         MsgType::Keepalive if len < OVERHEAD => return Err(WireError::Truncated),
         MsgType::Keepalive if len > OVERHEAD => return Err(WireError::BadLength),
         MsgType::UnknownSession if len > HEADER_LEN => return Err(WireError::BadLength),
+        MsgType::Probe | MsgType::ProbeAck if len < MIN_PROBE_LEN => return Err(WireError::Truncated),
+        MsgType::Probe | MsgType::ProbeAck if len > MAX_PROBE_LEN => return Err(WireError::BadLength),
         _ => {}
     }
     Ok(Header {
@@ -212,6 +247,134 @@ pub fn unknown_session_notice(session_id: SessionId, echoed_counter: u64) -> [u8
         counter: echoed_counter,
     }
     .to_bytes()
+}
+
+/// Bytes of a probe's or an ack's body before its padding.
+pub const PROBE_BODY_LEN: usize = 12;
+
+/// The shortest probe or ack datagram: header, body, tag.
+pub const MIN_PROBE_LEN: usize = OVERHEAD + PROBE_BODY_LEN;
+
+/// The longest probe or ack datagram: a jumbo frame's worth. Bounds what a session can make the
+/// gateway send, whatever it asks.
+pub const MAX_PROBE_LEN: usize = 9000;
+
+/// Which direction a probe tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    /// Client to gateway: the probe itself is padded to the size under test.
+    Up,
+    /// Gateway to client: the ack is padded to the size under test.
+    Down,
+}
+
+impl ProbeKind {
+    fn to_byte(self) -> u8 {
+        match self {
+            Self::Up => 1,
+            Self::Down => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Result<Self, WireError> {
+        match b {
+            1 => Ok(Self::Up),
+            2 => Ok(Self::Down),
+            // A kind this version does not know is, to it, a message type it does not know.
+            _ => Err(WireError::UnknownType),
+        }
+    }
+}
+
+/// The body of a [`MsgType::Probe`] payload (the padding behind it is not part of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProbeBody {
+    pub id: u32,
+    pub kind: ProbeKind,
+    /// The datagram length the ack must have (0: as short as it can be).
+    pub ack_len: u16,
+    /// The largest datagram length the client has seen arrive from the gateway; 0: no bound is
+    /// known (the gateway's own link decides).
+    pub down_ok: u16,
+}
+
+/// The body of a [`MsgType::ProbeAck`] payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProbeAckBody {
+    pub id: u32,
+    pub kind: ProbeKind,
+    /// The length of the probe datagram as the gateway received it.
+    pub probe_len: u16,
+}
+
+fn body(payload: &[u8]) -> Result<&[u8; PROBE_BODY_LEN], WireError> {
+    payload.first_chunk::<PROBE_BODY_LEN>().ok_or(WireError::Truncated)
+}
+
+impl ProbeBody {
+    /// Parses an opened probe's payload (body and padding). Never panics.
+    pub fn parse(payload: &[u8]) -> Result<Self, WireError> {
+        let b = body(payload)?;
+        if b[5] != 0 || b[10] != 0 || b[11] != 0 {
+            return Err(WireError::BadReserved);
+        }
+        Ok(Self {
+            id: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            kind: ProbeKind::from_byte(b[4])?,
+            ack_len: u16::from_be_bytes([b[6], b[7]]),
+            down_ok: u16::from_be_bytes([b[8], b[9]]),
+        })
+    }
+
+    /// Writes the body and zero padding into `payload` (all of it: its length is the padded
+    /// payload's). `Truncated` if it cannot hold the body.
+    pub fn write(&self, payload: &mut [u8]) -> Result<(), WireError> {
+        let b = payload.first_chunk_mut::<PROBE_BODY_LEN>().ok_or(WireError::Truncated)?;
+        b[0..4].copy_from_slice(&self.id.to_be_bytes());
+        b[4] = self.kind.to_byte();
+        b[5] = 0;
+        b[6..8].copy_from_slice(&self.ack_len.to_be_bytes());
+        b[8..10].copy_from_slice(&self.down_ok.to_be_bytes());
+        b[10..12].fill(0);
+        payload[PROBE_BODY_LEN..].fill(0);
+        Ok(())
+    }
+}
+
+impl ProbeAckBody {
+    /// Parses an opened ack's payload (body and padding). Never panics.
+    pub fn parse(payload: &[u8]) -> Result<Self, WireError> {
+        let b = body(payload)?;
+        if b[5] != 0 || b[8..12].iter().any(|&x| x != 0) {
+            return Err(WireError::BadReserved);
+        }
+        Ok(Self {
+            id: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            kind: ProbeKind::from_byte(b[4])?,
+            probe_len: u16::from_be_bytes([b[6], b[7]]),
+        })
+    }
+
+    /// Writes the body and zero padding into `payload` (all of it).
+    pub fn write(&self, payload: &mut [u8]) -> Result<(), WireError> {
+        let b = payload.first_chunk_mut::<PROBE_BODY_LEN>().ok_or(WireError::Truncated)?;
+        b[0..4].copy_from_slice(&self.id.to_be_bytes());
+        b[4] = self.kind.to_byte();
+        b[5] = 0;
+        b[6..8].copy_from_slice(&self.probe_len.to_be_bytes());
+        b[8..12].fill(0);
+        payload[PROBE_BODY_LEN..].fill(0);
+        Ok(())
+    }
+}
+
+/// The length of the ack the gateway sends for `probe`: what it asked for, within
+/// [`MIN_PROBE_LEN`]..=[`MAX_PROBE_LEN`] (an up probe's ack is the shortest).
+pub fn ack_len_for(probe: &ProbeBody) -> usize {
+    match probe.kind {
+        ProbeKind::Up => MIN_PROBE_LEN,
+        ProbeKind::Down => usize::from(probe.ack_len).clamp(MIN_PROBE_LEN, MAX_PROBE_LEN),
+    }
 }
 
 #[cfg(test)]
@@ -288,7 +451,7 @@ mod tests {
         assert_eq!(parse_header(&d), Err(WireError::BadVersion));
         d[0] = 0x01;
         assert_eq!(parse_header(&d), Err(WireError::BadVersion));
-        for nibble in [0u8, 4, 0xf] {
+        for nibble in [0u8, 6, 0xf] {
             d[0] = 0x10 | nibble;
             assert_eq!(parse_header(&d), Err(WireError::UnknownType), "{nibble}");
         }
@@ -306,6 +469,45 @@ mod tests {
         let mut notice = unknown_session_notice(SessionId(1), 0).to_vec();
         notice.push(0);
         assert_eq!(parse_header(&notice), Err(WireError::BadLength));
+    }
+
+    #[test]
+    fn probe_bodies_round_trip_and_refuse_garbage() {
+        let p = ProbeBody { id: 0xdead_beef, kind: ProbeKind::Down, ack_len: 1400, down_ok: 1372 };
+        let mut payload = [0xffu8; 40];
+        p.write(&mut payload).expect("fits");
+        assert!(payload[PROBE_BODY_LEN..].iter().all(|&b| b == 0), "padding is zeros");
+        assert_eq!(ProbeBody::parse(&payload), Ok(p));
+        assert_eq!(ack_len_for(&p), 1400);
+        assert_eq!(ack_len_for(&ProbeBody { ack_len: 60000, ..p }), MAX_PROBE_LEN);
+        assert_eq!(ack_len_for(&ProbeBody { ack_len: 0, ..p }), MIN_PROBE_LEN);
+        assert_eq!(ack_len_for(&ProbeBody { kind: ProbeKind::Up, ..p }), MIN_PROBE_LEN);
+        let a = ProbeAckBody { id: 7, kind: ProbeKind::Up, probe_len: 1452 };
+        let mut ack = [0u8; PROBE_BODY_LEN];
+        a.write(&mut ack).expect("fits");
+        assert_eq!(ProbeAckBody::parse(&ack), Ok(a));
+
+        assert_eq!(ProbeBody::parse(&payload[..PROBE_BODY_LEN - 1]), Err(WireError::Truncated));
+        assert_eq!(ProbeAckBody::parse(&[]), Err(WireError::Truncated));
+        assert_eq!(p.write(&mut [0u8; 3]), Err(WireError::Truncated));
+        let mut bad = payload;
+        bad[4] = 9;
+        assert_eq!(ProbeBody::parse(&bad), Err(WireError::UnknownType));
+        let mut bad = payload;
+        bad[11] = 1;
+        assert_eq!(ProbeBody::parse(&bad), Err(WireError::BadReserved));
+        let mut bad = ack;
+        bad[9] = 1;
+        assert_eq!(ProbeAckBody::parse(&bad), Err(WireError::BadReserved));
+
+        // Header: a probe shorter than its body, or longer than the bound, never parses.
+        for t in [MsgType::Probe, MsgType::ProbeAck] {
+            assert_eq!(parse_header(&sealed_len(t, PROBE_BODY_LEN)).map(|h| h.msg_type), Ok(t));
+            assert_eq!(parse_header(&sealed_len(t, PROBE_BODY_LEN - 1)), Err(WireError::Truncated));
+            assert_eq!(parse_header(&sealed_len(t, MAX_PROBE_LEN)), Err(WireError::BadLength));
+        }
+        assert_eq!(MsgType::Probe.first_byte(), 0x14);
+        assert_eq!(MsgType::ProbeAck.first_byte(), 0x15);
     }
 
     #[test]
