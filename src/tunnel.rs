@@ -377,6 +377,118 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(sock.into())
 }
 
+/// Path MTU discovery on a data-plane socket: datagrams go out with DF set whatever the kernel's
+/// cached path MTU says (`IP_PMTUDISC_PROBE`, and its IPv6 twin), so a probe may exceed a
+/// size the kernel learnt (it is how we learn the path grew back) and nothing is fragmented
+/// behind our back (a fragmented probe would confirm a size the path does not carry). With
+/// `recv_errors`, ICMP "fragmentation needed"/"packet too big" and local EMSGSIZE are queued on
+/// the socket's error queue (`IP_RECVERR`), read by [`read_mtu_errors`]. Sets the options of
+/// the socket's family, and of IPv4 too on an IPv6 socket (a dual-stack socket carries both).
+pub fn set_path_mtu_probing(sock: &UdpSocket, recv_errors: bool) -> io::Result<()> {
+    let ipv6 = sock.local_addr()?.is_ipv6();
+    if ipv6 {
+        setsockopt_int(sock, libc::SOL_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_PROBE)?;
+        if recv_errors {
+            setsockopt_int(sock, libc::SOL_IPV6, libc::IPV6_RECVERR, 1)?;
+        }
+    }
+    // On an IPv6-only socket the IPv4 options fail harmlessly; on a dual-stack one they apply
+    // to its IPv4 peers.
+    let v4 = setsockopt_int(sock, libc::SOL_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE)
+        .and_then(|()| if recv_errors { setsockopt_int(sock, libc::SOL_IP, libc::IP_RECVERR, 1) } else { Ok(()) });
+    if ipv6 { Ok(()) } else { v4 }
+}
+
+fn setsockopt_int(sock: &UdpSocket, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket fd and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// What an error-queue entry says about the path MTU: the MTU of the hop that refused a
+/// datagram, for an ICMP "fragmentation needed" (IPv4), "packet too big" (IPv6) or a local
+/// EMSGSIZE; `None` for any other error (unreachable ports and hosts, ...).
+pub fn mtu_of_error(e: &libc::sock_extended_err) -> Option<u16> {
+    const ICMP_DEST_UNREACH: u8 = 3;
+    const ICMP_FRAG_NEEDED: u8 = 4;
+    const ICMPV6_PKT_TOOBIG: u8 = 2;
+    let mtu = match e.ee_origin {
+        libc::SO_EE_ORIGIN_ICMP if e.ee_type == ICMP_DEST_UNREACH && e.ee_code == ICMP_FRAG_NEEDED => e.ee_info,
+        libc::SO_EE_ORIGIN_ICMP6 if e.ee_type == ICMPV6_PKT_TOOBIG => e.ee_info,
+        libc::SO_EE_ORIGIN_LOCAL if e.ee_errno == libc::EMSGSIZE as u32 => e.ee_info,
+        _ => return None,
+    };
+    // 0 (an old router that does not say) tells us nothing usable.
+    u16::try_from(mtu).ok().filter(|&m| m > 0)
+}
+
+/// The most error-queue entries one [`read_mtu_errors`] call reads: it runs in a loop's task,
+/// and a flood of ICMP must not hold it.
+pub const MAX_ERRORS_PER_READ: usize = 64;
+
+/// Reads the socket's error queue (without blocking, at most [`MAX_ERRORS_PER_READ`] entries)
+/// and calls `hint(destination, mtu)` for each path MTU error (see [`mtu_of_error`]); other
+/// errors are read and dropped, so the queue never fills. Returns how many entries were read.
+pub fn read_mtu_errors(sock: &UdpSocket, mut hint: impl FnMut(SocketAddr, u16)) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut read = 0;
+    while read < MAX_ERRORS_PER_READ {
+        // SAFETY: every pointer points into locals alive for the call, with the lengths given;
+        // the kernel writes at most those lengths. The cmsg walk stays inside `control`, and
+        // the extended error is read unaligned from a cmsg the kernel sized for it.
+        let entry = unsafe {
+            let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+            // The offending datagram's start is copied here; we only want the error.
+            let mut data = [0u8; 64];
+            let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+            let mut control = [0u64; 16];
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            if libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) < 0 {
+                None
+            } else {
+                let mut mtu = None;
+                let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+                while !cmsg.is_null() {
+                    let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+                    let ours = (level == libc::SOL_IP && kind == libc::IP_RECVERR)
+                        || (level == libc::SOL_IPV6 && kind == libc::IPV6_RECVERR);
+                    let room = (*cmsg).cmsg_len as usize
+                        >= libc::CMSG_LEN(std::mem::size_of::<libc::sock_extended_err>() as u32) as usize;
+                    if ours && room {
+                        let e = std::ptr::read_unaligned(
+                            libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>(),
+                        );
+                        mtu = mtu_of_error(&e);
+                    }
+                    cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+                }
+                Some((socket_addr(&addr), mtu))
+            }
+        };
+        let Some((dest, mtu)) = entry else { break };
+        read += 1;
+        if let (Some(dest), Some(mtu)) = (dest, mtu) {
+            hint(dest, mtu);
+        }
+    }
+    read
+}
+
 /// A socket about to bind `[::]` takes IPv4 peers too (one socket, both families), whatever the
 /// host's `net.ipv6.bindv6only` default: a gateway's default `listen` must reach every client.
 pub fn dual_stack(sock: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
@@ -993,6 +1105,34 @@ mod tests {
         // Hostile bytes: counted, never a panic.
         assert!(tb.answer(&[0x45, 0, 1], 1436, from, false, later, &c).is_none());
         assert!(tb.answer(&[], 1436, from, false, later, &c).is_none());
+    }
+
+    #[test]
+    fn only_path_mtu_errors_give_an_mtu() {
+        // SAFETY: sock_extended_err is plain integers; all-zero is a valid value.
+        let mut e: libc::sock_extended_err = unsafe { std::mem::zeroed() };
+        e.ee_origin = libc::SO_EE_ORIGIN_ICMP;
+        e.ee_type = 3;
+        e.ee_code = 4;
+        e.ee_info = 1280;
+        assert_eq!(mtu_of_error(&e), Some(1280));
+        e.ee_code = 3; // port unreachable
+        assert_eq!(mtu_of_error(&e), None);
+        e.ee_origin = libc::SO_EE_ORIGIN_ICMP6;
+        e.ee_type = 2;
+        e.ee_code = 0;
+        assert_eq!(mtu_of_error(&e), Some(1280));
+        e.ee_info = 0;
+        assert_eq!(mtu_of_error(&e), None, "a router that does not say");
+        e.ee_origin = libc::SO_EE_ORIGIN_LOCAL;
+        e.ee_errno = libc::EMSGSIZE as u32;
+        e.ee_info = 1400;
+        assert_eq!(mtu_of_error(&e), Some(1400));
+        e.ee_errno = libc::ECONNREFUSED as u32;
+        assert_eq!(mtu_of_error(&e), None);
+        e.ee_errno = libc::EMSGSIZE as u32;
+        e.ee_info = 70000;
+        assert_eq!(mtu_of_error(&e), None, "not a size");
     }
 
     #[test]

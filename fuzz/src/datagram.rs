@@ -75,6 +75,11 @@ pub fn seal(
             c.seal_data(dir, session, counter, &mut buf, payload.len())?
         }
         SealedKind::Keepalive => c.seal_keepalive(dir, session, counter, &mut buf)?,
+        SealedKind::Probe | SealedKind::ProbeAck => {
+            buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+            let ack = kind == SealedKind::ProbeAck;
+            c.seal_probe(dir, ack, session, counter, &mut buf, payload.len())?
+        }
     };
     buf.truncate(n);
     Ok(buf)
@@ -92,6 +97,8 @@ fn documented_header(d: &[u8]) -> Result<Header, WireError> {
         1 => MsgType::Data,
         2 => MsgType::Keepalive,
         3 => MsgType::UnknownSession,
+        4 => MsgType::Probe,
+        5 => MsgType::ProbeAck,
         _ => return Err(WireError::UnknownType),
     };
     if d[1..4] != [0, 0, 0] {
@@ -102,6 +109,9 @@ fn documented_header(d: &[u8]) -> Result<Header, WireError> {
         MsgType::Data | MsgType::Keepalive if d.len() < sealed_len => Err(WireError::Truncated)?,
         MsgType::Keepalive if d.len() != sealed_len => Err(WireError::BadLength)?,
         MsgType::UnknownSession if d.len() != HEADER_LEN => Err(WireError::BadLength)?,
+        // A probe or ack: header, a 12-byte body and the tag at least, 9000 bytes at most.
+        MsgType::Probe | MsgType::ProbeAck if d.len() < sealed_len + 12 => Err(WireError::Truncated)?,
+        MsgType::Probe | MsgType::ProbeAck if d.len() > 9000 => Err(WireError::BadLength)?,
         _ => {}
     }
     let be = |r: std::ops::Range<usize>| d[r].iter().fold(0u64, |a, &b| (a << 8) | u64::from(b));
@@ -144,6 +154,8 @@ fn assert_authentic(dir: Direction, original: &[u8], opened: &Opened, plain_buf:
     let kind = match header.msg_type {
         MsgType::Data => SealedKind::Data,
         MsgType::Keepalive => SealedKind::Keepalive,
+        MsgType::Probe => SealedKind::Probe,
+        MsgType::ProbeAck => SealedKind::ProbeAck,
         MsgType::UnknownSession => panic!("a notice opened as {opened:?}"),
     };
     assert_eq!(opened.kind, kind);
@@ -364,6 +376,14 @@ pub fn datagram_sequence(data: &[u8]) {
                         SealedKind::Keepalive => {
                             other_cipher().seal_keepalive(dir, FUZZ_SESSION, c, &mut other)
                         }
+                        SealedKind::Probe | SealedKind::ProbeAck => other_cipher().seal_probe(
+                            dir,
+                            kind == SealedKind::ProbeAck,
+                            FUZZ_SESSION,
+                            c,
+                            &mut other,
+                            payload.len(),
+                        ),
                     }
                     .expect("sealable under one key, sealable under another");
                     other.truncate(n);

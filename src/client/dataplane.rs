@@ -32,12 +32,13 @@ use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
 use super::path_mtu::PathMtu;
+use super::prober::{self, Ack, Prober};
 use super::routes;
 use crate::config::client::ClientFile;
 use crate::sansio::filter::{FilterSpec, Side};
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
-use crate::sansio::wire::{self, MsgType};
+use crate::sansio::wire::{self, MsgType, ProbeAckBody};
 use crate::snapshot::{GetAuth, VpnAuthResponse};
 use crate::tunnel::{
     self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
@@ -80,6 +81,8 @@ pub struct ClientDataPlaneConfig {
     pub underlay_mtu: Option<u16>,
     /// Send a keepalive when nothing was sent for this long.
     pub keepalive: Duration,
+    /// Path MTU discovery re-probes a path found smaller than its link after this long.
+    pub pmtu_raise: Duration,
     /// Minimum spacing of nudges to the supervisor.
     pub nudge_min_interval: Duration,
     /// TUN offload (TSO): 64 KiB reads, split in user space, instead of one packet per read.
@@ -98,6 +101,7 @@ impl ClientDataPlaneConfig {
             tun_name: None,
             underlay_mtu: None,
             keepalive: DEFAULT_KEEPALIVE,
+            pmtu_raise: crate::sansio::pmtud::DEFAULT_RAISE_INTERVAL,
             nudge_min_interval: Duration::from_secs(1),
             offload: true,
             coalesce_writes: true,
@@ -114,6 +118,7 @@ impl ClientDataPlaneConfig {
             tun_name: Some(net.tun_name.clone().unwrap_or_else(|| DEFAULT_TUN_NAME.into())),
             underlay_mtu: net.underlay_mtu,
             keepalive: net.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
+            pmtu_raise: net.pmtu_raise.unwrap_or(crate::sansio::pmtud::DEFAULT_RAISE_INTERVAL),
             nudge_min_interval: file.timings().nudge_min_interval,
             offload: net.offload.unwrap_or(true),
             // Merging needs offload; without it the key is moot (the file check refuses asking
@@ -363,15 +368,31 @@ async fn bring_up(shared: Arc<Shared>) {
     if let Err(e) = crate::flood::attach_filter(&sock, FilterSpec { side: Side::Client, coalesced: gro }) {
         tracing::debug!(target: TARGET, "no socket filter on the data-plane socket: {e}");
     }
+    // DF set and the kernel's cached path MTU ignored (probes must test the path), ICMP
+    // "too big" queued for the prober as a hint.
+    if let Err(e) = tunnel::set_path_mtu_probing(&sock, true) {
+        tracing::warn!(target: TARGET, "cannot set path MTU probing on the data-plane socket ({e}): only probes find a smaller hop");
+    }
     let device = Arc::new(tun.device);
     let sock = Arc::new(sock);
     // The device keeps the address it was created with; a re-created one gets the same.
     let created_with = (binding.get_auth)();
     let tun_ip = created_with.as_ref().map(|a| (a.assigned_ip, a.assigned_ip6));
     shared.device.send_replace(Some((1, device)));
+    let (ack_tx, ack_rx) = mpsc::channel(prober::ACK_QUEUE);
+    let gateway = cfg.gateway;
+    let prober = Prober {
+        sock: sock.clone(),
+        get_auth: binding.get_auth.clone(),
+        gateway: Box::new(move |auth: &VpnAuthResponse| auth.gateway_addr.map_or(gateway, |g| g.ip())),
+        path: path.clone(),
+        acks: ack_rx,
+        stop: shared.stop.subscribe(),
+        raise_interval: cfg.pmtu_raise,
+    };
     let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun.mtu, path));
-    let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock));
-    let mut tasks = vec![tx, rx];
+    let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock, ack_tx));
+    let mut tasks = vec![tx, rx, tokio::spawn(prober.run())];
     if let Some(auth) = created_with {
         let spec = tun_spec(cfg, Some(tun.name), &auth, mtu);
         tasks.push(tokio::spawn(keep_tun(shared.clone(), spec)));
@@ -691,7 +712,7 @@ fn seal_drop(e: SealError) -> DropReason {
 
 /// Gateway -> TUN. Accepts datagrams from any source: authenticity comes from the AEAD, and a
 /// multi-homed gateway may answer from another address than the one we send to.
-async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket>) {
+async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket>, acks: mpsc::Sender<Ack>) {
     let c = &shared.counters;
     bump(&c.rx_loop_starts);
     let get_auth = &binding.get_auth;
@@ -724,6 +745,9 @@ async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket
                 sock_errors.reset();
                 (n, segment)
             }
+            // A path MTU error reported once more through the receive call (IP_RECVERR sets
+            // the socket's error): the prober reads it from the error queue.
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => continue,
             Err(e) => {
                 c.count_drop(DropReason::SocketError);
                 sock_log.failed(&e);
@@ -766,7 +790,14 @@ async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket
                 SealedKind::Keepalive => bump(&c.keepalives_rx),
                 // Clients never receive probes; the gateway never sends one.
                 SealedKind::Probe => c.count_drop(DropReason::Malformed),
-                SealedKind::ProbeAck => {}
+                SealedKind::ProbeAck => match ProbeAckBody::parse(&datagram[opened.payload]) {
+                    // A full queue: the prober is behind, and a probe it waits for counts as
+                    // lost, which a search tolerates.
+                    Ok(body) => {
+                        let _ = acks.try_send(Ack { body, len: datagram.len() });
+                    }
+                    Err(_) => c.count_drop(DropReason::Malformed),
+                },
                 SealedKind::Data if opened.payload.is_empty() => {
                     c.count_drop(DropReason::Malformed)
                 }

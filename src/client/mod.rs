@@ -16,6 +16,7 @@ pub mod dns;
 pub mod driver;
 pub mod killswitch;
 pub mod path_mtu;
+pub mod prober;
 pub mod routes;
 pub mod status;
 pub mod status_socket;

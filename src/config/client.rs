@@ -35,6 +35,8 @@
 //! underlay_mtu = 1500           # default: the MTU of the path to the gateway (route, else link);
 //!                               # TUN MTU = underlay_mtu - 64 (IPv4/UDP headers + datagram overhead)
 //! keepalive = "15s"
+//! pmtu_raise = "10m"            # a path found smaller than its link (a smaller hop further
+//!                               # along) is probed upwards again after this long
 //! offload = true                # TUN offload (TSO/GRO): 64 KiB reads, merged writes; off = one packet per syscall
 //! coalesce_writes = true        # merge TCP segments written to the TUN device (needs offload)
 //! routes = ["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"]   # full tunnel (both families);
@@ -106,6 +108,11 @@ pub struct NetworkSection {
     /// Keepalive interval while idle, so NAT mappings survive (default 15 s).
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<Duration>,
+    /// Path MTU discovery: a path found smaller than its link is probed upwards again after this
+    /// long (default 10 min, RFC 8899's PMTU_RAISE_TIMER), so a path that grows back regains
+    /// its size.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub pmtu_raise: Option<Duration>,
     /// TUN offload (default true): the device hands over 64 KiB TSO super-packets and accepts
     /// merged ones. Off: one packet per read and write (for a kernel whose offload misbehaves).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -360,6 +367,15 @@ impl ClientFile {
             return Err(bad(format!(
                 "[timing] {key} = {} is longer than the {} a timing may be",
                 humantime::format_duration(*d),
+                humantime::format_duration(MAX_TIMING)
+            )));
+        }
+        if let Some(r) = self.network.pmtu_raise
+            && (r < Duration::from_secs(1) || r > MAX_TIMING)
+        {
+            return Err(bad(format!(
+                "[network] pmtu_raise = {} must be at least 1s and at most {}",
+                humantime::format_duration(r),
                 humantime::format_duration(MAX_TIMING)
             )));
         }

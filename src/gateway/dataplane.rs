@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ use crate::flood::{self, ShedCounters, Shedder};
 use crate::sansio::filter::Side;
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
-use crate::sansio::wire::{self, MsgType};
+use crate::sansio::wire::{self, MsgType, ProbeAckBody, ProbeBody};
 use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
 use crate::tunnel::{
     self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
@@ -52,6 +52,12 @@ const TARGET: &str = "holdfast::gateway::dataplane";
 /// (at least 36), so it cannot amplify a spoofed flood.
 const NOTICES_PER_SECOND: f64 = 100.0;
 const NOTICE_BURST: u32 = 200;
+
+/// Probe acks, for the whole gateway: a client's search sends one probe per round trip at most
+/// and a few dozen per search, so this only bounds what misbehaving (authenticated) clients can
+/// make the gateway send, padded acks included.
+const ACKS_PER_SECOND: f64 = 500.0;
+const ACK_BURST: u32 = 100;
 
 /// How long start-up waits for a TUN name still held by a previous gateway's device.
 const TUN_BUSY_WAIT: Duration = Duration::from_secs(3);
@@ -125,6 +131,29 @@ impl DataSession {
         }
     }
 
+    /// The largest inner packet the path to this client carries, if its probes found the path
+    /// smaller than links are (what the to-clients loop answers "too big" with).
+    pub fn path_mtu(&self) -> Option<u16> {
+        match self.path.down_ok.load(Ordering::Relaxed) {
+            0 => None,
+            d => Some(d.saturating_sub(wire::OVERHEAD as u16)),
+        }
+    }
+
+    /// The largest inner packet that may be sent to this client, given the TUN's `mtu`.
+    #[inline]
+    fn mtu_within(&self, mtu: u16) -> u16 {
+        self.path_mtu().map_or(mtu, |p| p.min(mtu))
+    }
+
+    /// Records what the client's probe says fits the path to it (`down_ok`, datagram bytes; 0:
+    /// no bound). Returns the new value if it changed. Bounded below: a datagram shorter than a
+    /// minimal probe ack cannot be what got through.
+    fn set_down_ok(&self, down_ok: u16) -> Option<u16> {
+        let v = if down_ok == 0 { 0 } else { down_ok.max(wire::MIN_PROBE_LEN as u16) };
+        (self.path.down_ok.swap(v, Ordering::Relaxed) != v).then_some(v)
+    }
+
     /// Records an authenticated datagram from `from` at `now`. Returns whether the endpoint
     /// changed (a first endpoint counts as a change) and whether the session is due for a
     /// [`SessionLookup::touch`].
@@ -166,6 +195,9 @@ struct SessionPath {
     last_seen_ms: AtomicU64,
     /// When the session table was last told the session is in use (same scale).
     touched_ms: AtomicU64,
+    /// The largest datagram (UDP payload bytes) the path to the client carries, as its probes
+    /// report it; 0: no bound known, the gateway's own link decides.
+    down_ok: AtomicU16,
 }
 
 /// The time base of `last_seen` (the first call; any fixed instant would do).
@@ -224,6 +256,11 @@ impl ControlSessions {
     /// came), for observers: one atomic load and a lookup, never creates one.
     pub fn existing(&self, id: SessionId) -> Option<Arc<DataSession>> {
         self.data.load().get(&id).cloned()
+    }
+
+    /// How many sessions' paths are smaller than the links (a gauge for the metrics).
+    pub fn path_limited(&self) -> u64 {
+        self.data.load().values().filter(|d| d.path_mtu().is_some()).count() as u64
     }
 
     /// The data-plane state of `s`, if `s` may carry traffic now.
@@ -445,6 +482,13 @@ impl GatewayDataPlane {
         );
         let (stop, _) = watch::channel(false);
         let device = Arc::new(tun.device);
+        // DF on every datagram, whatever the kernel cached: a probe ack must test the path, not
+        // be fragmented (which would confirm a size the path does not carry). What fits each
+        // client comes from its probes (see `answer_probe`). No error queue here: a hint could
+        // not be told apart per session cheaply, and the client's probes find the same.
+        if let Err(e) = tunnel::set_path_mtu_probing(&sock, false) {
+            tracing::warn!(target: TARGET, "cannot set path MTU probing on the data-plane socket ({e}): probe acks may be fragmented");
+        }
         let sock = Arc::new(sock);
         let gro = tunnel::enable_udp_gro(&sock);
         if !gro {
@@ -510,6 +554,9 @@ async fn from_clients(
     let mut buf = vec![0u8; 65535];
     let mut writer = TunWriter::new(&tun, ctx.cfg.coalesce_writes);
     let mut notices = RateLimit::new(NOTICES_PER_SECOND, NOTICE_BURST);
+    let mut acks = RateLimit::new(ACKS_PER_SECOND, ACK_BURST);
+    // Probe acks are built here, not in `buf`: the rest of a GRO batch still lies there.
+    let mut ack_buf = vec![0u8; wire::MAX_PROBE_LEN];
     // Per-source budgets of failures (see crate::flood): consulted only when a datagram fails.
     let mut shed = Shedder::new(ctx.shedding.clone());
     let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
@@ -573,11 +620,30 @@ async fn from_clients(
                 }
             };
             let payload = opened.payload;
-            if opened.kind == SealedKind::Keepalive {
-                bump(&c.keepalives_rx);
-                bump(&session.traffic.keepalives_rx);
-                note_seen(&*ctx.sessions, session, from, now, c);
-                continue;
+            match opened.kind {
+                SealedKind::Keepalive => {
+                    bump(&c.keepalives_rx);
+                    bump(&session.traffic.keepalives_rx);
+                    note_seen(&*ctx.sessions, session, from, now, c);
+                    continue;
+                }
+                SealedKind::Probe => {
+                    note_seen(&*ctx.sessions, session, from, now, c);
+                    let probe_len = datagram.len();
+                    match ProbeBody::parse(&datagram[payload]) {
+                        Ok(probe) => {
+                            answer_probe(session, &sock, &mut ack_buf, &probe, probe_len, from, &mut acks, now, c).await
+                        }
+                        Err(_) => session.drop_packet(c, DropReason::Malformed),
+                    }
+                    continue;
+                }
+                // Clients never send acks.
+                SealedKind::ProbeAck => {
+                    session.drop_packet(c, DropReason::Malformed);
+                    continue;
+                }
+                SealedKind::Data => {}
             }
             let Some(inner) = InnerPacket::parse(&datagram[payload.clone()]) else {
                 session.drop_packet(c, DropReason::Malformed);
@@ -650,6 +716,73 @@ fn note_seen(
     }
 }
 
+/// Answers an authenticated probe of `probe_len` bytes from `from`: records what it says fits
+/// the path to the client, and sends the ack it asked for (rate-limited for the whole gateway;
+/// never longer than asked, never longer than [`wire::MAX_PROBE_LEN`]).
+#[allow(clippy::too_many_arguments)]
+async fn answer_probe(
+    session: &DataSession,
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    probe: &ProbeBody,
+    probe_len: usize,
+    from: SocketAddr,
+    acks: &mut RateLimit,
+    now: Instant,
+    c: &Counters,
+) {
+    if let Some(v) = session.set_down_ok(probe.down_ok) {
+        // A transition of this session's path, bounded by what its (authenticated) client does.
+        match session.path_mtu() {
+            Some(inner) => tracing::info!(
+                target: TARGET,
+                "session {}: the path to the client carries {v}-byte datagrams (inner MTU {inner})",
+                session.session_id
+            ),
+            None => tracing::info!(
+                target: TARGET,
+                "session {}: the path to the client is as large as the links again",
+                session.session_id
+            ),
+        }
+    }
+    if !acks.allow(now) {
+        // Withheld: the client sees a lost probe and sends it again (a search tolerates
+        // MAX_PROBES - 1 losses of a size).
+        return;
+    }
+    let len = wire::ack_len_for(probe).min(buf.len());
+    let body = ProbeAckBody {
+        id: probe.id,
+        kind: probe.kind,
+        probe_len: u16::try_from(probe_len).unwrap_or(u16::MAX),
+    };
+    let payload_len = len - wire::OVERHEAD;
+    if body.write(&mut buf[wire::HEADER_LEN..wire::HEADER_LEN + payload_len]).is_err() {
+        session.drop_packet(c, DropReason::Malformed);
+        return;
+    }
+    let sealed = session.crypto.tx.next().and_then(|counter| {
+        session.crypto.cipher.seal_probe(
+            Direction::GatewayToClient,
+            true,
+            session.session_id,
+            counter,
+            buf,
+            payload_len,
+        )
+    });
+    match sealed {
+        // An ack larger than the path carries is lost on the way: that loss is the answer.
+        Ok(n) => {
+            if sock.send_to(&buf[..n], from).await.is_err() {
+                session.drop_packet(c, DropReason::SocketError);
+            }
+        }
+        Err(e) => session.drop_packet(c, seal_drop(e)),
+    }
+}
+
 /// Seals the inner packet at `buf[HEADER_LEN..HEADER_LEN + len]` for `session` and sends it to
 /// the session's endpoint, counting the outcome.
 async fn send_to_session(
@@ -701,7 +834,7 @@ async fn to_clients(
     let c = &*ctx.counters;
     bump(&c.tx_loop_starts);
     let mut reader = TunReader::new(mtu);
-    // The usable inner MTU is the TUN's.
+    // The usable inner MTU is the TUN's, or less for a session whose path is smaller.
     let mut too_big = TooBig::new();
     let mut lens = [0usize; tunnel::BATCH];
     let mut routes: [Option<Arc<DataSession>>; tunnel::BATCH] = std::array::from_fn(|_| None);
@@ -741,11 +874,14 @@ async fn to_clients(
                 continue;
             };
             let len = reader.len(i);
-            if len > usize::from(mtu) {
+            // What fits the path to this client: its probes may have found a hop smaller than
+            // the links at either end.
+            let fits = session.mtu_within(mtu);
+            if len > usize::from(fits) {
                 // Answered from the client's tunnel address, as a router at the tunnel's far
                 // end would: the gateway's own address would be dropped by its own kernel as
                 // martian (a local source arriving on the TUN device).
-                too_big.send(&tun, reader.packet(i), mtu, inner.dst, c).await;
+                too_big.send(&tun, reader.packet(i), fits, inner.dst, c).await;
                 continue;
             }
             let sealed = session.crypto.tx.next().and_then(|counter| {

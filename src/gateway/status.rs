@@ -180,6 +180,10 @@ pub struct SessionReport {
     pub keepalives_rx: u64,
     /// This session's drops by reason, non-zero ones only.
     pub drops: Vec<DropCount>,
+    /// The largest inner packet the path to this client carries, when its path MTU probes
+    /// found a hop smaller than the links (`None`: the gateway's TUN MTU applies).
+    #[serde(default)]
+    pub path_mtu: Option<u16>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -244,6 +248,7 @@ impl Observed {
                     tx_bytes: traffic.tx_bytes,
                     keepalives_rx: traffic.keepalives_rx,
                     drops: DropCount::nonzero(&traffic),
+                    path_mtu: data.as_ref().and_then(|d| d.path_mtu()),
                 }
             })
             .collect();
@@ -447,6 +452,14 @@ pub fn format_human(r: &GatewayReport) -> String {
         );
         let _ = writeln!(o, "  received:     {} ({} packets)", human::bytes(s.rx_bytes), s.rx_packets);
         let _ = writeln!(o, "  sent:         {} ({} packets)", human::bytes(s.tx_bytes), s.tx_packets);
+        match s.path_mtu {
+            Some(m) => {
+                let _ = writeln!(o, "  path MTU:     {m} (inner; a smaller hop on the path, found by probing)");
+            }
+            None => {
+                let _ = writeln!(o, "  path MTU:     the tunnel's (no smaller hop found)");
+            }
+        }
         if !s.drops.is_empty() {
             let _ = writeln!(o, "  drops:        {}", drops(&s.drops));
         }

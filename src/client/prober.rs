@@ -1,0 +1,219 @@
+//! The client's path MTU prober: the shell around [`crate::sansio::pmtud`] for both directions
+//! of the path to the gateway. One task per data plane, started with the loops, once.
+//!
+//! - **Up** (client to gateway): probes padded to the size under test; the gateway answers
+//!   each with a minimal ack that says how long the probe was when it arrived. The result is
+//!   the discovered bound of [`PathMtu`], which the send loop reads per batch: a packet that no
+//!   longer fits is answered "too big" into the TUN, so the inner TCP lowers its segment size
+//!   within a round trip.
+//! - **Down** (gateway to client): minimal probes asking for acks padded to the size under
+//!   test. Every probe carries the size confirmed this way (`down_ok`), which the gateway keeps
+//!   per session and sizes its packets to this client by; a change is sent at once.
+//! - **Hints**: the socket has `IP_RECVERR`; an ICMP "fragmentation needed"/"packet too big"
+//!   for a datagram to the gateway (or a local EMSGSIZE) lowers the up size at once.
+//!
+//! Sizes inside the search are outer packet sizes (IP and UDP headers included), like
+//! [`PathMtu`]'s. Probes are rare (one per round trip while searching, one per
+//! [`crate::sansio::pmtud::DEFAULT_CONFIRM_INTERVAL`] otherwise), so the buffer is allocated
+//! once and nothing here is on the per-packet path. Logged: one line per change of the path's
+//! size, nothing per probe.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::path_mtu::PathMtu;
+use crate::sansio::inner::IpFamily;
+use crate::sansio::pmtud::{PmtudConfig, Search};
+use crate::sansio::seal::Direction;
+use crate::sansio::wire::{self, ProbeAckBody, ProbeBody, ProbeKind};
+use crate::snapshot::GetAuth;
+use crate::tunnel::stop_requested;
+
+const TARGET: &str = "holdfast::pmtu";
+
+/// An authenticated probe ack, as the receive loop hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    pub body: ProbeAckBody,
+    /// The ack datagram's length as it arrived (UDP payload bytes).
+    pub len: usize,
+}
+
+/// How many acks may wait for the prober (it has at most two probes in flight; more are
+/// stale or duplicated and may be dropped).
+pub const ACK_QUEUE: usize = 8;
+
+/// What the prober needs.
+pub struct Prober {
+    pub sock: Arc<UdpSocket>,
+    pub get_auth: GetAuth,
+    /// Where datagrams for the gateway go (the snapshot's gateway, else the configured one).
+    pub gateway: Box<dyn Fn(&crate::snapshot::VpnAuthResponse) -> IpAddr + Send + Sync>,
+    pub path: Arc<PathMtu>,
+    pub acks: mpsc::Receiver<Ack>,
+    pub stop: watch::Receiver<bool>,
+    /// RFC 8899's PMTU_RAISE_TIMER (`[network] pmtu_raise`).
+    pub raise_interval: Duration,
+}
+
+/// The bytes the underlay adds in front of a datagram.
+fn headers(family: IpFamily) -> u16 {
+    // Small constants (28, 48): the casts cannot truncate.
+    match family {
+        IpFamily::V4 => wire::IPV4_UDP_HEADERS as u16,
+        IpFamily::V6 => wire::IPV6_UDP_HEADERS as u16,
+    }
+}
+
+impl Prober {
+    /// Runs until a stop.
+    pub async fn run(mut self) {
+        let hdr = headers(self.path.underlay());
+        let cfg = |link: u16| PmtudConfig { raise_interval: self.raise_interval, ..PmtudConfig::new(link) };
+        let mut link = self.path.link();
+        let mut up = Search::new(cfg(link));
+        let mut down = Search::new(cfg(link));
+        let mut buf = vec![0u8; wire::MAX_PROBE_LEN];
+        let mut next_id = 0u32;
+        let mut down_ok = 0u16;
+        let mut announce_down = false;
+        loop {
+            let now = Instant::now().into_std();
+            // The link's MTU followed at run time (the underlay watcher): search below it.
+            if self.path.link() != link {
+                link = self.path.link();
+                up.set_max(link, now);
+                down.set_max(link, now);
+            }
+            let sends = [
+                (ProbeKind::Up, up.poll_probe(now)),
+                (ProbeKind::Down, down.poll_probe(now)),
+                // A new down size is told to the gateway at once, not at the next probe.
+                (ProbeKind::Up, announce_down.then_some(up.config().base)),
+            ];
+            announce_down = false;
+            for (kind, size) in sends {
+                if let Some(size) = size {
+                    next_id = next_id.wrapping_add(1);
+                    self.send(kind, size, hdr, next_id, down_ok, &mut buf).await;
+                }
+            }
+            let wake = match (up.next_wakeup(), down.next_wakeup()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wake = wake.map(Instant::from_std);
+            tokio::select! {
+                biased;
+                _ = stop_requested(&mut self.stop) => return,
+                ack = self.acks.recv() => {
+                    let Some(ack) = ack else { return };
+                    let now = Instant::now().into_std();
+                    match ack.body.kind {
+                        ProbeKind::Up => { up.on_ack(ack.body.probe_len.saturating_add(hdr), now); }
+                        ProbeKind::Down => {
+                            let len = u16::try_from(ack.len).unwrap_or(u16::MAX);
+                            down.on_ack(len.saturating_add(hdr), now);
+                        }
+                    }
+                }
+                r = self.sock.ready(Interest::ERROR) => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let now = Instant::now().into_std();
+                    let gateway = (self.get_auth)().map(|a| (self.gateway)(&a));
+                    // Through try_io, so the readiness is cleared once the queue is empty (else
+                    // `ready` would answer at once forever); left set if the read stopped at its
+                    // bound with more waiting.
+                    let _ = self.sock.try_io(Interest::ERROR, || {
+                        let n = crate::tunnel::read_mtu_errors(&self.sock, |dest, mtu| {
+                            // Only what concerns the path to the gateway; the hint is validated
+                            // by the search (never below the base, never a raise).
+                            if Some(dest.ip()) == gateway {
+                                up.on_too_big(mtu, now);
+                            }
+                        });
+                        if n < crate::tunnel::MAX_ERRORS_PER_READ {
+                            Err(std::io::ErrorKind::WouldBlock.into())
+                        } else {
+                            Ok(())
+                        }
+                    });
+                }
+                _ = sleep_until(wake) => {}
+            }
+            self.publish(&up);
+            let ok = down.bound().map_or(0, |b| b.saturating_sub(hdr));
+            if ok != down_ok {
+                down_ok = ok;
+                announce_down = true;
+                match down.bound() {
+                    Some(b) => tracing::info!(target: TARGET, "path MTU from the gateway: {b} (a smaller hop on the way)"),
+                    None => tracing::info!(target: TARGET, "path MTU from the gateway: as large as the link again"),
+                }
+            }
+        }
+    }
+
+    /// Writes the up result into the shared path MTU; one log line when it changes.
+    fn publish(&self, up: &Search) {
+        if self.path.discovered() == up.bound() {
+            return;
+        }
+        self.path.set_discovered(up.bound());
+        match up.bound() {
+            Some(b) => tracing::info!(
+                target: TARGET,
+                "path MTU to the gateway: {b} (a smaller hop on the way; inner MTU {})",
+                self.path.inner()
+            ),
+            None => tracing::info!(
+                target: TARGET,
+                "path MTU to the gateway: the link's {} again (inner MTU {})",
+                self.path.link(),
+                self.path.inner()
+            ),
+        }
+    }
+
+    /// Seals and sends one probe: `size` is the outer size under test (up: this datagram's,
+    /// down: the ack's). A failure is a lost probe, which the search counts as such.
+    async fn send(&self, kind: ProbeKind, size: u16, hdr: u16, id: u32, down_ok: u16, buf: &mut [u8]) {
+        let Some(auth) = (self.get_auth)() else { return };
+        let datagram = usize::from(size.saturating_sub(hdr)).clamp(wire::MIN_PROBE_LEN, buf.len());
+        let (len, ack_len) = match kind {
+            ProbeKind::Up => (datagram, 0),
+            // Fits u16: at most MAX_PROBE_LEN.
+            ProbeKind::Down => (wire::MIN_PROBE_LEN, datagram as u16),
+        };
+        let body = ProbeBody { id, kind, ack_len, down_ok };
+        let payload = len - wire::OVERHEAD;
+        if body.write(&mut buf[wire::HEADER_LEN..wire::HEADER_LEN + payload]).is_err() {
+            return;
+        }
+        let crypto = auth.crypto();
+        let sealed = crypto.tx.next().and_then(|counter| {
+            crypto.cipher.seal_probe(Direction::ClientToGateway, false, auth.session_id, counter, buf, payload)
+        });
+        let Ok(n) = sealed else { return };
+        let dest = SocketAddr::from(((self.gateway)(&auth), auth.data_port));
+        if let Err(e) = self.sock.send_to(&buf[..n], dest).await {
+            // EMSGSIZE: larger than the local link; the hint is on the error queue too.
+            tracing::trace!(target: TARGET, "probe of {size} not sent: {e}");
+        }
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
