@@ -81,7 +81,8 @@ impl Prober {
         let mut down = Search::new(cfg(link));
         let mut buf = vec![0u8; wire::MAX_PROBE_LEN];
         let mut next_id = 0u32;
-        let mut down_ok = 0u16;
+        let mut down_ok = link.saturating_sub(hdr);
+        let mut down_bound = None;
         let mut announce_down = false;
         loop {
             let now = Instant::now().into_std();
@@ -150,13 +151,18 @@ impl Prober {
                 _ = sleep_until(wake) => {}
             }
             self.publish(&up);
-            let ok = down.bound().map_or(0, |b| b.saturating_sub(hdr));
+            // The size in use, not only a bound below the link: the gateway does not know our
+            // link (it may be `underlay_mtu` or a small access link), so it is told always.
+            let ok = down.current().saturating_sub(hdr);
             if ok != down_ok {
                 down_ok = ok;
                 announce_down = true;
-                match down.bound() {
+            }
+            if down.bound() != down_bound {
+                down_bound = down.bound();
+                match down_bound {
                     Some(b) => tracing::info!(target: TARGET, "path MTU from the gateway: {b} (a smaller hop on the way)"),
-                    None => tracing::info!(target: TARGET, "path MTU from the gateway: as large as the link again"),
+                    None => tracing::info!(target: TARGET, "path MTU from the gateway: the link's {} again", self.path.link()),
                 }
             }
         }

@@ -59,6 +59,10 @@ const NOTICE_BURST: u32 = 200;
 const ACKS_PER_SECOND: f64 = 500.0;
 const ACK_BURST: u32 = 100;
 
+/// The smallest inner MTU a session is ever sized to (IPv4's minimum datagram, RFC 791), whatever
+/// its probes say.
+const MIN_INNER: u16 = 576;
+
 /// How long start-up waits for a TUN name still held by a previous gateway's device.
 const TUN_BUSY_WAIT: Duration = Duration::from_secs(3);
 
@@ -131,8 +135,8 @@ impl DataSession {
         }
     }
 
-    /// The largest inner packet the path to this client carries, if its probes found the path
-    /// smaller than links are (what the to-clients loop answers "too big" with).
+    /// The largest inner packet the path to this client carries, as its probes report it (what
+    /// the to-clients loop answers "too big" with, when smaller than the TUN MTU).
     pub fn path_mtu(&self) -> Option<u16> {
         match self.path.down_ok.load(Ordering::Relaxed) {
             0 => None,
@@ -147,11 +151,16 @@ impl DataSession {
     }
 
     /// Records what the client's probe says fits the path to it (`down_ok`, datagram bytes; 0:
-    /// no bound). Returns the new value if it changed. Bounded below: a datagram shorter than a
-    /// minimal probe ack cannot be what got through.
-    fn set_down_ok(&self, down_ok: u16) -> Option<u16> {
-        let v = if down_ok == 0 { 0 } else { down_ok.max(wire::MIN_PROBE_LEN as u16) };
-        (self.path.down_ok.swap(v, Ordering::Relaxed) != v).then_some(v)
+    /// unknown). Returns the old and the new value if it changed (0 is never stored over a
+    /// known value). Bounded below: a datagram shorter than a minimal probe ack cannot be what
+    /// got through, and the tunnel is never sized below IPv4's 576-byte minimum.
+    fn set_down_ok(&self, down_ok: u16) -> Option<(u16, u16)> {
+        if down_ok == 0 {
+            return None;
+        }
+        let v = down_ok.max(MIN_INNER + wire::OVERHEAD as u16);
+        let before = self.path.down_ok.swap(v, Ordering::Relaxed);
+        (before != v).then_some((before, v))
     }
 
     /// Records an authenticated datagram from `from` at `now`. Returns whether the endpoint
@@ -196,7 +205,7 @@ struct SessionPath {
     /// When the session table was last told the session is in use (same scale).
     touched_ms: AtomicU64,
     /// The largest datagram (UDP payload bytes) the path to the client carries, as its probes
-    /// report it; 0: no bound known, the gateway's own link decides.
+    /// report it; 0: unknown (no probe yet), the gateway's own link decides.
     down_ok: AtomicU16,
 }
 
@@ -256,11 +265,6 @@ impl ControlSessions {
     /// came), for observers: one atomic load and a lookup, never creates one.
     pub fn existing(&self, id: SessionId) -> Option<Arc<DataSession>> {
         self.data.load().get(&id).cloned()
-    }
-
-    /// How many sessions' paths are smaller than the links (a gauge for the metrics).
-    pub fn path_limited(&self) -> u64 {
-        self.data.load().values().filter(|d| d.path_mtu().is_some()).count() as u64
     }
 
     /// The data-plane state of `s`, if `s` may carry traffic now.
@@ -731,19 +735,14 @@ async fn answer_probe(
     now: Instant,
     c: &Counters,
 ) {
-    if let Some(v) = session.set_down_ok(probe.down_ok) {
+    if let Some((before, v)) = session.set_down_ok(probe.down_ok) {
         // A transition of this session's path, bounded by what its (authenticated) client does.
-        match session.path_mtu() {
-            Some(inner) => tracing::info!(
-                target: TARGET,
-                "session {}: the path to the client carries {v}-byte datagrams (inner MTU {inner})",
-                session.session_id
-            ),
-            None => tracing::info!(
-                target: TARGET,
-                "session {}: the path to the client is as large as the links again",
-                session.session_id
-            ),
+        // The first value (the client's link, usually) is routine: debug.
+        let inner = v.saturating_sub(wire::OVERHEAD as u16);
+        if before == 0 {
+            tracing::debug!(target: TARGET, "session {}: the path to the client carries {v}-byte datagrams (inner MTU {inner})", session.session_id);
+        } else {
+            tracing::info!(target: TARGET, "session {}: the path to the client now carries {v}-byte datagrams (inner MTU {inner}; was {before})", session.session_id);
         }
     }
     if !acks.allow(now) {

@@ -203,8 +203,6 @@ impl Collector for GatewayCollector {
         let s = o.counters.stats();
         let sessions = control.sessions.len() as u64;
         metric(&mut e, "sessions", "Sessions held (current and in their re-auth grace).", Gauge, "", &[("", sessions)])?;
-        let limited = o.data.path_limited();
-        metric(&mut e, "sessions_path_limited", "Sessions whose path MTU probes found a hop smaller than the links (their packets are sized to it).", Gauge, "", &[("", limited)])?;
         // The resolver (`[dns]`): zero when it is off.
         let d = control.dns_counters.stats();
         metric(&mut e, "dns_queries", "DNS queries received by the resolver on the tunnel address.", Counter, "", &[("", d.queries)])?;

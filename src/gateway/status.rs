@@ -180,8 +180,8 @@ pub struct SessionReport {
     pub keepalives_rx: u64,
     /// This session's drops by reason, non-zero ones only.
     pub drops: Vec<DropCount>,
-    /// The largest inner packet the path to this client carries, when its path MTU probes
-    /// found a hop smaller than the links (`None`: the gateway's TUN MTU applies).
+    /// The largest inner packet the path to this client carries, as its path MTU probes report
+    /// it (`None`: no probe yet, the gateway's TUN MTU applies; the smaller of the two is used).
     #[serde(default)]
     pub path_mtu: Option<u16>,
 }
@@ -454,10 +454,10 @@ pub fn format_human(r: &GatewayReport) -> String {
         let _ = writeln!(o, "  sent:         {} ({} packets)", human::bytes(s.tx_bytes), s.tx_packets);
         match s.path_mtu {
             Some(m) => {
-                let _ = writeln!(o, "  path MTU:     {m} (inner; a smaller hop on the path, found by probing)");
+                let _ = writeln!(o, "  path MTU:     {m} (inner, as the client's probes found the path)");
             }
             None => {
-                let _ = writeln!(o, "  path MTU:     the tunnel's (no smaller hop found)");
+                let _ = writeln!(o, "  path MTU:     the tunnel's (no probe yet)");
             }
         }
         if !s.drops.is_empty() {

@@ -50,8 +50,8 @@
 //!  6..8   ack_len: the datagram length the     6..8   probe_len: the length of the probe
 //!         ack must have (down; 0 for up)              datagram as it arrived
 //!  8..10  down_ok: the largest datagram        8..12  reserved (zero)
-//!         length the client has seen arrive
-//!         from the gateway (0: no bound known)
+//!         length that fits the path from the
+//!         gateway to the client (0: unknown)
 //!  10..12 reserved (zero)
 //!  12..   zero padding                         12..   zero padding, up to the probe's ack_len
 //! ```
@@ -293,8 +293,9 @@ pub struct ProbeBody {
     pub kind: ProbeKind,
     /// The datagram length the ack must have (0: as short as it can be).
     pub ack_len: u16,
-    /// The largest datagram length the client has seen arrive from the gateway; 0: no bound is
-    /// known (the gateway's own link decides).
+    /// The largest datagram length that fits the path from the gateway to the client (its
+    /// confirmed size, or its link's while nothing says the path is smaller); 0: unknown (the
+    /// gateway's own link decides).
     pub down_ok: u16,
 }
 

@@ -1,0 +1,227 @@
+//! A hop in the middle smaller than both ends' links (root only; skipped otherwise): the real
+//! gateway and the real `holdfast client run` in namespaces, with a router between them.
+//!
+//! ```text
+//!  client ns                    router ns (forwarding)                 gateway ns
+//!  hfc 198.18.0.1/30 --------- hfr1 198.18.0.2/30
+//!  mtu 1500                    hfr2 198.18.0.5/30 --------------------- hfg 198.18.0.6/30
+//!  default via .2              mtu 1280 (the small hop)                 mtu 1500, default via .5
+//! ```
+//!
+//! Client to gateway, the router refuses packets over 1280 with an ICMP "fragmentation needed"
+//! (unless a test drops it); gateway to client, the router's 1280-byte interface drops what is
+//! larger without a word (a veth does). Both ends see 1500 on their own links, so only path MTU
+//! discovery can find the hop.
+//!
+//! Asserted: the client's path MTU is found (with ICMP, and by probing alone within
+//! [`DISCOVERY_BOUND`]), TCP through the tunnel never stalls (no one-second interval of iperf3
+//! without progress, both directions) and reaches at least half of what it reaches with
+//! `underlay_mtu = 1280` set by hand; the gateway reports the session's path MTU; and when the
+//! hop grows back to 1500 the bound is lifted after the (shortened) `pmtu_raise`.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use support::netns::{self, Netns};
+use support::{GatewayDir, Proc, fast_timings, holdfast_ok, s, wait_until};
+
+const PORT: u16 = 51820;
+const GW_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+const ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 6);
+/// Bound on waits for start-up events.
+const T: Duration = Duration::from_secs(30);
+/// Without any ICMP, probing alone finds the hop within this of the data plane coming up: a
+/// base probe, a full-size probe lost 3 times, and a binary search over 220 bytes (about 5
+/// steps, half of them 3 losses of ~100-300 ms each on a namespace path), with room for a
+/// loaded machine.
+const DISCOVERY_BOUND: Duration = Duration::from_secs(10);
+/// The raise interval the growth test configures (`[network] pmtu_raise`).
+const RAISE: Duration = Duration::from_secs(3);
+/// The inner MTU that fits a 1280-byte hop: 1280 - 28 (IPv4 + UDP) - 36 (tunnel overhead).
+const INNER_AT_1280: u64 = 1280 - 28 - 36;
+
+/// The throughput comparisons mean something only if the tests do not share the two cores with
+/// each other.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The three namespaces and the provisioned gateway directory.
+struct World {
+    gw: GatewayDir,
+    router: Netns,
+}
+
+impl World {
+    fn new() -> World {
+        let (client, router, gw_ns) = (Netns::new(), Netns::new(), Netns::new());
+        let ip = |d| Ipv4Addr::new(198, 18, 0, d);
+        netns::link(&client, "hfc", ip(1), &router, "hfr1", ip(2), 30);
+        netns::link(&router, "hfr2", ip(5), &gw_ns, "hfg", ip(6), 30);
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.ip(&["link", "set", "hfr2", "mtu", "1280"]);
+        client.default_route(ip(2));
+        gw_ns.default_route(ip(5));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = SocketAddr::from((ENDPOINT, PORT)).to_string();
+        holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
+        let gw = GatewayDir { dir, port: PORT, ns: gw_ns, client_ns: Some(client) };
+        gw.set("listen", &format!("\"{endpoint}\""));
+        World { gw, router }
+    }
+
+    /// Drops every ICMP the router would send (so no "fragmentation needed" reaches anyone).
+    fn drop_icmp(&self) {
+        self.router.nft(
+            "table inet hfnoicmp {\n\
+             \tchain out { type filter hook output priority filter; policy accept; meta l4proto icmp drop; }\n\
+             \tchain fwd { type filter hook forward priority filter; policy accept; meta l4proto icmp drop; }\n\
+             }\n",
+        );
+    }
+
+    fn client_ns(&self) -> &Netns {
+        self.gw.clients_ns()
+    }
+}
+
+/// A running client with its log folder.
+struct Client {
+    proc: Proc,
+    _logs: tempfile::TempDir,
+}
+
+fn start_client(w: &World, name: &str, edit: impl FnOnce(&mut holdfast::config::client::ClientFile)) -> Client {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let file: PathBuf = w.gw.add_client(name, |f| {
+        fast_timings(f, logs.path());
+        edit(f)
+    });
+    let mut proc = w.gw.run_client(name, &file);
+    proc.wait_for(&["data plane up"], T);
+    Client { proc, _logs: logs }
+}
+
+/// One iperf3 run of `secs` seconds through the tunnel to the gateway (`reverse`: gateway to
+/// client): the receiver's rate (bit/s) and the bytes of each one-second interval.
+fn iperf(ns: &Netns, reverse: bool, secs: u32) -> (f64, Vec<u64>) {
+    let t = secs.to_string();
+    let mut args = vec!["-c", "100.64.0.1", "-t", &t, "-i", "1", "-J", "--connect-timeout", "5000"];
+    if reverse {
+        args.push("-R");
+    }
+    let out = ns.exec("iperf3", &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("iperf3 output is not JSON ({e}):\n{text}\n{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(json.get("error").is_none(), "iperf3 failed: {}", json["error"]);
+    let intervals: Vec<u64> = json["intervals"]
+        .as_array()
+        .expect("intervals")
+        .iter()
+        .map(|i| i["sum"]["bytes"].as_u64().expect("interval bytes"))
+        .collect();
+    let rate = json["end"]["sum_received"]["bits_per_second"].as_f64().expect("received rate");
+    (rate, intervals)
+}
+
+/// Both directions: rates (up, down), each checked for an interval without progress.
+fn both_ways(ns: &Netns, what: &str) -> (f64, f64) {
+    let mut rates = [0.0; 2];
+    for (i, reverse) in [false, true].into_iter().enumerate() {
+        let (rate, intervals) = iperf(ns, reverse, 3);
+        let dir = if reverse { "gateway -> client" } else { "client -> gateway" };
+        eprintln!("{what}, {dir}: {:.1} Mbit/s, intervals {intervals:?}", rate / 1e6);
+        assert!(intervals.len() >= 3, "{what}, {dir}: {intervals:?}");
+        assert!(intervals.iter().all(|&b| b > 0), "{what}, {dir}: a second without progress: {intervals:?}");
+        rates[i] = rate;
+    }
+    (rates[0], rates[1])
+}
+
+/// The gateway's report of its (only) session's path MTU.
+fn gateway_path_mtu(w: &World) -> Option<u64> {
+    let json = holdfast_ok(&["gateway", "status", "--dir", s(w.gw.path()), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
+    v["sessions"].as_array()?.iter().filter_map(|s| s["path_mtu"].as_u64()).min()
+}
+
+#[test]
+fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
+    if !netns::available() {
+        eprintln!("SKIPPED: needs root and ip");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let w = World::new();
+    let mut gateway = w.gw.run("gateway");
+    gateway.wait_for(&["data plane up"], T);
+    let _iperf = w.gw.ns.spawn("iperf3-server", "iperf3", &["-s", "-B", &GW_TUN.to_string()], &[]);
+
+    // Discovered: the client's own direction (ICMP says 1280, or the probes find it), and the
+    // gateway's, which the gateway then sizes its packets to this client by.
+    let mut client = start_client(&w, "auto", |_| {});
+    client.proc.wait_for(&["path MTU to the gateway: 12"], T);
+    client.proc.wait_for(&["path MTU from the gateway: 12"], T);
+    assert!(
+        wait_until(T, || gateway_path_mtu(&w).is_some_and(|m| m <= INNER_AT_1280)),
+        "the gateway sizes the session to the path: {:?}",
+        gateway_path_mtu(&w)
+    );
+    let (up, down) = both_ways(w.client_ns(), "discovered");
+    assert_eq!(client.proc.terminate(T), Some(0));
+
+    // The hand-tuned reference: the client told the path's size.
+    let mut tuned = start_client(&w, "tuned", |f| {
+        f.network.underlay_mtu = Some(1280);
+        // Its TUN (1216) is below IPv6's minimum, so the tunnel carries IPv4 only: no IPv6
+        // routes to install on it.
+        f.network.routes = Some(vec!["0.0.0.0/1".parse().unwrap(), "128.0.0.0/1".parse().unwrap()]);
+    });
+    tuned.proc.wait_for(&["routes up"], T);
+    let (ref_up, ref_down) = both_ways(w.client_ns(), "underlay_mtu = 1280");
+    assert_eq!(tuned.proc.terminate(T), Some(0));
+
+    assert!(up >= ref_up / 2.0, "client -> gateway: {up} bit/s against {ref_up} hand-tuned");
+    assert!(down >= ref_down / 2.0, "gateway -> client: {down} bit/s against {ref_down} hand-tuned");
+    assert!(gateway.is_alive());
+}
+
+#[test]
+fn without_any_icmp_probing_alone_finds_the_hop_and_a_path_that_grows_back_is_raised() {
+    if !netns::available() {
+        eprintln!("SKIPPED: needs root and ip");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let w = World::new();
+    w.drop_icmp();
+    let mut gateway = w.gw.run("gateway");
+    gateway.wait_for(&["data plane up"], T);
+    let _iperf = w.gw.ns.spawn("iperf3-server", "iperf3", &["-s", "-B", &GW_TUN.to_string()], &[]);
+
+    let mut client = start_client(&w, "blind", |f| f.network.pmtu_raise = Some(RAISE));
+    let up_at = Instant::now();
+    let line = client.proc.wait_for(&["path MTU to the gateway: 12"], DISCOVERY_BOUND);
+    eprintln!("found in {:?}: {line}", up_at.elapsed());
+    client.proc.wait_for(&["path MTU from the gateway: 12"], DISCOVERY_BOUND);
+    assert!(up_at.elapsed() <= DISCOVERY_BOUND + Duration::from_secs(1));
+    both_ways(w.client_ns(), "no ICMP");
+    assert!(gateway_path_mtu(&w).is_some_and(|m| m <= INNER_AT_1280), "{:?}", gateway_path_mtu(&w));
+
+    // The hop grows back: after the raise interval both directions are probed up again.
+    w.router.ip(&["link", "set", "hfr2", "mtu", "1500"]);
+    let grown = Instant::now();
+    client.proc.wait_for(&["path MTU to the gateway: the link's 1500 again"], RAISE + DISCOVERY_BOUND);
+    client.proc.wait_for(&["path MTU from the gateway: the link's 1500 again"], RAISE + DISCOVERY_BOUND);
+    eprintln!("raised {:?} after the hop grew", grown.elapsed());
+    assert!(
+        wait_until(T, || gateway_path_mtu(&w) == Some(1500 - 28 - 36)),
+        "the gateway follows: {:?}",
+        gateway_path_mtu(&w)
+    );
+    assert_eq!(client.proc.terminate(T), Some(0));
+    assert!(gateway.is_alive());
+}
