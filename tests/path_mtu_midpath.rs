@@ -76,8 +76,8 @@ impl World {
     fn drop_icmp(&self) {
         self.router.nft(
             "table inet hfnoicmp {\n\
-             \tchain out { type filter hook output priority filter; policy accept; meta l4proto icmp drop; }\n\
-             \tchain fwd { type filter hook forward priority filter; policy accept; meta l4proto icmp drop; }\n\
+             \tchain output_icmp { type filter hook output priority filter; policy accept; meta l4proto icmp drop; }\n\
+             \tchain forward_icmp { type filter hook forward priority filter; policy accept; meta l4proto icmp drop; }\n\
              }\n",
         );
     }

@@ -20,8 +20,11 @@
 //!   after [`PmtudConfig::max_probes`] losses in a row.
 //! - **black holes**: data loss is invisible to the tunnel, so a periodic confirmation probe of
 //!   the size in use ([`PmtudConfig::confirm_interval`]) stands in for it. If it is lost
-//!   `max_probes` times the path shrank without telling: the size falls back to the base at once
-//!   and a new search starts from there.
+//!   `max_probes` times, a probe of the base tells a black hole from an outage: if the base gets
+//!   through, the path shrank without telling, the size falls back to the base at once and a new
+//!   search starts from there; if the base is lost too, the path is down, not small, and nothing
+//!   is concluded (probing pauses for a confirmation interval). An outage therefore never
+//!   lowers the size.
 //! - **hints**: an ICMP "fragmentation needed"/"packet too big" (read from the socket's error
 //!   queue) lowers the size at once, validated: never below the base, never at or above the size
 //!   in use (a stale or forged hint can only lower us to what the next confirmation re-checks).
@@ -93,8 +96,18 @@ struct InFlight {
     sent: Instant,
     /// How many probes of this size were sent in a row (the first is 1).
     attempt: u8,
-    /// A confirmation of the size in use, not a step of a search.
-    confirm: bool,
+    role: Role,
+}
+
+/// Why a probe is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A step of a search.
+    Search,
+    /// The periodic confirmation of the size in use.
+    Confirm,
+    /// The size in use (the value) failed its confirmation: does the base still get through?
+    Verify(u16),
 }
 
 /// The discovery state of one direction of one path.
@@ -111,6 +124,8 @@ pub struct Search {
     searching: bool,
     next_raise: Option<Instant>,
     next_confirm: Option<Instant>,
+    /// After an outage (not even the base got through): no probe before this.
+    paused_until: Option<Instant>,
 }
 
 impl Search {
@@ -127,6 +142,7 @@ impl Search {
             searching: true,
             next_raise: None,
             next_confirm: None,
+            paused_until: None,
         }
     }
 
@@ -168,6 +184,9 @@ impl Search {
         if let Some(f) = self.in_flight {
             return Some(f.sent + self.timeout());
         }
+        if let Some(p) = self.paused_until {
+            return Some(p);
+        }
         if self.searching {
             // A search with nothing in flight sends at the next poll; the shell polls after
             // every input, so this is only a guard.
@@ -207,7 +226,16 @@ impl Search {
                 return Some(f.size);
             }
             self.in_flight = None;
-            self.lost(f, now);
+            if let Some(verify) = self.lost(f, now) {
+                self.in_flight = Some(verify);
+                return Some(verify.size);
+            }
+        }
+        if let Some(p) = self.paused_until {
+            if now < p {
+                return None;
+            }
+            self.paused_until = None;
         }
         if !self.searching {
             if self.next_raise.is_some_and(|t| now >= t) {
@@ -218,7 +246,7 @@ impl Search {
             } else if self.next_confirm.is_some_and(|t| now >= t) {
                 self.next_confirm = None;
                 let size = self.current();
-                self.in_flight = Some(InFlight { size, sent: now, attempt: 1, confirm: true });
+                self.in_flight = Some(InFlight { size, sent: now, attempt: 1, role: Role::Confirm });
                 return Some(size);
             } else {
                 return None;
@@ -226,7 +254,7 @@ impl Search {
         }
         match self.candidate() {
             Some(size) => {
-                self.in_flight = Some(InFlight { size, sent: now, attempt: 1, confirm: false });
+                self.in_flight = Some(InFlight { size, sent: now, attempt: 1, role: Role::Search });
                 Some(size)
             }
             None => {
@@ -256,8 +284,17 @@ impl Search {
                 });
             }
             self.in_flight = None;
-            if f.confirm {
-                self.next_confirm = Some(now + self.cfg.confirm_interval);
+            match f.role {
+                Role::Search => {}
+                Role::Confirm => self.next_confirm = Some(now + self.cfg.confirm_interval),
+                Role::Verify(suspect) => {
+                    // The base gets through, the size in use does not: a black hole. Back to
+                    // the base, and a new search below the size that failed.
+                    self.confirmed = self.cfg.base;
+                    self.limited = true;
+                    self.too_big = Some(suspect);
+                    self.restart(now);
+                }
             }
         }
         if size > self.confirmed {
@@ -301,20 +338,28 @@ impl Search {
         self.next_confirm = None;
     }
 
-    /// `f` was lost `max_probes` times in a row.
-    fn lost(&mut self, f: InFlight, now: Instant) {
-        if f.confirm || f.size <= self.confirmed {
-            // The size in use stopped getting through: a black hole. Back to the base, and a
-            // new search from there, below the size that failed.
-            self.confirmed = self.cfg.base;
-            self.limited = true;
-            self.too_big = Some(f.size.max(self.cfg.base));
-            self.restart(now);
-            return;
+    /// `f` was lost `max_probes` times in a row. Returns the probe to send now, if any (the
+    /// base, to tell a black hole from an outage).
+    fn lost(&mut self, f: InFlight, now: Instant) -> Option<InFlight> {
+        let outage = matches!(f.role, Role::Verify(_)) || f.size <= self.cfg.base;
+        if outage {
+            // Not even the base gets through: the path is down, not small. Nothing changes;
+            // probing resumes (a confirmation, or the search where it was) after a while.
+            self.paused_until = Some(now + self.cfg.confirm_interval);
+            if !self.searching {
+                self.next_confirm = Some(now + self.cfg.confirm_interval);
+            }
+            return None;
         }
-        self.too_big = Some(self.too_big.map_or(f.size, |t| t.min(f.size)));
-        // The link's max does not fit: the path is smaller than its link.
-        self.limited = true;
+        match f.role {
+            Role::Confirm => Some(InFlight { size: self.cfg.base, sent: now, attempt: 1, role: Role::Verify(f.size) }),
+            _ => {
+                self.too_big = Some(self.too_big.map_or(f.size, |t| t.min(f.size)));
+                // The link's max does not fit: the path is smaller than its link.
+                self.limited = true;
+                None
+            }
+        }
     }
 
     /// The next size a search probes, or `None` when it is done.
@@ -437,6 +482,26 @@ mod tests {
     }
 
     #[test]
+    fn an_outage_is_not_a_black_hole() {
+        let mut sim = Sim::new(cfg(1500));
+        sim.run(1500, Duration::from_secs(1));
+        assert_eq!(sim.search.bound(), None);
+        // Nothing gets through for a minute (mtu 0: every probe is lost).
+        sim.run(0, Duration::from_secs(60));
+        assert_eq!(sim.search.bound(), None, "an outage lowers nothing");
+        assert_eq!(sim.search.current(), 1500);
+        // And when the path is back, it is confirmed again.
+        sim.run(1500, Duration::from_secs(20));
+        assert_eq!(sim.search.bound(), None);
+        // An outage from the start concludes nothing either.
+        let mut sim = Sim::new(cfg(1500));
+        sim.run(0, Duration::from_secs(30));
+        assert_eq!(sim.search.bound(), None);
+        sim.run(1500, Duration::from_secs(20));
+        assert_eq!((sim.search.bound(), sim.search.confirmed()), (None, 1500));
+    }
+
+    #[test]
     fn stale_and_foreign_acks_change_nothing_they_should_not() {
         let t = Instant::now();
         let mut s = Search::new(cfg(1500));
@@ -454,8 +519,10 @@ mod tests {
         #[test]
         fn converges_below_the_true_path_and_follows_it(
             max in 1280u16..9000,
-            first in 1200u16..9000,
-            second in 1200u16..9000,
+            // Paths carry the base (below it, a path cannot be told from an outage: see
+            // `an_outage_is_not_a_black_hole`).
+            first in 1280u16..9000,
+            second in 1280u16..9000,
             rtt_ms in 1u64..300,
         ) {
             let mut sim = Sim::new(cfg(max));
