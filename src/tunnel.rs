@@ -439,26 +439,19 @@ pub const MAX_ERRORS_PER_READ: usize = 64;
 /// and calls `hint(destination, mtu)` for each path MTU error (see [`mtu_of_error`]); other
 /// errors are read and dropped, so the queue never fills. Returns how many entries were read.
 pub fn read_mtu_errors(sock: &UdpSocket, mut hint: impl FnMut(SocketAddr, u16)) -> usize {
-    use std::os::fd::AsRawFd;
     let mut read = 0;
     while read < MAX_ERRORS_PER_READ {
-        // SAFETY: every pointer points into locals alive for the call, with the lengths given;
-        // the kernel writes at most those lengths. The cmsg walk stays inside `control`, and
-        // the extended error is read unaligned from a cmsg the kernel sized for it.
+        // SAFETY: all-zero is a valid sockaddr_storage (plain integers).
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // The offending datagram's start is copied here; we only want the error.
+        let mut data = [0u8; 64];
+        let mut control = [0u64; 16];
+        let (n, msg) = recvmsg_into(sock, &mut addr, &mut data, &mut control, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT);
+        // SAFETY: the cmsg walk stays inside `control` (alive, untouched since the kernel filled
+        // it), and the extended error is read unaligned from a cmsg whose length was checked
+        // to hold one.
         let entry = unsafe {
-            let mut addr: libc::sockaddr_storage = std::mem::zeroed();
-            // The offending datagram's start is copied here; we only want the error.
-            let mut data = [0u8; 64];
-            let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
-            let mut control = [0u64; 16];
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
-            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = std::mem::size_of_val(&control) as _;
-            if libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) < 0 {
+            if n.is_err() {
                 None
             } else {
                 let mut mtu = None;
@@ -667,26 +660,47 @@ pub async fn recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, us
     sock.async_io(tokio::io::Interest::READABLE, || recvmsg_gro(sock, buf)).await
 }
 
-fn recvmsg_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+/// One `recvmsg` on `sock` into `buf`, with the sender's address in `addr` and control messages
+/// in `control`. Returns the byte count (or the error) and the header the kernel filled, whose
+/// control messages the caller walks (its pointers point into `addr`, `buf` and `control`, so
+/// it is only meaningful while they live and are left as they are).
+fn recvmsg_into(
+    sock: &UdpSocket,
+    addr: &mut libc::sockaddr_storage,
+    buf: &mut [u8],
+    control: &mut [u64],
+    flags: libc::c_int,
+) -> (io::Result<usize>, libc::msghdr) {
     use std::os::fd::AsRawFd;
-    // SAFETY: every pointer below points into locals or `buf`, all alive for the call, with the
-    // lengths given; the kernel writes at most those lengths.
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: all-zero is a valid msghdr; every pointer set below points into the borrows and
+    // `iov`, all alive for the call, with the lengths given; the kernel writes at most those.
+    // `iov` dies here, but the caller only reads the control messages, never the iovec.
     unsafe {
-        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
-        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-        let mut control = [0u64; 8];
         let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+        msg.msg_name = (addr as *mut libc::sockaddr_storage).cast();
         msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control) as _;
-        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, 0);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
+        msg.msg_controllen = std::mem::size_of_val(control) as _;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, flags);
+        let n = if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) };
+        msg.msg_iov = std::ptr::null_mut();
+        msg.msg_iovlen = 0;
+        (n, msg)
+    }
+}
+
+fn recvmsg_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+    // SAFETY: all-zero is a valid sockaddr_storage (plain integers).
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut control = [0u64; 8];
+    let (n, msg) = recvmsg_into(sock, &mut addr, buf, &mut control, 0);
+    let n = n?;
+    // SAFETY: the cmsg walk stays inside `control` (alive, and not touched since the kernel
+    // filled it), as CMSG_NXTHDR checks against the lengths the kernel set in `msg`.
+    unsafe {
         let mut segment = n;
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {

@@ -511,6 +511,26 @@ mod tests {
         assert_eq!(MsgType::ProbeAck.first_byte(), 0x15);
     }
 
+    proptest::proptest! {
+        /// Any bytes as an opened probe or ack payload: an error or a body that writes back to
+        /// the same bytes (zero padding included); never a panic.
+        #[test]
+        fn probe_bodies_parse_any_bytes_and_round_trip(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Ok(p) = ProbeBody::parse(&bytes) {
+                let mut again = vec![0xaa; bytes.len()];
+                p.write(&mut again).expect("room");
+                proptest::prop_assert_eq!(&again[..PROBE_BODY_LEN], &bytes[..PROBE_BODY_LEN]);
+                proptest::prop_assert_eq!(ProbeBody::parse(&again), Ok(p));
+            }
+            if let Ok(a) = ProbeAckBody::parse(&bytes) {
+                let mut again = vec![0xaa; bytes.len()];
+                a.write(&mut again).expect("room");
+                proptest::prop_assert_eq!(&again[..PROBE_BODY_LEN], &bytes[..PROBE_BODY_LEN]);
+                proptest::prop_assert_eq!(ProbeAckBody::parse(&again), Ok(a));
+            }
+        }
+    }
+
     #[test]
     fn tun_mtu_subtracts_udp_ipv4_and_overhead() {
         assert_eq!(OVERHEAD, 36);
