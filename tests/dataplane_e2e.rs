@@ -461,6 +461,35 @@ fn inproc_two_clients_reach_each_other_through_the_gateway() {
 }
 
 #[test]
+fn inproc_a_client_whose_path_is_smaller_gets_packets_sized_to_it_and_its_peers_hear_too_big() {
+    require_root!();
+    let mut w = Inproc::new();
+    let a = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    let b = w.client(Ipv4Addr::new(100, 64, 0, 3));
+    // b's access link is 1280 (the gateway's end of it stays 1500: what is larger vanishes).
+    b.ns.ip(&["link", "set", "up0", "mtu", "1280"]);
+    w.authenticate(&a, 0xd1, [7; 32]);
+    w.authenticate(&b, 0xd2, [8; 32]);
+    assert!(a.ns.ping_until(b.ip, Duration::from_secs(5)).is_some(), "a -> b");
+    // b's probes tell the gateway what fits the path to b: 1280 - 28 - 36 inner bytes.
+    let b_session = w.table.by_id(SessionId(0xd2)).expect("b's session");
+    assert!(
+        wait_until(Duration::from_secs(5), || b_session.path_mtu() == Some(1216)),
+        "{:?}",
+        b_session.path_mtu()
+    );
+    // a sends b more than that with DF: a hears "fragmentation needed, mtu 1216" from b's
+    // address, as from a router, instead of the packet vanishing.
+    let out = a.ns.exec("ping", &["-c", "2", "-W", "1", "-M", "do", "-s", "1300", "-n", &b.ip.to_string()]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("mtu = 1216") || text.contains("mtu=1216"), "{text}");
+    // What fits goes through.
+    let out = a.ns.exec("ping", &["-c", "2", "-W", "2", "-M", "do", "-s", "1180", "-n", &b.ip.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(w.gw_stats().dropped(DropReason::TooBig) >= 1, "{}", w.gw_stats());
+}
+
+#[test]
 fn inproc_hostile_datagrams_are_dropped_and_counted_and_traffic_continues() {
     require_root!();
     let mut w = Inproc::new();

@@ -559,6 +559,8 @@ async fn from_clients(
     let mut writer = TunWriter::new(&tun, ctx.cfg.coalesce_writes);
     let mut notices = RateLimit::new(NOTICES_PER_SECOND, NOTICE_BURST);
     let mut acks = RateLimit::new(ACKS_PER_SECOND, ACK_BURST);
+    // "Too big" answers to a client whose packet does not fit the path to its peer client.
+    let mut peer_too_big_rate = RateLimit::new(tunnel::TOO_BIG_PER_SECOND, tunnel::TOO_BIG_BURST);
     // Probe acks are built here, not in `buf`: the rest of a GRO batch still lies there.
     let mut ack_buf = vec![0u8; wire::MAX_PROBE_LEN];
     // Per-source budgets of failures (see crate::flood): consulted only when a datagram fails.
@@ -669,6 +671,12 @@ async fn from_clients(
             match peer {
                 // Client to client: re-seal in place (the inner packet already sits at
                 // HEADER_LEN, and the tag room behind it is the one the datagram had).
+                // ... unless the path to the peer is smaller: then the sender hears "too big"
+                // from the peer's address, through its own session, as from a router.
+                Some(peer) if peer.path_mtu().is_some_and(|m| payload.len() > usize::from(m)) => {
+                    let mtu = peer.path_mtu().unwrap_or(MIN_INNER);
+                    peer_too_big(session, &sock, &datagram[payload], mtu, inner.dst, &mut ack_buf, &mut peer_too_big_rate, now, c).await;
+                }
                 Some(peer) => {
                     Counters::packet(&c.rx_packets, &c.rx_bytes, payload.len());
                     send_to_session(&peer, &sock, datagram, payload.len(), c).await;
@@ -779,6 +787,31 @@ async fn answer_probe(
             }
         }
         Err(e) => session.drop_packet(c, seal_drop(e)),
+    }
+}
+
+/// Answers `sender`'s inner `packet`, which does not fit the path to its peer client (`mtu`),
+/// with an ICMP "fragmentation needed" / "packet too big" from the peer's address `from`,
+/// sealed to the sender's own session (rate-limited; `buf` is scratch room).
+#[allow(clippy::too_many_arguments)]
+async fn peer_too_big(
+    sender: &DataSession,
+    sock: &UdpSocket,
+    packet: &[u8],
+    mtu: u16,
+    from: IpAddr,
+    buf: &mut [u8],
+    rate: &mut RateLimit,
+    now: Instant,
+    c: &Counters,
+) {
+    sender.drop_packet(c, DropReason::TooBig);
+    let end = buf.len().saturating_sub(wire::TAG_LEN);
+    let Some(room) = buf.get_mut(wire::HEADER_LEN..end) else { return };
+    // The rules first (DF clear, ICMP errors, ...), so refused packets do not use up the rate.
+    let Ok(n) = crate::sansio::icmp::too_big(packet, mtu, from, room) else { return };
+    if rate.allow(now) {
+        send_to_session(sender, sock, buf, n, c).await;
     }
 }
 
