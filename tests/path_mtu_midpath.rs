@@ -8,6 +8,8 @@
 //!  default via .2              mtu 1280 (the small hop)                 mtu 1500, default via .5
 //! ```
 //!
+//! The same over an IPv6 underlay: 2001:db8:1::/64 and 2001:db8:2::/64 on the two links.
+//!
 //! Client to gateway, the router refuses packets over 1280 with an ICMP "fragmentation needed"
 //! (unless a test drops it); gateway to client, the router's 1280-byte interface drops what is
 //! larger without a word (a veth does). Both ends see 1500 on their own links, so only path MTU
@@ -21,7 +23,7 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -55,7 +57,9 @@ struct World {
 }
 
 impl World {
-    fn new() -> World {
+    /// The topology over IPv4 (`ipv6`: the client reaches the gateway over IPv6 instead,
+    /// 2001:db8:1::/64 and 2001:db8:2::/64 on the two links, the endpoint [2001:db8:2::2]).
+    fn new(ipv6: bool) -> World {
         let (client, router, gw_ns) = (Netns::new(), Netns::new(), Netns::new());
         let ip = |d| Ipv4Addr::new(198, 18, 0, d);
         netns::link(&client, "hfc", ip(1), &router, "hfr1", ip(2), 30);
@@ -64,8 +68,21 @@ impl World {
         router.ip(&["link", "set", "hfr2", "mtu", "1280"]);
         client.default_route(ip(2));
         gw_ns.default_route(ip(5));
+        let endpoint: IpAddr = if ipv6 {
+            let ip6 = |net, host| Ipv6Addr::new(0x2001, 0xdb8, net, 0, 0, 0, 0, host);
+            client.add_addr6("hfc", ip6(1, 2), 64);
+            router.add_addr6("hfr1", ip6(1, 1), 64);
+            router.add_addr6("hfr2", ip6(2, 1), 64);
+            gw_ns.add_addr6("hfg", ip6(2, 2), 64);
+            router.sysctl("net.ipv6.conf.all.forwarding", "1");
+            client.ip(&["-6", "route", "add", "default", "via", &ip6(1, 1).to_string(), "dev", "hfc"]);
+            gw_ns.ip(&["-6", "route", "add", "default", "via", &ip6(2, 1).to_string(), "dev", "hfg"]);
+            ip6(2, 2).into()
+        } else {
+            ENDPOINT.into()
+        };
         let dir = tempfile::tempdir().expect("tempdir");
-        let endpoint = SocketAddr::from((ENDPOINT, PORT)).to_string();
+        let endpoint = SocketAddr::new(endpoint, PORT).to_string();
         holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
         let gw = GatewayDir { dir, port: PORT, ns: gw_ns, client_ns: Some(client) };
         gw.set("listen", &format!("\"{endpoint}\""));
@@ -128,17 +145,28 @@ fn iperf(ns: &Netns, reverse: bool, secs: u32) -> (f64, Vec<u64>) {
 }
 
 /// Both directions: rates (up, down), each checked for an interval without progress.
-fn both_ways(ns: &Netns, what: &str) -> (f64, f64) {
+fn both_ways(ns: &Netns, client: &Client, what: &str) -> (f64, f64) {
     let mut rates = [0.0; 2];
     for (i, reverse) in [false, true].into_iter().enumerate() {
         let (rate, intervals) = iperf(ns, reverse, 3);
         let dir = if reverse { "gateway -> client" } else { "client -> gateway" };
         eprintln!("{what}, {dir}: {:.1} Mbit/s, intervals {intervals:?}", rate / 1e6);
         assert!(intervals.len() >= 3, "{what}, {dir}: {intervals:?}");
-        assert!(intervals.iter().all(|&b| b > 0), "{what}, {dir}: a second without progress: {intervals:?}");
+        assert!(
+            intervals.iter().all(|&b| b > 0),
+            "{what}, {dir}: a second without progress: {intervals:?}\nclient:\n{}",
+            client.proc.all_lines().iter().filter(|l| !l.contains("DEBUG")).cloned().collect::<Vec<_>>().join("\n")
+        );
         rates[i] = rate;
     }
     (rates[0], rates[1])
+}
+
+/// [`both_ways`] twice, the better rate of each direction: the machine is shared, and one run
+/// can lose a second to someone else's build (every run is still checked for stalls).
+fn best_of_two(ns: &Netns, client: &Client, what: &str) -> (f64, f64) {
+    let (a, b) = (both_ways(ns, client, what), both_ways(ns, client, what));
+    (a.0.max(b.0), a.1.max(b.1))
 }
 
 /// The gateway's report of its (only) session's path MTU.
@@ -155,7 +183,7 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let w = World::new();
+    let w = World::new(false);
     let mut gateway = w.gw.run("gateway");
     gateway.wait_for(&["data plane up"], T);
     let _iperf = w.gw.ns.spawn("iperf3-server", "iperf3", &["-s", "-B", &GW_TUN.to_string()], &[]);
@@ -167,11 +195,15 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
     client.proc.wait_for(&["path MTU from the gateway: 12"], T);
     assert!(
         wait_until(T, || gateway_path_mtu(&w).is_some_and(|m| m <= INNER_AT_1280)),
-        "the gateway sizes the session to the path: {:?}",
-        gateway_path_mtu(&w)
+        "the gateway sizes the session to the path: {:?}\nclient:\n{}\ngateway:\n{}",
+        gateway_path_mtu(&w),
+        client.proc.all_lines().join("\n"),
+        gateway.all_lines().join("\n")
     );
-    let (up, down) = both_ways(w.client_ns(), "discovered");
-    for l in client.proc.all_lines().iter().filter(|l| l.contains("holdfast::pmtu") || l.contains("data plane up")) {
+    let text = holdfast_ok(&["gateway", "status", "--dir", s(w.gw.path())]);
+    assert!(text.contains(&format!("path MTU:     {INNER_AT_1280}")), "{text}");
+    let (up, down) = best_of_two(w.client_ns(), &client, "discovered");
+    for l in client.proc.all_lines().iter().filter(|l| l.contains("holdfast::pmtu") || l.contains("data plane up") || l.contains("holdfast::routes")) {
         eprintln!("{l}");
     }
     // A smaller path is a fact the tunnel adapts to, not a failure to warn about.
@@ -187,7 +219,7 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
         f.network.routes = Some(vec!["0.0.0.0/1".parse().unwrap(), "128.0.0.0/1".parse().unwrap()]);
     });
     tuned.proc.wait_for(&["routes up"], T);
-    let (ref_up, ref_down) = both_ways(w.client_ns(), "underlay_mtu = 1280");
+    let (ref_up, ref_down) = best_of_two(w.client_ns(), &tuned, "underlay_mtu = 1280");
     assert_eq!(tuned.proc.terminate(T), Some(0));
 
     assert!(up >= ref_up / 2.0, "client -> gateway: {up} bit/s against {ref_up} hand-tuned");
@@ -202,7 +234,7 @@ fn without_any_icmp_probing_alone_finds_the_hop_and_a_path_that_grows_back_is_ra
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let w = World::new();
+    let w = World::new(false);
     w.drop_icmp();
     let mut gateway = w.gw.run("gateway");
     gateway.wait_for(&["data plane up"], T);
@@ -214,7 +246,7 @@ fn without_any_icmp_probing_alone_finds_the_hop_and_a_path_that_grows_back_is_ra
     eprintln!("found in {:?}: {line}", up_at.elapsed());
     client.proc.wait_for(&["path MTU from the gateway: 12"], DISCOVERY_BOUND);
     assert!(up_at.elapsed() <= DISCOVERY_BOUND + Duration::from_secs(1));
-    both_ways(w.client_ns(), "no ICMP");
+    both_ways(w.client_ns(), &client, "no ICMP");
     assert!(gateway_path_mtu(&w).is_some_and(|m| m <= INNER_AT_1280), "{:?}", gateway_path_mtu(&w));
 
     // The hop grows back: after the raise interval both directions are probed up again.
@@ -228,6 +260,32 @@ fn without_any_icmp_probing_alone_finds_the_hop_and_a_path_that_grows_back_is_ra
         "the gateway follows: {:?}",
         gateway_path_mtu(&w)
     );
+    assert_eq!(client.proc.terminate(T), Some(0));
+    assert!(gateway.is_alive());
+}
+
+#[test]
+fn over_an_ipv6_underlay_the_hop_is_found_both_ways() {
+    if !netns::available() {
+        eprintln!("SKIPPED: needs root and ip");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let w = World::new(true);
+    let mut gateway = w.gw.run("gateway");
+    gateway.wait_for(&["data plane up"], T);
+    let _iperf = w.gw.ns.spawn("iperf3-server", "iperf3", &["-s", "-B", &GW_TUN.to_string()], &[]);
+    let mut client = start_client(&w, "six", |_| {});
+    // IPv6's minimum: the base itself, 1280 - 48 (IPv6 + UDP) - 36 inner bytes.
+    client.proc.wait_for(&["path MTU to the gateway: 1280"], DISCOVERY_BOUND);
+    client.proc.wait_for(&["path MTU from the gateway: 1280"], DISCOVERY_BOUND);
+    let inner = 1280 - 48 - 36;
+    assert!(
+        wait_until(T, || gateway_path_mtu(&w) == Some(inner)),
+        "the gateway sizes the session to the path: {:?}",
+        gateway_path_mtu(&w)
+    );
+    both_ways(w.client_ns(), &client, "IPv6 underlay");
     assert_eq!(client.proc.terminate(T), Some(0));
     assert!(gateway.is_alive());
 }

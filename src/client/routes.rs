@@ -717,6 +717,13 @@ fn next_hop_of(attrs: &[RouteAttribute]) -> Option<IpAddr> {
 /// Reduces a dumped route to a [`DumpedRoute`]; `None` for anything but a well-formed IPv4 or
 /// IPv6 route.
 pub fn parse_dumped(m: &RouteMessage) -> Option<DumpedRoute> {
+    // A route dump includes the kernel's path MTU exceptions (RTM_F_CLONED: a /32 or /128
+    // "cache" entry per destination an ICMP "too big" was received for). They are not routes:
+    // taken as one, a gateway's exception read as "someone else's host route for the gateway"
+    // and the pin was removed, leaving only the unreachable fallback.
+    if m.header.flags.contains(RouteFlags::Cloned) {
+        return None;
+    }
     let mut dst = match m.header.address_family {
         AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -1492,5 +1499,10 @@ mod tests {
         assert_eq!(RouteSpec::Unreachable { dst: gw }.to_string(), "unreachable 198.18.0.2 metric 4294967295");
         let on_link6 = message(&RouteSpec::OnLink { dst: gw6, oif: 2 });
         assert_eq!(on_link6.header.destination_prefix_length, 128);
+        // A path MTU exception in a dump (a "cache" entry, RTM_F_CLONED) is no route.
+        let mut exception = message(&RouteSpec::Host { dst: gw, via: "198.18.1.1".parse().unwrap(), oif: 2 });
+        exception.header.protocol = RouteProtocol::Unspec;
+        exception.header.flags |= RouteFlags::Cloned;
+        assert_eq!(parse_dumped(&exception), None);
     }
 }
