@@ -129,11 +129,29 @@ fn iperf(ns: &Netns, reverse: bool, secs: u32) -> (f64, Vec<u64>) {
     if reverse {
         args.push("-R");
     }
-    let out = ns.exec("iperf3", &args);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("iperf3 output is not JSON ({e}):\n{text}\n{}", String::from_utf8_lossy(&out.stderr)));
-    assert!(json.get("error").is_none(), "iperf3 failed: {}", json["error"]);
+    // The server takes one test at a time and may still be closing the previous one (or not be
+    // listening yet: it was started just before): a few
+    // bounded retries (no event to wait for from out here).
+    let mut tries = 0;
+    let json = loop {
+        tries += 1;
+        let out = ns.exec("iperf3", &args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("iperf3 output is not JSON ({e}):\n{text}\n{}", String::from_utf8_lossy(&out.stderr))
+        });
+        // Also refused or reset: iperf3 re-opens its listening socket between tests. (A stall
+        // is not an error: it shows as an interval without bytes, checked below.)
+        let busy = json["error"]
+            .as_str()
+            .is_some_and(|e| ["busy", "refused", "reset by peer"].iter().any(|w| e.contains(w)));
+        if busy && tries < 20 {
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        assert!(json.get("error").is_none(), "iperf3 failed: {}", json["error"]);
+        break json;
+    };
     let intervals: Vec<u64> = json["intervals"]
         .as_array()
         .expect("intervals")
