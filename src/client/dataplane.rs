@@ -612,6 +612,10 @@ async fn send_loop(
                 Counters::add(&c.tx_bytes, sent.inner_bytes);
                 c.count_drops(DropReason::SocketError, sent.failed);
                 match &sent.error {
+                    // An ICMP "too big" reported once more through a send (IP_RECVERR sets the
+                    // socket's error until the prober reads the error queue): the path's size
+                    // changing is the prober's news, not a failing socket. Still counted.
+                    Some(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
                     Some(e) => sock_log.failed(e),
                     None => sock_log.ok(),
                 }
