@@ -488,14 +488,24 @@ pub async fn pause(d: Duration) {
 /// Logs `what`'s counters (one info line) on every SIGUSR1, for operators and tests: the data
 /// plane never logs per packet, so this is how its drop counts are read from outside. Runs until
 /// the process ends; without a signal handler it does nothing.
-pub async fn log_stats_on_sigusr1(what: &'static str, counters: std::sync::Arc<Counters>) {
+///
+/// The handler is registered when this is called, not when the returned future is first polled:
+/// a signal that arrives before the spawned task runs must not meet the default action (which
+/// ends the process).
+pub fn log_stats_on_sigusr1(
+    what: &'static str,
+    counters: std::sync::Arc<Counters>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-        tracing::debug!("no SIGUSR1 handler: {what} counters are not dumped on demand");
-        return;
-    };
-    while usr1.recv().await.is_some() {
-        tracing::info!(target: "holdfast::dataplane", "{what} stats: {}", counters.stats());
+    let usr1 = signal(SignalKind::user_defined1());
+    async move {
+        let Ok(mut usr1) = usr1 else {
+            tracing::debug!("no SIGUSR1 handler: {what} counters are not dumped on demand");
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            tracing::info!(target: "holdfast::dataplane", "{what} stats: {}", counters.stats());
+        }
     }
 }
 
@@ -957,6 +967,19 @@ pub async fn send_datagrams(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_sigusr1_handler_is_in_place_before_its_task_runs() {
+        let logger = log_stats_on_sigusr1("test", std::sync::Arc::default());
+        // Before the fix the handler was registered on the first poll: this signal would have met
+        // the default action and ended the test process.
+        // SAFETY: raise has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
+        let task = tokio::spawn(logger);
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished(), "the logger keeps listening");
+        task.abort();
+    }
 
     #[test]
     fn too_big_answers_counted_rate_limited_and_behind_the_vnet_header() {

@@ -828,15 +828,22 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
 /// On SIGUSR2, ends every session at once (an operator's way to make every client
 /// re-authenticate, e.g. after rotating the authority; the demo's "expire session" key). Clients
 /// learn it at their next health check or data packet and re-authenticate by themselves.
-async fn end_sessions_on_sigusr2(sessions: std::sync::Arc<super::SessionTable>) {
+/// The handler is registered at the call, before the gateway serves: a SIGUSR2 sent as soon as
+/// it answers must not meet the default action (which ends the process).
+fn end_sessions_on_sigusr2(
+    sessions: std::sync::Arc<super::SessionTable>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
-        tracing::debug!("no SIGUSR2 handler: sessions cannot be ended on demand");
-        return;
-    };
-    while usr2.recv().await.is_some() {
-        let ended = sessions.retain(|_| false);
-        tracing::info!(sessions = ended.len(), "SIGUSR2: ended every session; clients will re-authenticate");
+    let usr2 = signal(SignalKind::user_defined2());
+    async move {
+        let Ok(mut usr2) = usr2 else {
+            tracing::debug!("no SIGUSR2 handler: sessions cannot be ended on demand");
+            return;
+        };
+        while usr2.recv().await.is_some() {
+            let ended = sessions.retain(|_| false);
+            tracing::info!(sessions = ended.len(), "SIGUSR2: ended every session; clients will re-authenticate");
+        }
     }
 }
 
