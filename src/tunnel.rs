@@ -703,6 +703,23 @@ impl TunReader {
         }
     }
 
+    /// The largest inner packet a slot holds.
+    pub fn capacity(&self) -> u16 {
+        u16::try_from(self.stride - wire::OVERHEAD).unwrap_or(u16::MAX)
+    }
+
+    /// Makes the slots hold inner packets of `mtu` bytes (the TUN MTU is about to grow): one
+    /// allocation per growth, never per packet; a smaller `mtu` keeps the slots as they are.
+    /// The slots of the last batch are gone afterwards: call between batches.
+    pub fn fit(&mut self, mtu: u16) {
+        let stride = wire::OVERHEAD + usize::from(mtu);
+        if stride > self.stride {
+            self.slots = vec![0; stride * BATCH];
+            self.stride = stride;
+            self.sizes = [0; BATCH];
+        }
+    }
+
     /// Reads one batch; returns how many packets it holds.
     pub async fn read(&mut self, tun: &AsyncDevice) -> io::Result<usize> {
         let mut chunks = self.slots.chunks_mut(self.stride);
@@ -737,8 +754,22 @@ impl TunReader {
         lens: &[usize],
         dest: SocketAddr,
     ) -> Sent {
+        self.send_within(sock, gso, first, lens, dest, usize::MAX).await
+    }
+
+    /// [`TunReader::send`] where datagrams longer than `fits` bytes (sealed) are bigger than the
+    /// path and go one by one, for the underlay to fragment (see [`send_datagrams_within`]).
+    pub async fn send_within(
+        &mut self,
+        sock: &UdpSocket,
+        gso: &mut bool,
+        first: usize,
+        lens: &[usize],
+        dest: SocketAddr,
+        fits: usize,
+    ) -> Sent {
         let slots = &mut self.slots[first * self.stride..];
-        send_datagrams(sock, gso, slots, self.stride, lens, dest).await
+        send_datagrams_within(sock, gso, slots, self.stride, lens, dest, fits).await
     }
 }
 
@@ -912,6 +943,22 @@ pub async fn send_datagrams(
     lens: &[usize],
     dest: SocketAddr,
 ) -> Sent {
+    send_datagrams_within(sock, gso, big, stride, lens, dest, usize::MAX).await
+}
+
+/// [`send_datagrams`] where a datagram longer than `fits` bytes is sent on its own: the kernel
+/// refuses a GSO send whose segments exceed the path MTU (and [`send_gso`] would take that for
+/// a kernel without GSO), while a plain send of it is fragmented by the underlay. Only IPv6
+/// packets kept at IPv6's 1280-byte minimum over a smaller path are that large.
+pub async fn send_datagrams_within(
+    sock: &UdpSocket,
+    gso: &mut bool,
+    big: &mut [u8],
+    stride: usize,
+    lens: &[usize],
+    dest: SocketAddr,
+    fits: usize,
+) -> Sent {
     let mut sent = Sent::default();
     let mut i = 0;
     while i < lens.len() {
@@ -927,6 +974,7 @@ pub async fn send_datagrams(
         let mut count = 1;
         let mut j = i + 1;
         while j < lens.len()
+            && size <= fits
             && lens[j] != 0
             && lens[j] <= size
             && end - start + lens[j] <= MAX_UDP_SEND

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
-use super::path_mtu::PathMtu;
+use super::path_mtu::{PathMtu, tun_mtu_for};
 use super::routes;
 use crate::config::client::ClientFile;
 use crate::sansio::filter::{FilterSpec, Side};
@@ -149,6 +149,12 @@ struct Shared {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The path MTU, known once the bring-up found it; the send loop and the status read it.
     path: std::sync::OnceLock<Arc<PathMtu>>,
+    /// The TUN device's MTU (0 until it exists): what the path asks for, set on the device in
+    /// place by [`follow_path_mtu`] and given to a re-created device.
+    tun_mtu: watch::Sender<u16>,
+    /// The largest inner packet the send loop's read slots hold (0 until it runs): the TUN MTU
+    /// is raised only once they hold it, so no read is ever cut short.
+    reader_room: watch::Sender<u16>,
 }
 
 /// The client's data plane. Cheap to clone; all clones are the same data plane.
@@ -176,6 +182,8 @@ impl ClientDataPlane {
                 lost,
                 tasks: Mutex::new(Vec::new()),
                 path: std::sync::OnceLock::new(),
+                tun_mtu: watch::channel(0).0,
+                reader_room: watch::channel(0).0,
             }),
         }
     }
@@ -208,6 +216,12 @@ impl ClientDataPlane {
     /// The path MTU in use, once the data plane is up.
     pub fn path_mtu(&self) -> Option<Arc<PathMtu>> {
         self.shared.path.get().cloned()
+    }
+
+    /// The TUN device's MTU now (`None` before the device exists). It follows the path
+    /// ([`ClientDataPlane::path_mtu`]) without re-creating the device.
+    pub fn tun_mtu(&self) -> Option<u16> {
+        Some(*self.shared.tun_mtu.borrow()).filter(|m| *m != 0)
     }
 
     /// The live counters, for a status feed or a stats dump that outlives a borrow.
@@ -285,15 +299,19 @@ async fn bring_up(shared: Arc<Shared>) {
         },
     };
     let underlay = IpFamily::of_addr(cfg.gateway);
-    let mtu = match tunnel::tun_mtu(underlay_mtu, underlay) {
-        Ok(m) => m,
-        Err(e) => {
-            // A configuration error, not a transient one: retrying cannot help. Still not fatal:
-            // the control plane keeps running, and the status shows the data plane down.
-            tracing::error!(target: TARGET, "data plane not started: {e}");
-            return;
-        }
-    };
+    if cfg.underlay_mtu.is_some()
+        && let Err(e) = tunnel::tun_mtu(underlay_mtu, underlay)
+    {
+        // A configuration error, not a transient one: retrying cannot help. Still not fatal:
+        // the control plane keeps running, and the status shows the data plane down. (A path
+        // read from the system is floored instead: it may grow again.)
+        tracing::error!(target: TARGET, "data plane not started: {e}");
+        return;
+    }
+    let path = shared
+        .path
+        .get_or_init(|| Arc::new(PathMtu::new(underlay_mtu, underlay, cfg.underlay_mtu.is_some())))
+        .clone();
     let mut delay = BRINGUP_BACKOFF.0;
     let mut attempt = 0u32;
     let (tun, sock) = loop {
@@ -308,11 +326,11 @@ async fn bring_up(shared: Arc<Shared>) {
             }
         };
         if attempt == 1
-            && let Some(why) = address6_for(&auth, mtu).1
+            && let Some(why) = address6_for(&auth).1
         {
             tracing::warn!(target: TARGET, "{why}: the tunnel carries IPv4 only");
         }
-        let spec = tun_spec(cfg, cfg.tun_name.clone(), &auth, mtu);
+        let spec = tun_spec(cfg, cfg.tun_name.clone(), &auth, path.inner());
         let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
             let any: IpAddr = match cfg.gateway {
                 IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
@@ -351,10 +369,7 @@ async fn bring_up(shared: Arc<Shared>) {
         sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
         cfg.gateway,
     );
-    let path = shared
-        .path
-        .get_or_init(|| Arc::new(PathMtu::new(underlay_mtu, underlay, cfg.underlay_mtu.is_some())))
-        .clone();
+    shared.tun_mtu.send_replace(tun.mtu);
     let gro = tunnel::enable_udp_gro(&sock);
     if !gro {
         tracing::debug!(target: TARGET, "no UDP GRO on this kernel: one datagram per receive");
@@ -369,40 +384,93 @@ async fn bring_up(shared: Arc<Shared>) {
     let created_with = (binding.get_auth)();
     let tun_ip = created_with.as_ref().map(|a| (a.assigned_ip, a.assigned_ip6));
     shared.device.send_replace(Some((1, device)));
-    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun.mtu, path));
+    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun.mtu, path.clone()));
     let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock));
     let mut tasks = vec![tx, rx];
     if let Some(auth) = created_with {
-        let spec = tun_spec(cfg, Some(tun.name), &auth, mtu);
+        let spec = tun_spec(cfg, Some(tun.name), &auth, path.inner());
+        let carries_ipv6 = spec.address6.is_some();
         tasks.push(tokio::spawn(keep_tun(shared.clone(), spec)));
+        tasks.push(tokio::spawn(follow_path_mtu(shared.clone(), path, carries_ipv6)));
     }
     lock(&shared.tasks).extend(tasks);
 }
 
 /// How the TUN device is brought up, with its addresses: the one place that says so, for the
-/// first device and every re-created one.
-fn tun_spec(cfg: &ClientDataPlaneConfig, name: Option<String>, auth: &VpnAuthResponse, mtu: u16) -> TunSpec {
+/// first device and every re-created one. `inner`: the path's usable inner MTU, which the
+/// device's MTU is derived from ([`tun_mtu_for`]: never below 1280 while it carries IPv6).
+fn tun_spec(cfg: &ClientDataPlaneConfig, name: Option<String>, auth: &VpnAuthResponse, inner: u16) -> TunSpec {
+    let address6 = address6_for(auth).0;
     TunSpec {
         name,
         address: auth.assigned_ip,
         prefix_len: auth.prefix_len,
-        address6: address6_for(auth, mtu).0,
-        mtu,
+        address6,
+        mtu: tun_mtu_for(inner, address6.is_some()),
         offload: cfg.offload,
     }
 }
 
 /// The TUN device's IPv6 address and prefix length: the session's, unless this host cannot
-/// carry IPv6 on it (IPv6 disabled, or an MTU below IPv6's minimum); then `None` and why.
-fn address6_for(auth: &VpnAuthResponse, mtu: u16) -> (Option<(Ipv6Addr, u8)>, Option<String>) {
+/// carry IPv6 (disabled); then `None` and why. A path below IPv6's minimum does not take it
+/// away: the device then stays at 1280 (see [`tun_mtu_for`]).
+fn address6_for(auth: &VpnAuthResponse) -> (Option<(Ipv6Addr, u8)>, Option<String>) {
     match auth.assigned_ip6 {
         Some(_) if tunnel::ipv6_disabled() => (None, Some("IPv6 is disabled on this host".into())),
-        Some(ip6) if mtu >= tunnel::MIN_IPV6_MTU => (Some((ip6, auth.prefix_len6)), None),
-        Some(_) => (
-            None,
-            Some(format!("TUN MTU {mtu} is below the IPv6 minimum of 1280 (raise underlay_mtu)")),
-        ),
+        Some(ip6) => (Some((ip6, auth.prefix_len6)), None),
         None => (None, None),
+    }
+}
+
+/// How long the MTU follower waits for the send loop to make room for a larger MTU before it
+/// raises the device's anyway (the loop makes room as soon as it is between two batches).
+const READER_ROOM_WAIT: Duration = Duration::from_secs(2);
+
+/// Sets the TUN device's MTU in place each time the usable path MTU changes (the underlay
+/// watcher or discovery moved it), so the host's TCP sizes its segments for the path at once.
+/// The device is not re-created and the loops are not restarted: the send loop reads the
+/// limit per batch and grows its read slots before a larger MTU is set (it publishes them in
+/// `reader_room`). One log line per change.
+async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, carries_ipv6: bool) {
+    let mut changes = path.changes();
+    let mut stop = shared.stop.subscribe();
+    let mut outer = path.outer();
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = stop_requested(&mut stop) => return,
+        }
+        let inner = *changes.borrow_and_update();
+        let (was_outer, now_outer) = (outer, path.outer());
+        outer = now_outer;
+        let was = *shared.tun_mtu.borrow();
+        let want = tun_mtu_for(inner, carries_ipv6);
+        if want > *shared.reader_room.borrow() {
+            let mut room = shared.reader_room.subscribe();
+            let made = tokio::time::timeout(READER_ROOM_WAIT, room.wait_for(|r| *r >= want)).await;
+            if !matches!(made, Ok(Ok(_))) {
+                tracing::debug!(target: TARGET, "the send loop has not made room for MTU {want}; raising it anyway");
+            }
+        }
+        // A device re-created from now on gets this MTU too.
+        shared.tun_mtu.send_replace(want);
+        let applied = match shared.device.borrow().as_ref() {
+            Some((_, tun)) if want != was => tun.set_mtu(want).map_err(|e| describe_io(&e)),
+            // Re-creating (the keeper uses `want`), or nothing to change on the device.
+            _ => Ok(()),
+        };
+        let bound = path.bound().as_str();
+        match applied {
+            Ok(()) => tracing::info!(
+                target: TARGET,
+                "path MTU {was_outer} -> {now_outer} ({bound}): TUN MTU {was} -> {want}"
+            ),
+            Err(e) => tracing::warn!(
+                target: TARGET,
+                "path MTU {was_outer} -> {now_outer} ({bound}) but the TUN MTU stays {was}: {e} \
+                 (packets above {inner} are answered too big)"
+            ),
+        }
     }
 }
 
@@ -412,9 +480,9 @@ fn device_gone(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(libc::EBADFD)
 }
 
-/// Re-creates the TUN device (same name, address, MTU, offload) each time a loop reports it
+/// Re-creates the TUN device (same name, address, offload; the current MTU) each time a loop reports it
 /// gone, retrying with backoff, and hands the new one to the loops. One log line per incident.
-async fn keep_tun(shared: Arc<Shared>, spec: TunSpec) {
+async fn keep_tun(shared: Arc<Shared>, mut spec: TunSpec) {
     let mut lost = shared.lost.subscribe();
     let mut generation = 1u64;
     loop {
@@ -422,6 +490,8 @@ async fn keep_tun(shared: Arc<Shared>, spec: TunSpec) {
             r = lost.wait_for(|g| *g == generation) => if r.is_err() { return },
             _ = stopped(shared.stop.subscribe()) => return,
         }
+        // The MTU the path asks for now, not the first device's.
+        spec.mtu = *shared.tun_mtu.borrow();
         let since = Instant::now();
         let mut delay = TUN_RECREATE_BACKOFF.0;
         let mut attempts = 0u32;
@@ -444,6 +514,13 @@ async fn keep_tun(shared: Arc<Shared>, spec: TunSpec) {
                 }
             }
         };
+        // The path may have moved while it was being created.
+        let now = *shared.tun_mtu.borrow();
+        if now != spec.mtu
+            && let Err(e) = tun.device.set_mtu(now)
+        {
+            tracing::warn!(target: TARGET, "cannot set the re-created TUN device's MTU to {now}: {}", describe_io(&e));
+        }
         generation += 1;
         shared.counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
         if attempts == 1 {
@@ -489,7 +566,9 @@ async fn send_loop(
     let mut stop = shared.stop.subscribe();
     let mut devices = shared.device.subscribe();
     let Some((mut generation, mut tun)) = current_device(&mut devices, &mut stop).await else { return };
-    let mut reader = TunReader::new(tun_mtu);
+    let mut reader = TunReader::new(tun_mtu_for(path.inner(), true).max(tun_mtu));
+    shared.reader_room.send_replace(reader.capacity());
+    let mut path_changes = path.changes();
     let mut lens = [0usize; tunnel::BATCH];
     let mut gso = true;
     let mut keepalive_buf = [0u8; wire::OVERHEAD];
@@ -513,6 +592,15 @@ async fn send_loop(
                 }
                 if let Some((g, t)) = devices.borrow_and_update().clone() {
                     (generation, tun) = (g, t);
+                }
+                continue;
+            }
+            // A larger path: room in the read slots before the TUN MTU grows (see
+            // `follow_path_mtu`); sized for the IPv6 floor too, whatever the device carries.
+            r = path_changes.changed() => {
+                if r.is_ok() {
+                    reader.fit(tun_mtu_for(*path_changes.borrow_and_update(), true));
+                    shared.reader_room.send_replace(reader.capacity());
                 }
                 continue;
             }
@@ -550,6 +638,9 @@ async fn send_loop(
                 no_session.reset();
                 let crypto = auth.crypto();
                 let mtu = path.inner();
+                // IPv6 packets up to IPv6's minimum are carried over a smaller path (fragmented
+                // by the underlay, see `tun_mtu_for`); IPv4 ones are answered at the path's size.
+                let mtu6 = tun_mtu_for(mtu, true);
                 for (i, sealed_len) in lens.iter_mut().enumerate().take(n) {
                     *sealed_len = 0;
                     // Neither IP, nor the host's own link-scope chatter, nor a family this
@@ -562,16 +653,16 @@ async fn send_loop(
                         continue;
                     }
                     let len = reader.len(i);
-                    if len > usize::from(mtu) {
+                    let (limit, from) = match IpFamily::of(reader.packet(i)) {
+                        Some(IpFamily::V6) => (mtu6, auth.gateway_ip6.map(IpAddr::V6)),
+                        _ => (mtu, Some(IpAddr::V4(auth.gateway_ip))),
+                    };
+                    if len > usize::from(limit) {
                         // Answered from the gateway's tunnel address: the tunnel's far end is
                         // what is too small, and an address of this host would be dropped by
                         // its own kernel as martian.
-                        let from = match IpFamily::of(reader.packet(i)) {
-                            Some(IpFamily::V6) => auth.gateway_ip6.map(IpAddr::V6),
-                            _ => Some(IpAddr::V4(auth.gateway_ip)),
-                        };
                         match from {
-                            Some(from) => too_big.send(&tun, reader.packet(i), mtu, from, c).await,
+                            Some(from) => too_big.send(&tun, reader.packet(i), limit, from, c).await,
                             None => c.count_drop(DropReason::TooBig),
                         }
                         continue;
@@ -586,7 +677,8 @@ async fn send_loop(
                     }
                 }
                 let dest = SocketAddr::from((gateway_of(&auth, cfg), auth.data_port));
-                let sent = reader.send(&sock, &mut gso, 0, &lens[..n], dest).await;
+                let fits = wire::OVERHEAD + usize::from(mtu);
+                let sent = reader.send_within(&sock, &mut gso, 0, &lens[..n], dest, fits).await;
                 Counters::add(&c.tx_packets, sent.datagrams);
                 Counters::add(&c.tx_bytes, sent.inner_bytes);
                 c.count_drops(DropReason::SocketError, sent.failed);

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::sansio::inner::IpFamily;
 use crate::sansio::wire;
+use crate::tunnel::MIN_IPV6_MTU;
 
 /// No discovered bound: the link alone decides.
 const NONE: u16 = u16::MAX;
@@ -151,6 +152,18 @@ impl PathMtu {
     }
 }
 
+/// The TUN device's MTU for a usable inner MTU of `inner`, on a device that `carries_ipv6` or not.
+///
+/// IPv6 needs links of at least 1280 bytes (RFC 8200), and Linux acts on it: a device set below
+/// 1280 loses its IPv6 addresses and routes for good (raising the MTU again does not bring them
+/// back). So a device that carries IPv6 never goes below 1280, whatever the path: IPv4 packets
+/// above `inner` are still answered "fragmentation needed" with `inner` (the send loop checks
+/// per family), and IPv6 packets between `inner` and 1280 are carried in outer datagrams the
+/// underlay fragments, as RFC 8200 section 5 asks of a tunnel below the IPv6 minimum.
+pub fn tun_mtu_for(inner: u16, carries_ipv6: bool) -> u16 {
+    if carries_ipv6 { inner.max(MIN_IPV6_MTU) } else { inner }
+}
+
 /// The inner MTU over an outer one, never below [`MIN_INNER_MTU`].
 fn inner_for(outer: u16, underlay: IpFamily) -> u16 {
     wire::tun_mtu_over(outer, underlay).unwrap_or(MIN_INNER_MTU).max(MIN_INNER_MTU)
@@ -187,6 +200,18 @@ mod tests {
         assert_eq!(p.inner(), 1500 - 48 - wire::OVERHEAD as u16);
         p.set_link(300);
         assert_eq!(p.inner(), MIN_INNER_MTU);
+    }
+
+    #[test]
+    fn a_device_carrying_ipv6_never_goes_below_1280() {
+        assert_eq!(tun_mtu_for(1436, true), 1436);
+        assert_eq!(tun_mtu_for(1216, true), MIN_IPV6_MTU);
+        assert_eq!(tun_mtu_for(1216, false), 1216);
+        assert_eq!(tun_mtu_for(MIN_INNER_MTU, true), MIN_IPV6_MTU);
+        // The path at 1280 over IPv4: the device stays at 1280, the IPv4 limit is the path's.
+        let p = PathMtu::new(1280, IpFamily::V4, false);
+        assert_eq!(p.inner(), 1280 - 28 - wire::OVERHEAD as u16);
+        assert_eq!(tun_mtu_for(p.inner(), true), 1280);
     }
 
     #[test]
