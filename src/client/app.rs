@@ -150,7 +150,7 @@ async fn network_up(
     loop {
         attempt += 1;
         let current = pushed.borrow_and_update().clone();
-        match TunnelNetwork::up(file, &current, on_underlay_change.clone()).await {
+        match TunnelNetwork::up(file, &current, on_underlay_change.clone(), dataplane.path_mtu()).await {
             Ok(net) => {
                 tracing::info!(target: TARGET, "routes up: {} via the tunnel", net.routes().len());
                 return Some(net);

@@ -60,6 +60,7 @@ use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
 use super::dataplane::DEFAULT_TUN_NAME;
 use super::dns::{Dns, DnsError, DnsGuard, PushedDns};
+use super::path_mtu::PathMtu;
 use crate::config::client::ClientFile;
 
 const TARGET: &str = "holdfast::routes";
@@ -494,36 +495,54 @@ async fn lookup_route(handle: &Handle, gateway: IpAddr) -> Result<RouteMessage, 
 /// (`ip route ... mtu N`, as a PPPoE or VPN set-up installs) if it has one, else the MTU of the
 /// interface it leaves by. What the TUN MTU is sized from when `underlay_mtu` is not set.
 pub async fn path_mtu(gateway: IpAddr) -> Result<u16, RoutesError> {
-    with_handle(|handle| async move {
-        let route = lookup_route(&handle, gateway).await?;
-        let route_mtu = route.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
-                RouteMetric::Mtu(mtu) => Some(*mtu),
-                _ => None,
-            }),
+    with_handle(|handle| async move { path_mtu_on(&handle, gateway).await }).await
+}
+
+/// [`path_mtu`] over an open netlink connection.
+async fn path_mtu_on(handle: &Handle, gateway: IpAddr) -> Result<u16, RoutesError> {
+    let route = lookup_route(handle, gateway).await?;
+    let route_mtu = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
+            RouteMetric::Mtu(mtu) => Some(*mtu),
             _ => None,
-        });
-        let link_mtu = match route_mtu {
-            Some(_) => None,
-            None => {
-                let oif = underlay_of(gateway, &route)?.oif;
-                let link = handle.link().get().match_index(oif).execute().try_next().await;
-                let no_link = |reason: String| RoutesError::NoPathToGateway { gateway, reason };
-                let link = link
-                    .map_err(|e| no_link(format!("interface {oif}: {e}")))?
-                    .ok_or_else(|| no_link(format!("interface {oif} is gone")))?;
-                link.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::Mtu(mtu) => Some(*mtu),
-                    _ => None,
-                })
-            }
-        };
-        choose_path_mtu(route_mtu, link_mtu).ok_or_else(|| RoutesError::NoPathToGateway {
-            gateway,
-            reason: "neither the route nor its interface has an MTU".into(),
-        })
+        }),
+        _ => None,
+    });
+    let link_mtu = match route_mtu {
+        Some(_) => None,
+        None => {
+            let oif = underlay_of(gateway, &route)?.oif;
+            let link = handle.link().get().match_index(oif).execute().try_next().await;
+            let no_link = |reason: String| RoutesError::NoPathToGateway { gateway, reason };
+            let link = link
+                .map_err(|e| no_link(format!("interface {oif}: {e}")))?
+                .ok_or_else(|| no_link(format!("interface {oif} is gone")))?;
+            link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(mtu) => Some(*mtu),
+                _ => None,
+            })
+        }
+    };
+    choose_path_mtu(route_mtu, link_mtu).ok_or_else(|| RoutesError::NoPathToGateway {
+        gateway,
+        reason: "neither the route nor its interface has an MTU".into(),
     })
-    .await
+}
+
+/// Brings `path`'s link bound up to date with the MTU of the path to `gateway` now (the route's
+/// MTU metric or its interface's MTU), unless `underlay_mtu` configures it. No path right now
+/// (link down) changes nothing: the last size stays until one returns.
+async fn follow_mtu(handle: &Handle, gateway: IpAddr, path: Option<&PathMtu>) {
+    let Some(path) = path.filter(|p| !p.is_configured()) else { return };
+    match path_mtu_on(handle, gateway).await {
+        Ok(mtu) if mtu != path.link() => {
+            // The line that matters is the data plane's, when it applies the change.
+            tracing::debug!(target: TARGET, "path to the gateway {gateway}: MTU {} -> {mtu}", path.link());
+            path.set_link(mtu);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(target: TARGET, "path MTU not read: {e}"),
+    }
 }
 
 /// The path MTU from a route's MTU metric and its interface's MTU: the route's wins (it is set to
@@ -784,16 +803,25 @@ pub struct UnderlayWatch {
 impl UnderlayWatch {
     /// Brings the gateway's routes up to date once (so the fallback and the pin are in place when
     /// this returns), then watches in a task. `pin`: whether the tunnel captures the gateway.
+    /// `path`: the client's path MTU, whose link bound follows the MTU of the path to `gateway`
+    /// (route MTU metric or interface MTU; RTM_NEWLINK and RTM_NEWROUTE wake the watcher).
     pub async fn start(
         gateway: IpAddr,
         tun_index: u32,
         pin: bool,
         on_change: UnderlayHook,
+        path: Option<Arc<PathMtu>>,
     ) -> Result<Self, RoutesError> {
         let pinned = pin.then_some(gateway);
-        let first = with_handle(|h| async move { look(&h, gateway, pinned, tun_index).await }).await?;
+        let follow = path.clone();
+        let first = with_handle(|h| async move {
+            let first = look(&h, gateway, pinned, tun_index).await?;
+            follow_mtu(&h, gateway, follow.as_deref()).await;
+            Ok(first)
+        })
+        .await?;
         describe_path(gateway, first, true);
-        let task = tokio::spawn(watch(gateway, pinned, tun_index, first, on_change));
+        let task = tokio::spawn(watch(gateway, pinned, tun_index, first, on_change, path));
         Ok(Self { gateway, pin, task: Some(task) })
     }
 
@@ -945,6 +973,7 @@ async fn watch(
     tun_index: u32,
     mut last: PathSeen,
     on_change: UnderlayHook,
+    path: Option<Arc<PathMtu>>,
 ) {
     use futures_util::StreamExt as _;
     let mut last_loud: Option<tokio::time::Instant> = None;
@@ -970,6 +999,7 @@ async fn watch(
                                     last = now;
                                     on_change();
                                 }
+                                follow_mtu(&handle, gateway, path.as_deref()).await;
                                 WATCH_BACKSTOP
                             }
                             Err(e) => {
@@ -1019,11 +1049,14 @@ pub struct TunnelNetwork {
     /// The resolvers and search domains `dns` set (to tell whether a new snapshot changes them).
     dns_set: (Vec<IpAddr>, Vec<String>),
     tun: String,
+    /// The data plane's path MTU, which the watcher keeps following after a re-attach.
+    path_mtu: Option<Arc<PathMtu>>,
 }
 
 impl TunnelNetwork {
     /// Installs the routes, starts following the underlay (calling `on_underlay_change` on each
-    /// change of the path to the gateway), then points the resolver at the tunnel. On error
+    /// change of the path to the gateway, and keeping `path_mtu`'s link bound on the MTU of
+    /// that path), then points the resolver at the tunnel. On error
     /// everything done so far is undone and the error returned (nothing half-done stays).
     ///
     /// The resolvers are `[network] dns` applied to what the gateway pushed (`pushed`, from the
@@ -1032,11 +1065,12 @@ impl TunnelNetwork {
         file: &ClientFile,
         pushed: &PushedDns,
         on_underlay_change: UnderlayHook,
+        path_mtu: Option<Arc<PathMtu>>,
     ) -> Result<Self, NetworkError> {
         let net = &file.network;
         let (tun, _) = tun_and_cidrs(file);
         let routes = install_for_file(file).await?;
-        let underlay = Self::watch_underlay(file, on_underlay_change).await;
+        let underlay = Self::watch_underlay(file, on_underlay_change, path_mtu.clone()).await;
         let underlay = match underlay {
             Ok(u) => u,
             Err(e) => {
@@ -1048,7 +1082,7 @@ impl TunnelNetwork {
         };
         let dns_set = net.dns.effective(&pushed.servers, &pushed.search_domains);
         match Dns::apply(tun, &dns_set.0, &dns_set.1) {
-            Ok(dns) => Ok(Self { routes, underlay, dns, dns_set, tun: tun.to_owned() }),
+            Ok(dns) => Ok(Self { routes, underlay, dns, dns_set, tun: tun.to_owned(), path_mtu }),
             Err(e) => {
                 if let Err(undo) = Self::remove_routes(routes, underlay).await {
                     tracing::warn!(target: TARGET, "{undo}");
@@ -1088,12 +1122,18 @@ impl TunnelNetwork {
         Ok(true)
     }
 
-    /// Starts following the underlay for the file's gateway and TUN.
-    async fn watch_underlay(file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<UnderlayWatch, RoutesError> {
+    /// Starts following the underlay for the file's gateway and TUN. Of several gateways the
+    /// first is followed (its pin, and the path MTU): learnt gateways are pinned over its
+    /// underlay, so they share its way out and its size.
+    async fn watch_underlay(
+        file: &ClientFile,
+        on_underlay_change: UnderlayHook,
+        path_mtu: Option<Arc<PathMtu>>,
+    ) -> Result<UnderlayWatch, RoutesError> {
         let (tun, cidrs) = tun_and_cidrs(file);
         let gateway = file.endpoint.ip();
         let captured = captures(&cidrs, gateway);
-        UnderlayWatch::start(gateway, ifindex(tun)?, captured, on_underlay_change).await
+        UnderlayWatch::start(gateway, ifindex(tun)?, captured, on_underlay_change, path_mtu).await
     }
 
     /// Puts the routes (and per-link DNS settings) back on a TUN device that was re-created
@@ -1106,7 +1146,7 @@ impl TunnelNetwork {
         let routes = install_for_file(file).await?;
         // The old guard's routes are gone (with the device, or removed as stale just now).
         let _old = std::mem::replace(&mut self.routes, routes);
-        self.underlay = Self::watch_underlay(file, on_underlay_change).await?;
+        self.underlay = Self::watch_underlay(file, on_underlay_change, self.path_mtu.clone()).await?;
         self.dns.reattach(&self.dns_set.0, &self.dns_set.1)?;
         Ok(())
     }
