@@ -9,11 +9,10 @@ use super::dns::PushedDns;
 use super::driver::OnSwap;
 use super::killswitch::KillSwitch;
 use super::routes::TunnelNetwork;
-use super::status_socket::{self, DataPlaneSample, DropCount, Sampler, TunInfo};
+use super::status_socket::{self, DataPlaneSample, DropCount, PathMtuInfo, Sampler, TunInfo};
 use super::{ClientHandle, ClientSettings};
 use crate::config::exit;
 use crate::tui::{self, DashboardExit};
-use crate::tunnel::Counters;
 
 const TARGET: &str = "holdfast::client";
 
@@ -107,7 +106,7 @@ pub async fn run(
         ks.clone(),
     ));
 
-    let sampler = sampler(dataplane.counters(), tun_name);
+    let sampler = sampler(dataplane.clone(), tun_name);
     let _status = match status_socket::serve(&socket, handle.status(), Some(sampler.clone()), ks_desc.clone()) {
         Ok(guard) => Some(guard),
         Err(e) => {
@@ -344,9 +343,15 @@ async fn stop(
 
 /// Maps the data plane's counters into what the dashboard and `holdfast status` show. Called a
 /// few times a second: relaxed atomic loads and one small vector.
-fn sampler(counters: Arc<Counters>, tun_name: String) -> Sampler {
+fn sampler(dataplane: ClientDataPlane, tun_name: String) -> Sampler {
+    let counters = dataplane.counters();
     Arc::new(move || {
         let s = counters.stats();
+        let path_mtu = dataplane.path_mtu().zip(dataplane.tun_mtu()).map(|(p, tun_mtu)| PathMtuInfo {
+            outer: p.outer(),
+            tun_mtu,
+            bound: p.bound().as_str().into(),
+        });
         let drops = DropCount::nonzero(&s);
         Some(DataPlaneSample {
             tun: (s.tun_ifindex != 0).then(|| TunInfo { name: tun_name.clone(), ifindex: s.tun_ifindex }),
@@ -356,6 +361,7 @@ fn sampler(counters: Arc<Counters>, tun_name: String) -> Sampler {
             tx_packets: s.tx_packets,
             tx_bytes: s.tx_bytes,
             drops,
+            path_mtu,
         })
     })
 }
