@@ -317,6 +317,15 @@ pub fn ipv6_disabled() -> bool {
 /// The smallest link MTU IPv6 allows (RFC 8200, section 5).
 pub const MIN_IPV6_MTU: u16 = 1280;
 
+/// Whether device `name` has IPv6 now (in the calling thread's namespace). Linux removes a
+/// device's IPv6 state (addresses, routes, its `conf` entry) when its MTU goes below
+/// [`MIN_IPV6_MTU`] and creates it afresh, empty, when the MTU is raised again.
+pub fn device_has_ipv6(name: &str) -> bool {
+    !ipv6_disabled()
+        && !name.contains('/')
+        && std::path::Path::new("/proc/sys/net/ipv6/conf").join(name).exists()
+}
+
 /// Creates, addresses and brings up a TUN device. Blocking ioctls (a few microseconds): fine to
 /// call from a task that does nothing else meanwhile.
 pub fn create_tun(spec: &TunSpec) -> Result<Tun, TunError> {
@@ -754,22 +763,8 @@ impl TunReader {
         lens: &[usize],
         dest: SocketAddr,
     ) -> Sent {
-        self.send_within(sock, gso, first, lens, dest, usize::MAX).await
-    }
-
-    /// [`TunReader::send`] where datagrams longer than `fits` bytes (sealed) are bigger than the
-    /// path and go one by one, for the underlay to fragment (see [`send_datagrams_within`]).
-    pub async fn send_within(
-        &mut self,
-        sock: &UdpSocket,
-        gso: &mut bool,
-        first: usize,
-        lens: &[usize],
-        dest: SocketAddr,
-        fits: usize,
-    ) -> Sent {
         let slots = &mut self.slots[first * self.stride..];
-        send_datagrams_within(sock, gso, slots, self.stride, lens, dest, fits).await
+        send_datagrams(sock, gso, slots, self.stride, lens, dest).await
     }
 }
 
@@ -943,22 +938,6 @@ pub async fn send_datagrams(
     lens: &[usize],
     dest: SocketAddr,
 ) -> Sent {
-    send_datagrams_within(sock, gso, big, stride, lens, dest, usize::MAX).await
-}
-
-/// [`send_datagrams`] where a datagram longer than `fits` bytes is sent on its own: the kernel
-/// refuses a GSO send whose segments exceed the path MTU (and [`send_gso`] would take that for
-/// a kernel without GSO), while a plain send of it is fragmented by the underlay. Only IPv6
-/// packets kept at IPv6's 1280-byte minimum over a smaller path are that large.
-pub async fn send_datagrams_within(
-    sock: &UdpSocket,
-    gso: &mut bool,
-    big: &mut [u8],
-    stride: usize,
-    lens: &[usize],
-    dest: SocketAddr,
-    fits: usize,
-) -> Sent {
     let mut sent = Sent::default();
     let mut i = 0;
     while i < lens.len() {
@@ -974,7 +953,6 @@ pub async fn send_datagrams_within(
         let mut count = 1;
         let mut j = i + 1;
         while j < lens.len()
-            && size <= fits
             && lens[j] != 0
             && lens[j] <= size
             && end - start + lens[j] <= MAX_UDP_SEND

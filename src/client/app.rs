@@ -184,12 +184,16 @@ async fn network_task(
         let _ = commands.try_send(super::driver::Command::UnderlayChanged);
     });
     let mut changes = dataplane.tun_changes();
+    // The device's IPv6 came back (the path grew past 1280 again): its routes go back as after
+    // a re-creation.
+    let mut readdressed = dataplane.tun_readdressed();
     let mut net = tokio::select! {
         n = network_up(&dataplane, &file, &on_underlay_change, &mut pushed) => n?,
         _ = stop.wait_for(|s| *s) => return None,
     };
     // The device the routes were installed on is the one current now.
     changes.mark_unchanged();
+    readdressed.mark_unchanged();
     restrict_dns(&*killswitch, &net);
     let current = gateways.borrow_and_update().clone();
     reach_gateways(&*killswitch, &mut net, &file, &current).await;
@@ -200,6 +204,7 @@ async fn network_task(
         // borrows of the channels that must not live across an await).
         let gateways_changed = tokio::select! {
             r = changes.changed() => if r.is_err() { return Some(net) } else { false },
+            r = readdressed.changed() => if r.is_err() { return Some(net) } else { false },
             r = gateways.changed(), if pushing => match r {
                 Ok(()) => true,
                 Err(_) => {

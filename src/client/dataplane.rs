@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
-use super::path_mtu::{PathMtu, tun_mtu_for};
+use super::path_mtu::{Ipv6Step, PathMtu, ipv6_step};
 use super::routes;
 use crate::config::client::ClientFile;
 use crate::sansio::filter::{FilterSpec, Side};
@@ -155,6 +155,9 @@ struct Shared {
     /// The largest inner packet the send loop's read slots hold (0 until it runs): the TUN MTU
     /// is raised only once they hold it, so no read is ever cut short.
     reader_room: watch::Sender<u16>,
+    /// Bumped when the TUN device got its IPv6 address back in place (the path grew past
+    /// IPv6's minimum again): its IPv6 routes must be put back too.
+    readdressed: watch::Sender<u64>,
 }
 
 /// The client's data plane. Cheap to clone; all clones are the same data plane.
@@ -184,6 +187,7 @@ impl ClientDataPlane {
                 path: std::sync::OnceLock::new(),
                 tun_mtu: watch::channel(0).0,
                 reader_room: watch::channel(0).0,
+                readdressed: watch::channel(0).0,
             }),
         }
     }
@@ -239,6 +243,12 @@ impl ClientDataPlane {
             r = up.wait_for(Option::is_some) => r.is_ok(),
             _ = stop.wait_for(|s| *s) => false,
         }
+    }
+
+    /// Changes whenever the TUN device got its IPv6 address back without being re-created (the
+    /// path grew past IPv6's 1280-byte minimum again): its IPv6 routes must be put back.
+    pub fn tun_readdressed(&self) -> watch::Receiver<u64> {
+        self.shared.readdressed.subscribe()
     }
 
     /// Changes whenever the TUN device is re-created (after another program deleted it): the
@@ -325,12 +335,18 @@ async fn bring_up(shared: Arc<Shared>) {
                 _ = stopped(stop.clone()) => return,
             }
         };
-        if attempt == 1
-            && let Some(why) = address6_for(&auth).1
-        {
-            tracing::warn!(target: TARGET, "{why}: the tunnel carries IPv4 only");
-        }
         let spec = tun_spec(cfg, cfg.tun_name.clone(), &auth, path.inner());
+        if attempt == 1 {
+            match address6_for(&auth) {
+                (_, Some(why)) => tracing::warn!(target: TARGET, "{why}: the tunnel carries IPv4 only"),
+                (Some(_), None) if spec.address6.is_none() => tracing::warn!(
+                    target: TARGET,
+                    "TUN MTU {} is below the IPv6 minimum of 1280: the tunnel carries IPv4 only until the path grows",
+                    spec.mtu
+                ),
+                _ => {}
+            }
+        }
         let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
             let any: IpAddr = match cfg.gateway {
                 IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
@@ -388,32 +404,29 @@ async fn bring_up(shared: Arc<Shared>) {
     let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock));
     let mut tasks = vec![tx, rx];
     if let Some(auth) = created_with {
-        let spec = tun_spec(cfg, Some(tun.name), &auth, path.inner());
-        let carries_ipv6 = spec.address6.is_some();
-        tasks.push(tokio::spawn(keep_tun(shared.clone(), spec)));
-        tasks.push(tokio::spawn(follow_path_mtu(shared.clone(), path, carries_ipv6)));
+        tasks.push(tokio::spawn(keep_tun(shared.clone(), tun.name, auth.clone())));
+        tasks.push(tokio::spawn(follow_path_mtu(shared.clone(), path, address6_for(&auth).0)));
     }
     lock(&shared.tasks).extend(tasks);
 }
 
-/// How the TUN device is brought up, with its addresses: the one place that says so, for the
-/// first device and every re-created one. `inner`: the path's usable inner MTU, which the
-/// device's MTU is derived from ([`tun_mtu_for`]: never below 1280 while it carries IPv6).
-fn tun_spec(cfg: &ClientDataPlaneConfig, name: Option<String>, auth: &VpnAuthResponse, inner: u16) -> TunSpec {
-    let address6 = address6_for(auth).0;
+/// How the TUN device is brought up, with its addresses, for a TUN MTU of `mtu` (the path's
+/// usable inner MTU): the one place that says so, for the first device and every re-created one.
+/// Below IPv6's minimum the device gets no IPv6 address (the kernel would refuse it); see
+/// [`Ipv6Step`] for how it comes back.
+fn tun_spec(cfg: &ClientDataPlaneConfig, name: Option<String>, auth: &VpnAuthResponse, mtu: u16) -> TunSpec {
     TunSpec {
         name,
         address: auth.assigned_ip,
         prefix_len: auth.prefix_len,
-        address6,
-        mtu: tun_mtu_for(inner, address6.is_some()),
+        address6: address6_for(auth).0.filter(|_| mtu >= tunnel::MIN_IPV6_MTU),
+        mtu,
         offload: cfg.offload,
     }
 }
 
-/// The TUN device's IPv6 address and prefix length: the session's, unless this host cannot
-/// carry IPv6 (disabled); then `None` and why. A path below IPv6's minimum does not take it
-/// away: the device then stays at 1280 (see [`tun_mtu_for`]).
+/// The IPv6 address and prefix length the TUN device should have: the session's, unless this
+/// host has IPv6 disabled (then `None` and why). Whether the MTU allows it is [`tun_spec`]'s call.
 fn address6_for(auth: &VpnAuthResponse) -> (Option<(Ipv6Addr, u8)>, Option<String>) {
     match auth.assigned_ip6 {
         Some(_) if tunnel::ipv6_disabled() => (None, Some("IPv6 is disabled on this host".into())),
@@ -427,11 +440,13 @@ fn address6_for(auth: &VpnAuthResponse) -> (Option<(Ipv6Addr, u8)>, Option<Strin
 const READER_ROOM_WAIT: Duration = Duration::from_secs(2);
 
 /// Sets the TUN device's MTU in place each time the usable path MTU changes (the underlay
-/// watcher or discovery moved it), so the host's TCP sizes its segments for the path at once.
-/// The device is not re-created and the loops are not restarted: the send loop reads the
-/// limit per batch and grows its read slots before a larger MTU is set (it publishes them in
-/// `reader_room`). One log line per change.
-async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, carries_ipv6: bool) {
+/// watcher or discovery moved it), so the host's TCP sizes its segments for the path at once
+/// (and advertises segments the path carries back). The device is not re-created and the loops
+/// are not restarted: the send loop reads the limit per batch and grows its read slots before
+/// a larger MTU is set (it publishes them in `reader_room`). Across IPv6's 1280-byte minimum,
+/// the device's IPv6 address `address6` goes (the kernel's doing) and comes back (ours; the
+/// routes follow through `readdressed`). One log line per change.
+async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, address6: Option<(Ipv6Addr, u8)>) {
     let mut changes = path.changes();
     let mut stop = shared.stop.subscribe();
     let mut outer = path.outer();
@@ -444,7 +459,7 @@ async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, carries_ipv6: 
         let (was_outer, now_outer) = (outer, path.outer());
         outer = now_outer;
         let was = *shared.tun_mtu.borrow();
-        let want = tun_mtu_for(inner, carries_ipv6);
+        let want = inner;
         if want > *shared.reader_room.borrow() {
             let mut room = shared.reader_room.subscribe();
             let made = tokio::time::timeout(READER_ROOM_WAIT, room.wait_for(|r| *r >= want)).await;
@@ -454,16 +469,32 @@ async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, carries_ipv6: 
         }
         // A device re-created from now on gets this MTU too.
         shared.tun_mtu.send_replace(want);
-        let applied = match shared.device.borrow().as_ref() {
+        let device = shared.device.borrow().clone();
+        let applied = match &device {
             Some((_, tun)) if want != was => tun.set_mtu(want).map_err(|e| describe_io(&e)),
             // Re-creating (the keeper uses `want`), or nothing to change on the device.
             _ => Ok(()),
         };
         let bound = path.bound().as_str();
+        let ipv6 = match (&applied, ipv6_step(was, want, address6.is_some()), address6, &device) {
+            (Ok(()), Ipv6Step::Lost, _, _) => {
+                "; IPv6 through the tunnel paused (below its 1280-byte minimum)".to_string()
+            }
+            (Ok(()), Ipv6Step::Restore, Some((ip6, len)), Some((_, tun))) => {
+                match tun.add_address_v6(ip6, len) {
+                    Ok(()) => {
+                        shared.readdressed.send_modify(|n| *n += 1);
+                        format!("; IPv6 {ip6} back on the tunnel")
+                    }
+                    Err(e) => format!("; IPv6 stays off the tunnel: cannot re-add {ip6}: {}", describe_io(&e)),
+                }
+            }
+            _ => String::new(),
+        };
         match applied {
             Ok(()) => tracing::info!(
                 target: TARGET,
-                "path MTU {was_outer} -> {now_outer} ({bound}): TUN MTU {was} -> {want}"
+                "path MTU {was_outer} -> {now_outer} ({bound}): TUN MTU {was} -> {want}{ipv6}"
             ),
             Err(e) => tracing::warn!(
                 target: TARGET,
@@ -482,7 +513,7 @@ fn device_gone(e: &std::io::Error) -> bool {
 
 /// Re-creates the TUN device (same name, address, offload; the current MTU) each time a loop reports it
 /// gone, retrying with backoff, and hands the new one to the loops. One log line per incident.
-async fn keep_tun(shared: Arc<Shared>, mut spec: TunSpec) {
+async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>) {
     let mut lost = shared.lost.subscribe();
     let mut generation = 1u64;
     loop {
@@ -490,8 +521,8 @@ async fn keep_tun(shared: Arc<Shared>, mut spec: TunSpec) {
             r = lost.wait_for(|g| *g == generation) => if r.is_err() { return },
             _ = stopped(shared.stop.subscribe()) => return,
         }
-        // The MTU the path asks for now, not the first device's.
-        spec.mtu = *shared.tun_mtu.borrow();
+        // The MTU the path asks for now, not the first device's (and IPv6 if that allows it).
+        let spec = tun_spec(&shared.cfg, Some(name.clone()), &auth, *shared.tun_mtu.borrow());
         let since = Instant::now();
         let mut delay = TUN_RECREATE_BACKOFF.0;
         let mut attempts = 0u32;
@@ -566,7 +597,7 @@ async fn send_loop(
     let mut stop = shared.stop.subscribe();
     let mut devices = shared.device.subscribe();
     let Some((mut generation, mut tun)) = current_device(&mut devices, &mut stop).await else { return };
-    let mut reader = TunReader::new(tun_mtu_for(path.inner(), true).max(tun_mtu));
+    let mut reader = TunReader::new(path.inner().max(tun_mtu));
     shared.reader_room.send_replace(reader.capacity());
     let mut path_changes = path.changes();
     let mut lens = [0usize; tunnel::BATCH];
@@ -596,10 +627,10 @@ async fn send_loop(
                 continue;
             }
             // A larger path: room in the read slots before the TUN MTU grows (see
-            // `follow_path_mtu`); sized for the IPv6 floor too, whatever the device carries.
+            // `follow_path_mtu`).
             r = path_changes.changed() => {
                 if r.is_ok() {
-                    reader.fit(tun_mtu_for(*path_changes.borrow_and_update(), true));
+                    reader.fit(*path_changes.borrow_and_update());
                     shared.reader_room.send_replace(reader.capacity());
                 }
                 continue;
@@ -638,9 +669,6 @@ async fn send_loop(
                 no_session.reset();
                 let crypto = auth.crypto();
                 let mtu = path.inner();
-                // IPv6 packets up to IPv6's minimum are carried over a smaller path (fragmented
-                // by the underlay, see `tun_mtu_for`); IPv4 ones are answered at the path's size.
-                let mtu6 = tun_mtu_for(mtu, true);
                 for (i, sealed_len) in lens.iter_mut().enumerate().take(n) {
                     *sealed_len = 0;
                     // Neither IP, nor the host's own link-scope chatter, nor a family this
@@ -653,16 +681,16 @@ async fn send_loop(
                         continue;
                     }
                     let len = reader.len(i);
-                    let (limit, from) = match IpFamily::of(reader.packet(i)) {
-                        Some(IpFamily::V6) => (mtu6, auth.gateway_ip6.map(IpAddr::V6)),
-                        _ => (mtu, Some(IpAddr::V4(auth.gateway_ip))),
-                    };
-                    if len > usize::from(limit) {
+                    if len > usize::from(mtu) {
                         // Answered from the gateway's tunnel address: the tunnel's far end is
                         // what is too small, and an address of this host would be dropped by
                         // its own kernel as martian.
+                        let from = match IpFamily::of(reader.packet(i)) {
+                            Some(IpFamily::V6) => auth.gateway_ip6.map(IpAddr::V6),
+                            _ => Some(IpAddr::V4(auth.gateway_ip)),
+                        };
                         match from {
-                            Some(from) => too_big.send(&tun, reader.packet(i), limit, from, c).await,
+                            Some(from) => too_big.send(&tun, reader.packet(i), mtu, from, c).await,
                             None => c.count_drop(DropReason::TooBig),
                         }
                         continue;
@@ -677,8 +705,7 @@ async fn send_loop(
                     }
                 }
                 let dest = SocketAddr::from((gateway_of(&auth, cfg), auth.data_port));
-                let fits = wire::OVERHEAD + usize::from(mtu);
-                let sent = reader.send_within(&sock, &mut gso, 0, &lens[..n], dest, fits).await;
+                let sent = reader.send(&sock, &mut gso, 0, &lens[..n], dest).await;
                 Counters::add(&c.tx_packets, sent.datagrams);
                 Counters::add(&c.tx_bytes, sent.inner_bytes);
                 c.count_drops(DropReason::SocketError, sent.failed);

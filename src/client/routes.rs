@@ -1190,12 +1190,15 @@ async fn install_for_file(file: &ClientFile) -> Result<RouteGuard, RoutesError> 
 
 fn tun_and_cidrs(file: &ClientFile) -> (&str, Vec<IpNet>) {
     let net = &file.network;
+    let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
     let mut cidrs = tunnel_cidrs(net.routes.as_deref(), net.dns.configured());
-    if crate::tunnel::ipv6_disabled() {
-        // The kernel refuses IPv6 routes here; there is no IPv6 traffic to route either.
+    if !crate::tunnel::device_has_ipv6(tun) {
+        // The kernel refuses IPv6 routes on it (IPv6 disabled, or a TUN MTU below IPv6's
+        // minimum); there is no IPv6 traffic to route either. They are added when it has IPv6
+        // again (`ClientDataPlane::tun_readdressed` -> `TunnelNetwork::reattach`).
         cidrs.retain(|n| n.addr().is_ipv4());
     }
-    (net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME), cidrs)
+    (tun, cidrs)
 }
 
 /// The index of interface `name` in the calling thread's network namespace.
