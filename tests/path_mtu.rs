@@ -1,0 +1,248 @@
+//! The client's TUN MTU follows the path to the gateway (root only; skipped otherwise): the real
+//! gateway and the real `holdfast client run` in namespaces, joined by one veth link whose MTU
+//! the tests set at both ends, as a PPPoE, mobile or nested-VPN link would have it.
+//!
+//! ```text
+//!  client ns                                  gateway ns
+//!  hfc 198.18.0.1/30 ------------------------ hfg 198.18.0.2/30 (endpoint 198.18.0.2:51820)
+//!  holdfast0 (TUN)                            iperf3 server, TUN 100.64.0.1 / fdXX::1
+//! ```
+//!
+//! - At bring-up: with the link at 1280 and at 1420, TCP through the tunnel (iperf3, both
+//!   directions) with the default client file (TUN MTU from the path) reaches at least half of
+//!   what it reaches with `underlay_mtu` set by hand to the link's MTU, and the TUN MTU is the
+//!   path's minus the tunnel's overhead.
+//! - At run time: the link drops from 1500 to 1280 and comes back during one transfer; the TUN
+//!   MTU follows both ways in place (same ifindex, loops started once), the transfer never stalls
+//!   for a second and completes, and the TUN's IPv6 address (dropped by the kernel below 1280)
+//!   comes back with its routes.
+//!
+//! Every wait is on a condition, bounded.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use holdfast::client::status_socket::StatusReport;
+use support::{GatewayDir, Proc, fast_timings, status_of, wait_until};
+
+const TUN: &str = "holdfast0";
+const GW_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+/// The two ends of the link (see `GatewayDir::init_split`).
+const CLIENT_LINK: &str = "hfc";
+const GATEWAY_LINK: &str = "hfg";
+/// Bound on waits for start-up events.
+const T: Duration = Duration::from_secs(20);
+/// The tunnel's overhead over an IPv4 underlay: 20 (IPv4) + 8 (UDP) + 36 (header and tag).
+const OVERHEAD_V4: u16 = 64;
+
+macro_rules! require_root {
+    () => {
+        if !support::netns::available() {
+            eprintln!("skipped: needs root and network namespaces");
+            return;
+        }
+    };
+}
+
+/// Sets the link's MTU at both ends.
+fn set_link_mtu(gw: &GatewayDir, mtu: u16) {
+    let mtu = mtu.to_string();
+    gw.clients_ns().ip(&["link", "set", "dev", CLIENT_LINK, "mtu", &mtu]);
+    gw.ns.ip(&["link", "set", "dev", GATEWAY_LINK, "mtu", &mtu]);
+}
+
+/// The MTU `ip link` shows for the client's TUN device.
+fn tun_mtu(gw: &GatewayDir) -> Option<u16> {
+    let out = gw.clients_ns().exec("ip", &["-o", "link", "show", "dev", TUN]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace().skip_while(|w| *w != "mtu").nth(1).and_then(|m| m.parse().ok())
+}
+
+/// A gateway and one client in split namespaces, the link at `link_mtu` before either starts.
+struct World {
+    gw: GatewayDir,
+    gateway: Proc,
+    _logs: tempfile::TempDir,
+    logs_path: PathBuf,
+}
+
+impl World {
+    fn new(link_mtu: u16) -> World {
+        let gw = GatewayDir::init_split();
+        gw.set("listen", "\"198.18.0.2:51820\"");
+        set_link_mtu(&gw, link_mtu);
+        let mut gateway = gw.run("gateway");
+        gateway.wait_for(&["data plane up"], T);
+        let logs = tempfile::tempdir().expect("tempdir");
+        let logs_path = logs.path().to_owned();
+        World { gw, gateway, _logs: logs, logs_path }
+    }
+
+    /// Starts a client (its file edited by `edit`) and waits until its tunnel carries traffic.
+    fn client(&self, name: &str, underlay_mtu: Option<u16>) -> Proc {
+        let logs = self.logs_path.join(name);
+        std::fs::create_dir_all(&logs).expect("log dir");
+        let file = self.gw.add_client(name, |f| {
+            fast_timings(f, &logs);
+            f.network.underlay_mtu = underlay_mtu;
+        });
+        let mut client = self.gw.run_client(name, &file);
+        client.wait_for(&["routes up"], T);
+        assert!(
+            self.gw.clients_ns().ping_until(GW_TUN, T).is_some(),
+            "tunnel up:\n{}",
+            client.all_lines().join("\n")
+        );
+        client
+    }
+
+    fn status(&self, name: &str) -> StatusReport {
+        status_of(&self.logs_path.join(name).join("client.sock"))
+    }
+
+    /// TCP throughput through the tunnel, client -> gateway (or back with `reverse`), in bit/s:
+    /// iperf3 for `secs` seconds, the first one omitted (slow start).
+    fn iperf(&self, reverse: bool, secs: u32) -> f64 {
+        let report = iperf_json(&self.gw, reverse, secs, &["-O", "1"]);
+        let end = &report["end"]["sum_received"]["bits_per_second"];
+        end.as_f64().unwrap_or_else(|| panic!("no throughput in the iperf3 report: {report}"))
+    }
+
+    fn stop(mut self, mut client: Proc) {
+        assert_eq!(client.terminate(T), Some(0), "{}", client.all_lines().join("\n"));
+        assert!(self.gateway.is_alive(), "the gateway exited");
+        let _ = self.gateway.terminate(T);
+    }
+}
+
+/// One iperf3 run against a one-off server in the gateway's namespace; its JSON report.
+fn iperf_json(gw: &GatewayDir, reverse: bool, secs: u32, extra: &[&str]) -> serde_json::Value {
+    let mut server = gw.ns.spawn("iperf3-server", "iperf3", &["-s", "-1", "--forceflush", "-B", &GW_TUN.to_string()], &[]);
+    server.wait_for(&["Server listening"], T);
+    let secs = secs.to_string();
+    let mut args = vec!["-c", "100.64.0.1", "-t", &secs, "-J", "--connect-timeout", "5000"];
+    args.extend_from_slice(extra);
+    if reverse {
+        args.push("-R");
+    }
+    let out = gw.clients_ns().exec("iperf3", &args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "iperf3 {args:?} failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 JSON ({e}): {text}"))
+}
+
+/// With the link at `link`: the default client sizes its TUN from the path and reaches at least
+/// half the throughput of a client with `underlay_mtu = link`, both directions.
+fn default_keeps_up_with_hand_tuned(link: u16) {
+    let w = World::new(link);
+    let want = link - OVERHEAD_V4;
+
+    let tuned = w.client("tuned", Some(link));
+    assert_eq!(tun_mtu(&w.gw), Some(want), "underlay_mtu = {link}");
+    let tuned_up = w.iperf(false, 3);
+    let tuned_down = w.iperf(true, 3);
+    assert_eq!(w.status("tuned").data_plane.and_then(|d| d.path_mtu).map(|p| p.bound), Some("configured".into()));
+    let mut tuned = tuned;
+    assert_eq!(tuned.terminate(T), Some(0));
+
+    let client = w.client("default", None);
+    assert_eq!(tun_mtu(&w.gw), Some(want), "TUN MTU from a {link}-byte path");
+    let p = w.status("default").data_plane.and_then(|d| d.path_mtu).expect("path MTU in the status");
+    assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (link, want, "link"));
+    let up = w.iperf(false, 3);
+    let down = w.iperf(true, 3);
+    eprintln!(
+        "link {link}: default up {:.0} / down {:.0} Mbit/s, hand-tuned up {:.0} / down {:.0} Mbit/s",
+        up / 1e6,
+        down / 1e6,
+        tuned_up / 1e6,
+        tuned_down / 1e6
+    );
+    assert!(up >= tuned_up / 2.0, "client -> gateway: {up} bit/s against {tuned_up} hand-tuned");
+    assert!(down >= tuned_down / 2.0, "gateway -> client: {down} bit/s against {tuned_down} hand-tuned");
+    w.stop(client);
+}
+
+#[test]
+fn a_1280_link_gets_a_1216_tun_and_full_speed_both_ways() {
+    require_root!();
+    default_keeps_up_with_hand_tuned(1280);
+}
+
+#[test]
+fn a_1420_link_gets_a_1356_tun_and_full_speed_both_ways() {
+    require_root!();
+    default_keeps_up_with_hand_tuned(1420);
+}
+
+/// The gateway's IPv6 tunnel address (from gateway.toml, as `init` chose it).
+fn gateway_ip6(gw: &GatewayDir) -> Ipv6Addr {
+    let c = holdfast::config::gateway::GatewayConfig::load_dir(gw.path()).expect("config");
+    c.v6.expect("an IPv6 plan").gateway_ip
+}
+
+#[test]
+fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreated() {
+    require_root!();
+    let w = World::new(1500);
+    let client = w.client("roamer", None);
+    let ns = w.gw.clients_ns();
+    assert_eq!(tun_mtu(&w.gw), Some(1500 - OVERHEAD_V4));
+    let ifindex = ns.ifindex(TUN).expect("TUN");
+    let gw6 = gateway_ip6(&w.gw);
+    assert!(ns.ping_until(gw6, T).is_some(), "IPv6 through the tunnel before");
+
+    // One transfer across both changes: 15 s, reported per second.
+    let transfer = std::thread::scope(|scope| {
+        let gw = &w.gw;
+        let run = scope.spawn(move || iperf_json(gw, false, 15, &["-i", "1"]));
+        let sent = || w.status("roamer").data_plane.map_or(0, |d| d.tx_bytes);
+        let t0 = std::time::Instant::now();
+        let moving = |from: u64| {
+            let ok = wait_until(T, || sent() > from + 2 * 1024 * 1024);
+            eprintln!("{:?}: sent {} (from {from})", t0.elapsed(), sent());
+            ok
+        };
+        assert!(moving(sent()), "the transfer is under way");
+
+        set_link_mtu(&w.gw, 1280);
+        assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1280 - OVERHEAD_V4)), "TUN MTU follows down: {:?}", tun_mtu(&w.gw));
+        let p = w.status("roamer").data_plane.and_then(|d| d.path_mtu).expect("path MTU");
+        assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (1280, 1216, "link"));
+        // Below 1280 the kernel takes the device's IPv6 away.
+        assert_eq!(ns.global_addr(TUN, "-6"), None, "no IPv6 on a 1216-byte device");
+        assert!(moving(sent()), "the transfer goes on over the smaller path");
+
+        set_link_mtu(&w.gw, 1500);
+        assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1500 - OVERHEAD_V4)), "TUN MTU follows up: {:?}", tun_mtu(&w.gw));
+        assert!(moving(sent()), "the transfer goes on over the larger path");
+        run.join().expect("iperf3 thread")
+    });
+
+    // Every second of the transfer moved data, and it completed.
+    let intervals = transfer["intervals"].as_array().expect("intervals");
+    assert!(intervals.len() >= 14, "{} intervals", intervals.len());
+    let per_second: Vec<u64> = intervals.iter().map(|i| i["sum"]["bytes"].as_u64().unwrap_or(0)).collect();
+    eprintln!("bytes per second: {per_second:?}");
+    assert!(per_second.iter().all(|b| *b > 0), "a second without progress: {per_second:?}");
+    let received = transfer["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(received > 0, "the transfer completed");
+
+    // Same device, same loops; its IPv6 address and routes are back.
+    assert_eq!(ns.ifindex(TUN), Some(ifindex), "the TUN device was not re-created");
+    let d = w.status("roamer").data_plane.expect("data plane");
+    assert_eq!(d.loop_starts, 1, "the loops started once");
+    assert!(
+        wait_until(T, || ns.global_addr(TUN, "-6").is_some()),
+        "the IPv6 address is back on the TUN"
+    );
+    assert!(ns.ping_until(IpAddr::V6(gw6), T).is_some(), "IPv6 through the tunnel after");
+    let lines = client.all_lines();
+    let changes: Vec<&String> = lines.iter().filter(|l| l.contains("path MTU 1500 -> 1280 (link): TUN MTU 1436 -> 1216")).collect();
+    assert_eq!(changes.len(), 1, "one line for the change down:\n{}", lines.join("\n"));
+    assert!(lines.iter().any(|l| l.contains("path MTU 1280 -> 1500 (link): TUN MTU 1216 -> 1436")), "{}", lines.join("\n"));
+    w.stop(client);
+}
