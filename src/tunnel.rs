@@ -985,6 +985,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_reader_grows_for_a_larger_mtu_and_never_shrinks() {
+        let mut r = TunReader::new(1216);
+        assert_eq!(r.capacity(), 1216);
+        assert_eq!(r.slot(BATCH - 1).len(), wire::OVERHEAD + 1216);
+        r.fit(1436);
+        assert_eq!(r.capacity(), 1436);
+        assert_eq!(r.slot(BATCH - 1).len(), wire::OVERHEAD + 1436, "every slot grew");
+        // A smaller path keeps the room: no allocation on the way down.
+        r.fit(1216);
+        assert_eq!(r.capacity(), 1436);
+    }
+
+    #[test]
     fn too_big_answers_counted_rate_limited_and_behind_the_vnet_header() {
         let c = Counters::default();
         let mut tb = TooBig::new();
