@@ -12,7 +12,7 @@
 //!   directions) with the default client file (TUN MTU from the path) reaches at least half of
 //!   what it reaches with `underlay_mtu` set by hand to the link's MTU, and the TUN MTU is the
 //!   path's minus the tunnel's overhead.
-//! - At run time: the link drops from 1500 to 1280 and comes back during one transfer; the TUN
+//! - At run time: a route's `mtu` metric changes under the pinned gateway and is followed; the link drops from 1500 to 1280 and comes back during one transfer; the TUN
 //!   MTU follows both ways in place (same ifindex, loops started once), the transfer never stalls
 //!   for a second and completes, and the TUN's IPv6 address (dropped by the kernel below 1280)
 //!   comes back with its routes.
@@ -244,5 +244,41 @@ fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreate
     let changes: Vec<&String> = lines.iter().filter(|l| l.contains("path MTU 1500 -> 1280 (link): TUN MTU 1436 -> 1216")).collect();
     assert_eq!(changes.len(), 1, "one line for the change down:\n{}", lines.join("\n"));
     assert!(lines.iter().any(|l| l.contains("path MTU 1280 -> 1500 (link): TUN MTU 1216 -> 1436")), "{}", lines.join("\n"));
+    w.stop(client);
+}
+
+/// A route's MTU metric changing at run time is followed too, although the gateway is pinned
+/// (our pin, a host route without metrics, is not what says how big the path is).
+#[test]
+fn the_tun_follows_a_route_mtu_metric_changing_under_the_pin() {
+    require_root!();
+    let w = World::new(1500);
+    let client = w.client("metric", None);
+    let ns = w.gw.clients_ns();
+    let ifindex = ns.ifindex(TUN).expect("TUN");
+    assert_eq!(tun_mtu(&w.gw), Some(1500 - OVERHEAD_V4));
+    let connected = ["198.18.0.0/30", "dev", CLIENT_LINK, "proto", "kernel", "scope", "link", "src", "198.18.0.1"];
+    let with_mtu = |mtu: Option<&str>| {
+        let mut args = vec!["route", "replace"];
+        args.extend_from_slice(&connected);
+        if let Some(m) = mtu {
+            args.extend_from_slice(&["mtu", m]);
+        }
+        ns.ip(&args);
+    };
+
+    with_mtu(Some("1400"));
+    assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1400 - OVERHEAD_V4)), "follows the metric: {:?}", tun_mtu(&w.gw));
+    let p = w.status("metric").data_plane.and_then(|d| d.path_mtu).expect("path MTU");
+    assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (1400, 1336, "link"));
+    // A full-size packet for the new size crosses with DF set; one byte more is refused.
+    let ping = |size: &str| ns.exec("ping", &["-c", "1", "-M", "do", "-s", size, "-W", "2", &GW_TUN.to_string()]).status.success();
+    assert!(ping("1308"), "1336 = 20 + 8 + 1308 fits");
+    assert!(!ping("1309"), "one byte more does not");
+
+    with_mtu(None);
+    assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1500 - OVERHEAD_V4)), "back to the link's: {:?}", tun_mtu(&w.gw));
+    assert_eq!(ns.ifindex(TUN), Some(ifindex), "the TUN device was not re-created");
+    assert_eq!(w.status("metric").data_plane.map(|d| d.loop_starts), Some(1));
     w.stop(client);
 }

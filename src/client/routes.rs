@@ -495,23 +495,33 @@ async fn lookup_route(handle: &Handle, gateway: IpAddr) -> Result<RouteMessage, 
 /// (`ip route ... mtu N`, as a PPPoE or VPN set-up installs) if it has one, else the MTU of the
 /// interface it leaves by. What the TUN MTU is sized from when `underlay_mtu` is not set.
 pub async fn path_mtu(gateway: IpAddr) -> Result<u16, RoutesError> {
-    with_handle(|handle| async move { path_mtu_on(&handle, gateway).await }).await
+    with_handle(|handle| async move { path_mtu_on(&handle, gateway, None).await }).await
 }
 
-/// [`path_mtu`] over an open netlink connection.
-async fn path_mtu_on(handle: &Handle, gateway: IpAddr) -> Result<u16, RoutesError> {
-    let route = lookup_route(handle, gateway).await?;
-    let route_mtu = route.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
-            RouteMetric::Mtu(mtu) => Some(*mtu),
-            _ => None,
-        }),
-        _ => None,
-    });
+/// [`path_mtu`] over an open netlink connection. `pinned_over`: the TUN's index when the
+/// underlay watcher pins the gateway; then the kernel's answer for it is our pin, a host route
+/// without metrics, and the MTU metric is taken from the route the pin copies
+/// ([`underlay_route`]), as the kernel would apply it without the tunnel.
+async fn path_mtu_on(handle: &Handle, gateway: IpAddr, pinned_over: Option<u32>) -> Result<u16, RoutesError> {
+    let mut underlying = None;
+    if let Some(tun_index) = pinned_over {
+        let routes = dump(handle, gateway).await?;
+        if let (UnderlayChoice::Pin(u), route) = underlay_route(&routes, gateway, tun_index) {
+            underlying = Some((route.and_then(|r| r.mtu), u.oif));
+        }
+    }
+    let (route_mtu, oif) = match underlying {
+        Some(found) => found,
+        // Not pinned (a local or directly routed gateway, an administrator's host route): the
+        // kernel's own answer is the path.
+        None => {
+            let route = lookup_route(handle, gateway).await?;
+            (mtu_metric(&route.attributes), underlay_of(gateway, &route)?.oif)
+        }
+    };
     let link_mtu = match route_mtu {
         Some(_) => None,
         None => {
-            let oif = underlay_of(gateway, &route)?.oif;
             let link = handle.link().get().match_index(oif).execute().try_next().await;
             let no_link = |reason: String| RoutesError::NoPathToGateway { gateway, reason };
             let link = link
@@ -529,12 +539,24 @@ async fn path_mtu_on(handle: &Handle, gateway: IpAddr) -> Result<u16, RoutesErro
     })
 }
 
+/// A route's MTU metric (`ip route ... mtu N`), if it has one.
+fn mtu_metric(attrs: &[RouteAttribute]) -> Option<u32> {
+    attrs.iter().find_map(|a| match a {
+        RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
+            RouteMetric::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
 /// Brings `path`'s link bound up to date with the MTU of the path to `gateway` now (the route's
 /// MTU metric or its interface's MTU), unless `underlay_mtu` configures it. No path right now
-/// (link down) changes nothing: the last size stays until one returns.
-async fn follow_mtu(handle: &Handle, gateway: IpAddr, path: Option<&PathMtu>) {
+/// (link down) changes nothing: the last size stays until one returns. `pinned_over`: see
+/// [`path_mtu_on`].
+async fn follow_mtu(handle: &Handle, gateway: IpAddr, pinned_over: Option<u32>, path: Option<&PathMtu>) {
     let Some(path) = path.filter(|p| !p.is_configured()) else { return };
-    match path_mtu_on(handle, gateway).await {
+    match path_mtu_on(handle, gateway, pinned_over).await {
         Ok(mtu) if mtu != path.link() => {
             // The line that matters is the data plane's, when it applies the change.
             tracing::debug!(target: TARGET, "path to the gateway {gateway}: MTU {} -> {mtu}", path.link());
@@ -648,6 +670,8 @@ pub struct DumpedRoute {
     pub ours: bool,
     /// The next hops (one, or several for a multipath route).
     pub hops: Vec<NextHop>,
+    /// The route's MTU metric, if set (a path narrower than its link).
+    pub mtu: Option<u32>,
 }
 
 /// One next hop of a [`DumpedRoute`].
@@ -682,9 +706,19 @@ const TABLE_LOCAL: u32 = 255;
 /// those are exactly what must not decide the gateway's path. Of a multipath route, the first
 /// live next hop is taken.
 pub fn choose_underlay(routes: &[DumpedRoute], gateway: IpAddr, tun_index: u32) -> UnderlayChoice {
+    underlay_route(routes, gateway, tun_index).0
+}
+
+/// [`choose_underlay`], with the route that decided it (for a pin: the route the pin copies,
+/// whose MTU metric is the path's).
+pub fn underlay_route(
+    routes: &[DumpedRoute],
+    gateway: IpAddr,
+    tun_index: u32,
+) -> (UnderlayChoice, Option<&DumpedRoute>) {
     let covers = |r: &&DumpedRoute| r.net.contains(&gateway);
     if routes.iter().filter(covers).any(|r| r.table == TABLE_LOCAL && r.kind == RouteType::Local) {
-        return UnderlayChoice::Unpinned;
+        return (UnderlayChoice::Unpinned, None);
     }
     let mut main: Vec<&DumpedRoute> =
         routes.iter().filter(covers).filter(|r| r.table == TABLE_MAIN && !r.ours).collect();
@@ -696,21 +730,21 @@ pub fn choose_underlay(routes: &[DumpedRoute], gateway: IpAddr, tun_index: u32) 
                 match usable {
                     // Someone else's host route for the gateway: the kernel follows it already.
                     Some(_) if r.net.prefix_len() == r.net.max_prefix_len() => {
-                        return UnderlayChoice::Unpinned;
+                        return (UnderlayChoice::Unpinned, Some(r));
                     }
-                    Some(h) => return UnderlayChoice::Pin(Underlay { via: h.via, oif: h.oif }),
+                    Some(h) => return (UnderlayChoice::Pin(Underlay { via: h.via, oif: h.oif }), Some(r)),
                     // Dead, or through the tunnel: the kernel would not (or must not) use it.
                     None => continue,
                 }
             }
             // The administrator says the gateway is not reachable: do not route around that.
             RouteType::Unreachable | RouteType::BlackHole | RouteType::Prohibit | RouteType::Throw => {
-                return UnderlayChoice::NoPath;
+                return (UnderlayChoice::NoPath, Some(r));
             }
             _ => continue,
         }
     }
-    UnderlayChoice::NoPath
+    (UnderlayChoice::NoPath, None)
 }
 
 /// The pin for `choice`, if any.
@@ -780,6 +814,7 @@ pub fn parse_dumped(m: &RouteMessage) -> Option<DumpedRoute> {
         priority,
         ours: m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL),
         hops,
+        mtu: mtu_metric(&m.attributes).filter(|m| *m > 0),
     })
 }
 
@@ -816,7 +851,7 @@ impl UnderlayWatch {
         let follow = path.clone();
         let first = with_handle(|h| async move {
             let first = look(&h, gateway, pinned, tun_index).await?;
-            follow_mtu(&h, gateway, follow.as_deref()).await;
+            follow_mtu(&h, gateway, pinned.map(|_| tun_index), follow.as_deref()).await;
             Ok(first)
         })
         .await?;
@@ -999,7 +1034,7 @@ async fn watch(
                                     last = now;
                                     on_change();
                                 }
-                                follow_mtu(&handle, gateway, path.as_deref()).await;
+                                follow_mtu(&handle, gateway, pin.map(|_| tun_index), path.as_deref()).await;
                                 WATCH_BACKSTOP
                             }
                             Err(e) => {
@@ -1371,6 +1406,7 @@ mod tests {
             priority,
             ours: false,
             hops,
+            mtu: None,
         }
     }
 
@@ -1478,6 +1514,27 @@ mod tests {
         // Default route gone: no path.
         assert_eq!(choose_underlay(&routes[1..5], gw, TUN), UnderlayChoice::NoPath);
         assert_eq!(default_metric(gw), 1024);
+    }
+
+    #[test]
+    fn a_pinned_gateways_path_mtu_is_the_metric_of_the_route_the_pin_copies() {
+        let gw: IpAddr = "203.0.113.7".parse().unwrap();
+        let mut routes = laptop();
+        // The wired default route says its path is narrower than the link (PPPoE behind it).
+        routes[0].mtu = Some(1492);
+        let (choice, route) = underlay_route(&routes, gw, TUN);
+        assert_eq!(choice, pin(Some("192.168.1.1"), 2));
+        assert_eq!(route.and_then(|r| r.mtu), Some(1492));
+        // Our own pin (no metric) never decides, however it is set.
+        assert!(routes.iter().any(|r| r.ours && r.net == IpNet::from(gw) && r.mtu.is_none()));
+        // Wired down: the wireless route, without a metric (its interface's MTU applies).
+        routes[0].hops[0].alive = false;
+        let (choice, route) = underlay_route(&routes, gw, TUN);
+        assert_eq!((choice, route.and_then(|r| r.mtu)), (pin(Some("10.0.0.1"), 3), None));
+        // The metric is read back from a netlink message.
+        let mut m = message(&RouteSpec::OnLink { dst: gw, oif: 2 });
+        m.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(1400)]));
+        assert_eq!(parse_dumped(&m).unwrap().mtu, Some(1400));
     }
 
     #[test]
