@@ -12,10 +12,11 @@
 //!   directions) with the default client file (TUN MTU from the path) reaches at least half of
 //!   what it reaches with `underlay_mtu` set by hand to the link's MTU, and the TUN MTU is the
 //!   path's minus the tunnel's overhead.
-//! - At run time: a route's `mtu` metric changes under the pinned gateway and is followed; the link drops from 1500 to 1280 and comes back during one transfer; the TUN
+//! - At run time: the link drops from 1500 to 1280 and comes back during one transfer; the TUN
 //!   MTU follows both ways in place (same ifindex, loops started once), the transfer never stalls
 //!   for a second and completes, and the TUN's IPv6 address (dropped by the kernel below 1280)
-//!   comes back with its routes.
+//!   comes back with its routes. A route's `mtu` metric changing under the pinned gateway is
+//!   followed the same way.
 //!
 //! Every wait is on a condition, bounded.
 
