@@ -656,6 +656,15 @@ pub async fn send_gso(
             *gso = false;
             Box::pin(send_gso(sock, gso, buf, segment, dest)).await
         }
+        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+            // Segments bigger than the path: it just shrank, and the TUN MTU follows a moment
+            // later. Sent one by one, the kernel fragments them instead of dropping the run
+            // (unless the socket forbids fragments; then they fail the same way, counted).
+            for d in buf.chunks(segment.max(1)) {
+                sock.send_to(d, dest).await?;
+            }
+            Ok(())
+        }
         other => other,
     }
 }

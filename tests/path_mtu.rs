@@ -48,6 +48,14 @@ macro_rules! require_root {
     };
 }
 
+/// The tests of this file run one at a time: each compares throughput or counts seconds of a
+/// transfer, which the others' iperf3 runs on the same cores would skew.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Sets the link's MTU at both ends.
 fn set_link_mtu(gw: &GatewayDir, mtu: u16) {
     let mtu = mtu.to_string();
@@ -153,8 +161,21 @@ fn default_keeps_up_with_hand_tuned(link: u16) {
     assert_eq!(tun_mtu(&w.gw), Some(want), "TUN MTU from a {link}-byte path");
     let p = w.status("default").data_plane.and_then(|d| d.path_mtu).expect("path MTU in the status");
     assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (link, want, "link"));
-    let up = w.iperf(false, 3);
-    let down = w.iperf(true, 3);
+    // The best of up to three runs: the machine's cores are shared with other work, so one run
+    // may land on a busy moment; a black hole (the 0.25 against 4500 Mbit/s) never
+    // reaches half in any.
+    let best = |reverse: bool, tuned: f64| {
+        let mut best = 0f64;
+        for _ in 0..3 {
+            best = best.max(w.iperf(reverse, 3));
+            if best >= tuned / 2.0 {
+                break;
+            }
+        }
+        best
+    };
+    let up = best(false, tuned_up);
+    let down = best(true, tuned_down);
     eprintln!(
         "link {link}: default up {:.0} / down {:.0} Mbit/s, hand-tuned up {:.0} / down {:.0} Mbit/s",
         up / 1e6,
@@ -170,12 +191,14 @@ fn default_keeps_up_with_hand_tuned(link: u16) {
 #[test]
 fn a_1280_link_gets_a_1216_tun_and_full_speed_both_ways() {
     require_root!();
+    let _one = one_at_a_time();
     default_keeps_up_with_hand_tuned(1280);
 }
 
 #[test]
 fn a_1420_link_gets_a_1356_tun_and_full_speed_both_ways() {
     require_root!();
+    let _one = one_at_a_time();
     default_keeps_up_with_hand_tuned(1420);
 }
 
@@ -188,6 +211,7 @@ fn gateway_ip6(gw: &GatewayDir) -> Ipv6Addr {
 #[test]
 fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreated() {
     require_root!();
+    let _one = one_at_a_time();
     let w = World::new(1500);
     let client = w.client("roamer", None);
     let ns = w.gw.clients_ns();
@@ -228,6 +252,10 @@ fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreate
     assert!(intervals.len() >= 14, "{} intervals", intervals.len());
     let per_second: Vec<u64> = intervals.iter().map(|i| i["sum"]["bytes"].as_u64().unwrap_or(0)).collect();
     eprintln!("bytes per second: {per_second:?}");
+    // Nothing was lost at the socket in the moment between the link shrinking and the TUN
+    // following it: the datagrams too big for the new link were fragmented, not dropped.
+    let drops = w.status("roamer").data_plane.map(|d| d.drops).unwrap_or_default();
+    assert!(!drops.iter().any(|d| d.reason == "socket_error"), "{drops:?}");
     assert!(per_second.iter().all(|b| *b > 0), "a second without progress: {per_second:?}");
     let received = transfer["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
     assert!(received > 0, "the transfer completed");
@@ -253,6 +281,7 @@ fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreate
 #[test]
 fn the_tun_follows_a_route_mtu_metric_changing_under_the_pin() {
     require_root!();
+    let _one = one_at_a_time();
     let w = World::new(1500);
     let client = w.client("metric", None);
     let ns = w.gw.clients_ns();
