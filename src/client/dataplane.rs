@@ -448,6 +448,8 @@ const READER_ROOM_WAIT: Duration = Duration::from_secs(2);
 /// routes follow through `readdressed`). One log line per change.
 async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, address6: Option<(Ipv6Addr, u8)>) {
     let mut changes = path.changes();
+    // A change between the device's creation and now is applied at once.
+    changes.mark_changed();
     let mut stop = shared.stop.subscribe();
     let mut outer = path.outer();
     loop {
@@ -455,11 +457,13 @@ async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, address6: Opti
             r = changes.changed() => if r.is_err() { return },
             _ = stop_requested(&mut stop) => return,
         }
-        let inner = *changes.borrow_and_update();
+        let want = *changes.borrow_and_update();
+        let was = *shared.tun_mtu.borrow();
+        if want == was {
+            continue;
+        }
         let (was_outer, now_outer) = (outer, path.outer());
         outer = now_outer;
-        let was = *shared.tun_mtu.borrow();
-        let want = inner;
         if want > *shared.reader_room.borrow() {
             let mut room = shared.reader_room.subscribe();
             let made = tokio::time::timeout(READER_ROOM_WAIT, room.wait_for(|r| *r >= want)).await;
@@ -471,9 +475,9 @@ async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, address6: Opti
         shared.tun_mtu.send_replace(want);
         let device = shared.device.borrow().clone();
         let applied = match &device {
-            Some((_, tun)) if want != was => tun.set_mtu(want).map_err(|e| describe_io(&e)),
-            // Re-creating (the keeper uses `want`), or nothing to change on the device.
-            _ => Ok(()),
+            Some((_, tun)) => tun.set_mtu(want).map_err(|e| describe_io(&e)),
+            // Being re-created: the keeper uses `want`.
+            None => Ok(()),
         };
         let bound = path.bound().as_str();
         let ipv6 = match (&applied, ipv6_step(was, want, address6.is_some()), address6, &device) {
@@ -498,8 +502,8 @@ async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, address6: Opti
             ),
             Err(e) => tracing::warn!(
                 target: TARGET,
-                "path MTU {was_outer} -> {now_outer} ({bound}) but the TUN MTU stays {was}: {e} \
-                 (packets above {inner} are answered too big)"
+                "path MTU {was_outer} -> {now_outer} ({bound}) but the TUN MTU cannot be set to {want} \
+                 (it was {was}): {e}; packets above {want} are answered too big"
             ),
         }
     }
