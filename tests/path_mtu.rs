@@ -312,3 +312,27 @@ fn the_tun_follows_a_route_mtu_metric_changing_under_the_pin() {
     assert_eq!(w.status("metric").data_plane.map(|d| d.loop_starts), Some(1));
     w.stop(client);
 }
+
+/// A client that starts on a path below IPv6's minimum starts IPv4-only and gains IPv6 (address
+/// and routes, on the same device) when the path grows.
+#[test]
+fn a_client_started_below_1280_gains_ipv6_when_the_path_grows() {
+    require_root!();
+    let _one = one_at_a_time();
+    let w = World::new(1280);
+    let client = w.client("small", None);
+    let ns = w.gw.clients_ns();
+    let ifindex = ns.ifindex(TUN).expect("TUN");
+    assert_eq!(tun_mtu(&w.gw), Some(1280 - OVERHEAD_V4));
+    assert_eq!(ns.global_addr(TUN, "-6"), None, "no IPv6 on a 1216-byte device");
+    let gw6 = gateway_ip6(&w.gw);
+
+    set_link_mtu(&w.gw, 1500);
+    assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1500 - OVERHEAD_V4)), "TUN MTU follows up: {:?}", tun_mtu(&w.gw));
+    assert!(wait_until(T, || ns.global_addr(TUN, "-6").is_some()), "the IPv6 address comes");
+    assert!(ns.ping_until(IpAddr::V6(gw6), T).is_some(), "IPv6 through the tunnel (its routes came too)");
+    assert_eq!(ns.ifindex(TUN), Some(ifindex), "the TUN device was not re-created");
+    let lines = client.all_lines();
+    assert!(lines.iter().any(|l| l.contains("TUN MTU 1216 -> 1436; IPv6 ") && l.contains("back on the tunnel")), "{}", lines.join("\n"));
+    w.stop(client);
+}
