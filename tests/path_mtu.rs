@@ -70,6 +70,11 @@ fn tun_mtu(gw: &GatewayDir) -> Option<u16> {
     text.split_whitespace().skip_while(|w| *w != "mtu").nth(1).and_then(|m| m.parse().ok())
 }
 
+/// Waits (bounded) until the client's TUN MTU is `mtu`: the change is applied asynchronously.
+fn await_tun_mtu(gw: &GatewayDir, mtu: u16, what: &str) {
+    assert!(wait_until(T, || tun_mtu(gw) == Some(mtu)), "{what}: TUN MTU {:?}, want {mtu}", tun_mtu(gw));
+}
+
 /// A gateway and one client in split namespaces, the link at `link_mtu` before either starts.
 struct World {
     gw: GatewayDir,
@@ -118,6 +123,16 @@ impl World {
         let report = iperf_json(&self.gw, reverse, secs, &["-O", "1"]);
         let end = &report["end"]["sum_received"]["bits_per_second"];
         end.as_f64().unwrap_or_else(|| panic!("no throughput in the iperf3 report: {report}"))
+    }
+
+    /// A world with the link at `link` and a default client `name` in it, its TUN sized from
+    /// the link; returns them and the TUN's interface index.
+    fn with_client(link: u16, name: &str) -> (World, Proc, u32) {
+        let w = World::new(link);
+        let client = w.client(name, None);
+        assert_eq!(tun_mtu(&w.gw), Some(link - OVERHEAD_V4), "TUN MTU from a {link}-byte link");
+        let ifindex = w.gw.clients_ns().ifindex(TUN).expect("TUN");
+        (w, client, ifindex)
     }
 
     fn stop(mut self, mut client: Proc) {
@@ -212,11 +227,8 @@ fn gateway_ip6(gw: &GatewayDir) -> Ipv6Addr {
 fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreated() {
     require_root!();
     let _one = one_at_a_time();
-    let w = World::new(1500);
-    let client = w.client("roamer", None);
+    let (w, client, ifindex) = World::with_client(1500, "roamer");
     let ns = w.gw.clients_ns();
-    assert_eq!(tun_mtu(&w.gw), Some(1500 - OVERHEAD_V4));
-    let ifindex = ns.ifindex(TUN).expect("TUN");
     let gw6 = gateway_ip6(&w.gw);
     assert!(ns.ping_until(gw6, T).is_some(), "IPv6 through the tunnel before");
 
@@ -234,7 +246,7 @@ fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreate
         assert!(moving(sent()), "the transfer is under way");
 
         set_link_mtu(&w.gw, 1280);
-        assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1280 - OVERHEAD_V4)), "TUN MTU follows down: {:?}", tun_mtu(&w.gw));
+        await_tun_mtu(&w.gw, 1280 - OVERHEAD_V4, "TUN MTU follows down");
         let p = w.status("roamer").data_plane.and_then(|d| d.path_mtu).expect("path MTU");
         assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (1280, 1216, "link"));
         // Below 1280 the kernel takes the device's IPv6 away.
@@ -242,7 +254,7 @@ fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreate
         assert!(moving(sent()), "the transfer goes on over the smaller path");
 
         set_link_mtu(&w.gw, 1500);
-        assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1500 - OVERHEAD_V4)), "TUN MTU follows up: {:?}", tun_mtu(&w.gw));
+        await_tun_mtu(&w.gw, 1500 - OVERHEAD_V4, "TUN MTU follows up");
         assert!(moving(sent()), "the transfer goes on over the larger path");
         run.join().expect("iperf3 thread")
     });
@@ -282,11 +294,8 @@ fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreate
 fn the_tun_follows_a_route_mtu_metric_changing_under_the_pin() {
     require_root!();
     let _one = one_at_a_time();
-    let w = World::new(1500);
-    let client = w.client("metric", None);
+    let (w, client, ifindex) = World::with_client(1500, "metric");
     let ns = w.gw.clients_ns();
-    let ifindex = ns.ifindex(TUN).expect("TUN");
-    assert_eq!(tun_mtu(&w.gw), Some(1500 - OVERHEAD_V4));
     let connected = ["198.18.0.0/30", "dev", CLIENT_LINK, "proto", "kernel", "scope", "link", "src", "198.18.0.1"];
     let with_mtu = |mtu: Option<&str>| {
         let mut args = vec!["route", "replace"];
@@ -298,7 +307,7 @@ fn the_tun_follows_a_route_mtu_metric_changing_under_the_pin() {
     };
 
     with_mtu(Some("1400"));
-    assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1400 - OVERHEAD_V4)), "follows the metric: {:?}", tun_mtu(&w.gw));
+    await_tun_mtu(&w.gw, 1400 - OVERHEAD_V4, "follows the metric");
     let p = w.status("metric").data_plane.and_then(|d| d.path_mtu).expect("path MTU");
     assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (1400, 1336, "link"));
     // A full-size packet for the new size crosses with DF set; one byte more is refused.
@@ -307,7 +316,7 @@ fn the_tun_follows_a_route_mtu_metric_changing_under_the_pin() {
     assert!(!ping("1309"), "one byte more does not");
 
     with_mtu(None);
-    assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1500 - OVERHEAD_V4)), "back to the link's: {:?}", tun_mtu(&w.gw));
+    await_tun_mtu(&w.gw, 1500 - OVERHEAD_V4, "back to the link's");
     assert_eq!(ns.ifindex(TUN), Some(ifindex), "the TUN device was not re-created");
     assert_eq!(w.status("metric").data_plane.map(|d| d.loop_starts), Some(1));
     w.stop(client);
@@ -319,16 +328,13 @@ fn the_tun_follows_a_route_mtu_metric_changing_under_the_pin() {
 fn a_client_started_below_1280_gains_ipv6_when_the_path_grows() {
     require_root!();
     let _one = one_at_a_time();
-    let w = World::new(1280);
-    let client = w.client("small", None);
+    let (w, client, ifindex) = World::with_client(1280, "small");
     let ns = w.gw.clients_ns();
-    let ifindex = ns.ifindex(TUN).expect("TUN");
-    assert_eq!(tun_mtu(&w.gw), Some(1280 - OVERHEAD_V4));
     assert_eq!(ns.global_addr(TUN, "-6"), None, "no IPv6 on a 1216-byte device");
     let gw6 = gateway_ip6(&w.gw);
 
     set_link_mtu(&w.gw, 1500);
-    assert!(wait_until(T, || tun_mtu(&w.gw) == Some(1500 - OVERHEAD_V4)), "TUN MTU follows up: {:?}", tun_mtu(&w.gw));
+    await_tun_mtu(&w.gw, 1500 - OVERHEAD_V4, "TUN MTU follows up");
     assert!(wait_until(T, || ns.global_addr(TUN, "-6").is_some()), "the IPv6 address comes");
     assert!(ns.ping_until(IpAddr::V6(gw6), T).is_some(), "IPv6 through the tunnel (its routes came too)");
     assert_eq!(ns.ifindex(TUN), Some(ifindex), "the TUN device was not re-created");
