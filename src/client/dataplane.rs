@@ -11,11 +11,15 @@
 //!   ([`VpnAuthResponse::crypto`]), so they change exactly when the key does.
 //! - *Survives everything*: socket and TUN errors are counted in [`Counters`] and survived; at most
 //!   one log line per [`ERROR_LOG_EVERY`] per loop. When another program deletes the TUN device,
-//!   a keeper task brings up a new one with the same name, address and MTU (retrying with
-//!   backoff) and hands it to the two loops, which carry on with it: they are not restarted. The
-//!   routes and DNS follow through [`ClientDataPlane::tun_changes`]; the kill-switch names the
-//!   tunnel by name, so it holds throughout. An "unknown session" notice from the gateway
-//!   is passed on as a rate-limited nudge: a hint to the supervisor, which still decides.
+//!   a keeper task brings up a new one with the same name and address and the current MTU
+//!   (retrying with backoff) and hands it to the two loops, which carry on with it: they are not
+//!   restarted. The routes and DNS follow through [`ClientDataPlane::tun_changes`]; the
+//!   kill-switch names the tunnel by name, so it holds throughout. An "unknown session" notice
+//!   from the gateway is passed on as a rate-limited nudge: a hint to the supervisor, which
+//!   still decides.
+//! - *Follows the path*: the TUN MTU is set in place whenever the path's size changes
+//!   ([`PathMtu::changes`], see `follow_path_mtu`), without re-creating the device or restarting
+//!   the loops.
 //!
 //! Buffers are allocated once per loop; the per-packet path does not allocate.
 

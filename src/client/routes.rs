@@ -39,7 +39,9 @@
 //! The path is chosen from the `local` and `main` tables (longest prefix, then lowest metric,
 //! skipping dead and link-down next hops), as the default policy rules do; other policy rules
 //! are not followed. When the path or the source address towards the gateway changes, the watcher
-//! calls the client's hook (the supervisor rebuilds its control channel and checks at once).
+//! calls the client's hook (the supervisor rebuilds its control channel and checks at once). It
+//! also keeps the data plane's [`PathMtu`] on the MTU of that path (the chosen route's `mtu`
+//! metric, else its interface's MTU), so the TUN MTU follows a link or route whose MTU changes.
 //!
 //! After a crash (SIGKILL) the pin and the fallback stay, like the old host route did, until the
 //! next start or `holdfast client unblock` removes every route carrying [`ROUTE_PROTOCOL`].
