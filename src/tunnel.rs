@@ -317,6 +317,15 @@ pub fn ipv6_disabled() -> bool {
 /// The smallest link MTU IPv6 allows (RFC 8200, section 5).
 pub const MIN_IPV6_MTU: u16 = 1280;
 
+/// Whether device `name` has IPv6 now (in the calling thread's namespace). Linux removes a
+/// device's IPv6 state (addresses, routes, its `conf` entry) when its MTU goes below
+/// [`MIN_IPV6_MTU`] and creates it afresh, empty, when the MTU is raised again.
+pub fn device_has_ipv6(name: &str) -> bool {
+    !ipv6_disabled()
+        && !name.contains('/')
+        && std::path::Path::new("/proc/sys/net/ipv6/conf").join(name).exists()
+}
+
 /// Creates, addresses and brings up a TUN device. Blocking ioctls (a few microseconds): fine to
 /// call from a task that does nothing else meanwhile.
 pub fn create_tun(spec: &TunSpec) -> Result<Tun, TunError> {
@@ -657,6 +666,15 @@ pub async fn send_gso(
             *gso = false;
             Box::pin(send_gso(sock, gso, buf, segment, dest)).await
         }
+        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+            // Segments bigger than the path: it just shrank, and the TUN MTU follows a moment
+            // later. Sent one by one, the kernel fragments them instead of dropping the run
+            // (unless the socket forbids fragments; then they fail the same way, counted).
+            for d in buf.chunks(segment.max(1)) {
+                sock.send_to(d, dest).await?;
+            }
+            Ok(())
+        }
         other => other,
     }
 }
@@ -710,6 +728,23 @@ impl TunReader {
             slots: vec![0; stride * BATCH],
             stride,
             sizes: [0; BATCH],
+        }
+    }
+
+    /// The largest inner packet a slot holds.
+    pub fn capacity(&self) -> u16 {
+        u16::try_from(self.stride - wire::OVERHEAD).unwrap_or(u16::MAX)
+    }
+
+    /// Makes the slots hold inner packets of `mtu` bytes (the TUN MTU is about to grow): one
+    /// allocation per growth, never per packet; a smaller `mtu` keeps the slots as they are.
+    /// The slots of the last batch are gone afterwards: call between batches.
+    pub fn fit(&mut self, mtu: u16) {
+        let stride = wire::OVERHEAD + usize::from(mtu);
+        if stride > self.stride {
+            self.slots = vec![0; stride * BATCH];
+            self.stride = stride;
+            self.sizes = [0; BATCH];
         }
     }
 
@@ -979,6 +1014,19 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!task.is_finished(), "the logger keeps listening");
         task.abort();
+    }
+
+    #[test]
+    fn the_reader_grows_for_a_larger_mtu_and_never_shrinks() {
+        let mut r = TunReader::new(1216);
+        assert_eq!(r.capacity(), 1216);
+        assert_eq!(r.slot(BATCH - 1).len(), wire::OVERHEAD + 1216);
+        r.fit(1436);
+        assert_eq!(r.capacity(), 1436);
+        assert_eq!(r.slot(BATCH - 1).len(), wire::OVERHEAD + 1436, "every slot grew");
+        // A smaller path keeps the room: no allocation on the way down.
+        r.fit(1216);
+        assert_eq!(r.capacity(), 1436);
     }
 
     #[test]
