@@ -72,8 +72,9 @@ enum ClientCommand {
     /// system's resolver alone.
     ///
     /// MTU: the TUN MTU is sized from the path to the gateway (the route's MTU, else the MTU of
-    /// the interface it leaves by) when the TUN comes up; the client file's `[network]
-    /// underlay_mtu` overrides. A packet too big for the tunnel is answered with an ICMP "too big".
+    /// the interface it leaves by) when the TUN comes up, and follows it in place when the link's
+    /// or route's MTU changes; the client file's `[network] underlay_mtu` overrides (and is not
+    /// followed). A packet too big for the tunnel is answered with an ICMP "too big".
     ///
     /// Signals: SIGINT/SIGTERM stop it; SIGHUP re-authenticates now (a fresh session, no packet
     /// lost); SIGUSR1 logs the data plane's counters.

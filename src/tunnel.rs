@@ -317,6 +317,15 @@ pub fn ipv6_disabled() -> bool {
 /// The smallest link MTU IPv6 allows (RFC 8200, section 5).
 pub const MIN_IPV6_MTU: u16 = 1280;
 
+/// Whether device `name` has IPv6 now (in the calling thread's namespace). Linux removes a
+/// device's IPv6 state (addresses, routes, its `conf` entry) when its MTU goes below
+/// [`MIN_IPV6_MTU`] and creates it afresh, empty, when the MTU is raised again.
+pub fn device_has_ipv6(name: &str) -> bool {
+    !ipv6_disabled()
+        && !name.contains('/')
+        && std::path::Path::new("/proc/sys/net/ipv6/conf").join(name).exists()
+}
+
 /// Creates, addresses and brings up a TUN device. Blocking ioctls (a few microseconds): fine to
 /// call from a task that does nothing else meanwhile.
 pub fn create_tun(spec: &TunSpec) -> Result<Tun, TunError> {
@@ -593,14 +602,24 @@ pub async fn pause(d: Duration) {
 /// Logs `what`'s counters (one info line) on every SIGUSR1, for operators and tests: the data
 /// plane never logs per packet, so this is how its drop counts are read from outside. Runs until
 /// the process ends; without a signal handler it does nothing.
-pub async fn log_stats_on_sigusr1(what: &'static str, counters: std::sync::Arc<Counters>) {
+///
+/// The handler is registered when this is called, not when the returned future is first polled:
+/// a signal that arrives before the spawned task runs must not meet the default action (which
+/// ends the process).
+pub fn log_stats_on_sigusr1(
+    what: &'static str,
+    counters: std::sync::Arc<Counters>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-        tracing::debug!("no SIGUSR1 handler: {what} counters are not dumped on demand");
-        return;
-    };
-    while usr1.recv().await.is_some() {
-        tracing::info!(target: "holdfast::dataplane", "{what} stats: {}", counters.stats());
+    let usr1 = signal(SignalKind::user_defined1());
+    async move {
+        let Ok(mut usr1) = usr1 else {
+            tracing::debug!("no SIGUSR1 handler: {what} counters are not dumped on demand");
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            tracing::info!(target: "holdfast::dataplane", "{what} stats: {}", counters.stats());
+        }
     }
 }
 
@@ -773,6 +792,18 @@ pub async fn send_gso(
             *gso = false;
             Box::pin(send_gso(sock, gso, buf, segment, dest)).await
         }
+        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+            // Segments bigger than the path: it just shrank, and the TUN MTU follows a moment
+            // later. Sent one by one: a socket that allows fragments (not the client's, which
+            // sets DF for path MTU discovery) has them fragmented instead of dropping the run;
+            // otherwise those too big fail the same way, counted. Also the case where the
+            // EMSGSIZE was an ICMP "too big" reported through this send (IP_RECVERR): then the
+            // one-by-one sends go through.
+            for d in buf.chunks(segment.max(1)) {
+                sock.send_to(d, dest).await?;
+            }
+            Ok(())
+        }
         other => other,
     }
 }
@@ -826,6 +857,23 @@ impl TunReader {
             slots: vec![0; stride * BATCH],
             stride,
             sizes: [0; BATCH],
+        }
+    }
+
+    /// The largest inner packet a slot holds.
+    pub fn capacity(&self) -> u16 {
+        u16::try_from(self.stride - wire::OVERHEAD).unwrap_or(u16::MAX)
+    }
+
+    /// Makes the slots hold inner packets of `mtu` bytes (the TUN MTU is about to grow): one
+    /// allocation per growth, never per packet; a smaller `mtu` keeps the slots as they are.
+    /// The slots of the last batch are gone afterwards: call between batches.
+    pub fn fit(&mut self, mtu: u16) {
+        let stride = wire::OVERHEAD + usize::from(mtu);
+        if stride > self.stride {
+            self.slots = vec![0; stride * BATCH];
+            self.stride = stride;
+            self.sizes = [0; BATCH];
         }
     }
 
@@ -1083,6 +1131,32 @@ pub async fn send_datagrams(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_sigusr1_handler_is_in_place_before_its_task_runs() {
+        let logger = log_stats_on_sigusr1("test", std::sync::Arc::default());
+        // Before the fix the handler was registered on the first poll: this signal would have met
+        // the default action and ended the test process.
+        // SAFETY: raise has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
+        let task = tokio::spawn(logger);
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished(), "the logger keeps listening");
+        task.abort();
+    }
+
+    #[test]
+    fn the_reader_grows_for_a_larger_mtu_and_never_shrinks() {
+        let mut r = TunReader::new(1216);
+        assert_eq!(r.capacity(), 1216);
+        assert_eq!(r.slot(BATCH - 1).len(), wire::OVERHEAD + 1216);
+        r.fit(1436);
+        assert_eq!(r.capacity(), 1436);
+        assert_eq!(r.slot(BATCH - 1).len(), wire::OVERHEAD + 1436, "every slot grew");
+        // A smaller path keeps the room: no allocation on the way down.
+        r.fit(1216);
+        assert_eq!(r.capacity(), 1436);
+    }
 
     #[test]
     fn too_big_answers_counted_rate_limited_and_behind_the_vnet_header() {

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use holdfast::client::status::{ClientStatus, SnapshotView, TransitionRecord};
 use holdfast::client::status_socket::{
-    self, DataPlaneSample, DropCount, Sampler, StatusQueryError, StatusReport, TunInfo,
+    self, DataPlaneSample, DropCount, PathMtuInfo, Sampler, StatusQueryError, StatusReport, TunInfo,
 };
 use holdfast::sansio::supervisor::{StateName, Timer};
 use holdfast::snapshot::{SessionKey, VpnAuthResponse};
@@ -73,6 +73,7 @@ fn sampler() -> Sampler {
             tx_packets: 20,
             tx_bytes: 2_345,
             drops: vec![DropCount::new("no session", 0), DropCount::new("replay", 4)],
+            path_mtu: Some(PathMtuInfo { outer: 1280, tun_mtu: 1280, bound: "link".into() }),
         })
     })
 }
@@ -158,6 +159,10 @@ async fn a_query_gets_the_status_without_the_key() {
     assert!(human.contains("gateway6:     fd00:64::1"), "{human}");
     assert!(human.contains("tunnel holdfast0 (ifindex 12)"), "{human}");
     assert!(human.contains("replay 4"), "{human}");
+    // The path's size, what bounds it, and the TUN's (kept at IPv6's 1280 under a 1280 path).
+    assert!(human.contains("path MTU:     1280 (link), TUN MTU 1280"), "{human}");
+    let p = r.data_plane.as_ref().and_then(|d| d.path_mtu.as_ref()).expect("path MTU in the report");
+    assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (1280, 1280, "link"));
 
     // A later status is what the next query sees.
     let mut next = healthy();

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use holdfast::client::status::{ClientStatus, SnapshotView, TransitionRecord};
 use holdfast::sansio::supervisor::{StateName, Status, Timer};
 use holdfast::snapshot::VpnAuthResponse;
-use holdfast::tui::{Action, App, DataPlaneSample, DropCount, TunInfo, render};
+use holdfast::tui::{Action, App, DataPlaneSample, DropCount, PathMtuInfo, TunInfo, render};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 use ratatui::buffer::Buffer;
@@ -115,6 +115,7 @@ fn sample(i: u64, rx: u64, tx: u64) -> DataPlaneSample {
             DropCount::new("replay", 1),
             DropCount::new("socket error", 0),
         ],
+        path_mtu: Some(PathMtuInfo { outer: 1420, tun_mtu: 1356, bound: "link".into() }),
     }
 }
 

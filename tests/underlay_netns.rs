@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use holdfast::client::status_socket::StatusReport;
-use leak_probes::route_table;
+use leak_probes::{StopOnDrop, route_table};
 use support::netns::{self, Netns};
 use support::{GatewayDir, Proc, fast_timings, holdfast_ok, s, status_of, wait_until};
 
@@ -141,15 +141,6 @@ impl Samples {
     fn observe(&self) {
         let from = self.taken.load(Ordering::Relaxed);
         assert!(wait_until(T, || self.taken.load(Ordering::Relaxed) >= from + 3), "sampler stalled");
-    }
-}
-
-/// Stops the sampler when the body ends, also on a panic, so the scope can end.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
     }
 }
 

@@ -9,11 +9,10 @@ use super::dns::PushedDns;
 use super::driver::OnSwap;
 use super::killswitch::KillSwitch;
 use super::routes::TunnelNetwork;
-use super::status_socket::{self, DataPlaneSample, DropCount, Sampler, TunInfo};
+use super::status_socket::{self, DataPlaneSample, DropCount, PathMtuInfo, Sampler, TunInfo};
 use super::{ClientHandle, ClientSettings};
 use crate::config::exit;
 use crate::tui::{self, DashboardExit};
-use crate::tunnel::Counters;
 
 const TARGET: &str = "holdfast::client";
 
@@ -107,7 +106,7 @@ pub async fn run(
         ks.clone(),
     ));
 
-    let sampler = sampler(dataplane.counters(), tun_name);
+    let sampler = sampler(dataplane.clone(), tun_name);
     let _status = match status_socket::serve(&socket, handle.status(), Some(sampler.clone()), ks_desc.clone()) {
         Ok(guard) => Some(guard),
         Err(e) => {
@@ -150,7 +149,7 @@ async fn network_up(
     loop {
         attempt += 1;
         let current = pushed.borrow_and_update().clone();
-        match TunnelNetwork::up(file, &current, on_underlay_change.clone()).await {
+        match TunnelNetwork::up(file, &current, on_underlay_change.clone(), dataplane.path_mtu()).await {
             Ok(net) => {
                 tracing::info!(target: TARGET, "routes up: {} via the tunnel", net.routes().len());
                 return Some(net);
@@ -185,12 +184,16 @@ async fn network_task(
         let _ = commands.try_send(super::driver::Command::UnderlayChanged);
     });
     let mut changes = dataplane.tun_changes();
+    // The device's IPv6 came back (the path grew past 1280 again): its routes go back as after
+    // a re-creation.
+    let mut readdressed = dataplane.tun_readdressed();
     let mut net = tokio::select! {
         n = network_up(&dataplane, &file, &on_underlay_change, &mut pushed) => n?,
         _ = stop.wait_for(|s| *s) => return None,
     };
     // The device the routes were installed on is the one current now.
     changes.mark_unchanged();
+    readdressed.mark_unchanged();
     restrict_dns(&*killswitch, &net);
     let current = gateways.borrow_and_update().clone();
     reach_gateways(&*killswitch, &mut net, &file, &current).await;
@@ -201,6 +204,7 @@ async fn network_task(
         // borrows of the channels that must not live across an await).
         let gateways_changed = tokio::select! {
             r = changes.changed() => if r.is_err() { return Some(net) } else { false },
+            r = readdressed.changed() => if r.is_err() { return Some(net) } else { false },
             r = gateways.changed(), if pushing => match r {
                 Ok(()) => true,
                 Err(_) => {
@@ -344,9 +348,15 @@ async fn stop(
 
 /// Maps the data plane's counters into what the dashboard and `holdfast status` show. Called a
 /// few times a second: relaxed atomic loads and one small vector.
-fn sampler(counters: Arc<Counters>, tun_name: String) -> Sampler {
+fn sampler(dataplane: ClientDataPlane, tun_name: String) -> Sampler {
+    let counters = dataplane.counters();
     Arc::new(move || {
         let s = counters.stats();
+        let path_mtu = dataplane.path_mtu().zip(dataplane.tun_mtu()).map(|(p, tun_mtu)| PathMtuInfo {
+            outer: p.outer(),
+            tun_mtu,
+            bound: p.bound().as_str().into(),
+        });
         let drops = DropCount::nonzero(&s);
         Some(DataPlaneSample {
             tun: (s.tun_ifindex != 0).then(|| TunInfo { name: tun_name.clone(), ifindex: s.tun_ifindex }),
@@ -356,6 +366,7 @@ fn sampler(counters: Arc<Counters>, tun_name: String) -> Sampler {
             tx_packets: s.tx_packets,
             tx_bytes: s.tx_bytes,
             drops,
+            path_mtu,
         })
     })
 }

@@ -11,11 +11,15 @@
 //!   ([`VpnAuthResponse::crypto`]), so they change exactly when the key does.
 //! - *Survives everything*: socket and TUN errors are counted in [`Counters`] and survived; at most
 //!   one log line per [`ERROR_LOG_EVERY`] per loop. When another program deletes the TUN device,
-//!   a keeper task brings up a new one with the same name, address and MTU (retrying with
-//!   backoff) and hands it to the two loops, which carry on with it: they are not restarted. The
-//!   routes and DNS follow through [`ClientDataPlane::tun_changes`]; the kill-switch names the
-//!   tunnel by name, so it holds throughout. An "unknown session" notice from the gateway
-//!   is passed on as a rate-limited nudge: a hint to the supervisor, which still decides.
+//!   a keeper task brings up a new one with the same name and address and the current MTU
+//!   (retrying with backoff) and hands it to the two loops, which carry on with it: they are not
+//!   restarted. The routes and DNS follow through [`ClientDataPlane::tun_changes`]; the
+//!   kill-switch names the tunnel by name, so it holds throughout. An "unknown session" notice
+//!   from the gateway is passed on as a rate-limited nudge: a hint to the supervisor, which
+//!   still decides.
+//! - *Follows the path*: the TUN MTU is set in place whenever the path's size changes
+//!   ([`PathMtu::changes`], see `follow_path_mtu`), without re-creating the device or restarting
+//!   the loops.
 //!
 //! Buffers are allocated once per loop; the per-packet path does not allocate.
 
@@ -31,7 +35,7 @@ use tokio::time::Instant;
 use tun_rs::AsyncDevice;
 
 use super::driver::{Command, OnSwap};
-use super::path_mtu::PathMtu;
+use super::path_mtu::{Ipv6Step, PathMtu, ipv6_step};
 use super::prober::{self, Ack, Prober};
 use super::routes;
 use crate::config::client::ClientFile;
@@ -154,6 +158,15 @@ struct Shared {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The path MTU, known once the bring-up found it; the send loop and the status read it.
     path: std::sync::OnceLock<Arc<PathMtu>>,
+    /// The TUN device's MTU (0 until it exists): what the path asks for, set on the device in
+    /// place by [`follow_path_mtu`] and given to a re-created device.
+    tun_mtu: watch::Sender<u16>,
+    /// The largest inner packet the send loop's read slots hold (0 until it runs): the TUN MTU
+    /// is raised only once they hold it, so no read is ever cut short.
+    reader_room: watch::Sender<u16>,
+    /// Bumped when the TUN device got its IPv6 address back in place (the path grew past
+    /// IPv6's minimum again): its IPv6 routes must be put back too.
+    readdressed: watch::Sender<u64>,
 }
 
 /// The client's data plane. Cheap to clone; all clones are the same data plane.
@@ -181,6 +194,9 @@ impl ClientDataPlane {
                 lost,
                 tasks: Mutex::new(Vec::new()),
                 path: std::sync::OnceLock::new(),
+                tun_mtu: watch::channel(0).0,
+                reader_room: watch::channel(0).0,
+                readdressed: watch::channel(0).0,
             }),
         }
     }
@@ -215,6 +231,12 @@ impl ClientDataPlane {
         self.shared.path.get().cloned()
     }
 
+    /// The TUN device's MTU now (`None` before the device exists). It follows the path
+    /// ([`ClientDataPlane::path_mtu`]) without re-creating the device.
+    pub fn tun_mtu(&self) -> Option<u16> {
+        Some(*self.shared.tun_mtu.borrow()).filter(|m| *m != 0)
+    }
+
     /// The live counters, for a status feed or a stats dump that outlives a borrow.
     pub fn counters(&self) -> Arc<Counters> {
         self.shared.counters.clone()
@@ -230,6 +252,12 @@ impl ClientDataPlane {
             r = up.wait_for(Option::is_some) => r.is_ok(),
             _ = stop.wait_for(|s| *s) => false,
         }
+    }
+
+    /// Changes whenever the TUN device got its IPv6 address back without being re-created (the
+    /// path grew past IPv6's 1280-byte minimum again): its IPv6 routes must be put back.
+    pub fn tun_readdressed(&self) -> watch::Receiver<u64> {
+        self.shared.readdressed.subscribe()
     }
 
     /// Changes whenever the TUN device is re-created (after another program deleted it): the
@@ -290,15 +318,19 @@ async fn bring_up(shared: Arc<Shared>) {
         },
     };
     let underlay = IpFamily::of_addr(cfg.gateway);
-    let mtu = match tunnel::tun_mtu(underlay_mtu, underlay) {
-        Ok(m) => m,
-        Err(e) => {
-            // A configuration error, not a transient one: retrying cannot help. Still not fatal:
-            // the control plane keeps running, and the status shows the data plane down.
-            tracing::error!(target: TARGET, "data plane not started: {e}");
-            return;
-        }
-    };
+    if cfg.underlay_mtu.is_some()
+        && let Err(e) = tunnel::tun_mtu(underlay_mtu, underlay)
+    {
+        // A configuration error, not a transient one: retrying cannot help. Still not fatal:
+        // the control plane keeps running, and the status shows the data plane down. (A path
+        // read from the system is floored instead: it may grow again.)
+        tracing::error!(target: TARGET, "data plane not started: {e}");
+        return;
+    }
+    let path = shared
+        .path
+        .get_or_init(|| Arc::new(PathMtu::new(underlay_mtu, underlay, cfg.underlay_mtu.is_some())))
+        .clone();
     let mut delay = BRINGUP_BACKOFF.0;
     let mut attempt = 0u32;
     let (tun, sock) = loop {
@@ -312,12 +344,18 @@ async fn bring_up(shared: Arc<Shared>) {
                 _ = stopped(stop.clone()) => return,
             }
         };
-        if attempt == 1
-            && let Some(why) = address6_for(&auth, mtu).1
-        {
-            tracing::warn!(target: TARGET, "{why}: the tunnel carries IPv4 only");
+        let spec = tun_spec(cfg, cfg.tun_name.clone(), &auth, path.inner());
+        if attempt == 1 {
+            match address6_for(&auth) {
+                (_, Some(why)) => tracing::warn!(target: TARGET, "{why}: the tunnel carries IPv4 only"),
+                (Some(_), None) if spec.address6.is_none() => tracing::warn!(
+                    target: TARGET,
+                    "TUN MTU {} is below the IPv6 minimum of 1280: the tunnel carries IPv4 only until the path grows",
+                    spec.mtu
+                ),
+                _ => {}
+            }
         }
-        let spec = tun_spec(cfg, cfg.tun_name.clone(), &auth, mtu);
         let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
             let any: IpAddr = match cfg.gateway {
                 IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
@@ -356,10 +394,7 @@ async fn bring_up(shared: Arc<Shared>) {
         sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
         cfg.gateway,
     );
-    let path = shared
-        .path
-        .get_or_init(|| Arc::new(PathMtu::new(underlay_mtu, underlay, cfg.underlay_mtu.is_some())))
-        .clone();
+    shared.tun_mtu.send_replace(tun.mtu);
     let gro = tunnel::enable_udp_gro(&sock);
     if !gro {
         tracing::debug!(target: TARGET, "no UDP GRO on this kernel: one datagram per receive");
@@ -390,40 +425,112 @@ async fn bring_up(shared: Arc<Shared>) {
         stop: shared.stop.subscribe(),
         raise_interval: cfg.pmtu_raise,
     };
-    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun.mtu, path));
+    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun.mtu, path.clone()));
     let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock, ack_tx));
     let mut tasks = vec![tx, rx, tokio::spawn(prober.run())];
     if let Some(auth) = created_with {
-        let spec = tun_spec(cfg, Some(tun.name), &auth, mtu);
-        tasks.push(tokio::spawn(keep_tun(shared.clone(), spec)));
+        tasks.push(tokio::spawn(keep_tun(shared.clone(), tun.name, auth.clone())));
+        tasks.push(tokio::spawn(follow_path_mtu(shared.clone(), path, address6_for(&auth).0)));
     }
     lock(&shared.tasks).extend(tasks);
 }
 
-/// How the TUN device is brought up, with its addresses: the one place that says so, for the
-/// first device and every re-created one.
+/// How the TUN device is brought up, with its addresses, for a TUN MTU of `mtu` (the path's
+/// usable inner MTU): the one place that says so, for the first device and every re-created one.
+/// Below IPv6's minimum the device gets no IPv6 address (the kernel would refuse it); see
+/// [`Ipv6Step`] for how it comes back.
 fn tun_spec(cfg: &ClientDataPlaneConfig, name: Option<String>, auth: &VpnAuthResponse, mtu: u16) -> TunSpec {
     TunSpec {
         name,
         address: auth.assigned_ip,
         prefix_len: auth.prefix_len,
-        address6: address6_for(auth, mtu).0,
+        address6: address6_for(auth).0.filter(|_| mtu >= tunnel::MIN_IPV6_MTU),
         mtu,
         offload: cfg.offload,
     }
 }
 
-/// The TUN device's IPv6 address and prefix length: the session's, unless this host cannot
-/// carry IPv6 on it (IPv6 disabled, or an MTU below IPv6's minimum); then `None` and why.
-fn address6_for(auth: &VpnAuthResponse, mtu: u16) -> (Option<(Ipv6Addr, u8)>, Option<String>) {
+/// The IPv6 address and prefix length the TUN device should have: the session's, unless this
+/// host has IPv6 disabled (then `None` and why). Whether the MTU allows it is [`tun_spec`]'s call.
+fn address6_for(auth: &VpnAuthResponse) -> (Option<(Ipv6Addr, u8)>, Option<String>) {
     match auth.assigned_ip6 {
         Some(_) if tunnel::ipv6_disabled() => (None, Some("IPv6 is disabled on this host".into())),
-        Some(ip6) if mtu >= tunnel::MIN_IPV6_MTU => (Some((ip6, auth.prefix_len6)), None),
-        Some(_) => (
-            None,
-            Some(format!("TUN MTU {mtu} is below the IPv6 minimum of 1280 (raise underlay_mtu)")),
-        ),
+        Some(ip6) => (Some((ip6, auth.prefix_len6)), None),
         None => (None, None),
+    }
+}
+
+/// How long the MTU follower waits for the send loop to make room for a larger MTU before it
+/// raises the device's anyway (the loop makes room as soon as it is between two batches).
+const READER_ROOM_WAIT: Duration = Duration::from_secs(2);
+
+/// Sets the TUN device's MTU in place each time the usable path MTU changes (the underlay
+/// watcher or discovery moved it), so the host's TCP sizes its segments for the path at once
+/// (and advertises segments the path carries back). The device is not re-created and the loops
+/// are not restarted: the send loop reads the limit per batch and grows its read slots before
+/// a larger MTU is set (it publishes them in `reader_room`). Across IPv6's 1280-byte minimum,
+/// the device's IPv6 address `address6` goes (the kernel's doing) and comes back (ours; the
+/// routes follow through `readdressed`). One log line per change.
+async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, address6: Option<(Ipv6Addr, u8)>) {
+    let mut changes = path.changes();
+    // A change between the device's creation and now is applied at once.
+    changes.mark_changed();
+    let mut stop = shared.stop.subscribe();
+    let mut outer = path.outer();
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = stop_requested(&mut stop) => return,
+        }
+        let want = *changes.borrow_and_update();
+        let was = *shared.tun_mtu.borrow();
+        if want == was {
+            continue;
+        }
+        let (was_outer, now_outer) = (outer, path.outer());
+        outer = now_outer;
+        if want > *shared.reader_room.borrow() {
+            let mut room = shared.reader_room.subscribe();
+            let made = tokio::time::timeout(READER_ROOM_WAIT, room.wait_for(|r| *r >= want)).await;
+            if !matches!(made, Ok(Ok(_))) {
+                tracing::debug!(target: TARGET, "the send loop has not made room for MTU {want}; raising it anyway");
+            }
+        }
+        // A device re-created from now on gets this MTU too.
+        shared.tun_mtu.send_replace(want);
+        let device = shared.device.borrow().clone();
+        let applied = match &device {
+            Some((_, tun)) => tun.set_mtu(want).map_err(|e| describe_io(&e)),
+            // Being re-created: the keeper uses `want`.
+            None => Ok(()),
+        };
+        let bound = path.bound().as_str();
+        let ipv6 = match (&applied, ipv6_step(was, want, address6.is_some()), address6, &device) {
+            (Ok(()), Ipv6Step::Lost, _, _) => {
+                "; IPv6 through the tunnel paused (below its 1280-byte minimum)".to_string()
+            }
+            (Ok(()), Ipv6Step::Restore, Some((ip6, len)), Some((_, tun))) => {
+                match tun.add_address_v6(ip6, len) {
+                    Ok(()) => {
+                        shared.readdressed.send_modify(|n| *n += 1);
+                        format!("; IPv6 {ip6} back on the tunnel")
+                    }
+                    Err(e) => format!("; IPv6 stays off the tunnel: cannot re-add {ip6}: {}", describe_io(&e)),
+                }
+            }
+            _ => String::new(),
+        };
+        match applied {
+            Ok(()) => tracing::info!(
+                target: TARGET,
+                "path MTU {was_outer} -> {now_outer} ({bound}): TUN MTU {was} -> {want}{ipv6}"
+            ),
+            Err(e) => tracing::warn!(
+                target: TARGET,
+                "path MTU {was_outer} -> {now_outer} ({bound}) but the TUN MTU cannot be set to {want} \
+                 (it was {was}): {e}; packets above {want} are answered too big"
+            ),
+        }
     }
 }
 
@@ -433,9 +540,9 @@ fn device_gone(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(libc::EBADFD)
 }
 
-/// Re-creates the TUN device (same name, address, MTU, offload) each time a loop reports it
+/// Re-creates the TUN device (same name, address, offload; the current MTU) each time a loop reports it
 /// gone, retrying with backoff, and hands the new one to the loops. One log line per incident.
-async fn keep_tun(shared: Arc<Shared>, spec: TunSpec) {
+async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>) {
     let mut lost = shared.lost.subscribe();
     let mut generation = 1u64;
     loop {
@@ -443,6 +550,8 @@ async fn keep_tun(shared: Arc<Shared>, spec: TunSpec) {
             r = lost.wait_for(|g| *g == generation) => if r.is_err() { return },
             _ = stopped(shared.stop.subscribe()) => return,
         }
+        // The MTU the path asks for now, not the first device's (and IPv6 if that allows it).
+        let spec = tun_spec(&shared.cfg, Some(name.clone()), &auth, *shared.tun_mtu.borrow());
         let since = Instant::now();
         let mut delay = TUN_RECREATE_BACKOFF.0;
         let mut attempts = 0u32;
@@ -465,6 +574,13 @@ async fn keep_tun(shared: Arc<Shared>, spec: TunSpec) {
                 }
             }
         };
+        // The path may have moved while it was being created.
+        let now = *shared.tun_mtu.borrow();
+        if now != spec.mtu
+            && let Err(e) = tun.device.set_mtu(now)
+        {
+            tracing::warn!(target: TARGET, "cannot set the re-created TUN device's MTU to {now}: {}", describe_io(&e));
+        }
         generation += 1;
         shared.counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
         if attempts == 1 {
@@ -510,7 +626,9 @@ async fn send_loop(
     let mut stop = shared.stop.subscribe();
     let mut devices = shared.device.subscribe();
     let Some((mut generation, mut tun)) = current_device(&mut devices, &mut stop).await else { return };
-    let mut reader = TunReader::new(tun_mtu);
+    let mut reader = TunReader::new(path.inner().max(tun_mtu));
+    shared.reader_room.send_replace(reader.capacity());
+    let mut path_changes = path.changes();
     let mut lens = [0usize; tunnel::BATCH];
     let mut gso = true;
     let mut keepalive_buf = [0u8; wire::OVERHEAD];
@@ -534,6 +652,15 @@ async fn send_loop(
                 }
                 if let Some((g, t)) = devices.borrow_and_update().clone() {
                     (generation, tun) = (g, t);
+                }
+                continue;
+            }
+            // A larger path: room in the read slots before the TUN MTU grows (see
+            // `follow_path_mtu`).
+            r = path_changes.changed() => {
+                if r.is_ok() {
+                    reader.fit(*path_changes.borrow_and_update());
+                    shared.reader_room.send_replace(reader.capacity());
                 }
                 continue;
             }

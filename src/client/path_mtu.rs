@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::sansio::inner::IpFamily;
 use crate::sansio::wire;
+use crate::tunnel::MIN_IPV6_MTU;
 
 /// No discovered bound: the link alone decides.
 const NONE: u16 = u16::MAX;
@@ -151,6 +152,34 @@ impl PathMtu {
     }
 }
 
+/// What a change of the TUN MTU from `was` to `now` means for the tunnel's IPv6, on a device
+/// that should carry it (`wanted`: the session has an IPv6 address and the host IPv6).
+///
+/// IPv6 needs links of at least 1280 bytes (RFC 8200) and Linux acts on it: a device set below
+/// 1280 loses its IPv6 addresses and routes, and raising the MTU again does not bring them back.
+/// The TUN still follows the path below 1280 (a device kept at 1280 would make the host's TCP
+/// advertise segments the path cannot carry back, and the gateway side would black-hole them);
+/// IPv6 through the tunnel pauses meanwhile (the kill-switch keeps it from leaking), and the
+/// address and routes are put back when the path grows again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Step {
+    /// Nothing changes for IPv6.
+    Keep,
+    /// The kernel is dropping the device's IPv6 now.
+    Lost,
+    /// The device can carry IPv6 again: re-add the address, then the routes.
+    Restore,
+}
+
+/// See [`Ipv6Step`].
+pub fn ipv6_step(was: u16, now: u16, wanted: bool) -> Ipv6Step {
+    match (wanted, was >= MIN_IPV6_MTU, now >= MIN_IPV6_MTU) {
+        (true, true, false) => Ipv6Step::Lost,
+        (true, false, true) => Ipv6Step::Restore,
+        _ => Ipv6Step::Keep,
+    }
+}
+
 /// The inner MTU over an outer one, never below [`MIN_INNER_MTU`].
 fn inner_for(outer: u16, underlay: IpFamily) -> u16 {
     wire::tun_mtu_over(outer, underlay).unwrap_or(MIN_INNER_MTU).max(MIN_INNER_MTU)
@@ -187,6 +216,23 @@ mod tests {
         assert_eq!(p.inner(), 1500 - 48 - wire::OVERHEAD as u16);
         p.set_link(300);
         assert_eq!(p.inner(), MIN_INNER_MTU);
+    }
+
+    #[test]
+    fn ipv6_pauses_below_1280_and_comes_back_above() {
+        use Ipv6Step::*;
+        // A 1500 link dropping to 1280 over IPv4: the TUN goes 1436 -> 1216, under IPv6's floor.
+        let p = PathMtu::new(1280, IpFamily::V4, false);
+        assert_eq!(ipv6_step(1436, p.inner(), true), Lost);
+        assert_eq!(ipv6_step(p.inner(), 1436, true), Restore);
+        // Exactly 1280 still carries IPv6; moves on either side of the floor change nothing.
+        assert_eq!(ipv6_step(1436, MIN_IPV6_MTU, true), Keep);
+        assert_eq!(ipv6_step(MIN_IPV6_MTU - 1, MIN_IPV6_MTU, true), Restore);
+        assert_eq!(ipv6_step(1216, 1100, true), Keep);
+        assert_eq!(ipv6_step(1400, 1300, true), Keep);
+        // A session (or host) without IPv6 has nothing to lose or restore.
+        assert_eq!(ipv6_step(1436, 1216, false), Keep);
+        assert_eq!(ipv6_step(1216, 1436, false), Keep);
     }
 
     #[test]

@@ -39,7 +39,9 @@
 //! The path is chosen from the `local` and `main` tables (longest prefix, then lowest metric,
 //! skipping dead and link-down next hops), as the default policy rules do; other policy rules
 //! are not followed. When the path or the source address towards the gateway changes, the watcher
-//! calls the client's hook (the supervisor rebuilds its control channel and checks at once).
+//! calls the client's hook (the supervisor rebuilds its control channel and checks at once). It
+//! also keeps the data plane's [`PathMtu`] on the MTU of that path (the chosen route's `mtu`
+//! metric, else its interface's MTU), so the TUN MTU follows a link or route whose MTU changes.
 //!
 //! After a crash (SIGKILL) the pin and the fallback stay, like the old host route did, until the
 //! next start or `holdfast client unblock` removes every route carrying [`ROUTE_PROTOCOL`].
@@ -60,6 +62,7 @@ use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
 use super::dataplane::DEFAULT_TUN_NAME;
 use super::dns::{Dns, DnsError, DnsGuard, PushedDns};
+use super::path_mtu::PathMtu;
 use crate::config::client::ClientFile;
 
 const TARGET: &str = "holdfast::routes";
@@ -494,36 +497,76 @@ async fn lookup_route(handle: &Handle, gateway: IpAddr) -> Result<RouteMessage, 
 /// (`ip route ... mtu N`, as a PPPoE or VPN set-up installs) if it has one, else the MTU of the
 /// interface it leaves by. What the TUN MTU is sized from when `underlay_mtu` is not set.
 pub async fn path_mtu(gateway: IpAddr) -> Result<u16, RoutesError> {
-    with_handle(|handle| async move {
-        let route = lookup_route(&handle, gateway).await?;
-        let route_mtu = route.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
-                RouteMetric::Mtu(mtu) => Some(*mtu),
+    with_handle(|handle| async move { path_mtu_on(&handle, gateway, None).await }).await
+}
+
+/// [`path_mtu`] over an open netlink connection. `pinned_over`: the TUN's index when the
+/// underlay watcher pins the gateway; then the kernel's answer for it is our pin, a host route
+/// without metrics, and the MTU metric is taken from the route the pin copies
+/// ([`underlay_route`]), as the kernel would apply it without the tunnel.
+async fn path_mtu_on(handle: &Handle, gateway: IpAddr, pinned_over: Option<u32>) -> Result<u16, RoutesError> {
+    let mut underlying = None;
+    if let Some(tun_index) = pinned_over {
+        let routes = dump(handle, gateway).await?;
+        if let (UnderlayChoice::Pin(u), route) = underlay_route(&routes, gateway, tun_index) {
+            underlying = Some((route.and_then(|r| r.mtu), u.oif));
+        }
+    }
+    let (route_mtu, oif) = match underlying {
+        Some(found) => found,
+        // Not pinned (a local or directly routed gateway, an administrator's host route): the
+        // kernel's own answer is the path.
+        None => {
+            let route = lookup_route(handle, gateway).await?;
+            (mtu_metric(&route.attributes), underlay_of(gateway, &route)?.oif)
+        }
+    };
+    let link_mtu = match route_mtu {
+        Some(_) => None,
+        None => {
+            let link = handle.link().get().match_index(oif).execute().try_next().await;
+            let no_link = |reason: String| RoutesError::NoPathToGateway { gateway, reason };
+            let link = link
+                .map_err(|e| no_link(format!("interface {oif}: {e}")))?
+                .ok_or_else(|| no_link(format!("interface {oif} is gone")))?;
+            link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(mtu) => Some(*mtu),
                 _ => None,
-            }),
-            _ => None,
-        });
-        let link_mtu = match route_mtu {
-            Some(_) => None,
-            None => {
-                let oif = underlay_of(gateway, &route)?.oif;
-                let link = handle.link().get().match_index(oif).execute().try_next().await;
-                let no_link = |reason: String| RoutesError::NoPathToGateway { gateway, reason };
-                let link = link
-                    .map_err(|e| no_link(format!("interface {oif}: {e}")))?
-                    .ok_or_else(|| no_link(format!("interface {oif} is gone")))?;
-                link.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::Mtu(mtu) => Some(*mtu),
-                    _ => None,
-                })
-            }
-        };
-        choose_path_mtu(route_mtu, link_mtu).ok_or_else(|| RoutesError::NoPathToGateway {
-            gateway,
-            reason: "neither the route nor its interface has an MTU".into(),
-        })
+            })
+        }
+    };
+    choose_path_mtu(route_mtu, link_mtu).ok_or_else(|| RoutesError::NoPathToGateway {
+        gateway,
+        reason: "neither the route nor its interface has an MTU".into(),
     })
-    .await
+}
+
+/// A route's MTU metric (`ip route ... mtu N`), if it has one.
+fn mtu_metric(attrs: &[RouteAttribute]) -> Option<u32> {
+    attrs.iter().find_map(|a| match a {
+        RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
+            RouteMetric::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// Brings `path`'s link bound up to date with the MTU of the path to `gateway` now (the route's
+/// MTU metric or its interface's MTU), unless `underlay_mtu` configures it. No path right now
+/// (link down) changes nothing: the last size stays until one returns. `pinned_over`: see
+/// [`path_mtu_on`].
+async fn follow_mtu(handle: &Handle, gateway: IpAddr, pinned_over: Option<u32>, path: Option<&PathMtu>) {
+    let Some(path) = path.filter(|p| !p.is_configured()) else { return };
+    match path_mtu_on(handle, gateway, pinned_over).await {
+        Ok(mtu) if mtu != path.link() => {
+            // The line that matters is the data plane's, when it applies the change.
+            tracing::debug!(target: TARGET, "path to the gateway {gateway}: MTU {} -> {mtu}", path.link());
+            path.set_link(mtu);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(target: TARGET, "path MTU not read: {e}"),
+    }
 }
 
 /// The path MTU from a route's MTU metric and its interface's MTU: the route's wins (it is set to
@@ -629,6 +672,8 @@ pub struct DumpedRoute {
     pub ours: bool,
     /// The next hops (one, or several for a multipath route).
     pub hops: Vec<NextHop>,
+    /// The route's MTU metric, if set (a path narrower than its link).
+    pub mtu: Option<u32>,
 }
 
 /// One next hop of a [`DumpedRoute`].
@@ -663,9 +708,19 @@ const TABLE_LOCAL: u32 = 255;
 /// those are exactly what must not decide the gateway's path. Of a multipath route, the first
 /// live next hop is taken.
 pub fn choose_underlay(routes: &[DumpedRoute], gateway: IpAddr, tun_index: u32) -> UnderlayChoice {
+    underlay_route(routes, gateway, tun_index).0
+}
+
+/// [`choose_underlay`], with the route that decided it (for a pin: the route the pin copies,
+/// whose MTU metric is the path's).
+pub fn underlay_route(
+    routes: &[DumpedRoute],
+    gateway: IpAddr,
+    tun_index: u32,
+) -> (UnderlayChoice, Option<&DumpedRoute>) {
     let covers = |r: &&DumpedRoute| r.net.contains(&gateway);
     if routes.iter().filter(covers).any(|r| r.table == TABLE_LOCAL && r.kind == RouteType::Local) {
-        return UnderlayChoice::Unpinned;
+        return (UnderlayChoice::Unpinned, None);
     }
     let mut main: Vec<&DumpedRoute> =
         routes.iter().filter(covers).filter(|r| r.table == TABLE_MAIN && !r.ours).collect();
@@ -677,21 +732,21 @@ pub fn choose_underlay(routes: &[DumpedRoute], gateway: IpAddr, tun_index: u32) 
                 match usable {
                     // Someone else's host route for the gateway: the kernel follows it already.
                     Some(_) if r.net.prefix_len() == r.net.max_prefix_len() => {
-                        return UnderlayChoice::Unpinned;
+                        return (UnderlayChoice::Unpinned, Some(r));
                     }
-                    Some(h) => return UnderlayChoice::Pin(Underlay { via: h.via, oif: h.oif }),
+                    Some(h) => return (UnderlayChoice::Pin(Underlay { via: h.via, oif: h.oif }), Some(r)),
                     // Dead, or through the tunnel: the kernel would not (or must not) use it.
                     None => continue,
                 }
             }
             // The administrator says the gateway is not reachable: do not route around that.
             RouteType::Unreachable | RouteType::BlackHole | RouteType::Prohibit | RouteType::Throw => {
-                return UnderlayChoice::NoPath;
+                return (UnderlayChoice::NoPath, Some(r));
             }
             _ => continue,
         }
     }
-    UnderlayChoice::NoPath
+    (UnderlayChoice::NoPath, None)
 }
 
 /// The pin for `choice`, if any.
@@ -768,6 +823,7 @@ pub fn parse_dumped(m: &RouteMessage) -> Option<DumpedRoute> {
         priority,
         ours: m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL),
         hops,
+        mtu: mtu_metric(&m.attributes).filter(|m| *m > 0),
     })
 }
 
@@ -791,16 +847,25 @@ pub struct UnderlayWatch {
 impl UnderlayWatch {
     /// Brings the gateway's routes up to date once (so the fallback and the pin are in place when
     /// this returns), then watches in a task. `pin`: whether the tunnel captures the gateway.
+    /// `path`: the client's path MTU, whose link bound follows the MTU of the path to `gateway`
+    /// (route MTU metric or interface MTU; RTM_NEWLINK and RTM_NEWROUTE wake the watcher).
     pub async fn start(
         gateway: IpAddr,
         tun_index: u32,
         pin: bool,
         on_change: UnderlayHook,
+        path: Option<Arc<PathMtu>>,
     ) -> Result<Self, RoutesError> {
         let pinned = pin.then_some(gateway);
-        let first = with_handle(|h| async move { look(&h, gateway, pinned, tun_index).await }).await?;
+        let follow = path.clone();
+        let first = with_handle(|h| async move {
+            let first = look(&h, gateway, pinned, tun_index).await?;
+            follow_mtu(&h, gateway, pinned.map(|_| tun_index), follow.as_deref()).await;
+            Ok(first)
+        })
+        .await?;
         describe_path(gateway, first, true);
-        let task = tokio::spawn(watch(gateway, pinned, tun_index, first, on_change));
+        let task = tokio::spawn(watch(gateway, pinned, tun_index, first, on_change, path));
         Ok(Self { gateway, pin, task: Some(task) })
     }
 
@@ -952,6 +1017,7 @@ async fn watch(
     tun_index: u32,
     mut last: PathSeen,
     on_change: UnderlayHook,
+    path: Option<Arc<PathMtu>>,
 ) {
     use futures_util::StreamExt as _;
     let mut last_loud: Option<tokio::time::Instant> = None;
@@ -977,6 +1043,7 @@ async fn watch(
                                     last = now;
                                     on_change();
                                 }
+                                follow_mtu(&handle, gateway, pin.map(|_| tun_index), path.as_deref()).await;
                                 WATCH_BACKSTOP
                             }
                             Err(e) => {
@@ -1026,11 +1093,14 @@ pub struct TunnelNetwork {
     /// The resolvers and search domains `dns` set (to tell whether a new snapshot changes them).
     dns_set: (Vec<IpAddr>, Vec<String>),
     tun: String,
+    /// The data plane's path MTU, which the watcher keeps following after a re-attach.
+    path_mtu: Option<Arc<PathMtu>>,
 }
 
 impl TunnelNetwork {
     /// Installs the routes, starts following the underlay (calling `on_underlay_change` on each
-    /// change of the path to the gateway), then points the resolver at the tunnel. On error
+    /// change of the path to the gateway, and keeping `path_mtu`'s link bound on the MTU of
+    /// that path), then points the resolver at the tunnel. On error
     /// everything done so far is undone and the error returned (nothing half-done stays).
     ///
     /// The resolvers are `[network] dns` applied to what the gateway pushed (`pushed`, from the
@@ -1039,11 +1109,12 @@ impl TunnelNetwork {
         file: &ClientFile,
         pushed: &PushedDns,
         on_underlay_change: UnderlayHook,
+        path_mtu: Option<Arc<PathMtu>>,
     ) -> Result<Self, NetworkError> {
         let net = &file.network;
         let (tun, _) = tun_and_cidrs(file);
         let routes = install_for_file(file).await?;
-        let underlay = Self::watch_underlay(file, on_underlay_change).await;
+        let underlay = Self::watch_underlay(file, on_underlay_change, path_mtu.clone()).await;
         let underlay = match underlay {
             Ok(u) => u,
             Err(e) => {
@@ -1055,7 +1126,7 @@ impl TunnelNetwork {
         };
         let dns_set = net.dns.effective(&pushed.servers, &pushed.search_domains);
         match Dns::apply(tun, &dns_set.0, &dns_set.1) {
-            Ok(dns) => Ok(Self { routes, underlay, dns, dns_set, tun: tun.to_owned() }),
+            Ok(dns) => Ok(Self { routes, underlay, dns, dns_set, tun: tun.to_owned(), path_mtu }),
             Err(e) => {
                 if let Err(undo) = Self::remove_routes(routes, underlay).await {
                     tracing::warn!(target: TARGET, "{undo}");
@@ -1095,12 +1166,18 @@ impl TunnelNetwork {
         Ok(true)
     }
 
-    /// Starts following the underlay for the file's gateway and TUN.
-    async fn watch_underlay(file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<UnderlayWatch, RoutesError> {
+    /// Starts following the underlay for the file's gateway and TUN. Of several gateways the
+    /// first is followed (its pin, and the path MTU): learnt gateways are pinned over its
+    /// underlay, so they share its way out and its size.
+    async fn watch_underlay(
+        file: &ClientFile,
+        on_underlay_change: UnderlayHook,
+        path_mtu: Option<Arc<PathMtu>>,
+    ) -> Result<UnderlayWatch, RoutesError> {
         let (tun, cidrs) = tun_and_cidrs(file);
         let gateway = file.endpoint.ip();
         let captured = captures(&cidrs, gateway);
-        UnderlayWatch::start(gateway, ifindex(tun)?, captured, on_underlay_change).await
+        UnderlayWatch::start(gateway, ifindex(tun)?, captured, on_underlay_change, path_mtu).await
     }
 
     /// Puts the routes (and per-link DNS settings) back on a TUN device that was re-created
@@ -1113,7 +1190,7 @@ impl TunnelNetwork {
         let routes = install_for_file(file).await?;
         // The old guard's routes are gone (with the device, or removed as stale just now).
         let _old = std::mem::replace(&mut self.routes, routes);
-        self.underlay = Self::watch_underlay(file, on_underlay_change).await?;
+        self.underlay = Self::watch_underlay(file, on_underlay_change, self.path_mtu.clone()).await?;
         self.dns.reattach(&self.dns_set.0, &self.dns_set.1)?;
         Ok(())
     }
@@ -1157,12 +1234,15 @@ async fn install_for_file(file: &ClientFile) -> Result<RouteGuard, RoutesError> 
 
 fn tun_and_cidrs(file: &ClientFile) -> (&str, Vec<IpNet>) {
     let net = &file.network;
+    let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
     let mut cidrs = tunnel_cidrs(net.routes.as_deref(), net.dns.configured());
-    if crate::tunnel::ipv6_disabled() {
-        // The kernel refuses IPv6 routes here; there is no IPv6 traffic to route either.
+    if !crate::tunnel::device_has_ipv6(tun) {
+        // The kernel refuses IPv6 routes on it (IPv6 disabled, or a TUN MTU below IPv6's
+        // minimum); there is no IPv6 traffic to route either. They are added when it has IPv6
+        // again (`ClientDataPlane::tun_readdressed` -> `TunnelNetwork::reattach`).
         cidrs.retain(|n| n.addr().is_ipv4());
     }
-    (net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME), cidrs)
+    (tun, cidrs)
 }
 
 /// The index of interface `name` in the calling thread's network namespace.
@@ -1335,6 +1415,7 @@ mod tests {
             priority,
             ours: false,
             hops,
+            mtu: None,
         }
     }
 
@@ -1442,6 +1523,27 @@ mod tests {
         // Default route gone: no path.
         assert_eq!(choose_underlay(&routes[1..5], gw, TUN), UnderlayChoice::NoPath);
         assert_eq!(default_metric(gw), 1024);
+    }
+
+    #[test]
+    fn a_pinned_gateways_path_mtu_is_the_metric_of_the_route_the_pin_copies() {
+        let gw: IpAddr = "203.0.113.7".parse().unwrap();
+        let mut routes = laptop();
+        // The wired default route says its path is narrower than the link (PPPoE behind it).
+        routes[0].mtu = Some(1492);
+        let (choice, route) = underlay_route(&routes, gw, TUN);
+        assert_eq!(choice, pin(Some("192.168.1.1"), 2));
+        assert_eq!(route.and_then(|r| r.mtu), Some(1492));
+        // Our own pin (no metric) never decides, however it is set.
+        assert!(routes.iter().any(|r| r.ours && r.net == IpNet::from(gw) && r.mtu.is_none()));
+        // Wired down: the wireless route, without a metric (its interface's MTU applies).
+        routes[0].hops[0].alive = false;
+        let (choice, route) = underlay_route(&routes, gw, TUN);
+        assert_eq!((choice, route.and_then(|r| r.mtu)), (pin(Some("10.0.0.1"), 3), None));
+        // The metric is read back from a netlink message.
+        let mut m = message(&RouteSpec::OnLink { dst: gw, oif: 2 });
+        m.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(1400)]));
+        assert_eq!(parse_dumped(&m).unwrap().mtu, Some(1400));
     }
 
     #[test]

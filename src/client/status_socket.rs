@@ -39,6 +39,28 @@ pub struct DataPlaneSample {
     /// Dropped packets by reason, in the order to show them (e.g. "no session",
     /// "decrypt failure", "replay", "socket error").
     pub drops: Vec<DropCount>,
+    /// The path MTU in use, once the data plane found it.
+    #[serde(default)]
+    pub path_mtu: Option<PathMtuInfo>,
+}
+
+/// The size of the path to the gateway and of the tunnel over it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathMtuInfo {
+    /// The usable outer (underlay) packet size, IP header included.
+    pub outer: u16,
+    /// The TUN device's MTU (at least 1280 while it carries IPv6, whatever the path).
+    pub tun_mtu: u16,
+    /// What bounds `outer`: "link" (the route or interface toward the gateway), "configured"
+    /// (`underlay_mtu`) or "discovered" (a smaller hop further along).
+    pub bound: String,
+}
+
+impl PathMtuInfo {
+    /// As `holdfast status` and the dashboard say it: "1280 (link), TUN MTU 1216".
+    pub fn describe(&self) -> String {
+        format!("{} ({}), TUN MTU {}", self.outer, self.bound, self.tun_mtu)
+    }
 }
 
 /// Packets dropped for one reason.
@@ -414,6 +436,9 @@ pub fn format_human(r: &StatusReport) -> String {
                 human::bytes(d.tx_bytes),
                 d.tx_packets
             );
+            if let Some(p) = &d.path_mtu {
+                let _ = writeln!(o, "  path MTU:     {}", p.describe());
+            }
             if !d.drops.is_empty() {
                 let drops: Vec<String> = d
                     .drops

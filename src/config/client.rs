@@ -102,7 +102,8 @@ pub struct NetworkSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tun_name: Option<String>,
     /// MTU of the path to the gateway, which the TUN MTU is derived from. Default: found when the
-    /// TUN comes up, from the route toward the gateway (its MTU, else its interface's).
+    /// TUN comes up, from the route toward the gateway (its MTU, else its interface's), and
+    /// followed at run time; set, it is used as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay_mtu: Option<u16>,
     /// Keepalive interval while idle, so NAT mappings survive (default 15 s).

@@ -13,8 +13,9 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::GatewayError;
 use super::fsutil::{self, Existing};
+use super::registry::file::FileStore;
 use super::registry::postgres::{Deployment, PgStore};
-use super::registry::{ClientState, Registry, RegistryError, RegistryStore, RevokeOutcome, check_name};
+use super::registry::{ClientState, RegistryError, RegistryStore, RevokeOutcome, check_name};
 use super::server::ControlPlane;
 use crate::config::ConfigError;
 use crate::config::client::{ClientFile, TlsSection};
@@ -267,7 +268,7 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
     let (config, config_text) = plan_init(a, &SharedValues::default())?;
     let authority = Authority::generate(&a.name)?;
     write_identity(&config, &authority)?;
-    super::registry::file::FileStore::new(&config.registry, config.subnet, config.gateway_ip, config.v6)
+    FileStore::new(&config.registry, config.subnet, config.gateway_ip, config.v6)
         .create()?;
     write_file(
         &config.dir.join(GATEWAY_FILE),
@@ -514,7 +515,7 @@ pub fn load_upgraded(dir: &Path) -> Result<(GatewayConfig, Vec<String>), Gateway
         // A registry that already holds IPv6 addresses lost its `subnet6` (an edit gone wrong):
         // a fresh random one would not contain them. Refused, naming the key (the registry's
         // own check says "... but gateway.toml has no `subnet6`"), and nothing is written.
-        Registry::load(&config.registry, config.subnet, config.gateway_ip, None)?;
+        FileStore::new(&config.registry, config.subnet, config.gateway_ip, None).check()?;
         let text = crate::config::read_config_text(&path)?;
         let subnet6 = random_ula();
         if let Some(new_text) = gwconf::upgrade_text(&text, subnet6) {
@@ -525,20 +526,15 @@ pub fn load_upgraded(dir: &Path) -> Result<(GatewayConfig, Vec<String>), Gateway
             config = upgraded;
         }
     }
-    if config.v6.is_some() {
-        let _lock = Registry::lock(&config.registry)?;
-        let mut registry =
-            Registry::load(&config.registry, config.subnet, config.gateway_ip, config.v6)?;
-        let named = registry.assign_missing_ip6()?;
-        if !named.is_empty() {
-            registry.save()?;
-            changes.push(format!(
-                "{}: gave {} client(s) an IPv6 address ({}); IPv4 addresses unchanged",
-                config.registry.display(),
-                named.len(),
-                named.join(", ")
-            ));
-        }
+    let named = FileStore::new(&config.registry, config.subnet, config.gateway_ip, config.v6)
+        .assign_missing_ip6()?;
+    if !named.is_empty() {
+        changes.push(format!(
+            "{}: gave {} client(s) an IPv6 address ({}); IPv4 addresses unchanged",
+            config.registry.display(),
+            named.len(),
+            named.join(", ")
+        ));
     }
     Ok((config, changes))
 }
@@ -828,15 +824,22 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
 /// On SIGUSR2, ends every session at once (an operator's way to make every client
 /// re-authenticate, e.g. after rotating the authority; the demo's "expire session" key). Clients
 /// learn it at their next health check or data packet and re-authenticate by themselves.
-async fn end_sessions_on_sigusr2(sessions: std::sync::Arc<super::SessionTable>) {
+/// The handler is registered at the call, before the gateway serves: a SIGUSR2 sent as soon as
+/// it answers must not meet the default action (which ends the process).
+fn end_sessions_on_sigusr2(
+    sessions: std::sync::Arc<super::SessionTable>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
-        tracing::debug!("no SIGUSR2 handler: sessions cannot be ended on demand");
-        return;
-    };
-    while usr2.recv().await.is_some() {
-        let ended = sessions.retain(|_| false);
-        tracing::info!(sessions = ended.len(), "SIGUSR2: ended every session; clients will re-authenticate");
+    let usr2 = signal(SignalKind::user_defined2());
+    async move {
+        let Ok(mut usr2) = usr2 else {
+            tracing::debug!("no SIGUSR2 handler: sessions cannot be ended on demand");
+            return;
+        };
+        while usr2.recv().await.is_some() {
+            let ended = sessions.retain(|_| false);
+            tracing::info!(sessions = ended.len(), "SIGUSR2: ended every session; clients will re-authenticate");
+        }
     }
 }
 

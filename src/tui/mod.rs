@@ -34,7 +34,7 @@ pub use render::render;
 
 use crate::client::ClientHandle;
 use crate::client::status_socket::StatusClock;
-pub use crate::client::status_socket::{DataPlaneSample, DropCount, Sampler, TunInfo};
+pub use crate::client::status_socket::{DataPlaneSample, DropCount, PathMtuInfo, Sampler, TunInfo};
 
 /// How often the dashboard redraws without a status change: countdowns and sparklines move at
 /// this rate. 4 Hz reads as live and costs nothing measurable.

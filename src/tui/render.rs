@@ -392,6 +392,9 @@ fn tunnel_panel(app: &App) -> Paragraph<'static> {
             };
             lines.push(Line::raw(dev));
             lines.push(Line::raw(format!("loops started {}x", s.loop_starts)));
+            if let Some(p) = &s.path_mtu {
+                lines.push(Line::from(vec![Span::styled("path MTU ", dim()), Span::raw(p.describe())]));
+            }
         }
         None => lines.push(Line::styled("data plane not up", dim())),
     }

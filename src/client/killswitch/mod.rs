@@ -502,7 +502,9 @@ impl NftKillSwitch {
 
     /// Brings the rules in force to the plan plus what was `learnt`, in place and in one
     /// transaction (nothing changes when they are already those). Logs `what` when it applied.
-    fn reapply(&self, learnt: &Learnt, what: &str) -> Result<(), KillSwitchError> {
+    /// The plan in force: the file's, plus what was learnt at run time (pushed resolvers, the
+    /// deployment's other gateways). What the rules are built from and what `describe` shows.
+    fn plan_in_force(&self, learnt: &Learnt) -> Result<KillSwitchPlan, KillSwitchError> {
         let mut plan = self.plan.clone();
         if plan.tunnel_dns().is_empty() {
             plan = plan.tunnel_dns_only(&learnt.tunnel_dns);
@@ -510,6 +512,11 @@ impl NftKillSwitch {
         for g in &learnt.gateways {
             plan = plan.with_gateway(g.ip(), g.port(), g.port())?;
         }
+        Ok(plan)
+    }
+
+    fn reapply(&self, learnt: &Learnt, what: &str) -> Result<(), KillSwitchError> {
+        let plan = self.plan_in_force(learnt)?;
         let next = Arc::new(rules::chains(&plan));
         if **self.rules.load() == *next {
             return Ok(());
@@ -623,7 +630,9 @@ impl KillSwitch for NftKillSwitch {
     }
 
     fn describe(&self) -> String {
-        let p = &self.plan;
+        // The learnt parts were checked when they were applied; should one fail now, the file's
+        // plan is still a true (if partial) description.
+        let p = &self.plan_in_force(&lock(&self.learnt)).unwrap_or_else(|_| self.plan.clone());
         let lan = match p.lan() {
             None => "no LAN".to_owned(),
             Some(nets) => {
@@ -640,7 +649,14 @@ impl KillSwitch for NftKillSwitch {
             Some(m) => format!(" [{}]", m.name()),
             None => String::new(),
         };
-        format!("nftables inet {TABLE}{mode}: only via {} and to {}; {lan}", p.tun_name, gws.join(", "))
+        let dns = match p.tunnel_dns() {
+            [] => String::new(),
+            list => {
+                let list: Vec<String> = list.iter().map(ToString::to_string).collect();
+                format!("; DNS in the tunnel only to {}", list.join(" "))
+            }
+        };
+        format!("nftables inet {TABLE}{mode}: only via {} and to {}; {lan}{dns}", p.tun_name, gws.join(", "))
     }
 }
 
@@ -816,6 +832,19 @@ mod tests {
             d,
             "nftables inet holdfast: only via holdfast0 and to 198.18.0.1 (tcp 51820, udp 51820); \
              LAN 10.1.0.0/16"
+        );
+    }
+
+    #[test]
+    fn describe_shows_what_was_learnt_at_run_time() {
+        let ks = NftKillSwitch::new(plan4());
+        // Not enabled: the rules are only recomputed, nothing is applied.
+        ks.allow_gateways(&["198.18.0.9:51821".parse().unwrap()]).unwrap();
+        ks.restrict_tunnel_dns(&["100.64.0.1".parse().unwrap()]).unwrap();
+        assert_eq!(
+            ks.describe(),
+            "nftables inet holdfast: only via holdfast0 and to 198.18.0.1 (tcp 51820, udp 51820), \
+             198.18.0.9 (tcp 51821, udp 51821); no LAN; DNS in the tunnel only to 100.64.0.1"
         );
     }
 

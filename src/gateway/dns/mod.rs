@@ -384,14 +384,18 @@ impl GatewayResolver {
     }
 }
 
-/// Logs the resolver's counters on every SIGUSR1 (beside the data plane's).
-pub async fn log_stats_on_sigusr1(counters: Arc<DnsCounters>) {
+/// Logs the resolver's counters on every SIGUSR1 (beside the data plane's). Registered at the
+/// call, like [`crate::tunnel::log_stats_on_sigusr1`].
+pub fn log_stats_on_sigusr1(counters: Arc<DnsCounters>) -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-        return;
-    };
-    while usr1.recv().await.is_some() {
-        tracing::info!(target: TARGET, "resolver stats: {}", counters.stats());
+    let usr1 = signal(SignalKind::user_defined1());
+    async move {
+        let Ok(mut usr1) = usr1 else {
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            tracing::info!(target: TARGET, "resolver stats: {}", counters.stats());
+        }
     }
 }
 

@@ -74,6 +74,30 @@ impl FileStore {
         Ok((outcome, ip))
     }
 
+    /// Checks that the file can be read (what an upgrade must know before it writes anything):
+    /// a registry that holds IPv6 addresses while this store has no IPv6 subnet is refused,
+    /// naming the missing `subnet6`.
+    pub fn check(&self) -> Result<(), RegistryError> {
+        Registry::load(&self.path, self.subnet, self.gateway_ip, self.v6).map(drop)
+    }
+
+    /// The file-store counterpart of the database's migration 2: gives every client without an
+    /// IPv6 address one from the subnet (IPv4 addresses unchanged), under the edit lock. Returns
+    /// the names of the clients it gave one; nothing is written when there are none (or no
+    /// IPv6 subnet).
+    pub fn assign_missing_ip6(&self) -> Result<Vec<String>, RegistryError> {
+        if self.v6.is_none() {
+            return Ok(Vec::new());
+        }
+        let _lock = Registry::lock(&self.path)?;
+        let mut registry = Registry::load(&self.path, self.subnet, self.gateway_ip, self.v6)?;
+        let named = registry.assign_missing_ip6()?;
+        if !named.is_empty() {
+            registry.save()?;
+        }
+        Ok(named)
+    }
+
     /// Every entry.
     pub fn clients(&self) -> Result<Vec<ClientEntry>, RegistryError> {
         Ok(Registry::load(&self.path, self.subnet, self.gateway_ip, self.v6)?
