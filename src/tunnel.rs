@@ -423,9 +423,11 @@ fn setsockopt_int(sock: &UdpSocket, level: libc::c_int, name: libc::c_int, value
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
-/// What an error-queue entry says about the path MTU: the MTU of the hop that refused a
-/// datagram, for an ICMP "fragmentation needed" (IPv4), "packet too big" (IPv6) or a local
-/// EMSGSIZE; `None` for any other error (unreachable ports and hosts, ...).
+/// What an error-queue entry says about the path MTU further along: the MTU of the hop that
+/// refused a datagram, for an ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6);
+/// `None` for any other error (unreachable ports and hosts, ...). A local EMSGSIZE is not a
+/// hint: it is about our own link, which the underlay watcher follows (taken as a mid-path
+/// bound, it would hold the path small after the link grew back).
 pub fn mtu_of_error(e: &libc::sock_extended_err) -> Option<u16> {
     const ICMP_DEST_UNREACH: u8 = 3;
     const ICMP_FRAG_NEEDED: u8 = 4;
@@ -433,7 +435,6 @@ pub fn mtu_of_error(e: &libc::sock_extended_err) -> Option<u16> {
     let mtu = match e.ee_origin {
         libc::SO_EE_ORIGIN_ICMP if e.ee_type == ICMP_DEST_UNREACH && e.ee_code == ICMP_FRAG_NEEDED => e.ee_info,
         libc::SO_EE_ORIGIN_ICMP6 if e.ee_type == ICMPV6_PKT_TOOBIG => e.ee_info,
-        libc::SO_EE_ORIGIN_LOCAL if e.ee_errno == libc::EMSGSIZE as u32 => e.ee_info,
         _ => return None,
     };
     // 0 (an old router that does not say) tells us nothing usable.
@@ -800,12 +801,44 @@ pub async fn send_gso(
             // EMSGSIZE was an ICMP "too big" reported through this send (IP_RECVERR): then the
             // one-by-one sends go through.
             for d in buf.chunks(segment.max(1)) {
-                sock.send_to(d, dest).await?;
+                match sock.send_to(d, dest).await {
+                    Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                        send_fragmentable(sock, d, dest)?;
+                    }
+                    other => drop(other?),
+                }
             }
             Ok(())
         }
         other => other,
     }
+}
+
+/// Sends `d` once with local fragmentation allowed, on a socket that otherwise sets DF for path
+/// MTU discovery ([`set_path_mtu_probing`]): the socket's mode is switched for this one send and
+/// put back at once, with no await in between. Only for data caught by a link that just shrank
+/// (rare: the TUN MTU follows within milliseconds), which is better fragmented than lost. A
+/// probe the prober sends in those microseconds could be fragmented too; the next confirmation
+/// catches what that got wrong.
+fn send_fragmentable(sock: &UdpSocket, d: &[u8], dest: SocketAddr) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let (level, name, want) = match dest {
+        SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT),
+        SocketAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT),
+    };
+    let mut before: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket fd, and a c_int out-value of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), level, name, (&mut before as *mut libc::c_int).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    setsockopt_int(sock, level, name, want)?;
+    let sent = sock.try_send_to(d, dest);
+    setsockopt_int(sock, level, name, before)?;
+    sent
 }
 
 fn sendmsg_gso(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
@@ -1212,15 +1245,12 @@ mod tests {
         assert_eq!(mtu_of_error(&e), Some(1280));
         e.ee_info = 0;
         assert_eq!(mtu_of_error(&e), None, "a router that does not say");
+        e.ee_info = 70000;
+        assert_eq!(mtu_of_error(&e), None, "not a size");
         e.ee_origin = libc::SO_EE_ORIGIN_LOCAL;
         e.ee_errno = libc::EMSGSIZE as u32;
         e.ee_info = 1400;
-        assert_eq!(mtu_of_error(&e), Some(1400));
-        e.ee_errno = libc::ECONNREFUSED as u32;
-        assert_eq!(mtu_of_error(&e), None);
-        e.ee_errno = libc::EMSGSIZE as u32;
-        e.ee_info = 70000;
-        assert_eq!(mtu_of_error(&e), None, "not a size");
+        assert_eq!(mtu_of_error(&e), None, "our own link: the underlay watcher's");
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!   test. Every probe carries the size confirmed this way (`down_ok`), which the gateway keeps
 //!   per session and sizes its packets to this client by; a change is sent at once.
 //! - **Hints**: the socket has `IP_RECVERR`; an ICMP "fragmentation needed"/"packet too big"
-//!   for a datagram to the gateway (or a local EMSGSIZE) lowers the up size at once.
+//!   for a datagram to the gateway lowers the up size at once. (Our own link's size is the
+//!   underlay watcher's: the search's max follows [`PathMtu::link`].)
 //!
 //! Sizes inside the search are outer packet sizes (IP and UDP headers included), like
 //! [`PathMtu`]'s. Probes are rare (one per round trip while searching, one per
@@ -84,6 +85,9 @@ impl Prober {
         let mut down_ok = link.saturating_sub(hdr);
         let mut down_bound = None;
         let mut announce_down = false;
+        // Wakes the loop when the usable size changes, a change of the link among them (the
+        // underlay watcher's `set_link`): the searches then follow the new max at once.
+        let mut changes = self.path.changes();
         loop {
             let now = Instant::now().into_std();
             // The link's MTU followed at run time (the underlay watcher): search below it.
@@ -148,6 +152,11 @@ impl Prober {
                         }
                     });
                 }
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                }
                 _ = sleep_until(wake) => {}
             }
             self.publish(&up);
@@ -211,7 +220,8 @@ impl Prober {
         let Ok(n) = sealed else { return };
         let dest = SocketAddr::from(((self.gateway)(&auth), auth.data_port));
         if let Err(e) = self.sock.send_to(&buf[..n], dest).await {
-            // EMSGSIZE: larger than the local link; the hint is on the error queue too.
+            // EMSGSIZE: larger than the local link, which just shrank: the search's max follows
+            // it at the next wake-up; the probe counts as lost meanwhile.
             tracing::trace!(target: TARGET, "probe of {size} not sent: {e}");
         }
     }
