@@ -107,7 +107,15 @@ impl World {
 /// A running client with its log folder.
 struct Client {
     proc: Proc,
-    _logs: tempfile::TempDir,
+    logs: tempfile::TempDir,
+}
+
+impl Client {
+    /// The client's path MTU as `holdfast status` shows it: (outer, TUN MTU, bound).
+    fn path_mtu(&self) -> Option<(u16, u16, String)> {
+        let r = support::status_of(&self.logs.path().join("client.sock"));
+        r.data_plane.and_then(|d| d.path_mtu).map(|p| (p.outer, p.tun_mtu, p.bound))
+    }
 }
 
 fn start_client(w: &World, name: &str, edit: impl FnOnce(&mut holdfast::config::client::ClientFile)) -> Client {
@@ -118,7 +126,7 @@ fn start_client(w: &World, name: &str, edit: impl FnOnce(&mut holdfast::config::
     });
     let mut proc = w.gw.run_client(name, &file);
     proc.wait_for(&["data plane up"], T);
-    Client { proc, _logs: logs }
+    Client { proc, logs }
 }
 
 /// One iperf3 run of `secs` seconds through the tunnel to the gateway (`reverse`: gateway to
@@ -217,6 +225,13 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
         gateway_path_mtu(&w),
         client.proc.all_lines().join("\n"),
         gateway.all_lines().join("\n")
+    );
+    // The client's status says so, and its TUN follows (its own TCP then starts at the right
+    // size).
+    assert!(
+        wait_until(T, || client.path_mtu() == Some((1280, 1216, "discovered".into()))),
+        "{:?}",
+        client.path_mtu()
     );
     let text = holdfast_ok(&["gateway", "status", "--dir", s(w.gw.path())]);
     assert!(text.contains(&format!("path MTU:     {INNER_AT_1280}")), "{text}");
