@@ -1,4 +1,4 @@
-//! The data-plane keys of the client file (`[network] offload`, `coalesce_writes`): defaults are
+//! The data-plane keys of the client file (`[network] offload`, `coalesce_writes`, `pmtu_raise`): defaults are
 //! the fastest setting, each can be turned off, and a contradiction is refused with the key named.
 
 use std::path::Path;
@@ -34,4 +34,20 @@ fn coalescing_without_offload_is_refused_naming_the_key() {
         other => panic!("expected Malformed, got {other:?}"),
     }
     assert!(matches!(modes("offload = \"yes\""), Err(ConfigError::Malformed { .. })));
+}
+
+#[test]
+fn pmtu_raise_defaults_to_rfc_8899s_ten_minutes_and_nonsense_is_refused_naming_the_key() {
+    let raise = |network: &str| {
+        ClientFile::parse(&format!("{BASE}{network}"), Path::new("client.toml"))
+            .map(|f| ClientDataPlaneConfig::from_file(&f).pmtu_raise)
+    };
+    assert_eq!(raise("").expect("default"), std::time::Duration::from_secs(600));
+    assert_eq!(raise("pmtu_raise = \"30s\"").expect("parses"), std::time::Duration::from_secs(30));
+    for bad in ["pmtu_raise = \"0s\"", "pmtu_raise = \"500ms\"", "pmtu_raise = \"2days\""] {
+        match raise(bad) {
+            Err(ConfigError::Malformed { reason, .. }) => assert!(reason.contains("pmtu_raise"), "{reason}"),
+            other => panic!("{bad}: expected Malformed, got {other:?}"),
+        }
+    }
 }
