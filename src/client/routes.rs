@@ -518,7 +518,18 @@ async fn path_mtu_on(handle: &Handle, gateway: IpAddr, pinned_over: Option<u32>)
         // kernel's own answer is the path.
         None => {
             let route = lookup_route(handle, gateway).await?;
-            (mtu_metric(&route.attributes), underlay_of(gateway, &route)?.oif)
+            let oif = underlay_of(gateway, &route)?.oif;
+            let metric = if from_exception(&route.attributes) {
+                // The kernel's answer carries a size it learnt from an ICMP error (an exception
+                // that expires), not the route's own metric: that is discovery's (the prober's)
+                // to use, and taken as the link's it would cap every raise. The route's own
+                // metric, then, from the table itself.
+                let routes = dump(handle, gateway).await?;
+                underlay_route(&routes, gateway, 0).1.and_then(|r| r.mtu)
+            } else {
+                mtu_metric(&route.attributes)
+            };
+            (metric, oif)
         }
     };
     let link_mtu = match route_mtu {
@@ -542,6 +553,12 @@ async fn path_mtu_on(handle: &Handle, gateway: IpAddr, pinned_over: Option<u32>)
 }
 
 /// A route's MTU metric (`ip route ... mtu N`), if it has one.
+/// Whether a route lookup's answer comes from a path-MTU exception (the kernel fills the MTU
+/// metric of such an answer with the learnt size, and only such an answer has an expiry).
+fn from_exception(attrs: &[RouteAttribute]) -> bool {
+    attrs.iter().any(|a| matches!(a, RouteAttribute::CacheInfo(ci) if ci.expires != 0))
+}
+
 fn mtu_metric(attrs: &[RouteAttribute]) -> Option<u32> {
     attrs.iter().find_map(|a| match a {
         RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
@@ -1258,6 +1275,23 @@ fn ifindex(name: &str) -> Result<u32, RoutesError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_lookup_answered_from_a_path_mtu_exception_is_told_apart() {
+        use rtnetlink::packet_route::route::RouteCacheInfo;
+        let exception = |expires: u32| {
+            // struct rta_cacheinfo: eight native-endian u32, `expires` the third.
+            let mut raw = [0u8; 32];
+            raw[8..12].copy_from_slice(&expires.to_ne_bytes());
+            vec![
+                RouteAttribute::Metrics(vec![RouteMetric::Mtu(1280)]),
+                RouteAttribute::CacheInfo(RouteCacheInfo::parse(&raw).unwrap()),
+            ]
+        };
+        assert!(from_exception(&exception(58_000)));
+        assert!(!from_exception(&exception(0)));
+        assert!(!from_exception(&[RouteAttribute::Metrics(vec![RouteMetric::Mtu(1400)])]));
+    }
+
     #[test]
     fn path_mtu_prefers_the_route_metric_then_the_link() {
         assert_eq!(choose_path_mtu(Some(1400), Some(1500)), Some(1400));
