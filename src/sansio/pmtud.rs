@@ -108,6 +108,9 @@ enum Role {
     Confirm,
     /// The size in use (the value) failed its confirmation: does the base still get through?
     Verify(u16),
+    /// A search step of this size was lost: does the base still get through? Only then is the
+    /// size too big; a path that went down meanwhile must not leave the search believing so.
+    VerifyStep(u16),
 }
 
 /// The discovery state of one direction of one path.
@@ -295,6 +298,12 @@ impl Search {
                     self.too_big = Some(suspect);
                     self.restart(now);
                 }
+                Role::VerifyStep(suspect) => {
+                    // The base gets through, the step did not: the step is too big, and so
+                    // (the first step being the link's max) the path is smaller than its link.
+                    self.too_big = Some(self.too_big.map_or(suspect, |t| t.min(suspect)));
+                    self.limited = true;
+                }
             }
         }
         if size > self.confirmed {
@@ -341,7 +350,7 @@ impl Search {
     /// `f` was lost `max_probes` times in a row. Returns the probe to send now, if any (the
     /// base, to tell a black hole from an outage).
     fn lost(&mut self, f: InFlight, now: Instant) -> Option<InFlight> {
-        let outage = matches!(f.role, Role::Verify(_)) || f.size <= self.cfg.base;
+        let outage = matches!(f.role, Role::Verify(_) | Role::VerifyStep(_)) || f.size <= self.cfg.base;
         if outage {
             // Not even the base gets through: the path is down, not small. Nothing changes;
             // probing resumes (a confirmation, or the search where it was) after a while.
@@ -351,15 +360,11 @@ impl Search {
             }
             return None;
         }
-        match f.role {
-            Role::Confirm => Some(InFlight { size: self.cfg.base, sent: now, attempt: 1, role: Role::Verify(f.size) }),
-            _ => {
-                self.too_big = Some(self.too_big.map_or(f.size, |t| t.min(f.size)));
-                // The link's max does not fit: the path is smaller than its link.
-                self.limited = true;
-                None
-            }
-        }
+        let role = match f.role {
+            Role::Confirm => Role::Verify(f.size),
+            _ => Role::VerifyStep(f.size),
+        };
+        Some(InFlight { size: self.cfg.base, sent: now, attempt: 1, role })
     }
 
     /// The next size a search probes, or `None` when it is done.
@@ -497,6 +502,22 @@ mod tests {
         let mut sim = Sim::new(cfg(1500));
         sim.run(0, Duration::from_secs(30));
         assert_eq!(sim.search.bound(), None);
+        sim.run(1500, Duration::from_secs(20));
+        assert_eq!((sim.search.bound(), sim.search.confirmed()), (None, 1500));
+    }
+
+    #[test]
+    fn an_outage_in_the_middle_of_a_search_concludes_nothing() {
+        // The path goes down right after the base got through: every step of the search that
+        // follows is lost, and so is the base that verifies it.
+        let mut sim = Sim::new(cfg(1500));
+        let t = sim.now;
+        assert_eq!(sim.search.poll_probe(t), Some(1280));
+        sim.now += sim.rtt;
+        sim.search.on_ack(1280, sim.now);
+        sim.run(0, Duration::from_secs(60));
+        assert_eq!(sim.search.bound(), None, "an outage lowers nothing");
+        // Back up: the search goes on where it was and finds the link's size.
         sim.run(1500, Duration::from_secs(20));
         assert_eq!((sim.search.bound(), sim.search.confirmed()), (None, 1500));
     }
