@@ -226,8 +226,7 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
     // Discovered: the client's own direction (ICMP says 1280, or the probes find it), and the
     // gateway's, which the gateway then sizes its packets to this client by.
     let mut client = start_client(&w, "auto", |_| {});
-    client.proc.wait_for(&["path MTU to the gateway: 12"], T);
-    client.proc.wait_for(&["path MTU from the gateway: 12"], T);
+    client.proc.wait_for_each(&["path MTU to the gateway: 12", "path MTU from the gateway: 12"], T);
     assert!(
         wait_until(T, || gateway_path_mtu(&w).is_some_and(|m| m <= INNER_AT_1280)),
         "the gateway sizes the session to the path: {:?}\nclient:\n{}\ngateway:\n{}",
@@ -298,9 +297,9 @@ fn without_any_icmp_probing_alone_finds_the_hop_and_a_path_that_grows_back_is_ra
 
     let mut client = start_client(&w, "blind", |f| f.network.pmtu_raise = Some(RAISE));
     let up_at = Instant::now();
-    let line = client.proc.wait_for(&["path MTU to the gateway: 12"], DISCOVERY_BOUND);
-    eprintln!("found in {:?}: {line}", up_at.elapsed());
-    client.proc.wait_for(&["path MTU from the gateway: 12"], DISCOVERY_BOUND);
+    let lines =
+        client.proc.wait_for_each(&["path MTU to the gateway: 12", "path MTU from the gateway: 12"], DISCOVERY_BOUND);
+    eprintln!("found in {:?}: {lines:?}", up_at.elapsed());
     assert!(up_at.elapsed() <= DISCOVERY_BOUND + Duration::from_secs(1));
     both_ways(w.client_ns(), &client, "no ICMP");
     assert!(gateway_path_mtu(&w).is_some_and(|m| m <= INNER_AT_1280), "{:?}", gateway_path_mtu(&w));
@@ -308,8 +307,10 @@ fn without_any_icmp_probing_alone_finds_the_hop_and_a_path_that_grows_back_is_ra
     // The hop grows back: after the raise interval both directions are probed up again.
     w.router.ip(&["link", "set", "hfr2", "mtu", "1500"]);
     let grown = Instant::now();
-    client.proc.wait_for(&["path MTU to the gateway: the link's 1500 again"], RAISE + DISCOVERY_BOUND);
-    client.proc.wait_for(&["path MTU from the gateway: the link's 1500 again"], RAISE + DISCOVERY_BOUND);
+    client.proc.wait_for_each(
+        &["path MTU to the gateway: the link's 1500 again", "path MTU from the gateway: the link's 1500 again"],
+        RAISE + DISCOVERY_BOUND,
+    );
     eprintln!("raised {:?} after the hop grew", grown.elapsed());
     assert!(
         wait_until(T, || gateway_path_mtu(&w) == Some(1500 - 28 - 36)),
@@ -329,8 +330,7 @@ fn over_an_ipv6_underlay_the_hop_is_found_both_ways() {
     let mut w = World::new(true, false);
     let mut client = start_client(&w, "six", |_| {});
     // IPv6's minimum: the base itself, 1280 - 48 (IPv6 + UDP) - 36 inner bytes.
-    client.proc.wait_for(&["path MTU to the gateway: 1280"], DISCOVERY_BOUND);
-    client.proc.wait_for(&["path MTU from the gateway: 1280"], DISCOVERY_BOUND);
+    client.proc.wait_for_each(&["path MTU to the gateway: 1280", "path MTU from the gateway: 1280"], DISCOVERY_BOUND);
     let inner = 1280 - 48 - 36;
     assert!(
         wait_until(T, || gateway_path_mtu(&w) == Some(inner)),

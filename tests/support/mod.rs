@@ -96,6 +96,37 @@ impl Proc {
         }
     }
 
+    /// Waits (bounded) until each of `needles` was in some line from now on, in any order (two
+    /// tasks logging independently may log in either order). Returns the matching lines in
+    /// the order of `needles`.
+    pub fn wait_for_each(&mut self, needles: &[&str], within: Duration) -> Vec<String> {
+        let end = Instant::now() + within;
+        let mut found: Vec<Option<String>> = vec![None; needles.len()];
+        while found.iter().any(Option::is_none) {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    for (n, f) in needles.iter().zip(found.iter_mut()) {
+                        if f.is_none() && line.contains(n) {
+                            *f = Some(line.clone());
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    let alive = self.is_alive();
+                    let missing: Vec<&str> =
+                        needles.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(n, _)| *n).collect();
+                    panic!(
+                        "{}: no line with {missing:?} within {within:?}; alive={alive}; output:\n{}",
+                        self.name,
+                        self.all_lines().join("\n")
+                    )
+                }
+            }
+        }
+        found.into_iter().flatten().collect()
+    }
+
     /// Every line seen so far.
     pub fn all_lines(&self) -> Vec<String> {
         self.seen.lock().expect("lock").clone()
