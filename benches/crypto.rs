@@ -35,6 +35,7 @@ use holdfast::sansio::replay::ReplayWindow;
 use holdfast::sansio::seal::{Direction, SessionCipher, TxCounter};
 use holdfast::sansio::wire::{HEADER_LEN, OVERHEAD, parse_header};
 use holdfast::snapshot::{SessionId, SessionKey};
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 const SID: SessionId = SessionId(0x0123_4567_89ab_cdef);
@@ -76,6 +77,7 @@ fn report(name: &str, size: Option<usize>, ns: f64) {
 fn main() {
     let cipher = SessionCipher::new(&SessionKey::new(KEY));
     let ring_key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &KEY).expect("32-byte key"));
+    let rc_key = Aes256Gcm::new(&KEY.into());
     let dir = Direction::ClientToGateway;
     let mut buf = vec![0u8; 2048];
     let mut sealed = vec![0u8; 2048];
@@ -88,7 +90,7 @@ fn main() {
                 .expect("seal");
             black_box(n);
         });
-        report("seal (aes-gcm 0.11)", Some(size), ns);
+        report("seal (SessionCipher)", Some(size), ns);
 
         let n = cipher
             .seal_data(dir, SID, 7, &mut sealed, size)
@@ -103,7 +105,7 @@ fn main() {
             black_box(o);
         });
         report(
-            "open (aes-gcm 0.11, copy excluded)",
+            "open (SessionCipher, copy excluded)",
             Some(size),
             total - copy,
         );
@@ -136,6 +138,41 @@ fn main() {
             black_box(plain);
         });
         report("open (ring, copy excluded)", Some(size), total - copy);
+    }
+
+    for size in SIZES {
+        // The RustCrypto aes-gcm crate (SessionCipher's backend before ring), for the comparison
+        // the README's "Why ring" paragraph quotes.
+        let ns = ns_per_iter(|i| {
+            let nonce = dir.nonce(i).into();
+            let (head, body) = buf.split_at_mut(HEADER_LEN);
+            let (body, tag_out) = body.split_at_mut(size);
+            let tag = rc_key
+                .encrypt_inout_detached(&nonce, head, body.into())
+                .expect("seal");
+            tag_out[..16].copy_from_slice(&tag);
+        });
+        report("seal (aes-gcm 0.11, reference)", Some(size), ns);
+
+        let n = cipher
+            .seal_data(dir, SID, 7, &mut sealed, size)
+            .expect("seal");
+        let copy = ns_per_iter(|_| {
+            buf[..n].copy_from_slice(black_box(&sealed[..n]));
+            black_box(&buf);
+        });
+        let total = ns_per_iter(|_| {
+            buf[..n].copy_from_slice(black_box(&sealed[..n]));
+            let nonce = dir.nonce(7).into();
+            let (head, body) = buf[..n].split_at_mut(HEADER_LEN);
+            let (body, tag) = body.split_at_mut(size);
+            let tag: [u8; 16] = (&*tag).try_into().expect("tag");
+            rc_key
+                .decrypt_inout_detached(&nonce, head, body.into(), &tag.into())
+                .expect("open");
+            black_box(&buf);
+        });
+        report("open (aes-gcm 0.11, copy excluded)", Some(size), total - copy);
     }
 
     let ns = ns_per_iter(|_| {
