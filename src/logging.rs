@@ -30,7 +30,7 @@ pub struct LogSettings {
 
 /// Lines the file writer queues before a logging thread waits for it. tracing-appender's
 /// default, 128 000, is a channel it allocates and writes in full up front: 4 MiB, most of the
-/// client's private memory (measured under iperf3 load: RssAnon 5.4 MiB with it, 1.5 MiB
+/// client's private memory (measured under iperf3 load: RssAnon 5.3 MiB with it, 1.5 MiB
 /// without). The routine log is one line per transition; 4096 lines is a burst of debug output
 /// with room to spare.
 const BUFFERED_LINES: usize = 4096;
