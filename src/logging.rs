@@ -28,6 +28,13 @@ pub struct LogSettings {
     pub stderr: bool,
 }
 
+/// Lines the file writer queues before a logging thread waits for it. tracing-appender's
+/// default, 128 000, is a channel it allocates and writes in full up front: 4 MiB, most of the
+/// client's private memory (measured under iperf3 load: RssAnon 5.3 MiB with it, 1.5 MiB
+/// without). The routine log is one line per transition; 4096 lines is a burst of debug output
+/// with room to spare.
+const BUFFERED_LINES: usize = 4096;
+
 /// Keeps the file writer's worker alive; dropping it flushes what is buffered.
 pub struct LogGuard {
     _file: Option<WorkerGuard>,
@@ -49,7 +56,10 @@ pub fn init(s: &LogSettings) -> LogGuard {
         None => (None, None, None),
         Some(Ok(appender)) => {
             // Lossy off: a full buffer makes the logging thread wait rather than drop a line.
-            let (writer, guard) = NonBlockingBuilder::default().lossy(false).finish(appender);
+            let (writer, guard) = NonBlockingBuilder::default()
+                .lossy(false)
+                .buffered_lines_limit(BUFFERED_LINES)
+                .finish(appender);
             let layer = tracing_subscriber::fmt::layer().with_ansi(false).with_writer(writer);
             (Some(layer), Some(guard), None)
         }

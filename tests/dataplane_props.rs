@@ -1,8 +1,9 @@
 //! Property tests of the pure data plane: wire format, seal/open, replay window.
 //!
-//! The seal/open properties run against an independent AES-GCM (ring) as well as against
-//! ourselves, so a bug that is symmetric in seal and open (a wrong nonce layout, a wrong AAD)
-//! cannot pass unnoticed.
+//! The seal/open properties run against independent AES-GCMs (ring, which is also our backend,
+//! used here through its plain API; and the RustCrypto aes-gcm crate, a separate implementation)
+//! as well as against ourselves, so a bug that is symmetric in seal and open (a wrong nonce
+//! layout, a wrong AAD) or in one backend cannot pass unnoticed.
 
 use std::collections::BTreeSet;
 
@@ -16,6 +17,7 @@ use holdfast::sansio::wire::{
 use holdfast::snapshot::{SessionId, SessionKey};
 use proptest::prelude::*;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 
 /// Large enough for the biggest payload the strategies produce.
 const MAX_PAYLOAD: usize = 1600;
@@ -112,6 +114,39 @@ proptest! {
         theirs.extend_from_slice(&body);
         theirs.extend_from_slice(tag.as_ref());
         let o = c.open(d, &mut theirs).expect("we open ring's");
+        prop_assert_eq!(&theirs[o.payload], &p[..]);
+    }
+
+    /// The same against the RustCrypto aes-gcm crate (the backend before ring), which shares no
+    /// code with ring: aes-gcm opens what we seal, and we open what aes-gcm seals.
+    #[test]
+    fn interoperates_with_the_aes_gcm_crate(
+        key in any::<[u8; 32]>(), d in dir(), sid in any::<u64>(), ctr in counter(), p in payload()
+    ) {
+        let c = SessionCipher::new(&SessionKey::new(key));
+        let theirs_key = Aes256Gcm::new(&key.into());
+        let nonce = d.nonce(ctr).into();
+
+        let mut dg = seal(&c, d, SessionId(sid), ctr, &p);
+        let (head, rest) = dg.split_at_mut(HEADER_LEN);
+        let (body, tag) = rest.split_at_mut(p.len());
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().expect("tag length");
+        theirs_key
+            .decrypt_inout_detached(&nonce, head, body.into(), &tag.into())
+            .expect("aes-gcm opens ours");
+        prop_assert_eq!(&*body, &p[..]);
+
+        let mut theirs = parse_header(&seal(&c, d, SessionId(sid), ctr, &p))
+            .expect("ours parses")
+            .to_bytes()
+            .to_vec();
+        let mut body = p.clone();
+        let tag = theirs_key
+            .encrypt_inout_detached(&nonce, &theirs, body.as_mut_slice().into())
+            .expect("aes-gcm seals");
+        theirs.extend_from_slice(&body);
+        theirs.extend_from_slice(&tag);
+        let o = c.open(d, &mut theirs).expect("we open aes-gcm's");
         prop_assert_eq!(&theirs[o.payload], &p[..]);
     }
 

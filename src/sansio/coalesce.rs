@@ -39,6 +39,8 @@ pub const MAX_PACKET: usize = 65535;
 /// burst is almost always one flow; a small bound keeps a batch of many flows from costing
 /// quadratic time.
 const FLOW_LOOKBACK: usize = 8;
+/// Bytes per item in [`Coalescer`]'s buffer: a virtio-net header and the largest packet.
+const SLOT: usize = VNET_HDR_LEN + MAX_PACKET;
 
 const VNET_F_NEEDS_CSUM: u8 = 1;
 const VNET_GSO_TCPV4: u8 = 1;
@@ -224,8 +226,14 @@ struct Item {
 /// Use: [`push`](Self::push) each packet, then [`finish`](Self::finish) and write every slice
 /// it yields (virtio-net header included) to the TUN device, then [`clear`](Self::clear).
 pub struct Coalescer {
-    /// One buffer per item: the virtio-net header, then up to [`MAX_PACKET`] bytes of packet.
-    bufs: Vec<Box<[u8]>>,
+    /// One slot of [`SLOT`] bytes per item: the virtio-net header, then up to [`MAX_PACKET`]
+    /// bytes of packet. One allocation for all of them, zeroed by the allocator: at this size
+    /// (4 MiB for 64 items) that is fresh zero pages from the kernel, which cost no memory until
+    /// written, so the resident size follows what batches use (a few slots, mostly their first
+    /// pages), not the capacity. One allocation per slot put an allocator header on a page of
+    /// every slot from the start (measured: the client's private memory under load 0.6 MiB
+    /// higher).
+    bufs: Box<[u8]>,
     items: Vec<Item>,
     n: usize,
     merge: bool,
@@ -240,7 +248,7 @@ impl Coalescer {
     pub fn new(capacity: usize, merge: bool) -> Self {
         let capacity = capacity.max(1);
         Self {
-            bufs: (0..capacity).map(|_| vec![0u8; VNET_HDR_LEN + MAX_PACKET].into()).collect(),
+            bufs: vec![0u8; capacity * SLOT].into_boxed_slice(),
             items: vec![Item::default(); capacity],
             n: 0,
             merge,
@@ -289,7 +297,7 @@ impl Coalescer {
             return Err(PushError::Full);
         }
         let item = &mut self.items[self.n];
-        let buf = &mut self.bufs[self.n];
+        let buf = &mut self.bufs[self.n * SLOT..][..SLOT];
         buf[..VNET_HDR_LEN].fill(0);
         buf[VNET_HDR_LEN..VNET_HDR_LEN + packet.len()].copy_from_slice(packet);
         *item = match seg {
@@ -328,7 +336,7 @@ impl Coalescer {
 
     fn try_append(&mut self, i: usize, packet: &[u8], seg: &Segment) -> Append {
         let item = self.items[i];
-        let buf = &self.bufs[i][VNET_HDR_LEN..];
+        let buf = &self.bufs[i * SLOT + VNET_HDR_LEN..][..MAX_PACKET];
         let head = &buf[..item.len];
         let fits = item.open
             && seg.seq == item.next_seq
@@ -357,8 +365,8 @@ impl Coalescer {
             return Append::BadChecksum;
         }
         let headers = seg.iph_len + seg.tcph_len;
-        let at = VNET_HDR_LEN + item.len;
-        self.bufs[i][at..at + seg.payload_len].copy_from_slice(&packet[headers..]);
+        let at = i * SLOT + VNET_HDR_LEN + item.len;
+        self.bufs[at..at + seg.payload_len].copy_from_slice(&packet[headers..]);
         let item = &mut self.items[i];
         item.len += seg.payload_len;
         item.segments += 1;
@@ -366,8 +374,8 @@ impl Coalescer {
         item.next_id = item.next_id.wrapping_add(seg.id_step);
         if seg.psh {
             // PSH belongs to the last segment, and the kernel's segmentation puts it there.
-            let flags = VNET_HDR_LEN + item.iph_len + 13;
-            self.bufs[i][flags] |= TCP_PSH;
+            let flags = i * SLOT + VNET_HDR_LEN + item.iph_len + 13;
+            self.bufs[flags] |= TCP_PSH;
         }
         if seg.psh || seg.payload_len < item.gso_size {
             item.open = false;
@@ -380,7 +388,7 @@ impl Coalescer {
     /// behind its virtio-net header. The slices stay valid until the next `push` or `clear`.
     pub fn finish(&mut self) -> impl ExactSizeIterator<Item = &[u8]> {
         if !self.finished {
-            for (item, buf) in self.items[..self.n].iter().zip(self.bufs.iter_mut()) {
+            for (item, buf) in self.items[..self.n].iter().zip(self.bufs.chunks_exact_mut(SLOT)) {
                 if item.segments > 1 {
                     write_gso_headers(item, buf);
                 }
@@ -389,7 +397,7 @@ impl Coalescer {
         }
         self.items[..self.n]
             .iter()
-            .zip(self.bufs.iter())
+            .zip(self.bufs.chunks_exact(SLOT))
             .map(|(item, buf)| &buf[..VNET_HDR_LEN + item.len])
     }
 

@@ -16,11 +16,11 @@
 //! counter 5 and the gateway's counter 5 from being the same nonce. Within a direction the
 //! sender's [`TxCounter`] never repeats and never wraps, and `u64::MAX` is never sealed.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use aes_gcm::aead::{Key, Nonce, Tag};
-use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use thiserror::Error;
 
 use super::replay::{ReplayError, ReplayWindow};
@@ -164,11 +164,38 @@ pub struct Opened {
 ///
 /// Build it once per session (key expansion is the expensive part) and share it by reference:
 /// `seal` and `open` take `&self`, and the type is `Send + Sync`.
-#[derive(Clone)]
+///
+/// The backend is ring's AES-256-GCM (README, "Why ring for AES-GCM"): it interleaves CTR and
+/// GHASH in one pass, 2.3x faster than aes-gcm 0.11 at full-size packets. ring does not wipe its
+/// key schedule on drop, so this type does (see `Drop`), as aes-gcm's `zeroize` feature did.
 pub struct SessionCipher {
-    aead: Aes256Gcm,
+    /// Always initialised between `new` and `drop`; `MaybeUninit` only so that `drop` may
+    /// overwrite it with zeros (not a valid `LessSafeKey`) without ever creating such a value.
+    key: MaybeUninit<LessSafeKey>,
     /// Kept so that `Debug` can name the key without exposing it.
     fingerprint: KeyFingerprint,
+}
+
+// Skipping `LessSafeKey`'s drop in favour of a wipe leaks nothing only while it owns no heap or
+// other resource: this fails to compile the day a ring upgrade gives it drop glue.
+const _: () = assert!(!std::mem::needs_drop::<LessSafeKey>());
+
+impl Drop for SessionCipher {
+    fn drop(&mut self) {
+        // A volatile write, so the compiler cannot elide the wipe of memory about to be freed.
+        // SAFETY: `&mut self.key` is a valid, aligned, exclusive pointer, and all-zero bytes are
+        // a valid `MaybeUninit`. The key is not read again: this is its owner's drop.
+        unsafe { std::ptr::write_volatile(&mut self.key, MaybeUninit::zeroed()) };
+    }
+}
+
+impl Clone for SessionCipher {
+    fn clone(&self) -> Self {
+        Self {
+            key: MaybeUninit::new(self.key().clone()),
+            fingerprint: self.fingerprint,
+        }
+    }
 }
 
 impl std::fmt::Debug for SessionCipher {
@@ -181,11 +208,18 @@ impl SessionCipher {
     /// Expands `key` (once per session: this is the costly part). The key bytes are borrowed in
     /// place, not copied to a temporary that would outlive the call unwiped.
     pub fn new(key: &SessionKey) -> Self {
-        let key_ref: &Key<Aes256Gcm> = key.expose().into();
+        let unbound = UnboundKey::new(&AES_256_GCM, key.expose())
+            // AES_256_GCM takes exactly 32 bytes and `expose` is a `[u8; 32]`: this cannot fail.
+            .unwrap_or_else(|_| unreachable!("AES-256-GCM key is 32 bytes"));
         Self {
-            aead: Aes256Gcm::new(key_ref),
+            key: MaybeUninit::new(LessSafeKey::new(unbound)),
             fingerprint: key.fingerprint(),
         }
+    }
+
+    fn key(&self) -> &LessSafeKey {
+        // SAFETY: `key` is initialised in `new` (and `clone`) and only overwritten in `drop`.
+        unsafe { self.key.assume_init_ref() }
     }
 
     /// Seals the inner packet already placed at `buf[HEADER_LEN..HEADER_LEN + payload_len]`:
@@ -255,15 +289,15 @@ impl SessionCipher {
             }
             .to_bytes(),
         );
-        let nonce = Nonce::<Aes256Gcm>::from(dir.nonce(counter));
+        let nonce = Nonce::assume_unique_for_key(dir.nonce(counter));
         let tag = self
-            .aead
-            .encrypt_inout_detached(&nonce, head, body.into())
+            .key()
+            .seal_in_place_separate_tag(nonce, Aad::from(&*head), body)
             // Only fails for plaintexts over 64 GiB; `total` fitting in the buffer and a usize
             // rules that out in practice, and the honest answer if it ever happened is that the
             // buffer (payload) is too large.
             .map_err(|_| SealError::BufferTooSmall)?;
-        tag_out.copy_from_slice(&tag);
+        tag_out.copy_from_slice(tag.as_ref());
         Ok(total)
     }
 
@@ -291,11 +325,11 @@ impl SessionCipher {
             .filter(|&e| e >= HEADER_LEN)
             .ok_or(WireError::Truncated)?;
         let (head, rest) = datagram.split_at_mut(HEADER_LEN);
-        let (body, tag) = rest.split_at_mut(body_end - HEADER_LEN);
-        let tag = Tag::<Aes256Gcm>::try_from(&*tag).map_err(|_| WireError::Truncated)?;
-        let nonce = Nonce::<Aes256Gcm>::from(dir.nonce(header.counter));
-        self.aead
-            .decrypt_inout_detached(&nonce, head, body.into(), &tag)
+        let nonce = Nonce::assume_unique_for_key(dir.nonce(header.counter));
+        // `open_within` splits the tag off the end of `rest` itself (`rest` is at least TAG_LEN
+        // long, checked above) and decrypts the body where it lies.
+        self.key()
+            .open_within(nonce, Aad::from(&*head), rest, 0..)
             .map_err(|_| OpenError::Decrypt)?;
         Ok(Opened {
             kind,
@@ -586,6 +620,36 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 4 * per);
         assert_eq!(all.last(), Some(&(4 * per as u64 - 1)));
+    }
+
+    #[test]
+    fn drop_wipes_the_key_schedule() {
+        let mut slot = std::mem::MaybeUninit::new(cipher(0x77));
+        // SAFETY: initialised just above and dropped once; afterwards only the key field's bytes
+        // are read, which the drop wrote (all of them: a `MaybeUninit` copy keeps every byte).
+        let key = unsafe {
+            slot.assume_init_drop();
+            std::slice::from_raw_parts(
+                slot.as_ptr()
+                    .cast::<u8>()
+                    .add(std::mem::offset_of!(SessionCipher, key)),
+                std::mem::size_of::<LessSafeKey>(),
+            )
+        };
+        // Without the wipe these bytes would hold the AES round keys and GHASH table (and a
+        // non-null algorithm pointer), so this cannot pass by accident.
+        assert!(key.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn clones_seal_alike_and_outlive_the_original() {
+        let a = cipher(6);
+        let b = a.clone();
+        let from_a = sealed(&a, Direction::GatewayToClient, 42, b"payload");
+        drop(a);
+        assert_eq!(sealed(&b, Direction::GatewayToClient, 42, b"payload"), from_a);
+        let mut d = from_a;
+        assert!(b.open(Direction::GatewayToClient, &mut d).is_ok());
     }
 
     #[test]
