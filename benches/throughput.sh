@@ -10,6 +10,7 @@
 #   RUNS=3 SECS=8 bash benches/throughput.sh
 #   SKIP_BORINGTUN=1 SKIP_GOTATUN=1 SKIP_SPLIT=1 bash benches/throughput.sh
 #   BIN=/path/to/holdfast bash benches/throughput.sh   # another build (default: cargo build --release)
+#   BENCH_TOOLS=DIR bash benches/throughput.sh          # where the anchors are (default target/bench-tools)
 #
 # Rows:
 #   veth            the bare veth pair: the ceiling
@@ -20,7 +21,7 @@
 #   holdfast6       TCP over IPv6 inside the same tunnel (same processes)
 #   holdfast-split  a split tunnel to the gateway's tunnel address, no kill-switch: the data plane alone
 #   boringtun       boringtun-cli, one thread (--threads 1), configured with `wg`
-#   gotatun         gotatun-cli (Mullvad's boringtun fork), configured with `wg`
+#   gotatun         gotatun-cli (Mullvad's boringtun fork; its binary is `gotatun`), configured with `wg`
 # Every row: RUNS iperf3 runs of SECS seconds each way (medians), 50 pings per run (median RTT of all
 # replies). CPU s/GB: utime+stime (/proc/PID/stat) of the two tunnel processes (client and gateway,
 # or both WireGuard peers) over each direction's iperf3 runs, divided by the bytes iperf3 received
@@ -32,7 +33,7 @@
 # namespace's copy, never the machine's); removes everything on exit or failure. Routes, kill-switch
 # and DNS are applied inside the client's namespace only: never in the machine's own. Every process
 # runs under `timeout`. The anchors are installed with `cargo install --locked` into
-# target/bench-tools (once, then cached); one that cannot be installed (no network) is reported and
+# BENCH_TOOLS (once, then cached); one that cannot be installed (no network) is reported and
 # its row skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +54,7 @@ RUNS=${RUNS:-3} SECS=${SECS:-10}
 TAG=hfb$$ NA=${TAG}a NB=${TAG}b VA=${TAG}va VB=${TAG}vb
 UA=198.18.0.1 UB=198.18.0.2 PORT=51820
 TUN_GW=100.64.0.1 TUN_GW6=fd00:b:e::1
-TOOLS=$PWD/target/bench-tools
+TOOLS=${BENCH_TOOLS:-$PWD/target/bench-tools}
 WORK=$(mktemp -d /tmp/holdfast-bench.XXXX)
 RESULTS=$WORK/results
 CLK_TCK=$(getconf CLK_TCK)
@@ -299,6 +300,7 @@ fi
 stop $GW_W
 
 # --- the userspace WireGuard anchors, configured with `wg` -------------------------------------
+version() { "$1" --version 2>/dev/null | awk 'NR == 1 {print $NF}'; }
 install_anchor() { # CRATE BINARY: the binary's path in ANCHOR, installing it once into TOOLS
   ANCHOR=$TOOLS/bin/$2
   [ -x "$ANCHOR" ] && return 0
@@ -336,15 +338,15 @@ fi
 if [ "${SKIP_BORINGTUN:-}" = 1 ]; then
   skip boringtun "SKIP_BORINGTUN=1"
 elif install_anchor boringtun-cli boringtun-cli; then
-  echo "boringtun label $("$ANCHOR" --version | head -1), 1 thread" >>"$RESULTS"
+  echo "boringtun label boringtun-cli $(version "$ANCHOR"), 1 thread" >>"$RESULTS"
   anchor boringtun "$ANCHOR" wga wgb 100.64.1 --threads 1
 else
   skip boringtun "boringtun-cli could not be installed (cargo install failed, see above)"
 fi
 if [ "${SKIP_GOTATUN:-}" = 1 ]; then
   skip gotatun "SKIP_GOTATUN=1"
-elif install_anchor gotatun-cli gotatun-cli; then
-  echo "gotatun label $("$ANCHOR" --version | head -1) (Mullvad)" >>"$RESULTS"
+elif install_anchor gotatun-cli gotatun; then
+  echo "gotatun label gotatun-cli $(version "$ANCHOR") (Mullvad)" >>"$RESULTS"
   anchor gotatun "$ANCHOR" gta gtb 100.64.2
 else
   skip gotatun "gotatun-cli could not be installed (cargo install failed, see above)"
