@@ -1,5 +1,10 @@
-# Sourced by the shell benches: provisions a gateway directory and bench client files.
+# Sourced by the shell benches: the binary under test, the machine header, and provisioning of a
+# gateway directory and bench client files.
 #
+#   bench_header TITLE
+#     prints the lines every bench starts with: what ran, when, on which CPU and how loaded.
+#   bench_binary
+#     sets BIN: as given in the environment, else the release build (built now).
 #   provision_gateway BIN WORK GATEWAY_ADDR:PORT
 #     writes WORK/gw (IPv6 tunnel subnet fd00:b:e::/64; everything else as `gateway init` writes it).
 #   provision_client BIN WORK NAME default|split
@@ -12,6 +17,21 @@
 #                no kill-switch: the data plane alone, without routing or firewall rules.
 #   provision_pair BIN WORK GATEWAY_ADDR:PORT
 #     both: WORK/gw and a split client file WORK/client.toml (what benches/flood.sh uses).
+bench_header() {
+  echo "# $1  $(date -u +%FT%TZ)"
+  echo "# cpu: $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)  nproc=$(nproc)"
+  echo "# aes flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'aes|pclmulqdq|vaes|vpclmulqdq|avx2|avx512f' | tr '\n' ' ')"
+  echo "# kernel: $(uname -r)   load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+bench_binary() {
+  if [ -z "${BIN:-}" ]; then
+    cargo build --release --quiet --bin holdfast
+    BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/holdfast
+  fi
+  BIN=$(readlink -f "$BIN")
+}
+
 provision_gateway() {
   local bin=$1 work=$2 endpoint=$3
   "$bin" gateway init --dir "$work/gw" --endpoint "$endpoint" --subnet6 fd00:b:e::/64 >/dev/null

@@ -244,16 +244,9 @@ mkdir -p /etc/netns/$NA /etc/netns/$NB
 echo "# holdfast bench: the client's own namespace" >/etc/netns/$NA/resolv.conf
 echo "nameserver 198.18.0.3" >/etc/netns/$NB/resolv.conf
 
-echo "# holdfast data-plane bench $(date -u +%FT%TZ)  runs=$RUNS secs=$SECS"
-echo "# cpu: $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)  nproc=$(nproc)"
-echo "# aes flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'aes|pclmulqdq|vaes|vpclmulqdq|avx2|avx512f' | tr '\n' ' ')"
-echo "# kernel: $(uname -r)   load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+bench_header "holdfast data-plane bench  runs=$RUNS secs=$SECS"
 echo "# on a shared machine only the ratios against the anchors measured in this run count"
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --quiet --bin holdfast
-  BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/holdfast
-fi
-BIN=$(readlink -f "$BIN")
+bench_binary
 echo "veth label bare veth" >>"$RESULTS"
 measure veth $UB
 
