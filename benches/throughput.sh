@@ -168,6 +168,12 @@ def final(rows):
             a, b = (o, hf) if other == "holdfast-split" else (hf, o)
             print("%-28s up %s  down %s  (%s)" % ("%s/%s" % (a["id"], b["id"]),
                   f(ratio(med(a, "up"), med(b, "up")), "%.2fx"), f(ratio(med(a, "down"), med(b, "down")), "%.2fx"), what))
+    for anchor in ("boringtun", "gotatun"):
+        a = rows.get(anchor)
+        if hf and a and not a["skipped"]:
+            print("%-28s up %s  down %s  ping %s (lower is better)" % ("holdfast/" + anchor,
+                  f(ratio(med(hf, "up"), med(a, "up")), "%.2fx"), f(ratio(med(hf, "down"), med(a, "down")), "%.2fx"),
+                  f(ratio(rtt(hf), rtt(a)), "%.2fx")))
     h6 = rows.get("holdfast6")
     if hf and h6:
         print("%-28s up %s  down %s  (TCP over IPv6 vs IPv4 in the same tunnel)" % ("holdfast6/holdfast",
