@@ -50,13 +50,8 @@ ip -n $NH addr add 198.18.3.2/24 dev vh; ip -n $NG addr add 198.18.3.1/24 dev vg
 for x in "$NC vc" "$NG vgc" "$NJ vj" "$NG vgj" "$NH vh" "$NG vgh"; do set -- $x; ip -n $1 link set $2 up; done
 ip -n $NJ route add default via 198.18.2.1; ip -n $NH route add default via 198.18.3.1
 
-echo "# holdfast flood bench $(date -u +%FT%TZ) nproc=$(nproc) secs=$SECS"
-echo "# cpu: $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
-echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --quiet --bin holdfast
-  BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/holdfast
-fi
+bench_header "holdfast flood bench  secs=$SECS"
+bench_binary
 
 provision_pair "$BIN" "$WORK" $GW:$PORT
 start_pair() { # HOLDFAST_SHED mode of the gateway: off (before this work), filter, full

@@ -1,22 +1,64 @@
-# Sourced by the shell benches: provisions a gateway directory and one bench client file.
+# Sourced by the shell benches: the binary under test, the machine header, and provisioning of a
+# gateway directory and bench client files.
+#
+#   bench_header TITLE
+#     prints the lines every bench starts with: what ran, when, on which CPU and how loaded.
+#   bench_binary
+#     sets BIN: as given in the environment, else the release build (built now).
+#   provision_gateway BIN WORK GATEWAY_ADDR:PORT
+#     writes WORK/gw (IPv6 tunnel subnet fd00:b:e::/64; everything else as `gateway init` writes it).
+#   provision_client BIN WORK NAME default|split
+#     registers NAME and writes WORK/NAME.toml. Both kinds get `[log] dir` and `[status] socket` in
+#     WORK, so a bench never writes to /var/log/holdfast or takes /run/holdfast/client.sock, which
+#     another client on the machine may hold; nothing else of the data plane or the network changes.
+#       default: the file exactly as `add-client` writes it otherwise: full tunnel (both families),
+#                kill-switch on, DNS from the gateway. What a user runs, so the headline figure.
+#       split:   a split tunnel to the gateway's tunnel addresses 100.64.0.1 and fd00:b:e::1 only,
+#                no kill-switch: the data plane alone, without routing or firewall rules.
 #   provision_pair BIN WORK GATEWAY_ADDR:PORT
-# writes WORK/gw (the gateway, IPv6 tunnel subnet fd00:b:e::/64) and WORK/client.toml (split
-# tunnel to the gateway's tunnel addresses 100.64.0.1 and fd00:b:e::1 only, no
-# kill-switch, logs in WORK/logs): the benches measure the data plane, not routing.
-provision_pair() {
+#     both: WORK/gw and a split client file WORK/client.toml (what benches/flood.sh uses).
+bench_header() {
+  echo "# $1  $(date -u +%FT%TZ)"
+  echo "# cpu: $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)  nproc=$(nproc)"
+  echo "# aes flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'aes|pclmulqdq|vaes|vpclmulqdq|avx2|avx512f' | tr '\n' ' ')"
+  echo "# kernel: $(uname -r)   load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+bench_binary() {
+  if [ -z "${BIN:-}" ]; then
+    cargo build --release --quiet --bin holdfast
+    BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/holdfast
+  fi
+  BIN=$(readlink -f "$BIN")
+}
+
+provision_gateway() {
   local bin=$1 work=$2 endpoint=$3
   "$bin" gateway init --dir "$work/gw" --endpoint "$endpoint" --subnet6 fd00:b:e::/64 >/dev/null
-  "$bin" gateway add-client --dir "$work/gw" bench --out "$work/client.toml" >/dev/null
-  python3 - "$work/client.toml" "$work/logs" <<'PY'
+}
+
+provision_client() {
+  local bin=$1 work=$2 name=$3 kind=$4 out=$2/$3.toml
+  case $kind in default|split) ;; *) echo "provision_client: kind must be default or split, not '$kind'" >&2; return 2;; esac
+  "$bin" gateway add-client --dir "$work/gw" "$name" --out "$out" >/dev/null
+  python3 - "$out" "$work/logs-$name" "$work/$name.sock" "$kind" <<'PY'
 import sys
-path, logs = sys.argv[1], sys.argv[2]
+path, logs, sock, kind = sys.argv[1:]
 text = open(path).read()
 def section(text, name, body):
-    # add-client may already write an empty [name] table: fill it, or append one.
+    # add-client writes an empty [name] table for each section: fill it, or append one.
     head = '[%s]\n' % name
     return text.replace(head, head + body, 1) if head in text else text + '\n' + head + body
-text = section(text, 'network', 'routes = ["100.64.0.1/32", "fd00:b:e::1/128"]\nkillswitch = false\n')
+if kind == 'split':
+    text = section(text, 'network', 'routes = ["100.64.0.1/32", "fd00:b:e::1/128"]\nkillswitch = false\n')
 text = section(text, 'log', 'dir = "%s"\n' % logs)
+text = section(text, 'status', 'socket = "%s"\n' % sock)
 open(path, 'w').write(text)
 PY
+}
+
+provision_pair() {
+  local bin=$1 work=$2 endpoint=$3
+  provision_gateway "$bin" "$work" "$endpoint"
+  provision_client "$bin" "$work" client split
 }
