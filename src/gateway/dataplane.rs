@@ -164,8 +164,8 @@ impl DataSession {
     }
 
     /// Records an authenticated datagram from `from` at `now`. Returns whether the endpoint
-    /// changed (a first endpoint counts as a change) and whether the session is due for a
-    /// [`SessionLookup::touch`].
+    /// changed (a roam: the session's first endpoint is not one) and whether the session is due
+    /// for a [`SessionLookup::touch`].
     fn seen(&self, from: SocketAddr, now: Instant) -> Seen {
         // Stored +1 so that 0 can mean "never".
         let ms = now.saturating_duration_since(epoch()).as_millis() as u64 + 1;
@@ -184,7 +184,7 @@ impl DataSession {
         // Allocates, but only when the endpoint changes (roaming), never per packet.
         self.path.endpoint.store(Some(Arc::new(from)));
         let family_changed = before.is_some_and(|b| b.is_ipv4() != from.is_ipv4());
-        Seen { roamed: true, touch, family_changed }
+        Seen { roamed: before.is_some(), touch, family_changed }
     }
 }
 
@@ -1059,8 +1059,9 @@ mod tests {
         let a: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
         let b: SocketAddr = "198.18.0.2:4001".parse().expect("addr");
         let t = epoch() + Duration::from_secs(5);
-        let first = Seen { roamed: true, touch: true, family_changed: false };
-        assert_eq!(s.seen(a, t), first, "first endpoint");
+        let first = Seen { roamed: false, touch: true, family_changed: false };
+        assert_eq!(s.seen(a, t), first, "a first endpoint is no roam");
+        assert_eq!(s.endpoint(), Some(a));
         assert!(!s.seen(a, t + Duration::from_millis(1)).touch, "touches are spaced");
         let again = Seen { roamed: false, touch: true, family_changed: false };
         assert_eq!(s.seen(a, t + Duration::from_secs(1)), again);
