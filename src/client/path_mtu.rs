@@ -24,10 +24,7 @@ use crate::tunnel::MIN_IPV6_MTU;
 /// No discovered bound: the link alone decides.
 const NONE: u16 = u16::MAX;
 
-/// The smallest inner MTU the tunnel is ever sized to, whatever the path says: IPv4's minimum
-/// datagram that every host must accept (RFC 791). A path smaller than that cannot carry the
-/// tunnel at all; the too-big answers then say 576 and the outer packets fragment.
-pub const MIN_INNER_MTU: u16 = 576;
+pub use crate::sansio::wire::MIN_INNER_MTU;
 
 /// What bounds the outer size now (for the log, the status and the dashboard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -59,10 +59,6 @@ const NOTICE_BURST: u32 = 200;
 const ACKS_PER_SECOND: f64 = 500.0;
 const ACK_BURST: u32 = 100;
 
-/// The smallest inner MTU a session is ever sized to (IPv4's minimum datagram, RFC 791), whatever
-/// its probes say.
-const MIN_INNER: u16 = 576;
-
 /// How long start-up waits for a TUN name still held by a previous gateway's device.
 const TUN_BUSY_WAIT: Duration = Duration::from_secs(3);
 
@@ -158,7 +154,7 @@ impl DataSession {
         if down_ok == 0 {
             return None;
         }
-        let v = down_ok.max(MIN_INNER + wire::OVERHEAD as u16);
+        let v = down_ok.max(wire::MIN_INNER_MTU + wire::OVERHEAD as u16);
         let before = self.path.down_ok.swap(v, Ordering::Relaxed);
         (before != v).then_some((before, v))
     }
@@ -673,8 +669,7 @@ async fn from_clients(
                 // HEADER_LEN, and the tag room behind it is the one the datagram had).
                 // ... unless the path to the peer is smaller: then the sender hears "too big"
                 // from the peer's address, through its own session, as from a router.
-                Some(peer) if peer.path_mtu().is_some_and(|m| payload.len() > usize::from(m)) => {
-                    let mtu = peer.path_mtu().unwrap_or(MIN_INNER);
+                Some(peer) if let Some(mtu) = peer.path_mtu().filter(|&m| payload.len() > usize::from(m)) => {
                     peer_too_big(session, &sock, &datagram[payload], mtu, inner.dst, &mut ack_buf, &mut peer_too_big_rate, now, c).await;
                 }
                 Some(peer) => {

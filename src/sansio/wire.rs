@@ -87,6 +87,12 @@ pub const IPV4_UDP_HEADERS: usize = 28;
 /// Bytes of an IPv6 header plus a UDP header: the underlay's cost when it is IPv6.
 pub const IPV6_UDP_HEADERS: usize = 48;
 
+/// The smallest inner MTU the tunnel is ever sized to, on either side, whatever the path or a
+/// probe says: IPv4's minimum datagram that every host must accept (RFC 791). A path smaller
+/// than that cannot carry the tunnel at all; too-big answers then say 576 and the outer packets
+/// fragment.
+pub const MIN_INNER_MTU: u16 = 576;
+
 /// The smallest MTU an IPv4 link must support (RFC 791); a TUN MTU below it is useless.
 const MIN_IPV4_MTU: u16 = 68;
 
