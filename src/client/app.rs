@@ -58,10 +58,18 @@ pub async fn run(
     let (gateways_tx, gateways_rx) = tokio::sync::watch::channel(Vec::<std::net::SocketAddr>::new());
     let mut dataplane_hook = dataplane.on_swap_hook();
     let on_swap: OnSwap = Box::new(move |snapshot| {
+        // The gateway that answered stays reachable even when its list no longer names it (it
+        // is leaving the deployment): the driver keeps using it until it fails over.
+        let mut reach = snapshot.endpoints.clone();
+        if let Some(using) = snapshot.gateway_addr
+            && !reach.contains(&using)
+        {
+            reach.insert(0, using);
+        }
         gateways_tx.send_if_modified(|current| {
-            let changed = *current != snapshot.endpoints;
+            let changed = *current != reach;
             if changed {
-                current.clone_from(&snapshot.endpoints);
+                *current = reach;
             }
             changed
         });

@@ -108,11 +108,6 @@ impl ControlPlane {
         }
     }
 
-    /// The gateway this channel talks to.
-    pub fn gateway(&self) -> SocketAddr {
-        self.gateway
-    }
-
     /// `Authenticate` with a deadline. The response is validated before it becomes a snapshot.
     pub async fn authenticate(
         &self,

@@ -703,20 +703,21 @@ async fn send_loop(
                     // Neither IP, nor the host's own link-scope chatter, nor a family this
                     // session has no address in (IPv6 with a gateway that has none) goes to the
                     // gateway; what is spoofed is the gateway's call (it drops and counts it).
-                    let carried = InnerPacket::parse(reader.packet(i))
-                        .is_some_and(|p| !p.is_link_chatter() && auth.carries(p.family()));
-                    if !carried {
+                    let Some(family) = InnerPacket::parse(reader.packet(i))
+                        .filter(|p| !p.is_link_chatter() && auth.carries(p.family()))
+                        .map(|p| p.family())
+                    else {
                         c.count_drop(DropReason::NotCarried);
                         continue;
-                    }
+                    };
                     let len = reader.len(i);
                     if len > usize::from(mtu) {
                         // Answered from the gateway's tunnel address: the tunnel's far end is
                         // what is too small, and an address of this host would be dropped by
                         // its own kernel as martian.
-                        let from = match IpFamily::of(reader.packet(i)) {
-                            Some(IpFamily::V6) => auth.gateway_ip6.map(IpAddr::V6),
-                            _ => Some(IpAddr::V4(auth.gateway_ip)),
+                        let from = match family {
+                            IpFamily::V6 => auth.gateway_ip6.map(IpAddr::V6),
+                            IpFamily::V4 => Some(IpAddr::V4(auth.gateway_ip)),
                         };
                         match from {
                             Some(from) => too_big.send(&tun, reader.packet(i), mtu, from, c).await,

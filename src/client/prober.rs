@@ -29,7 +29,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::path_mtu::PathMtu;
-use crate::sansio::inner::IpFamily;
 use crate::sansio::pmtud::{PmtudConfig, Search};
 use crate::sansio::seal::Direction;
 use crate::sansio::wire::{self, ProbeAckBody, ProbeBody, ProbeKind};
@@ -63,19 +62,10 @@ pub struct Prober {
     pub raise_interval: Duration,
 }
 
-/// The bytes the underlay adds in front of a datagram.
-fn headers(family: IpFamily) -> u16 {
-    // Small constants (28, 48): the casts cannot truncate.
-    match family {
-        IpFamily::V4 => wire::IPV4_UDP_HEADERS as u16,
-        IpFamily::V6 => wire::IPV6_UDP_HEADERS as u16,
-    }
-}
-
 impl Prober {
     /// Runs until a stop.
     pub async fn run(mut self) {
-        let hdr = headers(self.path.underlay());
+        let hdr = wire::underlay_headers(self.path.underlay());
         let cfg = |link: u16| PmtudConfig { raise_interval: self.raise_interval, ..PmtudConfig::new(link) };
         let mut link = self.path.link();
         let mut up = Search::new(cfg(link));

@@ -80,29 +80,60 @@ pub fn plan(old: &GatewayConfig, new: &GatewayConfig) -> Plan {
     if let Some(level) = &log_level {
         changes.push(format!("[log] level {} -> {level}", old.log_level));
     }
+    // Every key is named here, none by `..`: a key added to the file cannot be forgotten — it
+    // either reloads (above) or is listed as needing a restart (below).
+    let GatewayConfig {
+        dir: _,
+        name,
+        endpoint,
+        listen,
+        subnet,
+        gateway_ip,
+        v6,
+        server_name,
+        ca_cert,
+        ca_key,
+        cert,
+        key,
+        registry,
+        database,
+        clients_dir,
+        session_idle_timeout: _,
+        session_max_lifetime: _,
+        reauth_grace: _,
+        handshake_timeout,
+        nat,
+        dataplane,
+        dns,
+        status_socket,
+        metrics: _,
+        log_level: _,
+    } = new;
     let mut restart_needed = Vec::new();
     let mut restart = |key, differs: bool| {
         if differs {
             restart_needed.push(key);
         }
     };
-    restart("name", old.name != new.name);
-    restart("endpoint", old.endpoint != new.endpoint);
-    restart("listen", old.listen != new.listen);
-    restart("subnet", old.subnet != new.subnet);
-    restart("gateway_ip", old.gateway_ip != new.gateway_ip);
-    restart("subnet6/gateway_ip6", old.v6 != new.v6);
-    restart("server_name", old.server_name != new.server_name);
+    restart("name", old.name != *name);
+    restart("endpoint", old.endpoint != *endpoint);
+    restart("listen", old.listen != *listen);
+    restart("subnet", old.subnet != *subnet);
+    restart("gateway_ip", old.gateway_ip != *gateway_ip);
+    restart("subnet6/gateway_ip6", old.v6 != *v6);
+    restart("server_name", old.server_name != *server_name);
     restart(
         "ca_cert/ca_key/cert/key",
-        (&old.ca_cert, &old.ca_key, &old.cert, &old.key)
-            != (&new.ca_cert, &new.ca_key, &new.cert, &new.key),
+        (&old.ca_cert, &old.ca_key, &old.cert, &old.key) != (ca_cert, ca_key, cert, key),
     );
-    restart("registry", old.registry != new.registry);
-    restart("handshake_timeout", old.handshake_timeout != new.handshake_timeout);
-    restart("status_socket", old.status_socket != new.status_socket);
-    restart("[nat]", old.nat != new.nat);
-    restart("[dataplane]", old.dataplane != new.dataplane);
+    restart("registry", old.registry != *registry);
+    restart("database", old.database != *database);
+    restart("clients_dir", old.clients_dir != *clients_dir);
+    restart("handshake_timeout", old.handshake_timeout != *handshake_timeout);
+    restart("status_socket", old.status_socket != *status_socket);
+    restart("[nat]", old.nat != *nat);
+    restart("[dataplane]", old.dataplane != *dataplane);
+    restart("[dns]", old.dns != *dns);
     Plan { limits, metrics, log_level, changes, restart_needed }
 }
 
@@ -270,6 +301,9 @@ mod tests {
         assert_eq!(p.restart_needed, vec!["subnet", "gateway_ip"]);
         let p = plan(&old, &config("subnet6 = \"fd00:77::/64\""));
         assert_eq!(p.restart_needed, vec!["subnet6/gateway_ip6"]);
+        // The resolver's section is not reloaded: said, not silently ignored.
+        let p = plan(&old, &config("[dns]\nenabled = false"));
+        assert_eq!((p.changes.len(), p.restart_needed), (0, vec!["[dns]"]));
         // And back: metrics off.
         assert_eq!(plan(&new, &old).metrics, Some(None));
     }

@@ -101,6 +101,15 @@ const RESERVED: std::ops::Range<usize> = 1..4;
 const SESSION_ID: std::ops::Range<usize> = 4..12;
 const COUNTER: std::ops::Range<usize> = 12..20;
 
+/// The bytes the underlay adds in front of a datagram: its IP and UDP headers.
+pub const fn underlay_headers(underlay: super::inner::IpFamily) -> u16 {
+    // Small constants (28, 48): the casts cannot truncate.
+    match underlay {
+        super::inner::IpFamily::V4 => IPV4_UDP_HEADERS as u16,
+        super::inner::IpFamily::V6 => IPV6_UDP_HEADERS as u16,
+    }
+}
+
 /// [`tun_mtu_for`] over an underlay of either family: an IPv6 underlay costs 20 bytes more.
 pub const fn tun_mtu_over(underlay_mtu: u16, underlay: super::inner::IpFamily) -> Option<u16> {
     match underlay {

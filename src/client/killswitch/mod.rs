@@ -475,12 +475,6 @@ impl NftKillSwitch {
         }
     }
 
-    /// Forces the watched fallback mode (tests), or not.
-    pub fn force_fallback(mut self, force: bool) -> Self {
-        self.force_fallback = force;
-        self
-    }
-
     pub fn plan(&self) -> &KillSwitchPlan {
         &self.plan
     }
