@@ -315,7 +315,7 @@ pub fn ipv6_disabled() -> bool {
 }
 
 /// The smallest link MTU IPv6 allows (RFC 8200, section 5).
-pub const MIN_IPV6_MTU: u16 = 1280;
+pub const MIN_IPV6_MTU: u16 = icmp::IPV6_MIN_MTU as u16;
 
 /// Whether device `name` has IPv6 now (in the calling thread's namespace). Linux removes a
 /// device's IPv6 state (addresses, routes, its `conf` entry) when its MTU goes below

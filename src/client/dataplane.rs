@@ -419,7 +419,7 @@ async fn bring_up(shared: Arc<Shared>) {
     let prober = Prober {
         sock: sock.clone(),
         get_auth: binding.get_auth.clone(),
-        gateway: Box::new(move |auth: &VpnAuthResponse| auth.gateway_addr.map_or(gateway, |g| g.ip())),
+        gateway,
         path: path.clone(),
         acks: ack_rx,
         stop: shared.stop.subscribe(),
@@ -788,10 +788,9 @@ async fn send_loop(
     }
 }
 
-/// Where `auth`'s datagrams go: the gateway that issued the session (several gateways: the data
-/// plane follows the snapshot), else the configured one.
+/// Where `auth`'s datagrams go ([`VpnAuthResponse::gateway_ip_or`] the configured gateway).
 fn gateway_of(auth: &VpnAuthResponse, cfg: &ClientDataPlaneConfig) -> IpAddr {
-    auth.gateway_addr.map_or(cfg.gateway, |g| g.ip())
+    auth.gateway_ip_or(cfg.gateway)
 }
 
 /// Sends one keepalive for `auth`'s session; returns whether the send succeeded.

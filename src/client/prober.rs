@@ -53,8 +53,8 @@ pub const ACK_QUEUE: usize = 8;
 pub struct Prober {
     pub sock: Arc<UdpSocket>,
     pub get_auth: GetAuth,
-    /// Where datagrams for the gateway go (the snapshot's gateway, else the configured one).
-    pub gateway: Box<dyn Fn(&crate::snapshot::VpnAuthResponse) -> IpAddr + Send + Sync>,
+    /// The configured gateway; datagrams go to the snapshot's ([`crate::snapshot::VpnAuthResponse::gateway_ip_or`]).
+    pub gateway: IpAddr,
     pub path: Arc<PathMtu>,
     pub acks: mpsc::Receiver<Ack>,
     pub stop: watch::Receiver<bool>,
@@ -123,7 +123,7 @@ impl Prober {
                         return;
                     }
                     let now = Instant::now().into_std();
-                    let gateway = (self.get_auth)().map(|a| (self.gateway)(&a));
+                    let gateway = (self.get_auth)().map(|a| a.gateway_ip_or(self.gateway));
                     // Through try_io, so the readiness is cleared once the queue is empty (else
                     // `ready` would answer at once forever); left set if the read stopped at its
                     // bound with more waiting.
@@ -208,7 +208,7 @@ impl Prober {
             crypto.cipher.seal_probe(Direction::ClientToGateway, false, auth.session_id, counter, buf, payload)
         });
         let Ok(n) = sealed else { return };
-        let dest = SocketAddr::from(((self.gateway)(&auth), auth.data_port));
+        let dest = SocketAddr::from((auth.gateway_ip_or(self.gateway), auth.data_port));
         if let Err(e) = self.sock.send_to(&buf[..n], dest).await {
             // EMSGSIZE: larger than the local link, which just shrank: the search's max follows
             // it at the next wake-up; the probe counts as lost meanwhile.

@@ -70,7 +70,7 @@ pub const DEFAULT_CONFIRM_INTERVAL: Duration = Duration::from_secs(5);
 
 /// IPv6's minimum link MTU (RFC 8200), which every IPv4 path in practice carries too: the base
 /// of both families, as QUIC uses it.
-pub const DEFAULT_BASE: u16 = 1280;
+pub const DEFAULT_BASE: u16 = super::icmp::IPV6_MIN_MTU as u16;
 
 impl PmtudConfig {
     /// The defaults for a link of `max` (floored at the base).

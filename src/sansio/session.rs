@@ -147,6 +147,12 @@ pub struct VpnAuthResponse {
 }
 
 impl VpnAuthResponse {
+    /// Where this session's datagrams go: the gateway that issued it (with several gateways the
+    /// data plane follows the snapshot), else `configured` (the client file's).
+    pub fn gateway_ip_or(&self, configured: IpAddr) -> IpAddr {
+        self.gateway_addr.map_or(configured, |g| g.ip())
+    }
+
     /// A well-formed snapshot of session `session_id` with key `key` and fixed everything else
     /// (client 100.64.0.2/24 and fd00:64::2/64, gateway 100.64.0.1 and fd00:64::1, data port 51820, idle timeout 180 s, received at
     /// the Unix epoch). The one fixture of the tests, benches and fuzz targets, which need *a*
