@@ -3,7 +3,8 @@
 //! # Module map
 //! - [`sansio`]: the pure core. The supervisor statechart ([`sansio::supervisor`]) and the packet
 //!   crypto ([`sansio::wire`], [`sansio::seal`], [`sansio::replay`]), the gateway resolver's request
-//!   handling ([`sansio::dns`]), the "too big" ICMP answers ([`sansio::icmp`]). No tokio, sockets, files,
+//!   handling ([`sansio::dns`]), the "too big" ICMP answers ([`sansio::icmp`]) over the one Internet
+//!   checksum ([`sansio::checksum`]), the path MTU search ([`sansio::pmtud`]). No tokio, sockets, files,
 //!   clocks or RNG in here: time and randomness come in as arguments, decisions come out as values.
 //! - [`snapshot`]: the one atomically swapped session snapshot (`VpnAuthResponse`) and its getter.
 //! - [`control`]: the generated gRPC code of the control plane and the conversions to our types.

@@ -28,6 +28,8 @@
 //!
 //! Pure logic: bytes in, bytes out, buffers allocated once in [`Coalescer::new`].
 
+use super::checksum::{fold, sum};
+
 /// Length of the virtio-net header a TUN device with offload expects before every packet.
 pub const VNET_HDR_LEN: usize = 10;
 
@@ -502,40 +504,6 @@ fn checksums_valid(ip: Ip, p: &[u8], iph_len: usize) -> bool {
 /// families: IPv6's 32-bit upper-layer length is below 2^16 here, so it sums the same.
 fn pseudo_header_sum(addrs: &[u8], tcp_len: u16) -> u64 {
     sum(addrs) + u64::from(IPPROTO_TCP) + u64::from(tcp_len)
-}
-
-/// The ones'-complement sum of `data` read as big-endian 16-bit words (a last odd byte padded
-/// with zero), folded to 16 bits but returned wide so sums can be added before [`fold`].
-///
-/// It adds the 32-bit halves of native 64-bit words, which the compiler vectorises, and swaps
-/// to big-endian once at the end: the end-around carry makes the byte order of the words
-/// commute with the sum. (Measured: about 1% of the data plane's CPU at 5 Gbit/s.)
-fn sum(data: &[u8]) -> u64 {
-    let mut acc: u64 = 0;
-    let mut words = data.chunks_exact(8);
-    for w in &mut words {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(w);
-        let v = u64::from_ne_bytes(b);
-        // At most 2^33 per step: 65535 bytes cannot overflow 64 bits.
-        acc += (v & 0xffff_ffff) + (v >> 32);
-    }
-    let mut rest = words.remainder().chunks_exact(2);
-    for w in &mut rest {
-        acc += u64::from(u16::from_ne_bytes([w[0], w[1]]));
-    }
-    if let [last] = rest.remainder() {
-        acc += u64::from(u16::from_ne_bytes([*last, 0]));
-    }
-    u64::from(u16::from_be(fold(acc)))
-}
-
-/// Folds a ones'-complement sum to 16 bits with end-around carries (not complemented).
-fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use super::checksum;
 use super::inner::{IPV4_HEADER, IPV6_HEADER, IpFamily};
 
 /// ICMP header (type, code, checksum, 4 bytes of type-specific data) of either family.
@@ -110,13 +111,13 @@ fn frag_needed_v4(packet: &[u8], mtu: u16, from: Ipv4Addr, out: &mut [u8]) -> Re
     ip[9] = PROTO_ICMP;
     ip[12..16].copy_from_slice(&from.octets());
     ip[16..20].copy_from_slice(&src.octets());
-    let sum = checksum(0, ip);
+    let sum = checksum::internet(0, ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let (icmp, body) = rest.split_at_mut(ICMP_HEADER);
     let [m0, m1] = mtu.to_be_bytes();
     icmp.copy_from_slice(&[3, 4, 0, 0, 0, 0, m0, m1]);
     body.copy_from_slice(quote);
-    let sum = checksum(0, rest);
+    let sum = checksum::internet(0, rest);
     rest[2..4].copy_from_slice(&sum.to_be_bytes());
     Ok(total)
 }
@@ -155,41 +156,22 @@ fn packet_too_big_v6(packet: &[u8], mtu: u16, from: Ipv6Addr, out: &mut [u8]) ->
     let [m0, m1] = mtu.to_be_bytes();
     icmp.copy_from_slice(&[2, 0, 0, 0, 0, 0, m0, m1]);
     body.copy_from_slice(quote);
-    let sum = checksum(pseudo_header_v6(&ip[8..40], payload16), rest);
+    let sum = checksum::internet(pseudo_header_v6(&ip[8..40], payload16), rest);
     rest[2..4].copy_from_slice(&sum.to_be_bytes());
     Ok(total)
 }
 
 /// The one's-complement sum of the IPv6 pseudo-header (RFC 8200, 8.1) for ICMPv6: both addresses
 /// (`addrs`, source then destination), the upper-layer length and the next header.
-fn pseudo_header_v6(addrs: &[u8], length: u16) -> u32 {
-    sum16(addrs) + u32::from(length) + u32::from(NEXT_HEADER_ICMPV6)
+fn pseudo_header_v6(addrs: &[u8], length: u16) -> u64 {
+    checksum::sum(addrs) + u64::from(length) + u64::from(NEXT_HEADER_ICMPV6)
 }
 
-/// The sum of `data` as big-endian 16-bit words (an odd last byte padded with zero), unfolded.
-/// Unfolded fits: at most 64 KiB of 0xffff words is below 2^32.
-fn sum16(data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    let mut sum: u32 = chunks.by_ref().map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
-}
-
-/// The Internet checksum (RFC 1071) of `data` with `initial` (a pseudo-header's sum) added.
-fn checksum(initial: u32, data: &[u8]) -> u16 {
-    let mut sum = u64::from(initial) + u64::from(sum16(data));
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
 
 /// Whether `data` (with a pseudo-header sum `initial`) carries a valid Internet checksum.
 #[cfg(test)]
-fn verifies(initial: u32, data: &[u8]) -> bool {
-    checksum(initial, data) == 0
+fn verifies(initial: u64, data: &[u8]) -> bool {
+    checksum::internet(initial, data) == 0
 }
 
 #[cfg(test)]
@@ -262,13 +244,13 @@ mod tests {
     #[test]
     fn checksum_matches_rfc1071_example() {
         // RFC 1071, 3: the words 0001 f203 f4f5 f6f7 sum to ddf2 (complement 220d).
-        assert_eq!(checksum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0x220d);
+        assert_eq!(checksum::internet(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0x220d);
         // A real header (Wikipedia's IPv4 example): checksum b861.
         let h = [
             0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
             0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
         ];
-        assert_eq!(checksum(0, &h), 0xb861);
+        assert_eq!(checksum::internet(0, &h), 0xb861);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! arguments; decisions come out as values.
 
 pub mod budget;
+pub mod checksum;
 pub mod coalesce;
 pub mod dns;
 pub mod icmp;
