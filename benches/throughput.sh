@@ -8,6 +8,7 @@
 #   bash benches/throughput.sh                # RUNS=3 SECS=10
 #   bash benches/throughput.sh --quick        # RUNS=1 SECS=3: a smoke run
 #   RUNS=3 SECS=8 bash benches/throughput.sh
+#   PINGS=500 bash benches/throughput.sh      # pings per run (default 50): a steadier ping median
 #   SKIP_BORINGTUN=1 SKIP_GOTATUN=1 SKIP_SPLIT=1 bash benches/throughput.sh
 #   BIN=/path/to/holdfast bash benches/throughput.sh   # another build (default: cargo build --release)
 #   BENCH_TOOLS=DIR bash benches/throughput.sh          # where the anchors are (default target/bench-tools)
@@ -22,7 +23,7 @@
 #   holdfast-split  a split tunnel to the gateway's tunnel address, no kill-switch: the data plane alone
 #   boringtun       boringtun-cli, one thread (--threads 1), configured with `wg`
 #   gotatun         gotatun-cli (Mullvad's boringtun fork; its binary is `gotatun`), configured with `wg`
-# Every row: RUNS iperf3 runs of SECS seconds each way (medians), 50 pings per run (median RTT of all
+# Every row: RUNS iperf3 runs of SECS seconds each way (medians), PINGS pings per run (median RTT of all
 # replies). CPU s/GB: utime+stime (/proc/PID/stat) of the two tunnel processes (client and gateway,
 # or both WireGuard peers) over each direction's iperf3 runs, divided by the bytes iperf3 received
 # (GB = 10^9 bytes). Client RSS: VmHWM (/proc/PID/status) of the process in the client namespace,
@@ -46,10 +47,12 @@ for arg in "$@"; do
     *) echo "throughput.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
-RUNS=${RUNS:-3} SECS=${SECS:-10}
+RUNS=${RUNS:-3} SECS=${SECS:-10} PINGS=${PINGS:-50}
 [[ $RUNS =~ ^[1-9]$ ]] || { echo "throughput.sh: RUNS must be 1 to 9, not '$RUNS'" >&2; exit 2; }
 [[ $SECS =~ ^[0-9]+$ ]] && [ "$SECS" -ge 1 ] && [ "$SECS" -le 60 ] \
   || { echo "throughput.sh: SECS must be 1 to 60, not '$SECS'" >&2; exit 2; }
+[[ $PINGS =~ ^[0-9]+$ ]] && [ "$PINGS" -ge 1 ] && [ "$PINGS" -le 1000 ] \
+  || { echo "throughput.sh: PINGS must be 1 to 1000, not '$PINGS'" >&2; exit 2; }
 
 TAG=hfb$$ NA=${TAG}a NB=${TAG}b VA=${TAG}va VB=${TAG}vb
 UA=198.18.0.1 UB=198.18.0.2 PORT=51820
@@ -226,8 +229,8 @@ iperf_run() { # ROW up|down SERVER-IP PID...: one iperf3 run; the PIDs' CPU time
   wait $sp 2>/dev/null || true
   echo "$row $dir $(python3 "$WORK/report.py" iperf <<<"$json") $t0" >>"$RESULTS"
 }
-ping_run() { # ROW IP: the RTT of each of 50 replies
-  echo "$1 rtt $(timeout 20 ip netns exec $NA ping -n -c 50 -i 0.02 -W 1 "$2" 2>/dev/null \
+ping_run() { # ROW IP: the RTT of each of PINGS replies
+  echo "$1 rtt $(timeout $((PINGS / 25 + 20)) ip netns exec $NA ping -n -c "$PINGS" -i 0.02 -W 1 "$2" 2>/dev/null \
     | sed -n 's/.* time=\([0-9.]*\) ms$/\1/p' | tr '\n' ' ')" >>"$RESULTS"
 }
 measure() { # ROW SERVER-IP [CLIENT-SIDE-PID OTHER-END-PID]

@@ -15,6 +15,7 @@
 //! - [`gateway`]: the gateway: client registry, session registry, control service, data plane,
 //!   resolver.
 //! - [`tunnel`]: the IO pieces both data planes share (TUN device, UDP socket, counters).
+//! - [`packet_thread`]: the one thread each data plane runs its packet loops on.
 //! - [`local_socket`]: the root-only Unix socket both binaries answer status queries on.
 //!
 //! The IO rule: only `client`, `gateway` and the binary touch the world. Everything under `sansio`
@@ -28,6 +29,7 @@ pub mod flood;
 pub mod gateway;
 pub mod local_socket;
 pub mod logging;
+pub mod packet_thread;
 pub mod pki;
 pub mod sansio;
 pub mod snapshot;

@@ -39,6 +39,7 @@ use super::path_mtu::{Ipv6Step, PathMtu, ipv6_step};
 use super::prober::{self, Ack, Prober};
 use super::routes;
 use crate::config::client::ClientFile;
+use crate::packet_thread::PacketThread;
 use crate::sansio::filter::{FilterSpec, Side};
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
@@ -167,6 +168,10 @@ struct Shared {
     /// Bumped when the TUN device got its IPv6 address back in place (the path grew past
     /// IPv6's minimum again): its IPv6 routes must be put back too.
     readdressed: watch::Sender<u64>,
+    /// The thread the bring-up, the loops and the device's keepers run on (see
+    /// crate::packet_thread), started with the bring-up; the device and the socket are
+    /// registered with it.
+    thread: std::sync::OnceLock<PacketThread>,
 }
 
 /// The client's data plane. Cheap to clone; all clones are the same data plane.
@@ -197,6 +202,7 @@ impl ClientDataPlane {
                 tun_mtu: watch::channel(0).0,
                 reader_room: watch::channel(0).0,
                 readdressed: watch::channel(0).0,
+                thread: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -214,7 +220,8 @@ impl ClientDataPlane {
         let shared = self.shared.clone();
         Box::new(move |_snapshot: &Arc<VpnAuthResponse>| {
             if !shared.started.swap(true, Ordering::AcqRel) {
-                let task = tokio::spawn(bring_up(shared.clone()));
+                let thread = shared.thread.get_or_init(|| PacketThread::start("hf-client-packets"));
+                let task = thread.spawn_task(bring_up(shared.clone()));
                 lock(&shared.tasks).push(task);
             }
             shared.swapped.notify_one();
@@ -274,6 +281,9 @@ impl ClientDataPlane {
         }
         // The last reference to the device: closing it removes it.
         self.shared.device.send_replace(None);
+        if let Some(thread) = self.shared.thread.get() {
+            thread.quit();
+        }
     }
 }
 
@@ -288,7 +298,8 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 /// Creates the TUN device and the socket (retrying with backoff until both exist or a stop),
-/// then starts the two loops, once.
+/// then starts the two loops, once. Runs on the packet thread, so the device and the socket are
+/// registered with it, and so is everything it spawns.
 async fn bring_up(shared: Arc<Shared>) {
     let stop = shared.stop.subscribe();
     let mut binding_rx = shared.binding.subscribe();

@@ -34,6 +34,7 @@ use super::ControlPlane;
 use super::sessions::{Clock, Session, SessionTable};
 use crate::config::gateway::{GatewayConfig, Tunnel6};
 use crate::flood::{self, ShedCounters, Shedder};
+use crate::packet_thread::PacketThread;
 use crate::sansio::filter::Side;
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
@@ -397,6 +398,8 @@ pub enum GatewayDataPlaneError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot install the NAT rule on {uplink}: {reason}")]
     Nat { uplink: String, reason: String },
+    #[error("the data plane's packet thread ended while it was starting")]
+    ThreadEnded,
 }
 
 impl GatewayDataPlaneError {
@@ -431,6 +434,8 @@ pub struct GatewayDataPlane {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     nat: Option<Nat>,
+    /// The loops' thread; it ends with the data plane.
+    thread: PacketThread,
     pub tun_name: String,
     pub local: SocketAddr,
 }
@@ -452,9 +457,17 @@ impl GatewayDataPlane {
             mtu: tunnel::tun_mtu(cfg.underlay_mtu, underlay)?,
             offload: cfg.offload,
         };
-        let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
-        let sock = tunnel::bind_udp(cfg.listen)
-            .map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?;
+        // Both descriptors are registered with the loops' thread (see crate::packet_thread).
+        let thread = PacketThread::start("hf-gw-packets");
+        let tun = thread
+            .run(async move { tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await })
+            .await
+            .ok_or(GatewayDataPlaneError::ThreadEnded)??;
+        let sock = {
+            let _on_its_thread = thread.enter();
+            tunnel::bind_udp(cfg.listen)
+                .map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?
+        };
         let local = sock.local_addr().unwrap_or(cfg.listen);
         let nat =
             match &cfg.nat_uplink {
@@ -499,11 +512,11 @@ impl GatewayDataPlane {
         let live_ids = move |out: &mut Vec<SessionId>| table.live_ids(out);
         let ctx = Arc::new(Loops { cfg, sessions, counters: counters.clone(), shedding: shedding.clone() });
         let tasks = vec![
-            tokio::spawn(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe())),
-            tokio::spawn(to_clients(ctx, device, sock, stop.subscribe(), tun.mtu)),
+            thread.spawn_task(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe())),
+            thread.spawn_task(to_clients(ctx, device, sock, stop.subscribe(), tun.mtu)),
             tokio::spawn(flood::watch(shedding.clone(), live_ids, stop.subscribe())),
         ];
-        Ok(Self { counters, shedding, stop, tasks, nat, tun_name: tun.name, local })
+        Ok(Self { counters, shedding, stop, tasks, nat, thread, tun_name: tun.name, local })
     }
 
     pub fn stats(&self) -> Stats {
@@ -529,6 +542,7 @@ impl GatewayDataPlane {
         if let Some(nat) = self.nat.take() {
             nat.remove().await;
         }
+        self.thread.quit();
         tracing::info!(target: TARGET, "data plane stopped; {}", self.counters.stats());
     }
 }
