@@ -384,9 +384,9 @@ impl RouteGuard {
     /// Pins gateways learnt while running (a gateway that joined the deployment after the client
     /// file was written) the way [`Routes::install_for`] pins the file's, so a failover to them
     /// never enters the tunnel. The tunnel routes are up now and would answer a lookup for a
-    /// captured address, so a new gateway goes over the underlay the first gateway's pin uses
-    /// (a deployment's gateways share the client's way out); without such a pin (the first
-    /// gateway is on the client's own link), a gateway the kernel routes outside the tunnel
+    /// captured address, so a new gateway goes over the underlay a pin of its family installed
+    /// at start uses (a deployment's gateways share the client's way out); without such a pin
+    /// (the gateways are on the client's own link), a gateway the kernel routes outside the tunnel
     /// needs none, and one it routes into the tunnel is skipped with a warning. Returns how many
     /// routes were added; stop removes them with the rest.
     pub async fn pin_more(&mut self, tun_name: &str, gateways: &[IpAddr]) -> Result<usize, RoutesError> {
@@ -857,6 +857,9 @@ type PathSeen = Option<(Underlay, Option<IpAddr>)>;
 pub struct UnderlayWatch {
     gateway: IpAddr,
     pin: bool,
+    /// Gateways followed before a failover ([`UnderlayWatch::switch_to`]) whose pin and
+    /// fallback were left in place; removed with this gateway's.
+    earlier: Vec<IpAddr>,
     /// The watcher; `None` once halted.
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -883,7 +886,36 @@ impl UnderlayWatch {
         .await?;
         describe_path(gateway, first, true);
         let task = tokio::spawn(watch(gateway, pinned, tun_index, first, on_change, path));
-        Ok(Self { gateway, pin, task: Some(task) })
+        Ok(Self { gateway, pin, earlier: Vec::new(), task: Some(task) })
+    }
+
+    /// The gateway followed.
+    pub fn gateway(&self) -> IpAddr {
+        self.gateway
+    }
+
+    /// Follows `gateway` from now on (the client failed over to it), as [`UnderlayWatch::start`]
+    /// does. The previous gateway's pin stays as last found (like the other gateways' pins, so
+    /// failing back to it never enters the tunnel), and its fallback too; both go with
+    /// [`UnderlayWatch::remove`]. On error nothing is followed; calling again retries.
+    pub async fn switch_to(
+        &mut self,
+        gateway: IpAddr,
+        tun_index: u32,
+        pin: bool,
+        on_change: UnderlayHook,
+        path: Option<Arc<PathMtu>>,
+    ) -> Result<(), RoutesError> {
+        // Halted first: the old watcher must not set the path MTU after the new one has.
+        self.halt().await;
+        let next = Self::start(gateway, tun_index, pin, on_change, path).await?;
+        let mut earlier = std::mem::take(&mut self.earlier);
+        if self.pin && !earlier.contains(&self.gateway) {
+            earlier.push(self.gateway);
+        }
+        earlier.retain(|g| *g != gateway);
+        *self = Self { earlier, ..next };
+        Ok(())
     }
 
     /// Stops watching (the routes stay as they are).
@@ -895,15 +927,19 @@ impl UnderlayWatch {
         }
     }
 
-    /// Stops watching and removes the gateway's pin and fallback.
+    /// Stops watching and removes the gateway's pin and fallback (and those of the gateways
+    /// followed before).
     pub async fn remove(mut self) -> Result<(), RoutesError> {
         self.halt().await;
-        if !self.pin {
+        let mut targets: Vec<IpNet> = self.earlier.iter().copied().map(IpNet::from).collect();
+        if self.pin {
+            targets.push(IpNet::from(self.gateway));
+        }
+        if targets.is_empty() {
             return Ok(());
         }
-        let target = IpNet::from(self.gateway);
         with_handle(|handle| async move {
-            remove_matching(&handle, |r| r.ours && r.net == target).await.map(drop)
+            remove_matching(&handle, |r| r.ours && targets.contains(&r.net)).await.map(drop)
         })
         .await
     }
@@ -1115,23 +1151,25 @@ pub struct TunnelNetwork {
 }
 
 impl TunnelNetwork {
-    /// Installs the routes, starts following the underlay (calling `on_underlay_change` on each
-    /// change of the path to the gateway, and keeping `path_mtu`'s link bound on the MTU of
-    /// that path), then points the resolver at the tunnel. On error
+    /// Installs the routes, starts following the underlay towards `gateway`, the gateway in use
+    /// (calling `on_underlay_change` on each change of the path to it, and keeping `path_mtu`'s
+    /// link bound on the MTU of that path), then points the resolver at the tunnel. On error
     /// everything done so far is undone and the error returned (nothing half-done stays).
+    /// [`TunnelNetwork::follow_gateway`] follows a failover.
     ///
     /// The resolvers are `[network] dns` applied to what the gateway pushed (`pushed`, from the
     /// current snapshot); [`TunnelNetwork::update_dns`] follows later snapshots.
     pub async fn up(
         file: &ClientFile,
+        gateway: IpAddr,
         pushed: &PushedDns,
         on_underlay_change: UnderlayHook,
         path_mtu: Option<Arc<PathMtu>>,
     ) -> Result<Self, NetworkError> {
         let net = &file.network;
         let (tun, _) = tun_and_cidrs(file);
-        let routes = install_for_file(file).await?;
-        let underlay = Self::watch_underlay(file, on_underlay_change, path_mtu.clone()).await;
+        let routes = install_for_file(file, gateway).await?;
+        let underlay = Self::watch_underlay(file, gateway, on_underlay_change, path_mtu.clone()).await;
         let underlay = match underlay {
             Ok(u) => u,
             Err(e) => {
@@ -1183,18 +1221,37 @@ impl TunnelNetwork {
         Ok(true)
     }
 
-    /// Starts following the underlay for the file's gateway and TUN. Of several gateways the
-    /// first is followed (its pin, and the path MTU): learnt gateways are pinned over its
-    /// underlay, so they share its way out and its size.
+    /// Starts following the underlay towards `gateway` (the gateway in use: its pin, and the
+    /// path MTU) on the file's TUN.
     async fn watch_underlay(
         file: &ClientFile,
+        gateway: IpAddr,
         on_underlay_change: UnderlayHook,
         path_mtu: Option<Arc<PathMtu>>,
     ) -> Result<UnderlayWatch, RoutesError> {
         let (tun, cidrs) = tun_and_cidrs(file);
-        let gateway = file.endpoint.ip();
         let captured = captures(&cidrs, gateway);
         UnderlayWatch::start(gateway, ifindex(tun)?, captured, on_underlay_change, path_mtu).await
+    }
+
+    /// Follows the gateway in use after a failover to `gateway`: its path is the one pinned and
+    /// whose MTU the data plane uses from now on (see [`UnderlayWatch::switch_to`]). Nothing
+    /// when it is the gateway followed already. On error the caller retries.
+    pub async fn follow_gateway(
+        &mut self,
+        file: &ClientFile,
+        gateway: IpAddr,
+        on_underlay_change: UnderlayHook,
+    ) -> Result<(), NetworkError> {
+        if self.underlay.gateway() == gateway && self.underlay.task.is_some() {
+            return Ok(());
+        }
+        let (tun, cidrs) = tun_and_cidrs(file);
+        let captured = captures(&cidrs, gateway);
+        let tun_index = ifindex(tun)?;
+        self.underlay.switch_to(gateway, tun_index, captured, on_underlay_change, self.path_mtu.clone()).await?;
+        tracing::info!(target: TARGET, "following the path to the gateway in use, {gateway}");
+        Ok(())
     }
 
     /// Puts the routes (and per-link DNS settings) back on a TUN device that was re-created
@@ -1203,11 +1260,12 @@ impl TunnelNetwork {
     /// never went away. On error the caller retries; the kill-switch blocks meanwhile.
     pub async fn reattach(&mut self, file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<(), NetworkError> {
         self.underlay.halt().await;
-        // Also removes what is left of ours (the gateway's pin and fallback) before adding.
-        let routes = install_for_file(file).await?;
+        let gateway = self.underlay.gateway();
+        // Also removes what is left of ours (the gateways' pins and fallbacks) before adding.
+        let routes = install_for_file(file, gateway).await?;
         // The old guard's routes are gone (with the device, or removed as stale just now).
         let _old = std::mem::replace(&mut self.routes, routes);
-        self.underlay = Self::watch_underlay(file, on_underlay_change, self.path_mtu.clone()).await?;
+        self.underlay = Self::watch_underlay(file, gateway, on_underlay_change, self.path_mtu.clone()).await?;
         self.dns.reattach(&self.dns_set.0, &self.dns_set.1)?;
         Ok(())
     }
@@ -1240,15 +1298,15 @@ impl TunnelNetwork {
     }
 }
 
-/// The TUN name and the CIDRs routed through it, for a client file.
-/// [`Routes::install_for`] as `file` says: its TUN and tunnel CIDRs, its first gateway, and the
-/// other gateways of the deployment it names.
-async fn install_for_file(file: &ClientFile) -> Result<RouteGuard, RoutesError> {
+/// [`Routes::install_for`] as `file` says (its TUN and tunnel CIDRs, the other gateways of the
+/// deployment it names) for `gateway`, the gateway in use.
+async fn install_for_file(file: &ClientFile, gateway: IpAddr) -> Result<RouteGuard, RoutesError> {
     let (tun, cidrs) = tun_and_cidrs(file);
-    let others: Vec<IpAddr> = file.all_endpoints().iter().skip(1).map(|e| e.ip()).collect();
-    Routes::install_for(tun, file.endpoint.ip(), &others, &cidrs).await
+    let others: Vec<IpAddr> = file.all_endpoints().iter().map(|e| e.ip()).collect();
+    Routes::install_for(tun, gateway, &others, &cidrs).await
 }
 
+/// The TUN name and the CIDRs routed through it, for a client file.
 fn tun_and_cidrs(file: &ClientFile) -> (&str, Vec<IpNet>) {
     let net = &file.network;
     let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);
