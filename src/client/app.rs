@@ -218,7 +218,8 @@ fn network_retry(attempt: u32) -> std::time::Duration {
 }
 
 /// [`network_up`], then puts the routes and per-link DNS back each time the data plane re-creates
-/// the TUN device, until `stop`. Returns what is installed, for the stop to remove.
+/// the TUN device, follows the gateway in use and the deployment's gateways, until `stop`.
+/// Returns what is installed, for the stop to remove.
 async fn network_task(
     dataplane: ClientDataPlane,
     file: crate::config::client::ClientFile,
@@ -243,7 +244,7 @@ async fn network_task(
     readdressed.mark_unchanged();
     restrict_dns(&*killswitch, &net);
     let current = gateways.borrow_and_update().clone();
-    reach_gateways(&*killswitch, &mut net, &file, &current).await;
+    reach_gateways(&*killswitch, &mut net, &current).await;
     // Once the supervisor is gone (stopping) nothing more is pushed; the TUN may still change.
     let mut pushing = true;
     loop {
@@ -281,7 +282,7 @@ async fn network_task(
         match wake {
             Wake::Gateways => {
                 let list = gateways.borrow_and_update().clone();
-                reach_gateways(&*killswitch, &mut net, &file, &list).await;
+                reach_gateways(&*killswitch, &mut net, &list).await;
             }
             Wake::Failover => {
                 let mut retry = Retry::new("follow the path to the gateway in use");
@@ -309,9 +310,6 @@ async fn network_task(
                         }
                     }
                 }
-                // The re-created routes cover the file's gateways; pin the learnt ones again.
-                let list = gateways.borrow().clone();
-                reach_gateways(&*killswitch, &mut net, &file, &list).await;
             }
         }
     }
@@ -333,7 +331,6 @@ enum Wake {
 async fn reach_gateways(
     killswitch: &dyn super::killswitch::KillSwitch,
     net: &mut TunnelNetwork,
-    file: &crate::config::client::ClientFile,
     gateways: &[std::net::SocketAddr],
 ) {
     if gateways.is_empty() {
@@ -343,7 +340,7 @@ async fn reach_gateways(
         tracing::warn!(target: TARGET, "cannot let the kill-switch reach the deployment's gateways: {e}");
     }
     let ips: Vec<std::net::IpAddr> = gateways.iter().map(std::net::SocketAddr::ip).collect();
-    if let Err(e) = net.pin_gateways(file, &ips).await {
+    if let Err(e) = net.pin_gateways(&ips).await {
         tracing::warn!(target: TARGET, "cannot route to the deployment's gateways: {e}");
     }
 }
