@@ -118,9 +118,7 @@ pub async fn run(
         dataplane.clone(),
         file,
         handle.commands(),
-        pushed_rx,
-        gateways_rx,
-        using_rx,
+        Published { dns: pushed_rx, gateways: gateways_rx, using: using_rx },
         network_stop_rx,
         ks.clone(),
     ));
@@ -160,8 +158,7 @@ async fn network_up(
     dataplane: &ClientDataPlane,
     file: &crate::config::client::ClientFile,
     on_underlay_change: &super::routes::UnderlayHook,
-    pushed: &mut tokio::sync::watch::Receiver<PushedDns>,
-    using: &mut tokio::sync::watch::Receiver<std::net::IpAddr>,
+    published: &mut Published,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<TunnelNetwork> {
     tokio::select! {
@@ -170,8 +167,8 @@ async fn network_up(
     }
     let mut retry = Retry::new("set up routes/DNS");
     loop {
-        let current = pushed.borrow_and_update().clone();
-        let gateway = *using.borrow_and_update();
+        let current = published.dns.borrow_and_update().clone();
+        let gateway = *published.using.borrow_and_update();
         match TunnelNetwork::up(file, gateway, &current, on_underlay_change.clone(), dataplane.path_mtu()).await {
             Ok(net) => {
                 tracing::info!(target: TARGET, "routes up: {} via the tunnel", net.routes().len());
@@ -224,9 +221,7 @@ async fn network_task(
     dataplane: ClientDataPlane,
     file: crate::config::client::ClientFile,
     commands: tokio::sync::mpsc::Sender<super::driver::Command>,
-    mut pushed: tokio::sync::watch::Receiver<PushedDns>,
-    mut gateways: tokio::sync::watch::Receiver<Vec<std::net::SocketAddr>>,
-    mut using: tokio::sync::watch::Receiver<std::net::IpAddr>,
+    mut published: Published,
     mut stop: tokio::sync::watch::Receiver<bool>,
     killswitch: std::sync::Arc<dyn super::killswitch::KillSwitch>,
 ) -> Option<TunnelNetwork> {
@@ -238,7 +233,8 @@ async fn network_task(
     // The device's IPv6 came back (the path grew past 1280 again): its routes go back as after
     // a re-creation.
     let mut readdressed = dataplane.tun_readdressed();
-    let mut net = network_up(&dataplane, &file, &on_underlay_change, &mut pushed, &mut using, &mut stop).await?;
+    let mut net = network_up(&dataplane, &file, &on_underlay_change, &mut published, &mut stop).await?;
+    let Published { dns: mut pushed, mut gateways, mut using } = published;
     // The device the routes were installed on is the one current now.
     changes.mark_unchanged();
     readdressed.mark_unchanged();
@@ -313,6 +309,16 @@ async fn network_task(
             }
         }
     }
+}
+
+/// What the swap hook publishes for the network task (each changes only with a snapshot).
+struct Published {
+    /// The resolvers the gateway pushes.
+    dns: tokio::sync::watch::Receiver<PushedDns>,
+    /// The deployment's gateways, for the kill-switch and the routes.
+    gateways: tokio::sync::watch::Receiver<Vec<std::net::SocketAddr>>,
+    /// The gateway in use, whose path is pinned and followed.
+    using: tokio::sync::watch::Receiver<std::net::IpAddr>,
 }
 
 /// What woke the network task.
