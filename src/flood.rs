@@ -291,21 +291,32 @@ pub struct Shedder {
     on: bool,
     budgets: SourceBudgets,
     epoch: Instant,
+    /// The last `now` passed in and its milliseconds since `epoch`: the loop reads the
+    /// clock once per batch and passes that to every datagram of it, so the conversion runs
+    /// once per batch, not per datagram.
+    clock: (Instant, u64),
     counters: Arc<ShedCounters>,
 }
 
 impl Shedder {
     pub fn new(counters: Arc<ShedCounters>) -> Self {
+        let epoch = Instant::now();
         Self {
             on: counters.budgets,
             budgets: SourceBudgets::new(DEFAULT_CAPACITY, rand::random(), BudgetLimits::default()),
-            epoch: Instant::now(),
+            epoch,
+            clock: (epoch, 1),
             counters,
         }
     }
 
-    fn ms(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    /// `now` in milliseconds since the epoch, from 1 on.
+    #[inline]
+    fn ms(&mut self, now: Instant) -> u64 {
+        if now != self.clock.0 {
+            self.clock = (now, now.saturating_duration_since(self.epoch).as_millis() as u64 + 1);
+        }
+        self.clock.1
     }
 
     /// A datagram from `from` failed (bad header, bad tag, replay): charged to its source.

@@ -128,3 +128,28 @@ pub fn set_filter(filter: &str) -> Result<FilterChange, String> {
     installed.handle.reload(new).map_err(|e| e.to_string())?;
     Ok(FilterChange::Applied)
 }
+
+/// Logs `what`'s counters (one info line, "`what` stats: ...") on every SIGUSR1, for operators
+/// and tests: the data planes and the resolver never log per packet or per query, so this is how
+/// their counts are read from outside. Runs until the process ends; without a signal handler it
+/// does nothing.
+///
+/// The handler is registered when this is called, not when the returned future is first polled:
+/// a signal that arrives before the spawned task runs must not meet the default action (which
+/// ends the process).
+pub fn stats_on_sigusr1<S: std::fmt::Display>(
+    what: &'static str,
+    stats: impl Fn() -> S + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let usr1 = signal(SignalKind::user_defined1());
+    async move {
+        let Ok(mut usr1) = usr1 else {
+            tracing::debug!("no SIGUSR1 handler: {what} counters are not dumped on demand");
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            tracing::info!(target: "holdfast::stats", "{what} stats: {}", stats());
+        }
+    }
+}

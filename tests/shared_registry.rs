@@ -593,3 +593,39 @@ fn a_gateway_learnt_from_the_answers_is_reachable_for_a_failover() {
     gw_b.wait_for(&["session opened", "erin", "100.64.0.2"], T);
     assert!(client.is_alive() && client.pid() == pid, "same client process");
 }
+
+/// After a failover the client follows the path to the gateway in use, not the first one its
+/// file names: B's link is narrower than A's, and once the client runs through B its path MTU
+/// (from the link, not discovery) and the pin of the gateway's address are B's.
+#[test]
+fn after_a_failover_the_path_mtu_and_the_pin_follow_the_gateway_in_use() {
+    if skip() || !support::netns::available() {
+        return;
+    }
+    let d = Deployment::new();
+    for (ns, dev) in [(&d.c, "hfb"), (&d.b, "hfg")] {
+        ns.ip(&["link", "set", "dev", dev, "mtu", "1400"]);
+    }
+    let logs = tempfile::tempdir().unwrap();
+    let (mut gw_a, mut gw_b, mut client) = d.both_and_client("frank", logs.path());
+    client.wait_for(&["-> Healthy", "session"], T);
+    gw_a.wait_for(&["session opened", "frank"], T);
+    let socket = logs.path().join("client.sock");
+    let path_mtu = || support::status_of(&socket).data_plane.and_then(|d| d.path_mtu);
+    let ours = || d.c.ip(&["-4", "route", "show", "table", "main", "proto", "207"]);
+    assert!(support::wait_until(T, || ours().contains("198.18.0.2 dev hfa")), "A pinned: {}", ours());
+    let p = path_mtu().expect("path MTU via A");
+    assert_eq!((p.outer, p.bound.as_str()), (1500, "link"), "A's link");
+
+    gw_a.kill();
+    gw_b.wait_for(&["session opened", "frank"], T);
+    client.wait_for(&["-> Healthy", "session"], T);
+    // Discovery may find a bound a little below B's link first; the link's size wins once the
+    // search's max follows it.
+    let followed = support::wait_until(T, || path_mtu().is_some_and(|p| p.outer == 1400 && p.bound == "link"));
+    let p = path_mtu().expect("path MTU via B");
+    assert!(followed, "the path MTU follows gateway B's link: {p:?}");
+    assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (1400, 1336, "link"), "B's link, not discovery");
+    assert!(ours().contains("198.18.0.6 dev hfb"), "B pinned: {}", ours());
+    assert!(client.is_alive());
+}

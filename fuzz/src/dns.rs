@@ -1,5 +1,5 @@
-//! The gateway resolver's request handling (`holdfast::sansio::dns`): what a tunnel client (or a
-//! hostile upstream) can send it.
+//! The gateway resolver's request handling (`holdfast::sansio::dns`, and the per-client gate of
+//! `holdfast::gateway::dns`): what a tunnel client (or a hostile upstream) can send it.
 //!
 //! Input: `u16` upstream id, a length-prefixed query, a length-prefixed upstream reply, then the
 //! rest drives the per-client gate (each byte: client `b & 7`, `b >> 3` ms later, admit; a high
@@ -18,7 +18,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use holdfast::sansio::dns::{Admission, ClientGate, MAX_MESSAGE, Verdict, check_query, check_reply, servfail};
+use holdfast::gateway::dns::{Admission, ClientGate};
+use holdfast::sansio::dns::{MAX_MESSAGE, Verdict, check_query, check_reply, servfail};
 
 use super::input::Reader;
 

@@ -56,8 +56,18 @@ pub async fn run(
     // Likewise the deployment's gateways each answer lists: the kill-switch and the routes let
     // the client reach them, so it can fail over to one that joined after its file was written.
     let (gateways_tx, gateways_rx) = tokio::sync::watch::channel(Vec::<std::net::SocketAddr>::new());
+    // The gateway in use, the one the data plane sends to: its path is the one the routes pin
+    // and whose MTU the data plane follows. Chosen here, once per swap, for the network task.
+    let configured = settings.file.endpoint.ip();
+    let (using_tx, using_rx) = tokio::sync::watch::channel(configured);
     let mut dataplane_hook = dataplane.on_swap_hook();
     let on_swap: OnSwap = Box::new(move |snapshot| {
+        using_tx.send_if_modified(|current| {
+            let using = snapshot.gateway_ip_or(configured);
+            let changed = *current != using;
+            *current = using;
+            changed
+        });
         // The gateway that answered stays reachable even when its list no longer names it (it
         // is leaving the deployment): the driver keeps using it until it fails over.
         let mut reach = snapshot.endpoints.clone();
@@ -108,8 +118,7 @@ pub async fn run(
         dataplane.clone(),
         file,
         handle.commands(),
-        pushed_rx,
-        gateways_rx,
+        Published { dns: pushed_rx, gateways: gateways_rx, using: using_rx },
         network_stop_rx,
         ks.clone(),
     ));
@@ -140,34 +149,63 @@ pub async fn run(
 
 /// Installs the tunnel's routes and resolver once the TUN device is up. A failure is retried
 /// with backoff, never fatal: meanwhile the kill-switch keeps everything blocked, so the cost is
-/// no traffic, not a leak. Returns what was installed, for the stop.
+/// no traffic, not a leak. Returns what was installed, for the stop; `None` on a stop first.
 ///
-/// The routes follow the underlay from then on; each change of the path to the gateway (roaming,
-/// a link back up) tells the supervisor, which reconnects its control channel and checks at once.
+/// The routes follow the underlay towards the gateway in use from then on; each change of the
+/// path to it (roaming, a link back up) tells the supervisor, which reconnects its control
+/// channel and checks at once.
 async fn network_up(
     dataplane: &ClientDataPlane,
     file: &crate::config::client::ClientFile,
     on_underlay_change: &super::routes::UnderlayHook,
-    pushed: &mut tokio::sync::watch::Receiver<PushedDns>,
+    published: &mut Published,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<TunnelNetwork> {
-    if !dataplane.tun_up().await {
-        return None;
+    tokio::select! {
+        up = dataplane.tun_up() => if !up { return None },
+        _ = stop.wait_for(|s| *s) => return None,
     }
-    let mut attempt = 0u32;
+    let mut retry = Retry::new("set up routes/DNS");
     loop {
-        attempt += 1;
-        let current = pushed.borrow_and_update().clone();
-        match TunnelNetwork::up(file, &current, on_underlay_change.clone(), dataplane.path_mtu()).await {
+        let current = published.dns.borrow_and_update().clone();
+        let gateway = *published.using.borrow_and_update();
+        match TunnelNetwork::up(file, gateway, &current, on_underlay_change.clone(), dataplane.path_mtu()).await {
             Ok(net) => {
                 tracing::info!(target: TARGET, "routes up: {} via the tunnel", net.routes().len());
                 return Some(net);
             }
-            Err(e) if attempt == 1 => {
-                tracing::warn!(target: TARGET, "cannot set up routes/DNS yet ({e}); retrying")
-            }
-            Err(e) => tracing::debug!(target: TARGET, "routes/DNS attempt {attempt}: {e}"),
+            Err(e) => retry.after(e, stop).await?,
         }
-        tokio::time::sleep(network_retry(attempt)).await;
+    }
+}
+
+/// The retries of one network step (routes/DNS up, back on a new TUN, onto the gateway in use):
+/// each failure is logged (the first at warn, the next ones at debug) and followed by a pause of
+/// [`network_retry`], so every step backs off and logs alike.
+struct Retry {
+    /// Completes "cannot ... yet".
+    what: &'static str,
+    attempt: u32,
+}
+
+impl Retry {
+    fn new(what: &'static str) -> Self {
+        Self { what, attempt: 0 }
+    }
+
+    /// After a failed attempt: logs it and waits before the next. `None`: a stop came first.
+    async fn after(&mut self, e: impl std::fmt::Display, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<()> {
+        self.attempt += 1;
+        let (what, attempt) = (self.what, self.attempt);
+        if attempt == 1 {
+            tracing::warn!(target: TARGET, "cannot {what} yet ({e}); retrying");
+        } else {
+            tracing::debug!(target: TARGET, "{what}, attempt {attempt}: {e}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(network_retry(attempt)) => Some(()),
+            _ = stop.wait_for(|s| *s) => None,
+        }
     }
 }
 
@@ -177,13 +215,13 @@ fn network_retry(attempt: u32) -> std::time::Duration {
 }
 
 /// [`network_up`], then puts the routes and per-link DNS back each time the data plane re-creates
-/// the TUN device, until `stop`. Returns what is installed, for the stop to remove.
+/// the TUN device, follows the gateway in use and the deployment's gateways, until `stop`.
+/// Returns what is installed, for the stop to remove.
 async fn network_task(
     dataplane: ClientDataPlane,
     file: crate::config::client::ClientFile,
     commands: tokio::sync::mpsc::Sender<super::driver::Command>,
-    mut pushed: tokio::sync::watch::Receiver<PushedDns>,
-    mut gateways: tokio::sync::watch::Receiver<Vec<std::net::SocketAddr>>,
+    mut published: Published,
     mut stop: tokio::sync::watch::Receiver<bool>,
     killswitch: std::sync::Arc<dyn super::killswitch::KillSwitch>,
 ) -> Option<TunnelNetwork> {
@@ -195,26 +233,31 @@ async fn network_task(
     // The device's IPv6 came back (the path grew past 1280 again): its routes go back as after
     // a re-creation.
     let mut readdressed = dataplane.tun_readdressed();
-    let mut net = tokio::select! {
-        n = network_up(&dataplane, &file, &on_underlay_change, &mut pushed) => n?,
-        _ = stop.wait_for(|s| *s) => return None,
-    };
+    let mut net = network_up(&dataplane, &file, &on_underlay_change, &mut published, &mut stop).await?;
+    let Published { dns: mut pushed, mut gateways, mut using } = published;
     // The device the routes were installed on is the one current now.
     changes.mark_unchanged();
     readdressed.mark_unchanged();
     restrict_dns(&*killswitch, &net);
     let current = gateways.borrow_and_update().clone();
-    reach_gateways(&*killswitch, &mut net, &file, &current).await;
+    reach_gateways(&*killswitch, &mut net, &current).await;
     // Once the supervisor is gone (stopping) nothing more is pushed; the TUN may still change.
     let mut pushing = true;
     loop {
         // What woke us; the work that awaits is done after the select (its branches hold
         // borrows of the channels that must not live across an await).
-        let gateways_changed = tokio::select! {
-            r = changes.changed() => if r.is_err() { return Some(net) } else { false },
-            r = readdressed.changed() => if r.is_err() { return Some(net) } else { false },
+        let wake = tokio::select! {
+            r = changes.changed() => if r.is_err() { return Some(net) } else { Wake::Tun },
+            r = readdressed.changed() => if r.is_err() { return Some(net) } else { Wake::Tun },
             r = gateways.changed(), if pushing => match r {
-                Ok(()) => true,
+                Ok(()) => Wake::Gateways,
+                Err(_) => {
+                    pushing = false;
+                    continue;
+                }
+            },
+            r = using.changed(), if pushing => match r {
+                Ok(()) => Wake::Failover,
                 Err(_) => {
                     pushing = false;
                     continue;
@@ -232,32 +275,60 @@ async fn network_task(
             }
             _ = stop.wait_for(|s| *s) => return Some(net),
         };
-        if gateways_changed {
-            let list = gateways.borrow_and_update().clone();
-            reach_gateways(&*killswitch, &mut net, &file, &list).await;
-            continue;
-        }
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            match net.reattach(&file, on_underlay_change.clone()).await {
-                Ok(()) => {
-                    // The re-created routes cover the file's gateways; pin the learnt ones again.
-                    let list = gateways.borrow().clone();
-                    reach_gateways(&*killswitch, &mut net, &file, &list).await;
-                    break;
-                }
-                Err(e) if attempt == 1 => {
-                    tracing::warn!(target: TARGET, "cannot put the routes/DNS back on the new TUN device yet ({e}); retrying")
-                }
-                Err(e) => tracing::debug!(target: TARGET, "routes/DNS attempt {attempt}: {e}"),
+        match wake {
+            Wake::Gateways => {
+                let list = gateways.borrow_and_update().clone();
+                reach_gateways(&*killswitch, &mut net, &list).await;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(network_retry(attempt)) => {}
-                _ = stop.wait_for(|s| *s) => return Some(net),
+            Wake::Failover => {
+                let mut retry = Retry::new("follow the path to the gateway in use");
+                loop {
+                    let gateway = *using.borrow_and_update();
+                    match net.follow_gateway(&file, gateway, on_underlay_change.clone()).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            if retry.after(e, &mut stop).await.is_none() {
+                                return Some(net);
+                            }
+                        }
+                    }
+                }
+            }
+            Wake::Tun => {
+                let mut retry = Retry::new("put the routes/DNS back on the new TUN device");
+                loop {
+                    match net.reattach(&file, on_underlay_change.clone()).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            if retry.after(e, &mut stop).await.is_none() {
+                                return Some(net);
+                            }
+                        }
+                    }
+                }
             }
         }
     }
+}
+
+/// What the swap hook publishes for the network task (each changes only with a snapshot).
+struct Published {
+    /// The resolvers the gateway pushes.
+    dns: tokio::sync::watch::Receiver<PushedDns>,
+    /// The deployment's gateways, for the kill-switch and the routes.
+    gateways: tokio::sync::watch::Receiver<Vec<std::net::SocketAddr>>,
+    /// The gateway in use, whose path is pinned and followed.
+    using: tokio::sync::watch::Receiver<std::net::IpAddr>,
+}
+
+/// What woke the network task.
+enum Wake {
+    /// The TUN device was re-created or got its IPv6 back.
+    Tun,
+    /// The deployment's gateways changed.
+    Gateways,
+    /// The client moved to another gateway.
+    Failover,
 }
 
 /// Lets the client reach every gateway the latest answer lists (kill-switch and host routes),
@@ -266,7 +337,6 @@ async fn network_task(
 async fn reach_gateways(
     killswitch: &dyn super::killswitch::KillSwitch,
     net: &mut TunnelNetwork,
-    file: &crate::config::client::ClientFile,
     gateways: &[std::net::SocketAddr],
 ) {
     if gateways.is_empty() {
@@ -276,7 +346,7 @@ async fn reach_gateways(
         tracing::warn!(target: TARGET, "cannot let the kill-switch reach the deployment's gateways: {e}");
     }
     let ips: Vec<std::net::IpAddr> = gateways.iter().map(std::net::SocketAddr::ip).collect();
-    if let Err(e) = net.pin_gateways(file, &ips).await {
+    if let Err(e) = net.pin_gateways(&ips).await {
         tracing::warn!(target: TARGET, "cannot route to the deployment's gateways: {e}");
     }
 }

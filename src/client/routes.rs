@@ -384,9 +384,9 @@ impl RouteGuard {
     /// Pins gateways learnt while running (a gateway that joined the deployment after the client
     /// file was written) the way [`Routes::install_for`] pins the file's, so a failover to them
     /// never enters the tunnel. The tunnel routes are up now and would answer a lookup for a
-    /// captured address, so a new gateway goes over the underlay the first gateway's pin uses
-    /// (a deployment's gateways share the client's way out); without such a pin (the first
-    /// gateway is on the client's own link), a gateway the kernel routes outside the tunnel
+    /// captured address, so a new gateway goes over the underlay a pin of its family installed
+    /// at start uses (a deployment's gateways share the client's way out); without such a pin
+    /// (the gateways are on the client's own link), a gateway the kernel routes outside the tunnel
     /// needs none, and one it routes into the tunnel is skipped with a warning. Returns how many
     /// routes were added; stop removes them with the rest.
     pub async fn pin_more(&mut self, tun_name: &str, gateways: &[IpAddr]) -> Result<usize, RoutesError> {
@@ -500,17 +500,22 @@ pub async fn path_mtu(gateway: IpAddr) -> Result<u16, RoutesError> {
     with_handle(|handle| async move { path_mtu_on(&handle, gateway, None).await }).await
 }
 
-/// [`path_mtu`] over an open netlink connection. `pinned_over`: the TUN's index when the
-/// underlay watcher pins the gateway; then the kernel's answer for it is our pin, a host route
-/// without metrics, and the MTU metric is taken from the route the pin copies
-/// ([`underlay_route`]), as the kernel would apply it without the tunnel.
-async fn path_mtu_on(handle: &Handle, gateway: IpAddr, pinned_over: Option<u32>) -> Result<u16, RoutesError> {
+/// [`path_mtu`] over an open netlink connection. `pinned`: when the underlay watcher pins the
+/// gateway, the routing table it read for that (the dump [`reconcile`] returns) and the TUN's
+/// index; then the kernel's answer for the gateway is our pin, a host route without metrics,
+/// and the MTU metric is taken from the route the pin copies ([`underlay_route`], which ignores
+/// our own routes, so a dump from before the pin changed serves), as the kernel would apply it
+/// without the tunnel.
+async fn path_mtu_on(
+    handle: &Handle,
+    gateway: IpAddr,
+    pinned: Option<(&[DumpedRoute], u32)>,
+) -> Result<u16, RoutesError> {
     let mut underlying = None;
-    if let Some(tun_index) = pinned_over {
-        let routes = dump(handle, gateway).await?;
-        if let (UnderlayChoice::Pin(u), route) = underlay_route(&routes, gateway, tun_index) {
-            underlying = Some((route.and_then(|r| r.mtu), u.oif));
-        }
+    if let Some((routes, tun_index)) = pinned
+        && let (UnderlayChoice::Pin(u), route) = underlay_route(routes, gateway, tun_index)
+    {
+        underlying = Some((route.and_then(|r| r.mtu), u.oif));
     }
     let (route_mtu, oif) = match underlying {
         Some(found) => found,
@@ -571,11 +576,16 @@ fn mtu_metric(attrs: &[RouteAttribute]) -> Option<u32> {
 
 /// Brings `path`'s link bound up to date with the MTU of the path to `gateway` now (the route's
 /// MTU metric or its interface's MTU), unless `underlay_mtu` configures it. No path right now
-/// (link down) changes nothing: the last size stays until one returns. `pinned_over`: see
+/// (link down) changes nothing: the last size stays until one returns. `pinned`: see
 /// [`path_mtu_on`].
-async fn follow_mtu(handle: &Handle, gateway: IpAddr, pinned_over: Option<u32>, path: Option<&PathMtu>) {
+async fn follow_mtu(
+    handle: &Handle,
+    gateway: IpAddr,
+    pinned: Option<(&[DumpedRoute], u32)>,
+    path: Option<&PathMtu>,
+) {
     let Some(path) = path.filter(|p| !p.is_configured()) else { return };
-    match path_mtu_on(handle, gateway, pinned_over).await {
+    match path_mtu_on(handle, gateway, pinned).await {
         Ok(mtu) if mtu != path.link() => {
             // The line that matters is the data plane's, when it applies the change.
             tracing::debug!(target: TARGET, "path to the gateway {gateway}: MTU {} -> {mtu}", path.link());
@@ -857,6 +867,9 @@ type PathSeen = Option<(Underlay, Option<IpAddr>)>;
 pub struct UnderlayWatch {
     gateway: IpAddr,
     pin: bool,
+    /// Gateways followed before a failover ([`UnderlayWatch::switch_to`]) whose pin and
+    /// fallback were left in place; removed with this gateway's.
+    earlier: Vec<IpAddr>,
     /// The watcher; `None` once halted.
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -876,14 +889,43 @@ impl UnderlayWatch {
         let pinned = pin.then_some(gateway);
         let follow = path.clone();
         let first = with_handle(|h| async move {
-            let first = look(&h, gateway, pinned, tun_index).await?;
-            follow_mtu(&h, gateway, pinned.map(|_| tun_index), follow.as_deref()).await;
+            let (first, routes) = look(&h, gateway, pinned, tun_index).await?;
+            follow_mtu(&h, gateway, routes.as_deref().map(|r| (r, tun_index)), follow.as_deref()).await;
             Ok(first)
         })
         .await?;
         describe_path(gateway, first, true);
         let task = tokio::spawn(watch(gateway, pinned, tun_index, first, on_change, path));
-        Ok(Self { gateway, pin, task: Some(task) })
+        Ok(Self { gateway, pin, earlier: Vec::new(), task: Some(task) })
+    }
+
+    /// The gateway followed.
+    pub fn gateway(&self) -> IpAddr {
+        self.gateway
+    }
+
+    /// Follows `gateway` from now on (the client failed over to it), as [`UnderlayWatch::start`]
+    /// does. The previous gateway's pin stays as last found (like the other gateways' pins, so
+    /// failing back to it never enters the tunnel), and its fallback too; both go with
+    /// [`UnderlayWatch::remove`]. On error nothing is followed; calling again retries.
+    pub async fn switch_to(
+        &mut self,
+        gateway: IpAddr,
+        tun_index: u32,
+        pin: bool,
+        on_change: UnderlayHook,
+        path: Option<Arc<PathMtu>>,
+    ) -> Result<(), RoutesError> {
+        // Halted first: the old watcher must not set the path MTU after the new one has.
+        self.halt().await;
+        let next = Self::start(gateway, tun_index, pin, on_change, path).await?;
+        let mut earlier = std::mem::take(&mut self.earlier);
+        if self.pin && !earlier.contains(&self.gateway) {
+            earlier.push(self.gateway);
+        }
+        earlier.retain(|g| *g != gateway);
+        *self = Self { earlier, ..next };
+        Ok(())
     }
 
     /// Stops watching (the routes stay as they are).
@@ -895,32 +937,37 @@ impl UnderlayWatch {
         }
     }
 
-    /// Stops watching and removes the gateway's pin and fallback.
+    /// Stops watching and removes the gateway's pin and fallback (and those of the gateways
+    /// followed before).
     pub async fn remove(mut self) -> Result<(), RoutesError> {
         self.halt().await;
-        if !self.pin {
+        let mut targets: Vec<IpNet> = self.earlier.iter().copied().map(IpNet::from).collect();
+        if self.pin {
+            targets.push(IpNet::from(self.gateway));
+        }
+        if targets.is_empty() {
             return Ok(());
         }
-        let target = IpNet::from(self.gateway);
         with_handle(|handle| async move {
-            remove_matching(&handle, |r| r.ours && r.net == target).await.map(drop)
+            remove_matching(&handle, |r| r.ours && targets.contains(&r.net)).await.map(drop)
         })
         .await
     }
 }
 
 /// One look at the underlay: pins (when `pin` names the gateway) and returns what the kernel
-/// now does with the gateway's address.
+/// now does with the gateway's address, and the routing table read to pin (for the path MTU).
 async fn look(
     handle: &Handle,
     gateway: IpAddr,
     pin: Option<IpAddr>,
     tun_index: u32,
-) -> Result<PathSeen, RoutesError> {
-    if let Some(gw) = pin {
-        reconcile(handle, gw, tun_index).await?;
-    }
-    Ok(match lookup_route(handle, gateway).await {
+) -> Result<(PathSeen, Option<Vec<DumpedRoute>>), RoutesError> {
+    let routes = match pin {
+        Some(gw) => Some(reconcile(handle, gw, tun_index).await?),
+        None => None,
+    };
+    let seen = match lookup_route(handle, gateway).await {
         Ok(route) => {
             let src = route.attributes.iter().find_map(|a| match a {
                 RouteAttribute::PrefSource(RouteAddress::Inet(v)) => Some(IpAddr::V4(*v)),
@@ -931,12 +978,14 @@ async fn look(
         }
         // Unreachable (our fallback) or no route at all.
         Err(_) => None,
-    })
+    };
+    Ok((seen, routes))
 }
 
 /// Makes the gateway's fallback and pin match the routing tables. Stateless: what is installed
 /// is read back from the dump, since the kernel removes routes without telling (link down).
-async fn reconcile(handle: &Handle, gw: IpAddr, tun_index: u32) -> Result<(), RoutesError> {
+/// Returns that dump (as read before any change).
+async fn reconcile(handle: &Handle, gw: IpAddr, tun_index: u32) -> Result<Vec<DumpedRoute>, RoutesError> {
     let routes = dump(handle, gw).await?;
     let host = IpNet::from(gw);
     let ours_for_gw = |r: &&DumpedRoute| r.ours && r.net == host && r.table == TABLE_MAIN;
@@ -954,18 +1003,19 @@ async fn reconcile(handle: &Handle, gw: IpAddr, tun_index: u32) -> Result<(), Ro
         });
     let wanted = pin_for(gw, choose_underlay(&routes, gw, tun_index));
     match (current, wanted) {
-        (current, wanted) if current == wanted => Ok(()),
+        (current, wanted) if current == wanted => {}
         // One netlink call: the old path is replaced by the new, no gap in between.
-        (Some(_), Some(next)) => add(handle, &next, true).await,
-        (None, Some(next)) => add(handle, &next, false).await,
+        (Some(_), Some(next)) => add(handle, &next, true).await?,
+        (None, Some(next)) => add(handle, &next, false).await?,
         (Some(stale), None) => match handle.route().del(message(&stale)).execute().await {
             Err(e) if !already_gone(&e) => {
-                Err(RoutesError::Remove { route: stale.to_string(), reason: e.to_string() })
+                return Err(RoutesError::Remove { route: stale.to_string(), reason: e.to_string() });
             }
-            _ => Ok(()),
+            _ => {}
         },
-        (None, None) => Ok(()),
+        (None, None) => {}
     }
+    Ok(routes)
 }
 
 /// Adds `spec` (replacing the route of the same destination and metric when `replace`). A route
@@ -1049,7 +1099,7 @@ async fn watch(
                     // Subscribed first, then looked: nothing between the two is missed.
                     loop {
                         let wait = match look(&handle, gateway, pin, tun_index).await {
-                            Ok(now) => {
+                            Ok((now, routes)) => {
                                 if now != last {
                                     let t = tokio::time::Instant::now();
                                     let loud = last_loud.is_none_or(|l| t - l >= PATH_LOG_EVERY);
@@ -1060,7 +1110,8 @@ async fn watch(
                                     last = now;
                                     on_change();
                                 }
-                                follow_mtu(&handle, gateway, pin.map(|_| tun_index), path.as_deref()).await;
+                                let pinned = routes.as_deref().map(|r| (r, tun_index));
+                                follow_mtu(&handle, gateway, pinned, path.as_deref()).await;
                                 WATCH_BACKSTOP
                             }
                             Err(e) => {
@@ -1112,26 +1163,31 @@ pub struct TunnelNetwork {
     tun: String,
     /// The data plane's path MTU, which the watcher keeps following after a re-attach.
     path_mtu: Option<Arc<PathMtu>>,
+    /// The gateways learnt while running ([`TunnelNetwork::pin_gateways`]), pinned again after
+    /// a re-attach.
+    learnt: Vec<IpAddr>,
 }
 
 impl TunnelNetwork {
-    /// Installs the routes, starts following the underlay (calling `on_underlay_change` on each
-    /// change of the path to the gateway, and keeping `path_mtu`'s link bound on the MTU of
-    /// that path), then points the resolver at the tunnel. On error
+    /// Installs the routes, starts following the underlay towards `gateway`, the gateway in use
+    /// (calling `on_underlay_change` on each change of the path to it, and keeping `path_mtu`'s
+    /// link bound on the MTU of that path), then points the resolver at the tunnel. On error
     /// everything done so far is undone and the error returned (nothing half-done stays).
+    /// [`TunnelNetwork::follow_gateway`] follows a failover.
     ///
     /// The resolvers are `[network] dns` applied to what the gateway pushed (`pushed`, from the
     /// current snapshot); [`TunnelNetwork::update_dns`] follows later snapshots.
     pub async fn up(
         file: &ClientFile,
+        gateway: IpAddr,
         pushed: &PushedDns,
         on_underlay_change: UnderlayHook,
         path_mtu: Option<Arc<PathMtu>>,
     ) -> Result<Self, NetworkError> {
         let net = &file.network;
-        let (tun, _) = tun_and_cidrs(file);
-        let routes = install_for_file(file).await?;
-        let underlay = Self::watch_underlay(file, on_underlay_change, path_mtu.clone()).await;
+        let (tun, cidrs) = tun_and_cidrs(file);
+        let routes = install(file, tun, &cidrs, gateway).await?;
+        let underlay = Self::watch_underlay(tun, &cidrs, gateway, on_underlay_change, path_mtu.clone()).await;
         let underlay = match underlay {
             Ok(u) => u,
             Err(e) => {
@@ -1143,7 +1199,9 @@ impl TunnelNetwork {
         };
         let dns_set = net.dns.effective(&pushed.servers, &pushed.search_domains);
         match Dns::apply(tun, &dns_set.0, &dns_set.1) {
-            Ok(dns) => Ok(Self { routes, underlay, dns, dns_set, tun: tun.to_owned(), path_mtu }),
+            Ok(dns) => {
+                Ok(Self { routes, underlay, dns, dns_set, tun: tun.to_owned(), path_mtu, learnt: Vec::new() })
+            }
             Err(e) => {
                 if let Err(undo) = Self::remove_routes(routes, underlay).await {
                     tracing::warn!(target: TARGET, "{undo}");
@@ -1153,10 +1211,11 @@ impl TunnelNetwork {
         }
     }
 
-    /// Pins the deployment's gateways learnt while running (see [`RouteGuard::pin_more`]).
-    pub async fn pin_gateways(&mut self, file: &ClientFile, gateways: &[IpAddr]) -> Result<usize, NetworkError> {
-        let (tun, _) = tun_and_cidrs(file);
-        Ok(self.routes.pin_more(tun, gateways).await?)
+    /// Pins the deployment's gateways learnt while running (see [`RouteGuard::pin_more`]), now
+    /// and after every re-attach.
+    pub async fn pin_gateways(&mut self, gateways: &[IpAddr]) -> Result<usize, NetworkError> {
+        self.learnt = gateways.to_vec();
+        Ok(self.routes.pin_more(&self.tun, gateways).await?)
     }
 
     /// The resolvers set now (empty: the system's own were left alone).
@@ -1183,18 +1242,37 @@ impl TunnelNetwork {
         Ok(true)
     }
 
-    /// Starts following the underlay for the file's gateway and TUN. Of several gateways the
-    /// first is followed (its pin, and the path MTU): learnt gateways are pinned over its
-    /// underlay, so they share its way out and its size.
+    /// Starts following the underlay towards `gateway` (the gateway in use: its pin, and the
+    /// path MTU) on the TUN `tun`, whose routes are `cidrs`.
     async fn watch_underlay(
-        file: &ClientFile,
+        tun: &str,
+        cidrs: &[IpNet],
+        gateway: IpAddr,
         on_underlay_change: UnderlayHook,
         path_mtu: Option<Arc<PathMtu>>,
     ) -> Result<UnderlayWatch, RoutesError> {
-        let (tun, cidrs) = tun_and_cidrs(file);
-        let gateway = file.endpoint.ip();
-        let captured = captures(&cidrs, gateway);
+        let captured = captures(cidrs, gateway);
         UnderlayWatch::start(gateway, ifindex(tun)?, captured, on_underlay_change, path_mtu).await
+    }
+
+    /// Follows the gateway in use after a failover to `gateway`: its path is the one pinned and
+    /// whose MTU the data plane uses from now on (see [`UnderlayWatch::switch_to`]). Nothing
+    /// when it is the gateway followed already. On error the caller retries.
+    pub async fn follow_gateway(
+        &mut self,
+        file: &ClientFile,
+        gateway: IpAddr,
+        on_underlay_change: UnderlayHook,
+    ) -> Result<(), NetworkError> {
+        if self.underlay.gateway() == gateway && self.underlay.task.is_some() {
+            return Ok(());
+        }
+        let (tun, cidrs) = tun_and_cidrs(file);
+        let captured = captures(&cidrs, gateway);
+        let tun_index = ifindex(tun)?;
+        self.underlay.switch_to(gateway, tun_index, captured, on_underlay_change, self.path_mtu.clone()).await?;
+        tracing::info!(target: TARGET, "following the path to the gateway in use, {gateway}");
+        Ok(())
     }
 
     /// Puts the routes (and per-link DNS settings) back on a TUN device that was re-created
@@ -1203,11 +1281,21 @@ impl TunnelNetwork {
     /// never went away. On error the caller retries; the kill-switch blocks meanwhile.
     pub async fn reattach(&mut self, file: &ClientFile, on_underlay_change: UnderlayHook) -> Result<(), NetworkError> {
         self.underlay.halt().await;
-        // Also removes what is left of ours (the gateway's pin and fallback) before adding.
-        let routes = install_for_file(file).await?;
+        let gateway = self.underlay.gateway();
+        let (tun, cidrs) = tun_and_cidrs(file);
+        // Also removes what is left of ours (the gateways' pins and fallbacks) before adding.
+        let routes = install(file, tun, &cidrs, gateway).await?;
         // The old guard's routes are gone (with the device, or removed as stale just now).
         let _old = std::mem::replace(&mut self.routes, routes);
-        self.underlay = Self::watch_underlay(file, on_underlay_change, self.path_mtu.clone()).await?;
+        // The file's gateways are covered by the install; the learnt ones are pinned again. A
+        // failure there is logged, not retried: failing over to such a gateway fails like any
+        // unreachable one, and nothing leaks.
+        if !self.learnt.is_empty()
+            && let Err(e) = self.routes.pin_more(tun, &self.learnt).await
+        {
+            tracing::warn!(target: TARGET, "cannot route to the deployment's gateways: {e}");
+        }
+        self.underlay = Self::watch_underlay(tun, &cidrs, gateway, on_underlay_change, self.path_mtu.clone()).await?;
         self.dns.reattach(&self.dns_set.0, &self.dns_set.1)?;
         Ok(())
     }
@@ -1240,15 +1328,14 @@ impl TunnelNetwork {
     }
 }
 
-/// The TUN name and the CIDRs routed through it, for a client file.
-/// [`Routes::install_for`] as `file` says: its TUN and tunnel CIDRs, its first gateway, and the
-/// other gateways of the deployment it names.
-async fn install_for_file(file: &ClientFile) -> Result<RouteGuard, RoutesError> {
-    let (tun, cidrs) = tun_and_cidrs(file);
-    let others: Vec<IpAddr> = file.all_endpoints().iter().skip(1).map(|e| e.ip()).collect();
-    Routes::install_for(tun, file.endpoint.ip(), &others, &cidrs).await
+/// [`Routes::install_for`] on `tun` with `cidrs` ([`tun_and_cidrs`] of `file`) for `gateway`,
+/// the gateway in use, and the other gateways of the deployment `file` names.
+async fn install(file: &ClientFile, tun: &str, cidrs: &[IpNet], gateway: IpAddr) -> Result<RouteGuard, RoutesError> {
+    let others: Vec<IpAddr> = file.all_endpoints().iter().map(|e| e.ip()).collect();
+    Routes::install_for(tun, gateway, &others, cidrs).await
 }
 
+/// The TUN name and the CIDRs routed through it, for a client file.
 fn tun_and_cidrs(file: &ClientFile) -> (&str, Vec<IpNet>) {
     let net = &file.network;
     let tun = net.tun_name.as_deref().unwrap_or(DEFAULT_TUN_NAME);

@@ -200,8 +200,6 @@ enum Source {
         /// load (`Some(None)`: the file was missing), so a broken file is reported once, not
         /// per request.
         reload: Mutex<Option<Option<FileStamp>>>,
-        /// Loads so far: the file view's version.
-        loads: std::sync::atomic::AtomicU64,
     },
     /// A shared registry: views are installed by its follower; `refresh` has nothing to do.
     Pushed,
@@ -255,7 +253,6 @@ impl LiveRegistry {
                 gateway_ip,
                 v6,
                 reload: Mutex::new(None),
-                loads: std::sync::atomic::AtomicU64::new(1),
             },
             view: ArcSwap::from_pointee(view),
             changed: tokio::sync::Notify::new(),
@@ -332,7 +329,6 @@ impl LiveRegistry {
             gateway_ip,
             v6,
             reload,
-            loads,
         } = &self.inner.source
         else {
             return None;
@@ -366,7 +362,8 @@ impl LiveRegistry {
         };
         match loaded {
             Ok(mut view) => {
-                view.version = loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                // Loads so far: only this code, under `reload`, stores a file's views.
+                view.version = self.inner.view.load().version + 1;
                 let view = Arc::new(view);
                 self.inner.view.store(view.clone());
                 *failed = None;
@@ -416,6 +413,7 @@ mod tests {
         let gw = Ipv4Addr::new(10, 1, 0, 1);
         let live = LiveRegistry::open(&path, subnet, gw, None).unwrap();
         assert!(live.view().is_empty());
+        assert_eq!(live.view().version(), 1, "the first load");
         assert!(
             live.refresh(Wait::Yes).is_none(),
             "missing before and after: no change"
@@ -426,6 +424,7 @@ mod tests {
         reg.commit_add("alice", plan, CertFingerprint([1; 32]), "t");
         reg.save().unwrap();
         let view = live.refresh(Wait::No).expect("reloaded");
+        assert_eq!(view.version(), 2, "versions count the loads");
         assert_eq!(
             view.admit("alice", &CertFingerprint([1; 32])).unwrap().ip,
             Ipv4Addr::new(10, 1, 0, 2)
@@ -447,6 +446,7 @@ mod tests {
             live.view().admit("alice", &CertFingerprint([1; 32])),
             Err(Refusal::Revoked)
         );
+        assert_eq!(live.view().version(), 3);
 
         // A broken edit, or a vanished file, keeps the revocation in force.
         std::fs::write(&path, "not toml [[[").unwrap();
@@ -461,6 +461,7 @@ mod tests {
             live.view().admit("alice", &CertFingerprint([1; 32])),
             Err(Refusal::Revoked)
         );
+        assert_eq!(live.view().version(), 3, "a failed load is no version");
         // And the next good version is picked up.
         reg.save().unwrap();
         assert!(live.refresh(Wait::No).is_some());

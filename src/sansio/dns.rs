@@ -1,6 +1,6 @@
 //! The gateway resolver's request handling, pure: bytes in, a verdict out; time passed in.
 //!
-//! The shell (`gateway::dns`) receives a query from a tunnel client, asks [`ClientGate::admit`]
+//! The shell (`gateway::dns`) receives a query from a tunnel client, asks its per-client gate
 //! whether that client may ask now, hands the bytes to [`check_query`], forwards what comes out as
 //! [`Verdict::Forward`] to an upstream, checks the upstream's answer with [`check_reply`] and
 //! sends the client either that or [`servfail`]. Every function here takes attacker-controlled
@@ -9,9 +9,6 @@
 //!
 //! The wire format is hickory-proto's: nothing here parses or builds DNS by hand.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, RecordType};
@@ -185,103 +182,6 @@ fn encode_or_bare(m: &Message, id: u16, code: ResponseCode) -> Vec<u8> {
     })
 }
 
-/// The per-client limits of the resolver: a token bucket of queries per second, and a cap on
-/// queries in flight, per tunnel address. One session flooding spends its own budget, never
-/// anyone else's.
-#[derive(Debug)]
-pub struct ClientGate {
-    rate_per_sec: u32,
-    burst: u32,
-    max_in_flight: u32,
-    clients: HashMap<IpAddr, Bucket>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    /// Tokens, in thousandths of a query (integer arithmetic, no drift).
-    milli_tokens: u64,
-    last: Instant,
-    in_flight: u32,
-}
-
-/// What [`ClientGate::admit`] decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// Go ahead; call [`ClientGate::done`] when the query is answered.
-    Admitted,
-    /// Over the rate, or too many of its queries in flight: dropped (answering a flood would
-    /// spend as much as serving it).
-    RateLimited,
-}
-
-/// Clients remembered at most. Entries exist only for live sessions' addresses (the shell checks
-/// that first), so this is a backstop; idle entries go first when it is reached.
-const MAX_CLIENTS: usize = 65_536;
-
-impl ClientGate {
-    /// `rate_per_sec` queries per second per client, bursts up to `burst`, at most
-    /// `max_in_flight` unanswered at once.
-    pub fn new(rate_per_sec: u32, burst: u32, max_in_flight: u32) -> Self {
-        Self {
-            rate_per_sec,
-            burst: burst.max(1),
-            max_in_flight: max_in_flight.max(1),
-            clients: HashMap::new(),
-        }
-    }
-
-    /// Whether `client` may have a query answered at `now`.
-    pub fn admit(&mut self, client: IpAddr, now: Instant) -> Admission {
-        let full = u64::from(self.burst) * 1000;
-        if self.clients.len() >= MAX_CLIENTS && !self.clients.contains_key(&client) {
-            self.forget_idle(now);
-            if self.clients.len() >= MAX_CLIENTS {
-                return Admission::RateLimited;
-            }
-        }
-        let b = self
-            .clients
-            .entry(client)
-            .or_insert(Bucket { milli_tokens: full, last: now, in_flight: 0 });
-        let elapsed = now.saturating_duration_since(b.last);
-        b.last = b.last.max(now);
-        let refill = u64::try_from(elapsed.as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_mul(u64::from(self.rate_per_sec));
-        b.milli_tokens = b.milli_tokens.saturating_add(refill).min(full);
-        if b.in_flight >= self.max_in_flight || b.milli_tokens < 1000 {
-            return Admission::RateLimited;
-        }
-        b.milli_tokens -= 1000;
-        b.in_flight += 1;
-        Admission::Admitted
-    }
-
-    /// An admitted query of `client` was answered (or given up on).
-    pub fn done(&mut self, client: IpAddr) {
-        if let Some(b) = self.clients.get_mut(&client) {
-            b.in_flight = b.in_flight.saturating_sub(1);
-        }
-    }
-
-    /// Forgets clients with nothing in flight and a full bucket (they would start full again).
-    pub fn forget_idle(&mut self, now: Instant) {
-        let rate = u64::from(self.rate_per_sec.max(1));
-        let full_after = Duration::from_millis(u64::from(self.burst) * 1000 / rate + 1);
-        self.clients
-            .retain(|_, b| b.in_flight > 0 || now.saturating_duration_since(b.last) < full_after);
-    }
-
-    /// Clients currently remembered.
-    pub fn len(&self) -> usize {
-        self.clients.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.clients.is_empty()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,40 +303,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn the_gate_limits_each_client_on_its_own() {
-        let t0 = Instant::now();
-        let mut gate = ClientGate::new(10, 5, 3);
-        let (a, b): (IpAddr, IpAddr) = ("100.64.0.2".parse().unwrap(), "100.64.0.3".parse().unwrap());
-        // In flight: three at once, the fourth waits for an answer.
-        for _ in 0..3 {
-            assert_eq!(gate.admit(a, t0), Admission::Admitted);
-        }
-        assert_eq!(gate.admit(a, t0), Admission::RateLimited);
-        // Another client is not affected.
-        assert_eq!(gate.admit(b, t0), Admission::Admitted);
-        gate.done(b);
-        for _ in 0..3 {
-            gate.done(a);
-        }
-        // Burst 5: two tokens left for `a`.
-        assert_eq!(gate.admit(a, t0), Admission::Admitted);
-        gate.done(a);
-        assert_eq!(gate.admit(a, t0), Admission::Admitted);
-        gate.done(a);
-        assert_eq!(gate.admit(a, t0), Admission::RateLimited);
-        // 10/s: one token per 100 ms.
-        assert_eq!(gate.admit(a, t0 + Duration::from_millis(99)), Admission::RateLimited);
-        assert_eq!(gate.admit(a, t0 + Duration::from_millis(200)), Admission::Admitted);
-        gate.done(a);
-        // Time going backwards (a caller's mistake) grants nothing and panics nowhere.
-        assert_eq!(gate.admit(a, t0), Admission::Admitted);
-        gate.done(a);
-        assert_eq!(gate.admit(a, t0), Admission::RateLimited);
-        // Idle clients are forgotten.
-        gate.forget_idle(t0 + Duration::from_secs(10));
-        assert!(gate.is_empty());
     }
 }

@@ -10,7 +10,7 @@
 //! already drops packets whose inner source is not their session's address).
 //!
 //! Bounds, so no client can stall the others or grow the gateway's memory:
-//! - per client: a token bucket ([`crate::sansio::dns::ClientGate`], `[dns] rate_limit`) and at
+//! - per client: a token bucket ([`ClientGate`], `[dns] rate_limit`) and at
 //!   most [`PER_CLIENT_IN_FLIGHT`] queries in flight; excess queries are dropped and counted;
 //! - overall: at most [`MAX_IN_FLIGHT`] forwarded queries and [`MAX_TCP_CONNECTIONS`] TCP
 //!   connections, each closed after [`TCP_IDLE`] without a query;
@@ -18,7 +18,10 @@
 //!
 //! What is decided about a query is pure ([`crate::sansio::dns`]); this module moves bytes.
 
+mod gate;
 mod upstream;
+
+pub use gate::{Admission, ClientGate};
 
 use std::fmt;
 use std::io;
@@ -28,14 +31,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use super::sessions::{Clock, SessionTable};
 use crate::config::gateway::{GatewayConfig, check_not_own};
-use crate::sansio::dns::{self as core, Admission, ClientGate, MAX_MESSAGE, Transport, Verdict};
+use crate::sansio::dns::{self as core, MAX_MESSAGE, Transport, Verdict};
 
 const TARGET: &str = "holdfast::dns";
 
@@ -293,6 +296,26 @@ impl Shared {
             }
         }
     }
+
+    /// Takes one of the [`MAX_IN_FLIGHT`] forwarding slots for an admitted query of `client`.
+    /// When all are taken the resolver is saturated and says so at once rather than queue: the
+    /// query is over (counted, its client's gate told) and `Err` holds the SERVFAIL to send.
+    fn slot(&self, client: IpAddr, fwd: &core::Forward) -> Result<OwnedSemaphorePermit, Vec<u8>> {
+        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            bump(&self.counters.servfail);
+            self.gate().done(client);
+            core::servfail(fwd)
+        })
+    }
+
+    /// Forwards a query that holds `slot`: the answer or SERVFAIL. The query is over afterwards
+    /// (its client's gate told, the slot freed).
+    async fn forward(&self, client: IpAddr, fwd: &core::Forward, transport: Transport, slot: OwnedSemaphorePermit) -> Vec<u8> {
+        let answer = self.resolve(fwd, transport).await;
+        self.gate().done(client);
+        drop(slot);
+        answer
+    }
 }
 
 /// The running resolver. [`GatewayResolver::stop`] ends it.
@@ -384,19 +407,10 @@ impl GatewayResolver {
     }
 }
 
-/// Logs the resolver's counters on every SIGUSR1 (beside the data plane's). Registered at the
-/// call, like [`crate::tunnel::log_stats_on_sigusr1`].
+/// Logs the resolver's counters on every SIGUSR1 (beside the data plane's): see
+/// [`crate::logging::stats_on_sigusr1`].
 pub fn log_stats_on_sigusr1(counters: Arc<DnsCounters>) -> impl std::future::Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{SignalKind, signal};
-    let usr1 = signal(SignalKind::user_defined1());
-    async move {
-        let Ok(mut usr1) = usr1 else {
-            return;
-        };
-        while usr1.recv().await.is_some() {
-            tracing::info!(target: TARGET, "resolver stats: {}", counters.stats());
-        }
-    }
+    crate::logging::stats_on_sigusr1("resolver", move || counters.stats())
 }
 
 /// The tunnel addresses may still be settling when the resolver starts (an IPv6 address on a
@@ -469,22 +483,18 @@ async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>, mut stop: watch::R
             Some(Verdict::Reply(bytes)) => {
                 let _ = sock.send_to(&bytes, from).await;
             }
-            Some(Verdict::Forward(fwd)) => {
-                let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
-                    // Saturated: say so at once rather than queue.
-                    bump(&shared.counters.servfail);
-                    shared.gate().done(client);
-                    let _ = sock.send_to(&core::servfail(&fwd), from).await;
-                    continue;
-                };
-                let (shared, sock) = (shared.clone(), sock.clone());
-                tokio::spawn(async move {
-                    let answer = shared.resolve(&fwd, Transport::Udp).await;
-                    let _ = sock.send_to(&answer, from).await;
-                    shared.gate().done(client);
-                    drop(permit);
-                });
-            }
+            Some(Verdict::Forward(fwd)) => match shared.slot(client, &fwd) {
+                Err(servfail) => {
+                    let _ = sock.send_to(&servfail, from).await;
+                }
+                Ok(slot) => {
+                    let (shared, sock) = (shared.clone(), sock.clone());
+                    tokio::spawn(async move {
+                        let answer = shared.forward(client, &fwd, Transport::Udp, slot).await;
+                        let _ = sock.send_to(&answer, from).await;
+                    });
+                }
+            },
         }
     }
 }
@@ -529,17 +539,9 @@ async fn serve_tcp_connection(
 ) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
-        let read = async {
-            let len = usize::from(stream.read_u16().await?);
-            if len > MAX_MESSAGE {
-                return Err(io::Error::from(io::ErrorKind::InvalidData));
-            }
-            stream.read_exact(&mut buf[..len]).await?;
-            Ok::<_, io::Error>(len)
-        };
         let len = tokio::select! {
             _ = stopped(&mut stop) => return,
-            r = tokio::time::timeout(TCP_IDLE, read) => match r {
+            r = tokio::time::timeout(TCP_IDLE, read_framed(&mut stream, &mut buf)) => match r {
                 Ok(Ok(len)) => len,
                 Ok(Err(e)) => {
                     if e.kind() == io::ErrorKind::InvalidData {
@@ -554,37 +556,38 @@ async fn serve_tcp_connection(
         let answer = match shared.admit(client, &buf[..len]) {
             None | Some(Verdict::Drop(_)) => return,
             Some(Verdict::Reply(bytes)) => bytes,
-            Some(Verdict::Forward(fwd)) => {
-                let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
-                    bump(&shared.counters.servfail);
-                    shared.gate().done(client);
-                    if write_framed(&mut stream, &core::servfail(&fwd)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                };
-                let answer = shared.resolve(&fwd, Transport::Tcp).await;
-                shared.gate().done(client);
-                drop(permit);
-                answer
-            }
+            Some(Verdict::Forward(fwd)) => match shared.slot(client, &fwd) {
+                Err(servfail) => servfail,
+                Ok(slot) => shared.forward(client, &fwd, Transport::Tcp, slot).await,
+            },
         };
-        if write_framed(&mut stream, &answer).await.is_err() {
-            return;
+        // Within TCP_IDLE: a client that stops reading does not hold the connection forever.
+        match tokio::time::timeout(TCP_IDLE, write_framed(&mut stream, &answer)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
         }
     }
 }
 
-/// Writes one length-prefixed DNS message, within [`TCP_IDLE`] (a client that stops reading
-/// does not hold the connection forever).
-async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+/// Writes one DNS message over TCP with its two-byte length in front (RFC 1035 4.2.2), in one
+/// write: to a client, and to an upstream.
+async fn write_framed(stream: &mut (impl AsyncWrite + Unpin), msg: &[u8]) -> io::Result<()> {
     let len = u16::try_from(msg.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
     let mut framed = Vec::with_capacity(msg.len() + 2);
     framed.extend_from_slice(&len.to_be_bytes());
     framed.extend_from_slice(msg);
-    tokio::time::timeout(TCP_IDLE, stream.write_all(&framed))
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+    stream.write_all(&framed).await
+}
+
+/// Reads one length-prefixed DNS message into `buf` (room for [`MAX_MESSAGE`]) and returns its
+/// length; a longer one is `InvalidData`. From a client, and from an upstream.
+async fn read_framed(stream: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> io::Result<usize> {
+    let len = usize::from(stream.read_u16().await?);
+    let Some(msg) = buf.get_mut(..len).filter(|_| len <= MAX_MESSAGE) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidData));
+    };
+    stream.read_exact(msg).await?;
+    Ok(len)
 }
 
 #[cfg(test)]

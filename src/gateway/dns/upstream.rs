@@ -6,7 +6,6 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::Instant;
 
@@ -72,16 +71,8 @@ async fn ask_udp(up: SocketAddr, fwd: &Forward) -> io::Result<Vec<u8>> {
 /// Over TCP (the client asked over TCP, typically after a truncated UDP answer).
 async fn ask_tcp(up: SocketAddr, fwd: &Forward) -> io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(up).await?;
-    let len = u16::try_from(fwd.wire.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
-    let mut framed = Vec::with_capacity(fwd.wire.len() + 2);
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(&fwd.wire);
-    stream.write_all(&framed).await?;
-    let len = usize::from(stream.read_u16().await?);
-    if len > MAX_MESSAGE {
-        return Err(io::Error::from(io::ErrorKind::InvalidData));
-    }
-    let mut buf = vec![0u8; len];
-    stream.read_exact(&mut buf).await?;
-    check_reply(fwd, &buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    super::write_framed(&mut stream, &fwd.wire).await?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let len = super::read_framed(&mut stream, &mut buf).await?;
+    check_reply(fwd, &buf[..len]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
