@@ -600,28 +600,13 @@ pub async fn pause(d: Duration) {
     }
 }
 
-/// Logs `what`'s counters (one info line) on every SIGUSR1, for operators and tests: the data
-/// plane never logs per packet, so this is how its drop counts are read from outside. Runs until
-/// the process ends; without a signal handler it does nothing.
-///
-/// The handler is registered when this is called, not when the returned future is first polled:
-/// a signal that arrives before the spawned task runs must not meet the default action (which
-/// ends the process).
+/// Logs the data plane's counters on every SIGUSR1 ([`crate::logging::stats_on_sigusr1`]): the
+/// data plane never logs per packet, so this is how its drop counts are read from outside.
 pub fn log_stats_on_sigusr1(
     what: &'static str,
     counters: std::sync::Arc<Counters>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{SignalKind, signal};
-    let usr1 = signal(SignalKind::user_defined1());
-    async move {
-        let Ok(mut usr1) = usr1 else {
-            tracing::debug!("no SIGUSR1 handler: {what} counters are not dumped on demand");
-            return;
-        };
-        while usr1.recv().await.is_some() {
-            tracing::info!(target: "holdfast::dataplane", "{what} stats: {}", counters.stats());
-        }
-    }
+    crate::logging::stats_on_sigusr1(what, move || counters.stats())
 }
 
 /// Describes a failing socket operation for the one log line it may get: the errno name when
