@@ -4,7 +4,9 @@
 #   bench_header TITLE
 #     prints the lines every bench starts with: what ran, when, on which CPU and how loaded.
 #   bench_binary
-#     sets BIN: as given in the environment, else the release build (built now).
+#     sets BIN: as given in the environment, else the release build (built now); and CLIENT_BIN,
+#     the client-only binary `holdfast-client` (what a client machine installs), beside BIN
+#     unless given.
 #   provision_gateway BIN WORK GATEWAY_ADDR:PORT
 #     writes WORK/gw (IPv6 tunnel subnet fd00:b:e::/64; everything else as `gateway init` writes it).
 #   provision_client BIN WORK NAME default|split
@@ -26,10 +28,12 @@ bench_header() {
 
 bench_binary() {
   if [ -z "${BIN:-}" ]; then
-    cargo build --release --quiet --bin holdfast
+    cargo build --release --quiet --bin holdfast --bin holdfast-client
     BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/holdfast
   fi
   BIN=$(readlink -f "$BIN")
+  CLIENT_BIN=$(readlink -f "${CLIENT_BIN:-$(dirname "$BIN")/holdfast-client}")
+  [ -x "$CLIENT_BIN" ] || { echo "no client binary at $CLIENT_BIN (build it with --bin holdfast-client, or set CLIENT_BIN)" >&2; exit 2; }
 }
 
 provision_gateway() {

@@ -11,6 +11,7 @@
 #   PINGS=500 bash benches/throughput.sh      # pings per run (default 50): a steadier ping median
 #   SKIP_BORINGTUN=1 SKIP_GOTATUN=1 SKIP_SPLIT=1 bash benches/throughput.sh
 #   BIN=/path/to/holdfast bash benches/throughput.sh   # another build (default: cargo build --release)
+#   CLIENT_BIN=/path/to/holdfast-client ...             # the client binary (default: beside BIN)
 #   BENCH_TOOLS=DIR bash benches/throughput.sh          # where the anchors are (default target/bench-tools)
 #
 # Rows:
@@ -19,6 +20,9 @@
 #                   tunnel, kill-switch on, DNS from the gateway's resolver), the gateway as `gateway
 #                   init` writes it; only the client's log dir and status socket are moved into the
 #                   bench's temp dir. The bench checks the kill-switch, routes and DNS are in force.
+#                   The client runs as a client machine runs it: `holdfast-client run` (the
+#                   client-only binary; `holdfast client run` is the same code in a binary that
+#                   also carries the gateway, and maps more of it: see the README).
 #   holdfast6       TCP over IPv6 inside the same tunnel (same processes)
 #   holdfast-split  a split tunnel to the gateway's tunnel address, no kill-switch: the data plane alone
 #   boringtun       boringtun-cli, one thread (--threads 1), configured with `wg`
@@ -266,11 +270,11 @@ provision_client "$BIN" "$WORK" default default
 launch gw ip netns exec $NB "$BIN" gateway run --dir "$WORK/gw"; GW_W=$LAST
 GW_PID=$(proc_of $GW_W "$BIN")
 client_up() { # NAME: runs the client of WORK/NAME.toml until its tunnel answers; CL_W, CL_PID
-  launch "client-$1" ip netns exec $NA "$BIN" client run --no-tui --config "$WORK/$1.toml"; CL_W=$LAST
+  launch "client-$1" ip netns exec $NA "$CLIENT_BIN" run --no-tui --config "$WORK/$1.toml"; CL_W=$LAST
   for _ in $(seq 100); do ip netns exec $NA ping -q -c 1 -W 1 $TUN_GW >/dev/null 2>&1 && break; sleep 0.1; done
   ip netns exec $NA ping -q -c 1 -W 2 $TUN_GW >/dev/null \
     || { echo "holdfast tunnel ($1 client) did not come up"; tail -20 "$WORK/client-$1.log" "$WORK/gw.log"; exit 1; }
-  CL_PID=$(proc_of $CL_W "$BIN")
+  CL_PID=$(proc_of $CL_W "$CLIENT_BIN")
 }
 
 client_up default

@@ -35,3 +35,13 @@ pub mod sansio;
 pub mod snapshot;
 pub mod tui;
 pub mod tunnel;
+
+/// The main runtime of both binaries (the control plane, the supervisor, the dashboard; the
+/// data plane has its own thread, see [`packet_thread`]). `Err` is the exit code, after a line
+/// on stderr naming `who`.
+pub fn runtime(who: &str) -> Result<tokio::runtime::Runtime, i32> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("{who}: cannot start the async runtime: {e}");
+        config::exit::FAILURE
+    })
+}

@@ -129,7 +129,7 @@ fn unit_value<'a>(unit: &'a str, key: &str) -> Option<&'a str> {
 fn the_units_run_the_documented_commands_and_restart_always() {
     assert_eq!(
         unit_value(CLIENT_UNIT, "ExecStart"),
-        Some("/usr/local/bin/holdfast client run --no-tui --config /etc/holdfast/client.toml")
+        Some("/usr/local/bin/holdfast-client run --no-tui --config /etc/holdfast/client.toml")
     );
     assert_eq!(
         unit_value(GATEWAY_UNIT, "ExecStart"),

@@ -13,12 +13,22 @@ use support::*;
 
 const T: Duration = Duration::from_secs(20);
 
-/// Runs `client run` on `file`, expecting a start-up failure; returns (exit code, stderr).
+/// Runs `holdfast client run` on `file`, expecting a start-up failure; returns (exit code,
+/// stderr). `holdfast-client run` must fail the same way, with the same exit code and a message
+/// that differs only in how the binary names itself.
 fn client_fails(file: &std::path::Path) -> (i32, String) {
     let out = holdfast(&["client", "run", "--config", s(file)]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let code = out.status.code().expect("exited, not signalled");
     assert_ne!(code, 0, "must fail: {err}");
+    let alone = holdfast_client(&["run", "--config", s(file)]);
+    let alone_err = String::from_utf8_lossy(&alone.stderr).into_owned();
+    assert_eq!(alone.status.code(), Some(code), "holdfast-client run: {alone_err}");
+    assert_eq!(
+        alone_err.replacen("holdfast-client:", "holdfast client:", 1),
+        err,
+        "holdfast-client run says the same"
+    );
     (code, err)
 }
 
@@ -148,4 +158,30 @@ fn garbage_on_the_control_port_disturbs_nobody() {
     client.wait_for(&["-> Healthy"], T);
     assert!(gateway.is_alive(), "garbage must not crash the gateway");
     assert_eq!(client.terminate(T), Some(0));
+}
+
+/// `holdfast-client` offers the client's commands and nothing else: its help names run, unblock
+/// and status, and no gateway command; its status says no client is running (exit 3) as
+/// `holdfast status` does.
+#[test]
+fn the_client_binary_offers_the_client_commands_alone() {
+    let help = holdfast_client(&["--help"]);
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for cmd in ["run", "unblock", "status"] {
+        assert!(help.lines().any(|l| l.trim_start().starts_with(cmd)), "{cmd} in: {help}");
+    }
+    assert!(!help.contains("gateway "), "no gateway command: {help}");
+    assert_eq!(holdfast_client(&["gateway", "run"]).status.code(), Some(2), "unknown command");
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("client.sock");
+    for out in [
+        holdfast(&["status", "--socket", s(&socket)]),
+        holdfast_client(&["status", "--socket", s(&socket)]),
+    ] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(err.contains("no holdfast client is running"), "{err}");
+    }
 }

@@ -718,7 +718,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use holdfast::config::client::ClientFile;
-use support::{BIN, Proc, edit_client_file, fast_timings, holdfast_ok, s};
+use support::{BIN, CLIENT_BIN, Proc, edit_client_file, fast_timings, holdfast_ok, s};
 
 /// Bound on every wait for a process event.
 const T: Duration = Duration::from_secs(20);
@@ -861,12 +861,13 @@ impl World {
     /// Starts `holdfast client run` for client `i` in its namespace; waits until its data plane
     /// carries its first session. Returns the process and that log line.
     fn client(&self, i: usize) -> (Proc, String) {
-        let mut p = self.clients[i].spawn(
-            &format!("client{i}"),
-            BIN,
-            &["client", "run", "--config", s(&self.files[i])],
-            &[],
-        );
+        self.client_with(i, BIN, &["client", "run"])
+    }
+
+    /// [`World::client`] with another binary and command: `holdfast-client run`, the client alone.
+    fn client_with(&self, i: usize, bin: &str, run: &[&str]) -> (Proc, String) {
+        let args: Vec<&str> = run.iter().copied().chain(["--config", s(&self.files[i])]).collect();
+        let mut p = self.clients[i].spawn(&format!("client{i}"), bin, &args, &[]);
         let line = p.wait_for(&["data plane on session"], T);
         (p, line)
     }
@@ -1024,7 +1025,8 @@ fn bin_ping_tcp_nat_and_client_to_client() {
     let gateway = w.gateway("gateway");
     assert!(w.gw_ns.nft_ruleset().contains("masquerade"), "NAT rule installed on start");
     let (_c0, _) = w.client(0);
-    let (_c1, _) = w.client(1);
+    // The second client runs the client-only binary (what a client machine installs).
+    let (_c1, _) = w.client_with(1, CLIENT_BIN, &["run"]);
     let (ip0, ip1) = (w.tunnel_ip(0), w.tunnel_ip(1));
 
     // Client -> gateway's tunnel address: ping and a checked TCP stream.

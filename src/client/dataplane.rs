@@ -220,7 +220,7 @@ impl ClientDataPlane {
         let shared = self.shared.clone();
         Box::new(move |_snapshot: &Arc<VpnAuthResponse>| {
             if !shared.started.swap(true, Ordering::AcqRel) {
-                let thread = shared.thread.get_or_init(|| PacketThread::start("hf-client-packets"));
+                let thread = shared.thread.get_or_init(|| PacketThread::start("hf-client-pkts"));
                 let task = thread.spawn_task(bring_up(shared.clone()));
                 lock(&shared.tasks).push(task);
             }

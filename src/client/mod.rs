@@ -7,11 +7,13 @@
 //! - [`path_mtu`]: the size of the path to the gateway, learnt at bring-up and at run time.
 //! - [`control`]: the gRPC client (mutual TLS, deadlines, failure classification).
 //! - [`status`]: the status feed observers read.
+//! - [`cli`]: the client's commands, for both binaries that offer them.
 //! - [`killswitch`]: the kill-switch interface.
 
+pub mod app;
+pub mod cli;
 pub mod control;
 pub mod dataplane;
-pub mod app;
 pub mod dns;
 pub mod driver;
 pub mod killswitch;

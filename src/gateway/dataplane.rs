@@ -458,7 +458,7 @@ impl GatewayDataPlane {
             offload: cfg.offload,
         };
         // Both descriptors are registered with the loops' thread (see crate::packet_thread).
-        let thread = PacketThread::start("hf-gw-packets");
+        let thread = PacketThread::start("hf-gw-pkts");
         let tun = thread
             .run(async move { tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await })
             .await

@@ -18,10 +18,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use holdfast::config::client::{ClientFile, LogSection, TimingSection};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+/// The client-only binary: `holdfast-client run|unblock|status`.
+pub const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_holdfast-client");
 
 /// Runs `holdfast <args>` to completion.
 pub fn holdfast(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run holdfast")
+}
+
+/// Runs `holdfast-client <args>` to completion.
+pub fn holdfast_client(args: &[&str]) -> Output {
+    Command::new(CLIENT_BIN).args(args).output().expect("run holdfast-client")
 }
 
 /// Runs `holdfast <args>` and asserts success.
