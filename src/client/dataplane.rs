@@ -338,9 +338,11 @@ async fn bring_up(shared: Arc<Shared>) {
         tracing::error!(target: TARGET, "data plane not started: {e}");
         return;
     }
+    // The path to the file's gateway until the underlay watcher follows the one in use (and
+    // each one failed over to: `PathMtu::set_gateway`).
     let path = shared
         .path
-        .get_or_init(|| Arc::new(PathMtu::new(underlay_mtu, underlay, cfg.underlay_mtu.is_some())))
+        .get_or_init(|| Arc::new(PathMtu::new(underlay_mtu, cfg.gateway, cfg.underlay_mtu.is_some())))
         .clone();
     let mut delay = BRINGUP_BACKOFF.0;
     let mut attempt = 0u32;

@@ -10,10 +10,15 @@
 //!
 //! The usable outer size is the smaller of the two; the inner size (the TUN MTU, what the send
 //! loop lets through before it answers "too big") is that minus the tunnel's overhead for the
-//! underlay's family. Readers on the packet path use [`PathMtu::inner`] (two relaxed atomic
+//! underlay's family. Readers on the packet path use [`PathMtu::inner`] (three relaxed atomic
 //! loads); whoever applies the size to the TUN device waits on [`PathMtu::changes`].
+//!
+//! The path is the one to the gateway in use: after a failover it is another path
+//! ([`PathMtu::set_gateway`]), whose family may differ and about which nothing discovered on
+//! the previous one says anything; the prober searches it afresh ([`PathMtu::gateway_changes`]).
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 
 use tokio::sync::watch;
 
@@ -51,7 +56,10 @@ impl Bound {
 /// the prober.
 #[derive(Debug)]
 pub struct PathMtu {
-    underlay: IpFamily,
+    /// The gateway the path goes to, published on every change (a new path).
+    gateway: watch::Sender<IpAddr>,
+    /// Whether the underlay is IPv6: the gateway's family, kept apart for the packet path.
+    v6: AtomicBool,
     configured: bool,
     link: AtomicU16,
     discovered: AtomicU16,
@@ -60,12 +68,13 @@ pub struct PathMtu {
 }
 
 impl PathMtu {
-    /// A path whose link MTU is `link` (outer bytes) over an underlay of family `underlay`;
-    /// `configured`: the value is `underlay_mtu` from the file, not read from the system.
-    pub fn new(link: u16, underlay: IpFamily, configured: bool) -> Self {
-        let inner = inner_for(link, underlay);
+    /// A path to `gateway` (its family is the underlay's) whose link MTU is `link` (outer
+    /// bytes); `configured`: the value is `underlay_mtu` from the file, not read from the system.
+    pub fn new(link: u16, gateway: IpAddr, configured: bool) -> Self {
+        let inner = inner_for(link, IpFamily::of_addr(gateway));
         Self {
-            underlay,
+            gateway: watch::channel(gateway).0,
+            v6: AtomicBool::new(gateway.is_ipv6()),
             configured,
             link: AtomicU16::new(link),
             discovered: AtomicU16::new(NONE),
@@ -82,7 +91,7 @@ impl PathMtu {
     /// The usable inner packet size: what the TUN MTU should be and what the send loop lets
     /// through.
     pub fn inner(&self) -> u16 {
-        inner_for(self.outer(), self.underlay)
+        inner_for(self.outer(), self.underlay())
     }
 
     /// The link's MTU (outer bytes).
@@ -107,9 +116,42 @@ impl PathMtu {
         }
     }
 
-    /// The underlay's family (what the overhead is computed for).
+    /// The underlay's family (what the overhead is computed for): the gateway's.
     pub fn underlay(&self) -> IpFamily {
-        self.underlay
+        if self.v6.load(Ordering::Relaxed) { IpFamily::V6 } else { IpFamily::V4 }
+    }
+
+    /// The gateway the path goes to.
+    pub fn gateway(&self) -> IpAddr {
+        *self.gateway.borrow()
+    }
+
+    /// Changes of the gateway the path goes to (the current one first): each is a new path,
+    /// to search from scratch.
+    pub fn gateway_changes(&self) -> watch::Receiver<IpAddr> {
+        self.gateway.subscribe()
+    }
+
+    /// The path now goes to `gateway` (the client failed over to it). A bound discovered on the
+    /// previous path says nothing of this one (a small hop there need not be on the way here),
+    /// so it is dropped at once rather than kept until the raise timer; the overhead follows
+    /// the new gateway's family. The link bound is the caller's to read for the new path next
+    /// (the underlay watcher does). Nothing changes when `gateway` is the one already followed,
+    /// so repeating the call (a retried switch) loses nothing discovered. Returns whether the
+    /// usable inner MTU changed.
+    pub fn set_gateway(&self, gateway: IpAddr) -> bool {
+        // Under the channel's lock and before its receivers wake: a prober woken by the change
+        // reads the new family and no stale bound.
+        let switched = self.gateway.send_if_modified(|g| {
+            if *g == gateway {
+                return false;
+            }
+            self.v6.store(gateway.is_ipv6(), Ordering::Relaxed);
+            self.discovered.store(NONE, Ordering::Relaxed);
+            *g = gateway;
+            true
+        });
+        switched && self.publish()
     }
 
     /// Whether the link value is `underlay_mtu` from the file (then the system's is not followed).
@@ -185,10 +227,15 @@ fn inner_for(outer: u16, underlay: IpFamily) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const GW4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
+    const GW4_B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 6));
+    const GW6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2));
 
     #[test]
     fn the_smaller_bound_wins_and_each_change_is_published_once() {
-        let p = PathMtu::new(1500, IpFamily::V4, false);
+        let p = PathMtu::new(1500, GW4, false);
         let mut rx = p.changes();
         assert_eq!(p.inner(), 1500 - 28 - wire::OVERHEAD as u16);
         assert_eq!(p.bound(), Bound::Link);
@@ -209,7 +256,7 @@ mod tests {
 
     #[test]
     fn ipv6_underlay_costs_twenty_bytes_more_and_tiny_paths_are_floored() {
-        let p = PathMtu::new(1500, IpFamily::V6, false);
+        let p = PathMtu::new(1500, GW6, false);
         assert_eq!(p.inner(), 1500 - 48 - wire::OVERHEAD as u16);
         p.set_link(300);
         assert_eq!(p.inner(), MIN_INNER_MTU);
@@ -219,7 +266,7 @@ mod tests {
     fn ipv6_pauses_below_1280_and_comes_back_above() {
         use Ipv6Step::*;
         // A 1500 link dropping to 1280 over IPv4: the TUN goes 1436 -> 1216, under IPv6's floor.
-        let p = PathMtu::new(1280, IpFamily::V4, false);
+        let p = PathMtu::new(1280, GW4, false);
         assert_eq!(ipv6_step(1436, p.inner(), true), Lost);
         assert_eq!(ipv6_step(p.inner(), 1436, true), Restore);
         // Exactly 1280 still carries IPv6; moves on either side of the floor change nothing.
@@ -234,10 +281,64 @@ mod tests {
 
     #[test]
     fn a_configured_link_is_not_followed() {
-        let p = PathMtu::new(1400, IpFamily::V4, true);
+        let p = PathMtu::new(1400, GW4, true);
         assert!(!p.set_link(1500));
         assert_eq!((p.link(), p.bound()), (1400, Bound::Configured));
         assert!(p.set_discovered(Some(1300)));
         assert_eq!(p.bound(), Bound::Discovered);
+    }
+
+    #[test]
+    fn a_new_gateway_is_a_new_path_whose_family_sets_the_overhead() {
+        let p = PathMtu::new(1500, GW6, false);
+        let mut gateways = p.gateway_changes();
+        let mut rx = p.changes();
+        assert_eq!((p.underlay(), p.gateway()), (IpFamily::V6, GW6));
+        assert_eq!(p.inner(), 1500 - 48 - wire::OVERHEAD as u16);
+        // Failing over to an IPv4 gateway: 20 bytes less of IP header, so a larger TUN MTU
+        // over the same 1500-byte link, and it is published.
+        assert!(p.set_gateway(GW4));
+        assert_eq!((p.underlay(), p.gateway()), (IpFamily::V4, GW4));
+        assert_eq!(p.inner(), 1500 - 28 - wire::OVERHEAD as u16);
+        assert_eq!(*rx.borrow_and_update(), 1500 - 28 - wire::OVERHEAD as u16);
+        assert!(gateways.has_changed().unwrap());
+        assert_eq!(*gateways.borrow_and_update(), GW4);
+        // And back: the overhead follows again.
+        assert!(p.set_gateway(GW6));
+        assert_eq!(p.inner(), 1500 - 48 - wire::OVERHEAD as u16);
+        assert_eq!(p.underlay(), IpFamily::V6);
+    }
+
+    #[test]
+    fn what_was_discovered_on_the_old_path_is_dropped_with_it_and_kept_on_the_same_one() {
+        let p = PathMtu::new(1500, GW4, false);
+        let mut gateways = p.gateway_changes();
+        gateways.mark_unchanged();
+        p.set_discovered(Some(1280));
+        assert_eq!((p.outer(), p.bound()), (1280, Bound::Discovered));
+        // The same gateway again (a retried switch): nothing is lost, nobody is woken.
+        assert!(!p.set_gateway(GW4));
+        assert_eq!((p.outer(), p.bound()), (1280, Bound::Discovered));
+        assert!(!gateways.has_changed().unwrap());
+        // Another gateway of the same family: the link decides until discovery says otherwise.
+        let mut rx = p.changes();
+        assert!(p.set_gateway(GW4_B));
+        assert_eq!((p.outer(), p.discovered(), p.bound()), (1500, None, Bound::Link));
+        assert_eq!(*rx.borrow_and_update(), 1500 - 28 - wire::OVERHEAD as u16);
+        assert!(gateways.has_changed().unwrap());
+        // A new gateway wakes the prober even when the size stays (nothing was discovered).
+        gateways.mark_unchanged();
+        assert!(!p.set_gateway(GW4));
+        assert!(gateways.has_changed().unwrap());
+        assert_eq!(p.inner(), 1500 - 28 - wire::OVERHEAD as u16);
+    }
+
+    #[test]
+    fn a_configured_link_stays_across_a_new_path_but_its_family_follows() {
+        let p = PathMtu::new(1400, GW4, true);
+        p.set_discovered(Some(1300));
+        assert!(p.set_gateway(GW6));
+        assert_eq!((p.outer(), p.bound()), (1400, Bound::Configured));
+        assert_eq!(p.inner(), 1400 - 48 - wire::OVERHEAD as u16);
     }
 }

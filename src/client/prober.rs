@@ -65,41 +65,39 @@ pub struct Prober {
 impl Prober {
     /// Runs until a stop.
     pub async fn run(mut self) {
-        let hdr = wire::underlay_headers(self.path.underlay());
-        let cfg = |link: u16| PmtudConfig { raise_interval: self.raise_interval, ..PmtudConfig::new(link) };
-        let mut link = self.path.link();
-        let mut up = Search::new(cfg(link));
-        let mut down = Search::new(cfg(link));
+        let mut s = PathSearch::new(&self.path, self.raise_interval);
         let mut buf = vec![0u8; wire::MAX_PROBE_LEN];
         let mut next_id = 0u32;
-        let mut down_ok = link.saturating_sub(hdr);
-        let mut down_bound = None;
         let mut announce_down = false;
         // Wakes the loop when the usable size changes, a change of the link among them (the
         // underlay watcher's `set_link`): the searches then follow the new max at once.
         let mut changes = self.path.changes();
+        // Wakes the loop when the path goes to another gateway (a failover): what was found on
+        // the old path is no bound on the new one, which is searched from scratch.
+        let mut gateways = self.path.gateway_changes();
+        gateways.mark_unchanged();
         loop {
             let now = Instant::now().into_std();
             // The link's MTU followed at run time (the underlay watcher): search below it.
-            if self.path.link() != link {
-                link = self.path.link();
-                up.set_max(link, now);
-                down.set_max(link, now);
+            if self.path.link() != s.link {
+                s.link = self.path.link();
+                s.up.set_max(s.link, now);
+                s.down.set_max(s.link, now);
             }
             let sends = [
-                (ProbeKind::Up, up.poll_probe(now)),
-                (ProbeKind::Down, down.poll_probe(now)),
+                (ProbeKind::Up, s.up.poll_probe(now)),
+                (ProbeKind::Down, s.down.poll_probe(now)),
                 // A new down size is told to the gateway at once, not at the next probe.
-                (ProbeKind::Up, announce_down.then_some(up.config().base)),
+                (ProbeKind::Up, announce_down.then_some(s.up.config().base)),
             ];
             announce_down = false;
             for (kind, size) in sends {
                 if let Some(size) = size {
                     next_id = next_id.wrapping_add(1);
-                    self.send(kind, size, hdr, next_id, down_ok, &mut buf).await;
+                    self.send(kind, size, s.hdr, next_id, s.down_ok, &mut buf).await;
                 }
             }
-            let wake = match (up.next_wakeup(), down.next_wakeup()) {
+            let wake = match (s.up.next_wakeup(), s.down.next_wakeup()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -107,14 +105,26 @@ impl Prober {
             tokio::select! {
                 biased;
                 _ = stop_requested(&mut self.stop) => return,
+                r = gateways.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let gateway = *gateways.borrow_and_update();
+                    s = PathSearch::new(&self.path, self.raise_interval);
+                    tracing::info!(
+                        target: TARGET,
+                        "path MTU: a new path, to {gateway}: searching it from the link's {}",
+                        s.link
+                    );
+                }
                 ack = self.acks.recv() => {
                     let Some(ack) = ack else { return };
                     let now = Instant::now().into_std();
                     match ack.body.kind {
-                        ProbeKind::Up => { up.on_ack(ack.body.probe_len.saturating_add(hdr), now); }
+                        ProbeKind::Up => { s.up.on_ack(ack.body.probe_len.saturating_add(s.hdr), now); }
                         ProbeKind::Down => {
                             let len = u16::try_from(ack.len).unwrap_or(u16::MAX);
-                            down.on_ack(len.saturating_add(hdr), now);
+                            s.down.on_ack(len.saturating_add(s.hdr), now);
                         }
                     }
                 }
@@ -132,7 +142,7 @@ impl Prober {
                             // Only what concerns the path to the gateway; the hint is validated
                             // by the search (never below the base, never a raise).
                             if Some(dest.ip()) == gateway {
-                                up.on_too_big(mtu, now);
+                                s.up.on_too_big(mtu, now);
                             }
                         });
                         if n < crate::tunnel::MAX_ERRORS_PER_READ {
@@ -149,17 +159,17 @@ impl Prober {
                 }
                 _ = sleep_until(wake) => {}
             }
-            self.publish(&up);
+            self.publish(&s.up);
             // The size in use, not only a bound below the link: the gateway does not know our
             // link (it may be `underlay_mtu` or a small access link), so it is told always.
-            let ok = down.current().saturating_sub(hdr);
-            if ok != down_ok {
-                down_ok = ok;
+            let ok = s.down.current().saturating_sub(s.hdr);
+            if ok != s.down_ok {
+                s.down_ok = ok;
                 announce_down = true;
             }
-            if down.bound() != down_bound {
-                down_bound = down.bound();
-                match down_bound {
+            if s.down.bound() != s.down_bound {
+                s.down_bound = s.down.bound();
+                match s.down_bound {
                     Some(b) => tracing::info!(target: TARGET, "path MTU from the gateway: {b} (a smaller hop on the way)"),
                     None => tracing::info!(target: TARGET, "path MTU from the gateway: the link's {} again", self.path.link()),
                 }
@@ -213,6 +223,38 @@ impl Prober {
             // EMSGSIZE: larger than the local link, which just shrank: the search's max follows
             // it at the next wake-up; the probe counts as lost meanwhile.
             tracing::trace!(target: TARGET, "probe of {size} not sent: {e}");
+        }
+    }
+}
+
+/// The search state of one path (to one gateway), both directions: started afresh for each
+/// new path, since nothing learnt on another path holds on it.
+struct PathSearch {
+    /// The underlay's IP and UDP header bytes (the gateway's family).
+    hdr: u16,
+    /// The link's MTU the searches' max follows.
+    link: u16,
+    up: Search,
+    down: Search,
+    /// The gateway-to-client size confirmed (UDP payload bytes), told to the gateway in every
+    /// probe.
+    down_ok: u16,
+    /// The down search's bound last logged.
+    down_bound: Option<u16>,
+}
+
+impl PathSearch {
+    fn new(path: &PathMtu, raise_interval: Duration) -> Self {
+        let hdr = wire::underlay_headers(path.underlay());
+        let link = path.link();
+        let cfg = PmtudConfig { raise_interval, ..PmtudConfig::new(link) };
+        Self {
+            hdr,
+            link,
+            up: Search::new(cfg),
+            down: Search::new(cfg),
+            down_ok: link.saturating_sub(hdr),
+            down_bound: None,
         }
     }
 }

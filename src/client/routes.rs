@@ -41,7 +41,9 @@
 //! are not followed. When the path or the source address towards the gateway changes, the watcher
 //! calls the client's hook (the supervisor rebuilds its control channel and checks at once). It
 //! also keeps the data plane's [`PathMtu`] on the MTU of that path (the chosen route's `mtu`
-//! metric, else its interface's MTU), so the TUN MTU follows a link or route whose MTU changes.
+//! metric, else its interface's MTU), so the TUN MTU follows a link or route whose MTU changes,
+//! and tells it which gateway the path goes to (after a failover: a new path, whose family sets
+//! the overhead and which discovery searches afresh).
 //!
 //! After a crash (SIGKILL) the pin and the fallback stay, like the old host route did, until the
 //! next start or `holdfast client unblock` removes every route carrying [`ROUTE_PROTOCOL`].
@@ -877,7 +879,8 @@ pub struct UnderlayWatch {
 impl UnderlayWatch {
     /// Brings the gateway's routes up to date once (so the fallback and the pin are in place when
     /// this returns), then watches in a task. `pin`: whether the tunnel captures the gateway.
-    /// `path`: the client's path MTU, whose link bound follows the MTU of the path to `gateway`
+    /// `path`: the client's path MTU, which is set to the path to `gateway` (its family, and a
+    /// new search when the gateway is another) and whose link bound follows the MTU of that path
     /// (route MTU metric or interface MTU; RTM_NEWLINK and RTM_NEWROUTE wake the watcher).
     pub async fn start(
         gateway: IpAddr,
@@ -887,6 +890,12 @@ impl UnderlayWatch {
         path: Option<Arc<PathMtu>>,
     ) -> Result<Self, RoutesError> {
         let pinned = pin.then_some(gateway);
+        // The one place that tells the path MTU which gateway its path goes to: a different one
+        // (a failover) is a new path, searched afresh over its own family's overhead; the link
+        // bound is then this gateway's, read just below.
+        if let Some(p) = &path {
+            p.set_gateway(gateway);
+        }
         let follow = path.clone();
         let first = with_handle(|h| async move {
             let (first, routes) = look(&h, gateway, pinned, tun_index).await?;
