@@ -629,3 +629,50 @@ fn after_a_failover_the_path_mtu_and_the_pin_follow_the_gateway_in_use() {
     assert!(ours().contains("198.18.0.6 dev hfb"), "B pinned: {}", ours());
     assert!(client.is_alive());
 }
+
+/// A small hop found by probing on the path to one gateway is no bound on the path to the next:
+/// A's end of its link takes 1280 bytes at most and drops larger packets without a word (a veth
+/// does, and no ICMP is sent), so only probing finds it; B's path is a clean 1500. After the
+/// failover the client's path MTU is B's link within seconds, not A's hop until `pmtu_raise`
+/// (left at its default of 10 minutes) re-probes upward.
+#[test]
+fn after_a_failover_a_hop_discovered_on_the_old_path_is_not_kept_on_the_new_one() {
+    if skip() || !support::netns::available() {
+        return;
+    }
+    let d = Deployment::new();
+    d.a.ip(&["link", "set", "dev", "hfg", "mtu", "1280"]);
+    let logs = tempfile::tempdir().unwrap();
+    let (mut gw_a, mut gw_b, mut client) = d.both_and_client("grace", logs.path());
+    client.wait_for(&["-> Healthy", "session"], T);
+    gw_a.wait_for(&["session opened", "grace"], T);
+    let socket = logs.path().join("client.sock");
+    let path_mtu = || support::status_of(&socket).data_plane.and_then(|d| d.path_mtu);
+    let found = support::wait_until(T, || path_mtu().is_some_and(|p| p.outer == 1280 && p.bound == "discovered"));
+    assert!(found, "probing finds the hop on A's path: {:?}", path_mtu());
+
+    gw_a.kill();
+    gw_b.wait_for(&["session opened", "grace"], T);
+    client.wait_for(&["-> Healthy", "session"], T);
+    let moved = Instant::now();
+    // A few seconds: the network task follows the gateway in use at once; the bound allows for
+    // a loaded machine, and is far below the raise timer the old behaviour waited for.
+    let few = Duration::from_secs(10);
+    let followed = support::wait_until(few, || {
+        path_mtu().is_some_and(|p| (p.outer, p.tun_mtu, p.bound.as_str()) == (1500, 1500 - 28 - 36, "link"))
+    });
+    assert!(followed, "B's clean path, not A's hop, {:?} after the failover: {:?}", moved.elapsed(), path_mtu());
+    // The new path is searched afresh, both ways: B is told the full size its packets to the
+    // client may have (A's link took only 1280, which the old path's search had found).
+    let searched = support::wait_until(T, || {
+        client.all_lines().iter().any(|l| l.contains("path MTU: a new path, to 198.18.0.6"))
+    });
+    assert!(searched, "the prober started over on B's path");
+    let at_b = || {
+        let json = holdfast_ok(&["gateway", "status", "--dir", s(&d.dir("b")), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
+        v["sessions"].as_array().and_then(|all| all.iter().filter_map(|s| s["path_mtu"].as_u64()).min())
+    };
+    assert!(support::wait_until(few, || at_b() == Some(1500 - 28 - 36)), "B sizes the session: {:?}", at_b());
+    assert!(client.is_alive());
+}
