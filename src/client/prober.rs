@@ -65,6 +65,11 @@ pub struct Prober {
 impl Prober {
     /// Runs until a stop.
     pub async fn run(mut self) {
+        // Wakes the loop when the path goes to another gateway (a failover): what was found on
+        // the old path is no bound on the new one, which is searched from scratch. Subscribed
+        // before the first search reads the path, so no change falls in between.
+        let mut gateways = self.path.gateway_changes();
+        gateways.mark_unchanged();
         let mut s = PathSearch::new(&self.path, self.raise_interval);
         let mut buf = vec![0u8; wire::MAX_PROBE_LEN];
         let mut next_id = 0u32;
@@ -72,10 +77,6 @@ impl Prober {
         // Wakes the loop when the usable size changes, a change of the link among them (the
         // underlay watcher's `set_link`): the searches then follow the new max at once.
         let mut changes = self.path.changes();
-        // Wakes the loop when the path goes to another gateway (a failover): what was found on
-        // the old path is no bound on the new one, which is searched from scratch.
-        let mut gateways = self.path.gateway_changes();
-        gateways.mark_unchanged();
         loop {
             let now = Instant::now().into_std();
             // The link's MTU followed at run time (the underlay watcher): search below it.
