@@ -342,6 +342,14 @@ impl Deployment {
         (gw_a, gw_b, self.run_client(&file))
     }
 
+    /// [`Deployment::both_and_client`], once the client runs through A.
+    fn running_on_a(&self, name: &str, logs: &Path) -> (support::Proc, support::Proc, support::Proc) {
+        let (mut gw_a, gw_b, mut client) = self.both_and_client(name, logs);
+        client.wait_for(&["-> Healthy", "session"], T);
+        gw_a.wait_for(&["session opened", name], T);
+        (gw_a, gw_b, client)
+    }
+
     /// Points the gateways' way to the database at an empty directory (unreachable for them).
     fn cut_gateways_off(&self) {
         let empty = self.db.root().join("nothing");
@@ -607,9 +615,7 @@ fn after_a_failover_the_path_mtu_and_the_pin_follow_the_gateway_in_use() {
         ns.ip(&["link", "set", "dev", dev, "mtu", "1400"]);
     }
     let logs = tempfile::tempdir().unwrap();
-    let (mut gw_a, mut gw_b, mut client) = d.both_and_client("frank", logs.path());
-    client.wait_for(&["-> Healthy", "session"], T);
-    gw_a.wait_for(&["session opened", "frank"], T);
+    let (mut gw_a, mut gw_b, mut client) = d.running_on_a("frank", logs.path());
     let socket = logs.path().join("client.sock");
     let path_mtu = || support::status_of(&socket).data_plane.and_then(|d| d.path_mtu);
     let ours = || d.c.ip(&["-4", "route", "show", "table", "main", "proto", "207"]);
@@ -643,9 +649,7 @@ fn after_a_failover_a_hop_discovered_on_the_old_path_is_not_kept_on_the_new_one(
     let d = Deployment::new();
     d.a.ip(&["link", "set", "dev", "hfg", "mtu", "1280"]);
     let logs = tempfile::tempdir().unwrap();
-    let (mut gw_a, mut gw_b, mut client) = d.both_and_client("grace", logs.path());
-    client.wait_for(&["-> Healthy", "session"], T);
-    gw_a.wait_for(&["session opened", "grace"], T);
+    let (mut gw_a, mut gw_b, mut client) = d.running_on_a("grace", logs.path());
     let socket = logs.path().join("client.sock");
     let path_mtu = || support::status_of(&socket).data_plane.and_then(|d| d.path_mtu);
     let found = support::wait_until(T, || path_mtu().is_some_and(|p| p.outer == 1280 && p.bound == "discovered"));
