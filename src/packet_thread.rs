@@ -44,7 +44,7 @@ impl PacketThread {
             Err(e) => {
                 tracing::warn!(
                     target: TARGET,
-                    "cannot start the packet thread {name} ({e}); its loop runs on the main runtime"
+                    "cannot start the packet thread {name} ({e}); its loops run on the main runtime"
                 );
                 Self { handle: Handle::current(), quit: Mutex::new(None) }
             }
