@@ -975,6 +975,19 @@ fn checked_send(
     total: u64,
     sent: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<std::io::Result<u64>> {
+    checked_send_held(ns, dest, total, sent, None)
+}
+
+/// [`checked_send`], holding once `hold.0` bytes are written until `hold.1` receives (or its
+/// sender is dropped; at most 30 s): a transfer a test can be sure is unfinished at a given moment,
+/// however fast the tunnel.
+fn checked_send_held(
+    ns: &Netns,
+    dest: SocketAddr,
+    total: u64,
+    sent: Arc<AtomicU64>,
+    mut hold: Option<(u64, std::sync::mpsc::Receiver<()>)>,
+) -> std::thread::JoinHandle<std::io::Result<u64>> {
     let name = ns.name().to_owned();
     std::thread::spawn(move || {
         enter(&name);
@@ -984,6 +997,12 @@ fn checked_send(
         let mut chunk = vec![0u8; 8192];
         let mut at = 0u64;
         while at < total {
+            if let Some((held_at, release)) = &hold
+                && at >= *held_at
+            {
+                let _ = release.recv_timeout(Duration::from_secs(30));
+                hold = None;
+            }
             let n = chunk.len().min((total - at) as usize);
             for (k, b) in chunk[..n].iter_mut().enumerate() {
                 *b = pattern(at + k as u64);
@@ -1117,12 +1136,16 @@ fn bin_gateway_killed_mid_transfer_then_restarted_traffic_resumes_on_the_same_lo
     let dest = SocketAddr::from((GW_TUN, 5003));
     let server = checked_server(&w.gw_ns, dest);
     let sent = Arc::new(AtomicU64::new(0));
-    let sender = checked_send(&w.clients[0], dest, total, sent.clone());
+    // Held at 512 KiB until the gateway is dead, so the transfer is unfinished when it dies
+    // however fast the tunnel; the rest is written while it is down.
+    let (release, held) = std::sync::mpsc::channel();
+    let sender = checked_send_held(&w.clients[0], dest, total, sent.clone(), Some((512 * 1024, held)));
     assert!(wait_until(T, || sent.load(Ordering::Relaxed) >= 256 * 1024), "transfer under way");
     gateway.signal("KILL");
     gateway.wait_exit(T);
     let at_kill = sent.load(Ordering::Relaxed);
     assert!(at_kill < total, "killed mid-transfer ({at_kill} of {total} bytes sent)");
+    release.send(()).expect("the sender waits");
 
     // Back again (its TUN device, socket, sessions and NAT rule are new; the old NAT table,
     // left behind by SIGKILL, is replaced, not doubled).
