@@ -291,10 +291,9 @@ pub struct Shedder {
     on: bool,
     budgets: SourceBudgets,
     epoch: Instant,
-    /// The last `now` passed in and its milliseconds since `epoch`: the loop reads the
-    /// clock once per batch and passes that to every datagram of it, so the conversion runs
-    /// once per batch, not per datagram.
-    clock: (Instant, u64),
+    /// The batch's clock in milliseconds since `epoch` (from 1 on), set once per batch by
+    /// [`Shedder::at`]: every datagram of a batch is charged at the same moment.
+    now_ms: u64,
     counters: Arc<ShedCounters>,
 }
 
@@ -305,35 +304,30 @@ impl Shedder {
             on: counters.budgets,
             budgets: SourceBudgets::new(DEFAULT_CAPACITY, rand::random(), BudgetLimits::default()),
             epoch,
-            clock: (epoch, 1),
+            now_ms: 1,
             counters,
         }
     }
 
-    /// `now` in milliseconds since the epoch, from 1 on.
+    /// Sets the clock for the batch about to be handled (read once per batch by the loop).
     #[inline]
-    fn ms(&mut self, now: Instant) -> u64 {
-        if now != self.clock.0 {
-            self.clock = (now, now.saturating_duration_since(self.epoch).as_millis() as u64 + 1);
-        }
-        self.clock.1
+    pub fn at(&mut self, now: Instant) {
+        self.now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
     }
 
     /// A datagram from `from` failed (bad header, bad tag, replay): charged to its source.
-    pub fn failed(&mut self, from: SocketAddr, now: Instant) {
+    pub fn failed(&mut self, from: SocketAddr) {
         bump(&self.counters.failed);
         if self.on {
-            let ms = self.ms(now);
-            self.budgets.charge(from.ip(), ms);
+            self.budgets.charge(from.ip(), self.now_ms);
         }
     }
 
     /// A datagram from `from` named an unknown session: charged to its source. Returns whether
     /// a notice may go out (the source is within its budget; the global limit still applies).
-    pub fn unknown_session(&mut self, from: SocketAddr, now: Instant) -> bool {
+    pub fn unknown_session(&mut self, from: SocketAddr) -> bool {
         bump(&self.counters.failed);
-        let ms = self.ms(now);
-        let within = !self.on || self.budgets.charge(from.ip(), ms) == Charge::Within;
+        let within = !self.on || self.budgets.charge(from.ip(), self.now_ms) == Charge::Within;
         if !within {
             bump(&self.counters.notices_withheld);
         }
@@ -349,9 +343,8 @@ impl Shedder {
         &mut self,
         from: SocketAddr,
         endpoint: impl FnOnce() -> Option<SocketAddr>,
-        now: Instant,
     ) -> bool {
-        let ms = self.ms(now);
+        let ms = self.now_ms;
         if !self.budgets.shedding(ms) {
             return true; // also when off: nothing is ever charged then
         }
@@ -511,15 +504,15 @@ mod tests {
                 n => SocketAddr::from(([198, 19, 0, n], 9)),
             };
             for (src, kind, ms) in failures {
-                let now = t0 + Duration::from_millis(ms);
+                shed.at(t0 + Duration::from_millis(ms));
                 let from = source(src);
                 match kind {
-                    0 => shed.failed(from, now),
-                    1 => { shed.unknown_session(from, now); }
-                    _ => { shed.admit(from, || Some(endpoint), now); }
+                    0 => shed.failed(from),
+                    1 => { shed.unknown_session(from); }
+                    _ => { shed.admit(from, || Some(endpoint)); }
                 }
-                prop_assert!(shed.admit(endpoint, || Some(endpoint), now));
-                prop_assert!(shed.admit(from, || None, now), "a session without an endpoint yet");
+                prop_assert!(shed.admit(endpoint, || Some(endpoint)));
+                prop_assert!(shed.admit(from, || None), "a session without an endpoint yet");
             }
         }
     }
@@ -528,22 +521,22 @@ mod tests {
     fn an_over_budget_source_is_shed_and_notices_withheld_and_counted() {
         let counters = Arc::new(ShedCounters::default());
         let mut shed = Shedder::new(counters.clone());
-        let now = shed.epoch + Duration::from_millis(10);
+        shed.at(shed.epoch + Duration::from_millis(10));
         let endpoint: SocketAddr = "198.18.0.1:51000".parse().unwrap();
         let noisy: SocketAddr = "198.18.9.9:53".parse().unwrap();
         let within = (0..200)
-            .filter(|_| shed.unknown_session(noisy, now))
+            .filter(|_| shed.unknown_session(noisy))
             .count() as u64;
         let burst = BudgetLimits::default().burst as u64;
         assert_eq!(within, burst - 1, "notices until the budget is spent");
         assert!(
-            !shed.admit(noisy, || Some(endpoint), now),
+            !shed.admit(noisy, || Some(endpoint)),
             "forgeries from it are shed"
         );
-        assert!(shed.admit(endpoint, || Some(endpoint), now));
+        assert!(shed.admit(endpoint, || Some(endpoint)));
         let other: SocketAddr = "198.18.7.7:53".parse().unwrap();
         assert!(
-            shed.admit(other, || Some(endpoint), now),
+            shed.admit(other, || Some(endpoint)),
             "another source is not"
         );
         let t = counters.totals();

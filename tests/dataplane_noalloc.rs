@@ -239,7 +239,7 @@ fn flood_shedding_allocates_nothing_per_packet() {
     let mut admitted = 0u64;
     let allocs = allocations_in(|| {
         for i in 0..50_000u32 {
-            let now = t0 + Duration::from_micros(u64::from(i) * 20);
+            shed.at(t0 + Duration::from_micros(u64::from(i) * 20));
             // Many sources (the table fills and recycles), one very noisy one.
             let from = if i % 2 == 0 {
                 SocketAddr::from(([198, 19, (i >> 8) as u8, i as u8], 9))
@@ -247,13 +247,13 @@ fn flood_shedding_allocates_nothing_per_packet() {
                 SocketAddr::from(([198, 18, 9, 9], 53))
             };
             match i % 3 {
-                0 => shed.failed(from, now),
+                0 => shed.failed(from),
                 1 => {
-                    black_box(shed.unknown_session(from, now));
+                    black_box(shed.unknown_session(from));
                 }
-                _ => admitted += u64::from(shed.admit(from, || Some(endpoint), now)),
+                _ => admitted += u64::from(shed.admit(from, || Some(endpoint))),
             }
-            admitted += u64::from(shed.admit(endpoint, || Some(endpoint), now));
+            admitted += u64::from(shed.admit(endpoint, || Some(endpoint)));
         }
     });
     assert_eq!(allocs, 0, "shedding allocated {allocs} times");

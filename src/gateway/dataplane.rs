@@ -595,6 +595,7 @@ async fn from_clients(
         };
         // One clock read per batch (microseconds long): `seen` keeps millisecond resolution.
         let now = Instant::now();
+        shed.at(now);
         // A GRO batch comes from one sender, so one lookup usually serves all its datagrams. A
         // session removed while the batch is handled is used for the rest of it, as if the
         // batch had arrived a few microseconds earlier.
@@ -605,7 +606,7 @@ async fn from_clients(
                 // Clients never send notices; answering one could ping-pong with a gateway.
                 _ => {
                     c.count_drop(DropReason::Malformed);
-                    shed.failed(from, now);
+                    shed.failed(from);
                     continue;
                 }
             };
@@ -614,7 +615,7 @@ async fn from_clients(
             }
             let Some(session) = session.as_deref() else {
                 c.count_drop(DropReason::UnknownSession);
-                if shed.unknown_session(from, now) && notices.allow(now) {
+                if shed.unknown_session(from) && notices.allow(now) {
                     let notice = wire::unknown_session_notice(header.session_id, header.counter);
                     match sock.send_to(&notice, from).await {
                         Ok(_) => bump(&c.notices_tx),
@@ -624,14 +625,14 @@ async fn from_clients(
                 continue;
             };
             // Established sessions first: from its endpoint a datagram is always opened.
-            if !shed.admit(from, || session.endpoint(), now) {
+            if !shed.admit(from, || session.endpoint()) {
                 continue;
             }
             let opened = match session.crypto.open(Direction::ClientToGateway, datagram) {
                 Ok(o) => o,
                 Err(e) => {
                     session.drop_packet(c, DropReason::of_open(e));
-                    shed.failed(from, now);
+                    shed.failed(from);
                     continue;
                 }
             };
