@@ -131,25 +131,34 @@ pub fn set_filter(filter: &str) -> Result<FilterChange, String> {
 
 /// Logs `what`'s counters (one info line, "`what` stats: ...") on every SIGUSR1, for operators
 /// and tests: the data planes and the resolver never log per packet or per query, so this is how
-/// their counts are read from outside. Runs until the process ends; without a signal handler it
-/// does nothing.
-///
-/// The handler is registered when this is called, not when the returned future is first polled:
-/// a signal that arrives before the spawned task runs must not meet the default action (which
-/// ends the process).
+/// their counts are read from outside. The handler is registered at the call ([`on_signal`]).
 pub fn stats_on_sigusr1<S: std::fmt::Display>(
     what: &'static str,
     stats: impl Fn() -> S + Send + 'static,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{SignalKind, signal};
-    let usr1 = signal(SignalKind::user_defined1());
+    on_signal(tokio::signal::unix::SignalKind::user_defined1(), "counters are not dumped on demand", move || {
+        tracing::info!(target: "holdfast::stats", "{what} stats: {}", stats());
+    })
+}
+
+/// Runs `each` on every signal of `kind`, until the process ends. The handler is registered at
+/// the call, not when the returned future is first polled: a signal that arrives before the
+/// spawned task runs must not meet the default action (which, for SIGUSR1 and SIGUSR2, ends the
+/// process). Without a handler (the runtime refused one) it logs `without` at debug and does
+/// nothing.
+pub fn on_signal(
+    kind: tokio::signal::unix::SignalKind,
+    without: &'static str,
+    mut each: impl FnMut() + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let handler = tokio::signal::unix::signal(kind);
     async move {
-        let Ok(mut usr1) = usr1 else {
-            tracing::debug!("no SIGUSR1 handler: {what} counters are not dumped on demand");
+        let Ok(mut handler) = handler else {
+            tracing::debug!("no handler for signal {}: {without}", kind.as_raw_value());
             return;
         };
-        while usr1.recv().await.is_some() {
-            tracing::info!(target: "holdfast::stats", "{what} stats: {}", stats());
+        while handler.recv().await.is_some() {
+            each();
         }
     }
 }

@@ -829,18 +829,11 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
 fn end_sessions_on_sigusr2(
     sessions: std::sync::Arc<super::SessionTable>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{SignalKind, signal};
-    let usr2 = signal(SignalKind::user_defined2());
-    async move {
-        let Ok(mut usr2) = usr2 else {
-            tracing::debug!("no SIGUSR2 handler: sessions cannot be ended on demand");
-            return;
-        };
-        while usr2.recv().await.is_some() {
-            let ended = sessions.retain(|_| false);
-            tracing::info!(sessions = ended.len(), "SIGUSR2: ended every session; clients will re-authenticate");
-        }
-    }
+    let usr2 = tokio::signal::unix::SignalKind::user_defined2();
+    crate::logging::on_signal(usr2, "sessions cannot be ended on demand", move || {
+        let ended = sessions.retain(|_| false);
+        tracing::info!(sessions = ended.len(), "SIGUSR2: ended every session; clients will re-authenticate");
+    })
 }
 
 /// Completes on SIGINT or SIGTERM.
