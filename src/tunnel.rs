@@ -762,10 +762,7 @@ pub async fn send_gso(
     dest: SocketAddr,
 ) -> io::Result<()> {
     if buf.len() <= segment || !*gso {
-        for d in buf.chunks(segment.max(1)) {
-            sock.send_to(d, dest).await?;
-        }
-        return Ok(());
+        return send_each(sock, buf, segment, dest).await;
     }
     let sent = sock
         .async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest))
@@ -780,23 +777,29 @@ pub async fn send_gso(
         }
         Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
             // Segments bigger than the path: it just shrank, and the TUN MTU follows a moment
-            // later. Sent one by one: a socket that allows fragments (not the client's, which
-            // sets DF for path MTU discovery) has them fragmented instead of dropping the run;
-            // otherwise those too big fail the same way, counted. Also the case where the
-            // EMSGSIZE was an ICMP "too big" reported through this send (IP_RECVERR): then the
-            // one-by-one sends go through.
-            for d in buf.chunks(segment.max(1)) {
-                match sock.send_to(d, dest).await {
-                    Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-                        send_fragmentable(sock, d, dest)?;
-                    }
-                    other => drop(other?),
-                }
-            }
-            Ok(())
+            // later. Sent one by one (see `send_each`). Also the case where the EMSGSIZE was an
+            // ICMP "too big" reported through this send (IP_RECVERR).
+            send_each(sock, buf, segment, dest).await
         }
         other => other,
     }
+}
+
+/// Sends `buf`'s datagrams of `segment` bytes one by one. One refused with EMSGSIZE is sent
+/// again with fragments allowed ([`send_fragmentable`]): it is bigger than a path that just
+/// shrank (the TUN MTU follows a moment later), or the EMSGSIZE was an earlier ICMP "too big"
+/// reported through this send (IP_RECVERR sets the socket's error until the prober reads its
+/// queue; the report clears it). Either way the datagram goes, not dropped.
+async fn send_each(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
+    for d in buf.chunks(segment.max(1)) {
+        match sock.send_to(d, dest).await {
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                send_fragmentable(sock, d, dest)?;
+            }
+            other => drop(other?),
+        }
+    }
+    Ok(())
 }
 
 /// Sends `d` once with local fragmentation allowed, on a socket that otherwise sets DF for path
