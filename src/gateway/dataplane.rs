@@ -600,6 +600,9 @@ async fn from_clients(
         // session removed while the batch is handled is used for the rest of it, as if the
         // batch had arrived a few microseconds earlier.
         let mut session: Option<Arc<DataSession>> = None;
+        // The session whose arrival this batch has recorded: a GRO batch has one source and one
+        // clock reading, so recording it again for every datagram would change nothing.
+        let mut noted: Option<SessionId> = None;
         for datagram in buf[..len].chunks_mut(segment) {
             let header = match wire::parse_header(datagram) {
                 Ok(h) if h.msg_type != MsgType::UnknownSession => h,
@@ -673,7 +676,10 @@ async fn from_clients(
             // Before delivery, not after: the answer to this packet may be on its way back
             // through the other loop before this one runs again, and must go to where the
             // client is now.
-            note_seen(&*ctx.sessions, session, from, now, c);
+            if noted != Some(session.session_id) {
+                note_seen(&*ctx.sessions, session, from, now, c);
+                noted = Some(session.session_id);
+            }
             Counters::packet(&session.traffic.rx_packets, &session.traffic.rx_bytes, payload.len());
             // Only tunnel addresses belong to sessions: traffic for the gateway itself or for
             // the outside (NAT) needs no lookup.
@@ -899,6 +905,7 @@ async fn to_clients(
                 continue;
             }
         };
+        let mut last: Option<(IpAddr, Option<Arc<DataSession>>)> = None;
         for i in 0..n {
             lens[i] = 0;
             routes[i] = None;
@@ -909,8 +916,19 @@ async fn to_clients(
                 c.count_drop(DropReason::NotCarried);
                 continue;
             };
-            // No session owns the address, or its client has not told us where it is yet.
-            let session = ctx.sessions.by_ip(inner.dst).filter(|s| s.endpoint().is_some());
+            // No session owns the address, or its client has not told us where it is yet. One
+            // lookup per run of packets to one address (the segments of a TSO packet, most of a
+            // batch): two map lookups, a clock read and an endpoint load each, which cost more
+            // than the rest of a packet's routing. The batch is microseconds long, so a session
+            // looked up at its start is as valid at its end.
+            let session = match &last {
+                Some((dst, session)) if *dst == inner.dst => session.clone(),
+                _ => {
+                    let session = ctx.sessions.by_ip(inner.dst).filter(|s| s.endpoint().is_some());
+                    last = Some((inner.dst, session.clone()));
+                    session
+                }
+            };
             let Some(session) = session else {
                 c.count_drop(DropReason::NoRoute);
                 continue;
