@@ -7,6 +7,11 @@
 #     sets BIN: as given in the environment, else the release build (built now); and CLIENT_BIN,
 #     the client-only binary `holdfast-client` (what a client machine installs), beside BIN
 #     unless given.
+#   bench_pair_netns NA NB VA VB UA UB
+#     two namespaces joined by a veth pair (VA in NA with UA/24, VB in NB with UB/24), loopback up,
+#     and /etc/netns/NAME/resolv.conf for each (the caller removes both on exit): the client's (NA)
+#     for the client to rewrite to the gateway's resolver, the gateway's (NB) naming 198.18.0.3, an
+#     unused underlay address, so that its resolver is on as in a default deployment.
 #   provision_gateway BIN WORK GATEWAY_ADDR:PORT
 #     writes WORK/gw (IPv6 tunnel subnet fd00:b:e::/64; everything else as `gateway init` writes it).
 #   provision_client BIN WORK NAME default|split
@@ -34,6 +39,17 @@ bench_binary() {
   BIN=$(readlink -f "$BIN")
   CLIENT_BIN=$(readlink -f "${CLIENT_BIN:-$(dirname "$BIN")/holdfast-client}")
   [ -x "$CLIENT_BIN" ] || { echo "no client binary at $CLIENT_BIN (build it with --bin holdfast-client, or set CLIENT_BIN)" >&2; exit 2; }
+}
+
+bench_pair_netns() {
+  local na=$1 nb=$2 va=$3 vb=$4 ua=$5 ub=$6
+  ip netns add "$na"; ip netns add "$nb"
+  ip link add "$va" type veth peer name "$vb"; ip link set "$va" netns "$na"; ip link set "$vb" netns "$nb"
+  ip -n "$na" addr add "$ua/24" dev "$va"; ip -n "$nb" addr add "$ub/24" dev "$vb"
+  ip -n "$na" link set lo up; ip -n "$nb" link set lo up; ip -n "$na" link set "$va" up; ip -n "$nb" link set "$vb" up
+  mkdir -p "/etc/netns/$na" "/etc/netns/$nb"
+  echo "# holdfast bench: the client's own namespace" >"/etc/netns/$na/resolv.conf"
+  echo "nameserver 198.18.0.3" >"/etc/netns/$nb/resolv.conf"
 }
 
 provision_gateway() {

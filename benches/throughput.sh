@@ -246,16 +246,9 @@ measure() { # ROW SERVER-IP [CLIENT-SIDE-PID OTHER-END-PID]
 skip() { echo "$1 skipped ${*:2}" >>"$RESULTS"; echo "$1: SKIPPED: ${*:2}"; }
 
 # --- topology -------------------------------------------------------------------------------
-ip netns add $NA; ip netns add $NB
-ip link add $VA type veth peer name $VB; ip link set $VA netns $NA; ip link set $VB netns $NB
-ip -n $NA addr add $UA/24 dev $VA; ip -n $NB addr add $UB/24 dev $VB
-for n in $NA $NB; do ip -n $n link set lo up; done; ip -n $NA link set $VA up; ip -n $NB link set $VB up
-mkdir -p /etc/netns/$NA /etc/netns/$NB
-# The client namespace's resolv.conf, which the client rewrites to the gateway's resolver (DNS as
-# the default client file has it). The gateway forwards to the nameserver in its own: an unused
-# underlay address, so the resolver is on as in a default deployment (the bench makes no queries).
-echo "# holdfast bench: the client's own namespace" >/etc/netns/$NA/resolv.conf
-echo "nameserver 198.18.0.3" >/etc/netns/$NB/resolv.conf
+# The client rewrites its namespace's resolv.conf to the gateway's resolver (DNS as the default
+# client file has it); the bench makes no queries.
+bench_pair_netns $NA $NB $VA $VB $UA $UB
 
 bench_header "holdfast data-plane bench  runs=$RUNS secs=$SECS"
 echo "# on a shared machine only the ratios against the anchors measured in this run count"

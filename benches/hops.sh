@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Where a lone ping's time goes (issue 17's latency goal): the round trip of one ping through the
+# tunnel, cut into its five hops from kernel tracepoints (perf), through Holdfast (the client file
+# as `gateway add-client` writes it, as in throughput.sh's headline) and through boringtun-cli
+# (one thread), in one run on this machine.
+#
+#   bash benches/hops.sh                     # PINGS=200 pings, one every INTERVAL=0.02 s
+#   INTERVAL=0.001 bash benches/hops.sh      # pings closer together: the threads stay warm
+#   SKIP_BORINGTUN=1 bash benches/hops.sh    # Holdfast alone; BIN= / CLIENT_BIN= another build
+#
+# The hops, each from one tracepoint to the next (net:net_dev_start_xmit when a packet is sent
+# on a device, net:netif_rx / net:netif_receive_skb when one is received):
+#   client out      the ping enters the client's tunnel device -> its datagram leaves the
+#                   client's veth (the client process: wake-up, read, seal, send)
+#   gateway in      -> the packet enters the gateway's tunnel device (the veth, then the gateway
+#                   process: wake-up, receive, open, write)
+#   gateway kernel  -> the echo reply leaves into the gateway's tunnel device (the kernel alone)
+#   gateway out     -> its datagram leaves the gateway's veth (the gateway process again)
+#   client in       -> the reply enters the client's tunnel device (the client process again)
+# plus the median of plain pings without tracing (tracing adds a few microseconds per event).
+# Medians over all pings.
+#
+# Needs root and perf with tracepoint support; ping, nftables, python3 and wireguard-tools are
+# installed if missing. Two namespaces joined by a veth pair on 198.18.0.0/15,
+# tunnels in 100.64.0.0/10 and fd00::/8; everything is removed on exit or failure, every process
+# runs under `timeout`, nothing touches the machine's own namespace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. benches/provision.sh
+
+case ${1:-} in -h|--help) sed -n '2,/^set -e/{/^set -e/d; s/^# \{0,1\}//; p}' "$0"; exit 0 ;; "") ;;
+  *) echo "hops.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;; esac
+PINGS=${PINGS:-200} INTERVAL=${INTERVAL:-0.02}
+[[ $PINGS =~ ^[0-9]+$ ]] && [ "$PINGS" -ge 10 ] && [ "$PINGS" -le 2000 ] \
+  || { echo "hops.sh: PINGS must be 10 to 2000, not '$PINGS'" >&2; exit 2; }
+[[ $INTERVAL =~ ^0\.[0-9]+$|^[1-9]$ ]] || { echo "hops.sh: INTERVAL must be seconds like 0.02, not '$INTERVAL'" >&2; exit 2; }
+command -v perf >/dev/null || { echo "hops.sh: needs perf (linux-perf) for the kernel's tracepoints" >&2; exit 2; }
+need() { command -v "$1" >/dev/null || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
+need ping iputils-ping; need nft nftables; need python3 python3
+[ "${SKIP_BORINGTUN:-}" = 1 ] || need wg wireguard-tools
+
+TAG=hfh$$ NA=${TAG}a NB=${TAG}b VA=${TAG}va VB=${TAG}vb
+UA=198.18.0.1 UB=198.18.0.2 PORT=51820
+TOOLS=${BENCH_TOOLS:-$PWD/target/bench-tools}
+WORK=$(mktemp -d /tmp/holdfast-hops.XXXX)
+LIFE=$((PINGS * 2 + 300))
+PIDS=()
+cleanup() {
+  set +e
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null; done
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null; done
+  for n in $NA $NB; do ip netns del $n 2>/dev/null; rm -rf "/etc/netns/$n"; done
+  rmdir /etc/netns 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+launch() { local log=$1; shift; timeout -k 5 "$LIFE" "$@" >"$WORK/$log.log" 2>&1 & PIDS+=($!); }
+stop_all() { local p; for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true; done
+             for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done; PIDS=(); }
+
+# --- the analysis (python): tracepoints -> per-ping hops -> medians ------------------------------
+cat >"$WORK/hops.py" <<'PY'
+import re, statistics, sys
+script, ctun, gtun, va, vb = sys.argv[1:6]
+line = re.compile(r'^\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$')
+ev = []
+for l in open(script):
+    m = line.match(l)
+    if m:
+        comm, tid, cpu, t, name, rest = m.groups()
+        dev = re.search(r'dev=(\S+)', rest)
+        ev.append((float(t) * 1e6, comm, name, dev.group(1) if dev else None, rest))
+def sent(dev): return lambda e: e[2] == 'net:net_dev_start_xmit' and e[3] == dev
+def recv(dev): return lambda e: e[2] in ('net:netif_rx', 'net:netif_receive_skb') and e[3] == dev
+def after(i, pred, within=5000.0):
+    for j in range(i + 1, len(ev)):
+        if ev[j][0] - ev[i][0] > within: return None
+        if pred(ev[j]): return j
+    return None
+names = ['client out', 'gateway in', 'gateway kernel', 'gateway out', 'client in', 'round trip']
+hops = {k: [] for k in names}
+for s, e in enumerate(ev):
+    if not (e[1] == 'ping' and sent(ctun)(e)): continue
+    a = after(s, sent(va)); b = a and after(a, recv(gtun)); c = b and after(b, sent(gtun))
+    d = c and after(c, sent(vb)); f = d and after(d, recv(ctun))
+    if not f: continue
+    t = [ev[k][0] for k in (s, a, b, c, d, f)]
+    for k, name in enumerate(names[:5]): hops[name].append(t[k + 1] - t[k])
+    hops['round trip'].append(t[5] - t[0])
+if not hops['round trip']:
+    print('no complete round trip found in the trace'); sys.exit(1)
+for name in names:
+    v = sorted(hops[name])
+    print('  %-15s median %6.1f us   p10 %6.1f   p90 %6.1f' % (name, statistics.median(v), v[len(v) // 10], v[len(v) * 9 // 10]))
+print('  %d round trips traced' % len(hops['round trip']))
+PY
+ping_median() { # IP: the median RTT of PINGS plain pings, in ms
+  ip netns exec $NA ping -n -c "$PINGS" -i "$INTERVAL" -W 1 "$1" 2>/dev/null \
+    | python3 -c "import re,statistics,sys; v=[float(x) for x in re.findall(r'time=([0-9.]+) ms', sys.stdin.read())]; print('%.3f' % statistics.median(v) if v else 'none')"
+}
+measure() { # ROW TARGET CLIENT-TUN GATEWAY-TUN
+  local row=$1 ip=$2
+  ip netns exec $NA ping -q -n -c 20 -i 0.02 "$ip" >/dev/null   # past the first packets' set-up
+  echo "$row: plain ping median $(ping_median "$ip") ms ($PINGS pings, one every $INTERVAL s)"
+  perf record -q -o "$WORK/$row.data" -a -e net:net_dev_start_xmit -e net:netif_rx -e net:netif_receive_skb \
+      -- timeout $((PINGS + 60)) ip netns exec $NA ping -q -n -c "$PINGS" -i "$INTERVAL" -W 1 "$ip" >/dev/null 2>&1
+  perf script -i "$WORK/$row.data" -F comm,tid,cpu,time,event,trace >"$WORK/$row.txt" 2>/dev/null
+  echo "$row: traced, per hop"
+  python3 "$WORK/hops.py" "$WORK/$row.txt" "$3" "$4" $VA $VB
+}
+
+# --- topology ------------------------------------------------------------------------------------
+bench_pair_netns $NA $NB $VA $VB $UA $UB
+
+bench_header "holdfast hops bench  pings=$PINGS interval=${INTERVAL}s"
+bench_binary
+
+# --- holdfast -------------------------------------------------------------------------------------
+provision_gateway "$BIN" "$WORK" $UB:$PORT
+provision_client "$BIN" "$WORK" default default
+launch gw ip netns exec $NB "$BIN" gateway run --dir "$WORK/gw"
+launch client ip netns exec $NA "$CLIENT_BIN" run --no-tui --config "$WORK/default.toml"
+for _ in $(seq 100); do ip netns exec $NA ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
+ip netns exec $NA ping -q -c 1 -W 2 100.64.0.1 >/dev/null || { echo "holdfast tunnel did not come up"; tail -20 "$WORK/client.log" "$WORK/gw.log"; exit 1; }
+GW_TUN=$(ip -n $NB -o link show | awk -F': ' '$2 !~ /^(lo|'$VB')/ {sub(/@.*/, "", $2); print $2; exit}')
+measure holdfast 100.64.0.1 holdfast0 "$GW_TUN"
+stop_all
+
+# --- boringtun --------------------------------------------------------------------------------------
+if [ "${SKIP_BORINGTUN:-}" = 1 ]; then
+  echo "boringtun: skipped (SKIP_BORINGTUN=1)"; exit 0
+fi
+BT=$TOOLS/bin/boringtun-cli
+if [ ! -x "$BT" ]; then
+  echo "# installing boringtun-cli into $TOOLS (once)"
+  timeout 1800 cargo install --quiet --locked boringtun-cli --root "$TOOLS" >"$WORK/install.log" 2>&1 \
+    || { echo "boringtun: skipped (cargo install failed)"; tail -5 "$WORK/install.log"; exit 0; }
+fi
+mkdir -p "$WORK/run/wireguard"; chmod 700 "$WORK/run"
+NSX=(unshare -m --propagation private sh -c 'mount --bind "$0" /run && exec "$@"' "$WORK/run")
+(umask 077; wg genkey >"$WORK/a.key"; wg genkey >"$WORK/b.key")
+wg pubkey <"$WORK/a.key" >"$WORK/a.pub"; wg pubkey <"$WORK/b.key" >"$WORK/b.pub"
+launch bt-a ip netns exec $NA "${NSX[@]}" "$BT" wga --foreground --disable-drop-privileges --threads 1
+launch bt-b ip netns exec $NB "${NSX[@]}" "$BT" wgb --foreground --disable-drop-privileges --threads 1
+for _ in $(seq 100); do [ -S "$WORK/run/wireguard/wga.sock" ] && [ -S "$WORK/run/wireguard/wgb.sock" ] && break; sleep 0.1; done
+ip netns exec $NA "${NSX[@]}" wg set wga private-key "$WORK/a.key" listen-port $PORT peer "$(cat "$WORK/b.pub")" allowed-ips 100.64.1.2/32 endpoint $UB:$PORT
+ip netns exec $NB "${NSX[@]}" wg set wgb private-key "$WORK/b.key" listen-port $PORT peer "$(cat "$WORK/a.pub")" allowed-ips 100.64.1.1/32 endpoint $UA:$PORT
+ip -n $NA addr add 100.64.1.1/24 dev wga; ip -n $NA link set wga mtu 1420 up
+ip -n $NB addr add 100.64.1.2/24 dev wgb; ip -n $NB link set wgb mtu 1420 up
+for _ in $(seq 20); do ip netns exec $NA ping -q -c 1 -W 1 100.64.1.2 >/dev/null 2>&1 && break; done
+measure boringtun 100.64.1.2 wga wgb
