@@ -550,13 +550,54 @@ impl RateLimit {
     }
 }
 
+/// A delay that doubles with each failure in a row, from `min` up to `max`: the one schedule of
+/// every retry in the client and the data planes (IO errors in the loops, bringing the data plane
+/// up, re-creating a deleted TUN device, the client's routes and DNS).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, next: min }
+    }
+
+    /// The pause after one more failure: `min` after the first, then twice the previous, at most
+    /// `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    /// The pause the next failure will get (for a log line that says how long).
+    pub fn upcoming(&self) -> Duration {
+        self.next
+    }
+
+    /// Call after a success: the next failure waits `min` again.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// Waits [`Self::next_delay`]; false if a stop was requested first.
+    pub async fn pause_unless_stopped(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+        let d = self.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = stop_requested(stop) => false,
+        }
+    }
+}
+
 /// Doubling delay for a loop whose IO keeps failing, so a persistent error (a deleted device, a
 /// socket in a bad state) costs a few wake-ups per second instead of a spinning core.
 #[derive(Debug, Clone)]
 pub struct ErrorBackoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
+    delay: Backoff,
     /// Consecutive failures; the first few retry at once (a transient ENOBUFS, say).
     streak: u32,
 }
@@ -566,13 +607,13 @@ impl ErrorBackoff {
     const FREE_RETRIES: u32 = 8;
 
     pub fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, next: min, streak: 0 }
+        Self { delay: Backoff::new(min, max), streak: 0 }
     }
 
     /// Call after a success.
     pub fn reset(&mut self) {
         self.streak = 0;
-        self.next = self.min;
+        self.delay.reset();
     }
 
     /// Call after a failure; returns how long to wait before the next attempt (zero at first).
@@ -581,9 +622,7 @@ impl ErrorBackoff {
         if self.streak <= Self::FREE_RETRIES {
             return Duration::ZERO;
         }
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
+        self.delay.next_delay()
     }
 }
 
@@ -1273,7 +1312,42 @@ mod tests {
         let waits: Vec<_> = (0..4).map(|_| b.failed().as_millis()).collect();
         assert_eq!(waits, [10, 20, 40, 40]);
         b.reset();
-        assert_eq!(b.failed(), Duration::ZERO);
+        for _ in 0..ErrorBackoff::FREE_RETRIES {
+            assert_eq!(b.failed(), Duration::ZERO);
+        }
+        assert_eq!(b.failed(), Duration::from_millis(10), "a reset starts the doubling again");
+    }
+
+    #[test]
+    fn backoff_doubles_from_min_to_max_and_resets() {
+        // The client's network steps' schedule: 500 ms doubling up to 30 s.
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        assert_eq!(b.upcoming(), Duration::from_millis(500));
+        let waits: Vec<_> = (0..8).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+        assert_eq!(b.upcoming(), Duration::from_secs(30));
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backoff_pause_ends_early_on_a_stop_and_on_time_otherwise() {
+        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let mut b = Backoff::new(Duration::from_secs(2), Duration::from_secs(8));
+        let t0 = tokio::time::Instant::now();
+        assert!(b.pause_unless_stopped(&mut stop).await, "no stop: the pause runs out");
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
+        let t1 = tokio::time::Instant::now();
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stop_tx.send_replace(true);
+            stop_tx
+        });
+        assert!(!b.pause_unless_stopped(&mut stop).await, "a stop ends the 4 s pause");
+        assert_eq!(t1.elapsed(), Duration::from_secs(1));
+        let _keep = stopper.await.expect("stopper");
+        assert!(!b.pause_unless_stopped(&mut stop).await, "a stop already requested ends it at once");
+        assert_eq!(t1.elapsed(), Duration::from_secs(1));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! or wait for a signal, then stop everything in order.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::dataplane::{ClientDataPlane, ClientDataPlaneConfig};
 use super::dns::PushedDns;
@@ -13,6 +14,7 @@ use super::status_socket::{self, DataPlaneSample, DropCount, PathMtuInfo, Sample
 use super::{ClientHandle, ClientSettings};
 use crate::config::exit;
 use crate::tui::{self, DashboardExit};
+use crate::tunnel::Backoff;
 
 const TARGET: &str = "holdfast::client";
 
@@ -181,16 +183,17 @@ async fn network_up(
 
 /// The retries of one network step (routes/DNS up, back on a new TUN, onto the gateway in use):
 /// each failure is logged (the first at warn, the next ones at debug) and followed by a pause of
-/// [`network_retry`], so every step backs off and logs alike.
+/// 500 ms doubling up to 30 s, so every step backs off and logs alike.
 struct Retry {
     /// Completes "cannot ... yet".
     what: &'static str,
     attempt: u32,
+    backoff: Backoff,
 }
 
 impl Retry {
     fn new(what: &'static str) -> Self {
-        Self { what, attempt: 0 }
+        Self { what, attempt: 0, backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)) }
     }
 
     /// After a failed attempt: logs it and waits before the next. `None`: a stop came first.
@@ -202,16 +205,8 @@ impl Retry {
         } else {
             tracing::debug!(target: TARGET, "{what}, attempt {attempt}: {e}");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(network_retry(attempt)) => Some(()),
-            _ = stop.wait_for(|s| *s) => None,
-        }
+        self.backoff.pause_unless_stopped(stop).await.then_some(())
     }
-}
-
-/// The pause before routes/DNS attempt `attempt + 1`: 500 ms doubling up to 30 s.
-fn network_retry(attempt: u32) -> std::time::Duration {
-    std::time::Duration::from_millis(500).saturating_mul(1 << attempt.min(6).saturating_sub(1)).min(std::time::Duration::from_secs(30))
 }
 
 /// [`network_up`], then puts the routes and per-link DNS back each time the data plane re-creates

@@ -46,7 +46,7 @@ use crate::sansio::seal::{Direction, SealError, SealedKind};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody};
 use crate::snapshot::{GetAuth, VpnAuthResponse};
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
+    self, Backoff, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
     bump, describe_io, pause, stop_requested,
 };
 
@@ -301,14 +301,14 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 /// then starts the two loops, once. Runs on the packet thread, so the device and the socket are
 /// registered with it, and so is everything it spawns.
 async fn bring_up(shared: Arc<Shared>) {
-    let stop = shared.stop.subscribe();
+    let mut stop = shared.stop.subscribe();
     let mut binding_rx = shared.binding.subscribe();
     let binding = tokio::select! {
         b = binding_rx.wait_for(|b| b.is_some()) => match b {
             Ok(b) => b.clone(),
             Err(_) => return,
         },
-        _ = stopped(stop.clone()) => return,
+        _ = stop_requested(&mut stop) => return,
     };
     let Some(binding) = binding else { return };
     let cfg = &shared.cfg;
@@ -344,7 +344,7 @@ async fn bring_up(shared: Arc<Shared>) {
         .path
         .get_or_init(|| Arc::new(PathMtu::new(underlay_mtu, cfg.gateway, cfg.underlay_mtu.is_some())))
         .clone();
-    let mut delay = BRINGUP_BACKOFF.0;
+    let mut backoff = Backoff::new(BRINGUP_BACKOFF.0, BRINGUP_BACKOFF.1);
     let mut attempt = 0u32;
     let (tun, sock) = loop {
         attempt += 1;
@@ -352,10 +352,10 @@ async fn bring_up(shared: Arc<Shared>) {
         let Some(auth) = (binding.get_auth)() else {
             // Cannot happen (we were started by a snapshot and snapshots are never cleared);
             // handled anyway rather than assumed.
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => continue,
-                _ = stopped(stop.clone()) => return,
+            if !backoff.pause_unless_stopped(&mut stop).await {
+                return;
             }
+            continue;
         };
         let spec = tun_spec(cfg, cfg.tun_name.clone(), &auth, path.inner());
         if attempt == 1 {
@@ -384,15 +384,17 @@ async fn bring_up(shared: Arc<Shared>) {
                 bump(&shared.counters.tun_failures);
                 // Warn on the first failure, then info: the backoff caps the rate of lines.
                 if attempt == 1 {
-                    tracing::warn!(target: TARGET, "data plane not up yet, retrying in {delay:?}: {e}");
+                    tracing::warn!(target: TARGET, "data plane not up yet, retrying in {:?}: {e}", backoff.upcoming());
                 } else {
-                    tracing::info!(target: TARGET, "data plane still not up (attempt {attempt}), retrying in {delay:?}: {e}");
+                    tracing::info!(
+                        target: TARGET,
+                        "data plane still not up (attempt {attempt}), retrying in {:?}: {e}",
+                        backoff.upcoming()
+                    );
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stopped(stop.clone()) => return,
+                if !backoff.pause_unless_stopped(&mut stop).await {
+                    return;
                 }
-                delay = (delay * 2).min(BRINGUP_BACKOFF.1);
             }
         }
     };
@@ -566,7 +568,7 @@ async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>)
         // The MTU the path asks for now, not the first device's (and IPv6 if that allows it).
         let spec = tun_spec(&shared.cfg, Some(name.clone()), &auth, *shared.tun_mtu.borrow());
         let since = Instant::now();
-        let mut delay = TUN_RECREATE_BACKOFF.0;
+        let mut backoff = Backoff::new(TUN_RECREATE_BACKOFF.0, TUN_RECREATE_BACKOFF.1);
         let mut attempts = 0u32;
         let tun = loop {
             attempts += 1;
@@ -579,11 +581,9 @@ async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>)
                         // The incident's line, when the first attempt does not settle it.
                         tracing::warn!(target: TARGET, "the TUN device was removed and cannot be re-created yet (retrying): {e}");
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stopped(shared.stop.subscribe()) => return,
+                    if !backoff.pause_unless_stopped(&mut shared.stop.subscribe()).await {
+                        return;
                     }
-                    delay = (delay * 2).min(TUN_RECREATE_BACKOFF.1);
                 }
             }
         };
