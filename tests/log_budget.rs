@@ -72,9 +72,10 @@ fn a_ten_minute_outage_scaled_60x_writes_at_most_a_dozen_lines_and_traffic_write
     let after = visible_lines(logs.path());
     assert_eq!(after.len(), before, "traffic or health checks wrote lines:\n{}", after[before..].join("\n"));
 
-    // The outage: the gateway is gone for the scaled ten minutes.
-    gateway.kill();
+    // The outage: the gateway is gone for the scaled ten minutes. Lines are counted from before
+    // the kill: the client may see the connection drop and log it before `kill` has returned.
     let outage_start = visible_lines(logs.path()).len();
+    gateway.kill();
     std::thread::sleep(Duration::from_secs(10)); // the outage itself is the thing measured
     let during = visible_lines(logs.path());
     let outage_lines = &during[outage_start..];
