@@ -63,8 +63,10 @@ fn a_ten_minute_outage_scaled_60x_writes_at_most_a_dozen_lines_and_traffic_write
     client.wait_for(&["-> Healthy"], T);
 
     // Traffic through the tunnel: 200 pings must not add a single line. (The file is written by
-    // a background writer: first wait for the last start-up line to land in it.)
+    // a background writer: first wait for the last start-up lines to land in it: the data
+    // plane's announcement and the routes', which race each other.)
     wait_for_file_line(logs.path(), "data plane on session");
+    wait_for_file_line(logs.path(), "routes up:");
     let before = visible_lines(logs.path()).len();
     let out = gw.clients_ns().exec("ping", &["-c", "200", "-i", "0.002", "-q", "100.64.0.1"]);
     assert!(out.status.success(), "ping through the tunnel: {}", String::from_utf8_lossy(&out.stdout));
