@@ -133,6 +133,11 @@ pub struct Counters {
     pub rx_coalesced: AtomicU64,
     /// Authenticated datagrams that came from a new endpoint (gateway: roaming).
     pub roams: AtomicU64,
+    /// Path MTU probes (gateway): authenticated probes received, acks sent, and acks the
+    /// gateway-wide rate limit withheld (the client sees a loss and probes again).
+    pub probes_rx: AtomicU64,
+    pub probe_acks_tx: AtomicU64,
+    pub probe_acks_withheld: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
     /// How many times each loop started. The spec wants exactly one start each per process.
     pub tx_loop_starts: AtomicU64,
@@ -192,6 +197,9 @@ impl Counters {
             nudges: r(&self.nudges),
             rx_coalesced: r(&self.rx_coalesced),
             roams: r(&self.roams),
+            probes_rx: r(&self.probes_rx),
+            probe_acks_tx: r(&self.probe_acks_tx),
+            probe_acks_withheld: r(&self.probe_acks_withheld),
             drops: std::array::from_fn(|i| r(&self.drops[i])),
             tx_loop_starts: r(&self.tx_loop_starts),
             rx_loop_starts: r(&self.rx_loop_starts),
@@ -215,6 +223,9 @@ pub struct Stats {
     pub nudges: u64,
     pub rx_coalesced: u64,
     pub roams: u64,
+    pub probes_rx: u64,
+    pub probe_acks_tx: u64,
+    pub probe_acks_withheld: u64,
     pub drops: [u64; DropReason::ALL.len()],
     pub tx_loop_starts: u64,
     pub rx_loop_starts: u64,
@@ -236,7 +247,7 @@ impl fmt::Display for Stats {
             f,
             "loop_starts=tx:{},rx:{} tun_ifindex={} rx_packets={} rx_bytes={} tx_packets={} \
              tx_bytes={} keepalives_tx={} keepalives_rx={} notices_tx={} notices_rx={} nudges={} \
-             roams={} tun_failures={} rx_coalesced={}",
+             roams={} tun_failures={} rx_coalesced={} probes_rx={} probe_acks_tx={} probe_acks_withheld={}",
             self.tx_loop_starts,
             self.rx_loop_starts,
             self.tun_ifindex,
@@ -251,7 +262,10 @@ impl fmt::Display for Stats {
             self.nudges,
             self.roams,
             self.tun_failures,
-            self.rx_coalesced
+            self.rx_coalesced,
+            self.probes_rx,
+            self.probe_acks_tx,
+            self.probe_acks_withheld
         )?;
         for why in DropReason::ALL {
             write!(f, " drop_{}={}", why.name(), self.dropped(why))?;

@@ -487,6 +487,10 @@ fn inproc_a_client_whose_path_is_smaller_gets_packets_sized_to_it_and_its_peers_
     let out = a.ns.exec("ping", &["-c", "2", "-W", "2", "-M", "do", "-s", "1180", "-n", &b.ip.to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(w.gw_stats().dropped(DropReason::TooBig) >= 1, "{}", w.gw_stats());
+    // What told the gateway is counted: the probes, and the acks that answered them.
+    let g = w.gw_stats();
+    assert!(g.probes_rx >= 1 && g.probe_acks_tx >= 1, "{g}");
+    assert!(g.probe_acks_tx + g.probe_acks_withheld <= g.probes_rx, "{g}");
 }
 
 #[test]

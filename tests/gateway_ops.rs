@@ -404,6 +404,24 @@ fn metrics_endpoint_answers_valid_exposition_and_counters_move_with_traffic() {
     assert!(rx(&after) >= rx(&before) + 5.0, "rx packets moved: {} -> {}", rx(&before), rx(&after));
     assert!(tx(&after) > tx(&before), "tx bytes moved");
 
+    // The client's path MTU probes (two at least once its tunnel is up) are counted, and so are
+    // the acks that answered them. The endpoint has no event to await: scrape until they show.
+    let probes = |s: &[Sample]| value(s, "holdfast_gateway_path_mtu_probes_total", "");
+    let acked = |s: &[Sample]| value(s, "holdfast_gateway_path_mtu_probe_acks_total", "result=\"sent\"");
+    let end = std::time::Instant::now() + T;
+    let probed = loop {
+        let (_, body) = scrape(&site.gw, addr).expect("scrape");
+        let s = parse_exposition(&body);
+        if (probes(&s) >= 1.0 && acked(&s) >= 1.0) || std::time::Instant::now() > end {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(probes(&probed) >= 1.0 && acked(&probed) >= 1.0, "{probed:?}");
+    assert!(acked(&probed) <= probes(&probed));
+    // Withheld acks are exposed too (none here: one client stays far below the rate limit).
+    assert_eq!(value(&probed, "holdfast_gateway_path_mtu_probe_acks_total", "result=\"withheld\""), 0.0);
+
     // A path other than /metrics is a 404, not an exposition.
     let (head, _) = get(&site.gw, addr, "/admin").expect("get");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");

@@ -759,6 +759,7 @@ async fn answer_probe(
     now: Instant,
     c: &Counters,
 ) {
+    bump(&c.probes_rx);
     if let Some((before, v)) = session.set_down_ok(probe.down_ok) {
         // A transition of this session's path, bounded by what its (authenticated) client does.
         // The first value (the client's link, usually) is routine: debug.
@@ -772,6 +773,7 @@ async fn answer_probe(
     if !acks.allow(now) {
         // Withheld: the client sees a lost probe and sends it again (a search tolerates
         // MAX_PROBES - 1 losses of a size).
+        bump(&c.probe_acks_withheld);
         return;
     }
     let len = wire::ack_len_for(probe).min(buf.len());
@@ -797,11 +799,10 @@ async fn answer_probe(
     });
     match sealed {
         // An ack larger than the path carries is lost on the way: that loss is the answer.
-        Ok(n) => {
-            if sock.send_to(&buf[..n], from).await.is_err() {
-                session.drop_packet(c, DropReason::SocketError);
-            }
-        }
+        Ok(n) => match sock.send_to(&buf[..n], from).await {
+            Ok(_) => bump(&c.probe_acks_tx),
+            Err(_) => session.drop_packet(c, DropReason::SocketError),
+        },
         Err(e) => session.drop_packet(c, seal_drop(e)),
     }
 }

@@ -252,6 +252,15 @@ impl Collector for GatewayCollector {
         metric(&mut e, "keepalives_received", "Keepalives received from clients.", Counter, "", &[("", s.keepalives_rx)])?;
         metric(&mut e, "unknown_session_notices", "Unknown-session notices sent to clients.", Counter, "", &[("", s.notices_tx)])?;
         metric(&mut e, "roams", "Authenticated datagrams from a new client endpoint.", Counter, "", &[("", s.roams)])?;
+        metric(&mut e, "path_mtu_probes", "Authenticated path MTU probes received from clients.", Counter, "", &[("", s.probes_rx)])?;
+        metric(
+            &mut e,
+            "path_mtu_probe_acks",
+            "Acks to path MTU probes: sent, or withheld by the gateway-wide rate limit (the client probes again).",
+            Counter,
+            "result",
+            &[("sent", s.probe_acks_tx), ("withheld", s.probe_acks_withheld)],
+        )?;
         let f = o.shedding.report();
         metric(
             &mut e,

@@ -134,6 +134,14 @@ pub struct DataPlaneReport {
     pub keepalives_rx: u64,
     pub unknown_session_notices_tx: u64,
     pub roams: u64,
+    /// Path MTU probes received from clients, acks sent, acks withheld by the rate limit
+    /// (absent from a gateway older than these counters: 0).
+    #[serde(default)]
+    pub probes_rx: u64,
+    #[serde(default)]
+    pub probe_acks_tx: u64,
+    #[serde(default)]
+    pub probe_acks_withheld: u64,
     pub rx_coalesced: u64,
     /// Loop starts (tx, rx): one each for the life of the process.
     pub loop_starts: [u64; 2],
@@ -204,6 +212,9 @@ impl DataPlaneReport {
             keepalives_rx: s.keepalives_rx,
             unknown_session_notices_tx: s.notices_tx,
             roams: s.roams,
+            probes_rx: s.probes_rx,
+            probe_acks_tx: s.probe_acks_tx,
+            probe_acks_withheld: s.probe_acks_withheld,
             rx_coalesced: s.rx_coalesced,
             loop_starts: [s.tx_loop_starts, s.rx_loop_starts],
             drops: DropCount::nonzero(s),
@@ -411,6 +422,11 @@ pub fn format_human(r: &GatewayReport) -> String {
         o,
         "  keepalives:   {} received; {} unknown-session notices sent; {} roams",
         d.keepalives_rx, d.unknown_session_notices_tx, d.roams
+    );
+    let _ = writeln!(
+        o,
+        "  MTU probes:   {} received; {} acks sent, {} withheld",
+        d.probes_rx, d.probe_acks_tx, d.probe_acks_withheld
     );
     let _ = writeln!(o, "  drops:        {}", drops(&d.drops));
     let f = &d.shedding;
