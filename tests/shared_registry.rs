@@ -273,10 +273,17 @@ struct Deployment {
 
 const EP_A: &str = "198.18.0.2:51820";
 const EP_B: &str = "198.18.0.6:51820";
+/// Gateway B on IPv6 instead ([`Deployment::with_b_at`]): its link carries 2001:db8:6::/64 too.
+const EP_B6: &str = "[2001:db8:6::2]:51820";
 const T: Duration = Duration::from_secs(20);
 
 impl Deployment {
     fn new() -> Deployment {
+        Self::with_b_at(EP_B)
+    }
+
+    /// [`Deployment::new`] with gateway B's endpoint `ep_b` (198.18.0.6 or 2001:db8:6::2).
+    fn with_b_at(ep_b: &str) -> Deployment {
         use std::net::Ipv4Addr;
         use support::netns::{Netns, link};
         let db = Cluster::start();
@@ -284,11 +291,15 @@ impl Deployment {
         let (c, a, b) = (Netns::new(), Netns::new(), Netns::new());
         link(&c, "hfa", Ipv4Addr::new(198, 18, 0, 1), &a, "hfg", Ipv4Addr::new(198, 18, 0, 2), 30);
         link(&c, "hfb", Ipv4Addr::new(198, 18, 0, 5), &b, "hfg", Ipv4Addr::new(198, 18, 0, 6), 30);
+        if ep_b.starts_with('[') {
+            c.add_addr6("hfb", "2001:db8:6::1".parse().unwrap(), 64);
+            b.add_addr6("hfg", "2001:db8:6::2".parse().unwrap(), 64);
+        }
         let link = db.root().join("gw");
         std::os::unix::fs::symlink(db.socket_dir(), &link).unwrap();
         let d = Deployment { db, tmp, link, c, a, b };
         init(&d.dir("a"), EP_A, &d.db.url(), "100.64.0.0/24");
-        holdfast_ok(&["gateway", "join", "--dir", s(&d.dir("b")), "--from", s(&d.dir("a")), "--endpoint", EP_B]);
+        holdfast_ok(&["gateway", "join", "--dir", s(&d.dir("b")), "--from", s(&d.dir("a")), "--endpoint", ep_b]);
         // The gateways use the link; the operator's commands (a copy of A's dir) the socket.
         let cp = Command::new("cp").arg("-a").arg(d.dir("a")).arg(d.dir("ops")).status().unwrap();
         assert!(cp.success());
@@ -496,6 +507,38 @@ fn when_its_gateway_dies_the_client_fails_over_with_its_address_and_without_a_le
         let leaks = obs.counts().leaks();
         assert!(leaks.is_empty(), "leaked towards gateway {name}'s link during the switch: {leaks:?}");
     }
+}
+
+/// A client whose first gateway is on IPv4 fails over to one on IPv6: its data plane's one
+/// socket is dual-stack when the file lists a gateway of each family.
+#[test]
+fn a_client_on_an_ipv4_gateway_fails_over_to_an_ipv6_one() {
+    if skip() || !support::netns::available() {
+        return;
+    }
+    let d = Deployment::with_b_at(EP_B6);
+    let logs = tempfile::tempdir().unwrap();
+    let (mut gw_a, mut gw_b, mut client) = d.both_and_client("erin", logs.path());
+    client.wait_for(&["-> Healthy", "session"], T);
+    let up = client.wait_for(&["data plane up", "UDP"], T);
+    assert!(up.contains("UDP [::]:"), "one dual-stack socket: {up}");
+    gw_a.wait_for(&["session opened", "erin"], T);
+    let mut pinger = support::Pinger::start(&d.c, "ping", "100.64.0.1".parse().unwrap(), "0.05");
+    assert!(pinger.first_reply_after(&d.c, support::unix_now(), T).is_some(), "traffic via A over IPv4");
+
+    gw_a.kill();
+    let killed = support::unix_now();
+    let back = pinger.first_reply_after(&d.c, killed, Duration::from_secs(10));
+    let back = back.expect("traffic resumed through gateway B over IPv6");
+    eprintln!("traffic through gateway B (IPv6) {back:?} after gateway A died");
+    gw_b.wait_for(&["session opened", "erin", "100.64.0.2"], T);
+    assert!(client.all_lines().iter().any(|l| l.contains("-> Failover")), "the supervisor failed over");
+    // The data plane sends to B over IPv6: B's session learnt an IPv6 endpoint.
+    let out = holdfast(&["gateway", "status", "--dir", s(&d.dir("b")), "--json"]);
+    let report: holdfast::gateway::status::GatewayReport = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("gateway status --json: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let endpoints: Vec<String> = report.sessions.iter().filter_map(|s| s.endpoint.clone()).collect();
+    assert!(endpoints.iter().any(|e| e.starts_with("[2001:db8:6::1]")), "{endpoints:?}");
 }
 
 #[test]

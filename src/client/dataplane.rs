@@ -79,6 +79,9 @@ const NO_SESSION_BACKOFF: (Duration, Duration) =
 pub struct ClientDataPlaneConfig {
     /// The gateway's address; the UDP port comes from each snapshot (`data_port`).
     pub gateway: IpAddr,
+    /// Some gateway the client may fail over to is on IPv6: the data-plane socket is then one
+    /// dual-stack IPv6 socket, which reaches gateways of both families (see [`data_socket`]).
+    pub ipv6_gateways: bool,
     /// The TUN device's name; `None` lets the kernel choose.
     pub tun_name: Option<String>,
     /// The MTU of the path to the gateway, which the TUN MTU is derived from; `None` (the
@@ -103,6 +106,7 @@ impl ClientDataPlaneConfig {
     pub fn new(gateway: IpAddr) -> Self {
         Self {
             gateway,
+            ipv6_gateways: gateway.is_ipv6(),
             tun_name: None,
             underlay_mtu: None,
             keepalive: DEFAULT_KEEPALIVE,
@@ -120,6 +124,7 @@ impl ClientDataPlaneConfig {
         let net = &file.network;
         Self {
             gateway: file.endpoint.ip(),
+            ipv6_gateways: file.all_endpoints().iter().any(SocketAddr::is_ipv6),
             tun_name: Some(net.tun_name.clone().unwrap_or_else(|| DEFAULT_TUN_NAME.into())),
             underlay_mtu: net.underlay_mtu,
             keepalive: net.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
@@ -370,13 +375,7 @@ async fn bring_up(shared: Arc<Shared>) {
             }
         }
         let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
-            let any: IpAddr = match cfg.gateway {
-                IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-                IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-            };
-            tunnel::bind_udp(SocketAddr::new(any, 0))
-                .map(|s| (t, s))
-                .map_err(|e| format!("cannot open the UDP socket: {e}"))
+            data_socket(cfg).map(|s| (t, s)).map_err(|e| format!("cannot open the UDP socket: {e}"))
         });
         match result {
             Ok(up) => break up,
@@ -448,6 +447,24 @@ async fn bring_up(shared: Arc<Shared>) {
         tasks.push(tokio::spawn(follow_path_mtu(shared.clone(), path, address6_for(&auth).0)));
     }
     lock(&shared.tasks).extend(tasks);
+}
+
+/// The data plane's UDP socket: the one place that chooses its family. IPv4 alone when every
+/// gateway of the file is on IPv4; else one dual-stack IPv6 socket (`[::]`, IPv4 gateways
+/// reached as IPv4-mapped addresses), so that a client can fail over between gateways of either
+/// family without a second socket. A host without IPv6 gets an IPv4 socket if its first gateway
+/// is on IPv4: its IPv6 gateways are then out of reach, and it says so once.
+fn data_socket(cfg: &ClientDataPlaneConfig) -> std::io::Result<UdpSocket> {
+    if !cfg.ipv6_gateways {
+        return tunnel::bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    }
+    match tunnel::bind_udp(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))) {
+        Err(e) if cfg.gateway.is_ipv4() => {
+            tracing::warn!(target: TARGET, "no IPv6 socket on this host ({e}): the client's IPv6 gateways are out of reach");
+            tunnel::bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+        }
+        r => r,
+    }
 }
 
 /// How the TUN device is brought up, with its addresses, for a TUN MTU of `mtu` (the path's

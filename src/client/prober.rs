@@ -142,7 +142,7 @@ impl Prober {
                         let n = crate::tunnel::read_mtu_errors(&self.sock, |dest, mtu| {
                             // Only what concerns the path to the gateway; the hint is validated
                             // by the search (never below the base, never a raise).
-                            if Some(dest.ip()) == gateway {
+                            if gateway.is_some_and(|g| same_host(dest.ip(), g)) {
                                 s.up.on_too_big(mtu, now);
                             }
                         });
@@ -264,5 +264,25 @@ async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Whether two addresses name the same host: an IPv4 gateway reached through a dual-stack socket
+/// is named as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) in the socket's error queue.
+fn same_host(a: IpAddr, b: IpAddr) -> bool {
+    a.to_canonical() == b.to_canonical()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_mapped_address_names_the_ipv4_gateway() {
+        let v4: IpAddr = "198.18.0.2".parse().unwrap();
+        let mapped: IpAddr = "::ffff:198.18.0.2".parse().unwrap();
+        assert!(same_host(mapped, v4) && same_host(v4, mapped) && same_host(v4, v4));
+        assert!(!same_host("::ffff:198.18.0.3".parse().unwrap(), v4));
+        assert!(!same_host("2001:db8::2".parse().unwrap(), v4));
     }
 }
