@@ -297,11 +297,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Resolves when a stop was requested.
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    stop_requested(&mut rx).await;
-}
-
 /// Creates the TUN device and the socket (retrying with backoff until both exist or a stop),
 /// then starts the two loops, once. Runs on the packet thread, so the device and the socket are
 /// registered with it, and so is everything it spawns.
@@ -576,11 +571,12 @@ fn device_gone(e: &std::io::Error) -> bool {
 /// gone, retrying with backoff, and hands the new one to the loops. One log line per incident.
 async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>) {
     let mut lost = shared.lost.subscribe();
+    let mut stop = shared.stop.subscribe();
     let mut generation = 1u64;
     loop {
         tokio::select! {
             r = lost.wait_for(|g| *g == generation) => if r.is_err() { return },
-            _ = stopped(shared.stop.subscribe()) => return,
+            _ = stop_requested(&mut stop) => return,
         }
         // The MTU the path asks for now, not the first device's (and IPv6 if that allows it).
         let spec = tun_spec(&shared.cfg, Some(name.clone()), &auth, *shared.tun_mtu.borrow());
@@ -598,7 +594,7 @@ async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>)
                         // The incident's line, when the first attempt does not settle it.
                         tracing::warn!(target: TARGET, "the TUN device was removed and cannot be re-created yet (retrying): {e}");
                     }
-                    if !backoff.pause_unless_stopped(&mut shared.stop.subscribe()).await {
+                    if !backoff.pause_unless_stopped(&mut stop).await {
                         return;
                     }
                 }
