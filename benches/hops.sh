@@ -137,16 +137,9 @@ if [ ! -x "$BT" ]; then
   timeout 1800 cargo install --quiet --locked boringtun-cli --root "$TOOLS" >"$WORK/install.log" 2>&1 \
     || { echo "boringtun: skipped (cargo install failed)"; tail -5 "$WORK/install.log"; exit 0; }
 fi
-mkdir -p "$WORK/run/wireguard"; chmod 700 "$WORK/run"
-NSX=(unshare -m --propagation private sh -c 'mount --bind "$0" /run && exec "$@"' "$WORK/run")
-(umask 077; wg genkey >"$WORK/a.key"; wg genkey >"$WORK/b.key")
-wg pubkey <"$WORK/a.key" >"$WORK/a.pub"; wg pubkey <"$WORK/b.key" >"$WORK/b.pub"
+wg_prepare "$WORK"
 launch bt-a ip netns exec $NA "${NSX[@]}" "$BT" wga --foreground --disable-drop-privileges --threads 1
 launch bt-b ip netns exec $NB "${NSX[@]}" "$BT" wgb --foreground --disable-drop-privileges --threads 1
-for _ in $(seq 100); do [ -S "$WORK/run/wireguard/wga.sock" ] && [ -S "$WORK/run/wireguard/wgb.sock" ] && break; sleep 0.1; done
-ip netns exec $NA "${NSX[@]}" wg set wga private-key "$WORK/a.key" listen-port $PORT peer "$(cat "$WORK/b.pub")" allowed-ips 100.64.1.2/32 endpoint $UB:$PORT
-ip netns exec $NB "${NSX[@]}" wg set wgb private-key "$WORK/b.key" listen-port $PORT peer "$(cat "$WORK/a.pub")" allowed-ips 100.64.1.1/32 endpoint $UA:$PORT
-ip -n $NA addr add 100.64.1.1/24 dev wga; ip -n $NA link set wga mtu 1420 up
-ip -n $NB addr add 100.64.1.2/24 dev wgb; ip -n $NB link set wgb mtu 1420 up
+wg_configure $NA $NB wga wgb 100.64.1 $UA $UB $PORT "$WORK" || { echo "boringtun: could not be configured"; tail -5 "$WORK/bt-a.log" "$WORK/bt-b.log"; exit 1; }
 for _ in $(seq 20); do ip netns exec $NA ping -q -c 1 -W 1 100.64.1.2 >/dev/null 2>&1 && break; done
 measure boringtun 100.64.1.2 wga wgb

@@ -12,6 +12,14 @@
 #     and /etc/netns/NAME/resolv.conf for each (the caller removes both on exit): the client's (NA)
 #     for the client to rewrite to the gateway's resolver, the gateway's (NB) naming 198.18.0.3, an
 #     unused underlay address, so that its resolver is on as in a default deployment.
+#   wg_prepare WORK
+#     for the userspace WireGuard anchors: two key pairs (WORK/a.key, a.pub, b.key, b.pub) and the
+#     array NSX, a prefix that runs a command with a private /run bound to WORK/run, so both
+#     anchors' control sockets live in WORK/run/wireguard and never in the machine's /run.
+#   wg_configure NA NB IA IB NET UA UB PORT WORK
+#     once both anchors (interface IA in NA, IB in NB, started under "${NSX[@]}") have their
+#     control sockets (waited for, bounded), peers them with `wg` (A at UA, B at UB, port PORT)
+#     and gives IA NET.1/24 and IB NET.2/24, MTU 1420, up. Non-zero if any step fails.
 #   provision_gateway BIN WORK GATEWAY_ADDR:PORT
 #     writes WORK/gw (IPv6 tunnel subnet fd00:b:e::/64; everything else as `gateway init` writes it).
 #   provision_client BIN WORK NAME default|split
@@ -50,6 +58,25 @@ bench_pair_netns() {
   mkdir -p "/etc/netns/$na" "/etc/netns/$nb"
   echo "# holdfast bench: the client's own namespace" >"/etc/netns/$na/resolv.conf"
   echo "nameserver 198.18.0.3" >"/etc/netns/$nb/resolv.conf"
+}
+
+wg_prepare() {
+  local work=$1
+  mkdir -p "$work/run/wireguard"; chmod 700 "$work/run"
+  (umask 077; wg genkey >"$work/a.key"; wg genkey >"$work/b.key")
+  wg pubkey <"$work/a.key" >"$work/a.pub"; wg pubkey <"$work/b.key" >"$work/b.pub"
+  NSX=(unshare -m --propagation private sh -c 'mount --bind "$0" /run && exec "$@"' "$work/run")
+}
+
+wg_configure() {
+  local na=$1 nb=$2 ia=$3 ib=$4 net=$5 ua=$6 ub=$7 port=$8 work=$9
+  for _ in $(seq 100); do [ -S "$work/run/wireguard/$ia.sock" ] && [ -S "$work/run/wireguard/$ib.sock" ] && break; sleep 0.1; done
+  ip netns exec "$na" "${NSX[@]}" wg set "$ia" private-key "$work/a.key" listen-port "$port" \
+      peer "$(cat "$work/b.pub")" allowed-ips "$net.2/32" endpoint "$ub:$port" \
+    && ip netns exec "$nb" "${NSX[@]}" wg set "$ib" private-key "$work/b.key" listen-port "$port" \
+      peer "$(cat "$work/a.pub")" allowed-ips "$net.1/32" endpoint "$ua:$port" \
+    && ip -n "$na" addr add "$net.1/24" dev "$ia" && ip -n "$na" link set "$ia" mtu 1420 up \
+    && ip -n "$nb" addr add "$net.2/24" dev "$ib" && ip -n "$nb" link set "$ib" mtu 1420 up
 }
 
 provision_gateway() {

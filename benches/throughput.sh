@@ -307,19 +307,11 @@ install_anchor() { # CRATE BINARY: the binary's path in ANCHOR, installing it on
   timeout 1800 cargo install --quiet --locked "$1" --root "$TOOLS" >"$WORK/install-$1.log" 2>&1 && return 0
   tail -5 "$WORK/install-$1.log" | sed 's/^/#   /'; return 1
 }
-# Each side gets a private /run (both /run/wireguard control sockets live in WORK/run), so the
-# anchors never see or leave a socket in the machine's /run/wireguard.
-NSX=(unshare -m --propagation private sh -c 'mount --bind "$0" /run && exec "$@"' "$WORK/run")
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "${NSX[@]}" "$@"; }
 anchor() { # ROW BINARY IF-A IF-B NET(a /24 prefix in 100.64.0.0/10, as 100.64.N) EXTRA-ARGS...
   local row=$1 bin=$2 ia=$3 ib=$4 net=$5 wa wb pa pb; shift 5
   launch "$row-a" ip netns exec $NA "${NSX[@]}" "$bin" "$ia" --foreground --disable-drop-privileges "$@"; wa=$LAST
   launch "$row-b" ip netns exec $NB "${NSX[@]}" "$bin" "$ib" --foreground --disable-drop-privileges "$@"; wb=$LAST
-  for _ in $(seq 100); do [ -S "$WORK/run/wireguard/$ia.sock" ] && [ -S "$WORK/run/wireguard/$ib.sock" ] && break; sleep 0.1; done
-  in_ns $NA wg set "$ia" private-key "$WORK/a.key" listen-port $PORT peer "$(cat "$WORK/b.pub")" allowed-ips "$net.2/32" endpoint $UB:$PORT \
-    && in_ns $NB wg set "$ib" private-key "$WORK/b.key" listen-port $PORT peer "$(cat "$WORK/a.pub")" allowed-ips "$net.1/32" endpoint $UA:$PORT \
-    && ip -n $NA addr add "$net.1/24" dev "$ia" && ip -n $NA link set "$ia" mtu 1420 up \
-    && ip -n $NB addr add "$net.2/24" dev "$ib" && ip -n $NB link set "$ib" mtu 1420 up \
+  wg_configure $NA $NB "$ia" "$ib" "$net" $UA $UB $PORT "$WORK" \
     || { skip "$row" "could not be configured (see its log)"; tail -5 "$WORK/$row-a.log" "$WORK/$row-b.log"; stop $wa $wb; return 0; }
   for _ in $(seq 20); do ip netns exec $NA ping -q -c 1 -W 1 "$net.2" >/dev/null 2>&1 && break; done
   if ! ip netns exec $NA ping -q -c 1 -W 2 "$net.2" >/dev/null 2>&1; then
@@ -330,9 +322,7 @@ anchor() { # ROW BINARY IF-A IF-B NET(a /24 prefix in 100.64.0.0/10, as 100.64.N
   stop $wa $wb
 }
 if [ "${SKIP_BORINGTUN:-}" != 1 ] || [ "${SKIP_GOTATUN:-}" != 1 ]; then
-  mkdir -p "$WORK/run/wireguard"; chmod 700 "$WORK/run"
-  (umask 077; wg genkey >"$WORK/a.key"; wg genkey >"$WORK/b.key")
-  wg pubkey <"$WORK/a.key" >"$WORK/a.pub"; wg pubkey <"$WORK/b.key" >"$WORK/b.pub"
+  wg_prepare "$WORK"
 fi
 if [ "${SKIP_BORINGTUN:-}" = 1 ]; then
   skip boringtun "SKIP_BORINGTUN=1"
