@@ -31,7 +31,6 @@ GW=198.18.0.2 PORT=51820 CLOSED=51999 TUN_GW=100.64.0.1
 WORK=$(mktemp -d /tmp/holdfast-flood.XXXX)
 PIDS=()
 
-need() { command -v "$1" >/dev/null || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need iperf3 iperf3; need ping iputils-ping; need python3 python3
 
 stop_all() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done

@@ -35,7 +35,6 @@ PINGS=${PINGS:-200} INTERVAL=${INTERVAL:-0.02}
   || { echo "hops.sh: PINGS must be 10 to 2000, not '$PINGS'" >&2; exit 2; }
 [[ $INTERVAL =~ ^0\.[0-9]+$|^[1-9]$ ]] || { echo "hops.sh: INTERVAL must be seconds like 0.02, not '$INTERVAL'" >&2; exit 2; }
 command -v perf >/dev/null || { echo "hops.sh: needs perf (linux-perf) for the kernel's tracepoints" >&2; exit 2; }
-need() { command -v "$1" >/dev/null || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need ping iputils-ping; need nft nftables; need python3 python3
 [ "${SKIP_BORINGTUN:-}" = 1 ] || need wg wireguard-tools
 

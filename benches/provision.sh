@@ -1,6 +1,8 @@
 # Sourced by the shell benches: the binary under test, the machine header, and provisioning of a
 # gateway directory and bench client files.
 #
+#   need COMMAND PACKAGE
+#     installs the Debian PACKAGE (apt-get) unless COMMAND is on the PATH.
 #   bench_header TITLE
 #     prints the lines every bench starts with: what ran, when, on which CPU and how loaded.
 #   bench_binary
@@ -32,6 +34,8 @@
 #                no kill-switch: the data plane alone, without routing or firewall rules.
 #   provision_pair BIN WORK GATEWAY_ADDR:PORT
 #     both: WORK/gw and a split client file WORK/client.toml (what benches/flood.sh uses).
+need() { command -v "$1" >/dev/null || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
+
 bench_header() {
   echo "# $1  $(date -u +%FT%TZ)"
   echo "# cpu: $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)  nproc=$(nproc)"

@@ -69,7 +69,6 @@ CLK_TCK=$(getconf CLK_TCK)
 LIFE=$((2 * RUNS * (2 * SECS + 80) + 120))
 TPIDS=()   # the `timeout` wrappers of the running tunnel processes
 
-need() { command -v "$1" >/dev/null || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need iperf3 iperf3; need ping iputils-ping; need nft nftables; need python3 python3
 [ "${SKIP_BORINGTUN:-}" = 1 ] && [ "${SKIP_GOTATUN:-}" = 1 ] || need wg wireguard-tools
 
