@@ -518,11 +518,9 @@ fn a_client_on_an_ipv4_gateway_fails_over_to_an_ipv6_one() {
     }
     let d = Deployment::with_b_at(EP_B6);
     let logs = tempfile::tempdir().unwrap();
-    let (mut gw_a, mut gw_b, mut client) = d.both_and_client("erin", logs.path());
-    client.wait_for(&["-> Healthy", "session"], T);
+    let (mut gw_a, mut gw_b, mut client) = d.running_on_a("erin", logs.path());
     let up = client.wait_for(&["data plane up", "UDP"], T);
     assert!(up.contains("UDP [::]:"), "one dual-stack socket: {up}");
-    gw_a.wait_for(&["session opened", "erin"], T);
     let mut pinger = support::Pinger::start(&d.c, "ping", "100.64.0.1".parse().unwrap(), "0.05");
     assert!(pinger.first_reply_after(&d.c, support::unix_now(), T).is_some(), "traffic via A over IPv4");
 
@@ -534,9 +532,8 @@ fn a_client_on_an_ipv4_gateway_fails_over_to_an_ipv6_one() {
     gw_b.wait_for(&["session opened", "erin", "100.64.0.2"], T);
     assert!(client.all_lines().iter().any(|l| l.contains("-> Failover")), "the supervisor failed over");
     // The data plane sends to B over IPv6: B's session learnt an IPv6 endpoint.
-    let out = holdfast(&["gateway", "status", "--dir", s(&d.dir("b")), "--json"]);
-    let report: holdfast::gateway::status::GatewayReport = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("gateway status --json: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let json = holdfast_ok(&["gateway", "status", "--dir", s(&d.dir("b")), "--json"]);
+    let report: holdfast::gateway::status::GatewayReport = serde_json::from_str(&json).expect("status JSON");
     let endpoints: Vec<String> = report.sessions.iter().filter_map(|s| s.endpoint.clone()).collect();
     assert!(endpoints.iter().any(|e| e.starts_with("[2001:db8:6::1]")), "{endpoints:?}");
 }
