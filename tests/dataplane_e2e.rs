@@ -1378,6 +1378,18 @@ fn inproc_tun_mtu_starts_from_the_path_to_the_gateway() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
+/// A TUN device `name` at 100.64.0.2/24 (and `address6`), MTU 1436.
+fn test_tun(name: &str, address6: Option<(Ipv6Addr, u8)>, offload: bool) -> holdfast::tunnel::TunSpec {
+    holdfast::tunnel::TunSpec {
+        name: Some(name.into()),
+        address: Ipv4Addr::new(100, 64, 0, 2),
+        prefix_len: 24,
+        address6,
+        mtu: 1436,
+        offload,
+    }
+}
+
 /// The "too big" answer as the data planes write it (`TooBig::send`, from the gateway's tunnel
 /// address) is accepted by a real kernel, for both families: the sender's ping is told "Frag
 /// needed" / "Packet too big" with our MTU, and the kernel caches that MTU for the destination.
@@ -1389,14 +1401,7 @@ fn too_big_answers_are_taken_by_the_kernel() {
     for (offload, v6) in [(false, false), (true, false), (false, true), (true, true)] {
         let ns = Netns::new();
         let rt = NsRuntime::new(&ns);
-        let spec = holdfast::tunnel::TunSpec {
-            name: Some("hft0".into()),
-            address: Ipv4Addr::new(100, 64, 0, 2),
-            prefix_len: 24,
-            address6: Some((Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2), 64)),
-            mtu: 1436,
-            offload,
-        };
+        let spec = test_tun("hft0", Some((Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2), 64)), offload);
         let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(t.device)) });
         let tun = tun.expect("TUN device");
         let (dst, from, request, said) = if v6 {
@@ -1438,6 +1443,94 @@ fn too_big_answers_are_taken_by_the_kernel() {
         let route = ns.ip(&["route", "get", dst]);
         assert!(route.contains("mtu 1300"), "{case}: the kernel took the MTU: {route}");
     }
+}
+
+/// Packets already queued on the TUN device when a loop reads are taken into the same batch (so
+/// a burst of small packets, such as the ACKs of a bulk transfer, leaves in one GSO send), with
+/// and without offload; what does not fit a batch's free slots waits for the next read.
+#[test]
+fn a_tun_read_takes_the_packets_already_queued() {
+    require_root!();
+    use holdfast::tunnel::{BATCH, READ_SLOTS, TunReader};
+    for offload in [false, true] {
+        let ns = Netns::new();
+        let rt = NsRuntime::new(&ns);
+        let spec = test_tun("hft0", None, offload);
+        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(t.device)) });
+        let tun = tun.expect("TUN device");
+        ns.ip(&["route", "add", "198.18.9.0/24", "dev", "hft0"]);
+        let burst = READ_SLOTS + 10;
+        let (batches, _tun) = rt.run(async move {
+            let sock = UdpSocket::bind("100.64.0.2:0").expect("bind in the namespace");
+            // All of them are in the device's queue before the first read: a send to a route
+            // through a TUN device queues the packet there before it returns.
+            for i in 0..burst {
+                sock.send_to(&[i as u8; 40], "198.18.9.9:9").expect("send into the TUN");
+            }
+            let mut reader = TunReader::new(1436);
+            let mut batches = Vec::new();
+            let mut seen = 0;
+            while seen < burst {
+                let read = tokio::time::timeout(Duration::from_secs(5), reader.read(&tun)).await;
+                let n = read.expect("the burst is queued").expect("read");
+                // Only the burst's UDP packets (20 + 8 + 40 bytes to 198.18.9.9) count: the
+                // kernel may send its own first.
+                let ours = (0..n)
+                    .filter(|&i| {
+                        let p = reader.packet(i);
+                        p.len() == 68 && p[9] == 17 && p[16..20] == [198, 18, 9, 9] && p[28] == seen as u8
+                            && { seen += 1; true }
+                    })
+                    .count();
+                batches.push((n, ours));
+            }
+            (batches, tun)
+        });
+        let case = format!("offload {offload}: batches (packets, of the burst) {batches:?}");
+        assert!(batches.len() >= 2, "{case}: a batch never holds more than its slots allow");
+        assert!(batches[0].0 > BATCH && batches[0].1 >= BATCH, "{case}: the first batch took what was queued, not one packet");
+        assert!(batches.iter().all(|&(n, _)| n <= READ_SLOTS), "{case}");
+        assert_eq!(batches.iter().map(|b| b.1).sum::<usize>(), burst, "{case}: none lost, in order");
+    }
+}
+
+/// A run of more datagrams than one GSO send may carry (the kernel refuses more than 64 on older
+/// kernels, 128 on newer ones) is split into several sends: GSO stays on, and all arrive.
+#[test]
+fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
+    require_root!();
+    let ns = Netns::new();
+    let rt = NsRuntime::new(&ns);
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns.ip(&["addr", "add", "198.18.0.1/32", "dev", "lo"]);
+    let (gso, sent, got) = rt.run(async move {
+        let to = std::net::UdpSocket::bind("198.18.0.1:0").expect("bind the receiver");
+        to.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let dest = to.local_addr().expect("address");
+        let from = tokio::net::UdpSocket::bind("198.18.0.1:0").await.expect("bind the sender");
+        // 200 sealed-sized slots of 60 bytes each: 12 000 bytes, far under 64 KiB.
+        let (stride, count) = (100usize, 200usize);
+        let mut big = vec![0u8; stride * count];
+        for (i, slot) in big.chunks_mut(stride).enumerate() {
+            slot[..60].fill(i as u8);
+        }
+        let lens = vec![60usize; count];
+        let mut gso = true;
+        let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest).await;
+        let mut buf = [0u8; 128];
+        let mut got = Vec::new();
+        while got.len() < count {
+            match to.recv(&mut buf) {
+                Ok(n) => got.push((n, buf[0])),
+                Err(_) => break,
+            }
+        }
+        (gso, sent, got)
+    });
+    assert!(gso, "GSO stays on: {sent:?}");
+    assert_eq!((sent.datagrams, sent.failed), (200, 0), "{sent:?}");
+    assert_eq!(got.len(), 200);
+    assert!(got.iter().enumerate().all(|(i, &(n, b))| n == 60 && b == i as u8), "in order, whole");
 }
 
 // ---------------------------------------------------------------------------------------------

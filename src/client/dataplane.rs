@@ -655,7 +655,7 @@ async fn send_loop(
     let mut reader = TunReader::new(path.inner().max(tun_mtu));
     shared.reader_room.send_replace(reader.capacity());
     let mut path_changes = path.changes();
-    let mut lens = [0usize; tunnel::BATCH];
+    let mut lens = [0usize; tunnel::READ_SLOTS];
     let mut gso = true;
     let mut keepalive_buf = [0u8; wire::OVERHEAD];
     // The usable inner MTU is the path's (read per batch: it follows the path at run time).

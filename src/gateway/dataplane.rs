@@ -885,8 +885,8 @@ async fn to_clients(
     let mut reader = TunReader::new(mtu);
     // The usable inner MTU is the TUN's, or less for a session whose path is smaller.
     let mut too_big = TooBig::new();
-    let mut lens = [0usize; tunnel::BATCH];
-    let mut routes: [Option<Arc<DataSession>>; tunnel::BATCH] = std::array::from_fn(|_| None);
+    let mut lens = [0usize; tunnel::READ_SLOTS];
+    let mut routes: [Option<Arc<DataSession>>; tunnel::READ_SLOTS] = std::array::from_fn(|_| None);
     let mut gso = true;
     let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
