@@ -933,7 +933,16 @@ pub struct TunReader {
     /// An error a read after the first one of a batch met: the batch it ended is handed out
     /// first, the error with the next call.
     deferred: Option<io::Error>,
+    /// When the last batch's first read returned, and how close the next must follow for the
+    /// device to count as busy (see [`TunReader::read`]).
+    last_batch: Option<Instant>,
+    busy_within: Duration,
 }
+
+/// A TUN device read again within this of the last batch is busy: packets are likely queued
+/// behind the one that woke the loop (see [`TunReader::read`]). Under load batches come
+/// microseconds apart; interactive traffic (keystrokes, a ping a second) is far slower.
+const TUN_BUSY_WITHIN: Duration = Duration::from_millis(1);
 
 impl TunReader {
     /// Slots for inner packets of up to `mtu` bytes.
@@ -945,7 +954,16 @@ impl TunReader {
             stride,
             sizes: [0; READ_SLOTS],
             deferred: None,
+            last_batch: None,
+            busy_within: TUN_BUSY_WITHIN,
         }
+    }
+
+    /// The same reader, counting the device as busy when read again within `d` of the last
+    /// batch (default 1 ms). A test's knob: a long window makes the top-up reads certain.
+    pub fn busy_within(mut self, d: Duration) -> Self {
+        self.busy_within = d;
+        self
     }
 
     /// The largest inner packet a slot holds.
@@ -966,14 +984,15 @@ impl TunReader {
     }
 
     /// Reads one batch; returns how many packets it holds. It waits for the first read; then,
-    /// while [`BATCH`] slots are free, it reads again what is already queued, without waiting.
+    /// if the device is busy (this batch follows the last within 1 ms) and while [`BATCH`]
+    /// slots are free, it reads again what is already queued, without waiting.
     ///
     /// Why: small packets come in bursts that a read takes one at a time: the TCP ACKs that a
-    /// burst of writes into the device makes (about one per 64 KiB under a bulk download,
-    /// queued while the same thread wrote), DNS answers, a game's updates. Read into one batch,
-    /// a run of them leaves in one GSO send and reaches the peer as one GRO receive: one
-    /// wake-up there instead of one per packet. The price for a lone packet is one read that
-    /// finds nothing (a microsecond).
+    /// burst of writes into the device makes (about one per 64 KiB of a bulk transfer, queued
+    /// while the same thread wrote), DNS answers, a game's updates. Read into one batch, a run
+    /// of them leaves in one GSO send and reaches the peer as one GRO receive: one wake-up
+    /// there instead of one per packet. Only when busy, because the read that finds nothing
+    /// would delay a lone packet (a ping) by a microsecond or two.
     pub async fn read(&mut self, tun: &AsyncDevice) -> io::Result<usize> {
         if let Some(e) = self.deferred.take() {
             return Err(e);
@@ -982,7 +1001,10 @@ impl TunReader {
             let mut bufs = batch_slots(&mut self.slots, self.stride, 0);
             tun.recv_multiple(&mut self.raw, &mut bufs, &mut self.sizes[..BATCH], wire::HEADER_LEN).await?
         };
-        while READ_SLOTS - n >= BATCH {
+        let now = Instant::now();
+        let busy = self.last_batch.is_some_and(|t| now.saturating_duration_since(t) <= self.busy_within);
+        self.last_batch = Some(now);
+        while busy && READ_SLOTS - n >= BATCH {
             let mut bufs = batch_slots(&mut self.slots, self.stride, n);
             let sizes = &mut self.sizes[n..n + BATCH];
             match tun.try_recv_multiple(&mut self.raw, &mut bufs, sizes, wire::HEADER_LEN) {

@@ -1462,12 +1462,23 @@ fn a_tun_read_takes_the_packets_already_queued() {
         let burst = READ_SLOTS + 10;
         let (batches, _tun) = rt.run(async move {
             let sock = UdpSocket::bind("100.64.0.2:0").expect("bind in the namespace");
-            // All of them are in the device's queue before the first read: a send to a route
+            // Busy for the rest of the test: a read within an hour of the last counts (1 ms by
+            // default). A fresh reader's first read is not busy: it takes one packet alone
+            // (what a lone ping gets), though two are queued; the next is busy and takes the
+            // rest.
+            let mut reader = TunReader::new(1436).busy_within(Duration::from_secs(3600));
+            for _ in 0..2 {
+                sock.send_to(&[0xee; 12], "198.18.9.9:9").expect("send the warm-up");
+            }
+            let first = tokio::time::timeout(Duration::from_secs(5), reader.read(&tun)).await;
+            assert_eq!(first.expect("queued").expect("read"), 1, "an idle device: one packet");
+            let rest = tokio::time::timeout(Duration::from_secs(5), reader.read(&tun)).await;
+            assert!(rest.expect("queued").expect("read") >= 1, "the other one, and what else is queued");
+            // All of them are in the device's queue before the next read: a send to a route
             // through a TUN device queues the packet there before it returns.
             for i in 0..burst {
                 sock.send_to(&[i as u8; 40], "198.18.9.9:9").expect("send into the TUN");
             }
-            let mut reader = TunReader::new(1436);
             let mut batches = Vec::new();
             let mut seen = 0;
             while seen < burst {
