@@ -930,9 +930,11 @@ pub struct TunReader {
     slots: Vec<u8>,
     stride: usize,
     sizes: [usize; READ_SLOTS],
-    /// An error a read after the first one of a batch met: the batch it ended is handed out
-    /// first, the error with the next call.
-    deferred: Option<io::Error>,
+    /// An error a read after the first one of a batch met, and the device it came from (its
+    /// address): the batch it ended is handed out first, the error with the next call on the
+    /// same device. A loop that moved to a re-created device meanwhile never sees the old
+    /// device's error, which would have it report the new one gone.
+    deferred: Option<(usize, io::Error)>,
     /// When the last batch's first read returned, and how close the next must follow for the
     /// device to count as busy (see [`TunReader::read`]).
     last_batch: Option<Instant>,
@@ -994,7 +996,10 @@ impl TunReader {
     /// there instead of one per packet. Only when busy, because the read that finds nothing
     /// would delay a lone packet (a ping) by a microsecond or two.
     pub async fn read(&mut self, tun: &AsyncDevice) -> io::Result<usize> {
-        if let Some(e) = self.deferred.take() {
+        let device = std::ptr::from_ref(tun) as usize;
+        if let Some((from, e)) = self.deferred.take()
+            && from == device
+        {
             return Err(e);
         }
         let mut n = {
@@ -1011,7 +1016,7 @@ impl TunReader {
                 Ok(more) => n += more,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    self.deferred = Some(e);
+                    self.deferred = Some((device, e));
                     break;
                 }
             }
