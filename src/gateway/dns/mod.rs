@@ -423,11 +423,40 @@ fn set_freebind(sock: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
     }
 }
 
+/// Receive buffer of the resolver's UDP sockets: room for a burst of about 4000 small queries (the
+/// kernel charges about 1 KiB of buffer per datagram). With the default (about 200 KiB) a burst
+/// of a thousand queries from one client, which the data plane delivers in GSO runs within
+/// milliseconds, filled it, and the kernel dropped the other clients' queries too (UDP
+/// `RcvbufErrors`) before the per-client gate could tell them apart.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
+/// Asks for `size` bytes of receive buffer: past `net.core.rmem_max` where the gateway may
+/// (`SO_RCVBUFFORCE`, CAP_NET_ADMIN), else up to it (`SO_RCVBUF`). Best effort: a smaller buffer
+/// absorbs smaller bursts.
+fn grow_recv_buffer(sock: &socket2::Socket, size: usize) {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket and a c_int option value of the size passed.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        let _ = sock.set_recv_buffer_size(size);
+    }
+}
+
 fn bind_udp_on(addr: SocketAddr, tun: &str) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Only what came in through the tunnel: see the module doc.
     sock.bind_device(Some(tun.as_bytes()))?;
+    grow_recv_buffer(&sock, UDP_RECV_BUFFER);
     set_freebind(&sock, addr)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
