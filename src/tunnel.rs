@@ -422,8 +422,13 @@ pub fn set_path_mtu_probing(sock: &UdpSocket, recv_errors: bool) -> io::Result<(
     if ipv6 { Ok(()) } else { v4 }
 }
 
-fn setsockopt_int(sock: &UdpSocket, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
+/// Sets one integer socket option on `sock` (any socket: the data plane's, the resolver's).
+pub fn setsockopt_int(
+    sock: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: a valid socket fd and a c_int option value of the size passed.
     let rc = unsafe {
         libc::setsockopt(

@@ -434,19 +434,8 @@ const UDP_RECV_BUFFER: usize = 4 << 20;
 /// (`SO_RCVBUFFORCE`, CAP_NET_ADMIN), else up to it (`SO_RCVBUF`). Best effort: a smaller buffer
 /// absorbs smaller bursts.
 fn grow_recv_buffer(sock: &socket2::Socket, size: usize) {
-    use std::os::fd::AsRawFd;
     let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a valid socket and a c_int option value of the size passed.
-    let forced = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if forced != 0 {
+    if crate::tunnel::setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, value).is_err() {
         let _ = sock.set_recv_buffer_size(size);
     }
 }
