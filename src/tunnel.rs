@@ -831,9 +831,16 @@ pub async fn send_gso(
     if buf.len() <= segment || !*gso {
         return send_each(sock, buf, segment, dest).await;
     }
-    let sent = sock
-        .async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest))
-        .await;
+    let gso_send = || sock.async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest));
+    let mut sent = gso_send().await;
+    if sent.as_ref().is_err_and(reported_for_earlier) {
+        // None of this run went out, for an earlier datagram's sake: once more.
+        sent = gso_send().await;
+        if sent.as_ref().is_err_and(unreachable_for_now) {
+            pause(ROUTE_SETTLE).await;
+            sent = gso_send().await;
+        }
+    }
     match sent {
         Err(e)
             if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) =>
@@ -859,7 +866,15 @@ pub async fn send_gso(
 /// queue; the report clears it). Either way the datagram goes, not dropped.
 async fn send_each(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
     for d in buf.chunks(segment.max(1)) {
-        match sock.send_to(d, dest).await {
+        let mut sent = sock.send_to(d, dest).await;
+        if sent.as_ref().is_err_and(reported_for_earlier) {
+            sent = sock.send_to(d, dest).await;
+            if sent.as_ref().is_err_and(unreachable_for_now) {
+                pause(ROUTE_SETTLE).await;
+                sent = sock.send_to(d, dest).await;
+            }
+        }
+        match sent {
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
                 send_fragmentable(sock, d, dest)?;
             }
@@ -867,6 +882,33 @@ async fn send_each(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAdd
         }
     }
     Ok(())
+}
+
+/// Whether a send failed with an ICMP error that an earlier datagram drew. On a socket with
+/// `IP_RECVERR` (the client's, for path MTU discovery) the kernel records every ICMP error it gets
+/// for the socket's datagrams, and the next send returns it instead of sending, once (a host
+/// unreachable while a neighbour entry was being resolved, a port unreachable from a gateway that
+/// was restarting). Nothing of that send went out, so it is tried once more: one such error
+/// otherwise cost a whole GSO run (up to 64 datagrams). A destination that stays unreachable
+/// fails the second try too, and is counted then. EMSGSIZE is handled apart (the datagram is
+/// sent fragmentable).
+pub fn reported_for_earlier(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ECONNREFUSED | libc::EHOSTDOWN)
+    )
+}
+
+/// A send that still finds its destination unreachable right after the retry above waits this
+/// long and tries a last time: the route to the gateway is being changed (the client's route
+/// watcher re-pins it when the path changes, and the host's own network software may replace
+/// routes), which has been seen to leave it unreachable for about one send. A destination that
+/// stays unreachable costs the loop this pause per send, while nothing gets through anyway.
+const ROUTE_SETTLE: Duration = Duration::from_millis(2);
+
+/// Whether a send failed because the route says the destination cannot be reached now.
+fn unreachable_for_now(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH | libc::ENETUNREACH))
 }
 
 /// Sends `d` once with local fragmentation allowed, on a socket that otherwise sets DF for path

@@ -1544,6 +1544,54 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
     assert!(got.iter().enumerate().all(|(i, &(n, b))| n == 60 && b == i as u8), "in order, whole");
 }
 
+/// An ICMP error an earlier datagram drew (here a port unreachable) is returned by the next send on
+/// a socket with `IP_RECVERR`, instead of sending: the data plane's sends try once more, so a GSO
+/// run and a lone datagram after it both arrive, none counted failed.
+#[test]
+fn an_earlier_datagrams_icmp_error_does_not_cost_the_next_send() {
+    require_root!();
+    let ns = Netns::new();
+    let rt = NsRuntime::new(&ns);
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns.ip(&["addr", "add", "198.18.0.1/32", "dev", "lo"]);
+    let (runs, got) = rt.run(async move {
+        let to = std::net::UdpSocket::bind("198.18.0.1:0").expect("bind the receiver");
+        to.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let dest = to.local_addr().expect("address");
+        let closed = {
+            let s = std::net::UdpSocket::bind("198.18.0.1:0").expect("bind");
+            s.local_addr().expect("address")
+        }; // dropped: nothing listens there now
+        let from = holdfast::tunnel::bind_udp("198.18.0.1:0".parse().expect("addr")).expect("bind the sender");
+        holdfast::tunnel::set_path_mtu_probing(&from, true).expect("IP_RECVERR");
+        let (stride, count) = (100usize, 10usize);
+        let big = vec![7u8; stride * count];
+        let mut runs = Vec::new();
+        // A GSO run of ten, then a lone datagram, each after a datagram to the closed port.
+        for lens in [vec![60usize; count], vec![60usize]] {
+            from.send_to(&[1], closed).await.expect("to the closed port");
+            // The port unreachable is back on the socket (loopback answers at once; waited
+            // for all the same: poll reports POLLERR for a queued error).
+            let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&from), events: 0, revents: 0 };
+            // SAFETY: one valid pollfd for the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 2000) };
+            assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the ICMP error is queued");
+            let mut gso = true;
+            let mut big = big.clone();
+            let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest).await;
+            runs.push((sent.datagrams, sent.failed, sent.error.map(|e| e.to_string())));
+        }
+        let mut buf = [0u8; 128];
+        let mut got = 0;
+        while got < count + 1 && to.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+        (runs, got)
+    });
+    assert_eq!(runs, [(10, 0, None), (1, 0, None)], "nothing failed");
+    assert_eq!(got, 11, "all arrived");
+}
+
 // ---------------------------------------------------------------------------------------------
 // No heap allocation per packet in the loops.
 // ---------------------------------------------------------------------------------------------

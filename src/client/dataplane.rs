@@ -902,9 +902,10 @@ async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket
                 sock_errors.reset();
                 (n, segment)
             }
-            // A path MTU error reported once more through the receive call (IP_RECVERR sets
-            // the socket's error): the prober reads it from the error queue.
-            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => continue,
+            // An ICMP error one of our sends drew, reported once more through the receive call
+            // (IP_RECVERR sets the socket's error): nothing was received, so nothing was lost.
+            // A path MTU error is the prober's, from the error queue.
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) || tunnel::reported_for_earlier(&e) => continue,
             Err(e) => {
                 c.count_drop(DropReason::SocketError);
                 sock_log.failed(&e);
