@@ -831,16 +831,10 @@ pub async fn send_gso(
     if buf.len() <= segment || !*gso {
         return send_each(sock, buf, segment, dest).await;
     }
-    let gso_send = || sock.async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest));
-    let mut sent = gso_send().await;
-    if sent.as_ref().is_err_and(reported_for_earlier) {
-        // None of this run went out, for an earlier datagram's sake: once more.
-        sent = gso_send().await;
-        if sent.as_ref().is_err_and(unreachable_for_now) {
-            pause(ROUTE_SETTLE).await;
-            sent = gso_send().await;
-        }
-    }
+    let sent = past_reports(|| {
+        sock.async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest))
+    })
+    .await;
     match sent {
         Err(e)
             if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) =>
@@ -866,15 +860,7 @@ pub async fn send_gso(
 /// queue; the report clears it). Either way the datagram goes, not dropped.
 async fn send_each(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
     for d in buf.chunks(segment.max(1)) {
-        let mut sent = sock.send_to(d, dest).await;
-        if sent.as_ref().is_err_and(reported_for_earlier) {
-            sent = sock.send_to(d, dest).await;
-            if sent.as_ref().is_err_and(unreachable_for_now) {
-                pause(ROUTE_SETTLE).await;
-                sent = sock.send_to(d, dest).await;
-            }
-        }
-        match sent {
+        match past_reports(|| sock.send_to(d, dest)).await {
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
                 send_fragmentable(sock, d, dest)?;
             }
@@ -909,6 +895,21 @@ const ROUTE_SETTLE: Duration = Duration::from_millis(2);
 /// Whether a send failed because the route says the destination cannot be reached now.
 fn unreachable_for_now(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH | libc::ENETUNREACH))
+}
+
+/// Runs `send`, and again past an earlier datagram's ICMP report ([`reported_for_earlier`]):
+/// once at once, and once more after [`ROUTE_SETTLE`] if the route still says unreachable.
+async fn past_reports<T, F: Future<Output = io::Result<T>>>(mut send: impl FnMut() -> F) -> io::Result<T> {
+    let mut sent = send().await;
+    if sent.as_ref().is_err_and(reported_for_earlier) {
+        // Nothing of this send went out, for an earlier datagram's sake.
+        sent = send().await;
+        if sent.as_ref().is_err_and(unreachable_for_now) {
+            pause(ROUTE_SETTLE).await;
+            sent = send().await;
+        }
+    }
+    sent
 }
 
 /// Sends `d` once with local fragmentation allowed, on a socket that otherwise sets DF for path
