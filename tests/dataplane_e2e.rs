@@ -1505,19 +1505,31 @@ fn a_tun_read_takes_the_packets_already_queued() {
     }
 }
 
+/// A namespace whose loopback carries 198.18.0.1, and a runtime in it.
+fn loopback_ns() -> (Netns, NsRuntime) {
+    let ns = Netns::new();
+    let rt = NsRuntime::new(&ns);
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns.ip(&["addr", "add", "198.18.0.1/32", "dev", "lo"]);
+    (ns, rt)
+}
+
+/// A receiving socket on 198.18.0.1 (call inside a [`loopback_ns`]), reads bounded to 2 s.
+fn loopback_receiver() -> (UdpSocket, SocketAddr) {
+    let to = UdpSocket::bind("198.18.0.1:0").expect("bind the receiver");
+    to.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let dest = to.local_addr().expect("address");
+    (to, dest)
+}
+
 /// A run of more datagrams than one GSO send may carry (the kernel refuses more than 64 on older
 /// kernels, 128 on newer ones) is split into several sends: GSO stays on, and all arrive.
 #[test]
 fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
     require_root!();
-    let ns = Netns::new();
-    let rt = NsRuntime::new(&ns);
-    ns.ip(&["link", "set", "lo", "up"]);
-    ns.ip(&["addr", "add", "198.18.0.1/32", "dev", "lo"]);
+    let (_ns, rt) = loopback_ns();
     let (gso, sent, got) = rt.run(async move {
-        let to = std::net::UdpSocket::bind("198.18.0.1:0").expect("bind the receiver");
-        to.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        let dest = to.local_addr().expect("address");
+        let (to, dest) = loopback_receiver();
         let from = tokio::net::UdpSocket::bind("198.18.0.1:0").await.expect("bind the sender");
         // 200 sealed-sized slots of 60 bytes each: 12 000 bytes, far under 64 KiB.
         let (stride, count) = (100usize, 200usize);
@@ -1550,14 +1562,9 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
 #[test]
 fn an_earlier_datagrams_icmp_error_does_not_cost_the_next_send() {
     require_root!();
-    let ns = Netns::new();
-    let rt = NsRuntime::new(&ns);
-    ns.ip(&["link", "set", "lo", "up"]);
-    ns.ip(&["addr", "add", "198.18.0.1/32", "dev", "lo"]);
+    let (_ns, rt) = loopback_ns();
     let (runs, got) = rt.run(async move {
-        let to = std::net::UdpSocket::bind("198.18.0.1:0").expect("bind the receiver");
-        to.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        let dest = to.local_addr().expect("address");
+        let (to, dest) = loopback_receiver();
         let closed = {
             let s = std::net::UdpSocket::bind("198.18.0.1:0").expect("bind");
             s.local_addr().expect("address")
