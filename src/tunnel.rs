@@ -820,7 +820,8 @@ fn socket_addr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
 
 /// Sends `buf`, datagrams of `segment` bytes each (the last may be shorter), to `dest` in one
 /// call with UDP GSO. `gso` starts true and turns false for good if the kernel refuses GSO; the
-/// datagrams then go one by one.
+/// datagrams then go one by one. A refusal because the segments no longer fit the link (it
+/// just shrank) does not count as "no GSO": that run goes one by one, GSO stays on.
 pub async fn send_gso(
     sock: &UdpSocket,
     gso: &mut bool,
@@ -829,7 +830,7 @@ pub async fn send_gso(
     dest: SocketAddr,
 ) -> io::Result<()> {
     if buf.len() <= segment || !*gso {
-        return send_each(sock, buf, segment, dest).await;
+        return send_each(sock, buf, segment, dest).await.map(drop);
     }
     let sent = past_reports(|| {
         sock.async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest))
@@ -839,15 +840,22 @@ pub async fn send_gso(
         Err(e)
             if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) =>
         {
-            // No UDP GSO here (old kernel, a device without it): fall back, once and for all.
-            *gso = false;
-            Box::pin(send_gso(sock, gso, buf, segment, dest)).await
+            // Either no UDP GSO here (old kernel, a device without it), or, for EINVAL, segments
+            // bigger than the link lets out (the kernel checks a GSO send's segment size against
+            // it and refuses the whole send; the link just shrank, the TUN MTU follows a moment
+            // later). Sent one by one either way; in the second case some of them are too big
+            // for the link too (see `send_each`), and GSO stays on for the runs that follow.
+            let too_big = send_each(sock, buf, segment, dest).await?;
+            if !too_big {
+                *gso = false;
+            }
+            Ok(())
         }
         Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
             // Segments bigger than the path: it just shrank, and the TUN MTU follows a moment
             // later. Sent one by one (see `send_each`). Also the case where the EMSGSIZE was an
             // ICMP "too big" reported through this send (IP_RECVERR).
-            send_each(sock, buf, segment, dest).await
+            send_each(sock, buf, segment, dest).await.map(drop)
         }
         other => other,
     }
@@ -857,17 +865,20 @@ pub async fn send_gso(
 /// again with fragments allowed ([`send_fragmentable`]): it is bigger than a path that just
 /// shrank (the TUN MTU follows a moment later), or the EMSGSIZE was an earlier ICMP "too big"
 /// reported through this send (IP_RECVERR sets the socket's error until the prober reads its
-/// queue; the report clears it). Either way the datagram goes, not dropped.
-async fn send_each(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
+/// queue; the report clears it). Either way the datagram goes, not dropped. Returns whether any
+/// was refused so.
+async fn send_each(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<bool> {
+    let mut too_big = false;
     for d in buf.chunks(segment.max(1)) {
         match past_reports(|| sock.send_to(d, dest)).await {
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                too_big = true;
                 send_fragmentable(sock, d, dest)?;
             }
             other => drop(other?),
         }
     }
-    Ok(())
+    Ok(too_big)
 }
 
 /// Whether a send failed with an ICMP error that an earlier datagram drew. On a socket with

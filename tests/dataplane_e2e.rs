@@ -1556,6 +1556,77 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
     assert!(got.iter().enumerate().all(|(i, &(n, b))| n == 60 && b == i as u8), "in order, whole");
 }
 
+/// A GSO send whose segments no longer fit the link (it just shrank; the TUN MTU follows a moment
+/// later) is refused whole: EMSGSIZE on this kernel, EINVAL before Linux 6.10, the errno a kernel
+/// without UDP GSO refuses it with. The run goes one by one, fragmented where too big, and GSO
+/// stays on for the runs after it.
+#[test]
+fn a_link_that_shrinks_under_a_gso_run_does_not_turn_gso_off() {
+    require_root!();
+    let (gso, sent, got) = two_gso_runs(Some("1280"), false);
+    assert!(gso, "GSO stays on: {sent:?}");
+    assert!(sent.iter().all(|s| (s.datagrams, s.failed) == (10, 0)), "{sent:?}");
+    assert_eq!(got, two_runs_in_order(), "all arrive, whole and in order");
+}
+
+/// A socket whose kernel refuses GSO (here: UDP checksums off, which GSO needs; EINVAL) turns it
+/// off for good, and every datagram still arrives, sent one by one.
+#[test]
+fn a_socket_that_refuses_gso_sends_one_by_one() {
+    require_root!();
+    let (gso, sent, got) = two_gso_runs(None, true);
+    assert!(!gso, "GSO turned off: {sent:?}");
+    assert!(sent.iter().all(|s| (s.datagrams, s.failed) == (10, 0)), "{sent:?}");
+    assert_eq!(got, two_runs_in_order(), "all arrive, whole and in order");
+}
+
+const TWO_RUNS: [usize; 2] = [1400, 1000];
+
+/// What [`two_gso_runs`] sends: per run, 10 datagrams of the run's length, the i-th filled with i.
+fn two_runs_in_order() -> Vec<(usize, u8)> {
+    TWO_RUNS.iter().flat_map(|&len| (0..10u8).map(move |i| (len, i))).collect()
+}
+
+/// Two runs of 10 datagrams ([`TWO_RUNS`]: 1400 bytes, then 1000) through `send_datagrams` on a
+/// socket set up as the data plane's (DF set, too big refused with EMSGSIZE), in a loopback
+/// namespace whose `lo` has MTU `lo_mtu`; `no_check` turns the socket's UDP checksums off. Returns
+/// the GSO flag after both, what each send reported, and what arrived (length, first byte).
+fn two_gso_runs(lo_mtu: Option<&str>, no_check: bool) -> (bool, Vec<holdfast::tunnel::Sent>, Vec<(usize, u8)>) {
+    let (ns, rt) = loopback_ns();
+    if let Some(mtu) = lo_mtu {
+        ns.ip(&["link", "set", "lo", "mtu", mtu]);
+    }
+    rt.run(async move {
+        let (to, dest) = loopback_receiver();
+        let from = tokio::net::UdpSocket::bind("198.18.0.1:0").await.expect("bind the sender");
+        holdfast::tunnel::set_path_mtu_probing(&from, true).expect("path MTU probing");
+        if no_check {
+            holdfast::tunnel::setsockopt_int(&from, libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).expect("SO_NO_CHECK");
+        }
+        let (stride, count) = (1500usize, 10usize);
+        let mut big = vec![0u8; stride * count];
+        let mut gso = true;
+        let mut sent = Vec::new();
+        for len in TWO_RUNS {
+            // (A send moves the datagrams together in place: filled afresh for each run.)
+            for (i, slot) in big.chunks_mut(stride).enumerate() {
+                slot[..len].fill(i as u8);
+            }
+            let lens = vec![len; count];
+            sent.push(holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest).await);
+        }
+        let mut buf = [0u8; 2048];
+        let mut got = Vec::new();
+        while got.len() < 2 * count {
+            match to.recv(&mut buf) {
+                Ok(n) => got.push((n, buf[0])),
+                Err(_) => break,
+            }
+        }
+        (gso, sent, got)
+    })
+}
+
 /// An ICMP error an earlier datagram drew (here a port unreachable) is returned by the next send on
 /// a socket with `IP_RECVERR`, instead of sending: the data plane's sends try once more, so a GSO
 /// run and a lone datagram after it both arrive, none counted failed.
