@@ -8,6 +8,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
+use crate::packet_thread::Doorbell;
 use crate::sansio::coalesce::{Coalescer, PushError, VNET_HDR_LEN};
 use crate::sansio::icmp;
 use crate::sansio::inner::IpFamily;
@@ -649,6 +651,21 @@ impl ErrorBackoff {
 /// returns is not `Send`, so it must not live across the caller's `select!`.
 pub async fn stop_requested(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Whether a stop was requested (or can no longer be: its sender is gone), without waiting: what
+/// [`stop_requested`] would return at once for. For a loop woken by a [`Doorbell`].
+pub fn stopped(rx: &tokio::sync::watch::Receiver<bool>) -> bool {
+    *rx.borrow() || rx.has_changed().is_err()
+}
+
+/// Rings every bell in `bells` once a stop is requested (see [`stop_requested`]): a loop that
+/// waits on its bell instead of on the stop channel (see [`Doorbell`]) then checks [`stopped`].
+pub async fn ring_on_stop(mut stop: tokio::sync::watch::Receiver<bool>, bells: Vec<Arc<Doorbell>>) {
+    stop_requested(&mut stop).await;
+    for bell in bells {
+        bell.ring();
+    }
 }
 
 /// Sleeps for `d`, without touching the timer when `d` is zero.
@@ -1311,7 +1328,11 @@ pub async fn send_datagrams(
             && end - start + lens[j] <= MAX_UDP_SEND
             && count < MAX_GSO_SEGMENTS
         {
-            big.copy_within(j * stride..j * stride + lens[j], end);
+            // Full-sized datagrams already lie end to end (a TSO segment plus the overhead is
+            // the stride): nothing to move then.
+            if j * stride != end {
+                big.copy_within(j * stride..j * stride + lens[j], end);
+            }
             end += lens[j];
             count += 1;
             j += 1;

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tun_rs::AsyncDevice;
@@ -39,7 +39,7 @@ use super::path_mtu::{Ipv6Step, PathMtu, ipv6_step};
 use super::prober::{self, Ack, Prober};
 use super::routes;
 use crate::config::client::ClientFile;
-use crate::packet_thread::PacketThread;
+use crate::packet_thread::{Doorbell, PacketThread};
 use crate::sansio::filter::{FilterSpec, Side};
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
@@ -47,7 +47,7 @@ use crate::sansio::wire::{self, MsgType, ProbeAckBody};
 use crate::snapshot::{GetAuth, VpnAuthResponse};
 use crate::tunnel::{
     self, Backoff, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
-    bump, describe_io, pause, stop_requested,
+    bump, describe_io, pause, stop_requested, stopped,
 };
 
 const TARGET: &str = "holdfast::dataplane";
@@ -152,10 +152,15 @@ struct Shared {
     counters: Arc<Counters>,
     /// Set by the first snapshot: the bring-up runs once per process.
     started: AtomicBool,
-    /// Woken on every snapshot swap: the send loop announces the new session at once, so the
-    /// gateway learns our endpoint before it has anything to send us.
-    swapped: Notify,
+    /// Set on every snapshot swap (and the send loop's bell rung): the send loop announces the
+    /// new session at once, so the gateway learns our endpoint before it has anything to send us.
+    announce: AtomicBool,
     stop: watch::Sender<bool>,
+    /// The loops' wake-ups for control events (see `Doorbell`): the send loop's for a stop, a
+    /// re-created device, a new path MTU and a new session; the receive loop's for a stop.
+    /// [`ring_bells`] relays the watch channels to them.
+    tx_bell: Doorbell,
+    rx_bell: Doorbell,
     /// The current TUN device and its generation (1 for the first, +1 per re-creation); `None`
     /// until the first exists. The loops read from and write to whatever this holds.
     device: watch::Sender<Option<(u64, Arc<AsyncDevice>)>>,
@@ -198,7 +203,9 @@ impl ClientDataPlane {
                 binding,
                 counters: Arc::default(),
                 started: AtomicBool::new(false),
-                swapped: Notify::new(),
+                announce: AtomicBool::new(false),
+                tx_bell: Doorbell::new(),
+                rx_bell: Doorbell::new(),
                 stop,
                 device,
                 lost,
@@ -229,7 +236,8 @@ impl ClientDataPlane {
                 let task = thread.spawn_task(bring_up(shared.clone()));
                 lock(&shared.tasks).push(task);
             }
-            shared.swapped.notify_one();
+            shared.announce.store(true, Ordering::Release);
+            shared.tx_bell.ring();
         })
     }
 
@@ -280,6 +288,8 @@ impl ClientDataPlane {
 
     pub async fn stop(&self) {
         self.shared.stop.send_replace(true);
+        self.shared.tx_bell.ring();
+        self.shared.rx_bell.ring();
         let tasks = std::mem::take(&mut *lock(&self.shared.tasks));
         for t in tasks {
             let _ = t.await;
@@ -436,7 +446,8 @@ async fn bring_up(shared: Arc<Shared>) {
     };
     let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun.mtu, path.clone()));
     let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock, ack_tx));
-    let mut tasks = vec![tx, rx, tokio::spawn(prober.run())];
+    let bells = tokio::spawn(ring_bells(shared.clone(), path.clone()));
+    let mut tasks = vec![tx, rx, bells, tokio::spawn(prober.run())];
     if let Some(auth) = created_with {
         tasks.push(tokio::spawn(keep_tun(shared.clone(), tun.name, auth.clone())));
         tasks.push(tokio::spawn(follow_path_mtu(shared.clone(), path, address6_for(&auth).0)));
@@ -624,6 +635,26 @@ async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>)
     }
 }
 
+/// Relays the control events the loops act on to their bells (see `Doorbell`): a re-created
+/// device and a new path MTU to the send loop, a stop to both. Ends on a stop.
+async fn ring_bells(shared: Arc<Shared>, path: Arc<PathMtu>) {
+    let mut stop = shared.stop.subscribe();
+    let mut devices = shared.device.subscribe();
+    let mut path_changes = path.changes();
+    // A channel whose sender is gone has nothing more to say (both live as long as the loops).
+    let (mut devices_open, mut path_open) = (true, true);
+    loop {
+        tokio::select! {
+            _ = stop_requested(&mut stop) => break,
+            r = devices.changed(), if devices_open => devices_open = r.is_ok(),
+            r = path_changes.changed(), if path_open => path_open = r.is_ok(),
+        }
+        shared.tx_bell.ring();
+    }
+    shared.tx_bell.ring();
+    shared.rx_bell.ring();
+}
+
 /// The current device, waiting for one while a re-creation is under way; `None` on a stop.
 async fn current_device(
     devices: &mut watch::Receiver<Option<(u64, Arc<AsyncDevice>)>>,
@@ -665,33 +696,47 @@ async fn send_loop(
     let mut tun_errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
     let mut sock_log = IoLog::new("sending to the gateway");
     let mut tun_log = IoLog::new("reading from the TUN device");
+    // Armed for `last_sent + keepalive` and moved only when it fires (at most once per interval
+    // under load), not for every batch sent.
+    let mut keepalive = std::pin::pin!(tokio::time::sleep_until(last_sent + cfg.keepalive));
 
     loop {
-        let keepalive_at = last_sent + cfg.keepalive;
         let announce = tokio::select! {
             biased;
-            _ = stop_requested(&mut stop) => return,
-            // A re-created device (the receive loop found the old one gone first).
-            r = devices.changed() => {
-                if r.is_err() {
+            // A control event (relayed by `ring_bells`, or a swap from the hook).
+            _ = shared.tx_bell.rung() => {
+                if stopped(&stop) {
                     return;
                 }
-                if let Some((g, t)) = devices.borrow_and_update().clone() {
-                    (generation, tun) = (g, t);
+                // A re-created device (the receive loop found the old one gone first).
+                match devices.has_changed() {
+                    Err(_) => return,
+                    Ok(true) => {
+                        if let Some((g, t)) = devices.borrow_and_update().clone() {
+                            (generation, tun) = (g, t);
+                        }
+                    }
+                    Ok(false) => {}
                 }
-                continue;
-            }
-            // A larger path: room in the read slots before the TUN MTU grows (see
-            // `follow_path_mtu`).
-            r = path_changes.changed() => {
-                if r.is_ok() {
+                // A larger path: room in the read slots before the TUN MTU grows (see
+                // `follow_path_mtu`).
+                if path_changes.has_changed().unwrap_or(false) {
                     reader.fit(*path_changes.borrow_and_update());
                     shared.reader_room.send_replace(reader.capacity());
                 }
-                continue;
+                if !shared.announce.swap(false, Ordering::AcqRel) {
+                    continue;
+                }
+                true
             }
-            _ = shared.swapped.notified() => true,
-            _ = tokio::time::sleep_until(keepalive_at) => false,
+            _ = keepalive.as_mut() => {
+                let due = last_sent + cfg.keepalive;
+                if Instant::now() < due {
+                    keepalive.as_mut().reset(due);
+                    continue;
+                }
+                false
+            }
             read = reader.read(&tun) => {
                 let n = match read {
                     Ok(n) => { tun_errors.reset(); n }
@@ -780,6 +825,7 @@ async fn send_loop(
         // A keepalive: on a new snapshot (announce), or after `keepalive` without sending.
         let Some(auth) = get_auth() else {
             last_sent = Instant::now();
+            keepalive.as_mut().reset(last_sent + cfg.keepalive);
             continue;
         };
         if announce {
@@ -811,6 +857,7 @@ async fn send_loop(
             sock_log.failed_silently();
         }
         last_sent = Instant::now();
+        keepalive.as_mut().reset(last_sent + cfg.keepalive);
     }
 }
 
@@ -887,7 +934,13 @@ async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket
     loop {
         let received = tokio::select! {
             biased;
-            _ = stop_requested(&mut stop) => return,
+            // Rung on a stop only (see `ring_bells`).
+            _ = shared.rx_bell.rung() => {
+                if stopped(&stop) {
+                    return;
+                }
+                continue;
+            }
             r = tunnel::recv_gro(&sock, &mut buf) => r,
         };
         // A re-created device (once per incident; a version check otherwise).

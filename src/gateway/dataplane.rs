@@ -34,7 +34,7 @@ use super::ControlPlane;
 use super::sessions::{Clock, Session, SessionTable};
 use crate::config::gateway::{GatewayConfig, Tunnel6};
 use crate::flood::{self, ShedCounters, Shedder};
-use crate::packet_thread::PacketThread;
+use crate::packet_thread::{Doorbell, PacketThread};
 use crate::sansio::filter::Side;
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealError, SealedKind};
@@ -42,7 +42,7 @@ use crate::sansio::wire::{self, MsgType, ProbeAckBody, ProbeBody};
 use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
 use crate::tunnel::{
     self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
-    bump, pause, stop_requested,
+    bump, pause, stopped,
 };
 
 const TARGET: &str = "holdfast::gateway::dataplane";
@@ -511,9 +511,12 @@ impl GatewayDataPlane {
         let table = sessions.clone();
         let live_ids = move |out: &mut Vec<SessionId>| table.live_ids(out);
         let ctx = Arc::new(Loops { cfg, sessions, counters: counters.clone(), shedding: shedding.clone() });
+        // Each loop waits on its bell, rung on a stop (see `Doorbell`).
+        let (in_bell, out_bell) = (Arc::new(Doorbell::new()), Arc::new(Doorbell::new()));
         let tasks = vec![
-            thread.spawn_task(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe())),
-            thread.spawn_task(to_clients(ctx, device, sock, stop.subscribe(), tun.mtu)),
+            thread.spawn_task(tunnel::ring_on_stop(stop.subscribe(), vec![in_bell.clone(), out_bell.clone()])),
+            thread.spawn_task(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe(), in_bell)),
+            thread.spawn_task(to_clients(ctx, device, sock, stop.subscribe(), out_bell, tun.mtu)),
             tokio::spawn(flood::watch(shedding.clone(), live_ids, stop.subscribe())),
         ];
         Ok(Self { counters, shedding, stop, tasks, nat, thread, tun_name: tun.name, local })
@@ -560,7 +563,8 @@ async fn from_clients(
     ctx: Arc<Loops>,
     tun: Arc<AsyncDevice>,
     sock: Arc<UdpSocket>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    bell: Arc<Doorbell>,
 ) {
     let c = &*ctx.counters;
     bump(&c.rx_loop_starts);
@@ -579,7 +583,12 @@ async fn from_clients(
     loop {
         let received = tokio::select! {
             biased;
-            _ = stop_requested(&mut stop) => return,
+            _ = bell.rung() => {
+                if stopped(&stop) {
+                    return;
+                }
+                continue;
+            }
             r = tunnel::recv_gro(&sock, &mut buf) => r,
         };
         let (len, segment, from) = match received {
@@ -877,7 +886,8 @@ async fn to_clients(
     ctx: Arc<Loops>,
     tun: Arc<AsyncDevice>,
     sock: Arc<UdpSocket>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    bell: Arc<Doorbell>,
     mtu: u16,
 ) {
     let c = &*ctx.counters;
@@ -892,7 +902,12 @@ async fn to_clients(
     loop {
         let read = tokio::select! {
             biased;
-            _ = stop_requested(&mut stop) => return,
+            _ = bell.rung() => {
+                if stopped(&stop) {
+                    return;
+                }
+                continue;
+            }
             r = reader.read(&tun) => r,
         };
         let n = match read {
