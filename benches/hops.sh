@@ -17,8 +17,10 @@
 #   gateway kernel  -> the echo reply leaves into the gateway's tunnel device (the kernel alone)
 #   gateway out     -> its datagram leaves the gateway's veth (the gateway process again)
 #   client in       -> the reply enters the client's tunnel device (the client process again)
-# plus the median of plain pings without tracing (tracing adds a few microseconds per event).
-# Medians over all pings.
+# plus the median of plain pings without tracing (tracing adds a few microseconds per event), and
+# the time the tunnel's processes ran on a CPU during those plain pings, per ping, both ends
+# together (all their threads, from /proc/PID/task/*/schedstat): how much of a round trip is work
+# done in them, woken cold, rather than waiting. Medians over all pings.
 #
 # Needs root and perf with tracepoint support; ping, nftables, python3 and wireguard-tools are
 # installed if missing. Two namespaces joined by a veth pair on 198.18.0.0/15,
@@ -98,10 +100,19 @@ ping_median() { # IP: the median RTT of PINGS plain pings, in ms
   ip netns exec $NA ping -n -c "$PINGS" -i "$INTERVAL" -W 1 "$1" 2>/dev/null \
     | python3 -c "import re,statistics,sys; v=[float(x) for x in re.findall(r'time=([0-9.]+) ms', sys.stdin.read())]; print('%.3f' % statistics.median(v) if v else 'none')"
 }
-measure() { # ROW TARGET CLIENT-TUN GATEWAY-TUN
-  local row=$1 ip=$2
+oncpu_ns() { # PID...: the time the processes' threads have run on a CPU, in ns (schedstat)
+  local p; for p in "$@"; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{t += $1} END {printf "%d", t}'
+}
+measure() { # ROW TARGET CLIENT-TUN GATEWAY-TUN PID... (the tunnel's processes at both ends)
+  local row=$1 ip=$2 c0 c1 median
   ip netns exec $NA ping -q -n -c 20 -i 0.02 "$ip" >/dev/null   # past the first packets' set-up
-  echo "$row: plain ping median $(ping_median "$ip") ms ($PINGS pings, one every $INTERVAL s)"
+  c0=$(oncpu_ns "${@:5}")
+  median=$(ping_median "$ip")
+  c1=$(oncpu_ns "${@:5}")
+  # CPU per ping (both ends, all threads; a keepalive or a status tick in the window counts too):
+  # what of a round trip is work done in the tunnel's processes, the rest being the kernel's path
+  # and waiting to be scheduled.
+  echo "$row: plain ping median $median ms ($PINGS pings, one every $INTERVAL s); on CPU $(( (c1 - c0) / PINGS / 1000 )) us per ping, both ends"
   perf record -q -o "$WORK/$row.data" -a -e net:net_dev_start_xmit -e net:netif_rx -e net:netif_receive_skb \
       -- timeout $((PINGS + 60)) ip netns exec $NA ping -q -n -c "$PINGS" -i "$INTERVAL" -W 1 "$ip" >/dev/null 2>&1
   perf script -i "$WORK/$row.data" -F comm,tid,cpu,time,event,trace >"$WORK/$row.txt" 2>/dev/null
@@ -123,7 +134,7 @@ launch client ip netns exec $NA "$CLIENT_BIN" run --no-tui --config "$WORK/defau
 for _ in $(seq 100); do ip netns exec $NA ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
 ip netns exec $NA ping -q -c 1 -W 2 100.64.0.1 >/dev/null || { echo "holdfast tunnel did not come up"; tail -20 "$WORK/client.log" "$WORK/gw.log"; exit 1; }
 GW_TUN=$(ip -n $NB -o link show | awk -F': ' '$2 !~ /^(lo|'$VB')/ {sub(/@.*/, "", $2); print $2; exit}')
-measure holdfast 100.64.0.1 holdfast0 "$GW_TUN"
+measure holdfast 100.64.0.1 holdfast0 "$GW_TUN" $(pgrep -f "gateway run --dir $WORK/gw") $(pgrep -f "run --no-tui --config $WORK/default.toml")
 stop_all
 
 # --- boringtun --------------------------------------------------------------------------------------
@@ -141,4 +152,4 @@ launch bt-a ip netns exec $NA "${NSX[@]}" "$BT" wga --foreground --disable-drop-
 launch bt-b ip netns exec $NB "${NSX[@]}" "$BT" wgb --foreground --disable-drop-privileges --threads 1
 wg_configure $NA $NB wga wgb 100.64.1 $UA $UB $PORT "$WORK" || { echo "boringtun: could not be configured"; tail -5 "$WORK/bt-a.log" "$WORK/bt-b.log"; exit 1; }
 for _ in $(seq 20); do ip netns exec $NA ping -q -c 1 -W 1 100.64.1.2 >/dev/null 2>&1 && break; done
-measure boringtun 100.64.1.2 wga wgb
+measure boringtun 100.64.1.2 wga wgb $(pgrep -f "$BT wg[ab] --foreground")
