@@ -23,8 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use crate::tunnel::DataSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -51,7 +50,7 @@ pub const ACK_QUEUE: usize = 8;
 
 /// What the prober needs.
 pub struct Prober {
-    pub sock: Arc<UdpSocket>,
+    pub sock: Arc<DataSocket>,
     pub get_auth: GetAuth,
     /// The configured gateway; datagrams go to the snapshot's ([`crate::snapshot::VpnAuthResponse::gateway_ip_or`]).
     pub gateway: IpAddr,
@@ -129,17 +128,15 @@ impl Prober {
                         }
                     }
                 }
-                r = self.sock.ready(Interest::ERROR) => {
-                    if r.is_err() {
-                        return;
-                    }
+                r = self.sock.errors() => {
+                    let Ok(mut queued) = r else { return };
                     let now = Instant::now().into_std();
                     let gateway = (self.get_auth)().map(|a| a.gateway_ip_or(self.gateway));
                     // Through try_io, so the readiness is cleared once the queue is empty (else
-                    // `ready` would answer at once forever); left set if the read stopped at its
-                    // bound with more waiting.
-                    let _ = self.sock.try_io(Interest::ERROR, || {
-                        let n = crate::tunnel::read_mtu_errors(&self.sock, |dest, mtu| {
+                    // `errors` would answer at once forever); left set if the read stopped at
+                    // its bound with more waiting.
+                    let _ = queued.try_io(|sock| {
+                        let n = crate::tunnel::read_mtu_errors(sock, |dest, mtu| {
                             // Only what concerns the path to the gateway; the hint is validated
                             // by the search (never below the base, never a raise).
                             if gateway.is_some_and(|g| same_host(dest.ip(), g)) {
