@@ -12,10 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use std::os::fd::{AsRawFd, RawFd};
-
-use tokio::io::Interest;
-use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
@@ -392,96 +389,8 @@ pub async fn create_tun_retrying(spec: &TunSpec, within: Duration) -> Result<Tun
     }
 }
 
-/// The data plane's UDP socket: registered with the current runtime's reactor for readability
-/// (and errors) only, not for writability as `tokio::net::UdpSocket` is.
-///
-/// Why: epoll reports writability edge-triggered, and a UDP socket becomes writable again each
-/// time the space of a datagram it sent is released, which across a veth is when the receiving
-/// side takes the datagram in, often after our loop has already gone back to waiting. Each such
-/// edge was a turn of the packet thread's reactor with nothing to do: in a trace of lone pings one
-/// `epoll_wait` return per ping reported only writability, and under iperf3 the sending client's
-/// `epoll_wait` calls fell by a quarter without them (3 104 to 2 356 for about 6 650 GSO sends).
-/// Sends are non-blocking system calls; a full send buffer (EAGAIN, not seen under iperf3) waits on
-/// a writability registration made for that one wait.
-#[derive(Debug)]
-pub struct DataSocket {
-    io: AsyncFd<std::net::UdpSocket>,
-}
-
-impl DataSocket {
-    /// Wraps `sock` (made non-blocking) for the current runtime's reactor.
-    pub fn from_std(sock: std::net::UdpSocket) -> io::Result<Self> {
-        sock.set_nonblocking(true)?;
-        Ok(Self { io: register(sock, Interest::READABLE)? })
-    }
-
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.get_ref().local_addr()
-    }
-
-    /// Runs the non-blocking receive `op` once the socket is readable, again after each
-    /// WouldBlock (which clears the readiness it consumed).
-    pub async fn read_with<R>(&self, mut op: impl FnMut(&std::net::UdpSocket) -> io::Result<R>) -> io::Result<R> {
-        loop {
-            let mut ready = self.io.readable().await?;
-            if let Ok(result) = ready.try_io(|inner| op(inner.get_ref())) {
-                return result;
-            }
-        }
-    }
-
-    /// Runs the non-blocking send `op`, waiting for room in the send buffer while it is full.
-    pub async fn write_with<R>(&self, mut op: impl FnMut(&std::net::UdpSocket) -> io::Result<R>) -> io::Result<R> {
-        loop {
-            match op(self.io.get_ref()) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
-                done => return done,
-            }
-        }
-    }
-
-    /// Waits until the send buffer has room, on a registration for writability made for this
-    /// wait alone (see the type's doc), of a duplicate of the descriptor: one descriptor is
-    /// registered once. epoll reports the state at registration, so room freed since the EAGAIN
-    /// is not missed.
-    async fn writable(&self) -> io::Result<()> {
-        let dup = register(self.io.get_ref().try_clone()?, Interest::WRITABLE)?;
-        dup.writable().await?.retain_ready();
-        Ok(())
-    }
-
-    pub async fn send_to(&self, buf: &[u8], dest: SocketAddr) -> io::Result<usize> {
-        self.write_with(|s| s.send_to(buf, dest)).await
-    }
-
-    /// One non-blocking send: WouldBlock when the send buffer is full.
-    pub fn try_send_to(&self, buf: &[u8], dest: SocketAddr) -> io::Result<usize> {
-        self.io.get_ref().send_to(buf, dest)
-    }
-
-    /// Waits until the socket's error queue holds something (an ICMP error for one of its
-    /// datagrams, with `IP_RECVERR`); read it through the guard's `try_io`, which clears the
-    /// readiness when the read finds the queue empty.
-    pub async fn errors(&self) -> io::Result<AsyncFdReadyGuard<'_, std::net::UdpSocket>> {
-        self.io.ready(Interest::ERROR).await
-    }
-}
-
-/// Registers `sock` with the current runtime's reactor for `interest`.
-fn register(sock: std::net::UdpSocket, interest: Interest) -> io::Result<AsyncFd<std::net::UdpSocket>> {
-    // SAFETY: a `UdpSocket` owns its descriptor: open, the same one, and closed only when the
-    // socket drops, which is when the `AsyncFd` that owns it drops.
-    Ok(unsafe { AsyncFd::register_with_interest(sock, interest) }?)
-}
-
-impl AsRawFd for DataSocket {
-    fn as_raw_fd(&self) -> RawFd {
-        self.io.as_raw_fd()
-    }
-}
-
 /// Binds a UDP socket with large buffers. Non-blocking, registered with the current runtime.
-pub fn bind_udp(addr: SocketAddr) -> io::Result<DataSocket> {
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Best effort: a smaller buffer costs throughput, not correctness.
@@ -490,7 +399,7 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<DataSocket> {
     sock.set_nonblocking(true)?;
     dual_stack(&sock, addr)?;
     sock.bind(&addr.into())?;
-    DataSocket::from_std(sock.into())
+    UdpSocket::from_std(sock.into())
 }
 
 /// Path MTU discovery on a data-plane socket: datagrams go out with DF set whatever the kernel's
@@ -500,7 +409,7 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<DataSocket> {
 /// `recv_errors`, ICMP "fragmentation needed"/"packet too big" and local EMSGSIZE are queued on
 /// the socket's error queue (`IP_RECVERR`), read by [`read_mtu_errors`]. Sets the options of
 /// the socket's family, and of IPv4 too on an IPv6 socket (a dual-stack socket carries both).
-pub fn set_path_mtu_probing(sock: &DataSocket, recv_errors: bool) -> io::Result<()> {
+pub fn set_path_mtu_probing(sock: &UdpSocket, recv_errors: bool) -> io::Result<()> {
     let ipv6 = sock.local_addr()?.is_ipv6();
     if ipv6 {
         setsockopt_int(sock, libc::SOL_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_PROBE)?;
@@ -560,7 +469,7 @@ pub const MAX_ERRORS_PER_READ: usize = 64;
 /// Reads the socket's error queue (without blocking, at most [`MAX_ERRORS_PER_READ`] entries)
 /// and calls `hint(destination, mtu)` for each path MTU error (see [`mtu_of_error`]); other
 /// errors are read and dropped, so the queue never fills. Returns how many entries were read.
-pub fn read_mtu_errors(sock: &impl AsRawFd, mut hint: impl FnMut(SocketAddr, u16)) -> usize {
+pub fn read_mtu_errors(sock: &UdpSocket, mut hint: impl FnMut(SocketAddr, u16)) -> usize {
     let mut read = 0;
     while read < MAX_ERRORS_PER_READ {
         // SAFETY: all-zero is a valid sockaddr_storage (plain integers).
@@ -818,7 +727,8 @@ pub const TUN_READ_BUFFER: usize = tun_rs::VIRTIO_NET_HDR_LEN + 65535;
 
 /// Asks the kernel to hand us coalesced UDP datagrams (one `recvmsg`, many datagrams of one
 /// size, the last maybe shorter). Best effort: without it we get one datagram per call.
-pub fn enable_udp_gro(sock: &impl AsRawFd) -> bool {
+pub fn enable_udp_gro(sock: &UdpSocket) -> bool {
+    use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
     // SAFETY: a valid socket fd and a c_int option value of the size passed.
     let rc = unsafe {
@@ -835,8 +745,8 @@ pub fn enable_udp_gro(sock: &impl AsRawFd) -> bool {
 
 /// Receives one (possibly coalesced) datagram batch into `buf`: returns its length, the size of
 /// each datagram in it (all equal but the last, which may be shorter) and the sender.
-pub async fn recv_gro(sock: &DataSocket, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
-    sock.read_with(|s| recvmsg_gro(s, buf)).await
+pub async fn recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+    sock.async_io(tokio::io::Interest::READABLE, || recvmsg_gro(sock, buf)).await
 }
 
 /// One `recvmsg` on `sock` into `buf`, with the sender's address in `addr` and control messages
@@ -844,12 +754,13 @@ pub async fn recv_gro(sock: &DataSocket, buf: &mut [u8]) -> io::Result<(usize, u
 /// control messages the caller walks (its pointers point into `addr`, `buf` and `control`, so
 /// it is only meaningful while they live and are left as they are).
 fn recvmsg_into(
-    sock: &impl AsRawFd,
+    sock: &UdpSocket,
     addr: &mut libc::sockaddr_storage,
     buf: &mut [u8],
     control: &mut [u64],
     flags: libc::c_int,
 ) -> (io::Result<usize>, libc::msghdr) {
+    use std::os::fd::AsRawFd;
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: all-zero is a valid msghdr; every pointer set below points into the borrows and
     // `iov`, all alive for the call, with the lengths given; the kernel writes at most those.
@@ -870,7 +781,7 @@ fn recvmsg_into(
     }
 }
 
-fn recvmsg_gro(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+fn recvmsg_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
     // SAFETY: all-zero is a valid sockaddr_storage (plain integers).
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut control = [0u64; 8];
@@ -929,7 +840,7 @@ fn socket_addr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
 /// datagrams then go one by one. A refusal because the segments no longer fit the link (it
 /// just shrank) does not count as "no GSO": that run goes one by one, GSO stays on.
 pub async fn send_gso(
-    sock: &DataSocket,
+    sock: &UdpSocket,
     gso: &mut bool,
     buf: &[u8],
     segment: usize,
@@ -939,7 +850,7 @@ pub async fn send_gso(
         return send_each(sock, buf, segment, dest).await.map(drop);
     }
     let sent = past_reports(|| {
-        sock.write_with(|s| sendmsg_gso(s, buf, segment, dest))
+        sock.async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest))
     })
     .await;
     match sent {
@@ -973,7 +884,7 @@ pub async fn send_gso(
 /// reported through this send (IP_RECVERR sets the socket's error until the prober reads its
 /// queue; the report clears it). Either way the datagram goes, not dropped. Returns whether any
 /// was refused so.
-async fn send_each(sock: &DataSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<bool> {
+async fn send_each(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<bool> {
     let mut too_big = false;
     for d in buf.chunks(segment.max(1)) {
         match past_reports(|| sock.send_to(d, dest)).await {
@@ -1035,7 +946,8 @@ async fn past_reports<T, F: Future<Output = io::Result<T>>>(mut send: impl FnMut
 /// (rare: the TUN MTU follows within milliseconds), which is better fragmented than lost. A
 /// probe the prober sends in those microseconds could be fragmented too; the next confirmation
 /// catches what that got wrong.
-fn send_fragmentable(sock: &DataSocket, d: &[u8], dest: SocketAddr) -> io::Result<usize> {
+fn send_fragmentable(sock: &UdpSocket, d: &[u8], dest: SocketAddr) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
     let (level, name, want) = match dest {
         SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT),
         SocketAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT),
@@ -1055,7 +967,8 @@ fn send_fragmentable(sock: &DataSocket, d: &[u8], dest: SocketAddr) -> io::Resul
     sent
 }
 
-fn sendmsg_gso(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
+fn sendmsg_gso(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
     let addr = socket2::SockAddr::from(dest);
     let segment = u16::try_from(segment).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: the pointers point into `buf`, `addr` and the local control buffer, alive for the
@@ -1207,7 +1120,7 @@ impl TunReader {
     /// `first + k` (0 = dropped); see [`send_datagrams`].
     pub async fn send(
         &mut self,
-        sock: &DataSocket,
+        sock: &UdpSocket,
         gso: &mut bool,
         first: usize,
         lens: &[usize],
@@ -1388,7 +1301,7 @@ pub struct Sent {
 /// moves them together into runs a GSO send accepts (equal sizes, the last maybe shorter, at
 /// most [`MAX_UDP_SEND`] bytes) and sends each run in one call. A zero length skips a slot.
 pub async fn send_datagrams(
-    sock: &DataSocket,
+    sock: &UdpSocket,
     gso: &mut bool,
     big: &mut [u8],
     stride: usize,

@@ -15,7 +15,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -1531,7 +1530,7 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
     let (_ns, rt) = loopback_ns();
     let (gso, sent, got) = rt.run(async move {
         let (to, dest) = loopback_receiver();
-        let from = holdfast::tunnel::bind_udp("198.18.0.1:0".parse().expect("addr")).expect("bind the sender");
+        let from = tokio::net::UdpSocket::bind("198.18.0.1:0").await.expect("bind the sender");
         // 200 sealed-sized slots of 60 bytes each: 12 000 bytes, far under 64 KiB.
         let (stride, count) = (100usize, 200usize);
         let mut big = vec![0u8; stride * count];
@@ -1555,70 +1554,6 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
     assert_eq!((sent.datagrams, sent.failed), (200, 0), "{sent:?}");
     assert_eq!(got.len(), 200);
     assert!(got.iter().enumerate().all(|(i, &(n, b))| n == 60 && b == i as u8), "in order, whole");
-}
-
-/// The data socket is watched for reading only (see `tunnel::DataSocket`): no epoll set of this
-/// process watches it for writability, which a sent datagram's being freed by its receiver would
-/// otherwise signal once per datagram. A `tokio::net::UdpSocket`, for contrast, is watched for both.
-#[test]
-fn the_data_socket_is_watched_for_reading_only() {
-    require_root!();
-    let (_ns, rt) = loopback_ns();
-    let (ours, tokios) = rt.run(async move {
-        let ours = holdfast::tunnel::bind_udp("198.18.0.1:0".parse().expect("addr")).expect("bind");
-        let tokios = tokio::net::UdpSocket::bind("198.18.0.1:0").await.expect("bind");
-        (epoll_masks_of(ours.as_raw_fd()), epoll_masks_of(tokios.as_raw_fd()))
-    });
-    let (epollin, epollout) = (libc::EPOLLIN as u32, libc::EPOLLOUT as u32);
-    assert!(!ours.is_empty() && ours.iter().all(|m| m & epollin != 0 && m & epollout == 0), "{ours:x?}");
-    assert!(!tokios.is_empty() && tokios.iter().all(|m| m & epollout != 0), "{tokios:x?}");
-}
-
-/// A send refused with WouldBlock (a full send buffer) waits until the socket is writable and is
-/// tried again: it goes, once. (Across a veth the kernel releases a sent datagram's buffer space
-/// as the receiving side takes it in, so a real full buffer cannot be brought about on demand
-/// here; the refusal is the operation's.)
-#[test]
-fn a_send_refused_for_a_full_buffer_is_tried_again_once_writable() {
-    require_root!();
-    let (_ns, rt) = loopback_ns();
-    let (calls, got) = rt.run(async move {
-        let (to, dest) = loopback_receiver();
-        let sock = holdfast::tunnel::bind_udp("198.18.0.1:0".parse().expect("addr")).expect("bind");
-        let mut calls = 0;
-        let sent = sock
-            .write_with(|s| {
-                calls += 1;
-                if calls == 1 { Err(std::io::ErrorKind::WouldBlock.into()) } else { s.send_to(b"once", dest) }
-            })
-            .await;
-        assert_eq!(sent.expect("sent"), 4);
-        let mut buf = [0u8; 16];
-        let n = to.recv(&mut buf).expect("the datagram");
-        (calls, buf[..n].to_vec())
-    });
-    assert_eq!((calls, got.as_slice()), (2, &b"once"[..]));
-}
-
-/// The event masks with which the epoll sets of this process watch descriptor `fd` (from
-/// `/proc/self/fdinfo`).
-fn epoll_masks_of(fd: i32) -> Vec<u32> {
-    let mut masks = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/fd").expect("fd list").flatten() {
-        let is_epoll = std::fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy().contains("eventpoll"));
-        if !is_epoll {
-            continue;
-        }
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", entry.file_name().to_string_lossy()))
-            .unwrap_or_default();
-        for line in info.lines() {
-            let mut words = line.split_whitespace();
-            if words.next() == Some("tfd:") && words.next() == Some(&fd.to_string()) && words.next() == Some("events:") {
-                masks.extend(words.next().and_then(|m| u32::from_str_radix(m, 16).ok()));
-            }
-        }
-    }
-    masks
 }
 
 /// A GSO send whose segments no longer fit the link (it just shrank; the TUN MTU follows a moment
@@ -1663,7 +1598,7 @@ fn two_gso_runs(lo_mtu: Option<&str>, no_check: bool) -> (bool, Vec<holdfast::tu
     }
     rt.run(async move {
         let (to, dest) = loopback_receiver();
-        let from = holdfast::tunnel::bind_udp("198.18.0.1:0".parse().expect("addr")).expect("bind the sender");
+        let from = tokio::net::UdpSocket::bind("198.18.0.1:0").await.expect("bind the sender");
         holdfast::tunnel::set_path_mtu_probing(&from, true).expect("path MTU probing");
         if no_check {
             holdfast::tunnel::setsockopt_int(&from, libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).expect("SO_NO_CHECK");

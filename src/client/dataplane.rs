@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::tunnel::DataSocket;
+use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -460,7 +460,7 @@ async fn bring_up(shared: Arc<Shared>) {
 /// reached as IPv4-mapped addresses), so that a client can fail over between gateways of either
 /// family without a second socket. A host without IPv6 gets an IPv4 socket if its first gateway
 /// is on IPv4: its IPv6 gateways are then out of reach, and it says so once.
-fn data_socket(cfg: &ClientDataPlaneConfig) -> std::io::Result<DataSocket> {
+fn data_socket(cfg: &ClientDataPlaneConfig) -> std::io::Result<UdpSocket> {
     if !cfg.ipv6_gateways {
         return tunnel::bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
     }
@@ -670,7 +670,7 @@ async fn current_device(
 async fn send_loop(
     shared: Arc<Shared>,
     binding: Binding,
-    sock: Arc<DataSocket>,
+    sock: Arc<UdpSocket>,
     // The address and MTU the TUN device was created with: the device's, not the session's.
     tun_ip: Option<(Ipv4Addr, Option<Ipv6Addr>)>,
     tun_mtu: u16,
@@ -870,7 +870,7 @@ fn gateway_of(auth: &VpnAuthResponse, cfg: &ClientDataPlaneConfig) -> IpAddr {
 async fn send_keepalive(
     auth: &VpnAuthResponse,
     gateway: IpAddr,
-    sock: &DataSocket,
+    sock: &UdpSocket,
     buf: &mut [u8],
     c: &Counters,
 ) -> bool {
@@ -916,7 +916,7 @@ fn seal_drop(e: SealError) -> DropReason {
 
 /// Gateway -> TUN. Accepts datagrams from any source: authenticity comes from the AEAD, and a
 /// multi-homed gateway may answer from another address than the one we send to.
-async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<DataSocket>, acks: mpsc::Sender<Ack>) {
+async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket>, acks: mpsc::Sender<Ack>) {
     let c = &shared.counters;
     bump(&c.rx_loop_starts);
     let get_auth = &binding.get_auth;

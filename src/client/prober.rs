@@ -23,7 +23,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::tunnel::DataSocket;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -50,7 +51,7 @@ pub const ACK_QUEUE: usize = 8;
 
 /// What the prober needs.
 pub struct Prober {
-    pub sock: Arc<DataSocket>,
+    pub sock: Arc<UdpSocket>,
     pub get_auth: GetAuth,
     /// The configured gateway; datagrams go to the snapshot's ([`crate::snapshot::VpnAuthResponse::gateway_ip_or`]).
     pub gateway: IpAddr,
@@ -128,15 +129,17 @@ impl Prober {
                         }
                     }
                 }
-                r = self.sock.errors() => {
-                    let Ok(mut queued) = r else { return };
+                r = self.sock.ready(Interest::ERROR) => {
+                    if r.is_err() {
+                        return;
+                    }
                     let now = Instant::now().into_std();
                     let gateway = (self.get_auth)().map(|a| a.gateway_ip_or(self.gateway));
                     // Through try_io, so the readiness is cleared once the queue is empty (else
-                    // `errors` would answer at once forever); left set if the read stopped at
-                    // its bound with more waiting.
-                    let _ = queued.try_io(|sock| {
-                        let n = crate::tunnel::read_mtu_errors(sock, |dest, mtu| {
+                    // `ready` would answer at once forever); left set if the read stopped at its
+                    // bound with more waiting.
+                    let _ = self.sock.try_io(Interest::ERROR, || {
+                        let n = crate::tunnel::read_mtu_errors(&self.sock, |dest, mtu| {
                             // Only what concerns the path to the gateway; the hint is validated
                             // by the search (never below the base, never a raise).
                             if gateway.is_some_and(|g| same_host(dest.ip(), g)) {

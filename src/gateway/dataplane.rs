@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ipnet::Ipv4Net;
-use crate::tunnel::DataSocket;
+use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -562,7 +562,7 @@ struct Loops {
 async fn from_clients(
     ctx: Arc<Loops>,
     tun: Arc<AsyncDevice>,
-    sock: Arc<DataSocket>,
+    sock: Arc<UdpSocket>,
     stop: watch::Receiver<bool>,
     bell: Arc<Doorbell>,
 ) {
@@ -759,7 +759,7 @@ fn note_seen(
 #[allow(clippy::too_many_arguments)]
 async fn answer_probe(
     session: &DataSession,
-    sock: &DataSocket,
+    sock: &UdpSocket,
     buf: &mut [u8],
     probe: &ProbeBody,
     probe_len: usize,
@@ -822,7 +822,7 @@ async fn answer_probe(
 #[allow(clippy::too_many_arguments)]
 async fn peer_too_big(
     sender: &DataSession,
-    sock: &DataSocket,
+    sock: &UdpSocket,
     packet: &[u8],
     mtu: u16,
     from: IpAddr,
@@ -845,7 +845,7 @@ async fn peer_too_big(
 /// the session's endpoint, counting the outcome.
 async fn send_to_session(
     session: &DataSession,
-    sock: &DataSocket,
+    sock: &UdpSocket,
     buf: &mut [u8],
     len: usize,
     c: &Counters,
@@ -885,7 +885,7 @@ async fn send_to_session(
 async fn to_clients(
     ctx: Arc<Loops>,
     tun: Arc<AsyncDevice>,
-    sock: Arc<DataSocket>,
+    sock: Arc<UdpSocket>,
     stop: watch::Receiver<bool>,
     bell: Arc<Doorbell>,
     mtu: u16,
