@@ -7,6 +7,7 @@
 #   bash benches/hops.sh                     # PINGS=200 pings, one every INTERVAL=0.02 s
 #   INTERVAL=0.001 bash benches/hops.sh      # pings closer together: the threads stay warm
 #   SKIP_BORINGTUN=1 bash benches/hops.sh    # Holdfast alone; BIN= / CLIENT_BIN= another build
+#   ALTERNATIONS=20 bash benches/hops.sh     # blocks of the alternating plain pings (default 10)
 #
 # The hops, each from one tracepoint to the next (net:net_dev_start_xmit when a packet is sent
 # on a device, net:netif_rx / net:netif_receive_skb when one is received):
@@ -20,7 +21,10 @@
 # plus the median of plain pings without tracing (tracing adds a few microseconds per event), and
 # the time the tunnel's processes ran on a CPU during those plain pings, per ping, both ends
 # together (all their threads, from /proc/PID/task/*/schedstat): how much of a round trip is work
-# done in them, woken cold, rather than waiting. Medians over all pings.
+# done in them, woken cold, rather than waiting. Medians over all pings. Last, with both tunnels up
+# (each in its own pair of namespaces), plain pings alternate between them in ALTERNATIONS blocks
+# (PINGS per tunnel in all): the ratio of those medians is the one to quote, since a tunnel's median
+# drifts by a third within minutes on a shared machine.
 #
 # Needs root and perf with tracepoint support; ping, nftables, python3 and wireguard-tools are
 # installed if missing. Two namespaces joined by a veth pair on 198.18.0.0/15,
@@ -35,12 +39,18 @@ case ${1:-} in -h|--help) sed -n '2,/^set -e/{/^set -e/d; s/^# \{0,1\}//; p}' "$
 PINGS=${PINGS:-200} INTERVAL=${INTERVAL:-0.02}
 [[ $PINGS =~ ^[0-9]+$ ]] && [ "$PINGS" -ge 10 ] && [ "$PINGS" -le 2000 ] \
   || { echo "hops.sh: PINGS must be 10 to 2000, not '$PINGS'" >&2; exit 2; }
+ALTERNATIONS=${ALTERNATIONS:-10}
+[[ $ALTERNATIONS =~ ^[0-9]+$ ]] && [ "$ALTERNATIONS" -ge 1 ] && [ "$ALTERNATIONS" -le "$PINGS" ] \
+  || { echo "hops.sh: ALTERNATIONS must be 1 to PINGS ($PINGS), not '$ALTERNATIONS'" >&2; exit 2; }
 [[ $INTERVAL =~ ^0\.[0-9]+$|^[1-9]$ ]] || { echo "hops.sh: INTERVAL must be seconds like 0.02, not '$INTERVAL'" >&2; exit 2; }
 command -v perf >/dev/null || { echo "hops.sh: needs perf (linux-perf) for the kernel's tracepoints" >&2; exit 2; }
 need ping iputils-ping; need nft nftables; need python3 python3
 [ "${SKIP_BORINGTUN:-}" = 1 ] || need wg wireguard-tools
 
 TAG=hfh$$ NA=${TAG}a NB=${TAG}b VA=${TAG}va VB=${TAG}vb
+# boringtun's own pair, so that both tunnels are up at once (the client's kill-switch would block
+# boringtun's datagrams in Holdfast's namespace) and their plain pings can alternate.
+NC=${TAG}c ND=${TAG}d VC=${TAG}vc VD=${TAG}vd
 UA=198.18.0.1 UB=198.18.0.2 PORT=51820
 TOOLS=${BENCH_TOOLS:-$PWD/target/bench-tools}
 WORK=$(mktemp -d /tmp/holdfast-hops.XXXX)
@@ -50,7 +60,7 @@ cleanup() {
   set +e
   for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null; done
   for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null; done
-  for n in $NA $NB; do ip netns del $n 2>/dev/null; rm -rf "/etc/netns/$n"; done
+  for n in $NA $NB $NC $ND; do ip netns del $n 2>/dev/null; rm -rf "/etc/netns/$n"; done
   rmdir /etc/netns 2>/dev/null
   rm -rf "$WORK"
 }
@@ -96,28 +106,28 @@ for name in names:
     print('  %-15s median %6.1f us   p10 %6.1f   p90 %6.1f' % (name, statistics.median(v), v[len(v) // 10], v[len(v) * 9 // 10]))
 print('  %d round trips traced' % len(hops['round trip']))
 PY
-ping_median() { # IP: the median RTT of PINGS plain pings, in ms
-  ip netns exec $NA ping -n -c "$PINGS" -i "$INTERVAL" -W 1 "$1" 2>/dev/null \
-    | python3 -c "import re,statistics,sys; v=[float(x) for x in re.findall(r'time=([0-9.]+) ms', sys.stdin.read())]; print('%.3f' % statistics.median(v) if v else 'none')"
+rtts() { # NS IP COUNT: the RTTs of COUNT plain pings from NS, in ms, one per line
+  ip netns exec "$1" ping -n -c "$3" -i "$INTERVAL" -W 1 "$2" 2>/dev/null | grep -o 'time=[0-9.]*' | cut -d= -f2
 }
+median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.stdin.read().split()]; print('%.3f' % statistics.median(v) if v else 'none')"; }
 oncpu_ns() { # PID...: the time the processes' threads have run on a CPU, in ns (schedstat)
   local p; for p in "$@"; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{t += $1} END {printf "%d", t}'
 }
-measure() { # ROW TARGET CLIENT-TUN GATEWAY-TUN PID... (the tunnel's processes at both ends)
-  local row=$1 ip=$2 c0 c1 median
-  ip netns exec $NA ping -q -n -c 20 -i 0.02 "$ip" >/dev/null   # past the first packets' set-up
-  c0=$(oncpu_ns "${@:5}")
-  median=$(ping_median "$ip")
-  c1=$(oncpu_ns "${@:5}")
+measure() { # ROW NS TARGET CLIENT-TUN GATEWAY-TUN UNDERLAY-A UNDERLAY-B PID... (the tunnel's processes)
+  local row=$1 ns=$2 ip=$3 c0 c1 median
+  ip netns exec "$ns" ping -q -n -c 20 -i 0.02 "$ip" >/dev/null   # past the first packets' set-up
+  c0=$(oncpu_ns "${@:8}")
+  median=$(rtts "$ns" "$ip" "$PINGS" | median)
+  c1=$(oncpu_ns "${@:8}")
   # CPU per ping (both ends, all threads; a keepalive or a status tick in the window counts too):
   # what of a round trip is work done in the tunnel's processes, the rest being the kernel's path
   # and waiting to be scheduled.
   echo "$row: plain ping median $median ms ($PINGS pings, one every $INTERVAL s); on CPU $(( (c1 - c0) / PINGS / 1000 )) us per ping, both ends"
   perf record -q -o "$WORK/$row.data" -a -e net:net_dev_start_xmit -e net:netif_rx -e net:netif_receive_skb \
-      -- timeout $((PINGS + 60)) ip netns exec $NA ping -q -n -c "$PINGS" -i "$INTERVAL" -W 1 "$ip" >/dev/null 2>&1
+      -- timeout $((PINGS + 60)) ip netns exec "$ns" ping -q -n -c "$PINGS" -i "$INTERVAL" -W 1 "$ip" >/dev/null 2>&1
   perf script -i "$WORK/$row.data" -F comm,tid,cpu,time,event,trace >"$WORK/$row.txt" 2>/dev/null
   echo "$row: traced, per hop"
-  python3 "$WORK/hops.py" "$WORK/$row.txt" "$3" "$4" $VA $VB
+  python3 "$WORK/hops.py" "$WORK/$row.txt" "$4" "$5" "$6" "$7"
 }
 
 # --- topology ------------------------------------------------------------------------------------
@@ -134,8 +144,8 @@ launch client ip netns exec $NA "$CLIENT_BIN" run --no-tui --config "$WORK/defau
 for _ in $(seq 100); do ip netns exec $NA ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
 ip netns exec $NA ping -q -c 1 -W 2 100.64.0.1 >/dev/null || { echo "holdfast tunnel did not come up"; tail -20 "$WORK/client.log" "$WORK/gw.log"; exit 1; }
 GW_TUN=$(ip -n $NB -o link show | awk -F': ' '$2 !~ /^(lo|'$VB')/ {sub(/@.*/, "", $2); print $2; exit}')
-measure holdfast 100.64.0.1 holdfast0 "$GW_TUN" $(pgrep -f "gateway run --dir $WORK/gw") $(pgrep -f "run --no-tui --config $WORK/default.toml")
-stop_all
+HF_PIDS=$(pgrep -f "gateway run --dir $WORK/gw"; pgrep -f "run --no-tui --config $WORK/default.toml")
+measure holdfast $NA 100.64.0.1 holdfast0 "$GW_TUN" $VA $VB $HF_PIDS
 
 # --- boringtun --------------------------------------------------------------------------------------
 if [ "${SKIP_BORINGTUN:-}" = 1 ]; then
@@ -147,9 +157,21 @@ if [ ! -x "$BT" ]; then
   timeout 1800 cargo install --quiet --locked boringtun-cli --root "$TOOLS" >"$WORK/install.log" 2>&1 \
     || { echo "boringtun: skipped (cargo install failed)"; tail -5 "$WORK/install.log"; exit 0; }
 fi
+bench_pair_netns $NC $ND $VC $VD $UA $UB
 wg_prepare "$WORK"
-launch bt-a ip netns exec $NA "${NSX[@]}" "$BT" wga --foreground --disable-drop-privileges --threads 1
-launch bt-b ip netns exec $NB "${NSX[@]}" "$BT" wgb --foreground --disable-drop-privileges --threads 1
-wg_configure $NA $NB wga wgb 100.64.1 $UA $UB $PORT "$WORK" || { echo "boringtun: could not be configured"; tail -5 "$WORK/bt-a.log" "$WORK/bt-b.log"; exit 1; }
-for _ in $(seq 20); do ip netns exec $NA ping -q -c 1 -W 1 100.64.1.2 >/dev/null 2>&1 && break; done
-measure boringtun 100.64.1.2 wga wgb $(pgrep -f "$BT wg[ab] --foreground")
+launch bt-a ip netns exec $NC "${NSX[@]}" "$BT" wga --foreground --disable-drop-privileges --threads 1
+launch bt-b ip netns exec $ND "${NSX[@]}" "$BT" wgb --foreground --disable-drop-privileges --threads 1
+wg_configure $NC $ND wga wgb 100.64.1 $UA $UB $PORT "$WORK" || { echo "boringtun: could not be configured"; tail -5 "$WORK/bt-a.log" "$WORK/bt-b.log"; exit 1; }
+for _ in $(seq 20); do ip netns exec $NC ping -q -c 1 -W 1 100.64.1.2 >/dev/null 2>&1 && break; done
+measure boringtun $NC 100.64.1.2 wga wgb $VC $VD $(pgrep -f "$BT wg[ab] --foreground")
+
+# --- both, alternating --------------------------------------------------------------------------------
+# See the header: the two tunnels' plain pings in alternating blocks, for a ratio that drift does not skew.
+ALT=$ALTERNATIONS
+: >"$WORK/hf.rtt"; : >"$WORK/bt.rtt"
+for _ in $(seq "$ALT"); do
+  rtts $NA 100.64.0.1 $((PINGS / ALT)) >>"$WORK/hf.rtt"
+  rtts $NC 100.64.1.2 $((PINGS / ALT)) >>"$WORK/bt.rtt"
+done
+hf=$(median <"$WORK/hf.rtt"); bt=$(median <"$WORK/bt.rtt")
+echo "alternating ($ALT blocks, $(wc -l <"$WORK/hf.rtt") / $(wc -l <"$WORK/bt.rtt") pings): holdfast median $hf ms, boringtun $bt ms, ratio $(python3 -c "print('%.2f' % ($hf / $bt))" 2>/dev/null || echo '?')"
