@@ -1557,7 +1557,7 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
 }
 
 /// A GSO send whose segments no longer fit the link (it just shrank; the TUN MTU follows a moment
-/// later) is refused whole: EMSGSIZE on this kernel, EINVAL before Linux 6.10, the errno a kernel
+/// later) is refused whole: EMSGSIZE on this kernel (6.18), EINVAL on older ones, the errno a kernel
 /// without UDP GSO refuses it with. The run goes one by one, fragmented where too big, and GSO
 /// stays on for the runs after it.
 #[test]
