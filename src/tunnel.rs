@@ -8,7 +8,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -1006,11 +1006,12 @@ pub struct TunReader {
     slots: Vec<u8>,
     stride: usize,
     sizes: [usize; READ_SLOTS],
-    /// An error a read after the first one of a batch met, and the device it came from (its
-    /// address): the batch it ended is handed out first, the error with the next call on the
-    /// same device. A loop that moved to a re-created device meanwhile never sees the old
-    /// device's error, which would have it report the new one gone.
-    deferred: Option<(usize, io::Error)>,
+    /// An error a read after the first one of a batch met, and the device it came from: the
+    /// batch it ended is handed out first, the error with the next call on the same device. A
+    /// loop that moved to a re-created device meanwhile never sees the old device's error, which
+    /// would have it report the new one gone. Held as a `Weak`, which keeps the old device's
+    /// allocation, so a new device can never sit at the same address and pass for it.
+    deferred: Option<(Weak<AsyncDevice>, io::Error)>,
     /// When the last batch's first read returned, and how close the next must follow for the
     /// device to count as busy (see [`TunReader::read`]).
     last_batch: Option<Instant>,
@@ -1071,10 +1072,9 @@ impl TunReader {
     /// of them leaves in one GSO send and reaches the peer as one GRO receive: one wake-up
     /// there instead of one per packet. Only when busy, because the read that finds nothing
     /// would delay a lone packet (a ping) by a microsecond or two.
-    pub async fn read(&mut self, tun: &AsyncDevice) -> io::Result<usize> {
-        let device = std::ptr::from_ref(tun) as usize;
+    pub async fn read(&mut self, tun: &Arc<AsyncDevice>) -> io::Result<usize> {
         if let Some((from, e)) = self.deferred.take()
-            && from == device
+            && std::ptr::eq(from.as_ptr(), Arc::as_ptr(tun))
         {
             return Err(e);
         }
@@ -1092,7 +1092,7 @@ impl TunReader {
                 Ok(more) => n += more,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    self.deferred = Some((device, e));
+                    self.deferred = Some((Arc::downgrade(tun), e));
                     break;
                 }
             }
