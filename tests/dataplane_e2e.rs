@@ -1598,7 +1598,7 @@ fn two_gso_runs(lo_mtu: Option<&str>, no_check: bool) -> (bool, Vec<holdfast::tu
     }
     rt.run(async move {
         let (to, dest) = loopback_receiver();
-        let from = tokio::net::UdpSocket::bind("198.18.0.1:0").await.expect("bind the sender");
+        let from = holdfast::tunnel::bind_udp("198.18.0.1:0".parse().expect("addr")).expect("bind the sender");
         holdfast::tunnel::set_path_mtu_probing(&from, true).expect("path MTU probing");
         if no_check {
             holdfast::tunnel::setsockopt_int(&from, libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).expect("SO_NO_CHECK");

@@ -287,9 +287,8 @@ impl ClientDataPlane {
     }
 
     pub async fn stop(&self) {
+        // The loops hear it through `ring_bells`.
         self.shared.stop.send_replace(true);
-        self.shared.tx_bell.ring();
-        self.shared.rx_bell.ring();
         let tasks = std::mem::take(&mut *lock(&self.shared.tasks));
         for t in tasks {
             let _ = t.await;
