@@ -12,9 +12,11 @@ use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::os::fd::{AsFd, AsRawFd};
+
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{AsyncDevice, DeviceBuilder, SyncDevice};
 
 use crate::packet_thread::Doorbell;
 use crate::sansio::coalesce::{Coalescer, PushError, VNET_HDR_LEN};
@@ -290,9 +292,11 @@ pub struct TunSpec {
     pub offload: bool,
 }
 
-/// A TUN device that is up, and what the logs and the status feed show of it.
+/// A TUN device that is up, and what the logs and the status feed show of it. The device is
+/// non-blocking and registered with no reactor: the client's engine waits on it in its own
+/// `epoll_wait`; a tokio loop wraps it with [`AsyncDevice::new`] (on the runtime that runs it).
 pub struct Tun {
-    pub device: AsyncDevice,
+    pub device: SyncDevice,
     pub name: String,
     pub ifindex: u32,
     pub mtu: u16,
@@ -366,7 +370,8 @@ pub fn create_tun(spec: &TunSpec) -> Result<Tun, TunError> {
     if let Some(name) = &spec.name {
         builder = builder.name(name.clone());
     }
-    let device = builder.build_async().map_err(fail)?;
+    let device = builder.build_sync().map_err(fail)?;
+    device.set_nonblocking(true).map_err(fail)?;
     let name = device.name().map_err(fail)?;
     let ifindex = device.if_index().map_err(fail)?;
     let mtu = device.mtu().map_err(fail)?;
@@ -391,6 +396,12 @@ pub async fn create_tun_retrying(spec: &TunSpec, within: Duration) -> Result<Tun
 
 /// Binds a UDP socket with large buffers. Non-blocking, registered with the current runtime.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    UdpSocket::from_std(bind_udp_std(addr)?)
+}
+
+/// [`bind_udp`], registered with no reactor (for the client's engine, which waits on it in its
+/// own `epoll_wait`).
+pub fn bind_udp_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Best effort: a smaller buffer costs throughput, not correctness.
@@ -399,7 +410,7 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     sock.set_nonblocking(true)?;
     dual_stack(&sock, addr)?;
     sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
+    Ok(sock.into())
 }
 
 /// Path MTU discovery on a data-plane socket: datagrams go out with DF set whatever the kernel's
@@ -409,8 +420,8 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// `recv_errors`, ICMP "fragmentation needed"/"packet too big" and local EMSGSIZE are queued on
 /// the socket's error queue (`IP_RECVERR`), read by [`read_mtu_errors`]. Sets the options of
 /// the socket's family, and of IPv4 too on an IPv6 socket (a dual-stack socket carries both).
-pub fn set_path_mtu_probing(sock: &UdpSocket, recv_errors: bool) -> io::Result<()> {
-    let ipv6 = sock.local_addr()?.is_ipv6();
+pub fn set_path_mtu_probing(sock: &(impl AsFd + AsRawFd), recv_errors: bool) -> io::Result<()> {
+    let ipv6 = socket2::SockRef::from(sock).local_addr()?.is_ipv6();
     if ipv6 {
         setsockopt_int(sock, libc::SOL_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_PROBE)?;
         if recv_errors {
@@ -469,7 +480,7 @@ pub const MAX_ERRORS_PER_READ: usize = 64;
 /// Reads the socket's error queue (without blocking, at most [`MAX_ERRORS_PER_READ`] entries)
 /// and calls `hint(destination, mtu)` for each path MTU error (see [`mtu_of_error`]); other
 /// errors are read and dropped, so the queue never fills. Returns how many entries were read.
-pub fn read_mtu_errors(sock: &UdpSocket, mut hint: impl FnMut(SocketAddr, u16)) -> usize {
+pub fn read_mtu_errors(sock: &impl AsRawFd, mut hint: impl FnMut(SocketAddr, u16)) -> usize {
     let mut read = 0;
     while read < MAX_ERRORS_PER_READ {
         // SAFETY: all-zero is a valid sockaddr_storage (plain integers).
@@ -727,8 +738,7 @@ pub const TUN_READ_BUFFER: usize = tun_rs::VIRTIO_NET_HDR_LEN + 65535;
 
 /// Asks the kernel to hand us coalesced UDP datagrams (one `recvmsg`, many datagrams of one
 /// size, the last maybe shorter). Best effort: without it we get one datagram per call.
-pub fn enable_udp_gro(sock: &UdpSocket) -> bool {
-    use std::os::fd::AsRawFd;
+pub fn enable_udp_gro(sock: &impl AsRawFd) -> bool {
     let on: libc::c_int = 1;
     // SAFETY: a valid socket fd and a c_int option value of the size passed.
     let rc = unsafe {
@@ -754,13 +764,12 @@ pub async fn recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, us
 /// control messages the caller walks (its pointers point into `addr`, `buf` and `control`, so
 /// it is only meaningful while they live and are left as they are).
 fn recvmsg_into(
-    sock: &UdpSocket,
+    sock: &impl AsRawFd,
     addr: &mut libc::sockaddr_storage,
     buf: &mut [u8],
     control: &mut [u64],
     flags: libc::c_int,
 ) -> (io::Result<usize>, libc::msghdr) {
-    use std::os::fd::AsRawFd;
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: all-zero is a valid msghdr; every pointer set below points into the borrows and
     // `iov`, all alive for the call, with the lengths given; the kernel writes at most those.
@@ -781,7 +790,13 @@ fn recvmsg_into(
     }
 }
 
-fn recvmsg_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+/// [`recv_gro`] without waiting, for a socket no reactor knows: `WouldBlock` when nothing is
+/// queued.
+pub fn recv_gro_now(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+    recvmsg_gro(sock, buf)
+}
+
+fn recvmsg_gro(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
     // SAFETY: all-zero is a valid sockaddr_storage (plain integers).
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut control = [0u64; 8];
@@ -853,28 +868,68 @@ pub async fn send_gso(
         sock.async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest))
     })
     .await;
-    match sent {
-        Err(e)
-            if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) =>
-        {
-            // Either no UDP GSO here (old kernel, a device without it), or, for EINVAL, segments
-            // bigger than the link lets out (the kernel checks a GSO send's segment size against
-            // it and refuses the whole send; the link just shrank, the TUN MTU follows a moment
-            // later). Sent one by one either way; in the second case some of them are too big
-            // for the link too (see `send_each`), and GSO stays on for the runs that follow.
+    match sent.as_ref().err().and_then(GsoRefusal::of) {
+        None => sent,
+        Some(refusal) => {
             let too_big = send_each(sock, buf, segment, dest).await?;
-            if !too_big {
-                *gso = false;
-            }
+            refusal.settle(gso, too_big);
             Ok(())
         }
-        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-            // Segments bigger than the path: it just shrank, and the TUN MTU follows a moment
-            // later. Sent one by one (see `send_each`). Also the case where the EMSGSIZE was an
-            // ICMP "too big" reported through this send (IP_RECVERR).
-            send_each(sock, buf, segment, dest).await.map(drop)
+    }
+}
+
+/// [`send_gso`] on a socket no reactor knows (the client's engine): a full send buffer is
+/// waited out in `poll` (see [`writable_now`]), and the route's settling in a sleep.
+pub fn send_gso_now(
+    sock: &impl AsRawFd,
+    gso: &mut bool,
+    buf: &[u8],
+    segment: usize,
+    dest: SocketAddr,
+) -> io::Result<()> {
+    if buf.len() <= segment || !*gso {
+        return send_each_now(sock, buf, segment, dest).map(drop);
+    }
+    let sent = past_reports_now(|| writable_now(sock, || sendmsg_gso(sock, buf, segment, dest)));
+    match sent.as_ref().err().and_then(GsoRefusal::of) {
+        None => sent,
+        Some(refusal) => {
+            let too_big = send_each_now(sock, buf, segment, dest)?;
+            refusal.settle(gso, too_big);
+            Ok(())
         }
-        other => other,
+    }
+}
+
+/// Why the kernel refused a GSO send whose datagrams are then sent one by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GsoRefusal {
+    /// EIO, EINVAL, ENOPROTOOPT: either no UDP GSO here (old kernel, a device without it), or,
+    /// for EINVAL, segments bigger than the link lets out (older kernels check a GSO send's
+    /// segment size against it and refuse the whole send; the link just shrank, the TUN MTU
+    /// follows a moment later). In the second case some datagrams are too big for the link
+    /// one by one too (see [`send_each`]), and GSO stays on for the runs that follow.
+    MaybeNoGso,
+    /// EMSGSIZE: segments bigger than the path, which just shrank (the TUN MTU follows a moment
+    /// later), or an ICMP "too big" reported through this send (IP_RECVERR). GSO stays on.
+    TooBig,
+}
+
+impl GsoRefusal {
+    fn of(e: &io::Error) -> Option<Self> {
+        match e.raw_os_error() {
+            Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT) => Some(Self::MaybeNoGso),
+            Some(libc::EMSGSIZE) => Some(Self::TooBig),
+            _ => None,
+        }
+    }
+
+    /// Turns GSO off for good when the one-by-one sends showed the kernel has none: every
+    /// datagram fit the link (`too_big` false), so the size was not why it refused.
+    fn settle(self, gso: &mut bool, too_big: bool) {
+        if self == Self::MaybeNoGso && !too_big {
+            *gso = false;
+        }
     }
 }
 
@@ -887,15 +942,31 @@ pub async fn send_gso(
 async fn send_each(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<bool> {
     let mut too_big = false;
     for d in buf.chunks(segment.max(1)) {
-        match past_reports(|| sock.send_to(d, dest)).await {
-            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-                too_big = true;
-                send_fragmentable(sock, d, dest)?;
-            }
-            other => drop(other?),
-        }
+        too_big |= sent_or_fragmented(sock, d, dest, past_reports(|| sock.send_to(d, dest)).await)?;
     }
     Ok(too_big)
+}
+
+/// [`send_each`] without a reactor (see [`send_gso_now`]).
+fn send_each_now(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<bool> {
+    let mut too_big = false;
+    for d in buf.chunks(segment.max(1)) {
+        let sent = past_reports_now(|| writable_now(sock, || sendto(sock, d, dest)));
+        too_big |= sent_or_fragmented(sock, d, dest, sent)?;
+    }
+    Ok(too_big)
+}
+
+/// One datagram `d`'s send result, taken as [`send_each`] says: an EMSGSIZE sends it again
+/// fragmentable (and returns true), any other error is returned.
+fn sent_or_fragmented(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr, sent: io::Result<usize>) -> io::Result<bool> {
+    match sent {
+        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+            send_fragmentable(sock, d, dest)?;
+            Ok(true)
+        }
+        other => other.map(|_| false),
+    }
 }
 
 /// Whether a send failed with an ICMP error that an earlier datagram drew. On a socket with
@@ -940,14 +1011,85 @@ async fn past_reports<T, F: Future<Output = io::Result<T>>>(mut send: impl FnMut
     sent
 }
 
+/// [`past_reports`] on the engine's thread: the settling pause is a sleep of the thread (the
+/// destination is unreachable then, so nothing else is coming from it either).
+fn past_reports_now<T>(mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut sent = send();
+    if sent.as_ref().is_err_and(reported_for_earlier) {
+        sent = send();
+        if sent.as_ref().is_err_and(unreachable_for_now) {
+            std::thread::sleep(ROUTE_SETTLE);
+            sent = send();
+        }
+    }
+    sent
+}
+
+/// How long a send on a descriptor no reactor knows waits for room (a full socket send buffer,
+/// a TUN device that pushes back), at most, before the send counts as failed.
+const WRITABLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Runs `op` (a non-blocking write to `fd`), waiting in `poll` for room and trying again while
+/// it would block, for up to [`WRITABLE_WAIT`] in all. Rare: the kernel frees a UDP datagram's
+/// buffer space as soon as the device takes it, and a TUN device queues what it is given.
+pub fn writable_now<T>(fd: &impl AsRawFd, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let end = std::time::Instant::now() + WRITABLE_WAIT;
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(e);
+                }
+                let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+                // SAFETY: one valid pollfd, alive for the call.
+                if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// One non-blocking `sendto` of `d` to `dest` on `sock`.
+fn sendto(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr) -> io::Result<usize> {
+    let addr = socket2::SockAddr::from(dest);
+    // SAFETY: `d` and `addr` are alive for the call, with the lengths passed.
+    let n = unsafe {
+        libc::sendto(sock.as_raw_fd(), d.as_ptr().cast(), d.len(), libc::MSG_DONTWAIT, addr.as_ptr().cast(), addr.len())
+    };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// One datagram to `dest` on a socket no reactor knows, waiting for room as [`writable_now`]
+/// does (keepalives, probes).
+pub fn send_to_now(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr) -> io::Result<usize> {
+    writable_now(sock, || sendto(sock, d, dest))
+}
+
+/// One non-blocking `write` of a whole packet to a TUN device, waiting for room as
+/// [`writable_now`] does.
+pub fn write_tun_now(tun: &impl AsRawFd, packet: &[u8]) -> io::Result<()> {
+    writable_now(tun, || {
+        // SAFETY: `packet` is alive for the call, with the length passed.
+        let n = unsafe { libc::write(tun.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    })
+}
+
 /// Sends `d` once with local fragmentation allowed, on a socket that otherwise sets DF for path
 /// MTU discovery ([`set_path_mtu_probing`]): the socket's mode is switched for this one send and
 /// put back at once, with no await in between. Only for data caught by a link that just shrank
 /// (rare: the TUN MTU follows within milliseconds), which is better fragmented than lost. A
 /// probe the prober sends in those microseconds could be fragmented too; the next confirmation
 /// catches what that got wrong.
-fn send_fragmentable(sock: &UdpSocket, d: &[u8], dest: SocketAddr) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
+fn send_fragmentable(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr) -> io::Result<usize> {
     let (level, name, want) = match dest {
         SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT),
         SocketAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT),
@@ -962,13 +1104,12 @@ fn send_fragmentable(sock: &UdpSocket, d: &[u8], dest: SocketAddr) -> io::Result
         return Err(io::Error::last_os_error());
     }
     setsockopt_int(sock, level, name, want)?;
-    let sent = sock.try_send_to(d, dest);
+    let sent = sendto(sock, d, dest);
     setsockopt_int(sock, level, name, before)?;
     sent
 }
 
-fn sendmsg_gso(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
+fn sendmsg_gso(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<()> {
     let addr = socket2::SockAddr::from(dest);
     let segment = u16::try_from(segment).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: the pointers point into `buf`, `addr` and the local control buffer, alive for the
@@ -1001,7 +1142,7 @@ fn sendmsg_gso(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -
 /// TSO super-packet split by tun-rs when offload is on, else one packet; more reads when more
 /// packets are already queued), each placed at [`wire::HEADER_LEN`] in its own slot of `stride`
 /// bytes, so it can be sealed where it lies. Buffers are allocated once.
-pub struct TunReader {
+pub struct TunReader<D = AsyncDevice> {
     raw: Vec<u8>,
     slots: Vec<u8>,
     stride: usize,
@@ -1011,7 +1152,7 @@ pub struct TunReader {
     /// loop that moved to a re-created device meanwhile never sees the old device's error, which
     /// would have it report the new one gone. Held as a `Weak`, which keeps the old device's
     /// allocation, so a new device can never sit at the same address and pass for it.
-    deferred: Option<(Weak<AsyncDevice>, io::Error)>,
+    deferred: Option<(Weak<D>, io::Error)>,
     /// When the last batch's first read returned, and how close the next must follow for the
     /// device to count as busy (see [`TunReader::read`]).
     last_batch: Option<Instant>,
@@ -1023,7 +1164,7 @@ pub struct TunReader {
 /// microseconds apart; interactive traffic (keystrokes, a ping a second) is far slower.
 const TUN_BUSY_WITHIN: Duration = Duration::from_millis(1);
 
-impl TunReader {
+impl<D: TunDevice> TunReader<D> {
     /// Slots for inner packets of up to `mtu` bytes.
     pub fn new(mtu: u16) -> Self {
         let stride = wire::OVERHEAD + usize::from(mtu);
@@ -1072,23 +1213,51 @@ impl TunReader {
     /// of them leaves in one GSO send and reaches the peer as one GRO receive: one wake-up
     /// there instead of one per packet. Only when busy, because the read that finds nothing
     /// would delay a lone packet (a ping) by a microsecond or two.
-    pub async fn read(&mut self, tun: &Arc<AsyncDevice>) -> io::Result<usize> {
-        if let Some((from, e)) = self.deferred.take()
-            && std::ptr::eq(from.as_ptr(), Arc::as_ptr(tun))
-        {
+    pub async fn read(&mut self, tun: &Arc<D>) -> io::Result<usize>
+    where
+        D: AsyncTun,
+    {
+        if let Some(e) = self.deferred_for(tun) {
             return Err(e);
         }
-        let mut n = {
+        let n = {
             let mut bufs = batch_slots(&mut self.slots, self.stride, 0);
-            tun.recv_multiple(&mut self.raw, &mut bufs, &mut self.sizes[..BATCH], wire::HEADER_LEN).await?
+            tun.recv_batch(&mut self.raw, &mut bufs, &mut self.sizes[..BATCH], wire::HEADER_LEN).await?
         };
+        Ok(self.top_up(tun, n))
+    }
+
+    /// [`TunReader::read`] without waiting, for a device no reactor knows (the client's
+    /// engine): `WouldBlock` when nothing is queued.
+    pub fn try_read(&mut self, tun: &Arc<D>) -> io::Result<usize> {
+        if let Some(e) = self.deferred_for(tun) {
+            return Err(e);
+        }
+        let n = {
+            let mut bufs = batch_slots(&mut self.slots, self.stride, 0);
+            tun.try_recv_batch(&mut self.raw, &mut bufs, &mut self.sizes[..BATCH], wire::HEADER_LEN)?
+        };
+        Ok(self.top_up(tun, n))
+    }
+
+    /// The error a read of `tun` deferred, if it is this device's.
+    fn deferred_for(&mut self, tun: &Arc<D>) -> Option<io::Error> {
+        match self.deferred.take() {
+            Some((from, e)) if std::ptr::eq(from.as_ptr(), Arc::as_ptr(tun)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// After a batch's first read of `n` packets: if the device is busy, what is already
+    /// queued, without waiting, while [`BATCH`] slots are free. Returns the batch's size.
+    fn top_up(&mut self, tun: &Arc<D>, mut n: usize) -> usize {
         let now = Instant::now();
         let busy = self.last_batch.is_some_and(|t| now.saturating_duration_since(t) <= self.busy_within);
         self.last_batch = Some(now);
         while busy && READ_SLOTS - n >= BATCH {
             let mut bufs = batch_slots(&mut self.slots, self.stride, n);
             let sizes = &mut self.sizes[n..n + BATCH];
-            match tun.try_recv_multiple(&mut self.raw, &mut bufs, sizes, wire::HEADER_LEN) {
+            match tun.try_recv_batch(&mut self.raw, &mut bufs, sizes, wire::HEADER_LEN) {
                 Ok(more) => n += more,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -1097,7 +1266,7 @@ impl TunReader {
                 }
             }
         }
-        Ok(n)
+        n
     }
 
     /// Length of packet `i` of the last batch.
@@ -1128,6 +1297,49 @@ impl TunReader {
     ) -> Sent {
         let slots = &mut self.slots[first * self.stride..];
         send_datagrams(sock, gso, slots, self.stride, lens, dest).await
+    }
+
+    /// [`TunReader::send`] on a socket no reactor knows ([`send_datagrams_now`]).
+    pub fn send_now(&mut self, sock: &impl AsRawFd, gso: &mut bool, first: usize, lens: &[usize], dest: SocketAddr) -> Sent {
+        let slots = &mut self.slots[first * self.stride..];
+        send_datagrams_now(sock, gso, slots, self.stride, lens, dest)
+    }
+}
+
+/// A TUN device a [`TunReader`] reads batches from: one read that does not wait (`WouldBlock`
+/// when nothing is queued). tokio's device (the gateway's loops) and a plain non-blocking one
+/// (the client's engine).
+pub trait TunDevice {
+    fn try_recv_batch(&self, raw: &mut [u8], bufs: &mut [&mut [u8]], sizes: &mut [usize], offset: usize) -> io::Result<usize>;
+}
+
+/// A [`TunDevice`] that can also wait for its batch (a reactor knows it).
+pub trait AsyncTun: TunDevice {
+    fn recv_batch(
+        &self,
+        raw: &mut [u8],
+        bufs: &mut [&mut [u8]],
+        sizes: &mut [usize],
+        offset: usize,
+    ) -> impl Future<Output = io::Result<usize>>;
+}
+
+impl TunDevice for AsyncDevice {
+    fn try_recv_batch(&self, raw: &mut [u8], bufs: &mut [&mut [u8]], sizes: &mut [usize], offset: usize) -> io::Result<usize> {
+        self.try_recv_multiple(raw, bufs, sizes, offset)
+    }
+}
+
+impl AsyncTun for AsyncDevice {
+    async fn recv_batch(&self, raw: &mut [u8], bufs: &mut [&mut [u8]], sizes: &mut [usize], offset: usize) -> io::Result<usize> {
+        self.recv_multiple(raw, bufs, sizes, offset).await
+    }
+}
+
+impl TunDevice for SyncDevice {
+    fn try_recv_batch(&self, raw: &mut [u8], bufs: &mut [&mut [u8]], sizes: &mut [usize], offset: usize) -> io::Result<usize> {
+        // The descriptor is non-blocking (see `create_tun`): this read does not wait.
+        self.recv_multiple(raw, bufs, sizes, offset)
     }
 }
 
@@ -1203,6 +1415,16 @@ impl TooBig {
             c.count_drop(DropReason::TunError);
         }
     }
+
+    /// [`TooBig::send`] to a device no reactor knows (see [`write_tun_now`]).
+    pub fn send_now(&mut self, tun: &SyncDevice, packet: &[u8], mtu: u16, from: IpAddr, c: &Counters) {
+        let vnet_header = tun.tcp_gso();
+        if let Some(answer) = self.answer(packet, mtu, from, vnet_header, Instant::now(), c)
+            && write_tun_now(tun, answer).is_err()
+        {
+            c.count_drop(DropReason::TunError);
+        }
+    }
 }
 
 /// A loop's TUN write side: inner packets collected from one UDP batch, then written.
@@ -1274,6 +1496,25 @@ impl TunWriter {
                 break;
             }
         }
+        self.flushed(packets, bytes, result, c)
+    }
+
+    /// [`TunWriter::flush`] to a device no reactor knows (see [`write_tun_now`]).
+    pub fn flush_now(&mut self, tun: &impl AsRawFd, c: &Counters) -> io::Result<usize> {
+        let (packets, bytes) = (self.packets, self.bytes);
+        let mut result = Ok(packets);
+        for p in self.pending() {
+            if let Err(e) = write_tun_now(tun, p) {
+                result = Err(e);
+                break;
+            }
+        }
+        self.flushed(packets, bytes, result, c)
+    }
+
+    /// After a flush of `packets` inner packets (`bytes` bytes) with `result`: empty again, and
+    /// counted.
+    fn flushed(&mut self, packets: usize, bytes: usize, result: io::Result<usize>, c: &Counters) -> io::Result<usize> {
         self.co.clear();
         let merged =
             self.co.merged() - std::mem::replace(&mut self.merged_counted, self.co.merged());
@@ -1309,50 +1550,92 @@ pub async fn send_datagrams(
     dest: SocketAddr,
 ) -> Sent {
     let mut sent = Sent::default();
-    let mut i = 0;
-    while i < lens.len() {
-        let size = lens[i];
-        if size == 0 {
-            i += 1;
-            continue;
-        }
-        // Gather the run starting at slot i into big[i * stride..]; each move goes leftwards
-        // and never over a slot not yet moved, because `size <= stride`.
-        let start = i * stride;
-        let mut end = start + size;
-        let mut count = 1;
-        let mut j = i + 1;
-        while j < lens.len()
-            && lens[j] != 0
-            && lens[j] <= size
-            && end - start + lens[j] <= MAX_UDP_SEND
-            && count < MAX_GSO_SEGMENTS
-        {
-            // Full-sized datagrams already lie end to end (a TSO segment plus the overhead is
-            // the stride): nothing to move then.
-            if j * stride != end {
-                big.copy_within(j * stride..j * stride + lens[j], end);
-            }
-            end += lens[j];
-            count += 1;
-            j += 1;
-            if lens[j - 1] < size {
-                break; // only the last datagram of a GSO send may be shorter
-            }
-        }
-        match send_gso(sock, gso, &big[start..end], size, dest).await {
-            Ok(()) => {
-                sent.datagrams += count;
-                sent.inner_bytes += end - start - count * wire::OVERHEAD;
-            }
-            Err(e) => {
-                sent.failed += count;
-                sent.error = Some(e);
-            }
-        }
-        i = j;
+    let mut next = 0;
+    while let Some(run) = gather_run(big, stride, lens, &mut next) {
+        sent.count(&run, send_gso(sock, gso, &big[run.start..run.end], run.size, dest).await);
     }
     sent
+}
+
+/// [`send_datagrams`] on a socket no reactor knows ([`send_gso_now`]).
+pub fn send_datagrams_now(
+    sock: &impl AsRawFd,
+    gso: &mut bool,
+    big: &mut [u8],
+    stride: usize,
+    lens: &[usize],
+    dest: SocketAddr,
+) -> Sent {
+    let mut sent = Sent::default();
+    let mut next = 0;
+    while let Some(run) = gather_run(big, stride, lens, &mut next) {
+        sent.count(&run, send_gso_now(sock, gso, &big[run.start..run.end], run.size, dest));
+    }
+    sent
+}
+
+/// One GSO send's worth of datagrams, gathered end to end at `big[start..end]`.
+struct Run {
+    start: usize,
+    end: usize,
+    /// Each datagram's size (the last may be shorter).
+    size: usize,
+    count: usize,
+}
+
+impl Sent {
+    fn count(&mut self, run: &Run, result: io::Result<()>) {
+        match result {
+            Ok(()) => {
+                self.datagrams += run.count;
+                self.inner_bytes += run.end - run.start - run.count * wire::OVERHEAD;
+            }
+            Err(e) => {
+                self.failed += run.count;
+                self.error = Some(e);
+            }
+        }
+    }
+}
+
+/// Gathers the next run from slot `*next` on (see [`send_datagrams`]) and moves `*next` past it;
+/// `None` when no datagram is left.
+fn gather_run(big: &mut [u8], stride: usize, lens: &[usize], next: &mut usize) -> Option<Run> {
+    let mut i = *next;
+    while i < lens.len() && lens[i] == 0 {
+        i += 1;
+    }
+    if i >= lens.len() {
+        *next = i;
+        return None;
+    }
+    let size = lens[i];
+    // Gather the run starting at slot i into big[i * stride..]; each move goes leftwards and
+    // never over a slot not yet moved, because `size <= stride`.
+    let start = i * stride;
+    let mut end = start + size;
+    let mut count = 1;
+    let mut j = i + 1;
+    while j < lens.len()
+        && lens[j] != 0
+        && lens[j] <= size
+        && end - start + lens[j] <= MAX_UDP_SEND
+        && count < MAX_GSO_SEGMENTS
+    {
+        // Full-sized datagrams already lie end to end (a TSO segment plus the overhead is
+        // the stride): nothing to move then.
+        if j * stride != end {
+            big.copy_within(j * stride..j * stride + lens[j], end);
+        }
+        end += lens[j];
+        count += 1;
+        j += 1;
+        if lens[j - 1] < size {
+            break; // only the last datagram of a GSO send may be shorter
+        }
+    }
+    *next = j;
+    Some(Run { start, end, size, count })
 }
 
 #[cfg(test)]
@@ -1374,7 +1657,7 @@ mod tests {
 
     #[test]
     fn the_reader_grows_for_a_larger_mtu_and_never_shrinks() {
-        let mut r = TunReader::new(1216);
+        let mut r = TunReader::<AsyncDevice>::new(1216);
         assert_eq!(r.capacity(), 1216);
         assert_eq!(r.slot(READ_SLOTS - 1).len(), wire::OVERHEAD + 1216);
         r.fit(1436);

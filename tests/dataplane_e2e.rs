@@ -1402,7 +1402,7 @@ fn too_big_answers_are_taken_by_the_kernel() {
         let ns = Netns::new();
         let rt = NsRuntime::new(&ns);
         let spec = test_tun("hft0", Some((Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2), 64)), offload);
-        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(t.device)) });
+        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(tun_rs::AsyncDevice::new(t.device).expect("registered"))) });
         let tun = tun.expect("TUN device");
         let (dst, from, request, said) = if v6 {
             ns.ip(&["-6", "route", "add", "2001:db8:9::/64", "dev", "hft0"]);
@@ -1456,7 +1456,7 @@ fn a_tun_read_takes_the_packets_already_queued() {
         let ns = Netns::new();
         let rt = NsRuntime::new(&ns);
         let spec = test_tun("hft0", None, offload);
-        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(t.device)) });
+        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(tun_rs::AsyncDevice::new(t.device).expect("registered"))) });
         let tun = tun.expect("TUN device");
         ns.ip(&["route", "add", "198.18.9.0/24", "dev", "hft0"]);
         let burst = READ_SLOTS + 10;

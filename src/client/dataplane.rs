@@ -28,27 +28,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
+use std::net::UdpSocket;
+
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tun_rs::AsyncDevice;
+use tun_rs::SyncDevice;
 
 use super::driver::{Command, OnSwap};
 use super::path_mtu::{Ipv6Step, PathMtu, ipv6_step};
-use super::prober::{self, Ack, Prober};
+use super::prober::{self, Prober};
 use super::routes;
 use crate::config::client::ClientFile;
-use crate::packet_thread::{Doorbell, PacketThread};
+use crate::packet_thread::{Poller, Wakeup};
 use crate::sansio::filter::{FilterSpec, Side};
-use crate::sansio::inner::{InnerPacket, IpFamily};
-use crate::sansio::seal::{Direction, SealError, SealedKind};
-use crate::sansio::wire::{self, MsgType, ProbeAckBody};
+use crate::sansio::inner::IpFamily;
+use crate::sansio::seal::SealError;
 use crate::snapshot::{GetAuth, VpnAuthResponse};
 use crate::tunnel::{
-    self, Backoff, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
-    bump, describe_io, pause, stop_requested, stopped,
+    self, Backoff, Counters, DropReason, RateLimit, Stats, TunSpec, bump, describe_io, stop_requested,
 };
+
+mod engine;
 
 const TARGET: &str = "holdfast::dataplane";
 
@@ -152,18 +153,17 @@ struct Shared {
     counters: Arc<Counters>,
     /// Set by the first snapshot: the bring-up runs once per process.
     started: AtomicBool,
-    /// Set on every snapshot swap (and the send loop's bell rung): the send loop announces the
-    /// new session at once, so the gateway learns our endpoint before it has anything to send us.
+    /// Set on every snapshot swap (and the engine woken): the engine announces the new session
+    /// at once, so the gateway learns our endpoint before it has anything to send us.
     announce: AtomicBool,
     stop: watch::Sender<bool>,
-    /// The loops' wake-ups for control events (see `Doorbell`): the send loop's for a stop, a
-    /// re-created device, a new path MTU and a new session; the receive loop's for a stop.
-    /// [`ring_bells`] relays the watch channels to them.
-    tx_bell: Doorbell,
-    rx_bell: Doorbell,
+    /// The engine's wake-up for control events: a stop, a re-created device, a new path MTU (all
+    /// relayed by [`ring_bells`]) and a new session (rung by the swap hook). Set by the
+    /// bring-up, before the engine starts.
+    wakeup: std::sync::OnceLock<Arc<Wakeup>>,
     /// The current TUN device and its generation (1 for the first, +1 per re-creation); `None`
-    /// until the first exists. The loops read from and write to whatever this holds.
-    device: watch::Sender<Option<(u64, Arc<AsyncDevice>)>>,
+    /// until the first exists. The engine reads from and writes to whatever this holds.
+    device: watch::Sender<Option<(u64, Arc<SyncDevice>)>>,
     /// The generation of a device a loop found gone (EBADFD): the keeper re-creates it.
     lost: watch::Sender<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -178,10 +178,8 @@ struct Shared {
     /// Bumped when the TUN device got its IPv6 address back in place (the path grew past
     /// IPv6's minimum again): its IPv6 routes must be put back too.
     readdressed: watch::Sender<u64>,
-    /// The thread the bring-up, the loops and the device's keepers run on (see
-    /// crate::packet_thread), started with the bring-up; the device and the socket are
-    /// registered with it.
-    thread: std::sync::OnceLock<PacketThread>,
+    /// The engine's thread (see [`engine`]), once started; joined by [`ClientDataPlane::stop`].
+    engine: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// The client's data plane. Cheap to clone; all clones are the same data plane.
@@ -204,8 +202,7 @@ impl ClientDataPlane {
                 counters: Arc::default(),
                 started: AtomicBool::new(false),
                 announce: AtomicBool::new(false),
-                tx_bell: Doorbell::new(),
-                rx_bell: Doorbell::new(),
+                wakeup: std::sync::OnceLock::new(),
                 stop,
                 device,
                 lost,
@@ -214,7 +211,7 @@ impl ClientDataPlane {
                 tun_mtu: watch::channel(0).0,
                 reader_room: watch::channel(0).0,
                 readdressed: watch::channel(0).0,
-                thread: std::sync::OnceLock::new(),
+                engine: Mutex::new(None),
             }),
         }
     }
@@ -232,12 +229,14 @@ impl ClientDataPlane {
         let shared = self.shared.clone();
         Box::new(move |_snapshot: &Arc<VpnAuthResponse>| {
             if !shared.started.swap(true, Ordering::AcqRel) {
-                let thread = shared.thread.get_or_init(|| PacketThread::start("hf-client-pkts"));
-                let task = thread.spawn_task(bring_up(shared.clone()));
+                let task = tokio::spawn(bring_up(shared.clone()));
                 lock(&shared.tasks).push(task);
             }
             shared.announce.store(true, Ordering::Release);
-            shared.tx_bell.ring();
+            // Before the engine runs there is no wake-up yet: it looks at `announce` first.
+            if let Some(wakeup) = shared.wakeup.get() {
+                wakeup.ring();
+            }
         })
     }
 
@@ -282,22 +281,25 @@ impl ClientDataPlane {
 
     /// Changes whenever the TUN device is re-created (after another program deleted it): the
     /// routes and per-link DNS must be put back on the new device.
-    pub fn tun_changes(&self) -> watch::Receiver<Option<(u64, Arc<AsyncDevice>)>> {
+    pub fn tun_changes(&self) -> watch::Receiver<Option<(u64, Arc<SyncDevice>)>> {
         self.shared.device.subscribe()
     }
 
     pub async fn stop(&self) {
-        // The loops hear it through `ring_bells`.
+        // The engine hears it through `ring_bells`.
         self.shared.stop.send_replace(true);
         let tasks = std::mem::take(&mut *lock(&self.shared.tasks));
         for t in tasks {
             let _ = t.await;
         }
+        // The engine ends at its next turn (`ring_bells` woke it); its thread holds a reference
+        // to the device until then.
+        let engine = lock(&self.shared.engine).take();
+        if let Some(engine) = engine {
+            let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+        }
         // The last reference to the device: closing it removes it.
         self.shared.device.send_replace(None);
-        if let Some(thread) = self.shared.thread.get() {
-            thread.quit();
-        }
     }
 }
 
@@ -306,9 +308,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Creates the TUN device and the socket (retrying with backoff until both exist or a stop),
-/// then starts the two loops, once. Runs on the packet thread, so the device and the socket are
-/// registered with it, and so is everything it spawns.
+/// Creates the TUN device, the socket and the engine's poller (retrying with backoff until all
+/// exist or a stop), then starts the engine on its thread and the control tasks beside it, once.
 async fn bring_up(shared: Arc<Shared>) {
     let mut stop = shared.stop.subscribe();
     let mut binding_rx = shared.binding.subscribe();
@@ -355,7 +356,7 @@ async fn bring_up(shared: Arc<Shared>) {
         .clone();
     let mut backoff = Backoff::new(BRINGUP_BACKOFF.0, BRINGUP_BACKOFF.1);
     let mut attempt = 0u32;
-    let (tun, sock) = loop {
+    let (tun, sock, (poller, wakeup)) = loop {
         attempt += 1;
         // Each attempt takes the address from the current snapshot; it is stable per client.
         let Some(auth) = (binding.get_auth)() else {
@@ -379,7 +380,11 @@ async fn bring_up(shared: Arc<Shared>) {
             }
         }
         let result = tunnel::create_tun(&spec).map_err(|e| e.to_string()).and_then(|t| {
-            data_socket(cfg).map(|s| (t, s)).map_err(|e| format!("cannot open the UDP socket: {e}"))
+            let s = data_socket(cfg).map_err(|e| format!("cannot open the UDP socket: {e}"))?;
+            let p = Poller::new()
+                .and_then(|p| Wakeup::new().map(|w| (p, w)))
+                .map_err(|e| format!("cannot set up waiting for packets: {e}"))?;
+            Ok((t, s, p))
         });
         match result {
             Ok(up) => break up,
@@ -432,7 +437,9 @@ async fn bring_up(shared: Arc<Shared>) {
     let created_with = (binding.get_auth)();
     let tun_ip = created_with.as_ref().map(|a| (a.assigned_ip, a.assigned_ip6));
     shared.device.send_replace(Some((1, device)));
+    let wakeup = shared.wakeup.get_or_init(|| Arc::new(wakeup)).clone();
     let (ack_tx, ack_rx) = mpsc::channel(prober::ACK_QUEUE);
+    let (hint_tx, hint_rx) = mpsc::channel(prober::HINT_QUEUE);
     let gateway = cfg.gateway;
     let prober = Prober {
         sock: sock.clone(),
@@ -440,19 +447,50 @@ async fn bring_up(shared: Arc<Shared>) {
         gateway,
         path: path.clone(),
         acks: ack_rx,
+        hints: hint_rx,
         stop: shared.stop.subscribe(),
         raise_interval: cfg.pmtu_raise,
     };
-    let tx = tokio::spawn(send_loop(shared.clone(), binding.clone(), sock.clone(), tun_ip, tun.mtu, path.clone()));
-    let rx = tokio::spawn(receive_loop(shared.clone(), binding, sock, ack_tx));
-    let bells = tokio::spawn(ring_bells(shared.clone(), path.clone()));
-    let mut tasks = vec![tx, rx, bells, tokio::spawn(prober.run())];
+    let start = engine::Start {
+        shared: shared.clone(),
+        binding,
+        sock,
+        wakeup,
+        poller,
+        tun_ip,
+        tun_mtu: tun.mtu,
+        path: path.clone(),
+        acks: ack_tx,
+        hints: hint_tx,
+    };
+    let engine = match engine::Engine::new(start) {
+        Ok(e) => e,
+        Err(e) => {
+            // A fresh epoll set refusing two fresh descriptors: not something a retry mends.
+            tracing::error!(target: TARGET, "data plane not started: cannot watch its socket: {e}");
+            return;
+        }
+    };
+    // The thread inherits the caller's network namespace (a test's, a demo's), like the
+    // descriptors it uses.
+    let thread = std::thread::Builder::new().name(ENGINE_THREAD.into()).spawn(move || engine.run());
+    match thread {
+        Ok(t) => *lock(&shared.engine) = Some(t),
+        Err(e) => {
+            tracing::error!(target: TARGET, "data plane not started: cannot start its thread: {e}");
+            return;
+        }
+    }
+    let mut tasks = vec![tokio::spawn(ring_bells(shared.clone(), path.clone())), tokio::spawn(prober.run())];
     if let Some(auth) = created_with {
         tasks.push(tokio::spawn(keep_tun(shared.clone(), tun.name, auth.clone())));
         tasks.push(tokio::spawn(follow_path_mtu(shared.clone(), path, address6_for(&auth).0)));
     }
     lock(&shared.tasks).extend(tasks);
 }
+
+/// The engine thread's name (shown by `top -H`, read by `benches/hops.sh`).
+pub const ENGINE_THREAD: &str = "hf-client-pkts";
 
 /// The data plane's UDP socket: the one place that chooses its family. IPv4 alone when every
 /// gateway of the file is on IPv4; else one dual-stack IPv6 socket (`[::]`, IPv4 gateways
@@ -461,12 +499,12 @@ async fn bring_up(shared: Arc<Shared>) {
 /// is on IPv4: its IPv6 gateways are then out of reach, and it says so once.
 fn data_socket(cfg: &ClientDataPlaneConfig) -> std::io::Result<UdpSocket> {
     if !cfg.ipv6_gateways {
-        return tunnel::bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        return tunnel::bind_udp_std(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
     }
-    match tunnel::bind_udp(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))) {
+    match tunnel::bind_udp_std(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))) {
         Err(e) if cfg.gateway.is_ipv4() => {
             tracing::warn!(target: TARGET, "no IPv6 socket on this host ({e}): the client's IPv6 gateways are out of reach");
-            tunnel::bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+            tunnel::bind_udp_std(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
         }
         r => r,
     }
@@ -634,13 +672,14 @@ async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>)
     }
 }
 
-/// Relays the control events the loops act on to their bells (see `Doorbell`): a re-created
-/// device and a new path MTU to the send loop, a stop to both. Ends on a stop.
+/// Relays the control events the engine acts on to its wake-up: a re-created device, a new path
+/// MTU, a stop. Ends on a stop.
 async fn ring_bells(shared: Arc<Shared>, path: Arc<PathMtu>) {
+    let Some(wakeup) = shared.wakeup.get().cloned() else { return };
     let mut stop = shared.stop.subscribe();
     let mut devices = shared.device.subscribe();
     let mut path_changes = path.changes();
-    // A channel whose sender is gone has nothing more to say (both live as long as the loops).
+    // A channel whose sender is gone has nothing more to say (both live as long as the engine).
     let (mut devices_open, mut path_open) = (true, true);
     loop {
         tokio::select! {
@@ -648,216 +687,9 @@ async fn ring_bells(shared: Arc<Shared>, path: Arc<PathMtu>) {
             r = devices.changed(), if devices_open => devices_open = r.is_ok(),
             r = path_changes.changed(), if path_open => path_open = r.is_ok(),
         }
-        shared.tx_bell.ring();
+        wakeup.ring();
     }
-    shared.tx_bell.ring();
-    shared.rx_bell.ring();
-}
-
-/// The current device, waiting for one while a re-creation is under way; `None` on a stop.
-async fn current_device(
-    devices: &mut watch::Receiver<Option<(u64, Arc<AsyncDevice>)>>,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<(u64, Arc<AsyncDevice>)> {
-    tokio::select! {
-        d = devices.wait_for(Option::is_some) => d.ok().and_then(|d| d.clone()),
-        _ = stop_requested(stop) => None,
-    }
-}
-
-/// TUN -> gateway. Also sends keepalives when idle and announces each new session.
-async fn send_loop(
-    shared: Arc<Shared>,
-    binding: Binding,
-    sock: Arc<UdpSocket>,
-    // The address and MTU the TUN device was created with: the device's, not the session's.
-    tun_ip: Option<(Ipv4Addr, Option<Ipv6Addr>)>,
-    tun_mtu: u16,
-    path: Arc<PathMtu>,
-) {
-    let c = &shared.counters;
-    bump(&c.tx_loop_starts);
-    let cfg = &shared.cfg;
-    let get_auth = &binding.get_auth;
-    let mut stop = shared.stop.subscribe();
-    let mut devices = shared.device.subscribe();
-    let Some((mut generation, mut tun)) = current_device(&mut devices, &mut stop).await else { return };
-    let mut reader = TunReader::new(path.inner().max(tun_mtu));
-    shared.reader_room.send_replace(reader.capacity());
-    let mut path_changes = path.changes();
-    let mut lens = [0usize; tunnel::READ_SLOTS];
-    let mut gso = true;
-    let mut keepalive_buf = [0u8; wire::OVERHEAD];
-    // The usable inner MTU is the path's (read per batch: it follows the path at run time).
-    let mut too_big = TooBig::new();
-    let mut last_sent = Instant::now();
-    let mut no_session = ErrorBackoff::new(NO_SESSION_BACKOFF.0, NO_SESSION_BACKOFF.1);
-    let mut tun_errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
-    let mut sock_log = IoLog::new("sending to the gateway");
-    let mut tun_log = IoLog::new("reading from the TUN device");
-    // Armed for `last_sent + keepalive` and moved only when it fires (at most once per interval
-    // under load), not for every batch sent.
-    let mut keepalive = std::pin::pin!(tokio::time::sleep_until(last_sent + cfg.keepalive));
-
-    loop {
-        let announce = tokio::select! {
-            biased;
-            // A control event (relayed by `ring_bells`, or a swap from the hook).
-            _ = shared.tx_bell.rung() => {
-                if stopped(&stop) {
-                    return;
-                }
-                // A re-created device (the receive loop found the old one gone first).
-                match devices.has_changed() {
-                    Err(_) => return,
-                    Ok(true) => {
-                        if let Some((g, t)) = devices.borrow_and_update().clone() {
-                            (generation, tun) = (g, t);
-                        }
-                    }
-                    Ok(false) => {}
-                }
-                // A larger path: room in the read slots before the TUN MTU grows (see
-                // `follow_path_mtu`).
-                if path_changes.has_changed().unwrap_or(false) {
-                    reader.fit(*path_changes.borrow_and_update());
-                    shared.reader_room.send_replace(reader.capacity());
-                }
-                if !shared.announce.swap(false, Ordering::AcqRel) {
-                    continue;
-                }
-                true
-            }
-            _ = keepalive.as_mut() => {
-                let due = last_sent + cfg.keepalive;
-                if Instant::now() < due {
-                    keepalive.as_mut().reset(due);
-                    continue;
-                }
-                false
-            }
-            read = reader.read(&tun) => {
-                let n = match read {
-                    Ok(n) => { tun_errors.reset(); n }
-                    Err(e) if device_gone(&e) => {
-                        // The keeper logs the incident; wait for the device it brings up.
-                        c.count_drop(DropReason::TunError);
-                        shared.lost.send_replace(generation);
-                        devices.mark_unchanged();
-                        let next = tokio::select! {
-                            r = devices.wait_for(|d| d.as_ref().is_some_and(|(g, _)| *g != generation)) => r.ok().and_then(|d| d.clone()),
-                            _ = stop_requested(&mut stop) => None,
-                        };
-                        let Some((g, t)) = next else { return };
-                        (generation, tun) = (g, t);
-                        continue;
-                    }
-                    Err(e) => {
-                        c.count_drop(DropReason::TunError);
-                        tun_log.failed(&e);
-                        pause(tun_errors.failed()).await;
-                        continue;
-                    }
-                };
-                // One snapshot for the whole batch.
-                let Some(auth) = get_auth() else {
-                    c.count_drops(DropReason::NoSession, n);
-                    pause(no_session.failed()).await;
-                    continue;
-                };
-                no_session.reset();
-                let crypto = auth.crypto();
-                let mtu = path.inner();
-                for (i, sealed_len) in lens.iter_mut().enumerate().take(n) {
-                    *sealed_len = 0;
-                    // Neither IP, nor the host's own link-scope chatter, nor a family this
-                    // session has no address in (IPv6 with a gateway that has none) goes to the
-                    // gateway; what is spoofed is the gateway's call (it drops and counts it).
-                    let Some(family) = InnerPacket::parse(reader.packet(i))
-                        .filter(|p| !p.is_link_chatter() && auth.carries(p.family()))
-                        .map(|p| p.family())
-                    else {
-                        c.count_drop(DropReason::NotCarried);
-                        continue;
-                    };
-                    let len = reader.len(i);
-                    if len > usize::from(mtu) {
-                        // Answered from the gateway's tunnel address: the tunnel's far end is
-                        // what is too small, and an address of this host would be dropped by
-                        // its own kernel as martian.
-                        let from = match family {
-                            IpFamily::V6 => auth.gateway_ip6.map(IpAddr::V6),
-                            IpFamily::V4 => Some(IpAddr::V4(auth.gateway_ip)),
-                        };
-                        match from {
-                            Some(from) => too_big.send(&tun, reader.packet(i), mtu, from, c).await,
-                            None => c.count_drop(DropReason::TooBig),
-                        }
-                        continue;
-                    }
-                    let sealed = crypto.tx.next().and_then(|counter| {
-                        crypto.cipher.seal_data(
-                            Direction::ClientToGateway, auth.session_id, counter, reader.slot(i), len)
-                    });
-                    match sealed {
-                        Ok(d) => *sealed_len = d,
-                        Err(e) => c.count_drop(seal_drop(e)),
-                    }
-                }
-                let dest = SocketAddr::from((gateway_of(&auth, cfg), auth.data_port));
-                let sent = reader.send(&sock, &mut gso, 0, &lens[..n], dest).await;
-                Counters::add(&c.tx_packets, sent.datagrams);
-                Counters::add(&c.tx_bytes, sent.inner_bytes);
-                c.count_drops(DropReason::SocketError, sent.failed);
-                match &sent.error {
-                    // An ICMP "too big" reported once more through a send (IP_RECVERR sets the
-                    // socket's error until the prober reads the error queue): the path's size
-                    // changing is the prober's news, not a failing socket. Still counted.
-                    Some(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
-                    Some(e) => sock_log.failed(e),
-                    None => sock_log.ok(),
-                }
-                last_sent = Instant::now();
-                continue;
-            }
-        };
-        // A keepalive: on a new snapshot (announce), or after `keepalive` without sending.
-        let Some(auth) = get_auth() else {
-            last_sent = Instant::now();
-            keepalive.as_mut().reset(last_sent + cfg.keepalive);
-            continue;
-        };
-        if announce {
-            tracing::info!(
-                target: TARGET,
-                "data plane on session {} (gateway {}:{}); {}",
-                auth.session_id,
-                gateway_of(&auth, cfg),
-                auth.data_port,
-                c.stats()
-            );
-            if tun_ip.is_some_and(|ip| ip != (auth.assigned_ip, auth.assigned_ip6)) {
-                // The spec promises a stable address per client, so the device is never
-                // readdressed; say so once per session rather than fail silently.
-                tracing::warn!(
-                    target: TARGET,
-                    "the gateway assigned {} but the tunnel keeps {}: traffic from the new address will be refused",
-                    auth.assigned_ip,
-                    tun_ip.map(|(ip, ip6)| match ip6 {
-                        Some(ip6) => format!("{ip} and {ip6}"),
-                        None => ip.to_string(),
-                    }).unwrap_or_default()
-                );
-            }
-        }
-        if send_keepalive(&auth, gateway_of(&auth, cfg), &sock, &mut keepalive_buf, c).await {
-            sock_log.ok();
-        } else {
-            sock_log.failed_silently();
-        }
-        last_sent = Instant::now();
-        keepalive.as_mut().reset(last_sent + cfg.keepalive);
-    }
+    wakeup.ring();
 }
 
 /// Where `auth`'s datagrams go ([`VpnAuthResponse::gateway_ip_or`] the configured gateway).
@@ -865,189 +697,11 @@ fn gateway_of(auth: &VpnAuthResponse, cfg: &ClientDataPlaneConfig) -> IpAddr {
     auth.gateway_ip_or(cfg.gateway)
 }
 
-/// Sends one keepalive for `auth`'s session; returns whether the send succeeded.
-async fn send_keepalive(
-    auth: &VpnAuthResponse,
-    gateway: IpAddr,
-    sock: &UdpSocket,
-    buf: &mut [u8],
-    c: &Counters,
-) -> bool {
-    let crypto = auth.crypto();
-    let counter = match crypto.tx.next() {
-        Ok(n) => n,
-        Err(_) => {
-            c.count_drop(DropReason::CounterExhausted);
-            return false;
-        }
-    };
-    let n = match crypto.cipher.seal_keepalive(
-        Direction::ClientToGateway,
-        auth.session_id,
-        counter,
-        buf,
-    ) {
-        Ok(n) => n,
-        Err(e) => {
-            c.count_drop(seal_drop(e));
-            return false;
-        }
-    };
-    match sock.send_to(&buf[..n], SocketAddr::from((gateway, auth.data_port))).await {
-        Ok(_) => {
-            bump(&c.keepalives_tx);
-            true
-        }
-        Err(_) => {
-            c.count_drop(DropReason::SocketError);
-            false
-        }
-    }
-}
-
 fn seal_drop(e: SealError) -> DropReason {
     match e {
         SealError::CounterExhausted => DropReason::CounterExhausted,
         // A TUN read is bounded by its slot, so the datagram always fits; counted, not assumed.
         SealError::BufferTooSmall => DropReason::Malformed,
-    }
-}
-
-/// Gateway -> TUN. Accepts datagrams from any source: authenticity comes from the AEAD, and a
-/// multi-homed gateway may answer from another address than the one we send to.
-async fn receive_loop(shared: Arc<Shared>, binding: Binding, sock: Arc<UdpSocket>, acks: mpsc::Sender<Ack>) {
-    let c = &shared.counters;
-    bump(&c.rx_loop_starts);
-    let get_auth = &binding.get_auth;
-    let mut stop = shared.stop.subscribe();
-    let mut devices = shared.device.subscribe();
-    let Some((mut generation, mut tun)) = current_device(&mut devices, &mut stop).await else { return };
-    // One receive may hold many coalesced datagrams (UDP GRO), up to 64 KiB.
-    let mut buf = vec![0u8; 65535];
-    let mut writer = TunWriter::new(&tun, shared.cfg.coalesce_writes);
-    let mut nudges = RateLimit::every(shared.cfg.nudge_min_interval);
-    let mut sock_errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
-    let mut sock_log = IoLog::new("receiving from the gateway");
-    let mut tun_log = IoLog::new("writing to the TUN device");
-
-    loop {
-        let received = tokio::select! {
-            biased;
-            // Rung on a stop only (see `ring_bells`).
-            _ = shared.rx_bell.rung() => {
-                if stopped(&stop) {
-                    return;
-                }
-                continue;
-            }
-            r = tunnel::recv_gro(&sock, &mut buf) => r,
-        };
-        // A re-created device (once per incident; a version check otherwise).
-        if devices.has_changed().unwrap_or(false)
-            && let Some((g, t)) = devices.borrow_and_update().clone()
-        {
-            writer = TunWriter::new(&t, shared.cfg.coalesce_writes);
-            (generation, tun) = (g, t);
-        }
-        let (len, segment) = match received {
-            Ok((n, segment, _from)) => {
-                sock_errors.reset();
-                (n, segment)
-            }
-            // An ICMP error one of our sends drew, reported once more through the receive call
-            // (IP_RECVERR sets the socket's error): nothing was received, so nothing was lost.
-            // A path MTU error is the prober's, from the error queue.
-            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) || tunnel::reported_for_earlier(&e) => continue,
-            Err(e) => {
-                c.count_drop(DropReason::SocketError);
-                sock_log.failed(&e);
-                pause(sock_errors.failed()).await;
-                continue;
-            }
-        };
-        // One snapshot for the whole batch.
-        let auth = get_auth();
-        for datagram in buf[..len].chunks_mut(segment) {
-            let Ok(header) = wire::parse_header(datagram) else {
-                c.count_drop(DropReason::Malformed);
-                continue;
-            };
-            let Some(auth) = auth.as_deref() else {
-                c.count_drop(DropReason::NoSession);
-                continue;
-            };
-            if header.session_id != auth.session_id {
-                c.count_drop(DropReason::WrongSession);
-                continue;
-            }
-            if header.msg_type == MsgType::UnknownSession {
-                // Unauthenticated by nature: only ever a reason to ask the supervisor to check.
-                bump(&c.notices_rx);
-                if nudges.allow(Instant::now()) && binding.commands.try_send(Command::Nudge).is_ok()
-                {
-                    bump(&c.nudges);
-                }
-                continue;
-            }
-            let opened = match auth.crypto().open(Direction::GatewayToClient, datagram) {
-                Ok(o) => o,
-                Err(e) => {
-                    c.count_drop(DropReason::of_open(e));
-                    continue;
-                }
-            };
-            match opened.kind {
-                SealedKind::Keepalive => bump(&c.keepalives_rx),
-                // Clients never receive probes; the gateway never sends one.
-                SealedKind::Probe => c.count_drop(DropReason::Malformed),
-                SealedKind::ProbeAck => match ProbeAckBody::parse(&datagram[opened.payload]) {
-                    // A full queue: the prober is behind, and a probe it waits for counts as
-                    // lost, which a search tolerates.
-                    Ok(body) => {
-                        let _ = acks.try_send(Ack { body, len: datagram.len() });
-                    }
-                    Err(_) => c.count_drop(DropReason::Malformed),
-                },
-                SealedKind::Data if opened.payload.is_empty() => {
-                    c.count_drop(DropReason::Malformed)
-                }
-                SealedKind::Data => {
-                    if writer.is_full() {
-                        write_tun(&mut writer, &tun, c, &mut tun_log, &shared.lost, generation).await;
-                    }
-                    // Cannot fail (room was made above, and a payload is shorter than
-                    // 64 KiB); counted rather than assumed.
-                    if writer.push(&datagram[opened.payload]).is_err() {
-                        c.count_drop(DropReason::Malformed);
-                    }
-                }
-            }
-        }
-        write_tun(&mut writer, &tun, c, &mut tun_log, &shared.lost, generation).await;
-    }
-}
-
-/// Writes the queued inner packets to the TUN device, counting them.
-/// A device found gone is reported to the keeper (as generation `generation`) instead of logged.
-async fn write_tun(
-    writer: &mut TunWriter,
-    tun: &AsyncDevice,
-    c: &Counters,
-    log: &mut IoLog,
-    lost: &watch::Sender<u64>,
-    generation: u64,
-) {
-    match writer.flush(tun, c).await {
-        Ok(0) => {}
-        Ok(_) => log.ok(),
-        Err(e) if device_gone(&e) => {
-            c.count_drop(DropReason::TunError);
-            lost.send_replace(generation);
-        }
-        Err(e) => {
-            c.count_drop(DropReason::TunError);
-            log.failed(&e);
-        }
     }
 }
 

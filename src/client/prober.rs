@@ -10,7 +10,8 @@
 //!   test. Every probe carries the size confirmed this way (`down_ok`), which the gateway keeps
 //!   per session and sizes its packets to this client by; a change is sent at once.
 //! - **Hints**: the socket has `IP_RECVERR`; an ICMP "fragmentation needed"/"packet too big"
-//!   for a datagram to the gateway lowers the up size at once. (Our own link's size is the
+//!   for a datagram to the gateway (read from the error queue by the engine, which waits on the
+//!   socket) lowers the up size at once. (Our own link's size is the
 //!   underlay watcher's: the search's max follows [`PathMtu::link`].)
 //!
 //! Sizes inside the search are outer packet sizes (IP and UDP headers included), like
@@ -23,8 +24,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use std::net::UdpSocket;
+
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -49,6 +50,17 @@ pub struct Ack {
 /// stale or duplicated and may be dropped).
 pub const ACK_QUEUE: usize = 8;
 
+/// A path MTU error from the socket's error queue (see [`crate::tunnel::read_mtu_errors`]),
+/// as the engine reads it: the datagram's destination and the MTU of the hop that refused it.
+#[derive(Debug, Clone, Copy)]
+pub struct Hint {
+    pub dest: SocketAddr,
+    pub mtu: u16,
+}
+
+/// How many hints may wait for the prober (a burst of ICMP says the same thing many times).
+pub const HINT_QUEUE: usize = 16;
+
 /// What the prober needs.
 pub struct Prober {
     pub sock: Arc<UdpSocket>,
@@ -57,6 +69,7 @@ pub struct Prober {
     pub gateway: IpAddr,
     pub path: Arc<PathMtu>,
     pub acks: mpsc::Receiver<Ack>,
+    pub hints: mpsc::Receiver<Hint>,
     pub stop: watch::Receiver<bool>,
     /// RFC 8899's PMTU_RAISE_TIMER (`[network] pmtu_raise`).
     pub raise_interval: Duration,
@@ -129,29 +142,15 @@ impl Prober {
                         }
                     }
                 }
-                r = self.sock.ready(Interest::ERROR) => {
-                    if r.is_err() {
-                        return;
-                    }
+                hint = self.hints.recv() => {
+                    let Some(hint) = hint else { return };
                     let now = Instant::now().into_std();
+                    // Only what concerns the path to the gateway; the hint is validated by the
+                    // search (never below the base, never a raise).
                     let gateway = (self.get_auth)().map(|a| a.gateway_ip_or(self.gateway));
-                    // Through try_io, so the readiness is cleared once the queue is empty (else
-                    // `ready` would answer at once forever); left set if the read stopped at its
-                    // bound with more waiting.
-                    let _ = self.sock.try_io(Interest::ERROR, || {
-                        let n = crate::tunnel::read_mtu_errors(&self.sock, |dest, mtu| {
-                            // Only what concerns the path to the gateway; the hint is validated
-                            // by the search (never below the base, never a raise).
-                            if gateway.is_some_and(|g| same_host(dest.ip(), g)) {
-                                s.up.on_too_big(mtu, now);
-                            }
-                        });
-                        if n < crate::tunnel::MAX_ERRORS_PER_READ {
-                            Err(std::io::ErrorKind::WouldBlock.into())
-                        } else {
-                            Ok(())
-                        }
-                    });
+                    if gateway.is_some_and(|g| same_host(hint.dest.ip(), g)) {
+                        s.up.on_too_big(hint.mtu, now);
+                    }
                 }
                 r = changes.changed() => {
                     if r.is_err() {
@@ -220,7 +219,7 @@ impl Prober {
         });
         let Ok(n) = sealed else { return };
         let dest = SocketAddr::from((auth.gateway_ip_or(self.gateway), auth.data_port));
-        if let Err(e) = self.sock.send_to(&buf[..n], dest).await {
+        if let Err(e) = crate::tunnel::send_to_now(&*self.sock, &buf[..n], dest) {
             // EMSGSIZE: larger than the local link, which just shrank: the search's max follows
             // it at the next wake-up; the probe counts as lost meanwhile.
             tracing::trace!(target: TARGET, "probe of {size} not sent: {e}");

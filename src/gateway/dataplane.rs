@@ -459,10 +459,21 @@ impl GatewayDataPlane {
         };
         // Both descriptors are registered with the loops' thread (see crate::packet_thread).
         let thread = PacketThread::start("hf-gw-pkts");
-        let tun = thread
-            .run(async move { tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await })
+        let (tun, device) = thread
+            .run(async move {
+                let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
+                let (name, ifindex, mtu) = (tun.name, tun.ifindex, tun.mtu);
+                let device = AsyncDevice::new(tun.device).map_err(|source| tunnel::TunError::Create {
+                    name: name.clone(),
+                    address: spec.address,
+                    prefix_len: spec.prefix_len,
+                    source,
+                })?;
+                Ok::<_, tunnel::TunError>(((name, ifindex, mtu), device))
+            })
             .await
             .ok_or(GatewayDataPlaneError::ThreadEnded)??;
+        let (tun_name, tun_ifindex, tun_mtu) = tun;
         let sock = {
             let _on_its_thread = thread.enter();
             tunnel::bind_udp(cfg.listen)
@@ -477,16 +488,16 @@ impl GatewayDataPlane {
                 None => None,
             };
         let counters = Arc::new(Counters::default());
-        counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
+        counters.tun_ifindex.store(tun_ifindex, Ordering::Relaxed);
         tracing::info!(
             target: TARGET,
             "data plane up: tun {} (ifindex {}, {}/{}{}, mtu {}), UDP {local}{}",
-            tun.name,
-            tun.ifindex,
+            tun_name,
+            tun_ifindex,
             cfg.gateway_ip,
             cfg.subnet.prefix_len(),
             cfg.v6.map(|v6| format!(" and {}/{}", v6.gateway_ip, v6.subnet.prefix_len())).unwrap_or_default(),
-            tun.mtu,
+            tun_mtu,
             match (&cfg.nat_uplink, cfg.v6) {
                 (Some(u), Some(v6)) => format!(", NAT {} and {} -> {u}", cfg.subnet, v6.subnet),
                 (Some(u), None) => format!(", NAT {} -> {u}", cfg.subnet),
@@ -494,7 +505,7 @@ impl GatewayDataPlane {
             }
         );
         let (stop, _) = watch::channel(false);
-        let device = Arc::new(tun.device);
+        let device = Arc::new(device);
         // DF on every datagram, whatever the kernel cached: a probe ack must test the path, not
         // be fragmented (which would confirm a size the path does not carry). What fits each
         // client comes from its probes (see `answer_probe`). No error queue here: a hint could
@@ -516,10 +527,10 @@ impl GatewayDataPlane {
         let tasks = vec![
             thread.spawn_task(tunnel::ring_on_stop(stop.subscribe(), vec![in_bell.clone(), out_bell.clone()])),
             thread.spawn_task(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe(), in_bell)),
-            thread.spawn_task(to_clients(ctx, device, sock, stop.subscribe(), out_bell, tun.mtu)),
+            thread.spawn_task(to_clients(ctx, device, sock, stop.subscribe(), out_bell, tun_mtu)),
             tokio::spawn(flood::watch(shedding.clone(), live_ids, stop.subscribe())),
         ];
-        Ok(Self { counters, shedding, stop, tasks, nat, thread, tun_name: tun.name, local })
+        Ok(Self { counters, shedding, stop, tasks, nat, thread, tun_name, local })
     }
 
     pub fn stats(&self) -> Stats {
