@@ -312,6 +312,46 @@ impl std::os::fd::AsRawFd for Wakeup {
     }
 }
 
+/// A side of an engine (its TUN device, its socket) that rests after failing IO (see
+/// [`crate::tunnel::ErrorBackoff`]): the engine reads it again only once the rest is over, and
+/// its wait ends then at the latest.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Rest(Option<tokio::time::Instant>);
+
+impl Rest {
+    /// Rests for `d` from now (a zero rest is none: the first retries are free).
+    pub fn start(&mut self, d: std::time::Duration) {
+        self.0 = (!d.is_zero()).then(|| tokio::time::Instant::now() + d);
+    }
+
+    /// Whether the side may go on at `now` (and, if so, rests no more).
+    pub fn over(&mut self, now: tokio::time::Instant) -> bool {
+        match self.0 {
+            Some(t) if now < t => false,
+            _ => {
+                self.0 = None;
+                true
+            }
+        }
+    }
+
+    /// When the rest ends; `None` when not resting.
+    pub fn until(&self) -> Option<tokio::time::Instant> {
+        self.0
+    }
+}
+
+/// How long an engine's next wait may sleep: not at all while a side is known readable and not
+/// resting (or `more` says there is other work left), else until the first resting readable
+/// side may go on or `deadline` (the engine's own timer), whichever is first.
+pub fn wait_for(more: bool, sides: [(bool, Rest); 2], deadline: tokio::time::Instant) -> std::time::Duration {
+    if more || sides.iter().any(|(ready, rest)| *ready && rest.until().is_none()) {
+        return std::time::Duration::ZERO;
+    }
+    let until = sides.iter().filter(|(ready, _)| *ready).filter_map(|(_, rest)| rest.until()).fold(deadline, |a, b| a.min(b));
+    until.saturating_duration_since(tokio::time::Instant::now())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

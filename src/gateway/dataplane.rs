@@ -24,28 +24,30 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ipnet::Ipv4Net;
-use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tun_rs::AsyncDevice;
 
 use super::ControlPlane;
 use super::sessions::{Clock, Session, SessionTable};
 use crate::config::gateway::{GatewayConfig, Tunnel6};
-use crate::flood::{self, ShedCounters, Shedder};
-use crate::packet_thread::{Doorbell, PacketThread};
+use crate::flood::{self, ShedCounters};
+use crate::packet_thread::Wakeup;
 use crate::sansio::filter::Side;
-use crate::sansio::inner::{InnerPacket, IpFamily};
-use crate::sansio::seal::{Direction, SealError, SealedKind};
-use crate::sansio::wire::{self, MsgType, ProbeAckBody, ProbeBody};
+use crate::sansio::inner::IpFamily;
+use crate::sansio::seal::SealError;
+use crate::sansio::wire;
 use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, Stats, TooBig, TunReader, TunSpec, TunWriter,
-    bump, pause, stopped,
+    self, Counters, DropReason, Stats, TunSpec, bump,
 };
 
 const TARGET: &str = "holdfast::gateway::dataplane";
+
+mod engine;
+
+/// The engine thread's name (shown by `top -H`, read by `benches/hops.sh`).
+pub const ENGINE_THREAD: &str = "hf-gw-pkts";
 
 /// "Unknown session" notices: sustained rate and burst, for the whole gateway. After a restart
 /// every active client triggers one; clients that miss theirs still recover through their own
@@ -398,8 +400,8 @@ pub enum GatewayDataPlaneError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot install the NAT rule on {uplink}: {reason}")]
     Nat { uplink: String, reason: String },
-    #[error("the data plane's packet thread ended while it was starting")]
-    ThreadEnded,
+    #[error("cannot start the data plane's packet thread: {0}")]
+    Thread(std::io::Error),
 }
 
 impl GatewayDataPlaneError {
@@ -434,8 +436,10 @@ pub struct GatewayDataPlane {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     nat: Option<Nat>,
-    /// The loops' thread; it ends with the data plane.
-    thread: PacketThread,
+    /// The engine's thread (see [`engine`]); it ends with the data plane.
+    engine: Option<std::thread::JoinHandle<()>>,
+    /// Rung on a stop: the engine waits on nothing else that says so.
+    wakeup: Arc<Wakeup>,
     pub tun_name: String,
     pub local: SocketAddr,
 }
@@ -457,28 +461,10 @@ impl GatewayDataPlane {
             mtu: tunnel::tun_mtu(cfg.underlay_mtu, underlay)?,
             offload: cfg.offload,
         };
-        // Both descriptors are registered with the loops' thread (see crate::packet_thread).
-        let thread = PacketThread::start("hf-gw-pkts");
-        let (tun, device) = thread
-            .run(async move {
-                let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
-                let (name, ifindex, mtu) = (tun.name, tun.ifindex, tun.mtu);
-                let device = AsyncDevice::new(tun.device).map_err(|source| tunnel::TunError::Create {
-                    name: name.clone(),
-                    address: spec.address,
-                    prefix_len: spec.prefix_len,
-                    source,
-                })?;
-                Ok::<_, tunnel::TunError>(((name, ifindex, mtu), device))
-            })
-            .await
-            .ok_or(GatewayDataPlaneError::ThreadEnded)??;
-        let (tun_name, tun_ifindex, tun_mtu) = tun;
-        let sock = {
-            let _on_its_thread = thread.enter();
-            tunnel::bind_udp(cfg.listen)
-                .map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?
-        };
+        let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
+        let sock = tunnel::bind_udp_std(cfg.listen)
+            .map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?;
+        let (tun_name, tun_ifindex, tun_mtu) = (tun.name, tun.ifindex, tun.mtu);
         let local = sock.local_addr().unwrap_or(cfg.listen);
         let nat =
             match &cfg.nat_uplink {
@@ -505,7 +491,7 @@ impl GatewayDataPlane {
             }
         );
         let (stop, _) = watch::channel(false);
-        let device = Arc::new(device);
+        let device = Arc::new(tun.device);
         // DF on every datagram, whatever the kernel cached: a probe ack must test the path, not
         // be fragmented (which would confirm a size the path does not carry). What fits each
         // client comes from its probes (see `answer_probe`). No error queue here: a hint could
@@ -522,15 +508,16 @@ impl GatewayDataPlane {
         let table = sessions.clone();
         let live_ids = move |out: &mut Vec<SessionId>| table.live_ids(out);
         let ctx = Arc::new(Loops { cfg, sessions, counters: counters.clone(), shedding: shedding.clone() });
-        // Each loop waits on its bell, rung on a stop (see `Doorbell`).
-        let (in_bell, out_bell) = (Arc::new(Doorbell::new()), Arc::new(Doorbell::new()));
-        let tasks = vec![
-            thread.spawn_task(tunnel::ring_on_stop(stop.subscribe(), vec![in_bell.clone(), out_bell.clone()])),
-            thread.spawn_task(from_clients(ctx.clone(), device.clone(), sock.clone(), stop.subscribe(), in_bell)),
-            thread.spawn_task(to_clients(ctx, device, sock, stop.subscribe(), out_bell, tun_mtu)),
-            tokio::spawn(flood::watch(shedding.clone(), live_ids, stop.subscribe())),
-        ];
-        Ok(Self { counters, shedding, stop, tasks, nat, thread, tun_name, local })
+        let wakeup = Arc::new(Wakeup::new().map_err(GatewayDataPlaneError::Thread)?);
+        let engine = engine::Engine::new(ctx, device, sock, wakeup.clone(), stop.subscribe(), tun_mtu)
+            .map_err(GatewayDataPlaneError::Thread)?;
+        // The thread inherits the caller's network namespace, like the descriptors it uses.
+        let engine = std::thread::Builder::new()
+            .name(ENGINE_THREAD.into())
+            .spawn(move || engine.run())
+            .map_err(GatewayDataPlaneError::Thread)?;
+        let tasks = vec![tokio::spawn(flood::watch(shedding.clone(), live_ids, stop.subscribe()))];
+        Ok(Self { counters, shedding, stop, tasks, nat, engine: Some(engine), wakeup, tun_name, local })
     }
 
     pub fn stats(&self) -> Stats {
@@ -550,13 +537,16 @@ impl GatewayDataPlane {
     /// Ends the loops, removes the NAT rule and the TUN device.
     pub async fn stop(mut self) {
         self.stop.send_replace(true);
+        self.wakeup.ring();
         for t in self.tasks.drain(..) {
             let _ = t.await;
+        }
+        if let Some(engine) = self.engine.take() {
+            let _ = tokio::task::spawn_blocking(move || engine.join()).await;
         }
         if let Some(nat) = self.nat.take() {
             nat.remove().await;
         }
-        self.thread.quit();
         tracing::info!(target: TARGET, "data plane stopped; {}", self.counters.stats());
     }
 }
@@ -567,177 +557,6 @@ struct Loops {
     sessions: Arc<dyn SessionLookup>,
     counters: Arc<Counters>,
     shedding: Arc<ShedCounters>,
-}
-
-/// UDP -> TUN (or -> another client).
-async fn from_clients(
-    ctx: Arc<Loops>,
-    tun: Arc<AsyncDevice>,
-    sock: Arc<UdpSocket>,
-    stop: watch::Receiver<bool>,
-    bell: Arc<Doorbell>,
-) {
-    let c = &*ctx.counters;
-    bump(&c.rx_loop_starts);
-    // One receive may hold many coalesced datagrams of one client (UDP GRO), up to 64 KiB.
-    let mut buf = vec![0u8; 65535];
-    let mut writer = TunWriter::new(&tun, ctx.cfg.coalesce_writes);
-    let mut notices = RateLimit::new(NOTICES_PER_SECOND, NOTICE_BURST);
-    let mut acks = RateLimit::new(ACKS_PER_SECOND, ACK_BURST);
-    // "Too big" answers to a client whose packet does not fit the path to its peer client.
-    let mut peer_too_big_rate = RateLimit::new(tunnel::TOO_BIG_PER_SECOND, tunnel::TOO_BIG_BURST);
-    // Probe acks are built here, not in `buf`: the rest of a GRO batch still lies there.
-    let mut ack_buf = vec![0u8; wire::MAX_PROBE_LEN];
-    // Per-source budgets of failures (see crate::flood): consulted only when a datagram fails.
-    let mut shed = Shedder::new(ctx.shedding.clone());
-    let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
-    loop {
-        let received = tokio::select! {
-            biased;
-            _ = bell.rung() => {
-                if stopped(&stop) {
-                    return;
-                }
-                continue;
-            }
-            r = tunnel::recv_gro(&sock, &mut buf) => r,
-        };
-        let (len, segment, from) = match received {
-            Ok(r) => {
-                errors.reset();
-                r
-            }
-            Err(_) => {
-                c.count_drop(DropReason::SocketError);
-                pause(errors.failed()).await;
-                continue;
-            }
-        };
-        // One clock read per batch (microseconds long): `seen` keeps millisecond resolution.
-        let now = Instant::now();
-        shed.at(now);
-        // A GRO batch comes from one sender, so one lookup usually serves all its datagrams. A
-        // session removed while the batch is handled is used for the rest of it, as if the
-        // batch had arrived a few microseconds earlier.
-        let mut session: Option<Arc<DataSession>> = None;
-        // The session whose arrival this batch has recorded: a GRO batch has one source and one
-        // clock reading, so recording it again for every datagram would change nothing.
-        let mut noted: Option<SessionId> = None;
-        for datagram in buf[..len].chunks_mut(segment) {
-            let header = match wire::parse_header(datagram) {
-                Ok(h) if h.msg_type != MsgType::UnknownSession => h,
-                // Clients never send notices; answering one could ping-pong with a gateway.
-                _ => {
-                    c.count_drop(DropReason::Malformed);
-                    shed.failed(from);
-                    continue;
-                }
-            };
-            if session.as_ref().is_none_or(|s| s.session_id != header.session_id) {
-                session = ctx.sessions.by_id(header.session_id);
-            }
-            let Some(session) = session.as_deref() else {
-                c.count_drop(DropReason::UnknownSession);
-                if shed.unknown_session(from) && notices.allow(now) {
-                    let notice = wire::unknown_session_notice(header.session_id, header.counter);
-                    match sock.send_to(&notice, from).await {
-                        Ok(_) => bump(&c.notices_tx),
-                        Err(_) => c.count_drop(DropReason::SocketError),
-                    }
-                }
-                continue;
-            };
-            // Established sessions first: from its endpoint a datagram is always opened.
-            if !shed.admit(from, || session.endpoint()) {
-                continue;
-            }
-            let opened = match session.crypto.open(Direction::ClientToGateway, datagram) {
-                Ok(o) => o,
-                Err(e) => {
-                    session.drop_packet(c, DropReason::of_open(e));
-                    shed.failed(from);
-                    continue;
-                }
-            };
-            let payload = opened.payload;
-            match opened.kind {
-                SealedKind::Keepalive => {
-                    bump(&c.keepalives_rx);
-                    bump(&session.traffic.keepalives_rx);
-                    note_seen(&*ctx.sessions, session, from, now, c);
-                    continue;
-                }
-                SealedKind::Probe => {
-                    note_seen(&*ctx.sessions, session, from, now, c);
-                    let probe_len = datagram.len();
-                    match ProbeBody::parse(&datagram[payload]) {
-                        Ok(probe) => {
-                            answer_probe(session, &sock, &mut ack_buf, &probe, probe_len, from, &mut acks, now, c).await
-                        }
-                        Err(_) => session.drop_packet(c, DropReason::Malformed),
-                    }
-                    continue;
-                }
-                // Clients never send acks.
-                SealedKind::ProbeAck => {
-                    session.drop_packet(c, DropReason::Malformed);
-                    continue;
-                }
-                SealedKind::Data => {}
-            }
-            let Some(inner) = InnerPacket::parse(&datagram[payload.clone()]) else {
-                session.drop_packet(c, DropReason::Malformed);
-                continue;
-            };
-            if !session.owns(inner.src) {
-                session.drop_packet(c, DropReason::Spoofed);
-                continue;
-            }
-            // Before delivery, not after: the answer to this packet may be on its way back
-            // through the other loop before this one runs again, and must go to where the
-            // client is now.
-            if noted != Some(session.session_id) {
-                note_seen(&*ctx.sessions, session, from, now, c);
-                noted = Some(session.session_id);
-            }
-            Counters::packet(&session.traffic.rx_packets, &session.traffic.rx_bytes, payload.len());
-            // Only tunnel addresses belong to sessions: traffic for the gateway itself or for
-            // the outside (NAT) needs no lookup.
-            let to_peer = ctx.cfg.is_client_address(inner.dst);
-            let peer = if to_peer { ctx.sessions.by_ip(inner.dst) } else { None };
-            match peer {
-                // Client to client: re-seal in place (the inner packet already sits at
-                // HEADER_LEN, and the tag room behind it is the one the datagram had).
-                // ... unless the path to the peer is smaller: then the sender hears "too big"
-                // from the peer's address, through its own session, as from a router.
-                Some(peer) if let Some(mtu) = peer.path_mtu().filter(|&m| payload.len() > usize::from(m)) => {
-                    peer_too_big(session, &sock, &datagram[payload], mtu, inner.dst, &mut ack_buf, &mut peer_too_big_rate, now, c).await;
-                }
-                Some(peer) => {
-                    Counters::packet(&c.rx_packets, &c.rx_bytes, payload.len());
-                    send_to_session(&peer, &sock, datagram, payload.len(), c).await;
-                }
-                None => {
-                    if writer.is_full() {
-                        write_tun(&mut writer, &tun, c).await;
-                    }
-                    // Cannot fail (room was made above, and a payload is shorter than
-                    // 64 KiB); counted rather than assumed.
-                    if writer.push(&datagram[payload]).is_err() {
-                        c.count_drop(DropReason::Malformed);
-                    }
-                }
-            }
-        }
-        write_tun(&mut writer, &tun, c).await;
-    }
-}
-
-/// Writes the queued inner packets to the TUN device, counting them.
-async fn write_tun(writer: &mut TunWriter, tun: &AsyncDevice, c: &Counters) {
-    if writer.flush(tun, c).await.is_err() {
-        c.count_drop(DropReason::TunError);
-    }
 }
 
 /// Moves the session's endpoint and last-seen after an authenticated, non-replayed datagram.
@@ -761,257 +580,6 @@ fn note_seen(
         bump(&c.roams);
         // One line per endpoint change of a session: bounded by what the client does.
         tracing::debug!(target: TARGET, "session {} now at {from}", session.session_id);
-    }
-}
-
-/// Answers an authenticated probe of `probe_len` bytes from `from`: records what it says fits
-/// the path to the client, and sends the ack it asked for (rate-limited for the whole gateway;
-/// never longer than asked, never longer than [`wire::MAX_PROBE_LEN`]).
-#[allow(clippy::too_many_arguments)]
-async fn answer_probe(
-    session: &DataSession,
-    sock: &UdpSocket,
-    buf: &mut [u8],
-    probe: &ProbeBody,
-    probe_len: usize,
-    from: SocketAddr,
-    acks: &mut RateLimit,
-    now: Instant,
-    c: &Counters,
-) {
-    bump(&c.probes_rx);
-    if let Some((before, v)) = session.set_down_ok(probe.down_ok) {
-        // A transition of this session's path, bounded by what its (authenticated) client does.
-        // The first value (the client's link, usually) is routine: debug.
-        let inner = v.saturating_sub(wire::OVERHEAD as u16);
-        if before == 0 {
-            tracing::debug!(target: TARGET, "session {}: the path to the client carries {v}-byte datagrams (inner MTU {inner})", session.session_id);
-        } else {
-            tracing::info!(target: TARGET, "session {}: the path to the client now carries {v}-byte datagrams (inner MTU {inner}; was {before})", session.session_id);
-        }
-    }
-    if !acks.allow(now) {
-        // Withheld: the client sees a lost probe and sends it again (a search tolerates
-        // MAX_PROBES - 1 losses of a size).
-        bump(&c.probe_acks_withheld);
-        return;
-    }
-    let len = wire::ack_len_for(probe).min(buf.len());
-    let body = ProbeAckBody {
-        id: probe.id,
-        kind: probe.kind,
-        probe_len: u16::try_from(probe_len).unwrap_or(u16::MAX),
-    };
-    let payload_len = len - wire::OVERHEAD;
-    if body.write(&mut buf[wire::HEADER_LEN..wire::HEADER_LEN + payload_len]).is_err() {
-        session.drop_packet(c, DropReason::Malformed);
-        return;
-    }
-    let sealed = session.crypto.tx.next().and_then(|counter| {
-        session.crypto.cipher.seal_probe(
-            Direction::GatewayToClient,
-            true,
-            session.session_id,
-            counter,
-            buf,
-            payload_len,
-        )
-    });
-    match sealed {
-        // An ack larger than the path carries is lost on the way: that loss is the answer.
-        Ok(n) => match sock.send_to(&buf[..n], from).await {
-            Ok(_) => bump(&c.probe_acks_tx),
-            Err(_) => session.drop_packet(c, DropReason::SocketError),
-        },
-        Err(e) => session.drop_packet(c, seal_drop(e)),
-    }
-}
-
-/// Answers `sender`'s inner `packet`, which does not fit the path to its peer client (`mtu`),
-/// with an ICMP "fragmentation needed" / "packet too big" from the peer's address `from`,
-/// sealed to the sender's own session (rate-limited; `buf` is scratch room).
-#[allow(clippy::too_many_arguments)]
-async fn peer_too_big(
-    sender: &DataSession,
-    sock: &UdpSocket,
-    packet: &[u8],
-    mtu: u16,
-    from: IpAddr,
-    buf: &mut [u8],
-    rate: &mut RateLimit,
-    now: Instant,
-    c: &Counters,
-) {
-    sender.drop_packet(c, DropReason::TooBig);
-    let end = buf.len().saturating_sub(wire::TAG_LEN);
-    let Some(room) = buf.get_mut(wire::HEADER_LEN..end) else { return };
-    // The rules first (DF clear, ICMP errors, ...), so refused packets do not use up the rate.
-    let Ok(n) = crate::sansio::icmp::too_big(packet, mtu, from, room) else { return };
-    if rate.allow(now) {
-        send_to_session(sender, sock, buf, n, c).await;
-    }
-}
-
-/// Seals the inner packet at `buf[HEADER_LEN..HEADER_LEN + len]` for `session` and sends it to
-/// the session's endpoint, counting the outcome.
-async fn send_to_session(
-    session: &DataSession,
-    sock: &UdpSocket,
-    buf: &mut [u8],
-    len: usize,
-    c: &Counters,
-) {
-    let Some(endpoint) = session.endpoint() else {
-        // The client has not sent anything on this session yet, so we don't know where it is.
-        session.drop_packet(c, DropReason::NoRoute);
-        return;
-    };
-    let sealed = session.crypto.tx.next().and_then(|counter| {
-        session.crypto.cipher.seal_data(
-            Direction::GatewayToClient,
-            session.session_id,
-            counter,
-            buf,
-            len,
-        )
-    });
-    let n = match sealed {
-        Ok(n) => n,
-        Err(e) => {
-            session.drop_packet(c, seal_drop(e));
-            return;
-        }
-    };
-    match sock.send_to(&buf[..n], endpoint).await {
-        Ok(_) => {
-            Counters::packet(&c.tx_packets, &c.tx_bytes, len);
-            Counters::packet(&session.traffic.tx_packets, &session.traffic.tx_bytes, len);
-        }
-        Err(_) => session.drop_packet(c, DropReason::SocketError),
-    }
-}
-
-/// TUN -> UDP. A batch (one TSO super-packet, usually) is routed packet by packet; runs of
-/// consecutive packets for one session go out in one GSO send.
-async fn to_clients(
-    ctx: Arc<Loops>,
-    tun: Arc<AsyncDevice>,
-    sock: Arc<UdpSocket>,
-    stop: watch::Receiver<bool>,
-    bell: Arc<Doorbell>,
-    mtu: u16,
-) {
-    let c = &*ctx.counters;
-    bump(&c.tx_loop_starts);
-    let mut reader = TunReader::new(mtu);
-    // The usable inner MTU is the TUN's, or less for a session whose path is smaller.
-    let mut too_big = TooBig::new();
-    let mut lens = [0usize; tunnel::READ_SLOTS];
-    let mut routes: [Option<Arc<DataSession>>; tunnel::READ_SLOTS] = std::array::from_fn(|_| None);
-    let mut gso = true;
-    let mut errors = ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1));
-    loop {
-        let read = tokio::select! {
-            biased;
-            _ = bell.rung() => {
-                if stopped(&stop) {
-                    return;
-                }
-                continue;
-            }
-            r = reader.read(&tun) => r,
-        };
-        let n = match read {
-            Ok(n) => {
-                errors.reset();
-                n
-            }
-            Err(_) => {
-                c.count_drop(DropReason::TunError);
-                pause(errors.failed()).await;
-                continue;
-            }
-        };
-        let mut last: Option<(IpAddr, Option<Arc<DataSession>>)> = None;
-        for i in 0..n {
-            lens[i] = 0;
-            routes[i] = None;
-            // Not IP at all, or the kernel's own link-scope chatter on the device (MLD reports,
-            // router solicitations): nothing a client could use.
-            let inner = InnerPacket::parse(reader.packet(i)).filter(|p| !p.is_link_chatter());
-            let Some(inner) = inner else {
-                c.count_drop(DropReason::NotCarried);
-                continue;
-            };
-            // No session owns the address, or its client has not told us where it is yet. One
-            // lookup per run of packets to one address (the segments of a TSO packet, most of a
-            // batch): two map lookups, a clock read and an endpoint load each, which cost more
-            // than the rest of a packet's routing. The batch is microseconds long, so a session
-            // looked up at its start is as valid at its end.
-            let session = match &last {
-                Some((dst, session)) if *dst == inner.dst => session.clone(),
-                _ => {
-                    let session = ctx.sessions.by_ip(inner.dst).filter(|s| s.endpoint().is_some());
-                    last = Some((inner.dst, session.clone()));
-                    session
-                }
-            };
-            let Some(session) = session else {
-                c.count_drop(DropReason::NoRoute);
-                continue;
-            };
-            let len = reader.len(i);
-            // What fits the path to this client: its probes may have found a hop smaller than
-            // the links at either end.
-            let fits = session.mtu_within(mtu);
-            if len > usize::from(fits) {
-                // Answered from the client's tunnel address, as a router at the tunnel's far
-                // end would: the gateway's own address would be dropped by its own kernel as
-                // martian (a local source arriving on the TUN device).
-                too_big.send(&tun, reader.packet(i), fits, inner.dst, c).await;
-                continue;
-            }
-            let sealed = session.crypto.tx.next().and_then(|counter| {
-                let slot = reader.slot(i);
-                session.crypto.cipher.seal_data(
-                    Direction::GatewayToClient,
-                    session.session_id,
-                    counter,
-                    slot,
-                    len,
-                )
-            });
-            match sealed {
-                Ok(d) => {
-                    lens[i] = d;
-                    routes[i] = Some(session);
-                }
-                Err(e) => session.drop_packet(c, seal_drop(e)),
-            }
-        }
-        let mut i = 0;
-        while i < n {
-            let Some(session) = routes[i].take() else {
-                i += 1;
-                continue;
-            };
-            let mut j = i + 1;
-            while j < n && routes[j].as_ref().is_some_and(|r| Arc::ptr_eq(r, &session)) {
-                routes[j] = None;
-                j += 1;
-            }
-            if let Some(endpoint) = session.endpoint() {
-                let sent = reader.send(&sock, &mut gso, i, &lens[i..j], endpoint).await;
-                Counters::add(&c.tx_packets, sent.datagrams);
-                Counters::add(&c.tx_bytes, sent.inner_bytes);
-                c.count_drops(DropReason::SocketError, sent.failed);
-                let t = &session.traffic;
-                Counters::add(&t.tx_packets, sent.datagrams);
-                Counters::add(&t.tx_bytes, sent.inner_bytes);
-                t.count_drops(DropReason::SocketError, sent.failed);
-            }
-            i = j;
-        }
     }
 }
 

@@ -31,7 +31,7 @@ use super::{Binding, IoLog, NO_SESSION_BACKOFF, Shared, TARGET, device_gone, gat
 use crate::client::driver::Command;
 use crate::client::path_mtu::PathMtu;
 use crate::client::prober::{Ack, Hint};
-use crate::packet_thread::{Poller, Wakeup, ready};
+use crate::packet_thread::{Poller, Rest, Wakeup, ready};
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealedKind};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody};
@@ -83,9 +83,9 @@ pub(super) struct Engine {
     /// A side is readable until a read says `WouldBlock` (edge-triggered).
     tun_ready: bool,
     sock_ready: bool,
-    /// After failing IO, a side rests until then (see [`ErrorBackoff`]).
-    tun_rest: Option<Instant>,
-    sock_rest: Option<Instant>,
+    /// After failing IO, a side rests for a while (see [`ErrorBackoff`]).
+    tun_rest: Rest,
+    sock_rest: Rest,
     // The send side.
     reader: TunReader<SyncDevice>,
     lens: [usize; tunnel::READ_SLOTS],
@@ -125,8 +125,8 @@ impl Engine {
             tun_ready: false,
             // Whatever arrived before the registration is read at once.
             sock_ready: true,
-            tun_rest: None,
-            sock_rest: None,
+            tun_rest: Rest::default(),
+            sock_rest: Rest::default(),
             reader,
             lens: [0; tunnel::READ_SLOTS],
             gso: true,
@@ -174,10 +174,10 @@ impl Engine {
                 errors = self.read_errors();
             }
             let now = Instant::now();
-            if self.tun_ready && self.tun.is_some() && rested(&mut self.tun_rest, now) {
+            if self.tun_ready && self.tun.is_some() && self.tun_rest.over(now) {
                 self.send_batch();
             }
-            if self.sock_ready && rested(&mut self.sock_rest, now) {
+            if self.sock_ready && self.sock_rest.over(now) {
                 self.receive_batch();
             }
             if now >= self.last_sent + self.shared.cfg.keepalive {
@@ -216,17 +216,8 @@ impl Engine {
     /// queue has more), else until the keepalive is due or a resting side may go on.
     fn timeout(&self, errors: bool) -> Duration {
         let tun = self.tun_ready && self.tun.is_some();
-        if errors || (tun && self.tun_rest.is_none()) || (self.sock_ready && self.sock_rest.is_none()) {
-            return Duration::ZERO;
-        }
-        let mut until = self.last_sent + self.shared.cfg.keepalive;
-        if let (true, Some(t)) = (tun, self.tun_rest) {
-            until = until.min(t);
-        }
-        if let (true, Some(t)) = (self.sock_ready, self.sock_rest) {
-            until = until.min(t);
-        }
-        until.saturating_duration_since(Instant::now())
+        let keepalive = self.last_sent + self.shared.cfg.keepalive;
+        crate::packet_thread::wait_for(errors, [(tun, self.tun_rest), (self.sock_ready, self.sock_rest)], keepalive)
     }
 
     /// Acts on what the wake-up announced (relayed by `ring_bells`, or rung by the swap hook):
@@ -307,14 +298,14 @@ impl Engine {
             Err(e) => {
                 c.count_drop(DropReason::TunError);
                 self.read_log.failed(&e);
-                self.tun_rest = rest(self.tun_errors.failed());
+                self.tun_rest.start(self.tun_errors.failed());
                 return;
             }
         };
         // One snapshot for the whole batch.
         let Some(auth) = (self.binding.get_auth)() else {
             c.count_drops(DropReason::NoSession, n);
-            self.tun_rest = rest(self.no_session.failed());
+            self.tun_rest.start(self.no_session.failed());
             return;
         };
         self.no_session.reset();
@@ -392,7 +383,7 @@ impl Engine {
             Err(e) => {
                 c.count_drop(DropReason::SocketError);
                 self.recv_log.failed(&e);
-                self.sock_rest = rest(self.sock_errors.failed());
+                self.sock_rest.start(self.sock_errors.failed());
                 return;
             }
         };
@@ -497,22 +488,6 @@ impl Engine {
             self.send_log.failed_silently();
         }
     }
-}
-
-/// Whether a side resting until `*rest` may go on at `now` (and, if so, rests no more).
-fn rested(rest: &mut Option<Instant>, now: Instant) -> bool {
-    match *rest {
-        Some(t) if now < t => false,
-        _ => {
-            *rest = None;
-            true
-        }
-    }
-}
-
-/// The end of a rest of `d` from now; none for a zero rest (the first retries are free).
-fn rest(d: Duration) -> Option<Instant> {
-    (!d.is_zero()).then(|| Instant::now() + d)
 }
 
 /// Writes the queued inner packets to the TUN device, counting them; whether the device was
