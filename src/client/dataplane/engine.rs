@@ -9,9 +9,9 @@
 //! queue), and the supervisor (nudges). The engine keeps only its own timing: the keepalive,
 //! and the pauses after failing IO, as deadlines of its wait.
 //!
-//! Fairness: each turn takes at most one batch from the TUN device and one receive from the
-//! socket, then waits without sleeping if either still has data (edge-triggered registration:
-//! a side is known readable until a read says `WouldBlock`).
+//! Fairness: each turn takes at most [`TURN`] batches from the TUN device, then as many
+//! receives from the socket, then waits without sleeping if either still has data
+//! (edge-triggered registration: a side is known readable until a read says `WouldBlock`).
 //!
 //! The spec's rules hold as in the async loops this replaced: every batch calls the getter and
 //! uses only the snapshot it returns, errors are counted and survived with rate-limited logs,
@@ -31,7 +31,7 @@ use super::{Binding, IoLog, NO_SESSION_BACKOFF, Shared, TARGET, device_gone, gat
 use crate::client::driver::Command;
 use crate::client::path_mtu::PathMtu;
 use crate::client::prober::{Ack, Hint};
-use crate::packet_thread::{Poller, Rest, Wakeup, ready};
+use crate::packet_thread::{Poller, Rest, TURN, Wakeup, ready};
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealedKind};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody};
@@ -174,10 +174,16 @@ impl Engine {
                 errors = self.read_errors();
             }
             let now = Instant::now();
-            if self.tun_ready && self.tun.is_some() && self.tun_rest.over(now) {
+            for _ in 0..TURN {
+                if !(self.tun_ready && self.tun.is_some() && self.tun_rest.over(now)) {
+                    break;
+                }
                 self.send_batch();
             }
-            if self.sock_ready && self.sock_rest.over(now) {
+            for _ in 0..TURN {
+                if !(self.sock_ready && self.sock_rest.over(now)) {
+                    break;
+                }
                 self.receive_batch();
             }
             if now >= self.last_sent + self.shared.cfg.keepalive {

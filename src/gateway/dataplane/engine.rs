@@ -5,8 +5,8 @@
 //!
 //! Nothing on this thread awaits: sends that find no room wait in `poll` for a moment
 //! ([`tunnel::writable_now`]), failing IO rests its side as a deadline of the wait. Each turn
-//! takes at most one receive from the socket and one batch from the TUN device, so a flood on
-//! one side never holds the other. The loops' rules are unchanged: per-session state lives in
+//! takes at most [`TURN`] receives from the socket and as many batches from the TUN device,
+//! so a flood on one side never holds the other for long. The loops' rules are unchanged: per-session state lives in
 //! the session table, the engine holds buffers and rate limits only.
 
 use std::io;
@@ -22,7 +22,7 @@ use super::{
     ACK_BURST, ACKS_PER_SECOND, DataSession, Loops, NOTICE_BURST, NOTICES_PER_SECOND, TARGET, note_seen, seal_drop,
 };
 use crate::flood::Shedder;
-use crate::packet_thread::{Poller, Rest, Wakeup, ready};
+use crate::packet_thread::{Poller, Rest, TURN, Wakeup, ready};
 use crate::sansio::inner::InnerPacket;
 use crate::sansio::seal::{Direction, SealedKind};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody, ProbeBody};
@@ -134,10 +134,16 @@ impl Engine {
                 return;
             }
             let now = Instant::now();
-            if self.sock_ready && self.sock_rest.over(now) {
+            for _ in 0..TURN {
+                if !(self.sock_ready && self.sock_rest.over(now)) {
+                    break;
+                }
                 self.from_clients(now);
             }
-            if self.tun_ready && self.tun_rest.over(now) {
+            for _ in 0..TURN {
+                if !(self.tun_ready && self.tun_rest.over(now)) {
+                    break;
+                }
                 self.to_clients();
             }
             let sides = [(self.tun_ready, self.tun_rest), (self.sock_ready, self.sock_rest)];
