@@ -4,9 +4,10 @@
 //! A UDP echo thread answers a pinger on loopback, one datagram at a time, with a pause between
 //! them (20 ms: the thread has slept and its caches have gone cold, as between a user's pings; 1 ms:
 //! still warm). The echo thread waits in one of three ways:
-//! - `tokio`: the data plane's own [`PacketThread`] (a current-thread runtime on a thread of its
-//!   own), a `select!` of a stop signal and the socket, as the packet loops run;
-//! - `epoll`: a plain `epoll_wait` loop on the non-blocking socket, as boringtun waits;
+//! - `tokio`: a current-thread runtime on a thread of its own, a `select!` of a stop signal and the
+//!   socket, as the packet loops ran until 2026-11-30;
+//! - `epoll`: the engines' [`Poller`] (a plain `epoll_wait` on the non-blocking socket), as they
+//!   wait now, and as boringtun waits;
 //! - `blocking`: a blocking `recv_from`, the least a wake-up can cost.
 //!
 //! The variants take turns, round after round, so a change in the machine's load hits all three
@@ -15,10 +16,9 @@
 //! `cargo bench --bench wake` (about 30 s). `WAKE_PINGS=N` pings per variant and pause (default 300).
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use holdfast::packet_thread::PacketThread;
+use holdfast::packet_thread::Poller;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Waiter {
@@ -29,65 +29,53 @@ enum Waiter {
 
 const WAITERS: [Waiter; 3] = [Waiter::Tokio, Waiter::Epoll, Waiter::Blocking];
 
-/// Starts an echo thread waiting the given way; returns its address, and the packet thread for
-/// `tokio` (it runs while kept). It answers until the process ends (the bench is one process;
-/// each thread is bounded by it).
-fn echo(waiter: Waiter) -> (SocketAddr, Option<PacketThread>) {
+/// Starts an echo thread waiting the given way; returns its address. It answers until the
+/// process ends (the bench is one process; each thread is bounded by it).
+fn echo(waiter: Waiter) -> SocketAddr {
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind the echo socket");
     let addr = sock.local_addr().expect("echo address");
-    if waiter == Waiter::Tokio {
-        let thread = PacketThread::start("echo-tokio");
-        sock.set_nonblocking(true).expect("non-blocking");
-        let sock = {
-            let _on_its_thread = thread.enter();
-            tokio::net::UdpSocket::from_std(sock).expect("register the socket")
-        };
-        thread.spawn_task(async move {
-            let mut buf = [0u8; 2048];
-            let (_keep, mut stop) = tokio::sync::watch::channel(false);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = stop.changed() => return,
-                    r = sock.recv_from(&mut buf) => {
-                        let (n, from) = r.expect("receive");
-                        sock.send_to(&buf[..n], from).await.expect("send");
-                    }
-                }
-            }
-        });
-        return (addr, Some(thread));
-    }
     std::thread::Builder::new()
         .name(format!("echo-{waiter:?}"))
         .spawn(move || {
             let mut buf = [0u8; 2048];
-            if waiter == Waiter::Epoll {
-                sock.set_nonblocking(true).expect("non-blocking");
-                // SAFETY: plain epoll calls on descriptors this thread owns, with buffers
-                // that outlive each call.
-                unsafe {
-                    let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
-                    assert!(ep >= 0, "epoll_create1");
-                    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 1 };
-                    assert_eq!(libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, sock.as_raw_fd(), &mut ev), 0);
-                    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
+            match waiter {
+                Waiter::Tokio => {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    rt.block_on(async move {
+                        sock.set_nonblocking(true).expect("non-blocking");
+                        let sock = tokio::net::UdpSocket::from_std(sock).expect("register the socket");
+                        let (_keep, mut stop) = tokio::sync::watch::channel(false);
+                        loop {
+                            tokio::select! {
+                                biased;
+                                _ = stop.changed() => return,
+                                r = sock.recv_from(&mut buf) => {
+                                    let (n, from) = r.expect("receive");
+                                    sock.send_to(&buf[..n], from).await.expect("send");
+                                }
+                            }
+                        }
+                    });
+                }
+                Waiter::Epoll => {
+                    sock.set_nonblocking(true).expect("non-blocking");
+                    let mut poller = Poller::new().expect("epoll");
+                    poller.add(&sock, 1).expect("watch the socket");
                     loop {
-                        libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 60_000);
+                        poller.wait(None).expect("epoll_wait");
                         while let Ok((n, from)) = sock.recv_from(&mut buf) {
                             sock.send_to(&buf[..n], from).expect("send");
                         }
                     }
                 }
-            } else {
-                loop {
+                Waiter::Blocking => loop {
                     let (n, from) = sock.recv_from(&mut buf).expect("receive");
                     sock.send_to(&buf[..n], from).expect("send");
-                }
+                },
             }
         })
         .expect("spawn the echo thread");
-    (addr, None)
+    addr
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -103,18 +91,7 @@ fn main() {
         .unwrap_or_else(|| "unknown".into());
     println!("wake-up cost of one UDP echo on loopback, by how the echo thread waits ({pings} round trips each)");
     println!("cpu: {cpu}  nproc={}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    // PacketThread::start falls back to the caller's runtime if it cannot start a thread.
-    let main_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let _in_main_rt = main_rt.enter();
-    let mut threads = Vec::new();
-    let targets: Vec<(Waiter, SocketAddr)> = WAITERS
-        .iter()
-        .map(|&w| {
-            let (addr, thread) = echo(w);
-            threads.extend(thread);
-            (w, addr)
-        })
-        .collect();
+    let targets: Vec<(Waiter, SocketAddr)> = WAITERS.iter().map(|&w| (w, echo(w))).collect();
     let pinger = UdpSocket::bind("127.0.0.1:0").expect("bind the pinger");
     pinger.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
     let payload = [7u8; 84];

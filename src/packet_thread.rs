@@ -1,172 +1,23 @@
-//! The data plane's own thread: both packet loops (TUN -> socket, socket -> TUN) run on one
-//! single-threaded tokio runtime on an OS thread of its own, and the TUN device and the UDP socket
-//! are registered with that runtime's reactor.
+//! How the data plane's engines wait: each side (client, gateway) runs its hot path as one loop
+//! on an OS thread of its own (`hf-client-pkts`, `hf-gw-pkts`), blocked in an `epoll_wait` of
+//! its own ([`Poller`]) on its TUN device, its UDP socket and a [`Wakeup`] for control events.
+//! Nothing on that thread awaits; what waits for time or for other parts (device re-creation,
+//! path MTU following, the prober, the supervisor) stays on the main tokio runtime and talks to
+//! the engine through the wake-up and shared state.
 //!
-//! Why (measured with `benches/throughput.sh` on a 2-vCPU machine, client and gateway alike):
-//! - On the shared multi-threaded runtime a packet's arrival woke one worker while another was
-//!   woken to look for work, and the worker that polled epoll was often not the one that ran the
-//!   loop. One packet thread per process: 6.4-6.6 against 6.1-6.2 Gbit/s, a ping of 0.26
-//!   against 0.30 ms, the same CPU per GB.
-//! - One thread per loop (the TUN's and the socket's) was worse than both: 5.3-5.8 Gbit/s and
-//!   2.1-2.3 CPU-seconds per GB against 1.8, because each loop also writes to the other's
-//!   descriptor and every batch then woke the other thread.
+//! Why (measured on a 2-vCPU machine with `benches/hops.sh`, the ping ratio against boringtun,
+//! and `benches/throughput.sh`):
+//! - On tokio's multi-threaded runtime a packet's arrival woke one worker while another was woken
+//!   to look for work: one thread of the data plane's own was 6.4-6.6 against 6.1-6.2 Gbit/s and a
+//!   ping of 0.26 against 0.30 ms.
+//! - That thread was a current-thread tokio runtime until 2026-11-30; on it a lone packet went
+//!   through the reactor's event dispatch, the waker, the scheduler and the timer wheel before a
+//!   loop saw it. The engines on their own `epoll_wait` brought the ping ratio from 1.44-1.55x to
+//!   1.24-1.31x, and the CPU per GB down by a few per cent (with [`TURN`]).
+//! - One thread per direction was worse than one for both: each direction also writes to the
+//!   other's descriptor, and every batch then woke the other thread.
 //!
-//! The loops stay the async code they were (timers, watch channels, the snapshot getter); the
-//! control plane, the supervisor and the dashboard keep the main runtime. The cost: one core's
-//! worth of packet work per process (see the README's known limits).
-//!
-//! If the system refuses a thread, the data plane runs on the caller's runtime instead (logged):
-//! slower, never down.
-
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
-
-use futures_util::task::AtomicWaker;
-
-use tokio::runtime::{Builder, Handle};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-const TARGET: &str = "holdfast::dataplane";
-
-/// One single-threaded runtime on its own OS thread. It ends when [`PacketThread::quit`] is
-/// called or the value is dropped; tasks still on it are dropped then.
-pub struct PacketThread {
-    handle: Handle,
-    /// `None` when running on the caller's runtime (no thread of our own), or once quit.
-    quit: Mutex<Option<oneshot::Sender<()>>>,
-}
-
-impl PacketThread {
-    /// Starts a thread named `name` (shown by `top -H` and in panics). Must be called inside a
-    /// tokio runtime: if the thread cannot be started, that runtime is used instead.
-    pub fn start(name: &str) -> Self {
-        match Self::spawn(name) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(
-                    target: TARGET,
-                    "cannot start the packet thread {name} ({e}); its loops run on the main runtime"
-                );
-                Self { handle: Handle::current(), quit: Mutex::new(None) }
-            }
-        }
-    }
-
-    fn spawn(name: &str) -> std::io::Result<Self> {
-        let runtime = Builder::new_current_thread().enable_all().build()?;
-        let handle = runtime.handle().clone();
-        let (quit, quitting) = oneshot::channel::<()>();
-        std::thread::Builder::new().name(name.into()).spawn(move || {
-            // A current-thread runtime runs its spawned tasks while something blocks on it; this
-            // waits for the quit (or the sender's drop). The runtime, and the tasks still on it,
-            // are dropped outside any async context when the closure returns.
-            runtime.block_on(async {
-                let _ = quitting.await;
-            });
-        })?;
-        Ok(Self { handle, quit: Mutex::new(Some(quit)) })
-    }
-
-    /// Runs `task` on this thread.
-    pub fn spawn_task<F>(&self, task: F) -> JoinHandle<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.handle.spawn(task)
-    }
-
-    /// Runs `task` on this thread and waits for its output; `None` if the thread ended first. A
-    /// panic in `task` is resumed here.
-    pub async fn run<F>(&self, task: F) -> Option<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        match self.spawn_task(task).await {
-            Ok(out) => Some(out),
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => None,
-        }
-    }
-
-    /// While the guard lives, descriptors wrapped for tokio (a `UdpSocket::from_std`, a TUN
-    /// device built async) are registered with this thread's reactor. Never hold it across an
-    /// `.await`.
-    pub fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
-        self.handle.enter()
-    }
-
-    /// Ends the thread. Its tasks are dropped: stop them first to let them finish cleanly.
-    pub fn quit(&self) {
-        let quit = self.quit.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(quit) = quit {
-            let _ = quit.send(());
-        }
-    }
-}
-
-impl Drop for PacketThread {
-    fn drop(&mut self) {
-        self.quit();
-    }
-}
-
-/// A wake-up for one waiting task that costs no lock: rung from any thread, any number of times,
-/// it completes the waiter's next [`Doorbell::rung`] once.
-///
-/// Why: a packet loop waits on its descriptor and, in the same `select!`, on rare control events
-/// (a stop, a re-created device, a new path MTU, a new session). Awaiting each of those on its
-/// watch channel or `Notify` takes a waiter-list lock to register and another to deregister, per
-/// channel, on every batch: in a profile of a lone ping (a wake-up per packet) that was 6 % of the
-/// client's packet thread. A relay task waits on the channels instead (it wakes only when they
-/// change) and rings the loop's bell; a batch then costs the loop a few atomic operations and no
-/// lock.
-#[derive(Debug, Default)]
-pub struct Doorbell {
-    rung: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl Doorbell {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Rings: the waiter's current or next `rung()` completes.
-    pub fn ring(&self) {
-        self.rung.store(true, Ordering::Release);
-        self.waker.wake();
-    }
-
-    /// Completes once the bell has been rung since the last completion (at once if it was).
-    /// Cheap to create afresh in every turn of a loop.
-    pub fn rung(&self) -> Rung<'_> {
-        Rung(self)
-    }
-}
-
-/// The future of [`Doorbell::rung`].
-#[derive(Debug)]
-pub struct Rung<'a>(&'a Doorbell);
-
-impl Future for Rung<'_> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let bell = self.0;
-        if bell.rung.swap(false, Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        bell.waker.register(cx.waker());
-        // A ring between the check above and the registration woke no one: checked again.
-        if bell.rung.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
-    }
-}
+//! The cost: one core's worth of packet work per process (see the README's known limits).
 
 /// A thread's own `epoll` set: what the client's engine waits on instead of a tokio reactor (its
 /// TUN device, its socket and a [`Wakeup`] for control events).
@@ -269,8 +120,8 @@ pub fn ready(ev: &libc::epoll_event) -> Ready {
     Ready { token, events }
 }
 
-/// An `eventfd` that wakes a [`Poller`] from any thread: the engine's [`Doorbell`]. Ringing it
-/// twice before the engine looks wakes it once.
+/// An `eventfd` that wakes a [`Poller`] from any thread: an engine's bell for control events.
+/// Ringing it twice before the engine looks wakes it once.
 #[derive(Debug)]
 pub struct Wakeup {
     fd: std::os::fd::OwnedFd,
@@ -367,49 +218,6 @@ pub fn wait_for(more: bool, sides: [(bool, Rest); 2], deadline: tokio::time::Ins
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn tasks_run_on_the_named_thread_and_sockets_register_with_it() {
-        let t = PacketThread::start("hf-test-packets");
-        let name = t.spawn_task(async { std::thread::current().name().map(str::to_owned) }).await.unwrap();
-        assert_eq!(name.as_deref(), Some("hf-test-packets"));
-
-        // A socket registered with the packet thread's reactor is readable from a task there,
-        // while this test's own runtime never polls its descriptor. (A socket pair: no address.)
-        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        let sock = {
-            let _in = t.enter();
-            ours.set_nonblocking(true).unwrap();
-            tokio::net::UnixDatagram::from_std(ours).unwrap()
-        };
-        let got = t.spawn_task(async move {
-            let mut buf = [0u8; 16];
-            let n = sock.recv(&mut buf).await.unwrap();
-            (buf[..n].to_vec(), std::thread::current().name().map(str::to_owned))
-        });
-        theirs.send(b"lone").unwrap();
-        let (data, on) = got.await.unwrap();
-        assert_eq!(data, b"lone");
-        assert_eq!(on.as_deref(), Some("hf-test-packets"));
-    }
-
-    #[tokio::test]
-    async fn a_doorbell_wakes_its_waiter_once_per_ring_however_often_rung() {
-        use std::sync::Arc;
-        let bell = Arc::new(Doorbell::new());
-        // Rung before anyone waits: the next wait completes at once, the one after it waits.
-        bell.ring();
-        bell.ring();
-        bell.rung().await;
-        let mut again = std::pin::pin!(bell.rung());
-        assert!(futures_util::poll!(again.as_mut()).is_pending(), "two rings, one completion");
-        // Rung from another thread while waiting: the waiter wakes.
-        let ringer = bell.clone();
-        let t = PacketThread::start("hf-test-bell");
-        t.spawn_task(async move { ringer.ring() }).await.unwrap();
-        again.await;
-        assert!(futures_util::poll!(bell.rung()).is_pending());
-    }
-
     #[test]
     fn a_poller_reports_a_wakeup_and_a_datagram_by_token_and_times_out_otherwise() {
         let mut p = Poller::new().unwrap();
@@ -439,14 +247,5 @@ mod tests {
         p.remove(&a).unwrap();
         b.send(b"y").unwrap();
         assert!(p.wait(Some(std::time::Duration::ZERO)).unwrap().is_empty(), "removed");
-    }
-
-    #[tokio::test]
-    async fn quit_drops_the_tasks_still_running() {
-        let t = PacketThread::start("hf-test-quit");
-        let forever = t.spawn_task(std::future::pending::<()>());
-        t.quit();
-        let err = forever.await.unwrap_err();
-        assert!(err.is_cancelled(), "{err}");
     }
 }

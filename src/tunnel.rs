@@ -14,11 +14,9 @@ use std::time::Duration;
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use tokio::net::UdpSocket;
 use tokio::time::Instant;
-use tun_rs::{AsyncDevice, DeviceBuilder, SyncDevice};
+use tun_rs::{DeviceBuilder, SyncDevice};
 
-use crate::packet_thread::Doorbell;
 use crate::sansio::coalesce::{Coalescer, PushError, VNET_HDR_LEN};
 use crate::sansio::icmp;
 use crate::sansio::inner::IpFamily;
@@ -293,8 +291,8 @@ pub struct TunSpec {
 }
 
 /// A TUN device that is up, and what the logs and the status feed show of it. The device is
-/// non-blocking and registered with no reactor: the client's engine waits on it in its own
-/// `epoll_wait`; a tokio loop wraps it with [`AsyncDevice::new`] (on the runtime that runs it).
+/// non-blocking and registered with no reactor: an engine waits on it in its own `epoll_wait`
+/// (see [`crate::packet_thread::Poller`]).
 pub struct Tun {
     pub device: SyncDevice,
     pub name: String,
@@ -394,14 +392,9 @@ pub async fn create_tun_retrying(spec: &TunSpec, within: Duration) -> Result<Tun
     }
 }
 
-/// Binds a UDP socket with large buffers. Non-blocking, registered with the current runtime.
-pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    UdpSocket::from_std(bind_udp_std(addr)?)
-}
-
-/// [`bind_udp`], registered with no reactor (for the client's engine, which waits on it in its
-/// own `epoll_wait`).
-pub fn bind_udp_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+/// Binds a UDP socket with large buffers. Non-blocking, registered with no reactor: an engine
+/// waits on it in its own `epoll_wait` (see [`crate::packet_thread::Poller`]).
+pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Best effort: a smaller buffer costs throughput, not correctness.
@@ -665,25 +658,9 @@ pub async fn stop_requested(rx: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 /// Whether a stop was requested (or can no longer be: its sender is gone), without waiting: what
-/// [`stop_requested`] would return at once for. For a loop woken by a [`Doorbell`].
+/// [`stop_requested`] would return at once for. For an engine woken by its `Wakeup`.
 pub fn stopped(rx: &tokio::sync::watch::Receiver<bool>) -> bool {
     *rx.borrow() || rx.has_changed().is_err()
-}
-
-/// Rings every bell in `bells` once a stop is requested (see [`stop_requested`]): a loop that
-/// waits on its bell instead of on the stop channel (see [`Doorbell`]) then checks [`stopped`].
-pub async fn ring_on_stop(mut stop: tokio::sync::watch::Receiver<bool>, bells: Vec<Arc<Doorbell>>) {
-    stop_requested(&mut stop).await;
-    for bell in bells {
-        bell.ring();
-    }
-}
-
-/// Sleeps for `d`, without touching the timer when `d` is zero.
-pub async fn pause(d: Duration) {
-    if !d.is_zero() {
-        tokio::time::sleep(d).await;
-    }
 }
 
 /// Logs the data plane's counters on every SIGUSR1 ([`crate::logging::stats_on_sigusr1`]): the
@@ -753,12 +730,6 @@ pub fn enable_udp_gro(sock: &impl AsRawFd) -> bool {
     rc == 0
 }
 
-/// Receives one (possibly coalesced) datagram batch into `buf`: returns its length, the size of
-/// each datagram in it (all equal but the last, which may be shorter) and the sender.
-pub async fn recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
-    sock.async_io(tokio::io::Interest::READABLE, || recvmsg_gro(sock, buf)).await
-}
-
 /// One `recvmsg` on `sock` into `buf`, with the sender's address in `addr` and control messages
 /// in `control`. Returns the byte count (or the error) and the header the kernel filled, whose
 /// control messages the caller walks (its pointers point into `addr`, `buf` and `control`, so
@@ -790,9 +761,10 @@ fn recvmsg_into(
     }
 }
 
-/// [`recv_gro`] without waiting, for a socket no reactor knows: `WouldBlock` when nothing is
-/// queued.
-pub fn recv_gro_now(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+/// Receives one (possibly coalesced) datagram batch into `buf`, without waiting (`WouldBlock`
+/// when nothing is queued): returns its length, the size of each datagram in it (all equal but
+/// the last, which may be shorter) and the sender.
+pub fn recv_gro(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
     recvmsg_gro(sock, buf)
 }
 
@@ -854,33 +826,10 @@ fn socket_addr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
 /// call with UDP GSO. `gso` starts true and turns false for good if the kernel refuses GSO; the
 /// datagrams then go one by one. A refusal because the segments no longer fit the link (it
 /// just shrank) does not count as "no GSO": that run goes one by one, GSO stays on.
-pub async fn send_gso(
-    sock: &UdpSocket,
-    gso: &mut bool,
-    buf: &[u8],
-    segment: usize,
-    dest: SocketAddr,
-) -> io::Result<()> {
-    if buf.len() <= segment || !*gso {
-        return send_each(sock, buf, segment, dest).await.map(drop);
-    }
-    let sent = past_reports(|| {
-        sock.async_io(tokio::io::Interest::WRITABLE, || sendmsg_gso(sock, buf, segment, dest))
-    })
-    .await;
-    match sent.as_ref().err().and_then(GsoRefusal::of) {
-        None => sent,
-        Some(refusal) => {
-            let too_big = send_each(sock, buf, segment, dest).await?;
-            refusal.settle(gso, too_big);
-            Ok(())
-        }
-    }
-}
-
-/// [`send_gso`] on a socket no reactor knows (the client's engine): a full send buffer is
-/// waited out in `poll` (see [`writable_now`]), and the route's settling in a sleep.
-pub fn send_gso_now(
+///
+/// For a socket no reactor knows (the engines'): a full send buffer is waited out in `poll`
+/// (see [`writable_now`]), and the route's settling in a sleep.
+pub fn send_gso(
     sock: &impl AsRawFd,
     gso: &mut bool,
     buf: &[u8],
@@ -888,13 +837,13 @@ pub fn send_gso_now(
     dest: SocketAddr,
 ) -> io::Result<()> {
     if buf.len() <= segment || !*gso {
-        return send_each_now(sock, buf, segment, dest).map(drop);
+        return send_each(sock, buf, segment, dest).map(drop);
     }
-    let sent = past_reports_now(|| writable_now(sock, || sendmsg_gso(sock, buf, segment, dest)));
+    let sent = past_reports(|| writable_now(sock, || sendmsg_gso(sock, buf, segment, dest)));
     match sent.as_ref().err().and_then(GsoRefusal::of) {
         None => sent,
         Some(refusal) => {
-            let too_big = send_each_now(sock, buf, segment, dest)?;
+            let too_big = send_each(sock, buf, segment, dest)?;
             refusal.settle(gso, too_big);
             Ok(())
         }
@@ -939,19 +888,10 @@ impl GsoRefusal {
 /// reported through this send (IP_RECVERR sets the socket's error until the prober reads its
 /// queue; the report clears it). Either way the datagram goes, not dropped. Returns whether any
 /// was refused so.
-async fn send_each(sock: &UdpSocket, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<bool> {
+fn send_each(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<bool> {
     let mut too_big = false;
     for d in buf.chunks(segment.max(1)) {
-        too_big |= sent_or_fragmented(sock, d, dest, past_reports(|| sock.send_to(d, dest)).await)?;
-    }
-    Ok(too_big)
-}
-
-/// [`send_each`] without a reactor (see [`send_gso_now`]).
-fn send_each_now(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<bool> {
-    let mut too_big = false;
-    for d in buf.chunks(segment.max(1)) {
-        let sent = past_reports_now(|| writable_now(sock, || sendto(sock, d, dest)));
+        let sent = past_reports(|| writable_now(sock, || sendto(sock, d, dest)));
         too_big |= sent_or_fragmented(sock, d, dest, sent)?;
     }
     Ok(too_big)
@@ -997,23 +937,10 @@ fn unreachable_for_now(e: &io::Error) -> bool {
 }
 
 /// Runs `send`, and again past an earlier datagram's ICMP report ([`reported_for_earlier`]):
-/// once at once, and once more after [`ROUTE_SETTLE`] if the route still says unreachable.
-async fn past_reports<T, F: Future<Output = io::Result<T>>>(mut send: impl FnMut() -> F) -> io::Result<T> {
-    let mut sent = send().await;
-    if sent.as_ref().is_err_and(reported_for_earlier) {
-        // Nothing of this send went out, for an earlier datagram's sake.
-        sent = send().await;
-        if sent.as_ref().is_err_and(unreachable_for_now) {
-            pause(ROUTE_SETTLE).await;
-            sent = send().await;
-        }
-    }
-    sent
-}
-
-/// [`past_reports`] on the engine's thread: the settling pause is a sleep of the thread (the
-/// destination is unreachable then, so nothing else is coming from it either).
-fn past_reports_now<T>(mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+/// once at once, and once more after [`ROUTE_SETTLE`] if the route still says unreachable. The
+/// pause is a sleep of the engine's thread: the destination is unreachable then, so nothing
+/// else goes to it either (an engine has one peer, or, at the gateway, the uplink is down).
+fn past_reports<T>(mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     let mut sent = send();
     if sent.as_ref().is_err_and(reported_for_earlier) {
         sent = send();
@@ -1142,7 +1069,7 @@ fn sendmsg_gso(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr
 /// TSO super-packet split by tun-rs when offload is on, else one packet; more reads when more
 /// packets are already queued), each placed at [`wire::HEADER_LEN`] in its own slot of `stride`
 /// bytes, so it can be sealed where it lies. Buffers are allocated once.
-pub struct TunReader<D = AsyncDevice> {
+pub struct TunReader {
     raw: Vec<u8>,
     slots: Vec<u8>,
     stride: usize,
@@ -1152,7 +1079,7 @@ pub struct TunReader<D = AsyncDevice> {
     /// loop that moved to a re-created device meanwhile never sees the old device's error, which
     /// would have it report the new one gone. Held as a `Weak`, which keeps the old device's
     /// allocation, so a new device can never sit at the same address and pass for it.
-    deferred: Option<(Weak<D>, io::Error)>,
+    deferred: Option<(Weak<SyncDevice>, io::Error)>,
     /// When the last batch's first read returned, and how close the next must follow for the
     /// device to count as busy (see [`TunReader::read`]).
     last_batch: Option<Instant>,
@@ -1164,7 +1091,7 @@ pub struct TunReader<D = AsyncDevice> {
 /// microseconds apart; interactive traffic (keystrokes, a ping a second) is far slower.
 const TUN_BUSY_WITHIN: Duration = Duration::from_millis(1);
 
-impl<D: TunDevice> TunReader<D> {
+impl TunReader {
     /// Slots for inner packets of up to `mtu` bytes.
     pub fn new(mtu: u16) -> Self {
         let stride = wire::OVERHEAD + usize::from(mtu);
@@ -1203,7 +1130,8 @@ impl<D: TunDevice> TunReader<D> {
         }
     }
 
-    /// Reads one batch; returns how many packets it holds. It waits for the first read; then,
+    /// Reads one batch without waiting (`WouldBlock` when nothing is queued; the device is
+    /// non-blocking); returns how many packets it holds. After the first read,
     /// if the device is busy (this batch follows the last within 1 ms) and while [`BATCH`]
     /// slots are free, it reads again what is already queued, without waiting.
     ///
@@ -1213,35 +1141,19 @@ impl<D: TunDevice> TunReader<D> {
     /// of them leaves in one GSO send and reaches the peer as one GRO receive: one wake-up
     /// there instead of one per packet. Only when busy, because the read that finds nothing
     /// would delay a lone packet (a ping) by a microsecond or two.
-    pub async fn read(&mut self, tun: &Arc<D>) -> io::Result<usize>
-    where
-        D: AsyncTun,
-    {
+    pub fn try_read(&mut self, tun: &Arc<SyncDevice>) -> io::Result<usize> {
         if let Some(e) = self.deferred_for(tun) {
             return Err(e);
         }
         let n = {
             let mut bufs = batch_slots(&mut self.slots, self.stride, 0);
-            tun.recv_batch(&mut self.raw, &mut bufs, &mut self.sizes[..BATCH], wire::HEADER_LEN).await?
-        };
-        Ok(self.top_up(tun, n))
-    }
-
-    /// [`TunReader::read`] without waiting, for a device no reactor knows (the client's
-    /// engine): `WouldBlock` when nothing is queued.
-    pub fn try_read(&mut self, tun: &Arc<D>) -> io::Result<usize> {
-        if let Some(e) = self.deferred_for(tun) {
-            return Err(e);
-        }
-        let n = {
-            let mut bufs = batch_slots(&mut self.slots, self.stride, 0);
-            tun.try_recv_batch(&mut self.raw, &mut bufs, &mut self.sizes[..BATCH], wire::HEADER_LEN)?
+            tun.recv_multiple(&mut self.raw, &mut bufs, &mut self.sizes[..BATCH], wire::HEADER_LEN)?
         };
         Ok(self.top_up(tun, n))
     }
 
     /// The error a read of `tun` deferred, if it is this device's.
-    fn deferred_for(&mut self, tun: &Arc<D>) -> Option<io::Error> {
+    fn deferred_for(&mut self, tun: &Arc<SyncDevice>) -> Option<io::Error> {
         match self.deferred.take() {
             Some((from, e)) if std::ptr::eq(from.as_ptr(), Arc::as_ptr(tun)) => Some(e),
             _ => None,
@@ -1250,14 +1162,14 @@ impl<D: TunDevice> TunReader<D> {
 
     /// After a batch's first read of `n` packets: if the device is busy, what is already
     /// queued, without waiting, while [`BATCH`] slots are free. Returns the batch's size.
-    fn top_up(&mut self, tun: &Arc<D>, mut n: usize) -> usize {
+    fn top_up(&mut self, tun: &Arc<SyncDevice>, mut n: usize) -> usize {
         let now = Instant::now();
         let busy = self.last_batch.is_some_and(|t| now.saturating_duration_since(t) <= self.busy_within);
         self.last_batch = Some(now);
         while busy && READ_SLOTS - n >= BATCH {
             let mut bufs = batch_slots(&mut self.slots, self.stride, n);
             let sizes = &mut self.sizes[n..n + BATCH];
-            match tun.try_recv_batch(&mut self.raw, &mut bufs, sizes, wire::HEADER_LEN) {
+            match tun.recv_multiple(&mut self.raw, &mut bufs, sizes, wire::HEADER_LEN) {
                 Ok(more) => n += more,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -1287,59 +1199,9 @@ impl<D: TunDevice> TunReader<D> {
 
     /// Sends sealed datagrams of this batch to `dest`: `lens[k]` bytes at the start of slot
     /// `first + k` (0 = dropped); see [`send_datagrams`].
-    pub async fn send(
-        &mut self,
-        sock: &UdpSocket,
-        gso: &mut bool,
-        first: usize,
-        lens: &[usize],
-        dest: SocketAddr,
-    ) -> Sent {
+    pub fn send(&mut self, sock: &impl AsRawFd, gso: &mut bool, first: usize, lens: &[usize], dest: SocketAddr) -> Sent {
         let slots = &mut self.slots[first * self.stride..];
-        send_datagrams(sock, gso, slots, self.stride, lens, dest).await
-    }
-
-    /// [`TunReader::send`] on a socket no reactor knows ([`send_datagrams_now`]).
-    pub fn send_now(&mut self, sock: &impl AsRawFd, gso: &mut bool, first: usize, lens: &[usize], dest: SocketAddr) -> Sent {
-        let slots = &mut self.slots[first * self.stride..];
-        send_datagrams_now(sock, gso, slots, self.stride, lens, dest)
-    }
-}
-
-/// A TUN device a [`TunReader`] reads batches from: one read that does not wait (`WouldBlock`
-/// when nothing is queued). tokio's device (the gateway's loops) and a plain non-blocking one
-/// (the client's engine).
-pub trait TunDevice {
-    fn try_recv_batch(&self, raw: &mut [u8], bufs: &mut [&mut [u8]], sizes: &mut [usize], offset: usize) -> io::Result<usize>;
-}
-
-/// A [`TunDevice`] that can also wait for its batch (a reactor knows it).
-pub trait AsyncTun: TunDevice {
-    fn recv_batch(
-        &self,
-        raw: &mut [u8],
-        bufs: &mut [&mut [u8]],
-        sizes: &mut [usize],
-        offset: usize,
-    ) -> impl Future<Output = io::Result<usize>>;
-}
-
-impl TunDevice for AsyncDevice {
-    fn try_recv_batch(&self, raw: &mut [u8], bufs: &mut [&mut [u8]], sizes: &mut [usize], offset: usize) -> io::Result<usize> {
-        self.try_recv_multiple(raw, bufs, sizes, offset)
-    }
-}
-
-impl AsyncTun for AsyncDevice {
-    async fn recv_batch(&self, raw: &mut [u8], bufs: &mut [&mut [u8]], sizes: &mut [usize], offset: usize) -> io::Result<usize> {
-        self.recv_multiple(raw, bufs, sizes, offset).await
-    }
-}
-
-impl TunDevice for SyncDevice {
-    fn try_recv_batch(&self, raw: &mut [u8], bufs: &mut [&mut [u8]], sizes: &mut [usize], offset: usize) -> io::Result<usize> {
-        // The descriptor is non-blocking (see `create_tun`): this read does not wait.
-        self.recv_multiple(raw, bufs, sizes, offset)
+        send_datagrams(sock, gso, slots, self.stride, lens, dest)
     }
 }
 
@@ -1406,18 +1268,9 @@ impl TooBig {
         Some(&self.buf[if vnet_header { 0 } else { VNET_HDR_LEN }..VNET_HDR_LEN + n])
     }
 
-    /// [`TooBig::answer`], written to `tun`. A failed write is counted as a TUN error.
-    pub async fn send(&mut self, tun: &AsyncDevice, packet: &[u8], mtu: u16, from: IpAddr, c: &Counters) {
-        let vnet_header = tun.tcp_gso();
-        if let Some(answer) = self.answer(packet, mtu, from, vnet_header, Instant::now(), c)
-            && tun.send(answer).await.is_err()
-        {
-            c.count_drop(DropReason::TunError);
-        }
-    }
-
-    /// [`TooBig::send`] to a device no reactor knows (see [`write_tun_now`]).
-    pub fn send_now(&mut self, tun: &SyncDevice, packet: &[u8], mtu: u16, from: IpAddr, c: &Counters) {
+    /// [`TooBig::answer`], written to `tun` (see [`write_tun_now`]). A failed write is counted
+    /// as a TUN error.
+    pub fn send(&mut self, tun: &SyncDevice, packet: &[u8], mtu: u16, from: IpAddr, c: &Counters) {
         let vnet_header = tun.tcp_gso();
         if let Some(answer) = self.answer(packet, mtu, from, vnet_header, Instant::now(), c)
             && write_tun_now(tun, answer).is_err()
@@ -1449,7 +1302,7 @@ pub struct TunWriter {
 impl TunWriter {
     /// A writer for `tun`. Merging needs the device's TSO (it takes merged packets only behind
     /// a virtio-net header), so `coalesce` is ignored on a device without it.
-    pub fn new(tun: &AsyncDevice, coalesce: bool) -> Self {
+    pub fn new(tun: &SyncDevice, coalesce: bool) -> Self {
         Self::with_offload(tun.tcp_gso(), coalesce)
     }
 
@@ -1487,20 +1340,8 @@ impl TunWriter {
     /// Writes what is queued and counts it in `c` (`rx_packets`, `rx_bytes`, `rx_coalesced`).
     /// Returns how many inner packets it held; on an error the rest of the batch is dropped
     /// (the caller counts the error).
-    pub async fn flush(&mut self, tun: &AsyncDevice, c: &Counters) -> io::Result<usize> {
-        let (packets, bytes) = (self.packets, self.bytes);
-        let mut result = Ok(packets);
-        for p in self.pending() {
-            if let Err(e) = tun.send(p).await {
-                result = Err(e);
-                break;
-            }
-        }
-        self.flushed(packets, bytes, result, c)
-    }
-
-    /// [`TunWriter::flush`] to a device no reactor knows (see [`write_tun_now`]).
-    pub fn flush_now(&mut self, tun: &impl AsRawFd, c: &Counters) -> io::Result<usize> {
+    /// Each write as [`write_tun_now`].
+    pub fn flush(&mut self, tun: &impl AsRawFd, c: &Counters) -> io::Result<usize> {
         let (packets, bytes) = (self.packets, self.bytes);
         let mut result = Ok(packets);
         for p in self.pending() {
@@ -1541,24 +1382,7 @@ pub struct Sent {
 /// Sealed datagrams lying at `big[i * stride..][..lens[i]]` for `i` in `range`, all for `dest`:
 /// moves them together into runs a GSO send accepts (equal sizes, the last maybe shorter, at
 /// most [`MAX_UDP_SEND`] bytes) and sends each run in one call. A zero length skips a slot.
-pub async fn send_datagrams(
-    sock: &UdpSocket,
-    gso: &mut bool,
-    big: &mut [u8],
-    stride: usize,
-    lens: &[usize],
-    dest: SocketAddr,
-) -> Sent {
-    let mut sent = Sent::default();
-    let mut next = 0;
-    while let Some(run) = gather_run(big, stride, lens, &mut next) {
-        sent.count(&run, send_gso(sock, gso, &big[run.start..run.end], run.size, dest).await);
-    }
-    sent
-}
-
-/// [`send_datagrams`] on a socket no reactor knows ([`send_gso_now`]).
-pub fn send_datagrams_now(
+pub fn send_datagrams(
     sock: &impl AsRawFd,
     gso: &mut bool,
     big: &mut [u8],
@@ -1569,7 +1393,7 @@ pub fn send_datagrams_now(
     let mut sent = Sent::default();
     let mut next = 0;
     while let Some(run) = gather_run(big, stride, lens, &mut next) {
-        sent.count(&run, send_gso_now(sock, gso, &big[run.start..run.end], run.size, dest));
+        sent.count(&run, send_gso(sock, gso, &big[run.start..run.end], run.size, dest));
     }
     sent
 }
@@ -1657,7 +1481,7 @@ mod tests {
 
     #[test]
     fn the_reader_grows_for_a_larger_mtu_and_never_shrinks() {
-        let mut r = TunReader::<AsyncDevice>::new(1216);
+        let mut r = TunReader::new(1216);
         assert_eq!(r.capacity(), 1216);
         assert_eq!(r.slot(READ_SLOTS - 1).len(), wire::OVERHEAD + 1216);
         r.fit(1436);

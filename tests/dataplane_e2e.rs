@@ -1402,7 +1402,7 @@ fn too_big_answers_are_taken_by_the_kernel() {
         let ns = Netns::new();
         let rt = NsRuntime::new(&ns);
         let spec = test_tun("hft0", Some((Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2), 64)), offload);
-        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(tun_rs::AsyncDevice::new(t.device).expect("registered"))) });
+        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(t.device)) });
         let tun = tun.expect("TUN device");
         let (dst, from, request, said) = if v6 {
             ns.ip(&["-6", "route", "add", "2001:db8:9::/64", "dev", "hft0"]);
@@ -1424,10 +1424,15 @@ fn too_big_answers_are_taken_by_the_kernel() {
             let skip = if offload { holdfast::sansio::coalesce::VNET_HDR_LEN } else { 0 };
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             // The echo request, past whatever else the kernel sends first (MLD, ...).
-            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tun.recv(&mut buf)).await {
+            while support::readable(&*tun, deadline.saturating_duration_since(tokio::time::Instant::now())) {
+                let n = match tun.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => break,
+                };
                 let packet = &buf[skip..n];
                 if packet.len() == request {
-                    too_big.send(&tun, packet, 1300, from, &counters).await;
+                    too_big.send(&tun, packet, 1300, from, &counters);
                     return (true, tun);
                 }
             }
@@ -1456,7 +1461,7 @@ fn a_tun_read_takes_the_packets_already_queued() {
         let ns = Netns::new();
         let rt = NsRuntime::new(&ns);
         let spec = test_tun("hft0", None, offload);
-        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(tun_rs::AsyncDevice::new(t.device).expect("registered"))) });
+        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| Arc::new(t.device)) });
         let tun = tun.expect("TUN device");
         ns.ip(&["route", "add", "198.18.9.0/24", "dev", "hft0"]);
         let burst = READ_SLOTS + 10;
@@ -1470,10 +1475,16 @@ fn a_tun_read_takes_the_packets_already_queued() {
             for _ in 0..2 {
                 sock.send_to(&[0xee; 12], "198.18.9.9:9").expect("send the warm-up");
             }
-            let first = tokio::time::timeout(Duration::from_secs(5), reader.read(&tun)).await;
-            assert_eq!(first.expect("queued").expect("read"), 1, "an idle device: one packet");
-            let rest = tokio::time::timeout(Duration::from_secs(5), reader.read(&tun)).await;
-            assert!(rest.expect("queued").expect("read") >= 1, "the other one, and what else is queued");
+            // A read once the device has something (the engines wait in epoll_wait instead).
+            let read = |reader: &mut TunReader| loop {
+                assert!(support::readable(&*tun, Duration::from_secs(5)), "queued");
+                match reader.try_read(&tun) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    r => return r.expect("read"),
+                }
+            };
+            assert_eq!(read(&mut reader), 1, "an idle device: one packet");
+            assert!(read(&mut reader) >= 1, "the other one, and what else is queued");
             // All of them are in the device's queue before the next read: a send to a route
             // through a TUN device queues the packet there before it returns.
             for i in 0..burst {
@@ -1482,8 +1493,7 @@ fn a_tun_read_takes_the_packets_already_queued() {
             let mut batches = Vec::new();
             let mut seen = 0;
             while seen < burst {
-                let read = tokio::time::timeout(Duration::from_secs(5), reader.read(&tun)).await;
-                let n = read.expect("the burst is queued").expect("read");
+                let n = read(&mut reader);
                 // Only the burst's UDP packets (20 + 8 + 40 bytes to 198.18.9.9) count: the
                 // kernel may send its own first.
                 let ours = (0..n)
@@ -1530,7 +1540,7 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
     let (_ns, rt) = loopback_ns();
     let (gso, sent, got) = rt.run(async move {
         let (to, dest) = loopback_receiver();
-        let from = tokio::net::UdpSocket::bind("198.18.0.1:0").await.expect("bind the sender");
+        let from = holdfast::tunnel::bind_udp("198.18.0.1:0".parse().expect("addr")).expect("bind the sender");
         // 200 sealed-sized slots of 60 bytes each: 12 000 bytes, far under 64 KiB.
         let (stride, count) = (100usize, 200usize);
         let mut big = vec![0u8; stride * count];
@@ -1539,7 +1549,7 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
         }
         let lens = vec![60usize; count];
         let mut gso = true;
-        let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest).await;
+        let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest);
         let mut buf = [0u8; 128];
         let mut got = Vec::new();
         while got.len() < count {
@@ -1613,7 +1623,7 @@ fn two_gso_runs(lo_mtu: Option<&str>, no_check: bool) -> (bool, Vec<holdfast::tu
                 slot[..len].fill(i as u8);
             }
             let lens = vec![len; count];
-            sent.push(holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest).await);
+            sent.push(holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest));
         }
         let mut buf = [0u8; 2048];
         let mut got = Vec::new();
@@ -1647,7 +1657,7 @@ fn an_earlier_datagrams_icmp_error_does_not_cost_the_next_send() {
         let mut runs = Vec::new();
         // A GSO run of ten, then a lone datagram, each after a datagram to the closed port.
         for lens in [vec![60usize; count], vec![60usize]] {
-            from.send_to(&[1], closed).await.expect("to the closed port");
+            from.send_to(&[1], closed).expect("to the closed port");
             // The port unreachable is back on the socket (loopback answers at once; waited
             // for all the same: poll reports POLLERR for a queued error).
             let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&from), events: 0, revents: 0 };
@@ -1656,7 +1666,7 @@ fn an_earlier_datagrams_icmp_error_does_not_cost_the_next_send() {
             assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the ICMP error is queued");
             let mut gso = true;
             let mut big = big.clone();
-            let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest).await;
+            let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest);
             runs.push((sent.datagrams, sent.failed, sent.error.map(|e| e.to_string())));
         }
         let mut buf = [0u8; 128];

@@ -151,47 +151,30 @@ fn with_udp_gro_the_filter_sees_whole_batches_and_the_gro_program_lets_them_thro
             scope
                 .spawn(|| {
                     ns.enter_current_thread();
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime");
-                    rt.block_on(async {
-                        let rx = holdfast::tunnel::bind_udp("127.0.0.1:0".parse().expect("addr"))
-                            .expect("bind");
-                        assert!(holdfast::tunnel::enable_udp_gro(&rx), "UDP GRO");
-                        attach_filter(
-                            &rx,
-                            FilterSpec {
-                                side: Side::Client,
-                                coalesced,
-                            },
-                        )
-                        .expect("filter");
-                        let tx = holdfast::tunnel::bind_udp("127.0.0.1:0".parse().expect("addr"))
-                            .expect("bind");
-                        let to = rx.local_addr().expect("addr");
-                        let mut gso = true;
-                        holdfast::tunnel::send_gso(&tx, &mut gso, &pair, OVERHEAD, to)
-                            .await
-                            .expect("GSO send");
-                        assert!(gso, "the kernel took the GSO send");
-                        let marker = sealed("data", 7);
-                        tx.send_to(&marker, to).await.expect("marker");
-                        let mut got = Vec::new();
-                        let mut buf = vec![0u8; 65535];
-                        loop {
-                            let recv = holdfast::tunnel::recv_gro(&rx, &mut buf);
-                            let (n, seg, _) = tokio::time::timeout(Duration::from_secs(5), recv)
-                                .await
-                                .expect("the marker arrives")
-                                .expect("recv");
-                            if buf[..n] == marker[..] {
-                                break;
-                            }
-                            got.push((n, seg));
+                    let rx = holdfast::tunnel::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+                    assert!(holdfast::tunnel::enable_udp_gro(&rx), "UDP GRO");
+                    attach_filter(&rx, FilterSpec { side: Side::Client, coalesced }).expect("filter");
+                    let tx = holdfast::tunnel::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+                    let to = rx.local_addr().expect("addr");
+                    let mut gso = true;
+                    holdfast::tunnel::send_gso(&tx, &mut gso, &pair, OVERHEAD, to).expect("GSO send");
+                    assert!(gso, "the kernel took the GSO send");
+                    let marker = sealed("data", 7);
+                    tx.send_to(&marker, to).expect("marker");
+                    let mut got = Vec::new();
+                    let mut buf = vec![0u8; 65535];
+                    loop {
+                        assert!(support::readable(&rx, Duration::from_secs(5)), "the marker arrives");
+                        let (n, seg, _) = match holdfast::tunnel::recv_gro(&rx, &mut buf) {
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                            r => r.expect("recv"),
+                        };
+                        if buf[..n] == marker[..] {
+                            break;
                         }
-                        (got, kernel_drops(&rx).expect("SO_MEMINFO"))
-                    })
+                        got.push((n, seg));
+                    }
+                    (got, kernel_drops(&rx).expect("SO_MEMINFO"))
                 })
                 .join()
                 .expect("namespace thread")

@@ -499,12 +499,12 @@ pub const ENGINE_THREAD: &str = "hf-client-pkts";
 /// is on IPv4: its IPv6 gateways are then out of reach, and it says so once.
 fn data_socket(cfg: &ClientDataPlaneConfig) -> std::io::Result<UdpSocket> {
     if !cfg.ipv6_gateways {
-        return tunnel::bind_udp_std(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        return tunnel::bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
     }
-    match tunnel::bind_udp_std(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))) {
+    match tunnel::bind_udp(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))) {
         Err(e) if cfg.gateway.is_ipv4() => {
             tracing::warn!(target: TARGET, "no IPv6 socket on this host ({e}): the client's IPv6 gateways are out of reach");
-            tunnel::bind_udp_std(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+            tunnel::bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
         }
         r => r,
     }

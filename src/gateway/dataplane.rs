@@ -462,7 +462,7 @@ impl GatewayDataPlane {
             offload: cfg.offload,
         };
         let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
-        let sock = tunnel::bind_udp_std(cfg.listen)
+        let sock = tunnel::bind_udp(cfg.listen)
             .map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?;
         let (tun_name, tun_ifindex, tun_mtu) = (tun.name, tun.ifindex, tun.mtu);
         let local = sock.local_addr().unwrap_or(cfg.listen);

@@ -422,3 +422,12 @@ pub fn status_of(socket: &Path) -> holdfast::client::status_socket::StatusReport
     assert!(out.status.success(), "holdfast status: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("status --json parses")
 }
+
+/// Waits up to `within` for `fd` (a non-blocking socket or TUN device, as the engines use them) to
+/// have something to read; whether it has.
+pub fn readable(fd: &impl std::os::fd::AsRawFd, within: Duration) -> bool {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = libc::c_int::try_from(within.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, alive for the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
+}

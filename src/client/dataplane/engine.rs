@@ -87,7 +87,7 @@ pub(super) struct Engine {
     tun_rest: Rest,
     sock_rest: Rest,
     // The send side.
-    reader: TunReader<SyncDevice>,
+    reader: TunReader,
     lens: [usize; tunnel::READ_SLOTS],
     gso: bool,
     keepalive_buf: [u8; wire::OVERHEAD],
@@ -339,7 +339,7 @@ impl Engine {
                     IpFamily::V4 => Some(IpAddr::V4(auth.gateway_ip)),
                 };
                 match from {
-                    Some(from) => self.too_big.send_now(tun, self.reader.packet(i), mtu, from, c),
+                    Some(from) => self.too_big.send(tun, self.reader.packet(i), mtu, from, c),
                     None => c.count_drop(DropReason::TooBig),
                 }
                 continue;
@@ -353,7 +353,7 @@ impl Engine {
             }
         }
         let dest = SocketAddr::from((gateway_of(&auth, &self.shared.cfg), auth.data_port));
-        let sent = self.reader.send_now(&*self.sock, &mut self.gso, 0, &self.lens[..n], dest);
+        let sent = self.reader.send(&*self.sock, &mut self.gso, 0, &self.lens[..n], dest);
         Counters::add(&c.tx_packets, sent.datagrams);
         Counters::add(&c.tx_bytes, sent.inner_bytes);
         c.count_drops(DropReason::SocketError, sent.failed);
@@ -373,7 +373,7 @@ impl Engine {
     /// from another address than the one we send to.
     fn receive_batch(&mut self) {
         let c = &*self.shared.counters;
-        let (len, segment) = match tunnel::recv_gro_now(&*self.sock, &mut self.buf) {
+        let (len, segment) = match tunnel::recv_gro(&*self.sock, &mut self.buf) {
             Ok((n, segment, _from)) => {
                 self.sock_errors.reset();
                 (n, segment)
@@ -500,7 +500,7 @@ impl Engine {
 /// found gone (the caller reports it to the keeper).
 fn write_tun(writer: &mut TunWriter, tun: Option<&SyncDevice>, c: &Counters, log: &mut IoLog) -> bool {
     let Some(tun) = tun else { return false };
-    match writer.flush_now(tun, c) {
+    match writer.flush(tun, c) {
         Ok(0) => false,
         Ok(_) => {
             log.ok();

@@ -68,7 +68,7 @@ pub(super) struct Engine {
     shed: Shedder,
     rx_errors: ErrorBackoff,
     // To clients.
-    reader: TunReader<SyncDevice>,
+    reader: TunReader,
     /// The TUN's MTU: the usable inner MTU, or less for a session whose path is smaller.
     mtu: u16,
     too_big: TooBig,
@@ -176,7 +176,7 @@ impl Engine {
     fn from_clients(&mut self, now: Instant) {
         let ctx = &*self.ctx;
         let c = &*ctx.counters;
-        let (len, segment, from) = match tunnel::recv_gro_now(&*self.sock, &mut self.buf) {
+        let (len, segment, from) = match tunnel::recv_gro(&*self.sock, &mut self.buf) {
             Ok(r) => {
                 self.rx_errors.reset();
                 r
@@ -367,7 +367,7 @@ impl Engine {
                 // Answered from the client's tunnel address, as a router at the tunnel's far
                 // end would: the gateway's own address would be dropped by its own kernel as
                 // martian (a local source arriving on the TUN device).
-                self.too_big.send_now(&self.tun, self.reader.packet(i), fits, inner.dst, c);
+                self.too_big.send(&self.tun, self.reader.packet(i), fits, inner.dst, c);
                 continue;
             }
             let sealed = session.crypto.tx.next().and_then(|counter| {
@@ -394,7 +394,7 @@ impl Engine {
                 j += 1;
             }
             if let Some(endpoint) = session.endpoint() {
-                let sent = self.reader.send_now(&*self.sock, &mut self.gso, i, &lens[i..j], endpoint);
+                let sent = self.reader.send(&*self.sock, &mut self.gso, i, &lens[i..j], endpoint);
                 Counters::add(&c.tx_packets, sent.datagrams);
                 Counters::add(&c.tx_bytes, sent.inner_bytes);
                 c.count_drops(DropReason::SocketError, sent.failed);
@@ -410,7 +410,7 @@ impl Engine {
 
 /// Writes the queued inner packets to the TUN device, counting them.
 fn write_tun(writer: &mut TunWriter, tun: &SyncDevice, c: &Counters) {
-    if writer.flush_now(tun, c).is_err() {
+    if writer.flush(tun, c).is_err() {
         c.count_drop(DropReason::TunError);
     }
 }
