@@ -248,4 +248,29 @@ mod tests {
         b.send(b"y").unwrap();
         assert!(p.wait(Some(std::time::Duration::ZERO)).unwrap().is_empty(), "removed");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rest_ends_on_time_and_the_wait_follows_the_first_deadline() {
+        use std::time::Duration;
+        use tokio::time::Instant;
+        let t0 = Instant::now();
+        let mut rest = Rest::default();
+        assert!(rest.over(t0), "not resting");
+        rest.start(Duration::ZERO);
+        assert!(rest.until().is_none(), "a zero rest is none");
+        rest.start(Duration::from_millis(30));
+        assert!(!rest.over(t0 + Duration::from_millis(29)));
+        assert!(rest.over(t0 + Duration::from_millis(30)) && rest.until().is_none(), "over, and forgotten");
+        let deadline = t0 + Duration::from_secs(15);
+        let mut resting = Rest::default();
+        resting.start(Duration::from_millis(40));
+        // A side with data left and no rest: no sleep at all.
+        assert_eq!(wait_for(false, [(true, Rest::default()), (false, resting)], deadline), Duration::ZERO);
+        assert_eq!(wait_for(true, [(false, resting), (false, resting)], deadline), Duration::ZERO, "more work");
+        // Only resting sides with data: until the rest ends; a resting side without data counts not.
+        assert_eq!(wait_for(false, [(true, resting), (false, Rest::default())], deadline), Duration::from_millis(40));
+        assert_eq!(wait_for(false, [(false, resting), (false, Rest::default())], deadline), Duration::from_secs(15));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(wait_for(false, [(true, resting), (false, resting)], deadline), Duration::ZERO, "overdue");
+    }
 }

@@ -1,27 +1,28 @@
-//! The client's data plane: one TUN device and one UDP socket, and the two loops between them.
+//! The client's data plane: one TUN device and one UDP socket, and the engine between them (both
+//! directions on a thread of its own, see [`engine`]).
 //!
 //! How it follows the spec:
 //! - *Started by the first snapshot, once*: [`ClientDataPlane::on_swap_hook`] is the driver's
 //!   `OnSwap`. On the first call it spawns the bring-up task, which creates the TUN device (with
 //!   the snapshot's address) and the socket, retrying with backoff while that fails (logged, never
-//!   fatal, never blocking the supervisor), then starts the send loop and the receive loop. Later
-//!   swaps only wake the send loop so it announces the new session; nothing is recreated.
-//! - *No session data in the loops*: every iteration calls the getter and uses only the snapshot
-//!   it returns. The per-session counter and replay window live in that snapshot
+//!   fatal, never blocking the supervisor), then starts the engine. Later swaps only wake the
+//!   engine so it announces the new session; nothing is recreated.
+//! - *No session data in the loops*: every batch calls the getter and uses only the snapshot it
+//!   returns. The per-session counter and replay window live in that snapshot
 //!   ([`VpnAuthResponse::crypto`]), so they change exactly when the key does.
 //! - *Survives everything*: socket and TUN errors are counted in [`Counters`] and survived; at most
-//!   one log line per [`ERROR_LOG_EVERY`] per loop. When another program deletes the TUN device,
-//!   a keeper task brings up a new one with the same name and address and the current MTU
-//!   (retrying with backoff) and hands it to the two loops, which carry on with it: they are not
+//!   one log line per [`ERROR_LOG_EVERY`] per direction. When another program deletes the TUN
+//!   device, a keeper task brings up a new one with the same name and address and the current MTU
+//!   (retrying with backoff) and hands it to the engine, which carries on with it: it is not
 //!   restarted. The routes and DNS follow through [`ClientDataPlane::tun_changes`]; the
 //!   kill-switch names the tunnel by name, so it holds throughout. An "unknown session" notice
 //!   from the gateway is passed on as a rate-limited nudge: a hint to the supervisor, which
 //!   still decides.
 //! - *Follows the path*: the TUN MTU is set in place whenever the path's size changes
 //!   ([`PathMtu::changes`], see `follow_path_mtu`), without re-creating the device or restarting
-//!   the loops.
+//!   the engine.
 //!
-//! Buffers are allocated once per loop; the per-packet path does not allocate.
+//! Buffers are allocated once; the per-packet path does not allocate.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,7 +71,7 @@ const BRINGUP_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Durat
 /// first: the tunnel is down until it is back.
 const TUN_RECREATE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
 
-/// While there is no snapshot, the send loop drops what the TUN offers and sleeps this long
+/// While there is no snapshot, the engine drops what the TUN offers and sleeps this long
 /// (doubling up to the cap) between reads, so it does not spin.
 const NO_SESSION_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(10), Duration::from_millis(500));
@@ -167,12 +168,12 @@ struct Shared {
     /// The generation of a device a loop found gone (EBADFD): the keeper re-creates it.
     lost: watch::Sender<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// The path MTU, known once the bring-up found it; the send loop and the status read it.
+    /// The path MTU, known once the bring-up found it; the engine and the status read it.
     path: std::sync::OnceLock<Arc<PathMtu>>,
     /// The TUN device's MTU (0 until it exists): what the path asks for, set on the device in
     /// place by [`follow_path_mtu`] and given to a re-created device.
     tun_mtu: watch::Sender<u16>,
-    /// The largest inner packet the send loop's read slots hold (0 until it runs): the TUN MTU
+    /// The largest inner packet the engine's read slots hold (0 until it runs): the TUN MTU
     /// is raised only once they hold it, so no read is ever cut short.
     reader_room: watch::Sender<u16>,
     /// Bumped when the TUN device got its IPv6 address back in place (the path grew past
@@ -224,7 +225,7 @@ impl ClientDataPlane {
     }
 
     /// The driver's `OnSwap` hook. Never blocks: the first call spawns the bring-up task, every
-    /// call wakes the send loop. Must be called inside a tokio runtime (the driver's task is).
+    /// call wakes the engine. Must be called inside a tokio runtime (the driver's task is).
     pub fn on_swap_hook(&self) -> OnSwap {
         let shared = self.shared.clone();
         Box::new(move |_snapshot: &Arc<VpnAuthResponse>| {
@@ -261,7 +262,7 @@ impl ClientDataPlane {
         self.shared.counters.clone()
     }
 
-    /// Explicit stop: ends the loops (and a bring-up still retrying) and removes the TUN device.
+    /// Explicit stop: ends the engine (and a bring-up still retrying) and removes the TUN device.
     /// Completes once the TUN device exists (it is created once, on the first snapshot); `false`
     /// if the data plane was stopped first.
     pub async fn tun_up(&self) -> bool {
@@ -422,7 +423,7 @@ async fn bring_up(shared: Arc<Shared>) {
     if !gro {
         tracing::debug!(target: TARGET, "no UDP GRO on this kernel: one datagram per receive");
     }
-    // Junk dropped in the kernel (see crate::sansio::filter); the receive loop still checks all.
+    // Junk dropped in the kernel (see crate::sansio::filter); the engine still checks all.
     if let Err(e) = crate::flood::attach_filter(&sock, FilterSpec { side: Side::Client, coalesced: gro }) {
         tracing::debug!(target: TARGET, "no socket filter on the data-plane socket: {e}");
     }
@@ -535,14 +536,14 @@ fn address6_for(auth: &VpnAuthResponse) -> (Option<(Ipv6Addr, u8)>, Option<Strin
     }
 }
 
-/// How long the MTU follower waits for the send loop to make room for a larger MTU before it
+/// How long the MTU follower waits for the engine to make room for a larger MTU before it
 /// raises the device's anyway (the loop makes room as soon as it is between two batches).
 const READER_ROOM_WAIT: Duration = Duration::from_secs(2);
 
 /// Sets the TUN device's MTU in place each time the usable path MTU changes (the underlay
 /// watcher or discovery moved it), so the host's TCP sizes its segments for the path at once
 /// (and advertises segments the path carries back). The device is not re-created and the loops
-/// are not restarted: the send loop reads the limit per batch and grows its read slots before
+/// are not restarted: the engine reads the limit per batch and grows its read slots before
 /// a larger MTU is set (it publishes them in `reader_room`). Across IPv6's 1280-byte minimum,
 /// the device's IPv6 address `address6` goes (the kernel's doing) and comes back (ours; the
 /// routes follow through `readdressed`). One log line per change.
@@ -568,7 +569,7 @@ async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, address6: Opti
             let mut room = shared.reader_room.subscribe();
             let made = tokio::time::timeout(READER_ROOM_WAIT, room.wait_for(|r| *r >= want)).await;
             if !matches!(made, Ok(Ok(_))) {
-                tracing::debug!(target: TARGET, "the send loop has not made room for MTU {want}; raising it anyway");
+                tracing::debug!(target: TARGET, "the engine has not made room for MTU {want}; raising it anyway");
             }
         }
         // A device re-created from now on gets this MTU too.
@@ -616,7 +617,7 @@ fn device_gone(e: &std::io::Error) -> bool {
 }
 
 /// Re-creates the TUN device (same name, address, offload; the current MTU) each time a loop reports it
-/// gone, retrying with backoff, and hands the new one to the loops. One log line per incident.
+/// gone, retrying with backoff, and hands the new one to the engine. One log line per incident.
 async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>) {
     let mut lost = shared.lost.subscribe();
     let mut stop = shared.stop.subscribe();

@@ -88,7 +88,7 @@ impl PathMtu {
         self.link.load(Ordering::Relaxed).min(self.discovered.load(Ordering::Relaxed))
     }
 
-    /// The usable inner packet size: what the TUN MTU should be and what the send loop lets
+    /// The usable inner packet size: what the TUN MTU should be and what the engine lets
     /// through.
     pub fn inner(&self) -> u16 {
         inner_for(self.outer(), self.underlay())

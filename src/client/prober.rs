@@ -3,7 +3,7 @@
 //!
 //! - **Up** (client to gateway): probes padded to the size under test; the gateway answers
 //!   each with a minimal ack that says how long the probe was when it arrived. The result is
-//!   the discovered bound of [`PathMtu`], which the send loop reads per batch: a packet that no
+//!   the discovered bound of [`PathMtu`], which the engine reads per batch: a packet that no
 //!   longer fits is answered "too big" into the TUN, so the inner TCP lowers its segment size
 //!   within a round trip.
 //! - **Down** (gateway to client): minimal probes asking for acks padded to the size under
@@ -38,7 +38,7 @@ use crate::tunnel::stop_requested;
 
 const TARGET: &str = "holdfast::pmtu";
 
-/// An authenticated probe ack, as the receive loop hands it over.
+/// An authenticated probe ack, as the engine hands it over.
 #[derive(Debug, Clone, Copy)]
 pub struct Ack {
     pub body: ProbeAckBody,

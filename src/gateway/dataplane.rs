@@ -1,5 +1,6 @@
 //! The gateway's data plane: one TUN device (the gateway's tunnel address), one UDP socket (the
-//! control plane's port number), two loops started once, and the outbound NAT rule.
+//! control plane's port number), one engine for both directions started once (on a thread of its
+//! own, see [`engine`]), and the outbound NAT rule.
 //!
 //! From clients (UDP -> TUN): parse the header, find the session by id (lock-free, through
 //! [`SessionLookup`]), check the replay window, open, check that the inner source is the
@@ -534,7 +535,7 @@ impl GatewayDataPlane {
         self.shedding.clone()
     }
 
-    /// Ends the loops, removes the NAT rule and the TUN device.
+    /// Ends the engine, removes the NAT rule and the TUN device.
     pub async fn stop(mut self) {
         self.stop.send_replace(true);
         self.wakeup.ring();
@@ -551,7 +552,7 @@ impl GatewayDataPlane {
     }
 }
 
-/// What both loops share.
+/// What both directions of the engine share.
 struct Loops {
     cfg: GatewayDataPlaneConfig,
     sessions: Arc<dyn SessionLookup>,
