@@ -713,6 +713,20 @@ fn inproc_stop_removes_the_tun_device() {
     assert_eq!(c.ns.ifindex("hf0"), None, "the TUN device goes with the data plane");
 }
 
+/// A gateway data plane dropped without `stop` (a start that failed further on) still ends its
+/// engine: the thread is woken, returns, and closes the TUN device, which the kernel then removes.
+#[test]
+fn inproc_a_dropped_gateway_data_plane_removes_its_tun_device() {
+    require_root!();
+    let mut w = Inproc::new();
+    let name = w.gw.as_ref().expect("the gateway's data plane").tun_name.clone();
+    assert!(w.gw_ns.ifindex(&name).is_some(), "tun up");
+    drop(w.gw.take());
+    // At once: woken by the drop, not by whatever traffic comes next (the kernel's own chatter on
+    // the device, seconds later).
+    assert!(wait_until(Duration::from_secs(1), || w.gw_ns.ifindex(&name).is_none()), "the TUN device goes with the engine");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real binaries in namespaces.
 // ---------------------------------------------------------------------------------------------

@@ -552,6 +552,16 @@ impl GatewayDataPlane {
     }
 }
 
+impl Drop for GatewayDataPlane {
+    /// A data plane dropped without [`GatewayDataPlane::stop`] (a failed start further on, a test)
+    /// still ends its engine: woken, it finds the stop (or its sender gone) and returns, closing
+    /// the TUN device and the socket. Nothing here waits for it.
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+        self.wakeup.ring();
+    }
+}
+
 /// What both directions of the engine share.
 struct Loops {
     cfg: GatewayDataPlaneConfig,
