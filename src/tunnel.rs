@@ -960,10 +960,12 @@ const WRITABLE_WAIT: Duration = Duration::from_millis(100);
 /// it would block, for up to [`WRITABLE_WAIT`] in all. Rare: the kernel frees a UDP datagram's
 /// buffer space as soon as the device takes it, and a TUN device queues what it is given.
 pub fn writable_now<T>(fd: &impl AsRawFd, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-    let end = std::time::Instant::now() + WRITABLE_WAIT;
+    // The clock is read only once a write would block: not on every send.
+    let mut end = None;
     loop {
         match op() {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let end = *end.get_or_insert_with(|| std::time::Instant::now() + WRITABLE_WAIT);
                 let left = end.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
                     return Err(e);

@@ -262,7 +262,6 @@ impl ClientDataPlane {
         self.shared.counters.clone()
     }
 
-    /// Explicit stop: ends the engine (and a bring-up still retrying) and removes the TUN device.
     /// Completes once the TUN device exists (it is created once, on the first snapshot); `false`
     /// if the data plane was stopped first.
     pub async fn tun_up(&self) -> bool {
@@ -286,6 +285,7 @@ impl ClientDataPlane {
         self.shared.device.subscribe()
     }
 
+    /// Explicit stop: ends the engine (and a bring-up still retrying) and removes the TUN device.
     pub async fn stop(&self) {
         // The engine hears it through `ring_bells`.
         self.shared.stop.send_replace(true);
