@@ -138,13 +138,13 @@ impl Engine {
                 if !(self.sock_ready && self.sock_rest.over(now)) {
                     break;
                 }
-                self.from_clients(now);
+                self.receive(now);
             }
             for _ in 0..TURN {
                 if !(self.tun_ready && self.tun_rest.over(now)) {
                     break;
                 }
-                self.to_clients();
+                self.send();
             }
             let sides = [(self.tun_ready, self.tun_rest), (self.sock_ready, self.sock_rest)];
             let timeout = crate::packet_thread::wait_for(false, sides, Instant::now() + IDLE);
@@ -173,7 +173,7 @@ impl Engine {
     }
 
     /// UDP -> TUN (or -> another client): one (possibly coalesced) receive.
-    fn from_clients(&mut self, now: Instant) {
+    fn receive(&mut self, now: Instant) {
         let ctx = &*self.ctx;
         let c = &*ctx.counters;
         let (len, segment, from) = match tunnel::recv_gro(&*self.sock, &mut self.buf) {
@@ -312,7 +312,7 @@ impl Engine {
 
     /// TUN -> UDP: one batch (one TSO super-packet, usually), routed packet by packet; runs of
     /// consecutive packets for one session go out in one GSO send.
-    fn to_clients(&mut self) {
+    fn send(&mut self) {
         let ctx = &*self.ctx;
         let c = &*ctx.counters;
         let n = match self.reader.try_read(&self.tun) {
