@@ -287,6 +287,36 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
     assert!(w.gateway.is_alive());
 }
 
+/// A hop that shrinks after the path was found is learnt from the router's ICMP "fragmentation
+/// needed" at once: the client's engine reads it from the socket's error queue and hands it to
+/// the prober, long before the next confirmation probe (one every 5 s, three losses) would find
+/// the hop.
+#[test]
+fn a_hop_that_shrinks_later_is_learnt_from_its_icmp_at_once() {
+    if !netns::available() {
+        eprintln!("SKIPPED: needs root and ip");
+        return;
+    }
+    let w = World::new(false, false);
+    w.router.ip(&["link", "set", "hfr2", "mtu", "1500"]);
+    let mut client = start_client(&w, "shrink", |_| {});
+    // Both searches ended at the links' 1500: the gateway has the client's full down size.
+    assert!(
+        wait_until(T, || gateway_path_mtu(&w) == Some(1500 - 28 - 36)),
+        "the path is found at 1500 first: {:?}",
+        gateway_path_mtu(&w)
+    );
+    w.router.ip(&["link", "set", "hfr2", "mtu", "1280"]);
+    let shrunk = Instant::now();
+    // One full-sized ping through the tunnel: its datagram meets the small hop, which answers.
+    w.client_ns().exec("ping", &["-c", "1", "-W", "1", "-s", "1300", &GW_TUN.to_string()]);
+    let line = client.proc.wait_for(&["path MTU to the gateway: 12"], Duration::from_secs(2));
+    eprintln!("learnt {:?} after the hop shrank: {line:?}", shrunk.elapsed());
+    assert!(shrunk.elapsed() < Duration::from_secs(4), "from the ICMP, not from a later probe");
+    assert!(client.path_mtu().is_some_and(|(outer, _, _)| outer <= 1280), "{:?}", client.path_mtu());
+    assert_eq!(client.proc.terminate(T), Some(0));
+}
+
 #[test]
 fn without_any_icmp_probing_alone_finds_the_hop_and_a_path_that_grows_back_is_raised() {
     if !netns::available() {
