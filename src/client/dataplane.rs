@@ -1,5 +1,5 @@
 //! The client's data plane: one TUN device and one UDP socket, and the engine between them (both
-//! directions on a thread of its own, see [`engine`]).
+//! directions on a thread of its own, see `engine`).
 //!
 //! How it follows the spec:
 //! - *Started by the first snapshot, once*: [`ClientDataPlane::on_swap_hook`] is the driver's

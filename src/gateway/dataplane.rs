@@ -1,6 +1,6 @@
 //! The gateway's data plane: one TUN device (the gateway's tunnel address), one UDP socket (the
 //! control plane's port number), one engine for both directions started once (on a thread of its
-//! own, see [`engine`]), and the outbound NAT rule.
+//! own, see `engine`), and the outbound NAT rule.
 //!
 //! From clients (UDP -> TUN): parse the header, find the session by id (lock-free, through
 //! [`SessionLookup`]), check the replay window, open, check that the inner source is the
