@@ -835,15 +835,16 @@ pub fn send_gso(
     buf: &[u8],
     segment: usize,
     dest: SocketAddr,
+    unreachable: Unreachable,
 ) -> io::Result<()> {
     if buf.len() <= segment || !*gso {
-        return send_each(sock, buf, segment, dest).map(drop);
+        return send_each(sock, buf, segment, dest, unreachable).map(drop);
     }
-    let sent = past_reports(|| writable_now(sock, || sendmsg_gso(sock, buf, segment, dest)));
+    let sent = past_reports(unreachable, || writable_now(sock, || sendmsg_gso(sock, buf, segment, dest)));
     match sent.as_ref().err().and_then(GsoRefusal::of) {
         None => sent,
         Some(refusal) => {
-            let too_big = send_each(sock, buf, segment, dest)?;
+            let too_big = send_each(sock, buf, segment, dest, unreachable)?;
             refusal.settle(gso, too_big);
             Ok(())
         }
@@ -888,10 +889,10 @@ impl GsoRefusal {
 /// reported through this send (IP_RECVERR sets the socket's error until the prober reads its
 /// queue; the report clears it). Either way the datagram goes, not dropped. Returns whether any
 /// was refused so.
-fn send_each(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr) -> io::Result<bool> {
+fn send_each(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr, unreachable: Unreachable) -> io::Result<bool> {
     let mut too_big = false;
     for d in buf.chunks(segment.max(1)) {
-        let sent = past_reports(|| writable_now(sock, || sendto(sock, d, dest)));
+        let sent = past_reports(unreachable, || writable_now(sock, || sendto(sock, d, dest)));
         too_big |= sent_or_fragmented(sock, d, dest, sent)?;
     }
     Ok(too_big)
@@ -936,15 +937,28 @@ fn unreachable_for_now(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH | libc::ENETUNREACH))
 }
 
+/// What a send does when the route says its destination cannot be reached, right after the
+/// retry past an earlier report ([`reported_for_earlier`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Waits [`ROUTE_SETTLE`] and tries a last time: the client, whose one destination is the
+    /// gateway and whose route to it is re-pinned when the path changes. The wait is a sleep of
+    /// the engine's thread: nothing else goes anywhere while the route is missing.
+    Settle,
+    /// Fails at once (counted): the gateway, where one client's missing route must not stall the
+    /// engine that serves every other client.
+    Fail,
+}
+
 /// Runs `send`, and again past an earlier datagram's ICMP report ([`reported_for_earlier`]):
-/// once at once, and once more after [`ROUTE_SETTLE`] if the route still says unreachable. The
-/// pause is a sleep of the engine's thread: the destination is unreachable then, so nothing
-/// else goes to it either (an engine has one peer, or, at the gateway, the uplink is down).
-fn past_reports<T>(mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+/// once at once, and, with [`Unreachable::Settle`], once more after [`ROUTE_SETTLE`] if the
+/// route still says unreachable.
+fn past_reports<T>(unreachable: Unreachable, mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     let mut sent = send();
     if sent.as_ref().is_err_and(reported_for_earlier) {
+        // Nothing of this send went out, for an earlier datagram's sake.
         sent = send();
-        if sent.as_ref().is_err_and(unreachable_for_now) {
+        if unreachable == Unreachable::Settle && sent.as_ref().is_err_and(unreachable_for_now) {
             std::thread::sleep(ROUTE_SETTLE);
             sent = send();
         }
@@ -1201,9 +1215,17 @@ impl TunReader {
 
     /// Sends sealed datagrams of this batch to `dest`: `lens[k]` bytes at the start of slot
     /// `first + k` (0 = dropped); see [`send_datagrams`].
-    pub fn send(&mut self, sock: &impl AsRawFd, gso: &mut bool, first: usize, lens: &[usize], dest: SocketAddr) -> Sent {
+    pub fn send(
+        &mut self,
+        sock: &impl AsRawFd,
+        gso: &mut bool,
+        first: usize,
+        lens: &[usize],
+        dest: SocketAddr,
+        unreachable: Unreachable,
+    ) -> Sent {
         let slots = &mut self.slots[first * self.stride..];
-        send_datagrams(sock, gso, slots, self.stride, lens, dest)
+        send_datagrams(sock, gso, slots, self.stride, lens, dest, unreachable)
     }
 }
 
@@ -1391,11 +1413,12 @@ pub fn send_datagrams(
     stride: usize,
     lens: &[usize],
     dest: SocketAddr,
+    unreachable: Unreachable,
 ) -> Sent {
     let mut sent = Sent::default();
     let mut next = 0;
     while let Some(run) = gather_run(big, stride, lens, &mut next) {
-        sent.count(&run, send_gso(sock, gso, &big[run.start..run.end], run.size, dest));
+        sent.count(&run, send_gso(sock, gso, &big[run.start..run.end], run.size, dest, unreachable));
     }
     sent
 }
@@ -1554,6 +1577,25 @@ mod tests {
         e.ee_errno = libc::EMSGSIZE as u32;
         e.ee_info = 1400;
         assert_eq!(mtu_of_error(&e), None, "our own link: the underlay watcher's");
+    }
+
+    #[test]
+    fn an_unreachable_destination_waits_for_the_route_only_where_asked() {
+        let unreachable = || Err::<usize, _>(io::Error::from_raw_os_error(libc::EHOSTUNREACH));
+        let mut tries = 0;
+        let t0 = std::time::Instant::now();
+        assert!(past_reports(Unreachable::Fail, || { tries += 1; unreachable() }).is_err());
+        assert_eq!(tries, 2, "the gateway: tried again once, past an earlier report, then failed");
+        tries = 0;
+        assert!(past_reports(Unreachable::Settle, || { tries += 1; unreachable() }).is_err());
+        assert_eq!(tries, 3, "the client: a last try after the route had time to settle");
+        assert!(t0.elapsed() >= ROUTE_SETTLE, "and it waited");
+        // A report for an earlier datagram costs one retry, never the wait, once the send works.
+        let mut first = true;
+        let sent = past_reports(Unreachable::Settle, || {
+            if std::mem::take(&mut first) { Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)) } else { Ok(1) }
+        });
+        assert_eq!(sent.expect("sent"), 1);
     }
 
     #[test]

@@ -1563,7 +1563,7 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
         }
         let lens = vec![60usize; count];
         let mut gso = true;
-        let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest);
+        let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest, holdfast::tunnel::Unreachable::Settle);
         let mut buf = [0u8; 128];
         let mut got = Vec::new();
         while got.len() < count {
@@ -1637,7 +1637,7 @@ fn two_gso_runs(lo_mtu: Option<&str>, no_check: bool) -> (bool, Vec<holdfast::tu
                 slot[..len].fill(i as u8);
             }
             let lens = vec![len; count];
-            sent.push(holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest));
+            sent.push(holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest, holdfast::tunnel::Unreachable::Settle));
         }
         let mut buf = [0u8; 2048];
         let mut got = Vec::new();
@@ -1680,7 +1680,7 @@ fn an_earlier_datagrams_icmp_error_does_not_cost_the_next_send() {
             assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the ICMP error is queued");
             let mut gso = true;
             let mut big = big.clone();
-            let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest);
+            let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest, holdfast::tunnel::Unreachable::Settle);
             runs.push((sent.datagrams, sent.failed, sent.error.map(|e| e.to_string())));
         }
         let mut buf = [0u8; 128];

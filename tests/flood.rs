@@ -157,7 +157,7 @@ fn with_udp_gro_the_filter_sees_whole_batches_and_the_gro_program_lets_them_thro
                     let tx = holdfast::tunnel::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
                     let to = rx.local_addr().expect("addr");
                     let mut gso = true;
-                    holdfast::tunnel::send_gso(&tx, &mut gso, &pair, OVERHEAD, to).expect("GSO send");
+                    holdfast::tunnel::send_gso(&tx, &mut gso, &pair, OVERHEAD, to, holdfast::tunnel::Unreachable::Settle).expect("GSO send");
                     assert!(gso, "the kernel took the GSO send");
                     let marker = sealed("data", 7);
                     tx.send_to(&marker, to).expect("marker");

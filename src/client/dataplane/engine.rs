@@ -37,7 +37,7 @@ use crate::sansio::seal::{Direction, SealedKind};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody};
 use crate::snapshot::VpnAuthResponse;
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, TooBig, TunReader, TunWriter, bump, stopped,
+    self, Counters, DropReason, ErrorBackoff, RateLimit, TooBig, TunReader, TunWriter, Unreachable, bump, stopped,
 };
 
 /// The poller's tokens.
@@ -353,7 +353,7 @@ impl Engine {
             }
         }
         let dest = SocketAddr::from((gateway_of(&auth, &self.shared.cfg), auth.data_port));
-        let sent = self.reader.send(&*self.sock, &mut self.gso, 0, &self.lens[..n], dest);
+        let sent = self.reader.send(&*self.sock, &mut self.gso, 0, &self.lens[..n], dest, Unreachable::Settle);
         Counters::add(&c.tx_packets, sent.datagrams);
         Counters::add(&c.tx_bytes, sent.inner_bytes);
         c.count_drops(DropReason::SocketError, sent.failed);

@@ -28,7 +28,7 @@ use crate::sansio::seal::{Direction, SealedKind};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody, ProbeBody};
 use crate::snapshot::SessionId;
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, TooBig, TunReader, TunWriter, bump, stopped,
+    self, Counters, DropReason, ErrorBackoff, RateLimit, TooBig, TunReader, TunWriter, Unreachable, bump, stopped,
 };
 
 /// The poller's tokens.
@@ -394,7 +394,7 @@ impl Engine {
                 j += 1;
             }
             if let Some(endpoint) = session.endpoint() {
-                let sent = self.reader.send(&*self.sock, &mut self.gso, i, &lens[i..j], endpoint);
+                let sent = self.reader.send(&*self.sock, &mut self.gso, i, &lens[i..j], endpoint, Unreachable::Fail);
                 Counters::add(&c.tx_packets, sent.datagrams);
                 Counters::add(&c.tx_bytes, sent.inner_bytes);
                 c.count_drops(DropReason::SocketError, sent.failed);
