@@ -62,7 +62,7 @@ fn echo(waiter: Waiter) -> SocketAddr {
                     let mut poller = Poller::new().expect("epoll");
                     poller.add(&sock, 1).expect("watch the socket");
                     loop {
-                        poller.wait(None).expect("epoll_wait");
+                        let _ready = poller.wait(None).expect("epoll_wait");
                         while let Ok((n, from)) = sock.recv_from(&mut buf) {
                             sock.send_to(&buf[..n], from).expect("send");
                         }

@@ -19,6 +19,19 @@
 //!
 //! The cost: one core's worth of packet work per process (see the README's known limits).
 
+use std::io;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::tunnel::{ErrorBackoff, RateLimit};
+
+const TARGET: &str = "holdfast::dataplane";
+
+/// How long an engine pauses before its next wait when one failed (it cannot, short of a bug):
+/// no spinning, and the tunnel carries on once it works again.
+const POLL_RETRY: Duration = Duration::from_millis(100);
+
 /// A thread's own `epoll` set: what the client's engine waits on instead of a tokio reactor (its
 /// TUN device, its socket and a [`Wakeup`] for control events).
 ///
@@ -32,6 +45,8 @@
 pub struct Poller {
     epoll: std::os::fd::OwnedFd,
     events: Vec<libc::epoll_event>,
+    /// The log line of a failing wait ([`Poller::next`]), at most once a minute.
+    failures: RateLimit,
 }
 
 /// What one registered descriptor reported: its token and the `EPOLL*` bits.
@@ -42,9 +57,9 @@ pub struct Ready {
 }
 
 impl Ready {
-    /// Data to read, or a condition (an error, a hang-up) a read reports.
-    pub fn readable(&self) -> bool {
-        self.events & (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
+    /// Data to read (not only an error condition).
+    pub fn input(&self) -> bool {
+        self.events & libc::EPOLLIN as u32 != 0
     }
 
     /// An error condition (a socket's error queue has entries, a TUN device was deleted).
@@ -67,7 +82,11 @@ impl Poller {
         }
         // SAFETY: `fd` is a freshly created descriptor nothing else owns.
         let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        Ok(Self { epoll, events: vec![libc::epoll_event { events: 0, u64: 0 }; Self::EVENTS] })
+        Ok(Self {
+            epoll,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; Self::EVENTS],
+            failures: RateLimit::every(Duration::from_secs(60)),
+        })
     }
 
     /// Watches `fd` for reading (edge-triggered), reported with `token`.
@@ -91,7 +110,27 @@ impl Poller {
     /// Waits up to `timeout` (`None`: until something is ready; rounded up to whole
     /// milliseconds, so a deadline is never woken for early) and returns what is ready. An
     /// interrupted wait returns nothing.
-    pub fn wait(&mut self, timeout: Option<std::time::Duration>) -> std::io::Result<&[libc::epoll_event]> {
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<impl Iterator<Item = Ready> + '_> {
+        let n = self.epoll_wait(timeout)?;
+        Ok(self.events[..n].iter().map(ready))
+    }
+
+    /// [`Poller::wait`] for an engine, which survives everything: a failed wait (it cannot
+    /// fail, short of a bug) is logged at most once a minute and returns nothing after a pause
+    /// of [`POLL_RETRY`], so the engine neither spins nor stops.
+    pub fn next(&mut self, timeout: Duration) -> impl Iterator<Item = Ready> + '_ {
+        let n = self.epoll_wait(Some(timeout)).unwrap_or_else(|e| {
+            if self.failures.allow(Instant::now()) {
+                tracing::error!(target: TARGET, "the data plane cannot wait for packets: {e}; retrying");
+            }
+            std::thread::sleep(POLL_RETRY);
+            0
+        });
+        self.events[..n].iter().map(ready)
+    }
+
+    /// How many entries of `events` the kernel filled.
+    fn epoll_wait(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         let ms = match timeout {
             None => -1,
@@ -105,16 +144,16 @@ impl Poller {
         let n = unsafe {
             libc::epoll_wait(self.epoll.as_raw_fd(), self.events.as_mut_ptr(), Self::EVENTS as libc::c_int, ms)
         };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.kind() == std::io::ErrorKind::Interrupted { Ok(&[]) } else { Err(e) };
+        if n >= 0 {
+            return Ok(n as usize);
         }
-        Ok(&self.events[..n as usize])
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) }
     }
 }
 
 /// One [`Poller`] entry as a [`Ready`].
-pub fn ready(ev: &libc::epoll_event) -> Ready {
+fn ready(ev: &libc::epoll_event) -> Ready {
     // Copied out: the kernel's struct is packed.
     let (token, events) = (ev.u64, ev.events);
     Ready { token, events }
@@ -164,32 +203,66 @@ impl std::os::fd::AsRawFd for Wakeup {
     }
 }
 
-/// A side of an engine (its TUN device, its socket) that rests after failing IO (see
-/// [`crate::tunnel::ErrorBackoff`]): the engine reads it again only once the rest is over, and
-/// its wait ends then at the latest.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Rest(Option<tokio::time::Instant>);
+/// One side of an engine (its TUN device, its socket): whether it is known readable, and its
+/// rest after failing IO. Registration is edge-triggered, so a side stays readable until a read
+/// says `WouldBlock`; a failing side rests (see [`ErrorBackoff`]), the engine reads it again only
+/// once the rest is over, and its wait ends then at the latest ([`wait_for`]).
+#[derive(Debug, Clone)]
+pub struct Side {
+    ready: bool,
+    rest: Option<Instant>,
+    errors: ErrorBackoff,
+}
 
-impl Rest {
-    /// Rests for `d` from now (a zero rest is none: the first retries are free).
-    pub fn start(&mut self, d: std::time::Duration) {
-        self.0 = (!d.is_zero()).then(|| tokio::time::Instant::now() + d);
+impl Side {
+    /// Readable at first (whatever was queued before the registration), resting after failures
+    /// from `min` doubling to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { ready: true, rest: None, errors: ErrorBackoff::new(min, max) }
     }
 
-    /// Whether the side may go on at `now` (and, if so, rests no more).
-    pub fn over(&mut self, now: tokio::time::Instant) -> bool {
-        match self.0 {
-            Some(t) if now < t => false,
-            _ => {
-                self.0 = None;
-                true
+    /// The poller reported the side readable (`true`), or it has nothing to read from (`false`:
+    /// a device being re-created).
+    pub fn set_ready(&mut self, ready: bool) {
+        self.ready = ready;
+    }
+
+    /// Whether to read the side at `now`: known readable and not resting (a rest that is over
+    /// ends here).
+    pub fn go(&mut self, now: Instant) -> bool {
+        if self.rest.is_some_and(|t| now < t) {
+            return false;
+        }
+        self.rest = None;
+        self.ready
+    }
+
+    /// A read's outcome: its value (the failure streak ends), `None` for `WouldBlock` (the side
+    /// is then not readable until the poller says so), or the error, for the caller to count and
+    /// then to call [`Side::failed`] unless it is no failure of the side.
+    pub fn read<T>(&mut self, r: io::Result<T>) -> io::Result<Option<T>> {
+        match r {
+            Ok(v) => {
+                self.errors.reset();
+                Ok(Some(v))
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.ready = false;
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
-    /// When the rest ends; `None` when not resting.
-    pub fn until(&self) -> Option<tokio::time::Instant> {
-        self.0
+    /// A read failed: the side rests as its backoff says (not at all for the first few).
+    pub fn failed(&mut self) {
+        let d = self.errors.failed();
+        self.rest_for(d);
+    }
+
+    /// Rests for `d` from now, on another account than a failed read (zero: no rest).
+    pub fn rest_for(&mut self, d: Duration) {
+        self.rest = (!d.is_zero()).then(|| Instant::now() + d);
     }
 }
 
@@ -206,12 +279,12 @@ pub const TURN: usize = 16;
 /// How long an engine's next wait may sleep: not at all while a side is known readable and not
 /// resting (or `more` says there is other work left), else until the first resting readable
 /// side may go on or `deadline` (the engine's own timer), whichever is first.
-pub fn wait_for(more: bool, sides: [(bool, Rest); 2], deadline: tokio::time::Instant) -> std::time::Duration {
-    if more || sides.iter().any(|(ready, rest)| *ready && rest.until().is_none()) {
-        return std::time::Duration::ZERO;
+pub fn wait_for(more: bool, sides: [&Side; 2], deadline: Instant) -> Duration {
+    if more || sides.iter().any(|s| s.ready && s.rest.is_none()) {
+        return Duration::ZERO;
     }
-    let until = sides.iter().filter(|(ready, _)| *ready).filter_map(|(_, rest)| rest.until()).fold(deadline, |a, b| a.min(b));
-    until.saturating_duration_since(tokio::time::Instant::now())
+    let until = sides.iter().filter(|s| s.ready).filter_map(|s| s.rest).fold(deadline, |a, b| a.min(b));
+    until.saturating_duration_since(Instant::now())
 }
 
 #[cfg(test)]
@@ -227,7 +300,7 @@ mod tests {
         a.set_nonblocking(true).unwrap();
         p.add(&a, 9).unwrap();
         let t0 = std::time::Instant::now();
-        assert!(p.wait(Some(std::time::Duration::from_millis(20))).unwrap().is_empty());
+        assert!(p.wait(Some(std::time::Duration::from_millis(20))).unwrap().next().is_none());
         assert!(t0.elapsed() >= std::time::Duration::from_millis(20), "never woken early");
         // Two rings from another thread: one wake-up, taken once.
         let ringer = std::thread::spawn(move || {
@@ -236,41 +309,64 @@ mod tests {
             w
         });
         let w = ringer.join().unwrap();
-        let got: Vec<Ready> = p.wait(None).unwrap().iter().map(ready).collect();
+        let got: Vec<Ready> = p.wait(None).unwrap().collect();
         assert_eq!(got.iter().map(|r| r.token).collect::<Vec<_>>(), [7]);
         assert!(w.take() && !w.take(), "taken once");
         // Edge-triggered: a datagram reports once, not again while it stays unread.
         b.send(b"x").unwrap();
-        let got: Vec<Ready> = p.wait(None).unwrap().iter().map(ready).collect();
-        assert!(got.len() == 1 && got[0].token == 9 && got[0].readable() && !got[0].error());
-        assert!(p.wait(Some(std::time::Duration::ZERO)).unwrap().is_empty(), "edge-triggered");
+        let got: Vec<Ready> = p.wait(None).unwrap().collect();
+        assert!(got.len() == 1 && got[0].token == 9 && got[0].input() && !got[0].error());
+        assert!(p.wait(Some(std::time::Duration::ZERO)).unwrap().next().is_none(), "edge-triggered");
         p.remove(&a).unwrap();
         b.send(b"y").unwrap();
-        assert!(p.wait(Some(std::time::Duration::ZERO)).unwrap().is_empty(), "removed");
+        assert!(p.next(std::time::Duration::ZERO).next().is_none(), "removed");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_rest_ends_on_time_and_the_wait_follows_the_first_deadline() {
-        use std::time::Duration;
-        use tokio::time::Instant;
+    async fn a_side_rests_on_time_and_the_wait_follows_the_first_deadline() {
+        let (min, max) = (Duration::from_millis(10), Duration::from_millis(40));
         let t0 = Instant::now();
-        let mut rest = Rest::default();
-        assert!(rest.over(t0), "not resting");
-        rest.start(Duration::ZERO);
-        assert!(rest.until().is_none(), "a zero rest is none");
-        rest.start(Duration::from_millis(30));
-        assert!(!rest.over(t0 + Duration::from_millis(29)));
-        assert!(rest.over(t0 + Duration::from_millis(30)) && rest.until().is_none(), "over, and forgotten");
+        let mut side = Side::new(min, max);
+        assert!(side.go(t0), "readable at first, not resting");
+        side.rest_for(Duration::ZERO);
+        assert!(side.go(t0), "a zero rest is none");
+        side.rest_for(Duration::from_millis(30));
+        assert!(!side.go(t0 + Duration::from_millis(29)));
+        assert!(side.go(t0 + Duration::from_millis(30)) && side.rest.is_none(), "over, and forgotten");
+        // A read that would block: not readable until the poller says so again.
+        assert_eq!(side.read::<u8>(Err(io::ErrorKind::WouldBlock.into())).unwrap(), None);
+        assert!(!side.go(t0));
+        side.set_ready(true);
+        // A failed read comes back to the caller; the first failures are retried at once, then
+        // the side rests as the backoff says, and a success ends the streak.
+        assert!(side.read::<u8>(Err(io::Error::from_raw_os_error(libc::EIO))).is_err());
+        for _ in 0..8 {
+            side.failed();
+            assert!(side.go(t0), "free retries");
+        }
+        side.failed();
+        assert!(!side.go(t0) && side.go(t0 + min), "then the backoff's first rest");
+        assert_eq!(side.read(Ok(7u8)).unwrap(), Some(7));
+        side.failed();
+        assert!(side.go(t0), "a success starts the free retries again");
+
         let deadline = t0 + Duration::from_secs(15);
-        let mut resting = Rest::default();
-        resting.start(Duration::from_millis(40));
+        let idle = {
+            let mut s = Side::new(min, max);
+            s.set_ready(false);
+            s
+        };
+        let mut resting = Side::new(min, max);
+        resting.rest_for(Duration::from_millis(40));
+        let mut resting_idle = resting.clone();
+        resting_idle.set_ready(false);
         // A side with data left and no rest: no sleep at all.
-        assert_eq!(wait_for(false, [(true, Rest::default()), (false, resting)], deadline), Duration::ZERO);
-        assert_eq!(wait_for(true, [(false, resting), (false, resting)], deadline), Duration::ZERO, "more work");
+        assert_eq!(wait_for(false, [&Side::new(min, max), &resting_idle], deadline), Duration::ZERO);
+        assert_eq!(wait_for(true, [&resting_idle, &resting_idle], deadline), Duration::ZERO, "more work");
         // Only resting sides with data: until the rest ends; a resting side without data counts not.
-        assert_eq!(wait_for(false, [(true, resting), (false, Rest::default())], deadline), Duration::from_millis(40));
-        assert_eq!(wait_for(false, [(false, resting), (false, Rest::default())], deadline), Duration::from_secs(15));
+        assert_eq!(wait_for(false, [&resting, &idle], deadline), Duration::from_millis(40));
+        assert_eq!(wait_for(false, [&resting_idle, &idle], deadline), Duration::from_secs(15));
         tokio::time::advance(Duration::from_secs(20)).await;
-        assert_eq!(wait_for(false, [(true, resting), (false, resting)], deadline), Duration::ZERO, "overdue");
+        assert_eq!(wait_for(false, [&resting, &resting_idle], deadline), Duration::ZERO, "overdue");
     }
 }

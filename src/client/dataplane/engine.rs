@@ -31,7 +31,7 @@ use super::{Binding, IoLog, NO_SESSION_BACKOFF, Shared, TARGET, device_gone, gat
 use crate::client::driver::Command;
 use crate::client::path_mtu::PathMtu;
 use crate::client::prober::{Ack, Hint};
-use crate::packet_thread::{Poller, Rest, TURN, Wakeup, ready};
+use crate::packet_thread::{Poller, Side, TURN, Wakeup, wait_for};
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealedKind};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody};
@@ -45,9 +45,6 @@ const WAKE: u64 = 0;
 const TUN: u64 = 1;
 const SOCK: u64 = 2;
 
-/// How long the engine waits before its next `epoll_wait` when one failed (it cannot, short of a
-/// bug): no spinning, and the tunnel carries on once it works again.
-const POLL_RETRY: Duration = Duration::from_millis(100);
 
 /// Everything the engine is started with.
 pub(super) struct Start {
@@ -80,12 +77,9 @@ pub(super) struct Engine {
     /// The device in use and its generation; `None` while a lost one is being re-created.
     tun: Option<Arc<SyncDevice>>,
     generation: u64,
-    /// A side is readable until a read says `WouldBlock` (edge-triggered).
-    tun_ready: bool,
-    sock_ready: bool,
-    /// After failing IO, a side rests for a while (see [`ErrorBackoff`]).
-    tun_rest: Rest,
-    sock_rest: Rest,
+    /// Reading the TUN device (not readable while it is being re-created) and the socket.
+    tun_side: Side,
+    sock_side: Side,
     // The send side.
     reader: TunReader,
     lens: [usize; tunnel::READ_SLOTS],
@@ -94,14 +88,12 @@ pub(super) struct Engine {
     too_big: TooBig,
     last_sent: Instant,
     no_session: ErrorBackoff,
-    tun_errors: ErrorBackoff,
     send_log: IoLog,
     read_log: IoLog,
     // The receive side.
     buf: Vec<u8>,
     writer: TunWriter,
     nudges: RateLimit,
-    sock_errors: ErrorBackoff,
     recv_log: IoLog,
     write_log: IoLog,
 }
@@ -122,11 +114,13 @@ impl Engine {
             path_changes,
             tun: None,
             generation: 0,
-            tun_ready: false,
-            // Whatever arrived before the registration is read at once.
-            sock_ready: true,
-            tun_rest: Rest::default(),
-            sock_rest: Rest::default(),
+            // Readable once `control` has adopted the first device.
+            tun_side: {
+                let mut side = Side::new(Duration::from_millis(10), Duration::from_secs(1));
+                side.set_ready(false);
+                side
+            },
+            sock_side: Side::new(Duration::from_millis(10), Duration::from_secs(1)),
             reader,
             lens: [0; tunnel::READ_SLOTS],
             gso: true,
@@ -134,14 +128,13 @@ impl Engine {
             too_big: TooBig::new(),
             last_sent: Instant::now(),
             no_session: ErrorBackoff::new(NO_SESSION_BACKOFF.0, NO_SESSION_BACKOFF.1),
-            tun_errors: ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1)),
             send_log: IoLog::new("sending to the gateway"),
             read_log: IoLog::new("reading from the TUN device"),
             // One receive may hold many coalesced datagrams (UDP GRO), up to 64 KiB.
             buf: vec![0u8; 65535],
+            // Replaced for each device (`adopt`), which it needs to know.
             writer: TunWriter::with_offload(false, false),
             nudges: RateLimit::every(s.shared.cfg.nudge_min_interval),
-            sock_errors: ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1)),
             recv_log: IoLog::new("receiving from the gateway"),
             write_log: IoLog::new("writing to the TUN device"),
             shared: s.shared,
@@ -165,7 +158,6 @@ impl Engine {
         // engine ran (its announce).
         let mut control = true;
         let mut errors = false;
-        let mut poll_log = RateLimit::every(super::ERROR_LOG_EVERY);
         loop {
             if control && !self.control() {
                 return;
@@ -175,13 +167,13 @@ impl Engine {
             }
             let now = Instant::now();
             for _ in 0..TURN {
-                if !(self.tun_ready && self.tun.is_some() && self.tun_rest.over(now)) {
+                if !self.tun_side.go(now) {
                     break;
                 }
                 self.send_batch();
             }
             for _ in 0..TURN {
-                if !(self.sock_ready && self.sock_rest.over(now)) {
+                if !self.sock_side.go(now) {
                     break;
                 }
                 self.receive_batch();
@@ -191,24 +183,15 @@ impl Engine {
             }
             let timeout = self.timeout(errors);
             control = false;
-            let events = match self.poller.wait(Some(timeout)) {
-                Ok(events) => events,
-                Err(e) => {
-                    if poll_log.allow(Instant::now()) {
-                        tracing::error!(target: TARGET, "the data plane cannot wait for packets: {e}; retrying");
-                    }
-                    std::thread::sleep(POLL_RETRY);
-                    continue;
-                }
-            };
-            for ev in events {
-                let r = ready(ev);
+            for r in self.poller.next(timeout) {
                 match r.token {
                     WAKE => control = true,
-                    TUN => self.tun_ready = true,
+                    TUN => self.tun_side.set_ready(true),
                     _ => {
                         errors |= r.error();
-                        self.sock_ready |= r.events & libc::EPOLLIN as u32 != 0;
+                        if r.input() {
+                            self.sock_side.set_ready(true);
+                        }
                     }
                 }
             }
@@ -221,9 +204,8 @@ impl Engine {
     /// How long the next wait may sleep: not at all while a side has data left (or the error
     /// queue has more), else until the keepalive is due or a resting side may go on.
     fn timeout(&self, errors: bool) -> Duration {
-        let tun = self.tun_ready && self.tun.is_some();
         let keepalive = self.last_sent + self.shared.cfg.keepalive;
-        crate::packet_thread::wait_for(errors, [(tun, self.tun_rest), (self.sock_ready, self.sock_rest)], keepalive)
+        wait_for(errors, [&self.tun_side, &self.sock_side], keepalive)
     }
 
     /// Acts on what the wake-up announced (relayed by `ring_bells`, or rung by the swap hook):
@@ -258,11 +240,11 @@ impl Engine {
             // then read whenever the socket or a timer wakes the engine.
             tracing::error!(target: TARGET, "cannot watch the TUN device for packets: {e}");
         }
-        self.writer = TunWriter::with_offload(device.tcp_gso(), self.shared.cfg.coalesce_writes);
+        self.writer = TunWriter::new(&device, self.shared.cfg.coalesce_writes);
         self.tun = Some(device);
         self.generation = g;
         // Whatever it queued before the registration.
-        self.tun_ready = true;
+        self.tun_side.set_ready(true);
     }
 
     /// The device was found gone (EBADFD): the keeper re-creates it and `control` takes the new
@@ -273,7 +255,7 @@ impl Engine {
         if let Some(old) = self.tun.take() {
             let _ = self.poller.remove(&*old);
         }
-        self.tun_ready = false;
+        self.tun_side.set_ready(false);
     }
 
     /// Reads the socket's error queue, passing path MTU hints to the prober; whether more is
@@ -290,28 +272,25 @@ impl Engine {
     /// TUN -> gateway: one batch read, sealed and sent.
     fn send_batch(&mut self) {
         let c = &*self.shared.counters;
-        let Some(tun) = &self.tun else { return };
-        let n = match self.reader.try_read(tun) {
-            Ok(n) => {
-                self.tun_errors.reset();
-                n
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.tun_ready = false;
-                return;
-            }
+        let Some(tun) = &self.tun else {
+            self.tun_side.set_ready(false);
+            return;
+        };
+        let n = match self.tun_side.read(self.reader.try_read(tun)) {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
             Err(e) if device_gone(&e) => return self.device_lost(),
             Err(e) => {
                 c.count_drop(DropReason::TunError);
                 self.read_log.failed(&e);
-                self.tun_rest.start(self.tun_errors.failed());
+                self.tun_side.failed();
                 return;
             }
         };
         // One snapshot for the whole batch.
         let Some(auth) = (self.binding.get_auth)() else {
             c.count_drops(DropReason::NoSession, n);
-            self.tun_rest.start(self.no_session.failed());
+            self.tun_side.rest_for(self.no_session.failed());
             return;
         };
         self.no_session.reset();
@@ -373,15 +352,9 @@ impl Engine {
     /// from another address than the one we send to.
     fn receive_batch(&mut self) {
         let c = &*self.shared.counters;
-        let (len, segment) = match tunnel::recv_gro(&*self.sock, &mut self.buf) {
-            Ok((n, segment, _from)) => {
-                self.sock_errors.reset();
-                (n, segment)
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.sock_ready = false;
-                return;
-            }
+        let (len, segment) = match self.sock_side.read(tunnel::recv_gro(&*self.sock, &mut self.buf)) {
+            Ok(Some((n, segment, _from))) => (n, segment),
+            Ok(None) => return,
             // An ICMP error one of our sends drew, reported once more through the receive call
             // (IP_RECVERR sets the socket's error): nothing was received, so nothing was lost.
             // A path MTU error is the prober's, from the error queue.
@@ -389,7 +362,7 @@ impl Engine {
             Err(e) => {
                 c.count_drop(DropReason::SocketError);
                 self.recv_log.failed(&e);
-                self.sock_rest.start(self.sock_errors.failed());
+                self.sock_side.failed();
                 return;
             }
         };

@@ -22,23 +22,19 @@ use super::{
     ACK_BURST, ACKS_PER_SECOND, DataSession, Loops, NOTICE_BURST, NOTICES_PER_SECOND, TARGET, note_seen, seal_drop,
 };
 use crate::flood::Shedder;
-use crate::packet_thread::{Poller, Rest, TURN, Wakeup, ready};
+use crate::packet_thread::{Poller, Side, TURN, Wakeup, wait_for};
 use crate::sansio::inner::InnerPacket;
 use crate::sansio::seal::{Direction, SealedKind};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody, ProbeBody};
 use crate::snapshot::SessionId;
 use crate::tunnel::{
-    self, Counters, DropReason, ErrorBackoff, RateLimit, TooBig, TunReader, TunWriter, Unreachable, bump, stopped,
+    self, Counters, DropReason, RateLimit, TooBig, TunReader, TunWriter, Unreachable, bump, stopped,
 };
 
 /// The poller's tokens.
 const WAKE: u64 = 0;
 const TUN: u64 = 1;
 const SOCK: u64 = 2;
-
-/// How long the engine waits before its next `epoll_wait` when one failed (it cannot, short of a
-/// bug): no spinning.
-const POLL_RETRY: Duration = Duration::from_millis(100);
 
 /// The engine has no timer of its own: without data or a rest it sleeps until woken.
 const IDLE: Duration = Duration::from_secs(3600);
@@ -50,11 +46,9 @@ pub(super) struct Engine {
     wakeup: Arc<Wakeup>,
     poller: Poller,
     stop: watch::Receiver<bool>,
-    /// A side is readable until a read says `WouldBlock` (edge-triggered).
-    tun_ready: bool,
-    sock_ready: bool,
-    tun_rest: Rest,
-    sock_rest: Rest,
+    /// Reading the TUN device and the socket.
+    tun_side: Side,
+    sock_side: Side,
     // From clients.
     buf: Vec<u8>,
     writer: TunWriter,
@@ -66,7 +60,6 @@ pub(super) struct Engine {
     ack_buf: Vec<u8>,
     /// Per-source budgets of failures (see crate::flood): consulted only when a datagram fails.
     shed: Shedder,
-    rx_errors: ErrorBackoff,
     // To clients.
     reader: TunReader,
     /// The TUN's MTU: the usable inner MTU, or less for a session whose path is smaller.
@@ -75,7 +68,6 @@ pub(super) struct Engine {
     lens: [usize; tunnel::READ_SLOTS],
     routes: [Option<Arc<DataSession>>; tunnel::READ_SLOTS],
     gso: bool,
-    tx_errors: ErrorBackoff,
 }
 
 impl Engine {
@@ -95,25 +87,21 @@ impl Engine {
         Ok(Self {
             // One receive may hold many coalesced datagrams of one client (UDP GRO), up to 64 KiB.
             buf: vec![0u8; 65535],
-            writer: TunWriter::with_offload(tun.tcp_gso(), ctx.cfg.coalesce_writes),
+            writer: TunWriter::new(&tun, ctx.cfg.coalesce_writes),
             notices: RateLimit::new(NOTICES_PER_SECOND, NOTICE_BURST),
             acks: RateLimit::new(ACKS_PER_SECOND, ACK_BURST),
             peer_too_big_rate: RateLimit::new(tunnel::TOO_BIG_PER_SECOND, tunnel::TOO_BIG_BURST),
             ack_buf: vec![0u8; wire::MAX_PROBE_LEN],
             shed: Shedder::new(ctx.shedding.clone()),
-            rx_errors: ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1)),
             reader: TunReader::new(mtu),
             mtu,
             too_big: TooBig::new(),
             lens: [0; tunnel::READ_SLOTS],
             routes: std::array::from_fn(|_| None),
             gso: true,
-            tx_errors: ErrorBackoff::new(Duration::from_millis(10), Duration::from_secs(1)),
             // Whatever arrived before the registration is read at once.
-            tun_ready: true,
-            sock_ready: true,
-            tun_rest: Rest::default(),
-            sock_rest: Rest::default(),
+            tun_side: Side::new(Duration::from_millis(10), Duration::from_secs(1)),
+            sock_side: Side::new(Duration::from_millis(10), Duration::from_secs(1)),
             ctx,
             tun,
             sock,
@@ -128,42 +116,30 @@ impl Engine {
         let c = self.ctx.counters.clone();
         bump(&c.rx_loop_starts);
         bump(&c.tx_loop_starts);
-        let mut poll_log = RateLimit::every(Duration::from_secs(60));
         loop {
             if stopped(&self.stop) {
                 return;
             }
             let now = Instant::now();
             for _ in 0..TURN {
-                if !(self.sock_ready && self.sock_rest.over(now)) {
+                if !self.sock_side.go(now) {
                     break;
                 }
                 self.receive(now);
             }
             for _ in 0..TURN {
-                if !(self.tun_ready && self.tun_rest.over(now)) {
+                if !self.tun_side.go(now) {
                     break;
                 }
                 self.send();
             }
-            let sides = [(self.tun_ready, self.tun_rest), (self.sock_ready, self.sock_rest)];
-            let timeout = crate::packet_thread::wait_for(false, sides, Instant::now() + IDLE);
-            let events = match self.poller.wait(Some(timeout)) {
-                Ok(events) => events,
-                Err(e) => {
-                    if poll_log.allow(Instant::now()) {
-                        tracing::error!(target: TARGET, "the data plane cannot wait for packets: {e}; retrying");
-                    }
-                    std::thread::sleep(POLL_RETRY);
-                    continue;
-                }
-            };
+            let timeout = wait_for(false, [&self.tun_side, &self.sock_side], Instant::now() + IDLE);
             let mut woken = false;
-            for ev in events {
-                match ready(ev).token {
+            for r in self.poller.next(timeout) {
+                match r.token {
                     WAKE => woken = true,
-                    TUN => self.tun_ready = true,
-                    _ => self.sock_ready = true,
+                    TUN => self.tun_side.set_ready(true),
+                    _ => self.sock_side.set_ready(true),
                 }
             }
             if woken {
@@ -176,18 +152,12 @@ impl Engine {
     fn receive(&mut self, now: Instant) {
         let ctx = &*self.ctx;
         let c = &*ctx.counters;
-        let (len, segment, from) = match tunnel::recv_gro(&*self.sock, &mut self.buf) {
-            Ok(r) => {
-                self.rx_errors.reset();
-                r
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.sock_ready = false;
-                return;
-            }
+        let (len, segment, from) = match self.sock_side.read(tunnel::recv_gro(&*self.sock, &mut self.buf)) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
             Err(_) => {
                 c.count_drop(DropReason::SocketError);
-                self.sock_rest.start(self.rx_errors.failed());
+                self.sock_side.failed();
                 return;
             }
         };
@@ -315,18 +285,12 @@ impl Engine {
     fn send(&mut self) {
         let ctx = &*self.ctx;
         let c = &*ctx.counters;
-        let n = match self.reader.try_read(&self.tun) {
-            Ok(n) => {
-                self.tx_errors.reset();
-                n
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.tun_ready = false;
-                return;
-            }
+        let n = match self.tun_side.read(self.reader.try_read(&self.tun)) {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
             Err(_) => {
                 c.count_drop(DropReason::TunError);
-                self.tun_rest.start(self.tx_errors.failed());
+                self.tun_side.failed();
                 return;
             }
         };
