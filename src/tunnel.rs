@@ -841,45 +841,29 @@ pub fn send_gso(
         return send_each(sock, buf, segment, dest, unreachable).map(drop);
     }
     let sent = past_reports(unreachable, || writable_now(sock, || sendmsg_gso(sock, buf, segment, dest)));
-    match sent.as_ref().err().and_then(GsoRefusal::of) {
-        None => sent,
-        Some(refusal) => {
+    match sent {
+        Err(e)
+            if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) =>
+        {
+            // Either no UDP GSO here (old kernel, a device without it), or, for EINVAL, segments
+            // bigger than the link lets out (older kernels check a GSO send's segment size
+            // against it and refuse the whole send; the link just shrank, the TUN MTU follows a
+            // moment later). Sent one by one either way; in the second case some of them are
+            // too big for the link too (see `send_each`), and GSO stays on for the runs that
+            // follow.
             let too_big = send_each(sock, buf, segment, dest, unreachable)?;
-            refusal.settle(gso, too_big);
+            if !too_big {
+                *gso = false;
+            }
             Ok(())
         }
-    }
-}
-
-/// Why the kernel refused a GSO send whose datagrams are then sent one by one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum GsoRefusal {
-    /// EIO, EINVAL, ENOPROTOOPT: either no UDP GSO here (old kernel, a device without it), or,
-    /// for EINVAL, segments bigger than the link lets out (older kernels check a GSO send's
-    /// segment size against it and refuse the whole send; the link just shrank, the TUN MTU
-    /// follows a moment later). In the second case some datagrams are too big for the link
-    /// one by one too (see [`send_each`]), and GSO stays on for the runs that follow.
-    MaybeNoGso,
-    /// EMSGSIZE: segments bigger than the path, which just shrank (the TUN MTU follows a moment
-    /// later), or an ICMP "too big" reported through this send (IP_RECVERR). GSO stays on.
-    TooBig,
-}
-
-impl GsoRefusal {
-    fn of(e: &io::Error) -> Option<Self> {
-        match e.raw_os_error() {
-            Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT) => Some(Self::MaybeNoGso),
-            Some(libc::EMSGSIZE) => Some(Self::TooBig),
-            _ => None,
+        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+            // Segments bigger than the path: it just shrank, and the TUN MTU follows a moment
+            // later. Sent one by one (see `send_each`). Also the case where the EMSGSIZE was an
+            // ICMP "too big" reported through this send (IP_RECVERR).
+            send_each(sock, buf, segment, dest, unreachable).map(drop)
         }
-    }
-
-    /// Turns GSO off for good when the one-by-one sends showed the kernel has none: every
-    /// datagram fit the link (`too_big` false), so the size was not why it refused.
-    fn settle(self, gso: &mut bool, too_big: bool) {
-        if self == Self::MaybeNoGso && !too_big {
-            *gso = false;
-        }
+        other => other,
     }
 }
 
@@ -892,22 +876,15 @@ impl GsoRefusal {
 fn send_each(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr, unreachable: Unreachable) -> io::Result<bool> {
     let mut too_big = false;
     for d in buf.chunks(segment.max(1)) {
-        let sent = past_reports(unreachable, || writable_now(sock, || sendto(sock, d, dest)));
-        too_big |= sent_or_fragmented(sock, d, dest, sent)?;
+        match past_reports(unreachable, || writable_now(sock, || sendto(sock, d, dest))) {
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                too_big = true;
+                send_fragmentable(sock, d, dest)?;
+            }
+            other => drop(other?),
+        }
     }
     Ok(too_big)
-}
-
-/// One datagram `d`'s send result, taken as [`send_each`] says: an EMSGSIZE sends it again
-/// fragmentable (and returns true), any other error is returned.
-fn sent_or_fragmented(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr, sent: io::Result<usize>) -> io::Result<bool> {
-    match sent {
-        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-            send_fragmentable(sock, d, dest)?;
-            Ok(true)
-        }
-        other => other.map(|_| false),
-    }
 }
 
 /// Whether a send failed with an ICMP error that an earlier datagram drew. On a socket with
@@ -1363,8 +1340,7 @@ impl TunWriter {
 
     /// Writes what is queued and counts it in `c` (`rx_packets`, `rx_bytes`, `rx_coalesced`).
     /// Returns how many inner packets it held; on an error the rest of the batch is dropped
-    /// (the caller counts the error).
-    /// Each write as [`write_tun_now`].
+    /// (the caller counts the error). Each write as [`write_tun_now`].
     pub fn flush(&mut self, tun: &impl AsRawFd, c: &Counters) -> io::Result<usize> {
         let (packets, bytes) = (self.packets, self.bytes);
         let mut result = Ok(packets);
@@ -1374,12 +1350,6 @@ impl TunWriter {
                 break;
             }
         }
-        self.flushed(packets, bytes, result, c)
-    }
-
-    /// After a flush of `packets` inner packets (`bytes` bytes) with `result`: empty again, and
-    /// counted.
-    fn flushed(&mut self, packets: usize, bytes: usize, result: io::Result<usize>, c: &Counters) -> io::Result<usize> {
         self.co.clear();
         let merged =
             self.co.merged() - std::mem::replace(&mut self.merged_counted, self.co.merged());

@@ -465,7 +465,6 @@ impl GatewayDataPlane {
         let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
         let sock = tunnel::bind_udp(cfg.listen)
             .map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?;
-        let (tun_name, tun_ifindex, tun_mtu) = (tun.name, tun.ifindex, tun.mtu);
         let local = sock.local_addr().unwrap_or(cfg.listen);
         let nat =
             match &cfg.nat_uplink {
@@ -475,16 +474,16 @@ impl GatewayDataPlane {
                 None => None,
             };
         let counters = Arc::new(Counters::default());
-        counters.tun_ifindex.store(tun_ifindex, Ordering::Relaxed);
+        counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
         tracing::info!(
             target: TARGET,
             "data plane up: tun {} (ifindex {}, {}/{}{}, mtu {}), UDP {local}{}",
-            tun_name,
-            tun_ifindex,
+            tun.name,
+            tun.ifindex,
             cfg.gateway_ip,
             cfg.subnet.prefix_len(),
             cfg.v6.map(|v6| format!(" and {}/{}", v6.gateway_ip, v6.subnet.prefix_len())).unwrap_or_default(),
-            tun_mtu,
+            tun.mtu,
             match (&cfg.nat_uplink, cfg.v6) {
                 (Some(u), Some(v6)) => format!(", NAT {} and {} -> {u}", cfg.subnet, v6.subnet),
                 (Some(u), None) => format!(", NAT {} -> {u}", cfg.subnet),
@@ -510,7 +509,7 @@ impl GatewayDataPlane {
         let live_ids = move |out: &mut Vec<SessionId>| table.live_ids(out);
         let ctx = Arc::new(Loops { cfg, sessions, counters: counters.clone(), shedding: shedding.clone() });
         let wakeup = Arc::new(Wakeup::new().map_err(GatewayDataPlaneError::Thread)?);
-        let engine = engine::Engine::new(ctx, device, sock, wakeup.clone(), stop.subscribe(), tun_mtu)
+        let engine = engine::Engine::new(ctx, device, sock, wakeup.clone(), stop.subscribe(), tun.mtu)
             .map_err(GatewayDataPlaneError::Thread)?;
         // The thread inherits the caller's network namespace, like the descriptors it uses.
         let engine = std::thread::Builder::new()
@@ -518,7 +517,7 @@ impl GatewayDataPlane {
             .spawn(move || engine.run())
             .map_err(GatewayDataPlaneError::Thread)?;
         let tasks = vec![tokio::spawn(flood::watch(shedding.clone(), live_ids, stop.subscribe()))];
-        Ok(Self { counters, shedding, stop, tasks, nat, engine: Some(engine), wakeup, tun_name, local })
+        Ok(Self { counters, shedding, stop, tasks, nat, engine: Some(engine), wakeup, tun_name: tun.name, local })
     }
 
     pub fn stats(&self) -> Stats {
