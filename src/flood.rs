@@ -174,6 +174,7 @@ pub fn guard_socket(sock: &impl AsRawFd, side: Side, coalesced: bool) -> Arc<She
         kernel,
         kernel_base: base,
         overflow_base,
+        overflows_at: OverflowsAt::default(),
         ..Default::default()
     })
 }
@@ -191,6 +192,8 @@ pub struct ShedCounters {
     /// buffer errors then.
     kernel_base: u64,
     overflow_base: u64,
+    /// The namespace's overflows as last read, for the socket drop count they were read at.
+    overflows_at: OverflowsAt,
     /// Datagrams that failed in user space (bad header, unknown session, bad tag, replay),
     /// shed ones included.
     pub failed: AtomicU64,
@@ -216,6 +219,7 @@ impl Default for ShedCounters {
             kernel: None,
             kernel_base: 0,
             overflow_base: 0,
+            overflows_at: OverflowsAt::default(),
             failed: AtomicU64::new(0),
             shed: AtomicU64::new(0),
             notices_withheld: AtomicU64::new(0),
@@ -241,8 +245,9 @@ impl ShedCounters {
             .as_ref()
             .and_then(kernel_drops)
             .map_or(0, |d| d.saturating_sub(self.kernel_base));
+        let overflows = self.overflows_at.get(socket_drops, || self.buffer_overflows());
         FloodTotals {
-            kernel_dropped: socket_drops.saturating_sub(self.buffer_overflows()),
+            kernel_dropped: socket_drops.saturating_sub(overflows),
             failed: r(&self.failed),
             shed: r(&self.shed),
             notices_withheld: r(&self.notices_withheld),
@@ -260,6 +265,33 @@ impl ShedCounters {
             notices_withheld: t.notices_withheld,
             floods: self.floods.load(Ordering::Relaxed),
             flooded: self.flooded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The namespace's receive-buffer overflows, read again only when the socket's drop count has
+/// moved since the last read. Why: the watch asks four times a second, and reading them means
+/// the kernel formatting all of `/proc/net/snmp` and `/proc/net/snmp6`, about a hundred
+/// counters, for a figure that matters only when the socket dropped something. While the drop
+/// count stands still, nothing was dropped, by the filter or for want of room, so the last
+/// split still holds.
+#[derive(Debug, Default)]
+struct OverflowsAt(std::sync::Mutex<Option<(u64, u64)>>);
+
+impl OverflowsAt {
+    /// The overflows for `socket_drops`: the last reading if it was taken at this drop count,
+    /// else `read()` (remembered).
+    fn get(&self, socket_drops: u64, read: impl FnOnce() -> u64) -> u64 {
+        // A poisoned lock only means a reader panicked between two plain stores: the pair is
+        // still whole.
+        let mut last = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *last {
+            Some((drops, overflows)) if drops == socket_drops => overflows,
+            _ => {
+                let overflows = read();
+                *last = Some((socket_drops, overflows));
+                overflows
+            }
         }
     }
 }
@@ -485,6 +517,25 @@ pub async fn watch(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn overflows_are_read_again_only_when_the_socket_drop_count_moves() {
+        let at = OverflowsAt::default();
+        let reads = std::cell::Cell::new(0);
+        let read = |value: u64| {
+            let reads = &reads;
+            move || {
+                reads.set(reads.get() + 1);
+                value
+            }
+        };
+        assert_eq!(at.get(0, read(3)), 3, "the first call reads");
+        assert_eq!(at.get(0, read(9)), 3, "same drop count: the last reading");
+        assert_eq!(reads.get(), 1);
+        assert_eq!(at.get(5, read(4)), 4, "the count moved: read again");
+        assert_eq!(at.get(5, read(7)), 4);
+        assert_eq!(reads.get(), 2);
+    }
 
     proptest! {
         /// Whatever fails, from wherever (the client's own address included, as a spoofer would
