@@ -1404,6 +1404,33 @@ fn test_tun(name: &str, address6: Option<(Ipv6Addr, u8)>, offload: bool) -> hold
     }
 }
 
+/// A TUN device with offload takes TSO packets no larger than one GSO send's worth of its segments
+/// (`gso_max_size`, see `tunnel::tso_limit`), from its creation and after its MTU changes; one
+/// without offload keeps the kernel's default.
+#[test]
+fn a_tun_device_with_offload_takes_tso_packets_of_one_gso_send() {
+    require_root!();
+    let gso_max_size = |ns: &Netns| -> u32 {
+        let json = ns.ip(&["-d", "-j", "link", "show", "hft0"]);
+        let links: serde_json::Value = serde_json::from_str(&json).expect("ip -j output");
+        links[0]["gso_max_size"].as_u64().expect("gso_max_size in ip -d -j link") as u32
+    };
+    for offload in [true, false] {
+        let ns = Netns::new();
+        let rt = NsRuntime::new(&ns);
+        let spec = test_tun("hft0", None, offload);
+        let tun = rt.run(async move { holdfast::tunnel::create_tun(&spec).map(|t| t.device) }).expect("TUN device");
+        let default = 65536;
+        let want = |mtu| if offload { holdfast::tunnel::tso_limit(mtu) } else { default };
+        assert_eq!(gso_max_size(&ns), want(1436), "offload {offload}: at creation");
+        let tun = rt.run(async move {
+            holdfast::tunnel::set_tun_mtu(&tun, 1280).map(|()| tun)
+        }).expect("MTU set");
+        assert_eq!(gso_max_size(&ns), want(1280), "offload {offload}: after the MTU fell");
+        drop(tun);
+    }
+}
+
 /// The "too big" answer as the data planes write it (`TooBig::send`, from the gateway's tunnel
 /// address) is accepted by a real kernel, for both families: the sender's ping is told "Frag
 /// needed" / "Packet too big" with our MTU, and the kernel caches that MTU for the destination.

@@ -576,7 +576,7 @@ async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, address6: Opti
         shared.tun_mtu.send_replace(want);
         let device = shared.device.borrow().clone();
         let applied = match &device {
-            Some((_, tun)) => tun.set_mtu(want).map_err(|e| describe_io(&e)),
+            Some((_, tun)) => tunnel::set_tun_mtu(tun, want).map_err(|e| describe_io(&e)),
             // Being re-created: the keeper uses `want`.
             None => Ok(()),
         };
@@ -652,7 +652,7 @@ async fn keep_tun(shared: Arc<Shared>, name: String, auth: Arc<VpnAuthResponse>)
         // The path may have moved while it was being created.
         let now = *shared.tun_mtu.borrow();
         if now != spec.mtu
-            && let Err(e) = tun.device.set_mtu(now)
+            && let Err(e) = tunnel::set_tun_mtu(&tun.device, now)
         {
             tracing::warn!(target: TARGET, "cannot set the re-created TUN device's MTU to {now}: {}", describe_io(&e));
         }
