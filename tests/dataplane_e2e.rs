@@ -701,16 +701,36 @@ fn inproc_spoofed_and_hostile_inner_ipv6_is_dropped_and_counted() {
     assert_eq!(c.ns.ping_count(GW_TUN, 3), 3);
 }
 
+/// A client of `w` with session `id`, once its TUN device is up.
+fn client_with_tun(w: &mut Inproc, id: u64) -> InprocClient {
+    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    w.authenticate(&c, id, [7; 32]);
+    assert!(wait_until(Duration::from_secs(5), || c.ns.ifindex("hf0").is_some()), "tun up");
+    c
+}
+
 #[test]
 fn inproc_stop_removes_the_tun_device() {
     require_root!();
     let mut w = Inproc::new();
-    let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
-    w.authenticate(&c, 0xd1, [7; 32]);
-    assert!(wait_until(Duration::from_secs(5), || c.ns.ifindex("hf0").is_some()), "tun up");
+    let c = client_with_tun(&mut w, 0xd1);
     let dp = c.dp.clone();
     c.rt.run(async move { dp.stop().await });
     assert_eq!(c.ns.ifindex("hf0"), None, "the TUN device goes with the data plane");
+}
+
+/// A client data plane whose every clone is dropped without `stop` ends its engine as the
+/// gateway's does: the thread is woken, returns, and the TUN device goes, while the runtime and
+/// the driver's swap hook live on.
+#[test]
+fn inproc_a_dropped_client_data_plane_removes_its_tun_device() {
+    require_root!();
+    let mut w = Inproc::new();
+    let c = client_with_tun(&mut w, 0xd2);
+    let InprocClient { ns, rt, dp, hook, .. } = c;
+    drop(dp);
+    assert!(wait_until(Duration::from_secs(1), || ns.ifindex("hf0").is_none()), "the TUN device goes with the engine");
+    drop((hook, rt));
 }
 
 /// A gateway data plane dropped without `stop` (a start that failed further on) still ends its

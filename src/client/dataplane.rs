@@ -184,9 +184,31 @@ struct Shared {
 }
 
 /// The client's data plane. Cheap to clone; all clones are the same data plane.
+///
+/// When the last clone goes without [`ClientDataPlane::stop`] (a start that failed further on, a
+/// test), the engine and the control tasks are told to stop and the device is let go, as the
+/// gateway's data plane does: otherwise the engine's thread, which holds the shared state, would
+/// run on with the TUN device open.
 #[derive(Clone)]
 pub struct ClientDataPlane {
     shared: Arc<Shared>,
+    /// Held by the clones alone (the engine, the tasks and the swap hook hold `shared`), so its
+    /// drop is the last clone's.
+    _owner: Arc<Owner>,
+}
+
+struct Owner(Arc<Shared>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.stop.send_replace(true);
+        // Woken at once: `ring_bells` would relay the stop too, but only while a runtime runs.
+        if let Some(wakeup) = self.0.wakeup.get() {
+            wakeup.ring();
+        }
+        // The engine closes its own reference when it ends.
+        self.0.device.send_replace(None);
+    }
 }
 
 impl ClientDataPlane {
@@ -196,25 +218,24 @@ impl ClientDataPlane {
         let (device, _) = watch::channel(None);
         let (lost, _) = watch::channel(0);
         let (stop, _) = watch::channel(false);
-        Self {
-            shared: Arc::new(Shared {
-                cfg,
-                binding,
-                counters: Arc::default(),
-                started: AtomicBool::new(false),
-                announce: AtomicBool::new(false),
-                wakeup: std::sync::OnceLock::new(),
-                stop,
-                device,
-                lost,
-                tasks: Mutex::new(Vec::new()),
-                path: std::sync::OnceLock::new(),
-                tun_mtu: watch::channel(0).0,
-                reader_room: watch::channel(0).0,
-                readdressed: watch::channel(0).0,
-                engine: Mutex::new(None),
-            }),
-        }
+        let shared = Arc::new(Shared {
+            cfg,
+            binding,
+            counters: Arc::default(),
+            started: AtomicBool::new(false),
+            announce: AtomicBool::new(false),
+            wakeup: std::sync::OnceLock::new(),
+            stop,
+            device,
+            lost,
+            tasks: Mutex::new(Vec::new()),
+            path: std::sync::OnceLock::new(),
+            tun_mtu: watch::channel(0).0,
+            reader_room: watch::channel(0).0,
+            readdressed: watch::channel(0).0,
+            engine: Mutex::new(None),
+        });
+        Self { _owner: Arc::new(Owner(shared.clone())), shared }
     }
 
     /// Hands over the snapshot getter and the supervisor's command queue. `client::start()`
