@@ -463,7 +463,7 @@ impl SessionFilter {
 }
 
 /// Logs one line when a flood starts being shed and one when it ends, until `stop`; while it
-/// lasts, narrows the socket filter to the sessions `live_ids` lists (see [`SessionFilter`]).
+/// lasts, narrows the socket filter to the sessions `live_ids` lists (see `SessionFilter`).
 pub async fn watch(
     counters: Arc<ShedCounters>,
     live_ids: impl Fn(&mut Vec<SessionId>) -> bool + Send + 'static,

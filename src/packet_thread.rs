@@ -117,7 +117,7 @@ impl Poller {
 
     /// [`Poller::wait`] for an engine, which survives everything: a failed wait (it cannot
     /// fail, short of a bug) is logged at most once a minute and returns nothing after a pause
-    /// of [`POLL_RETRY`], so the engine neither spins nor stops.
+    /// of `POLL_RETRY`, so the engine neither spins nor stops.
     pub fn next(&mut self, timeout: Duration) -> impl Iterator<Item = Ready> + '_ {
         let n = self.epoll_wait(Some(timeout)).unwrap_or_else(|e| {
             if self.failures.allow(Instant::now()) {

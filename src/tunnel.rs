@@ -725,7 +725,7 @@ const UDP_GRO: libc::c_int = 104;
 
 /// Slots of a loop's TUN reader ([`TunReader`]): a batch may hold more than one read. Packets
 /// already queued behind the one that woke the loop are read into the free slots (see
-/// [`TunReader::read`]), and each such read needs [`BATCH`] free slots, as the first one does.
+/// [`TunReader::try_read`]), and each such read needs [`BATCH`] free slots, as the first one does.
 pub const READ_SLOTS: usize = 2 * BATCH;
 
 /// Most datagrams in one UDP GSO send: the kernel's `UDP_MAX_SEGMENTS` (64 before Linux 6.9,
@@ -740,7 +740,7 @@ pub const TUN_READ_BUFFER: usize = tun_rs::VIRTIO_NET_HDR_LEN + 65535;
 const TSO_HEADROOM: usize = 72;
 
 /// The largest TSO packet (`gso_max_size`) a TUN device of `mtu` should take from the kernel: one
-/// whose segments, sealed, fit one GSO send ([`MAX_UDP_SEND`] bytes, [`MAX_GSO_SEGMENTS`]
+/// whose segments, sealed, fit one GSO send (`MAX_UDP_SEND` bytes, `MAX_GSO_SEGMENTS`
 /// datagrams).
 ///
 /// Why: the kernel's TCP builds 64 KiB TSO packets by default, 47 segments at a 1436-byte MTU,
@@ -750,7 +750,7 @@ const TSO_HEADROOM: usize = 72;
 /// each TSO packet is one send. Measured (`benches/throughput.sh`'s headline setup, 6 s runs
 /// alternating with and without, 2-vCPU AMD EPYC): CPU per GB, both ends, 1.52–1.64 against
 /// 1.59–1.74 up and 1.45–1.50 against 1.57–1.65 down. Segments with larger headers than
-/// [`TSO_HEADROOM`] (IP or TCP options) may still spill one datagram into a second send.
+/// `TSO_HEADROOM` (IP or TCP options) may still spill one datagram into a second send.
 pub fn tso_limit(mtu: u16) -> u32 {
     let mtu = usize::from(mtu);
     let per_send = (MAX_UDP_SEND / (mtu + wire::OVERHEAD)).clamp(1, MAX_GSO_SEGMENTS);
@@ -1003,7 +1003,7 @@ fn unreachable_for_now(e: &io::Error) -> bool {
 /// retry past an earlier report ([`reported_for_earlier`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unreachable {
-    /// Waits [`ROUTE_SETTLE`] and tries a last time: the client, whose one destination is the
+    /// Waits `ROUTE_SETTLE` and tries a last time: the client, whose one destination is the
     /// gateway and whose route to it is re-pinned when the path changes. The wait is a sleep of
     /// the engine's thread: nothing else goes anywhere while the route is missing.
     Settle,
@@ -1033,7 +1033,7 @@ fn past_reports<T>(unreachable: Unreachable, mut send: impl FnMut() -> io::Resul
 const WRITABLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Runs `op` (a non-blocking write to `fd`), waiting in `poll` for room and trying again while
-/// it would block, for up to [`WRITABLE_WAIT`] in all. Rare: the kernel frees a UDP datagram's
+/// it would block, for up to `WRITABLE_WAIT` in all. Rare: the kernel frees a UDP datagram's
 /// buffer space as soon as the device takes it, and a TUN device queues what it is given.
 pub fn writable_now<T>(fd: &impl AsRawFd, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     // The clock is read only once a write would block: not on every send.
@@ -1460,7 +1460,7 @@ pub struct Sent {
 
 /// Sealed datagrams lying at `big[i * stride..][..lens[i]]` for `i` in `range`, all for `dest`:
 /// moves them together into runs a GSO send accepts (equal sizes, the last maybe shorter, at
-/// most [`MAX_UDP_SEND`] bytes) and sends each run in one call. A zero length skips a slot.
+/// most `MAX_UDP_SEND` bytes) and sends each run in one call. A zero length skips a slot.
 pub fn send_datagrams(
     sock: &impl AsRawFd,
     gso: &mut bool,

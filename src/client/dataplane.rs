@@ -82,7 +82,7 @@ pub struct ClientDataPlaneConfig {
     /// The gateway's address; the UDP port comes from each snapshot (`data_port`).
     pub gateway: IpAddr,
     /// Some gateway the client may fail over to is on IPv6: the data-plane socket is then one
-    /// dual-stack IPv6 socket, which reaches gateways of both families (see [`data_socket`]).
+    /// dual-stack IPv6 socket, which reaches gateways of both families (see `data_socket`).
     pub ipv6_gateways: bool,
     /// The TUN device's name; `None` lets the kernel choose.
     pub tun_name: Option<String>,

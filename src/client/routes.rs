@@ -13,7 +13,7 @@
 //!    configured split-tunnel CIDRs of either family.
 //!
 //! Both families go through the same code: a route is an `IpNet`/`IpAddr`, and only
-//! [`message`] and [`parse_dumped`] look at the family. The gateway's pin and fallback follow
+//! `message` and [`parse_dumped`] look at the family. The gateway's pin and fallback follow
 //! whichever family its endpoint is (a /32 or a /128).
 //!
 //! It returns a [`RouteGuard`] that removes exactly those routes on an explicit stop. The pure

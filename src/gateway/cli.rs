@@ -77,7 +77,7 @@ pub enum GatewayCommand {
     /// Signals: SIGUSR2 ends every session (clients re-authenticate by themselves); SIGUSR1 logs
     /// the data plane's and the resolver's counters; SIGHUP re-reads gateway.toml and applies, without a restart,
     /// the session timeouts (session_idle_timeout, session_max_lifetime, reauth_grace), the
-    /// [metrics] endpoint and [log] level (unless RUST_LOG is set). Other changes wait for a
+    /// `[metrics]` endpoint and `[log]` level (unless RUST_LOG is set). Other changes wait for a
     /// restart (the log line names them); a file that does not load is refused and the running
     /// configuration stays.
     ///

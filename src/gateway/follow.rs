@@ -5,7 +5,7 @@
 //! `PingSession` and the data plane never wait on the database: they read the in-memory view and
 //! session table only.
 //!
-//! Also [`RegistryStore::serve`]'s counterpart for `gateway run`: [`serve`] opens whichever store
+//! Also, for `gateway run`, [`serve`]: it opens whichever store
 //! gateway.toml names and returns what the control plane serves from. (Here rather than in
 //! `registry`, so the store modules never import the running gateway's state.)
 

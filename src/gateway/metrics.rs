@@ -2,7 +2,7 @@
 //! Prometheus endpoint (`[metrics] listen` in gateway.toml) that exposes them with the data plane's.
 //!
 //! Nothing is counted twice: the endpoint owns no counters of its own. Each scrape reads the live
-//! atomics (the data plane's [`Counters`], the control plane's [`ControlCounters`], the session
+//! atomics (the data plane's [`Counters`](crate::tunnel::Counters), the control plane's [`ControlCounters`], the session
 //! table) through [`Collector`]s and encodes them with `prometheus-client`'s Prometheus text
 //! encoder (format 0.0.4). Per-session figures are in `gateway status`, not here: a label per
 //! session would be an unbounded number of series.

@@ -4,7 +4,7 @@
 //!
 //! This module only builds the program (pure, no IO); the shell attaches it
 //! (`crate::flood::attach_filter`). The program is a pre-filter, not the check: the loops still
-//! parse every datagram with [`wire::parse_header`]. It must therefore never drop a datagram the
+//! parse every datagram with [`wire::parse_header`](super::wire::parse_header). It must therefore never drop a datagram the
 //! parser accepts (tested by interpreting the program over datagrams the real sealer produces),
 //! and it drops what the parser refuses where it can see it.
 //!
