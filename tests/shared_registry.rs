@@ -519,7 +519,11 @@ fn a_client_on_an_ipv4_gateway_fails_over_to_an_ipv6_one() {
     let d = Deployment::with_b_at(EP_B6);
     let logs = tempfile::tempdir().unwrap();
     let (mut gw_a, mut gw_b, mut client) = d.running_on_a("erin", logs.path());
-    let up = client.wait_for(&["data plane up", "UDP"], T);
+    // Logged by the data plane's bring-up, independently of the supervisor: before or after the
+    // "-> Healthy" that `running_on_a` waited for (and read past), so looked for in every line.
+    let up_line = || client.all_lines().into_iter().find(|l| l.contains("data plane up") && l.contains("UDP"));
+    assert!(support::wait_until(T, || up_line().is_some()), "data plane up: {:?}", client.all_lines());
+    let up = up_line().unwrap_or_default();
     assert!(up.contains("UDP [::]:"), "one dual-stack socket: {up}");
     let mut pinger = support::Pinger::start(&d.c, "ping", "100.64.0.1".parse().unwrap(), "0.05");
     assert!(pinger.first_reply_after(&d.c, support::unix_now(), T).is_some(), "traffic via A over IPv4");
