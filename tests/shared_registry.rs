@@ -518,7 +518,7 @@ fn a_client_on_an_ipv4_gateway_fails_over_to_an_ipv6_one() {
     }
     let d = Deployment::with_b_at(EP_B6);
     let logs = tempfile::tempdir().unwrap();
-    let (mut gw_a, mut gw_b, mut client) = d.running_on_a("erin", logs.path());
+    let (mut gw_a, mut gw_b, client) = d.running_on_a("erin", logs.path());
     // Logged by the data plane's bring-up, independently of the supervisor: before or after the
     // "-> Healthy" that `running_on_a` waited for (and read past), so looked for in every line.
     let up_line = || client.all_lines().into_iter().find(|l| l.contains("data plane up") && l.contains("UDP"));
