@@ -43,22 +43,14 @@ UA=198.18.0.1 UB=198.18.0.2 PORT=51820
 WORK=$(mktemp -d /tmp/holdfast-ab.XXXX)
 LIFE=$((PINGS * 2 + 300))
 PIDS=()
-cleanup() {
-  set +e
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null; done
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null; done
-  for n in ${TAG}a ${TAG}b ${TAG}c ${TAG}d; do ip netns del $n 2>/dev/null; rm -rf "/etc/netns/$n"; done
-  rmdir /etc/netns 2>/dev/null
-  rm -rf "$WORK"
-}
+cleanup() { bench_cleanup ${TAG}a ${TAG}b ${TAG}c ${TAG}d; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-launch() { local log=$1; shift; timeout -k 5 "$LIFE" "$@" >"$WORK/$log.log" 2>&1 & PIDS+=($!); }
 
 # One side: SIDE CLIENT-NS GATEWAY-NS VETH-A VETH-B BIN KIND ENV
 up() {
   local side=$1 na=$2 nb=$3 va=$4 vb=$5 bin kind=$7 env=${8:-HOLDFAST_AB_SIDE=$1}
-  bin=$(readlink -f "$6")
+  bin=$(readlink -f "$6") || bin=$6
   [ -x "$bin" ] && [ -x "$(dirname "$bin")/holdfast-client" ] \
     || { echo "ab.sh: side $side: no holdfast and holdfast-client at $(dirname "$bin")" >&2; exit 2; }
   bench_pair_netns "$na" "$nb" "$va" "$vb" $UA $UB
@@ -73,8 +65,8 @@ text = text.replace(head, head + 'killswitch = false\n', 1) if head in text else
 open(path, 'w').write(text)
 PY
   fi
-  launch "gw-$side" env "$env" ip netns exec "$nb" "$bin" gateway run --dir "$WORK/$side/gw"
-  launch "client-$side" env "$env" ip netns exec "$na" "$(dirname "$bin")/holdfast-client" run --no-tui --config "$WORK/$side/default.toml"
+  bench_launch "gw-$side" env "$env" ip netns exec "$nb" "$bin" gateway run --dir "$WORK/$side/gw"
+  bench_launch "client-$side" env "$env" ip netns exec "$na" "$(dirname "$bin")/holdfast-client" run --no-tui --config "$WORK/$side/default.toml"
   for _ in $(seq 100); do ip netns exec "$na" ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
   ip netns exec "$na" ping -q -c 1 -W 2 100.64.0.1 >/dev/null \
     || { echo "ab.sh: side $side: the tunnel did not come up"; tail -5 "$WORK/client-$side.log" "$WORK/gw-$side.log"; exit 1; }

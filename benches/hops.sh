@@ -56,17 +56,9 @@ TOOLS=${BENCH_TOOLS:-$PWD/target/bench-tools}
 WORK=$(mktemp -d /tmp/holdfast-hops.XXXX)
 LIFE=$((PINGS * 2 + 300))
 PIDS=()
-cleanup() {
-  set +e
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null; done
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null; done
-  for n in $NA $NB $NC $ND; do ip netns del $n 2>/dev/null; rm -rf "/etc/netns/$n"; done
-  rmdir /etc/netns 2>/dev/null
-  rm -rf "$WORK"
-}
+cleanup() { bench_cleanup $NA $NB $NC $ND; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-launch() { local log=$1; shift; timeout -k 5 "$LIFE" "$@" >"$WORK/$log.log" 2>&1 & PIDS+=($!); }
 stop_all() { local p; for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true; done
              for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done; PIDS=(); }
 
@@ -139,8 +131,8 @@ bench_binary
 # --- holdfast -------------------------------------------------------------------------------------
 provision_gateway "$BIN" "$WORK" $UB:$PORT
 provision_client "$BIN" "$WORK" default default
-launch gw ip netns exec $NB "$BIN" gateway run --dir "$WORK/gw"
-launch client ip netns exec $NA "$CLIENT_BIN" run --no-tui --config "$WORK/default.toml"
+bench_launch gw ip netns exec $NB "$BIN" gateway run --dir "$WORK/gw"
+bench_launch client ip netns exec $NA "$CLIENT_BIN" run --no-tui --config "$WORK/default.toml"
 for _ in $(seq 100); do ip netns exec $NA ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
 ip netns exec $NA ping -q -c 1 -W 2 100.64.0.1 >/dev/null || { echo "holdfast tunnel did not come up"; tail -20 "$WORK/client.log" "$WORK/gw.log"; exit 1; }
 GW_TUN=$(ip -n $NB -o link show | awk -F': ' '$2 !~ /^(lo|'$VB')/ {sub(/@.*/, "", $2); print $2; exit}')
@@ -159,8 +151,8 @@ if [ ! -x "$BT" ]; then
 fi
 bench_pair_netns $NC $ND $VC $VD $UA $UB
 wg_prepare "$WORK"
-launch bt-a ip netns exec $NC "${NSX[@]}" "$BT" wga --foreground --disable-drop-privileges --threads 1
-launch bt-b ip netns exec $ND "${NSX[@]}" "$BT" wgb --foreground --disable-drop-privileges --threads 1
+bench_launch bt-a ip netns exec $NC "${NSX[@]}" "$BT" wga --foreground --disable-drop-privileges --threads 1
+bench_launch bt-b ip netns exec $ND "${NSX[@]}" "$BT" wgb --foreground --disable-drop-privileges --threads 1
 wg_configure $NC $ND wga wgb 100.64.1 $UA $UB $PORT "$WORK" || { echo "boringtun: could not be configured"; tail -5 "$WORK/bt-a.log" "$WORK/bt-b.log"; exit 1; }
 for _ in $(seq 20); do ip netns exec $NC ping -q -c 1 -W 1 100.64.1.2 >/dev/null 2>&1 && break; done
 measure boringtun $NC 100.64.1.2 wga wgb $VC $VD $(pgrep -f "$BT wg[ab] --foreground")

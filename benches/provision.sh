@@ -9,6 +9,12 @@
 #     sets BIN: as given in the environment, else the release build (built now); and CLIENT_BIN,
 #     the client-only binary `holdfast-client` (what a client machine installs), beside BIN
 #     unless given.
+#   bench_launch LOG COMMAND...
+#     runs COMMAND in the background under `timeout` (LIFE seconds), its output in WORK/LOG.log, its
+#     pid added to PIDS.
+#   bench_cleanup NS...
+#     for the EXIT trap: stops what bench_launch started (TERM, then waits), deletes the namespaces
+#     NS... and their /etc/netns files, and WORK.
 #   bench_pair_netns NA NB VA VB UA UB
 #     two namespaces joined by a veth pair (VA in NA with UA/24, VB in NB with UB/24), loopback up,
 #     and /etc/netns/NAME/resolv.conf for each (the caller removes both on exit): the client's (NA)
@@ -51,6 +57,18 @@ bench_binary() {
   BIN=$(readlink -f "$BIN")
   CLIENT_BIN=$(readlink -f "${CLIENT_BIN:-$(dirname "$BIN")/holdfast-client}")
   [ -x "$CLIENT_BIN" ] || { echo "no client binary at $CLIENT_BIN (build it with --bin holdfast-client, or set CLIENT_BIN)" >&2; exit 2; }
+}
+
+bench_launch() { local log=$1; shift; timeout -k 5 "$LIFE" "$@" >"$WORK/$log.log" 2>&1 & PIDS+=($!); }
+
+bench_cleanup() {
+  set +e
+  local p n
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null; done
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null; done
+  for n in "$@"; do ip netns del "$n" 2>/dev/null; rm -rf "/etc/netns/$n"; done
+  rmdir /etc/netns 2>/dev/null
+  rm -rf "$WORK"
 }
 
 bench_pair_netns() {
