@@ -152,14 +152,9 @@ impl Engine {
     fn receive(&mut self, now: Instant) {
         let ctx = &*self.ctx;
         let c = &*ctx.counters;
-        let (len, segment, from) = match self.sock_side.read(tunnel::recv_gro(&*self.sock, &mut self.buf)) {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(_) => {
-                c.count_drop(DropReason::SocketError);
-                self.sock_side.failed();
-                return;
-            }
+        let received = tunnel::recv_gro(&*self.sock, &mut self.buf);
+        let Some((len, segment, from)) = read_side(&mut self.sock_side, received, c, DropReason::SocketError) else {
+            return;
         };
         let sock = &*self.sock;
         self.shed.at(now);
@@ -285,15 +280,8 @@ impl Engine {
     fn send(&mut self) {
         let ctx = &*self.ctx;
         let c = &*ctx.counters;
-        let n = match self.tun_side.read(self.reader.try_read(&self.tun)) {
-            Ok(Some(n)) => n,
-            Ok(None) => return,
-            Err(_) => {
-                c.count_drop(DropReason::TunError);
-                self.tun_side.failed();
-                return;
-            }
-        };
+        let read = self.reader.try_read(&self.tun);
+        let Some(n) = read_side(&mut self.tun_side, read, c, DropReason::TunError) else { return };
         let (lens, routes) = (&mut self.lens, &mut self.routes);
         let mut last: Option<(IpAddr, Option<Arc<DataSession>>)> = None;
         for i in 0..n {
@@ -370,6 +358,16 @@ impl Engine {
             i = j;
         }
     }
+}
+
+/// A side's read as the engine takes it: the value; `None` when nothing was queued, or when the
+/// read failed, which is counted as `reason` and rests the side by its backoff.
+fn read_side<T>(side: &mut Side, r: io::Result<T>, c: &Counters, reason: DropReason) -> Option<T> {
+    side.read(r).unwrap_or_else(|_| {
+        c.count_drop(reason);
+        side.failed();
+        None
+    })
 }
 
 /// Writes the queued inner packets to the TUN device, counting them.
