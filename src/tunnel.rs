@@ -391,10 +391,11 @@ pub fn set_tun_mtu(device: &SyncDevice, mtu: u16) -> io::Result<()> {
 /// Best effort: a kernel that refuses leaves the 64 KiB default, which only costs throughput,
 /// so the refusal is a debug line, not a warning.
 fn limit_tso(device: &SyncDevice, ifindex: u32, mtu: u16) {
+    let limit = tso_limit(mtu);
     if device.tcp_gso()
-        && let Err(e) = set_tso_limit(ifindex, tso_limit(mtu))
+        && let Err(e) = set_tso_limit(ifindex, limit)
     {
-        tracing::debug!(target: "holdfast::dataplane", "cannot limit TSO packets on the TUN device to {} bytes: {e}", tso_limit(mtu));
+        tracing::debug!(target: "holdfast::dataplane", "cannot limit TSO packets on the TUN device to {limit} bytes: {e}");
     }
 }
 

@@ -54,7 +54,7 @@ impl NfSocket {
         // Errors without the echoed request: a batch of acknowledgements stays small.
         sock.set_cap_ack(true)?;
         // A reply that never comes (it cannot, short of a kernel bug) must not hang `start()`.
-        set_recv_timeout(&sock, Duration::from_secs(5))?;
+        socket2::SockRef::from(&sock).set_read_timeout(Some(Duration::from_secs(5)))?;
         // Seeded from the clock so that replies to an earlier (timed-out) life of this port are
         // not taken for ours; any value works otherwise.
         let seq = std::time::SystemTime::now()
@@ -174,21 +174,6 @@ impl NfSocket {
         })?;
         Ok(found)
     }
-}
-
-fn set_recv_timeout(sock: &Socket, t: Duration) -> io::Result<()> {
-    let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
-    // SAFETY: setsockopt reads a timeval of the given size from a valid pointer.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// The table flags of a mode.
