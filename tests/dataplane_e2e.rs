@@ -616,11 +616,15 @@ fn inproc_ipv6_inside_the_tunnel_over_both_underlays_and_client_to_client() {
     w.authenticate(&a, 0x61, [21; 32]);
     w.authenticate(&b, 0x62, [22; 32]);
     let (a6, b6) = (ip6_of(a.ip), ip6_of(b.ip));
-    // Both TUN devices carry both addresses.
+    // Both TUN devices carry both addresses, once their bring-up (a task of its own, started by
+    // the swap) has run.
     for (c, ip6) in [(&a, a6), (&b, b6)] {
-        let addrs = c.ns.ip(&["-o", "addr", "show", "dev", "hf0"]);
-        assert!(addrs.contains(&format!("inet {}/24", c.ip)), "{addrs}");
-        assert!(addrs.contains(&format!("inet6 {ip6}/64")), "{addrs}");
+        let (v4, v6) = (format!("inet {}/24", c.ip), format!("inet6 {ip6}/64"));
+        let addrs = || String::from_utf8_lossy(&c.ns.exec("ip", &["-o", "addr", "show", "dev", "hf0"]).stdout).into_owned();
+        wait_until(T, || addrs().contains(&v4) && addrs().contains(&v6));
+        let addrs = addrs();
+        assert!(addrs.contains(&v4), "{addrs}");
+        assert!(addrs.contains(&v6), "{addrs}");
     }
     // Over an IPv4 underlay (a) and an IPv6 one (b): ping6 both ways, then IPv4 too on b.
     for (c, ip6) in [(&a, a6), (&b, b6)] {
