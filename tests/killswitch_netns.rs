@@ -130,6 +130,60 @@ fn ipv6_gateway_and_allow_lan() {
     in_ns(&w.client, || ks.disable()).expect("disable");
 }
 
+/// A TCP connection from `from` to `to` in `ns`: whether it opened within 1 s.
+fn tcp_opens(ns: &Netns, from: std::net::SocketAddr, to: std::net::SocketAddr) -> bool {
+    in_ns(ns, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&from.into()).unwrap();
+        s.connect_timeout(&to.into(), Duration::from_secs(1)).is_ok()
+    })
+}
+
+/// The conntrack entries of `ns` (none where conntrack never ran there).
+fn conntrack_entries(ns: &Netns) -> u64 {
+    let out = ns.exec("sh", &["-c", "cat /proc/sys/net/netfilter/nf_conntrack_count 2>/dev/null || echo 0"]);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn the_gateway_answers_on_its_control_port_but_opens_nothing_and_conntrack_stays_out() {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    require_root!();
+    let w = world();
+    let ks = NftKillSwitch::new(plan());
+    in_ns(&w.client, || ks.enable()).expect("enable");
+    let control: SocketAddr = (OUTSIDE4, CONTROL_PORT).into();
+
+    // The gateway's side opening a connection to a service of the client: dropped.
+    let service = in_ns(&w.client, || TcpListener::bind((CLIENT4, 9000))).unwrap();
+    let to_client: SocketAddr = (CLIENT4, 9000).into();
+    assert!(!tcp_opens(&w.outside, control, to_client), "the gateway opened a connection through the kill-switch");
+
+    // The client's own connection to the control port: its replies come in, both ways.
+    let server = in_ns(&w.outside, || TcpListener::bind(control)).unwrap();
+    server.set_nonblocking(true).unwrap();
+    let mut conn = in_ns(&w.client, || TcpStream::connect_timeout(&control, Duration::from_secs(2)))
+        .expect("the client's connection to the gateway's control port");
+    assert!(wait_until(Duration::from_secs(2), || server.accept().is_ok_and(|(mut s, _)| {
+        s.set_nonblocking(false).is_ok() && s.write_all(b"hello").is_ok()
+    })));
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut got = [0u8; 5];
+    conn.read_exact(&mut got).expect("the gateway's answer");
+    assert_eq!(&got, b"hello");
+
+    // No rule needs connection tracking, so none ran in the client's namespace.
+    assert_eq!(conntrack_entries(&w.client), 0, "the kill-switch loaded conntrack");
+
+    // Positive control: without the kill-switch, the same opening goes through.
+    drop((conn, server));
+    in_ns(&w.client, || ks.disable()).expect("disable");
+    assert!(tcp_opens(&w.outside, control, to_client), "the opening fails even without the kill-switch");
+    drop(service);
+}
+
 /// Sends UDP probes to a remote address from the client namespace until `stop` is set; returns
 /// how many sends were attempted.
 fn udp_flood(client: &Netns, stop: &AtomicBool) -> u64 {

@@ -5,7 +5,7 @@
 //! Why by hand: the nf_tables crates on crates.io either wrap the C libnftnl (`nftnl`), or open a
 //! fresh socket per batch (`rustables`), which cannot work here: a table with the `owner` flag
 //! belongs to the one netlink socket that created it, and only that socket may change it. The
-//! messages the kill-switch needs are few (a table, two base chains, rules made of six expression
+//! messages the kill-switch needs are few (a table, two base chains, rules made of five expression
 //! kinds), and the uapi header (`linux/netfilter/nf_tables.h`) fixes their layout.
 
 use super::rules::{Base, Expr, MetaKey, Rule, Verdict};
@@ -253,13 +253,6 @@ fn put_expr(a: &mut Attrs, e: &Expr) {
                 d.be32(2, base);
                 d.be32(3, *offset);
                 d.be32(4, *len);
-            });
-        }
-        Expr::CtState => {
-            a.str(NFTA_EXPR_NAME, "ct");
-            a.nest(NFTA_EXPR_DATA, |d| {
-                d.be32(1, NFT_REG_1); // NFTA_CT_DREG
-                d.be32(2, 0); // NFTA_CT_KEY: NFT_CT_STATE
             });
         }
         Expr::Mask(mask) => {
