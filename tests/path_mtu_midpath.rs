@@ -55,7 +55,8 @@ struct World {
     gw: GatewayDir,
     router: Netns,
     gateway: Proc,
-    _iperf: Proc,
+    /// The port of the next iperf3 run's server (one server per run, see [`iperf`]).
+    next_port: std::cell::Cell<u16>,
     /// The tests' turn on the machine.
     _one: std::sync::MutexGuard<'static, ()>,
 }
@@ -63,8 +64,7 @@ struct World {
 impl World {
     /// The topology over IPv4 (`ipv6`: the client reaches the gateway over IPv6 instead,
     /// 2001:db8:1::/64 and 2001:db8:2::/64 on the two links, the endpoint [2001:db8:2::2]),
-    /// with ICMP from the router dropped when `no_icmp`; the gateway and an iperf3 server on
-    /// its tunnel address running.
+    /// with ICMP from the router dropped when `no_icmp`; the gateway running.
     fn new(ipv6: bool, no_icmp: bool) -> World {
         let one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (client, router, gw_ns) = (Netns::new(), Netns::new(), Netns::new());
@@ -98,8 +98,7 @@ impl World {
         }
         let mut gateway = gw.run("gateway");
         gateway.wait_for(&["data plane up"], T);
-        let iperf = gw.ns.spawn("iperf3-server", "iperf3", &["-s", "-B", &GW_TUN.to_string()], &[]);
-        World { gw, router, gateway, _iperf: iperf, _one: one }
+        World { gw, router, gateway, next_port: std::cell::Cell::new(5201), _one: one }
     }
 
     fn client_ns(&self) -> &Netns {
@@ -144,29 +143,33 @@ fn start_client(w: &World, name: &str, edit: impl FnOnce(&mut holdfast::config::
 
 /// One iperf3 run of `secs` seconds through the tunnel to the gateway (`reverse`: gateway to
 /// client): the receiver's rate (bit/s) and the bytes of each one-second interval.
-fn iperf(ns: &Netns, reverse: bool, secs: u32) -> (f64, Vec<u64>) {
+///
+/// Each run has a one-off server of its own on a port of its own: a server still closing the
+/// previous test answers "busy", and one whose last test lost its client's goodbye (the test
+/// restarts the Holdfast client right after a run) stays busy for minutes.
+fn iperf(w: &World, reverse: bool, secs: u32) -> (f64, Vec<u64>) {
+    let port = w.next_port.get();
+    w.next_port.set(port + 1);
+    let port = port.to_string();
+    let _server = w.gw.ns.spawn("iperf3-server", "iperf3", &["-s", "-1", "-B", &GW_TUN.to_string(), "-p", &port], &[]);
     let t = secs.to_string();
-    let mut args = vec!["-c", "100.64.0.1", "-t", &t, "-i", "1", "-J", "--connect-timeout", "5000"];
+    let mut args = vec!["-c", "100.64.0.1", "-p", &port, "-t", &t, "-i", "1", "-J", "--connect-timeout", "5000"];
     if reverse {
         args.push("-R");
     }
-    // The server takes one test at a time and may still be closing the previous one (or not be
-    // listening yet: it was started just before): a few
-    // bounded retries (no event to wait for from out here).
+    // The server was started just before and may not be listening yet: a few bounded retries
+    // (no event to wait for from out here).
     let mut tries = 0;
     let json = loop {
         tries += 1;
-        let out = ns.exec("iperf3", &args);
+        let out = w.client_ns().exec("iperf3", &args);
         let text = String::from_utf8_lossy(&out.stdout);
         let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
             panic!("iperf3 output is not JSON ({e}):\n{text}\n{}", String::from_utf8_lossy(&out.stderr))
         });
-        // Also refused or reset: iperf3 re-opens its listening socket between tests. (A stall
-        // is not an error: it shows as an interval without bytes, checked below.)
-        let busy = json["error"]
-            .as_str()
-            .is_some_and(|e| ["busy", "refused", "reset by peer"].iter().any(|w| e.contains(w)));
-        if busy && tries < 20 {
+        // (A stall is not an error: it shows as an interval without bytes, checked below.)
+        let not_yet = json["error"].as_str().is_some_and(|e| ["refused", "reset by peer"].iter().any(|w| e.contains(w)));
+        if not_yet && tries < 20 {
             std::thread::sleep(Duration::from_millis(250));
             continue;
         }
@@ -184,10 +187,10 @@ fn iperf(ns: &Netns, reverse: bool, secs: u32) -> (f64, Vec<u64>) {
 }
 
 /// Both directions: rates (up, down), each checked for an interval without progress.
-fn both_ways(ns: &Netns, client: &Client, what: &str) -> (f64, f64) {
+fn both_ways(w: &World, client: &Client, what: &str) -> (f64, f64) {
     let mut rates = [0.0; 2];
     for (i, reverse) in [false, true].into_iter().enumerate() {
-        let (rate, intervals) = iperf(ns, reverse, 3);
+        let (rate, intervals) = iperf(w, reverse, 3);
         let dir = if reverse { "gateway -> client" } else { "client -> gateway" };
         eprintln!("{what}, {dir}: {:.1} Mbit/s, intervals {intervals:?}", rate / 1e6);
         assert!(intervals.len() >= 3, "{what}, {dir}: {intervals:?}");
@@ -203,8 +206,8 @@ fn both_ways(ns: &Netns, client: &Client, what: &str) -> (f64, f64) {
 
 /// [`both_ways`] twice, the better rate of each direction: the machine is shared, and one run
 /// can lose a second to someone else's build (every run is still checked for stalls).
-fn best_of_two(ns: &Netns, client: &Client, what: &str) -> (f64, f64) {
-    let (a, b) = (both_ways(ns, client, what), both_ways(ns, client, what));
+fn best_of_two(w: &World, client: &Client, what: &str) -> (f64, f64) {
+    let (a, b) = (both_ways(w, client, what), both_ways(w, client, what));
     (a.0.max(b.0), a.1.max(b.1))
 }
 
@@ -243,7 +246,7 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
     );
     let text = holdfast_ok(&["gateway", "status", "--dir", s(w.gw.path())]);
     assert!(text.contains(&format!("path MTU:     {INNER_AT_1280}")), "{text}");
-    let (mut up, mut down) = best_of_two(w.client_ns(), &client, "discovered");
+    let (mut up, mut down) = best_of_two(&w, &client, "discovered");
     // A smaller path is a fact the data plane adapts to, not a failure to warn about (an
     // ICMP "too big" reported through a send or receive is not a failing socket).
     let warnings: Vec<String> = client
@@ -263,7 +266,7 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
         if round > 0 {
             let again = start_client(&w, &format!("auto{round}"), |_| {});
             assert!(wait_until(T, || again.path_mtu().is_some_and(|p| p.2 == "discovered")));
-            let (u, d) = best_of_two(w.client_ns(), &again, "discovered");
+            let (u, d) = best_of_two(&w, &again, "discovered");
             (up, down) = (up.max(u), down.max(d));
             let mut again = again;
             assert_eq!(again.proc.terminate(T), Some(0));
@@ -275,7 +278,7 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
             f.network.routes = Some(vec!["0.0.0.0/1".parse().unwrap(), "128.0.0.0/1".parse().unwrap()]);
         });
         tuned.proc.wait_for(&["routes up"], T);
-        let (u, d) = best_of_two(w.client_ns(), &tuned, "underlay_mtu = 1280");
+        let (u, d) = best_of_two(&w, &tuned, "underlay_mtu = 1280");
         (ref_up, ref_down) = (ref_up.max(u), ref_down.max(d));
         assert_eq!(tuned.proc.terminate(T), Some(0));
         if up >= ref_up / 2.0 && down >= ref_down / 2.0 {
@@ -331,7 +334,7 @@ fn without_any_icmp_probing_alone_finds_the_hop_and_a_path_that_grows_back_is_ra
         client.proc.wait_for_each(&["path MTU to the gateway: 12", "path MTU from the gateway: 12"], DISCOVERY_BOUND);
     eprintln!("found in {:?}: {lines:?}", up_at.elapsed());
     assert!(up_at.elapsed() <= DISCOVERY_BOUND + Duration::from_secs(1));
-    both_ways(w.client_ns(), &client, "no ICMP");
+    both_ways(&w, &client, "no ICMP");
     assert!(gateway_path_mtu(&w).is_some_and(|m| m <= INNER_AT_1280), "{:?}", gateway_path_mtu(&w));
 
     // The hop grows back: after the raise interval both directions are probed up again.
@@ -367,7 +370,7 @@ fn over_an_ipv6_underlay_the_hop_is_found_both_ways() {
         "the gateway sizes the session to the path: {:?}",
         gateway_path_mtu(&w)
     );
-    both_ways(w.client_ns(), &client, "IPv6 underlay");
+    both_ways(&w, &client, "IPv6 underlay");
     assert_eq!(client.proc.terminate(T), Some(0));
     assert!(w.gateway.is_alive());
 }
