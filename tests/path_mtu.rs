@@ -120,7 +120,7 @@ impl World {
     /// TCP throughput through the tunnel, client -> gateway (or back with `reverse`), in bit/s:
     /// iperf3 for `secs` seconds, the first one omitted (slow start).
     fn iperf(&self, reverse: bool, secs: u32) -> f64 {
-        let report = iperf_json(&self.gw, reverse, secs, &["-O", "1"]);
+        let report = self.gw.iperf_json(reverse, secs, &["-O", "1"]);
         let end = &report["end"]["sum_received"]["bits_per_second"];
         end.as_f64().unwrap_or_else(|| panic!("no throughput in the iperf3 report: {report}"))
     }
@@ -140,22 +140,6 @@ impl World {
         assert!(self.gateway.is_alive(), "the gateway exited");
         let _ = self.gateway.terminate(T);
     }
-}
-
-/// One iperf3 run against a one-off server in the gateway's namespace; its JSON report.
-fn iperf_json(gw: &GatewayDir, reverse: bool, secs: u32, extra: &[&str]) -> serde_json::Value {
-    let mut server = gw.ns.spawn("iperf3-server", "iperf3", &["-s", "-1", "--forceflush", "-B", &GW_TUN.to_string()], &[]);
-    server.wait_for(&["Server listening"], T);
-    let secs = secs.to_string();
-    let mut args = vec!["-c", "100.64.0.1", "-t", &secs, "-J", "--connect-timeout", "5000"];
-    args.extend_from_slice(extra);
-    if reverse {
-        args.push("-R");
-    }
-    let out = gw.clients_ns().exec("iperf3", &args);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "iperf3 {args:?} failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 JSON ({e}): {text}"))
 }
 
 /// With the link at `link`: the default client sizes its TUN from the path and reaches at least
@@ -235,7 +219,7 @@ fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreate
     // One transfer across both changes: 15 s, reported per second.
     let transfer = std::thread::scope(|scope| {
         let gw = &w.gw;
-        let run = scope.spawn(move || iperf_json(gw, false, 15, &["-i", "1"]));
+        let run = scope.spawn(move || gw.iperf_json(false, 15, &["-i", "1"]));
         let sent = || w.status("roamer").data_plane.map_or(0, |d| d.tx_bytes);
         let t0 = std::time::Instant::now();
         let moving = |from: u64| {

@@ -220,6 +220,26 @@ impl GatewayDir {
         self.client_ns.as_ref().unwrap_or(&self.ns)
     }
 
+    /// One iperf3 run of `secs` seconds from the clients' namespace through the tunnel to a
+    /// one-off server on the gateway's tunnel address (`reverse`: gateway to client), with the
+    /// client's `extra` arguments; its JSON report. A server of its own per run: a shared one
+    /// may still hold the previous test (busy for minutes when that test's client vanished).
+    pub fn iperf_json(&self, reverse: bool, secs: u32, extra: &[&str]) -> serde_json::Value {
+        const GW_TUN: &str = "100.64.0.1";
+        let mut server = self.ns.spawn("iperf3-server", "iperf3", &["-s", "-1", "--forceflush", "-B", GW_TUN], &[]);
+        server.wait_for(&["Server listening"], Duration::from_secs(10));
+        let secs = secs.to_string();
+        let mut args = vec!["-c", GW_TUN, "-t", &secs, "-J", "--connect-timeout", "5000"];
+        args.extend_from_slice(extra);
+        if reverse {
+            args.push("-R");
+        }
+        let out = self.clients_ns().exec("iperf3", &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "iperf3 {args:?} failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 JSON ({e}): {text}"))
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
