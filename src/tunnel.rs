@@ -1562,9 +1562,12 @@ mod tests {
                 assert!(segments <= MAX_GSO_SEGMENTS, "mtu {mtu}, headers {headers}: {segments} segments");
                 assert!(segments * datagram <= MAX_UDP_SEND || segments == 1, "mtu {mtu}, headers {headers}");
             }
-            // Not smaller than it need be: one more segment of the largest headers would not fit.
+            // Not smaller than it need be: with the largest headers it is exactly one send's
+            // worth of segments.
             let per_send = (MAX_UDP_SEND / datagram).clamp(1, MAX_GSO_SEGMENTS);
-            assert_eq!((limit - TSO_HEADROOM.min(usize::from(mtu))).div_ceil(usize::from(mtu) - TSO_HEADROOM.min(usize::from(mtu))), per_send, "mtu {mtu}");
+            let headers = TSO_HEADROOM.min(usize::from(mtu));
+            let mss = usize::from(mtu) - headers;
+            assert_eq!((limit - headers).div_ceil(mss), per_send, "mtu {mtu}");
         }
     }
 

@@ -215,6 +215,8 @@ impl R {
     /// `tcp flags != syn / syn,ack`: anything but the opening of a connection (a SYN without
     /// ACK), after a TCP port match.
     fn not_tcp_open(mut self) -> Self {
+        // The flags byte is TCP's only after a protocol check, which `port` makes.
+        debug_assert_eq!(self.proto, Some(TCP), "tcp flags without a TCP match");
         self.exprs.push(Expr::Payload { base: Base::Transport, offset: 13, len: 1 });
         self.exprs.push(Expr::Mask(vec![TCP_SYN | TCP_ACK]));
         self.exprs.push(Expr::Cmp { eq: false, data: vec![TCP_SYN] });
