@@ -19,6 +19,7 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::sansio::coalesce::{Coalescer, PushError, VNET_HDR_LEN};
 use crate::sansio::icmp;
+use crate::sansio::segment;
 use crate::sansio::inner::IpFamily;
 use crate::sansio::seal::OpenError;
 use crate::sansio::wire;
@@ -734,7 +735,7 @@ pub const READ_SLOTS: usize = 2 * BATCH;
 const MAX_GSO_SEGMENTS: usize = 64;
 
 /// Room for a TUN packet read with offload: the virtio-net header and a 64 KiB super-packet.
-pub const TUN_READ_BUFFER: usize = tun_rs::VIRTIO_NET_HDR_LEN + 65535;
+pub const TUN_READ_BUFFER: usize = segment::VNET_HDR_LEN + 65535;
 
 /// The headers [`tso_limit`] allows for in every segment: an IPv6 header and a TCP header with
 /// the timestamp option (40 + 32 bytes), the largest that bulk TCP normally carries.
@@ -1145,9 +1146,10 @@ fn sendmsg_gso(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr
 }
 
 /// A loop's TUN read side: one batch holds up to [`READ_SLOTS`] inner packets (from one read, a
-/// TSO super-packet split by tun-rs when offload is on, else one packet; more reads when more
-/// packets are already queued), each placed at [`wire::HEADER_LEN`] in its own slot of `stride`
-/// bytes, so it can be sealed where it lies. Buffers are allocated once.
+/// TSO super-packet cut into its segments by [`segment::split`] when offload is on, else one
+/// packet; more reads when more packets are already queued), each placed at
+/// [`wire::HEADER_LEN`] in its own slot of `stride` bytes, so it can be sealed where it lies.
+/// Buffers are allocated once.
 pub struct TunReader {
     raw: Vec<u8>,
     slots: Vec<u8>,
@@ -1224,10 +1226,7 @@ impl TunReader {
         if let Some(e) = self.deferred_for(tun) {
             return Err(e);
         }
-        let n = {
-            let mut bufs = batch_slots(&mut self.slots, self.stride, 0);
-            tun.recv_multiple(&mut self.raw, &mut bufs, &mut self.sizes[..BATCH], wire::HEADER_LEN)?
-        };
+        let n = self.read_at(tun, 0)?;
         Ok(self.top_up(tun, n))
     }
 
@@ -1246,9 +1245,7 @@ impl TunReader {
         let busy = self.last_batch.is_some_and(|t| now.saturating_duration_since(t) <= self.busy_within);
         self.last_batch = Some(now);
         while busy && READ_SLOTS - n >= BATCH {
-            let mut bufs = batch_slots(&mut self.slots, self.stride, n);
-            let sizes = &mut self.sizes[n..n + BATCH];
-            match tun.recv_multiple(&mut self.raw, &mut bufs, sizes, wire::HEADER_LEN) {
+            match self.read_at(tun, n) {
                 Ok(more) => n += more,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -1258,6 +1255,24 @@ impl TunReader {
             }
         }
         n
+    }
+
+    /// One read of `tun` into the [`BATCH`] slots from slot `first` on, cut into the packets it
+    /// stands for (see [`segment`]): how many.
+    fn read_at(&mut self, tun: &SyncDevice, first: usize) -> io::Result<usize> {
+        let stride = self.stride;
+        let slots = &mut self.slots[first * stride..(first + BATCH) * stride];
+        let sizes = &mut self.sizes[first..first + BATCH];
+        if !tun.tcp_gso() {
+            // No virtio-net header: one packet per read, straight into its slot.
+            sizes[0] = tun.recv(&mut slots[wire::HEADER_LEN..stride])?;
+            return Ok(1);
+        }
+        let len = tun.recv(&mut self.raw)?;
+        let mut out = segment::Slots { slots, stride, offset: wire::HEADER_LEN, sizes };
+        segment::Offload::parse(&self.raw[..len])
+            .and_then(|off| segment::split(off, &self.raw[segment::VNET_HDR_LEN..len], &mut out))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     /// Length of packet `i` of the last batch.
@@ -1292,12 +1307,6 @@ impl TunReader {
     }
 }
 
-/// The [`BATCH`] slots of `stride` bytes from slot `first` on, as tun-rs fills them (no
-/// allocation).
-fn batch_slots(slots: &mut [u8], stride: usize, first: usize) -> [&mut [u8]; BATCH] {
-    let mut chunks = slots[first * stride..].chunks_mut(stride);
-    std::array::from_fn(|_| chunks.next().unwrap_or_default())
-}
 
 /// How many "too big" answers a loop writes back into the TUN device, at most: as the kernel
 /// limits its own ICMP errors, so a flood of oversized packets cannot turn into a flood of

@@ -10,19 +10,9 @@ const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 const FIN: u8 = 0x01;
 
-/// Reference ones'-complement sum over big-endian words, one word at a time.
-fn csum(data: &[u8], initial: u32) -> u16 {
-    let mut acc = initial;
-    for w in data.chunks(2) {
-        let v = if w.len() == 2 { u16::from_be_bytes([w[0], w[1]]) } else { u16::from(w[0]) << 8 };
-        acc += u32::from(v);
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
+#[path = "support/csum.rs"]
+mod reference;
+use reference::csum;
 
 fn is_v6(p: &[u8]) -> bool {
     p[0] >> 4 == 6

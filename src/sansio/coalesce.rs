@@ -28,10 +28,9 @@
 //!
 //! Pure logic: bytes in, bytes out, buffers allocated once in [`Coalescer::new`].
 
-use super::checksum::{fold, sum};
-
-/// Length of the virtio-net header a TUN device with offload expects before every packet.
-pub const VNET_HDR_LEN: usize = 10;
+use super::checksum::{copy_sum, fold, sum};
+pub use super::segment::VNET_HDR_LEN;
+use super::segment::{F_NEEDS_CSUM as VNET_F_NEEDS_CSUM, GSO_TCPV4 as VNET_GSO_TCPV4, GSO_TCPV6 as VNET_GSO_TCPV6};
 
 /// The largest packet merged or passed through: the largest IPv4 packet (its total-length field
 /// is 16 bits). An IPv6 packet could be 40 bytes longer; merged ones stay within this too.
@@ -44,9 +43,6 @@ const FLOW_LOOKBACK: usize = 8;
 /// Bytes per item in [`Coalescer`]'s buffer: a virtio-net header and the largest packet.
 const SLOT: usize = VNET_HDR_LEN + MAX_PACKET;
 
-const VNET_F_NEEDS_CSUM: u8 = 1;
-const VNET_GSO_TCPV4: u8 = 1;
-const VNET_GSO_TCPV6: u8 = 4;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 const IPPROTO_TCP: u8 = 6;
@@ -363,12 +359,14 @@ impl Coalescer {
             }
             self.items[i].head_checked = true;
         }
-        if !checksums_valid(seg.ip, packet, seg.iph_len) {
-            return Append::BadChecksum;
-        }
+        // The payload is copied and summed in one pass. A segment whose checksums fail leaves
+        // its bytes past the item's end, where nothing reads them.
         let headers = seg.iph_len + seg.tcph_len;
         let at = i * SLOT + VNET_HDR_LEN + item.len;
-        self.bufs[at..at + seg.payload_len].copy_from_slice(&packet[headers..]);
+        let payload_sum = copy_sum(&mut self.bufs[at..at + seg.payload_len], &packet[headers..]);
+        if !checksums_valid_with(seg.ip, &packet[..headers], seg.iph_len, seg.payload_len, payload_sum) {
+            return Append::BadChecksum;
+        }
         let item = &mut self.items[i];
         item.len += seg.payload_len;
         item.segments += 1;
@@ -490,13 +488,20 @@ fn parse_segment(p: &[u8]) -> Option<Segment> {
 
 /// Whether the IP header checksum (IPv4 only) and the TCP checksum of `p` verify.
 fn checksums_valid(ip: Ip, p: &[u8], iph_len: usize) -> bool {
-    if !ip.header_checksum_valid(p, iph_len) {
+    let headers = p.len().min(iph_len + 20);
+    checksums_valid_with(ip, &p[..headers], iph_len, p.len() - headers, sum(&p[headers..]))
+}
+
+/// [`checksums_valid`] for a packet given as its `headers` (IP, then TCP, of an even length)
+/// and the [`sum`] of the `rest_len` bytes that follow them.
+fn checksums_valid_with(ip: Ip, headers: &[u8], iph_len: usize, rest_len: usize, rest_sum: u64) -> bool {
+    if !ip.header_checksum_valid(headers, iph_len) {
         return false;
     }
-    let Ok(tcp_len) = u16::try_from(p.len() - iph_len) else {
+    let Ok(tcp_len) = u16::try_from(headers.len() - iph_len + rest_len) else {
         return false;
     };
-    fold(pseudo_header_sum(&p[ip.addrs()], tcp_len) + sum(&p[iph_len..])) == 0xffff
+    fold(pseudo_header_sum(&headers[ip.addrs()], tcp_len) + sum(&headers[iph_len..]) + rest_sum) == 0xffff
 }
 
 /// The TCP pseudo-header's contribution: addresses (`addrs` = source then destination),

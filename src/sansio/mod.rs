@@ -11,6 +11,7 @@ pub mod pmtud;
 pub mod filter;
 pub mod replay;
 pub mod seal;
+pub mod segment;
 pub mod session;
 pub mod supervisor;
 pub mod wire;
