@@ -1145,6 +1145,26 @@ fn sendmsg_gso(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr
     Ok(())
 }
 
+/// What [`TunReader`] reads from: a TUN device (its one implementation in the data plane), or a
+/// scripted one in tests, which is how a failure between two reads of a batch is tested.
+pub trait TunRead: Send + Sync + 'static {
+    /// One read: a packet, or with offload a virtio-net header and a packet (`WouldBlock` when
+    /// nothing is queued).
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Whether reads start with a virtio-net header (the device was opened with offload).
+    fn offload(&self) -> bool;
+}
+
+impl TunRead for SyncDevice {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        SyncDevice::recv(self, buf)
+    }
+
+    fn offload(&self) -> bool {
+        self.tcp_gso()
+    }
+}
+
 /// A loop's TUN read side: one batch holds up to [`READ_SLOTS`] inner packets (from one read, a
 /// TSO super-packet cut into its segments by [`segment::split`] when offload is on, else one
 /// packet; more reads when more packets are already queued), each placed at
@@ -1160,7 +1180,7 @@ pub struct TunReader {
     /// loop that moved to a re-created device meanwhile never sees the old device's error, which
     /// would have it report the new one gone. Held as a `Weak`, which keeps the old device's
     /// allocation, so a new device can never sit at the same address and pass for it.
-    deferred: Option<(Weak<SyncDevice>, io::Error)>,
+    deferred: Option<(Weak<dyn std::any::Any + Send + Sync>, io::Error)>,
     /// When the last batch's first read returned, and how close the next must follow for the
     /// device to count as busy (see [`TunReader::read`]).
     last_batch: Option<Instant>,
@@ -1222,34 +1242,35 @@ impl TunReader {
     /// of them leaves in one GSO send and reaches the peer as one GRO receive: one wake-up
     /// there instead of one per packet. Only when busy, because the read that finds nothing
     /// would delay a lone packet (a ping) by a microsecond or two.
-    pub fn try_read(&mut self, tun: &Arc<SyncDevice>) -> io::Result<usize> {
+    pub fn try_read<D: TunRead>(&mut self, tun: &Arc<D>) -> io::Result<usize> {
         if let Some(e) = self.deferred_for(tun) {
             return Err(e);
         }
-        let n = self.read_at(tun, 0)?;
+        let n = self.read_at(&**tun, 0)?;
         Ok(self.top_up(tun, n))
     }
 
     /// The error a read of `tun` deferred, if it is this device's.
-    fn deferred_for(&mut self, tun: &Arc<SyncDevice>) -> Option<io::Error> {
+    fn deferred_for<D: TunRead>(&mut self, tun: &Arc<D>) -> Option<io::Error> {
         match self.deferred.take() {
-            Some((from, e)) if std::ptr::eq(from.as_ptr(), Arc::as_ptr(tun)) => Some(e),
+            Some((from, e)) if std::ptr::eq(from.as_ptr().cast::<()>(), Arc::as_ptr(tun).cast::<()>()) => Some(e),
             _ => None,
         }
     }
 
     /// After a batch's first read of `n` packets: if the device is busy, what is already
     /// queued, without waiting, while [`BATCH`] slots are free. Returns the batch's size.
-    fn top_up(&mut self, tun: &Arc<SyncDevice>, mut n: usize) -> usize {
+    fn top_up<D: TunRead>(&mut self, tun: &Arc<D>, mut n: usize) -> usize {
         let now = Instant::now();
         let busy = self.last_batch.is_some_and(|t| now.saturating_duration_since(t) <= self.busy_within);
         self.last_batch = Some(now);
         while busy && READ_SLOTS - n >= BATCH {
-            match self.read_at(tun, n) {
+            match self.read_at(&**tun, n) {
                 Ok(more) => n += more,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    self.deferred = Some((Arc::downgrade(tun), e));
+                    let from: Weak<D> = Arc::downgrade(tun);
+                    self.deferred = Some((from, e));
                     break;
                 }
             }
@@ -1259,11 +1280,11 @@ impl TunReader {
 
     /// One read of `tun` into the [`BATCH`] slots from slot `first` on, cut into the packets it
     /// stands for (see [`segment`]): how many.
-    fn read_at(&mut self, tun: &SyncDevice, first: usize) -> io::Result<usize> {
+    fn read_at(&mut self, tun: &impl TunRead, first: usize) -> io::Result<usize> {
         let stride = self.stride;
         let slots = &mut self.slots[first * stride..(first + BATCH) * stride];
         let sizes = &mut self.sizes[first..first + BATCH];
-        if !tun.tcp_gso() {
+        if !tun.offload() {
             // No virtio-net header: one packet per read, straight into its slot.
             sizes[0] = tun.recv(&mut slots[wire::HEADER_LEN..stride])?;
             return Ok(1);
@@ -1604,6 +1625,85 @@ mod tests {
         // A smaller path keeps the room: no allocation on the way down.
         r.fit(1216);
         assert_eq!(r.capacity(), 1436);
+    }
+
+    /// A device that hands out scripted reads, then `WouldBlock`.
+    struct Scripted {
+        reads: std::sync::Mutex<std::collections::VecDeque<io::Result<Vec<u8>>>>,
+        offload: bool,
+    }
+
+    impl Scripted {
+        fn new(offload: bool, reads: impl IntoIterator<Item = io::Result<Vec<u8>>>) -> Arc<Self> {
+            Arc::new(Self { reads: std::sync::Mutex::new(reads.into_iter().collect()), offload })
+        }
+
+        fn left(&self) -> usize {
+            self.reads.lock().unwrap().len()
+        }
+    }
+
+    impl TunRead for Scripted {
+        fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+            let next = self.reads.lock().unwrap().pop_front();
+            let bytes = next.unwrap_or_else(|| Err(io::ErrorKind::WouldBlock.into()))?;
+            buf[..bytes.len()].copy_from_slice(&bytes);
+            Ok(bytes.len())
+        }
+
+        fn offload(&self) -> bool {
+            self.offload
+        }
+    }
+
+    /// A failed read after the first of a batch: the batch comes out whole, the error with the
+    /// next call on the same device (before it reads again), and a reader that moved on to
+    /// another device (re-created) never sees it.
+    #[test]
+    fn an_error_behind_a_batchs_first_read_waits_for_the_next_call_on_its_device() {
+        let eio = || Err(io::Error::from_raw_os_error(libc::EIO));
+        let packet = |b: u8| Ok(vec![0x45, b, 0, 20]);
+        // Always busy: every batch tops up.
+        let mut r = TunReader::new(1400).busy_within(Duration::from_secs(3600));
+        let dev = Scripted::new(false, [packet(1), packet(2), packet(3), eio(), packet(4)]);
+        // The first batch is not busy yet (no batch before it): one read.
+        assert_eq!(r.try_read(&dev).unwrap(), 1);
+        assert_eq!(r.packet(0), [0x45, 1, 0, 20]);
+        // The second reads 2, tops up with 3, and meets the error: 2 and 3 come out.
+        assert_eq!(r.try_read(&dev).unwrap(), 2);
+        assert_eq!((r.packet(0), r.packet(1)), (&[0x45, 2, 0, 20][..], &[0x45, 3, 0, 20][..]));
+        let e = r.try_read(&dev).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "the error, with the next call");
+        assert_eq!(dev.left(), 1, "without reading");
+        assert_eq!(r.try_read(&dev).unwrap(), 1, "then reads go on");
+        assert_eq!(r.packet(0), [0x45, 4, 0, 20]);
+
+        // Deferred from one device, the next call on another: that one is read, the error gone.
+        let old = Scripted::new(false, [packet(5), eio()]);
+        assert_eq!(r.try_read(&old).unwrap(), 1);
+        let new = Scripted::new(false, [packet(6)]);
+        assert_eq!(r.try_read(&new).unwrap(), 1);
+        assert_eq!(r.packet(0), [0x45, 6, 0, 20]);
+        assert_eq!(r.try_read(&old).unwrap_err().kind(), io::ErrorKind::WouldBlock, "forgotten");
+    }
+
+    /// With offload, a read the split cannot cut (here: a GSO type for the wrong family) is an
+    /// error of that read, not a panic and not a packet.
+    #[test]
+    fn an_offload_read_that_cannot_be_cut_is_an_invalid_data_error() {
+        let mut read = vec![0u8; segment::VNET_HDR_LEN];
+        read[1] = 4; // GSO_TCPV6 in front of an IPv4 packet
+        read.extend_from_slice(&[0x45; 60]);
+        let lone = {
+            let mut r = vec![0u8; segment::VNET_HDR_LEN];
+            r.extend_from_slice(&[0x45, 7, 0, 20]);
+            r
+        };
+        let dev = Scripted::new(true, [Ok(read), Ok(lone)]);
+        let mut r = TunReader::new(1400);
+        assert_eq!(r.try_read(&dev).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(r.try_read(&dev).unwrap(), 1, "the next read is cut as usual");
+        assert_eq!(r.packet(0), [0x45, 7, 0, 20]);
     }
 
     #[test]
