@@ -62,6 +62,8 @@ pub enum SplitError {
     NoSegmentSize,
     #[error("the transport header does not fit: csum_start {start}, csum_offset {offset}, packet {len} bytes")]
     Headers { start: u16, offset: u16, len: usize },
+    #[error("a packet of {0} bytes, longer than an IP length field can say")]
+    TooLong(usize),
     #[error("{segments} segments of up to {segment_len} bytes do not fit the read slots")]
     Capacity { segments: usize, segment_len: usize },
 }
@@ -108,6 +110,10 @@ impl Slots<'_> {
 /// packets it made. A packet without GSO is copied as it is (its checksum finished if the kernel
 /// left it); a GSO packet without payload makes none, as in tun-rs.
 pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, SplitError> {
+    // A TUN read is at most 64 KiB; bounding it here keeps every length below in 16 bits.
+    if packet.len() > usize::from(u16::MAX) {
+        return Err(SplitError::TooLong(packet.len()));
+    }
     let (slots, room) = out.room();
     if off.gso_type == GSO_NONE {
         if slots == 0 || packet.len() > room {
@@ -188,7 +194,8 @@ pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, 
     for i in 0..segments {
         let data = hdr_len + i * gso_size..(hdr_len + (i + 1) * gso_size).min(packet.len());
         let last = data.end == packet.len();
-        // The checks above bound every length by the 64 KiB read: the casts cannot truncate.
+        // Every length is bounded by the packet's (at most 65535, checked first): the casts
+        // cannot truncate.
         let l4_len = (l4h + data.len()) as u16;
         let total = hdr_len + data.len();
         let dst = out.packet(i);
@@ -294,5 +301,7 @@ mod tests {
         assert!(matches!(split(off(GSO_NONE, 0, 50, 16), &p, &mut out), Err(SplitError::Headers { .. })));
         let big = vec![0x45u8; 81];
         assert_eq!(split(off(GSO_NONE, 0, 20, 16), &big, &mut out), Err(SplitError::Capacity { segments: 1, segment_len: 81 }));
+        let huge = vec![0x45u8; 65536];
+        assert_eq!(split(off(GSO_TCPV4, 1400, 20, 16), &huge, &mut out), Err(SplitError::TooLong(65536)));
     }
 }
