@@ -23,16 +23,11 @@ pub fn sum(data: &[u8]) -> u64 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn sum_avx2(data: &[u8]) -> u64 {
-    sum_words(data)
+    add_words(0, data)
 }
 
 /// [`sum`] for any CPU.
 fn sum_portable(data: &[u8]) -> u64 {
-    sum_words(data)
-}
-
-#[inline(always)]
-fn sum_words(data: &[u8]) -> u64 {
     add_words(0, data)
 }
 
@@ -123,6 +118,13 @@ fn copy_sum_words(dst: &mut [u8], src: &[u8]) -> u64 {
 fn copy_sum_tail(acc: u64, dst: &mut [u8], src: &[u8]) -> u64 {
     dst.copy_from_slice(src);
     add_words(acc, dst)
+}
+
+/// A transport checksum's pseudo-header as a sum still to [`fold`]: both addresses (`addrs`,
+/// source then destination, 8 or 32 bytes), the protocol (IPv6: next header) and the transport
+/// length. The same sum for both families: IPv6's 32-bit upper-layer length is below 2^16 here.
+pub fn pseudo_header(addrs: &[u8], protocol: u8, length: u16) -> u64 {
+    sum(addrs) + u64::from(protocol) + u64::from(length)
 }
 
 /// Folds a ones'-complement sum to 16 bits with end-around carries (not complemented).

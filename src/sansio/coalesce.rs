@@ -28,7 +28,7 @@
 //!
 //! Pure logic: bytes in, bytes out, buffers allocated once in [`Coalescer::new`].
 
-use super::checksum::{copy_sum, fold, sum};
+use super::checksum::{copy_sum, fold, pseudo_header, sum};
 pub use super::segment::VNET_HDR_LEN;
 use super::segment::{F_NEEDS_CSUM as VNET_F_NEEDS_CSUM, GSO_TCPV4 as VNET_GSO_TCPV4, GSO_TCPV6 as VNET_GSO_TCPV6};
 
@@ -427,7 +427,7 @@ fn write_gso_headers(item: &Item, buf: &mut [u8]) {
     // The merge kept `len <= MAX_PACKET`, so this fits in 16 bits.
     let tcp_len = (item.len - iph) as u16;
     ip.write_length(pkt, iph);
-    let pseudo = fold(pseudo_header_sum(&pkt[ip.addrs()], tcp_len));
+    let pseudo = fold(pseudo_header(&pkt[ip.addrs()], IPPROTO_TCP, tcp_len));
     pkt[iph + TCP_CSUM_OFFSET..iph + TCP_CSUM_OFFSET + 2].copy_from_slice(&pseudo.to_be_bytes());
     // struct virtio_net_hdr, in the host's byte order (a TUN device's default).
     hdr[0] = VNET_F_NEEDS_CSUM;
@@ -501,14 +501,7 @@ fn checksums_valid_with(ip: Ip, headers: &[u8], iph_len: usize, rest_len: usize,
     let Ok(tcp_len) = u16::try_from(headers.len() - iph_len + rest_len) else {
         return false;
     };
-    fold(pseudo_header_sum(&headers[ip.addrs()], tcp_len) + sum(&headers[iph_len..]) + rest_sum) == 0xffff
-}
-
-/// The TCP pseudo-header's contribution: addresses (`addrs` = source then destination),
-/// protocol and TCP length, as a sum of big-endian words still to [`fold`]. The same for both
-/// families: IPv6's 32-bit upper-layer length is below 2^16 here, so it sums the same.
-fn pseudo_header_sum(addrs: &[u8], tcp_len: u16) -> u64 {
-    sum(addrs) + u64::from(IPPROTO_TCP) + u64::from(tcp_len)
+    fold(pseudo_header(&headers[ip.addrs()], IPPROTO_TCP, tcp_len) + sum(&headers[iph_len..]) + rest_sum) == 0xffff
 }
 
 #[cfg(test)]

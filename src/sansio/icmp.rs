@@ -156,15 +156,9 @@ fn packet_too_big_v6(packet: &[u8], mtu: u16, from: Ipv6Addr, out: &mut [u8]) ->
     let [m0, m1] = mtu.to_be_bytes();
     icmp.copy_from_slice(&[2, 0, 0, 0, 0, 0, m0, m1]);
     body.copy_from_slice(quote);
-    let sum = checksum::internet(pseudo_header_v6(&ip[8..40], payload16), rest);
+    let sum = checksum::internet(checksum::pseudo_header(&ip[8..40], NEXT_HEADER_ICMPV6, payload16), rest);
     rest[2..4].copy_from_slice(&sum.to_be_bytes());
     Ok(total)
-}
-
-/// The one's-complement sum of the IPv6 pseudo-header (RFC 8200, 8.1) for ICMPv6: both addresses
-/// (`addrs`, source then destination), the upper-layer length and the next header.
-fn pseudo_header_v6(addrs: &[u8], length: u16) -> u64 {
-    checksum::sum(addrs) + u64::from(length) + u64::from(NEXT_HEADER_ICMPV6)
 }
 
 
@@ -234,7 +228,7 @@ mod tests {
         assert_eq!(answer[6], 58);
         assert_eq!(&answer[8..24], &GW6.octets());
         assert_eq!(&answer[24..40], &packet[8..24], "to the offender's source");
-        let pseudo = pseudo_header_v6(&answer[8..40], (answer.len() - 40) as u16);
+        let pseudo = checksum::pseudo_header(&answer[8..40], NEXT_HEADER_ICMPV6, (answer.len() - 40) as u16);
         assert!(verifies(pseudo, &answer[40..]), "ICMPv6 checksum with the pseudo-header");
         assert_eq!(&answer[40..42], &[2, 0]);
         assert_eq!(u32::from_be_bytes([answer[44], answer[45], answer[46], answer[47]]), u32::from(mtu));

@@ -13,7 +13,7 @@
 
 use thiserror::Error;
 
-use super::checksum::{copy_sum, fold, sum};
+use super::checksum::{copy_sum, fold, pseudo_header, sum};
 
 /// Bytes of the virtio-net header in front of every packet read from or written to a TUN device
 /// with offloads (the coalescer writes them too).
@@ -121,7 +121,7 @@ pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, 
         }
         let dst = out.packet(0);
         if off.needs_csum {
-            let (start, at) = checksum_range(off, packet, 2)?;
+            let (start, at) = checksum_range(off, packet)?;
             dst[..start].copy_from_slice(&packet[..start]);
             // The field holds the pseudo-header's sum: summed with the rest, as it lies.
             let s = copy_sum(&mut dst[start..], &packet[start..]);
@@ -178,7 +178,8 @@ pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, 
     // headers without the fields that differ per segment (lengths, IPv4 id, TCP sequence number
     // and flags) and without the checksum fields. Each segment adds its own fields to these.
     let addrs = if v6 { &packet[8..40] } else { &packet[12..20] };
-    let pseudo = sum(addrs) + u64::from(protocol);
+    // The length differs per segment: added there.
+    let pseudo = pseudo_header(addrs, protocol, 0);
     let csum_at = iph + usize::from(off.csum_offset);
     let varying: &[usize] = match protocol {
         // The checksum, the sequence number, the data offset and flags.
@@ -236,11 +237,11 @@ pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, 
 }
 
 /// Where a lone packet's checksum starts and where it goes (`csum_start`, and the field's
-/// offset in the packet), checked against the packet: the field's `width` bytes must fit.
-fn checksum_range(off: Offload, packet: &[u8], width: usize) -> Result<(usize, usize), SplitError> {
+/// offset in the packet), checked against the packet: the field's 2 bytes must fit.
+fn checksum_range(off: Offload, packet: &[u8]) -> Result<(usize, usize), SplitError> {
     let start = usize::from(off.csum_start);
     let at = start + usize::from(off.csum_offset);
-    if at + width > packet.len() {
+    if at + 2 > packet.len() {
         return Err(SplitError::Headers { start: off.csum_start, offset: off.csum_offset, len: packet.len() });
     }
     Ok((start, at))
