@@ -6,9 +6,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `sqlx::migrate!` embeds migrations/ at build time: rebuild when they change.
     println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile([proto], ["proto"])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

@@ -44,11 +44,11 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use holdfast::sansio::replay::ReplayWindow;
 use holdfast::sansio::seal::{Direction, SessionCipher, TxCounter};
 use holdfast::sansio::wire::{HEADER_LEN, OVERHEAD, parse_header};
 use holdfast::snapshot::{SessionId, SessionKey};
-use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 const SID: SessionId = SessionId(0x0123_4567_89ab_cdef);
@@ -79,10 +79,7 @@ fn ns_per_iter(mut f: impl FnMut(u64)) -> f64 {
 
 fn report(name: &str, size: Option<usize>, ns: f64) {
     match size {
-        Some(size) => println!(
-            "{name:<34} {size:>5} B  {ns:>8.1} ns/packet  {:>7.0} MB/s",
-            size as f64 / ns * 1e3
-        ),
+        Some(size) => println!("{name:<34} {size:>5} B  {ns:>8.1} ns/packet  {:>7.0} MB/s", size as f64 / ns * 1e3),
         None => println!("{name:<34}          {ns:>8.1} ns/op"),
     }
 }
@@ -98,16 +95,12 @@ fn main() {
     println!("holdfast data plane, best of {ROUNDS} x {ROUND:?} per line");
     for size in SIZES {
         let ns = ns_per_iter(|i| {
-            let n = cipher
-                .seal_data(dir, SID, i, black_box(&mut buf), size)
-                .expect("seal");
+            let n = cipher.seal_data(dir, SID, i, black_box(&mut buf), size).expect("seal");
             black_box(n);
         });
         report("seal (SessionCipher)", Some(size), ns);
 
-        let n = cipher
-            .seal_data(dir, SID, 7, &mut sealed, size)
-            .expect("seal");
+        let n = cipher.seal_data(dir, SID, 7, &mut sealed, size).expect("seal");
         let copy = ns_per_iter(|_| {
             buf[..n].copy_from_slice(black_box(&sealed[..n]));
             black_box(&buf);
@@ -117,19 +110,13 @@ fn main() {
             let o = cipher.open(dir, &mut buf[..n]).expect("open");
             black_box(o);
         });
-        report(
-            "open (SessionCipher, copy excluded)",
-            Some(size),
-            total - copy,
-        );
+        report("open (SessionCipher, copy excluded)", Some(size), total - copy);
         report("  restoring copy alone", Some(size), copy);
 
         let ns = ns_per_iter(|i| {
             let nonce = Nonce::assume_unique_for_key(dir.nonce(i));
             let (head, body) = buf.split_at_mut(HEADER_LEN);
-            let tag = ring_key
-                .seal_in_place_separate_tag(nonce, Aad::from(&*head), &mut body[..size])
-                .expect("seal");
+            let tag = ring_key.seal_in_place_separate_tag(nonce, Aad::from(&*head), &mut body[..size]).expect("seal");
             // Place the tag as a real datagram needs it, like our seal does.
             body[size..size + 16].copy_from_slice(tag.as_ref());
         });
@@ -137,17 +124,13 @@ fn main() {
 
         let nonce = Nonce::assume_unique_for_key(dir.nonce(7));
         let (head, body) = sealed.split_at_mut(HEADER_LEN);
-        let tag = ring_key
-            .seal_in_place_separate_tag(nonce, Aad::from(&*head), &mut body[..size])
-            .expect("seal");
+        let tag = ring_key.seal_in_place_separate_tag(nonce, Aad::from(&*head), &mut body[..size]).expect("seal");
         body[size..size + 16].copy_from_slice(tag.as_ref());
         let total = ns_per_iter(|_| {
             buf[..n].copy_from_slice(black_box(&sealed[..n]));
             let nonce = Nonce::assume_unique_for_key(dir.nonce(7));
             let (head, body) = buf[..n].split_at_mut(HEADER_LEN);
-            let plain = ring_key
-                .open_in_place(nonce, Aad::from(&*head), body)
-                .expect("open");
+            let plain = ring_key.open_in_place(nonce, Aad::from(&*head), body).expect("open");
             black_box(plain);
         });
         report("open (ring, copy excluded)", Some(size), total - copy);
@@ -158,9 +141,7 @@ fn main() {
             let nonce = dir.nonce(i).into();
             let (head, body) = buf.split_at_mut(HEADER_LEN);
             let (body, tag_out) = body.split_at_mut(size);
-            let tag = rc_key
-                .encrypt_inout_detached(&nonce, head, body.into())
-                .expect("seal");
+            let tag = rc_key.encrypt_inout_detached(&nonce, head, body.into()).expect("seal");
             tag_out[..16].copy_from_slice(&tag);
         });
         report("seal (aes-gcm 0.11, reference)", Some(size), ns);
@@ -171,9 +152,7 @@ fn main() {
             let (head, body) = buf[..n].split_at_mut(HEADER_LEN);
             let (body, tag) = body.split_at_mut(size);
             let tag: [u8; 16] = (&*tag).try_into().expect("tag");
-            rc_key
-                .decrypt_inout_detached(&nonce, head, body.into(), &tag.into())
-                .expect("open");
+            rc_key.decrypt_inout_detached(&nonce, head, body.into(), &tag.into()).expect("open");
             black_box(&buf);
         });
         report("open (aes-gcm 0.11, copy excluded)", Some(size), total - copy);
@@ -239,14 +218,17 @@ fn tso_split() {
         black_box(split(off, black_box(&packet), &mut out).expect("split"));
     });
     report("TSO split, 46 segments (ours)", Some(packet.len()), ns);
-    let hdr = tun_rs::VirtioNetHdr { flags: 1, gso_type: 1, hdr_len: 40, gso_size: MSS, csum_start: 20, csum_offset: 16 };
+    let hdr =
+        tun_rs::VirtioNetHdr { flags: 1, gso_type: 1, hdr_len: 40, gso_size: MSS, csum_start: 20, csum_offset: 16 };
     let mut input = packet.clone();
     let ns = ns_per_iter(|_| {
         let mut bufs: [&mut [u8]; 64] = {
             let mut chunks = slots.chunks_mut(STRIDE);
             std::array::from_fn(|_| chunks.next().unwrap_or_default())
         };
-        black_box(tun_rs::gso_split(black_box(&mut input), hdr, &mut bufs, &mut sizes, HEADER_LEN, false).expect("split"));
+        black_box(
+            tun_rs::gso_split(black_box(&mut input), hdr, &mut bufs, &mut sizes, HEADER_LEN, false).expect("split"),
+        );
     });
     report("TSO split, 46 segments (tun-rs)", Some(packet.len()), ns);
 }

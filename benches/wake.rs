@@ -87,7 +87,11 @@ fn main() {
     let pings: usize = std::env::var("WAKE_PINGS").ok().and_then(|s| s.parse().ok()).unwrap_or(300).clamp(10, 5000);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     println!("wake-up cost of one UDP echo on loopback, by how the echo thread waits ({pings} round trips each)");
     println!("cpu: {cpu}  nproc={}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));

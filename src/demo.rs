@@ -129,8 +129,8 @@ pub fn run(one_gateway: bool) -> Result<i32, DemoError> {
         .enable_all()
         .build()
         .map_err(|e| setup("starting the async runtime", e))?;
-    let killswitch = crate::client::killswitch::for_client(&settings.file)
-        .map_err(|e| setup("the kill-switch plan", e))?;
+    let killswitch =
+        crate::client::killswitch::for_client(&settings.file).map_err(|e| setup("the kill-switch plan", e))?;
     let opts = RunOptions { dashboard, extra_keys, hangup_stops: true };
     let code = rt.block_on(app::run(settings, killswitch, opts));
     drop(stop_gateways);
@@ -184,8 +184,7 @@ impl Lab {
         }
         if let Some(b) = &lab.gwb_ns {
             let (vc, vg) = (format!("{PREFIX}{id}wc"), format!("{PREFIX}{id}wg"));
-            let (client_addr, gw_addr) =
-                (format!("{CLIENT_B_UNDERLAY}/30"), format!("{GATEWAY_B_UNDERLAY}/30"));
+            let (client_addr, gw_addr) = (format!("{CLIENT_B_UNDERLAY}/30"), format!("{GATEWAY_B_UNDERLAY}/30"));
             let steps: Vec<Vec<&str>> = vec![
                 vec!["netns", "add", b],
                 vec!["link", "add", &vc, "type", "veth", "peer", "name", &vg],
@@ -229,9 +228,7 @@ impl Lab {
                 let join = JoinArgs {
                     dir: self.dir.join("gateway-b"),
                     from: gw_dir.clone(),
-                    endpoint: format!("{GATEWAY_B_UNDERLAY}:{PORT}")
-                        .parse()
-                        .map_err(|e| setup("endpoint", e))?,
+                    endpoint: format!("{GATEWAY_B_UNDERLAY}:{PORT}").parse().map_err(|e| setup("endpoint", e))?,
                     name: Some("demo-b".into()),
                 };
                 let done = rt.block_on(async {
@@ -361,7 +358,10 @@ fn fault_keys(lab: &Lab, gateway: Arc<Mutex<Vec<GatewayProc>>>) -> Vec<ExtraKey>
                 let _ = child.kill();
                 let _ = child.wait();
                 if two {
-                    format!("gateway {} killed (SIGKILL): the client fails over, same address; k starts it again", g.name)
+                    format!(
+                        "gateway {} killed (SIGKILL): the client fails over, same address; k starts it again",
+                        g.name
+                    )
                 } else {
                     "gateway killed (SIGKILL); press k to start it again".into()
                 }
@@ -420,8 +420,16 @@ fn fault_keys(lab: &Lab, gateway: Arc<Mutex<Vec<GatewayProc>>>) -> Vec<ExtraKey>
     vec![
         ExtraKey { key: 'k', label: "gateway kill/start".into(), action: Arc::new(kill_restart) },
         ExtraKey { key: 'e', label: "expire".into(), action: Arc::new(expire) },
-        ExtraKey { key: 'u', label: "block UDP".into(), action: Arc::new(blackhole("holdfast_demo_udp", "udp", "UDP data plane")) },
-        ExtraKey { key: 'c', label: "block control".into(), action: Arc::new(blackhole("holdfast_demo_ctl", "tcp", "control port")) },
+        ExtraKey {
+            key: 'u',
+            label: "block UDP".into(),
+            action: Arc::new(blackhole("holdfast_demo_udp", "udp", "UDP data plane")),
+        },
+        ExtraKey {
+            key: 'c',
+            label: "block control".into(),
+            action: Arc::new(blackhole("holdfast_demo_ctl", "tcp", "control port")),
+        },
     ]
 }
 
@@ -448,11 +456,7 @@ impl LabNs {
             stdin.write_all(script.as_bytes()).map_err(|e| e.to_string())?;
         }
         let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-        }
+        if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()) }
     }
 }
 
@@ -570,10 +574,7 @@ fn exec(program: &str, args: &[&str]) -> Result<(), DemoError> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(setup(
-            &format!("{program} {}", args.join(" ")),
-            String::from_utf8_lossy(&out.stderr).trim(),
-        ))
+        Err(setup(&format!("{program} {}", args.join(" ")), String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 

@@ -20,8 +20,7 @@ use tokio::sync::watch as tokio_watch;
 use tokio::time::Instant;
 
 use crate::sansio::budget::{
-    BudgetLimits, Charge, DEFAULT_CAPACITY, FloodEvent, FloodThresholds, FloodTotals, FloodWatch,
-    SourceBudgets,
+    BudgetLimits, Charge, DEFAULT_CAPACITY, FloodEvent, FloodThresholds, FloodTotals, FloodWatch, SourceBudgets,
 };
 use crate::sansio::filter::{FilterSpec, Insn, KnownSessions, Side};
 use crate::sansio::session::SessionId;
@@ -66,10 +65,7 @@ pub fn attach_filter(sock: &impl AsRawFd, spec: FilterSpec) -> io::Result<()> {
 fn attach_program(sock: &impl AsRawFd, program: &[Insn]) -> io::Result<()> {
     let len = u16::try_from(program.len()).map_err(|_| io::Error::other("filter too long"))?;
     // `Insn` is `#[repr(C)]` with the kernel's `sock_filter` layout (u16, u8, u8, u32).
-    let fprog = libc::sock_fprog {
-        len,
-        filter: program.as_ptr() as *mut libc::sock_filter,
-    };
+    let fprog = libc::sock_fprog { len, filter: program.as_ptr() as *mut libc::sock_filter };
     // SAFETY: a valid fd, and a sock_fprog pointing at `program`, alive for the call (the kernel
     // copies the instructions).
     let rc = unsafe {
@@ -81,11 +77,7 @@ fn attach_program(sock: &impl AsRawFd, program: &[Insn]) -> io::Result<()> {
             std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Datagrams the kernel dropped for this socket: refused by its filter, or no room in its
@@ -96,13 +88,7 @@ pub fn kernel_drops(sock: &impl AsRawFd) -> Option<u64> {
     let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
     // SAFETY: a valid fd and a buffer of `len` bytes the kernel writes at most `len` of.
     let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MEMINFO, info.as_mut_ptr().cast(), &mut len)
     };
     (rc == 0).then(|| u64::from(info[libc::SK_MEMINFO_DROPS as usize]))
 }
@@ -131,9 +117,7 @@ pub fn receive_buffer_errors() -> Option<u64> {
             values.split_whitespace().nth(at)?.parse::<u64>().ok()
         })?;
         let v6 = read("/proc/net/snmp6", buf, |t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("Udp6RcvbufErrors"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
+            t.lines().find_map(|l| l.strip_prefix("Udp6RcvbufErrors")).and_then(|v| v.trim().parse::<u64>().ok())
         });
         Some(v4 + v6.unwrap_or(0))
     })
@@ -211,10 +195,7 @@ impl Default for ShedCounters {
     fn default() -> Self {
         Self {
             filtered: false,
-            spec: FilterSpec {
-                side: Side::Gateway,
-                coalesced: true,
-            },
+            spec: FilterSpec { side: Side::Gateway, coalesced: true },
             budgets: true,
             kernel: None,
             kernel_base: 0,
@@ -240,11 +221,8 @@ impl ShedCounters {
     /// namespace's counters can tell them apart): what the filter refused.
     pub fn totals(&self) -> FloodTotals {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let socket_drops = self
-            .kernel
-            .as_ref()
-            .and_then(kernel_drops)
-            .map_or(0, |d| d.saturating_sub(self.kernel_base));
+        let socket_drops =
+            self.kernel.as_ref().and_then(kernel_drops).map_or(0, |d| d.saturating_sub(self.kernel_base));
         let overflows = self.overflows_at.get(socket_drops, || self.buffer_overflows());
         FloodTotals {
             kernel_dropped: socket_drops.saturating_sub(overflows),
@@ -371,11 +349,7 @@ impl Shedder {
     /// while no source is over budget (one comparison); otherwise no for an over-budget
     /// source, counted as shed.
     #[inline]
-    pub fn admit(
-        &mut self,
-        from: SocketAddr,
-        endpoint: impl FnOnce() -> Option<SocketAddr>,
-    ) -> bool {
+    pub fn admit(&mut self, from: SocketAddr, endpoint: impl FnOnce() -> Option<SocketAddr>) -> bool {
         let ms = self.now_ms;
         if !self.budgets.shedding(ms) {
             return true; // also when off: nothing is ever charged then
@@ -413,17 +387,8 @@ struct SessionFilter {
 
 impl SessionFilter {
     /// Brings the socket's program in line with `flooded` and the live ids.
-    fn update(
-        &mut self,
-        counters: &ShedCounters,
-        flooded: bool,
-        live_ids: &impl Fn(&mut Vec<SessionId>) -> bool,
-    ) {
-        let Some(fd) = counters
-            .kernel
-            .as_ref()
-            .filter(|_| counters.filtered && counters.budgets)
-        else {
+    fn update(&mut self, counters: &ShedCounters, flooded: bool, live_ids: &impl Fn(&mut Vec<SessionId>) -> bool) {
+        let Some(fd) = counters.kernel.as_ref().filter(|_| counters.filtered && counters.budgets) else {
             return;
         };
         self.scratch.clear();
@@ -442,10 +407,7 @@ impl SessionFilter {
             return;
         }
         let ids: Vec<u64> = self.scratch.iter().map(|id| id.0).collect();
-        let known = KnownSessions {
-            ids: &ids,
-            one_in: UNKNOWN_SAMPLE,
-        };
+        let known = KnownSessions { ids: &ids, one_in: UNKNOWN_SAMPLE };
         let Some(program) = counters.spec.program_with_sessions(known) else {
             // More sessions than a classic BPF program can list: the plain filter stays.
             return;
@@ -469,10 +431,7 @@ pub async fn watch(
     live_ids: impl Fn(&mut Vec<SessionId>) -> bool + Send + 'static,
     mut stop: tokio_watch::Receiver<bool>,
 ) {
-    let mut narrowed = SessionFilter {
-        attached: None,
-        scratch: Vec::new(),
-    };
+    let mut narrowed = SessionFilter { attached: None, scratch: Vec::new() };
     let mut w = FloodWatch::new(FloodThresholds::default());
     let epoch = Instant::now();
     let mut tick = tokio::time::interval(WATCH_EVERY);
@@ -492,10 +451,7 @@ pub async fn watch(
                     "flood on the data port: {per_second} rejected datagrams/s, shedding (kernel filter, per-source budgets)"
                 );
             }
-            Some(FloodEvent::Ended {
-                duration_ms,
-                totals: t,
-            }) => {
+            Some(FloodEvent::Ended { duration_ms, totals: t }) => {
                 counters.flooded.store(false, Ordering::Relaxed);
                 tracing::info!(
                     target: TARGET,
@@ -575,25 +531,14 @@ mod tests {
         shed.at(shed.epoch + Duration::from_millis(10));
         let endpoint: SocketAddr = "198.18.0.1:51000".parse().unwrap();
         let noisy: SocketAddr = "198.18.9.9:53".parse().unwrap();
-        let within = (0..200)
-            .filter(|_| shed.unknown_session(noisy))
-            .count() as u64;
+        let within = (0..200).filter(|_| shed.unknown_session(noisy)).count() as u64;
         let burst = BudgetLimits::default().burst as u64;
         assert_eq!(within, burst - 1, "notices until the budget is spent");
-        assert!(
-            !shed.admit(noisy, || Some(endpoint)),
-            "forgeries from it are shed"
-        );
+        assert!(!shed.admit(noisy, || Some(endpoint)), "forgeries from it are shed");
         assert!(shed.admit(endpoint, || Some(endpoint)));
         let other: SocketAddr = "198.18.7.7:53".parse().unwrap();
-        assert!(
-            shed.admit(other, || Some(endpoint)),
-            "another source is not"
-        );
+        assert!(shed.admit(other, || Some(endpoint)), "another source is not");
         let t = counters.totals();
-        assert_eq!(
-            (t.failed, t.shed, t.notices_withheld),
-            (201, 1, 200 - within)
-        );
+        assert_eq!((t.failed, t.shed, t.notices_withheld), (201, 1, 200 - within));
     }
 }

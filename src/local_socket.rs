@@ -90,9 +90,9 @@ impl Drop for ServeGuard {
 pub fn bind(path: &Path, who: Speaker) -> io::Result<(UnixListener, ServeGuard)> {
     let dir = prepare_dir(path)?;
     clear_stale(path, who)?;
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{} names no file", path.display()))
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{} names no file", path.display())))?;
     let mut tmp_name = name.to_owned();
     tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = dir.join(tmp_name);
@@ -126,11 +126,7 @@ fn prepare_dir(path: &Path) -> io::Result<PathBuf> {
         // socket for theirs and answer the status query in our name.
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!(
-                "{} belongs to uid {}, not to us; refusing to serve status there",
-                dir.display(),
-                meta.uid()
-            ),
+            format!("{} belongs to uid {}, not to us; refusing to serve status there", dir.display(), meta.uid()),
         ));
     }
     Ok(dir)
@@ -234,26 +230,17 @@ pub fn query_raw(path: &Path, who: Speaker) -> Result<String, StatusQueryError> 
         _ => StatusQueryError::Io { path: p(), source: e },
     })?;
     let io_err = |e: io::Error| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            StatusQueryError::TimedOut { who, path: p() }
-        }
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => StatusQueryError::TimedOut { who, path: p() },
         _ => StatusQueryError::Io { path: p(), source: e },
     };
     stream.set_read_timeout(Some(QUERY_TIMEOUT)).map_err(io_err)?;
     let mut bytes = Vec::new();
     stream.take(MAX_DOCUMENT).read_to_end(&mut bytes).map_err(io_err)?;
-    String::from_utf8(bytes).map_err(|_| StatusQueryError::Malformed {
-        who,
-        path: p(),
-        reason: "not UTF-8".into(),
-    })
+    String::from_utf8(bytes).map_err(|_| StatusQueryError::Malformed { who, path: p(), reason: "not UTF-8".into() })
 }
 
 /// [`query_raw`], parsed as `T`.
-pub fn query<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    who: Speaker,
-) -> Result<T, StatusQueryError> {
+pub fn query<T: serde::de::DeserializeOwned>(path: &Path, who: Speaker) -> Result<T, StatusQueryError> {
     let text = query_raw(path, who)?;
     serde_json::from_str(&text).map_err(|e| StatusQueryError::Malformed {
         who,

@@ -9,9 +9,9 @@ use std::sync::OnceLock;
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
-use tracing_subscriber::{EnvFilter, Registry, reload};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 /// Where and what to log.
 #[derive(Debug, Clone)]
@@ -47,33 +47,27 @@ pub struct LogGuard {
 pub fn init(s: &LogSettings) -> LogGuard {
     let from_env = EnvFilter::try_from_default_env().ok();
     let from_env_set = from_env.is_some();
-    let filter = from_env
-        .or_else(|| EnvFilter::try_new(&s.filter).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let filter = from_env.or_else(|| EnvFilter::try_new(&s.filter).ok()).unwrap_or_else(|| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let opened = s.dir.as_deref().map(|dir| open_file(dir, s.prefix, s.keep_files));
     let (file_layer, guard, file_error) = match opened {
         None => (None, None, None),
         Some(Ok(appender)) => {
             // Lossy off: a full buffer makes the logging thread wait rather than drop a line.
-            let (writer, guard) = NonBlockingBuilder::default()
-                .lossy(false)
-                .buffered_lines_limit(BUFFERED_LINES)
-                .finish(appender);
+            let (writer, guard) =
+                NonBlockingBuilder::default().lossy(false).buffered_lines_limit(BUFFERED_LINES).finish(appender);
             let layer = tracing_subscriber::fmt::layer().with_ansi(false).with_writer(writer);
             (Some(layer), Some(guard), None)
         }
         Some(Err(e)) => (None, None, Some(e)),
     };
-    let stderr_layer = (s.stderr || file_error.is_some())
-        .then(|| {
+    let stderr_layer = (s.stderr || file_error.is_some()).then(|| {
         // Colours only for a person at a terminal, never into journald or a pipe.
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
         tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)
     });
     // A second init (tests) keeps the first subscriber; that is fine.
-    let installed =
-        tracing_subscriber::registry().with(filter).with(file_layer).with(stderr_layer).try_init();
+    let installed = tracing_subscriber::registry().with(filter).with(file_layer).with(stderr_layer).try_init();
     if installed.is_ok() {
         let _ = FILTER.set(FilterHandle { handle, from_env: from_env_set });
     }

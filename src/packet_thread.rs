@@ -136,7 +136,8 @@ impl Poller {
             None => -1,
             // In u64 (a u128 division is a library call, here on every wait).
             Some(t) => {
-                let ms = t.as_secs().saturating_mul(1000).saturating_add(u64::from(t.subsec_nanos().div_ceil(1_000_000)));
+                let ms =
+                    t.as_secs().saturating_mul(1000).saturating_add(u64::from(t.subsec_nanos().div_ceil(1_000_000)));
                 libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
             }
         };

@@ -15,8 +15,8 @@ use std::net::IpAddr;
 
 use rand::RngCore;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -40,10 +40,7 @@ pub enum PkiError {
     KeyGen(rcgen::Error),
     /// Signing a certificate failed.
     #[error("cannot issue the {what} certificate: {source}")]
-    Issue {
-        what: &'static str,
-        source: rcgen::Error,
-    },
+    Issue { what: &'static str, source: rcgen::Error },
     /// The authority's certificate or key does not load.
     #[error("the authority's {what} is invalid: {reason}")]
     BadAuthority { what: &'static str, reason: String },
@@ -142,19 +139,10 @@ impl Authority {
         params.distinguished_name = dn(&format!("Holdfast authority ({gateway_name}) {tag:08x}"));
         // Path length 0: the authority signs leaves only, never another authority.
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).map_err(|source| PkiError::Issue {
-            what: "authority",
-            source,
-        })?;
-        Ok(Self {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        })
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key).map_err(|source| PkiError::Issue { what: "authority", source })?;
+        Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
     }
 
     /// Loads an authority from its certificate and key (PEM), checking that they belong together
@@ -163,20 +151,12 @@ impl Authority {
         let bad = |what, reason: String| PkiError::BadAuthority { what, reason };
         let key = KeyPair::from_pem(key_pem).map_err(|e| bad("key", e.to_string()))?;
         let der = first_certificate(cert_pem).map_err(|r| bad("certificate", r))?;
-        let (_, x509) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| bad("certificate", e.to_string()))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).map_err(|e| bad("certificate", e.to_string()))?;
         if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(bad(
-                "key",
-                "it does not match the authority's certificate".into(),
-            ));
+            return Err(bad("key", "it does not match the authority's certificate".into()));
         }
-        let issuer =
-            Issuer::from_ca_cert_der(&der, key).map_err(|e| bad("certificate", e.to_string()))?;
-        Ok(Self {
-            issuer,
-            cert_pem: cert_pem.to_owned(),
-        })
+        let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| bad("certificate", e.to_string()))?;
+        Ok(Self { issuer, cert_pem: cert_pem.to_owned() })
     }
 
     /// The authority's certificate (PEM): what clients pin and the gateway trusts.
@@ -191,11 +171,7 @@ impl Authority {
 
     /// Issues the gateway's TLS server certificate, valid for `server_name` (a DNS name or an IP
     /// address) and, if given, the endpoint's IP address.
-    pub fn issue_server(
-        &self,
-        server_name: &str,
-        endpoint_ip: Option<IpAddr>,
-    ) -> Result<IssuedCert, PkiError> {
+    pub fn issue_server(&self, server_name: &str, endpoint_ip: Option<IpAddr>) -> Result<IssuedCert, PkiError> {
         let mut params = base_params(LEAF_VALIDITY_DAYS);
         params.distinguished_name = dn(server_name);
         let mut sans = vec![san(server_name)?];
@@ -223,9 +199,7 @@ impl Authority {
 
     fn issue(&self, params: CertificateParams, what: &'static str) -> Result<IssuedCert, PkiError> {
         let key = KeyPair::generate().map_err(PkiError::KeyGen)?;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|source| PkiError::Issue { what, source })?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(|source| PkiError::Issue { what, source })?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -263,10 +237,7 @@ fn san(name: &str) -> Result<SanType, PkiError> {
     name.to_owned()
         .try_into()
         .map(SanType::DnsName)
-        .map_err(|e: rcgen::Error| PkiError::BadName {
-            name: name.to_owned(),
-            reason: e.to_string(),
-        })
+        .map_err(|e: rcgen::Error| PkiError::BadName { name: name.to_owned(), reason: e.to_string() })
 }
 
 /// All certificates in a PEM text, in order. Errors if there is none or one does not parse.
@@ -278,24 +249,17 @@ pub fn certificates_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, 
         return Err("no certificate found (expected a \"BEGIN CERTIFICATE\" block)".into());
     }
     for cert in &certs {
-        let (_, x509) = x509_parser::parse_x509_certificate(cert)
-            .map_err(|e| format!("a certificate does not parse: {e}"))?;
+        let (_, x509) =
+            x509_parser::parse_x509_certificate(cert).map_err(|e| format!("a certificate does not parse: {e}"))?;
         if x509.validity().time_to_expiration().is_none() {
-            return Err(format!(
-                "certificate '{}' expired on {}",
-                x509.subject(),
-                x509.validity().not_after
-            ));
+            return Err(format!("certificate '{}' expired on {}", x509.subject(), x509.validity().not_after));
         }
     }
     Ok(certs)
 }
 
 fn first_certificate(pem: &str) -> Result<CertificateDer<'static>, String> {
-    certificates_from_pem(pem)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| "no certificate found".to_owned())
+    certificates_from_pem(pem)?.into_iter().next().ok_or_else(|| "no certificate found".to_owned())
 }
 
 /// The private key in a PEM text, checked to be usable for TLS by the ring provider.
@@ -306,8 +270,7 @@ pub fn private_key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, String>
         }
         other => format!("not valid PEM: {other}"),
     })?;
-    rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| format!("unsupported private key: {e}"))?;
+    rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| format!("unsupported private key: {e}"))?;
     Ok(key)
 }
 
@@ -325,8 +288,8 @@ pub fn check_key_pem(pem: &str) -> Result<(), String> {
 pub fn check_pair(cert_pem: &str, key_pem: &str) -> Result<(), String> {
     let certs = certificates_from_pem(cert_pem)?;
     let key = private_key_from_pem(key_pem)?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| format!("unsupported private key: {e}"))?;
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| format!("unsupported private key: {e}"))?;
     rustls::sign::CertifiedKey::new(certs, signer)
         .keys_match()
         .map_err(|_| "the private key does not belong to the certificate".to_owned())
@@ -361,9 +324,7 @@ mod tests {
         let (name, fp) = leaf_identity(&der).unwrap();
         assert_eq!(name, "alice");
         assert_eq!(fp, client.fingerprint);
-        let server = ca
-            .issue_server("holdfast-gateway", Some("127.0.0.1".parse().unwrap()))
-            .unwrap();
+        let server = ca.issue_server("holdfast-gateway", Some("127.0.0.1".parse().unwrap())).unwrap();
         check_pair(&server.cert_pem, &server.key_pem).unwrap();
     }
 
@@ -384,14 +345,8 @@ mod tests {
         let b = ca.issue_client("b").unwrap();
         assert!(check_pair(&a.cert_pem, &b.key_pem).is_err());
         assert!(check_certificate_pem("hello").is_err());
-        assert!(
-            check_certificate_pem(&a.key_pem).is_err(),
-            "a key is not a certificate"
-        );
-        assert!(
-            check_key_pem(&a.cert_pem).is_err(),
-            "a certificate is not a key"
-        );
+        assert!(check_certificate_pem(&a.key_pem).is_err(), "a key is not a certificate");
+        assert!(check_key_pem(&a.cert_pem).is_err(), "a certificate is not a key");
         let truncated = &a.cert_pem[..a.cert_pem.len() / 2];
         assert!(check_certificate_pem(truncated).is_err());
     }

@@ -17,9 +17,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 
-pub use crate::sansio::session::{
-    CryptoSlot, KeyFingerprint, SessionCrypto, SessionId, SessionKey, VpnAuthResponse,
-};
+pub use crate::sansio::session::{CryptoSlot, KeyFingerprint, SessionCrypto, SessionId, SessionKey, VpnAuthResponse};
 
 /// The getter the data plane receives instead of session data (the spec's `getAuth`).
 pub type GetAuth = Arc<dyn Fn() -> Option<Arc<VpnAuthResponse>> + Send + Sync>;

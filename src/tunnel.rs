@@ -8,8 +8,8 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use std::os::fd::{AsFd, AsRawFd};
@@ -19,9 +19,9 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::sansio::coalesce::{Coalescer, PushError, VNET_HDR_LEN};
 use crate::sansio::icmp;
-use crate::sansio::segment;
 use crate::sansio::inner::IpFamily;
 use crate::sansio::seal::OpenError;
+use crate::sansio::segment;
 use crate::sansio::wire;
 
 /// The underlay MTU assumed when none is configured: Ethernet.
@@ -340,9 +340,7 @@ pub const MIN_IPV6_MTU: u16 = icmp::IPV6_MIN_MTU as u16;
 /// device's IPv6 state (addresses, routes, its `conf` entry) when its MTU goes below
 /// [`MIN_IPV6_MTU`] and creates it afresh, empty, when the MTU is raised again.
 pub fn device_has_ipv6(name: &str) -> bool {
-    !ipv6_disabled()
-        && !name.contains('/')
-        && std::path::Path::new("/proc/sys/net/ipv6/conf").join(name).exists()
+    !ipv6_disabled() && !name.contains('/') && std::path::Path::new("/proc/sys/net/ipv6/conf").join(name).exists()
 }
 
 /// Creates, addresses and brings up a TUN device. Blocking ioctls (a few microseconds): fine to
@@ -357,10 +355,8 @@ pub fn create_tun(spec: &TunSpec) -> Result<Tun, TunError> {
     if spec.address6.is_some() && spec.mtu < MIN_IPV6_MTU {
         return Err(TunError::MtuTooSmallForIpv6(spec.mtu));
     }
-    let mut builder = DeviceBuilder::new()
-        .ipv4(spec.address, spec.prefix_len, None)
-        .mtu(spec.mtu)
-        .offload(spec.offload);
+    let mut builder =
+        DeviceBuilder::new().ipv4(spec.address, spec.prefix_len, None).mtu(spec.mtu).offload(spec.offload);
     // A TUN device is point-to-point without a hardware address: the kernel runs no duplicate
     // address detection on it, so the address is usable at once.
     if let Some((address6, prefix6)) = spec.address6 {
@@ -522,9 +518,7 @@ pub fn read_mtu_errors(sock: &impl AsRawFd, mut hint: impl FnMut(SocketAddr, u16
                     let room = (*cmsg).cmsg_len as usize
                         >= libc::CMSG_LEN(std::mem::size_of::<libc::sock_extended_err>() as u32) as usize;
                     if ours && room {
-                        let e = std::ptr::read_unaligned(
-                            libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>(),
-                        );
+                        let e = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>());
                         mtu = mtu_of_error(&e);
                     }
                     cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
@@ -578,8 +572,7 @@ impl RateLimit {
 
     /// At most one event per `interval` (a bucket of one).
     pub fn every(interval: Duration) -> Self {
-        let per_second =
-            if interval.is_zero() { f64::INFINITY } else { 1.0 / interval.as_secs_f64() };
+        let per_second = if interval.is_zero() { f64::INFINITY } else { 1.0 / interval.as_secs_f64() };
         Self::new(per_second, 1)
     }
 
@@ -875,8 +868,7 @@ fn recvmsg_gro(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, usize,
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
-        let from =
-            socket_addr(&addr).ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
+        let from = socket_addr(&addr).ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
         Ok((n, segment.max(1), from))
     }
 }
@@ -886,15 +878,13 @@ fn socket_addr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match libc::c_int::from(addr.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in, which it is large enough for.
-            let a =
-                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
             Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
         }
         libc::AF_INET6 => {
             // SAFETY: as above, for sockaddr_in6.
-            let a =
-                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
             // An IPv4 peer of a dual-stack socket arrives as ::ffff:a.b.c.d. Kept as the IPv4
             // address it is, so logs and endpoint comparisons see one form; sending to it on the
@@ -929,9 +919,7 @@ pub fn send_gso(
     }
     let sent = past_reports(unreachable, || writable_now(sock, || sendmsg_gso(sock, buf, segment, dest)));
     match sent {
-        Err(e)
-            if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) =>
-        {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) => {
             // Either no UDP GSO here (old kernel, a device without it), or, for EINVAL, segments
             // bigger than the link lets out (older kernels check a GSO send's segment size
             // against it and refuse the whole send; the link just shrank, the TUN MTU follows a
@@ -960,7 +948,13 @@ pub fn send_gso(
 /// reported through this send (IP_RECVERR sets the socket's error until the prober reads its
 /// queue; the report clears it). Either way the datagram goes, not dropped. Returns whether any
 /// was refused so.
-fn send_each(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr, unreachable: Unreachable) -> io::Result<bool> {
+fn send_each(
+    sock: &impl AsRawFd,
+    buf: &[u8],
+    segment: usize,
+    dest: SocketAddr,
+    unreachable: Unreachable,
+) -> io::Result<bool> {
     let mut too_big = false;
     for d in buf.chunks(segment.max(1)) {
         match past_reports(unreachable, || writable_now(sock, || sendto(sock, d, dest))) {
@@ -983,10 +977,7 @@ fn send_each(sock: &impl AsRawFd, buf: &[u8], segment: usize, dest: SocketAddr, 
 /// fails the second try too, and is counted then. EMSGSIZE is handled apart (the datagram is
 /// sent fragmentable).
 pub fn reported_for_earlier(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ECONNREFUSED | libc::EHOSTDOWN)
-    )
+    matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ECONNREFUSED | libc::EHOSTDOWN))
 }
 
 /// A send that still finds its destination unreachable right after the retry above waits this
@@ -1104,9 +1095,8 @@ fn send_fragmentable(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr) -> io::Res
     let mut before: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: a valid socket fd, and a c_int out-value of the size passed.
-    let rc = unsafe {
-        libc::getsockopt(sock.as_raw_fd(), level, name, (&mut before as *mut libc::c_int).cast(), &mut len)
-    };
+    let rc =
+        unsafe { libc::getsockopt(sock.as_raw_fd(), level, name, (&mut before as *mut libc::c_int).cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -1328,7 +1318,6 @@ impl TunReader {
     }
 }
 
-
 /// How many "too big" answers a loop writes back into the TUN device, at most: as the kernel
 /// limits its own ICMP errors, so a flood of oversized packets cannot turn into a flood of
 /// answers. Ample: one answer makes a TCP connection lower its segment size for ten minutes.
@@ -1467,8 +1456,7 @@ impl TunWriter {
             }
         }
         self.co.clear();
-        let merged =
-            self.co.merged() - std::mem::replace(&mut self.merged_counted, self.co.merged());
+        let merged = self.co.merged() - std::mem::replace(&mut self.merged_counted, self.co.merged());
         if result.is_ok() && packets > 0 {
             Counters::add(&c.rx_packets, packets);
             Counters::add(&c.rx_bytes, bytes);
@@ -1773,10 +1761,22 @@ mod tests {
         let unreachable = || Err::<usize, _>(io::Error::from_raw_os_error(libc::EHOSTUNREACH));
         let mut tries = 0;
         let t0 = std::time::Instant::now();
-        assert!(past_reports(Unreachable::Fail, || { tries += 1; unreachable() }).is_err());
+        assert!(
+            past_reports(Unreachable::Fail, || {
+                tries += 1;
+                unreachable()
+            })
+            .is_err()
+        );
         assert_eq!(tries, 2, "the gateway: tried again once, past an earlier report, then failed");
         tries = 0;
-        assert!(past_reports(Unreachable::Settle, || { tries += 1; unreachable() }).is_err());
+        assert!(
+            past_reports(Unreachable::Settle, || {
+                tries += 1;
+                unreachable()
+            })
+            .is_err()
+        );
         assert_eq!(tries, 3, "the client: a last try after the route had time to settle");
         assert!(t0.elapsed() >= ROUTE_SETTLE, "and it waited");
         // A report for an earlier datagram costs one retry, never the wait, once the send works.

@@ -39,25 +39,14 @@ fn all_on(sample: &str) -> String {
 
 /// The keys a config module's doc comment (the `//!` TOML block) documents.
 fn documented_keys(source: &str) -> BTreeSet<String> {
-    source
-        .lines()
-        .filter_map(|l| key_of(l, "//!"))
-        .map(String::from)
-        .collect()
+    source.lines().filter_map(|l| key_of(l, "//!")).map(String::from).collect()
 }
 
 /// The keys `source`'s doc comment documents that `sample` does not show (commented or not).
 fn undocumented(source: &str, sample: &str, at_least: usize) -> Vec<String> {
     let documented = documented_keys(source);
-    assert!(
-        documented.len() >= at_least,
-        "parsed the doc comment: {documented:?}"
-    );
-    let shown: BTreeSet<String> = sample
-        .lines()
-        .filter_map(|l| key_of(l, ""))
-        .map(String::from)
-        .collect();
+    assert!(documented.len() >= at_least, "parsed the doc comment: {documented:?}");
+    let shown: BTreeSet<String> = sample.lines().filter_map(|l| key_of(l, "")).map(String::from).collect();
     documented.difference(&shown).cloned().collect()
 }
 
@@ -65,46 +54,31 @@ fn undocumented(source: &str, sample: &str, at_least: usize) -> Vec<String> {
 fn the_client_sample_parses_and_documents_every_key() {
     let path = Path::new("/etc/holdfast/client.toml");
     let shipped = ClientFile::parse(CLIENT_SAMPLE, path).expect("sample as shipped");
-    assert_eq!(
-        shipped.tls.key_file.as_deref(),
-        Some(Path::new("/etc/holdfast/alice.key"))
-    );
+    assert_eq!(shipped.tls.key_file.as_deref(), Some(Path::new("/etc/holdfast/alice.key")));
     let on = ClientFile::parse(&all_on(CLIENT_SAMPLE), path).expect("sample with every key on");
     // The commented values are the defaults, so switching them on changes no timing.
     assert_eq!(on.timings(), shipped.timings());
-    assert_eq!(
-        on.status.socket.as_deref(),
-        Some(Path::new("/run/holdfast/client.sock"))
-    );
+    assert_eq!(on.status.socket.as_deref(), Some(Path::new("/run/holdfast/client.sock")));
 
     let missing = undocumented(CLIENT_DOC, CLIENT_SAMPLE, 20);
-    assert!(
-        missing.is_empty(),
-        "keys documented in src/config/client.rs but not in the sample: {missing:?}"
-    );
+    assert!(missing.is_empty(), "keys documented in src/config/client.rs but not in the sample: {missing:?}");
 }
 
 #[test]
 fn the_client_sample_holds_no_key() {
     for marker in ["PRIVATE KEY-----\n", "-----END", "MII"] {
-        let found = CLIENT_SAMPLE
-            .lines()
-            .any(|l| !l.trim_start().starts_with("# ") && l.contains(marker))
+        let found = CLIENT_SAMPLE.lines().any(|l| !l.trim_start().starts_with("# ") && l.contains(marker))
             || CLIENT_SAMPLE.contains(&format!("{marker}M"));
         assert!(!found, "sample contains {marker:?}");
     }
-    assert!(
-        !CLIENT_SAMPLE.lines().any(|l| l.starts_with("key = ")),
-        "the key is by file only"
-    );
+    assert!(!CLIENT_SAMPLE.lines().any(|l| l.starts_with("key = ")), "the key is by file only");
 }
 
 #[test]
 fn the_gateway_sample_parses_and_documents_every_key() {
     let path = Path::new("/etc/holdfast/gateway/gateway.toml");
     let shipped = GatewayConfig::parse(GATEWAY_SAMPLE, path).expect("sample as shipped");
-    let mut on =
-        GatewayConfig::parse(&all_on(GATEWAY_SAMPLE), path).expect("sample with every key on");
+    let mut on = GatewayConfig::parse(&all_on(GATEWAY_SAMPLE), path).expect("sample with every key on");
     // `[dns] upstreams` has no value that means its default (this host's resolv.conf): the
     // sample shows an example list, which must parse.
     assert_eq!(on.dns.upstreams.take().map(|u| u.len()), Some(2));
@@ -112,17 +86,12 @@ fn the_gateway_sample_parses_and_documents_every_key() {
     assert_eq!(shipped.ca_key, Path::new("/etc/holdfast/gateway/ca.key"));
 
     let missing = undocumented(GATEWAY_DOC, GATEWAY_SAMPLE, 15);
-    assert!(
-        missing.is_empty(),
-        "keys documented in src/config/gateway.rs but not in the sample: {missing:?}"
-    );
+    assert!(missing.is_empty(), "keys documented in src/config/gateway.rs but not in the sample: {missing:?}");
 }
 
 /// The value of `Key=` in a unit (the last one wins, as in systemd).
 fn unit_value<'a>(unit: &'a str, key: &str) -> Option<&'a str> {
-    unit.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+    unit.lines().rev().find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
 
 #[test]
@@ -137,39 +106,20 @@ fn the_units_run_the_documented_commands_and_restart_always() {
     );
     for (name, unit, caps) in [
         ("client", CLIENT_UNIT, &["CAP_NET_ADMIN"][..]),
-        (
-            "gateway",
-            GATEWAY_UNIT,
-            &["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"][..],
-        ),
+        ("gateway", GATEWAY_UNIT, &["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"][..]),
     ] {
         assert_eq!(unit_value(unit, "Restart"), Some("always"), "{name}");
         for key in ["CapabilityBoundingSet", "AmbientCapabilities"] {
-            let set: BTreeSet<&str> = unit_value(unit, key)
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
+            let set: BTreeSet<&str> = unit_value(unit, key).unwrap_or("").split_whitespace().collect();
             assert_eq!(set, caps.iter().copied().collect(), "{name} {key}");
         }
-        assert_eq!(
-            unit_value(unit, "DeviceAllow"),
-            Some("/dev/net/tun rw"),
-            "{name}: the TUN device"
-        );
+        assert_eq!(unit_value(unit, "DeviceAllow"), Some("/dev/net/tun rw"), "{name}: the TUN device");
         // A config error is not retried forever; 0 (explicit stop) and 77 are not in the list.
-        let prevent: Vec<&str> = unit_value(unit, "RestartPreventExitStatus")
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
+        let prevent: Vec<&str> =
+            unit_value(unit, "RestartPreventExitStatus").unwrap_or("").split_whitespace().collect();
         assert_eq!(prevent, ["65", "66", "78"], "{name}");
     }
     // The status socket's folder: /run/holdfast, 0700.
-    assert_eq!(
-        unit_value(CLIENT_UNIT, "RuntimeDirectory"),
-        Some("holdfast")
-    );
-    assert_eq!(
-        unit_value(CLIENT_UNIT, "RuntimeDirectoryMode"),
-        Some("0700")
-    );
+    assert_eq!(unit_value(CLIENT_UNIT, "RuntimeDirectory"), Some("holdfast"));
+    assert_eq!(unit_value(CLIENT_UNIT, "RuntimeDirectoryMode"), Some("0700"));
 }

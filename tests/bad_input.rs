@@ -24,11 +24,7 @@ fn client_fails(file: &std::path::Path) -> (i32, String) {
     let alone = holdfast_client(&["run", "--config", s(file)]);
     let alone_err = String::from_utf8_lossy(&alone.stderr).into_owned();
     assert_eq!(alone.status.code(), Some(code), "holdfast-client run: {alone_err}");
-    assert_eq!(
-        alone_err.replacen("holdfast-client:", "holdfast client:", 1),
-        err,
-        "holdfast-client run says the same"
-    );
+    assert_eq!(alone_err.replacen("holdfast-client:", "holdfast client:", 1), err, "holdfast-client run says the same");
     (code, err)
 }
 
@@ -47,12 +43,24 @@ fn malformed_config_is_named_with_its_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("syntax.toml", "name = \n"),
-        ("unknown-key.toml", "name = \"a\"\nendpoint = \"127.0.0.1:1\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\ncolour = 1\n[tls]\n"),
-        ("bad-endpoint.toml", "name = \"a\"\nendpoint = \"nowhere\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\n[tls]\n"),
+        (
+            "unknown-key.toml",
+            "name = \"a\"\nendpoint = \"127.0.0.1:1\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\ncolour = 1\n[tls]\n",
+        ),
+        (
+            "bad-endpoint.toml",
+            "name = \"a\"\nendpoint = \"nowhere\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\n[tls]\n",
+        ),
         ("binary.toml", "\u{0}\u{1}\u{2}"),
         // Found by fuzzing: durations beyond the clock's range used to kill the supervisor task.
-        ("huge-keepalive.toml", "name = \"a\"\nendpoint = \"127.0.0.1:1\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\n[tls]\n[network]\nkeepalive = \"300000000000y\"\n"),
-        ("huge-timing.toml", "name = \"a\"\nendpoint = \"127.0.0.1:1\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\n[tls]\n[timing]\nhealth_min = \"300000000000y\"\nhealth_max = \"300000000000y\"\n"),
+        (
+            "huge-keepalive.toml",
+            "name = \"a\"\nendpoint = \"127.0.0.1:1\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\n[tls]\n[network]\nkeepalive = \"300000000000y\"\n",
+        ),
+        (
+            "huge-timing.toml",
+            "name = \"a\"\nendpoint = \"127.0.0.1:1\"\nserver_name = \"g\"\ntunnel_ip = \"100.64.0.2\"\n[tls]\n[timing]\nhealth_min = \"300000000000y\"\nhealth_max = \"300000000000y\"\n",
+        ),
     ];
     for (name, text) in cases {
         let path = dir.path().join(name);
@@ -83,7 +91,9 @@ fn missing_or_invalid_keys_are_named_with_their_exit_code() {
     // A key that is not a key.
     let garbage = dir.path().join("garbage-key.toml");
     std::fs::copy(&good, &garbage).unwrap();
-    edit_client_file(&garbage, |f| f.tls.key = Some("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into()));
+    edit_client_file(&garbage, |f| {
+        f.tls.key = Some("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into())
+    });
     let (code, err) = client_fails(&garbage);
     assert_eq!(code, exit::BAD_KEYS, "{err}");
     assert!(err.contains("key"), "{err}");
@@ -176,10 +186,7 @@ fn the_client_binary_offers_the_client_commands_alone() {
 
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("client.sock");
-    for out in [
-        holdfast(&["status", "--socket", s(&socket)]),
-        holdfast_client(&["status", "--socket", s(&socket)]),
-    ] {
+    for out in [holdfast(&["status", "--socket", s(&socket)]), holdfast_client(&["status", "--socket", s(&socket)])] {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "{err}");
         assert!(err.contains("no holdfast client is running"), "{err}");

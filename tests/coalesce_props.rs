@@ -119,8 +119,7 @@ fn resegment(written: &[u8]) -> Vec<Vec<u8>> {
     let v6 = is_v6(p);
     assert_eq!(hdr[0], 1, "NEEDS_CSUM");
     assert_eq!(hdr[1], if v6 { 4 } else { 1 }, "GSO_TCPV6 or GSO_TCPV4");
-    let (hdr_len, gso, csum_start, csum_off) =
-        (u16n(&hdr[2..]), u16n(&hdr[4..]), u16n(&hdr[6..]), u16n(&hdr[8..]));
+    let (hdr_len, gso, csum_start, csum_off) = (u16n(&hdr[2..]), u16n(&hdr[4..]), u16n(&hdr[6..]), u16n(&hdr[8..]));
     let iph = if v6 { 40 } else { usize::from(p[0] & 0xf) * 4 };
     let tcph = usize::from(p[iph + 12] >> 4) * 4;
     assert_eq!((hdr_len, csum_start, csum_off), (iph + tcph, iph, 16));
@@ -215,11 +214,7 @@ fn flow(n: u8) -> Flow {
         ack: 1000,
         id: 0xfff0,
         window: 500,
-        options: if n.is_multiple_of(2) {
-            vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]
-        } else {
-            vec![]
-        },
+        options: if n.is_multiple_of(2) { vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2] } else { vec![] },
         ttl: 64,
     }
 }
@@ -362,9 +357,8 @@ proptest! {
 #[test]
 fn a_burst_of_one_flow_becomes_one_packet() {
     let mut f = flow(0);
-    let input: Vec<Vec<u8>> = (0..45)
-        .map(|i| f.packet(if i == 44 { 300 } else { MSS }, if i == 44 { ACK | PSH } else { ACK }))
-        .collect();
+    let input: Vec<Vec<u8>> =
+        (0..45).map(|i| f.packet(if i == 44 { 300 } else { MSS }, if i == 44 { ACK | PSH } else { ACK })).collect();
     let out = run(&input, 64, true);
     assert_eq!(out.len(), 1);
     let w = &out[0];
@@ -399,9 +393,7 @@ fn a_bad_checksum_is_never_merged() {
     let out = run(&input, 64, true);
     let bad: Vec<&Vec<u8>> = [&input[3], &input[6]].into();
     for b in bad {
-        let alone = out
-            .iter()
-            .any(|w| w[..VNET_HDR_LEN] == [0; VNET_HDR_LEN] && w[VNET_HDR_LEN..] == b[..]);
+        let alone = out.iter().any(|w| w[..VNET_HDR_LEN] == [0; VNET_HDR_LEN] && w[VNET_HDR_LEN..] == b[..]);
         assert!(alone, "a corrupted segment went out on its own, unchanged");
     }
     // 0..3 merged, 3 alone, 4..6 merged; flow 2: 0 alone, 1..3 merged.
@@ -413,9 +405,8 @@ fn an_ipv6_burst_becomes_one_tcpv6_packet() {
     // Flow 4: IPv6 with a 12-byte timestamp option (a 32-byte TCP header).
     let mut f = flow(4);
     assert!(f.v6);
-    let input: Vec<Vec<u8>> = (0..40)
-        .map(|i| f.packet(if i == 39 { 77 } else { MSS }, if i == 39 { ACK | PSH } else { ACK }))
-        .collect();
+    let input: Vec<Vec<u8>> =
+        (0..40).map(|i| f.packet(if i == 39 { 77 } else { MSS }, if i == 39 { ACK | PSH } else { ACK })).collect();
     let out = run(&input, 64, true);
     assert_eq!(out.len(), 1);
     let w = &out[0];

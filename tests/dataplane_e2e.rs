@@ -20,15 +20,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use holdfast::client::dataplane::{ClientDataPlane, ClientDataPlaneConfig};
 use holdfast::client::driver::Command;
-use holdfast::gateway::dataplane::{
-    DataSession, GatewayDataPlane, GatewayDataPlaneConfig, SessionLookup,
-};
+use holdfast::gateway::dataplane::{DataSession, GatewayDataPlane, GatewayDataPlaneConfig, SessionLookup};
 use holdfast::sansio::seal::{Direction, SessionCipher};
 use holdfast::sansio::wire::{self, HEADER_LEN};
 use holdfast::snapshot::{AuthCell, SessionId, SessionKey, VpnAuthResponse};
 use holdfast::tunnel::{Counters, DropReason, Stats};
-use support::wait_until;
 use support::netns::{self, Netns};
+use support::wait_until;
 
 const GW_TUN: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 /// The gateway's IPv6 tunnel address; clients get fd00:64::<last octet of their IPv4 one>.
@@ -116,11 +114,9 @@ impl NsRuntime {
         let thread = std::thread::spawn(move || {
             let f = std::fs::File::open(format!("/run/netns/{name}")).expect("netns handle");
             // SAFETY: setns on a valid namespace fd, for this thread only.
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns");
-            let rt =
-                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
             tx.send(rt.handle().clone()).expect("send handle");
             rt.block_on(async {
                 let _ = done_rx.await;
@@ -209,19 +205,9 @@ impl Inproc {
         let table = Arc::new(Table::default());
         let lookup: Arc<dyn SessionLookup> = table.clone();
         let cfg = GatewayDataPlaneConfig { offload, coalesce_writes, ..gateway_config() };
-        let gw = gw_rt
-            .run(async move { GatewayDataPlane::start(cfg, lookup).await })
-            .expect("gateway data plane");
+        let gw = gw_rt.run(async move { GatewayDataPlane::start(cfg, lookup).await }).expect("gateway data plane");
         let gw_counters = gw.counters();
-        Inproc {
-            gw_ns,
-            gw_rt,
-            table,
-            gw: Some(gw),
-            gw_counters,
-            next_link: 0,
-            io: (offload, coalesce_writes),
-        }
+        Inproc { gw_ns, gw_rt, table, gw: Some(gw), gw_counters, next_link: 0, io: (offload, coalesce_writes) }
     }
 
     fn gw_stats(&self) -> Stats {
@@ -360,11 +346,7 @@ fn inproc_ping_both_ways_and_counters() {
     w.authenticate(&c, 0x1111, [1; 32]);
     assert!(wait_until(Duration::from_secs(5), || c.stats().rx_loop_starts == 1), "loops start");
     // The announcement keepalive tells the gateway where the client is before any traffic.
-    assert!(
-        wait_until(Duration::from_secs(5), || w.gw_stats().keepalives_rx >= 1),
-        "{}",
-        w.gw_stats()
-    );
+    assert!(wait_until(Duration::from_secs(5), || w.gw_stats().keepalives_rx >= 1), "{}", w.gw_stats());
 
     assert_eq!(c.ns.ping_count(GW_TUN, 5), 5, "client -> gateway tunnel address");
     assert_eq!(w.gw_ns.ping_count(c.ip, 5), 5, "gateway -> client");
@@ -382,11 +364,7 @@ fn inproc_ping_both_ways_and_counters() {
     // The kernels' own link-scope chatter on the TUN devices is dropped (not_carried); nothing
     // else is.
     let drops = |s: &Stats| {
-        DropReason::ALL
-            .iter()
-            .filter(|&&r| r != DropReason::NotCarried)
-            .map(|&r| s.dropped(r))
-            .sum::<u64>()
+        DropReason::ALL.iter().filter(|&&r| r != DropReason::NotCarried).map(|&r| s.dropped(r)).sum::<u64>()
     };
     assert_eq!(drops(&cs) + drops(&gs), 0, "no drops on a clean path: {cs} / {gs}");
 }
@@ -400,11 +378,7 @@ impl Inproc {
         }
         self.table.clear();
         let lookup: Arc<dyn SessionLookup> = self.table.clone();
-        let cfg = GatewayDataPlaneConfig {
-            offload: self.io.0,
-            coalesce_writes: self.io.1,
-            ..gateway_config()
-        };
+        let cfg = GatewayDataPlaneConfig { offload: self.io.0, coalesce_writes: self.io.1, ..gateway_config() };
         let gw = self
             .gw_rt
             .run(async move { GatewayDataPlane::start(cfg, lookup).await })
@@ -427,8 +401,7 @@ fn inproc_gateway_restart_nudges_and_resumes_on_the_same_loops() {
     w.restart_gateway();
     // The client keeps sending on its old session; the gateway no longer knows it and says so.
     assert_eq!(c.ns.ping_count(GW_TUN, 3), 0, "no traffic on a session the gateway forgot");
-    let nudged =
-        wait_until(Duration::from_secs(5), || matches!(c.nudges.try_recv(), Ok(Command::Nudge)));
+    let nudged = wait_until(Duration::from_secs(5), || matches!(c.nudges.try_recv(), Ok(Command::Nudge)));
     assert!(nudged, "an unknown-session notice becomes a nudge: {}", c.stats());
     assert!(w.gw_stats().notices_tx >= 1 && c.stats().notices_rx >= 1);
 
@@ -473,11 +446,7 @@ fn inproc_a_client_whose_path_is_smaller_gets_packets_sized_to_it_and_its_peers_
     assert!(a.ns.ping_until(b.ip, Duration::from_secs(5)).is_some(), "a -> b");
     // b's probes tell the gateway what fits the path to b: 1280 - 28 - 36 inner bytes.
     let b_session = w.table.by_id(SessionId(0xd2)).expect("b's session");
-    assert!(
-        wait_until(Duration::from_secs(5), || b_session.path_mtu() == Some(1216)),
-        "{:?}",
-        b_session.path_mtu()
-    );
+    assert!(wait_until(Duration::from_secs(5), || b_session.path_mtu() == Some(1216)), "{:?}", b_session.path_mtu());
     // a sends b more than that with DF: a hears "fragmentation needed, mtu 1216" from b's
     // address, as from a router, instead of the packet vanishing.
     let out = a.ns.exec("ping", &["-c", "2", "-W", "1", "-M", "do", "-s", "1300", "-n", &b.ip.to_string()]);
@@ -620,7 +589,8 @@ fn inproc_ipv6_inside_the_tunnel_over_both_underlays_and_client_to_client() {
     // the swap) has run.
     for (c, ip6) in [(&a, a6), (&b, b6)] {
         let (v4, v6) = (format!("inet {}/24", c.ip), format!("inet6 {ip6}/64"));
-        let addrs = || String::from_utf8_lossy(&c.ns.exec("ip", &["-o", "addr", "show", "dev", "hf0"]).stdout).into_owned();
+        let addrs =
+            || String::from_utf8_lossy(&c.ns.exec("ip", &["-o", "addr", "show", "dev", "hf0"]).stdout).into_owned();
         wait_until(T, || addrs().contains(&v4) && addrs().contains(&v6));
         let addrs = addrs();
         assert!(addrs.contains(&v4), "{addrs}");
@@ -748,7 +718,10 @@ fn inproc_a_dropped_gateway_data_plane_removes_its_tun_device() {
     drop(w.gw.take());
     // At once: woken by the drop, not by whatever traffic comes next (the kernel's own chatter on
     // the device, seconds later).
-    assert!(wait_until(Duration::from_secs(1), || w.gw_ns.ifindex(&name).is_none()), "the TUN device goes with the engine");
+    assert!(
+        wait_until(Duration::from_secs(1), || w.gw_ns.ifindex(&name).is_none()),
+        "the TUN device goes with the engine"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -819,11 +792,8 @@ impl World {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let logs = tempfile::tempdir().expect("tempdir");
-        let endpoint = if ipv6 {
-            SocketAddr::from((GW_UNDERLAY6, PORT)).to_string()
-        } else {
-            format!("{GW_UNDERLAY}:{PORT}")
-        };
+        let endpoint =
+            if ipv6 { SocketAddr::from((GW_UNDERLAY6, PORT)).to_string() } else { format!("{GW_UNDERLAY}:{PORT}") };
         holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
         // The gateway has an interface per client here: bound to its endpoint address, its
         // replies leave from that address, the only one the clients' kill-switch accepts.
@@ -846,15 +816,7 @@ impl World {
             let n = u8::try_from(i + 1).expect("few clients");
             let ns = Netns::new();
             let gw_side = Ipv4Addr::new(198, 18, n, 1);
-            netns::link(
-                &gw_ns,
-                &format!("c{i}"),
-                gw_side,
-                &ns,
-                "up0",
-                Ipv4Addr::new(198, 18, n, 2),
-                24,
-            );
+            netns::link(&gw_ns, &format!("c{i}"), gw_side, &ns, "up0", Ipv4Addr::new(198, 18, n, 2), 24);
             if gw_side != GW_UNDERLAY {
                 // Every client file names the same endpoint; the gateway owns that address.
                 ns.ip(&["route", "add", &format!("{GW_UNDERLAY}/32"), "via", &gw_side.to_string()]);
@@ -868,15 +830,7 @@ impl World {
                 }
             }
             let file = dir.path().join(format!("client{i}.toml"));
-            holdfast_ok(&[
-                "gateway",
-                "add-client",
-                "--dir",
-                s(dir.path()),
-                &format!("client{i}"),
-                "--out",
-                s(&file),
-            ]);
+            holdfast_ok(&["gateway", "add-client", "--dir", s(dir.path()), &format!("client{i}"), "--out", s(&file)]);
             edit_client_file(&file, |f| {
                 fast_timings(f, logs.path());
                 tweak(f);
@@ -918,10 +872,7 @@ impl World {
     /// an explicit stop removes its NAT rule.
     fn clean_stop(&self, mut gateway: Proc) {
         let g = dump_stats(&mut gateway);
-        assert_eq!(
-            (stat(&g, "drop_decrypt"), stat(&g, "drop_replay"), stat(&g, "drop_spoofed")),
-            (0, 0, 0)
-        );
+        assert_eq!((stat(&g, "drop_decrypt"), stat(&g, "drop_replay"), stat(&g, "drop_spoofed")), (0, 0, 0));
         assert_eq!(gateway.terminate(T), Some(0));
         assert!(!self.gw_ns.nft_ruleset().contains("holdfast_nat"), "NAT rule removed on stop");
     }
@@ -951,10 +902,7 @@ impl World {
 
 /// The `key=value` pairs of a stats line (`tunnel::Stats`'s `Display`).
 fn stats_of(line: &str) -> HashMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    line.split_whitespace().filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
 fn stat(stats: &HashMap<String, String>, key: &str) -> u64 {
@@ -975,10 +923,7 @@ fn pattern(i: u64) -> u8 {
 
 /// A TCP server in `ns` on `bind` that accepts one connection and checks the stream. `ready`
 /// is signalled once it listens. Returns (bytes received, first mismatch, peer address).
-fn checked_server(
-    ns: &Netns,
-    bind: SocketAddr,
-) -> std::thread::JoinHandle<(u64, Option<u64>, SocketAddr)> {
+fn checked_server(ns: &Netns, bind: SocketAddr) -> std::thread::JoinHandle<(u64, Option<u64>, SocketAddr)> {
     let name = ns.name().to_owned();
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || {
@@ -1094,11 +1039,7 @@ fn bin_ping_tcp_nat_and_client_to_client() {
     assert!(w.clients[0].ping_until(GW_TUN, T).is_some(), "ping through the tunnel");
     assert_eq!(w.clients[0].ping_count(GW_TUN, 5), 5);
     let peer = transfer(&w.clients[0], &w.gw_ns, SocketAddr::from((GW_TUN, 5001)), 512 * 1024);
-    assert_eq!(
-        peer.ip(),
-        std::net::IpAddr::V4(ip0),
-        "the gateway sees the client's tunnel address"
-    );
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(ip0), "the gateway sees the client's tunnel address");
 
     // Client -> outside host, masqueraded behind the gateway's uplink address.
     w.clients[0].ip(&["route", "add", "198.19.0.0/24", "dev", CLIENT_TUN]);
@@ -1193,8 +1134,7 @@ fn bin_gateway_killed_mid_transfer_then_restarted_traffic_resumes_on_the_same_lo
     // left behind by SIGKILL, is replaced, not doubled).
     let _gateway = w.gateway("gateway-restarted");
     let back = Instant::now();
-    let resumed =
-        w.clients[0].ping_until(GW_TUN, Duration::from_secs(10)).expect("traffic resumes");
+    let resumed = w.clients[0].ping_until(GW_TUN, Duration::from_secs(10)).expect("traffic resumes");
     eprintln!("traffic resumed {resumed:?} after the gateway came back");
     assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
     assert_eq!(w.gw_ns.nft_ruleset().matches("table inet holdfast_nat").count(), 1);
@@ -1208,8 +1148,7 @@ fn bin_gateway_killed_mid_transfer_then_restarted_traffic_resumes_on_the_same_lo
 
     assert!(client.is_alive(), "the client process never restarts");
     // The data plane moved to the new session (one line per session change) ...
-    let sessions =
-        client.all_lines().iter().filter(|l| l.contains("data plane on session")).count();
+    let sessions = client.all_lines().iter().filter(|l| l.contains("data plane on session")).count();
     assert!(sessions >= 2, "announced the new session");
     // ... on the loops and the TUN device it started with.
     let s2 = dump_stats(&mut client);
@@ -1248,9 +1187,7 @@ fn bin_hostile_datagrams_at_both_ends_are_dropped_and_counted() {
 
     // Garbage, truncated, and a well-formed datagram of a session nobody has.
     let mut stranger =
-        wire::Header { msg_type: wire::MsgType::Data, session_id: SessionId(0x5eed), counter: 1 }
-            .to_bytes()
-            .to_vec();
+        wire::Header { msg_type: wire::MsgType::Data, session_id: SessionId(0x5eed), counter: 1 }.to_bytes().to_vec();
     stranger.extend_from_slice(&[0xaa; 48]);
     let garbage = [0x55u8; 64];
     let truncated = &stranger[..12];
@@ -1267,16 +1204,14 @@ fn bin_hostile_datagrams_at_both_ends_are_dropped_and_counted() {
     w.gw_ns.nft(&format!(
         "table ip hfdup {{\n chain post {{\n  type filter hook postrouting priority 0;\n  udp sport {PORT} dup to 198.18.1.2\n }}\n}}\n"
     ));
-    let out =
-        w.clients[0].exec("ping", &["-c", "5", "-i", "0.05", "-W", "1", "-n", &GW_TUN.to_string()]);
+    let out = w.clients[0].exec("ping", &["-c", "5", "-i", "0.05", "-W", "1", "-n", &GW_TUN.to_string()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("5 received"), "traffic continues: {text}");
     assert!(!text.contains("duplicates"), "replayed datagrams never reach the TUN: {text}");
 
     let g = dump_stats(&mut gateway);
     let c = dump_stats(&mut client);
-    let d =
-        |a: &HashMap<String, String>, b: &HashMap<String, String>, k: &str| stat(b, k) - stat(a, k);
+    let d = |a: &HashMap<String, String>, b: &HashMap<String, String>, k: &str| stat(b, k) - stat(a, k);
     // Garbage and truncated: dropped in the kernel by the socket filters (tests/flood.rs).
     assert_eq!(d(&g0, &g, "drop_malformed"), 0, "gateway: garbage and truncated");
     assert_eq!(d(&g0, &g, "drop_unknown_session"), 1, "gateway: unknown session");
@@ -1310,8 +1245,7 @@ fn bin_after_a_long_outage_in_backoff_traffic_resumes_within_2s_of_the_gateway()
     eprintln!("client in backoff: {line}");
 
     let _gateway = w.gateway("gateway-restarted");
-    let resumed =
-        w.clients[0].ping_until(GW_TUN, Duration::from_secs(10)).expect("traffic resumes");
+    let resumed = w.clients[0].ping_until(GW_TUN, Duration::from_secs(10)).expect("traffic resumes");
     eprintln!("traffic resumed {resumed:?} after the gateway came back");
     assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
     let s = dump_stats(&mut client);
@@ -1357,11 +1291,9 @@ fn inproc_tun_mtu_fits_one_sealed_packet_in_the_underlay() {
     let out = c6.ns.exec("ping", &["-c", "2", "-s", "1368", "-W", "1", &GW_TUN6.to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     // A full-size inner packet (1436 = 20 IP + 8 ICMP + 1408), DF set, crosses both ways.
-    let out =
-        c.ns.exec("ping", &["-c", "2", "-M", "do", "-s", "1408", "-W", "1", &GW_TUN.to_string()]);
+    let out = c.ns.exec("ping", &["-c", "2", "-M", "do", "-s", "1408", "-W", "1", &GW_TUN.to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    let out =
-        c.ns.exec("ping", &["-c", "1", "-M", "do", "-s", "1409", "-W", "1", &GW_TUN.to_string()]);
+    let out = c.ns.exec("ping", &["-c", "1", "-M", "do", "-s", "1409", "-W", "1", &GW_TUN.to_string()]);
     assert!(!out.status.success(), "one byte more does not fit the TUN MTU");
 }
 
@@ -1393,10 +1325,7 @@ fn inproc_tun_mtu_starts_from_the_path_to_the_gateway() {
     // ... and one byte more is refused with the MTU, not lost on the way.
     let (ok, out) = ping("1189");
     assert!(!ok, "one byte more does not fit: {out}");
-    assert!(
-        out.contains("message too long") || out.contains("Frag needed"),
-        "the sender is told why: {out}"
-    );
+    assert!(out.contains("message too long") || out.contains("Frag needed"), "the sender is told why: {out}");
     assert_eq!(c.stats().dropped(DropReason::SocketError), 0, "{}", c.stats());
 
     // The route's MTU metric wins over the link's (a narrower path behind a 1500 link).
@@ -1447,9 +1376,7 @@ fn a_tun_device_with_offload_takes_tso_packets_of_one_gso_send() {
         let default = 65536;
         let want = |mtu| if offload { holdfast::tunnel::tso_limit(mtu) } else { default };
         assert_eq!(gso_max_size(&ns), want(1436), "offload {offload}: at creation");
-        let tun = rt.run(async move {
-            holdfast::tunnel::set_tun_mtu(&tun, 1280).map(|()| tun)
-        }).expect("MTU set");
+        let tun = rt.run(async move { holdfast::tunnel::set_tun_mtu(&tun, 1280).map(|()| tun) }).expect("MTU set");
         assert_eq!(gso_max_size(&ns), want(1280), "offload {offload}: after the MTU fell");
         drop(tun);
     }
@@ -1564,8 +1491,10 @@ fn a_tun_read_takes_the_packets_already_queued() {
                 let ours = (0..n)
                     .filter(|&i| {
                         let p = reader.packet(i);
-                        p.len() == 68 && p[9] == 17 && p[16..20] == [198, 18, 9, 9] && p[28] == seen as u8
-                            && { seen += 1; true }
+                        p.len() == 68 && p[9] == 17 && p[16..20] == [198, 18, 9, 9] && p[28] == seen as u8 && {
+                            seen += 1;
+                            true
+                        }
                     })
                     .count();
                 batches.push((n, ours));
@@ -1574,7 +1503,10 @@ fn a_tun_read_takes_the_packets_already_queued() {
         });
         let case = format!("offload {offload}: batches (packets, of the burst) {batches:?}");
         assert!(batches.len() >= 2, "{case}: a batch never holds more than its slots allow");
-        assert!(batches[0].0 > BATCH && batches[0].1 >= BATCH, "{case}: the first batch took what was queued, not one packet");
+        assert!(
+            batches[0].0 > BATCH && batches[0].1 >= BATCH,
+            "{case}: the first batch took what was queued, not one packet"
+        );
         assert!(batches.iter().all(|&(n, _)| n <= READ_SLOTS), "{case}");
         assert_eq!(batches.iter().map(|b| b.1).sum::<usize>(), burst, "{case}: none lost, in order");
     }
@@ -1614,7 +1546,15 @@ fn a_long_run_of_small_datagrams_is_split_into_gso_sends() {
         }
         let lens = vec![60usize; count];
         let mut gso = true;
-        let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest, holdfast::tunnel::Unreachable::Settle);
+        let sent = holdfast::tunnel::send_datagrams(
+            &from,
+            &mut gso,
+            &mut big,
+            stride,
+            &lens,
+            dest,
+            holdfast::tunnel::Unreachable::Settle,
+        );
         let mut buf = [0u8; 128];
         let mut got = Vec::new();
         while got.len() < count {
@@ -1688,7 +1628,15 @@ fn two_gso_runs(lo_mtu: Option<&str>, no_check: bool) -> (bool, Vec<holdfast::tu
                 slot[..len].fill(i as u8);
             }
             let lens = vec![len; count];
-            sent.push(holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest, holdfast::tunnel::Unreachable::Settle));
+            sent.push(holdfast::tunnel::send_datagrams(
+                &from,
+                &mut gso,
+                &mut big,
+                stride,
+                &lens,
+                dest,
+                holdfast::tunnel::Unreachable::Settle,
+            ));
         }
         let mut buf = [0u8; 2048];
         let mut got = Vec::new();
@@ -1731,7 +1679,15 @@ fn an_earlier_datagrams_icmp_error_does_not_cost_the_next_send() {
             assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the ICMP error is queued");
             let mut gso = true;
             let mut big = big.clone();
-            let sent = holdfast::tunnel::send_datagrams(&from, &mut gso, &mut big, stride, &lens, dest, holdfast::tunnel::Unreachable::Settle);
+            let sent = holdfast::tunnel::send_datagrams(
+                &from,
+                &mut gso,
+                &mut big,
+                stride,
+                &lens,
+                dest,
+                holdfast::tunnel::Unreachable::Settle,
+            );
             runs.push((sent.datagrams, sent.failed, sent.error.map(|e| e.to_string())));
         }
         let mut buf = [0u8; 128];
@@ -1780,8 +1736,7 @@ fn inproc_loops_do_not_allocate_per_packet() {
     count_on(&w.gw_rt, true);
     let before = support::alloc::allocations();
     let sent = c.stats().tx_packets;
-    let out =
-        c.ns.exec("ping", &["-c", "200", "-i", "0.005", "-W", "1", "-q", &GW_TUN.to_string()]);
+    let out = c.ns.exec("ping", &["-c", "200", "-i", "0.005", "-W", "1", "-q", &GW_TUN.to_string()]);
     let allocations = support::alloc::allocations() - before;
     count_on(&c.rt, false);
     count_on(&w.gw_rt, false);
@@ -1810,8 +1765,7 @@ fn inproc_loops_do_not_allocate_per_packet() {
     count_on(&c.rt, true);
     count_on(&w.gw_rt, true);
     let before6 = support::alloc::allocations();
-    let out =
-        c.ns.exec("ping", &["-c", "200", "-i", "0.005", "-W", "1", "-q", &GW_TUN6.to_string()]);
+    let out = c.ns.exec("ping", &["-c", "200", "-i", "0.005", "-W", "1", "-q", &GW_TUN6.to_string()]);
     transfer(&c.ns, &w.gw_ns, SocketAddr::from((GW_TUN6, 5013)), 4 << 20);
     let v6 = support::alloc::allocations() - before6;
     count_on(&c.rt, false);

@@ -48,12 +48,8 @@ fn seal_open_replay_allocate_nothing_per_packet() {
     let mut stale = vec![0u8; 2048];
     let mut stale_len = 0;
     // Warm-up: CPU feature detection and any other first-use work happens here.
-    let n = client
-        .seal_keepalive(Direction::ClientToGateway, SID, u64::MAX - 1, &mut up)
-        .expect("warm-up");
-    gateway
-        .open(Direction::ClientToGateway, &mut up[..n])
-        .expect("warm-up");
+    let n = client.seal_keepalive(Direction::ClientToGateway, SID, u64::MAX - 1, &mut up).expect("warm-up");
+    gateway.open(Direction::ClientToGateway, &mut up[..n]).expect("warm-up");
 
     let mut delivered = 0u64;
     let mut dropped = [0u64; OpenError::ALL.len()];
@@ -63,9 +59,7 @@ fn seal_open_replay_allocate_nothing_per_packet() {
             let len = [64usize, 1400, 0, 576][(i % 4) as usize];
             up[HEADER_LEN..HEADER_LEN + len].fill(i as u8);
             let ctr = client_tx.next().expect("fresh");
-            let n = client
-                .seal_data(Direction::ClientToGateway, SID, ctr, &mut up, len)
-                .expect("seal");
+            let n = client.seal_data(Direction::ClientToGateway, SID, ctr, &mut up, len).expect("seal");
             if i % 100 == 0 {
                 stale[..n].copy_from_slice(&up[..n]);
                 stale_len = n;
@@ -89,14 +83,10 @@ fn seal_open_replay_allocate_nothing_per_packet() {
             // Gateway -> client, with the two-phase window use (check, open, accept).
             let ctr = gateway_tx.next().expect("fresh");
             let n = if i % 16 == 0 {
-                gateway
-                    .seal_keepalive(Direction::GatewayToClient, SID, ctr, &mut down)
-                    .expect("seal")
+                gateway.seal_keepalive(Direction::GatewayToClient, SID, ctr, &mut down).expect("seal")
             } else {
                 down[HEADER_LEN..HEADER_LEN + 100].fill(7);
-                gateway
-                    .seal_data(Direction::GatewayToClient, SID, ctr, &mut down, 100)
-                    .expect("seal")
+                gateway.seal_data(Direction::GatewayToClient, SID, ctr, &mut down, 100).expect("seal")
             };
             let result = parse_header(&down[..n])
                 .map_err(OpenError::from)
@@ -111,11 +101,7 @@ fn seal_open_replay_allocate_nothing_per_packet() {
             // The failure paths must not allocate either: a replay, a tampered datagram,
             // garbage, and the gateway's notice for an unknown session.
             if i % 100 == 50 {
-                let r = gateway.open_checked(
-                    Direction::ClientToGateway,
-                    &mut stale[..stale_len],
-                    &mut gateway_rx,
-                );
+                let r = gateway.open_checked(Direction::ClientToGateway, &mut stale[..stale_len], &mut gateway_rx);
                 if let Err(e) = r {
                     dropped[e.index()] += 1;
                 }
@@ -135,19 +121,12 @@ fn seal_open_replay_allocate_nothing_per_packet() {
     assert_eq!(allocs, 0, "the data path allocated {allocs} times");
     assert_eq!(delivered, 2 * PACKETS, "drops: {dropped:?}");
     // Each failure path really ran (and so was really covered by the zero above).
-    let replays =
-        dropped[OpenError::Replayed(holdfast::sansio::replay::ReplayError::Replay).index()];
+    let replays = dropped[OpenError::Replayed(holdfast::sansio::replay::ReplayError::Replay).index()];
     assert_eq!(replays, PACKETS / 100);
     assert!(
-        dropped[OpenError::Decrypt.index()]
-            + dropped[OpenError::Malformed(wire::WireError::BadLength).index()]
-            > 0
+        dropped[OpenError::Decrypt.index()] + dropped[OpenError::Malformed(wire::WireError::BadLength).index()] > 0
     );
-    assert_eq!(
-        dropped.iter().sum::<u64>(),
-        3 * PACKETS / 100,
-        "{dropped:?}"
-    );
+    assert_eq!(dropped.iter().sum::<u64>(), 3 * PACKETS / 100, "{dropped:?}");
 }
 
 /// A TCP/IPv4 segment with valid checksums: `payload` bytes at `seq`, IP id `id`.

@@ -7,26 +7,19 @@
 
 use std::collections::BTreeSet;
 
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use holdfast::sansio::replay::{ReplayError, ReplayWindow, WINDOW};
-use holdfast::sansio::seal::{
-    Direction, MAX_COUNTER, OpenError, SealedKind, SessionCipher, TxCounter,
-};
-use holdfast::sansio::wire::{
-    self, HEADER_LEN, MsgType, OVERHEAD, TAG_LEN, WireError, parse_header,
-};
+use holdfast::sansio::seal::{Direction, MAX_COUNTER, OpenError, SealedKind, SessionCipher, TxCounter};
+use holdfast::sansio::wire::{self, HEADER_LEN, MsgType, OVERHEAD, TAG_LEN, WireError, parse_header};
 use holdfast::snapshot::{SessionId, SessionKey};
 use proptest::prelude::*;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 
 /// Large enough for the biggest payload the strategies produce.
 const MAX_PAYLOAD: usize = 1600;
 
 fn dir() -> impl Strategy<Value = Direction> {
-    prop_oneof![
-        Just(Direction::ClientToGateway),
-        Just(Direction::GatewayToClient)
-    ]
+    prop_oneof![Just(Direction::ClientToGateway), Just(Direction::GatewayToClient)]
 }
 
 fn other(d: Direction) -> Direction {
@@ -38,28 +31,18 @@ fn other(d: Direction) -> Direction {
 
 /// Counters from the whole range, with extra weight on the edges.
 fn counter() -> impl Strategy<Value = u64> {
-    prop_oneof![
-        Just(0u64),
-        Just(MAX_COUNTER),
-        0u64..1 << 20,
-        0..=MAX_COUNTER,
-    ]
+    prop_oneof![Just(0u64), Just(MAX_COUNTER), 0u64..1 << 20, 0..=MAX_COUNTER,]
 }
 
 fn payload() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![
-        Just(Vec::new()),
-        prop::collection::vec(any::<u8>(), 0..=MAX_PAYLOAD),
-    ]
+    prop_oneof![Just(Vec::new()), prop::collection::vec(any::<u8>(), 0..=MAX_PAYLOAD),]
 }
 
 /// Seals `payload` the way the TUN loop will: read into `buf[HEADER_LEN..]`, seal in place.
 fn seal(c: &SessionCipher, d: Direction, sid: SessionId, counter: u64, payload: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; MAX_PAYLOAD + OVERHEAD];
     buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
-    let n = c
-        .seal_data(d, sid, counter, &mut buf, payload.len())
-        .expect("seal");
+    let n = c.seal_data(d, sid, counter, &mut buf, payload.len()).expect("seal");
     buf.truncate(n);
     buf
 }
@@ -347,13 +330,7 @@ proptest! {
 fn notice_round_trips_and_is_never_opened() {
     let n = wire::unknown_session_notice(SessionId(77), 123);
     let h = parse_header(&n).expect("parses");
-    assert_eq!(
-        (h.msg_type, h.session_id, h.counter),
-        (MsgType::UnknownSession, SessionId(77), 123)
-    );
+    assert_eq!((h.msg_type, h.session_id, h.counter), (MsgType::UnknownSession, SessionId(77), 123));
     let c = SessionCipher::new(&SessionKey::new([1; 32]));
-    assert_eq!(
-        c.open(Direction::GatewayToClient, &mut n.clone()),
-        Err(OpenError::NotSealed)
-    );
+    assert_eq!(c.open(Direction::GatewayToClient, &mut n.clone()), Err(OpenError::NotSealed));
 }

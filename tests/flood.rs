@@ -36,13 +36,7 @@ fn sealed(kind: &str, payload: usize) -> Vec<u8> {
     let mut buf = vec![0x45u8; payload + OVERHEAD];
     let n = match kind {
         "keepalive" => cipher.seal_keepalive(Direction::GatewayToClient, SessionId(9), 1, &mut buf),
-        _ => cipher.seal_data(
-            Direction::GatewayToClient,
-            SessionId(9),
-            1,
-            &mut buf,
-            payload,
-        ),
+        _ => cipher.seal_data(Direction::GatewayToClient, SessionId(9), 1, &mut buf, payload),
     }
     .expect("seal");
     buf.truncate(n);
@@ -65,10 +59,8 @@ fn through_filter(ns: &Netns, spec: FilterSpec, datagrams: &[Vec<u8>]) -> (Vec<u
                 }
                 // A last valid marker: once it is in, everything before it was decided.
                 let marker = sealed("data", 7);
-                tx.send_to(&marker, rx.local_addr().expect("addr"))
-                    .expect("send");
-                rx.set_read_timeout(Some(Duration::from_secs(5)))
-                    .expect("timeout");
+                tx.send_to(&marker, rx.local_addr().expect("addr")).expect("send");
+                rx.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
                 let mut got = Vec::new();
                 let mut buf = [0u8; 2048];
                 loop {
@@ -109,18 +101,10 @@ fn the_filter_drops_malformed_datagrams_and_delivers_every_valid_kind() {
         keepalive[..30].to_vec(),
     ];
     for side in [Side::Gateway, Side::Client] {
-        let spec = FilterSpec {
-            side,
-            coalesced: false,
-        };
+        let spec = FilterSpec { side, coalesced: false };
         let mut all = junk.clone();
         all.push(long_keepalive.clone());
-        all.extend([
-            data.clone(),
-            empty_data.clone(),
-            keepalive.clone(),
-            notice.clone(),
-        ]);
+        all.extend([data.clone(), empty_data.clone(), keepalive.clone(), notice.clone()]);
         let (got, dropped) = through_filter(&ns, spec, &all);
         let mut want = vec![data.len(), empty_data.len(), keepalive.len()];
         if side == Side::Client {
@@ -128,11 +112,7 @@ fn the_filter_drops_malformed_datagrams_and_delivers_every_valid_kind() {
         }
         assert_eq!(got, want, "{side:?}: only the valid kinds arrive");
         let notice_dropped = u64::from(side == Side::Gateway);
-        assert_eq!(
-            dropped,
-            junk.len() as u64 + 1 + notice_dropped,
-            "{side:?}: counted by the kernel"
-        );
+        assert_eq!(dropped, junk.len() as u64 + 1 + notice_dropped, "{side:?}: counted by the kernel");
     }
 }
 
@@ -157,7 +137,15 @@ fn with_udp_gro_the_filter_sees_whole_batches_and_the_gro_program_lets_them_thro
                     let tx = holdfast::tunnel::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
                     let to = rx.local_addr().expect("addr");
                     let mut gso = true;
-                    holdfast::tunnel::send_gso(&tx, &mut gso, &pair, OVERHEAD, to, holdfast::tunnel::Unreachable::Settle).expect("GSO send");
+                    holdfast::tunnel::send_gso(
+                        &tx,
+                        &mut gso,
+                        &pair,
+                        OVERHEAD,
+                        to,
+                        holdfast::tunnel::Unreachable::Settle,
+                    )
+                    .expect("GSO send");
                     assert!(gso, "the kernel took the GSO send");
                     let marker = sealed("data", 7);
                     tx.send_to(&marker, to).expect("marker");
@@ -184,24 +172,14 @@ fn with_udp_gro_the_filter_sees_whole_batches_and_the_gro_program_lets_them_thro
     assert_eq!(got, vec![(72, 36)], "one batch of two keepalives");
     assert_eq!(dropped, 0);
     let (got, dropped) = run(false);
-    assert_eq!(
-        got,
-        vec![],
-        "the exact program saw 72 bytes: the filter runs once per batch"
-    );
+    assert_eq!(got, vec![], "the exact program saw 72 bytes: the filter runs once per batch");
     assert_eq!(dropped, 1);
 }
 
 /// Floods `to` from a thread inside `ns` for `secs` seconds (at most `max` datagrams): random
 /// junk, well-formed Data headers with random session ids, and forgeries (bad tags) for
 /// `victim`'s session id, from one source. Returns how many went out.
-fn flood(
-    ns: &Netns,
-    to: SocketAddr,
-    victim: u64,
-    secs: u64,
-    max: u64,
-) -> std::thread::JoinHandle<u64> {
+fn flood(ns: &Netns, to: SocketAddr, victim: u64, secs: u64, max: u64) -> std::thread::JoinHandle<u64> {
     let name = ns.name().to_owned();
     std::thread::spawn(move || {
         let f = std::fs::File::open(format!("/run/netns/{name}")).expect("netns handle");
@@ -253,15 +231,7 @@ fn a_client_keeps_working_while_a_flood_runs_and_the_flood_is_logged_once() {
     require_root!();
     let gw = GatewayDir::init_split();
     let attacker = Netns::new();
-    netns::link(
-        &gw.ns,
-        "hfa",
-        Ipv4Addr::new(198, 18, 2, 1),
-        &attacker,
-        "hfx",
-        Ipv4Addr::new(198, 18, 2, 2),
-        30,
-    );
+    netns::link(&gw.ns, "hfa", Ipv4Addr::new(198, 18, 2, 1), &attacker, "hfx", Ipv4Addr::new(198, 18, 2, 2), 30);
     attacker.default_route(Ipv4Addr::new(198, 18, 2, 1));
     let logs = tempfile::tempdir().expect("tempdir");
     let file = gw.add_client("alice", |f| fast_timings(f, logs.path()));
@@ -271,19 +241,10 @@ fn a_client_keeps_working_while_a_flood_runs_and_the_flood_is_logged_once() {
     let tunnel = Ipv4Addr::new(100, 64, 0, 1);
     assert!(gw.clients_ns().ping_until(tunnel, T).is_some(), "tunnel up");
     let before = gateway_status(&gw);
-    assert!(
-        before.data_plane.shedding.filter,
-        "the socket filter is attached"
-    );
+    assert!(before.data_plane.shedding.filter, "the socket filter is attached");
     let victim = u64::from_str_radix(&before.sessions[0].session_id, 16).expect("session id");
 
-    let flooder = flood(
-        &attacker,
-        SocketAddr::from(([198, 18, 0, 2], gw.port)),
-        victim,
-        6,
-        3_000_000,
-    );
+    let flooder = flood(&attacker, SocketAddr::from(([198, 18, 0, 2], gw.port)), victim, 6, 3_000_000);
     // Wait until the flood is on, then ping through it.
     gateway.wait_for(&["flood on the data port"], T);
     let answered = gw.clients_ns().ping_count(tunnel, 40);
@@ -301,25 +262,15 @@ fn a_client_keeps_working_while_a_flood_runs_and_the_flood_is_logged_once() {
     let f = &after.data_plane.shedding;
     eprintln!("flood of {sent} datagrams: {f:?}");
     assert!(f.kernel_dropped > 0, "junk dropped in the kernel: {f:?}");
-    assert!(
-        f.failed > 0 && f.shed > 0 && f.notices_withheld > 0,
-        "budgets spent: {f:?}"
-    );
+    assert!(f.failed > 0 && f.shed > 0 && f.notices_withheld > 0, "budgets spent: {f:?}");
     assert!(f.notices_withheld + after.data_plane.unknown_session_notices_tx > 0);
     assert_eq!((f.floods, f.flooded), (1, false), "one flood, over");
     // One start line and one end line, whatever the flood's size.
     let lines = gateway.all_lines();
     let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
-    assert_eq!(
-        (count("flood on the data port"), count("flood over after")),
-        (1, 1)
-    );
+    assert_eq!((count("flood on the data port"), count("flood over after")), (1, 1));
     // While it lasted, the kernel let only the live session's ids through (and a sample).
-    assert_eq!(
-        count("socket filter narrowed to the 1 live session(s)"),
-        1,
-        "{lines:#?}"
-    );
+    assert_eq!(count("socket filter narrowed to the 1 live session(s)"), 1, "{lines:#?}");
     // And after it, the plain filter is back: a stranger's datagram reaches the gateway again
     // and draws its notice.
     let stranger = std::thread::scope(|scope| {
@@ -327,37 +278,23 @@ fn a_client_keeps_working_while_a_flood_runs_and_the_flood_is_logged_once() {
             .spawn(|| {
                 gw.clients_ns().enter_current_thread();
                 let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-                sock.set_read_timeout(Some(Duration::from_secs(3)))
-                    .expect("timeout");
-                let mut d = wire::Header {
-                    msg_type: wire::MsgType::Data,
-                    session_id: SessionId(0x5eed),
-                    counter: 1,
-                }
-                .to_bytes()
-                .to_vec();
+                sock.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+                let mut d = wire::Header { msg_type: wire::MsgType::Data, session_id: SessionId(0x5eed), counter: 1 }
+                    .to_bytes()
+                    .to_vec();
                 d.extend_from_slice(&[0xaa; 48]);
-                sock.send_to(&d, SocketAddr::from(([198, 18, 0, 2], gw.port)))
-                    .expect("send");
+                sock.send_to(&d, SocketAddr::from(([198, 18, 0, 2], gw.port))).expect("send");
                 let mut buf = [0u8; 64];
-                sock.recv_from(&mut buf)
-                    .ok()
-                    .and_then(|(n, _)| wire::parse_header(&buf[..n]).ok())
+                sock.recv_from(&mut buf).ok().and_then(|(n, _)| wire::parse_header(&buf[..n]).ok())
             })
             .join()
             .expect("thread")
     });
-    assert_eq!(
-        stranger.map(|h| (h.msg_type, h.session_id)),
-        Some((wire::MsgType::UnknownSession, SessionId(0x5eed)))
-    );
+    assert_eq!(stranger.map(|h| (h.msg_type, h.session_id)), Some((wire::MsgType::UnknownSession, SessionId(0x5eed))));
     // The live session was never shed: it still carries traffic, and its drops are the
     // forgeries (decrypt) only, never its own datagrams.
     assert_eq!(gw.clients_ns().ping_count(tunnel, 5), 5);
     let session = &after.sessions[0];
-    assert!(
-        session.rx_packets >= before.sessions[0].rx_packets + u64::from(answered),
-        "{session:?}"
-    );
+    assert!(session.rx_packets >= before.sessions[0].rx_packets + u64::from(answered), "{session:?}");
     assert!(client.is_alive() && gateway.is_alive());
 }

@@ -12,9 +12,7 @@ mod harness;
 use std::path::{Path, PathBuf};
 
 fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target)
 }
 
 #[test]
@@ -43,14 +41,10 @@ fn every_seed_is_checked_in() {
     // are deterministic, and a difference means the harness's input format changed.
     for s in harness::seeds::all() {
         let path = corpus_dir(s.target).join(s.name);
-        let on_disk = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("seed {}: {e}; run write_seed_corpus", path.display()));
+        let on_disk =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("seed {}: {e}; run write_seed_corpus", path.display()));
         if !s.target.starts_with("config_") {
-            assert!(
-                on_disk == s.bytes,
-                "seed {} is stale: run write_seed_corpus",
-                path.display()
-            );
+            assert!(on_disk == s.bytes, "seed {} is stale: run write_seed_corpus", path.display());
         }
     }
 }
@@ -115,9 +109,7 @@ fn rpc_deadline_beyond_the_grpc_timeout_range_is_refused_or_survived() {
     for input in [
         &include_bytes!("../fuzz/regressions/config_client/rpc-deadline-overflows-grpc-timeout")[..],
         // What libFuzzer found (config dictionary, value profile): `rpc_deadline = "300000000000y5w"`.
-        &include_bytes!(
-            "../fuzz/regressions/config_client/crash-2d8423030313b3641c37083f4a89f68c2a982d23"
-        )[..],
+        &include_bytes!("../fuzz/regressions/config_client/crash-2d8423030313b3641c37083f4a89f68c2a982d23")[..],
     ] {
         assert_eq!(replay(harness::config_client, input), Ok(()));
     }

@@ -53,10 +53,8 @@ fn registry(dir: &Path) -> Registry {
 #[test]
 fn clap_definition_is_consistent_and_parses() {
     Cli::command().debug_assert();
-    let cli = Cli::try_parse_from(
-        "gateway init --dir /tmp/x --endpoint 198.51.100.1:51820".split_whitespace(),
-    )
-    .unwrap();
+    let cli =
+        Cli::try_parse_from("gateway init --dir /tmp/x --endpoint 198.51.100.1:51820".split_whitespace()).unwrap();
     match cli.cmd {
         GatewayCommand::Init(a) => {
             assert_eq!(a.subnet.to_string(), "100.64.0.0/24");
@@ -89,25 +87,15 @@ fn init_writes_the_identity_with_private_keys_and_refuses_to_overwrite() {
     assert_eq!((v6.subnet.prefix_len(), v6.subnet.network().octets()[0]), (64, 0xfd));
     assert_eq!(u128::from(v6.gateway_ip), u128::from(v6.subnet.network()) + 1);
     assert_eq!(config.server_name, "vpn.example.net");
-    pki::check_pair(
-        &std::fs::read_to_string(&config.cert).unwrap(),
-        &std::fs::read_to_string(&config.key).unwrap(),
-    )
-    .unwrap();
+    pki::check_pair(&std::fs::read_to_string(&config.cert).unwrap(), &std::fs::read_to_string(&config.key).unwrap())
+        .unwrap();
     assert!(registry(&dir).clients().is_empty());
 
     let key_before = std::fs::read(dir.join("ca.key")).unwrap();
     let err = cli::init(&init_args(&dir)).unwrap_err();
-    assert!(
-        matches!(err, GatewayError::AlreadyInitialised { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, GatewayError::AlreadyInitialised { .. }), "{err}");
     assert_eq!(err.exit_code(), exit::FAILURE);
-    assert_eq!(
-        std::fs::read(dir.join("ca.key")).unwrap(),
-        key_before,
-        "identity untouched"
-    );
+    assert_eq!(std::fs::read(dir.join("ca.key")).unwrap(), key_before, "identity untouched");
 
     // Any one leftover identity file is enough to refuse.
     let dir2 = tmp.path().join("gw2");
@@ -126,17 +114,11 @@ fn init_picks_a_fresh_ula_each_time_or_takes_subnet6() {
     cli::init(&init_args(&tmp.path().join("b"))).unwrap();
     assert_ne!(subnet6(&tmp.path().join("a")), subnet6(&tmp.path().join("b")), "40 random bits");
     let c = tmp.path().join("c");
-    let report = cli::init(&InitArgs {
-        subnet6: Some("fd00:77::/64".parse().unwrap()),
-        ..init_args(&c)
-    })
-    .unwrap();
+    let report = cli::init(&InitArgs { subnet6: Some("fd00:77::/64".parse().unwrap()), ..init_args(&c) }).unwrap();
     assert!(report.contains("fd00:77::/64 (gateway fd00:77::1)"), "{report}");
-    let err = cli::init(&InitArgs {
-        subnet6: Some("fd00:77::/32".parse().unwrap()),
-        ..init_args(&tmp.path().join("d"))
-    })
-    .unwrap_err();
+    let err =
+        cli::init(&InitArgs { subnet6: Some("fd00:77::/32".parse().unwrap()), ..init_args(&tmp.path().join("d")) })
+            .unwrap_err();
     assert!(err.to_string().contains("--subnet6"), "{err}");
 }
 
@@ -152,8 +134,7 @@ fn a_gateway_dir_from_before_ipv6_upgrades_in_place_keeping_every_ipv4_address()
     // Make it what an older release wrote: no subnet6/gateway_ip6, no ip6 in the registry.
     let strip = |path: PathBuf, keys: &[&str]| {
         let text = std::fs::read_to_string(&path).unwrap();
-        let kept: Vec<&str> =
-            text.lines().filter(|l| !keys.iter().any(|k| l.starts_with(k))).collect();
+        let kept: Vec<&str> = text.lines().filter(|l| !keys.iter().any(|k| l.starts_with(k))).collect();
         std::fs::write(&path, kept.join("\n") + "\n").unwrap();
     };
     strip(dir.join("gateway.toml"), &["subnet6", "gateway_ip6"]);
@@ -199,10 +180,7 @@ fn init_rejects_bad_arguments_before_writing_anything() {
     type Spoil = fn(&mut InitArgs);
     let cases: [(Spoil, &str); 4] = [
         (|a| a.subnet = "10.0.0.0/31".parse().unwrap(), "--subnet"),
-        (
-            |a| a.endpoint = "0.0.0.0:4433".parse().unwrap(),
-            "--endpoint",
-        ),
+        (|a| a.endpoint = "0.0.0.0:4433".parse().unwrap(), "--endpoint"),
         (|a| a.name = "../x".into(), "--name"),
         (|a| a.server_name = "not a name".into(), "--server-name"),
     ];
@@ -233,14 +211,9 @@ fn add_client_writes_one_private_self_contained_file() {
     assert_eq!(file.tunnel_ip.to_string(), "10.77.0.2");
     let creds = file.credentials(&path).unwrap();
     pki::check_pair(&creds.certificate_pem, &creds.key_pem).unwrap();
-    assert_eq!(
-        creds.gateway_ca_pem,
-        std::fs::read_to_string(dir.join("ca.pem")).unwrap()
-    );
+    assert_eq!(creds.gateway_ca_pem, std::fs::read_to_string(dir.join("ca.pem")).unwrap());
     // The registry pins exactly this certificate, under the name it carries.
-    let der = pki::certificates_from_pem(&creds.certificate_pem)
-        .unwrap()
-        .remove(0);
+    let der = pki::certificates_from_pem(&creds.certificate_pem).unwrap().remove(0);
     let (cn, fp) = pki::leaf_identity(&der).unwrap();
     assert_eq!(cn, "alice");
     let reg = registry(&dir);
@@ -259,10 +232,7 @@ fn add_client_writes_one_private_self_contained_file() {
     })
     .unwrap();
     assert_eq!(mode(&out), 0o600);
-    assert_eq!(
-        ClientFile::load(&out).unwrap().tunnel_ip.to_string(),
-        "10.77.0.50"
-    );
+    assert_eq!(ClientFile::load(&out).unwrap().tunnel_ip.to_string(), "10.77.0.50");
     assert!(!dir.join("clients/bob.toml").exists());
 }
 
@@ -284,39 +254,22 @@ fn add_revoke_list_and_their_refusals() {
     assert!(err.to_string().contains("invalid NAME"), "{err}");
     assert_eq!(err.exit_code(), exit::FAILURE);
 
-    let report = cli::revoke(&RevokeArgs {
-        dir: dir.clone(),
-        name: "alice".into(),
-    })
-    .unwrap();
+    let report = cli::revoke(&RevokeArgs { dir: dir.clone(), name: "alice".into() }).unwrap();
     assert!(report.contains("10.77.0.2 stays reserved"), "{report}");
-    let err = cli::revoke(&RevokeArgs {
-        dir: dir.clone(),
-        name: "zed".into(),
-    })
-    .unwrap_err();
+    let err = cli::revoke(&RevokeArgs { dir: dir.clone(), name: "zed".into() }).unwrap_err();
     assert!(err.to_string().contains("'zed' is not registered"), "{err}");
 
     let table = cli::list(&dir).unwrap();
     let alice = table.lines().find(|l| l.starts_with("alice")).unwrap();
-    assert!(
-        alice.contains("10.77.0.2") && alice.contains("revoked"),
-        "{table}"
-    );
+    assert!(alice.contains("10.77.0.2") && alice.contains("revoked"), "{table}");
     let bob = table.lines().find(|l| l.starts_with("bob")).unwrap();
-    assert!(
-        bob.contains("10.77.0.3") && bob.contains("active"),
-        "{table}"
-    );
+    assert!(bob.contains("10.77.0.3") && bob.contains("active"), "{table}");
     assert!(table.contains("2 client(s), 1 active"), "{table}");
 
     // Re-adding alice: same address, new certificate.
     let old_fp = registry(&dir).get("alice").unwrap().cert_sha256;
     let report = add(&dir, "alice", None).unwrap();
-    assert!(
-        report.contains("re-enabled") && report.contains("10.77.0.2"),
-        "{report}"
-    );
+    assert!(report.contains("re-enabled") && report.contains("10.77.0.2"), "{report}");
     let entry = registry(&dir).get("alice").unwrap().clone();
     assert_eq!(entry.state, ClientState::Active);
     assert_ne!(entry.cert_sha256, old_fp);
@@ -355,11 +308,7 @@ async fn every_failure_kind_has_its_exit_code() {
 
     let config_path = dir.join("gateway.toml");
     let good_config = std::fs::read_to_string(&config_path).unwrap();
-    std::fs::write(
-        &config_path,
-        good_config.replace("reauth_grace = \"10s\"", "reauth_grace = \"soon\""),
-    )
-    .unwrap();
+    std::fs::write(&config_path, good_config.replace("reauth_grace = \"10s\"", "reauth_grace = \"soon\"")).unwrap();
     let err = add(&dir, "alice", None).unwrap_err();
     assert_eq!(err.exit_code(), exit::CONFIG_INVALID, "{err}");
     assert!(err.to_string().contains("reauth_grace"), "{err}");
@@ -373,11 +322,7 @@ async fn every_failure_kind_has_its_exit_code() {
 
     let ca_key = dir.join("ca.key");
     let key = std::fs::read(&ca_key).unwrap();
-    std::fs::write(
-        &ca_key,
-        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-    )
-    .unwrap();
+    std::fs::write(&ca_key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
     let err = add(&dir, "alice", None).unwrap_err();
     assert_eq!(err.exit_code(), exit::BAD_KEYS, "{err}");
     assert!(err.to_string().contains("ca.key"), "{err}");

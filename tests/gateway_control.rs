@@ -10,9 +10,7 @@ use std::time::Duration;
 use holdfast::config::client::ClientFile;
 use holdfast::config::gateway::GatewayConfig;
 use holdfast::control::pb::control_client::ControlClient;
-use holdfast::control::pb::{
-    AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingStatus,
-};
+use holdfast::control::pb::{AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingStatus};
 use holdfast::gateway::cli::{self, AddClientArgs, InitArgs, RevokeArgs};
 use holdfast::gateway::{ControlPlane, SessionTable};
 use holdfast::pki::{self, Authority};
@@ -29,10 +27,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 const PATIENCE: Duration = Duration::from_secs(10);
 
 fn logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("holdfast=debug,gateway_control=debug")
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt().with_test_writer().with_env_filter("holdfast=debug,gateway_control=debug").try_init();
 }
 
 /// A gateway directory: `init` then `add-client` for each name.
@@ -62,22 +58,12 @@ impl Gateway {
     }
 
     fn add(&self, name: &str) -> PathBuf {
-        cli::add_client(&AddClientArgs {
-            dir: self.dir.clone(),
-            name: name.into(),
-            ip: None,
-            out: None,
-        })
-        .unwrap();
+        cli::add_client(&AddClientArgs { dir: self.dir.clone(), name: name.into(), ip: None, out: None }).unwrap();
         self.client_file(name)
     }
 
     fn revoke(&self, name: &str) {
-        cli::revoke(&RevokeArgs {
-            dir: self.dir.clone(),
-            name: name.into(),
-        })
-        .unwrap();
+        cli::revoke(&RevokeArgs { dir: self.dir.clone(), name: name.into() }).unwrap();
     }
 
     /// A connected client with `name`'s client file.
@@ -118,31 +104,20 @@ impl Running {
         let task = tokio::spawn(plane.serve(async move {
             let _ = stopped.await;
         }));
-        Self {
-            addr,
-            sessions,
-            stop: Some(stop),
-            task,
-        }
+        Self { addr, sessions, stop: Some(stop), task }
     }
 
     async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let result = tokio::time::timeout(PATIENCE, &mut self.task)
-            .await
-            .expect("server stops")
-            .unwrap();
+        let result = tokio::time::timeout(PATIENCE, &mut self.task).await.expect("server stops").unwrap();
         result.unwrap();
     }
 }
 
 /// The client's way to the gateway: tonic with the client file's credentials.
-async fn connect(
-    addr: SocketAddr,
-    client_file: &Path,
-) -> Result<ControlClient<Channel>, tonic::transport::Error> {
+async fn connect(addr: SocketAddr, client_file: &Path) -> Result<ControlClient<Channel>, tonic::transport::Error> {
     let file = ClientFile::load(client_file).unwrap();
     let creds = file.credentials(client_file).unwrap();
     let tls = ClientTlsConfig::new()
@@ -160,19 +135,12 @@ async fn connect(
 }
 
 async fn auth(c: &mut ControlClient<Channel>) -> Result<AuthenticateResponse, tonic::Status> {
-    c.authenticate(AuthenticateRequest {
-        client_version: "test/1".into(),
-    })
-    .await
-    .map(|r| r.into_inner())
+    c.authenticate(AuthenticateRequest { client_version: "test/1".into() }).await.map(|r| r.into_inner())
 }
 
 async fn ping(c: &mut ControlClient<Channel>, client_id: &str, session_id: u64) -> PingStatus {
     let r = c
-        .ping_session(PingSessionRequest {
-            client_id: client_id.into(),
-            session_id,
-        })
+        .ping_session(PingSessionRequest { client_id: client_id.into(), session_id })
         .await
         .expect("ping answered")
         .into_inner();
@@ -204,37 +172,17 @@ async fn authenticate_twice_gives_same_ip_and_fresh_sessions() {
     assert_eq!(a.session_idle_timeout_ms, 180_000);
 
     let b = auth(&mut c).await.unwrap();
-    assert_eq!(
-        b.assigned_ip, a.assigned_ip,
-        "the same client always gets the same address"
-    );
+    assert_eq!(b.assigned_ip, a.assigned_ip, "the same client always gets the same address");
     assert_ne!(b.session_id, a.session_id);
     assert_ne!(b.session_key, a.session_key);
 
     assert_eq!(ping(&mut c, "alice", b.session_id).await, PingStatus::Ok);
-    assert_eq!(
-        ping(&mut c, "alice", a.session_id).await,
-        PingStatus::Ok,
-        "previous session is in its grace period"
-    );
-    assert_eq!(
-        ping(&mut c, "alice", 0x1234_5678).await,
-        PingStatus::SessionExpired,
-        "unknown id"
-    );
-    assert_eq!(
-        ping(&mut c, "bob", b.session_id).await,
-        PingStatus::SessionExpired,
-        "client_id is not the caller"
-    );
+    assert_eq!(ping(&mut c, "alice", a.session_id).await, PingStatus::Ok, "previous session is in its grace period");
+    assert_eq!(ping(&mut c, "alice", 0x1234_5678).await, PingStatus::SessionExpired, "unknown id");
+    assert_eq!(ping(&mut c, "bob", b.session_id).await, PingStatus::SessionExpired, "client_id is not the caller");
 
     let long = "v".repeat(65);
-    let err = c
-        .authenticate(AuthenticateRequest {
-            client_version: long,
-        })
-        .await
-        .unwrap_err();
+    let err = c.authenticate(AuthenticateRequest { client_version: long }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     server.shutdown().await;
 }
@@ -249,19 +197,10 @@ async fn a_session_of_another_client_is_expired() {
     let a = auth(&mut alice).await.unwrap();
     let b = auth(&mut bob).await.unwrap();
     assert_eq!(ip(&b.assigned_ip), Ipv4Addr::new(100, 64, 0, 3));
-    assert_eq!(
-        ping(&mut bob, "bob", a.session_id).await,
-        PingStatus::SessionExpired
-    );
+    assert_eq!(ping(&mut bob, "bob", a.session_id).await, PingStatus::SessionExpired);
     // Claiming to be alice does not help: the identity is bob's certificate.
-    assert_eq!(
-        ping(&mut bob, "alice", a.session_id).await,
-        PingStatus::SessionExpired
-    );
-    assert_eq!(
-        ping(&mut alice, "alice", a.session_id).await,
-        PingStatus::Ok
-    );
+    assert_eq!(ping(&mut bob, "alice", a.session_id).await, PingStatus::SessionExpired);
+    assert_eq!(ping(&mut alice, "alice", a.session_id).await, PingStatus::Ok);
     assert_eq!(ping(&mut bob, "bob", b.session_id).await, PingStatus::Ok);
     server.shutdown().await;
 }
@@ -271,8 +210,7 @@ async fn revocation_applies_without_restart_and_readd_replaces_the_certificate()
     logs();
     let gw = Gateway::new(&["alice", "bob"]);
     let server = gw.start();
-    let old_file =
-        std::env::temp_dir().join(format!("holdfast-old-alice-{}.toml", std::process::id()));
+    let old_file = std::env::temp_dir().join(format!("holdfast-old-alice-{}.toml", std::process::id()));
     std::fs::copy(gw.client_file("alice"), &old_file).unwrap();
     let mut alice = gw.client(&server, "alice").await;
     let mut bob = gw.client(&server, "bob").await;
@@ -280,23 +218,11 @@ async fn revocation_applies_without_restart_and_readd_replaces_the_certificate()
     let b = auth(&mut bob).await.unwrap();
 
     gw.revoke("alice");
-    assert_eq!(
-        ping(&mut alice, "alice", a.session_id).await,
-        PingStatus::SessionExpired,
-        "revoked: sessions dropped"
-    );
+    assert_eq!(ping(&mut alice, "alice", a.session_id).await, PingStatus::SessionExpired, "revoked: sessions dropped");
     let err = auth(&mut alice).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    assert!(
-        err.message().contains("client 'alice' is revoked"),
-        "{}",
-        err.message()
-    );
-    assert_eq!(
-        ping(&mut bob, "bob", b.session_id).await,
-        PingStatus::Ok,
-        "others unaffected"
-    );
+    assert!(err.message().contains("client 'alice' is revoked"), "{}", err.message());
+    assert_eq!(ping(&mut bob, "bob", b.session_id).await, PingStatus::Ok, "others unaffected");
 
     // Re-adding re-enables alice with the same address and a new certificate ...
     gw.add("alice");
@@ -308,12 +234,7 @@ async fn revocation_applies_without_restart_and_readd_replaces_the_certificate()
     let err = auth(&mut stale).await.unwrap_err();
     std::fs::remove_file(&old_file).unwrap();
     assert_eq!(err.code(), Code::Unauthenticated);
-    assert!(
-        err.message()
-            .contains("was replaced; use the new client file"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("was replaced; use the new client file"), "{}", err.message());
 
     // Without any RPC, the housekeeping task applies a revocation to the session table (what
     // the data plane reads): bob's session disappears by id and by address.
@@ -327,10 +248,7 @@ async fn revocation_applies_without_restart_and_readd_replaces_the_certificate()
     .await;
     assert!(gone.is_ok(), "revoked client's session still in the table");
     assert!(server.sessions.get_by_ip(ip(&b.assigned_ip)).is_none());
-    assert!(
-        server.sessions.get(SessionId(a2.session_id)).is_some(),
-        "alice unaffected"
-    );
+    assert!(server.sessions.get(SessionId(a2.session_id)).is_some(), "alice unaffected");
     server.shutdown().await;
 }
 
@@ -357,11 +275,7 @@ async fn a_certificate_for_an_unregistered_name_is_refused() {
     let mut c = connect(server.addr, &path).await.unwrap();
     let err = auth(&mut c).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    assert!(
-        err.message().contains("client 'mallory' is not registered"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("client 'mallory' is not registered"), "{}", err.message());
     server.shutdown().await;
 }
 
@@ -387,18 +301,13 @@ async fn a_client_file_of_another_gateway_fails_cleanly() {
 
     // Only the client certificate is foreign: our authority pinned, their client key and cert.
     let mut file = ClientFile::load(&other.client_file("alice")).unwrap();
-    file.tls.gateway_ca = ClientFile::load(&gw.client_file("alice"))
-        .unwrap()
-        .tls
-        .gateway_ca;
+    file.tls.gateway_ca = ClientFile::load(&gw.client_file("alice")).unwrap().tls.gateway_ca;
     let path = gw.dir.join("foreign-cert.toml");
     std::fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
     // Under TLS 1.3 the server's refusal arrives after the client finished its side of the
     // handshake: connect may succeed, the first RPC must fail.
     if let Ok(mut c) = connect(server.addr, &path).await {
-        let status = auth(&mut c)
-            .await
-            .expect_err("a foreign client certificate authenticated");
+        let status = auth(&mut c).await.expect_err("a foreign client certificate authenticated");
         tracing::info!("foreign client certificate: {status}");
     }
     auth(&mut good).await.unwrap();
@@ -417,10 +326,7 @@ async fn garbage_and_silent_connections_do_not_disturb_a_good_client() {
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     // A garbage peer: not TLS at all.
     let mut garbage = TcpStream::connect(server.addr).await.unwrap();
-    garbage
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff\x16\x03\x01garbage")
-        .await
-        .unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff\x16\x03\x01garbage").await.unwrap();
 
     // While both are open, a good client authenticates and pings.
     let mut c = gw.client(&server, "alice").await;
@@ -438,16 +344,10 @@ async fn garbage_and_silent_connections_do_not_disturb_a_good_client() {
         }
     })
     .await;
-    assert!(
-        closed.is_ok(),
-        "the gateway closes a connection that sends garbage"
-    );
+    assert!(closed.is_ok(), "the gateway closes a connection that sends garbage");
     // The silent peer is dropped once handshake_timeout passes.
     let dropped = tokio::time::timeout(PATIENCE, silent.read(&mut buf)).await;
-    assert!(
-        matches!(dropped, Ok(Ok(0)) | Ok(Err(_))),
-        "silent connection closed: {dropped:?}"
-    );
+    assert!(matches!(dropped, Ok(Ok(0)) | Ok(Err(_))), "silent connection closed: {dropped:?}");
 
     // And the gateway still serves.
     assert_eq!(ping(&mut c, "alice", a.session_id).await, PingStatus::Ok);
@@ -465,10 +365,7 @@ async fn restart_keeps_addresses_and_expires_old_sessions() {
 
     let server = gw.start();
     let mut c = gw.client(&server, "alice").await;
-    assert_eq!(
-        ping(&mut c, "alice", before.session_id).await,
-        PingStatus::SessionExpired
-    );
+    assert_eq!(ping(&mut c, "alice", before.session_id).await, PingStatus::SessionExpired);
     let after = auth(&mut c).await.unwrap();
     assert_eq!(after.assigned_ip, before.assigned_ip);
     assert_eq!(after.assigned_ip6, before.assigned_ip6, "the IPv6 address survives a restart too");
@@ -481,10 +378,7 @@ async fn restart_keeps_addresses_and_expires_old_sessions() {
 fn raw_client(
     gw: &Gateway,
     versions: &[&'static rustls::SupportedProtocolVersion],
-) -> (
-    tokio_rustls::TlsConnector,
-    rustls::pki_types::ServerName<'static>,
-) {
+) -> (tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>) {
     let path = gw.client_file("alice");
     let file = ClientFile::load(&path).unwrap();
     let creds = file.credentials(&path).unwrap();
@@ -517,18 +411,12 @@ async fn only_tls13_is_spoken() {
     let tcp = TcpStream::connect(server.addr).await.unwrap();
     let conn = tls13.connect(name.clone(), tcp).await.unwrap();
     let (_, session) = conn.get_ref();
-    assert_eq!(
-        session.protocol_version(),
-        Some(rustls::ProtocolVersion::TLSv1_3)
-    );
+    assert_eq!(session.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
     assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]));
 
     let (tls12, name) = raw_client(&gw, &[&rustls::version::TLS12]);
     let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let err = tls12
-        .connect(name, tcp)
-        .await
-        .expect_err("a TLS 1.2-only client is refused");
+    let err = tls12.connect(name, tcp).await.expect_err("a TLS 1.2-only client is refused");
     tracing::info!("TLS 1.2 client: {err}");
     server.shutdown().await;
 }

@@ -56,11 +56,8 @@ impl Site {
         // One interface per client: bound to the endpoint address, replies leave from it.
         let listen = format!("\"{endpoint}\"");
         for (key, value) in [("listen", listen.as_str())].iter().chain(keys) {
-            text = text
-                .lines()
-                .filter(|l| l.split('=').next().map(str::trim) != Some(key))
-                .collect::<Vec<_>>()
-                .join("\n");
+            text =
+                text.lines().filter(|l| l.split('=').next().map(str::trim) != Some(key)).collect::<Vec<_>>().join("\n");
             text = format!("{key} = {value}\n{text}\n");
         }
         if let Some(m) = metrics {
@@ -111,12 +108,8 @@ impl Site {
     }
 
     fn client(&self, i: usize) -> Proc {
-        let mut p = self.clients[i].spawn(
-            &format!("client{i}"),
-            BIN,
-            &["client", "run", "--config", s(&self.files[i])],
-            &[],
-        );
+        let mut p =
+            self.clients[i].spawn(&format!("client{i}"), BIN, &["client", "run", "--config", s(&self.files[i])], &[]);
         p.wait_for(&["data plane on session"], T);
         p
     }
@@ -231,11 +224,7 @@ fn status_lists_live_sessions_with_counters_and_forgets_an_expired_one() {
     assert_eq!(report.pid, gateway.pid(), "the gateway's own pid");
     for i in 0..2 {
         let name = format!("client{i}");
-        let s = report
-            .sessions
-            .iter()
-            .find(|s| s.client == name)
-            .unwrap_or_else(|| panic!("{name} listed: {json}"));
+        let s = report.sessions.iter().find(|s| s.client == name).unwrap_or_else(|| panic!("{name} listed: {json}"));
         let both = vec![site.tunnel_ip(i), site.tunnel_ip6(i)];
         assert_eq!(s.addresses, both, "{name}'s tunnel addresses, IPv4 then IPv6");
         assert!(s.rx_packets >= 3 && s.rx_bytes > 0, "{name} received: {s:?}");

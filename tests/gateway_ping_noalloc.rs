@@ -20,11 +20,7 @@ static GLOBAL: support::alloc::Counting = support::alloc::Counting;
 
 use support::alloc::allocations_in as allocations_during;
 
-const LIMITS: SessionLimits = SessionLimits {
-    idle_ms: 1_000,
-    max_lifetime_ms: 100_000,
-    grace_ms: 100,
-};
+const LIMITS: SessionLimits = SessionLimits { idle_ms: 1_000, max_lifetime_ms: 100_000, grace_ms: 100 };
 
 fn cert(n: u8) -> CertFingerprint {
     CertFingerprint([n; 32])
@@ -86,27 +82,12 @@ fn ping_lookup_does_not_allocate() {
     let probe = || {
         let view = live.view();
         assert!(view.admit("alice", &cert(1)).is_ok());
-        assert_eq!(
-            view.admit("alice", &cert(9)).err(),
-            Some(Refusal::CertificateReplaced)
-        );
-        assert_eq!(
-            view.admit("mallory", &cert(1)).err(),
-            Some(Refusal::NotRegistered)
-        );
+        assert_eq!(view.admit("alice", &cert(9)).err(), Some(Refusal::CertificateReplaced));
+        assert_eq!(view.admit("mallory", &cert(1)).err(), Some(Refusal::NotRegistered));
         assert_eq!(table.check("alice", &cert(1), 11, 500), PingVerdict::Ok);
-        assert_eq!(
-            table.check("alice", &cert(1), 12345, 500),
-            PingVerdict::Expired(Expiry::Unknown)
-        );
-        assert_eq!(
-            table.check("alice", &cert(1), 22, 500),
-            PingVerdict::Expired(Expiry::OtherClient)
-        );
-        assert_eq!(
-            table.check("bob", &cert(2), 22, 5_000),
-            PingVerdict::Expired(Expiry::Idle)
-        );
+        assert_eq!(table.check("alice", &cert(1), 12345, 500), PingVerdict::Expired(Expiry::Unknown));
+        assert_eq!(table.check("alice", &cert(1), 22, 500), PingVerdict::Expired(Expiry::OtherClient));
+        assert_eq!(table.check("bob", &cert(2), 22, 5_000), PingVerdict::Expired(Expiry::Idle));
         assert!(table.get(SessionId(11)).is_some());
         assert!(table.get_by_ip(Ipv4Addr::new(10, 0, 0, 2)).is_some());
         assert!(table.get_by_ip(Ipv4Addr::new(10, 0, 0, 200)).is_none());

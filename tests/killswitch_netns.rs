@@ -101,9 +101,8 @@ fn ipv6_gateway_and_allow_lan() {
         ["198.18.0.0/24", "2001:db8::/64", "fe80::/64"].iter().map(|s| s.parse().unwrap()).collect();
     assert_eq!(lan, expected);
     // The gateway over IPv6.
-    let ks = NftKillSwitch::new(
-        KillSwitchPlan::new(OUTSIDE6.into(), CONTROL_PORT, DATA_PORT, TUN).unwrap().allow_lan(&lan),
-    );
+    let ks =
+        NftKillSwitch::new(KillSwitchPlan::new(OUTSIDE6.into(), CONTROL_PORT, DATA_PORT, TUN).unwrap().allow_lan(&lan));
     let obs = Observer::install(&w.outside, OUTSIDE_IF, OUTSIDE4, CONTROL_PORT, DATA_PORT);
     in_ns(&w.client, || ks.enable()).expect("enable");
 
@@ -166,9 +165,9 @@ fn the_gateway_answers_on_its_control_port_but_opens_nothing_and_conntrack_stays
     server.set_nonblocking(true).unwrap();
     let mut conn = in_ns(&w.client, || TcpStream::connect_timeout(&control, Duration::from_secs(2)))
         .expect("the client's connection to the gateway's control port");
-    assert!(wait_until(Duration::from_secs(2), || server.accept().is_ok_and(|(mut s, _)| {
-        s.set_nonblocking(false).is_ok() && s.write_all(b"hello").is_ok()
-    })));
+    assert!(wait_until(Duration::from_secs(2), || server
+        .accept()
+        .is_ok_and(|(mut s, _)| { s.set_nonblocking(false).is_ok() && s.write_all(b"hello").is_ok() })));
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut got = [0u8; 5];
     conn.read_exact(&mut got).expect("the gateway's answer");
@@ -200,12 +199,7 @@ fn udp_flood(client: &Netns, stop: &AtomicBool) -> u64 {
 
 /// Replaces the kill-switch `rounds` times with `replace` while probes stream out; returns the
 /// counts on the outside and the number of probes sent.
-fn replace_under_fire(
-    w: &World,
-    obs: &Observer,
-    rounds: usize,
-    replace: impl Fn(usize) + Sync,
-) -> (Counts, u64) {
+fn replace_under_fire(w: &World, obs: &Observer, rounds: usize, replace: impl Fn(usize) + Sync) -> (Counts, u64) {
     obs.reset();
     let stop = AtomicBool::new(false);
     let sent = std::thread::scope(|s| {
@@ -335,9 +329,7 @@ fn fake_tun(ns: &Netns) {
 /// Runs `fut` on a current-thread runtime on a thread inside `ns` (netlink sockets are opened in
 /// the namespace of the thread that opens them).
 fn block_on_in<T: Send>(ns: &Netns, fut: impl Future<Output = T> + Send) -> T {
-    in_ns(ns, || {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(fut)
-    })
+    in_ns(ns, || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(fut))
 }
 
 #[test]
@@ -352,17 +344,11 @@ fn routes_pin_the_gateway_and_restore_exactly() {
     let cidrs = routes::tunnel_cidrs(None, &dns);
 
     let guard = block_on_in(&w.client, Routes::install(TUN, gw, &cidrs)).expect("install");
-    assert!(
-        matches!(guard.routes()[0], RouteSpec::Host { via, .. } if via == IpAddr::from(OUTSIDE4))
-    );
+    assert!(matches!(guard.routes()[0], RouteSpec::Host { via, .. } if via == IpAddr::from(OUTSIDE4)));
     // The host route and both families' halves.
     assert_eq!(guard.routes().len(), 5, "{:?}", guard.routes());
     let get = |dst: &str| w.client.ip(&["route", "get", dst]);
-    assert!(
-        get("198.19.0.99").contains(&format!("via {OUTSIDE4} dev {CLIENT_IF}")),
-        "{}",
-        get("198.19.0.99")
-    );
+    assert!(get("198.19.0.99").contains(&format!("via {OUTSIDE4} dev {CLIENT_IF}")), "{}", get("198.19.0.99"));
     for dst in ["8.8.8.8", "100.64.0.1", "203.0.113.1"] {
         assert!(get(dst).contains(&format!("dev {TUN}")), "{dst}: {}", get(dst));
     }

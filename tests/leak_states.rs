@@ -326,8 +326,7 @@ fn other_programs_cannot_open_the_kill_switch(fallback: bool) {
     assert_all_seen(&obs);
 
     let _gateway = w.gateway();
-    let env: &[(&str, &str)] =
-        if fallback { &[(holdfast::client::killswitch::FORCE_FALLBACK_ENV, "1")] } else { &[] };
+    let env: &[(&str, &str)] = if fallback { &[(holdfast::client::killswitch::FORCE_FALLBACK_ENV, "1")] } else { &[] };
     let mut c = w.spawn_client_with(env);
     let mode = if fallback { "watched" } else { "owned" };
     c.wait_for(&["kill-switch on", &format!("({mode}:")], T);

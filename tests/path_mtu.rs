@@ -105,11 +105,7 @@ impl World {
         });
         let mut client = self.gw.run_client(name, &file);
         client.wait_for(&["routes up"], T);
-        assert!(
-            self.gw.clients_ns().ping_until(GW_TUN, T).is_some(),
-            "tunnel up:\n{}",
-            client.all_lines().join("\n")
-        );
+        assert!(self.gw.clients_ns().ping_until(GW_TUN, T).is_some(), "tunnel up:\n{}", client.all_lines().join("\n"));
         client
     }
 
@@ -260,15 +256,17 @@ fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreate
     assert_eq!(ns.ifindex(TUN), Some(ifindex), "the TUN device was not re-created");
     let d = w.status("roamer").data_plane.expect("data plane");
     assert_eq!(d.loop_starts, 1, "the loops started once");
-    assert!(
-        wait_until(T, || ns.global_addr(TUN, "-6").is_some()),
-        "the IPv6 address is back on the TUN"
-    );
+    assert!(wait_until(T, || ns.global_addr(TUN, "-6").is_some()), "the IPv6 address is back on the TUN");
     assert!(ns.ping_until(IpAddr::V6(gw6), T).is_some(), "IPv6 through the tunnel after");
     let lines = client.all_lines();
-    let changes: Vec<&String> = lines.iter().filter(|l| l.contains("path MTU 1500 -> 1280 (link): TUN MTU 1436 -> 1216")).collect();
+    let changes: Vec<&String> =
+        lines.iter().filter(|l| l.contains("path MTU 1500 -> 1280 (link): TUN MTU 1436 -> 1216")).collect();
     assert_eq!(changes.len(), 1, "one line for the change down:\n{}", lines.join("\n"));
-    assert!(lines.iter().any(|l| l.contains("path MTU 1280 -> 1500 (link): TUN MTU 1216 -> 1436")), "{}", lines.join("\n"));
+    assert!(
+        lines.iter().any(|l| l.contains("path MTU 1280 -> 1500 (link): TUN MTU 1216 -> 1436")),
+        "{}",
+        lines.join("\n")
+    );
     w.stop(client);
 }
 
@@ -295,7 +293,9 @@ fn the_tun_follows_a_route_mtu_metric_changing_under_the_pin() {
     let p = w.status("metric").data_plane.and_then(|d| d.path_mtu).expect("path MTU");
     assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (1400, 1336, "link"));
     // A full-size packet for the new size crosses with DF set; one byte more is refused.
-    let ping = |size: &str| ns.exec("ping", &["-c", "1", "-M", "do", "-s", size, "-W", "2", &GW_TUN.to_string()]).status.success();
+    let ping = |size: &str| {
+        ns.exec("ping", &["-c", "1", "-M", "do", "-s", size, "-W", "2", &GW_TUN.to_string()]).status.success()
+    };
     assert!(ping("1308"), "1336 = 20 + 8 + 1308 fits");
     assert!(!ping("1309"), "one byte more does not");
 
@@ -323,6 +323,10 @@ fn a_client_started_below_1280_gains_ipv6_when_the_path_grows() {
     assert!(ns.ping_until(IpAddr::V6(gw6), T).is_some(), "IPv6 through the tunnel (its routes came too)");
     assert_eq!(ns.ifindex(TUN), Some(ifindex), "the TUN device was not re-created");
     let lines = client.all_lines();
-    assert!(lines.iter().any(|l| l.contains("TUN MTU 1216 -> 1436; IPv6 ") && l.contains("back on the tunnel")), "{}", lines.join("\n"));
+    assert!(
+        lines.iter().any(|l| l.contains("TUN MTU 1216 -> 1436; IPv6 ") && l.contains("back on the tunnel")),
+        "{}",
+        lines.join("\n")
+    );
     w.stop(client);
 }

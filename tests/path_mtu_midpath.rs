@@ -207,11 +207,7 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
     );
     // The client's status says so, and its TUN follows (its own TCP then starts at the right
     // size).
-    assert!(
-        wait_until(T, || client.path_mtu() == Some((1280, 1216, "discovered".into()))),
-        "{:?}",
-        client.path_mtu()
-    );
+    assert!(wait_until(T, || client.path_mtu() == Some((1280, 1216, "discovered".into()))), "{:?}", client.path_mtu());
     let text = holdfast_ok(&["gateway", "status", "--dir", s(w.gw.path())]);
     assert!(text.contains(&format!("path MTU:     {INNER_AT_1280}")), "{text}");
     let (mut up, mut down) = best_of_two(&w, &client, "discovered");

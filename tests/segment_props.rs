@@ -4,7 +4,7 @@
 //! checksum was left undone comes out with a valid one; hostile headers and bytes are errors,
 //! never panics.
 
-use holdfast::sansio::segment::{Offload, SplitError, Slots, VNET_HDR_LEN, split};
+use holdfast::sansio::segment::{Offload, Slots, SplitError, VNET_HDR_LEN, split};
 use proptest::prelude::*;
 
 const OFFSET: usize = 20;
@@ -121,7 +121,9 @@ fn supers() -> impl Strategy<Value = Super> {
         any::<bool>(),
     )
         .prop_map(|(v6, udp, opt_words, flags, seq, id, addrs, (len, seed), gso_size, ecn)| {
-            let payload = (0..len as u64).map(|i| (seed.wrapping_add(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8).collect();
+            let payload = (0..len as u64)
+                .map(|i| (seed.wrapping_add(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+                .collect();
             let mut s = Super { v6, udp, tcp_options: opt_words * 4, flags, seq, id, addrs, payload, gso_size, ecn };
             // The IPv4 total length is 16 bits.
             let max = 65_535 - s.iph() - s.l4h();

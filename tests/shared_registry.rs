@@ -2,9 +2,9 @@
 //! test (Debian's binaries, `initdb` into a temp dir, unix socket only; see support/pg.rs).
 //! Skipped with a note when the server binaries are not installed (`.ci/run` installs them).
 
-mod support;
 #[allow(unused_macros)]
 mod leak_probes;
+mod support;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -24,9 +24,7 @@ fn skip() -> bool {
 }
 
 fn init(dir: &Path, endpoint: &str, url: &str, subnet: &str) -> String {
-    holdfast_ok(&[
-        "gateway", "init", "--dir", s(dir), "--endpoint", endpoint, "--subnet", subnet, "--registry", url,
-    ])
+    holdfast_ok(&["gateway", "init", "--dir", s(dir), "--endpoint", endpoint, "--subnet", subnet, "--registry", url])
 }
 
 fn code_and_err(args: &[&str]) -> (i32, String) {
@@ -50,29 +48,35 @@ fn two_gateways_share_one_registry_through_the_commands() {
 
     // A second init on the same database is refused: that is what join is for.
     let (code, err) = code_and_err(&[
-        "gateway", "init", "--dir", s(&tmp.path().join("x")), "--endpoint", "198.18.0.9:51820",
-        "--registry", &db.url(),
+        "gateway",
+        "init",
+        "--dir",
+        s(&tmp.path().join("x")),
+        "--endpoint",
+        "198.18.0.9:51820",
+        "--registry",
+        &db.url(),
     ]);
     assert_eq!(code, exit::FAILURE, "{err}");
     assert!(err.contains("already holds a deployment") && err.contains("gateway join"), "{err}");
 
-    let joined = holdfast_ok(&[
-        "gateway", "join", "--dir", s(&b), "--from", s(&a), "--endpoint", "198.18.0.6:51820",
-    ]);
+    let joined = holdfast_ok(&["gateway", "join", "--dir", s(&b), "--from", s(&a), "--endpoint", "198.18.0.6:51820"]);
     assert!(joined.contains("198.18.0.2:51820, 198.18.0.6:51820"), "{joined}");
     // Same authority, own TLS identity.
-    assert_eq!(
-        std::fs::read(a.join("ca.pem")).unwrap(),
-        std::fs::read(b.join("ca.pem")).unwrap()
-    );
-    assert_ne!(
-        std::fs::read(a.join("server.pem")).unwrap(),
-        std::fs::read(b.join("server.pem")).unwrap()
-    );
+    assert_eq!(std::fs::read(a.join("ca.pem")).unwrap(), std::fs::read(b.join("ca.pem")).unwrap());
+    assert_ne!(std::fs::read(a.join("server.pem")).unwrap(), std::fs::read(b.join("server.pem")).unwrap());
     // An endpoint is one gateway's only.
     let (code, err) = code_and_err(&[
-        "gateway", "join", "--dir", s(&tmp.path().join("c")), "--from", s(&a), "--endpoint",
-        "198.18.0.6:51820", "--name", "other",
+        "gateway",
+        "join",
+        "--dir",
+        s(&tmp.path().join("c")),
+        "--from",
+        s(&a),
+        "--endpoint",
+        "198.18.0.6:51820",
+        "--name",
+        "other",
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("already a gateway of this deployment"), "{err}");
@@ -125,7 +129,13 @@ fn database_trouble_is_one_clear_line_and_a_distinct_exit_code() {
 
     // Malformed URL.
     let (code, err) = code_and_err(&[
-        "gateway", "init", "--dir", s(&a), "--endpoint", "198.18.0.2:51820", "--registry",
+        "gateway",
+        "init",
+        "--dir",
+        s(&a),
+        "--endpoint",
+        "198.18.0.2:51820",
+        "--registry",
         "postgres://u:secret@[::1/x",
     ]);
     assert_eq!(code, exit::CONFIG_INVALID, "{err}");
@@ -133,14 +143,26 @@ fn database_trouble_is_one_clear_line_and_a_distinct_exit_code() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     // Not a PostgreSQL URL at all.
     let (code, err) = code_and_err(&[
-        "gateway", "init", "--dir", s(&a), "--endpoint", "198.18.0.2:51820", "--registry",
+        "gateway",
+        "init",
+        "--dir",
+        s(&a),
+        "--endpoint",
+        "198.18.0.2:51820",
+        "--registry",
         "mysql://x/y",
     ]);
     assert_eq!(code, exit::CONFIG_INVALID, "{err}");
     assert!(err.contains("invalid database URL 'mysql://x/y'"), "{err}");
     // A user the server does not know.
     let (code, err) = code_and_err(&[
-        "gateway", "init", "--dir", s(&a), "--endpoint", "198.18.0.2:51820", "--registry",
+        "gateway",
+        "init",
+        "--dir",
+        s(&a),
+        "--endpoint",
+        "198.18.0.2:51820",
+        "--registry",
         &db.url_for("nobody", "holdfast"),
     ]);
     assert_eq!(code, exit::DB_CREDENTIALS, "{err}");
@@ -148,7 +170,13 @@ fn database_trouble_is_one_clear_line_and_a_distinct_exit_code() {
     // A socket directory with no server.
     let empty = tempfile::tempdir().unwrap();
     let (code, err) = code_and_err(&[
-        "gateway", "init", "--dir", s(&a), "--endpoint", "198.18.0.2:51820", "--registry",
+        "gateway",
+        "init",
+        "--dir",
+        s(&a),
+        "--endpoint",
+        "198.18.0.2:51820",
+        "--registry",
         &format!("postgres://postgres@localhost/holdfast?host={}", empty.path().display()),
     ]);
     assert_eq!(code, exit::DB_UNAVAILABLE, "{err}");
@@ -182,9 +210,8 @@ fn database_trouble_is_one_clear_line_and_a_distinct_exit_code() {
     let subnet6 = subnet6.trim().to_owned();
     db.psql(old_schema);
     db.psql("UPDATE holdfast_deployment SET subnet6 = 'fd00:dead::/128'");
-    let has_column = || {
-        db.psql("SELECT count(*) FROM information_schema.columns WHERE column_name = 'gateway_ip6'").trim() == "1"
-    };
+    let has_column =
+        || db.psql("SELECT count(*) FROM information_schema.columns WHERE column_name = 'gateway_ip6'").trim() == "1";
     let (code, err) = code_and_err(&["gateway", "list", "--dir", s(&a)]);
     assert_ne!(code, 0, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -237,11 +264,7 @@ fn concurrent_add_clients_from_two_hosts_never_share_an_address() {
                     }
                     let (i, child) = running.remove(0);
                     let out = child.wait_with_output().unwrap();
-                    assert!(
-                        out.status.success(),
-                        "add-client {host}{i}: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
+                    assert!(out.status.success(), "add-client {host}{i}: {}", String::from_utf8_lossy(&out.stderr));
                 }
             });
         }
@@ -426,11 +449,8 @@ fn a_database_outage_goes_unnoticed_and_a_revocation_applies_on_its_return() {
     assert!(during.len() >= 100, "{} replies in 30 s", during.len());
     assert!(gaps < 1.5, "traffic paused {gaps:.2} s during the outage");
     // No transition at all: the client never noticed.
-    let transitions: Vec<String> = client.all_lines()[seen_before..]
-        .iter()
-        .filter(|l| l.contains(" -> "))
-        .cloned()
-        .collect();
+    let transitions: Vec<String> =
+        client.all_lines()[seen_before..].iter().filter(|l| l.contains(" -> ")).cloned().collect();
     let said: usize = gw.all_lines().iter().filter(|l| l.contains("serving from the last good view")).count();
     assert_eq!(said, 1, "the outage is said once");
     // ... and status says so while it lasts.
@@ -452,10 +472,7 @@ fn a_database_outage_goes_unnoticed_and_a_revocation_applies_on_its_return() {
     d.db.restart();
     holdfast_ok(&["gateway", "revoke", "--dir", s(&d.dir("ops")), "alice"]);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        !gw.all_lines().iter().any(|l| l.contains("session closed")),
-        "the gateway cannot have learnt it yet"
-    );
+    assert!(!gw.all_lines().iter().any(|l| l.contains("session closed")), "the gateway cannot have learnt it yet");
     d.reconnect_gateways();
     let back = Instant::now();
     gw.wait_for(&["session closed", "alice", "revoked"], T);
@@ -484,8 +501,10 @@ fn when_its_gateway_dies_the_client_fails_over_with_its_address_and_without_a_le
     assert!(pinger.first_reply_after(&d.c, support::unix_now(), T).is_some(), "traffic via A");
 
     // Observers on the far ends of both of the client's links count whatever it sends there.
-    let obs_a = leak_probes::Observer::install(&d.a, "hfg", "198.18.0.2".parse::<std::net::IpAddr>().unwrap(), 51820, 51820);
-    let obs_b = leak_probes::Observer::install(&d.b, "hfg", "198.18.0.6".parse::<std::net::IpAddr>().unwrap(), 51820, 51820);
+    let obs_a =
+        leak_probes::Observer::install(&d.a, "hfg", "198.18.0.2".parse::<std::net::IpAddr>().unwrap(), 51820, 51820);
+    let obs_b =
+        leak_probes::Observer::install(&d.b, "hfg", "198.18.0.6".parse::<std::net::IpAddr>().unwrap(), 51820, 51820);
 
     gw_a.kill();
     let killed = support::unix_now();
@@ -497,10 +516,7 @@ fn when_its_gateway_dies_the_client_fails_over_with_its_address_and_without_a_le
     gw_b.wait_for(&["session opened", "carol", "100.64.0.2"], T);
     let second = client.wait_for(&["-> Healthy", "session"], T);
     assert!(second.contains("ip 100.64.0.2/24"), "same tunnel address: {second}");
-    assert!(
-        client.all_lines().iter().any(|l| l.contains("-> Failover")),
-        "the supervisor failed over"
-    );
+    assert!(client.all_lines().iter().any(|l| l.contains("-> Failover")), "the supervisor failed over");
     assert!(client.is_alive() && client.pid() == pid, "same client process");
     assert!(obs_b.counts().get("gw_data") > 0, "the data plane follows the session to B");
     for (name, obs) in [("A", &obs_a), ("B", &obs_b)] {
@@ -712,9 +728,8 @@ fn after_a_failover_a_hop_discovered_on_the_old_path_is_not_kept_on_the_new_one(
     assert!(followed, "B's clean path, not A's hop, {:?} after the failover: {:?}", moved.elapsed(), path_mtu());
     // The new path is searched afresh, both ways: B is told the full size its packets to the
     // client may have (A's link took only 1280, which the old path's search had found).
-    let searched = support::wait_until(T, || {
-        client.all_lines().iter().any(|l| l.contains("path MTU: a new path, to 198.18.0.6"))
-    });
+    let searched =
+        support::wait_until(T, || client.all_lines().iter().any(|l| l.contains("path MTU: a new path, to 198.18.0.6")));
     assert!(searched, "the prober started over on B's path");
     let at_b = || {
         let json = holdfast_ok(&["gateway", "status", "--dir", s(&d.dir("b")), "--json"]);

@@ -92,10 +92,7 @@ impl Fault {
     /// Faults that act on the gateway process: at most one of them at a time (a SIGCONT or a
     /// SIGUSR2 must reach the process it was meant for).
     fn on_gateway_process(self) -> bool {
-        matches!(
-            self,
-            Fault::GatewayKill | Fault::GatewayStop | Fault::Expire
-        )
+        matches!(self, Fault::GatewayKill | Fault::GatewayStop | Fault::Expire)
     }
 
     /// The nftables table this fault uses in the gateway namespace, if any.
@@ -111,10 +108,7 @@ impl Fault {
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// One client: its namespace, file, logs, process and pinger.
@@ -138,18 +132,9 @@ impl Client {
     /// (loop starts, TUN ifindex) from the status report.
     fn data_plane_identity(&self) -> (u32, u32) {
         let r = self.status();
-        assert_eq!(
-            r.pid,
-            self.proc.pid(),
-            "{}: the status socket answers for our process",
-            self.name
-        );
-        let Some(dp) = r.data_plane.clone() else {
-            panic!("{}: no data plane in {r:?}", self.name)
-        };
-        let tun = dp
-            .tun
-            .unwrap_or_else(|| panic!("{}: no TUN in the status", self.name));
+        assert_eq!(r.pid, self.proc.pid(), "{}: the status socket answers for our process", self.name);
+        let Some(dp) = r.data_plane.clone() else { panic!("{}: no data plane in {r:?}", self.name) };
+        let tun = dp.tun.unwrap_or_else(|| panic!("{}: no TUN in the status", self.name));
         (dp.loop_starts, tun.ifindex)
     }
 }
@@ -171,11 +156,7 @@ fn visible_log_lines(dir: &Path) -> Vec<String> {
             let text = std::fs::read_to_string(entry.path()).expect("read log");
             lines.extend(
                 text.lines()
-                    .filter(|l| {
-                        [" INFO ", " WARN ", " ERROR "]
-                            .iter()
-                            .any(|lv| l.contains(lv))
-                    })
+                    .filter(|l| [" INFO ", " WARN ", " ERROR "].iter().any(|lv| l.contains(lv)))
                     .map(str::to_owned),
             );
         }
@@ -201,11 +182,7 @@ struct Soak<'a> {
 
 impl Soak<'_> {
     fn ns(&self, i: usize) -> &Netns {
-        if i == 0 {
-            self.gw.clients_ns()
-        } else {
-            self.ns1
-        }
+        if i == 0 { self.gw.clients_ns() } else { self.ns1 }
     }
 
     fn start_gateway(gw: &GatewayDir, n: u32) -> Proc {
@@ -225,12 +202,7 @@ impl Soak<'_> {
 
     fn assert_clients_alive(&mut self, when: &str) {
         for c in &mut self.clients {
-            assert!(
-                c.proc.is_alive(),
-                "{} died ({when}):\n{}",
-                c.name,
-                c.proc.all_lines().join("\n")
-            );
+            assert!(c.proc.is_alive(), "{} died ({when}):\n{}", c.name, c.proc.all_lines().join("\n"));
         }
     }
 
@@ -268,13 +240,7 @@ impl Soak<'_> {
                 self.gateway.signal("USR2");
             }
             Fault::Revoke => {
-                holdfast_ok(&[
-                    "gateway",
-                    "revoke",
-                    "--dir",
-                    s(self.gw.path()),
-                    &self.clients[0].name,
-                ]);
+                holdfast_ok(&["gateway", "revoke", "--dir", s(self.gw.path()), &self.clients[0].name]);
             }
             Fault::ControlBlackhole => self.gw_table(
                 "soak_ctl",
@@ -321,20 +287,8 @@ impl Soak<'_> {
             Fault::Roam => {
                 let next = 1 - self.home;
                 let ns = self.ns(0);
-                ns.ip(&[
-                    "addr",
-                    "del",
-                    &format!("{}/24", HOME[self.home]),
-                    "dev",
-                    CLIENT_IF,
-                ]);
-                ns.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{}/24", HOME[next]),
-                    "dev",
-                    CLIENT_IF,
-                ]);
+                ns.ip(&["addr", "del", &format!("{}/24", HOME[self.home]), "dev", CLIENT_IF]);
+                ns.ip(&["addr", "add", &format!("{}/24", HOME[next]), "dev", CLIENT_IF]);
                 self.home = next;
             }
         }
@@ -354,8 +308,7 @@ impl Soak<'_> {
             }
             Fault::Garbage => {
                 self.gw_table("soak_dup", None);
-                self.ns(0)
-                    .nft("table ip soak_dup {}\ndelete table ip soak_dup\n");
+                self.ns(0).nft("table ip soak_dup {}\ndelete table ip soak_dup\n");
             }
             Fault::Expire | Fault::Roam => {}
             Fault::ControlBlackhole | Fault::UdpBlackhole | Fault::UdpLoss => {
@@ -369,15 +322,7 @@ impl Soak<'_> {
     fn re_add(&mut self) {
         let c = &self.clients[0];
         let tmp = self.gw.path().join(format!("{}.readd.toml", c.name));
-        holdfast_ok(&[
-            "gateway",
-            "add-client",
-            "--dir",
-            s(self.gw.path()),
-            &c.name,
-            "--out",
-            s(&tmp),
-        ]);
+        holdfast_ok(&["gateway", "add-client", "--dir", s(self.gw.path()), &c.name, "--out", s(&tmp)]);
         let logs = c.logs.path().to_owned();
         edit_client_file(&tmp, |f| fast_timings(f, &logs));
         std::fs::rename(&tmp, &c.file).expect("replace the client file");
@@ -424,9 +369,8 @@ impl Soak<'_> {
     fn episode(&mut self, first: Fault, deck: &mut Vec<Fault>) {
         let mut faults = vec![first];
         if self.rng.random_bool(0.35)
-            && let Some(i) = deck.iter().position(|&g| {
-                !(g.on_gateway_process() && first.on_gateway_process()) && g != first
-            })
+            && let Some(i) =
+                deck.iter().position(|&g| !(g.on_gateway_process() && first.on_gateway_process()) && g != first)
         {
             faults.push(deck.remove(i));
         }
@@ -462,11 +406,7 @@ impl Soak<'_> {
         self.assert_gateway_alive("after the episode");
         let cleared = unix_now();
         for i in 0..self.clients.len() {
-            let ns = if i == 0 {
-                self.gw.clients_ns()
-            } else {
-                self.ns1
-            };
+            let ns = if i == 0 { self.gw.clients_ns() } else { self.ns1 };
             let c = &mut self.clients[i];
             let Some(took) = c.pinger.first_reply_after(ns, cleared, RECOVERY_BOUND) else {
                 panic!(
@@ -478,11 +418,7 @@ impl Soak<'_> {
                     tail(&self.gateway.all_lines(), 60),
                 );
             };
-            let label = faults
-                .iter()
-                .map(|f| format!("{f:?}"))
-                .collect::<Vec<_>>()
-                .join("+");
+            let label = faults.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join("+");
             let what = format!("{}:{label}", c.name);
             self.recoveries.push((what.clone(), took));
             self.note(format!("recovered {what} in {took:?}"));
@@ -509,33 +445,13 @@ fn world() -> (GatewayDir, Netns) {
     let ns1 = Netns::new();
     netns::link(&ns0, CLIENT_IF, HOME[0], &gw_ns, GW_IF, GW, 24);
     let gw1 = Ipv4Addr::new(198, 18, 1, 1);
-    netns::link(
-        &ns1,
-        CLIENT_IF,
-        Ipv4Addr::new(198, 18, 1, 2),
-        &gw_ns,
-        "hfg2",
-        gw1,
-        24,
-    );
+    netns::link(&ns1, CLIENT_IF, Ipv4Addr::new(198, 18, 1, 2), &gw_ns, "hfg2", gw1, 24);
     // Every client file names the same endpoint; client1 reaches it through its link.
     ns1.ip(&["route", "add", &format!("{GW}/32"), "via", &gw1.to_string()]);
     let dir = tempfile::tempdir().expect("tempdir");
     let endpoint = format!("{GW}:{PORT}");
-    holdfast_ok(&[
-        "gateway",
-        "init",
-        "--dir",
-        s(dir.path()),
-        "--endpoint",
-        &endpoint,
-    ]);
-    let gw = GatewayDir {
-        dir,
-        port: PORT,
-        ns: gw_ns,
-        client_ns: Some(ns0),
-    };
+    holdfast_ok(&["gateway", "init", "--dir", s(dir.path()), "--endpoint", &endpoint]);
+    let gw = GatewayDir { dir, port: PORT, ns: gw_ns, client_ns: Some(ns0) };
     // Bound to the endpoint address, the gateway's replies leave from it on both links: the
     // only source the clients' kill-switch accepts.
     gw.set("listen", &format!("\"{endpoint}\""));
@@ -554,10 +470,7 @@ fn soak_under_a_seeded_fault_schedule() {
     let obs = Observer::install(&gw.ns, GW_IF, GW, PORT, PORT);
     let targets: Vec<IpAddr> = vec![GW.into(), Ipv4Addr::new(198, 19, 0, 99).into()];
     let control = probe_round(gw.clients_ns(), &obs, &targets, GW.into(), PORT, PORT);
-    assert!(
-        !control.leaks().is_empty(),
-        "positive control: the observer sees probes: {control:?}"
-    );
+    assert!(!control.leaks().is_empty(), "positive control: the observer sees probes: {control:?}");
     obs.reset();
 
     let gateway = Soak::start_gateway(&gw, 0);
@@ -568,18 +481,11 @@ fn soak_under_a_seeded_fault_schedule() {
         let file = gw.add_client(&name, |f| fast_timings(f, logs.path()));
         let ns = if i == 0 { gw.clients_ns() } else { &ns1 };
         let mut cmd = ns.command(BIN);
-        cmd.args(["client", "run", "--no-tui", "--config", s(&file)])
-            .env_remove("RUST_LOG");
+        cmd.args(["client", "run", "--no-tui", "--config", s(&file)]).env_remove("RUST_LOG");
         let mut proc = Proc::spawn(&name, cmd);
         proc.wait_for(&["data plane on session"], T);
         let pinger = Pinger::start(ns, &format!("ping{i}"), GW_TUN, "0.1");
-        clients.push(Client {
-            name,
-            file,
-            logs,
-            proc,
-            pinger,
-        });
+        clients.push(Client { name, file, logs, proc, pinger });
     }
     let mut soak = Soak {
         gw: &gw,
@@ -598,25 +504,13 @@ fn soak_under_a_seeded_fault_schedule() {
     // Warm-up: traffic flows on both clients; then the baseline.
     for i in 0..2 {
         let since = unix_now();
-        let ns = if i == 0 {
-            soak.gw.clients_ns()
-        } else {
-            soak.ns1
-        };
+        let ns = if i == 0 { soak.gw.clients_ns() } else { soak.ns1 };
         let c = &mut soak.clients[i];
-        assert!(
-            c.pinger.first_reply_after(ns, since, T).is_some(),
-            "{}: tunnel up",
-            c.name
-        );
+        assert!(c.pinger.first_reply_after(ns, since, T).is_some(), "{}: tunnel up", c.name);
     }
     let ns0 = soak.gw.clients_ns();
     assert!(ns0.ping_count(GW_TUN, 10) >= 9, "warm-up traffic");
-    let identity: Vec<(u32, u32)> = soak
-        .clients
-        .iter()
-        .map(Client::data_plane_identity)
-        .collect();
+    let identity: Vec<(u32, u32)> = soak.clients.iter().map(Client::data_plane_identity).collect();
     for (c, (loops, _)) in soak.clients.iter().zip(&identity) {
         assert_eq!(*loops, 1, "{}: loops started once", c.name);
     }
@@ -644,12 +538,7 @@ fn soak_under_a_seeded_fault_schedule() {
         soak.episode(f, &mut deck);
         // The process, its loops and its TUN device are the same ones after every episode.
         for (c, id) in soak.clients.iter().zip(&identity) {
-            assert_eq!(
-                &c.data_plane_identity(),
-                id,
-                "{}: loops restarted or TUN replaced",
-                c.name
-            );
+            assert_eq!(&c.data_plane_identity(), id, "{}: loops restarted or TUN replaced", c.name);
         }
         let gap = soak.rng.random_range(300..1200);
         std::thread::sleep(Duration::from_millis(gap));
@@ -658,15 +547,8 @@ fn soak_under_a_seeded_fault_schedule() {
 
     // Steady state again: a clean burst of pings on both clients.
     for i in 0..2 {
-        let ns = if i == 0 {
-            soak.gw.clients_ns()
-        } else {
-            soak.ns1
-        };
-        assert!(
-            ns.ping_count(GW_TUN, 10) >= 9,
-            "client{i}: steady traffic at the end"
-        );
+        let ns = if i == 0 { soak.gw.clients_ns() } else { soak.ns1 };
+        assert!(ns.ping_count(GW_TUN, 10) >= 9, "client{i}: steady traffic at the end");
     }
     let rss_end = rss_kib(pids[0]);
     let status0 = soak.clients[0].status();
@@ -718,19 +600,9 @@ fn soak_under_a_seeded_fault_schedule() {
     eprintln!("{table}");
 
     // The assertions the table reports on.
-    assert!(
-        Fault::ALL.iter().all(|f| soak.injected.contains_key(f)),
-        "every kind injected"
-    );
-    assert!(
-        leaks.leaks().is_empty(),
-        "leaked over the physical link: {:?}",
-        leaks.leaks()
-    );
-    assert!(
-        rss_end <= rss_start + RSS_MARGIN_KIB,
-        "client0 RSS grew from {rss_start} KiB to {rss_end} KiB"
-    );
+    assert!(Fault::ALL.iter().all(|f| soak.injected.contains_key(f)), "every kind injected");
+    assert!(leaks.leaks().is_empty(), "leaked over the physical link: {:?}", leaks.leaks());
+    assert!(rss_end <= rss_start + RSS_MARGIN_KIB, "client0 RSS grew from {rss_start} KiB to {rss_end} KiB");
     assert!(
         run_lines <= LOG_BASE + LOG_PER_FAULT * faults as usize,
         "{run_lines} log lines for {faults} faults:\n{}",
@@ -742,16 +614,7 @@ fn soak_under_a_seeded_fault_schedule() {
     }
     soak.assert_gateway_alive("at the end");
     for c in &mut soak.clients {
-        assert_eq!(
-            c.proc.terminate(T),
-            Some(0),
-            "{}: explicit stop exits 0",
-            c.name
-        );
+        assert_eq!(c.proc.terminate(T), Some(0), "{}: explicit stop exits 0", c.name);
     }
-    assert_eq!(
-        soak.gateway.terminate(T),
-        Some(0),
-        "the gateway stops cleanly"
-    );
+    assert_eq!(soak.gateway.terminate(T), Some(0), "the gateway stops cleanly");
 }

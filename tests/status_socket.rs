@@ -63,10 +63,7 @@ fn healthy() -> ClientStatus {
 fn sampler() -> Sampler {
     Arc::new(|| {
         Some(DataPlaneSample {
-            tun: Some(TunInfo {
-                name: "holdfast0".into(),
-                ifindex: 12,
-            }),
+            tun: Some(TunInfo { name: "holdfast0".into(), ifindex: 12 }),
             loop_starts: 1,
             rx_packets: 10,
             rx_bytes: 12_345,
@@ -81,16 +78,12 @@ fn sampler() -> Sampler {
 /// `query` blocks; run it off the runtime's threads so the server can answer.
 async fn ask(path: &Path) -> Result<StatusReport, StatusQueryError> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || status_socket::query(&path))
-        .await
-        .expect("query task")
+    tokio::task::spawn_blocking(move || status_socket::query(&path)).await.expect("query task")
 }
 
 async fn ask_raw(path: &Path) -> Result<String, StatusQueryError> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || status_socket::query_raw(&path))
-        .await
-        .expect("query task")
+    tokio::task::spawn_blocking(move || status_socket::query_raw(&path)).await.expect("query task")
 }
 
 fn sock_in(dir: &tempfile::TempDir) -> PathBuf {
@@ -102,8 +95,7 @@ async fn a_query_gets_the_status_without_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = sock_in(&dir);
     let (tx, rx) = watch::channel(healthy());
-    let guard =
-        status_socket::serve(&path, rx, Some(sampler()), "on (test)".into()).expect("serve");
+    let guard = status_socket::serve(&path, rx, Some(sampler()), "on (test)".into()).expect("serve");
     assert_eq!(guard.path(), path);
 
     let r = ask(&path).await.expect("a report");
@@ -114,10 +106,7 @@ async fn a_query_gets_the_status_without_the_key() {
     assert_eq!(r.last_cause, "AuthSucceeded");
     let timer = r.next_timer.as_ref().expect("armed timer");
     assert_eq!(timer.purpose, "health check");
-    assert!(
-        timer.in_ms > 3_000_000,
-        "the timer is an hour out: {timer:?}"
-    );
+    assert!(timer.in_ms > 3_000_000, "the timer is an hour out: {timer:?}");
     assert_eq!(r.last_rtt_us, Some(2_500));
     assert_eq!(r.killswitch, "on (test)");
     let snap = r.snapshot.as_ref().expect("snapshot");
@@ -126,20 +115,10 @@ async fn a_query_gets_the_status_without_the_key() {
     assert_eq!(snap.assigned_ip6.as_deref(), Some("fd00:64::2"));
     assert_eq!((snap.prefix_len6, snap.gateway_ip6.as_deref()), (64, Some("fd00:64::1")));
     assert_eq!(snap.session_id, "feedbeef00000042");
-    assert_eq!(
-        snap.key_fingerprint,
-        SessionKey::new(key_bytes()).fingerprint().to_string()
-    );
-    assert!(
-        (29_000..120_000).contains(&snap.age_ms),
-        "age {}",
-        snap.age_ms
-    );
+    assert_eq!(snap.key_fingerprint, SessionKey::new(key_bytes()).fingerprint().to_string());
+    assert!((29_000..120_000).contains(&snap.age_ms), "age {}", snap.age_ms);
     let dp = r.data_plane.as_ref().expect("counters");
-    assert_eq!(
-        (dp.rx_bytes, dp.tx_packets, dp.loop_starts),
-        (12_345, 20, 1)
-    );
+    assert_eq!((dp.rx_bytes, dp.tx_packets, dp.loop_starts), (12_345, 20, 1));
     assert_eq!(dp.drops[1], DropCount::new("replay", 4));
     assert_eq!(r.recent[0].to, "Healthy", "newest first");
     assert_eq!(r.recent[1].from, "Unauthed");
@@ -150,10 +129,7 @@ async fn a_query_gets_the_status_without_the_key() {
     assert!(!raw.contains(&key_hex()[..16]), "{raw}");
     let human = status_socket::format_human(&r);
     assert!(!human.contains(&key_hex()[..16]), "{human}");
-    assert!(
-        human.contains("holdfast client: Healthy (Running > Connected)"),
-        "{human}"
-    );
+    assert!(human.contains("holdfast client: Healthy (Running > Connected)"), "{human}");
     assert!(human.contains("address:      100.64.0.9/24"), "{human}");
     assert!(human.contains("address6:     fd00:64::2/64"), "{human}");
     assert!(human.contains("gateway6:     fd00:64::1"), "{human}");
@@ -171,14 +147,8 @@ async fn a_query_gets_the_status_without_the_key() {
     next.supervisor.backoff = 2 * S;
     tx.send_replace(next);
     let r = ask(&path).await.expect("a report");
-    assert_eq!(
-        (r.state.as_str(), r.failures, r.backoff_ms),
-        ("Degraded", 2, 2000)
-    );
-    assert_eq!(
-        r.next_timer.map(|t| t.purpose).as_deref(),
-        Some("ping retry")
-    );
+    assert_eq!((r.state.as_str(), r.failures, r.backoff_ms), ("Degraded", 2, 2000));
+    assert_eq!(r.next_timer.map(|t| t.purpose).as_deref(), Some("ping retry"));
 }
 
 #[tokio::test]
@@ -190,17 +160,9 @@ async fn the_socket_is_0600_in_a_0700_folder_and_goes_away_on_drop() {
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
     assert_eq!(mode(&path), 0o600);
     let parent = path.parent().expect("parent");
-    assert_eq!(
-        mode(parent) & 0o077,
-        0,
-        "no access for group/others: {:o}",
-        mode(parent)
-    );
+    assert_eq!(mode(parent) & 0o077, 0, "no access for group/others: {:o}", mode(parent));
     // Nothing but the socket is left in the folder (the temporary bind name was renamed).
-    let names: Vec<_> = std::fs::read_dir(parent)
-        .expect("ls")
-        .map(|e| e.expect("entry").file_name())
-        .collect();
+    let names: Vec<_> = std::fs::read_dir(parent).expect("ls").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("client.sock")]);
 
     // Before the data plane is up, the report says so.
@@ -212,10 +174,7 @@ async fn the_socket_is_0600_in_a_0700_folder_and_goes_away_on_drop() {
     drop(guard);
     assert!(!path.exists(), "removed on drop");
     let err = ask(&path).await.expect_err("nobody serves");
-    assert!(
-        matches!(err, StatusQueryError::NotRunning { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, StatusQueryError::NotRunning { .. }), "{err:?}");
 }
 
 #[tokio::test]
@@ -223,13 +182,7 @@ async fn no_client_running_is_a_clear_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("client.sock");
     let err = ask(&path).await.expect_err("no socket");
-    assert_eq!(
-        err.to_string(),
-        format!(
-            "no holdfast client is running (no socket at {})",
-            path.display()
-        )
-    );
+    assert_eq!(err.to_string(), format!("no holdfast client is running (no socket at {})", path.display()));
     assert_eq!(err.exit_code(), 3);
 }
 
@@ -242,14 +195,10 @@ async fn a_stale_socket_from_a_killed_client_is_replaced() {
     assert!(path.exists());
     let err = ask(&path).await.expect_err("stale");
     assert!(matches!(err, StatusQueryError::Stale { .. }), "{err:?}");
-    assert!(
-        err.to_string().starts_with("no holdfast client is running"),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("no holdfast client is running"), "{err}");
 
     let (_tx, rx) = watch::channel(healthy());
-    let _guard =
-        status_socket::serve(&path, rx, None, "off".into()).expect("serve over a stale socket");
+    let _guard = status_socket::serve(&path, rx, None, "off".into()).expect("serve over a stale socket");
     assert_eq!(ask(&path).await.expect("report").state, "Healthy");
 }
 
@@ -259,13 +208,9 @@ async fn a_live_socket_or_a_plain_file_is_not_taken_over() {
     let path = dir.path().join("client.sock");
     let (_tx, rx) = watch::channel(healthy());
     let _first = status_socket::serve(&path, rx.clone(), None, "off".into()).expect("serve");
-    let err =
-        status_socket::serve(&path, rx.clone(), None, "off".into()).expect_err("second server");
+    let err = status_socket::serve(&path, rx.clone(), None, "off".into()).expect_err("second server");
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
-    assert_eq!(
-        ask(&path).await.expect("first still answers").state,
-        "Healthy"
-    );
+    assert_eq!(ask(&path).await.expect("first still answers").state, "Healthy");
 
     let file = dir.path().join("notes.txt");
     std::fs::write(&file, "keep me").expect("write");
@@ -300,9 +245,7 @@ async fn the_status_command_prints_text_or_json_and_exits_3_without_a_client() {
     let err = run(false).await.expect("task").expect_err("no client");
     assert_eq!(err.exit_code(), 3);
     let missing = path.clone();
-    let code = tokio::task::spawn_blocking(move || {
-        status_socket::status_command(false, Some(missing), None)
-    });
+    let code = tokio::task::spawn_blocking(move || status_socket::status_command(false, Some(missing), None));
     assert_eq!(code.await.expect("task"), 3);
 
     let (_tx, rx) = watch::channel(healthy());
@@ -312,10 +255,7 @@ async fn the_status_command_prints_text_or_json_and_exits_3_without_a_client() {
     let json = run(true).await.expect("task").expect("json");
     let back: StatusReport = serde_json::from_str(&json).expect("the JSON is a report");
     assert_eq!(back.state, "Healthy");
-    assert!(
-        json.contains("\n  \"state\": \"Healthy\""),
-        "pretty-printed: {json}"
-    );
+    assert!(json.contains("\n  \"state\": \"Healthy\""), "pretty-printed: {json}");
     assert!(!json.contains(&key_hex()[..16]));
 }
 
@@ -326,21 +266,10 @@ fn the_default_socket_path_fits_the_user() {
     if holdfast::config::running_as_root() {
         assert_eq!(p, Path::new("/run/holdfast/client.sock"));
     } else {
-        assert!(
-            p.parent()
-                .is_some_and(|d| d.ends_with("holdfast") || d.starts_with("/tmp")),
-            "{}",
-            p.display()
-        );
+        assert!(p.parent().is_some_and(|d| d.ends_with("holdfast") || d.starts_with("/tmp")), "{}", p.display());
     }
     // An explicit path wins; a config that cannot be read falls back to the default.
     let explicit = PathBuf::from("/x/y.sock");
-    assert_eq!(
-        status_socket::resolve_socket_path(Some(explicit.clone()), None),
-        explicit
-    );
-    assert_eq!(
-        status_socket::resolve_socket_path(None, Some(Path::new("/nonexistent/client.toml"))),
-        p
-    );
+    assert_eq!(status_socket::resolve_socket_path(Some(explicit.clone()), None), explicit);
+    assert_eq!(status_socket::resolve_socket_path(None, Some(Path::new("/nonexistent/client.toml"))), p);
 }

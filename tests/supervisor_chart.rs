@@ -12,9 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use holdfast::sansio::supervisor::{
-    AuthFailure, Effect, Event, PingFailure, StateName, Supervisor, Timer, Timings,
-};
+use holdfast::sansio::supervisor::{AuthFailure, Effect, Event, PingFailure, StateName, Supervisor, Timer, Timings};
 use holdfast::snapshot::VpnAuthResponse;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -77,10 +75,7 @@ impl Chart {
                 continue;
             }
             if !saw_header {
-                assert_eq!(
-                    line, "stateDiagram-v2",
-                    "{at}: the chart must start with the header"
-                );
+                assert_eq!(line, "stateDiagram-v2", "{at}: the chart must start with the header");
                 saw_header = true;
                 continue;
             }
@@ -97,10 +92,7 @@ impl Chart {
                 continue;
             }
             if let Some(rest) = line.strip_prefix("state ") {
-                let name = rest
-                    .strip_suffix('{')
-                    .unwrap_or_else(|| panic!("{at}: expected `state Name {{`"))
-                    .trim();
+                let name = rest.strip_suffix('{').unwrap_or_else(|| panic!("{at}: expected `state Name {{`")).trim();
                 chart.declare(name, stack.last(), &at);
                 chart.composites.insert(name.to_owned());
                 stack.push(name.to_owned());
@@ -159,11 +151,8 @@ impl Chart {
         if !self.composites.contains(state) {
             return vec![state.to_owned()];
         }
-        let inside: Vec<String> = self
-            .leaves()
-            .into_iter()
-            .filter(|leaf| self.ancestors(leaf).iter().any(|a| a == state))
-            .collect();
+        let inside: Vec<String> =
+            self.leaves().into_iter().filter(|leaf| self.ancestors(leaf).iter().any(|a| a == state)).collect();
         assert!(!inside.is_empty(), "composite {state} has no states");
         inside
     }
@@ -175,17 +164,9 @@ impl Chart {
             if from == "[*]" || to == "[*]" {
                 continue;
             }
-            let label = label
-                .as_deref()
-                .unwrap_or_else(|| panic!("{from} --> {to} has no event"));
-            assert!(
-                EVENT_NAMES.contains(&label),
-                "{from} --> {to}: {label:?} is not an event name"
-            );
-            assert!(
-                !self.composites.contains(to),
-                "{from} --> {to}: targets must be leaf states"
-            );
+            let label = label.as_deref().unwrap_or_else(|| panic!("{from} --> {to} has no event"));
+            assert!(EVENT_NAMES.contains(&label), "{from} --> {to}: {label:?} is not an event name");
+            assert!(!self.composites.contains(to), "{from} --> {to}: targets must be leaf states");
             for leaf in self.expand(from) {
                 out.insert((leaf, to.clone(), label.to_owned()));
             }
@@ -205,11 +186,7 @@ fn snap(id: u64) -> Arc<VpnAuthResponse> {
 /// A random event of kind `kind` (an index into `EVENT_NAMES`). Results carry the attempt of the
 /// last RPC the machine asked for most of the time, else a stale or unknown one.
 fn event(kind: usize, attempt: u64, pick: &mut StdRng) -> Event {
-    let attempt = if pick.random_bool(0.8) {
-        attempt
-    } else {
-        pick.random_range(0..attempt + 3)
-    };
+    let attempt = if pick.random_bool(0.8) { attempt } else { pick.random_range(0..attempt + 3) };
     let auth_failures = [
         AuthFailure::Rejected,
         AuthFailure::CertificateRefused,
@@ -217,41 +194,19 @@ fn event(kind: usize, attempt: u64, pick: &mut StdRng) -> Event {
         AuthFailure::TimedOut,
         AuthFailure::GatewayError,
     ];
-    let ping_failures = [
-        PingFailure::Unreachable,
-        PingFailure::TimedOut,
-        PingFailure::GatewayError,
-    ];
+    let ping_failures = [PingFailure::Unreachable, PingFailure::TimedOut, PingFailure::GatewayError];
     match kind {
         0 => Event::Started,
-        1 => Event::AuthSucceeded {
-            attempt,
-            auth: snap(pick.random()),
-        },
-        2 => Event::AuthFailed {
-            attempt,
-            failure: auth_failures[pick.random_range(0..5)],
-        },
-        3 => Event::PingSucceeded {
-            attempt,
-            rtt: Duration::from_millis(pick.random_range(1..500)),
-        },
+        1 => Event::AuthSucceeded { attempt, auth: snap(pick.random()) },
+        2 => Event::AuthFailed { attempt, failure: auth_failures[pick.random_range(0..5)] },
+        3 => Event::PingSucceeded { attempt, rtt: Duration::from_millis(pick.random_range(1..500)) },
         4 => Event::SessionExpired { attempt },
-        5 => Event::PingFailed {
-            attempt,
-            failure: ping_failures[pick.random_range(0..3)],
-        },
-        6 => Event::TimerFired(if pick.random() {
-            Timer::Health
-        } else {
-            Timer::Retry
-        }),
+        5 => Event::PingFailed { attempt, failure: ping_failures[pick.random_range(0..3)] },
+        6 => Event::TimerFired(if pick.random() { Timer::Health } else { Timer::Retry }),
         7 => Event::ReauthRequested,
         8 => Event::Nudged,
         9 => Event::UnderlayChanged,
-        10 => Event::GatewaysChanged {
-            count: pick.random_range(1..4),
-        },
+        10 => Event::GatewaysChanged { count: pick.random_range(1..4) },
         11 => Event::GatewaySwitched,
         _ => Event::Stop,
     }
@@ -286,61 +241,37 @@ fn explore(walks: u64, steps: usize) -> Explored {
             now += Duration::from_millis(pick.random_range(0..1500));
             // Stop (the last kind) is rare, so walks get somewhere before they end.
             let stop = EVENT_NAMES.len() - 1;
-            let kind = if pick.random_ratio(1, 60) {
-                stop
-            } else {
-                pick.random_range(0..stop)
-            };
+            let kind = if pick.random_ratio(1, 60) { stop } else { pick.random_range(0..stop) };
             let ev = event(kind, attempt, &mut pick);
             let before = sup.state();
             let seq_before = sup.last_transition().map_or(0, |t| t.seq);
-            seen.delivered
-                .insert((format!("{before:?}"), ev.name().to_owned()));
+            seen.delivered.insert((format!("{before:?}"), ev.name().to_owned()));
             let name = ev.name();
             let fx = sup.handle(ev, now, &mut jitter);
             for e in &fx {
-                if let Effect::CallAuthenticate { attempt: a, .. }
-                | Effect::CallPing { attempt: a, .. } = e
-                {
+                if let Effect::CallAuthenticate { attempt: a, .. } | Effect::CallPing { attempt: a, .. } = e {
                     attempt = *a;
                 }
             }
             let logs: Vec<&str> = fx
                 .iter()
-                .filter_map(|e| {
-                    if let Effect::Log(l) = e {
-                        Some(l.message.as_str())
-                    } else {
-                        None
-                    }
-                })
+                .filter_map(|e| if let Effect::Log(l) = e { Some(l.message.as_str()) } else { None })
                 .collect();
             let seq_after = sup.last_transition().map_or(0, |t| t.seq);
             match seq_after - seq_before {
                 0 => {
-                    assert_eq!(
-                        sup.state(),
-                        before,
-                        "state changed without a recorded transition"
-                    );
+                    assert_eq!(sup.state(), before, "state changed without a recorded transition");
                     assert!(logs.is_empty(), "log without a transition: {logs:?}");
                 }
                 1 => {
                     let t = sup.last_transition().expect("recorded");
-                    assert_eq!(
-                        (t.from, t.to, t.event, t.at),
-                        (before, sup.state(), name, now)
-                    );
+                    assert_eq!((t.from, t.to, t.event, t.at), (before, sup.state(), name, now));
                     let head = format!("{:?} -> {:?} ({name}", t.from, t.to);
                     assert!(
                         logs.len() == 1 && logs[0].starts_with(&head),
                         "one log line per transition, naming it ({head}): {logs:?}"
                     );
-                    seen.taken.insert((
-                        format!("{:?}", t.from),
-                        format!("{:?}", t.to),
-                        name.to_owned(),
-                    ));
+                    seen.taken.insert((format!("{:?}", t.from), format!("{:?}", t.to), name.to_owned()));
                 }
                 n => panic!("{n} transitions for one event"),
             }
@@ -362,12 +293,7 @@ fn chart_and_machine_have_the_same_edges() {
     }
 
     // Initial state.
-    let initial: Vec<&String> = chart
-        .edges
-        .iter()
-        .filter(|(f, _, _)| f == "[*]")
-        .map(|(_, t, _)| t)
-        .collect();
+    let initial: Vec<&String> = chart.edges.iter().filter(|(f, _, _)| f == "[*]").map(|(_, t, _)| t).collect();
     let machine_initial = format!("{:?}", Supervisor::new(Timings::default()).state());
     assert_eq!(initial, [&machine_initial], "[*] --> initial");
 
@@ -376,32 +302,20 @@ fn chart_and_machine_have_the_same_edges() {
     // The exploration is only evidence if it tried every event in every state.
     for s in ALL_STATES {
         for e in EVENT_NAMES {
-            assert!(
-                seen.delivered.contains(&(format!("{s:?}"), e.to_owned())),
-                "never delivered {e} in {s:?}"
-            );
+            assert!(seen.delivered.contains(&(format!("{s:?}"), e.to_owned())), "never delivered {e} in {s:?}");
         }
     }
 
     let drawn = chart.leaf_edges();
     let undrawn: Vec<&Edge> = seen.taken.difference(&drawn).collect();
     let untaken: Vec<&Edge> = drawn.difference(&seen.taken).collect();
-    assert!(
-        undrawn.is_empty(),
-        "the machine took edges the chart lacks: {undrawn:?}"
-    );
-    assert!(
-        untaken.is_empty(),
-        "the chart has edges the machine never took: {untaken:?}"
-    );
+    assert!(undrawn.is_empty(), "the machine took edges the chart lacks: {undrawn:?}");
+    assert!(untaken.is_empty(), "the chart has edges the machine never took: {untaken:?}");
 
     // Final states: drawn `X --> [*]` only for states the machine never leaves.
     for (from, _, _) in chart.edges.iter().filter(|(_, t, _)| t == "[*]") {
         for leaf in chart.expand(from) {
-            assert!(
-                !seen.taken.iter().any(|(f, _, _)| *f == leaf),
-                "{leaf} is drawn final but was left"
-            );
+            assert!(!seen.taken.iter().any(|(f, _, _)| *f == leaf), "{leaf} is drawn final but was left");
         }
     }
 }
@@ -415,10 +329,7 @@ fn parser_rejects_what_it_does_not_understand() {
         "stateDiagram-v2\n    A\n    A\n",
     ];
     for text in bad {
-        assert!(
-            std::panic::catch_unwind(|| Chart::parse(text)).is_err(),
-            "accepted {text:?}"
-        );
+        assert!(std::panic::catch_unwind(|| Chart::parse(text)).is_err(), "accepted {text:?}");
     }
     // And the expansion of a superstate edge reaches every leaf inside, nested ones too.
     let chart = Chart::parse(
@@ -426,10 +337,7 @@ fn parser_rejects_what_it_does_not_understand() {
     );
     let edges = chart.leaf_edges();
     for from in ["A", "B"] {
-        assert!(
-            edges.contains(&(from.into(), "S".into(), "Stop".into())),
-            "{edges:?}"
-        );
+        assert!(edges.contains(&(from.into(), "S".into(), "Stop".into())), "{edges:?}");
     }
     assert_eq!(edges.len(), 3);
 }

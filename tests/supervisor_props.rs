@@ -20,8 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use holdfast::sansio::supervisor::{
-    AuthFailure, Effect, Event, FAILOVER_AFTER, Level, PingFailure, StateName, Supervisor, Timer,
-    Timings,
+    AuthFailure, Effect, Event, FAILOVER_AFTER, Level, PingFailure, StateName, Supervisor, Timer, Timings,
 };
 use holdfast::snapshot::{SessionId, VpnAuthResponse};
 use proptest::prelude::*;
@@ -136,8 +135,7 @@ impl Model {
     }
 
     fn nudge_ok(&self) -> bool {
-        self.last_nudge
-            .is_none_or(|t| self.now - t >= timings().nudge_min_interval)
+        self.last_nudge.is_none_or(|t| self.now - t >= timings().nudge_min_interval)
     }
 
     /// backoff_initial * 2^(failures-1), capped; zero without failures.
@@ -183,9 +181,7 @@ impl Model {
             _ if from == Stopped => None,
             Event::Stop => Some(Stopped),
             Event::Started if from == Unauthed => Some(Authing),
-            Event::AuthSucceeded { attempt, auth }
-                if from == Authing && self.awaits(*attempt, Rpc::Auth) =>
-            {
+            Event::AuthSucceeded { attempt, auth } if from == Authing && self.awaits(*attempt, Rpc::Auth) => {
                 self.settle();
                 self.installed = Some(auth.session_id);
                 self.expect.swap = true;
@@ -196,21 +192,13 @@ impl Model {
                 None
             }
             Event::GatewaySwitched if from == Failover => Some(Authing),
-            Event::AuthFailed { attempt, failure }
-                if from == Authing && self.awaits(*attempt, Rpc::Auth) =>
-            {
+            Event::AuthFailed { attempt, failure } if from == Authing && self.awaits(*attempt, Rpc::Auth) => {
                 self.fail();
                 // Unreachable or silent: try the next gateway, once each per round.
                 let transport = matches!(failure, AuthFailure::Unreachable | AuthFailure::TimedOut);
-                if transport && self.switches + 1 < self.gateways {
-                    Some(Failover)
-                } else {
-                    Some(Backoff)
-                }
+                if transport && self.switches + 1 < self.gateways { Some(Failover) } else { Some(Backoff) }
             }
-            Event::TimerFired(Timer::Retry)
-                if from == Backoff && self.timer == Some(Timer::Retry) =>
-            {
+            Event::TimerFired(Timer::Retry) if from == Backoff && self.timer == Some(Timer::Retry) => {
                 self.timer = None;
                 Some(Authing)
             }
@@ -239,9 +227,7 @@ impl Model {
                 self.settle();
                 Some(Authing)
             }
-            Event::PingSucceeded { attempt, .. }
-                if connected && self.awaits(*attempt, Rpc::Ping) =>
-            {
+            Event::PingSucceeded { attempt, .. } if connected && self.awaits(*attempt, Rpc::Ping) => {
                 self.settle();
                 if from == Healthy {
                     self.arm(Timer::Health, Wait::Health);
@@ -250,16 +236,11 @@ impl Model {
                     Some(Healthy)
                 }
             }
-            Event::PingFailed { attempt, failure }
-                if connected && self.awaits(*attempt, Rpc::Ping) =>
-            {
+            Event::PingFailed { attempt, failure } if connected && self.awaits(*attempt, Rpc::Ping) => {
                 self.fail();
                 // The FAILOVER_AFTER-th transport failure in a row moves to another gateway.
                 let transport = matches!(failure, PingFailure::Unreachable | PingFailure::TimedOut);
-                if from == Degraded
-                    && transport
-                    && self.failures >= FAILOVER_AFTER
-                    && self.switches + 1 < self.gateways
+                if from == Degraded && transport && self.failures >= FAILOVER_AFTER && self.switches + 1 < self.gateways
                 {
                     Some(Failover)
                 } else {
@@ -324,10 +305,7 @@ impl Model {
             return Level::Warn;
         }
         self.expect.repeated_failure = true;
-        if self
-            .last_loud
-            .is_none_or(|t| self.now - t >= timings().repeat_log_every)
-        {
+        if self.last_loud.is_none_or(|t| self.now - t >= timings().repeat_log_every) {
             self.last_loud = Some(self.now);
             Level::Info
         } else {
@@ -361,16 +339,10 @@ impl ReferenceStateMachine for SupervisorModel {
             AuthFailure::TimedOut,
             AuthFailure::GatewayError,
         ]);
-        let ping_failure = select(vec![
-            PingFailure::Unreachable,
-            PingFailure::TimedOut,
-            PingFailure::GatewayError,
-        ]);
+        let ping_failure = select(vec![PingFailure::Unreachable, PingFailure::TimedOut, PingFailure::GatewayError]);
         // Mostly the armed timer: a real driver only fires what was armed.
         let timer = match m.timer {
-            Some(t) => {
-                prop_oneof![4 => Just(t), 1 => select(vec![Timer::Health, Timer::Retry])].boxed()
-            }
+            Some(t) => prop_oneof![4 => Just(t), 1 => select(vec![Timer::Health, Timer::Retry])].boxed(),
             None => select(vec![Timer::Health, Timer::Retry]).boxed(),
         };
         let deliver = |s: BoxedStrategy<Event>| s.prop_map(Step::Deliver).boxed();
@@ -379,34 +351,22 @@ impl ReferenceStateMachine for SupervisorModel {
         // in every state now and then. Failures outweigh successes to make streaks long.
         use StateName::*;
         let w = |weights: [(StateName, u32); 2], otherwise: u32| {
-            weights
-                .iter()
-                .find(|(st, _)| *st == m.state)
-                .map_or(otherwise, |(_, w)| *w)
+            weights.iter().find(|(st, _)| *st == m.state).map_or(otherwise, |(_, w)| *w)
         };
         let connected = matches!(m.state, Healthy | Degraded);
         let choices: Vec<(u32, BoxedStrategy<Step>)> = vec![
             (
                 8,
-                prop_oneof![
-                    (0u64..2_000).prop_map(Duration::from_millis),
-                    (0u64..200).prop_map(Duration::from_secs)
-                ]
-                .prop_map(Step::Advance)
-                .boxed(),
+                prop_oneof![(0u64..2_000).prop_map(Duration::from_millis), (0u64..200).prop_map(Duration::from_secs)]
+                    .prop_map(Step::Advance)
+                    .boxed(),
             ),
-            (
-                w([(Unauthed, 12), (Stopped, 2)], 1),
-                Just(Step::Deliver(Event::Started)).boxed(),
-            ),
+            (w([(Unauthed, 12), (Stopped, 2)], 1), Just(Step::Deliver(Event::Started)).boxed()),
             (
                 w([(Authing, 4), (Stopped, 2)], 1),
                 deliver(
                     (attempt.clone(), any::<u64>())
-                        .prop_map(|(attempt, id)| Event::AuthSucceeded {
-                            attempt,
-                            auth: snap(id),
-                        })
+                        .prop_map(|(attempt, id)| Event::AuthSucceeded { attempt, auth: snap(id) })
                         .boxed(),
                 ),
             ),
@@ -422,10 +382,7 @@ impl ReferenceStateMachine for SupervisorModel {
                 if connected { 4 } else { 1 },
                 deliver(
                     (attempt.clone(), 1u64..500)
-                        .prop_map(|(attempt, ms)| Event::PingSucceeded {
-                            attempt,
-                            rtt: Duration::from_millis(ms),
-                        })
+                        .prop_map(|(attempt, ms)| Event::PingSucceeded { attempt, rtt: Duration::from_millis(ms) })
                         .boxed(),
                 ),
             ),
@@ -439,26 +396,12 @@ impl ReferenceStateMachine for SupervisorModel {
             ),
             (
                 if connected { 2 } else { 1 },
-                deliver(
-                    attempt
-                        .prop_map(|attempt| Event::SessionExpired { attempt })
-                        .boxed(),
-                ),
+                deliver(attempt.prop_map(|attempt| Event::SessionExpired { attempt }).boxed()),
             ),
-            (
-                if connected || m.state == Backoff {
-                    12
-                } else {
-                    2
-                },
-                deliver(timer.prop_map(Event::TimerFired).boxed()),
-            ),
+            (if connected || m.state == Backoff { 12 } else { 2 }, deliver(timer.prop_map(Event::TimerFired).boxed())),
             (2, Just(Step::Deliver(Event::ReauthRequested)).boxed()),
             (2, (1usize..4).prop_map(|count| Step::Deliver(Event::GatewaysChanged { count })).boxed()),
-            (
-                if m.state == Failover { 12 } else { 1 },
-                Just(Step::Deliver(Event::GatewaySwitched)).boxed(),
-            ),
+            (if m.state == Failover { 12 } else { 1 }, Just(Step::Deliver(Event::GatewaySwitched)).boxed()),
             (3, Just(Step::Deliver(Event::Nudged)).boxed()),
             (2, Just(Step::Deliver(Event::UnderlayChanged)).boxed()),
             (1, Just(Step::Deliver(Event::Stop)).boxed()),
@@ -502,16 +445,10 @@ fn sort(fx: &[Effect]) -> Sorted<'_> {
     for e in fx {
         match e {
             Effect::SwapSnapshot(a) => s.swaps.push(a),
-            Effect::CallAuthenticate { attempt, deadline } => {
-                s.calls.push((Rpc::Auth, *attempt, *deadline, None))
+            Effect::CallAuthenticate { attempt, deadline } => s.calls.push((Rpc::Auth, *attempt, *deadline, None)),
+            Effect::CallPing { attempt, session_id, deadline } => {
+                s.calls.push((Rpc::Ping, *attempt, *deadline, Some(*session_id)))
             }
-            Effect::CallPing {
-                attempt,
-                session_id,
-                deadline,
-            } => s
-                .calls
-                .push((Rpc::Ping, *attempt, *deadline, Some(*session_id))),
             Effect::ArmTimer { at, timer } => s.arms.push((*timer, *at)),
             Effect::CancelTimer => s.cancels += 1,
             Effect::Log(l) => s.logs.push((l.level, l.message.as_str())),
@@ -527,12 +464,7 @@ impl StateMachineTest for Sut {
     type Reference = SupervisorModel;
 
     fn init_test(m: &Model) -> Sut {
-        Sut {
-            sup: Supervisor::new(timings()),
-            rng: StdRng::seed_from_u64(m.seed),
-            now: m.now,
-            max_attempt: 0,
-        }
+        Sut { sup: Supervisor::new(timings()), rng: StdRng::seed_from_u64(m.seed), now: m.now, max_attempt: 0 }
     }
 
     fn apply(mut sut: Sut, m: &Model, step: Step) -> Sut {
@@ -563,10 +495,7 @@ impl StateMachineTest for Sut {
         if x.swap {
             let sent = sent.as_ref().expect("a swap answers an AuthSucceeded");
             assert_eq!(s.swaps.len(), 1, "{fx:?}");
-            assert!(
-                Arc::ptr_eq(s.swaps[0], sent),
-                "SwapSnapshot must carry the Arc it was given"
-            );
+            assert!(Arc::ptr_eq(s.swaps[0], sent), "SwapSnapshot must carry the Arc it was given");
             assert!(Arc::ptr_eq(sut.sup.installed().expect("installed"), sent));
         } else {
             assert!(s.swaps.is_empty(), "unexpected swap: {fx:?}");
@@ -583,10 +512,7 @@ impl StateMachineTest for Sut {
                 assert_eq!(s.calls.len(), 1, "{fx:?}");
                 let (got_rpc, got_attempt, deadline, session) = s.calls[0];
                 assert_eq!((got_rpc, got_attempt), (rpc, attempt), "{fx:?}");
-                assert!(
-                    got_attempt > sut.max_attempt,
-                    "attempt {got_attempt} is not fresh"
-                );
+                assert!(got_attempt > sut.max_attempt, "attempt {got_attempt} is not fresh");
                 sut.max_attempt = got_attempt;
                 assert_eq!(deadline, sut.now + t.rpc_deadline);
                 if rpc == Rpc::Ping {
@@ -605,25 +531,12 @@ impl StateMachineTest for Sut {
                 let after = at - sut.now;
                 match wait {
                     Wait::Health => {
-                        assert!(
-                            after >= t.health_min && after <= t.health_max,
-                            "health check in {after:?}"
-                        )
+                        assert!(after >= t.health_min && after <= t.health_max, "health check in {after:?}")
                     }
                     Wait::Retry { base } => {
-                        assert!(
-                            base <= t.backoff_max && base >= t.backoff_initial,
-                            "base {base:?}"
-                        );
-                        assert!(
-                            after >= base / 2 && after <= base,
-                            "retry in {after:?}, base {base:?}"
-                        );
-                        assert_eq!(
-                            sut.sup.status().backoff,
-                            base,
-                            "status shows the un-jittered base"
-                        );
+                        assert!(base <= t.backoff_max && base >= t.backoff_initial, "base {base:?}");
+                        assert!(after >= base / 2 && after <= base, "retry in {after:?}, base {base:?}");
+                        assert_eq!(sut.sup.status().backoff, base, "status shows the un-jittered base");
                     }
                 }
             }
@@ -631,17 +544,10 @@ impl StateMachineTest for Sut {
         }
         let status = sut.sup.status();
         if status.failures > failures_before {
-            assert!(
-                status.backoff >= backoff_before,
-                "backoff shrank within a failure streak"
-            );
+            assert!(status.backoff >= backoff_before, "backoff shrank within a failure streak");
         }
         if matches!(x.transition, Some((_, StateName::Healthy))) {
-            assert_eq!(
-                (status.failures, status.backoff),
-                (0, Duration::ZERO),
-                "reset on success"
-            );
+            assert_eq!((status.failures, status.backoff), (0, Duration::ZERO), "reset on success");
         }
 
         assert_eq!(s.cancels, usize::from(x.cancel), "{fx:?}");
@@ -650,10 +556,7 @@ impl StateMachineTest for Sut {
         assert_eq!(s.exits, usize::from(x.exit), "{fx:?}");
         if s.exits > 0 {
             assert!(is_stop);
-            assert!(
-                matches!(fx.last(), Some(Effect::Exit)),
-                "Exit must be last: {fx:?}"
-            );
+            assert!(matches!(fx.last(), Some(Effect::Exit)), "Exit must be last: {fx:?}");
         }
 
         // Logs: one line per transition, naming it, at the model's level; repeats never warn.
@@ -661,29 +564,14 @@ impl StateMachineTest for Sut {
             Some((from, to)) => {
                 assert_eq!(s.logs.len(), 1, "{fx:?}");
                 let (level, message) = s.logs[0];
-                assert!(
-                    message.starts_with(&format!("{from:?} -> {to:?} ({name}")),
-                    "{message}"
-                );
+                assert!(message.starts_with(&format!("{from:?} -> {to:?} ({name}")), "{message}");
                 assert_eq!(Some(level), x.level, "{message}");
                 if x.repeated_failure {
-                    assert_ne!(
-                        level,
-                        Level::Warn,
-                        "a repeated failure warned again: {message}"
-                    );
+                    assert_ne!(level, Level::Warn, "a repeated failure warned again: {message}");
                 }
                 if let Some(auth) = sut.sup.installed() {
-                    let key_hex: String = auth
-                        .session_key
-                        .expose()
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect();
-                    assert!(
-                        !message.contains(&key_hex),
-                        "the key leaked into a log line"
-                    );
+                    let key_hex: String = auth.session_key.expose().iter().map(|b| format!("{b:02x}")).collect();
+                    assert!(!message.contains(&key_hex), "the key leaked into a log line");
                 }
             }
             None => assert!(s.logs.is_empty(), "log line without a transition: {fx:?}"),
@@ -707,10 +595,7 @@ impl StateMachineTest for Sut {
         assert_eq!(status.next_timer.map(|(timer, _)| timer), m.timer);
         assert_eq!(sut.sup.installed().map(|a| a.session_id), m.installed);
         // Nothing but Stop stops it.
-        assert_eq!(
-            m.state == StateName::Stopped,
-            sut.sup.last_transition().is_some_and(|t| t.event == "Stop")
-        );
+        assert_eq!(m.state == StateName::Stopped, sut.sup.last_transition().is_some_and(|t| t.event == "Stop"));
     }
 }
 

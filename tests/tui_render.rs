@@ -41,12 +41,7 @@ fn snapshot_view() -> SnapshotView {
 }
 
 fn tr(at_ms: u64, from: StateName, to: StateName, cause: &str) -> TransitionRecord {
-    TransitionRecord {
-        at: Duration::from_millis(at_ms),
-        from,
-        to,
-        cause: cause.into(),
-    }
+    TransitionRecord { at: Duration::from_millis(at_ms), from, to, cause: cause.into() }
 }
 
 /// The history of a client that connected, degraded, recovered, was asked to re-authenticate
@@ -100,10 +95,7 @@ fn status_of(c: &Case) -> ClientStatus {
 
 fn sample(i: u64, rx: u64, tx: u64) -> DataPlaneSample {
     DataPlaneSample {
-        tun: Some(TunInfo {
-            name: "holdfast0".into(),
-            ifindex: 7,
-        }),
+        tun: Some(TunInfo { name: "holdfast0".into(), ifindex: 7 }),
         loop_starts: 1,
         rx_packets: rx / 1000 + i,
         rx_bytes: rx,
@@ -148,10 +140,7 @@ fn draw(app: &App, w: u16, h: u16) -> Terminal<TestBackend> {
 
 fn rows(buf: &Buffer) -> Vec<String> {
     let width = usize::from(buf.area.width.max(1));
-    buf.content()
-        .chunks(width)
-        .map(|row| row.iter().map(|c| c.symbol()).collect())
-        .collect()
+    buf.content().chunks(width).map(|row| row.iter().map(|c| c.symbol()).collect()).collect()
 }
 
 /// Renders, checks the invariants every state shares, and snapshots the screen.
@@ -164,10 +153,7 @@ fn check(name: &str, c: &Case) {
     let hex = key_hex();
     // Neither the whole key nor any 16-hex-digit piece of it is on screen.
     for start in (0..hex.len() - 16).step_by(2) {
-        assert!(
-            !all.contains(&hex[start..start + 16]),
-            "{name}: key material on screen"
-        );
+        assert!(!all.contains(&hex[start..start + 16]), "{name}: key material on screen");
     }
     // The current state is bracketed in the chart, in reverse video in its colour.
     let marker = format!("[{}]", c.state);
@@ -176,10 +162,7 @@ fn check(name: &str, c: &Case) {
         .enumerate()
         .find(|(_, l)| l.contains(&marker))
         .unwrap_or_else(|| panic!("{name}: {marker} not drawn"));
-    let x = line
-        .find(&marker)
-        .map(|b| line[..b].chars().count())
-        .expect("found above");
+    let x = line.find(&marker).map(|b| line[..b].chars().count()).expect("found above");
     let cell = &buf[(x as u16 + 1, y as u16)];
     assert_eq!(
         cell.bg,
@@ -195,19 +178,14 @@ fn check(name: &str, c: &Case) {
     );
     assert!(cell.modifier.contains(Modifier::BOLD));
     // Only one state is current.
-    let brackets = [
-        "Unauthed", "Authing", "Healthy", "Degraded", "Backoff", "Stopped",
-    ]
-    .iter()
-    .filter(|s| all.contains(&format!("[{s}]")))
-    .count();
+    let brackets = ["Unauthed", "Authing", "Healthy", "Degraded", "Backoff", "Stopped"]
+        .iter()
+        .filter(|s| all.contains(&format!("[{s}]")))
+        .count();
     assert_eq!(brackets, 1, "{name}: one current state");
     if c.snapshot {
         let fp = snapshot_view().key_fingerprint.to_string();
-        assert!(
-            all.contains(&format!("fp:{fp}")),
-            "{name}: fingerprint shown"
-        );
+        assert!(all.contains(&format!("fp:{fp}")), "{name}: fingerprint shown");
     }
     insta::assert_snapshot!(name, term.backend());
 }
@@ -247,30 +225,10 @@ fn authing_first_time() {
             traffic: false,
             recent: vec![
                 tr(3, StateName::Unauthed, StateName::Authing, "Started"),
-                tr(
-                    5_003,
-                    StateName::Authing,
-                    StateName::Backoff,
-                    "AuthFailed(Unreachable)",
-                ),
-                tr(
-                    6_100,
-                    StateName::Backoff,
-                    StateName::Authing,
-                    "TimerFired(Retry)",
-                ),
-                tr(
-                    11_100,
-                    StateName::Authing,
-                    StateName::Backoff,
-                    "AuthFailed(TimedOut)",
-                ),
-                tr(
-                    298_000,
-                    StateName::Backoff,
-                    StateName::Authing,
-                    "TimerFired(Retry)",
-                ),
+                tr(5_003, StateName::Authing, StateName::Backoff, "AuthFailed(Unreachable)"),
+                tr(6_100, StateName::Backoff, StateName::Authing, "TimerFired(Retry)"),
+                tr(11_100, StateName::Authing, StateName::Backoff, "AuthFailed(TimedOut)"),
+                tr(298_000, StateName::Backoff, StateName::Authing, "TimerFired(Retry)"),
             ],
         },
     );
@@ -292,12 +250,7 @@ fn healthy_with_a_session_and_traffic() {
 #[test]
 fn degraded_keeps_the_session() {
     let mut recent = connected_history();
-    recent.push(tr(
-        290_000,
-        StateName::Healthy,
-        StateName::Degraded,
-        "PingFailed(Unreachable)",
-    ));
+    recent.push(tr(290_000, StateName::Healthy, StateName::Degraded, "PingFailed(Unreachable)"));
     check(
         "degraded",
         &Case {
@@ -333,30 +286,10 @@ fn backoff_counts_down_to_the_retry() {
             recent: vec![
                 tr(3, StateName::Unauthed, StateName::Authing, "Started"),
                 tr(150, StateName::Authing, StateName::Healthy, "AuthSucceeded"),
-                tr(
-                    200_000,
-                    StateName::Healthy,
-                    StateName::Authing,
-                    "SessionExpired",
-                ),
-                tr(
-                    200_200,
-                    StateName::Authing,
-                    StateName::Backoff,
-                    "AuthFailed(Rejected)",
-                ),
-                tr(
-                    279_500,
-                    StateName::Backoff,
-                    StateName::Authing,
-                    "TimerFired(Retry)",
-                ),
-                tr(
-                    280_000,
-                    StateName::Authing,
-                    StateName::Backoff,
-                    "AuthFailed(Rejected)",
-                ),
+                tr(200_000, StateName::Healthy, StateName::Authing, "SessionExpired"),
+                tr(200_200, StateName::Authing, StateName::Backoff, "AuthFailed(Rejected)"),
+                tr(279_500, StateName::Backoff, StateName::Authing, "TimerFired(Retry)"),
+                tr(280_000, StateName::Authing, StateName::Backoff, "AuthFailed(Rejected)"),
             ],
         },
     );
@@ -394,15 +327,7 @@ fn help_overlay() {
 fn the_classic_80x24_terminal_gets_the_full_layout() {
     let term = draw(&app_for(&healthy_case()), 80, 24);
     let all = rows(term.backend().buffer()).concat();
-    for must in [
-        "Running",
-        "Establishing",
-        "Connected",
-        "[Healthy]",
-        "fp:",
-        "recent transitions",
-        "q ",
-    ] {
+    for must in ["Running", "Establishing", "Connected", "[Healthy]", "fp:", "recent transitions", "q "] {
         assert!(all.contains(must), "80x24 shows {must:?}");
     }
     insta::assert_snapshot!("healthy_80x24", term.backend());
@@ -411,18 +336,7 @@ fn the_classic_80x24_terminal_gets_the_full_layout() {
 #[test]
 fn small_and_odd_sizes_do_not_panic() {
     let mut app = app_for(&healthy_case());
-    for (w, h) in [
-        (0, 0),
-        (1, 1),
-        (2, 50),
-        (200, 1),
-        (20, 6),
-        (40, 12),
-        (79, 23),
-        (80, 22),
-        (71, 40),
-        (300, 100),
-    ] {
+    for (w, h) in [(0, 0), (1, 1), (2, 50), (200, 1), (20, 6), (40, 12), (79, 23), (80, 22), (71, 40), (300, 100)] {
         draw(&app, w, h);
     }
     app.apply(Action::ToggleHelp);

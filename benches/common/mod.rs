@@ -80,10 +80,7 @@ const COLD_RUNS: usize = 21;
 /// in-process: `PingSession` and the empty `Probe`, interleaved so that machine noise hits both
 /// alike, after a warm-up; and the cold `Authenticate` of fresh channels.
 pub fn control_rtts(rounds: usize) -> ControlTimes {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
     let p = provision(&format!("127.0.0.1:{port}"));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {

@@ -111,14 +111,21 @@ fn main() {
     }
 
     let mut loss_rows = Vec::new();
-    let triggers = if mbps == 0 { Vec::new() } else { vec![
-        (real::Trigger::None, "no re-auth (ambient loss of the load)"),
-        (real::Trigger::ClientReauth, "client re-auth, SIGHUP (make-before-break)"),
-        (real::Trigger::GatewayEndsSessions, "gateway ends the session, SIGUSR2"),
-    ] };
+    let triggers = if mbps == 0 {
+        Vec::new()
+    } else {
+        vec![
+            (real::Trigger::None, "no re-auth (ambient loss of the load)"),
+            (real::Trigger::ClientReauth, "client re-auth, SIGHUP (make-before-break)"),
+            (real::Trigger::GatewayEndsSessions, "gateway ends the session, SIGUSR2"),
+        ]
+    };
     for (trigger, name) in triggers {
         for reverse in [false, true] {
-            eprintln!("UDP load {mbps} Mbit/s, {name}, {}...", if reverse { "gateway->client" } else { "client->gateway" });
+            eprintln!(
+                "UDP load {mbps} Mbit/s, {name}, {}...",
+                if reverse { "gateway->client" } else { "client->gateway" }
+            );
             let l = world.reauth_loss(trigger, reverse, mbps, LOAD_SECS);
             loss_rows.push((name, reverse, l));
         }
@@ -148,7 +155,10 @@ fn main() {
             .collect();
         let worst = runs.iter().copied().max().unwrap_or(Duration::MAX);
         table.row(
-            format!("gateway back -> first packet, {} outage (virtual clock, worst of 20)", humantime::format_duration(*outage)),
+            format!(
+                "gateway back -> first packet, {} outage (virtual clock, worst of 20)",
+                humantime::format_duration(*outage)
+            ),
             if worst == Duration::MAX { "never".into() } else { secs(worst) },
             verdict(worst, RECOVERY_GOAL),
         );
@@ -162,16 +172,27 @@ fn main() {
     );
     for (name, reverse, l) in &loss_rows {
         table.row(
-            format!("UDP lost, {mbps} Mbit/s for {LOAD_SECS} s, {name}, {}", if *reverse { "gw->client" } else { "client->gw" }),
+            format!(
+                "UDP lost, {mbps} Mbit/s for {LOAD_SECS} s, {name}, {}",
+                if *reverse { "gw->client" } else { "client->gw" }
+            ),
             format!("{} / {}", l.lost, l.sent),
             format!("{:.3} %", 100.0 * l.lost as f64 / l.sent.max(1) as f64),
         );
     }
 
     println!();
-    println!("Holdfast resilience benchmark (one run; default client timings; tunnel ping {:.3} ms)", tunnel_rtt.as_secs_f64() * 1e3);
+    println!(
+        "Holdfast resilience benchmark (one run; default client timings; tunnel ping {:.3} ms)",
+        tunnel_rtt.as_secs_f64() * 1e3
+    );
     println!("Virtual-clock rows: the real supervisor in a modelled world, latencies measured above");
-    println!("(PingSession {:.0} us, cold connect + TLS + Authenticate {:.1} ms, tunnel one-way {:.3} ms).", us(model.rpc), model.cold_rpc.as_secs_f64() * 1e3, model.one_way.as_secs_f64() * 1e3);
+    println!(
+        "(PingSession {:.0} us, cold connect + TLS + Authenticate {:.1} ms, tunnel one-way {:.3} ms).",
+        us(model.rpc),
+        model.cold_rpc.as_secs_f64() * 1e3,
+        model.one_way.as_secs_f64() * 1e3
+    );
     println!();
     table.print();
 }

@@ -93,10 +93,8 @@ impl World {
     /// Median round trip of 100 pings through the tunnel, 10 ms apart.
     pub fn tunnel_rtt(&self) -> Duration {
         let out = self.gw.clients_ns().exec_ok("ping", &["-n", "-c", "100", "-i", "0.01", &GW_TUN.to_string()]);
-        let mut ms: Vec<f64> = out
-            .lines()
-            .filter_map(|l| l.split("time=").nth(1)?.split_whitespace().next()?.parse().ok())
-            .collect();
+        let mut ms: Vec<f64> =
+            out.lines().filter_map(|l| l.split("time=").nth(1)?.split_whitespace().next()?.parse().ok()).collect();
         assert!(ms.len() > 50, "tunnel ping answered {} of 100", ms.len());
         ms.sort_by(f64::total_cmp);
         Duration::from_secs_f64(ms[ms.len() / 2] / 1e3)
@@ -155,7 +153,12 @@ impl World {
             load.join().expect("iperf3 thread")
         });
         let _ = server.wait_exit(T);
-        assert!(out.status.success(), "iperf3: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "iperf3: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J parses");
         let sum = &json["end"]["sum"];
         let field = |k: &str| sum[k].as_u64().unwrap_or_else(|| panic!("iperf3 end.sum.{k} in {sum}"));

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use holdfast::sansio::supervisor::{Effect, Event, PingFailure, StateName, Supervisor, Timer, Timings};
 use holdfast::snapshot::VpnAuthResponse;
-use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Latencies of the modelled world.
 #[derive(Debug, Clone, Copy)]
@@ -87,7 +87,10 @@ pub fn recovery(model: &Model, timings: &Timings, outage: Duration, seed: u64) -
                             if now >= up_at {
                                 issued_after_restart.push(id);
                             }
-                            (at, Event::AuthSucceeded { attempt, auth: Arc::new(VpnAuthResponse::fixture(id, [7; 32])) })
+                            (
+                                at,
+                                Event::AuthSucceeded { attempt, auth: Arc::new(VpnAuthResponse::fixture(id, [7; 32])) },
+                            )
                         } else {
                             cold = true;
                             let failure = holdfast::sansio::supervisor::AuthFailure::Unreachable;
@@ -167,4 +170,3 @@ pub fn recovery(model: &Model, timings: &Timings, outage: Duration, seed: u64) -
         debug_assert!(machine.state() != StateName::Stopped);
     }
 }
-

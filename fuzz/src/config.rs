@@ -20,9 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use holdfast::config::client::ClientFile;
-use holdfast::config::gateway::{
-    GatewayConfig, InitialValues, Tunnel6, check_host_in, first_host, render_initial,
-};
+use holdfast::config::gateway::{GatewayConfig, InitialValues, Tunnel6, check_host_in, first_host, render_initial};
 use holdfast::config::{ConfigError, exit};
 use holdfast::gateway::registry::{ClientEntry, ClientState, Registry, RegistryError, check_name};
 use holdfast::pki::{Authority, CertFingerprint};
@@ -49,10 +47,7 @@ const V6: Tunnel6 = Tunnel6 {
 fn assert_config_error(e: &ConfigError, path: &str) {
     let msg = e.to_string();
     assert!(msg.contains(path), "error does not name {path}: {msg}");
-    assert!(
-        [exit::CONFIG_INVALID, exit::BAD_KEYS, exit::CONFIG_MISSING].contains(&e.exit_code()),
-        "{e:?}"
-    );
+    assert!([exit::CONFIG_INVALID, exit::BAD_KEYS, exit::CONFIG_MISSING].contains(&e.exit_code()), "{e:?}");
 }
 
 /// Target `config_client`: any bytes as a client file.
@@ -71,17 +66,11 @@ pub fn config_client(data: &[u8]) {
     let written = toml::to_string(&file).expect("a parsed client file serialises");
     let again = ClientFile::parse(&written, path)
         .unwrap_or_else(|e| panic!("a valid client file does not read back once written: {e}"));
-    assert_eq!(
-        format!("{again:?}"),
-        format!("{file:?}"),
-        "the client file changed on a write and read"
-    );
+    assert_eq!(format!("{again:?}"), format!("{file:?}"), "the client file changed on a write and read");
 
     // Credentials: only when all three are inline, so the fuzzer never makes us read files.
     let tls = &file.tls;
-    let inline = [&tls.gateway_ca_file, &tls.certificate_file, &tls.key_file]
-        .iter()
-        .all(|f| f.is_none());
+    let inline = [&tls.gateway_ca_file, &tls.certificate_file, &tls.key_file].iter().all(|f| f.is_none());
     if inline && let Err(e) = file.credentials(path) {
         assert_config_error(&e, CLIENT_PATH);
     }
@@ -126,32 +115,18 @@ fn drive_supervisor(timings: Timings) {
                     tonic::Request::new(()).set_timeout(deadline.saturating_sub(now));
                     auths += 1;
                     events.push_back(if auths < 3 {
-                        Event::AuthFailed {
-                            attempt,
-                            failure: AuthFailure::Unreachable,
-                        }
+                        Event::AuthFailed { attempt, failure: AuthFailure::Unreachable }
                     } else {
-                        Event::AuthSucceeded {
-                            attempt,
-                            auth: snapshot(),
-                        }
+                        Event::AuthSucceeded { attempt, auth: snapshot() }
                     });
                 }
-                Effect::CallPing {
-                    attempt, deadline, ..
-                } => {
+                Effect::CallPing { attempt, deadline, .. } => {
                     tonic::Request::new(()).set_timeout(deadline.saturating_sub(now));
                     pings += 1;
                     events.push_back(if pings % 2 == 1 {
-                        Event::PingFailed {
-                            attempt,
-                            failure: PingFailure::TimedOut,
-                        }
+                        Event::PingFailed { attempt, failure: PingFailure::TimedOut }
                     } else {
-                        Event::PingSucceeded {
-                            attempt,
-                            rtt: Duration::from_millis(1),
-                        }
+                        Event::PingSucceeded { attempt, rtt: Duration::from_millis(1) }
                     });
                 }
                 Effect::ArmTimer { at, timer } => {
@@ -193,14 +168,7 @@ fn check_gateway(c: &GatewayConfig, path: &Path) {
     assert!(c.endpoint.port() != 0 && !c.endpoint.ip().is_unspecified());
     check_name(&c.name).expect("the gateway name follows the naming rule");
     if path.is_absolute() {
-        for p in [
-            &c.ca_cert,
-            &c.ca_key,
-            &c.cert,
-            &c.key,
-            &c.registry,
-            &c.clients_dir,
-        ] {
+        for p in [&c.ca_cert, &c.ca_key, &c.cert, &c.key, &c.registry, &c.clients_dir] {
             assert!(p.is_absolute(), "{} is relative", p.display());
         }
     }
@@ -215,27 +183,12 @@ fn check_gateway(c: &GatewayConfig, path: &Path) {
     let back = GatewayConfig::parse(&render_initial(&v), path)
         .unwrap_or_else(|e| panic!("`gateway init` would write a file it cannot read: {e}"));
     assert_eq!(
-        (
-            &back.name,
-            back.endpoint,
-            back.subnet,
-            &back.server_name,
-            back.gateway_ip
-        ),
-        (
-            &c.name,
-            c.endpoint,
-            c.subnet,
-            &c.server_name,
-            first_host(c.subnet)
-        )
+        (&back.name, back.endpoint, back.subnet, &back.server_name, back.gateway_ip),
+        (&c.name, c.endpoint, c.subnet, &c.server_name, first_host(c.subnet))
     );
     // `check_server_name` promises a name the authority can put in a certificate.
     if let Err(e) = authority().issue_server(&c.server_name, Some(c.endpoint.ip())) {
-        panic!(
-            "server_name {:?} passed validation but cannot be certified: {e}",
-            c.server_name
-        );
+        panic!("server_name {:?} passed validation but cannot be certified: {e}", c.server_name);
     }
 }
 
@@ -255,10 +208,7 @@ pub fn config_registry(data: &[u8]) {
         Ok(r) => r,
         Err(e) => {
             let msg = e.to_string();
-            assert!(
-                matches!(e, RegistryError::Malformed { .. }) && msg.contains(REGISTRY_PATH),
-                "{msg}"
-            );
+            assert!(matches!(e, RegistryError::Malformed { .. }) && msg.contains(REGISTRY_PATH), "{msg}");
             return;
         }
     };
@@ -273,16 +223,10 @@ pub fn config_registry(data: &[u8]) {
         assert!(ips.insert(c.ip), "address {} twice", c.ip);
         check_host_in(SUBNET, c.ip).expect("addresses are hosts of the subnet");
         assert_ne!(c.ip, GATEWAY_IP);
-        assert_eq!(
-            CertFingerprint::from_hex(&c.cert_sha256.to_string()),
-            Some(c.cert_sha256)
-        );
+        assert_eq!(CertFingerprint::from_hex(&c.cert_sha256.to_string()), Some(c.cert_sha256));
     }
     // Written back the way `save` does, it reads back the same.
-    let text = toml::to_string(&RegistryFile {
-        clients: reg.clients(),
-    })
-    .expect("entries serialise");
+    let text = toml::to_string(&RegistryFile { clients: reg.clients() }).expect("entries serialise");
     let again = Registry::parse(text.as_bytes(), path, SUBNET, GATEWAY_IP, Some(V6))
         .unwrap_or_else(|e| panic!("a valid registry does not read back once written: {e}"));
     assert_eq!(again.clients(), reg.clients());
@@ -298,12 +242,7 @@ pub fn config_registry(data: &[u8]) {
         Err(RegistryError::SubnetFull { .. }) => {
             assert!(reg.next_free().is_none());
             // 253 usable hosts in a /24 after the gateway.
-            assert_eq!(
-                ips.len(),
-                253,
-                "subnet called full with {} clients",
-                ips.len()
-            );
+            assert_eq!(ips.len(), 253, "subnet called full with {} clients", ips.len());
         }
         Err(e) => panic!("plan_add of a new valid name failed: {e}"),
     }

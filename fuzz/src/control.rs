@@ -22,9 +22,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use holdfast::control::pb::control_server::Control;
-use holdfast::control::pb::{
-    AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingStatus,
-};
+use holdfast::control::pb::{AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingStatus};
 use holdfast::gateway::PeerIdentity;
 use holdfast::gateway::live::LiveRegistry;
 use holdfast::gateway::registry::Registry;
@@ -38,22 +36,15 @@ use tonic::{Code, Request, Response, Status};
 use super::input::Reader;
 
 /// The registered clients of the fixture: (name, pinned certificate, active).
-pub const CLIENTS: [(&str, [u8; 32], bool); 3] = [
-    ("alice", [1; 32], true),
-    ("bob", [2; 32], false),
-    ("carol", [3; 32], true),
-];
+pub const CLIENTS: [(&str, [u8; 32], bool); 3] =
+    [("alice", [1; 32], true), ("bob", [2; 32], false), ("carol", [3; 32], true)];
 const SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 24);
 const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 const DATA_PORT: u16 = 51820;
 /// Long enough that no session expires during a run, so the model needs no clock: what is
 /// checked is which session ids are honoured, not the expiry arithmetic (unit-tested in
 /// `sessions.rs` with a clock passed in).
-const LIMITS: SessionLimits = SessionLimits {
-    idle_ms: 3_600_000,
-    max_lifetime_ms: 86_400_000,
-    grace_ms: 3_600_000,
-};
+const LIMITS: SessionLimits = SessionLimits { idle_ms: 3_600_000, max_lifetime_ms: 86_400_000, grace_ms: 3_600_000 };
 
 /// The registry file the service reads, written once per process.
 struct Fixture {
@@ -76,30 +67,22 @@ fn fixture() -> &'static Fixture {
         let mut reg = Registry::empty(&registry, SUBNET, GATEWAY_IP, None);
         let mut ips = HashMap::new();
         for (name, cert, active) in CLIENTS {
-            let plan = reg
-                .plan_add(name, None)
-                .expect("fixture names are valid and fit");
+            let plan = reg.plan_add(name, None).expect("fixture names are valid and fit");
             reg.commit_add(name, plan, CertFingerprint(cert), "2025-01-01T00:00:00Z");
             if !active {
-                reg.revoke(name, "2025-01-01T00:00:00Z")
-                    .expect("registered just above");
+                reg.revoke(name, "2025-01-01T00:00:00Z").expect("registered just above");
             }
             ips.insert(name, plan.ip);
         }
         reg.save().expect("the fixture registry is writable");
-        Fixture {
-            _dir: dir,
-            registry,
-            ips,
-        }
+        Fixture { _dir: dir, registry, ips }
     })
 }
 
 /// A gateway control service with an empty session table, as after a restart.
 fn service() -> ControlService {
     let f = fixture();
-    let registry =
-        LiveRegistry::open(&f.registry, SUBNET, GATEWAY_IP, None).expect("the fixture registry loads");
+    let registry = LiveRegistry::open(&f.registry, SUBNET, GATEWAY_IP, None).expect("the fixture registry loads");
     ControlService::new(Arc::new(ControlState {
         registry,
         sessions: Arc::new(SessionTable::new(LIMITS)),
@@ -189,12 +172,7 @@ impl Model {
     }
 
     /// Calls Authenticate and checks the answer.
-    pub fn authenticate(
-        &mut self,
-        svc: &ControlService,
-        p: &Option<PeerIdentity>,
-        req: AuthenticateRequest,
-    ) {
+    pub fn authenticate(&mut self, svc: &ControlService, p: &Option<PeerIdentity>, req: AuthenticateRequest) {
         let too_long = req.client_version.len() > MAX_CLIENT_VERSION;
         let got = ready(svc.authenticate(with_peer(req, p)));
         let Some(p) = p else {
@@ -206,9 +184,7 @@ impl Model {
         let Some(ip) = Self::admitted(p) else {
             return Self::expect_code(&got, Code::Unauthenticated);
         };
-        let resp: AuthenticateResponse = got
-            .map(Response::into_inner)
-            .expect("an admitted client authenticates");
+        let resp: AuthenticateResponse = got.map(Response::into_inner).expect("an admitted client authenticates");
         assert_eq!(resp.assigned_ip, ip.octets());
         assert_eq!(resp.gateway_ip, GATEWAY_IP.octets());
         assert_eq!(resp.prefix_len, u32::from(SUBNET.prefix_len()));
@@ -216,47 +192,23 @@ impl Model {
         assert_eq!(resp.data_port, u32::from(DATA_PORT));
         assert_eq!(resp.session_idle_timeout_ms, LIMITS.idle_ms);
         assert_ne!(resp.session_id, 0, "session id 0 handed out");
-        assert!(
-            !self.issued.contains(&resp.session_id),
-            "session id {:x} handed out twice",
-            resp.session_id
-        );
+        assert!(!self.issued.contains(&resp.session_id), "session id {:x} handed out twice", resp.session_id);
         self.issued.push(resp.session_id);
-        self.by_client
-            .entry(p.name.to_string())
-            .or_default()
-            .push(resp.session_id);
+        self.by_client.entry(p.name.to_string()).or_default().push(resp.session_id);
     }
 
     /// Calls PingSession and checks the answer.
-    pub fn ping(
-        &mut self,
-        svc: &ControlService,
-        p: &Option<PeerIdentity>,
-        req: PingSessionRequest,
-    ) {
+    pub fn ping(&mut self, svc: &ControlService, p: &Option<PeerIdentity>, req: PingSessionRequest) {
         let valid = p.as_ref().is_some_and(|p| {
-            let held = self
-                .by_client
-                .get(&*p.name)
-                .map_or(&[][..], |ids| &ids[ids.len().saturating_sub(2)..]);
-            req.client_id == *p.name
-                && Self::admitted(p).is_some()
-                && held.contains(&req.session_id)
+            let held = self.by_client.get(&*p.name).map_or(&[][..], |ids| &ids[ids.len().saturating_sub(2)..]);
+            req.client_id == *p.name && Self::admitted(p).is_some() && held.contains(&req.session_id)
         });
         let got = ready(svc.ping_session(with_peer(req, p)));
         if p.is_none() {
             return Self::expect_code(&got, Code::Unauthenticated);
         }
-        let status = got
-            .expect("PingSession answers an identified caller")
-            .into_inner()
-            .status;
-        let want = if valid {
-            PingStatus::Ok
-        } else {
-            PingStatus::SessionExpired
-        };
+        let status = got.expect("PingSession answers an identified caller").into_inner().status;
+        let want = if valid { PingStatus::Ok } else { PingStatus::SessionExpired };
         assert_eq!(PingStatus::try_from(status), Ok(want));
     }
 
@@ -288,9 +240,7 @@ pub fn control_handlers(data: &[u8]) {
         let kind = r.u8() % 2;
         let who = peer(&mut r);
         if kind == op::AUTHENTICATE {
-            let req = AuthenticateRequest {
-                client_version: r.string(),
-            };
+            let req = AuthenticateRequest { client_version: r.string() };
             model.authenticate(&svc, &who, req);
         } else {
             let client_id = match (r.u8(), &who) {
@@ -298,14 +248,7 @@ pub fn control_handlers(data: &[u8]) {
                 _ => r.string(),
             };
             let session_id = model.session_id(&mut r);
-            model.ping(
-                &svc,
-                &who,
-                PingSessionRequest {
-                    client_id,
-                    session_id,
-                },
-            );
+            model.ping(&svc, &who, PingSessionRequest { client_id, session_id });
         }
     }
 }
@@ -329,11 +272,7 @@ pub fn control_decode(data: &[u8]) {
     let svc = service();
     let mut model = Model::default();
     let (name, cert, _) = CLIENTS[0];
-    let alice = Some(PeerIdentity {
-        name: Arc::from(name),
-        cert: CertFingerprint(cert),
-        remote_addr: None,
-    });
+    let alice = Some(PeerIdentity { name: Arc::from(name), cert: CertFingerprint(cert), remote_addr: None });
     model.authenticate(&svc, &alice, AuthenticateRequest::default());
     if which.is_multiple_of(2) {
         if let Some(req) = decode::<AuthenticateRequest>(body) {
@@ -349,7 +288,9 @@ fn usable_v6(a: &AuthenticateResponse) -> bool {
     if a.assigned_ip6.is_empty() && a.gateway_ip6.is_empty() && a.prefix_len6 == 0 {
         return true;
     }
-    let (Ok(ip), Ok(gw)) = (<[u8; 16]>::try_from(a.assigned_ip6.as_slice()), <[u8; 16]>::try_from(a.gateway_ip6.as_slice())) else {
+    let (Ok(ip), Ok(gw)) =
+        (<[u8; 16]>::try_from(a.assigned_ip6.as_slice()), <[u8; 16]>::try_from(a.gateway_ip6.as_slice()))
+    else {
         return false;
     };
     let unicast = |b: &[u8; 16]| {
@@ -384,16 +325,12 @@ fn dns_usable(a: &AuthenticateResponse) -> bool {
                 _ => None,
             };
             ip.is_some_and(|ip| {
-                !ip.is_unspecified()
-                    && !ip.is_multicast()
-                    && ip != std::net::IpAddr::from([255, 255, 255, 255])
+                !ip.is_unspecified() && !ip.is_multicast() && ip != std::net::IpAddr::from([255, 255, 255, 255])
             })
         });
     let names_ok = a.search_domains.len() <= 6
         && a.search_domains.iter().all(|d| holdfast::config::check_search_domain(d).is_ok())
-        && a.search_domains.iter().all(|d| {
-            d.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
-        });
+        && a.search_domains.iter().all(|d| d.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)));
     servers_ok && names_ok && (!a.dns_servers.is_empty() || a.search_domains.is_empty())
 }
 

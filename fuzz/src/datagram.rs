@@ -14,9 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::OnceLock;
 
 use holdfast::sansio::replay::{ReplayError, ReplayWindow, WINDOW};
-use holdfast::sansio::seal::{
-    Direction, MAX_COUNTER, OpenError, Opened, SealError, SealedKind, SessionCipher,
-};
+use holdfast::sansio::seal::{Direction, MAX_COUNTER, OpenError, Opened, SealError, SealedKind, SessionCipher};
 use holdfast::sansio::wire::{self, HEADER_LEN, Header, MsgType, OVERHEAD, TAG_LEN, WireError};
 use holdfast::snapshot::{SessionId, SessionKey};
 
@@ -52,11 +50,7 @@ fn flip(dir: Direction) -> Direction {
 }
 
 fn direction(bit: bool) -> Direction {
-    if bit {
-        Direction::GatewayToClient
-    } else {
-        Direction::ClientToGateway
-    }
+    if bit { Direction::GatewayToClient } else { Direction::ClientToGateway }
 }
 
 /// Seals `payload` (a keepalive if `kind` says so) into a fresh datagram.
@@ -115,29 +109,18 @@ fn documented_header(d: &[u8]) -> Result<Header, WireError> {
         _ => {}
     }
     let be = |r: std::ops::Range<usize>| d[r].iter().fold(0u64, |a, &b| (a << 8) | u64::from(b));
-    Ok(Header {
-        msg_type,
-        session_id: SessionId(be(4..12)),
-        counter: be(12..20),
-    })
+    Ok(Header { msg_type, session_id: SessionId(be(4..12)), counter: be(12..20) })
 }
 
 /// Target `datagram_parse`: any bytes as a received datagram.
 pub fn datagram_parse(data: &[u8]) {
     let parsed = wire::parse_header(data);
-    assert_eq!(
-        parsed,
-        documented_header(data),
-        "parse_header disagrees with the documented format"
-    );
+    assert_eq!(parsed, documented_header(data), "parse_header disagrees with the documented format");
     if let Ok(h) = parsed {
         // Parsing loses nothing: the reserved bytes are zero, so the header is its fields.
         assert_eq!(h.to_bytes()[..], data[..HEADER_LEN]);
         if h.msg_type == MsgType::UnknownSession {
-            assert_eq!(
-                wire::unknown_session_notice(h.session_id, h.counter)[..],
-                *data
-            );
+            assert_eq!(wire::unknown_session_notice(h.session_id, h.counter)[..], *data);
         }
     }
 }
@@ -147,10 +130,7 @@ pub fn datagram_parse(data: &[u8]) {
 fn assert_authentic(dir: Direction, original: &[u8], opened: &Opened, plain_buf: &[u8]) {
     let header = wire::parse_header(original).expect("an opened datagram parses");
     assert_eq!(opened.payload, HEADER_LEN..original.len() - TAG_LEN);
-    assert_eq!(
-        (opened.session_id, opened.counter),
-        (header.session_id, header.counter)
-    );
+    assert_eq!((opened.session_id, opened.counter), (header.session_id, header.counter));
     let kind = match header.msg_type {
         MsgType::Data => SealedKind::Data,
         MsgType::Keepalive => SealedKind::Keepalive,
@@ -162,17 +142,10 @@ fn assert_authentic(dir: Direction, original: &[u8], opened: &Opened, plain_buf:
     let plain = &plain_buf[opened.payload.clone()];
     let again = seal(dir, kind, opened.session_id, opened.counter, plain)
         .expect("an authentic datagram's counter is one a sender may seal");
-    assert_eq!(
-        again, original,
-        "open accepted bytes that are not what sealing produces"
-    );
+    assert_eq!(again, original, "open accepted bytes that are not what sealing produces");
     for (c, d) in [(cipher(), flip(dir)), (other_cipher(), dir)] {
         let mut copy = original.to_vec();
-        assert_eq!(
-            c.open(d, &mut copy),
-            Err(OpenError::Decrypt),
-            "opened under another direction or key"
-        );
+        assert_eq!(c.open(d, &mut copy), Err(OpenError::Decrypt), "opened under another direction or key");
     }
 }
 
@@ -248,11 +221,7 @@ impl Receiver {
         if let Ok(o) = &got {
             self.model.accept(o.counter);
         }
-        assert_eq!(
-            self.window.highest(),
-            self.model.top,
-            "window top moved wrongly"
-        );
+        assert_eq!(self.window.highest(), self.model.top, "window top moved wrongly");
     }
 }
 
@@ -265,9 +234,7 @@ pub fn datagram_open(data: &[u8]) {
     let mut rx = Receiver::default();
     if flags & 2 != 0 {
         let c = r.u64();
-        rx.window
-            .accept(c)
-            .expect("an empty window accepts any counter");
+        rx.window.accept(c).expect("an empty window accepts any counter");
         rx.model.accept(c);
     }
     let datagram = r.rest();
@@ -297,10 +264,7 @@ fn counter(r: &mut Reader<'_>, top: Option<u64>) -> u64 {
         0 => r.u64(),
         1 => top.saturating_add(u64::from(r.u16())),
         2 => top.saturating_sub(u64::from(r.u16())),
-        _ => top
-            .saturating_sub(WINDOW)
-            .saturating_add(u64::from(r.u16()))
-            .saturating_sub(0x8000),
+        _ => top.saturating_sub(WINDOW).saturating_add(u64::from(r.u16())).saturating_sub(0x8000),
     }
 }
 
@@ -337,26 +301,15 @@ pub fn datagram_sequence(data: &[u8]) {
             op::SEAL => {
                 let flags = r.u8();
                 let dir = direction(flags & 1 != 0);
-                let kind = if flags & 2 != 0 {
-                    SealedKind::Keepalive
-                } else {
-                    SealedKind::Data
-                };
+                let kind = if flags & 2 != 0 { SealedKind::Keepalive } else { SealedKind::Data };
                 let c = counter(&mut r, rx[idx(dir)].model.top);
                 let payload = r.bytes();
                 let (pos, mask) = (usize::from(r.u16()), r.u8());
-                let payload = if kind == SealedKind::Keepalive {
-                    &[][..]
-                } else {
-                    payload
-                };
+                let payload = if kind == SealedKind::Keepalive { &[][..] } else { payload };
                 let mut bytes = match seal(dir, kind, FUZZ_SESSION, c, payload) {
                     Ok(b) => b,
                     Err(e) => {
-                        assert!(
-                            c > MAX_COUNTER && e == SealError::CounterExhausted,
-                            "{e:?} at {c}"
-                        );
+                        assert!(c > MAX_COUNTER && e == SealError::CounterExhausted, "{e:?} at {c}");
                         continue;
                     }
                 };
@@ -366,16 +319,8 @@ pub fn datagram_sequence(data: &[u8]) {
                     let mut other = vec![0u8; bytes.len()];
                     other[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
                     let n = match kind {
-                        SealedKind::Data => other_cipher().seal_data(
-                            dir,
-                            FUZZ_SESSION,
-                            c,
-                            &mut other,
-                            payload.len(),
-                        ),
-                        SealedKind::Keepalive => {
-                            other_cipher().seal_keepalive(dir, FUZZ_SESSION, c, &mut other)
-                        }
+                        SealedKind::Data => other_cipher().seal_data(dir, FUZZ_SESSION, c, &mut other, payload.len()),
+                        SealedKind::Keepalive => other_cipher().seal_keepalive(dir, FUZZ_SESSION, c, &mut other),
                         SealedKind::Probe | SealedKind::ProbeAck => other_cipher().seal_probe(
                             dir,
                             kind == SealedKind::ProbeAck,
@@ -395,19 +340,11 @@ pub fn datagram_sequence(data: &[u8]) {
                     bytes[at] ^= mask;
                 }
                 let to = if flags & 4 != 0 { flip(dir) } else { dir };
-                let known = if tampered || wrong_key || to != dir {
-                    Known::Forged
-                } else {
-                    Known::Authentic(kind, payload)
-                };
+                let known =
+                    if tampered || wrong_key || to != dir { Known::Forged } else { Known::Authentic(kind, payload) };
                 rx[idx(to)].deliver(to, &bytes, known);
                 if !tampered && !wrong_key {
-                    sent.push(Sent {
-                        dir,
-                        bytes,
-                        kind,
-                        payload: payload.to_vec(),
-                    });
+                    sent.push(Sent { dir, bytes, kind, payload: payload.to_vec() });
                 }
             }
             op::REPLAY => {

@@ -31,19 +31,14 @@ pub struct Seed {
 }
 
 fn seed(target: &'static str, name: &'static str, bytes: impl Into<Vec<u8>>) -> Seed {
-    Seed {
-        target,
-        name,
-        bytes: bytes.into(),
-    }
+    Seed { target, name, bytes: bytes.into() }
 }
 
 /// An IPv4 ICMP echo request from the client's tunnel address to the gateway's: what a Data
 /// datagram usually carries. (Checksums are not computed: nothing on the receive path reads them.)
 fn icmp_echo() -> Vec<u8> {
     let mut p = vec![
-        0x45, 0, 0, 84, 0x12, 0x34, 0x40, 0, 64, 1, 0, 0, 100, 64, 0, 2, 100, 64, 0,
-        1, // IPv4
+        0x45, 0, 0, 84, 0x12, 0x34, 0x40, 0, 64, 1, 0, 0, 100, 64, 0, 2, 100, 64, 0, 1, // IPv4
         8, 0, 0, 0, 0, 1, 0, 1, // ICMP echo request, id 1, seq 1
     ];
     p.resize(84, 0xab);
@@ -80,17 +75,10 @@ fn datagram_seeds() -> Vec<Seed> {
     };
 
     // datagram_sequence ops.
-    let seal_op =
-        |w: Writer, flags: u8, counter: u64, payload: &[u8], tamper: Option<(u16, u8)>| {
-            let (pos, mask) = tamper.unwrap_or((0, 0));
-            w.u8(dop::SEAL)
-                .u8(flags)
-                .u8(0)
-                .u64(counter)
-                .bytes(payload)
-                .u16(pos)
-                .u8(mask)
-        };
+    let seal_op = |w: Writer, flags: u8, counter: u64, payload: &[u8], tamper: Option<(u16, u8)>| {
+        let (pos, mask) = tamper.unwrap_or((0, 0));
+        w.u8(dop::SEAL).u8(flags).u8(0).u64(counter).bytes(payload).u16(pos).u8(mask)
+    };
     let in_order_then_replay = {
         let mut w = Writer::new();
         for c in 0..3 {
@@ -123,13 +111,7 @@ fn datagram_seeds() -> Vec<Seed> {
         let w = seal_op(w, 8, 3, &ping, None); // another key
         let w = seal_op(w, 4, 4, &ping, None); // delivered to the other direction
         let w = seal_op(w, 2, 5, &[], Some((0, 0x01))); // keepalive turned into a (too long) notice
-        w.u8(dop::RAW)
-            .u8(0)
-            .bytes(&notice)
-            .u8(dop::RAW)
-            .u8(1)
-            .bytes(&back)
-            .finish()
+        w.u8(dop::RAW).u8(0).bytes(&notice).u8(dop::RAW).u8(1).bytes(&back).finish()
     };
     let both_directions = {
         let w = seal_op(Writer::new(), 0, 7, &ping, None);
@@ -149,20 +131,12 @@ fn datagram_seeds() -> Vec<Seed> {
         seed("datagram_open", "c2g-data-empty", open(0, None, &empty)),
         seed("datagram_open", "g2c-data", open(1, None, &back)),
         seed("datagram_open", "c2g-keepalive", open(0, None, &keepalive)),
-        seed(
-            "datagram_open",
-            "older-inside-window",
-            open(2, Some(50), &data),
-        ),
+        seed("datagram_open", "older-inside-window", open(2, Some(50), &data)),
         seed("datagram_open", "replay", open(2, Some(5), &data)),
         seed("datagram_open", "too-old", open(2, Some(5 + WINDOW), &data)),
         seed("datagram_open", "wrong-direction", open(1, None, &data)),
         seed("datagram_open", "notice", open(0, None, &notice)),
-        seed(
-            "datagram_sequence",
-            "in-order-then-replay",
-            in_order_then_replay,
-        ),
+        seed("datagram_sequence", "in-order-then-replay", in_order_then_replay),
         seed("datagram_sequence", "reordered-burst", reordered),
         seed("datagram_sequence", "window-edge", window_edge),
         seed("datagram_sequence", "forgeries", forgeries),
@@ -179,9 +153,7 @@ const KNOWN_NAME_OTHER_CERT: u8 = 4;
 const ANY_NAME: u8 = 5;
 
 fn control_seeds() -> Vec<Seed> {
-    let auth = |w: Writer, who: u8, version: &str| {
-        w.u8(cop::AUTHENTICATE).u8(who).bytes(version.as_bytes())
-    };
+    let auth = |w: Writer, who: u8, version: &str| w.u8(cop::AUTHENTICATE).u8(who).bytes(version.as_bytes());
     // Ping as `who` naming itself, for the `idx`-th session id handed out in this run.
     let ping_issued = |w: Writer, who: u8, idx: u8| w.u8(cop::PING).u8(who).u8(0).u8(1).u8(idx);
     let v = "holdfast/0.1.0";
@@ -196,25 +168,9 @@ fn control_seeds() -> Vec<Seed> {
     let refused = {
         let w = auth(Writer::new(), BOB_REVOKED, v);
         let w = auth(w, NO_PEER, v);
-        let w = w
-            .u8(cop::PING)
-            .u8(NO_PEER)
-            .u8(1)
-            .bytes(b"alice")
-            .u8(0)
-            .u64(1);
-        let w = w
-            .u8(cop::AUTHENTICATE)
-            .u8(KNOWN_NAME_OTHER_CERT)
-            .raw(&[9; 32])
-            .u8(0)
-            .bytes(v.as_bytes());
-        let w = w
-            .u8(cop::AUTHENTICATE)
-            .u8(ANY_NAME)
-            .raw(&[1; 32])
-            .bytes(b"mallory")
-            .bytes(v.as_bytes());
+        let w = w.u8(cop::PING).u8(NO_PEER).u8(1).bytes(b"alice").u8(0).u64(1);
+        let w = w.u8(cop::AUTHENTICATE).u8(KNOWN_NAME_OTHER_CERT).raw(&[9; 32]).u8(0).bytes(v.as_bytes());
+        let w = w.u8(cop::AUTHENTICATE).u8(ANY_NAME).raw(&[1; 32]).bytes(b"mallory").bytes(v.as_bytes());
         auth(w, ALICE, &"x".repeat(65)).finish() // client_version too long
     };
     let cross_client = {
@@ -225,15 +181,8 @@ fn control_seeds() -> Vec<Seed> {
     };
 
     let req = |which: u8, m: Vec<u8>| Writer::new().u8(which).raw(&m).finish();
-    let auth_req = AuthenticateRequest {
-        client_version: v.into(),
-    }
-    .encode_to_vec();
-    let ping_req = PingSessionRequest {
-        client_id: "alice".into(),
-        session_id: 0x0123_4567_89ab_cdef,
-    }
-    .encode_to_vec();
+    let auth_req = AuthenticateRequest { client_version: v.into() }.encode_to_vec();
+    let ping_req = PingSessionRequest { client_id: "alice".into(), session_id: 0x0123_4567_89ab_cdef }.encode_to_vec();
     let mut ping_unknown_field = ping_req.clone();
     ping_unknown_field.extend_from_slice(&[0x78, 0x2a]); // field 15, varint 42: skipped
     vec![
@@ -244,11 +193,7 @@ fn control_seeds() -> Vec<Seed> {
         seed("control_decode", "authenticate", req(0, auth_req)),
         seed("control_decode", "authenticate-empty", req(0, Vec::new())),
         seed("control_decode", "ping", req(1, ping_req)),
-        seed(
-            "control_decode",
-            "ping-unknown-field",
-            req(1, ping_unknown_field),
-        ),
+        seed("control_decode", "ping-unknown-field", req(1, ping_unknown_field)),
     ]
     .into_iter()
     .chain(gateway_answer_seeds())
@@ -281,9 +226,7 @@ fn gateway_answer_seeds() -> Vec<Seed> {
         ("v6-multicast", |a| a.assigned_ip6[0] = 0xff),
         ("dns-server-5-bytes", |a| a.dns_servers = vec![vec![100, 64, 0, 1, 0]]),
         ("dns-server-multicast", |a| a.dns_servers = vec![vec![224, 0, 0, 251]]),
-        ("search-domain-newline", |a| {
-            a.search_domains = vec!["lan\nnameserver 198.18.9.9".into()]
-        }),
+        ("search-domain-newline", |a| a.search_domains = vec!["lan\nnameserver 198.18.9.9".into()]),
         ("search-domains-too-many", |a| a.search_domains = vec!["x".into(); 7]),
         ("ipv6-assigned-ip", |a| a.assigned_ip = vec![0xfd; 16]),
         ("prefix-0", |a| a.prefix_len = 0),
@@ -380,24 +323,10 @@ fn config_seeds() -> Vec<Seed> {
     })
     .expect("gateway init");
     let empty_registry = read(&dir.join("clients.toml"));
-    for (name, ip) in [
-        ("alice", None),
-        ("bob", None),
-        ("carol", Some(Ipv4Addr::new(100, 64, 0, 200))),
-    ] {
-        cli::add_client(&AddClientArgs {
-            dir: dir.clone(),
-            name: name.into(),
-            ip,
-            out: None,
-        })
-        .expect("add-client");
+    for (name, ip) in [("alice", None), ("bob", None), ("carol", Some(Ipv4Addr::new(100, 64, 0, 200)))] {
+        cli::add_client(&AddClientArgs { dir: dir.clone(), name: name.into(), ip, out: None }).expect("add-client");
     }
-    cli::revoke(&RevokeArgs {
-        dir: dir.clone(),
-        name: "bob".into(),
-    })
-    .expect("revoke");
+    cli::revoke(&RevokeArgs { dir: dir.clone(), name: "bob".into() }).expect("revoke");
 
     let alice_path = dir.join("clients/alice.toml");
     let alice = read(&alice_path);
@@ -417,10 +346,7 @@ fn config_seeds() -> Vec<Seed> {
     tuned.network.tun_name = Some("holdfast0".into());
     tuned.network.underlay_mtu = Some(1500);
     tuned.network.keepalive = secs(15);
-    tuned.network.routes = Some(vec![
-        "0.0.0.0/1".parse().expect("cidr"),
-        "128.0.0.0/1".parse().expect("cidr"),
-    ]);
+    tuned.network.routes = Some(vec!["0.0.0.0/1".parse().expect("cidr"), "128.0.0.0/1".parse().expect("cidr")]);
     tuned.network.dns = holdfast::config::client::DnsChoice::Servers(vec!["100.64.0.1".parse().expect("ip")]);
     tuned.network.allow_lan = Some(false);
     tuned.network.killswitch = Some(true);
@@ -443,25 +369,13 @@ fn config_seeds() -> Vec<Seed> {
         handshake_timeout = \"100ms\"\n\n[nat]\nenabled = true\nuplink = \"eth0\"\n";
     vec![
         seed("config_client", "alice-add-client", alice),
-        seed(
-            "config_client",
-            "carol-add-client",
-            read(&dir.join("clients/carol.toml")),
-        ),
+        seed("config_client", "carol-add-client", read(&dir.join("clients/carol.toml"))),
         seed("config_client", "alice-every-key", tuned),
         seed("config_client", "alice-credential-files", files),
         seed("config_gateway", "gateway-init", gateway),
         seed("config_gateway", "gateway-every-key", gateway_full),
-        seed(
-            "config_gateway",
-            "gateway-minimal",
-            "endpoint = \"198.18.0.1:51820\"\n",
-        ),
-        seed(
-            "config_registry",
-            "registry-three-clients",
-            read(&dir.join("clients.toml")),
-        ),
+        seed("config_gateway", "gateway-minimal", "endpoint = \"198.18.0.1:51820\"\n"),
+        seed("config_registry", "registry-three-clients", read(&dir.join("clients.toml"))),
         seed("config_registry", "registry-empty", empty_registry),
     ]
 }

@@ -33,11 +33,7 @@ pub struct RunOptions {
 /// Runs the client until an explicit stop (SIGINT, SIGTERM, or `q` on the dashboard) and returns
 /// the process exit code. Must run inside a tokio runtime. The only failure here is the
 /// kill-switch refusing to come up: the client never runs unprotected.
-pub async fn run(
-    settings: ClientSettings,
-    killswitch: Arc<dyn KillSwitch>,
-    opts: RunOptions,
-) -> i32 {
+pub async fn run(settings: ClientSettings, killswitch: Arc<dyn KillSwitch>, opts: RunOptions) -> i32 {
     tracing::info!(
         target: TARGET,
         "holdfast client {} starting: {} -> gateway {}",

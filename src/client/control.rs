@@ -65,11 +65,7 @@ impl ControlPlane {
 
     /// Builds a lazily connecting channel to the gateway at `gateway` (one of the deployment's:
     /// same authority, same server name); performs no IO.
-    pub fn to_gateway(
-        file: &ClientFile,
-        creds: &Credentials,
-        gateway: SocketAddr,
-    ) -> Result<Self, ChannelError> {
+    pub fn to_gateway(file: &ClientFile, creds: &Credentials, gateway: SocketAddr) -> Result<Self, ChannelError> {
         let endpoint = format!("https://{gateway}");
         let setup = |reason: String| ChannelError::Setup { endpoint: endpoint.clone(), reason };
         let tls = ClientTlsConfig::new()
@@ -109,10 +105,7 @@ impl ControlPlane {
     }
 
     /// `Authenticate` with a deadline. The response is validated before it becomes a snapshot.
-    pub async fn authenticate(
-        &self,
-        deadline: Duration,
-    ) -> Result<Arc<VpnAuthResponse>, CallError<AuthFailure>> {
+    pub async fn authenticate(&self, deadline: Duration) -> Result<Arc<VpnAuthResponse>, CallError<AuthFailure>> {
         let mut req = tonic::Request::new(pb::AuthenticateRequest {
             client_version: concat!("holdfast/", env!("CARGO_PKG_VERSION")).to_owned(),
         });
@@ -124,15 +117,12 @@ impl ControlPlane {
             Ok(Err(status)) => return Err(classify_auth(&status)),
             Ok(Ok(resp)) => resp.into_inner(),
         };
-        snapshot_from_gateway(resp, Some(self.gateway)).map_err(|detail| CallError { kind: AuthFailure::GatewayError, detail })
+        snapshot_from_gateway(resp, Some(self.gateway))
+            .map_err(|detail| CallError { kind: AuthFailure::GatewayError, detail })
     }
 
     /// `PingSession` with a deadline.
-    pub async fn ping(
-        &self,
-        session_id: SessionId,
-        deadline: Duration,
-    ) -> Result<PingAnswer, CallError<PingFailure>> {
+    pub async fn ping(&self, session_id: SessionId, deadline: Duration) -> Result<PingAnswer, CallError<PingFailure>> {
         let mut req = tonic::Request::new(pb::PingSessionRequest {
             client_id: self.client_id.to_string(),
             session_id: session_id.0,
@@ -188,9 +178,9 @@ pub fn snapshot_from_gateway(
     gateway: Option<SocketAddr>,
 ) -> Result<Arc<VpnAuthResponse>, String> {
     let ip = |b: &[u8], what: &str| {
-        <[u8; 4]>::try_from(b).map(Ipv4Addr::from).map_err(|_| {
-            format!("gateway sent a {what} of {} bytes, expected an IPv4 address", b.len())
-        })
+        <[u8; 4]>::try_from(b)
+            .map(Ipv4Addr::from)
+            .map_err(|_| format!("gateway sent a {what} of {} bytes, expected an IPv4 address", b.len()))
     };
     let assigned_ip = ip(&r.assigned_ip, "assigned_ip")?;
     let gateway_ip = ip(&r.gateway_ip, "gateway_ip")?;
@@ -199,9 +189,8 @@ pub fn snapshot_from_gateway(
         .filter(|p| (1..=32).contains(p))
         .ok_or_else(|| format!("gateway sent an invalid prefix length {}", r.prefix_len))?;
     let (assigned_ip6, gateway_ip6, prefix_len6) = v6_fields(&r)?;
-    let session_key = SessionKey::from_slice(&r.session_key).ok_or_else(|| {
-        format!("gateway sent a session key of {} bytes, expected 32", r.session_key.len())
-    })?;
+    let session_key = SessionKey::from_slice(&r.session_key)
+        .ok_or_else(|| format!("gateway sent a session key of {} bytes, expected 32", r.session_key.len()))?;
     if r.session_id == 0 {
         return Err("gateway sent session id 0".into());
     }
@@ -211,7 +200,11 @@ pub fn snapshot_from_gateway(
         .ok_or_else(|| format!("gateway sent an invalid data port {}", r.data_port))?;
     let (dns_servers, search_domains) = dns_from(&r.dns_servers, &r.search_domains)?;
     if r.endpoints.len() > crate::config::client::MAX_ENDPOINTS {
-        return Err(format!("gateway listed {} gateways; at most {} are accepted", r.endpoints.len(), crate::config::client::MAX_ENDPOINTS));
+        return Err(format!(
+            "gateway listed {} gateways; at most {} are accepted",
+            r.endpoints.len(),
+            crate::config::client::MAX_ENDPOINTS
+        ));
     }
     let endpoints = r
         .endpoints
@@ -246,16 +239,14 @@ pub fn snapshot_from_gateway(
 /// The IPv6 fields of an answer: all three empty (a gateway without IPv6, or one from before it:
 /// the session runs IPv4 only) or all three valid. Anything in between is refused: half an IPv6
 /// configuration would give a TUN address with no route, or a route with no address.
-fn v6_fields(
-    r: &pb::AuthenticateResponse,
-) -> Result<(Option<Ipv6Addr>, Option<Ipv6Addr>, u8), String> {
+fn v6_fields(r: &pb::AuthenticateResponse) -> Result<(Option<Ipv6Addr>, Option<Ipv6Addr>, u8), String> {
     if r.assigned_ip6.is_empty() && r.gateway_ip6.is_empty() && r.prefix_len6 == 0 {
         return Ok((None, None, 0));
     }
     let ip6 = |b: &[u8], what: &str| {
-        <[u8; 16]>::try_from(b).map(Ipv6Addr::from).map_err(|_| {
-            format!("gateway sent a {what} of {} bytes, expected an IPv6 address", b.len())
-        })
+        <[u8; 16]>::try_from(b)
+            .map(Ipv6Addr::from)
+            .map_err(|_| format!("gateway sent a {what} of {} bytes, expected an IPv6 address", b.len()))
     };
     let assigned = ip6(&r.assigned_ip6, "assigned_ip6")?;
     let gateway = ip6(&r.gateway_ip6, "gateway_ip6")?;
@@ -263,20 +254,14 @@ fn v6_fields(
         .ok()
         .filter(|p| (48..=128).contains(p))
         .ok_or_else(|| format!("gateway sent an invalid IPv6 prefix length {}", r.prefix_len6))?;
-    let unicast = |ip: Ipv6Addr| {
-        !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.to_ipv4_mapped().is_some())
-    };
+    let unicast =
+        |ip: Ipv6Addr| !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.to_ipv4_mapped().is_some());
     if !unicast(assigned) || !unicast(gateway) || assigned == gateway {
-        return Err(format!(
-            "gateway sent unusable IPv6 tunnel addresses {assigned} and {gateway}"
-        ));
+        return Err(format!("gateway sent unusable IPv6 tunnel addresses {assigned} and {gateway}"));
     }
     let net = ipnet::Ipv6Net::new(gateway, prefix_len6).map_err(|e| e.to_string())?;
     if !net.contains(&assigned) {
-        return Err(format!(
-            "gateway sent IPv6 address {assigned} outside its own subnet {}",
-            net.trunc()
-        ));
+        return Err(format!("gateway sent IPv6 address {assigned} outside its own subnet {}", net.trunc()));
     }
     Ok((Some(assigned), Some(gateway), prefix_len6))
 }
@@ -288,10 +273,7 @@ fn v6_fields(
 fn dns_from(servers: &[Vec<u8>], search: &[String]) -> Result<(Vec<IpAddr>, Vec<String>), String> {
     use crate::config::{MAX_DNS_SERVERS, MAX_SEARCH_DOMAINS, check_search_domain};
     if servers.len() > MAX_DNS_SERVERS {
-        return Err(format!(
-            "gateway sent {} dns_servers; at most {MAX_DNS_SERVERS} are accepted",
-            servers.len()
-        ));
+        return Err(format!("gateway sent {} dns_servers; at most {MAX_DNS_SERVERS} are accepted", servers.len()));
     }
     let ips = servers
         .iter()
@@ -301,9 +283,7 @@ fn dns_from(servers: &[Vec<u8>], search: &[String]) -> Result<(Vec<IpAddr>, Vec<
                 16 => <[u8; 16]>::try_from(b.as_slice()).map(IpAddr::from).ok(),
                 _ => None,
             }
-            .ok_or_else(|| {
-                format!("gateway sent a dns_servers entry of {} bytes, expected 4 or 16", b.len())
-            })?;
+            .ok_or_else(|| format!("gateway sent a dns_servers entry of {} bytes, expected 4 or 16", b.len()))?;
             let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
             if ip.is_unspecified() || ip.is_multicast() || broadcast {
                 return Err(format!("gateway sent dns_servers entry {ip}, not a unicast address"));
@@ -312,10 +292,7 @@ fn dns_from(servers: &[Vec<u8>], search: &[String]) -> Result<(Vec<IpAddr>, Vec<
         })
         .collect::<Result<Vec<_>, String>>()?;
     if search.len() > MAX_SEARCH_DOMAINS {
-        return Err(format!(
-            "gateway sent {} search_domains; at most {MAX_SEARCH_DOMAINS} are accepted",
-            search.len()
-        ));
+        return Err(format!("gateway sent {} search_domains; at most {MAX_SEARCH_DOMAINS} are accepted", search.len()));
     }
     for d in search {
         check_search_domain(d).map_err(|r| format!("gateway sent an invalid search_domains entry: {r}"))?;
@@ -356,8 +333,11 @@ fn status_detail(status: &tonic::Status) -> String {
 /// Under TLS 1.3 the gateway's refusal of our certificate arrives as an alert at the first call.
 fn is_certificate_problem(detail: &str) -> bool {
     let d = detail.to_ascii_lowercase();
-    d.contains("certificate") || d.contains("unknownca") || d.contains("unknown ca")
-        || d.contains("decrypterror") || d.contains("received fatal alert")
+    d.contains("certificate")
+        || d.contains("unknownca")
+        || d.contains("unknown ca")
+        || d.contains("decrypterror")
+        || d.contains("received fatal alert")
 }
 
 fn classify_auth(status: &tonic::Status) -> CallError<AuthFailure> {

@@ -73,8 +73,7 @@ const TUN_RECREATE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), 
 
 /// While there is no snapshot, the engine drops what the TUN offers and sleeps this long
 /// (doubling up to the cap) between reads, so it does not spin.
-const NO_SESSION_BACKOFF: (Duration, Duration) =
-    (Duration::from_millis(10), Duration::from_millis(500));
+const NO_SESSION_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(500));
 
 /// Settings of the client data plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -606,15 +605,13 @@ async fn follow_path_mtu(shared: Arc<Shared>, path: Arc<PathMtu>, address6: Opti
             (Ok(()), Ipv6Step::Lost, _, _) => {
                 "; IPv6 through the tunnel paused (below its 1280-byte minimum)".to_string()
             }
-            (Ok(()), Ipv6Step::Restore, Some((ip6, len)), Some((_, tun))) => {
-                match tun.add_address_v6(ip6, len) {
-                    Ok(()) => {
-                        shared.readdressed.send_modify(|n| *n += 1);
-                        format!("; IPv6 {ip6} back on the tunnel")
-                    }
-                    Err(e) => format!("; IPv6 stays off the tunnel: cannot re-add {ip6}: {}", describe_io(&e)),
+            (Ok(()), Ipv6Step::Restore, Some((ip6, len)), Some((_, tun))) => match tun.add_address_v6(ip6, len) {
+                Ok(()) => {
+                    shared.readdressed.send_modify(|n| *n += 1);
+                    format!("; IPv6 {ip6} back on the tunnel")
                 }
-            }
+                Err(e) => format!("; IPv6 stays off the tunnel: cannot re-add {ip6}: {}", describe_io(&e)),
+            },
             _ => String::new(),
         };
         match applied {

@@ -32,8 +32,7 @@ pub const SYSTEM_RESOLV_CONF: &str = "/etc/resolv.conf";
 const RESOLVED_DIR: &str = "/run/systemd/resolve";
 
 /// First line of every file we write; how a leftover is recognised.
-const HEADER: &str =
-    "# Written by holdfast while the VPN is up: resolvers reached through the tunnel.";
+const HEADER: &str = "# Written by holdfast while the VPN is up: resolvers reached through the tunnel.";
 const ORIGINAL: &str = "# holdfast-original: ";
 const ORIGINAL_LINE: &str = "#|";
 const ORIGINAL_END: &str = "# holdfast-original-end";
@@ -71,20 +70,14 @@ pub enum Original {
 /// there are search domains, then the original. Search domains must be plain names (checked
 /// where they come from: the client file or the gateway's answer); one that is not is refused
 /// here too, so nothing but these lines can ever be written.
-pub fn render_resolv_conf(
-    servers: &[IpAddr],
-    search: &[String],
-    original: &Original,
-) -> Result<String, DnsError> {
+pub fn render_resolv_conf(servers: &[IpAddr], search: &[String], original: &Original) -> Result<String, DnsError> {
     for d in search {
         crate::config::check_search_domain(d).map_err(DnsError::Invalid)?;
     }
     let mut s = String::new();
     s.push_str(HEADER);
     s.push('\n');
-    s.push_str(
-        "# The original follows; it is restored on stop, or run `holdfast client unblock`.\n",
-    );
+    s.push_str("# The original follows; it is restored on stop, or run `holdfast client unblock`.\n");
     if servers.len() > 3 {
         // glibc reads at most three (MAXNS); say so instead of failing.
         s.push_str("# Note: the C library uses only the first three nameserver lines.\n");
@@ -108,9 +101,10 @@ pub fn render_resolv_conf(
             }
         }
         Original::Symlink(target) => {
-            let t = target.to_str().filter(|t| !t.contains('\n')).ok_or_else(|| {
-                DnsError::Invalid(format!("cannot record the symlink target {}", target.display()))
-            })?;
+            let t = target
+                .to_str()
+                .filter(|t| !t.contains('\n'))
+                .ok_or_else(|| DnsError::Invalid(format!("cannot record the symlink target {}", target.display())))?;
             s.push_str(&format!("{ORIGINAL}symlink {t}\n"));
         }
         Original::Absent => s.push_str(&format!("{ORIGINAL}absent\n")),
@@ -156,10 +150,7 @@ pub struct PushedDns {
 
 impl PushedDns {
     pub fn of(snapshot: &crate::snapshot::VpnAuthResponse) -> Self {
-        Self {
-            servers: snapshot.dns_servers.clone(),
-            search_domains: snapshot.search_domains.clone(),
-        }
+        Self { servers: snapshot.dns_servers.clone(), search_domains: snapshot.search_domains.clone() }
     }
 }
 
@@ -175,9 +166,7 @@ pub enum Backend {
 /// Picks the backend for `path`: systemd-resolved when `path` links into its directory and that
 /// directory exists (resolved is running), else the file.
 pub fn detect(path: &Path, tun_name: &str) -> Backend {
-    let into_resolved = fs::read_link(path)
-        .map(|t| t.to_string_lossy().contains("systemd/resolve/"))
-        .unwrap_or(false);
+    let into_resolved = fs::read_link(path).map(|t| t.to_string_lossy().contains("systemd/resolve/")).unwrap_or(false);
     if into_resolved && Path::new(RESOLVED_DIR).is_dir() {
         Backend::Resolved { link: tun_name.to_owned() }
     } else {
@@ -193,11 +182,7 @@ pub fn resolvectl_apply_args(link: &str, servers: &[IpAddr], search: &[String]) 
     // `~.`: a routing-only domain matching every name, so queries prefer this link.
     let mut domain = vec!["domain".to_owned(), link.to_owned(), "~.".to_owned()];
     domain.extend(search.iter().cloned());
-    vec![
-        dns,
-        domain,
-        vec!["default-route".into(), link.into(), "yes".into()],
-    ]
+    vec![dns, domain, vec!["default-route".into(), link.into(), "yes".into()]]
 }
 
 /// Setting the resolver: see the module doc.
@@ -325,18 +310,16 @@ fn write_ours(path: &Path, servers: &[IpAddr], search: &[String]) -> Result<(), 
     let original = match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Original::Absent,
         Err(source) => return Err(DnsError::Read { path: path.to_owned(), source }),
-        Ok(m) if m.file_type().is_symlink() => Original::Symlink(
-            fs::read_link(path)
-                .map_err(|source| DnsError::Read { path: path.to_owned(), source })?,
-        ),
+        Ok(m) if m.file_type().is_symlink() => {
+            Original::Symlink(fs::read_link(path).map_err(|source| DnsError::Read { path: path.to_owned(), source })?)
+        }
         Ok(_) => {
             let text = read_regular(path)?.unwrap_or_default();
             parse_ours(&text).unwrap_or(Original::File(text))
         }
     };
     let text = render_resolv_conf(servers, search, &original)?;
-    write_atomically(path, &text)
-        .map_err(|source| DnsError::Write { path: path.to_owned(), source })
+    write_atomically(path, &text).map_err(|source| DnsError::Write { path: path.to_owned(), source })
 }
 
 /// The contents of `path` if it is a regular file (`None` if absent or a symlink).
@@ -345,9 +328,7 @@ fn read_regular(path: &Path) -> Result<Option<String>, DnsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(DnsError::Read { path: path.to_owned(), source }),
         Ok(m) if !m.file_type().is_file() => Ok(None),
-        Ok(_) => fs::read_to_string(path)
-            .map(Some)
-            .map_err(|source| DnsError::Read { path: path.to_owned(), source }),
+        Ok(_) => fs::read_to_string(path).map(Some).map_err(|source| DnsError::Read { path: path.to_owned(), source }),
     }
 }
 
@@ -391,9 +372,7 @@ fn replace_with_symlink(path: &Path, target: &Path) -> io::Result<()> {
 
 /// A temporary name in the same directory (so a rename is atomic), unique per process.
 fn temp_beside(path: &Path) -> io::Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let mut tmp = name.to_os_string();
     tmp.push(format!(".holdfast-{}.tmp", std::process::id()));
     Ok(path.with_file_name(tmp))
@@ -401,17 +380,14 @@ fn temp_beside(path: &Path) -> io::Result<PathBuf> {
 
 /// Whether `path` is itself a mount point (per `/proc/self/mountinfo`).
 fn is_mount_point(path: &Path) -> bool {
-    let Some(full) = path.parent().and_then(|p| fs::canonicalize(p).ok()).zip(path.file_name())
-    else {
+    let Some(full) = path.parent().and_then(|p| fs::canonicalize(p).ok()).zip(path.file_name()) else {
         return false;
     };
     let full = full.0.join(full.1);
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| Path::new(&unescape_mountinfo(mp)) == full)
+    info.lines().filter_map(|l| l.split(' ').nth(4)).any(|mp| Path::new(&unescape_mountinfo(mp)) == full)
 }
 
 /// Mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
@@ -437,16 +413,8 @@ fn unescape_mountinfo(s: &str) -> String {
 
 fn resolvectl(args: &[String]) -> Result<(), DnsError> {
     let fail = |reason: String| DnsError::Resolved { args: args.join(" "), reason };
-    let out = Command::new("resolvectl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| fail(e.to_string()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
-    }
+    let out = Command::new("resolvectl").args(args).stdin(Stdio::null()).output().map_err(|e| fail(e.to_string()))?;
+    if out.status.success() { Ok(()) } else { Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned())) }
 }
 
 #[cfg(test)]
@@ -471,10 +439,7 @@ mod tests {
         let text = render_resolv_conf(&servers(), &search, &Original::Absent).unwrap();
         assert!(text.contains("\nnameserver 2001:2::53\nsearch corp.example lan\n"), "{text}");
         let hostile = vec!["lan\nnameserver 198.18.9.9".to_owned()];
-        assert!(matches!(
-            render_resolv_conf(&servers(), &hostile, &Original::Absent),
-            Err(DnsError::Invalid(_))
-        ));
+        assert!(matches!(render_resolv_conf(&servers(), &hostile, &Original::Absent), Err(DnsError::Invalid(_))));
     }
 
     #[test]

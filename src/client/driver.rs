@@ -68,8 +68,7 @@ const RECENT_TRANSITIONS: usize = 32;
 
 /// Runs the supervisor until an explicit stop.
 pub async fn run(parts: DriverParts) {
-    let DriverParts { file, path, mut creds, auth, mut commands, status, mut on_swap, seed, epoch } =
-        parts;
+    let DriverParts { file, path, mut creds, auth, mut commands, status, mut on_swap, seed, epoch } = parts;
     let now = || epoch.elapsed();
     let mut rng = match seed {
         Some(s) => StdRng::seed_from_u64(s),
@@ -145,9 +144,7 @@ pub async fn run(parts: DriverParts) {
                                 Ok(PingAnswer::Ok) => {
                                     (Event::PingSucceeded { attempt, rtt: sent.elapsed() }, String::new())
                                 }
-                                Ok(PingAnswer::SessionExpired) => {
-                                    (Event::SessionExpired { attempt }, String::new())
-                                }
+                                Ok(PingAnswer::SessionExpired) => (Event::SessionExpired { attempt }, String::new()),
                                 Err(e) => (Event::PingFailed { attempt, failure: e.kind }, e.detail),
                             };
                             let _ = tx.send((ev, detail, channel));
@@ -165,10 +162,7 @@ pub async fn run(parts: DriverParts) {
                                 gateways.insert(0, using);
                                 0
                             });
-                            pending.push_back((
-                                Event::GatewaysChanged { count: gateways.len() },
-                                String::new(),
-                            ));
+                            pending.push_back((Event::GatewaysChanged { count: gateways.len() }, String::new()));
                         }
                         auth.swap_in(next.clone());
                         if let Some(hook) = on_swap.as_mut() {
@@ -288,11 +282,7 @@ fn reconnect(control: &mut Option<ControlPlane>, channel: &mut u64) {
     }
 }
 
-fn build_control(
-    file: &ClientFile,
-    creds: &Credentials,
-    gateway: std::net::SocketAddr,
-) -> Option<ControlPlane> {
+fn build_control(file: &ClientFile, creds: &Credentials, gateway: std::net::SocketAddr) -> Option<ControlPlane> {
     match ControlPlane::to_gateway(file, creds, gateway) {
         Ok(c) => Some(c),
         Err(e) => {

@@ -170,8 +170,12 @@ impl Prober {
             if s.down.bound() != s.down_bound {
                 s.down_bound = s.down.bound();
                 match s.down_bound {
-                    Some(b) => tracing::info!(target: TARGET, "path MTU from the gateway: {b} (a smaller hop on the way)"),
-                    None => tracing::info!(target: TARGET, "path MTU from the gateway: the link's {} again", self.path.link()),
+                    Some(b) => {
+                        tracing::info!(target: TARGET, "path MTU from the gateway: {b} (a smaller hop on the way)")
+                    }
+                    None => {
+                        tracing::info!(target: TARGET, "path MTU from the gateway: the link's {} again", self.path.link())
+                    }
                 }
             }
         }

@@ -55,11 +55,11 @@ use std::sync::Arc;
 use futures_util::TryStreamExt as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteNextHopFlags,
-    RouteMetric, RouteProtocol, RouteScope, RouteType, RouteVia,
-};
 use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric, RouteNextHopFlags, RouteProtocol,
+    RouteScope, RouteType, RouteVia,
+};
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
 use super::dataplane::DEFAULT_TUN_NAME;
@@ -303,11 +303,7 @@ impl Routes {
     /// Installs the routes for the TUN `tun_name` (see the module doc). `cidrs` is usually
     /// [`tunnel_cidrs`] of the client file. Call once, when the TUN is up; keep the guard until
     /// an explicit stop. On error nothing of ours is left installed.
-    pub async fn install(
-        tun_name: &str,
-        gateway: IpAddr,
-        cidrs: &[IpNet],
-    ) -> Result<RouteGuard, RoutesError> {
+    pub async fn install(tun_name: &str, gateway: IpAddr, cidrs: &[IpNet]) -> Result<RouteGuard, RoutesError> {
         Self::install_for(tun_name, gateway, &[], cidrs).await
     }
 
@@ -397,7 +393,9 @@ impl RouteGuard {
             .added
             .iter()
             .filter_map(|s| match s {
-                RouteSpec::Host { dst, .. } | RouteSpec::OnLink { dst, .. } | RouteSpec::Unreachable { dst } => Some(*dst),
+                RouteSpec::Host { dst, .. } | RouteSpec::OnLink { dst, .. } | RouteSpec::Unreachable { dst } => {
+                    Some(*dst)
+                }
                 RouteSpec::Tunnel { .. } => None,
             })
             .collect();
@@ -464,10 +462,7 @@ async fn remove_specs(handle: &Handle, specs: &[RouteSpec]) -> Result<(), Routes
         if let Err(e) = handle.route().del(message(spec)).execute().await
             && !already_gone(&e)
         {
-            first_error.get_or_insert(RoutesError::Remove {
-                route: spec.to_string(),
-                reason: e.to_string(),
-            });
+            first_error.get_or_insert(RoutesError::Remove { route: spec.to_string(), reason: e.to_string() });
         }
     }
     first_error.map_or(Ok(()), Err)
@@ -580,12 +575,7 @@ fn mtu_metric(attrs: &[RouteAttribute]) -> Option<u32> {
 /// MTU metric or its interface's MTU), unless `underlay_mtu` configures it. No path right now
 /// (link down) changes nothing: the last size stays until one returns. `pinned`: see
 /// [`path_mtu_on`].
-async fn follow_mtu(
-    handle: &Handle,
-    gateway: IpAddr,
-    pinned: Option<(&[DumpedRoute], u32)>,
-    path: Option<&PathMtu>,
-) {
+async fn follow_mtu(handle: &Handle, gateway: IpAddr, pinned: Option<(&[DumpedRoute], u32)>, path: Option<&PathMtu>) {
     let Some(path) = path.filter(|p| !p.is_configured()) else { return };
     match path_mtu_on(handle, gateway, pinned).await {
         Ok(mtu) if mtu != path.link() => {
@@ -626,23 +616,14 @@ async fn remove_ours(handle: &Handle) -> Result<usize, RoutesError> {
 
 /// Removes the routes (either family) that `select` selects (see [`parse_dumped`]); returns how
 /// many.
-async fn remove_matching(
-    handle: &Handle,
-    select: impl Fn(&DumpedRoute) -> bool,
-) -> Result<usize, RoutesError> {
+async fn remove_matching(handle: &Handle, select: impl Fn(&DumpedRoute) -> bool) -> Result<usize, RoutesError> {
     remove_matching_any(handle, |m| parse_dumped(m).is_some_and(|r| select(&r))).await
 }
 
 /// Removes every route (IPv4 and IPv6, any table) that `doomed` selects; returns how many.
-async fn remove_matching_any(
-    handle: &Handle,
-    doomed: impl Fn(&RouteMessage) -> bool,
-) -> Result<usize, RoutesError> {
+async fn remove_matching_any(handle: &Handle, doomed: impl Fn(&RouteMessage) -> bool) -> Result<usize, RoutesError> {
     let mut found = Vec::new();
-    for dump in [
-        RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().build(),
-    ] {
+    for dump in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
         let mut routes = handle.route().get(dump).execute();
         while let Some(r) = routes.try_next().await.map_err(|e| RoutesError::List(e.to_string()))? {
             if doomed(&r) {
@@ -659,8 +640,7 @@ async fn remove_matching_any(
                 RouteAttribute::Destination(d) => Some(format!("{d:?}")),
                 _ => None,
             });
-            let route =
-                format!("{}/{}", dst.unwrap_or_default(), r.header.destination_prefix_length);
+            let route = format!("{}/{}", dst.unwrap_or_default(), r.header.destination_prefix_length);
             return Err(RoutesError::Remove { route, reason: e.to_string() });
         }
     }
@@ -677,10 +657,8 @@ pub async fn remove_leftovers() -> Result<usize, RoutesError> {
 pub fn remove_leftovers_blocking() -> Result<usize, RoutesError> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(RoutesError::Netlink)?;
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(RoutesError::Netlink)?;
             rt.block_on(remove_leftovers())
         })
         .join()
@@ -781,9 +759,7 @@ pub fn underlay_route(
 /// The pin for `choice`, if any.
 fn pin_for(gateway: IpAddr, choice: UnderlayChoice) -> Option<RouteSpec> {
     match choice {
-        UnderlayChoice::Pin(Underlay { via: Some(via), oif }) => {
-            Some(RouteSpec::Host { dst: gateway, via, oif })
-        }
+        UnderlayChoice::Pin(Underlay { via: Some(via), oif }) => Some(RouteSpec::Host { dst: gateway, via, oif }),
         UnderlayChoice::Pin(Underlay { via: None, oif }) => Some(RouteSpec::OnLink { dst: gateway, oif }),
         UnderlayChoice::Unpinned | UnderlayChoice::NoPath => None,
     }
@@ -839,11 +815,7 @@ pub fn parse_dumped(m: &RouteMessage) -> Option<DumpedRoute> {
                 alive: !h.flags.intersects(RouteNextHopFlags::Dead | RouteNextHopFlags::Linkdown),
             })
             .collect(),
-        None => vec![NextHop {
-            via: next_hop_of(&m.attributes),
-            oif,
-            alive: !m.header.flags.intersects(dead),
-        }],
+        None => vec![NextHop { via: next_hop_of(&m.attributes), oif, alive: !m.header.flags.intersects(dead) }],
     };
     Some(DumpedRoute {
         net,
@@ -957,9 +929,9 @@ impl UnderlayWatch {
         if targets.is_empty() {
             return Ok(());
         }
-        with_handle(|handle| async move {
-            remove_matching(&handle, |r| r.ours && targets.contains(&r.net)).await.map(drop)
-        })
+        with_handle(
+            |handle| async move { remove_matching(&handle, |r| r.ours && targets.contains(&r.net)).await.map(drop) },
+        )
         .await
     }
 }
@@ -1208,9 +1180,7 @@ impl TunnelNetwork {
         };
         let dns_set = net.dns.effective(&pushed.servers, &pushed.search_domains);
         match Dns::apply(tun, &dns_set.0, &dns_set.1) {
-            Ok(dns) => {
-                Ok(Self { routes, underlay, dns, dns_set, tun: tun.to_owned(), path_mtu, learnt: Vec::new() })
-            }
+            Ok(dns) => Ok(Self { routes, underlay, dns, dns_set, tun: tun.to_owned(), path_mtu, learnt: Vec::new() }),
             Err(e) => {
                 if let Err(undo) = Self::remove_routes(routes, underlay).await {
                     tracing::warn!(target: TARGET, "{undo}");
@@ -1406,26 +1376,17 @@ mod tests {
 
     #[test]
     fn full_tunnel_by_default() {
-        assert_eq!(
-            tunnel_cidrs(None, &[]),
-            nets(&["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"])
-        );
+        assert_eq!(tunnel_cidrs(None, &[]), nets(&["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"]));
         // A default route in the config becomes its family's two halves.
-        assert_eq!(
-            tunnel_cidrs(Some(&nets(&["0.0.0.0/0"])), &[]),
-            nets(&["0.0.0.0/1", "128.0.0.0/1"])
-        );
+        assert_eq!(tunnel_cidrs(Some(&nets(&["0.0.0.0/0"])), &[]), nets(&["0.0.0.0/1", "128.0.0.0/1"]));
         assert_eq!(tunnel_cidrs(Some(&nets(&["::/0"])), &[]), nets(&["::/1", "8000::/1"]));
     }
 
     #[test]
     fn split_tunnel_normalises_and_adds_uncovered_dns() {
         let configured = nets(&["10.1.2.3/16", "10.1.0.0/16", "172.16.0.0/12"]);
-        let dns: Vec<IpAddr> = vec![
-            "10.1.9.9".parse().unwrap(),
-            "100.64.0.1".parse().unwrap(),
-            "2001:2::53".parse().unwrap(),
-        ];
+        let dns: Vec<IpAddr> =
+            vec!["10.1.9.9".parse().unwrap(), "100.64.0.1".parse().unwrap(), "2001:2::53".parse().unwrap()];
         assert_eq!(
             tunnel_cidrs(Some(&configured), &dns),
             nets(&["10.1.0.0/16", "100.64.0.1/32", "172.16.0.0/12", "2001:2::53/128"])
@@ -1459,10 +1420,7 @@ mod tests {
         assert_eq!(plan(gw, connected, 9, &full).unwrap().len(), 4);
         // Split tunnel that does not cover the gateway: no host route either.
         let split = nets(&["10.0.0.0/8"]);
-        assert_eq!(
-            plan(gw, routed, 9, &split).unwrap(),
-            vec![RouteSpec::Tunnel { net: split[0], oif: 9 }]
-        );
+        assert_eq!(plan(gw, routed, 9, &split).unwrap(), vec![RouteSpec::Tunnel { net: split[0], oif: 9 }]);
         // IPv6 gateway: the IPv6 full tunnel captures it, so it is pinned like an IPv4 one...
         let gw6: IpAddr = "2001:db8::1".parse().unwrap();
         let routed6 = Underlay { via: Some("fe80::1".parse().unwrap()), oif: 2 };
@@ -1484,38 +1442,25 @@ mod tests {
 
     #[test]
     fn messages_carry_our_protocol_and_the_right_shape() {
-        let host = RouteSpec::Host {
-            dst: "203.0.113.7".parse().unwrap(),
-            via: "192.168.1.1".parse().unwrap(),
-            oif: 2,
-        };
+        let host = RouteSpec::Host { dst: "203.0.113.7".parse().unwrap(), via: "192.168.1.1".parse().unwrap(), oif: 2 };
         let m = message(&host);
         assert_eq!(m.header.protocol, RouteProtocol::Other(ROUTE_PROTOCOL));
         assert_eq!(m.header.destination_prefix_length, 32);
-        assert!(m.attributes.contains(&RouteAttribute::Gateway(RouteAddress::Inet(
-            "192.168.1.1".parse().unwrap()
-        ))));
+        assert!(m.attributes.contains(&RouteAttribute::Gateway(RouteAddress::Inet("192.168.1.1".parse().unwrap()))));
         assert!(m.attributes.contains(&RouteAttribute::Oif(2)));
 
         let tun = message(&RouteSpec::Tunnel { net: FULL_TUNNEL[1], oif: 9 });
         assert_eq!(tun.header.scope, RouteScope::Link);
         assert_eq!(tun.header.destination_prefix_length, 1);
-        assert!(tun.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet(
-            Ipv4Addr::new(128, 0, 0, 0)
-        ))));
+        assert!(tun.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet(Ipv4Addr::new(128, 0, 0, 0)))));
         assert!(!tun.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_))));
         let tun6 = message(&RouteSpec::Tunnel { net: FULL_TUNNEL[3], oif: 9 });
         assert_eq!(tun6.header.address_family, AddressFamily::Inet6);
         assert_eq!(tun6.header.destination_prefix_length, 1);
-        assert!(tun6.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet6(
-            "8000::".parse().unwrap()
-        ))));
+        assert!(tun6.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet6("8000::".parse().unwrap()))));
 
-        let host6 = message(&RouteSpec::Host {
-            dst: "2001:2::1".parse().unwrap(),
-            via: "fe80::1".parse().unwrap(),
-            oif: 3,
-        });
+        let host6 =
+            message(&RouteSpec::Host { dst: "2001:2::1".parse().unwrap(), via: "fe80::1".parse().unwrap(), oif: 3 });
         assert_eq!(host6.header.destination_prefix_length, 128);
     }
 
@@ -1709,22 +1654,14 @@ mod tests {
         let back = parse_dumped(&fallback).unwrap();
         assert!(back.ours);
         assert_eq!((back.net, back.priority), (IpNet::from(gw), FALLBACK_METRIC));
-        let back = parse_dumped(&message(&RouteSpec::Host {
-            dst: gw,
-            via: "198.18.1.1".parse().unwrap(),
-            oif: 2,
-        }))
-        .unwrap();
+        let back =
+            parse_dumped(&message(&RouteSpec::Host { dst: gw, via: "198.18.1.1".parse().unwrap(), oif: 2 })).unwrap();
         assert_eq!(back.hops, vec![hop(Some("198.18.1.1"), 2)]);
         assert_eq!(back.table, TABLE_MAIN);
         // IPv6 pins and fallbacks read back as /128s of their family.
         let gw6: IpAddr = "2001:db8::1".parse().unwrap();
-        let v6 = parse_dumped(&message(&RouteSpec::Host {
-            dst: gw6,
-            via: "fe80::1".parse().unwrap(),
-            oif: 3,
-        }))
-        .unwrap();
+        let v6 =
+            parse_dumped(&message(&RouteSpec::Host { dst: gw6, via: "fe80::1".parse().unwrap(), oif: 3 })).unwrap();
         assert_eq!((v6.net, v6.hops.clone()), (IpNet::from(gw6), vec![hop(Some("fe80::1"), 3)]));
         let fb6 = parse_dumped(&message(&RouteSpec::Unreachable { dst: gw6 })).unwrap();
         assert_eq!((fb6.net.prefix_len(), fb6.kind, fb6.ours), (128, RouteType::Unreachable, true));

@@ -72,10 +72,7 @@ pub struct DropCount {
 
 impl DropCount {
     pub fn new(reason: &str, count: u64) -> Self {
-        Self {
-            reason: reason.to_owned(),
-            count,
-        }
+        Self { reason: reason.to_owned(), count }
     }
 
     /// The non-zero drop counters of `stats`, in counter order.
@@ -260,13 +257,8 @@ impl StatusReport {
             }),
             backoff_ms: ms(s.backoff),
             failures: s.failures,
-            last_rtt_us: s
-                .last_rtt
-                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            snapshot: status
-                .snapshot
-                .as_ref()
-                .map(|v| SnapshotReport::of(v, wall)),
+            last_rtt_us: s.last_rtt.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            snapshot: status.snapshot.as_ref().map(|v| SnapshotReport::of(v, wall)),
             killswitch: killswitch.to_owned(),
             data_plane: sample.cloned(),
             recent: status
@@ -352,24 +344,10 @@ pub mod human {
 pub fn format_human(r: &StatusReport) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let path = if r.superstates.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", r.superstates.join(" > "))
-    };
+    let path = if r.superstates.is_empty() { String::new() } else { format!(" ({})", r.superstates.join(" > ")) };
     // `write!` into a String cannot fail; the results are ignored for that reason.
-    let _ = writeln!(
-        o,
-        "holdfast client: {}{path} for {}",
-        r.state,
-        human::millis(r.in_state_ms)
-    );
-    let _ = writeln!(
-        o,
-        "  pid:          {} (up {})",
-        r.pid,
-        human::millis(r.uptime_ms)
-    );
+    let _ = writeln!(o, "holdfast client: {}{path} for {}", r.state, human::millis(r.in_state_ms));
+    let _ = writeln!(o, "  pid:          {} (up {})", r.pid, human::millis(r.uptime_ms));
     if !r.last_cause.is_empty() {
         let _ = writeln!(o, "  last cause:   {}", r.last_cause);
     }
@@ -382,11 +360,7 @@ pub fn format_human(r: &StatusReport) -> String {
     let backoff = if r.failures == 0 {
         "none".to_string()
     } else {
-        format!(
-            "{} after {} failure(s)",
-            human::millis(r.backoff_ms),
-            r.failures
-        )
+        format!("{} after {} failure(s)", human::millis(r.backoff_ms), r.failures)
     };
     let _ = writeln!(o, "  backoff:      {backoff}");
     let rtt = r.last_rtt_us.map(human::rtt).unwrap_or_else(|| "-".into());
@@ -424,27 +398,13 @@ pub fn format_human(r: &StatusReport) -> String {
                 None => "tunnel: not up".into(),
             };
             let _ = writeln!(o, "\n{tun}, loops started {} time(s)", d.loop_starts);
-            let _ = writeln!(
-                o,
-                "  received:     {} ({} packets)",
-                human::bytes(d.rx_bytes),
-                d.rx_packets
-            );
-            let _ = writeln!(
-                o,
-                "  sent:         {} ({} packets)",
-                human::bytes(d.tx_bytes),
-                d.tx_packets
-            );
+            let _ = writeln!(o, "  received:     {} ({} packets)", human::bytes(d.rx_bytes), d.rx_packets);
+            let _ = writeln!(o, "  sent:         {} ({} packets)", human::bytes(d.tx_bytes), d.tx_packets);
             if let Some(p) = &d.path_mtu {
                 let _ = writeln!(o, "  path MTU:     {}", p.describe());
             }
             if !d.drops.is_empty() {
-                let drops: Vec<String> = d
-                    .drops
-                    .iter()
-                    .map(|c| format!("{} {}", c.reason, c.count))
-                    .collect();
+                let drops: Vec<String> = d.drops.iter().map(|c| format!("{} {}", c.reason, c.count)).collect();
                 let _ = writeln!(o, "  drops:        {}", drops.join(", "));
             }
         }
@@ -456,14 +416,7 @@ pub fn format_human(r: &StatusReport) -> String {
     if !r.recent.is_empty() {
         let _ = writeln!(o, "\nrecent transitions (newest first):");
         for t in &r.recent {
-            let _ = writeln!(
-                o,
-                "  {:>8} ago  {:<8} -> {:<8}  {}",
-                human::millis(t.ago_ms),
-                t.from,
-                t.to,
-                t.cause
-            );
+            let _ = writeln!(o, "  {:>8} ago  {:<8} -> {:<8}  {}", human::millis(t.ago_ms), t.from, t.to, t.cause);
         }
     }
     o
@@ -475,9 +428,7 @@ pub fn default_socket_path() -> PathBuf {
     if crate::config::running_as_root() {
         return PathBuf::from("/run/holdfast/client.sock");
     }
-    if let Some(dir) =
-        directories::BaseDirs::new().and_then(|b| b.runtime_dir().map(Path::to_owned))
-    {
+    if let Some(dir) = directories::BaseDirs::new().and_then(|b| b.runtime_dir().map(Path::to_owned)) {
         return dir.join("holdfast").join("client.sock");
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -487,10 +438,7 @@ pub fn default_socket_path() -> PathBuf {
 
 /// The socket a client file names, or the default.
 pub fn socket_path(file: &crate::config::client::ClientFile) -> PathBuf {
-    file.status
-        .socket
-        .clone()
-        .unwrap_or_else(default_socket_path)
+    file.status.socket.clone().unwrap_or_else(default_socket_path)
 }
 
 /// The socket `holdfast status` should ask: `--socket` if given, else the `[status] socket` of the
@@ -500,9 +448,7 @@ pub fn resolve_socket_path(explicit: Option<PathBuf>, config: Option<&Path>) -> 
     if let Some(p) = explicit {
         return p;
     }
-    let config = config
-        .map(Path::to_owned)
-        .unwrap_or_else(crate::config::default_client_file);
+    let config = config.map(Path::to_owned).unwrap_or_else(crate::config::default_client_file);
     match crate::config::client::ClientFile::load(&config) {
         Ok(file) => socket_path(&file),
         Err(_) => default_socket_path(),
@@ -518,27 +464,21 @@ pub fn status_command(json: bool, socket: Option<PathBuf>, config: Option<&Path>
 
 /// What [`status_command`] prints: the report of the client at the resolved socket, as
 /// [`format_human`] or as pretty JSON.
-pub fn status_text(
-    json: bool,
-    socket: Option<PathBuf>,
-    config: Option<&Path>,
-) -> Result<String, StatusQueryError> {
+pub fn status_text(json: bool, socket: Option<PathBuf>, config: Option<&Path>) -> Result<String, StatusQueryError> {
     let path = resolve_socket_path(socket, config);
     let report = query(&path)?;
     if !json {
         return Ok(format_human(&report));
     }
-    serde_json::to_string_pretty(&report)
-        .map(|t| t + "\n")
-        .map_err(|e| StatusQueryError::Malformed {
-            who: Speaker::Client,
-            path,
-            reason: e.to_string(),
-        })
+    serde_json::to_string_pretty(&report).map(|t| t + "\n").map_err(|e| StatusQueryError::Malformed {
+        who: Speaker::Client,
+        path,
+        reason: e.to_string(),
+    })
 }
 
-pub use crate::local_socket::{ServeGuard, StatusQueryError};
 use crate::local_socket::{self, Speaker};
+pub use crate::local_socket::{ServeGuard, StatusQueryError};
 
 /// Serves the status at `path` until the guard is dropped. Must be called inside a tokio runtime.
 ///
@@ -617,14 +557,8 @@ mod tests {
         assert_eq!(human::duration(Duration::from_millis(850)), "850ms");
         assert_eq!(human::duration(Duration::from_secs(12)), "12s");
         assert_eq!(human::duration(Duration::from_secs(245)), "4m05s");
-        assert_eq!(
-            human::duration(Duration::from_secs(2 * 3600 + 180)),
-            "2h03m"
-        );
-        assert_eq!(
-            human::duration(Duration::from_secs(3 * 86400 + 4 * 3600)),
-            "3d04h"
-        );
+        assert_eq!(human::duration(Duration::from_secs(2 * 3600 + 180)), "2h03m");
+        assert_eq!(human::duration(Duration::from_secs(3 * 86400 + 4 * 3600)), "3d04h");
         assert_eq!(human::bytes(512), "512 B");
         assert_eq!(human::bytes(1536), "1.5 KiB");
         assert_eq!(human::bytes(u64::MAX), "16.0 EiB");
@@ -641,42 +575,21 @@ mod tests {
         st.supervisor.since = Duration::from_secs(3);
         // Observed 10 s after t0 with since = 3 s: the epoch is at most t0 + 7 s (no change).
         clock.observe(&st, t0 + Duration::from_secs(10));
-        assert_eq!(
-            clock.now(t0 + Duration::from_secs(10)),
-            Duration::from_secs(5)
-        );
+        assert_eq!(clock.now(t0 + Duration::from_secs(10)), Duration::from_secs(5));
         // Observed 4 s after t0 with since = 3 s: at most t0 + 1 s.
         clock.observe(&st, t0 + Duration::from_secs(4));
-        assert_eq!(
-            clock.now(t0 + Duration::from_secs(10)),
-            Duration::from_secs(9)
-        );
+        assert_eq!(clock.now(t0 + Duration::from_secs(10)), Duration::from_secs(9));
         assert_eq!(clock.now(t0), Duration::ZERO, "never negative");
     }
 
     #[test]
     fn superstates_nest_outermost_first() {
         assert_eq!(superstates(StateName::Unauthed), vec!["Running"]);
-        assert_eq!(
-            superstates(StateName::Backoff),
-            vec!["Running", "Establishing"]
-        );
-        assert_eq!(
-            superstates(StateName::Degraded),
-            vec!["Running", "Connected"]
-        );
+        assert_eq!(superstates(StateName::Backoff), vec!["Running", "Establishing"]);
+        assert_eq!(superstates(StateName::Degraded), vec!["Running", "Connected"]);
         assert!(superstates(StateName::Stopped).is_empty());
-        assert_eq!(
-            timer_purpose(StateName::Degraded, Timer::Health),
-            "ping retry"
-        );
-        assert_eq!(
-            timer_purpose(StateName::Healthy, Timer::Health),
-            "health check"
-        );
-        assert_eq!(
-            timer_purpose(StateName::Backoff, Timer::Retry),
-            "auth retry"
-        );
+        assert_eq!(timer_purpose(StateName::Degraded, Timer::Health), "ping retry");
+        assert_eq!(timer_purpose(StateName::Healthy, Timer::Health), "health check");
+        assert_eq!(timer_purpose(StateName::Backoff, Timer::Retry), "auth retry");
     }
 }

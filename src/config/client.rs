@@ -313,10 +313,8 @@ impl ClientFile {
 
     /// Parses client-file text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let file: ClientFile = toml::from_str(text).map_err(|e| ConfigError::Malformed {
-            path: path.to_owned(),
-            reason: super::toml_reason(text, &e),
-        })?;
+        let file: ClientFile = toml::from_str(text)
+            .map_err(|e| ConfigError::Malformed { path: path.to_owned(), reason: super::toml_reason(text, &e) })?;
         file.validate(path)?;
         Ok(file)
     }
@@ -340,13 +338,10 @@ impl ClientFile {
         if self.server_name.trim().is_empty() {
             return Err(bad("`server_name` is empty".into()));
         }
-        if let Some(e) = std::iter::once(&self.endpoint)
-            .chain(&self.endpoints)
-            .find(|e| e.port() == 0 || e.ip().is_unspecified())
+        if let Some(e) =
+            std::iter::once(&self.endpoint).chain(&self.endpoints).find(|e| e.port() == 0 || e.ip().is_unspecified())
         {
-            return Err(bad(format!(
-                "gateway endpoint {e} is not an address and port (in `endpoint` or `endpoints`)"
-            )));
+            return Err(bad(format!("gateway endpoint {e} is not an address and port (in `endpoint` or `endpoints`)")));
         }
         if self.endpoints.len() > MAX_ENDPOINTS {
             return Err(bad(format!(
@@ -390,11 +385,9 @@ impl ClientFile {
             )));
         }
         if self.network.coalesce_writes == Some(true) && self.network.offload == Some(false) {
-            return Err(bad(
-                "[network] coalesce_writes = true needs offload (merged packets go to the TUN \
+            return Err(bad("[network] coalesce_writes = true needs offload (merged packets go to the TUN \
                  device with a virtio-net header); drop one of the two keys"
-                    .into(),
-            ));
+                .into()));
         }
         if t.health_min.is_zero() || t.health_min > t.health_max {
             return Err(bad(format!(
@@ -440,12 +433,21 @@ impl ClientFile {
         let ca = load_pem(path, base, "gateway_ca", &tls.gateway_ca, &tls.gateway_ca_file)?;
         let cert = load_pem(path, base, "certificate", &tls.certificate, &tls.certificate_file)?;
         let key = load_pem(path, base, "key", &tls.key, &tls.key_file)?;
-        crate::pki::check_certificate_pem(&ca.0)
-            .map_err(|reason| ConfigError::BadKey { path: ca.1.clone(), what: "gateway_ca", reason })?;
-        crate::pki::check_certificate_pem(&cert.0)
-            .map_err(|reason| ConfigError::BadKey { path: cert.1.clone(), what: "certificate", reason })?;
-        crate::pki::check_key_pem(&key.0)
-            .map_err(|reason| ConfigError::BadKey { path: key.1.clone(), what: "key", reason })?;
+        crate::pki::check_certificate_pem(&ca.0).map_err(|reason| ConfigError::BadKey {
+            path: ca.1.clone(),
+            what: "gateway_ca",
+            reason,
+        })?;
+        crate::pki::check_certificate_pem(&cert.0).map_err(|reason| ConfigError::BadKey {
+            path: cert.1.clone(),
+            what: "certificate",
+            reason,
+        })?;
+        crate::pki::check_key_pem(&key.0).map_err(|reason| ConfigError::BadKey {
+            path: key.1.clone(),
+            what: "key",
+            reason,
+        })?;
         // A key that does not belong to the certificate would only fail later, at every handshake.
         crate::pki::check_pair(&cert.0, &key.0).map_err(|reason| ConfigError::BadKey {
             path: key.1.clone(),

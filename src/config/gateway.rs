@@ -81,8 +81,7 @@ pub const DEFAULT_STATUS_SOCKET: &str = "gateway.sock";
 /// Default `[log] level`.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default metrics address: loopback, the port commonly used for a VPN exporter.
-pub const DEFAULT_METRICS_LISTEN: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
+pub const DEFAULT_METRICS_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
 /// The longest socket path Linux accepts (`sun_path` is 108 bytes with its NUL), less room for
 /// the temporary name the socket is bound under before it is renamed into place.
 const MAX_SOCKET_PATH: usize = 107 - 16;
@@ -224,8 +223,7 @@ pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default `[dns] rate_limit` (queries per second per client): a browser opening a busy page
 /// makes a few dozen lookups at once; the burst (twice the rate) covers that.
 pub const DEFAULT_DNS_RATE: u32 = 100;
-const DNS_TIMEOUT_RANGE: (Duration, Duration) =
-    (Duration::from_millis(100), Duration::from_secs(30));
+const DNS_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(30));
 const DNS_RATE_MAX: u32 = 100_000;
 
 /// `[dns]` as written.
@@ -331,9 +329,7 @@ impl DnsSection {
 /// itself, forever).
 pub fn check_not_own(upstream: SocketAddr, own: &[IpAddr]) -> Result<(), String> {
     if own.contains(&upstream.ip()) {
-        return Err(format!(
-            "{upstream} is this gateway's own tunnel address (the resolver would forward to itself)"
-        ));
+        return Err(format!("{upstream} is this gateway's own tunnel address (the resolver would forward to itself)"));
     }
     Ok(())
 }
@@ -442,15 +438,10 @@ impl GatewayConfig {
 
     /// Parses config text; `path` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawGatewayFile = toml::from_str(text).map_err(|e| ConfigError::Malformed {
-            path: path.to_owned(),
-            reason: super::toml_reason(text, &e),
-        })?;
+        let raw: RawGatewayFile = toml::from_str(text)
+            .map_err(|e| ConfigError::Malformed { path: path.to_owned(), reason: super::toml_reason(text, &e) })?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
-        resolve(raw, dir).map_err(|reason| ConfigError::Malformed {
-            path: path.to_owned(),
-            reason,
-        })
+        resolve(raw, dir).map_err(|reason| ConfigError::Malformed { path: path.to_owned(), reason })
     }
 
     /// The prefix length of the tunnel subnet.
@@ -462,10 +453,7 @@ impl GatewayConfig {
 fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
     super::check_name(&raw.name).map_err(|r| format!("`name`: {r}"))?;
     if raw.endpoint.port() == 0 {
-        return Err(format!(
-            "`endpoint` {} needs a port (clients connect to it)",
-            raw.endpoint
-        ));
+        return Err(format!("`endpoint` {} needs a port (clients connect to it)", raw.endpoint));
     }
     if raw.endpoint.ip().is_unspecified() {
         return Err(format!(
@@ -484,8 +472,8 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
     if let Some(listen) = raw.listen {
         // A socket bound to an IPv4 address never sees an IPv6 client (and the reverse, but for
         // `[::]`, which takes both): clients would sit in Backoff with "connection refused".
-        let reachable = listen.is_ipv4() == raw.endpoint.is_ipv4()
-            || (listen.is_ipv6() && listen.ip().is_unspecified());
+        let reachable =
+            listen.is_ipv4() == raw.endpoint.is_ipv4() || (listen.is_ipv6() && listen.ip().is_unspecified());
         if !reachable {
             return Err(format!(
                 "`listen` {listen} cannot receive clients connecting to `endpoint` {} (another \
@@ -512,22 +500,10 @@ fn resolve(raw: RawGatewayFile, dir: PathBuf) -> Result<GatewayConfig, String> {
     };
     check_server_name(&raw.server_name)?;
     let durations = [
-        (
-            "session_idle_timeout",
-            raw.session_idle_timeout,
-            Duration::from_secs(1),
-        ),
-        (
-            "session_max_lifetime",
-            raw.session_max_lifetime,
-            Duration::from_secs(1),
-        ),
+        ("session_idle_timeout", raw.session_idle_timeout, Duration::from_secs(1)),
+        ("session_max_lifetime", raw.session_max_lifetime, Duration::from_secs(1)),
         ("reauth_grace", raw.reauth_grace, Duration::ZERO),
-        (
-            "handshake_timeout",
-            raw.handshake_timeout,
-            Duration::from_millis(100),
-        ),
+        ("handshake_timeout", raw.handshake_timeout, Duration::from_millis(100)),
     ];
     for (key, value, min) in durations {
         if value < min || value > MAX_DURATION {
@@ -602,10 +578,7 @@ pub fn check_subnet(subnet: Ipv4Net) -> Result<Ipv4Net, String> {
         return Err(format!("`subnet` {subnet}: the prefix must be /8 to /30"));
     }
     if subnet.addr() != subnet.network() {
-        return Err(format!(
-            "`subnet` {subnet} has host bits set; did you mean {}?",
-            subnet.trunc()
-        ));
+        return Err(format!("`subnet` {subnet} has host bits set; did you mean {}?", subnet.trunc()));
     }
     Ok(subnet)
 }
@@ -651,10 +624,7 @@ pub fn check_subnet6(subnet: Ipv6Net) -> Result<Ipv6Net, String> {
         return Err(format!("`subnet6` {subnet}: the prefix must be /48 to /120"));
     }
     if subnet.addr() != subnet.network() {
-        return Err(format!(
-            "`subnet6` {subnet} has host bits set; did you mean {}?",
-            subnet.trunc()
-        ));
+        return Err(format!("`subnet6` {subnet} has host bits set; did you mean {}?", subnet.trunc()));
     }
     if subnet.addr().is_multicast() || subnet.addr().is_loopback() || subnet.addr().is_unspecified() {
         return Err(format!("`subnet6` {subnet} is not a unicast range"));
@@ -730,16 +700,8 @@ pub fn check_server_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && rustls::pki_types::ServerName::try_from(name).is_ok()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`server_name` '{name}' is not a valid DNS name or IP address"
-        ))
-    }
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
+    if ok { Ok(()) } else { Err(format!("`server_name` '{name}' is not a valid DNS name or IP address")) }
 }
 
 /// Resolves `[metrics]`: on when enabled, or when `listen` is given and `enabled` is not. The
@@ -757,11 +719,8 @@ fn check_metrics(
     if addr.port() == 0 {
         return Err(format!("[metrics] `listen` {addr} needs a port (scrapers connect to it)"));
     }
-    let control = control_listen.unwrap_or_else(|| {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), endpoint.port())
-    });
-    let overlaps =
-        addr.ip() == control.ip() || addr.ip().is_unspecified() || control.ip().is_unspecified();
+    let control = control_listen.unwrap_or_else(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), endpoint.port()));
+    let overlaps = addr.ip() == control.ip() || addr.ip().is_unspecified() || control.ip().is_unspecified();
     if addr.port() == control.port() && overlaps {
         return Err(format!(
             "[metrics] `listen` {addr} is the control plane's own port ({control}); choose another port"
@@ -776,10 +735,7 @@ fn check_nat(nat: &NatSection) -> Result<(), String> {
     }
     let bad_char = |c: char| c == '/' || c.is_whitespace() || c.is_control();
     if nat.uplink.len() > MAX_IFNAME || nat.uplink.contains(bad_char) {
-        return Err(format!(
-            "[nat] `uplink` '{}' is not a valid interface name",
-            nat.uplink
-        ));
+        return Err(format!("[nat] `uplink` '{}' is not a valid interface name", nat.uplink));
     }
     Ok(())
 }
@@ -788,10 +744,7 @@ fn check_nat(nat: &NatSection) -> Result<(), String> {
 /// problem: unreachable, credentials, schema).
 pub fn check_database_url(url: &str) -> Result<(), String> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(
-            "not a PostgreSQL URL (postgres://USER@HOST/DB, or postgres://USER@/DB?host=/SOCKET/DIR)"
-                .into(),
-        );
+        return Err("not a PostgreSQL URL (postgres://USER@HOST/DB, or postgres://USER@/DB?host=/SOCKET/DIR)".into());
     }
     Ok(())
 }
@@ -1009,7 +962,10 @@ mod tests {
         assert!(reason(&format!("{ep}[metrics]\nlisten = \"nope\"")).contains("listen"));
         assert!(reason(&format!("{ep}[metrics]\nport = 1")).contains("unknown field `port`"));
         assert!(reason(&format!("{ep}[log]\nlevel = \"holdfast=loud\"")).contains("[log] `level`"));
-        assert_eq!(parse(&format!("{ep}[log]\nlevel = \"info,holdfast=debug\"")).unwrap().log_level, "info,holdfast=debug");
+        assert_eq!(
+            parse(&format!("{ep}[log]\nlevel = \"info,holdfast=debug\"")).unwrap().log_level,
+            "info,holdfast=debug"
+        );
         let long = format!("status_socket = \"/{}\"\n{ep}", "x".repeat(120));
         assert!(reason(&long).contains("`status_socket`"));
     }
@@ -1067,10 +1023,7 @@ mod tests {
             ("", "missing field `endpoint`"),
             ("endpoint = \"nope\"", "invalid socket address"),
             ("endpoint = \"198.18.0.1:0\"", "needs a port"),
-            (
-                "endpoint = \"0.0.0.0:1\"",
-                "not an address clients can reach",
-            ),
+            ("endpoint = \"0.0.0.0:1\"", "not an address clients can reach"),
             ("subnet = \"100.64.0.0/31\"", "/8 to /30"),
             ("subnet = \"100.64.0.9/24\"", "did you mean 100.64.0.0/24"),
             ("subnet = \"fd00::/64\"", "invalid IP address"),
@@ -1084,25 +1037,16 @@ mod tests {
             ("subnet6 = \"fd00::/64\"\ngateway_ip6 = \"fd01::1\"", "`gateway_ip6` fd01::1: outside"),
             ("subnet6 = \"fd00::/64\"\ngateway_ip6 = \"fd00::\"", "subnet-router anycast"),
             ("gateway_ip6 = \"fd00::1\"", "needs `subnet6`"),
-            (
-                "endpoint = \"[2001:db8::1]:51820\"\nlisten = \"0.0.0.0:51820\"",
-                "`listen` 0.0.0.0:51820 cannot receive",
-            ),
+            ("endpoint = \"[2001:db8::1]:51820\"\nlisten = \"0.0.0.0:51820\"", "`listen` 0.0.0.0:51820 cannot receive"),
             ("server_name = \"bad name\"", "not a valid DNS name"),
             ("server_name = \"\"", "not a valid DNS name"),
             ("name = \"a/b\"", "`name`"),
-            (
-                "session_idle_timeout = \"0s\"",
-                "`session_idle_timeout` = 0s is out of range",
-            ),
+            ("session_idle_timeout = \"0s\"", "`session_idle_timeout` = 0s is out of range"),
             ("session_idle_timeout = \"ten\"", "session_idle_timeout"),
             ("session_max_lifetime = \"1000y\"", "out of range"),
             ("handshake_timeout = \"1ms\"", "`handshake_timeout`"),
             ("[nat]\nenabled = true", "needs `uplink`"),
-            (
-                "[nat]\nuplink = \"a very long interface\"",
-                "not a valid interface name",
-            ),
+            ("[nat]\nuplink = \"a very long interface\"", "not a valid interface name"),
             ("[nat]\nmasq = 1", "unknown field `masq`"),
             ("[dns]\ntimeout = \"10ms\"", "[dns] `timeout`"),
             ("[dns]\ntimeout = \"1m\"", "[dns] `timeout`"),
@@ -1127,10 +1071,7 @@ mod tests {
                 format!("{extra}\n{ep}")
             };
             let r = reason(&text);
-            assert!(
-                r.contains(want),
-                "for {extra:?}: expected {want:?} in {r:?}"
-            );
+            assert!(r.contains(want), "for {extra:?}: expected {want:?} in {r:?}");
         }
     }
 
@@ -1163,9 +1104,6 @@ mod tests {
     fn missing_file_is_missing_not_malformed() {
         let err = GatewayConfig::load(Path::new("/nonexistent/holdfast/gateway.toml")).unwrap_err();
         assert_eq!(err.exit_code(), crate::config::exit::CONFIG_MISSING);
-        assert!(
-            err.to_string()
-                .contains("/nonexistent/holdfast/gateway.toml")
-        );
+        assert!(err.to_string().contains("/nonexistent/holdfast/gateway.toml"));
     }
 }

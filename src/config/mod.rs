@@ -19,10 +19,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!("must be 1 to {MAX_NAME_LEN} characters long"));
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
         return Err("only letters, digits, '.', '_' and '-' are allowed".into());
     }
     if !name.as_bytes()[0].is_ascii_alphanumeric() {
@@ -132,12 +129,10 @@ impl ConfigError {
 /// Reads a config file as UTF-8 text, mapping every failure to [`ConfigError::Missing`] or
 /// [`ConfigError::Malformed`] with the file's name.
 pub fn read_config_text(path: &Path) -> Result<String, ConfigError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| ConfigError::Missing { path: path.to_owned(), reason: e.to_string() })?;
-    String::from_utf8(bytes).map_err(|_| ConfigError::Malformed {
-        path: path.to_owned(),
-        reason: "not UTF-8 text".into(),
-    })
+    let bytes =
+        std::fs::read(path).map_err(|e| ConfigError::Missing { path: path.to_owned(), reason: e.to_string() })?;
+    String::from_utf8(bytes)
+        .map_err(|_| ConfigError::Malformed { path: path.to_owned(), reason: "not UTF-8 text".into() })
 }
 
 /// Whether this process runs as root (system paths instead of per-user ones).

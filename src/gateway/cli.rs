@@ -20,8 +20,8 @@ use super::server::ControlPlane;
 use crate::config::ConfigError;
 use crate::config::client::{ClientFile, TlsSection};
 use crate::config::gateway::{
-    self as gwconf, DEFAULT_NAME, DEFAULT_SERVER_NAME, DEFAULT_SUBNET, GATEWAY_FILE, GatewayConfig,
-    InitialValues, SharedValues,
+    self as gwconf, DEFAULT_NAME, DEFAULT_SERVER_NAME, DEFAULT_SUBNET, GATEWAY_FILE, GatewayConfig, InitialValues,
+    SharedValues,
 };
 use crate::pki::Authority;
 
@@ -246,20 +246,10 @@ fn say(text: &str) {
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
-fn write_file(
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    existing: Existing,
-) -> Result<(), GatewayError> {
+fn write_file(path: &Path, bytes: &[u8], mode: u32, existing: Existing) -> Result<(), GatewayError> {
     fsutil::write_atomic(path, bytes, mode, existing).map_err(|source| match source.kind() {
-        std::io::ErrorKind::AlreadyExists => GatewayError::AlreadyInitialised {
-            path: path.to_owned(),
-        },
-        _ => GatewayError::Write {
-            path: path.to_owned(),
-            source,
-        },
+        std::io::ErrorKind::AlreadyExists => GatewayError::AlreadyInitialised { path: path.to_owned() },
+        _ => GatewayError::Write { path: path.to_owned(), source },
     })
 }
 
@@ -268,38 +258,20 @@ pub fn init(a: &InitArgs) -> Result<String, GatewayError> {
     let (config, config_text) = plan_init(a, &SharedValues::default())?;
     let authority = Authority::generate(&a.name)?;
     write_identity(&config, &authority)?;
-    FileStore::new(&config.registry, config.subnet, config.gateway_ip, config.v6)
-        .create()?;
-    write_file(
-        &config.dir.join(GATEWAY_FILE),
-        config_text.as_bytes(),
-        PUBLIC_MODE,
-        Existing::Refuse,
-    )?;
+    FileStore::new(&config.registry, config.subnet, config.gateway_ip, config.v6).create()?;
+    write_file(&config.dir.join(GATEWAY_FILE), config_text.as_bytes(), PUBLIC_MODE, Existing::Refuse)?;
     Ok(init_report(&config, &a.dir, &config.registry.display().to_string()))
 }
 
 /// `gateway init --registry URL`: the deployment is created in the database, this gateway is
 /// its first.
 pub async fn init_shared(a: &InitArgs, url: &str) -> Result<String, GatewayError> {
-    gwconf::check_database_url(url).map_err(|reason| RegistryError::DatabaseUrl {
-        url: gwconf::redact_url(url),
-        reason,
-    })?;
-    let shared = SharedValues {
-        database: Some(url.to_owned()),
-        gateway_ip: None,
-        gateway_ip6: None,
-    };
+    gwconf::check_database_url(url)
+        .map_err(|reason| RegistryError::DatabaseUrl { url: gwconf::redact_url(url), reason })?;
+    let shared = SharedValues { database: Some(url.to_owned()), gateway_ip: None, gateway_ip6: None };
     let (config, config_text) = plan_init(a, &shared)?;
     let store = PgStore::connect(url).await?;
-    store
-        .create_deployment(Deployment {
-            subnet: config.subnet,
-            gateway_ip: config.gateway_ip,
-            v6: config.v6,
-        })
-        .await?;
+    store.create_deployment(Deployment { subnet: config.subnet, gateway_ip: config.gateway_ip, v6: config.v6 }).await?;
     let authority = Authority::generate(&a.name)?;
     finish_shared(&store, &config, &config_text, &authority).await?;
     Ok(init_report(&config, &a.dir, &format!("database {}", store.db())))
@@ -363,13 +335,7 @@ fn plan_init(a: &InitArgs, shared: &SharedValues) -> Result<(GatewayConfig, Stri
         None => random_ula(),
     };
     if a.endpoint.port() == 0 || a.endpoint.ip().is_unspecified() {
-        return Err(usage(
-            "--endpoint",
-            format!(
-                "{} is not an address and port clients can reach",
-                a.endpoint
-            ),
-        ));
+        return Err(usage("--endpoint", format!("{} is not an address and port clients can reach", a.endpoint)));
     }
     let values = InitialValues {
         name: a.name.clone(),
@@ -382,25 +348,14 @@ fn plan_init(a: &InitArgs, shared: &SharedValues) -> Result<(GatewayConfig, Stri
     let config_text = gwconf::render_with(&values, shared);
     // What we are about to write must be what every other command reads back.
     let config = GatewayConfig::parse(&config_text, &config_path)?;
-    let mut files = vec![
-        &config_path,
-        &config.ca_cert,
-        &config.ca_key,
-        &config.cert,
-        &config.key,
-    ];
+    let mut files = vec![&config_path, &config.ca_cert, &config.ca_key, &config.cert, &config.key];
     if config.database.is_none() {
         files.push(&config.registry);
     }
     if let Some(existing) = files.iter().find(|p| p.exists()) {
-        return Err(GatewayError::AlreadyInitialised {
-            path: existing.to_path_buf(),
-        });
+        return Err(GatewayError::AlreadyInitialised { path: existing.to_path_buf() });
     }
-    fsutil::create_private_dir(&a.dir).map_err(|source| GatewayError::Write {
-        path: a.dir.clone(),
-        source,
-    })?;
+    fsutil::create_private_dir(&a.dir).map_err(|source| GatewayError::Write { path: a.dir.clone(), source })?;
     Ok((config, config_text))
 }
 
@@ -410,30 +365,10 @@ fn plan_init(a: &InitArgs, shared: &SharedValues) -> Result<(GatewayConfig, Stri
 /// overwrite).
 fn write_identity(config: &GatewayConfig, authority: &Authority) -> Result<(), GatewayError> {
     let server = authority.issue_server(&config.server_name, Some(config.endpoint.ip()))?;
-    write_file(
-        &config.ca_key,
-        authority.key_pem().as_bytes(),
-        SECRET_MODE,
-        Existing::Refuse,
-    )?;
-    write_file(
-        &config.key,
-        server.key_pem.as_bytes(),
-        SECRET_MODE,
-        Existing::Refuse,
-    )?;
-    write_file(
-        &config.ca_cert,
-        authority.cert_pem().as_bytes(),
-        PUBLIC_MODE,
-        Existing::Refuse,
-    )?;
-    write_file(
-        &config.cert,
-        server.cert_pem.as_bytes(),
-        PUBLIC_MODE,
-        Existing::Refuse,
-    )?;
+    write_file(&config.ca_key, authority.key_pem().as_bytes(), SECRET_MODE, Existing::Refuse)?;
+    write_file(&config.key, server.key_pem.as_bytes(), SECRET_MODE, Existing::Refuse)?;
+    write_file(&config.ca_cert, authority.cert_pem().as_bytes(), PUBLIC_MODE, Existing::Refuse)?;
+    write_file(&config.cert, server.cert_pem.as_bytes(), PUBLIC_MODE, Existing::Refuse)?;
     Ok(())
 }
 
@@ -449,12 +384,7 @@ async fn finish_shared(
     let endpoint = config.endpoint.to_string();
     store.register_gateway(&config.name, &endpoint).await?;
     let written = write_identity(config, authority).and_then(|()| {
-        write_file(
-            &config.dir.join(GATEWAY_FILE),
-            config_text.as_bytes(),
-            SECRET_MODE,
-            Existing::Refuse,
-        )
+        write_file(&config.dir.join(GATEWAY_FILE), config_text.as_bytes(), SECRET_MODE, Existing::Refuse)
     });
     if written.is_err() {
         let _ = store.unregister_gateway(&endpoint).await;
@@ -526,8 +456,7 @@ pub fn load_upgraded(dir: &Path) -> Result<(GatewayConfig, Vec<String>), Gateway
             config = upgraded;
         }
     }
-    let named = FileStore::new(&config.registry, config.subnet, config.gateway_ip, config.v6)
-        .assign_missing_ip6()?;
+    let named = FileStore::new(&config.registry, config.subnet, config.gateway_ip, config.v6).assign_missing_ip6()?;
     if !named.is_empty() {
         changes.push(format!(
             "{}: gave {} client(s) an IPv6 address ({}); IPv4 addresses unchanged",
@@ -554,12 +483,7 @@ fn load_authority(config: &GatewayConfig) -> Result<Authority, GatewayError> {
             crate::pki::PkiError::BadAuthority { what: "key", .. } => config.ca_key.clone(),
             _ => config.ca_cert.clone(),
         };
-        ConfigError::BadKey {
-            path,
-            what: "authority",
-            reason: e.to_string(),
-        }
-        .into()
+        ConfigError::BadKey { path, what: "authority", reason: e.to_string() }.into()
     })
 }
 
@@ -569,25 +493,18 @@ const CLIENT_FILE_HEADER: &str = "# Holdfast client file, written by `holdfast g
 /// Runs a one-shot command's future for a caller outside any tokio runtime (the async
 /// versions are what `GatewayCommand::run` uses). Called from inside a runtime, it runs on a
 /// thread of its own, since a runtime cannot block on another.
-fn block_on<T: Send>(
-    f: impl Future<Output = Result<T, GatewayError>> + Send,
-) -> Result<T, GatewayError> {
+fn block_on<T: Send>(f: impl Future<Output = Result<T, GatewayError>> + Send) -> Result<T, GatewayError> {
     let run = move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| GatewayError::Write {
-                path: PathBuf::from("(tokio runtime)"),
-                source: e,
-            })?
+            .map_err(|e| GatewayError::Write { path: PathBuf::from("(tokio runtime)"), source: e })?
             .block_on(f)
     };
     if tokio::runtime::Handle::try_current().is_err() {
         return run();
     }
-    std::thread::scope(|s| {
-        s.spawn(run).join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    std::thread::scope(|s| s.spawn(run).join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
 }
 
 /// `gateway add-client`, outside a runtime. Returns the text to print.
@@ -597,17 +514,11 @@ pub fn add_client(a: &AddClientArgs) -> Result<String, GatewayError> {
 
 /// `gateway add-client`. Returns the text to print.
 pub async fn add_client_in(a: &AddClientArgs) -> Result<String, GatewayError> {
-    check_name(&a.name).map_err(|r| GatewayError::Usage {
-        flag: "NAME",
-        reason: format!("'{}': {r}", a.name),
-    })?;
+    check_name(&a.name).map_err(|r| GatewayError::Usage { flag: "NAME", reason: format!("'{}': {r}", a.name) })?;
     let (config, upgraded) = load_upgraded(&a.dir)?;
     let store = RegistryStore::open(&config).await?;
     // Every gateway of the deployment goes into the client file, this one first.
-    let mut endpoints = store
-        .snapshot(&config.endpoint.to_string())
-        .await?
-        .endpoints;
+    let mut endpoints = store.snapshot(&config.endpoint.to_string()).await?.endpoints;
     let own = config.endpoint.to_string();
     endpoints.retain(|e| *e != own);
     endpoints.insert(0, own);
@@ -623,11 +534,7 @@ pub async fn add_client_in(a: &AddClientArgs) -> Result<String, GatewayError> {
         .await?;
     // Invariant: the store returns Ok only after running `issue`, which set `written`.
     let (out, fp) = written.expect("add_client ran issue");
-    let what = if plan.reenable {
-        "re-enabled (same address, new certificate)"
-    } else {
-        "registered"
-    };
+    let what = if plan.reenable { "re-enabled (same address, new certificate)" } else { "registered" };
     let ip6 = plan.ip6.map(|ip| format!(" and {ip}")).unwrap_or_default();
     let mut report: String = upgraded.iter().map(|l| format!("Upgraded {l}\n")).collect();
     report.push_str(&format!(
@@ -677,19 +584,13 @@ fn write_client_file(
     let out = match &a.out {
         Some(p) => p.clone(),
         None => {
-            fsutil::create_private_dir(&config.clients_dir).map_err(|source| {
-                GatewayError::Write {
-                    path: config.clients_dir.clone(),
-                    source,
-                }
-            })?;
+            fsutil::create_private_dir(&config.clients_dir)
+                .map_err(|source| GatewayError::Write { path: config.clients_dir.clone(), source })?;
             config.clients_dir.join(format!("{}.toml", a.name))
         }
     };
-    let body = toml::to_string(&file).map_err(|e| GatewayError::Write {
-        path: out.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let body = toml::to_string(&file)
+        .map_err(|e| GatewayError::Write { path: out.clone(), source: std::io::Error::other(e.to_string()) })?;
     let text = format!("{CLIENT_FILE_HEADER}{body}");
     ClientFile::parse(&text, &out)?.credentials(&out)?;
     write_file(&out, text.as_bytes(), SECRET_MODE, Existing::Replace)?;
@@ -706,9 +607,7 @@ pub async fn revoke_in(a: &RevokeArgs) -> Result<String, GatewayError> {
     let config = GatewayConfig::load_dir(&a.dir)?;
     let store = RegistryStore::open(&config).await?;
     match store.revoke(&a.name).await? {
-        (RevokeOutcome::AlreadyRevoked, _) => {
-            Ok(format!("Client '{}' was already revoked.\n", a.name))
-        }
+        (RevokeOutcome::AlreadyRevoked, _) => Ok(format!("Client '{}' was already revoked.\n", a.name)),
         (RevokeOutcome::Revoked, ip) => Ok(format!(
             "Client '{}' revoked; its address {ip} stays reserved for it (add-client re-enables it).\n",
             a.name
@@ -747,10 +646,7 @@ pub async fn list_in(dir: &Path) -> Result<String, GatewayError> {
             c.created
         ));
     }
-    let active = clients
-        .iter()
-        .filter(|c| c.state == ClientState::Active)
-        .count();
+    let active = clients.iter().filter(|c| c.state == ClientState::Active).count();
     out.push_str(&format!(
         "{} client(s), {active} active; subnet {} (gateway {}); subnet6 {}\n",
         clients.len(),
@@ -793,10 +689,7 @@ async fn run(dir: &Path) -> Result<(), GatewayError> {
     let data = super::dataplane::start_for(&config, sessions.clone()).await?;
     let resolver = match dns_plan {
         Some(plan) => {
-            let live = std::sync::Arc::new(super::dns::LiveSessions {
-                table: plane.sessions(),
-                clock: plane.clock(),
-            });
+            let live = std::sync::Arc::new(super::dns::LiveSessions { table: plane.sessions(), clock: plane.clock() });
             match super::dns::GatewayResolver::start(plan, &data.tun_name, live, plane.dns_counters()) {
                 Ok(r) => Some(r),
                 Err(e) => {

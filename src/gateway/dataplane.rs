@@ -39,9 +39,7 @@ use crate::sansio::inner::IpFamily;
 use crate::sansio::seal::SealError;
 use crate::sansio::wire;
 use crate::snapshot::{SessionCrypto, SessionId, SessionKey};
-use crate::tunnel::{
-    self, Counters, DropReason, Stats, TunSpec, bump,
-};
+use crate::tunnel::{self, Counters, DropReason, Stats, TunSpec, bump};
 
 const TARGET: &str = "holdfast::gateway::dataplane";
 
@@ -172,11 +170,7 @@ impl DataSession {
         self.path.last_seen_ms.store(ms, Ordering::Relaxed);
         let touched = self.path.touched_ms.load(Ordering::Relaxed);
         let touch = (touched == 0 || ms.saturating_sub(touched) >= TOUCH_EVERY.as_millis() as u64)
-            && self
-                .path
-                .touched_ms
-                .compare_exchange(touched, ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok();
+            && self.path.touched_ms.compare_exchange(touched, ms, Ordering::Relaxed, Ordering::Relaxed).is_ok();
         let before = self.path.endpoint.load().as_deref().copied();
         if before == Some(from) {
             return Seen { roamed: false, touch, family_changed: false };
@@ -279,11 +273,8 @@ impl ControlSessions {
         if let Some(d) = current.get(&s.id) {
             return Some(d.clone());
         }
-        let mut next: HashMap<_, _> = current
-            .iter()
-            .filter(|(id, _)| self.table.get(**id).is_some())
-            .map(|(id, d)| (*id, d.clone()))
-            .collect();
+        let mut next: HashMap<_, _> =
+            current.iter().filter(|(id, _)| self.table.get(**id).is_some()).map(|(id, d)| (*id, d.clone())).collect();
         let d = Arc::new(DataSession::new(s.id, s.assigned_ip, &s.key).with_ip6(s.assigned_ip6));
         next.insert(s.id, d.clone());
         self.data.store(Arc::new(next));
@@ -321,9 +312,7 @@ impl SessionLookup for ControlSessions {
 
     fn live_ids(&self, out: &mut Vec<SessionId>) -> bool {
         let now = self.clock.now();
-        out.extend(
-            self.table.all().iter().filter(|s| self.table.validity(s, now).is_ok()).map(|s| s.id),
-        );
+        out.extend(self.table.all().iter().filter(|s| self.table.validity(s, now).is_ok()).map(|s| s.id));
         true
     }
 }
@@ -385,9 +374,7 @@ impl GatewayDataPlaneConfig {
     fn is_client_address(&self, dst: IpAddr) -> bool {
         match dst {
             IpAddr::V4(ip) => ip != self.gateway_ip && self.subnet.contains(&ip),
-            IpAddr::V6(ip) => {
-                self.v6.is_some_and(|v6| ip != v6.gateway_ip && v6.subnet.contains(&ip))
-            }
+            IpAddr::V6(ip) => self.v6.is_some_and(|v6| ip != v6.gateway_ip && v6.subnet.contains(&ip)),
         }
     }
 }
@@ -424,8 +411,7 @@ pub async fn start_for(
     config: &GatewayConfig,
     sessions: Arc<ControlSessions>,
 ) -> Result<GatewayDataPlane, GatewayDataPlaneError> {
-    let data =
-        GatewayDataPlane::start(GatewayDataPlaneConfig::from_config(config), sessions).await?;
+    let data = GatewayDataPlane::start(GatewayDataPlaneConfig::from_config(config), sessions).await?;
     tokio::spawn(tunnel::log_stats_on_sigusr1("gateway data plane", data.counters()));
     Ok(data)
 }
@@ -463,16 +449,17 @@ impl GatewayDataPlane {
             offload: cfg.offload,
         };
         let tun = tunnel::create_tun_retrying(&spec, TUN_BUSY_WAIT).await?;
-        let sock = tunnel::bind_udp(cfg.listen)
-            .map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?;
+        let sock =
+            tunnel::bind_udp(cfg.listen).map_err(|source| GatewayDataPlaneError::Bind { addr: cfg.listen, source })?;
         let local = sock.local_addr().unwrap_or(cfg.listen);
-        let nat =
-            match &cfg.nat_uplink {
-                Some(uplink) => Some(Nat::install(cfg.subnet, cfg.v6.map(|v6| v6.subnet), uplink).await.map_err(|reason| {
-                    GatewayDataPlaneError::Nat { uplink: uplink.clone(), reason }
-                })?),
-                None => None,
-            };
+        let nat = match &cfg.nat_uplink {
+            Some(uplink) => Some(
+                Nat::install(cfg.subnet, cfg.v6.map(|v6| v6.subnet), uplink)
+                    .await
+                    .map_err(|reason| GatewayDataPlaneError::Nat { uplink: uplink.clone(), reason })?,
+            ),
+            None => None,
+        };
         let counters = Arc::new(Counters::default());
         counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
         tracing::info!(
@@ -570,13 +557,7 @@ struct Loops {
 }
 
 /// Moves the session's endpoint and last-seen after an authenticated, non-replayed datagram.
-fn note_seen(
-    sessions: &dyn SessionLookup,
-    session: &DataSession,
-    from: SocketAddr,
-    now: Instant,
-    c: &Counters,
-) {
+fn note_seen(sessions: &dyn SessionLookup, session: &DataSession, from: SocketAddr, now: Instant, c: &Counters) {
     let seen = session.seen(from, now);
     if seen.touch {
         sessions.touch(session);
@@ -607,18 +588,15 @@ struct Nat;
 
 impl Nat {
     async fn install(subnet: Ipv4Net, subnet6: Option<ipnet::Ipv6Net>, uplink: &str) -> Result<Nat, String> {
-        if !uplink.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.@".contains(ch))
-            || uplink.is_empty()
-        {
+        if !uplink.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.@".contains(ch)) || uplink.is_empty() {
             return Err(format!("invalid interface name {uplink:?}"));
         }
         // `table` then `delete table` makes the delete succeed whether or not it existed; the
         // whole script is one atomic nftables transaction. One `inet` table masquerades both
         // families (NAT66 for the IPv6 subnet); the `ip` one is what releases before IPv6
         // installed, removed in case a killed one left it behind.
-        let nat66 = subnet6
-            .map(|s6| format!("\t\tip6 saddr {s6} oifname \"{uplink}\" masquerade\n"))
-            .unwrap_or_default();
+        let nat66 =
+            subnet6.map(|s6| format!("\t\tip6 saddr {s6} oifname \"{uplink}\" masquerade\n")).unwrap_or_default();
         let script = format!(
             "table ip {NAT_TABLE}\n\
              delete table ip {NAT_TABLE}\n\
@@ -634,8 +612,7 @@ impl Nat {
         );
         nft(&script).await?;
         if subnet6.is_some()
-            && std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
-                .is_ok_and(|v| v.trim() == "0")
+            && std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").is_ok_and(|v| v.trim() == "0")
         {
             tracing::warn!(
                 target: TARGET,
@@ -685,8 +662,7 @@ mod tests {
 
     #[test]
     fn seen_tracks_endpoint_changes_and_last_seen() {
-        let s =
-            DataSession::new(SessionId(7), Ipv4Addr::new(100, 64, 0, 2), &SessionKey::new([1; 32]));
+        let s = DataSession::new(SessionId(7), Ipv4Addr::new(100, 64, 0, 2), &SessionKey::new([1; 32]));
         assert_eq!(s.endpoint(), None);
         assert_eq!(s.last_seen(), None);
         let a: SocketAddr = "198.18.0.2:4000".parse().expect("addr");

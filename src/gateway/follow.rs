@@ -78,10 +78,7 @@ pub async fn serve(config: &GatewayConfig) -> Result<ServingRegistry, RegistryEr
                 config.v6,
             )
             .await?;
-            Ok(ServingRegistry {
-                live: shared.live.clone(),
-                shared: Some(shared),
-            })
+            Ok(ServingRegistry { live: shared.live.clone(), shared: Some(shared) })
         }
     }
 }
@@ -206,13 +203,8 @@ pub async fn start_shared(
 impl SharedStart {
     /// Starts the follower on the gateway's session table. It runs until the runtime stops.
     pub fn follow(self, sessions: Arc<SessionTable>, clock: Clock) {
-        let follower = Follower {
-            parts: self.follower,
-            live: self.live.clone(),
-            sessions,
-            clock,
-            own_claims: HashMap::new(),
-        };
+        let follower =
+            Follower { parts: self.follower, live: self.live.clone(), sessions, clock, own_claims: HashMap::new() };
         tokio::spawn(follower.run());
     }
 }
@@ -255,12 +247,8 @@ impl Follower {
         let store = self.parts.store.clone();
         if !self.parts.prepared {
             store.prepare().await?;
-            store
-                .check_deployment(self.parts.subnet, self.parts.gateway_ip, self.parts.v6)
-                .await?;
-            store
-                .register_gateway(&self.parts.name, &self.parts.me)
-                .await?;
+            store.check_deployment(self.parts.subnet, self.parts.gateway_ip, self.parts.v6).await?;
+            store.register_gateway(&self.parts.name, &self.parts.me).await?;
             self.parts.prepared = true;
         }
         let mut listener = store.listen().await?;
@@ -268,10 +256,7 @@ impl Follower {
         self.catch_up(&store).await?;
         if self.live.degraded() {
             self.live.set_degraded(false);
-            tracing::info!(
-                version = self.live.view().version(),
-                "registry database reachable again; caught up"
-            );
+            tracing::info!(version = self.live.view().version(), "registry database reachable again; caught up");
         }
         let mut check = tokio::time::interval(VERSION_CHECK_EVERY);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -354,11 +339,7 @@ impl Follower {
         if gateway == self.parts.me {
             return;
         }
-        if self
-            .own_claims
-            .get(client)
-            .is_some_and(|ours| *ours > claim)
-        {
+        if self.own_claims.get(client).is_some_and(|ours| *ours > claim) {
             return;
         }
         self.own_claims.remove(client);

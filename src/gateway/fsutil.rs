@@ -29,11 +29,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, existing: Existing) ->
     let dir = parent_dir(path);
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
@@ -55,10 +51,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, existing: Existing) ->
 
 /// `.NAME.tmp.PID.RANDOM` beside `path`: hidden, and unique even between concurrent processes.
 fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let nonce = rand::rng().next_u32();
     parent_dir(path).join(format!(".{name}.tmp.{}.{nonce:08x}", std::process::id()))
 }
@@ -72,10 +65,7 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// Creates a directory (and its parents) readable by its owner only, if missing.
 pub fn create_private_dir(path: &Path) -> io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
 
 /// An exclusive advisory lock (flock) on a lock file, released when dropped (or when the process
@@ -89,13 +79,7 @@ pub struct FileLock {
 impl FileLock {
     /// Blocks until the lock on `path` (created if missing, mode 0600) is held.
     pub fn acquire(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
         loop {
             // SAFETY: the fd is valid for the lifetime of `file`; flock has no memory effects.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
@@ -122,15 +106,9 @@ mod tests {
         write_atomic(&p, b"one", 0o600, Existing::Replace).unwrap();
         write_atomic(&p, b"two", 0o600, Existing::Replace).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         // No temp files left behind.
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("f.toml")]);
     }
 
@@ -142,11 +120,7 @@ mod tests {
         let err = write_atomic(&p, b"other", 0o600, Existing::Refuse).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&p).unwrap(), b"original");
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "temp file removed"
-        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file removed");
     }
 
     #[test]

@@ -85,11 +85,7 @@ impl RegistryView {
     }
 
     /// A view of `clients` at `version` of the store, with the deployment's gateway endpoints.
-    pub fn from_shared(
-        clients: &[super::registry::ClientEntry],
-        version: u64,
-        endpoints: Vec<String>,
-    ) -> Self {
+    pub fn from_shared(clients: &[super::registry::ClientEntry], version: u64, endpoints: Vec<String>) -> Self {
         Self::from_entries(clients, None, version, endpoints)
     }
 
@@ -111,12 +107,7 @@ impl RegistryView {
                 (c.name.clone(), rec)
             })
             .collect();
-        Self {
-            stamp,
-            clients,
-            version,
-            endpoints,
-        }
+        Self { stamp, clients, version, endpoints }
     }
 
     /// The store's version of this view (see the field).
@@ -171,11 +162,7 @@ impl ClaimSender {
     /// Queues the claim; if the queue is full (the database is slow) it is dropped: the other
     /// gateway's session then ends by idling out instead.
     pub fn claim(&self, client: &Arc<str>, session: crate::snapshot::SessionId) {
-        let _ = self.0.try_send(Claim {
-            client: client.clone(),
-            session,
-            opened: tokio::time::Instant::now(),
-        });
+        let _ = self.0.try_send(Claim { client: client.clone(), session, opened: tokio::time::Instant::now() });
     }
 }
 
@@ -247,13 +234,7 @@ impl LiveRegistry {
         let mut view = load_view(path, subnet, gateway_ip, v6)?;
         view.version = 1;
         Ok(Self::from_inner(Inner {
-            source: Source::File {
-                path: path.to_owned(),
-                subnet,
-                gateway_ip,
-                v6,
-                reload: Mutex::new(None),
-            },
+            source: Source::File { path: path.to_owned(), subnet, gateway_ip, v6, reload: Mutex::new(None) },
             view: ArcSwap::from_pointee(view),
             changed: tokio::sync::Notify::new(),
             degraded: Default::default(),
@@ -262,9 +243,7 @@ impl LiveRegistry {
     }
 
     fn from_inner(inner: Inner) -> Self {
-        Self {
-            inner: Arc::new(inner),
-        }
+        Self { inner: Arc::new(inner) }
     }
 
     /// A registry whose views are pushed (a shared registry's follower), starting at `view`;
@@ -294,9 +273,7 @@ impl LiveRegistry {
 
     /// Set by the shared registry's follower when it loses or regains the database.
     pub fn set_degraded(&self, degraded: bool) {
-        self.inner
-            .degraded
-            .store(degraded, std::sync::atomic::Ordering::Relaxed);
+        self.inner.degraded.store(degraded, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The current view: one atomic load.
@@ -323,19 +300,10 @@ impl LiveRegistry {
     /// lock every client out or let a revoked one back in); it is logged once per version.
     /// A pushed registry returns `None`: its follower installs new views itself.
     pub fn refresh(&self, wait: Wait) -> Option<Arc<RegistryView>> {
-        let Source::File {
-            path,
-            subnet,
-            gateway_ip,
-            v6,
-            reload,
-        } = &self.inner.source
-        else {
+        let Source::File { path, subnet, gateway_ip, v6, reload } = &self.inner.source else {
             return None;
         };
-        let on_disk = std::fs::metadata(path)
-            .ok()
-            .map(|m| FileStamp::of(&m));
+        let on_disk = std::fs::metadata(path).ok().map(|m| FileStamp::of(&m));
         if on_disk == self.inner.view.load().stamp {
             return None;
         }
@@ -354,10 +322,7 @@ impl LiveRegistry {
         let loaded = match on_disk {
             // A registry that vanished while running is an operator mistake (or a move in
             // progress), not "revoke everyone": keep the last version.
-            None => Err(format!(
-                "the client registry {} has disappeared",
-                path.display()
-            )),
+            None => Err(format!("the client registry {} has disappeared", path.display())),
             Some(_) => load_view(path, *subnet, *gateway_ip, *v6).map_err(|e| e.to_string()),
         };
         match loaded {
@@ -385,10 +350,7 @@ fn load_view(
     gateway_ip: Ipv4Addr,
     v6: Option<Tunnel6>,
 ) -> Result<RegistryView, RegistryError> {
-    let read_err = |source| RegistryError::Read {
-        path: path.to_owned(),
-        source,
-    };
+    let read_err = |source| RegistryError::Read { path: path.to_owned(), source };
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RegistryView::default()),
@@ -414,10 +376,7 @@ mod tests {
         let live = LiveRegistry::open(&path, subnet, gw, None).unwrap();
         assert!(live.view().is_empty());
         assert_eq!(live.view().version(), 1, "the first load");
-        assert!(
-            live.refresh(Wait::Yes).is_none(),
-            "missing before and after: no change"
-        );
+        assert!(live.refresh(Wait::Yes).is_none(), "missing before and after: no change");
 
         let mut reg = Registry::empty(&path, subnet, gw, None);
         let plan = reg.plan_add("alice", None).unwrap();
@@ -425,42 +384,24 @@ mod tests {
         reg.save().unwrap();
         let view = live.refresh(Wait::No).expect("reloaded");
         assert_eq!(view.version(), 2, "versions count the loads");
-        assert_eq!(
-            view.admit("alice", &CertFingerprint([1; 32])).unwrap().ip,
-            Ipv4Addr::new(10, 1, 0, 2)
-        );
-        assert_eq!(
-            view.admit("alice", &CertFingerprint([2; 32])),
-            Err(Refusal::CertificateReplaced)
-        );
-        assert_eq!(
-            view.admit("bob", &CertFingerprint([1; 32])),
-            Err(Refusal::NotRegistered)
-        );
+        assert_eq!(view.admit("alice", &CertFingerprint([1; 32])).unwrap().ip, Ipv4Addr::new(10, 1, 0, 2));
+        assert_eq!(view.admit("alice", &CertFingerprint([2; 32])), Err(Refusal::CertificateReplaced));
+        assert_eq!(view.admit("bob", &CertFingerprint([1; 32])), Err(Refusal::NotRegistered));
         assert!(live.refresh(Wait::Yes).is_none(), "unchanged");
 
         reg.revoke("alice", "t").unwrap();
         reg.save().unwrap();
         assert!(live.refresh(Wait::Yes).is_some());
-        assert_eq!(
-            live.view().admit("alice", &CertFingerprint([1; 32])),
-            Err(Refusal::Revoked)
-        );
+        assert_eq!(live.view().admit("alice", &CertFingerprint([1; 32])), Err(Refusal::Revoked));
         assert_eq!(live.view().version(), 3);
 
         // A broken edit, or a vanished file, keeps the revocation in force.
         std::fs::write(&path, "not toml [[[").unwrap();
         assert!(live.refresh(Wait::Yes).is_none());
-        assert_eq!(
-            live.view().admit("alice", &CertFingerprint([1; 32])),
-            Err(Refusal::Revoked)
-        );
+        assert_eq!(live.view().admit("alice", &CertFingerprint([1; 32])), Err(Refusal::Revoked));
         std::fs::remove_file(&path).unwrap();
         assert!(live.refresh(Wait::Yes).is_none());
-        assert_eq!(
-            live.view().admit("alice", &CertFingerprint([1; 32])),
-            Err(Refusal::Revoked)
-        );
+        assert_eq!(live.view().admit("alice", &CertFingerprint([1; 32])), Err(Refusal::Revoked));
         assert_eq!(live.view().version(), 3, "a failed load is no version");
         // And the next good version is picked up.
         reg.save().unwrap();

@@ -123,13 +123,9 @@ impl ControlCounters {
         self.pings[ping_index(v)].fetch_add(1, Ordering::Relaxed);
     }
 
-
     /// Authentications by result, every result listed.
     pub fn authentications(&self) -> Vec<(&'static str, u64)> {
-        AuthResult::ALL
-            .iter()
-            .map(|r| (r.name(), self.auth[*r as usize].load(Ordering::Relaxed)))
-            .collect()
+        AuthResult::ALL.iter().map(|r| (r.name(), self.auth[*r as usize].load(Ordering::Relaxed))).collect()
     }
 
     /// PingSession calls by result, every result listed.
@@ -139,7 +135,6 @@ impl ControlCounters {
             .map(|v| (ping_result_name(*v), self.pings[ping_index(*v)].load(Ordering::Relaxed)))
             .collect()
     }
-
 }
 
 /// Every collector the endpoint serves: **the one place to register new metrics**.
@@ -202,10 +197,24 @@ impl Collector for GatewayCollector {
         let control = &o.control;
         let s = o.counters.stats();
         let sessions = control.sessions.len() as u64;
-        metric(&mut e, "sessions", "Sessions held (current and in their re-auth grace).", Gauge, "", &[("", sessions)])?;
+        metric(
+            &mut e,
+            "sessions",
+            "Sessions held (current and in their re-auth grace).",
+            Gauge,
+            "",
+            &[("", sessions)],
+        )?;
         // The resolver (`[dns]`): zero when it is off.
         let d = control.dns_counters.stats();
-        metric(&mut e, "dns_queries", "DNS queries received by the resolver on the tunnel address.", Counter, "", &[("", d.queries)])?;
+        metric(
+            &mut e,
+            "dns_queries",
+            "DNS queries received by the resolver on the tunnel address.",
+            Counter,
+            "",
+            &[("", d.queries)],
+        )?;
         metric(
             &mut e,
             "dns_results",
@@ -221,14 +230,42 @@ impl Collector for GatewayCollector {
             ],
         )?;
         let registered = control.registry.view().len() as u64;
-        metric(&mut e, "registered_clients", "Clients in the registry (active or revoked).", Gauge, "", &[("", registered)])?;
+        metric(
+            &mut e,
+            "registered_clients",
+            "Clients in the registry (active or revoked).",
+            Gauge,
+            "",
+            &[("", registered)],
+        )?;
         let version = control.registry.view().version();
-        metric(&mut e, "registry_version", "Version of the client registry in force: a file's is 1 at start, +1 per reload; a shared registry's is the database's.", Gauge, "", &[("", version)])?;
+        metric(
+            &mut e,
+            "registry_version",
+            "Version of the client registry in force: a file's is 1 at start, +1 per reload; a shared registry's is the database's.",
+            Gauge,
+            "",
+            &[("", version)],
+        )?;
         let degraded = u64::from(control.registry.degraded());
-        metric(&mut e, "registry_degraded", "1 while the shared registry's database is unreachable (serving the last good view).", Gauge, "", &[("", degraded)])?;
+        metric(
+            &mut e,
+            "registry_degraded",
+            "1 while the shared registry's database is unreachable (serving the last good view).",
+            Gauge,
+            "",
+            &[("", degraded)],
+        )?;
         let uptime = o.started.elapsed().as_secs();
         metric(&mut e, "uptime_seconds", "Seconds since the gateway started.", Gauge, "", &[("", uptime)])?;
-        metric(&mut e, "authentications", "Authenticate calls by result.", Counter, "result", &control.counters.authentications())?;
+        metric(
+            &mut e,
+            "authentications",
+            "Authenticate calls by result.",
+            Counter,
+            "result",
+            &control.counters.authentications(),
+        )?;
         metric(&mut e, "pings", "PingSession calls by result.", Counter, "result", &control.counters.pings())?;
         metric(
             &mut e,
@@ -246,13 +283,40 @@ impl Collector for GatewayCollector {
             "direction",
             &[("rx", s.rx_packets), ("tx", s.tx_packets)],
         )?;
-        let drops: Vec<(&str, u64)> =
-            DropReason::ALL.iter().map(|r| (r.name(), s.dropped(*r))).collect();
-        metric(&mut e, "drops", "Packets and datagrams dropped by the data plane, by reason.", Counter, "reason", &drops)?;
-        metric(&mut e, "keepalives_received", "Keepalives received from clients.", Counter, "", &[("", s.keepalives_rx)])?;
-        metric(&mut e, "unknown_session_notices", "Unknown-session notices sent to clients.", Counter, "", &[("", s.notices_tx)])?;
+        let drops: Vec<(&str, u64)> = DropReason::ALL.iter().map(|r| (r.name(), s.dropped(*r))).collect();
+        metric(
+            &mut e,
+            "drops",
+            "Packets and datagrams dropped by the data plane, by reason.",
+            Counter,
+            "reason",
+            &drops,
+        )?;
+        metric(
+            &mut e,
+            "keepalives_received",
+            "Keepalives received from clients.",
+            Counter,
+            "",
+            &[("", s.keepalives_rx)],
+        )?;
+        metric(
+            &mut e,
+            "unknown_session_notices",
+            "Unknown-session notices sent to clients.",
+            Counter,
+            "",
+            &[("", s.notices_tx)],
+        )?;
         metric(&mut e, "roams", "Authenticated datagrams from a new client endpoint.", Counter, "", &[("", s.roams)])?;
-        metric(&mut e, "path_mtu_probes", "Authenticated path MTU probes received from clients.", Counter, "", &[("", s.probes_rx)])?;
+        metric(
+            &mut e,
+            "path_mtu_probes",
+            "Authenticated path MTU probes received from clients.",
+            Counter,
+            "",
+            &[("", s.probes_rx)],
+        )?;
         metric(
             &mut e,
             "path_mtu_probe_acks",
@@ -270,10 +334,38 @@ impl Collector for GatewayCollector {
             "stage",
             &[("kernel", f.kernel_dropped), ("failed", f.failed), ("shed", f.shed)],
         )?;
-        metric(&mut e, "receive_buffer_overflows", "UDP datagrams the gateway's network namespace dropped for a full receive buffer.", Counter, "", &[("", f.buffer_overflows)])?;
-        metric(&mut e, "notices_withheld", "Unknown-session notices not sent: the source was over its failure budget.", Counter, "", &[("", f.notices_withheld)])?;
-        metric(&mut e, "floods", "Floods at the data port seen (one per start line in the log).", Counter, "", &[("", f.floods)])?;
-        metric(&mut e, "flooded", "1 while a flood at the data port is being shed.", Gauge, "", &[("", u64::from(f.flooded))])?;
+        metric(
+            &mut e,
+            "receive_buffer_overflows",
+            "UDP datagrams the gateway's network namespace dropped for a full receive buffer.",
+            Counter,
+            "",
+            &[("", f.buffer_overflows)],
+        )?;
+        metric(
+            &mut e,
+            "notices_withheld",
+            "Unknown-session notices not sent: the source was over its failure budget.",
+            Counter,
+            "",
+            &[("", f.notices_withheld)],
+        )?;
+        metric(
+            &mut e,
+            "floods",
+            "Floods at the data port seen (one per start line in the log).",
+            Counter,
+            "",
+            &[("", f.floods)],
+        )?;
+        metric(
+            &mut e,
+            "flooded",
+            "1 while a flood at the data port is being shed.",
+            Gauge,
+            "",
+            &[("", u64::from(f.flooded))],
+        )?;
         Ok(())
     }
 }
@@ -364,9 +456,7 @@ fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>
                 let mut r = text(StatusCode::OK, body);
                 r.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static(
-                        prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                    ),
+                    hyper::header::HeaderValue::from_static(prometheus_client::encoding::prometheus_text::CONTENT_TYPE),
                 );
                 r
             }

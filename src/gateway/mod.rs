@@ -99,15 +99,11 @@ impl GatewayError {
             GatewayError::Registry(RegistryError::Read { .. }) => exit::CONFIG_MISSING,
             GatewayError::Registry(RegistryError::Malformed { .. }) => exit::CONFIG_INVALID,
             GatewayError::Registry(RegistryError::DatabaseUrl { .. }) => exit::CONFIG_INVALID,
-            GatewayError::Registry(RegistryError::DatabaseUnreachable { .. }) => {
-                exit::DB_UNAVAILABLE
-            }
+            GatewayError::Registry(RegistryError::DatabaseUnreachable { .. }) => exit::DB_UNAVAILABLE,
             GatewayError::Registry(RegistryError::DatabaseAuth { .. }) => exit::DB_CREDENTIALS,
             GatewayError::Registry(RegistryError::SchemaNewer { .. }) => exit::DB_SCHEMA_NEWER,
             GatewayError::Pki(PkiError::BadAuthority { .. }) => exit::BAD_KEYS,
-            GatewayError::Bind { source, .. }
-                if source.kind() == io::ErrorKind::PermissionDenied =>
-            {
+            GatewayError::Bind { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
                 exit::NOT_PERMITTED
             }
             GatewayError::DataPlane(e) if e.not_permitted() => exit::NOT_PERMITTED,

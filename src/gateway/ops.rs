@@ -61,9 +61,8 @@ pub async fn start(
         counters: data.counters(),
         shedding: data.shedding(),
     });
-    let status = status::serve(&config.status_socket, observed.clone()).map_err(|source| {
-        GatewayError::StatusSocket { path: config.status_socket.clone(), source }
-    })?;
+    let status = status::serve(&config.status_socket, observed.clone())
+        .map_err(|source| GatewayError::StatusSocket { path: config.status_socket.clone(), source })?;
     let registry = Arc::new(metrics::registry(&observed));
     let reloader = Reloader::start(config.clone(), plane.state(), registry).await?;
     let unreloadable = match early.hangup {

@@ -44,7 +44,6 @@ use crate::config::gateway::{Tunnel6, check_host_in, check_host6_in};
 pub use crate::config::{MAX_NAME_LEN, check_name};
 use crate::pki::CertFingerprint;
 
-
 /// A problem with the registry or a requested change to it.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -61,9 +60,7 @@ pub enum RegistryError {
     #[error("invalid client name '{name}': {reason}")]
     InvalidName { name: String, reason: String },
     /// `add-client` for a name that is registered and active.
-    #[error(
-        "client '{name}' is already registered (active, {ip}); revoke it first to issue a new client file"
-    )]
+    #[error("client '{name}' is already registered (active, {ip}); revoke it first to issue a new client file")]
     AlreadyActive { name: String, ip: Ipv4Addr },
     /// `revoke` (or a lookup) for a name that is not in the registry.
     #[error("client '{name}' is not registered")]
@@ -95,19 +92,19 @@ pub enum RegistryError {
     #[error("the registry database {db} holds no deployment; create one with `holdfast gateway init --registry URL`")]
     NoDeployment { db: String },
     /// `init --registry` on a database that already holds a deployment.
-    #[error("the registry database {db} already holds a deployment (subnet {subnet}); add a gateway to it with `holdfast gateway join`")]
+    #[error(
+        "the registry database {db} already holds a deployment (subnet {subnet}); add a gateway to it with `holdfast gateway join`"
+    )]
     DeploymentExists { db: String, subnet: Ipv4Net },
     /// gateway.toml's subnet or tunnel address disagrees with the deployment's.
-    #[error("this gateway's subnet {ours} (gateway {ours_ip}) differs from the deployment's {theirs} (gateway {theirs_ip}) in {db}; every gateway of a deployment serves the same subnet")]
-    DeploymentMismatch {
-        db: String,
-        ours: Ipv4Net,
-        ours_ip: Ipv4Addr,
-        theirs: Ipv4Net,
-        theirs_ip: Ipv4Addr,
-    },
+    #[error(
+        "this gateway's subnet {ours} (gateway {ours_ip}) differs from the deployment's {theirs} (gateway {theirs_ip}) in {db}; every gateway of a deployment serves the same subnet"
+    )]
+    DeploymentMismatch { db: String, ours: Ipv4Net, ours_ip: Ipv4Addr, theirs: Ipv4Net, theirs_ip: Ipv4Addr },
     /// gateway.toml's IPv6 tunnel plan disagrees with the deployment's.
-    #[error("this gateway's IPv6 tunnel plan {ours} differs from the deployment's {theirs} in {db}; every gateway of a deployment serves the same subnets")]
+    #[error(
+        "this gateway's IPv6 tunnel plan {ours} differs from the deployment's {theirs} in {db}; every gateway of a deployment serves the same subnets"
+    )]
     Deployment6Mismatch { db: String, ours: String, theirs: String },
     /// Another gateway of the deployment already uses this endpoint.
     #[error("endpoint {endpoint} is already a gateway of this deployment ('{name}')")]
@@ -158,8 +155,7 @@ mod fingerprint_hex {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CertFingerprint, D::Error> {
         let s = String::deserialize(d)?;
-        CertFingerprint::from_hex(&s)
-            .ok_or_else(|| D::Error::custom("expected 64 hex digits (SHA-256)"))
+        CertFingerprint::from_hex(&s).ok_or_else(|| D::Error::custom("expected 64 hex digits (SHA-256)"))
     }
 }
 
@@ -175,10 +171,7 @@ const HEADER: &str = "# Holdfast client registry. Rewritten as a whole by `holdf
                       # editing by hand.\n\n";
 
 fn valid_name(name: &str) -> Result<(), RegistryError> {
-    check_name(name).map_err(|reason| RegistryError::InvalidName {
-        name: name.to_owned(),
-        reason,
-    })
+    check_name(name).map_err(|reason| RegistryError::InvalidName { name: name.to_owned(), reason })
 }
 
 /// The current time as an RFC 3339 string (seconds), for the registry's timestamps.
@@ -198,14 +191,8 @@ pub struct Registry {
 
 /// The lowest host address of `subnet` that is neither the gateway's nor in `taken`: how a new
 /// client gets its IPv4 address. Pure, so every registry store allocates the same way.
-pub fn next_free_ip4(
-    subnet: Ipv4Net,
-    gateway_ip: Ipv4Addr,
-    taken: &HashSet<Ipv4Addr>,
-) -> Option<Ipv4Addr> {
-    subnet
-        .hosts()
-        .find(|ip| *ip != gateway_ip && !taken.contains(ip))
+pub fn next_free_ip4(subnet: Ipv4Net, gateway_ip: Ipv4Addr, taken: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    subnet.hosts().find(|ip| *ip != gateway_ip && !taken.contains(ip))
 }
 
 /// The IPv6 counterpart of [`next_free_ip4`]: the lowest address after the subnet-router anycast
@@ -214,10 +201,7 @@ pub fn next_free_ip4(
 pub fn next_free_ip6(plan: Tunnel6, taken: &HashSet<Ipv6Addr>) -> Option<Ipv6Addr> {
     let first = u128::from(plan.subnet.network()).checked_add(1)?;
     let last = u128::from(plan.subnet.broadcast());
-    (first..=last)
-        .map(Ipv6Addr::from)
-        .take(taken.len() + 2)
-        .find(|ip| *ip != plan.gateway_ip && !taken.contains(ip))
+    (first..=last).map(Ipv6Addr::from).take(taken.len() + 2).find(|ip| *ip != plan.gateway_ip && !taken.contains(ip))
 }
 
 /// What `add-client` is about to do, decided before anything is written.
@@ -240,13 +224,7 @@ pub enum RevokeOutcome {
 impl Registry {
     /// An empty registry (what `init` writes).
     pub fn empty(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr, v6: Option<Tunnel6>) -> Self {
-        Self {
-            path: path.to_owned(),
-            subnet,
-            gateway_ip,
-            v6,
-            clients: Vec::new(),
-        }
+        Self { path: path.to_owned(), subnet, gateway_ip, v6, clients: Vec::new() }
     }
 
     /// Loads the registry at `path`. A missing file is an empty registry (no client added yet).
@@ -258,13 +236,8 @@ impl Registry {
     ) -> Result<Self, RegistryError> {
         match std::fs::read(path) {
             Ok(bytes) => Self::parse(&bytes, path, subnet, gateway_ip, v6),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Ok(Self::empty(path, subnet, gateway_ip, v6))
-            }
-            Err(source) => Err(RegistryError::Read {
-                path: path.to_owned(),
-                source,
-            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::empty(path, subnet, gateway_ip, v6)),
+            Err(source) => Err(RegistryError::Read { path: path.to_owned(), source }),
         }
     }
 
@@ -278,13 +251,9 @@ impl Registry {
         gateway_ip: Ipv4Addr,
         v6: Option<Tunnel6>,
     ) -> Result<Self, RegistryError> {
-        let bad = |reason: String| RegistryError::Malformed {
-            path: path.to_owned(),
-            reason,
-        };
+        let bad = |reason: String| RegistryError::Malformed { path: path.to_owned(), reason };
         let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))?;
-        let file: RegistryFile =
-            toml::from_str(text).map_err(|e| bad(crate::config::toml_reason(text, &e)))?;
+        let file: RegistryFile = toml::from_str(text).map_err(|e| bad(crate::config::toml_reason(text, &e)))?;
         let mut names = HashSet::new();
         let mut ips = HashSet::new();
         let mut ip6s = HashSet::new();
@@ -297,70 +266,43 @@ impl Registry {
                 return Err(bad(format!("address {} is given to two clients", c.ip)));
             }
             check_host_in(subnet, c.ip)
-                .and_then(|()| {
-                    if c.ip == gateway_ip {
-                        Err("the gateway's own address".into())
-                    } else {
-                        Ok(())
-                    }
-                })
+                .and_then(|()| if c.ip == gateway_ip { Err("the gateway's own address".into()) } else { Ok(()) })
                 .map_err(|r| bad(format!("client '{}' has address {}: {r}", c.name, c.ip)))?;
             if let Some(ip6) = c.ip6 {
                 if !ip6s.insert(ip6) {
                     return Err(bad(format!("address {ip6} is given to two clients")));
                 }
                 let plan = v6.ok_or_else(|| {
-                    bad(format!(
-                        "client '{}' has IPv6 address {ip6} but gateway.toml has no `subnet6`",
-                        c.name
-                    ))
+                    bad(format!("client '{}' has IPv6 address {ip6} but gateway.toml has no `subnet6`", c.name))
                 })?;
                 check_host6_in(plan.subnet, ip6)
-                    .and_then(|()| {
-                        if ip6 == plan.gateway_ip {
-                            Err("the gateway's own address".into())
-                        } else {
-                            Ok(())
-                        }
-                    })
+                    .and_then(
+                        |()| {
+                            if ip6 == plan.gateway_ip { Err("the gateway's own address".into()) } else { Ok(()) }
+                        },
+                    )
                     .map_err(|r| bad(format!("client '{}' has address {ip6}: {r}", c.name)))?;
             }
         }
-        Ok(Self {
-            path: path.to_owned(),
-            subnet,
-            gateway_ip,
-            v6,
-            clients: file.clients,
-        })
+        Ok(Self { path: path.to_owned(), subnet, gateway_ip, v6, clients: file.clients })
     }
 
     /// Writes the registry atomically (mode 0600: it is not secret, but it is the access list).
     pub fn save(&self) -> Result<(), RegistryError> {
-        let file = RegistryFile {
-            clients: self.clients.clone(),
-        };
-        let body = toml::to_string(&file).map_err(|e| RegistryError::Write {
-            path: self.path.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
+        let file = RegistryFile { clients: self.clients.clone() };
+        let body = toml::to_string(&file)
+            .map_err(|e| RegistryError::Write { path: self.path.clone(), source: io::Error::other(e.to_string()) })?;
         let text = format!("{HEADER}{body}");
-        fsutil::write_atomic(&self.path, text.as_bytes(), 0o600, Existing::Replace).map_err(
-            |source| RegistryError::Write {
-                path: self.path.clone(),
-                source,
-            },
-        )
+        fsutil::write_atomic(&self.path, text.as_bytes(), 0o600, Existing::Replace)
+            .map_err(|source| RegistryError::Write { path: self.path.clone(), source })
     }
 
     /// Takes the registry's edit lock (`<registry>.lock`); hold it from load to save.
     pub fn lock(path: &Path) -> Result<fsutil::FileLock, RegistryError> {
         let mut lock = path.as_os_str().to_owned();
         lock.push(".lock");
-        fsutil::FileLock::acquire(Path::new(&lock)).map_err(|source| RegistryError::Write {
-            path: path.to_owned(),
-            source,
-        })
+        fsutil::FileLock::acquire(Path::new(&lock))
+            .map_err(|source| RegistryError::Write { path: path.to_owned(), source })
     }
 
     pub fn path(&self) -> &Path {
@@ -378,11 +320,7 @@ impl Registry {
     /// Decides the address for `add-client NAME [--ip IP]` without changing anything:
     /// a revoked name gets its reserved address back; a new name gets `requested` (checked) or the
     /// lowest free address.
-    pub fn plan_add(
-        &self,
-        name: &str,
-        requested: Option<Ipv4Addr>,
-    ) -> Result<AddPlan, RegistryError> {
+    pub fn plan_add(&self, name: &str, requested: Option<Ipv4Addr>) -> Result<AddPlan, RegistryError> {
         plan_add(&self.clients, self.subnet, self.gateway_ip, self.v6, name, requested)
     }
 
@@ -441,9 +379,7 @@ impl Registry {
             .clients
             .iter_mut()
             .find(|c| c.name == name)
-            .ok_or_else(|| RegistryError::NotRegistered {
-                name: name.to_owned(),
-            })?;
+            .ok_or_else(|| RegistryError::NotRegistered { name: name.to_owned() })?;
         if entry.state == ClientState::Revoked {
             return Ok(RevokeOutcome::AlreadyRevoked);
         }
@@ -468,18 +404,12 @@ pub fn plan_add(
     valid_name(name)?;
     if let Some(existing) = clients.iter().find(|c| c.name == name) {
         if existing.state == ClientState::Active {
-            return Err(RegistryError::AlreadyActive {
-                name: name.to_owned(),
-                ip: existing.ip,
-            });
+            return Err(RegistryError::AlreadyActive { name: name.to_owned(), ip: existing.ip });
         }
         if let Some(ip) = requested.filter(|ip| *ip != existing.ip) {
             return Err(RegistryError::AddressUnavailable {
                 ip,
-                reason: format!(
-                    "'{name}' keeps its reserved address {}; omit --ip",
-                    existing.ip
-                ),
+                reason: format!("'{name}' keeps its reserved address {}; omit --ip", existing.ip),
             });
         }
         return Ok(AddPlan {
@@ -496,23 +426,16 @@ pub fn plan_add(
             check_free(clients, subnet, gateway_ip, ip)?;
             ip
         }
-        None => next_free_v4(clients, subnet, gateway_ip)
-            .ok_or(RegistryError::SubnetFull { subnet })?,
+        None => next_free_v4(clients, subnet, gateway_ip).ok_or(RegistryError::SubnetFull { subnet })?,
     };
-    Ok(AddPlan {
-        ip,
-        ip6: free_ip6(clients, v6)?,
-        reenable: false,
-    })
+    Ok(AddPlan { ip, ip6: free_ip6(clients, v6)?, reenable: false })
 }
 
 /// The lowest free IPv6 address given every entry; `Ok(None)` when there is no IPv6 plan.
 fn free_ip6(clients: &[ClientEntry], v6: Option<Tunnel6>) -> Result<Option<Ipv6Addr>, RegistryError> {
     let Some(plan) = v6 else { return Ok(None) };
     let taken: HashSet<Ipv6Addr> = clients.iter().filter_map(|c| c.ip6).collect();
-    next_free_ip6(plan, &taken)
-        .map(Some)
-        .ok_or(RegistryError::Subnet6Full { subnet: plan.subnet })
+    next_free_ip6(plan, &taken).map(Some).ok_or(RegistryError::Subnet6Full { subnet: plan.subnet })
 }
 
 fn check_free(
@@ -527,20 +450,13 @@ fn check_free(
         return Err(unavailable("it is the gateway's own address".into()));
     }
     if let Some(owner) = clients.iter().find(|c| c.ip == ip) {
-        return Err(unavailable(format!(
-            "taken by '{}' ({:?})",
-            owner.name, owner.state
-        )));
+        return Err(unavailable(format!("taken by '{}' ({:?})", owner.name, owner.state)));
     }
     Ok(())
 }
 
 /// The lowest host address of `subnet` used neither by the gateway nor by any entry.
-pub fn next_free_v4(
-    clients: &[ClientEntry],
-    subnet: Ipv4Net,
-    gateway_ip: Ipv4Addr,
-) -> Option<Ipv4Addr> {
+pub fn next_free_v4(clients: &[ClientEntry], subnet: Ipv4Net, gateway_ip: Ipv4Addr) -> Option<Ipv4Addr> {
     let taken: HashSet<Ipv4Addr> = clients.iter().map(|c| c.ip).collect();
     next_free_ip4(subnet, gateway_ip, &taken)
 }
@@ -556,31 +472,18 @@ mod tests {
     }
 
     fn fresh(dir: &Path) -> Registry {
-        Registry::empty(
-            &dir.join("clients.toml"),
-            subnet(),
-            Ipv4Addr::new(10, 1, 0, 1),
-            Some(v6()),
-        )
+        Registry::empty(&dir.join("clients.toml"), subnet(), Ipv4Addr::new(10, 1, 0, 1), Some(v6()))
     }
 
     fn v6() -> Tunnel6 {
-        Tunnel6 {
-            subnet: "fd00:1::/64".parse().unwrap(),
-            gateway_ip: "fd00:1::1".parse().unwrap(),
-        }
+        Tunnel6 { subnet: "fd00:1::/64".parse().unwrap(), gateway_ip: "fd00:1::1".parse().unwrap() }
     }
 
     fn reload(r: &Registry) -> Registry {
         Registry::load(r.path(), subnet(), Ipv4Addr::new(10, 1, 0, 1), Some(v6())).unwrap()
     }
 
-    fn add(
-        r: &mut Registry,
-        name: &str,
-        ip: Option<Ipv4Addr>,
-        fp: u8,
-    ) -> Result<AddPlan, RegistryError> {
+    fn add(r: &mut Registry, name: &str, ip: Option<Ipv4Addr>, fp: u8) -> Result<AddPlan, RegistryError> {
         let plan = r.plan_add(name, ip)?;
         r.commit_add(name, plan, CertFingerprint([fp; 32]), NOW);
         r.save().unwrap();
@@ -592,35 +495,15 @@ mod tests {
     fn next_free_skips_gateway_and_taken_and_revoked() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = fresh(dir.path());
-        assert_eq!(
-            add(&mut r, "a", None, 1).unwrap().ip,
-            Ipv4Addr::new(10, 1, 0, 2)
-        );
-        assert_eq!(
-            add(&mut r, "b", Some(Ipv4Addr::new(10, 1, 0, 4)), 2)
-                .unwrap()
-                .ip,
-            Ipv4Addr::new(10, 1, 0, 4)
-        );
-        assert_eq!(
-            add(&mut r, "c", None, 3).unwrap().ip,
-            Ipv4Addr::new(10, 1, 0, 3)
-        );
+        assert_eq!(add(&mut r, "a", None, 1).unwrap().ip, Ipv4Addr::new(10, 1, 0, 2));
+        assert_eq!(add(&mut r, "b", Some(Ipv4Addr::new(10, 1, 0, 4)), 2).unwrap().ip, Ipv4Addr::new(10, 1, 0, 4));
+        assert_eq!(add(&mut r, "c", None, 3).unwrap().ip, Ipv4Addr::new(10, 1, 0, 3));
         r.revoke("c", NOW).unwrap();
         r.save().unwrap();
         // c's address stays reserved.
-        assert_eq!(
-            add(&mut r, "d", None, 4).unwrap().ip,
-            Ipv4Addr::new(10, 1, 0, 5)
-        );
-        assert_eq!(
-            add(&mut r, "e", None, 5).unwrap().ip,
-            Ipv4Addr::new(10, 1, 0, 6)
-        );
-        assert!(matches!(
-            add(&mut r, "f", None, 6),
-            Err(RegistryError::SubnetFull { .. })
-        ));
+        assert_eq!(add(&mut r, "d", None, 4).unwrap().ip, Ipv4Addr::new(10, 1, 0, 5));
+        assert_eq!(add(&mut r, "e", None, 5).unwrap().ip, Ipv4Addr::new(10, 1, 0, 6));
+        assert!(matches!(add(&mut r, "f", None, 6), Err(RegistryError::SubnetFull { .. })));
     }
 
     #[test]
@@ -629,15 +512,9 @@ mod tests {
         let mut r = fresh(dir.path());
         add(&mut r, "alice", None, 1).unwrap();
         add(&mut r, "bob", None, 2).unwrap();
-        assert!(matches!(
-            add(&mut r, "alice", None, 9),
-            Err(RegistryError::AlreadyActive { .. })
-        ));
+        assert!(matches!(add(&mut r, "alice", None, 9), Err(RegistryError::AlreadyActive { .. })));
         assert_eq!(r.revoke("alice", NOW).unwrap(), RevokeOutcome::Revoked);
-        assert_eq!(
-            r.revoke("alice", NOW).unwrap(),
-            RevokeOutcome::AlreadyRevoked
-        );
+        assert_eq!(r.revoke("alice", NOW).unwrap(), RevokeOutcome::AlreadyRevoked);
         r.save().unwrap();
         let r2 = reload(&r);
         let a = r2.get("alice").unwrap();
@@ -647,28 +524,17 @@ mod tests {
         );
         let mut r = r2;
         let err = add(&mut r, "alice", Some(Ipv4Addr::new(10, 1, 0, 5)), 3).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("keeps its reserved address 10.1.0.2"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("keeps its reserved address 10.1.0.2"), "{err}");
         let plan = add(&mut r, "alice", None, 3).unwrap();
         assert_eq!(
             plan,
-            AddPlan {
-                ip: Ipv4Addr::new(10, 1, 0, 2),
-                ip6: Some("fd00:1::2".parse().unwrap()),
-                reenable: true
-            }
+            AddPlan { ip: Ipv4Addr::new(10, 1, 0, 2), ip6: Some("fd00:1::2".parse().unwrap()), reenable: true }
         );
         let a = r.get("alice").unwrap();
         assert_eq!(a.state, ClientState::Active);
         assert_eq!(a.cert_sha256, CertFingerprint([3; 32]));
         assert_eq!(a.revoked_at, None);
-        assert!(matches!(
-            r.revoke("carol", NOW),
-            Err(RegistryError::NotRegistered { .. })
-        ));
+        assert!(matches!(r.revoke("carol", NOW), Err(RegistryError::NotRegistered { .. })));
     }
 
     #[test]
@@ -711,10 +577,7 @@ mod tests {
 
     #[test]
     fn next_free_ip6_is_pure_and_bounded() {
-        let small = Tunnel6 {
-            subnet: "fd00:1::/126".parse().unwrap(),
-            gateway_ip: "fd00:1::1".parse().unwrap(),
-        };
+        let small = Tunnel6 { subnet: "fd00:1::/126".parse().unwrap(), gateway_ip: "fd00:1::1".parse().unwrap() };
         let mut taken = HashSet::new();
         assert_eq!(next_free_ip6(small, &taken), Some("fd00:1::2".parse().unwrap()));
         taken.insert("fd00:1::2".parse().unwrap());
@@ -745,26 +608,12 @@ mod tests {
         for ok in ["a", "alice", "Laptop-2.home_x", &"x".repeat(64)] {
             assert!(check_name(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            ".",
-            "..",
-            ".hidden",
-            "-opt",
-            "a/b",
-            "a b",
-            "é",
-            "a\n",
-            &"x".repeat(65),
-        ] {
+        for bad in ["", ".", "..", ".hidden", "-opt", "a/b", "a b", "é", "a\n", &"x".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
         let dir = tempfile::tempdir().unwrap();
         let r = fresh(dir.path());
-        assert!(matches!(
-            r.plan_add("../etc", None),
-            Err(RegistryError::InvalidName { .. })
-        ));
+        assert!(matches!(r.plan_add("../etc", None), Err(RegistryError::InvalidName { .. })));
     }
 
     #[test]
@@ -773,11 +622,7 @@ mod tests {
         let mut r = fresh(dir.path());
         add(&mut r, "a", None, 1).unwrap();
         // A crash mid-write leaves a temp file beside the registry; it is never read.
-        std::fs::write(
-            dir.path().join(".clients.toml.tmp.1.deadbeef"),
-            "[[client]]\nname = \"tru",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join(".clients.toml.tmp.1.deadbeef"), "[[client]]\nname = \"tru").unwrap();
         let r2 = reload(&r);
         assert_eq!(r2.clients().len(), 1);
         let mut r = r2;
@@ -798,34 +643,16 @@ mod tests {
             )
         };
         let cases = [
-            (
-                format!("{}{}", entry("a", "10.1.0.2"), entry("a", "10.1.0.3")),
-                "appears twice",
-            ),
-            (
-                format!("{}{}", entry("a", "10.1.0.2"), entry("b", "10.1.0.2")),
-                "two clients",
-            ),
+            (format!("{}{}", entry("a", "10.1.0.2"), entry("a", "10.1.0.3")), "appears twice"),
+            (format!("{}{}", entry("a", "10.1.0.2"), entry("b", "10.1.0.2")), "two clients"),
             (entry("a", "10.1.0.1"), "gateway's own address"),
             (entry("a", "10.9.0.1"), "outside the subnet"),
             (entry("a/b", "10.1.0.2"), "client name"),
-            (
-                entry("a", "10.1.0.2").replace(&"ab".repeat(32), "abc"),
-                "64 hex digits",
-            ),
-            (
-                entry("a", "10.1.0.2").replace("active", "paused"),
-                "unknown variant",
-            ),
+            (entry("a", "10.1.0.2").replace(&"ab".repeat(32), "abc"), "64 hex digits"),
+            (entry("a", "10.1.0.2").replace("active", "paused"), "unknown variant"),
             ("[[client]]\nname = \"a\"\n".to_string(), "missing field"),
-            (
-                format!("{}ip6 = \"fd00:2::2\"\n", entry("a", "10.1.0.2")),
-                "outside the subnet fd00:1::/64",
-            ),
-            (
-                format!("{}ip6 = \"fd00:1::1\"\n", entry("a", "10.1.0.2")),
-                "gateway's own address",
-            ),
+            (format!("{}ip6 = \"fd00:2::2\"\n", entry("a", "10.1.0.2")), "outside the subnet fd00:1::/64"),
+            (format!("{}ip6 = \"fd00:1::1\"\n", entry("a", "10.1.0.2")), "gateway's own address"),
             (
                 format!(
                     "{}ip6 = \"fd00:1::5\"\n{}ip6 = \"fd00:1::5\"\n",
@@ -842,11 +669,6 @@ mod tests {
             assert!(err.to_string().contains(want), "expected {want:?} in {err}");
         }
         std::fs::remove_file(&p).unwrap();
-        assert!(
-            Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1), Some(v6()))
-                .unwrap()
-                .clients()
-                .is_empty()
-        );
+        assert!(Registry::load(&p, subnet(), Ipv4Addr::new(10, 1, 0, 1), Some(v6())).unwrap().clients().is_empty());
     }
 }

@@ -70,11 +70,7 @@ pub fn plan(old: &GatewayConfig, new: &GatewayConfig) -> Plan {
     let limits = (limits_of(old) != limits_of(new)).then(|| limits_of(new));
     let metrics = (old.metrics.listen != new.metrics.listen).then_some(new.metrics.listen);
     if metrics.is_some() {
-        changes.push(format!(
-            "metrics {} -> {}",
-            addr_word(old.metrics.listen),
-            addr_word(new.metrics.listen)
-        ));
+        changes.push(format!("metrics {} -> {}", addr_word(old.metrics.listen), addr_word(new.metrics.listen)));
     }
     let log_level = (old.log_level != new.log_level).then(|| new.log_level.clone());
     if let Some(level) = &log_level {
@@ -277,10 +273,7 @@ mod tests {
     #[test]
     fn unchanged_file_changes_nothing() {
         let p = plan(&config(""), &config(""));
-        assert_eq!(
-            p,
-            Plan { limits: None, metrics: None, log_level: None, changes: vec![], restart_needed: vec![] }
-        );
+        assert_eq!(p, Plan { limits: None, metrics: None, log_level: None, changes: vec![], restart_needed: vec![] });
     }
 
     #[test]

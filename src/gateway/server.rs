@@ -56,9 +56,7 @@ pub struct ControlPlane {
 
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlPlane")
-            .field("local_addr", &self.local_addr)
-            .finish_non_exhaustive()
+        f.debug_struct("ControlPlane").field("local_addr", &self.local_addr).finish_non_exhaustive()
     }
 }
 
@@ -103,23 +101,12 @@ impl ControlPlane {
         let ca = read_pem(&config.ca_cert, "authority certificate")?;
         let cert = read_pem(&config.cert, "server certificate")?;
         let key = read_pem(&config.key, "server key")?;
-        let bad = |path: &Path, what, reason| ConfigError::BadKey {
-            path: path.to_owned(),
-            what,
-            reason,
-        };
-        crate::pki::check_certificate_pem(&ca)
-            .map_err(|r| bad(&config.ca_cert, "authority certificate", r))?;
-        crate::pki::check_pair(&cert, &key)
-            .map_err(|r| bad(&config.cert, "server certificate", r))?;
-        let tls = tls::server_config(&ca, &cert, &key)
-            .map_err(|r| bad(&config.cert, "TLS identity", r))?;
+        let bad = |path: &Path, what, reason| ConfigError::BadKey { path: path.to_owned(), what, reason };
+        crate::pki::check_certificate_pem(&ca).map_err(|r| bad(&config.ca_cert, "authority certificate", r))?;
+        crate::pki::check_pair(&cert, &key).map_err(|r| bad(&config.cert, "server certificate", r))?;
+        let tls = tls::server_config(&ca, &cert, &key).map_err(|r| bad(&config.cert, "TLS identity", r))?;
 
-        let limits = SessionLimits::new(
-            config.session_idle_timeout,
-            config.session_max_lifetime,
-            config.reauth_grace,
-        );
+        let limits = SessionLimits::new(config.session_idle_timeout, config.session_max_lifetime, config.reauth_grace);
         let state = Arc::new(ControlState {
             registry,
             sessions: Arc::new(SessionTable::new(limits)),
@@ -133,25 +120,13 @@ impl ControlPlane {
             counters: Default::default(),
         });
 
-        let tcp = TcpIncoming::from(bind_tcp(config.listen).map_err(|source| {
-            GatewayError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(TCP_KEEPALIVE));
-        let local_addr = tcp.local_addr().map_err(|source| GatewayError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        Ok(Self {
-            state,
-            tls,
-            tcp,
-            local_addr,
-            handshake_timeout: config.handshake_timeout,
-        })
+        let tcp = TcpIncoming::from(
+            bind_tcp(config.listen).map_err(|source| GatewayError::Bind { addr: config.listen, source })?,
+        )
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
+        let local_addr = tcp.local_addr().map_err(|source| GatewayError::Bind { addr: config.listen, source })?;
+        Ok(Self { state, tls, tcp, local_addr, handshake_timeout: config.handshake_timeout })
     }
 
     /// The address actually bound (useful with port 0).
@@ -186,23 +161,13 @@ impl ControlPlane {
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight RPCs finish, and
     /// returns.
-    pub async fn serve(
-        self,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), GatewayError> {
-        let Self {
-            state,
-            tls,
-            tcp,
-            local_addr,
-            handshake_timeout,
-        } = self;
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), GatewayError> {
+        let Self { state, tls, tcp, local_addr, handshake_timeout } = self;
         let registered = state.registry.view().len();
         tracing::info!(%local_addr, clients = registered, "control plane listening (mutual TLS 1.3)");
         let incoming = tls::authenticated_incoming(tcp, tls, handshake_timeout);
         let housekeeping = tokio::spawn(housekeeping(state.clone()));
-        let service = ControlServer::new(ControlService::new(state))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let service = ControlServer::new(ControlService::new(state)).max_decoding_message_size(MAX_REQUEST_BYTES);
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
         let signal = async move {
             shutdown.await;

@@ -15,12 +15,12 @@ use super::live::{LiveRegistry, Refusal, RegistryView, Wait};
 use super::metrics::{AuthResult, ControlCounters};
 use super::sessions::{Clock, Expiry, NewSession, PingVerdict, Session, SessionTable};
 use super::tls::PeerIdentity;
+use crate::config::gateway::Tunnel6;
 use crate::control::pb::control_server::Control;
 use crate::control::pb::{
-    AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingSessionResponse, PingStatus,
-    ProbeRequest, ProbeResponse,
+    AuthenticateRequest, AuthenticateResponse, PingSessionRequest, PingSessionResponse, PingStatus, ProbeRequest,
+    ProbeResponse,
 };
-use crate::config::gateway::Tunnel6;
 use crate::snapshot::SessionKey;
 
 /// The longest `client_version` accepted (it only goes into a log line).
@@ -59,14 +59,8 @@ impl ControlState {
     /// housekeeping task runs it every tick: an Authenticate that checked the previous version
     /// just before a revocation landed may insert a session after the reload's sweep.
     pub fn enforce_registry(&self, view: &RegistryView) {
-        for s in self
-            .sessions
-            .retain(|s| view.admit(&s.client, &s.cert).is_ok())
-        {
-            let why = view
-                .admit(&s.client, &s.cert)
-                .err()
-                .map_or("", refusal_word);
+        for s in self.sessions.retain(|s| view.admit(&s.client, &s.cert).is_ok()) {
+            let why = view.admit(&s.client, &s.cert).err().map_or("", refusal_word);
             tracing::info!(client = %s.client, session = %s.id, key_fp = %s.key.fingerprint(), "session closed: client {why}");
         }
     }
@@ -124,21 +118,14 @@ fn fresh_key() -> SessionKey {
 }
 
 impl ControlService {
-    fn ping_verdict(
-        &self,
-        who: &PeerIdentity,
-        view: &RegistryView,
-        req: &PingSessionRequest,
-    ) -> PingVerdict {
+    fn ping_verdict(&self, who: &PeerIdentity, view: &RegistryView, req: &PingSessionRequest) -> PingVerdict {
         if req.client_id.as_str() != &*who.name {
             return PingVerdict::Expired(Expiry::OtherClient);
         }
         if view.admit(&who.name, &who.cert).is_err() {
             return PingVerdict::Expired(Expiry::Revoked);
         }
-        self.state
-            .sessions
-            .check(&who.name, &who.cert, req.session_id, self.state.clock.now())
+        self.state.sessions.check(&who.name, &who.cert, req.session_id, self.state.clock.now())
     }
 }
 
@@ -179,9 +166,7 @@ impl Control for ControlService {
             key: fresh_key(),
         };
         let mut rng = rand::rng();
-        let opened = state
-            .sessions
-            .open(new, state.clock.now(), || rng.next_u64());
+        let opened = state.sessions.open(new, state.clock.now(), || rng.next_u64());
         let s: &Session = &opened.session;
         state.counters.auth(AuthResult::Ok);
         // With a shared registry, the other gateways end this client's session there (one
@@ -198,11 +183,9 @@ impl Control for ControlService {
             ),
         }
         let (assigned_ip6, gateway_ip6, prefix_len6) = match (s.assigned_ip6, state.v6) {
-            (Some(ip6), Some(v6)) => (
-                ip6.octets().to_vec(),
-                v6.gateway_ip.octets().to_vec(),
-                u32::from(v6.subnet.prefix_len()),
-            ),
+            (Some(ip6), Some(v6)) => {
+                (ip6.octets().to_vec(), v6.gateway_ip.octets().to_vec(), u32::from(v6.subnet.prefix_len()))
+            }
             _ => (Vec::new(), Vec::new(), 0),
         };
         Ok(Response::new(AuthenticateResponse {
@@ -237,9 +220,7 @@ impl Control for ControlService {
             PingVerdict::Ok => PingStatus::Ok,
             PingVerdict::Expired(_) => PingStatus::SessionExpired,
         };
-        Ok(Response::new(PingSessionResponse {
-            status: status as i32,
-        }))
+        Ok(Response::new(PingSessionResponse { status: status as i32 }))
     }
 
     async fn probe(&self, request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {

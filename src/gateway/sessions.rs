@@ -46,9 +46,7 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Self {
-            origin: Instant::now(),
-        }
+        Self { origin: Instant::now() }
     }
 
     pub fn now(&self) -> Millis {
@@ -73,11 +71,7 @@ pub struct SessionLimits {
 impl SessionLimits {
     pub fn new(idle: Duration, max_lifetime: Duration, grace: Duration) -> Self {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        Self {
-            idle_ms: ms(idle),
-            max_lifetime_ms: ms(max_lifetime),
-            grace_ms: ms(grace),
-        }
+        Self { idle_ms: ms(idle), max_lifetime_ms: ms(max_lifetime), grace_ms: ms(grace) }
     }
 }
 
@@ -253,10 +247,7 @@ impl LimitCell {
 
 impl std::fmt::Debug for SessionTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionTable")
-            .field("len", &self.len())
-            .field("limits", &self.limits.get())
-            .finish()
+        f.debug_struct("SessionTable").field("len", &self.len()).field("limits", &self.limits.get()).finish()
     }
 }
 
@@ -315,13 +306,7 @@ impl SessionTable {
     ///
     /// No lock and no heap allocation (proved by `tests/gateway_ping_noalloc.rs`): one atomic
     /// load, one hash lookup, a few comparisons.
-    pub fn check(
-        &self,
-        client: &str,
-        cert: &CertFingerprint,
-        session_id: u64,
-        now: Millis,
-    ) -> PingVerdict {
+    pub fn check(&self, client: &str, cert: &CertFingerprint, session_id: u64, now: Millis) -> PingVerdict {
         let tables = self.tables.load();
         let Some(s) = tables.by_id.get(&session_id) else {
             return PingVerdict::Expired(Expiry::Unknown);
@@ -419,11 +404,8 @@ impl SessionTable {
     fn rewrite(&self, keep: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.tables.load_full();
-        let (kept, removed): (HashMap<_, _>, HashMap<_, _>) = old
-            .by_id
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .partition(|(_, s)| keep(s));
+        let (kept, removed): (HashMap<_, _>, HashMap<_, _>) =
+            old.by_id.iter().map(|(k, v)| (*k, v.clone())).partition(|(_, s)| keep(s));
         if !removed.is_empty() {
             let (by_ip, previous_by_ip) = index_by_ip(&kept);
             self.tables.store(Arc::new(Tables { by_id: kept, by_ip, previous_by_ip }));
@@ -434,9 +416,7 @@ impl SessionTable {
 
 /// For each address, the client's newest session (its current one, or its superseded one while
 /// the current one is gone), and the one before that, if the table still holds it.
-fn index_by_ip(
-    by_id: &HashMap<u64, Arc<Session>>,
-) -> (HashMap<IpAddr, Arc<Session>>, HashMap<IpAddr, Arc<Session>>) {
+fn index_by_ip(by_id: &HashMap<u64, Arc<Session>>) -> (HashMap<IpAddr, Arc<Session>>, HashMap<IpAddr, Arc<Session>>) {
     // A current session outranks a superseded one whatever their opening times (two sessions
     // of one client may open within the same millisecond); among equals, the later one wins.
     let rank = |s: &Session| (s.superseded_at().is_none(), s.opened_at, s.id.0);
@@ -448,11 +428,7 @@ fn index_by_ip(
         std::iter::once((IpAddr::V4(s.assigned_ip), s)).chain(v6)
     });
     for (ip, s) in addresses {
-        let runner_up = if better(s, newest.get(&ip)) {
-            newest.insert(ip, s.clone())
-        } else {
-            Some(s.clone())
-        };
+        let runner_up = if better(s, newest.get(&ip)) { newest.insert(ip, s.clone()) } else { Some(s.clone()) };
         if let Some(r) = runner_up
             && better(&r, previous.get(&ip))
         {
@@ -466,11 +442,7 @@ fn index_by_ip(
 mod tests {
     use super::*;
 
-    const LIMITS: SessionLimits = SessionLimits {
-        idle_ms: 1_000,
-        max_lifetime_ms: 10_000,
-        grace_ms: 200,
-    };
+    const LIMITS: SessionLimits = SessionLimits { idle_ms: 1_000, max_lifetime_ms: 10_000, grace_ms: 200 };
     const ALICE_CERT: CertFingerprint = CertFingerprint([1; 32]);
 
     fn new(name: &str, ip: u8) -> NewSession {
@@ -493,16 +465,9 @@ mod tests {
         let t = SessionTable::new(LIMITS);
         let s = t.open(new("alice", 1), 0, ids(&[7])).session;
         assert_eq!(t.check("alice", &ALICE_CERT, 7, 900), PingVerdict::Ok);
-        assert_eq!(
-            t.check("alice", &ALICE_CERT, 7, 1_800),
-            PingVerdict::Ok,
-            "refreshed at 900"
-        );
+        assert_eq!(t.check("alice", &ALICE_CERT, 7, 1_800), PingVerdict::Ok, "refreshed at 900");
         assert_eq!(s.last_seen(), 1_800);
-        assert_eq!(
-            t.check("alice", &ALICE_CERT, 7, 2_800),
-            PingVerdict::Expired(Expiry::Idle)
-        );
+        assert_eq!(t.check("alice", &ALICE_CERT, 7, 2_800), PingVerdict::Expired(Expiry::Idle));
     }
 
     #[test]
@@ -510,19 +475,10 @@ mod tests {
         let t = SessionTable::new(LIMITS);
         t.open(new("alice", 1), 0, ids(&[7]));
         t.open(new("bob", 2), 0, ids(&[8]));
-        assert_eq!(
-            t.check("alice", &ALICE_CERT, 9, 1),
-            PingVerdict::Expired(Expiry::Unknown)
-        );
-        assert_eq!(
-            t.check("alice", &ALICE_CERT, 8, 1),
-            PingVerdict::Expired(Expiry::OtherClient)
-        );
+        assert_eq!(t.check("alice", &ALICE_CERT, 9, 1), PingVerdict::Expired(Expiry::Unknown));
+        assert_eq!(t.check("alice", &ALICE_CERT, 8, 1), PingVerdict::Expired(Expiry::OtherClient));
         // Right name, wrong certificate (a replaced client file).
-        assert_eq!(
-            t.check("alice", &CertFingerprint([9; 32]), 7, 1),
-            PingVerdict::Expired(Expiry::OtherClient)
-        );
+        assert_eq!(t.check("alice", &CertFingerprint([9; 32]), 7, 1), PingVerdict::Expired(Expiry::OtherClient));
     }
 
     #[test]
@@ -532,10 +488,7 @@ mod tests {
         for now in (500..10_000).step_by(500) {
             assert_eq!(t.check("alice", &ALICE_CERT, 7, now), PingVerdict::Ok);
         }
-        assert_eq!(
-            t.check("alice", &ALICE_CERT, 7, 10_000),
-            PingVerdict::Expired(Expiry::Lifetime)
-        );
+        assert_eq!(t.check("alice", &ALICE_CERT, 7, 10_000), PingVerdict::Expired(Expiry::Lifetime));
     }
 
     #[test]
@@ -544,25 +497,15 @@ mod tests {
         t.open(new("alice", 1), 0, ids(&[1]));
         let o = t.open(new("alice", 1), 100, ids(&[2]));
         assert_eq!(o.replaced.as_ref().map(|s| s.id), Some(SessionId(1)));
-        assert_eq!(
-            t.check("alice", &ALICE_CERT, 1, 299),
-            PingVerdict::Ok,
-            "in grace"
-        );
-        assert_eq!(
-            t.check("alice", &ALICE_CERT, 1, 300),
-            PingVerdict::Expired(Expiry::Superseded)
-        );
+        assert_eq!(t.check("alice", &ALICE_CERT, 1, 299), PingVerdict::Ok, "in grace");
+        assert_eq!(t.check("alice", &ALICE_CERT, 1, 300), PingVerdict::Expired(Expiry::Superseded));
         assert_eq!(t.check("alice", &ALICE_CERT, 2, 300), PingVerdict::Ok);
         // A third session drops the first at once and gives the second its grace.
         let o = t.open(new("alice", 1), 150, ids(&[3]));
         assert_eq!(o.replaced.map(|s| s.id), Some(SessionId(2)));
         assert_eq!(t.len(), 2);
         assert!(t.get(SessionId(1)).is_none());
-        assert_eq!(
-            t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id),
-            Some(SessionId(3))
-        );
+        assert_eq!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id), Some(SessionId(3)));
         assert_eq!(
             t.previous_by_ip(Ipv4Addr::new(10, 0, 0, 1)).map(|s| s.id),
             Some(SessionId(2)),
@@ -608,10 +551,7 @@ mod tests {
         t.open(new("bob", 2), 500, ids(&[2]));
         assert!(t.prune(999).is_empty());
         let gone = t.prune(1_000);
-        assert_eq!(
-            gone.iter().map(|s| s.id).collect::<Vec<_>>(),
-            vec![SessionId(1)]
-        );
+        assert_eq!(gone.iter().map(|s| s.id).collect::<Vec<_>>(), vec![SessionId(1)]);
         assert!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 1)).is_none());
         assert!(t.get_by_ip(Ipv4Addr::new(10, 0, 0, 2)).is_some());
         let gone = t.retain(|s| &*s.client != "bob");
@@ -625,10 +565,7 @@ mod tests {
         let t = SessionTable::new(LIMITS);
         let s = t.open(new("alice", 0x5a), 0, ids(&[1])).session;
         let dbg = format!("{s:?}");
-        assert!(
-            !dbg.contains("90, 90") && !dbg.contains(&"5a".repeat(32)),
-            "{dbg}"
-        );
+        assert!(!dbg.contains("90, 90") && !dbg.contains(&"5a".repeat(32)), "{dbg}");
         assert!(dbg.contains(&s.key.fingerprint().to_string()));
     }
 }

@@ -244,15 +244,11 @@ impl Observed {
                         .collect(),
                     session_id: s.id.to_string(),
                     key_fingerprint: s.key.fingerprint().to_string(),
-                    state: if s.superseded_at().is_some() { "superseded" } else { "current" }
-                        .into(),
+                    state: if s.superseded_at().is_some() { "superseded" } else { "current" }.into(),
                     endpoint: data.as_ref().and_then(|d| d.endpoint()).map(|e| e.to_string()),
                     age_ms: ago(s.opened_at),
                     last_seen_ago_ms: ago(s.last_seen()),
-                    last_packet_ago_ms: data
-                        .as_ref()
-                        .and_then(|d| d.last_seen())
-                        .map(|t| ms(t.elapsed())),
+                    last_packet_ago_ms: data.as_ref().and_then(|d| d.last_seen()).map(|t| ms(t.elapsed())),
                     rx_packets: traffic.rx_packets,
                     rx_bytes: traffic.rx_bytes,
                     tx_packets: traffic.tx_packets,
@@ -358,18 +354,15 @@ pub fn status_text(path: &Path, json: bool) -> Result<String, StatusQueryError> 
     if !json {
         return Ok(format_human(&report));
     }
-    serde_json::to_string_pretty(&report).map(|t| t + "\n").map_err(|e| {
-        StatusQueryError::Malformed {
-            who: Speaker::Gateway,
-            path: path.to_owned(),
-            reason: e.to_string(),
-        }
+    serde_json::to_string_pretty(&report).map(|t| t + "\n").map_err(|e| StatusQueryError::Malformed {
+        who: Speaker::Gateway,
+        path: path.to_owned(),
+        reason: e.to_string(),
     })
 }
 
 fn counts(c: &[ResultCount]) -> String {
-    let shown: Vec<String> =
-        c.iter().filter(|r| r.count > 0).map(|r| format!("{} {}", r.result, r.count)).collect();
+    let shown: Vec<String> = c.iter().filter(|r| r.count > 0).map(|r| format!("{} {}", r.result, r.count)).collect();
     if shown.is_empty() { "none".into() } else { shown.join(", ") }
 }
 
@@ -384,18 +377,9 @@ pub fn format_human(r: &GatewayReport) -> String {
     let mut o = String::new();
     // `write!` into a String cannot fail; the results are ignored for that reason.
     let _ = writeln!(o, "holdfast gateway '{}': up {}, pid {}", r.name, human::millis(r.uptime_ms), r.pid);
-    let _ = writeln!(
-        o,
-        "  endpoint:     {} (control {}, data {})",
-        r.endpoint, r.control_listen, r.data_listen
-    );
-    let _ = writeln!(
-        o,
-        "  tunnel:       {} in {} (tun {})",
-        r.gateway_addresses.join(", "),
-        r.subnets.join(", "),
-        r.tun
-    );
+    let _ = writeln!(o, "  endpoint:     {} (control {}, data {})", r.endpoint, r.control_listen, r.data_listen);
+    let _ =
+        writeln!(o, "  tunnel:       {} in {} (tun {})", r.gateway_addresses.join(", "), r.subnets.join(", "), r.tun);
     let _ = writeln!(
         o,
         "  registry:     {} client(s), version {}{}",
@@ -456,10 +440,8 @@ pub fn format_human(r: &GatewayReport) -> String {
         let _ = writeln!(o, "  addresses:    {}", s.addresses.join(", "));
         let _ = writeln!(o, "  endpoint:     {}", s.endpoint.as_deref().unwrap_or("(none yet)"));
         let _ = writeln!(o, "  key:          fp:{}", s.key_fingerprint);
-        let packet = s
-            .last_packet_ago_ms
-            .map(|t| format!("{} ago", human::millis(t)))
-            .unwrap_or_else(|| "none yet".into());
+        let packet =
+            s.last_packet_ago_ms.map(|t| format!("{} ago", human::millis(t))).unwrap_or_else(|| "none yet".into());
         let _ = writeln!(
             o,
             "  age:          {} (last seen {} ago, last packet {packet})",

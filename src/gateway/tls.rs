@@ -79,21 +79,13 @@ impl Connected for ControlStream {
 }
 
 impl AsyncRead for ControlStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for ControlStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -120,17 +112,11 @@ impl AsyncWrite for ControlStream {
 
 /// Builds the server's TLS config: TLS 1.3 only, ring provider, client certificates required and
 /// verified against `ca_pem`, server identity `cert_pem` + `key_pem`, ALPN `h2`.
-pub fn server_config(
-    ca_pem: &str,
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for ca in pki::certificates_from_pem(ca_pem)? {
-        roots
-            .add(ca)
-            .map_err(|e| format!("the authority's certificate is unusable: {e}"))?;
+        roots.add(ca).map_err(|e| format!("the authority's certificate is unusable: {e}"))?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
@@ -142,9 +128,7 @@ pub fn server_config(
         .map_err(|e| format!("TLS 1.3 unavailable: {e}"))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            format!("the server certificate and key do not form a usable identity: {e}")
-        })?;
+        .map_err(|e| format!("the server certificate and key do not form a usable identity: {e}"))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -160,12 +144,7 @@ pub fn authenticated_incoming(
     handshake_timeout: Duration,
 ) -> ReceiverStream<io::Result<ControlStream>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
-    tokio::spawn(accept_loop(
-        tcp,
-        TlsAcceptor::from(config),
-        handshake_timeout,
-        tx,
-    ));
+    tokio::spawn(accept_loop(tcp, TlsAcceptor::from(config), handshake_timeout, tx));
     ReceiverStream::new(rx)
 }
 
@@ -209,10 +188,7 @@ async fn accept_loop(
                     // Fails only if the server is stopping; the connection is then just closed.
                     let _ = tx.send(Ok(stream)).await;
                 }
-                Err(e) => warn.log(format_args!(
-                    "rejected control connection from {}: {e}",
-                    show(remote)
-                )),
+                Err(e) => warn.log(format_args!("rejected control connection from {}: {e}", show(remote))),
             }
         });
     }
@@ -245,19 +221,9 @@ async fn handshake(
     let (_, session) = tls.get_ref();
     // The verifier requires a client certificate, so a finished handshake has one; the leaf
     // comes first.
-    let leaf = session
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or(HandshakeError::NoIdentity)?;
+    let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or(HandshakeError::NoIdentity)?;
     let (name, cert) = pki::leaf_identity(leaf).ok_or(HandshakeError::NoIdentity)?;
-    Ok(ControlStream {
-        inner: tls,
-        peer: PeerIdentity {
-            name: name.into(),
-            cert,
-            remote_addr: remote,
-        },
-    })
+    Ok(ControlStream { inner: tls, peer: PeerIdentity { name: name.into(), cert, remote_addr: remote } })
 }
 
 fn show(addr: Option<SocketAddr>) -> String {
@@ -274,11 +240,7 @@ struct Throttle {
 
 impl Throttle {
     fn new(every: Duration) -> Self {
-        Self {
-            every,
-            last: Mutex::new(None),
-            suppressed: AtomicU64::new(0),
-        }
+        Self { every, last: Mutex::new(None), suppressed: AtomicU64::new(0) }
     }
 
     fn log(&self, msg: std::fmt::Arguments<'_>) {

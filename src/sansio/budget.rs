@@ -28,10 +28,7 @@ impl Default for BudgetLimits {
     /// Generous for a client that meets a restarted gateway (its first datagrams all fail, and
     /// one notice is all it needs), tight for a source that does nothing but fail.
     fn default() -> Self {
-        Self {
-            burst: 64.0,
-            per_second: 8.0,
-        }
+        Self { burst: 64.0, per_second: 8.0 }
     }
 }
 
@@ -94,13 +91,7 @@ impl SourceBudgets {
     /// cannot choose addresses that collide.
     pub fn new(capacity: usize, seed: u64, limits: BudgetLimits) -> Self {
         let n = capacity.max(PROBES).next_power_of_two();
-        Self {
-            slots: vec![Slot::default(); n].into_boxed_slice(),
-            mask: n - 1,
-            seed,
-            limits,
-            last_over_ms: 0,
-        }
+        Self { slots: vec![Slot::default(); n].into_boxed_slice(), mask: n - 1, seed, limits, last_over_ms: 0 }
     }
 
     fn home(&self, k: u128) -> usize {
@@ -131,11 +122,7 @@ impl SourceBudgets {
         }
         let burst = self.limits.burst;
         let s = &mut self.slots[victim];
-        *s = Slot {
-            key: k,
-            tokens: burst,
-            last_ms: 0,
-        };
+        *s = Slot { key: k, tokens: burst, last_ms: 0 };
         s
     }
 
@@ -155,11 +142,7 @@ impl SourceBudgets {
         Self::refill(limits, s, now_ms);
         let charge = if s.tokens >= 1.0 {
             s.tokens -= 1.0;
-            if s.tokens >= 1.0 {
-                Charge::Within
-            } else {
-                Charge::WentOver
-            }
+            if s.tokens >= 1.0 { Charge::Within } else { Charge::WentOver }
         } else {
             Charge::Over
         };
@@ -228,10 +211,7 @@ pub enum FloodEvent {
     /// Rejected datagrams came at `per_second` over the last tick.
     Started { per_second: u64 },
     /// The flood is over: how long it lasted and what it cost.
-    Ended {
-        duration_ms: u64,
-        totals: FloodTotals,
-    },
+    Ended { duration_ms: u64, totals: FloodTotals },
 }
 
 /// Thresholds of the flood watch.
@@ -246,11 +226,7 @@ pub struct FloodThresholds {
 
 impl Default for FloodThresholds {
     fn default() -> Self {
-        Self {
-            start_per_second: 1000,
-            end_per_second: 100,
-            quiet_ms: 5000,
-        }
+        Self { start_per_second: 1000, end_per_second: 100, quiet_ms: 5000 }
     }
 }
 
@@ -266,11 +242,7 @@ pub struct FloodWatch {
 
 impl FloodWatch {
     pub fn new(limits: FloodThresholds) -> Self {
-        Self {
-            limits,
-            last: None,
-            flood: None,
-        }
+        Self { limits, last: None, flood: None }
     }
 
     pub fn flooded(&self) -> bool {
@@ -297,10 +269,8 @@ impl FloodWatch {
                 if now_ms.saturating_sub(since) < self.limits.quiet_ms {
                     return None;
                 }
-                let event = FloodEvent::Ended {
-                    duration_ms: since.saturating_sub(*start),
-                    totals: totals.since(at_start),
-                };
+                let event =
+                    FloodEvent::Ended { duration_ms: since.saturating_sub(*start), totals: totals.since(at_start) };
                 self.flood = None;
                 Some(event)
             }
@@ -320,10 +290,7 @@ mod tests {
 
     #[test]
     fn a_source_spends_its_burst_then_refills() {
-        let limits = BudgetLimits {
-            burst: 4.0,
-            per_second: 2.0,
-        };
+        let limits = BudgetLimits { burst: 4.0, per_second: 2.0 };
         let mut b = SourceBudgets::new(64, 1, limits);
         let t = 1000;
         let charges: Vec<Charge> = (0..6).map(|_| b.charge(v4(1), t)).collect();
@@ -340,38 +307,21 @@ mod tests {
 
     #[test]
     fn ipv6_sources_are_keyed_by_their_64_and_mapped_v4_as_v4() {
-        let mut b = SourceBudgets::new(
-            64,
-            7,
-            BudgetLimits {
-                burst: 2.0,
-                per_second: 0.0,
-            },
-        );
+        let mut b = SourceBudgets::new(64, 7, BudgetLimits { burst: 2.0, per_second: 0.0 });
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let same64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
         assert!(b.charge(a, 5).within());
         assert!(!b.charge(same64, 5).within(), "one /64, one budget");
         let mapped = IpAddr::V6(Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped());
         assert!(b.charge(mapped, 5).within());
-        assert!(
-            !b.charge(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)), 5)
-                .within()
-        );
+        assert!(!b.charge(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)), 5).within());
         assert_ne!(key(IpAddr::V6(Ipv6Addr::UNSPECIFIED)), 0);
         assert_ne!(key(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 0);
     }
 
     #[test]
     fn the_table_is_bounded_and_recycles_the_stalest_slot() {
-        let mut b = SourceBudgets::new(
-            16,
-            3,
-            BudgetLimits {
-                burst: 1.0,
-                per_second: 0.0,
-            },
-        );
+        let mut b = SourceBudgets::new(16, 3, BudgetLimits { burst: 1.0, per_second: 0.0 });
         for i in 0..10_000u32 {
             b.charge(v4(i), u64::from(i) + 1);
         }
@@ -390,12 +340,7 @@ mod tests {
         t.kernel_dropped += 300_000;
         t.failed += 20_000;
         t.shed += 1000;
-        assert_eq!(
-            w.observe(2000, t),
-            Some(FloodEvent::Started {
-                per_second: 320_000
-            })
-        );
+        assert_eq!(w.observe(2000, t), Some(FloodEvent::Started { per_second: 320_000 }));
         for s in 3..=10 {
             t.kernel_dropped += 300_000;
             assert_eq!(w.observe(s * 1000, t), None, "one line per flood");
@@ -410,13 +355,7 @@ mod tests {
         }
         let (at, e) = ended.expect("the flood ends");
         assert_eq!(at, 15, "5 s of quiet");
-        let FloodEvent::Ended {
-            duration_ms,
-            totals,
-        } = e
-        else {
-            panic!("{e:?}")
-        };
+        let FloodEvent::Ended { duration_ms, totals } = e else { panic!("{e:?}") };
         assert_eq!(duration_ms, 9000);
         assert_eq!(totals.kernel_dropped, 9 * 300_000);
         assert_eq!(totals.failed, 20_000 + 50);

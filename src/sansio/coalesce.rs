@@ -85,18 +85,14 @@ impl Ip {
                 let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
                 // More-fragments flag or a fragment offset: a fragment.
                 let fragment = h[6] & 0x3f != 0 || h[7] != 0;
-                (iph_len >= 20 && total == p.len() && !fragment && p.len() >= iph_len + 20)
-                    .then_some((Ip::V4, iph_len))
+                (iph_len >= 20 && total == p.len() && !fragment && p.len() >= iph_len + 20).then_some((Ip::V4, iph_len))
             }
             6 => {
                 let h = p.get(..IPV6_HEADER)?;
                 // The payload length covers everything after the fixed header; 0 would be a
                 // jumbogram, whose real length sits in a hop-by-hop option: not merged.
                 let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
-                (h[6] == IPPROTO_TCP
-                    && payload != 0
-                    && IPV6_HEADER + payload == p.len()
-                    && p.len() >= IPV6_HEADER + 20)
+                (h[6] == IPPROTO_TCP && payload != 0 && IPV6_HEADER + payload == p.len() && p.len() >= IPV6_HEADER + 20)
                     .then_some((Ip::V6, IPV6_HEADER))
             }
             _ => None,
@@ -125,10 +121,7 @@ impl Ip {
     fn headers_match(self, a: &[u8], b: &[u8], iph_len: usize) -> bool {
         match self {
             Ip::V4 => {
-                a[1] == b[1]
-                    && a[6] >> 5 == b[6] >> 5
-                    && a[8..10] == b[8..10]
-                    && a[12..iph_len] == b[12..iph_len]
+                a[1] == b[1] && a[6] >> 5 == b[6] >> 5 && a[8..10] == b[8..10] && a[12..iph_len] == b[12..iph_len]
             }
             Ip::V6 => a[..4] == b[..4] && a[6..IPV6_HEADER] == b[6..IPV6_HEADER],
         }
@@ -395,10 +388,7 @@ impl Coalescer {
             }
             self.finished = true;
         }
-        self.items[..self.n]
-            .iter()
-            .zip(self.bufs.chunks_exact(SLOT))
-            .map(|(item, buf)| &buf[..VNET_HDR_LEN + item.len])
+        self.items[..self.n].iter().zip(self.bufs.chunks_exact(SLOT)).map(|(item, buf)| &buf[..VNET_HDR_LEN + item.len])
     }
 
     /// Forgets what is queued (buffers are kept).
@@ -512,8 +502,7 @@ mod tests {
     fn slow_sum(data: &[u8]) -> u16 {
         let mut acc: u32 = 0;
         for w in data.chunks(2) {
-            let v =
-                if w.len() == 2 { u16::from_be_bytes([w[0], w[1]]) } else { u16::from(w[0]) << 8 };
+            let v = if w.len() == 2 { u16::from_be_bytes([w[0], w[1]]) } else { u16::from(w[0]) << 8 };
             acc += u32::from(v);
             acc = (acc & 0xffff) + (acc >> 16);
         }
@@ -522,8 +511,7 @@ mod tests {
 
     #[test]
     fn fast_sum_matches_reference() {
-        let data: Vec<u8> =
-            (0..3000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         for len in 0..200 {
             assert_eq!(fold(sum(&data[..len])), slow_sum(&data[..len]), "len {len}");
         }

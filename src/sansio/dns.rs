@@ -9,7 +9,6 @@
 //!
 //! The wire format is hickory-proto's: nothing here parses or builds DNS by hand.
 
-
 use hickory_proto::op::{Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
@@ -94,19 +93,12 @@ pub fn check_query(bytes: &[u8], upstream_id: u16) -> Verdict {
     let Ok(msg) = Message::from_vec(bytes) else {
         return Verdict::Reply(refuse(ResponseCode::FormErr, None));
     };
-    if msg.queries.len() != 1
-        || !msg.answers.is_empty()
-        || !msg.authorities.is_empty()
-        || meta.truncation
-    {
+    if msg.queries.len() != 1 || !msg.answers.is_empty() || !msg.authorities.is_empty() || meta.truncation {
         return Verdict::Reply(refuse(ResponseCode::FormErr, None));
     }
     let question = msg.queries[0].clone();
     // Zone transfers and other classes are no business of a client resolver.
-    let refused_type = matches!(
-        question.query_type(),
-        RecordType::AXFR | RecordType::IXFR | RecordType::ANY
-    );
+    let refused_type = matches!(question.query_type(), RecordType::AXFR | RecordType::IXFR | RecordType::ANY);
     if refused_type || question.query_class() != DNSClass::IN {
         return Verdict::Reply(refuse(ResponseCode::Refused, Some(&question)));
     }
@@ -115,13 +107,9 @@ pub fn check_query(bytes: &[u8], upstream_id: u16) -> Verdict {
     // TSIG/SIG(0) from a client mean nothing to our upstream.
     upstream.signature = None;
     match upstream.to_vec() {
-        Ok(wire) if wire.len() <= MAX_MESSAGE => Verdict::Forward(Forward {
-            client_id: meta.id,
-            upstream_id,
-            question,
-            metadata: meta,
-            wire,
-        }),
+        Ok(wire) if wire.len() <= MAX_MESSAGE => {
+            Verdict::Forward(Forward { client_id: meta.id, upstream_id, question, metadata: meta, wire })
+        }
         _ => Verdict::Reply(refuse(ResponseCode::FormErr, Some(&question))),
     }
 }
@@ -201,8 +189,7 @@ mod tests {
 
     #[test]
     fn a_plain_query_is_forwarded_under_the_upstream_id_and_answered_under_the_clients() {
-        let Verdict::Forward(f) = check_query(&query("www.example.test.", RecordType::A, 7), 999)
-        else {
+        let Verdict::Forward(f) = check_query(&query("www.example.test.", RecordType::A, 7), 999) else {
             panic!("not forwarded")
         };
         assert_eq!(f.client_id, 7);
@@ -225,9 +212,7 @@ mod tests {
 
     #[test]
     fn replies_to_other_queries_are_refused() {
-        let Verdict::Forward(f) = check_query(&query("a.test.", RecordType::A, 1), 2) else {
-            panic!()
-        };
+        let Verdict::Forward(f) = check_query(&query("a.test.", RecordType::A, 1), 2) else { panic!() };
         let reply = |id: u16, name: &str, t: RecordType| {
             let mut m = Message::new(id, MessageType::Response, OpCode::Query);
             m.add_query(Query::query(Name::from_str(name).unwrap(), t));
@@ -263,9 +248,13 @@ mod tests {
         let mut two = Message::new(3, MessageType::Query, OpCode::Query);
         two.add_query(Query::query(Name::from_str("a.").unwrap(), RecordType::A));
         two.add_query(Query::query(Name::from_str("b.").unwrap(), RecordType::A));
-        assert!(matches!(check_query(&two.to_vec().unwrap(), 1), Verdict::Reply(r) if rcode(&r) == ResponseCode::FormErr));
+        assert!(
+            matches!(check_query(&two.to_vec().unwrap(), 1), Verdict::Reply(r) if rcode(&r) == ResponseCode::FormErr)
+        );
         // Zone transfer, other opcodes.
-        assert!(matches!(check_query(&query("example.test.", RecordType::AXFR, 4), 1), Verdict::Reply(r) if rcode(&r) == ResponseCode::Refused));
+        assert!(
+            matches!(check_query(&query("example.test.", RecordType::AXFR, 4), 1), Verdict::Reply(r) if rcode(&r) == ResponseCode::Refused)
+        );
         let mut notify = q.clone();
         notify[2] = (notify[2] & 0x87) | (4 << 3);
         assert!(matches!(check_query(&notify, 1), Verdict::Reply(r) if rcode(&r) == ResponseCode::NotImp));

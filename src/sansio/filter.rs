@@ -39,12 +39,7 @@ pub struct Insn {
 impl Insn {
     /// A load or a return: no jumps.
     pub const fn stmt(code: u16, k: u32) -> Insn {
-        Insn {
-            code,
-            jt: 0,
-            jf: 0,
-            k,
-        }
+        Insn { code, jt: 0, jf: 0, k }
     }
 
     /// A conditional jump: `jt` / `jf` instructions forward when true / false.
@@ -114,26 +109,18 @@ impl FilterSpec {
     /// them (Data first: the common case takes the fewest jumps).
     fn rules(self) -> impl Iterator<Item = (MsgType, LenRule)> {
         let fixed = |n| {
-            if self.coalesced {
-                LenRule::AtLeast(n)
-            } else {
-                LenRule::Exactly(n)
-            }
+            if self.coalesced { LenRule::AtLeast(n) } else { LenRule::Exactly(n) }
         };
         let side_only: [(MsgType, LenRule); 1] = match self.side {
             Side::Client => [(MsgType::UnknownSession, fixed(HEADER_LEN))],
             Side::Gateway => [(MsgType::Probe, LenRule::AtLeast(MIN_PROBE_LEN))],
         };
         // Probe acks last: they are rare. Padded, so their length is only ever a lower bound.
-        let ack = (self.side == Side::Client)
-            .then_some((MsgType::ProbeAck, LenRule::AtLeast(MIN_PROBE_LEN)));
-        [
-            (MsgType::Data, LenRule::AtLeast(OVERHEAD)),
-            (MsgType::Keepalive, fixed(OVERHEAD)),
-        ]
-        .into_iter()
-        .chain(side_only)
-        .chain(ack)
+        let ack = (self.side == Side::Client).then_some((MsgType::ProbeAck, LenRule::AtLeast(MIN_PROBE_LEN)));
+        [(MsgType::Data, LenRule::AtLeast(OVERHEAD)), (MsgType::Keepalive, fixed(OVERHEAD))]
+            .into_iter()
+            .chain(side_only)
+            .chain(ack)
     }
 
     /// The program. Its shape, for `n` accepted types:
@@ -242,9 +229,7 @@ mod tests {
         let mut a: u32 = 0;
         let mut pc = 0usize;
         loop {
-            let i = program
-                .get(pc)
-                .unwrap_or_else(|| panic!("ran off the program at {pc}"));
+            let i = program.get(pc).unwrap_or_else(|| panic!("ran off the program at {pc}"));
             pc += 1;
             match i.code {
                 op::LD_W_ABS if i.k == LOAD_RANDOM => a = random,
@@ -266,30 +251,15 @@ mod tests {
 
     fn passes(spec: FilterSpec, datagram: &[u8]) -> bool {
         let kept = run(&spec.program(), datagram);
-        assert!(
-            kept == 0 || kept == ACCEPT,
-            "a filter of ours never trims: {kept}"
-        );
+        assert!(kept == 0 || kept == ACCEPT, "a filter of ours never trims: {kept}");
         kept == ACCEPT
     }
 
     const SPECS: [FilterSpec; 4] = [
-        FilterSpec {
-            side: Side::Gateway,
-            coalesced: false,
-        },
-        FilterSpec {
-            side: Side::Gateway,
-            coalesced: true,
-        },
-        FilterSpec {
-            side: Side::Client,
-            coalesced: false,
-        },
-        FilterSpec {
-            side: Side::Client,
-            coalesced: true,
-        },
+        FilterSpec { side: Side::Gateway, coalesced: false },
+        FilterSpec { side: Side::Gateway, coalesced: true },
+        FilterSpec { side: Side::Client, coalesced: false },
+        FilterSpec { side: Side::Client, coalesced: true },
     ];
 
     /// Whether `side` takes a datagram the parser accepted.
@@ -323,10 +293,7 @@ mod tests {
             // Every jump lands inside the program.
             for (pc, i) in p.iter().enumerate() {
                 if i.code == op::JEQ_K || i.code == op::JGE_K {
-                    assert!(
-                        pc + 1 + usize::from(i.jt.max(i.jf)) < p.len(),
-                        "{spec:?} at {pc}"
-                    );
+                    assert!(pc + 1 + usize::from(i.jt.max(i.jf)) < p.len(), "{spec:?} at {pc}");
                 }
             }
         }
@@ -339,16 +306,9 @@ mod tests {
         let notice = wire::unknown_session_notice(SessionId(5), 9).to_vec();
         for spec in SPECS {
             assert!(passes(spec, &data), "{spec:?} data");
-            assert!(
-                passes(spec, &sealed(1, 5, 9, &[], Direction::ClientToGateway)),
-                "empty data"
-            );
+            assert!(passes(spec, &sealed(1, 5, 9, &[], Direction::ClientToGateway)), "empty data");
             assert!(passes(spec, &keepalive), "{spec:?} keepalive");
-            assert_eq!(
-                passes(spec, &notice),
-                spec.side == Side::Client,
-                "{spec:?} notice"
-            );
+            assert_eq!(passes(spec, &notice), spec.side == Side::Client, "{spec:?} notice");
             for junk in [&[][..], &[0x11], &[0x11, 0, 0], &[0x55; 64], &[0; 40]] {
                 assert!(!passes(spec, junk), "{spec:?} {junk:?}");
             }
@@ -367,20 +327,13 @@ mod tests {
             bad[0] = 0x11;
             bad[2] = 1; // a reserved byte
             assert!(!passes(spec, &bad));
-            assert!(
-                !passes(spec, &data[..OVERHEAD - 1]),
-                "data without room for a tag"
-            );
+            assert!(!passes(spec, &data[..OVERHEAD - 1]), "data without room for a tag");
             assert!(!passes(spec, &keepalive[..OVERHEAD - 1]), "short keepalive");
             assert!(!passes(spec, &notice[..HEADER_LEN - 1]), "short notice");
             // Too long for its type: only a socket without GRO can tell.
             let mut long_ka = keepalive.clone();
             long_ka.push(0);
-            assert_eq!(
-                passes(spec, &long_ka),
-                spec.coalesced,
-                "{spec:?} long keepalive"
-            );
+            assert_eq!(passes(spec, &long_ka), spec.coalesced, "{spec:?} long keepalive");
         }
     }
 
@@ -399,20 +352,14 @@ mod tests {
     fn during_a_flood_only_live_session_ids_pass_and_a_sample_of_the_rest() {
         let live = [0x0102_0304_0506_0708u64, 0xffff_0000_1234_5678, 7];
         for spec in SPECS {
-            let known = KnownSessions {
-                ids: &live,
-                one_in: 64,
-            };
+            let known = KnownSessions { ids: &live, one_in: 64 };
             let p = spec.program_with_sessions(known).expect("few ids");
             let pass = |sid: u64, random: u32| {
                 let d = sealed(1, sid, 1, &[0x45; 40], Direction::ClientToGateway);
                 run_with_random(&p, &d, random) == ACCEPT
             };
             for &sid in &live {
-                assert!(
-                    pass(sid, u32::MAX),
-                    "{spec:?}: live id {sid:#x} passes whatever the draw"
-                );
+                assert!(pass(sid, u32::MAX), "{spec:?}: live id {sid:#x} passes whatever the draw");
             }
             // Same high word as a live id, other low word; and the other way round.
             for sid in [0x0102_0304_0000_0000, 0x0000_0000_0506_0708, 8, 0] {
@@ -422,10 +369,7 @@ mod tests {
             // The type and length checks still come first.
             assert_eq!(run_with_random(&p, &[0x55; 64], 0), 0);
             let notice = wire::unknown_session_notice(SessionId(live[0]), 1);
-            assert_eq!(
-                run_with_random(&p, &notice, 0) == ACCEPT,
-                spec.side == Side::Client
-            );
+            assert_eq!(run_with_random(&p, &notice, 0) == ACCEPT, spec.side == Side::Client);
             // Keepalives of live sessions too.
             let ka = sealed(0, live[1], 1, &[], Direction::ClientToGateway);
             assert_eq!(run_with_random(&p, &ka, u32::MAX), ACCEPT);
@@ -433,27 +377,14 @@ mod tests {
         }
         let many: Vec<u64> = (0..=MAX_SESSION_IDS as u64).collect();
         let spec = SPECS[0];
-        assert!(
-            spec.program_with_sessions(KnownSessions {
-                ids: &many,
-                one_in: 64
-            })
-            .is_none()
-        );
+        assert!(spec.program_with_sessions(KnownSessions { ids: &many, one_in: 64 }).is_none());
         let p = spec
-            .program_with_sessions(KnownSessions {
-                ids: &many[..MAX_SESSION_IDS],
-                one_in: 64,
-            })
+            .program_with_sessions(KnownSessions { ids: &many[..MAX_SESSION_IDS], one_in: 64 })
             .expect("the most ids");
         assert!(p.len() < 4096, "{} instructions", p.len());
         for &id in &many[..MAX_SESSION_IDS] {
             let d = sealed(1, id, 1, &[1; 8], Direction::ClientToGateway);
-            assert_eq!(
-                run_with_random(&p, &d, u32::MAX),
-                ACCEPT,
-                "id {id} of a full table"
-            );
+            assert_eq!(run_with_random(&p, &d, u32::MAX), ACCEPT, "id {id} of a full table");
         }
         let stranger = sealed(1, 1 << 40, 1, &[1; 8], Direction::ClientToGateway);
         assert_eq!(run_with_random(&p, &stranger, u32::MAX), 0);

@@ -85,8 +85,7 @@ fn frag_needed_v4(packet: &[u8], mtu: u16, from: Ipv4Addr, out: &mut [u8]) -> Re
     let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
     // RFC 1122 3.2.2 / RFC 1812 4.3.2.7: never about a non-first fragment, an ICMP error, a
     // broadcast or multicast, or a source that is not one host.
-    let icmp_error = header[9] == PROTO_ICMP
-        && packet.get(ihl).is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
+    let icmp_error = header[9] == PROTO_ICMP && packet.get(ihl).is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
     let no_host = src.is_unspecified()
         || src.is_multicast()
         || src.is_broadcast()
@@ -134,8 +133,7 @@ fn packet_too_big_v6(packet: &[u8], mtu: u16, from: Ipv6Addr, out: &mut [u8]) ->
     // not one host. Unlike other errors, "packet too big" is sent for multicast destinations
     // too (2.4(e.2)), so that multicast path MTU discovery works. An error behind extension
     // headers is not looked for: a TUN sees none in practice, and the receiver checks again.
-    let icmp_error = header[6] == NEXT_HEADER_ICMPV6
-        && packet.get(IPV6_HEADER).is_some_and(|t| *t < 128);
+    let icmp_error = header[6] == NEXT_HEADER_ICMPV6 && packet.get(IPV6_HEADER).is_some_and(|t| *t < 128);
     if icmp_error || src.is_unspecified() || src.is_multicast() || src.is_loopback() {
         return Err(IcmpError::NotAnswerable);
     }
@@ -160,7 +158,6 @@ fn packet_too_big_v6(packet: &[u8], mtu: u16, from: Ipv6Addr, out: &mut [u8]) ->
     rest[2..4].copy_from_slice(&sum.to_be_bytes());
     Ok(total)
 }
-
 
 /// Whether `data` (with a pseudo-header sum `initial`) carries a valid Internet checksum.
 #[cfg(test)]
@@ -241,8 +238,8 @@ mod tests {
         assert_eq!(checksum::internet(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0x220d);
         // A real header (Wikipedia's IPv4 example): checksum b861.
         let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+            0x00, 0xc7,
         ];
         assert_eq!(checksum::internet(0, &h), 0xb861);
     }

@@ -60,9 +60,7 @@ impl Default for ReplayWindow {
 impl std::fmt::Debug for ReplayWindow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The bitmap is 512 bytes of noise; the top is what a reader wants.
-        f.debug_struct("ReplayWindow")
-            .field("top", &self.top)
-            .finish_non_exhaustive()
+        f.debug_struct("ReplayWindow").field("top", &self.top).finish_non_exhaustive()
     }
 }
 
@@ -76,10 +74,7 @@ fn slot(c: u64) -> (usize, u64) {
 impl ReplayWindow {
     /// An empty window: any counter is acceptable.
     pub const fn new() -> Self {
-        Self {
-            top: None,
-            ring: [0; BLOCKS],
-        }
+        Self { top: None, ring: [0; BLOCKS] }
     }
 
     /// The highest counter accepted so far.
@@ -100,11 +95,7 @@ impl ReplayWindow {
             return Err(ReplayError::TooOld);
         }
         let (block, mask) = slot(counter);
-        if self.ring[block] & mask != 0 {
-            Err(ReplayError::Replay)
-        } else {
-            Ok(())
-        }
+        if self.ring[block] & mask != 0 { Err(ReplayError::Replay) } else { Ok(()) }
     }
 
     /// Checks `counter` and, if acceptable, records it (sliding the window forward when it is the
@@ -208,11 +199,7 @@ mod tests {
             w.accept(c).expect("fresh");
         }
         for c in 0..n {
-            let expect = if n - 1 - c >= WINDOW {
-                Err(ReplayError::TooOld)
-            } else {
-                Err(ReplayError::Replay)
-            };
+            let expect = if n - 1 - c >= WINDOW { Err(ReplayError::TooOld) } else { Err(ReplayError::Replay) };
             assert_eq!(w.check(c), expect, "counter {c}");
         }
     }
@@ -221,14 +208,9 @@ mod tests {
     fn jumps_forward_clear_stale_bits() {
         // Jumps of exactly one ring lap and of more: bits left from before must not make fresh
         // counters look like replays.
-        for jump in [
-            BLOCK_BITS,
-            WINDOW,
-            WINDOW + 1,
-            BLOCKS as u64 * BLOCK_BITS,
-            BLOCKS as u64 * BLOCK_BITS + 5,
-            1 << 40,
-        ] {
+        for jump in
+            [BLOCK_BITS, WINDOW, WINDOW + 1, BLOCKS as u64 * BLOCK_BITS, BLOCKS as u64 * BLOCK_BITS + 5, 1 << 40]
+        {
             let mut w = ReplayWindow::new();
             for c in 0..200 {
                 w.accept(c).expect("fresh");
@@ -238,13 +220,7 @@ mod tests {
             for back in 1..WINDOW.min(top + 1) {
                 assert_eq!(
                     w.check(top - back),
-                    {
-                        if top - back < 200 {
-                            Err(ReplayError::Replay)
-                        } else {
-                            Ok(())
-                        }
-                    },
+                    { if top - back < 200 { Err(ReplayError::Replay) } else { Ok(()) } },
                     "jump {jump} back {back}"
                 );
             }

@@ -24,8 +24,8 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use thiserror::Error;
 
 use super::replay::{ReplayError, ReplayWindow};
-use super::wire::{self, HEADER_LEN, Header, MsgType, OVERHEAD, TAG_LEN, WireError};
 use super::session::{KeyFingerprint, SessionId, SessionKey};
+use super::wire::{self, HEADER_LEN, Header, MsgType, OVERHEAD, TAG_LEN, WireError};
 
 /// Which way a datagram travels. Part of the nonce, so the two directions of one session never
 /// share a nonce under their shared key.
@@ -191,10 +191,7 @@ impl Drop for SessionCipher {
 
 impl Clone for SessionCipher {
     fn clone(&self) -> Self {
-        Self {
-            key: MaybeUninit::new(self.key().clone()),
-            fingerprint: self.fingerprint,
-        }
+        Self { key: MaybeUninit::new(self.key().clone()), fingerprint: self.fingerprint }
     }
 }
 
@@ -211,10 +208,7 @@ impl SessionCipher {
         let unbound = UnboundKey::new(&AES_256_GCM, key.expose())
             // AES_256_GCM takes exactly 32 bytes and `expose` is a `[u8; 32]`: this cannot fail.
             .unwrap_or_else(|_| unreachable!("AES-256-GCM key is 32 bytes"));
-        Self {
-            key: MaybeUninit::new(LessSafeKey::new(unbound)),
-            fingerprint: key.fingerprint(),
-        }
+        Self { key: MaybeUninit::new(LessSafeKey::new(unbound)), fingerprint: key.fingerprint() }
     }
 
     fn key(&self) -> &LessSafeKey {
@@ -275,20 +269,10 @@ impl SessionCipher {
         if counter > MAX_COUNTER {
             return Err(SealError::CounterExhausted);
         }
-        let total = payload_len
-            .checked_add(OVERHEAD)
-            .filter(|&t| t <= buf.len())
-            .ok_or(SealError::BufferTooSmall)?;
+        let total = payload_len.checked_add(OVERHEAD).filter(|&t| t <= buf.len()).ok_or(SealError::BufferTooSmall)?;
         let (head, rest) = buf[..total].split_at_mut(HEADER_LEN);
         let (body, tag_out) = rest.split_at_mut(payload_len);
-        head.copy_from_slice(
-            &Header {
-                msg_type,
-                session_id,
-                counter,
-            }
-            .to_bytes(),
-        );
+        head.copy_from_slice(&Header { msg_type, session_id, counter }.to_bytes());
         let nonce = Nonce::assume_unique_for_key(dir.nonce(counter));
         let tag = self
             .key()
@@ -319,24 +303,13 @@ impl SessionCipher {
         };
         // parse_header guarantees len >= OVERHEAD for sealed types; checked anyway so that a
         // future change there can't turn into a panic here.
-        let body_end = datagram
-            .len()
-            .checked_sub(TAG_LEN)
-            .filter(|&e| e >= HEADER_LEN)
-            .ok_or(WireError::Truncated)?;
+        let body_end = datagram.len().checked_sub(TAG_LEN).filter(|&e| e >= HEADER_LEN).ok_or(WireError::Truncated)?;
         let (head, rest) = datagram.split_at_mut(HEADER_LEN);
         let nonce = Nonce::assume_unique_for_key(dir.nonce(header.counter));
         // `open_within` splits the tag off the end of `rest` itself (`rest` is at least TAG_LEN
         // long, checked above) and decrypts the body where it lies.
-        self.key()
-            .open_within(nonce, Aad::from(&*head), rest, 0..)
-            .map_err(|_| OpenError::Decrypt)?;
-        Ok(Opened {
-            kind,
-            session_id: header.session_id,
-            counter: header.counter,
-            payload: HEADER_LEN..body_end,
-        })
+        self.key().open_within(nonce, Aad::from(&*head), rest, 0..).map_err(|_| OpenError::Decrypt)?;
+        Ok(Opened { kind, session_id: header.session_id, counter: header.counter, payload: HEADER_LEN..body_end })
     }
 
     /// [`SessionCipher::open`] with the replay window applied in the safe order: a cheap check
@@ -378,9 +351,7 @@ impl TxCounter {
 
     /// A counter whose first value is `first` (for tests of exhaustion, mostly).
     pub const fn starting_at(first: u64) -> Self {
-        Self {
-            next: AtomicU64::new(first),
-        }
+        Self { next: AtomicU64::new(first) }
     }
 
     /// The next counter to seal with.
@@ -390,9 +361,7 @@ impl TxCounter {
         // of the read-modify-write on this one location, not from ordering with other memory.
         // (`then`, not `then_some`: the latter would compute `c + 1` at `u64::MAX` too.)
         self.next
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                (c <= MAX_COUNTER).then(|| c + 1)
-            })
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| (c <= MAX_COUNTER).then(|| c + 1))
             .map_err(|_| SealError::CounterExhausted)
     }
 
@@ -415,9 +384,7 @@ mod tests {
     fn sealed(c: &SessionCipher, dir: Direction, counter: u64, payload: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; payload.len() + OVERHEAD + 7];
         buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
-        let n = c
-            .seal_data(dir, SID, counter, &mut buf, payload.len())
-            .expect("seal");
+        let n = c.seal_data(dir, SID, counter, &mut buf, payload.len()).expect("seal");
         buf.truncate(n);
         buf
     }
@@ -440,24 +407,14 @@ mod tests {
     fn keepalive_is_fixed_size_and_authentic() {
         let c = cipher(2);
         let mut buf = [0u8; 64];
-        let n = c
-            .seal_keepalive(Direction::ClientToGateway, SID, 3, &mut buf)
-            .expect("seal");
+        let n = c.seal_keepalive(Direction::ClientToGateway, SID, 3, &mut buf).expect("seal");
         assert_eq!(n, OVERHEAD);
-        let o = c
-            .open(Direction::ClientToGateway, &mut buf[..n])
-            .expect("open");
-        assert_eq!(
-            (o.kind, o.counter, o.payload.len()),
-            (SealedKind::Keepalive, 3, 0)
-        );
+        let o = c.open(Direction::ClientToGateway, &mut buf[..n]).expect("open");
+        assert_eq!((o.kind, o.counter, o.payload.len()), (SealedKind::Keepalive, 3, 0));
         // Turning a Data datagram with empty payload into a Keepalive changes the AAD.
         let mut d = sealed(&c, Direction::ClientToGateway, 4, &[]);
         d[0] = MsgType::Keepalive.first_byte();
-        assert_eq!(
-            c.open(Direction::ClientToGateway, &mut d),
-            Err(OpenError::Decrypt)
-        );
+        assert_eq!(c.open(Direction::ClientToGateway, &mut d), Err(OpenError::Decrypt));
     }
 
     #[test]
@@ -476,9 +433,7 @@ mod tests {
 
         let ack = ProbeAckBody { id: 5, kind: ProbeKind::Up, probe_len: 1400 };
         ack.write(&mut buf[HEADER_LEN..HEADER_LEN + wire::PROBE_BODY_LEN]).expect("body");
-        let n = c
-            .seal_probe(Direction::GatewayToClient, true, SID, 1, &mut buf, wire::PROBE_BODY_LEN)
-            .expect("seal");
+        let n = c.seal_probe(Direction::GatewayToClient, true, SID, 1, &mut buf, wire::PROBE_BODY_LEN).expect("seal");
         assert_eq!(n, wire::MIN_PROBE_LEN);
         let mut d = buf[..n].to_vec();
         // The type is in the AAD: an ack cannot be replayed as data or as a probe.
@@ -492,10 +447,7 @@ mod tests {
         assert_eq!(ProbeAckBody::parse(&d[o.payload]), Ok(ack));
         // Garbage after the header of a probe type: refused before any crypto.
         let mut short = d[..wire::MIN_PROBE_LEN - 1].to_vec();
-        assert_eq!(
-            c.open(Direction::GatewayToClient, &mut short),
-            Err(OpenError::Malformed(WireError::Truncated))
-        );
+        assert_eq!(c.open(Direction::GatewayToClient, &mut short), Err(OpenError::Malformed(WireError::Truncated)));
     }
 
     #[test]
@@ -506,15 +458,9 @@ mod tests {
         let d = sealed(&c, Direction::GatewayToClient, 1, &[]);
         assert_eq!(
             &d[..HEADER_LEN],
-            &[
-                0x11, 0, 0, 0, 0xfe, 0xed, 0xf0, 0x0d, 0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0,
-                1
-            ]
+            &[0x11, 0, 0, 0, 0xfe, 0xed, 0xf0, 0x0d, 0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 1]
         );
-        assert_eq!(
-            Direction::GatewayToClient.nonce(1),
-            *b"g->c\0\0\0\0\0\0\0\x01"
-        );
+        assert_eq!(Direction::GatewayToClient.nonce(1), *b"g->c\0\0\0\0\0\0\0\x01");
         // The tag is GHASH over the header alone; checked against an independent
         // implementation (ring) in tests/dataplane_props.rs.
         assert_eq!(d.len(), OVERHEAD);
@@ -524,35 +470,23 @@ mod tests {
     fn seal_refuses_small_buffers_and_the_last_counter() {
         let c = cipher(3);
         let mut buf = [0u8; OVERHEAD + 10];
-        assert_eq!(
-            c.seal_data(Direction::ClientToGateway, SID, 0, &mut buf, 11),
-            Err(SealError::BufferTooSmall)
-        );
+        assert_eq!(c.seal_data(Direction::ClientToGateway, SID, 0, &mut buf, 11), Err(SealError::BufferTooSmall));
         assert_eq!(
             c.seal_data(Direction::ClientToGateway, SID, 0, &mut buf, usize::MAX),
             Err(SealError::BufferTooSmall)
         );
-        assert_eq!(
-            c.seal_data(Direction::ClientToGateway, SID, 0, &mut buf, 10),
-            Ok(OVERHEAD + 10)
-        );
+        assert_eq!(c.seal_data(Direction::ClientToGateway, SID, 0, &mut buf, 10), Ok(OVERHEAD + 10));
         assert_eq!(
             c.seal_keepalive(Direction::ClientToGateway, SID, u64::MAX, &mut buf),
             Err(SealError::CounterExhausted)
         );
-        assert!(
-            c.seal_keepalive(Direction::ClientToGateway, SID, MAX_COUNTER, &mut buf)
-                .is_ok()
-        );
+        assert!(c.seal_keepalive(Direction::ClientToGateway, SID, MAX_COUNTER, &mut buf).is_ok());
     }
 
     #[test]
     fn notice_cannot_be_opened() {
         let mut buf = wire::unknown_session_notice(SID, 1);
-        assert_eq!(
-            cipher(4).open(Direction::GatewayToClient, &mut buf),
-            Err(OpenError::NotSealed)
-        );
+        assert_eq!(cipher(4).open(Direction::GatewayToClient, &mut buf), Err(OpenError::NotSealed));
     }
 
     #[test]
@@ -560,10 +494,7 @@ mod tests {
         let c = cipher(5);
         let mut w = ReplayWindow::new();
         let d = sealed(&c, Direction::ClientToGateway, 100, b"x");
-        assert!(
-            c.open_checked(Direction::ClientToGateway, &mut d.clone(), &mut w)
-                .is_ok()
-        );
+        assert!(c.open_checked(Direction::ClientToGateway, &mut d.clone(), &mut w).is_ok());
         assert_eq!(
             c.open_checked(Direction::ClientToGateway, &mut d.clone(), &mut w),
             Err(OpenError::Replayed(ReplayError::Replay))
@@ -571,16 +502,10 @@ mod tests {
         // A forged datagram with a far-ahead counter fails the tag and leaves the window alone.
         let mut forged = sealed(&c, Direction::ClientToGateway, 1 << 40, b"x");
         forged[HEADER_LEN] ^= 1;
-        assert_eq!(
-            c.open_checked(Direction::ClientToGateway, &mut forged, &mut w),
-            Err(OpenError::Decrypt)
-        );
+        assert_eq!(c.open_checked(Direction::ClientToGateway, &mut forged, &mut w), Err(OpenError::Decrypt));
         assert_eq!(w.highest(), Some(100));
         let older = sealed(&c, Direction::ClientToGateway, 99, b"y");
-        assert!(
-            c.open_checked(Direction::ClientToGateway, &mut older.clone(), &mut w)
-                .is_ok()
-        );
+        assert!(c.open_checked(Direction::ClientToGateway, &mut older.clone(), &mut w).is_ok());
     }
 
     #[test]
@@ -603,18 +528,9 @@ mod tests {
         let t = TxCounter::new();
         let per = 10_000;
         let mut all: Vec<u64> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..4)
-                .map(|_| {
-                    s.spawn(|| {
-                        (0..per)
-                            .map(|_| t.next().expect("fresh"))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .flat_map(|h| h.join().expect("join"))
-                .collect()
+            let hs: Vec<_> =
+                (0..4).map(|_| s.spawn(|| (0..per).map(|_| t.next().expect("fresh")).collect::<Vec<_>>())).collect();
+            hs.into_iter().flat_map(|h| h.join().expect("join")).collect()
         });
         all.sort_unstable();
         all.dedup();
@@ -630,9 +546,7 @@ mod tests {
         let key = unsafe {
             slot.assume_init_drop();
             std::slice::from_raw_parts(
-                slot.as_ptr()
-                    .cast::<u8>()
-                    .add(std::mem::offset_of!(SessionCipher, key)),
+                slot.as_ptr().cast::<u8>().add(std::mem::offset_of!(SessionCipher, key)),
                 std::mem::size_of::<LessSafeKey>(),
             )
         };

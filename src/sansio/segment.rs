@@ -222,7 +222,9 @@ pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, 
             if !last {
                 *flags &= !(TCP_FIN | TCP_PSH);
             }
-            u64::from(seq >> 16) + u64::from(seq & 0xffff) + u64::from(u16::from_be_bytes([dst[iph + 12], dst[iph + 13]]))
+            u64::from(seq >> 16)
+                + u64::from(seq & 0xffff)
+                + u64::from(u16::from_be_bytes([dst[iph + 12], dst[iph + 13]]))
         } else {
             dst[iph + 4..iph + 6].copy_from_slice(&l4_len.to_be_bytes());
             u64::from(l4_len)
@@ -288,7 +290,13 @@ mod tests {
         let mut p = vec![0u8; 60];
         p[0] = 0x45;
         p[32] = 0x50;
-        let off = |gso_type, gso_size, csum_start, csum_offset| Offload { needs_csum: true, gso_type, gso_size, csum_start, csum_offset };
+        let off = |gso_type, gso_size, csum_start, csum_offset| Offload {
+            needs_csum: true,
+            gso_type,
+            gso_size,
+            csum_start,
+            csum_offset,
+        };
         assert_eq!(split(off(GSO_TCPV6, 8, 20, 16), &p, &mut out), Err(SplitError::GsoType(GSO_TCPV6, 4)));
         assert_eq!(split(off(GSO_UDP_L4 | GSO_ECN, 8, 20, 6), &p, &mut out), Err(SplitError::GsoType(0x85, 4)));
         assert_eq!(split(off(GSO_TCPV4, 0, 20, 16), &p, &mut out), Err(SplitError::NoSegmentSize));
@@ -297,11 +305,17 @@ mod tests {
         assert!(matches!(split(off(GSO_TCPV4, 8, 60, 16), &p, &mut out), Err(SplitError::Headers { .. })));
         // 20 bytes of payload: 3 segments of 8 fit the 4 slots, 5 of 4 do not.
         assert_eq!(split(off(GSO_TCPV4, 8, 20, 16), &p, &mut out), Ok(3));
-        assert_eq!(split(off(GSO_TCPV4, 4, 20, 16), &p, &mut out), Err(SplitError::Capacity { segments: 5, segment_len: 44 }));
+        assert_eq!(
+            split(off(GSO_TCPV4, 4, 20, 16), &p, &mut out),
+            Err(SplitError::Capacity { segments: 5, segment_len: 44 })
+        );
         // A lone packet whose checksum field lies beyond it.
         assert!(matches!(split(off(GSO_NONE, 0, 50, 16), &p, &mut out), Err(SplitError::Headers { .. })));
         let big = vec![0x45u8; 81];
-        assert_eq!(split(off(GSO_NONE, 0, 20, 16), &big, &mut out), Err(SplitError::Capacity { segments: 1, segment_len: 81 }));
+        assert_eq!(
+            split(off(GSO_NONE, 0, 20, 16), &big, &mut out),
+            Err(SplitError::Capacity { segments: 1, segment_len: 81 })
+        );
         let huge = vec![0x45u8; 65536];
         assert_eq!(split(off(GSO_TCPV4, 1400, 20, 16), &huge, &mut out), Err(SplitError::TooLong(65536)));
     }

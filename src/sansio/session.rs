@@ -239,11 +239,7 @@ pub struct SessionCrypto {
 impl SessionCrypto {
     /// Fresh state for `key`: counter 0, empty window.
     pub fn new(key: &SessionKey) -> Self {
-        Self {
-            cipher: SessionCipher::new(key),
-            tx: TxCounter::new(),
-            rx: Mutex::new(ReplayWindow::new()),
-        }
+        Self { cipher: SessionCipher::new(key), tx: TxCounter::new(), rx: Mutex::new(ReplayWindow::new()) }
     }
 
     /// The receive window, locked. Hold it only around `check` and `accept`, not across the AEAD.
@@ -298,9 +294,6 @@ mod tests {
 
     #[test]
     fn fingerprint_distinguishes_keys() {
-        assert_ne!(
-            SessionKey::new([1; 32]).fingerprint(),
-            SessionKey::new([2; 32]).fingerprint()
-        );
+        assert_ne!(SessionKey::new([1; 32]).fingerprint(), SessionKey::new([2; 32]).fingerprint());
     }
 }

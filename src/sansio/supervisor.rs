@@ -108,10 +108,7 @@ pub enum Event {
     /// `start()` was called: begin authenticating.
     Started,
     /// `Authenticate` succeeded for attempt `attempt`.
-    AuthSucceeded {
-        attempt: u64,
-        auth: Arc<VpnAuthResponse>,
-    },
+    AuthSucceeded { attempt: u64, auth: Arc<VpnAuthResponse> },
     /// `Authenticate` failed for attempt `attempt`.
     AuthFailed { attempt: u64, failure: AuthFailure },
     /// `PingSession` answered OK for attempt `attempt`; `rtt` as measured by the driver.
@@ -152,11 +149,7 @@ pub enum Effect {
     /// Call `Authenticate` with this deadline (absolute machine time); report back with `attempt`.
     CallAuthenticate { attempt: u64, deadline: Now },
     /// Call `PingSession` for this session with this deadline; report back with `attempt`.
-    CallPing {
-        attempt: u64,
-        session_id: SessionId,
-        deadline: Now,
-    },
+    CallPing { attempt: u64, session_id: SessionId, deadline: Now },
     /// Arm the one timer to fire `timer` at `at` (absolute machine time), replacing any armed one.
     ArmTimer { at: Now, timer: Timer },
     /// Disarm the timer.
@@ -298,9 +291,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// A supervisor in `Unauthed`. It emits nothing until it sees `Started`.
     pub fn new(timings: Timings) -> Self {
-        Self {
-            machine: Machine::new(timings).state_machine(),
-        }
+        Self { machine: Machine::new(timings).state_machine() }
     }
 
     /// Feeds one event observed at `now`; returns the effects to execute, in order.
@@ -310,12 +301,7 @@ impl Supervisor {
     /// are ignored: they return no effects and change nothing.
     pub fn handle(&mut self, event: Event, now: Now, rng: &mut dyn RngCore) -> Vec<Effect> {
         let was_stopped = self.state() == StateName::Stopped;
-        let mut ctx = Ctx {
-            now,
-            rng,
-            event: &event,
-            effects: Vec::new(),
-        };
+        let mut ctx = Ctx { now, rng, event: &event, effects: Vec::new() };
         self.machine.handle_with_context(&event, &mut ctx);
         let mut effects = ctx.effects;
         // Exit goes last, after the transition's log line, so a driver that returns as soon as
@@ -360,9 +346,7 @@ impl Supervisor {
 
 impl fmt::Debug for Supervisor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Supervisor")
-            .field("status", &self.status())
-            .finish()
+        f.debug_struct("Supervisor").field("status", &self.status()).finish()
     }
 }
 
@@ -526,9 +510,7 @@ impl Machine {
         }
         let attempt = self.begin(Rpc::Authenticate);
         let deadline = self.deadline(context.now);
-        context
-            .effects
-            .push(Effect::CallAuthenticate { attempt, deadline });
+        context.effects.push(Effect::CallAuthenticate { attempt, deadline });
     }
 
     /// Waiting to retry authentication (entry arms the retry timer). Outgoing:
@@ -715,10 +697,7 @@ impl Machine {
     /// Starts an RPC: a fresh attempt number, which makes every earlier one stale.
     fn begin(&mut self, rpc: Rpc) -> u64 {
         self.last_attempt = self.last_attempt.wrapping_add(1);
-        self.pending = Some(Pending {
-            attempt: self.last_attempt,
-            rpc,
-        });
+        self.pending = Some(Pending { attempt: self.last_attempt, rpc });
         self.last_attempt
     }
 
@@ -747,8 +726,7 @@ impl Machine {
     }
 
     fn nudge_allowed(&self, now: Now) -> bool {
-        self.last_nudge
-            .is_none_or(|t| now.saturating_sub(t) >= self.timings.nudge_min_interval)
+        self.last_nudge.is_none_or(|t| now.saturating_sub(t) >= self.timings.nudge_min_interval)
     }
 
     fn call_ping(&mut self, context: &mut Ctx<'_>) {
@@ -759,11 +737,7 @@ impl Machine {
         };
         let attempt = self.begin(Rpc::Ping);
         let deadline = self.deadline(context.now);
-        context.effects.push(Effect::CallPing {
-            attempt,
-            session_id,
-            deadline,
-        });
+        context.effects.push(Effect::CallPing { attempt, session_id, deadline });
     }
 
     fn arm(&mut self, timer: Timer, after: Duration, context: &mut Ctx<'_>) {
@@ -809,26 +783,15 @@ impl Machine {
         let level = self.transition_level(event, now);
         let mut message = format!("{from} -> {to} ({cause})");
         self.describe_target(to, event, now, &mut message);
-        context
-            .effects
-            .push(Effect::Log(LogLine { level, message }));
+        context.effects.push(Effect::Log(LogLine { level, message }));
 
         self.since = now;
         self.last_cause = match event.detail() {
             Some(detail) => format!("{}({detail})", event.name()),
             None => event.name().to_owned(),
         };
-        let seq = self
-            .last_transition
-            .as_ref()
-            .map_or(1, |t| t.seq.wrapping_add(1));
-        self.last_transition = Some(TransitionTaken {
-            seq,
-            from,
-            to,
-            event: event.name(),
-            at: now,
-        });
+        let seq = self.last_transition.as_ref().map_or(1, |t| t.seq.wrapping_add(1));
+        self.last_transition = Some(TransitionTaken { seq, from, to, event: event.name(), at: now });
     }
 
     /// The tail of a transition's log line: what the new state is about to do.
@@ -845,11 +808,7 @@ impl Machine {
                 }
                 write!(out, "; next check in {wait}")
             }
-            (StateName::Failover, _) => write!(
-                out,
-                "; trying the next of {} gateways",
-                self.gateways
-            ),
+            (StateName::Failover, _) => write!(out, "; trying the next of {} gateways", self.gateways),
             (StateName::Backoff | StateName::Degraded, Some(wait)) => {
                 write!(out, "; retry in {wait} (failure {})", self.failures)
             }
@@ -863,12 +822,8 @@ impl Machine {
     /// one (debug) line. Successes and user actions: info. Routine retries: debug.
     fn transition_level(&mut self, event: &Event, now: Now) -> Level {
         match event {
-            Event::AuthFailed { failure, .. } => {
-                self.failure_level(FailureKind::Auth(*failure), now)
-            }
-            Event::PingFailed { failure, .. } => {
-                self.failure_level(FailureKind::Ping(*failure), now)
-            }
+            Event::AuthFailed { failure, .. } => self.failure_level(FailureKind::Auth(*failure), now),
+            Event::PingFailed { failure, .. } => self.failure_level(FailureKind::Ping(*failure), now),
             // The underlay watcher logs the change itself, once.
             Event::TimerFired(_) | Event::Nudged | Event::UnderlayChanged => Level::Debug,
             _ => Level::Info,
@@ -880,10 +835,7 @@ impl Machine {
             self.warned.push(kind);
             self.last_loud = Some(now);
             Level::Warn
-        } else if self
-            .last_loud
-            .is_none_or(|t| now.saturating_sub(t) >= self.timings.repeat_log_every)
-        {
+        } else if self.last_loud.is_none_or(|t| now.saturating_sub(t) >= self.timings.repeat_log_every) {
             self.last_loud = Some(now);
             Level::Info
         } else {
@@ -917,11 +869,9 @@ fn ms(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    
+
     use rand::SeedableRng;
     use rand::rngs::StdRng;
-    
-    
 
     const S: Duration = Duration::from_secs(1);
 
@@ -951,9 +901,7 @@ mod tests {
         fn send(&mut self, event: Event) -> Vec<Effect> {
             let effects = self.sup.handle(event, self.now, &mut self.rng);
             for e in &effects {
-                if let Effect::CallAuthenticate { attempt, .. } | Effect::CallPing { attempt, .. } =
-                    e
-                {
+                if let Effect::CallAuthenticate { attempt, .. } | Effect::CallPing { attempt, .. } = e {
                     self.attempt = *attempt;
                 }
             }
@@ -968,10 +916,7 @@ mod tests {
         fn healthy(&mut self, id: u64) -> Arc<VpnAuthResponse> {
             self.send(Event::Started);
             let auth = snap(id);
-            self.send(Event::AuthSucceeded {
-                attempt: self.attempt,
-                auth: Arc::clone(&auth),
-            });
+            self.send(Event::AuthSucceeded { attempt: self.attempt, auth: Arc::clone(&auth) });
             assert_eq!(self.sup.state(), StateName::Healthy);
             auth
         }
@@ -979,21 +924,12 @@ mod tests {
         /// Fires the health timer and fails the resulting ping.
         fn fail_ping(&mut self, failure: PingFailure) -> Vec<Effect> {
             let fx = self.send(Event::TimerFired(Timer::Health));
-            assert!(
-                fx.iter().any(|e| matches!(e, Effect::CallPing { .. })),
-                "{fx:?}"
-            );
-            self.send(Event::PingFailed {
-                attempt: self.attempt,
-                failure,
-            })
+            assert!(fx.iter().any(|e| matches!(e, Effect::CallPing { .. })), "{fx:?}");
+            self.send(Event::PingFailed { attempt: self.attempt, failure })
         }
 
         fn fail_auth(&mut self, failure: AuthFailure) -> Vec<Effect> {
-            self.send(Event::AuthFailed {
-                attempt: self.attempt,
-                failure,
-            })
+            self.send(Event::AuthFailed { attempt: self.attempt, failure })
         }
     }
 
@@ -1044,15 +980,7 @@ mod tests {
     }
 
     fn logs(fx: &[Effect]) -> Vec<&LogLine> {
-        fx.iter()
-            .filter_map(|e| {
-                if let Effect::Log(l) = e {
-                    Some(l)
-                } else {
-                    None
-                }
-            })
-            .collect()
+        fx.iter().filter_map(|e| if let Effect::Log(l) = e { Some(l) } else { None }).collect()
     }
 
     fn one_log(fx: &[Effect]) -> &LogLine {
@@ -1062,13 +990,7 @@ mod tests {
     }
 
     fn armed(fx: &[Effect]) -> Option<(Timer, Now)> {
-        fx.iter().find_map(|e| {
-            if let Effect::ArmTimer { at, timer } = e {
-                Some((*timer, *at))
-            } else {
-                None
-            }
-        })
+        fx.iter().find_map(|e| if let Effect::ArmTimer { at, timer } = e { Some((*timer, *at)) } else { None })
     }
 
     #[test]
@@ -1081,10 +1003,7 @@ mod tests {
             Event::UnderlayChanged,
             Event::ReauthRequested,
             Event::TimerFired(Timer::Retry),
-            Event::PingFailed {
-                attempt: 0,
-                failure: PingFailure::TimedOut,
-            },
+            Event::PingFailed { attempt: 0, failure: PingFailure::TimedOut },
         ] {
             assert!(h.send(ev).is_empty());
         }
@@ -1098,17 +1017,10 @@ mod tests {
         let mut h = Harness::new();
         h.advance(3 * S);
         let fx = h.send(Event::Started);
-        assert!(
-            matches!(fx[0], Effect::CallAuthenticate { attempt: 1, deadline } if deadline == 8 * S),
-            "{fx:?}"
-        );
+        assert!(matches!(fx[0], Effect::CallAuthenticate { attempt: 1, deadline } if deadline == 8 * S), "{fx:?}");
         let log = one_log(&fx);
         assert_eq!(log.level, Level::Info);
-        assert!(
-            log.message.starts_with("Unauthed -> Authing (Started)"),
-            "{}",
-            log.message
-        );
+        assert!(log.message.starts_with("Unauthed -> Authing (Started)"), "{}", log.message);
         assert_eq!(h.sup.state(), StateName::Authing);
         let t = h.sup.last_transition().expect("recorded");
         assert_eq!(
@@ -1124,10 +1036,7 @@ mod tests {
         let mut h = Harness::new();
         h.send(Event::Started);
         let auth = snap(0xfeed);
-        let fx = h.send(Event::AuthSucceeded {
-            attempt: h.attempt,
-            auth: Arc::clone(&auth),
-        });
+        let fx = h.send(Event::AuthSucceeded { attempt: h.attempt, auth: Arc::clone(&auth) });
         match &fx[0] {
             Effect::SwapSnapshot(a) => assert!(Arc::ptr_eq(a, &auth)),
             other => panic!("expected SwapSnapshot first, got {other:?}"),
@@ -1143,11 +1052,7 @@ mod tests {
         let st = h.sup.status();
         assert_eq!(
             (st.state, st.superstate, st.next_timer),
-            (
-                StateName::Healthy,
-                Some("Connected"),
-                Some((Timer::Health, at))
-            )
+            (StateName::Healthy, Some("Connected"), Some((Timer::Health, at)))
         );
         assert_eq!(st.last_cause, "AuthSucceeded");
     }
@@ -1164,10 +1069,7 @@ mod tests {
             let base = h.sup.status().backoff;
             assert_eq!(timer, Timer::Retry);
             let wait = at - h.now;
-            assert!(
-                wait >= base / 2 && wait <= base && base <= 300 * S,
-                "{wait:?} vs {base:?}"
-            );
+            assert!(wait >= base / 2 && wait <= base && base <= 300 * S, "{wait:?} vs {base:?}");
             bases.push(base.as_secs());
             h.advance(wait);
             let fx = h.send(Event::TimerFired(Timer::Retry));
@@ -1175,14 +1077,8 @@ mod tests {
             assert!(matches!(fx[0], Effect::CallAuthenticate { .. }), "{fx:?}");
         }
         assert_eq!(bases, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
-        h.send(Event::AuthSucceeded {
-            attempt: h.attempt,
-            auth: snap(1),
-        });
-        assert_eq!(
-            (h.sup.status().failures, h.sup.status().backoff),
-            (0, Duration::ZERO)
-        );
+        h.send(Event::AuthSucceeded { attempt: h.attempt, auth: snap(1) });
+        assert_eq!((h.sup.status().failures, h.sup.status().backoff), (0, Duration::ZERO));
         // The next streak starts from backoff_initial again.
         h.fail_ping(PingFailure::Unreachable);
         assert_eq!(h.sup.status().backoff, S);
@@ -1194,10 +1090,7 @@ mod tests {
         h.send(Event::Started);
         h.fail_auth(AuthFailure::Rejected);
         assert!(h.send(Event::TimerFired(Timer::Health)).is_empty());
-        assert!(matches!(
-            h.sup.state(),
-            StateName::Backoff | StateName::Authing
-        ));
+        assert!(matches!(h.sup.state(), StateName::Backoff | StateName::Authing));
     }
 
     #[test]
@@ -1214,23 +1107,14 @@ mod tests {
         // The timer fired once; a duplicate firing is stale.
         assert!(h.send(Event::TimerFired(Timer::Health)).is_empty());
         h.advance(S / 10);
-        let fx = h.send(Event::PingSucceeded {
-            attempt: h.attempt,
-            rtt: Duration::from_millis(12),
-        });
+        let fx = h.send(Event::PingSucceeded { attempt: h.attempt, rtt: Duration::from_millis(12) });
         assert!(logs(&fx).is_empty(), "{fx:?}");
         let (_, at) = armed(&fx).expect("re-armed");
         assert!(at >= h.now + 15 * S && at <= h.now + 30 * S);
         assert_eq!(h.sup.status().last_rtt, Some(Duration::from_millis(12)));
         assert_eq!(h.sup.state(), StateName::Healthy);
         // The same result twice is stale the second time.
-        assert!(
-            h.send(Event::PingSucceeded {
-                attempt: h.attempt,
-                rtt: S
-            })
-            .is_empty()
-        );
+        assert!(h.send(Event::PingSucceeded { attempt: h.attempt, rtt: S }).is_empty());
     }
 
     #[test]
@@ -1242,12 +1126,7 @@ mod tests {
         assert!(!fx.iter().any(|e| matches!(e, Effect::SwapSnapshot(_))));
         let log = one_log(&fx);
         assert_eq!(log.level, Level::Warn);
-        assert!(
-            log.message
-                .starts_with("Healthy -> Degraded (PingFailed: TimedOut); retry in "),
-            "{}",
-            log.message
-        );
+        assert!(log.message.starts_with("Healthy -> Degraded (PingFailed: TimedOut); retry in "), "{}", log.message);
         assert!(Arc::ptr_eq(h.sup.installed().expect("kept"), &auth));
 
         // Repeats: one line each; info when 600 s (repeat_log_every) have passed since the last
@@ -1260,10 +1139,7 @@ mod tests {
             let fx = h.fail_ping(PingFailure::TimedOut);
             assert_eq!(h.sup.state(), StateName::Degraded);
             let t = h.sup.last_transition().expect("self-transition recorded");
-            assert_eq!(
-                (t.from, t.to, t.event),
-                (StateName::Degraded, StateName::Degraded, "PingFailed")
-            );
+            assert_eq!((t.from, t.to, t.event), (StateName::Degraded, StateName::Degraded, "PingFailed"));
             let level = one_log(&fx).level;
             if h.now - last_loud >= 600 * S {
                 assert_eq!(level, Level::Info);
@@ -1276,32 +1152,19 @@ mod tests {
         }
         // 20 retries span well over 20 minutes (backoff reaches the 5-minute cap), so some
         // info lines were due, but far fewer than one per retry.
-        assert!(
-            h.now > 1200 * S && (2..=6).contains(&infos),
-            "{infos} over {:?}",
-            h.now
-        );
+        assert!(h.now > 1200 * S && (2..=6).contains(&infos), "{infos} over {:?}", h.now);
         // A different kind warns once.
         h.advance(h.sup.status().next_timer.expect("armed").1 - h.now);
-        assert_eq!(
-            one_log(&h.fail_ping(PingFailure::Unreachable)).level,
-            Level::Warn
-        );
+        assert_eq!(one_log(&h.fail_ping(PingFailure::Unreachable)).level, Level::Warn);
         assert!(Arc::ptr_eq(h.sup.installed().expect("kept"), &auth));
 
         // Recovery: info, Healthy, health timer, and the next failure warns again.
         h.send(Event::TimerFired(Timer::Health));
-        let fx = h.send(Event::PingSucceeded {
-            attempt: h.attempt,
-            rtt: S,
-        });
+        let fx = h.send(Event::PingSucceeded { attempt: h.attempt, rtt: S });
         assert_eq!(h.sup.state(), StateName::Healthy);
         assert_eq!(one_log(&fx).level, Level::Info);
         assert_eq!(armed(&fx).map(|a| a.0), Some(Timer::Health));
-        assert_eq!(
-            one_log(&h.fail_ping(PingFailure::TimedOut)).level,
-            Level::Warn
-        );
+        assert_eq!(one_log(&h.fail_ping(PingFailure::TimedOut)).level, Level::Warn);
     }
 
     #[test]
@@ -1315,11 +1178,7 @@ mod tests {
             h.send(Event::TimerFired(Timer::Health));
             let fx = h.send(Event::SessionExpired { attempt: h.attempt });
             assert_eq!(h.sup.state(), StateName::Authing);
-            assert!(
-                fx.iter()
-                    .any(|e| matches!(e, Effect::CallAuthenticate { .. })),
-                "{fx:?}"
-            );
+            assert!(fx.iter().any(|e| matches!(e, Effect::CallAuthenticate { .. })), "{fx:?}");
             assert!(!fx.iter().any(|e| matches!(e, Effect::SwapSnapshot(_))));
             assert!(Arc::ptr_eq(h.sup.installed().expect("kept"), &old));
             // A failed re-auth still keeps it.
@@ -1327,10 +1186,7 @@ mod tests {
             assert!(Arc::ptr_eq(h.sup.installed().expect("kept"), &old));
             h.send(Event::TimerFired(Timer::Retry));
             let new = snap(2);
-            h.send(Event::AuthSucceeded {
-                attempt: h.attempt,
-                auth: Arc::clone(&new),
-            });
+            h.send(Event::AuthSucceeded { attempt: h.attempt, auth: Arc::clone(&new) });
             assert!(Arc::ptr_eq(h.sup.installed().expect("new"), &new));
         }
     }
@@ -1340,26 +1196,17 @@ mod tests {
         let mut h = Harness::new();
         assert!(h.send(Event::ReauthRequested).is_empty());
         h.send(Event::Started);
-        assert!(
-            h.send(Event::ReauthRequested).is_empty(),
-            "ignored while Authing"
-        );
+        assert!(h.send(Event::ReauthRequested).is_empty(), "ignored while Authing");
         h.fail_auth(AuthFailure::TimedOut);
         let fx = h.send(Event::ReauthRequested);
         assert_eq!(h.sup.state(), StateName::Authing);
         // The retry timer left from Backoff is disarmed.
         assert!(matches!(fx[0], Effect::CancelTimer), "{fx:?}");
         assert_eq!(h.sup.status().next_timer, None);
-        h.send(Event::AuthSucceeded {
-            attempt: h.attempt,
-            auth: snap(1),
-        });
+        h.send(Event::AuthSucceeded { attempt: h.attempt, auth: snap(1) });
         h.send(Event::ReauthRequested);
         assert_eq!(h.sup.state(), StateName::Authing);
-        h.send(Event::AuthSucceeded {
-            attempt: h.attempt,
-            auth: snap(2),
-        });
+        h.send(Event::AuthSucceeded { attempt: h.attempt, auth: snap(2) });
         h.fail_ping(PingFailure::GatewayError);
         let fx = h.send(Event::ReauthRequested);
         assert_eq!(h.sup.state(), StateName::Authing);
@@ -1375,17 +1222,11 @@ mod tests {
         let fx = h.send(Event::Nudged);
         assert_eq!(h.sup.state(), StateName::Authing, "{fx:?}");
         h.fail_auth(AuthFailure::Unreachable);
-        assert!(
-            h.send(Event::Nudged).is_empty(),
-            "within nudge_min_interval"
-        );
+        assert!(h.send(Event::Nudged).is_empty(), "within nudge_min_interval");
         h.advance(S);
         h.send(Event::Nudged);
         assert_eq!(h.sup.state(), StateName::Authing);
-        h.send(Event::AuthSucceeded {
-            attempt: h.attempt,
-            auth: snap(1),
-        });
+        h.send(Event::AuthSucceeded { attempt: h.attempt, auth: snap(1) });
         h.advance(S);
         let fx = h.send(Event::Nudged);
         assert!(matches!(fx.as_slice(), [Effect::CallPing { .. }]), "{fx:?}");
@@ -1393,10 +1234,7 @@ mod tests {
         assert_eq!(h.sup.status().next_timer.map(|t| t.0), Some(Timer::Health));
         assert!(h.send(Event::Nudged).is_empty());
         h.advance(S);
-        let fx = h.send(Event::PingFailed {
-            attempt: h.attempt,
-            failure: PingFailure::TimedOut,
-        });
+        let fx = h.send(Event::PingFailed { attempt: h.attempt, failure: PingFailure::TimedOut });
         assert_eq!(h.sup.state(), StateName::Degraded, "{fx:?}");
         let fx = h.send(Event::Nudged);
         assert!(matches!(fx.as_slice(), [Effect::CallPing { .. }]), "{fx:?}");
@@ -1439,46 +1277,23 @@ mod tests {
         h.send(Event::TimerFired(Timer::Retry));
         // Results for the first attempt, or a ping result for an auth attempt: no effect.
         for ev in [
-            Event::AuthSucceeded {
-                attempt: first,
-                auth: snap(9),
-            },
-            Event::AuthFailed {
-                attempt: first,
-                failure: AuthFailure::Rejected,
-            },
-            Event::PingSucceeded {
-                attempt: h.attempt,
-                rtt: S,
-            },
+            Event::AuthSucceeded { attempt: first, auth: snap(9) },
+            Event::AuthFailed { attempt: first, failure: AuthFailure::Rejected },
+            Event::PingSucceeded { attempt: h.attempt, rtt: S },
             Event::SessionExpired { attempt: h.attempt },
-            Event::AuthSucceeded {
-                attempt: h.attempt + 1,
-                auth: snap(9),
-            },
+            Event::AuthSucceeded { attempt: h.attempt + 1, auth: snap(9) },
         ] {
             assert!(h.send(ev).is_empty());
             assert_eq!(h.sup.state(), StateName::Authing);
         }
         assert!(h.sup.installed().is_none());
-        h.send(Event::AuthSucceeded {
-            attempt: h.attempt,
-            auth: snap(1),
-        });
+        h.send(Event::AuthSucceeded { attempt: h.attempt, auth: snap(1) });
         let auth_attempt = h.attempt;
         h.send(Event::TimerFired(Timer::Health));
         for ev in [
-            Event::AuthSucceeded {
-                attempt: auth_attempt,
-                auth: snap(9),
-            },
-            Event::PingFailed {
-                attempt: auth_attempt,
-                failure: PingFailure::TimedOut,
-            },
-            Event::SessionExpired {
-                attempt: auth_attempt,
-            },
+            Event::AuthSucceeded { attempt: auth_attempt, auth: snap(9) },
+            Event::PingFailed { attempt: auth_attempt, failure: PingFailure::TimedOut },
+            Event::SessionExpired { attempt: auth_attempt },
         ] {
             assert!(h.send(ev).is_empty());
         }
@@ -1516,34 +1331,21 @@ mod tests {
             assert!(matches!(fx.first(), Some(Effect::CancelTimer)), "{fx:?}");
             assert!(matches!(fx.last(), Some(Effect::Exit)), "{fx:?}");
             assert_eq!(fx.iter().filter(|e| matches!(e, Effect::Exit)).count(), 1);
-            assert!(
-                one_log(&fx)
-                    .message
-                    .starts_with(&format!("{from} -> Stopped (Stop)"))
-            );
+            assert!(one_log(&fx).message.starts_with(&format!("{from} -> Stopped (Stop)")));
             assert_eq!(h.sup.status().superstate, None);
             for ev in [
                 Event::Started,
                 Event::Stop,
                 Event::ReauthRequested,
                 Event::TimerFired(Timer::Health),
-                Event::AuthSucceeded {
-                    attempt: h.attempt,
-                    auth: snap(5),
-                },
+                Event::AuthSucceeded { attempt: h.attempt, auth: snap(5) },
             ] {
                 assert!(h.send(ev).is_empty());
             }
         }
         assert_eq!(
             seen,
-            [
-                StateName::Unauthed,
-                StateName::Authing,
-                StateName::Backoff,
-                StateName::Healthy,
-                StateName::Degraded
-            ]
+            [StateName::Unauthed, StateName::Authing, StateName::Backoff, StateName::Healthy, StateName::Degraded]
         );
     }
 
@@ -1579,9 +1381,7 @@ mod tests {
                     Effect::CallAuthenticate { attempt, .. } => {
                         replies.push((h.now + delay, answer(h.now, true, attempt)))
                     }
-                    Effect::CallPing { attempt, .. } => {
-                        replies.push((h.now + delay, answer(h.now, false, attempt)))
-                    }
+                    Effect::CallPing { attempt, .. } => replies.push((h.now + delay, answer(h.now, false, attempt))),
                     Effect::Log(l) => lines.push(l),
                     _ => {}
                 }
@@ -1591,11 +1391,7 @@ mod tests {
     }
 
     fn visible(lines: &[LogLine]) -> Vec<&str> {
-        lines
-            .iter()
-            .filter(|l| l.level >= Level::Info)
-            .map(|l| l.message.as_str())
-            .collect()
+        lines.iter().filter(|l| l.level >= Level::Info).map(|l| l.message.as_str()).collect()
     }
 
     #[test]
@@ -1607,36 +1403,21 @@ mod tests {
         h.healthy(1);
         let outage_end = h.now + ten_min;
         let mut reauthed = false;
-        let lines = drive(
-            &mut h,
-            ten_min + 120 * S,
-            5 * S,
-            |now, is_auth, attempt| match (is_auth, now < outage_end, reauthed) {
-                (false, true, _) => Event::PingFailed {
-                    attempt,
-                    failure: PingFailure::TimedOut,
-                },
+        let lines = drive(&mut h, ten_min + 120 * S, 5 * S, |now, is_auth, attempt| {
+            match (is_auth, now < outage_end, reauthed) {
+                (false, true, _) => Event::PingFailed { attempt, failure: PingFailure::TimedOut },
                 (false, false, false) => Event::SessionExpired { attempt },
-                (false, false, true) => Event::PingSucceeded {
-                    attempt,
-                    rtt: S / 100,
-                },
+                (false, false, true) => Event::PingSucceeded { attempt, rtt: S / 100 },
                 (true, _, _) => {
                     reauthed = true;
-                    Event::AuthSucceeded {
-                        attempt,
-                        auth: snap(2),
-                    }
+                    Event::AuthSucceeded { attempt, auth: snap(2) }
                 }
-            },
-        );
+            }
+        });
         let shown = visible(&lines);
         // Warn once; maybe one info repeat; SessionExpired re-auth; back to Healthy.
         assert!((3..=4).contains(&shown.len()), "{shown:#?}");
-        assert!(
-            lines.len() > 10,
-            "each retry still leaves a debug line: {lines:#?}"
-        );
+        assert!(lines.len() > 10, "each retry still leaves a debug line: {lines:#?}");
         assert_eq!(h.sup.state(), StateName::Healthy);
         assert_eq!(h.sup.installed().map(|a| a.session_id), Some(SessionId(2)));
 
@@ -1645,35 +1426,20 @@ mod tests {
         let mut h = Harness::new();
         let mut lines: Vec<LogLine> = Vec::new();
         let collect = |fx: Vec<Effect>, lines: &mut Vec<LogLine>| {
-            lines.extend(fx.into_iter().filter_map(|e| {
-                if let Effect::Log(l) = e {
-                    Some(l)
-                } else {
-                    None
-                }
-            }))
+            lines.extend(fx.into_iter().filter_map(|e| if let Effect::Log(l) = e { Some(l) } else { None }))
         };
         collect(h.send(Event::Started), &mut lines);
         let first = h.attempt;
         collect(h.fail_auth(AuthFailure::Rejected), &mut lines);
-        lines.extend(drive(&mut h, ten_min + 300 * S, S / 10, |_, _, attempt| {
-            Event::AuthFailed {
-                attempt,
-                failure: AuthFailure::Rejected,
-            }
+        lines.extend(drive(&mut h, ten_min + 300 * S, S / 10, |_, _, attempt| Event::AuthFailed {
+            attempt,
+            failure: AuthFailure::Rejected,
         }));
         let shown = visible(&lines);
         // Started, the first rejection (warn), one info repeat after 600 s.
         assert_eq!(shown.len(), 3, "{shown:#?}");
-        assert!(
-            h.attempt > first + 8,
-            "kept retrying: {} attempts",
-            h.attempt - first
-        );
-        assert!(matches!(
-            h.sup.state(),
-            StateName::Backoff | StateName::Authing
-        ));
+        assert!(h.attempt > first + 8, "kept retrying: {} attempts", h.attempt - first);
+        assert!(matches!(h.sup.state(), StateName::Backoff | StateName::Authing));
     }
 
     #[test]
@@ -1688,14 +1454,7 @@ mod tests {
         let mut sup = Supervisor::new(timings);
         let mut rng = StdRng::seed_from_u64(1);
         sup.handle(Event::Started, Duration::MAX, &mut rng);
-        let fx = sup.handle(
-            Event::AuthFailed {
-                attempt: 1,
-                failure: AuthFailure::TimedOut,
-            },
-            Duration::MAX,
-            &mut rng,
-        );
+        let fx = sup.handle(Event::AuthFailed { attempt: 1, failure: AuthFailure::TimedOut }, Duration::MAX, &mut rng);
         assert_eq!(sup.state(), StateName::Backoff);
         assert!(matches!(armed(&fx), Some((Timer::Retry, at)) if at == Duration::MAX));
         assert_eq!(sup.status().backoff, 300 * S);
@@ -1711,29 +1470,11 @@ mod tests {
     fn event_names_match_the_variants() {
         let evs = [
             (Event::Started, "Started"),
-            (
-                Event::AuthSucceeded {
-                    attempt: 0,
-                    auth: snap(0),
-                },
-                "AuthSucceeded",
-            ),
-            (
-                Event::AuthFailed {
-                    attempt: 0,
-                    failure: AuthFailure::Rejected,
-                },
-                "AuthFailed",
-            ),
+            (Event::AuthSucceeded { attempt: 0, auth: snap(0) }, "AuthSucceeded"),
+            (Event::AuthFailed { attempt: 0, failure: AuthFailure::Rejected }, "AuthFailed"),
             (Event::PingSucceeded { attempt: 0, rtt: S }, "PingSucceeded"),
             (Event::SessionExpired { attempt: 0 }, "SessionExpired"),
-            (
-                Event::PingFailed {
-                    attempt: 0,
-                    failure: PingFailure::TimedOut,
-                },
-                "PingFailed",
-            ),
+            (Event::PingFailed { attempt: 0, failure: PingFailure::TimedOut }, "PingFailed"),
             (Event::TimerFired(Timer::Retry), "TimerFired"),
             (Event::ReauthRequested, "ReauthRequested"),
             (Event::Nudged, "Nudged"),

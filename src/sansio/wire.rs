@@ -115,9 +115,7 @@ pub const fn tun_mtu_over(underlay_mtu: u16, underlay: super::inner::IpFamily) -
     match underlay {
         super::inner::IpFamily::V4 => tun_mtu_for(underlay_mtu),
         // The difference is a small constant (20), so the cast cannot truncate.
-        super::inner::IpFamily::V6 => match underlay_mtu
-            .checked_sub((IPV6_UDP_HEADERS - IPV4_UDP_HEADERS) as u16)
-        {
+        super::inner::IpFamily::V6 => match underlay_mtu.checked_sub((IPV6_UDP_HEADERS - IPV4_UDP_HEADERS) as u16) {
             Some(m) => tun_mtu_for(m),
             None => None,
         },
@@ -243,11 +241,7 @@ pub fn parse_header(datagram: &[u8]) -> Result<Header, WireError> {
         MsgType::Probe | MsgType::ProbeAck if len > MAX_PROBE_LEN => return Err(WireError::BadLength),
         _ => {}
     }
-    Ok(Header {
-        msg_type,
-        session_id: SessionId(be_u64(head, SESSION_ID)),
-        counter: be_u64(head, COUNTER),
-    })
+    Ok(Header { msg_type, session_id: SessionId(be_u64(head, SESSION_ID)), counter: be_u64(head, COUNTER) })
 }
 
 /// The "unknown session" notice for `session_id`: the whole datagram, [`HEADER_LEN`] bytes.
@@ -256,12 +250,7 @@ pub fn parse_header(datagram: &[u8]) -> Result<Header, WireError> {
 /// Keepalive datagram whose session id it does not know, never in answer to a notice, so two
 /// gateways cannot ping-pong notices. `echoed_counter` is the triggering datagram's counter.
 pub fn unknown_session_notice(session_id: SessionId, echoed_counter: u64) -> [u8; HEADER_LEN] {
-    Header {
-        msg_type: MsgType::UnknownSession,
-        session_id,
-        counter: echoed_counter,
-    }
-    .to_bytes()
+    Header { msg_type: MsgType::UnknownSession, session_id, counter: echoed_counter }.to_bytes()
 }
 
 /// Bytes of a probe's or an ack's body before its padding.
@@ -400,12 +389,8 @@ mod tests {
     fn sealed_len(msg_type: MsgType, payload: usize) -> Vec<u8> {
         let mut d = vec![0u8; HEADER_LEN + payload + TAG_LEN];
         d[..HEADER_LEN].copy_from_slice(
-            &Header {
-                msg_type,
-                session_id: SessionId(0x0102_0304_0506_0708),
-                counter: 0x1112_1314_1516_1718,
-            }
-            .to_bytes(),
+            &Header { msg_type, session_id: SessionId(0x0102_0304_0506_0708), counter: 0x1112_1314_1516_1718 }
+                .to_bytes(),
         );
         d
     }
@@ -415,10 +400,7 @@ mod tests {
         let d = sealed_len(MsgType::Data, 0);
         assert_eq!(
             &d[..HEADER_LEN],
-            &[
-                0x11, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17,
-                0x18
-            ]
+            &[0x11, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18]
         );
         assert_eq!(MsgType::Keepalive.first_byte(), 0x12);
         assert_eq!(MsgType::UnknownSession.first_byte(), 0x13);
@@ -426,11 +408,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_type() {
-        for (t, payload) in [
-            (MsgType::Data, 100),
-            (MsgType::Data, 0),
-            (MsgType::Keepalive, 0),
-        ] {
+        for (t, payload) in [(MsgType::Data, 100), (MsgType::Data, 0), (MsgType::Keepalive, 0)] {
             let d = sealed_len(t, payload);
             let h = parse_header(&d).expect("valid");
             assert_eq!(h.msg_type, t);
@@ -438,29 +416,16 @@ mod tests {
             assert_eq!(h.counter, 0x1112_1314_1516_1718);
         }
         let h = parse_header(&unknown_session_notice(SessionId(42), 7)).expect("valid notice");
-        assert_eq!(
-            h,
-            Header {
-                msg_type: MsgType::UnknownSession,
-                session_id: SessionId(42),
-                counter: 7
-            }
-        );
+        assert_eq!(h, Header { msg_type: MsgType::UnknownSession, session_id: SessionId(42), counter: 7 });
     }
 
     #[test]
     fn refuses_each_malformation_with_its_own_error() {
         let good = sealed_len(MsgType::Data, 4);
         assert_eq!(parse_header(&[]), Err(WireError::Truncated));
-        assert_eq!(
-            parse_header(&good[..HEADER_LEN - 1]),
-            Err(WireError::Truncated)
-        );
+        assert_eq!(parse_header(&good[..HEADER_LEN - 1]), Err(WireError::Truncated));
         // A Data header without room for the tag.
-        assert_eq!(
-            parse_header(&good[..OVERHEAD - 1]),
-            Err(WireError::Truncated)
-        );
+        assert_eq!(parse_header(&good[..OVERHEAD - 1]), Err(WireError::Truncated));
 
         let mut d = good.clone();
         d[0] = 0x21;

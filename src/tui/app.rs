@@ -74,9 +74,7 @@ pub fn extra_for(key: &KeyEvent, extras: &[ExtraKey]) -> Option<usize> {
         return None;
     }
     match key.code {
-        KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) => {
-            extras.iter().position(|e| e.key == c)
-        }
+        KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) => extras.iter().position(|e| e.key == c),
         _ => None,
     }
 }
@@ -141,56 +139,27 @@ impl App {
     /// A throughput point is added once at least a second has passed since the last one,
     /// as the byte difference over the real elapsed time. Counters that go backwards (a data
     /// plane that was replaced) start a new window instead of producing a bogus point.
-    pub fn update(
-        &mut self,
-        status: ClientStatus,
-        sample: Option<DataPlaneSample>,
-        now: Now,
-        wall: SystemTime,
-    ) {
+    pub fn update(&mut self, status: ClientStatus, sample: Option<DataPlaneSample>, now: Now, wall: SystemTime) {
         if let Some(s) = &sample {
             match self.mark {
                 Some(m) if s.rx_bytes < m.rx || s.tx_bytes < m.tx || now < m.at => {
-                    self.mark = Some(Mark {
-                        at: now,
-                        rx: s.rx_bytes,
-                        tx: s.tx_bytes,
-                    });
+                    self.mark = Some(Mark { at: now, rx: s.rx_bytes, tx: s.tx_bytes });
                 }
                 Some(m) if now - m.at >= RATE_WINDOW => {
-                    let ms = u64::try_from((now - m.at).as_millis())
-                        .unwrap_or(u64::MAX)
-                        .max(1);
+                    let ms = u64::try_from((now - m.at).as_millis()).unwrap_or(u64::MAX).max(1);
                     let per_sec = |d: u64| d.saturating_mul(1000) / ms;
-                    self.push(Rate {
-                        rx: per_sec(s.rx_bytes - m.rx),
-                        tx: per_sec(s.tx_bytes - m.tx),
-                    });
-                    self.mark = Some(Mark {
-                        at: now,
-                        rx: s.rx_bytes,
-                        tx: s.tx_bytes,
-                    });
+                    self.push(Rate { rx: per_sec(s.rx_bytes - m.rx), tx: per_sec(s.tx_bytes - m.tx) });
+                    self.mark = Some(Mark { at: now, rx: s.rx_bytes, tx: s.tx_bytes });
                 }
                 Some(_) => {}
-                None => {
-                    self.mark = Some(Mark {
-                        at: now,
-                        rx: s.rx_bytes,
-                        tx: s.tx_bytes,
-                    })
-                }
+                None => self.mark = Some(Mark { at: now, rx: s.rx_bytes, tx: s.tx_bytes }),
             }
         }
         self.status = status;
         self.sample = sample;
         self.now = now;
         self.wall = wall;
-        if self
-            .notice
-            .as_ref()
-            .is_some_and(|(at, _)| now.saturating_sub(*at) >= NOTICE_FOR)
-        {
+        if self.notice.as_ref().is_some_and(|(at, _)| now.saturating_sub(*at) >= NOTICE_FOR) {
             self.notice = None;
         }
     }
@@ -251,11 +220,7 @@ mod tests {
     use super::*;
 
     fn sample(rx: u64, tx: u64) -> Option<DataPlaneSample> {
-        Some(DataPlaneSample {
-            rx_bytes: rx,
-            tx_bytes: tx,
-            ..Default::default()
-        })
+        Some(DataPlaneSample { rx_bytes: rx, tx_bytes: tx, ..Default::default() })
     }
 
     fn at(ms: u64) -> Now {
@@ -263,12 +228,7 @@ mod tests {
     }
 
     fn tick(app: &mut App, ms: u64, rx: u64, tx: u64) {
-        app.update(
-            ClientStatus::initial(std::time::Instant::now()),
-            sample(rx, tx),
-            at(ms),
-            SystemTime::UNIX_EPOCH,
-        );
+        app.update(ClientStatus::initial(std::time::Instant::now()), sample(rx, tx), at(ms), SystemTime::UNIX_EPOCH);
     }
 
     #[test]
@@ -278,10 +238,7 @@ mod tests {
         tick(&mut app, 250, 500, 50);
         assert_eq!(app.history().len(), 0, "no point before a full second");
         tick(&mut app, 1500, 3000, 300);
-        assert_eq!(
-            app.history().copied().collect::<Vec<_>>(),
-            vec![Rate { rx: 2000, tx: 200 }]
-        );
+        assert_eq!(app.history().copied().collect::<Vec<_>>(), vec![Rate { rx: 2000, tx: 200 }]);
     }
 
     #[test]
@@ -305,18 +262,10 @@ mod tests {
         let key = |c, m| KeyEvent::new(c, m);
         let table = [
             (KeyCode::Char('q'), KeyModifiers::NONE, Some(Action::Stop)),
-            (
-                KeyCode::Char('c'),
-                KeyModifiers::CONTROL,
-                Some(Action::Stop),
-            ),
+            (KeyCode::Char('c'), KeyModifiers::CONTROL, Some(Action::Stop)),
             (KeyCode::Char('c'), KeyModifiers::NONE, None),
             (KeyCode::Char('r'), KeyModifiers::NONE, Some(Action::Reauth)),
-            (
-                KeyCode::Char('?'),
-                KeyModifiers::SHIFT,
-                Some(Action::ToggleHelp),
-            ),
+            (KeyCode::Char('?'), KeyModifiers::SHIFT, Some(Action::ToggleHelp)),
             (KeyCode::Esc, KeyModifiers::NONE, Some(Action::CloseHelp)),
         ];
         for (code, mods, want) in table {

@@ -48,14 +48,12 @@ pub fn render(app: &App, frame: &mut Frame) {
         .areas(area);
         frame.render_widget(Paragraph::new(header_lines(app)), header);
 
-        let [chart, drops] =
-            Layout::horizontal([Constraint::Length(RUNNING_WIDTH), Constraint::Min(0)]).areas(top);
+        let [chart, drops] = Layout::horizontal([Constraint::Length(RUNNING_WIDTH), Constraint::Min(0)]).areas(top);
         render_chart(frame, chart, app);
         render_drops(frame, drops, app);
 
         let [session, tunnel] =
-            Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
-                .areas(middle);
+            Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(middle);
         frame.render_widget(session_panel(app), session);
         frame.render_widget(tunnel_panel(app), tunnel);
 
@@ -102,21 +100,16 @@ fn panel(title: &str) -> Block<'_> {
 
 /// A `label  value` line with the label dimmed and padded, so a panel's values line up.
 fn field<'a>(label: &'a str, value: impl Into<Span<'a>>) -> Line<'a> {
-    Line::from(vec![
-        Span::styled(format!("{label:<9}"), dim()),
-        value.into(),
-    ])
+    Line::from(vec![Span::styled(format!("{label:<9}"), dim()), value.into()])
 }
 
 /// What the machine waits for: the armed timer's countdown, or what it is doing without one.
 fn next_step(app: &App) -> String {
     let s = &app.status.supervisor;
     match s.next_timer {
-        Some((timer, at)) => format!(
-            "{} in {}",
-            timer_purpose(s.state, timer),
-            human::duration(at.saturating_sub(app.now))
-        ),
+        Some((timer, at)) => {
+            format!("{} in {}", timer_purpose(s.state, timer), human::duration(at.saturating_sub(app.now)))
+        }
         None => match s.state {
             StateName::Unauthed => "waiting to start".into(),
             StateName::Authing => "authenticating...".into(),
@@ -130,38 +123,22 @@ fn next_step(app: &App) -> String {
 /// (timer countdown, backoff, last RTT, last cause). The most watched facts, so they come first.
 fn header_lines(app: &App) -> Vec<Line<'static>> {
     let s = &app.status.supervisor;
-    let mut first = vec![
-        Span::styled(" HOLDFAST ", bold().fg(Color::Black).bg(Color::Cyan)),
-        Span::raw("  "),
-    ];
+    let mut first = vec![Span::styled(" HOLDFAST ", bold().fg(Color::Black).bg(Color::Cyan)), Span::raw("  ")];
     first.push(state_span(s.state));
     let path = superstates(s.state);
     if !path.is_empty() {
         first.push(Span::styled(format!(" in {}", path.join(" > ")), dim()));
     }
-    first.push(Span::raw(format!(
-        "  for {}",
-        human::duration(app.now.saturating_sub(s.since))
-    )));
-    first.push(Span::styled(
-        format!("   up {}", human::duration(app.now)),
-        dim(),
-    ));
+    first.push(Span::raw(format!("  for {}", human::duration(app.now.saturating_sub(s.since)))));
+    first.push(Span::styled(format!("   up {}", human::duration(app.now)), dim()));
 
     let next = next_step(app);
     let backoff = if s.failures == 0 {
         "none".to_string()
     } else {
-        format!(
-            "{} after {} failures",
-            human::duration(s.backoff),
-            s.failures
-        )
+        format!("{} after {} failures", human::duration(s.backoff), s.failures)
     };
-    let rtt = s
-        .last_rtt
-        .map(|d| human::rtt(micros(d)))
-        .unwrap_or_else(|| "-".into());
+    let rtt = s.last_rtt.map(|d| human::rtt(micros(d))).unwrap_or_else(|| "-".into());
     let label = |l: &'static str| Span::styled(l, dim());
     let mut second = vec![
         Span::raw(" "),
@@ -196,10 +173,7 @@ fn footer_line(app: &App) -> Line<'static> {
         spans.push(Span::raw(format!(" {label}")));
     }
     if let Some((_, notice)) = &app.notice {
-        spans.push(Span::styled(
-            format!("   {notice}"),
-            bold().fg(Color::Yellow),
-        ));
+        spans.push(Span::styled(format!("   {notice}"), bold().fg(Color::Yellow)));
     }
     Line::from(spans)
 }
@@ -247,18 +221,10 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App) {
     let stopped = cell(StateName::Stopped, current);
     let running_box = Block::bordered()
         .title(Span::styled(" Running ", bold()))
-        .title_bottom(
-            Line::from(vec![
-                Span::styled(" Stop ->", dim()),
-                stopped,
-                Span::raw(" "),
-            ])
-            .right_aligned(),
-        );
+        .title_bottom(Line::from(vec![Span::styled(" Stop ->", dim()), stopped, Span::raw(" ")]).right_aligned());
     let inner = running_box.inner(area);
     frame.render_widget(running_box, area);
-    let [row, meaning] =
-        Layout::vertical([Constraint::Length(3), Constraint::Length(1)]).areas(inner);
+    let [row, meaning] = Layout::vertical([Constraint::Length(3), Constraint::Length(1)]).areas(inner);
     let [unauthed, _, establishing, _, connected] = Layout::horizontal([
         Constraint::Length(cell_width(StateName::Unauthed)),
         Constraint::Length(1),
@@ -268,30 +234,12 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App) {
     ])
     .areas(row);
     // Unauthed sits on the line of the states inside the superstate boxes.
-    let unauthed = Rect {
-        y: unauthed.y + unauthed.height.min(3) / 2,
-        height: unauthed.height.min(1),
-        ..unauthed
-    };
+    let unauthed = Rect { y: unauthed.y + unauthed.height.min(3) / 2, height: unauthed.height.min(1), ..unauthed };
     frame.render_widget(Paragraph::new(cell(StateName::Unauthed, current)), unauthed);
-    render_super(
-        frame,
-        establishing,
-        "Establishing",
-        [StateName::Authing, StateName::Backoff],
-        current,
-    );
-    render_super(
-        frame,
-        connected,
-        "Connected",
-        [StateName::Healthy, StateName::Degraded],
-        current,
-    );
-    let line = Line::from(vec![
-        Span::raw(" "),
-        Span::styled(meaning_of(current, app.status.snapshot.is_some()), dim()),
-    ]);
+    render_super(frame, establishing, "Establishing", [StateName::Authing, StateName::Backoff], current);
+    render_super(frame, connected, "Connected", [StateName::Healthy, StateName::Degraded], current);
+    let line =
+        Line::from(vec![Span::raw(" "), Span::styled(meaning_of(current, app.status.snapshot.is_some()), dim())]);
     frame.render_widget(Paragraph::new(line), meaning);
 }
 
@@ -311,32 +259,17 @@ fn meaning_of(s: StateName, has_session: bool) -> &'static str {
     }
 }
 
-fn render_super(
-    frame: &mut Frame,
-    area: Rect,
-    title: &str,
-    states: [StateName; 2],
-    current: StateName,
-) {
-    let b = Block::bordered()
-        .title(format!(" {title} "))
-        .border_style(dim());
+fn render_super(frame: &mut Frame, area: Rect, title: &str, states: [StateName; 2], current: StateName) {
+    let b = Block::bordered().title(format!(" {title} ")).border_style(dim());
     let inner = b.inner(area);
     frame.render_widget(b, area);
-    let line = Line::from(vec![
-        cell(states[0], current),
-        Span::raw(" "),
-        cell(states[1], current),
-    ]);
+    let line = Line::from(vec![cell(states[0], current), Span::raw(" "), cell(states[1], current)]);
     frame.render_widget(Paragraph::new(line), inner);
 }
 
 fn cell(s: StateName, current: StateName) -> Span<'static> {
     if s == current {
-        Span::styled(
-            format!("[{}]", name(s)),
-            bold().fg(Color::Black).bg(state_color(s)),
-        )
+        Span::styled(format!("[{}]", name(s)), bold().fg(Color::Black).bg(state_color(s)))
     } else {
         Span::styled(format!(" {} ", name(s)), Style::new().fg(state_color(s)))
     }
@@ -354,9 +287,7 @@ fn session_panel(app: &App) -> Paragraph<'static> {
     };
     let age = app.wall.duration_since(v.received_at).unwrap_or_default();
     let (address6, gateway) = match (v.assigned_ip6, v.gateway_ip6) {
-        (Some(ip6), Some(gw6)) => {
-            (format!("{ip6}/{}", v.prefix_len6), format!("{} / {gw6}", v.gateway_ip))
-        }
+        (Some(ip6), Some(gw6)) => (format!("{ip6}/{}", v.prefix_len6), format!("{} / {gw6}", v.gateway_ip)),
         _ => ("none (IPv4-only session)".to_string(), v.gateway_ip.to_string()),
     };
     let lines = vec![
@@ -365,14 +296,7 @@ fn session_panel(app: &App) -> Paragraph<'static> {
         field("gateway", gateway),
         field("session", v.session_id.to_string()),
         field("key", format!("fp:{}", v.key_fingerprint)),
-        field(
-            "age",
-            format!(
-                "{} (idle {})",
-                human::duration(age),
-                human::duration(v.idle_timeout)
-            ),
-        ),
+        field("age", format!("{} (idle {})", human::duration(age), human::duration(v.idle_timeout))),
     ];
     // Re-authentication keeps the old snapshot installed; say so, or it looks current.
     let title = match app.status.supervisor.state {
@@ -398,13 +322,8 @@ fn tunnel_panel(app: &App) -> Paragraph<'static> {
         }
         None => lines.push(Line::styled("data plane not up", dim())),
     }
-    lines.push(Line::from(vec![
-        Span::styled("kill-switch ", dim()),
-        Span::raw(app.killswitch.clone()),
-    ]));
-    Paragraph::new(lines)
-        .wrap(Wrap { trim: true })
-        .block(panel("tunnel"))
+    lines.push(Line::from(vec![Span::styled("kill-switch ", dim()), Span::raw(app.killswitch.clone())]));
+    Paragraph::new(lines).wrap(Wrap { trim: true }).block(panel("tunnel"))
 }
 
 /// Reasons on the left, counts right-aligned at the panel's edge, so a narrow panel loses the
@@ -413,27 +332,16 @@ fn render_drops(frame: &mut Frame, area: Rect, app: &App) {
     let block = panel("drops");
     let inner = block.inner(area);
     frame.render_widget(block, area);
-    let drops = app
-        .sample
-        .as_ref()
-        .map(|s| s.drops.as_slice())
-        .unwrap_or_default();
+    let drops = app.sample.as_ref().map(|s| s.drops.as_slice()).unwrap_or_default();
     if drops.is_empty() {
         frame.render_widget(Paragraph::new(Line::styled("none counted", dim())), inner);
         return;
     }
-    let reasons: Vec<Line> = drops
-        .iter()
-        .map(|d| Line::styled(d.reason.clone(), dim()))
-        .collect();
+    let reasons: Vec<Line> = drops.iter().map(|d| Line::styled(d.reason.clone(), dim())).collect();
     let counts: Vec<Line> = drops
         .iter()
         .map(|d| {
-            let style = if d.count > 0 {
-                bold().fg(Color::Yellow)
-            } else {
-                Style::new()
-            };
+            let style = if d.count > 0 { bold().fg(Color::Yellow) } else { Style::new() };
             Line::styled(format!(" {}", d.count), style)
         })
         .collect();
@@ -471,18 +379,9 @@ fn render_traffic(frame: &mut Frame, area: Rect, app: &App, dir: Direction) {
     frame.render_widget(block, area);
     // Newest first, drawn from the right edge: the graph scrolls left as time passes, and a
     // short history sits at the right, where "now" is.
-    let data: Vec<u64> = app
-        .history
-        .iter()
-        .rev()
-        .take(usize::from(inner.width))
-        .map(pick)
-        .collect();
+    let data: Vec<u64> = app.history.iter().rev().take(usize::from(inner.width)).map(pick).collect();
     frame.render_widget(
-        Sparkline::default()
-            .data(data)
-            .direction(RenderDirection::RightToLeft)
-            .style(Style::new().fg(color)),
+        Sparkline::default().data(data).direction(RenderDirection::RightToLeft).style(Style::new().fg(color)),
         inner,
     );
 }
@@ -506,15 +405,9 @@ fn recent_panel(app: &App, rows: u16) -> Paragraph<'static> {
                         ),
                         dim(),
                     ),
-                    Span::styled(
-                        format!("{:<8}", t.from.to_string()),
-                        Style::new().fg(state_color(t.from)),
-                    ),
+                    Span::styled(format!("{:<8}", t.from.to_string()), Style::new().fg(state_color(t.from))),
                     Span::raw(" -> "),
-                    Span::styled(
-                        format!("{:<8}", t.to.to_string()),
-                        bold().fg(state_color(t.to)),
-                    ),
+                    Span::styled(format!("{:<8}", t.to.to_string()), bold().fg(state_color(t.to))),
                     Span::raw(format!("  {}", t.cause)),
                 ])
             })
@@ -529,36 +422,25 @@ fn render_small(app: &App, frame: &mut Frame, area: Rect) {
     let s = &app.status.supervisor;
     let mut lines = vec![
         Line::from(vec![Span::styled("HOLDFAST ", bold()), state_span(s.state)]),
-        Line::raw(format!(
-            "for {}",
-            human::duration(app.now.saturating_sub(s.since))
-        )),
+        Line::raw(format!("for {}", human::duration(app.now.saturating_sub(s.since)))),
     ];
     lines.push(Line::raw(next_step(app)));
     if let Some(v) = &app.status.snapshot {
         lines.push(Line::raw(format!("{}/{}", v.assigned_ip, v.prefix_len)));
     }
-    lines.push(Line::styled(
-        format!("enlarge to {MIN_WIDTH}x{MIN_HEIGHT}"),
-        dim(),
-    ));
+    lines.push(Line::styled(format!("enlarge to {MIN_WIDTH}x{MIN_HEIGHT}"), dim()));
     lines.push(Line::raw("q stop  r re-auth  ? help"));
     frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: true }), area);
 }
 
 const HELP: &[(&str, &str)] = &[
-    (
-        "q, Ctrl-C",
-        "stop the client: release the kill-switch, exit 0",
-    ),
+    ("q, Ctrl-C", "stop the client: release the kill-switch, exit 0"),
     ("r", "re-authenticate now (the tunnel keeps running)"),
     ("?, F1", "show or hide this help; Esc closes it"),
 ];
 
 fn render_help(frame: &mut Frame, area: Rect, extras: &[(char, String)]) {
-    let row = |k: String, what: String| {
-        Line::from(vec![Span::styled(format!(" {k:<11}"), bold()), Span::raw(what)])
-    };
+    let row = |k: String, what: String| Line::from(vec![Span::styled(format!(" {k:<11}"), bold()), Span::raw(what)]);
     let mut lines: Vec<Line> = HELP
         .iter()
         .map(|(k, what)| row((*k).to_owned(), (*what).to_owned()))

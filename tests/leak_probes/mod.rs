@@ -46,14 +46,12 @@ pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x9
 pub const PROBE_PORT: u16 = 5555;
 
 /// The kinds of probe; a positive control must see every one of them.
-pub const PROBE_KINDS: [&str; 8] =
-    ["tcp4", "udp4", "icmp4", "dns4", "tcp6", "udp6", "icmp6", "dns6"];
+pub const PROBE_KINDS: [&str; 8] = ["tcp4", "udp4", "icmp4", "dns4", "tcp6", "udp6", "icmp6", "dns6"];
 
 /// The kinds counted when they arrive from the tunnel (any interface but the link, from a tunnel
 /// subnet): the probes that went where they should, over both families.
-pub const TUNNEL_KINDS: [&str; 8] = [
-    "tun_tcp4", "tun_udp4", "tun_icmp4", "tun_dns4", "tun_tcp6", "tun_udp6", "tun_icmp6", "tun_dns6",
-];
+pub const TUNNEL_KINDS: [&str; 8] =
+    ["tun_tcp4", "tun_udp4", "tun_icmp4", "tun_dns4", "tun_tcp6", "tun_udp6", "tun_icmp6", "tun_dns6"];
 
 /// The tunnel subnet (the gateway's default, within RFC 6598 space).
 pub const TUNNEL_SUBNET: &str = "100.64.0.0/10";
@@ -197,12 +195,7 @@ impl Counts {
     /// The kinds (probes and `other`) that saw at least one packet: leaks, when the kill-switch
     /// is on.
     pub fn leaks(&self) -> Vec<(String, u64)> {
-        PROBE_KINDS
-            .iter()
-            .chain(&["other"])
-            .map(|k| (k.to_string(), self.get(k)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
+        PROBE_KINDS.iter().chain(&["other"]).map(|k| (k.to_string(), self.get(k))).filter(|(_, n)| *n > 0).collect()
     }
 
     /// The tunnel kinds that saw nothing (in a connected state: probes that did not go through).
@@ -224,14 +217,13 @@ pub struct ProbeReport {
 
 /// A DNS query for `example.com. A`, so the DNS probes look like what a resolver sends.
 const DNS_QUERY: [u8; 29] = [
-    0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x07, b'e', b'x', b'a',
-    b'm', b'p', b'l', b'e', 0x03, b'c', b'o', b'm', 0x00, 0x00, 0x01, 0x00, 0x01,
+    0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x07, b'e', b'x', b'a', b'm', b'p', b'l',
+    b'e', 0x03, b'c', b'o', b'm', 0x00, 0x00, 0x01, 0x00, 0x01,
 ];
 
 /// An unconnected UDP socket of `to`'s family.
 fn udp_for(to: IpAddr) -> UdpSocket {
-    let any: IpAddr =
-        if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    let any: IpAddr = if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
     UdpSocket::bind(SocketAddr::new(any, 0)).expect("bind probe socket")
 }
 
@@ -264,10 +256,7 @@ fn ping(to: IpAddr) -> std::io::Result<usize> {
 
 /// The RFC 1071 checksum.
 fn internet_checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -305,9 +294,7 @@ pub fn all_targets() -> Vec<IpAddr> {
 /// the kill-switch must let through.
 pub fn send_gateway_probes(client: &Netns, gateway: IpAddr, control: u16, data: u16) {
     in_ns(client, || {
-        udp_for(gateway)
-            .send_to(b"gateway data", SocketAddr::new(gateway, data))
-            .expect("udp to the gateway");
+        udp_for(gateway).send_to(b"gateway data", SocketAddr::new(gateway, data)).expect("udp to the gateway");
         tcp_syn(SocketAddr::new(gateway, control)).expect("tcp to the gateway");
     });
 }
@@ -342,8 +329,7 @@ pub fn assert_all_seen(obs: &Observer) {
 
 /// `ip route` lines (all tables, both families) of `ns`.
 pub fn route_table(ns: &Netns) -> String {
-    ns.ip(&["-4", "route", "show", "table", "all"])
-        + &ns.ip(&["-6", "route", "show", "table", "all"])
+    ns.ip(&["-4", "route", "show", "table", "all"]) + &ns.ip(&["-6", "route", "show", "table", "all"])
 }
 
 /// The whole nftables ruleset of `ns`, without counter values.

@@ -57,10 +57,8 @@ impl Proc {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let (tx, rx) = channel();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let streams: Vec<Box<dyn std::io::Read + Send>> = vec![
-            Box::new(child.stderr.take().expect("stderr")),
-            Box::new(child.stdout.take().expect("stdout")),
-        ];
+        let streams: Vec<Box<dyn std::io::Read + Send>> =
+            vec![Box::new(child.stderr.take().expect("stderr")), Box::new(child.stdout.take().expect("stdout"))];
         for stream in streams {
             let tx = tx.clone();
             let seen = seen.clone();
@@ -292,8 +290,7 @@ impl GatewayDir {
     /// Runs the gateway inside this namespace.
     pub fn run(&self, tag: &str) -> Proc {
         let mut cmd = self.ns.command(BIN);
-        cmd.args(["gateway", "run", "--dir", s(self.path())])
-            .env("RUST_LOG", "info,holdfast=debug");
+        cmd.args(["gateway", "run", "--dir", s(self.path())]).env("RUST_LOG", "info,holdfast=debug");
         Proc::spawn(tag, cmd)
     }
 
@@ -337,11 +334,8 @@ pub fn fast_timings(file: &mut ClientFile, log_dir: &Path) {
         repeat_log_every: None,
         nudge_min_interval: ms(100),
     };
-    file.log = LogSection {
-        dir: Some(log_dir.to_owned()),
-        level: Some("info,holdfast=debug".into()),
-        keep_files: None,
-    };
+    file.log =
+        LogSection { dir: Some(log_dir.to_owned()), level: Some("info,holdfast=debug".into()), keep_files: None };
     // Tests run clients in parallel: each gets its own status socket.
     file.status.socket = Some(log_dir.join("client.sock"));
 }
@@ -367,10 +361,7 @@ pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Wall-clock time as Unix seconds (what `ping -D` stamps its replies with).
 pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs_f64()
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs_f64()
 }
 
 /// A `ping -D` running in a namespace for as long as it is needed; restarted if it ever exits (it
@@ -385,12 +376,7 @@ pub struct Pinger {
 impl Pinger {
     /// Pings `target` every `interval` seconds (ping's `-i`; below 0.2 needs root).
     pub fn start(ns: &netns::Netns, tag: &str, target: std::net::Ipv4Addr, interval: &'static str) -> Pinger {
-        let mut p = Pinger {
-            tag: tag.to_owned(),
-            target,
-            interval,
-            runs: Vec::new(),
-        };
+        let mut p = Pinger { tag: tag.to_owned(), target, interval, runs: Vec::new() };
         p.spawn(ns);
         p
     }
@@ -435,10 +421,8 @@ impl Pinger {
 /// Asks the client whose status socket is `socket` (`holdfast status --json`), asserting it
 /// answers.
 pub fn status_of(socket: &Path) -> holdfast::client::status_socket::StatusReport {
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--socket", s(socket)])
-        .output()
-        .expect("run holdfast status");
+    let out =
+        Command::new(BIN).args(["status", "--json", "--socket", s(socket)]).output().expect("run holdfast status");
     assert!(out.status.success(), "holdfast status: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("status --json parses")
 }

@@ -155,12 +155,7 @@ impl Netns {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run nft in {}: {e}", self.name));
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(script.as_bytes())
-            .expect("write nft script");
+        child.stdin.take().expect("piped stdin").write_all(script.as_bytes()).expect("write nft script");
         let out = child.wait_with_output().expect("wait nft");
         assert!(
             out.status.success(),
@@ -251,10 +246,8 @@ impl Netns {
 
     /// Sends `count` pings (0.05 s apart) and returns how many were answered.
     pub fn ping_count(&self, addr: impl Into<IpAddr>, count: u32) -> u32 {
-        let out = self.exec(
-            "ping",
-            &["-c", &count.to_string(), "-i", "0.05", "-W", "1", "-n", "-q", &addr.into().to_string()],
-        );
+        let out = self
+            .exec("ping", &["-c", &count.to_string(), "-i", "0.05", "-W", "1", "-n", "-q", &addr.into().to_string()]);
         let text = String::from_utf8_lossy(&out.stdout);
         // "N packets transmitted, M received, ..."
         text.lines()
@@ -332,15 +325,7 @@ pub struct Veth {
 /// Links `a` and `b` with a veth pair: `a_ip/prefix` on `a`'s end (named `a_if`), `b_ip/prefix` on
 /// `b`'s (named `b_if`), both up. Interface names are per namespace, so short fixed names are
 /// fine (at most 15 bytes).
-pub fn link(
-    a: &Netns,
-    a_if: &str,
-    a_ip: Ipv4Addr,
-    b: &Netns,
-    b_if: &str,
-    b_ip: Ipv4Addr,
-    prefix: u8,
-) -> Veth {
+pub fn link(a: &Netns, a_if: &str, a_ip: Ipv4Addr, b: &Netns, b_if: &str, b_ip: Ipv4Addr, prefix: u8) -> Veth {
     assert!(a_if.len() <= 15 && b_if.len() <= 15, "interface names are at most 15 bytes");
     for ip in [a_ip, b_ip] {
         assert!(

@@ -40,12 +40,7 @@ pub struct Cluster {
 }
 
 fn as_postgres(program: &Path, args: &[&str]) -> Output {
-    Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(program)
-        .args(args)
-        .output()
-        .expect("run as postgres")
+    Command::new("runuser").args(["-u", "postgres", "--"]).arg(program).args(args).output().expect("run as postgres")
 }
 
 fn ok(out: Output, what: &str) {
@@ -69,51 +64,25 @@ impl Cluster {
         let data = root.join("data");
         let sock = root.join("s");
         std::fs::create_dir_all(&sock).unwrap();
-        ok(
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&root)
-                .output()
-                .unwrap(),
-            "chown",
-        );
-        let c = Cluster {
-            bin,
-            root,
-            data,
-            sock,
-        };
+        ok(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).output().unwrap(), "chown");
+        let c = Cluster { bin, root, data, sock };
         ok(
             as_postgres(
                 &c.bin.join("initdb"),
-                &[
-                    "-A",
-                    "trust",
-                    "-U",
-                    "postgres",
-                    "--no-sync",
-                    "-D",
-                    c.data.to_str().unwrap(),
-                ],
+                &["-A", "trust", "-U", "postgres", "--no-sync", "-D", c.data.to_str().unwrap()],
             ),
             "initdb",
         );
         c.pg_start();
         ok(
-            as_postgres(
-                &c.bin.join("createdb"),
-                &["-h", c.sock.to_str().unwrap(), "-U", "postgres", "holdfast"],
-            ),
+            as_postgres(&c.bin.join("createdb"), &["-h", c.sock.to_str().unwrap(), "-U", "postgres", "holdfast"]),
             "createdb",
         );
         c
     }
 
     fn pg_start(&self) {
-        let opts = format!(
-            "-k {} -c listen_addresses='' -c max_connections=300 -c fsync=off",
-            self.sock.display()
-        );
+        let opts = format!("-k {} -c listen_addresses='' -c max_connections=300 -c fsync=off", self.sock.display());
         ok(
             as_postgres(
                 &self.bin.join("pg_ctl"),
@@ -135,17 +104,7 @@ impl Cluster {
     /// Stops the server (fast shutdown: connections are closed), as in an outage.
     pub fn stop(&self) {
         ok(
-            as_postgres(
-                &self.bin.join("pg_ctl"),
-                &[
-                    "-D",
-                    self.data.to_str().unwrap(),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "stop",
-                ],
-            ),
+            as_postgres(&self.bin.join("pg_ctl"), &["-D", self.data.to_str().unwrap(), "-m", "fast", "-w", "stop"]),
             "pg_ctl stop",
         );
     }
@@ -171,10 +130,7 @@ impl Cluster {
     }
 
     pub fn url_for(&self, user: &str, db: &str) -> String {
-        format!(
-            "postgres://{user}@localhost/{db}?host={}",
-            self.sock.display()
-        )
+        format!("postgres://{user}@localhost/{db}?host={}", self.sock.display())
     }
 
     /// Runs SQL that must fail; returns psql's error output.
@@ -215,14 +171,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = as_postgres(
             &self.bin.join("pg_ctl"),
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
+            &["-D", self.data.to_str().unwrap(), "-m", "immediate", "-w", "stop"],
         );
         let _ = std::fs::remove_dir_all(&self.root);
     }

@@ -45,7 +45,6 @@ const WAKE: u64 = 0;
 const TUN: u64 = 1;
 const SOCK: u64 = 2;
 
-
 /// Everything the engine is started with.
 pub(super) struct Start {
     pub shared: Arc<Shared>,

@@ -57,10 +57,8 @@ impl NfSocket {
         socket2::SockRef::from(&sock).set_read_timeout(Some(Duration::from_secs(5)))?;
         // Seeded from the clock so that replies to an earlier (timed-out) life of this port are
         // not taken for ours; any value works otherwise.
-        let seq = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(1);
+        let seq =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1);
         Ok(Self { sock, portid: addr.port_number(), seq, buf: vec![0; RECV_BUF] })
     }
 
@@ -123,7 +121,12 @@ impl NfSocket {
     }
 
     /// Reads replies to request `seq` until `done` says it has what it needs.
-    fn query(&mut self, request: &[u8], seq: u32, mut on: impl FnMut(&Reply) -> Option<Result<(), NlError>>) -> Result<(), NlError> {
+    fn query(
+        &mut self,
+        request: &[u8],
+        seq: u32,
+        mut on: impl FnMut(&Reply) -> Option<Result<(), NlError>>,
+    ) -> Result<(), NlError> {
         self.sock.send(request, 0)?;
         loop {
             let n = self.recv(0)?;
@@ -203,7 +206,9 @@ pub enum ApplyError {
     #[error("this kernel does not support owned persistent tables: {0}")]
     Unsupported(NlError),
     /// A live process owns the table: only it may change it.
-    #[error("table inet {TABLE} belongs to another running process (netlink port {0}); is another holdfast client running in this namespace?")]
+    #[error(
+        "table inet {TABLE} belongs to another running process (netlink port {0}); is another holdfast client running in this namespace?"
+    )]
     OwnedByOther(u32),
     #[error(transparent)]
     Netlink(#[from] NlError),

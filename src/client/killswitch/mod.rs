@@ -147,12 +147,7 @@ fn check_gateway(gateway: IpAddr, control_port: u16, data_port: u16) -> Result<G
 impl KillSwitchPlan {
     /// A plan that allows the gateway's control port (TCP) and data port (UDP) at `gateway`, and
     /// everything through the interface `tun_name`. No LAN access.
-    pub fn new(
-        gateway: IpAddr,
-        control_port: u16,
-        data_port: u16,
-        tun_name: &str,
-    ) -> Result<Self, KillSwitchError> {
+    pub fn new(gateway: IpAddr, control_port: u16, data_port: u16, tun_name: &str) -> Result<Self, KillSwitchError> {
         check_ifname(tun_name).map_err(KillSwitchError::InvalidPlan)?;
         Ok(Self {
             gateways: vec![check_gateway(gateway, control_port, data_port)?],
@@ -243,12 +238,7 @@ impl KillSwitchPlan {
 /// bytes of ASCII letters, digits, `-`, `_` and `.`.
 pub fn check_ifname(name: &str) -> Result<(), String> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if name.is_empty()
-        || name.len() > 15
-        || !name.chars().all(ok_char)
-        || name == "."
-        || name == ".."
-    {
+    if name.is_empty() || name.len() > 15 || !name.chars().all(ok_char) || name == "." || name == ".." {
         return Err(format!(
             "{name:?} is not a usable interface name (1-15 characters: letters, digits, '-', '_', '.')"
         ));
@@ -265,10 +255,8 @@ pub fn check_listing(json: &str, plan: &KillSwitchPlan) -> Result<(), KillSwitch
     let bad = |m: String| KillSwitchError::Verify(m);
     let doc: serde_json::Value =
         serde_json::from_str(json).map_err(|e| bad(format!("nft printed invalid JSON: {e}")))?;
-    let items = doc
-        .get("nftables")
-        .and_then(|v| v.as_array())
-        .ok_or_else(|| bad("nft printed no `nftables` array".into()))?;
+    let items =
+        doc.get("nftables").and_then(|v| v.as_array()).ok_or_else(|| bad("nft printed no `nftables` array".into()))?;
     let ours = |o: &serde_json::Value| {
         o.get("family").and_then(|v| v.as_str()) == Some("inet")
             && o.get("table").and_then(|v| v.as_str()) == Some(TABLE)
@@ -282,8 +270,7 @@ pub fn check_listing(json: &str, plan: &KillSwitchPlan) -> Result<(), KillSwitch
     }
     let chains_listed: Vec<&serde_json::Value> =
         items.iter().filter_map(|i| i.get("chain")).filter(|c| ours(c)).collect();
-    let mut names: Vec<&str> =
-        chains_listed.iter().filter_map(|c| c.get("name").and_then(|v| v.as_str())).collect();
+    let mut names: Vec<&str> = chains_listed.iter().filter_map(|c| c.get("name").and_then(|v| v.as_str())).collect();
     names.sort_unstable();
     if names != ["input", "output"] {
         return Err(bad(format!("expected chains input and output, found {names:?}")));
@@ -347,8 +334,7 @@ pub fn lan_subnets(tun_name: &str) -> Result<Vec<IpNet>, KillSwitchError> {
             continue;
         }
         // SAFETY: the pointers come from the same node; sockaddr_to_ip checks the family first.
-        let (addr, mask) =
-            unsafe { (sockaddr_to_ip(ifa.ifa_addr), sockaddr_to_ip(ifa.ifa_netmask)) };
+        let (addr, mask) = unsafe { (sockaddr_to_ip(ifa.ifa_addr), sockaddr_to_ip(ifa.ifa_netmask)) };
         if let (Some(addr), Some(mask)) = (addr, mask)
             && let Ok(net) = IpNet::with_netmask(addr, mask)
         {
@@ -417,8 +403,12 @@ impl KillSwitchMode {
     }
     fn explain(self) -> &'static str {
         match self {
-            KillSwitchMode::Owned => "kernel-owned table (owner+persist flags): no other program can change or remove it",
-            KillSwitchMode::Watched => "plain table restored on every change by another program (this kernel has no persistent owned tables)",
+            KillSwitchMode::Owned => {
+                "kernel-owned table (owner+persist flags): no other program can change or remove it"
+            }
+            KillSwitchMode::Watched => {
+                "plain table restored on every change by another program (this kernel has no persistent owned tables)"
+            }
         }
     }
 }
@@ -529,10 +519,15 @@ impl NftKillSwitch {
         let fail = |e: &dyn std::fmt::Display| KillSwitchError::Enable(e.to_string());
         let mut sock = lock(&self.sock);
         if sock.is_none() {
-            *sock = Some(NfSocket::open().map_err(|e| fail(&format!("cannot open a netlink socket to nf_tables: {e}")))?);
+            *sock =
+                Some(NfSocket::open().map_err(|e| fail(&format!("cannot open a netlink socket to nf_tables: {e}")))?);
         }
         let Some(s) = sock.as_mut() else { unreachable!("opened above") };
-        let mut mode = if self.force_fallback { KillSwitchMode::Watched } else { lock(&self.mode).unwrap_or(KillSwitchMode::Owned) };
+        let mut mode = if self.force_fallback {
+            KillSwitchMode::Watched
+        } else {
+            lock(&self.mode).unwrap_or(KillSwitchMode::Owned)
+        };
         // The watched mode subscribes before applying, so a change right after is not missed.
         let mut sub = None;
         let mut owner_waits = 0;
@@ -614,11 +609,8 @@ impl KillSwitch for NftKillSwitch {
     fn allow_gateways(&self, gateways: &[SocketAddr]) -> Result<(), KillSwitchError> {
         let mut learnt = lock(&self.learnt);
         // An address the plan cannot hold (a gateway listing nonsense) is left out, not fatal.
-        learnt.gateways = gateways
-            .iter()
-            .copied()
-            .filter(|g| check_gateway(g.ip(), g.port(), g.port()).is_ok())
-            .collect();
+        learnt.gateways =
+            gateways.iter().copied().filter(|g| check_gateway(g.ip(), g.port(), g.port()).is_ok()).collect();
         let list: Vec<String> = learnt.gateways.iter().map(ToString::to_string).collect();
         self.reapply(&learnt, &format!("the deployment's gateways {} allowed", list.join(", ")))
     }
@@ -634,11 +626,8 @@ impl KillSwitch for NftKillSwitch {
                 format!("LAN {}", list.join(" "))
             }
         };
-        let gws: Vec<String> = p
-            .gateways()
-            .iter()
-            .map(|g| format!("{} (tcp {}, udp {})", g.addr, g.control_port, g.data_port))
-            .collect();
+        let gws: Vec<String> =
+            p.gateways().iter().map(|g| format!("{} (tcp {}, udp {})", g.addr, g.control_port, g.data_port)).collect();
         let mode = match self.mode() {
             Some(m) => format!(" [{}]", m.name()),
             None => String::new(),
@@ -675,9 +664,8 @@ pub fn unblock_with(resolv_conf: &Path) -> Result<String, KillSwitchError> {
     // back as much as can be given back.
     let mut done = Vec::new();
     let mut failed = Vec::new();
-    let removed = NfSocket::open()
-        .map_err(|e| e.to_string())
-        .and_then(|mut s| kernel::remove(&mut s).map_err(|e| e.to_string()));
+    let removed =
+        NfSocket::open().map_err(|e| e.to_string()).and_then(|mut s| kernel::remove(&mut s).map_err(|e| e.to_string()));
     match removed {
         Ok(true) => done.push(format!("removed the kill-switch (table inet {TABLE})")),
         Ok(false) => done.push("no kill-switch was active".to_owned()),
@@ -759,8 +747,7 @@ mod tests {
         assert_eq!(plan.tun_name(), "hf9");
         assert_eq!(plan.lan(), Some(&["192.168.7.0/24".parse().unwrap()][..]));
 
-        let no_lan =
-            ClientFile::parse(&text.replace("allow_lan = true", ""), Path::new("c")).unwrap();
+        let no_lan = ClientFile::parse(&text.replace("allow_lan = true", ""), Path::new("c")).unwrap();
         assert_eq!(KillSwitchPlan::for_client(&no_lan, &lan).unwrap().lan(), None);
     }
 

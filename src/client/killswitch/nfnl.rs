@@ -221,7 +221,15 @@ impl Batch {
 
     /// Closes the batch: the bytes to send and what each acknowledged message was.
     pub fn finish(mut self) -> (Vec<u8>, Vec<(u32, String)>) {
-        put_msg(&mut self.buf, NFNL_MSG_BATCH_END, NLM_F_REQUEST, self.next_seq, AF_UNSPEC, NFNL_SUBSYS_NFTABLES, |_| {});
+        put_msg(
+            &mut self.buf,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            self.next_seq,
+            AF_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+            |_| {},
+        );
         (self.buf, self.msgs)
     }
 }
@@ -425,9 +433,8 @@ pub fn chain_info(m: &NftMsg, table: &str) -> Option<ChainInfo> {
     if m.kind != msg::NEWCHAIN || m.family != NFPROTO_INET || attr_str(m.attrs, NFTA_CHAIN_TABLE)? != table {
         return None;
     }
-    let hook = attr(m.attrs, NFTA_CHAIN_HOOK).and_then(|h| {
-        Some((attr_be32(h, NFTA_HOOK_HOOKNUM)?, attr_be32(h, NFTA_HOOK_PRIORITY)? as i32))
-    });
+    let hook = attr(m.attrs, NFTA_CHAIN_HOOK)
+        .and_then(|h| Some((attr_be32(h, NFTA_HOOK_HOOKNUM)?, attr_be32(h, NFTA_HOOK_PRIORITY)? as i32)));
     Some(ChainInfo {
         name: attr_str(m.attrs, NFTA_CHAIN_NAME)?.to_owned(),
         hook,

@@ -49,11 +49,18 @@ pub enum Base {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
     Meta(MetaKey),
-    Payload { base: Base, offset: u32, len: u32 },
+    Payload {
+        base: Base,
+        offset: u32,
+        len: u32,
+    },
     /// `reg1 = reg1 & mask` (XOR 0).
     Mask(Vec<u8>),
     /// Compare register 1 with `data`; the rule stops here unless it holds.
-    Cmp { eq: bool, data: Vec<u8> },
+    Cmp {
+        eq: bool,
+        data: Vec<u8>,
+    },
     Verdict(Verdict),
 }
 
@@ -244,18 +251,12 @@ impl R {
 
 /// Neighbour discovery the client sends (router solicitation, neighbour solicitation and
 /// advertisement) and receives (plus router advertisement and redirect).
-const ND_OUT: [(u8, &str); 3] =
-    [(133, "nd-router-solicit"), (135, "nd-neighbor-solicit"), (136, "nd-neighbor-advert")];
-const ND_IN: [(u8, &str); 4] = [
-    (134, "nd-router-advert"),
-    (135, "nd-neighbor-solicit"),
-    (136, "nd-neighbor-advert"),
-    (137, "nd-redirect"),
-];
+const ND_OUT: [(u8, &str); 3] = [(133, "nd-router-solicit"), (135, "nd-neighbor-solicit"), (136, "nd-neighbor-advert")];
+const ND_IN: [(u8, &str); 4] =
+    [(134, "nd-router-advert"), (135, "nd-neighbor-solicit"), (136, "nd-neighbor-advert"), (137, "nd-redirect")];
 
 /// ICMP errors the client takes in: what path-MTU discovery and failing connections need.
-const ICMP_ERRORS: [(u8, &str); 3] =
-    [(3, "destination-unreachable"), (11, "time-exceeded"), (12, "parameter-problem")];
+const ICMP_ERRORS: [(u8, &str); 3] = [(3, "destination-unreachable"), (11, "time-exceeded"), (12, "parameter-problem")];
 const ICMPV6_ERRORS: [(u8, &str); 4] =
     [(1, "destination-unreachable"), (2, "packet-too-big"), (3, "time-exceeded"), (4, "parameter-problem")];
 

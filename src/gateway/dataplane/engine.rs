@@ -27,9 +27,7 @@ use crate::sansio::inner::InnerPacket;
 use crate::sansio::seal::{Direction, SealedKind};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody, ProbeBody};
 use crate::snapshot::SessionId;
-use crate::tunnel::{
-    self, Counters, DropReason, RateLimit, TooBig, TunReader, TunWriter, Unreachable, bump, stopped,
-};
+use crate::tunnel::{self, Counters, DropReason, RateLimit, TooBig, TunReader, TunWriter, Unreachable, bump, stopped};
 
 /// The poller's tokens.
 const WAKE: u64 = 0;
@@ -388,7 +386,14 @@ struct Ack<'a> {
 /// Answers a probe: records what it says fits the path to the client, and sends the ack it
 /// asked for (rate-limited for the whole gateway; never longer than asked, never longer than
 /// [`wire::MAX_PROBE_LEN`]).
-fn answer_probe(session: &DataSession, sock: &UdpSocket, buf: &mut [u8], ack: Ack<'_>, acks: &mut RateLimit, c: &Counters) {
+fn answer_probe(
+    session: &DataSession,
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    ack: Ack<'_>,
+    acks: &mut RateLimit,
+    c: &Counters,
+) {
     let probe = ack.probe;
     bump(&c.probes_rx);
     if let Some((before, v)) = session.set_down_ok(probe.down_ok) {
@@ -408,14 +413,22 @@ fn answer_probe(session: &DataSession, sock: &UdpSocket, buf: &mut [u8], ack: Ac
         return;
     }
     let len = wire::ack_len_for(probe).min(buf.len());
-    let body = ProbeAckBody { id: probe.id, kind: probe.kind, probe_len: u16::try_from(ack.probe_len).unwrap_or(u16::MAX) };
+    let body =
+        ProbeAckBody { id: probe.id, kind: probe.kind, probe_len: u16::try_from(ack.probe_len).unwrap_or(u16::MAX) };
     let payload_len = len - wire::OVERHEAD;
     if body.write(&mut buf[wire::HEADER_LEN..wire::HEADER_LEN + payload_len]).is_err() {
         session.drop_packet(c, DropReason::Malformed);
         return;
     }
     let sealed = session.crypto.tx.next().and_then(|counter| {
-        session.crypto.cipher.seal_probe(Direction::GatewayToClient, true, session.session_id, counter, buf, payload_len)
+        session.crypto.cipher.seal_probe(
+            Direction::GatewayToClient,
+            true,
+            session.session_id,
+            counter,
+            buf,
+            payload_len,
+        )
     });
     match sealed {
         // An ack larger than the path carries is lost on the way: that loss is the answer.
@@ -438,7 +451,14 @@ struct TooBigToPeer<'a> {
 
 /// Answers `sender` with an ICMP "fragmentation needed" / "packet too big", sealed to its own
 /// session (rate-limited; `buf` is scratch room).
-fn peer_too_big(sender: &DataSession, sock: &UdpSocket, t: TooBigToPeer<'_>, buf: &mut [u8], rate: &mut RateLimit, c: &Counters) {
+fn peer_too_big(
+    sender: &DataSession,
+    sock: &UdpSocket,
+    t: TooBigToPeer<'_>,
+    buf: &mut [u8],
+    rate: &mut RateLimit,
+    c: &Counters,
+) {
     sender.drop_packet(c, DropReason::TooBig);
     let end = buf.len().saturating_sub(wire::TAG_LEN);
     let Some(room) = buf.get_mut(wire::HEADER_LEN..end) else { return };

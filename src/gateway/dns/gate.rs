@@ -45,12 +45,7 @@ impl ClientGate {
     /// `rate_per_sec` queries per second per client, bursts up to `burst`, at most
     /// `max_in_flight` unanswered at once.
     pub fn new(rate_per_sec: u32, burst: u32, max_in_flight: u32) -> Self {
-        Self {
-            rate_per_sec,
-            burst: burst.max(1),
-            max_in_flight: max_in_flight.max(1),
-            clients: HashMap::new(),
-        }
+        Self { rate_per_sec, burst: burst.max(1), max_in_flight: max_in_flight.max(1), clients: HashMap::new() }
     }
 
     /// Whether `client` may have a query answered at `now`.
@@ -87,8 +82,7 @@ impl ClientGate {
     pub fn forget_idle(&mut self, now: Instant) {
         let rate = u64::from(self.rate_per_sec.max(1));
         let full_after = Duration::from_millis(u64::from(self.burst) * 1000 / rate + 1);
-        self.clients
-            .retain(|_, c| c.in_flight > 0 || now.saturating_duration_since(c.last) < full_after);
+        self.clients.retain(|_, c| c.in_flight > 0 || now.saturating_duration_since(c.last) < full_after);
     }
 
     /// Clients currently remembered.

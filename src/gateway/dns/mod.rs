@@ -241,9 +241,7 @@ pub struct LiveSessions {
 
 impl LiveClients for LiveSessions {
     fn is_live(&self, ip: IpAddr) -> bool {
-        self.table
-            .get_by_ip(ip)
-            .is_some_and(|s| self.table.validity(&s, self.clock.now()).is_ok())
+        self.table.get_by_ip(ip).is_some_and(|s| self.table.validity(&s, self.clock.now()).is_ok())
     }
 }
 
@@ -310,7 +308,13 @@ impl Shared {
 
     /// Forwards a query that holds `slot`: the answer or SERVFAIL. The query is over afterwards
     /// (its client's gate told, the slot freed).
-    async fn forward(&self, client: IpAddr, fwd: &core::Forward, transport: Transport, slot: OwnedSemaphorePermit) -> Vec<u8> {
+    async fn forward(
+        &self,
+        client: IpAddr,
+        fwd: &core::Forward,
+        transport: Transport,
+        slot: OwnedSemaphorePermit,
+    ) -> Vec<u8> {
         let answer = self.resolve(fwd, transport).await;
         self.gate().done(client);
         drop(slot);
@@ -549,12 +553,7 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
 
 /// One TCP connection: length-prefixed queries (RFC 1035 4.2.2), answered in order, closed after
 /// [`TCP_IDLE`] without a complete query, on an oversized one, or on a stop.
-async fn serve_tcp_connection(
-    shared: &Shared,
-    mut stream: TcpStream,
-    client: IpAddr,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn serve_tcp_connection(shared: &Shared, mut stream: TcpStream, client: IpAddr, mut stop: watch::Receiver<bool>) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let len = tokio::select! {

@@ -15,12 +15,7 @@ use crate::sansio::dns::{Forward, MAX_MESSAGE, Transport, check_reply};
 /// `timeout` (then the caller sends SERVFAIL). Each upstream but the last gets an equal share of
 /// the time, so one dead upstream does not use it all; one that refuses at once (ICMP port
 /// unreachable) hands over to the next at once.
-pub async fn ask(
-    upstreams: &[SocketAddr],
-    timeout: Duration,
-    fwd: &Forward,
-    transport: Transport,
-) -> Option<Vec<u8>> {
+pub async fn ask(upstreams: &[SocketAddr], timeout: Duration, fwd: &Forward, transport: Transport) -> Option<Vec<u8>> {
     let start = Instant::now();
     let deadline = start + timeout;
     let share = timeout / u32::try_from(upstreams.len().max(1)).unwrap_or(u32::MAX);

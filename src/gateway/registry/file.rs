@@ -23,12 +23,7 @@ pub struct FileStore {
 
 impl FileStore {
     pub fn new(path: &Path, subnet: Ipv4Net, gateway_ip: Ipv4Addr, v6: Option<Tunnel6>) -> Self {
-        Self {
-            path: path.to_owned(),
-            subnet,
-            gateway_ip,
-            v6,
-        }
+        Self { path: path.to_owned(), subnet, gateway_ip, v6 }
     }
 
     pub fn path(&self) -> &Path {
@@ -65,12 +60,8 @@ impl FileStore {
         if outcome == RevokeOutcome::Revoked {
             registry.save()?;
         }
-        let ip = registry
-            .get(name)
-            .map(|c| c.ip)
-            .ok_or_else(|| RegistryError::NotRegistered {
-                name: name.to_owned(),
-            })?;
+        let ip =
+            registry.get(name).map(|c| c.ip).ok_or_else(|| RegistryError::NotRegistered { name: name.to_owned() })?;
         Ok((outcome, ip))
     }
 
@@ -100,8 +91,6 @@ impl FileStore {
 
     /// Every entry.
     pub fn clients(&self) -> Result<Vec<ClientEntry>, RegistryError> {
-        Ok(Registry::load(&self.path, self.subnet, self.gateway_ip, self.v6)?
-            .clients()
-            .to_vec())
+        Ok(Registry::load(&self.path, self.subnet, self.gateway_ip, self.v6)?.clients().to_vec())
     }
 }

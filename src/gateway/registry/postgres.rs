@@ -22,10 +22,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 
-use super::{
-    AddPlan, ClientEntry, ClientState, RegistryError, RevokeOutcome, plan_add, timestamp_now,
-    valid_name,
-};
+use super::{AddPlan, ClientEntry, ClientState, RegistryError, RevokeOutcome, plan_add, timestamp_now, valid_name};
 use crate::config::gateway::redact_url;
 use crate::pki::CertFingerprint;
 
@@ -73,58 +70,35 @@ fn describe(opts: &PgConnectOptions) -> String {
         Some(dir) => dir.display().to_string(),
         None => format!("{}:{}", opts.get_host(), opts.get_port()),
     };
-    format!(
-        "'{}' on {place} (user {})",
-        opts.get_database().unwrap_or(opts.get_username()),
-        opts.get_username()
-    )
+    format!("'{}' on {place} (user {})", opts.get_database().unwrap_or(opts.get_username()), opts.get_username())
 }
 
 /// Sorts a sqlx error into the problem an operator must fix.
 pub(crate) fn classify(db: &str, e: sqlx::Error) -> RegistryError {
-    let unreachable = |reason: String| RegistryError::DatabaseUnreachable {
-        db: db.to_owned(),
-        reason,
-    };
+    let unreachable = |reason: String| RegistryError::DatabaseUnreachable { db: db.to_owned(), reason };
     match e {
         sqlx::Error::Database(d) => {
             let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
             match code.as_str() {
                 // invalid_password, invalid_authorization_specification
-                "28P01" | "28000" => RegistryError::DatabaseAuth {
-                    db: db.to_owned(),
-                    reason: d.message().to_owned(),
-                },
+                "28P01" | "28000" => RegistryError::DatabaseAuth { db: db.to_owned(), reason: d.message().to_owned() },
                 "3D000" => unreachable("the database does not exist (create it first)".into()),
                 // connection exceptions, shutting down, too many connections
-                c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
-                    unreachable(d.message().to_owned())
-                }
-                _ => RegistryError::Database {
-                    db: db.to_owned(),
-                    reason: d.message().to_owned(),
-                },
+                c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => unreachable(d.message().to_owned()),
+                _ => RegistryError::Database { db: db.to_owned(), reason: d.message().to_owned() },
             }
         }
         sqlx::Error::Io(e) => unreachable(e.to_string()),
         sqlx::Error::Tls(e) => unreachable(format!("TLS: {e}")),
         sqlx::Error::PoolTimedOut => unreachable("no connection within the time limit".into()),
-        sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
-            unreachable("the connection pool is closed".into())
-        }
+        sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => unreachable("the connection pool is closed".into()),
         sqlx::Error::Protocol(p) => unreachable(format!("protocol error: {p}")),
-        e => RegistryError::Database {
-            db: db.to_owned(),
-            reason: e.to_string(),
-        },
+        e => RegistryError::Database { db: db.to_owned(), reason: e.to_string() },
     }
 }
 
 /// Runs `f` with [`DB_TIMEOUT`]: a database that hangs counts as unreachable.
-async fn bounded<T>(
-    db: &str,
-    f: impl Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, RegistryError> {
+async fn bounded<T>(db: &str, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, RegistryError> {
     match tokio::time::timeout(DB_TIMEOUT, f).await {
         Ok(r) => r.map_err(|e| classify(db, e)),
         Err(_) => Err(RegistryError::DatabaseUnreachable {
@@ -143,10 +117,7 @@ impl PgStore {
     /// Parses `url` and makes a (lazy) pool: nothing is connected yet.
     pub fn new(url: &str) -> Result<Self, RegistryError> {
         let opts = PgConnectOptions::from_str(url)
-            .map_err(|e| RegistryError::DatabaseUrl {
-                url: redact_url(url),
-                reason: e.to_string(),
-            })?
+            .map_err(|e| RegistryError::DatabaseUrl { url: redact_url(url), reason: e.to_string() })?
             .application_name("holdfast");
         let db = describe(&opts);
         let pool = PgPoolOptions::new()
@@ -174,17 +145,13 @@ impl PgStore {
     pub async fn prepare(&self) -> Result<(), RegistryError> {
         let db = &self.db;
         let mut conn = bounded(db, self.pool.acquire()).await?;
-        let has_table: bool = bounded(
-            db,
-            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-                .fetch_one(&mut *conn),
-        )
-        .await?;
+        let has_table: bool =
+            bounded(db, sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&mut *conn))
+                .await?;
         let applied: Option<i64> = if has_table {
             bounded(
                 db,
-                sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-                    .fetch_one(&mut *conn),
+                sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&mut *conn),
             )
             .await?
         } else {
@@ -193,19 +160,12 @@ impl PgStore {
         drop(conn);
         let known = known_schema();
         if let Some(version) = applied.filter(|v| *v > known) {
-            return Err(RegistryError::SchemaNewer {
-                db: db.clone(),
-                version,
-                known,
-            });
+            return Err(RegistryError::SchemaNewer { db: db.clone(), version, known });
         }
         match tokio::time::timeout(DB_TIMEOUT * 6, MIGRATOR.run(&self.pool)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(sqlx::migrate::MigrateError::Execute(e))) => Err(classify(db, e)),
-            Ok(Err(e)) => Err(RegistryError::Database {
-                db: db.clone(),
-                reason: format!("schema migration: {e}"),
-            }),
+            Ok(Err(e)) => Err(RegistryError::Database { db: db.clone(), reason: format!("schema migration: {e}") }),
             Err(_) => Err(RegistryError::DatabaseUnreachable {
                 db: db.clone(),
                 reason: "the schema migration did not finish in time".into(),
@@ -219,57 +179,39 @@ impl PgStore {
         self.deployment_on(&mut conn).await
     }
 
-    async fn deployment_on(
-        &self,
-        conn: &mut PgConnection,
-    ) -> Result<Option<Deployment>, RegistryError> {
+    async fn deployment_on(&self, conn: &mut PgConnection) -> Result<Option<Deployment>, RegistryError> {
         let row = bounded(
             &self.db,
             sqlx::query(
                 "SELECT subnet::text, host(gateway_ip), subnet6::text, host(gateway_ip6) \
                  FROM holdfast_deployment",
             )
-                .fetch_optional(&mut *conn),
+            .fetch_optional(&mut *conn),
         )
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let bad = |reason: String| RegistryError::Database {
-            db: self.db.clone(),
-            reason,
-        };
+        let bad = |reason: String| RegistryError::Database { db: self.db.clone(), reason };
         let subnet: String = row.try_get(0).map_err(|e| bad(e.to_string()))?;
         let gw: String = row.try_get(1).map_err(|e| bad(e.to_string()))?;
         let subnet6: Option<String> = row.try_get(2).map_err(|e| bad(e.to_string()))?;
         let gw6: Option<String> = row.try_get(3).map_err(|e| bad(e.to_string()))?;
         let v6 = match (subnet6, gw6) {
             (Some(net), Some(gw6)) => Some(Tunnel6 {
-                subnet: net
-                    .parse()
-                    .map_err(|_| bad(format!("bad deployment subnet6 {net}")))?,
-                gateway_ip: gw6
-                    .parse()
-                    .map_err(|_| bad(format!("bad deployment gateway address {gw6}")))?,
+                subnet: net.parse().map_err(|_| bad(format!("bad deployment subnet6 {net}")))?,
+                gateway_ip: gw6.parse().map_err(|_| bad(format!("bad deployment gateway address {gw6}")))?,
             }),
             _ => None,
         };
         Ok(Some(Deployment {
             v6,
-            subnet: subnet
-                .parse()
-                .map_err(|_| bad(format!("bad deployment subnet {subnet}")))?,
-            gateway_ip: gw
-                .parse()
-                .map_err(|_| bad(format!("bad deployment gateway address {gw}")))?,
+            subnet: subnet.parse().map_err(|_| bad(format!("bad deployment subnet {subnet}")))?,
+            gateway_ip: gw.parse().map_err(|_| bad(format!("bad deployment gateway address {gw}")))?,
         }))
     }
 
     /// The deployment, which must exist.
     pub async fn require_deployment(&self) -> Result<Deployment, RegistryError> {
-        self.deployment()
-            .await?
-            .ok_or_else(|| RegistryError::NoDeployment {
-                db: self.db.clone(),
-            })
+        self.deployment().await?.ok_or_else(|| RegistryError::NoDeployment { db: self.db.clone() })
     }
 
     /// Checks that a gateway's subnet and tunnel address are the deployment's.
@@ -320,10 +262,7 @@ impl PgStore {
         .await?;
         if done.rows_affected() == 0 {
             let existing = self.require_deployment().await?;
-            return Err(RegistryError::DeploymentExists {
-                db: self.db.clone(),
-                subnet: existing.subnet,
-            });
+            return Err(RegistryError::DeploymentExists { db: self.db.clone(), subnet: existing.subnet });
         }
         Ok(())
     }
@@ -346,10 +285,7 @@ impl PgStore {
         .await?;
         let owner: String = row.try_get(0).map_err(|e| classify(&self.db, e))?;
         if owner != name {
-            return Err(RegistryError::EndpointTaken {
-                endpoint: endpoint.to_owned(),
-                name: owner,
-            });
+            return Err(RegistryError::EndpointTaken { endpoint: endpoint.to_owned(), name: owner });
         }
         Ok(())
     }
@@ -358,9 +294,7 @@ impl PgStore {
     pub async fn unregister_gateway(&self, endpoint: &str) -> Result<(), RegistryError> {
         bounded(
             &self.db,
-            sqlx::query("DELETE FROM holdfast_gateways WHERE endpoint = $1")
-                .bind(endpoint)
-                .execute(&self.pool),
+            sqlx::query("DELETE FROM holdfast_gateways WHERE endpoint = $1").bind(endpoint).execute(&self.pool),
         )
         .await?;
         Ok(())
@@ -392,21 +326,15 @@ impl PgStore {
             _ => ClientState::Revoked,
         };
         let cert: Vec<u8> = r.try_get(3).map_err(|e| bad(e.to_string()))?;
-        let cert: [u8; 32] = cert
-            .try_into()
-            .map_err(|_| bad(format!("'{name}': the fingerprint is not 32 bytes")))?;
+        let cert: [u8; 32] = cert.try_into().map_err(|_| bad(format!("'{name}': the fingerprint is not 32 bytes")))?;
         Ok(ClientEntry {
-            ip: ip
-                .parse()
-                .map_err(|_| bad(format!("'{name}': address {ip}")))?,
+            ip: ip.parse().map_err(|_| bad(format!("'{name}': address {ip}")))?,
             name,
             state,
             cert_sha256: CertFingerprint(cert),
             created: get(4)?,
             cert_issued: get(5)?,
-            revoked_at: r
-                .try_get::<Option<String>, _>(6)
-                .map_err(|e| bad(e.to_string()))?,
+            revoked_at: r.try_get::<Option<String>, _>(6).map_err(|e| bad(e.to_string()))?,
             ip6: match r.try_get::<Option<String>, _>(7).map_err(|e| bad(e.to_string()))? {
                 Some(ip6) => Some(ip6.parse().map_err(|_| bad(format!("address {ip6}")))?),
                 None => None,
@@ -422,11 +350,8 @@ impl PgStore {
 
     /// The registry's version (bumped by every change to clients or gateways).
     pub async fn version(&self) -> Result<u64, RegistryError> {
-        let v: i64 = bounded(
-            &self.db,
-            sqlx::query_scalar("SELECT version FROM holdfast_version").fetch_one(&self.pool),
-        )
-        .await?;
+        let v: i64 =
+            bounded(&self.db, sqlx::query_scalar("SELECT version FROM holdfast_version").fetch_one(&self.pool)).await?;
         Ok(u64::try_from(v).unwrap_or(0))
     }
 
@@ -434,30 +359,18 @@ impl PgStore {
     pub async fn snapshot(&self) -> Result<SharedSnapshot, RegistryError> {
         let db = &self.db;
         let mut tx = bounded(db, self.pool.begin()).await?;
-        bounded(
-            db,
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .execute(&mut *tx),
-        )
-        .await?;
-        let version: i64 = bounded(
-            db,
-            sqlx::query_scalar("SELECT version FROM holdfast_version").fetch_one(&mut *tx),
-        )
-        .await?;
+        bounded(db, sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx))
+            .await?;
+        let version: i64 =
+            bounded(db, sqlx::query_scalar("SELECT version FROM holdfast_version").fetch_one(&mut *tx)).await?;
         let endpoints: Vec<String> = bounded(
             db,
-            sqlx::query_scalar("SELECT endpoint FROM holdfast_gateways ORDER BY joined, endpoint")
-                .fetch_all(&mut *tx),
+            sqlx::query_scalar("SELECT endpoint FROM holdfast_gateways ORDER BY joined, endpoint").fetch_all(&mut *tx),
         )
         .await?;
         let clients = self.clients_on(&mut tx).await?;
         bounded(db, tx.commit()).await?;
-        Ok(SharedSnapshot {
-            version: u64::try_from(version).unwrap_or(0),
-            endpoints,
-            clients,
-        })
+        Ok(SharedSnapshot { version: u64::try_from(version).unwrap_or(0), endpoints, clients })
     }
 
     /// `add-client`: under the deployment-wide advisory lock, plans the address from every
@@ -471,17 +384,8 @@ impl PgStore {
     ) -> Result<AddPlan, E> {
         let db = &self.db;
         let mut tx = bounded(db, self.pool.begin()).await?;
-        bounded(
-            db,
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(ADD_LOCK)
-                .execute(&mut *tx),
-        )
-        .await?;
-        let dep = self
-            .deployment_on(&mut tx)
-            .await?
-            .ok_or_else(|| RegistryError::NoDeployment { db: db.clone() })?;
+        bounded(db, sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(ADD_LOCK).execute(&mut *tx)).await?;
+        let dep = self.deployment_on(&mut tx).await?.ok_or_else(|| RegistryError::NoDeployment { db: db.clone() })?;
         let clients = self.clients_on(&mut tx).await?;
         let plan = plan_add(&clients, dep.subnet, dep.gateway_ip, dep.v6, name, requested)?;
         let cert = issue(&plan)?;
@@ -526,20 +430,14 @@ impl PgStore {
             .fetch_optional(&self.pool),
         )
         .await?;
-        let row = row.ok_or_else(|| RegistryError::NotRegistered {
-            name: name.to_owned(),
-        })?;
+        let row = row.ok_or_else(|| RegistryError::NotRegistered { name: name.to_owned() })?;
         let ip: String = row.try_get(0).map_err(|e| classify(&self.db, e))?;
         let changed: bool = row.try_get(1).map_err(|e| classify(&self.db, e))?;
         let ip = ip.parse().map_err(|_| RegistryError::Database {
             db: self.db.clone(),
             reason: format!("'{name}' has an invalid address {ip}"),
         })?;
-        let outcome = if changed {
-            RevokeOutcome::Revoked
-        } else {
-            RevokeOutcome::AlreadyRevoked
-        };
+        let outcome = if changed { RevokeOutcome::Revoked } else { RevokeOutcome::AlreadyRevoked };
         Ok((outcome, ip))
     }
 

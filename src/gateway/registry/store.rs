@@ -34,17 +34,10 @@ impl RegistryStore {
     /// an older one) and that the deployment serves this gateway's subnet.
     pub async fn open(config: &GatewayConfig) -> Result<Self, RegistryError> {
         match &config.database {
-            None => Ok(Self::File(FileStore::new(
-                &config.registry,
-                config.subnet,
-                config.gateway_ip,
-                config.v6,
-            ))),
+            None => Ok(Self::File(FileStore::new(&config.registry, config.subnet, config.gateway_ip, config.v6))),
             Some(url) => {
                 let store = PgStore::connect(url).await?;
-                store
-                    .check_deployment(config.subnet, config.gateway_ip, config.v6)
-                    .await?;
+                store.check_deployment(config.subnet, config.gateway_ip, config.v6).await?;
                 Ok(Self::Postgres(store))
             }
         }
@@ -75,18 +68,12 @@ impl RegistryStore {
     /// Every entry, with the deployment's endpoints and the store's version.
     pub async fn snapshot(&self, own_endpoint: &str) -> Result<RegistrySnapshot, RegistryError> {
         match self {
-            Self::File(f) => Ok(RegistrySnapshot {
-                clients: f.clients()?,
-                endpoints: vec![own_endpoint.to_owned()],
-                version: 0,
-            }),
+            Self::File(f) => {
+                Ok(RegistrySnapshot { clients: f.clients()?, endpoints: vec![own_endpoint.to_owned()], version: 0 })
+            }
             Self::Postgres(p) => {
                 let s = p.snapshot().await?;
-                Ok(RegistrySnapshot {
-                    clients: s.clients,
-                    endpoints: s.endpoints,
-                    version: s.version,
-                })
+                Ok(RegistrySnapshot { clients: s.clients, endpoints: s.endpoints, version: s.version })
             }
         }
     }
