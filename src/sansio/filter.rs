@@ -211,9 +211,8 @@ impl FilterSpec {
 mod tests {
     use super::*;
     use crate::sansio::seal::{Direction, SessionCipher};
-    use crate::sansio::session::SessionId;
+    use crate::sansio::session::{SessionId, SessionKey};
     use crate::sansio::wire::{self, parse_header};
-    use crate::snapshot::SessionKey;
     use proptest::prelude::*;
 
     /// A classic BPF interpreter for the opcodes a program of ours may use, with the kernel's
