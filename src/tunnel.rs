@@ -29,7 +29,8 @@ pub const DEFAULT_UNDERLAY_MTU: u16 = 1500;
 
 /// Socket buffer size we ask for. Bursts from a TUN (a TCP window's worth of segments) arrive
 /// faster than one loop drains them; the default 208 KiB overflows at a few hundred Mbit/s. The
-/// kernel caps the request at `net.core.[rw]mem_max` unless we are root (`*BUFFORCE`).
+/// kernel caps the request at `net.core.[rw]mem_max` unless we hold CAP_NET_ADMIN (see
+/// [`grow_buffer`]), which both ends need anyway for their TUN devices.
 const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Why a packet or datagram was dropped. One counter each.
@@ -417,13 +418,35 @@ pub async fn create_tun_retrying(spec: &TunSpec, within: Duration) -> Result<Tun
 pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: a smaller buffer costs throughput, not correctness.
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    grow_buffer(&sock, Buffer::Recv, SOCKET_BUFFER);
+    grow_buffer(&sock, Buffer::Send, SOCKET_BUFFER);
     sock.set_nonblocking(true)?;
     dual_stack(&sock, addr)?;
     sock.bind(&addr.into())?;
     Ok(sock.into())
+}
+
+/// One of a socket's two buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffer {
+    Recv,
+    Send,
+}
+
+/// Asks for `size` bytes of a socket's buffer: past `net.core.rmem_max` / `wmem_max` where the
+/// process may (`SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`, CAP_NET_ADMIN), else up to that limit
+/// (`SO_RCVBUF` / `SO_SNDBUF`). Debian's default limit is 208 KiB, a small part of what a
+/// burst at a few Gbit/s needs. Best effort: a smaller buffer drops more of a burst, which costs
+/// throughput, not correctness.
+pub fn grow_buffer(sock: &impl AsRawFd, which: Buffer, size: usize) {
+    let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    let (force, plain) = match which {
+        Buffer::Recv => (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        Buffer::Send => (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    };
+    if setsockopt_int(sock, libc::SOL_SOCKET, force, value).is_err() {
+        let _ = setsockopt_int(sock, libc::SOL_SOCKET, plain, value);
+    }
 }
 
 /// Path MTU discovery on a data-plane socket: datagrams go out with DF set whatever the kernel's
@@ -1564,6 +1587,31 @@ fn gather_run(big: &mut [u8], stride: usize, lens: &[usize], next: &mut usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past the machine's limit with CAP_NET_ADMIN (the tests run as root in CI), up to it without.
+    /// A plain `SO_RCVBUF` / `SO_SNDBUF` would stop at the limit either way.
+    #[test]
+    fn a_socket_buffer_grows_past_the_machines_limit_where_the_process_may() {
+        let limit = |name: &str| -> usize {
+            let text = std::fs::read_to_string(format!("/proc/sys/net/core/{name}")).unwrap();
+            text.trim().parse().unwrap()
+        };
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        for (which, max) in [(Buffer::Recv, limit("rmem_max")), (Buffer::Send, limit("wmem_max"))] {
+            // Never bound: the options are the socket's own, no address is needed.
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+            let want = max + (1 << 20);
+            grow_buffer(&sock, which, want);
+            let got = match which {
+                Buffer::Recv => sock.recv_buffer_size().unwrap(),
+                Buffer::Send => sock.send_buffer_size().unwrap(),
+            };
+            // The kernel keeps twice what it was asked for (room for its own bookkeeping).
+            let expected = 2 * if root { want } else { max };
+            assert_eq!(got, expected, "{which:?}: limit {max}, asked for {want}, root {root}");
+        }
+    }
 
     #[test]
     fn a_tso_packet_within_the_limit_is_one_gso_send() {

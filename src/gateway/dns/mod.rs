@@ -434,22 +434,12 @@ fn set_freebind(sock: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
 /// `RcvbufErrors`) before the per-client gate could tell them apart.
 const UDP_RECV_BUFFER: usize = 4 << 20;
 
-/// Asks for `size` bytes of receive buffer: past `net.core.rmem_max` where the gateway may
-/// (`SO_RCVBUFFORCE`, CAP_NET_ADMIN), else up to it (`SO_RCVBUF`). Best effort: a smaller buffer
-/// absorbs smaller bursts.
-fn grow_recv_buffer(sock: &socket2::Socket, size: usize) {
-    let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    if crate::tunnel::setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, value).is_err() {
-        let _ = sock.set_recv_buffer_size(size);
-    }
-}
-
 fn bind_udp_on(addr: SocketAddr, tun: &str) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Only what came in through the tunnel: see the module doc.
     sock.bind_device(Some(tun.as_bytes()))?;
-    grow_recv_buffer(&sock, UDP_RECV_BUFFER);
+    crate::tunnel::grow_buffer(&sock, crate::tunnel::Buffer::Recv, UDP_RECV_BUFFER);
     set_freebind(&sock, addr)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
