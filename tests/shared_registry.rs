@@ -127,58 +127,26 @@ fn database_trouble_is_one_clear_line_and_a_distinct_exit_code() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
 
+    // `gateway init` of `a` with this registry URL: its exit code and standard error.
+    let init_with = |dir: &Path, url: &str| {
+        code_and_err(&["gateway", "init", "--dir", s(dir), "--endpoint", "198.18.0.2:51820", "--registry", url])
+    };
     // Malformed URL.
-    let (code, err) = code_and_err(&[
-        "gateway",
-        "init",
-        "--dir",
-        s(&a),
-        "--endpoint",
-        "198.18.0.2:51820",
-        "--registry",
-        "postgres://u:secret@[::1/x",
-    ]);
+    let (code, err) = init_with(&a, "postgres://u:secret@[::1/x");
     assert_eq!(code, exit::CONFIG_INVALID, "{err}");
     assert!(err.contains("invalid database URL") && !err.contains("secret"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     // Not a PostgreSQL URL at all.
-    let (code, err) = code_and_err(&[
-        "gateway",
-        "init",
-        "--dir",
-        s(&a),
-        "--endpoint",
-        "198.18.0.2:51820",
-        "--registry",
-        "mysql://x/y",
-    ]);
+    let (code, err) = init_with(&a, "mysql://x/y");
     assert_eq!(code, exit::CONFIG_INVALID, "{err}");
     assert!(err.contains("invalid database URL 'mysql://x/y'"), "{err}");
     // A user the server does not know.
-    let (code, err) = code_and_err(&[
-        "gateway",
-        "init",
-        "--dir",
-        s(&a),
-        "--endpoint",
-        "198.18.0.2:51820",
-        "--registry",
-        &db.url_for("nobody", "holdfast"),
-    ]);
+    let (code, err) = init_with(&a, &db.url_for("nobody", "holdfast"));
     assert_eq!(code, exit::DB_CREDENTIALS, "{err}");
     assert!(err.contains("refused the credentials"), "{err}");
     // A socket directory with no server.
     let empty = tempfile::tempdir().unwrap();
-    let (code, err) = code_and_err(&[
-        "gateway",
-        "init",
-        "--dir",
-        s(&a),
-        "--endpoint",
-        "198.18.0.2:51820",
-        "--registry",
-        &format!("postgres://postgres@localhost/holdfast?host={}", empty.path().display()),
-    ]);
+    let (code, err) = init_with(&a, &format!("postgres://postgres@localhost/holdfast?host={}", empty.path().display()));
     assert_eq!(code, exit::DB_UNAVAILABLE, "{err}");
     assert!(err.contains("cannot reach the registry database"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
