@@ -259,9 +259,13 @@ iperf_run() { # ROW up|down SERVER-IP PID...: one iperf3 run; the PIDs' CPU time
   wait $sp 2>/dev/null || true
   echo "$row $dir $(python3 "$WORK/report.py" iperf <<<"$json") $t0" >>"$RESULTS"
 }
+rtts() { # NS IP COUNT: the RTTs (ms) of COUNT plain pings from NS, on one line; empty, not a
+  # failure of the bench, if none came back (ping's exit status 1)
+  timeout $(($3 / 25 + 20)) ip netns exec "$1" ping -n -c "$3" -i 0.02 -W 1 "$2" 2>/dev/null \
+    | sed -n 's/.* time=\([0-9.]*\) ms$/\1/p' | tr '\n' ' ' || true
+}
 ping_run() { # ROW IP: the RTT of each of PINGS replies
-  echo "$1 rtt $(timeout $((PINGS / 25 + 20)) ip netns exec $NA ping -n -c "$PINGS" -i 0.02 -W 1 "$2" 2>/dev/null \
-    | sed -n 's/.* time=\([0-9.]*\) ms$/\1/p' | tr '\n' ' ')" >>"$RESULTS"
+  echo "$1 rtt $(rtts $NA "$2" "$PINGS")" >>"$RESULTS"
 }
 measure() { # ROW SERVER-IP [CLIENT-SIDE-PID OTHER-END-PID]
   local row=$1 ip=$2; shift 2
@@ -277,10 +281,6 @@ install_anchor() { # CRATE BINARY: the binary's path in ANCHOR, installing it on
   echo "# installing $1 into $TOOLS (once)"
   timeout 1800 cargo install --quiet --locked "$1" --root "$TOOLS" >"$WORK/install-$1.log" 2>&1 && return 0
   tail -5 "$WORK/install-$1.log" | sed 's/^/#   /'; return 1
-}
-rtts() { # NS IP COUNT: the RTTs (ms) of COUNT plain pings from NS, on one line
-  timeout $(($3 / 25 + 20)) ip netns exec "$1" ping -n -c "$3" -i 0.02 -W 1 "$2" 2>/dev/null \
-    | sed -n 's/.* time=\([0-9.]*\) ms$/\1/p' | tr '\n' ' ' || true   # a lost reply is no failure of the bench
 }
 
 # --- topology -------------------------------------------------------------------------------
