@@ -25,13 +25,13 @@
 //! # Or, for several gateways on one shared registry in PostgreSQL, instead of `registry`:
 //! #   e.g. database = "postgres://holdfast@localhost/holdfast?host=/run/postgresql"
 //! clients_dir = "clients"             # where add-client writes client files by default
-//! session_idle_timeout = "3m"         # a session not pinged (or, later, used) this long expires
+//! session_idle_timeout = "3m"         # a session neither pinged nor carrying traffic this long expires
 //! session_max_lifetime = "24h"        # a session expires this long after Authenticate, used or not
 //! reauth_grace = "10s"                # a replaced session stays valid this long (packets in flight)
 //! handshake_timeout = "10s"           # a TLS handshake not finished in this time is dropped
 //! status_socket = "gateway.sock"      # `gateway status` asks here (mode 0600; relative to this dir)
 //!
-//! [nat]                               # masquerading of client traffic (used by a later release)
+//! [nat]                               # masquerading of client traffic out of the uplink (nftables)
 //! enabled = false
 //! uplink = ""                         # the uplink interface, required when enabled
 //!
@@ -204,7 +204,8 @@ fn default_handshake() -> Duration {
     DEFAULT_HANDSHAKE
 }
 
-/// `[nat]`: parsed and kept now, acted on by the NAT work of a later issue.
+/// `[nat]`: outbound masquerading of client traffic (one nftables table the gateway owns, see
+/// `gateway::dataplane`); a change needs a restart (`gateway::reload`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatSection {

@@ -1,11 +1,12 @@
 //! The session registry: every live session, by id and by tunnel address.
 //!
-//! Shape: an immutable pair of maps behind an `ArcSwap`. Readers (PingSession now, the data
-//! plane's per-packet lookups later) do one atomic load and a hash lookup: no lock, no
+//! Shape: an immutable pair of maps behind an `ArcSwap`. Readers (PingSession, the data plane's
+//! lookups by id and by address) do one atomic load and a hash lookup: no lock, no
 //! allocation, never blocked by a writer. Writers (Authenticate, revocation, the pruner) are
 //! rare; they copy the maps under a mutex that readers never touch, edit the copy and swap it in.
 //! The only per-session mutable state is `last_seen` and `superseded_at`, both atomics, so a
-//! ping refreshes a session without a write to the maps.
+//! ping (or the data plane, once a second for a session in use) refreshes a session without a
+//! write to the maps.
 //!
 //! Time is milliseconds on the gateway's monotonic [`Clock`], passed in as an argument, so every
 //! expiry rule is tested without waiting.
@@ -38,7 +39,7 @@ pub type Millis = u64;
 const CURRENT: Millis = u64::MAX;
 
 /// The gateway's monotonic clock: milliseconds since the control plane started. The session table
-/// and (later) the data plane must read the same clock.
+/// and the data plane's lookups (`ControlSessions`) read the same clock.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     origin: Instant,
