@@ -8,6 +8,7 @@
 #   INTERVAL=0.001 bash benches/hops.sh      # pings closer together: the threads stay warm
 #   SKIP_BORINGTUN=1 bash benches/hops.sh    # Holdfast alone; BIN= / CLIENT_BIN= another build
 #   ALTERNATIONS=20 bash benches/hops.sh     # blocks of the alternating plain pings (default 10)
+#   STEPS=1 bash benches/hops.sh             # each hop cut further, step by step (below)
 #
 # The hops, each from one tracepoint to the next (net:net_dev_start_xmit when a packet is sent
 # on a device, net:netif_rx / net:netif_receive_skb when one is received):
@@ -26,6 +27,12 @@
 # (PINGS per tunnel in all): the ratio of those medians is the one to quote, since a tunnel's median
 # drifts by a third within minutes on a shared machine.
 #
+# With STEPS=1 the traced pings also record every wake-up and context switch (sched:) and the
+# tunnel processes' receives, reads, writes and sends (syscalls:), and each tunnel's most common
+# sequence of those steps per round trip is printed with the median time of each step, then both
+# tunnels' side by side, step against step where the sequences agree. Tracing adds a few
+# microseconds per event to both tunnels alike.
+#
 # Needs root and perf with tracepoint support; ping, nftables, python3 and wireguard-tools are
 # installed if missing. Two namespaces joined by a veth pair on 198.18.0.0/15,
 # tunnels in 100.64.0.0/10 and fd00::/8; everything is removed on exit or failure, every process
@@ -43,6 +50,8 @@ ALTERNATIONS=${ALTERNATIONS:-10}
 [[ $ALTERNATIONS =~ ^[0-9]+$ ]] && [ "$ALTERNATIONS" -ge 1 ] && [ "$ALTERNATIONS" -le "$PINGS" ] \
   || { echo "hops.sh: ALTERNATIONS must be 1 to PINGS ($PINGS), not '$ALTERNATIONS'" >&2; exit 2; }
 [[ $INTERVAL =~ ^0\.[0-9]+$|^[1-9]$ ]] || { echo "hops.sh: INTERVAL must be seconds like 0.02, not '$INTERVAL'" >&2; exit 2; }
+STEPS=${STEPS:-0}
+[[ $STEPS =~ ^[01]$ ]] || { echo "hops.sh: STEPS must be 0 or 1, not '$STEPS'" >&2; exit 2; }
 command -v perf >/dev/null || { echo "hops.sh: needs perf (linux-perf) for the kernel's tracepoints" >&2; exit 2; }
 need ping iputils-ping; need nft nftables; need python3 python3
 [ "${SKIP_BORINGTUN:-}" = 1 ] || need wg wireguard-tools
@@ -63,17 +72,26 @@ stop_all() { local p; for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -TERM "$p"
              for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done; PIDS=(); }
 
 # --- the analysis (python): tracepoints -> per-ping hops -> medians ------------------------------
+cat >"$WORK/perfscript.py" <<'PY'
+# The lines of `perf script -F comm,tid,cpu,time,event,trace`, for hops.py and steps.py.
+import re
+LINE = re.compile(r'^\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$')
+def events(path):
+    """(time in us, comm, tid, cpu, event, the event's fields) for each event line of `path`."""
+    for l in open(path):
+        m = LINE.match(l)
+        if m:
+            comm, tid, cpu, t, name, rest = m.groups()
+            yield float(t) * 1e6, comm, int(tid), int(cpu), name, rest
+PY
 cat >"$WORK/hops.py" <<'PY'
 import re, statistics, sys
+from perfscript import events
 script, ctun, gtun, va, vb = sys.argv[1:6]
-line = re.compile(r'^\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$')
 ev = []
-for l in open(script):
-    m = line.match(l)
-    if m:
-        comm, tid, cpu, t, name, rest = m.groups()
-        dev = re.search(r'dev=(\S+)', rest)
-        ev.append((float(t) * 1e6, comm, name, dev.group(1) if dev else None, rest))
+for t, comm, _, _, name, rest in events(script):
+    dev = re.search(r'dev=(\S+)', rest)
+    ev.append((t, comm, name, dev.group(1) if dev else None, rest))
 def sent(dev): return lambda e: e[2] == 'net:net_dev_start_xmit' and e[3] == dev
 def recv(dev): return lambda e: e[2] in ('net:netif_rx', 'net:netif_receive_skb') and e[3] == dev
 def after(i, pred, within=5000.0):
@@ -98,6 +116,87 @@ for name in names:
     print('  %-15s median %6.1f us   p10 %6.1f   p90 %6.1f' % (name, statistics.median(v), v[len(v) // 10], v[len(v) * 9 // 10]))
 print('  %d round trips traced' % len(hops['round trip']))
 PY
+cat >"$WORK/steps.py" <<'PY'
+# STEPS=1: each round trip as a sequence of steps (events of the ping, the client's and the
+# gateway's packet threads), the most common sequence and each step's median; with --side, two
+# such results side by side.
+import collections, json, re, statistics, sys
+if sys.argv[1] == '--side':
+    import difflib
+    a, b = (json.load(open(f)) for f in sys.argv[2:4])
+    la, lb = [l for l, _ in a['steps']], [l for l, _ in b['steps']]
+    print('  %7s %7s %7s  step (a: %s, b: %s; a step in one sequence only is shown alone)' % ('a', 'b', 'a - b', a['row'], b['row']))
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, la, lb, autojunk=False).get_opcodes():
+        if op == 'equal':
+            for (label, x), (_, y) in zip(a['steps'][i1:i2], b['steps'][j1:j2]):
+                print('  %7.1f %7.1f %+7.1f  %s' % (x, y, x - y, label))
+            continue
+        for label, x in a['steps'][i1:i2]:
+            print('  %7.1f %7s %7s  %s' % (x, '', '', label))
+        for label, y in b['steps'][j1:j2]:
+            print('  %7s %7.1f %7s  %s' % ('', y, '', label))
+    print('  %7.1f %7.1f %+7.1f  in all' % (a['total'], b['total'], a['total'] - b['total']))
+    sys.exit(0)
+from perfscript import events
+script, out, row, ctun, gtun, va, vb = sys.argv[1:8]
+ev = [(t, comm, tid, cpu, name.split(':')[1], rest) for t, comm, tid, cpu, name, rest in events(script)]
+devs = {ctun: 'client tun', gtun: 'gateway tun', va: 'client veth', vb: 'gateway veth'}
+def field(rest, key):
+    m = re.search(key + r'=(\S+)', rest); return m and m.group(1)
+def step(e, roles):
+    t, comm, tid, cpu, name, rest = e
+    who = roles.get(tid, 'ping' if comm == 'ping' else None)
+    if name in ('net_dev_start_xmit', 'netif_rx', 'netif_receive_skb'):
+        d = devs.get(field(rest, 'dev'))
+        return d and '%s: %s on the %s' % (who or comm, 'sent' if name == 'net_dev_start_xmit' else name, d)
+    if name in ('sched_waking', 'sched_wakeup'):
+        target = roles.get(int(field(rest, 'pid')), 'ping' if field(rest, 'comm') == 'ping' else None)
+        # `target_cpu` is where the task last ran on a waking, where it will run on a wakeup.
+        where = ' (cpu %s)' % int(field(rest, 'target_cpu')) if name == 'sched_wakeup' else ''
+        return target and '%s: %s %s%s' % (who or comm, name[6:], target, where)
+    if name == 'sched_switch':
+        target = roles.get(int(field(rest, 'next_pid')), 'ping' if field(rest, 'next_comm') == 'ping' else None)
+        return target and 'cpu %d runs %s' % (cpu, target)
+    if who in ('client', 'gateway'):
+        if name.startswith('sys_exit_'):
+            kind = {'epoll_wait': 'epoll_wait', 'read': 'read'}.get(name[9:], 'receive')
+            return '%s: %s returns%s' % (who, kind, ' nothing' if rest.split()[-1].startswith('0xfff') else '')
+        if name.startswith('sys_enter_'):
+            return '%s: %s' % (who, 'write' if name[10:].startswith('write') else 'send')
+    return None
+seqs = collections.defaultdict(list)
+for s, e in enumerate(ev):
+    if not (e[1] == 'ping' and e[4] == 'net_dev_start_xmit' and field(e[5], 'dev') == ctun):
+        continue
+    # The client's thread is the one that sends the datagram on the client's veth, the gateway's
+    # the one that writes the packet into the gateway's tunnel device.
+    window = [e2 for e2 in ev[s:s + 4000] if e2[0] - e[0] <= 5000]
+    client = next((x[2] for x in window if x[4] == 'net_dev_start_xmit' and field(x[5], 'dev') == va), None)
+    gateway = next((x[2] for x in window if x[4] == 'netif_receive_skb' and field(x[5], 'dev') == gtun), None)
+    if client is None or gateway is None or client == gateway:
+        continue
+    roles, labels, times, back = {client: 'client', gateway: 'gateway'}, [], [], False
+    for e2 in window:
+        label = step(e2, roles)
+        if label:
+            labels.append(label); times.append(e2[0])
+        if e2[4] == 'netif_receive_skb' and field(e2[5], 'dev') == ctun: back = True
+        if back and label and label.endswith('runs ping'): break
+    else:
+        continue
+    if back and len(labels) > 1:
+        seqs[tuple(labels)].append([b - a for a, b in zip(times, times[1:])])
+if not seqs:
+    print('  no complete round trip found'); sys.exit(0)
+labels, runs = max(seqs.items(), key=lambda kv: len(kv[1]))
+medians = [statistics.median(col) for col in zip(*runs)]
+print('  the most common sequence: %d of %d round trips, %d steps (median time since the step before, us)'
+      % (len(runs), sum(len(v) for v in seqs.values()), len(labels)))
+for label, m in zip(labels[1:], medians):
+    print('  %7.1f  %s' % (m, label))
+print('  %7.1f  in all' % sum(medians))
+json.dump({'row': row, 'steps': list(zip(labels[1:], medians)), 'total': sum(medians)}, open(out, 'w'))
+PY
 rtts() { # NS IP COUNT: the RTTs of COUNT plain pings from NS, in ms, one per line
   ip netns exec "$1" ping -n -c "$3" -i "$INTERVAL" -W 1 "$2" 2>/dev/null | grep -o 'time=[0-9.]*' | cut -d= -f2
 }
@@ -115,11 +214,25 @@ measure() { # ROW NS TARGET CLIENT-TUN GATEWAY-TUN UNDERLAY-A UNDERLAY-B PID... 
   # what of a round trip is work done in the tunnel's processes, the rest being the kernel's path
   # and waiting to be scheduled.
   echo "$row: plain ping median $median ms ($PINGS pings, one every $INTERVAL s); on CPU $(( (c1 - c0) / PINGS / 1000 )) us per ping, both ends"
-  perf record -q -o "$WORK/$row.data" -a -e net:net_dev_start_xmit -e net:netif_rx -e net:netif_receive_skb \
+  local extra=() filter="" p t
+  if [ "$STEPS" = 1 ]; then
+    # The syscalls of the tunnel's own threads only (a system-wide trace of every read is huge).
+    for p in "${@:8}"; do for t in /proc/"$p"/task/*; do filter="${filter:+$filter || }common_pid == ${t##*/}"; done; done
+    extra=(-e sched:sched_waking -e sched:sched_wakeup -e sched:sched_switch)
+    for t in sys_exit_epoll_wait sys_exit_recvmsg sys_exit_recvfrom sys_exit_recvmmsg sys_exit_read \
+             sys_enter_write sys_enter_writev sys_enter_sendto sys_enter_sendmsg sys_enter_sendmmsg; do
+      extra+=(-e "syscalls:$t" --filter "$filter")
+    done
+  fi
+  perf record -q -o "$WORK/$row.data" -a -e net:net_dev_start_xmit -e net:netif_rx -e net:netif_receive_skb "${extra[@]}" \
       -- timeout $((PINGS + 60)) ip netns exec "$ns" ping -q -n -c "$PINGS" -i "$INTERVAL" -W 1 "$ip" >/dev/null 2>&1
   perf script -i "$WORK/$row.data" -F comm,tid,cpu,time,event,trace >"$WORK/$row.txt" 2>/dev/null
   echo "$row: traced, per hop"
   python3 "$WORK/hops.py" "$WORK/$row.txt" "$4" "$5" "$6" "$7"
+  if [ "$STEPS" = 1 ]; then
+    echo "$row: step by step"
+    python3 "$WORK/steps.py" "$WORK/$row.txt" "$WORK/$row.steps" "$row" "$4" "$5" "$6" "$7"
+  fi
 }
 
 # --- topology ------------------------------------------------------------------------------------
@@ -156,6 +269,10 @@ bench_launch bt-b ip netns exec $ND "${NSX[@]}" "$BT" wgb --foreground --disable
 wg_configure $NC $ND wga wgb 100.64.1 $UA $UB $PORT "$WORK" || { echo "boringtun: could not be configured"; tail -5 "$WORK/bt-a.log" "$WORK/bt-b.log"; exit 1; }
 for _ in $(seq 20); do ip netns exec $NC ping -q -c 1 -W 1 100.64.1.2 >/dev/null 2>&1 && break; done
 measure boringtun $NC 100.64.1.2 wga wgb $VC $VD $(pgrep -f "$BT wg[ab] --foreground")
+if [ "$STEPS" = 1 ] && [ -s "$WORK/holdfast.steps" ] && [ -s "$WORK/boringtun.steps" ]; then
+  echo "step by step, side by side"
+  python3 "$WORK/steps.py" --side "$WORK/holdfast.steps" "$WORK/boringtun.steps"
+fi
 
 # --- both, alternating --------------------------------------------------------------------------------
 # See the header: the two tunnels' plain pings in alternating blocks, for a ratio that drift does not skew.
