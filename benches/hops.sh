@@ -27,11 +27,12 @@
 # (PINGS per tunnel in all): the ratio of those medians is the one to quote, since a tunnel's median
 # drifts by a third within minutes on a shared machine.
 #
-# With STEPS=1 the traced pings also record every wake-up and context switch (sched:) and the
-# tunnel processes' receives, reads, writes and sends (syscalls:), and each tunnel's most common
-# sequence of those steps per round trip is printed with the median time of each step, then both
-# tunnels' side by side, step against step where the sequences agree. Tracing adds a few
-# microseconds per event to both tunnels alike.
+# With STEPS=1 the traced pings also record every wake-up and context switch (sched:), a socket's
+# data becoming ready (sock:sk_data_ready, which splits a receive path in the kernel from the
+# wake-up of its reader) and the tunnel threads' receives, reads, writes and sends (syscalls:).
+# Each tunnel's most common sequence of those steps per round trip is printed with the median time
+# of each step, then both tunnels' side by side, step against step where the sequences agree.
+# Tracing adds a few microseconds per event to both tunnels alike.
 #
 # Needs root and perf with tracepoint support; ping, nftables, python3 and wireguard-tools are
 # installed if missing. Two namespaces joined by a veth pair on 198.18.0.0/15,
@@ -154,6 +155,9 @@ def step(e, roles):
         # `target_cpu` is where the task last ran on a waking, where it will run on a wakeup.
         where = ' (cpu %s)' % int(field(rest, 'target_cpu')) if name == 'sched_wakeup' else ''
         return target and '%s: %s %s%s' % (who or comm, name[6:], target, where)
+    if name == 'sk_data_ready':
+        # A socket (or a TUN device's queue) got data, before its reader is woken.
+        return who and '%s: data ready' % who
     if name == 'sched_switch':
         target = roles.get(int(field(rest, 'next_pid')), 'ping' if field(rest, 'next_comm') == 'ping' else None)
         return target and 'cpu %d runs %s' % (cpu, target)
@@ -218,7 +222,7 @@ measure() { # ROW NS TARGET CLIENT-TUN GATEWAY-TUN UNDERLAY-A UNDERLAY-B PID... 
   if [ "$STEPS" = 1 ]; then
     # The syscalls of the tunnel's own threads only (a system-wide trace of every read is huge).
     for p in "${@:8}"; do for t in /proc/"$p"/task/*; do filter="${filter:+$filter || }common_pid == ${t##*/}"; done; done
-    extra=(-e sched:sched_waking -e sched:sched_wakeup -e sched:sched_switch)
+    extra=(-e sched:sched_waking -e sched:sched_wakeup -e sched:sched_switch -e sock:sk_data_ready)
     for t in sys_exit_epoll_wait sys_exit_recvmsg sys_exit_recvfrom sys_exit_recvmmsg sys_exit_read \
              sys_enter_write sys_enter_writev sys_enter_sendto sys_enter_sendmsg sys_enter_sendmmsg; do
       extra+=(-e "syscalls:$t" --filter "$filter")
