@@ -144,14 +144,17 @@ ev = [(t, comm, tid, cpu, name.split(':')[1], rest) for t, comm, tid, cpu, name,
 devs = {ctun: 'client tun', gtun: 'gateway tun', va: 'client veth', vb: 'gateway veth'}
 def field(rest, key):
     m = re.search(key + r'=(\S+)', rest); return m and m.group(1)
+def role(roles, tid, comm):
+    """'client' or 'gateway' for the tunnel's packet threads, 'ping' for ping, else None."""
+    return roles.get(tid, 'ping' if comm == 'ping' else None)
 def step(e, roles):
     t, comm, tid, cpu, name, rest = e
-    who = roles.get(tid, 'ping' if comm == 'ping' else None)
+    who = role(roles, tid, comm)
     if name in ('net_dev_start_xmit', 'netif_rx', 'netif_receive_skb'):
         d = devs.get(field(rest, 'dev'))
         return d and '%s: %s on the %s' % (who or comm, 'sent' if name == 'net_dev_start_xmit' else name, d)
     if name in ('sched_waking', 'sched_wakeup'):
-        target = roles.get(int(field(rest, 'pid')), 'ping' if field(rest, 'comm') == 'ping' else None)
+        target = role(roles, int(field(rest, 'pid')), field(rest, 'comm'))
         # `target_cpu` is where the task last ran on a waking, where it will run on a wakeup.
         where = ' (cpu %s)' % int(field(rest, 'target_cpu')) if name == 'sched_wakeup' else ''
         return target and '%s: %s %s%s' % (who or comm, name[6:], target, where)
@@ -159,7 +162,7 @@ def step(e, roles):
         # A socket (or a TUN device's queue) got data, before its reader is woken.
         return who and '%s: data ready' % who
     if name == 'sched_switch':
-        target = roles.get(int(field(rest, 'next_pid')), 'ping' if field(rest, 'next_comm') == 'ping' else None)
+        target = role(roles, int(field(rest, 'next_pid')), field(rest, 'next_comm'))
         return target and 'cpu %d runs %s' % (cpu, target)
     if who in ('client', 'gateway'):
         if name.startswith('sys_exit_'):
@@ -187,9 +190,8 @@ for s, e in enumerate(ev):
         if e2[4] == 'netif_receive_skb' and field(e2[5], 'dev') == ctun: back = True
         if back and label and label.endswith('runs ping'): break
     else:
-        continue
-    if back and len(labels) > 1:
-        seqs[tuple(labels)].append([b - a for a, b in zip(times, times[1:])])
+        continue  # the reply never came back to ping within the window
+    seqs[tuple(labels)].append([b - a for a, b in zip(times, times[1:])])
 if not seqs:
     print('  no complete round trip found'); sys.exit(0)
 labels, runs = max(seqs.items(), key=lambda kv: len(kv[1]))
