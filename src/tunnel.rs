@@ -1181,13 +1181,17 @@ impl TunRead for SyncDevice {
 /// A loop's TUN read side: one batch holds up to [`READ_SLOTS`] inner packets (from one read, a
 /// TSO super-packet cut into its segments by [`segment::split`] when offload is on, else one
 /// packet; more reads when more packets are already queued), each placed at
-/// [`wire::HEADER_LEN`] in its own slot of `stride` bytes, so it can be sealed where it lies.
-/// Buffers are allocated once.
+/// [`wire::HEADER_LEN`] in its own slot, so it can be sealed where it lies. A read has
+/// [`BATCH`] slots of `stride` bytes; the segments of a TSO packet are laid closer, one sealed
+/// segment apart (see [`TunReader::read_at`]). Buffers are allocated once.
 pub struct TunReader {
     raw: Vec<u8>,
     slots: Vec<u8>,
     stride: usize,
     sizes: [usize; READ_SLOTS],
+    /// Where slot `i` of the last batch begins in `slots`, and how long it is.
+    starts: [usize; READ_SLOTS],
+    spans: [usize; READ_SLOTS],
     /// An error a read after the first one of a batch met, and the device it came from: the
     /// batch it ended is handed out first, the error with the next call on the same device. A
     /// loop that moved to a re-created device meanwhile never sees the old device's error, which
@@ -1214,6 +1218,8 @@ impl TunReader {
             slots: vec![0; stride * READ_SLOTS],
             stride,
             sizes: [0; READ_SLOTS],
+            starts: std::array::from_fn(|i| i * stride),
+            spans: [stride; READ_SLOTS],
             deferred: None,
             last_batch: None,
             busy_within: TUN_BUSY_WITHIN,
@@ -1241,6 +1247,8 @@ impl TunReader {
             self.slots = vec![0; stride * READ_SLOTS];
             self.stride = stride;
             self.sizes = [0; READ_SLOTS];
+            self.starts = std::array::from_fn(|i| i * stride);
+            self.spans = [stride; READ_SLOTS];
         }
     }
 
@@ -1293,20 +1301,37 @@ impl TunReader {
 
     /// One read of `tun` into the [`BATCH`] slots from slot `first` on, cut into the packets it
     /// stands for (see [`segment`]): how many.
+    ///
+    /// The segments of a TSO packet go one sealed segment apart, not a slot apart: sealed, the
+    /// full ones then lie end to end, as a GSO send takes them, and [`send_datagrams`] has
+    /// nothing to move. Segments shorter than the TUN MTU are common (a peer that announced a
+    /// smaller MSS, as one behind a gateway with a smaller tunnel MTU does); a slot apart, every
+    /// one of them was moved before the send, a copy of the whole upload.
     fn read_at(&mut self, tun: &impl TunRead, first: usize) -> io::Result<usize> {
         let stride = self.stride;
-        let slots = &mut self.slots[first * stride..(first + BATCH) * stride];
+        let base = first * stride;
+        let slots = &mut self.slots[base..(first + BATCH) * stride];
         let sizes = &mut self.sizes[first..first + BATCH];
         if !tun.offload() {
             // No virtio-net header: one packet per read, straight into its slot.
             sizes[0] = tun.recv(&mut slots[wire::HEADER_LEN..stride])?;
+            self.starts[first] = base;
+            self.spans[first] = stride;
             return Ok(1);
         }
         let len = tun.recv(&mut self.raw)?;
-        let mut out = segment::Slots { slots, stride, offset: wire::HEADER_LEN, sizes };
-        segment::Offload::parse(&self.raw[..len])
-            .and_then(|off| segment::split(off, &self.raw[segment::VNET_HDR_LEN..len], &mut out))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        let invalid = |e: segment::SplitError| io::Error::new(io::ErrorKind::InvalidData, e);
+        let off = segment::Offload::parse(&self.raw[..len]).map_err(invalid)?;
+        let packet = &self.raw[segment::VNET_HDR_LEN..len];
+        // At most a slot: a segment too large for one is refused by the split.
+        let step = segment::largest_segment(off, packet).map_or(stride, |l| (l + wire::OVERHEAD).min(stride));
+        let mut out = segment::Slots { slots, stride: step, offset: wire::HEADER_LEN, sizes };
+        let n = segment::split(off, packet, &mut out).map_err(invalid)?;
+        for k in 0..n {
+            self.starts[first + k] = base + k * step;
+            self.spans[first + k] = step;
+        }
+        Ok(n)
     }
 
     /// Length of packet `i` of the last batch.
@@ -1316,12 +1341,12 @@ impl TunReader {
 
     /// Slot `i`: the inner packet at `HEADER_LEN`, room for the header before and the tag after.
     pub fn slot(&mut self, i: usize) -> &mut [u8] {
-        &mut self.slots[i * self.stride..(i + 1) * self.stride]
+        &mut self.slots[self.starts[i]..self.starts[i] + self.spans[i]]
     }
 
     /// The inner packet `i` of the last batch.
     pub fn packet(&self, i: usize) -> &[u8] {
-        let at = i * self.stride + wire::HEADER_LEN;
+        let at = self.starts[i] + wire::HEADER_LEN;
         &self.slots[at..at + self.sizes[i]]
     }
 
@@ -1336,8 +1361,9 @@ impl TunReader {
         dest: SocketAddr,
         unreachable: Unreachable,
     ) -> Sent {
-        let slots = &mut self.slots[first * self.stride..];
-        send_datagrams(sock, gso, slots, self.stride, lens, dest, unreachable)
+        let base = self.starts[first];
+        let starts = &self.starts[first..];
+        send_runs(sock, gso, &mut self.slots[base..], |k| starts[k] - base, lens, dest, unreachable)
     }
 }
 
@@ -1512,9 +1538,22 @@ pub fn send_datagrams(
     dest: SocketAddr,
     unreachable: Unreachable,
 ) -> Sent {
+    send_runs(sock, gso, big, |i| i * stride, lens, dest, unreachable)
+}
+
+/// [`send_datagrams`] with slot `i` at `big[at(i)..]` (see [`gather_run`]).
+fn send_runs(
+    sock: &impl AsRawFd,
+    gso: &mut bool,
+    big: &mut [u8],
+    at: impl Fn(usize) -> usize,
+    lens: &[usize],
+    dest: SocketAddr,
+    unreachable: Unreachable,
+) -> Sent {
     let mut sent = Sent::default();
     let mut next = 0;
-    while let Some(run) = gather_run(big, stride, lens, &mut next) {
+    while let Some(run) = gather_run(big, &at, lens, &mut next) {
         sent.count(&run, send_gso(sock, gso, &big[run.start..run.end], run.size, dest, unreachable));
     }
     sent
@@ -1544,9 +1583,10 @@ impl Sent {
     }
 }
 
-/// Gathers the next run from slot `*next` on (see [`send_datagrams`]) and moves `*next` past it;
-/// `None` when no datagram is left.
-fn gather_run(big: &mut [u8], stride: usize, lens: &[usize], next: &mut usize) -> Option<Run> {
+/// Gathers the next run from slot `*next` on (see [`send_datagrams`]; slot `j` begins at
+/// `big[at(j)..]`, each at least its datagram's length after the one before) and moves `*next`
+/// past it; `None` when no datagram is left.
+fn gather_run(big: &mut [u8], at: impl Fn(usize) -> usize, lens: &[usize], next: &mut usize) -> Option<Run> {
     let mut i = *next;
     while i < lens.len() && lens[i] == 0 {
         i += 1;
@@ -1556,9 +1596,9 @@ fn gather_run(big: &mut [u8], stride: usize, lens: &[usize], next: &mut usize) -
         return None;
     }
     let size = lens[i];
-    // Gather the run starting at slot i into big[i * stride..]; each move goes leftwards and
-    // never over a slot not yet moved, because `size <= stride`.
-    let start = i * stride;
+    // Gather the run starting at slot i into big[at(i)..]; each move goes leftwards and never
+    // over a slot not yet moved, because a datagram is never longer than the room to the next.
+    let start = at(i);
     let mut end = start + size;
     let mut count = 1;
     let mut j = i + 1;
@@ -1568,10 +1608,10 @@ fn gather_run(big: &mut [u8], stride: usize, lens: &[usize], next: &mut usize) -
         && end - start + lens[j] <= MAX_UDP_SEND
         && count < MAX_GSO_SEGMENTS
     {
-        // Full-sized datagrams already lie end to end (a TSO segment plus the overhead is
-        // the stride): nothing to move then.
-        if j * stride != end {
-            big.copy_within(j * stride..j * stride + lens[j], end);
+        // Full-sized datagrams already lie end to end (a TSO packet's segments are laid one
+        // sealed segment apart): nothing to move then.
+        if at(j) != end {
+            big.copy_within(at(j)..at(j) + lens[j], end);
         }
         end += lens[j];
         count += 1;
@@ -1740,6 +1780,72 @@ mod tests {
         assert_eq!(r.try_read(&dev).unwrap_err().kind(), io::ErrorKind::InvalidData);
         assert_eq!(r.try_read(&dev).unwrap(), 1, "the next read is cut as usual");
         assert_eq!(r.packet(0), [0x45, 7, 0, 20]);
+    }
+
+    /// A TSO packet whose segments are shorter than the slots (a peer's smaller MSS): its
+    /// segments lie one sealed segment apart, so that sealed they are one GSO run in place, with
+    /// nothing to move; a packet without GSO after it still gets a whole slot.
+    #[test]
+    fn a_tso_packets_segments_are_read_end_to_end_once_sealed() {
+        let (gso_size, payload) = (1000usize, 2900usize);
+        let mut read = vec![0u8; segment::VNET_HDR_LEN];
+        read[0] = 1; // NEEDS_CSUM
+        read[1] = 1; // GSO_TCPV4
+        read[4..6].copy_from_slice(&(gso_size as u16).to_ne_bytes());
+        read[6..8].copy_from_slice(&20u16.to_ne_bytes()); // csum_start: the TCP header
+        read[8..10].copy_from_slice(&16u16.to_ne_bytes()); // csum_offset: TCP's checksum
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&[100, 64, 0, 2]);
+        ip[16..20].copy_from_slice(&[198, 18, 0, 9]);
+        let mut tcp = [0u8; 20];
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x10; // ACK
+        read.extend_from_slice(&ip);
+        read.extend_from_slice(&tcp);
+        read.extend((0..payload).map(|i| (i % 251) as u8));
+        let dev = Scripted::new(true, [Ok(read.clone())]);
+        let mut r = TunReader::new(1400);
+        assert_eq!(r.try_read(&dev).unwrap(), 3);
+        let lens: Vec<usize> = (0..3).map(|i| r.len(i)).collect();
+        assert_eq!(lens, [1040, 1040, 940]);
+        for i in 0..3 {
+            assert_eq!(
+                r.packet(i)[40..],
+                read[segment::VNET_HDR_LEN + 40 + i * gso_size..][..lens[i] - 40],
+                "segment {i}"
+            );
+        }
+        let base = r.slot(0).as_ptr() as usize;
+        let offsets: Vec<usize> = (0..3).map(|i| r.slot(i).as_ptr() as usize - base).collect();
+        assert_eq!(offsets, [0, 1040 + wire::OVERHEAD, 2 * (1040 + wire::OVERHEAD)], "one sealed segment apart");
+        assert!(lens.iter().enumerate().all(|(i, &l)| r.slot(i).len() >= l + wire::OVERHEAD), "room to seal each");
+
+        // "Sealed" (each datagram filled with its index): one run, already in place, in order.
+        let sealed: Vec<usize> = lens.iter().map(|l| l + wire::OVERHEAD).collect();
+        for (i, &d) in sealed.iter().enumerate() {
+            r.slot(i)[..d].fill(i as u8 + 1);
+        }
+        let starts = r.starts;
+        let mut next = 0;
+        let run = gather_run(&mut r.slots, |k| starts[k], &sealed, &mut next).expect("a run");
+        assert_eq!((run.start, run.end, run.size, run.count, next), (0, sealed.iter().sum(), sealed[0], 3, 3));
+        let mut want = Vec::new();
+        for (i, &d) in sealed.iter().enumerate() {
+            want.extend(std::iter::repeat_n(i as u8 + 1, d));
+        }
+        assert_eq!(r.slots[run.start..run.end], want[..]);
+
+        // A lone packet in the next batch: a whole slot again.
+        let mut lone = vec![0u8; segment::VNET_HDR_LEN];
+        lone.extend_from_slice(&[0x45, 7, 0, 20]);
+        let dev = Scripted::new(true, [Ok(lone)]);
+        assert_eq!(r.try_read(&dev).unwrap(), 1);
+        assert_eq!(r.packet(0), [0x45, 7, 0, 20]);
+        assert_eq!(r.slot(0).len(), wire::OVERHEAD + 1400);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! checksum was left undone comes out with a valid one; hostile headers and bytes are errors,
 //! never panics.
 
-use holdfast::sansio::segment::{Offload, Slots, SplitError, VNET_HDR_LEN, split};
+use holdfast::sansio::segment::{Offload, Slots, SplitError, VNET_HDR_LEN, largest_segment, split};
 use proptest::prelude::*;
 
 const OFFSET: usize = 20;
@@ -145,6 +145,8 @@ proptest! {
         let off = s.offload();
         let (mut ours, mut our_sizes) = slots();
         let n = split(off, &packet, &mut Slots { slots: &mut ours, stride: STRIDE, offset: OFFSET, sizes: &mut our_sizes }).unwrap();
+        // What a reader lays the segments apart by (see `TunReader`): exactly the largest.
+        prop_assert_eq!(largest_segment(off, &packet), our_sizes[..n].iter().max().copied().or(Some(s.iph() + s.l4h())));
 
         let hdr = tun_rs::VirtioNetHdr {
             flags: 1,
@@ -228,10 +230,15 @@ proptest! {
         let mut slots = vec![0u8; stride * 8];
         let mut sizes = [0usize; 8];
         let offset = stride / 3;
+        // What a reader lays the segments apart by: the largest the split then makes.
+        let largest = largest_segment(off, &read[VNET_HDR_LEN..]);
         match split(off, &read[VNET_HDR_LEN..], &mut Slots { slots: &mut slots, stride, offset, sizes: &mut sizes }) {
             Ok(n) => {
                 prop_assert!(n <= 8);
                 prop_assert!(sizes[..n].iter().all(|&l| offset + l <= stride));
+                if n > 0 && off.gso_type != 0 {
+                    prop_assert_eq!(largest, sizes[..n].iter().max().copied());
+                }
             }
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }

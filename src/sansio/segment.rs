@@ -106,6 +106,33 @@ impl Slots<'_> {
     }
 }
 
+/// The length of the largest segment [`split`] cuts a GSO `packet` into (its headers and one
+/// `gso_size` of payload, or all of a shorter payload); `None` for a packet without GSO and for
+/// one whose headers do not parse (which `split` refuses). A reader lays the segments of one
+/// packet this far apart (plus what it wraps around each), so that, wrapped, the equal ones lie
+/// end to end as one GSO send takes them.
+pub fn largest_segment(off: Offload, packet: &[u8]) -> Option<usize> {
+    let protocol = match off.gso_type & !GSO_ECN {
+        GSO_NONE => return None,
+        GSO_TCPV4 | GSO_TCPV6 => IPPROTO_TCP,
+        GSO_UDP_L4 => IPPROTO_UDP,
+        _ => return None,
+    };
+    let hdr_len = usize::from(off.csum_start) + l4_header_len(protocol, packet, usize::from(off.csum_start))?;
+    let payload = packet.len().checked_sub(hdr_len)?;
+    Some(hdr_len + payload.min(usize::from(off.gso_size)))
+}
+
+/// The transport header's length: TCP's data offset (at least 20), UDP's 8; `None` when the
+/// TCP header's data offset lies past the packet or is too small.
+fn l4_header_len(protocol: u8, packet: &[u8], iph: usize) -> Option<usize> {
+    if protocol != IPPROTO_TCP {
+        return Some(8);
+    }
+    let thl = usize::from(packet.get(iph + 12)? >> 4) * 4;
+    (thl >= 20).then_some(thl)
+}
+
 /// Cuts `packet` (what followed the virtio-net header `off`) into `out`; returns how many
 /// packets it made. A packet without GSO is copied as it is (its checksum finished if the kernel
 /// left it); a GSO packet without payload makes none, as in tun-rs.
@@ -154,15 +181,7 @@ pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, 
         return Err(bad());
     }
     // The transport header's own length, not the kernel's hdr_len (see the module's comment).
-    let l4h = if protocol == IPPROTO_TCP {
-        let thl = usize::from(packet.get(iph + 12).ok_or_else(bad)? >> 4) * 4;
-        if thl < 20 {
-            return Err(bad());
-        }
-        thl
-    } else {
-        8
-    };
+    let l4h = l4_header_len(protocol, packet, iph).ok_or_else(bad)?;
     let hdr_len = iph + l4h;
     if packet.len() < hdr_len {
         return Err(bad());
