@@ -1192,6 +1192,10 @@ pub struct TunReader {
     /// Where slot `i` of the last batch begins in `slots`, and how long it is.
     starts: [usize; READ_SLOTS],
     spans: [usize; READ_SLOTS],
+    /// Slot `i`'s TCP checksum holds the pseudo-header's sum only (see [`TunReader::checksums`]).
+    csum_partial: [bool; READ_SLOTS],
+    /// How the segments of a TSO packet leave the split.
+    checksums: segment::Checksums,
     /// An error a read after the first one of a batch met, and the device it came from: the
     /// batch it ended is handed out first, the error with the next call on the same device. A
     /// loop that moved to a re-created device meanwhile never sees the old device's error, which
@@ -1220,6 +1224,8 @@ impl TunReader {
             sizes: [0; READ_SLOTS],
             starts: std::array::from_fn(|i| i * stride),
             spans: [stride; READ_SLOTS],
+            csum_partial: [false; READ_SLOTS],
+            checksums: segment::Checksums::Complete,
             deferred: None,
             last_batch: None,
             busy_within: TUN_BUSY_WITHIN,
@@ -1231,6 +1237,35 @@ impl TunReader {
     pub fn busy_within(mut self, d: Duration) -> Self {
         self.busy_within = d;
         self
+    }
+
+    /// How the segments of the TSO packets read from now on leave their TCP checksums: complete
+    /// (the default), or partial for a peer that takes them, which saves summing every payload
+    /// byte ([`segment::Checksums`]). [`TunReader::csum_partial`] tells which slots came out
+    /// partial; one that goes to a peer without them must be finished first
+    /// ([`segment::finish_partial`]).
+    pub fn checksums(&mut self, checksums: segment::Checksums) {
+        self.checksums = checksums;
+    }
+
+    /// Whether packet `i` of the last batch has a partial TCP checksum.
+    pub fn csum_partial(&self, i: usize) -> bool {
+        self.csum_partial[i]
+    }
+
+    /// The partial-checksum flag to seal packet `i` with, for a peer that takes partial
+    /// checksums (`peer_takes_partial`) or not: a partial one going to a peer without them is
+    /// finished here first (the reader's mode may have changed with the session since the read).
+    /// `None`: it had to be finished and could not be, which a packet the split marked partial
+    /// never is.
+    pub fn seal_flag(&mut self, i: usize, peer_takes_partial: bool) -> Option<bool> {
+        if !self.csum_partial[i] || peer_takes_partial {
+            return Some(self.csum_partial[i]);
+        }
+        let at = self.starts[i] + wire::HEADER_LEN;
+        segment::finish_partial(&mut self.slots[at..at + self.sizes[i]])?;
+        self.csum_partial[i] = false;
+        Some(false)
     }
 
     /// The largest inner packet a slot holds.
@@ -1317,6 +1352,7 @@ impl TunReader {
             sizes[0] = tun.recv(&mut slots[wire::HEADER_LEN..stride])?;
             self.starts[first] = base;
             self.spans[first] = stride;
+            self.csum_partial[first] = false;
             return Ok(1);
         }
         let len = tun.recv(&mut self.raw)?;
@@ -1326,12 +1362,13 @@ impl TunReader {
         // At most a slot: a segment too large for one is refused by the split.
         let step = segment::largest_segment(off, packet).map_or(stride, |l| (l + wire::OVERHEAD).min(stride));
         let mut out = segment::Slots { slots, stride: step, offset: wire::HEADER_LEN, sizes };
-        let n = segment::split(off, packet, &mut out).map_err(invalid)?;
-        for k in 0..n {
+        let cut = segment::split_with(off, packet, &mut out, self.checksums).map_err(invalid)?;
+        for k in 0..cut.packets {
             self.starts[first + k] = base + k * step;
             self.spans[first + k] = step;
+            self.csum_partial[first + k] = cut.csum_partial;
         }
-        Ok(n)
+        Ok(cut.packets)
     }
 
     /// Length of packet `i` of the last batch.
@@ -1463,8 +1500,9 @@ impl TunWriter {
 
     /// As [`TunWriter::new`], for a device with (`vnet_header`) or without offload.
     pub fn with_offload(vnet_header: bool, coalesce: bool) -> Self {
+        let co = Coalescer::new(BATCH, coalesce && vnet_header);
         Self {
-            co: Coalescer::new(BATCH, coalesce && vnet_header),
+            co: if vnet_header { co } else { co.headerless() },
             vnet_header,
             packets: 0,
             bytes: 0,
@@ -1476,9 +1514,11 @@ impl TunWriter {
         self.co.is_full()
     }
 
-    /// Queues `packet` (copied). Call [`TunWriter::flush`] first when full.
-    pub fn push(&mut self, packet: &[u8]) -> Result<(), PushError> {
-        self.co.push(packet)?;
+    /// Queues `packet` (copied). Call [`TunWriter::flush`] first when full. `csum_partial`: its
+    /// TCP checksum holds the pseudo-header's sum only (the datagram's flag said so); the
+    /// kernel finishes it, or, on a device without offload, the writer does.
+    pub fn push(&mut self, packet: &[u8], csum_partial: bool) -> Result<(), PushError> {
+        self.co.push_with(packet, csum_partial)?;
         self.packets += 1;
         self.bytes += packet.len();
         Ok(())
@@ -1785,9 +1825,9 @@ mod tests {
     /// A TSO packet whose segments are shorter than the slots (a peer's smaller MSS): its
     /// segments lie one sealed segment apart, so that sealed they are one GSO run in place, with
     /// nothing to move; a packet without GSO after it still gets a whole slot.
-    #[test]
-    fn a_tso_packets_segments_are_read_end_to_end_once_sealed() {
-        let (gso_size, payload) = (1000usize, 2900usize);
+    /// What a TUN device with offload hands over for a TCP TSO packet over IPv4: a virtio-net
+    /// header (NEEDS_CSUM, GSO_TCPV4, `gso_size`), 20 + 20 bytes of headers, `payload` bytes.
+    fn tso_read(gso_size: usize, payload: usize) -> Vec<u8> {
         let mut read = vec![0u8; segment::VNET_HDR_LEN];
         read[0] = 1; // NEEDS_CSUM
         read[1] = 1; // GSO_TCPV4
@@ -1807,6 +1847,43 @@ mod tests {
         read.extend_from_slice(&ip);
         read.extend_from_slice(&tcp);
         read.extend((0..payload).map(|i| (i % 251) as u8));
+        read
+    }
+
+    #[test]
+    fn a_reader_leaves_tso_checksums_partial_when_asked_and_finishes_them_for_a_peer_without() {
+        let read = tso_read(1000, 2900);
+        let mut full = TunReader::new(1400);
+        assert_eq!(full.try_read(&Scripted::new(true, [Ok(read.clone())])).unwrap(), 3);
+        let mut r = TunReader::new(1400);
+        r.checksums(segment::Checksums::Partial);
+        assert_eq!(r.try_read(&Scripted::new(true, [Ok(read)])).unwrap(), 3);
+        for i in 0..3 {
+            assert!(!full.csum_partial(i) && r.csum_partial(i), "segment {i}");
+            // The same bytes but for the TCP checksum (20 + 16).
+            assert_eq!(r.packet(i)[..36], full.packet(i)[..36]);
+            assert_eq!(r.packet(i)[38..], full.packet(i)[38..]);
+            assert_ne!(r.packet(i)[36..38], full.packet(i)[36..38]);
+        }
+        // To a peer that takes them: as they are. To one that does not: finished first.
+        let before = r.packet(0).to_vec();
+        assert_eq!(r.seal_flag(0, true), Some(true));
+        assert_eq!(r.packet(0), before);
+        assert_eq!(r.seal_flag(1, false), Some(false));
+        assert_eq!(r.packet(1), full.packet(1));
+        assert!(!r.csum_partial(1));
+        assert_eq!(full.seal_flag(2, true), Some(false), "complete stays complete");
+        // A lone packet is never partial.
+        let mut lone = vec![0u8; segment::VNET_HDR_LEN];
+        lone.extend_from_slice(&[0x45, 7, 0, 20]);
+        assert_eq!(r.try_read(&Scripted::new(true, [Ok(lone)])).unwrap(), 1);
+        assert!(!r.csum_partial(0));
+    }
+
+    #[test]
+    fn a_tso_packets_segments_are_read_end_to_end_once_sealed() {
+        let (gso_size, payload) = (1000usize, 2900usize);
+        let read = tso_read(gso_size, payload);
         let dev = Scripted::new(true, [Ok(read.clone())]);
         let mut r = TunReader::new(1400);
         assert_eq!(r.try_read(&dev).unwrap(), 3);

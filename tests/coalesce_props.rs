@@ -1,7 +1,8 @@
 //! Properties of the TUN-write coalescer (`holdfast::sansio::coalesce`): what it writes, once
 //! the kernel re-segments it the way TSO does, is exactly what went in (per flow, in order);
 //! anything it cannot merge passes through byte for byte; hostile bytes never panic it. Traffic
-//! mixes TCP over IPv4 and over IPv6 flows.
+//! mixes TCP over IPv4 and over IPv6 flows. Segments whose checksum the sender left partial
+//! (the pseudo-header's sum only) come out the same once the kernel has finished them.
 
 use holdfast::sansio::coalesce::{Coalescer, MAX_PACKET, PushError, VNET_HDR_LEN};
 use proptest::prelude::*;
@@ -118,6 +119,16 @@ fn resegment(written: &[u8]) -> Vec<Vec<u8>> {
     let u16n = |b: &[u8]| u16::from_ne_bytes([b[0], b[1]]) as usize;
     let v6 = is_v6(p);
     assert_eq!(hdr[0], 1, "NEEDS_CSUM");
+    if hdr[1] == 0 {
+        // A lone packet whose TCP checksum the kernel finishes: from the TCP header on.
+        let iph = if v6 { 40 } else { usize::from(p[0] & 0xf) * 4 };
+        assert_eq!((u16n(&hdr[2..]), u16n(&hdr[4..]), u16n(&hdr[6..]), u16n(&hdr[8..])), (0, 0, iph, 16));
+        let partial = u16::from_be_bytes([p[iph + 16], p[iph + 17]]);
+        assert_eq!(u32::from(partial), u32::from(csum(&[], pseudo(p, p.len() - iph))), "pseudo sum");
+        let mut s = p.to_vec();
+        fix_checksums(&mut s, iph);
+        return vec![s];
+    }
     assert_eq!(hdr[1], if v6 { 4 } else { 1 }, "GSO_TCPV6 or GSO_TCPV4");
     let (hdr_len, gso, csum_start, csum_off) = (u16n(&hdr[2..]), u16n(&hdr[4..]), u16n(&hdr[6..]), u16n(&hdr[8..]));
     let iph = if v6 { 40 } else { usize::from(p[0] & 0xf) * 4 };
@@ -179,6 +190,35 @@ fn run(input: &[Vec<u8>], capacity: usize, merge: bool) -> Vec<Vec<u8>> {
     }
     out.extend(co.finish().map(<[u8]>::to_vec));
     out
+}
+
+/// [`run`] with each packet pushed as partial (`true`) or complete.
+fn run_with(input: &[(Vec<u8>, bool)], capacity: usize, merge: bool) -> Vec<Vec<u8>> {
+    let mut co = Coalescer::new(capacity, merge);
+    let mut out = Vec::new();
+    for (p, partial) in input {
+        match co.push_with(p, *partial) {
+            Ok(()) => {}
+            Err(PushError::Full) => {
+                out.extend(co.finish().map(<[u8]>::to_vec));
+                co.clear();
+                co.push_with(p, *partial).expect("room after a flush");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    out.extend(co.finish().map(<[u8]>::to_vec));
+    out
+}
+
+/// What a sender leaving `p`'s TCP checksum partial sends instead of it: the field holding the
+/// pseudo-header's sum, flagged. Anything but a TCP segment goes as it is, unflagged.
+fn as_partial(p: &[u8]) -> (Vec<u8>, bool) {
+    let Some(iph) = holdfast::sansio::segment::tcp_start(p) else { return (p.to_vec(), false) };
+    let mut s = p.to_vec();
+    let sum = csum(&[], pseudo(p, p.len() - iph));
+    s[iph + 16..iph + 18].copy_from_slice(&sum.to_be_bytes());
+    (s, true)
 }
 
 fn per_flow(packets: &[Vec<u8>]) -> std::collections::BTreeMap<Option<Vec<u8>>, Vec<Vec<u8>>> {
@@ -309,6 +349,27 @@ proptest! {
         // Packets of no TCP flow keep their order among everything: compare positions.
         let others = |v: &[Vec<u8>]| v.iter().filter(|p| flow_of(p).is_none()).cloned().collect::<Vec<_>>();
         prop_assert_eq!(others(&back), others(&input));
+    }
+
+    /// The same traffic with every TCP segment's checksum left partial, but for those whose
+    /// checksum is wrong (sent complete, so the coalescer checks them): once the kernel has
+    /// finished the checksums it was left, each flow gets exactly the complete segments.
+    #[test]
+    fn partial_segments_come_out_as_the_complete_ones(
+        steps in proptest::collection::vec(step(), 0..160),
+        capacity in 1usize..70,
+        merge in proptest::bool::weighted(0.8),
+    ) {
+        let input = traffic(&steps);
+        let valid = |p: &[u8]| {
+            let Some(iph) = holdfast::sansio::segment::tcp_start(p) else { return false };
+            csum(&p[iph..], pseudo(p, p.len() - iph)) == 0xffff
+        };
+        let sent: Vec<(Vec<u8>, bool)> = input.iter().map(|p| if valid(p) { as_partial(p) } else { (p.clone(), false) }).collect();
+        let out = run_with(&sent, capacity, merge);
+        let back: Vec<Vec<u8>> = out.iter().flat_map(|w| resegment(w)).collect();
+        prop_assert_eq!(back.len(), input.len());
+        prop_assert_eq!(per_flow(&back), per_flow(&input));
     }
 
     #[test]
@@ -453,6 +514,40 @@ fn hostile_ipv6_is_never_merged() {
     assert_eq!(out.len(), 2);
     let back: Vec<Vec<u8>> = out.iter().flat_map(|w| resegment(w)).collect();
     assert_eq!(per_flow(&back), per_flow(&input));
+}
+
+#[test]
+fn a_partial_checksum_is_refused_outside_a_tcp_segment_and_finished_without_a_header() {
+    let mut co = Coalescer::new(4, true);
+    // UDP, and TCP behind an IPv6 extension header: no place the kernel could finish it.
+    let mut udp = flow(0).packet(100, ACK);
+    udp[9] = 17;
+    let mut ext = flow(3).packet(100, ACK);
+    ext[6] = 0;
+    for p in [&udp, &ext] {
+        assert_eq!(co.push_with(p, true), Err(PushError::NotPartialTcp));
+    }
+    assert!(co.is_empty(), "nothing queued");
+    // A device without offload: the writer strips the header, so the coalescer finishes it.
+    let mut f = flow(1);
+    let input: Vec<Vec<u8>> = (0..3).map(|_| f.packet(MSS, ACK)).collect();
+    let mut co = Coalescer::new(4, true).headerless();
+    for p in &input {
+        co.push_with(&as_partial(p).0, true).expect("room");
+    }
+    let out: Vec<Vec<u8>> = co.finish().map(|w| w[VNET_HDR_LEN..].to_vec()).collect();
+    assert_eq!(out, input, "each finished, none merged");
+}
+
+#[test]
+fn partial_segments_merge_into_the_packet_complete_ones_make() {
+    let mut f = flow(4);
+    let input: Vec<Vec<u8>> = (0..20).map(|_| f.packet(MSS, ACK)).collect();
+    let complete = run(&input, 64, true);
+    let partial: Vec<(Vec<u8>, bool)> = input.iter().map(|p| as_partial(p)).collect();
+    assert!(partial.iter().all(|(p, flagged)| *flagged && !input.contains(p)), "the sums differ");
+    assert_eq!(run_with(&partial, 64, true), complete);
+    assert_eq!(complete.len(), 1);
 }
 
 #[test]

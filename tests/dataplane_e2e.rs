@@ -250,11 +250,21 @@ impl Inproc {
         InprocClient { ns, rt, dp, auth, nudges, ip, hook }
     }
 
-    /// Registers a session on the gateway and hands the same snapshot to the client.
+    /// Registers a session on the gateway and hands the same snapshot to the client; each
+    /// side takes partial checksums when its TUN device has offload, as `Authenticate` tells them.
     fn authenticate(&self, c: &InprocClient, id: u64, key: [u8; 32]) {
-        let s = DataSession::new(SessionId(id), c.ip, &SessionKey::new(key));
+        self.authenticate_with(c, id, key, (self.io.0, self.io.0));
+    }
+
+    /// [`Inproc::authenticate`] with what each side says of partial checksums: (the client
+    /// takes them, the gateway takes them).
+    fn authenticate_with(&self, c: &InprocClient, id: u64, key: [u8; 32], partial: (bool, bool)) {
+        let s = DataSession::new(SessionId(id), c.ip, &SessionKey::new(key)).with_partial_checksums(partial.0);
         self.table.install(Arc::new(s.with_ip6(Some(ip6_of(c.ip)))));
-        c.swap(snapshot(id, c.ip, key));
+        c.swap(Arc::new(VpnAuthResponse {
+            partial_checksums: partial.1,
+            ..Arc::into_inner(snapshot(id, c.ip, key)).expect("a fresh snapshot")
+        }));
     }
 }
 
@@ -1187,7 +1197,9 @@ fn bin_hostile_datagrams_at_both_ends_are_dropped_and_counted() {
 
     // Garbage, truncated, and a well-formed datagram of a session nobody has.
     let mut stranger =
-        wire::Header { msg_type: wire::MsgType::Data, session_id: SessionId(0x5eed), counter: 1 }.to_bytes().to_vec();
+        wire::Header { msg_type: wire::MsgType::Data, csum_partial: false, session_id: SessionId(0x5eed), counter: 1 }
+            .to_bytes()
+            .to_vec();
     stranger.extend_from_slice(&[0xaa; 48]);
     let garbage = [0x55u8; 64];
     let truncated = &stranger[..12];
@@ -1779,24 +1791,34 @@ fn inproc_loops_do_not_allocate_per_packet() {
 fn inproc_checked_streams_both_ways_in_every_tun_io_mode() {
     require_root!();
     // Plain single-packet IO, TSO reads with plain writes, and TSO reads with GRO-coalesced
-    // writes (the default): the same bytes arrive, in order, both ways.
-    for (offload, coalesce) in [(false, false), (true, false), (true, true)] {
+    // writes (the default): the same bytes arrive, in order, both ways. With offload, TSO
+    // segments travel with partial checksums, unless the side they go to does not take them
+    // (a peer from before the flag): then the sender finishes each, and the receiver's
+    // coalescer checks them (a wrong one would be left unmerged and dropped by the kernel).
+    let modes = [
+        (false, false, (false, false)),
+        (true, false, (true, true)),
+        (true, true, (true, true)),
+        (true, true, (false, true)),
+        (true, true, (true, false)),
+    ];
+    for (offload, coalesce, partial) in modes {
         let mut w = Inproc::with_io(offload, coalesce);
         let c = w.client(Ipv4Addr::new(100, 64, 0, 2));
-        w.authenticate(&c, 0x10, [11; 32]);
-        assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up ({offload}, {coalesce})");
+        w.authenticate_with(&c, 0x10, [11; 32], partial);
+        assert!(c.ns.ping_until(GW_TUN, T).is_some(), "tunnel up ({offload}, {coalesce}, {partial:?})");
         transfer(&c.ns, &w.gw_ns, SocketAddr::from((GW_TUN, 5020)), 1 << 20);
         transfer(&w.gw_ns, &c.ns, SocketAddr::from((c.ip, 5021)), 1 << 20);
         let (cs, gs) = (c.stats(), w.gw_stats());
         let bad = |s: &Stats| s.dropped(DropReason::Decrypt) + s.dropped(DropReason::Replay);
-        assert_eq!(bad(&cs) + bad(&gs), 0, "({offload}, {coalesce}): {cs} / {gs}");
+        assert_eq!(bad(&cs) + bad(&gs), 0, "({offload}, {coalesce}, {partial:?}): {cs} / {gs}");
         // With coalescing, both receivers really merged segments (and the kernel took the
         // merged packets: the checked streams above arrived intact); without it, none.
         eprintln!(
-            "({offload}, {coalesce}): merged {}/{} packets at the client, {}/{} at the gateway",
+            "({offload}, {coalesce}, {partial:?}): merged {}/{} packets at the client, {}/{} at the gateway",
             cs.rx_coalesced, cs.rx_packets, gs.rx_coalesced, gs.rx_packets
         );
         let merged = (cs.rx_coalesced > 0, gs.rx_coalesced > 0);
-        assert_eq!(merged, (coalesce, coalesce), "({offload}, {coalesce}): {cs} / {gs}");
+        assert_eq!(merged, (coalesce, coalesce), "({offload}, {coalesce}, {partial:?}): {cs} / {gs}");
     }
 }

@@ -184,7 +184,7 @@ fn tun_write_coalescing_allocates_nothing_per_packet() {
         for _ in 0..500 {
             for p in &batch {
                 co.push(black_box(p)).expect("room");
-                writer.push(black_box(p)).expect("room");
+                writer.push(black_box(p), false).expect("room");
             }
             for w in co.finish() {
                 written += black_box(w).len();

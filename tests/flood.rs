@@ -279,9 +279,14 @@ fn a_client_keeps_working_while_a_flood_runs_and_the_flood_is_logged_once() {
                 gw.clients_ns().enter_current_thread();
                 let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
                 sock.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-                let mut d = wire::Header { msg_type: wire::MsgType::Data, session_id: SessionId(0x5eed), counter: 1 }
-                    .to_bytes()
-                    .to_vec();
+                let mut d = wire::Header {
+                    msg_type: wire::MsgType::Data,
+                    csum_partial: false,
+                    session_id: SessionId(0x5eed),
+                    counter: 1,
+                }
+                .to_bytes()
+                .to_vec();
                 d.extend_from_slice(&[0xaa; 48]);
                 sock.send_to(&d, SocketAddr::from(([198, 18, 0, 2], gw.port))).expect("send");
                 let mut buf = [0u8; 64];

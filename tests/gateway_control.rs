@@ -135,7 +135,13 @@ async fn connect(addr: SocketAddr, client_file: &Path) -> Result<ControlClient<C
 }
 
 async fn auth(c: &mut ControlClient<Channel>) -> Result<AuthenticateResponse, tonic::Status> {
-    c.authenticate(AuthenticateRequest { client_version: "test/1".into() }).await.map(|r| r.into_inner())
+    auth_with(c, true).await
+}
+
+/// Authenticate, telling the gateway whether this client takes partial checksums.
+async fn auth_with(c: &mut ControlClient<Channel>, partial: bool) -> Result<AuthenticateResponse, tonic::Status> {
+    let req = AuthenticateRequest { client_version: "test/1".into(), accepts_partial_checksums: partial };
+    c.authenticate(req).await.map(|r| r.into_inner())
 }
 
 async fn ping(c: &mut ControlClient<Channel>, client_id: &str, session_id: u64) -> PingStatus {
@@ -171,6 +177,11 @@ async fn authenticate_twice_gives_same_ip_and_fresh_sessions() {
     assert_eq!(a.data_port, 51820);
     assert_eq!(a.session_idle_timeout_ms, 180_000);
 
+    // Offload is on by default: the gateway takes partial checksums, and keeps what each
+    // session's client said of them, for its own sends.
+    assert!(a.accepts_partial_checksums);
+    assert!(server.sessions.get(SessionId(a.session_id)).expect("open").partial_checksums);
+
     let b = auth(&mut c).await.unwrap();
     assert_eq!(b.assigned_ip, a.assigned_ip, "the same client always gets the same address");
     assert_ne!(b.session_id, a.session_id);
@@ -180,9 +191,14 @@ async fn authenticate_twice_gives_same_ip_and_fresh_sessions() {
     assert_eq!(ping(&mut c, "alice", a.session_id).await, PingStatus::Ok, "previous session is in its grace period");
     assert_eq!(ping(&mut c, "alice", 0x1234_5678).await, PingStatus::SessionExpired, "unknown id");
     assert_eq!(ping(&mut c, "bob", b.session_id).await, PingStatus::SessionExpired, "client_id is not the caller");
+    let old = auth_with(&mut c, false).await.unwrap();
+    assert!(!server.sessions.get(SessionId(old.session_id)).expect("open").partial_checksums, "a client from before");
 
     let long = "v".repeat(65);
-    let err = c.authenticate(AuthenticateRequest { client_version: long }).await.unwrap_err();
+    let err = c
+        .authenticate(AuthenticateRequest { client_version: long, accepts_partial_checksums: true })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     server.shutdown().await;
 }

@@ -40,6 +40,7 @@ fn ping_lookup_does_not_allocate() {
         assigned_ip: Ipv4Addr::new(10, 0, 0, ip),
         assigned_ip6: None,
         key: SessionKey::new([1; 32]),
+        partial_checksums: true,
     };
     table.open(alice(2), 0, &mut next);
     table.open(
@@ -49,6 +50,7 @@ fn ping_lookup_does_not_allocate() {
             assigned_ip: Ipv4Addr::new(10, 0, 0, 3),
             assigned_ip6: None,
             key: SessionKey::new([2; 32]),
+            partial_checksums: true,
         },
         0,
         &mut next,
@@ -64,6 +66,7 @@ fn ping_lookup_does_not_allocate() {
                 assigned_ip: ip,
                 assigned_ip6: None,
                 key: SessionKey::new([3; 32]),
+                partial_checksums: true,
             },
             0,
             || 1000 + u64::from(i),

@@ -4,7 +4,9 @@
 //! checksum was left undone comes out with a valid one; hostile headers and bytes are errors,
 //! never panics.
 
-use holdfast::sansio::segment::{Offload, Slots, SplitError, VNET_HDR_LEN, largest_segment, split};
+use holdfast::sansio::segment::{
+    Checksums, Offload, Slots, SplitError, VNET_HDR_LEN, finish_partial, largest_segment, split, split_with, tcp_start,
+};
 use proptest::prelude::*;
 
 const OFFSET: usize = 20;
@@ -180,6 +182,42 @@ proptest! {
         }
     }
 
+    /// Asked for partial checksums, a TCP packet's segments are the complete ones but for the
+    /// checksum field, which holds the pseudo-header's sum (what the peer's kernel finishes);
+    /// finished here they are the complete ones byte for byte. A UDP packet's stay complete.
+    #[test]
+    fn partial_segments_finished_are_the_complete_ones(s in supers()) {
+        let packet = s.bytes();
+        let off = s.offload();
+        let (mut full, mut full_sizes) = slots();
+        let n = split(off, &packet, &mut Slots { slots: &mut full, stride: STRIDE, offset: OFFSET, sizes: &mut full_sizes }).unwrap();
+        let (mut part, mut part_sizes) = slots();
+        let cut = split_with(off, &packet, &mut Slots { slots: &mut part, stride: STRIDE, offset: OFFSET, sizes: &mut part_sizes }, Checksums::Partial).unwrap();
+        prop_assert_eq!(cut.packets, n);
+        prop_assert_eq!(cut.csum_partial, !s.udp && n > 0);
+        prop_assert_eq!(&part_sizes[..n], &full_sizes[..n]);
+        for i in 0..n {
+            let at = i * STRIDE + OFFSET;
+            let seg = &mut part[at..at + part_sizes[i]];
+            let want = &full[at..at + full_sizes[i]];
+            if cut.csum_partial {
+                prop_assert_eq!(tcp_start(seg), Some(s.iph()));
+                let field = s.iph() + 16;
+                prop_assert_eq!(&seg[..field], &want[..field], "segment {}", i);
+                prop_assert_eq!(&seg[field + 2..], &want[field + 2..], "segment {}", i);
+                let l4_len = seg.len() - s.iph();
+                let mut p = pseudo(seg, 6, l4_len);
+                while p > 0xffff {
+                    p = (p & 0xffff) + (p >> 16);
+                }
+                let field_value = u16::from_be_bytes([seg[field], seg[field + 1]]);
+                prop_assert_eq!(u32::from(field_value), p, "segment {}: the pseudo-header's sum", i);
+                prop_assert_eq!(finish_partial(seg), Some(()));
+            }
+            prop_assert_eq!(&*seg, want, "segment {}", i);
+        }
+    }
+
     /// A packet without GSO whose checksum the kernel left undone (the field holding the
     /// pseudo-header's sum) is copied with the checksum finished; one with its checksum done
     /// is copied as it is.
@@ -241,6 +279,19 @@ proptest! {
                 }
             }
             Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+        // Asked for partial checksums: the same packets, or the same error; each one marked
+        // partial finishes (the layout a receiver finds the checksum in).
+        let full = sizes;
+        let cut = split_with(off, &read[VNET_HDR_LEN..], &mut Slots { slots: &mut slots, stride, offset, sizes: &mut sizes }, Checksums::Partial);
+        let again = split(off, &read[VNET_HDR_LEN..], &mut Slots { slots: &mut vec![0u8; stride * 8], stride, offset, sizes: &mut [0usize; 8] });
+        prop_assert_eq!(cut.map(|c| c.packets), again);
+        if let Ok(cut) = cut {
+            prop_assert_eq!(&sizes[..cut.packets], &full[..cut.packets]);
+            for i in 0..cut.packets {
+                let seg = &mut slots[i * stride + offset..][..sizes[i]];
+                prop_assert!(!cut.csum_partial || finish_partial(seg).is_some(), "segment {}", i);
+            }
         }
         prop_assert_eq!(Offload::parse(&read[..read.len().min(VNET_HDR_LEN - 1)]).err(), Some(SplitError::Short(read.len().min(VNET_HDR_LEN - 1))));
     }

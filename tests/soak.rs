@@ -339,6 +339,7 @@ impl Soak<'_> {
         for id in 0..20u64 {
             let mut d = holdfast::sansio::wire::Header {
                 msg_type: holdfast::sansio::wire::MsgType::Data,
+                csum_partial: false,
                 session_id: holdfast::snapshot::SessionId(0x5eed_0000 + id),
                 counter: id,
             }

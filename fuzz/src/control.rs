@@ -94,6 +94,7 @@ fn service() -> ControlService {
         dns: Default::default(),
         dns_counters: Default::default(),
         counters: Default::default(),
+        partial_checksums: true,
     }))
 }
 
@@ -240,7 +241,8 @@ pub fn control_handlers(data: &[u8]) {
         let kind = r.u8() % 2;
         let who = peer(&mut r);
         if kind == op::AUTHENTICATE {
-            let req = AuthenticateRequest { client_version: r.string() };
+            // The flag only changes what the data plane sends later, not the answer's shape.
+            let req = AuthenticateRequest { client_version: r.string(), accepts_partial_checksums: true };
             model.authenticate(&svc, &who, req);
         } else {
             let client_id = match (r.u8(), &who) {

@@ -95,7 +95,9 @@ fn documented_header(d: &[u8]) -> Result<Header, WireError> {
         5 => MsgType::ProbeAck,
         _ => return Err(WireError::UnknownType),
     };
-    if d[1..4] != [0, 0, 0] {
+    // Byte 1: flags, of which Data has one (bit 0, a partial inner checksum); 2 and 3 reserved.
+    let flag_ok = d[1] == 0 || (d[1] == 1 && msg_type == MsgType::Data);
+    if !flag_ok || d[2..4] != [0, 0] {
         return Err(WireError::BadReserved);
     }
     let sealed_len = HEADER_LEN + TAG_LEN;
@@ -109,7 +111,7 @@ fn documented_header(d: &[u8]) -> Result<Header, WireError> {
         _ => {}
     }
     let be = |r: std::ops::Range<usize>| d[r].iter().fold(0u64, |a, &b| (a << 8) | u64::from(b));
-    Ok(Header { msg_type, session_id: SessionId(be(4..12)), counter: be(12..20) })
+    Ok(Header { msg_type, csum_partial: d[1] == 1, session_id: SessionId(be(4..12)), counter: be(12..20) })
 }
 
 /// Target `datagram_parse`: any bytes as a received datagram.

@@ -181,7 +181,7 @@ fn control_seeds() -> Vec<Seed> {
     };
 
     let req = |which: u8, m: Vec<u8>| Writer::new().u8(which).raw(&m).finish();
-    let auth_req = AuthenticateRequest { client_version: v.into() }.encode_to_vec();
+    let auth_req = AuthenticateRequest { client_version: v.into(), accepts_partial_checksums: true }.encode_to_vec();
     let ping_req = PingSessionRequest { client_id: "alice".into(), session_id: 0x0123_4567_89ab_cdef }.encode_to_vec();
     let mut ping_unknown_field = ping_req.clone();
     ping_unknown_field.extend_from_slice(&[0x78, 0x2a]); // field 15, varint 42: skipped

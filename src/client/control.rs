@@ -55,6 +55,9 @@ pub struct ControlPlane {
     client_id: Arc<str>,
     /// The gateway this channel talks to (recorded in each snapshot it hands out).
     gateway: SocketAddr,
+    /// Told to the gateway in `Authenticate`: this client's TUN device takes a packet whose TCP
+    /// checksum is partial (it has offload on), so the gateway may send such packets.
+    accepts_partial_checksums: bool,
 }
 
 impl ControlPlane {
@@ -89,6 +92,7 @@ impl ControlPlane {
             endpoint: channel,
             client_id: Arc::from(file.name.as_str()),
             gateway,
+            accepts_partial_checksums: file.network.offload.unwrap_or(true),
         })
     }
 
@@ -101,6 +105,7 @@ impl ControlPlane {
             endpoint: self.endpoint.clone(),
             client_id: Arc::clone(&self.client_id),
             gateway: self.gateway,
+            accepts_partial_checksums: self.accepts_partial_checksums,
         }
     }
 
@@ -108,6 +113,7 @@ impl ControlPlane {
     pub async fn authenticate(&self, deadline: Duration) -> Result<Arc<VpnAuthResponse>, CallError<AuthFailure>> {
         let mut req = tonic::Request::new(pb::AuthenticateRequest {
             client_version: concat!("holdfast/", env!("CARGO_PKG_VERSION")).to_owned(),
+            accepts_partial_checksums: self.accepts_partial_checksums,
         });
         req.set_timeout(deadline);
         let mut client = self.client.clone();
@@ -232,6 +238,7 @@ pub fn snapshot_from_gateway(
         received_at: SystemTime::now(),
         gateway_addr: gateway,
         endpoints,
+        partial_checksums: r.accepts_partial_checksums,
         crypto: Default::default(),
     }))
 }

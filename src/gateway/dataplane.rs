@@ -77,6 +77,9 @@ pub struct DataSession {
     pub assigned_ip6: Option<Ipv6Addr>,
     /// Cipher, the gateway-to-client counter and the client-to-gateway replay window.
     pub crypto: SessionCrypto,
+    /// The client takes Data with a partial inner TCP checksum
+    /// ([`crate::sansio::wire::FLAG_CSUM_PARTIAL`]); without, the gateway finishes each one.
+    pub partial_checksums: bool,
     /// Where the client was last seen; written by the receive loop only.
     path: SessionPath,
     /// This session's own traffic and drops (`gateway status`), bumped by the loops beside the
@@ -92,9 +95,16 @@ impl DataSession {
             assigned_ip,
             assigned_ip6: None,
             crypto: SessionCrypto::new(key),
+            partial_checksums: false,
             path: SessionPath::default(),
             traffic: Counters::default(),
         }
+    }
+
+    /// The same session for a client that takes partial checksums (or not).
+    pub fn with_partial_checksums(mut self, on: bool) -> Self {
+        self.partial_checksums = on;
+        self
     }
 
     /// The same session with an IPv6 tunnel address too.
@@ -275,7 +285,11 @@ impl ControlSessions {
         }
         let mut next: HashMap<_, _> =
             current.iter().filter(|(id, _)| self.table.get(**id).is_some()).map(|(id, d)| (*id, d.clone())).collect();
-        let d = Arc::new(DataSession::new(s.id, s.assigned_ip, &s.key).with_ip6(s.assigned_ip6));
+        let d = Arc::new(
+            DataSession::new(s.id, s.assigned_ip, &s.key)
+                .with_ip6(s.assigned_ip6)
+                .with_partial_checksums(s.partial_checksums),
+        );
         next.insert(s.id, d.clone());
         self.data.store(Arc::new(next));
         Some(d)
@@ -702,6 +716,7 @@ mod tests {
                 assigned_ip: ip,
                 assigned_ip6: None,
                 key: SessionKey::new([id as u8; 32]),
+                partial_checksums: true,
             };
             table.open(new, 0, || id).session.id
         };

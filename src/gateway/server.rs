@@ -118,6 +118,7 @@ impl ControlPlane {
             dns,
             dns_counters: Default::default(),
             counters: Default::default(),
+            partial_checksums: config.dataplane.offload,
         });
 
         let tcp = TcpIncoming::from(

@@ -44,6 +44,9 @@ pub struct ControlState {
     pub dns_counters: Arc<super::dns::DnsCounters>,
     /// Results of Authenticate and PingSession, registry reloads (`gateway status`, metrics).
     pub counters: ControlCounters,
+    /// Told to every client in Authenticate: the gateway's TUN device takes packets whose TCP
+    /// checksum is partial (it has offload on), so clients may send them.
+    pub partial_checksums: bool,
 }
 
 impl ControlState {
@@ -164,6 +167,7 @@ impl Control for ControlService {
             // Only with a plan to route it by: a registry entry's ip6 is checked against it.
             assigned_ip6: state.v6.and(record.ip6),
             key: fresh_key(),
+            partial_checksums: request.get_ref().accepts_partial_checksums,
         };
         let mut rng = rand::rng();
         let opened = state.sessions.open(new, state.clock.now(), || rng.next_u64());
@@ -202,6 +206,7 @@ impl Control for ControlService {
             dns_servers: state.dns.servers.iter().map(ip_bytes).collect(),
             search_domains: state.dns.search_domains.clone(),
             endpoints: view.endpoints().to_vec(),
+            accepts_partial_checksums: state.partial_checksums,
         }))
     }
 

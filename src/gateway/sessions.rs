@@ -88,6 +88,8 @@ pub struct Session {
     /// The client's IPv6 tunnel address, if the gateway and its registry entry have one.
     pub assigned_ip6: Option<Ipv6Addr>,
     pub key: SessionKey,
+    /// The client takes Data with a partial inner TCP checksum (it said so in Authenticate).
+    pub partial_checksums: bool,
     pub opened_at: Millis,
     last_seen: AtomicU64,
     superseded_at: AtomicU64,
@@ -191,6 +193,8 @@ pub struct NewSession {
     pub assigned_ip: Ipv4Addr,
     pub assigned_ip6: Option<Ipv6Addr>,
     pub key: SessionKey,
+    /// The client takes Data with a partial inner TCP checksum (it said so in Authenticate).
+    pub partial_checksums: bool,
 }
 
 #[derive(Default, Clone)]
@@ -377,6 +381,7 @@ impl SessionTable {
             assigned_ip: new.assigned_ip,
             assigned_ip6: new.assigned_ip6,
             key: new.key,
+            partial_checksums: new.partial_checksums,
             opened_at: now,
             last_seen: AtomicU64::new(now),
             superseded_at: AtomicU64::new(CURRENT),
@@ -453,6 +458,7 @@ mod tests {
             assigned_ip: Ipv4Addr::new(10, 0, 0, ip),
             assigned_ip6: Some(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(ip))),
             key: SessionKey::new([ip; 32]),
+            partial_checksums: true,
         }
     }
 

@@ -21,6 +21,8 @@
 //!   shorter, and nothing after a shorter one or after PSH;
 //! - both IP and TCP checksums valid: a merged packet goes to the kernel with `NEEDS_CSUM`,
 //!   which it does not verify, so a segment the kernel would have dropped must not be merged.
+//!   A segment whose checksum the sender left partial ([`Coalescer::push_with`]) has no sum to
+//!   check: it is copied without summing, and goes to the kernel with `NEEDS_CSUM` merged or not.
 //!
 //! A packet is only ever appended to the most recent packet of its flow in the batch, so the
 //! order of packets within a flow is kept; packets of different flows may be written in another
@@ -30,7 +32,10 @@
 
 use super::checksum::{copy_sum, fold, pseudo_header, sum};
 pub use super::segment::VNET_HDR_LEN;
-use super::segment::{F_NEEDS_CSUM as VNET_F_NEEDS_CSUM, GSO_TCPV4 as VNET_GSO_TCPV4, GSO_TCPV6 as VNET_GSO_TCPV6};
+use super::segment::{
+    F_NEEDS_CSUM as VNET_F_NEEDS_CSUM, GSO_TCPV4 as VNET_GSO_TCPV4, GSO_TCPV6 as VNET_GSO_TCPV6, TCP_CSUM_OFFSET,
+    finish_partial, tcp_start,
+};
 
 /// The largest packet merged or passed through: the largest IPv4 packet (its total-length field
 /// is 16 bits). An IPv6 packet could be 40 bytes longer; merged ones stay within this too.
@@ -46,8 +51,6 @@ const SLOT: usize = VNET_HDR_LEN + MAX_PACKET;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 const IPPROTO_TCP: u8 = 6;
-/// The TCP checksum's offset inside the TCP header.
-const TCP_CSUM_OFFSET: usize = 16;
 
 /// Why a packet could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +61,10 @@ pub enum PushError {
     /// Longer than any IPv4 packet can be.
     #[error("packet longer than {MAX_PACKET} bytes")]
     TooLong,
+    /// Flagged with a partial checksum, but not a TCP segment right behind its IP header, the
+    /// one place a partial checksum can be finished (see [`super::segment::tcp_start`]).
+    #[error("a packet with a partial checksum that is not a plain TCP segment")]
+    NotPartialTcp,
 }
 
 /// The IP family of a segment: everything that differs between IPv4 and IPv6 is a method here,
@@ -75,28 +82,8 @@ impl Ip {
     /// The family and IP header length if `p` is a whole, unfragmented IP packet carrying TCP
     /// directly (no IPv6 extension header) with room for a TCP header.
     fn tcp_packet(p: &[u8]) -> Option<(Ip, usize)> {
-        match p.first()? >> 4 {
-            4 => {
-                let h = p.get(..20)?;
-                if h[9] != IPPROTO_TCP {
-                    return None;
-                }
-                let iph_len = usize::from(h[0] & 0x0f) * 4;
-                let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
-                // More-fragments flag or a fragment offset: a fragment.
-                let fragment = h[6] & 0x3f != 0 || h[7] != 0;
-                (iph_len >= 20 && total == p.len() && !fragment && p.len() >= iph_len + 20).then_some((Ip::V4, iph_len))
-            }
-            6 => {
-                let h = p.get(..IPV6_HEADER)?;
-                // The payload length covers everything after the fixed header; 0 would be a
-                // jumbogram, whose real length sits in a hop-by-hop option: not merged.
-                let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
-                (h[6] == IPPROTO_TCP && payload != 0 && IPV6_HEADER + payload == p.len() && p.len() >= IPV6_HEADER + 20)
-                    .then_some((Ip::V6, IPV6_HEADER))
-            }
-            _ => None,
-        }
+        let iph_len = tcp_start(p)?;
+        Some((if p[0] >> 4 == 4 { Ip::V4 } else { Ip::V6 }, iph_len))
     }
 
     /// Where the source and destination addresses sit, back to back (the TCP pseudo-header's).
@@ -228,6 +215,9 @@ pub struct Coalescer {
     items: Vec<Item>,
     n: usize,
     merge: bool,
+    /// The output is written without its virtio-net header (a device without offload), so a
+    /// partial checksum is finished here, not by the kernel.
+    headerless: bool,
     finished: bool,
     /// Segments appended to an earlier packet since creation (a tally for tests and stats).
     merged: u64,
@@ -243,9 +233,18 @@ impl Coalescer {
             items: vec![Item::default(); capacity],
             n: 0,
             merge,
+            headerless: false,
             finished: false,
             merged: 0,
         }
+    }
+
+    /// The same coalescer for a device without offload, whose writes have no virtio-net
+    /// header (the caller strips it): a packet with a partial checksum gets it finished here.
+    pub fn headerless(mut self) -> Self {
+        self.headerless = true;
+        self.merge = false;
+        self
     }
 
     /// No free item slot: a push may fail with [`PushError::Full`].
@@ -264,11 +263,20 @@ impl Coalescer {
     }
 
     /// Queues `packet`: appended to the latest packet of its flow when the rules allow it, else
-    /// copied into a new item.
+    /// copied into a new item. Its checksums are complete (checked before it is merged).
     pub fn push(&mut self, packet: &[u8]) -> Result<(), PushError> {
+        self.push_with(packet, false)
+    }
+
+    /// [`Coalescer::push`] for a packet whose TCP checksum may be partial (`csum_partial`: the
+    /// field holds the pseudo-header's sum only, see [`super::wire::FLAG_CSUM_PARTIAL`]). Such a
+    /// packet must be a TCP segment right behind its IP header ([`PushError::NotPartialTcp`]
+    /// otherwise); it goes to the kernel with `NEEDS_CSUM`, merged or on its own.
+    pub fn push_with(&mut self, packet: &[u8], csum_partial: bool) -> Result<(), PushError> {
         if packet.len() > MAX_PACKET {
             return Err(PushError::TooLong);
         }
+        let partial_at = if csum_partial { Some(tcp_start(packet).ok_or(PushError::NotPartialTcp)?) } else { None };
         if self.finished {
             // Headers of the finished items were rewritten; new packets must not join them.
             self.clear();
@@ -278,7 +286,7 @@ impl Coalescer {
         if let Some(seg) = &seg
             && let Some(i) = self.latest_of_flow(seg.flow)
         {
-            match self.try_append(i, packet, seg) {
+            match self.try_append(i, packet, seg, csum_partial) {
                 Append::Done => return Ok(()),
                 Append::No => {}
                 Append::BadChecksum => open_new = false,
@@ -290,7 +298,16 @@ impl Coalescer {
         let item = &mut self.items[self.n];
         let buf = &mut self.bufs[self.n * SLOT..][..SLOT];
         buf[..VNET_HDR_LEN].fill(0);
-        buf[VNET_HDR_LEN..VNET_HDR_LEN + packet.len()].copy_from_slice(packet);
+        let body = &mut buf[VNET_HDR_LEN..VNET_HDR_LEN + packet.len()];
+        body.copy_from_slice(packet);
+        if let Some(start) = partial_at {
+            if self.headerless {
+                // `partial_at` checked the layout, so this finds it.
+                let _ = finish_partial(body);
+            } else {
+                write_partial_header(&mut buf[..VNET_HDR_LEN], start);
+            }
+        }
         *item = match seg {
             Some(s) => Item {
                 len: packet.len(),
@@ -298,7 +315,8 @@ impl Coalescer {
                 ip: Some(s.ip),
                 // PSH ends a merged run; a bad checksum is never merged with.
                 open: open_new && !s.psh,
-                head_checked: false,
+                // A partial checksum has no sum to check.
+                head_checked: csum_partial,
                 iph_len: s.iph_len,
                 tcph_len: s.tcph_len,
                 ack: s.ack,
@@ -325,7 +343,7 @@ impl Coalescer {
         (from..self.n).rev().find(|&i| self.items[i].flow == Some(flow))
     }
 
-    fn try_append(&mut self, i: usize, packet: &[u8], seg: &Segment) -> Append {
+    fn try_append(&mut self, i: usize, packet: &[u8], seg: &Segment, csum_partial: bool) -> Append {
         let item = self.items[i];
         let buf = &self.bufs[i * SLOT + VNET_HDR_LEN..][..MAX_PACKET];
         let head = &buf[..item.len];
@@ -353,12 +371,18 @@ impl Coalescer {
             self.items[i].head_checked = true;
         }
         // The payload is copied and summed in one pass. A segment whose checksums fail leaves
-        // its bytes past the item's end, where nothing reads them.
+        // its bytes past the item's end, where nothing reads them. A partial checksum has no
+        // sum to check: the kernel computes the merged packet's.
         let headers = seg.iph_len + seg.tcph_len;
         let at = i * SLOT + VNET_HDR_LEN + item.len;
-        let payload_sum = copy_sum(&mut self.bufs[at..at + seg.payload_len], &packet[headers..]);
-        if !checksums_valid_with(seg.ip, &packet[..headers], seg.iph_len, seg.payload_len, payload_sum) {
-            return Append::BadChecksum;
+        let dst = &mut self.bufs[at..at + seg.payload_len];
+        if csum_partial {
+            dst.copy_from_slice(&packet[headers..]);
+        } else {
+            let payload_sum = copy_sum(dst, &packet[headers..]);
+            if !checksums_valid_with(seg.ip, &packet[..headers], seg.iph_len, seg.payload_len, payload_sum) {
+                return Append::BadChecksum;
+            }
         }
         let item = &mut self.items[i];
         item.len += seg.payload_len;
@@ -425,6 +449,16 @@ fn write_gso_headers(item: &Item, buf: &mut [u8]) {
     hdr[2..4].copy_from_slice(&((iph + item.tcph_len) as u16).to_ne_bytes());
     hdr[4..6].copy_from_slice(&(item.gso_size as u16).to_ne_bytes());
     hdr[6..8].copy_from_slice(&(iph as u16).to_ne_bytes());
+    hdr[8..10].copy_from_slice(&(TCP_CSUM_OFFSET as u16).to_ne_bytes());
+}
+
+/// The virtio-net header of a lone packet whose TCP checksum is partial: `NEEDS_CSUM` from the
+/// TCP header at `start`, no GSO (what a merged packet gets from [`write_gso_headers`] instead).
+fn write_partial_header(hdr: &mut [u8], start: usize) {
+    hdr.fill(0);
+    hdr[0] = VNET_F_NEEDS_CSUM;
+    // `start` is an IP header's length (at most 60), so it fits in 16 bits.
+    hdr[6..8].copy_from_slice(&(start as u16).to_ne_bytes());
     hdr[8..10].copy_from_slice(&(TCP_CSUM_OFFSET as u16).to_ne_bytes());
 }
 

@@ -24,7 +24,7 @@
 //! bounds only; the exact lengths are then left to the parser, which runs per datagram. Without
 //! GRO the kernel splits every GSO skb before the filter and the exact lengths are enforced.
 
-use super::wire::{HEADER_LEN, MIN_PROBE_LEN, MsgType, OVERHEAD};
+use super::wire::{FLAG_CSUM_PARTIAL, HEADER_LEN, MIN_PROBE_LEN, MsgType, OVERHEAD};
 
 /// One classic BPF instruction, laid out like the kernel's `struct sock_filter`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,8 +105,18 @@ enum LenRule {
 }
 
 impl FilterSpec {
-    /// The types this side accepts, each with its length rule, in the order the program tests
-    /// them (Data first: the common case takes the fewest jumps).
+    /// The first words this side accepts (a type's byte and its flags, then the two reserved
+    /// zero bytes), each with the index of its type in [`FilterSpec::rules`], in the order the
+    /// program tests them: Data first (the common case takes the fewest jumps), then Data with
+    /// a partial checksum ([`FLAG_CSUM_PARTIAL`]), then the other types without flags.
+    fn words(self) -> impl Iterator<Item = (u32, usize)> {
+        let word = |t: MsgType, flags: u8| u32::from(t.first_byte()) << 24 | u32::from(flags) << 16;
+        let partial = (word(MsgType::Data, FLAG_CSUM_PARTIAL), 0);
+        let mut plain = self.rules().enumerate().map(move |(i, (t, _))| (word(t, 0), i));
+        plain.next().into_iter().chain([partial]).chain(plain)
+    }
+
+    /// The types this side accepts, each with its length rule, Data first.
     fn rules(self) -> impl Iterator<Item = (MsgType, LenRule)> {
         let fixed = |n| {
             if self.coalesced { LenRule::AtLeast(n) } else { LenRule::Exactly(n) }
@@ -123,11 +133,12 @@ impl FilterSpec {
             .chain(ack)
     }
 
-    /// The program. Its shape, for `n` accepted types:
+    /// The program. Its shape, for `n` accepted types and `m` accepted first words (one per
+    /// type, and Data's with a partial checksum, which shares Data's length check):
     ///
     /// ```text
-    /// 0        A = first 4 bytes of the datagram (version/type byte, 3 reserved zero bytes)
-    /// 1..=n    if A == type t's exact word: goto check t          (last: else goto drop)
+    /// 0        A = first 4 bytes of the datagram (version/type byte, flags, 2 reserved zero bytes)
+    /// 1..=m    if A == an accepted word of type t: goto check t   (last: else goto drop)
     /// check t  A = length; if A == / >= 8 + len(t): goto accept, else goto drop
     /// accept   return u32::MAX
     /// drop     return 0
@@ -155,9 +166,10 @@ impl FilterSpec {
 
     fn program_for(self, known: Option<KnownSessions<'_>>) -> Vec<Insn> {
         let rules: Vec<(MsgType, LenRule)> = self.rules().collect();
-        let n = rules.len();
-        let check = |t: usize| 1 + n + 2 * t;
-        let accept = 1 + 3 * n;
+        let words: Vec<(u32, usize)> = self.words().collect();
+        let (n, m) = (rules.len(), words.len());
+        let check = |t: usize| 1 + m + 2 * t;
+        let accept = 1 + m + 2 * n;
         let drop = accept + 1;
         // With ids, a datagram that passed its type's checks goes on to the id checks behind
         // the two returns; every jump stays short (a jump offset is one byte).
@@ -167,10 +179,9 @@ impl FilterSpec {
         let rel = |pc: usize, target: usize| (target - pc - 1) as u8;
         let mut p = Vec::with_capacity(drop + 1 + known.map_or(0, |k| 5 * k.ids.len() + 4));
         p.push(Insn::stmt(op::LD_W_ABS, UDP_HEADER));
-        for (t, (msg_type, _)) in rules.iter().enumerate() {
-            let pc = 1 + t;
-            let otherwise = if t + 1 == n { rel(pc, drop) } else { 0 };
-            let word = u32::from(msg_type.first_byte()) << 24;
+        for (w, &(word, t)) in words.iter().enumerate() {
+            let pc = 1 + w;
+            let otherwise = if w + 1 == m { rel(pc, drop) } else { 0 };
             p.push(Insn::jump(op::JEQ_K, word, rel(pc, check(t)), otherwise));
         }
         for (t, (_, rule)) in rules.iter().enumerate() {
@@ -276,7 +287,9 @@ mod tests {
         buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
         let n = match kind {
             0 => cipher.seal_keepalive(dir, SessionId(sid), counter, &mut buf),
-            _ => cipher.seal_data(dir, SessionId(sid), counter, &mut buf, payload.len()),
+            1 => cipher.seal_data(dir, SessionId(sid), counter, &mut buf, payload.len()),
+            // Data with a partial inner checksum.
+            _ => cipher.seal_data_with(dir, SessionId(sid), counter, &mut buf, payload.len(), true),
         }
         .expect("seal");
         buf.truncate(n);
@@ -303,8 +316,13 @@ mod tests {
         let data = sealed(1, 5, 9, &[0x45; 60], Direction::ClientToGateway);
         let keepalive = sealed(0, 5, 9, &[], Direction::GatewayToClient);
         let notice = wire::unknown_session_notice(SessionId(5), 9).to_vec();
+        let partial = sealed(2, 5, 9, &[0x45; 60], Direction::ClientToGateway);
         for spec in SPECS {
             assert!(passes(spec, &data), "{spec:?} data");
+            assert!(passes(spec, &partial), "{spec:?} data with a partial checksum");
+            let mut flagged_keepalive = keepalive.clone();
+            flagged_keepalive[1] = wire::FLAG_CSUM_PARTIAL;
+            assert!(!passes(spec, &flagged_keepalive), "{spec:?} only data has the flag");
             assert!(passes(spec, &sealed(1, 5, 9, &[], Direction::ClientToGateway)), "empty data");
             assert!(passes(spec, &keepalive), "{spec:?} keepalive");
             assert_eq!(passes(spec, &notice), spec.side == Side::Client, "{spec:?} notice");
@@ -411,7 +429,7 @@ mod tests {
         /// Everything the real sealer produces passes, alone and coalesced by GRO.
         #[test]
         fn every_sealed_datagram_passes(
-            kind in 0u8..2,
+            kind in 0u8..3,
             sid: u64,
             counter in 0u64..u64::MAX,
             payload in proptest::collection::vec(any::<u8>(), 0..1500),
@@ -449,6 +467,8 @@ mod tests {
             head in prop_oneof![
                 Just(vec![]),
                 (0u8..0x40).prop_map(|b| vec![b, 0, 0, 0]),
+                // Any flags byte behind a valid type byte.
+                (0x11u8..0x16, any::<u8>()).prop_map(|(b, f)| vec![b, f, 0, 0]),
                 proptest::collection::vec(any::<u8>(), 4),
             ],
             tail in proptest::collection::vec(any::<u8>(), 0..80),

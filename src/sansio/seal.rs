@@ -158,6 +158,9 @@ pub struct Opened {
     pub counter: u64,
     /// Where the inner packet lies in the datagram buffer (empty for a keepalive).
     pub payload: Range<usize>,
+    /// Data only: the inner TCP segment's checksum is partial ([`wire::FLAG_CSUM_PARTIAL`]);
+    /// authenticated with the header.
+    pub csum_partial: bool,
 }
 
 /// The AES-256-GCM state of one session: the expanded key schedule and GHASH key.
@@ -227,7 +230,22 @@ impl SessionCipher {
         buf: &mut [u8],
         payload_len: usize,
     ) -> Result<usize, SealError> {
-        self.seal(dir, MsgType::Data, session_id, counter, buf, payload_len)
+        self.seal(dir, MsgType::Data, false, session_id, counter, buf, payload_len)
+    }
+
+    /// [`SessionCipher::seal_data`] with [`wire::FLAG_CSUM_PARTIAL`] set as `csum_partial` says:
+    /// for a TCP segment whose checksum holds the pseudo-header's sum only, sealed for a peer
+    /// that takes such segments.
+    pub fn seal_data_with(
+        &self,
+        dir: Direction,
+        session_id: SessionId,
+        counter: u64,
+        buf: &mut [u8],
+        payload_len: usize,
+        csum_partial: bool,
+    ) -> Result<usize, SealError> {
+        self.seal(dir, MsgType::Data, csum_partial, session_id, counter, buf, payload_len)
     }
 
     /// Seals a keepalive (empty payload) into `buf` and returns its length, [`OVERHEAD`].
@@ -239,7 +257,7 @@ impl SessionCipher {
         counter: u64,
         buf: &mut [u8],
     ) -> Result<usize, SealError> {
-        self.seal(dir, MsgType::Keepalive, session_id, counter, buf, 0)
+        self.seal(dir, MsgType::Keepalive, false, session_id, counter, buf, 0)
     }
 
     /// Seals a path MTU probe or ack whose payload (body and padding, see [`wire::ProbeBody`])
@@ -254,13 +272,15 @@ impl SessionCipher {
         payload_len: usize,
     ) -> Result<usize, SealError> {
         let msg_type = if ack { MsgType::ProbeAck } else { MsgType::Probe };
-        self.seal(dir, msg_type, session_id, counter, buf, payload_len)
+        self.seal(dir, msg_type, false, session_id, counter, buf, payload_len)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn seal(
         &self,
         dir: Direction,
         msg_type: MsgType,
+        csum_partial: bool,
         session_id: SessionId,
         counter: u64,
         buf: &mut [u8],
@@ -272,7 +292,7 @@ impl SessionCipher {
         let total = payload_len.checked_add(OVERHEAD).filter(|&t| t <= buf.len()).ok_or(SealError::BufferTooSmall)?;
         let (head, rest) = buf[..total].split_at_mut(HEADER_LEN);
         let (body, tag_out) = rest.split_at_mut(payload_len);
-        head.copy_from_slice(&Header { msg_type, session_id, counter }.to_bytes());
+        head.copy_from_slice(&Header { msg_type, csum_partial, session_id, counter }.to_bytes());
         let nonce = Nonce::assume_unique_for_key(dir.nonce(counter));
         let tag = self
             .key()
@@ -309,7 +329,13 @@ impl SessionCipher {
         // `open_within` splits the tag off the end of `rest` itself (`rest` is at least TAG_LEN
         // long, checked above) and decrypts the body where it lies.
         self.key().open_within(nonce, Aad::from(&*head), rest, 0..).map_err(|_| OpenError::Decrypt)?;
-        Ok(Opened { kind, session_id: header.session_id, counter: header.counter, payload: HEADER_LEN..body_end })
+        Ok(Opened {
+            kind,
+            session_id: header.session_id,
+            counter: header.counter,
+            payload: HEADER_LEN..body_end,
+            csum_partial: header.csum_partial,
+        })
     }
 
     /// [`SessionCipher::open`] with the replay window applied in the safe order: a cheap check
@@ -400,7 +426,29 @@ mod tests {
         assert_eq!(o.kind, SealedKind::Data);
         assert_eq!(o.session_id, SID);
         assert_eq!(o.counter, 9);
+        assert!(!o.csum_partial);
         assert_eq!(&d[o.payload], payload);
+    }
+
+    #[test]
+    fn the_partial_checksum_flag_is_sealed_with_the_header() {
+        let c = cipher(4);
+        let payload = b"a tcp segment".as_slice();
+        let mut buf = vec![0u8; payload.len() + OVERHEAD];
+        buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+        let n = c.seal_data_with(Direction::GatewayToClient, SID, 5, &mut buf, payload.len(), true).expect("seal");
+        assert_eq!(buf[1], wire::FLAG_CSUM_PARTIAL);
+        let mut d = buf[..n].to_vec();
+        let o = c.open(Direction::GatewayToClient, &mut d).expect("open");
+        assert!(o.csum_partial);
+        assert_eq!(&d[o.payload], payload);
+        // Clearing the flag on the way (or setting it on a plain datagram) fails the tag.
+        let mut cleared = buf[..n].to_vec();
+        cleared[1] = 0;
+        assert_eq!(c.open(Direction::GatewayToClient, &mut cleared), Err(OpenError::Decrypt));
+        let mut set = sealed(&c, Direction::GatewayToClient, 6, payload);
+        set[1] = wire::FLAG_CSUM_PARTIAL;
+        assert_eq!(c.open(Direction::GatewayToClient, &mut set), Err(OpenError::Decrypt));
     }
 
     #[test]

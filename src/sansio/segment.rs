@@ -10,6 +10,12 @@
 //! checks it against tun-rs's `gso_split`), and so are the rules about which headers to trust:
 //! the kernel's `hdr_len` is not (on a forwarding path it may cover the whole first packet), the
 //! transport header's own length field is.
+//!
+//! **Partial checksums.** Asked for them ([`Checksums::Partial`]), the segments of a TCP TSO
+//! packet keep only the pseudo-header's sum in their checksum field, as the kernel handed the
+//! whole packet over, and their payload is copied without being summed: the peer's kernel
+//! finishes each checksum (see [`super::wire::FLAG_CSUM_PARTIAL`]). [`finish_partial`] finishes
+//! one here instead, for a peer that does not take them.
 
 use thiserror::Error;
 
@@ -84,6 +90,26 @@ impl Offload {
     }
 }
 
+/// How [`split_with`] leaves the TCP checksums of the segments it cuts from a TSO packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checksums {
+    /// Every checksum complete, as a receiver from before partial checksums needs them.
+    Complete,
+    /// The pseudo-header's sum only, for the peer's kernel to finish; the payload is not summed.
+    Partial,
+}
+
+/// What [`split_with`] made of one read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// How many packets.
+    pub packets: usize,
+    /// Their TCP checksums are partial: asked for, and the read was a TCP TSO packet whose TCP
+    /// header follows its IP header directly (see [`tcp_start`]), the one layout a receiver
+    /// finishes a checksum in.
+    pub csum_partial: bool,
+}
+
 /// Where the packets of one read go: slot `i` is `slots[i * stride..][..stride]`, a packet is
 /// written at `offset` in its slot and its length into `sizes[i]`; `sizes.len()` slots at most.
 pub struct Slots<'a> {
@@ -135,8 +161,13 @@ fn l4_header_len(protocol: u8, packet: &[u8], iph: usize) -> Option<usize> {
 
 /// Cuts `packet` (what followed the virtio-net header `off`) into `out`; returns how many
 /// packets it made. A packet without GSO is copied as it is (its checksum finished if the kernel
-/// left it); a GSO packet without payload makes none, as in tun-rs.
+/// left it); a GSO packet without payload makes none, as in tun-rs. Every checksum complete.
 pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, SplitError> {
+    split_with(off, packet, out, Checksums::Complete).map(|cut| cut.packets)
+}
+
+/// [`split`], with the TCP checksums of a TSO packet's segments left as `want` says.
+pub fn split_with(off: Offload, packet: &[u8], out: &mut Slots<'_>, want: Checksums) -> Result<Cut, SplitError> {
     // A TUN read is at most 64 KiB; bounding it here keeps every length below in 16 bits.
     if packet.len() > usize::from(u16::MAX) {
         return Err(SplitError::TooLong(packet.len()));
@@ -158,7 +189,7 @@ pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, 
             dst[..packet.len()].copy_from_slice(packet);
         }
         out.sizes[0] = packet.len();
-        return Ok(1);
+        return Ok(Cut { packets: 1, csum_partial: false });
     }
     let version = packet.first().map_or(0, |b| b >> 4);
     let v6 = match version {
@@ -193,6 +224,8 @@ pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, 
     if segments > slots || largest > room {
         return Err(SplitError::Capacity { segments, segment_len: largest });
     }
+    // Only where the receiver finds the checksum by itself: right behind the IP header.
+    let partial = want == Checksums::Partial && protocol == IPPROTO_TCP && ip_header_len(packet) == Some(iph);
     // What every segment's checksums share, summed once: the addresses and protocol, and the
     // headers without the fields that differ per segment (lengths, IPv4 id, TCP sequence number
     // and flags) and without the checksum fields. Each segment adds its own fields to these.
@@ -248,14 +281,82 @@ pub fn split(off: Offload, packet: &[u8], out: &mut Slots<'_>) -> Result<usize, 
             dst[iph + 4..iph + 6].copy_from_slice(&l4_len.to_be_bytes());
             u64::from(l4_len)
         };
-        let payload_sum = copy_sum(&mut dst[hdr_len..total], &packet[data]);
-        let s = pseudo + u64::from(l4_len) + l4_base + own + payload_sum;
-        let c = if protocol == IPPROTO_UDP { nonzero(!fold(s)) } else { !fold(s) };
+        let c = if partial {
+            dst[hdr_len..total].copy_from_slice(&packet[data]);
+            // What the kernel leaves for NEEDS_CSUM: the pseudo-header's sum, not complemented.
+            fold(pseudo + u64::from(l4_len))
+        } else {
+            let payload_sum = copy_sum(&mut dst[hdr_len..total], &packet[data]);
+            let s = pseudo + u64::from(l4_len) + l4_base + own + payload_sum;
+            if protocol == IPPROTO_UDP { nonzero(!fold(s)) } else { !fold(s) }
+        };
         dst[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
         out.sizes[i] = total;
     }
-    Ok(segments)
+    Ok(Cut { packets: segments, csum_partial: partial && segments > 0 })
 }
+
+/// The IP header's length as a TCP segment's checksum would start behind it: IPv4's IHL, or 40
+/// for IPv6, each when the protocol is TCP (`None` with IPv6 extension headers, for an IPv4
+/// fragment, which the segments would copy, or for another version). What [`tcp_start`] finds
+/// in each segment.
+fn ip_header_len(p: &[u8]) -> Option<usize> {
+    match p.first()? >> 4 {
+        4 => {
+            let h = p.get(..20)?;
+            let fragment = h[6] & 0x3f != 0 || h[7] != 0;
+            (h[9] == IPPROTO_TCP && !fragment).then_some(usize::from(h[0] & 0x0f) * 4)
+        }
+        6 => (*p.get(6)? == IPPROTO_TCP).then_some(IPV6_HEADER),
+        _ => None,
+    }
+}
+
+const IPV6_HEADER: usize = 40;
+
+/// Where the TCP header starts if `p` is a whole, unfragmented IPv4 or IPv6 packet carrying TCP
+/// right behind its IP header (no IPv6 extension header; not a jumbogram) with room for a TCP
+/// header; `None` for anything else. The layout a partial checksum travels in: a receiver
+/// derives `csum_start` from it, and refuses a flagged packet without it.
+pub fn tcp_start(p: &[u8]) -> Option<usize> {
+    match p.first()? >> 4 {
+        4 => {
+            let h = p.get(..20)?;
+            if h[9] != IPPROTO_TCP {
+                return None;
+            }
+            let iph_len = usize::from(h[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            // More-fragments flag or a fragment offset: a fragment.
+            let fragment = h[6] & 0x3f != 0 || h[7] != 0;
+            (iph_len >= 20 && total == p.len() && !fragment && p.len() >= iph_len + 20).then_some(iph_len)
+        }
+        6 => {
+            let h = p.get(..IPV6_HEADER)?;
+            // The payload length covers everything after the fixed header; 0 would be a
+            // jumbogram, whose real length sits in a hop-by-hop option.
+            let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            (h[6] == IPPROTO_TCP && payload != 0 && IPV6_HEADER + payload == p.len() && p.len() >= IPV6_HEADER + 20)
+                .then_some(IPV6_HEADER)
+        }
+        _ => None,
+    }
+}
+
+/// Finishes the partial TCP checksum of `packet` in place (what the receiver's kernel would
+/// do): for a peer that does not take partial checksums, or a device without offload. `None`
+/// (and `packet` unchanged) when it is not a TCP segment in the layout of [`tcp_start`].
+pub fn finish_partial(packet: &mut [u8]) -> Option<()> {
+    let start = tcp_start(packet)?;
+    let at = start + TCP_CSUM_OFFSET;
+    // The field holds the pseudo-header's sum: summed with the rest, as it lies.
+    let c = !fold(sum(&packet[start..]));
+    packet[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    Some(())
+}
+
+/// The TCP checksum's offset in the TCP header.
+pub(super) const TCP_CSUM_OFFSET: usize = 16;
 
 /// Where a lone packet's checksum starts and where it goes (`csum_start`, and the field's
 /// offset in the packet), checked against the packet: the field's 2 bytes must fit.
@@ -337,5 +438,71 @@ mod tests {
         );
         let huge = vec![0x45u8; 65536];
         assert_eq!(split(off(GSO_TCPV4, 1400, 20, 16), &huge, &mut out), Err(SplitError::TooLong(65536)));
+    }
+
+    /// A TCP TSO packet over IPv4 (20-byte header, 20-byte TCP header, `payload` bytes), its
+    /// checksum field holding the pseudo-header's sum as the kernel leaves it.
+    fn tso4(payload: usize) -> Vec<u8> {
+        let total = 40 + payload;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = IPPROTO_TCP;
+        p[12..16].copy_from_slice(&[100, 64, 0, 1]);
+        p[16..20].copy_from_slice(&[100, 64, 0, 2]);
+        p[32] = 0x50;
+        p[33] = 0x10;
+        for (i, b) in p[40..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let pseudo = fold(pseudo_header(&p[12..20], IPPROTO_TCP, (total - 20) as u16));
+        p[36..38].copy_from_slice(&pseudo.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn partial_checksums_only_where_the_receiver_finds_them() {
+        let off = Offload { needs_csum: true, gso_type: GSO_TCPV4, gso_size: 100, csum_start: 20, csum_offset: 16 };
+        let cut = |p: &[u8], want| {
+            let mut slots = vec![0u8; 4 * 200];
+            let mut sizes = [0usize; 4];
+            split_with(off, p, &mut Slots { slots: &mut slots, stride: 200, offset: 20, sizes: &mut sizes }, want)
+        };
+        let p = tso4(250);
+        assert_eq!(cut(&p, Checksums::Partial), Ok(Cut { packets: 3, csum_partial: true }));
+        assert_eq!(cut(&p, Checksums::Complete), Ok(Cut { packets: 3, csum_partial: false }));
+        // A fragment's segments would be fragments, and a protocol byte that is not TCP would
+        // be copied too: neither is a layout a receiver finishes, so their sums are done here.
+        let mut frag = p.clone();
+        frag[6] = 0x20;
+        assert_eq!(cut(&frag, Checksums::Partial), Ok(Cut { packets: 3, csum_partial: false }));
+        let mut udp = p.clone();
+        udp[9] = IPPROTO_UDP;
+        assert_eq!(cut(&udp, Checksums::Partial), Ok(Cut { packets: 3, csum_partial: false }));
+        // No payload: no segments, nothing partial.
+        assert_eq!(cut(&tso4(0), Checksums::Partial), Ok(Cut { packets: 0, csum_partial: false }));
+    }
+
+    #[test]
+    fn finishing_a_partial_checksum_is_the_kernels_sum() {
+        // A lone segment as the kernel leaves it (pseudo-header sum in the field), finished
+        // here, verifies; and the split of the same packet with its checksum done agrees.
+        let mut p = tso4(30);
+        let mut slots = vec![0u8; 200];
+        let mut sizes = [0usize; 1];
+        let lone = Offload { needs_csum: true, gso_type: GSO_NONE, gso_size: 0, csum_start: 20, csum_offset: 16 };
+        split(lone, &p, &mut Slots { slots: &mut slots, stride: 200, offset: 0, sizes: &mut sizes }).unwrap();
+        assert_eq!(finish_partial(&mut p), Some(()));
+        assert_eq!(&p[..], &slots[..sizes[0]]);
+        assert_eq!(fold(pseudo_header(&p[12..20], IPPROTO_TCP, 50) + sum(&p[20..])), 0xffff);
+        // Not TCP right behind the IP header: left as it is.
+        let mut not_tcp = tso4(30);
+        not_tcp[9] = IPPROTO_UDP;
+        let before = not_tcp.clone();
+        assert_eq!(finish_partial(&mut not_tcp), None);
+        assert_eq!(not_tcp, before);
+        assert_eq!(finish_partial(&mut [0x45; 10]), None);
+        assert_eq!(finish_partial(&mut []), None);
     }
 }

@@ -140,6 +140,10 @@ pub struct VpnAuthResponse {
     /// Every gateway of the deployment as this answer listed them (empty: not a multi-gateway
     /// deployment). The client keeps the latest list for failover.
     pub endpoints: Vec<std::net::SocketAddr>,
+    /// The gateway takes Data datagrams whose inner TCP segment carries a partial checksum
+    /// (see [`super::wire::FLAG_CSUM_PARTIAL`]): the client may then send the segments it cuts
+    /// from a TSO packet without summing their payload. False for a gateway from before the flag.
+    pub partial_checksums: bool,
     /// The data plane's per-session state (cipher, send counter, replay window), created on first
     /// use and dropped with the snapshot. Build it with `Default::default()`; read it through
     /// [`VpnAuthResponse::crypto`].
@@ -176,6 +180,7 @@ impl VpnAuthResponse {
             received_at: SystemTime::UNIX_EPOCH,
             gateway_addr: None,
             endpoints: Vec::new(),
+            partial_checksums: true,
             crypto: CryptoSlot::default(),
         }
     }

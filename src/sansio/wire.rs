@@ -6,8 +6,8 @@
 //!  0               1               2               3
 //!  0 1 2 3 4 5 6 7 0 1 2 3 4 5 6 7 0 1 2 3 4 5 6 7 0 1 2 3 4 5 6 7
 //! +-------+-------+-----------------------------------------------+
-//! |version| type  |            reserved (must be zero)            |  bytes  0..4
-//! +-------+-------+-----------------------------------------------+
+//! |version| type  |     flags     |    reserved (must be zero)    |  bytes  0..4
+//! +-------+-------+---------------+-------------------------------+
 //! |                   session id (64 bits)                        |  bytes  4..12
 //! |                                                               |
 //! +---------------------------------------------------------------+
@@ -24,10 +24,18 @@
 //!   ([`VERSION`] = 1), the low nibble (`byte0 & 0x0f`) is the [`MsgType`]. A Data datagram of
 //!   version 1 therefore starts with the byte 0x11, a Keepalive with 0x12, an UnknownSession
 //!   notice with 0x13. Type 0 is never valid, so an all-zero buffer never parses.
-//! - The three reserved bytes keep the two 64-bit fields 4-byte aligned and the inner IP packet
-//!   at a 4-byte aligned offset. They must be zero: a receiver rejects anything else, so a later
-//!   version can give them a meaning without old peers misreading it. For sealed types they are
-//!   covered by the AAD like the rest of the header.
+//! - Bytes 1..4 keep the two 64-bit fields 4-byte aligned and the inner IP packet at a 4-byte
+//!   aligned offset. Byte 1 holds flags, bytes 2 and 3 are reserved. Both must be zero unless a
+//!   flag below says otherwise: a receiver rejects anything else, so a later version can give
+//!   them a meaning without old peers misreading it. For sealed types they are covered by the
+//!   AAD like the rest of the header.
+//! - [`FLAG_CSUM_PARTIAL`] (Data only): the inner packet is a TCP segment directly behind its IP
+//!   header (IPv4, or IPv6 without extension headers) whose checksum field holds only the sum of
+//!   the TCP pseudo-header, for the receiver's kernel to finish (a TUN write with
+//!   `VIRTIO_NET_HDR_F_NEEDS_CSUM`). A sender cutting a TSO packet into segments then copies
+//!   their payload without summing it, and the receiver merges them without checking a sum
+//!   nobody computed. Each side sets it only towards a peer that said in `Authenticate` that it
+//!   takes it (`accepts_partial_checksums`), so a peer from before the flag never sees it.
 //! - [`MsgType::Data`] and [`MsgType::Keepalive`] are sealed (see [`crate::sansio::seal`]): the
 //!   whole 20-byte header is the AEAD associated data. A keepalive has an empty payload, so it is
 //!   exactly `HEADER_LEN + TAG_LEN` bytes.
@@ -97,7 +105,8 @@ pub const MIN_INNER_MTU: u16 = 576;
 const MIN_IPV4_MTU: u16 = 68;
 
 /// The byte offsets of the header fields.
-const RESERVED: std::ops::Range<usize> = 1..4;
+const FLAGS: usize = 1;
+const RESERVED: std::ops::Range<usize> = 2..4;
 const SESSION_ID: std::ops::Range<usize> = 4..12;
 const COUNTER: std::ops::Range<usize> = 12..20;
 
@@ -132,6 +141,10 @@ pub const fn tun_mtu_for(underlay_mtu: u16) -> Option<u16> {
         _ => None,
     }
 }
+
+/// A flag of byte 1, for Data only: the inner TCP segment's checksum is partial (see the
+/// module's documentation).
+pub const FLAG_CSUM_PARTIAL: u8 = 0x01;
 
 /// What a datagram is; the low nibble of byte 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -181,7 +194,7 @@ pub enum WireError {
     /// The type nibble names no [`MsgType`].
     #[error("unknown message type")]
     UnknownType,
-    /// A reserved byte is not zero.
+    /// A reserved byte is not zero, or a flag is set that the type does not have.
     #[error("reserved header bytes are not zero")]
     BadReserved,
     /// Longer than its fixed-size type allows (a keepalive with a payload, a notice with a tail).
@@ -195,6 +208,8 @@ pub enum WireError {
 pub struct Header {
     /// What the datagram is.
     pub msg_type: MsgType,
+    /// Data only: [`FLAG_CSUM_PARTIAL`].
+    pub csum_partial: bool,
     /// The session it belongs to (for a notice: the session the gateway does not know).
     pub session_id: SessionId,
     /// The sender's per-direction counter (for a notice: the triggering datagram's counter).
@@ -206,6 +221,7 @@ impl Header {
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
         out[0] = self.msg_type.first_byte();
+        out[FLAGS] = if self.csum_partial { FLAG_CSUM_PARTIAL } else { 0 };
         out[SESSION_ID].copy_from_slice(&self.session_id.0.to_be_bytes());
         out[COUNTER].copy_from_slice(&self.counter.to_be_bytes());
         out
@@ -228,7 +244,9 @@ pub fn parse_header(datagram: &[u8]) -> Result<Header, WireError> {
         return Err(WireError::BadVersion);
     }
     let msg_type = MsgType::from_nibble(head[0] & 0x0f).ok_or(WireError::UnknownType)?;
-    if head[RESERVED].iter().any(|&b| b != 0) {
+    let flags = head[FLAGS];
+    let known = if msg_type == MsgType::Data { FLAG_CSUM_PARTIAL } else { 0 };
+    if flags & !known != 0 || head[RESERVED].iter().any(|&b| b != 0) {
         return Err(WireError::BadReserved);
     }
     let len = datagram.len();
@@ -241,7 +259,12 @@ pub fn parse_header(datagram: &[u8]) -> Result<Header, WireError> {
         MsgType::Probe | MsgType::ProbeAck if len > MAX_PROBE_LEN => return Err(WireError::BadLength),
         _ => {}
     }
-    Ok(Header { msg_type, session_id: SessionId(be_u64(head, SESSION_ID)), counter: be_u64(head, COUNTER) })
+    Ok(Header {
+        msg_type,
+        csum_partial: flags & FLAG_CSUM_PARTIAL != 0,
+        session_id: SessionId(be_u64(head, SESSION_ID)),
+        counter: be_u64(head, COUNTER),
+    })
 }
 
 /// The "unknown session" notice for `session_id`: the whole datagram, [`HEADER_LEN`] bytes.
@@ -250,7 +273,7 @@ pub fn parse_header(datagram: &[u8]) -> Result<Header, WireError> {
 /// Keepalive datagram whose session id it does not know, never in answer to a notice, so two
 /// gateways cannot ping-pong notices. `echoed_counter` is the triggering datagram's counter.
 pub fn unknown_session_notice(session_id: SessionId, echoed_counter: u64) -> [u8; HEADER_LEN] {
-    Header { msg_type: MsgType::UnknownSession, session_id, counter: echoed_counter }.to_bytes()
+    Header { msg_type: MsgType::UnknownSession, csum_partial: false, session_id, counter: echoed_counter }.to_bytes()
 }
 
 /// Bytes of a probe's or an ack's body before its padding.
@@ -389,8 +412,13 @@ mod tests {
     fn sealed_len(msg_type: MsgType, payload: usize) -> Vec<u8> {
         let mut d = vec![0u8; HEADER_LEN + payload + TAG_LEN];
         d[..HEADER_LEN].copy_from_slice(
-            &Header { msg_type, session_id: SessionId(0x0102_0304_0506_0708), counter: 0x1112_1314_1516_1718 }
-                .to_bytes(),
+            &Header {
+                msg_type,
+                csum_partial: false,
+                session_id: SessionId(0x0102_0304_0506_0708),
+                counter: 0x1112_1314_1516_1718,
+            }
+            .to_bytes(),
         );
         d
     }
@@ -416,7 +444,34 @@ mod tests {
             assert_eq!(h.counter, 0x1112_1314_1516_1718);
         }
         let h = parse_header(&unknown_session_notice(SessionId(42), 7)).expect("valid notice");
-        assert_eq!(h, Header { msg_type: MsgType::UnknownSession, session_id: SessionId(42), counter: 7 });
+        assert_eq!(
+            h,
+            Header { msg_type: MsgType::UnknownSession, csum_partial: false, session_id: SessionId(42), counter: 7 }
+        );
+    }
+
+    #[test]
+    fn the_partial_checksum_flag_is_bit_0_of_byte_1_and_only_data_has_it() {
+        let mut d = sealed_len(MsgType::Data, 4);
+        assert!(!parse_header(&d).expect("plain data").csum_partial);
+        d[1] = FLAG_CSUM_PARTIAL;
+        let h = parse_header(&d).expect("flagged data");
+        assert!(h.csum_partial);
+        assert_eq!(h.to_bytes()[..], d[..HEADER_LEN], "written back as it was read");
+        // Any other bit of the flags byte is still reserved.
+        for bit in 1..8 {
+            d[1] = FLAG_CSUM_PARTIAL | 1 << bit;
+            assert_eq!(parse_header(&d), Err(WireError::BadReserved), "bit {bit}");
+        }
+        for t in [MsgType::Keepalive, MsgType::Probe, MsgType::ProbeAck] {
+            let payload = if matches!(t, MsgType::Keepalive) { 0 } else { MIN_PROBE_LEN - OVERHEAD };
+            let mut d = sealed_len(t, payload);
+            d[1] = FLAG_CSUM_PARTIAL;
+            assert_eq!(parse_header(&d), Err(WireError::BadReserved), "{t:?}");
+        }
+        let mut notice = unknown_session_notice(SessionId(1), 0);
+        notice[1] = FLAG_CSUM_PARTIAL;
+        assert_eq!(parse_header(&notice), Err(WireError::BadReserved));
     }
 
     #[test]

@@ -34,6 +34,7 @@ use crate::client::prober::{Ack, Hint};
 use crate::packet_thread::{Poller, Side, TURN, Wakeup, wait_for};
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealedKind};
+use crate::sansio::segment::Checksums;
 use crate::sansio::wire::{self, MsgType, ProbeAckBody};
 use crate::snapshot::VpnAuthResponse;
 use crate::tunnel::{
@@ -293,6 +294,8 @@ impl Engine {
             return;
         };
         self.no_session.reset();
+        // The next reads leave a TSO packet's checksums partial if this gateway takes them.
+        self.reader.checksums(if auth.partial_checksums { Checksums::Partial } else { Checksums::Complete });
         let crypto = auth.crypto();
         let mtu = self.path.inner();
         for (i, sealed_len) in self.lens.iter_mut().enumerate().take(n) {
@@ -322,8 +325,13 @@ impl Engine {
                 }
                 continue;
             }
+            let Some(partial) = self.reader.seal_flag(i, auth.partial_checksums) else {
+                c.count_drop(DropReason::Malformed);
+                continue;
+            };
             let sealed = crypto.tx.next().and_then(|counter| {
-                crypto.cipher.seal_data(Direction::ClientToGateway, auth.session_id, counter, self.reader.slot(i), len)
+                let slot = self.reader.slot(i);
+                crypto.cipher.seal_data_with(Direction::ClientToGateway, auth.session_id, counter, slot, len, partial)
             });
             match sealed {
                 Ok(d) => *sealed_len = d,
@@ -417,7 +425,7 @@ impl Engine {
                     }
                     // Cannot fail (room was made above, and a payload is shorter than 64 KiB);
                     // counted rather than assumed.
-                    if self.writer.push(&datagram[opened.payload]).is_err() {
+                    if self.writer.push(&datagram[opened.payload], opened.csum_partial).is_err() {
                         c.count_drop(DropReason::Malformed);
                     }
                 }

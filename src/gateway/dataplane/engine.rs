@@ -25,6 +25,7 @@ use crate::flood::Shedder;
 use crate::packet_thread::{Poller, Side, TURN, Wakeup, wait_for};
 use crate::sansio::inner::InnerPacket;
 use crate::sansio::seal::{Direction, SealedKind};
+use crate::sansio::segment::{self, Checksums};
 use crate::sansio::wire::{self, MsgType, ProbeAckBody, ProbeBody};
 use crate::snapshot::SessionId;
 use crate::tunnel::{self, Counters, DropReason, RateLimit, TooBig, TunReader, TunWriter, Unreachable, bump, stopped};
@@ -82,6 +83,10 @@ impl Engine {
         poller.add(&*wakeup, WAKE)?;
         poller.add(&*tun, TUN)?;
         poller.add(&*sock, SOCK)?;
+        // TSO segments leave with partial checksums: nearly every client takes them, and the
+        // few from before the flag get theirs finished at the seal (`TunReader::seal_flag`).
+        let mut reader = TunReader::new(mtu);
+        reader.checksums(Checksums::Partial);
         Ok(Self {
             // One receive may hold many coalesced datagrams of one client (UDP GRO), up to 64 KiB.
             buf: vec![0u8; 65535],
@@ -91,7 +96,7 @@ impl Engine {
             peer_too_big_rate: RateLimit::new(tunnel::TOO_BIG_PER_SECOND, tunnel::TOO_BIG_BURST),
             ack_buf: vec![0u8; wire::MAX_PROBE_LEN],
             shed: Shedder::new(ctx.shedding.clone()),
-            reader: TunReader::new(mtu),
+            reader,
             mtu,
             too_big: TooBig::new(),
             lens: [0; tunnel::READ_SLOTS],
@@ -256,7 +261,11 @@ impl Engine {
                 }
                 Some(peer) => {
                     Counters::packet(&c.rx_packets, &c.rx_bytes, payload.len());
-                    send_to_session(&peer, sock, datagram, payload.len(), c);
+                    let Some(partial) = hairpin_flag(&mut datagram[payload.clone()], opened.csum_partial, &peer) else {
+                        session.drop_packet(c, DropReason::Malformed);
+                        continue;
+                    };
+                    send_to_session(&peer, sock, datagram, payload.len(), partial, c);
                 }
                 None => {
                     if self.writer.is_full() {
@@ -264,7 +273,7 @@ impl Engine {
                     }
                     // Cannot fail (room was made above, and a payload is shorter than
                     // 64 KiB); counted rather than assumed.
-                    if self.writer.push(&datagram[payload]).is_err() {
+                    if self.writer.push(&datagram[payload], opened.csum_partial).is_err() {
                         c.count_drop(DropReason::Malformed);
                     }
                 }
@@ -320,9 +329,14 @@ impl Engine {
                 self.too_big.send(&self.tun, self.reader.packet(i), fits, inner.dst, c);
                 continue;
             }
+            let Some(partial) = self.reader.seal_flag(i, session.partial_checksums) else {
+                session.drop_packet(c, DropReason::Malformed);
+                continue;
+            };
             let sealed = session.crypto.tx.next().and_then(|counter| {
                 let slot = self.reader.slot(i);
-                session.crypto.cipher.seal_data(Direction::GatewayToClient, session.session_id, counter, slot, len)
+                let id = session.session_id;
+                session.crypto.cipher.seal_data_with(Direction::GatewayToClient, id, counter, slot, len, partial)
             });
             match sealed {
                 Ok(d) => {
@@ -465,20 +479,47 @@ fn peer_too_big(
     // The rules first (DF clear, ICMP errors, ...), so refused packets do not use up the rate.
     let Ok(n) = crate::sansio::icmp::too_big(t.packet, t.mtu, t.from, room) else { return };
     if rate.allow(t.now) {
-        send_to_session(sender, sock, buf, n, c);
+        send_to_session(sender, sock, buf, n, false, c);
     }
 }
 
-/// Seals the inner packet at `buf[HEADER_LEN..HEADER_LEN + len]` for `session` and sends it to
-/// the session's endpoint, counting the outcome.
-fn send_to_session(session: &DataSession, sock: &UdpSocket, buf: &mut [u8], len: usize, c: &Counters) {
+/// The partial-checksum flag a packet from one client goes on to another with: as it came if
+/// the peer takes partial checksums, else finished here. `None`: flagged, but not a TCP segment
+/// a checksum could be finished in (refused here as the peer's writer would refuse it).
+fn hairpin_flag(packet: &mut [u8], csum_partial: bool, peer: &DataSession) -> Option<bool> {
+    if !csum_partial {
+        return Some(false);
+    }
+    if peer.partial_checksums {
+        return segment::tcp_start(packet).map(|_| true);
+    }
+    segment::finish_partial(packet).map(|()| false)
+}
+
+/// Seals the inner packet at `buf[HEADER_LEN..HEADER_LEN + len]` for `session` (flagged as
+/// `csum_partial`) and sends it to the session's endpoint, counting the outcome.
+fn send_to_session(
+    session: &DataSession,
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    len: usize,
+    csum_partial: bool,
+    c: &Counters,
+) {
     let Some(endpoint) = session.endpoint() else {
         // The client has not sent anything on this session yet, so we don't know where it is.
         session.drop_packet(c, DropReason::NoRoute);
         return;
     };
     let sealed = session.crypto.tx.next().and_then(|counter| {
-        session.crypto.cipher.seal_data(Direction::GatewayToClient, session.session_id, counter, buf, len)
+        session.crypto.cipher.seal_data_with(
+            Direction::GatewayToClient,
+            session.session_id,
+            counter,
+            buf,
+            len,
+            csum_partial,
+        )
     });
     let n = match sealed {
         Ok(n) => n,
