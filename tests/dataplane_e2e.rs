@@ -444,6 +444,26 @@ fn inproc_two_clients_reach_each_other_through_the_gateway() {
 }
 
 #[test]
+fn inproc_tcp_between_clients_with_and_without_partial_checksums() {
+    require_root!();
+    // `a` takes partial checksums, `b` is a client from before them: the gateway passes a's
+    // TSO segments on to b with their checksums finished, and b's on to a as they came. Passed
+    // on one datagram at a time, they reach each client's device unmerged: b's kernel checks
+    // every finished checksum (a wrong one would stall the stream), a's is handed them partial.
+    let mut w = Inproc::with_io(true, true);
+    let a = w.client(Ipv4Addr::new(100, 64, 0, 2));
+    let b = w.client(Ipv4Addr::new(100, 64, 0, 3));
+    w.authenticate_with(&a, 0xc1, [6; 32], (true, true));
+    w.authenticate_with(&b, 0xc2, [7; 32], (false, true));
+    assert!(a.ns.ping_until(b.ip, Duration::from_secs(5)).is_some(), "a -> b");
+    transfer(&a.ns, &b.ns, SocketAddr::from((b.ip, 5030)), 1 << 20);
+    transfer(&b.ns, &a.ns, SocketAddr::from((a.ip, 5031)), 1 << 20);
+    let gs = w.gw_stats();
+    assert_eq!(gs.dropped(DropReason::Malformed), 0, "{gs}");
+    assert!(gs.tx_packets >= 2 * 700, "both streams went through the gateway: {gs}");
+}
+
+#[test]
 fn inproc_a_client_whose_path_is_smaller_gets_packets_sized_to_it_and_its_peers_hear_too_big() {
     require_root!();
     let mut w = Inproc::new();

@@ -536,3 +536,59 @@ fn send_to_session(
         Err(_) => session.drop_packet(c, DropReason::SocketError),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sansio::checksum::{fold, pseudo_header, sum};
+    use crate::sansio::session::SessionKey;
+
+    /// An IPv4 TCP segment (20 + 20 bytes of headers, 30 of payload) whose checksum field holds
+    /// the pseudo-header's sum, as a sender leaves it partial.
+    fn partial_segment() -> Vec<u8> {
+        let mut p = vec![0u8; 70];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&70u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[100, 64, 0, 2]);
+        p[16..20].copy_from_slice(&[100, 64, 0, 3]);
+        p[32] = 0x50;
+        p[33] = 0x10;
+        p[40..].fill(0xab);
+        let pseudo = fold(pseudo_header(&p[12..20], 6, 50));
+        p[36..38].copy_from_slice(&pseudo.to_be_bytes());
+        p
+    }
+
+    fn session(partial_checksums: bool) -> DataSession {
+        DataSession::new(SessionId(1), [100, 64, 0, 3].into(), &SessionKey::new([1; 32]))
+            .with_partial_checksums(partial_checksums)
+    }
+
+    #[test]
+    fn a_partial_checksum_goes_on_to_a_client_as_that_client_takes_it() {
+        let p = partial_segment();
+        // To a client that takes partial checksums: flagged, as it came.
+        let mut q = p.clone();
+        assert_eq!(hairpin_flag(&mut q, true, &session(true)), Some(true));
+        assert_eq!(q, p);
+        // To one from before them: finished here, then sent unflagged.
+        let mut q = p.clone();
+        assert_eq!(hairpin_flag(&mut q, true, &session(false)), Some(false));
+        assert_ne!(q[36..38], p[36..38]);
+        assert_eq!(fold(pseudo_header(&q[12..20], 6, 50) + sum(&q[20..])), 0xffff, "a valid checksum");
+        // A complete one passes as it is, to either.
+        for takes in [true, false] {
+            let mut q = p.clone();
+            assert_eq!(hairpin_flag(&mut q, false, &session(takes)), Some(false));
+            assert_eq!(q, p);
+        }
+        // Flagged but not TCP: refused, whichever the peer.
+        let mut udp = p.clone();
+        udp[9] = 17;
+        for takes in [true, false] {
+            assert_eq!(hairpin_flag(&mut udp.clone(), true, &session(takes)), None);
+        }
+    }
+}
