@@ -1479,8 +1479,9 @@ impl TooBig {
 /// then runs its receive path once per burst instead of once per 1.4 KB segment (measured with
 /// `benches/throughput.sh`, both ends on one 2-core machine: 1.9 Gbit/s without, 3.1 with under
 /// load from other builds, 5.9 on a quiet machine). Without it each packet is written on its
-/// own, behind a zeroed virtio-net header (no GSO, checksum already complete) when the device
-/// has offload on. The buffers are allocated once; nothing here allocates per packet.
+/// own when the device has offload on, behind a zeroed virtio-net header (no GSO, checksum
+/// already complete), or one with `NEEDS_CSUM` for a packet whose TCP checksum the peer left
+/// partial. The buffers are allocated once; nothing here allocates per packet.
 pub struct TunWriter {
     co: Coalescer,
     /// The device wants a virtio-net header in front of every packet (offload on).
