@@ -1823,9 +1823,6 @@ mod tests {
         assert_eq!(r.packet(0), [0x45, 7, 0, 20]);
     }
 
-    /// A TSO packet whose segments are shorter than the slots (a peer's smaller MSS): its
-    /// segments lie one sealed segment apart, so that sealed they are one GSO run in place, with
-    /// nothing to move; a packet without GSO after it still gets a whole slot.
     /// What a TUN device with offload hands over for a TCP TSO packet over IPv4: a virtio-net
     /// header (NEEDS_CSUM, GSO_TCPV4, `gso_size`), 20 + 20 bytes of headers, `payload` bytes.
     fn tso_read(gso_size: usize, payload: usize) -> Vec<u8> {
@@ -1835,19 +1832,7 @@ mod tests {
         read[4..6].copy_from_slice(&(gso_size as u16).to_ne_bytes());
         read[6..8].copy_from_slice(&20u16.to_ne_bytes()); // csum_start: the TCP header
         read[8..10].copy_from_slice(&16u16.to_ne_bytes()); // csum_offset: TCP's checksum
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
-        ip[8] = 64;
-        ip[9] = 6;
-        ip[12..16].copy_from_slice(&[100, 64, 0, 2]);
-        ip[16..20].copy_from_slice(&[198, 18, 0, 9]);
-        let mut tcp = [0u8; 20];
-        tcp[12] = 5 << 4;
-        tcp[13] = 0x10; // ACK
-        read.extend_from_slice(&ip);
-        read.extend_from_slice(&tcp);
-        read.extend((0..payload).map(|i| (i % 251) as u8));
+        read.extend(segment::tests::tso4(payload));
         read
     }
 
@@ -1881,6 +1866,9 @@ mod tests {
         assert!(!r.csum_partial(0));
     }
 
+    /// A TSO packet whose segments are shorter than the slots (a peer's smaller MSS): its
+    /// segments lie one sealed segment apart, so that sealed they are one GSO run in place, with
+    /// nothing to move; a packet without GSO after it still gets a whole slot.
     #[test]
     fn a_tso_packets_segments_are_read_end_to_end_once_sealed() {
         let (gso_size, payload) = (1000usize, 2900usize);

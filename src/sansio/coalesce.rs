@@ -276,12 +276,18 @@ impl Coalescer {
         if packet.len() > MAX_PACKET {
             return Err(PushError::TooLong);
         }
-        let partial_at = if csum_partial { Some(tcp_start(packet).ok_or(PushError::NotPartialTcp)?) } else { None };
+        let seg = if self.merge { parse_segment(packet) } else { None };
+        // A segment that parsed has its TCP header where a partial checksum needs it; only a
+        // packet that did not (a FIN, a device without merging) is looked at again.
+        let partial_at = match (csum_partial, &seg) {
+            (false, _) => None,
+            (true, Some(s)) => Some(s.iph_len),
+            (true, None) => Some(tcp_start(packet).ok_or(PushError::NotPartialTcp)?),
+        };
         if self.finished {
             // Headers of the finished items were rewritten; new packets must not join them.
             self.clear();
         }
-        let seg = if self.merge { parse_segment(packet) } else { None };
         let mut open_new = true;
         if let Some(seg) = &seg
             && let Some(i) = self.latest_of_flow(seg.flow)

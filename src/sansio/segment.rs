@@ -382,7 +382,7 @@ fn nonzero(c: u16) -> u16 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn header(needs_csum: bool, gso_type: u8, gso_size: u16, csum_start: u16, csum_offset: u16) -> [u8; VNET_HDR_LEN] {
@@ -441,8 +441,9 @@ mod tests {
     }
 
     /// A TCP TSO packet over IPv4 (20-byte header, 20-byte TCP header, `payload` bytes), its
-    /// checksum field holding the pseudo-header's sum as the kernel leaves it.
-    fn tso4(payload: usize) -> Vec<u8> {
+    /// checksum field holding the pseudo-header's sum as the kernel leaves it. With a payload
+    /// of one segment or less, also a lone segment as a sender leaves it partial.
+    pub(crate) fn tso4(payload: usize) -> Vec<u8> {
         let total = 40 + payload;
         let mut p = vec![0u8; total];
         p[0] = 0x45;

@@ -541,25 +541,8 @@ fn send_to_session(
 mod tests {
     use super::*;
     use crate::sansio::checksum::{fold, pseudo_header, sum};
+    use crate::sansio::segment::tests::tso4;
     use crate::sansio::session::SessionKey;
-
-    /// An IPv4 TCP segment (20 + 20 bytes of headers, 30 of payload) whose checksum field holds
-    /// the pseudo-header's sum, as a sender leaves it partial.
-    fn partial_segment() -> Vec<u8> {
-        let mut p = vec![0u8; 70];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&70u16.to_be_bytes());
-        p[8] = 64;
-        p[9] = 6;
-        p[12..16].copy_from_slice(&[100, 64, 0, 2]);
-        p[16..20].copy_from_slice(&[100, 64, 0, 3]);
-        p[32] = 0x50;
-        p[33] = 0x10;
-        p[40..].fill(0xab);
-        let pseudo = fold(pseudo_header(&p[12..20], 6, 50));
-        p[36..38].copy_from_slice(&pseudo.to_be_bytes());
-        p
-    }
 
     fn session(partial_checksums: bool) -> DataSession {
         DataSession::new(SessionId(1), [100, 64, 0, 3].into(), &SessionKey::new([1; 32]))
@@ -568,7 +551,8 @@ mod tests {
 
     #[test]
     fn a_partial_checksum_goes_on_to_a_client_as_that_client_takes_it() {
-        let p = partial_segment();
+        // 20 + 20 bytes of headers, 30 of payload: one segment, its checksum left partial.
+        let p = tso4(30);
         // To a client that takes partial checksums: flagged, as it came.
         let mut q = p.clone();
         assert_eq!(hairpin_flag(&mut q, true, &session(true)), Some(true));
