@@ -1,6 +1,7 @@
 //! The pure (sans-IO) core: no tokio, sockets, files, clocks or RNG. Time and randomness come in as
 //! arguments; decisions come out as values.
 
+pub mod aead;
 pub mod budget;
 pub mod checksum;
 pub mod coalesce;

@@ -16,13 +16,12 @@
 //! counter 5 and the gateway's counter 5 from being the same nonce. Within a direction the
 //! sender's [`TxCounter`] never repeats and never wraps, and `u64::MAX` is never sealed.
 
-use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use thiserror::Error;
 
+use super::aead::{AeadKey, Backend};
 use super::replay::{ReplayError, ReplayWindow};
 use super::session::{KeyFingerprint, SessionId, SessionKey};
 use super::wire::{self, HEADER_LEN, Header, MsgType, OVERHEAD, TAG_LEN, WireError};
@@ -168,34 +167,13 @@ pub struct Opened {
 /// Build it once per session (key expansion is the expensive part) and share it by reference:
 /// `seal` and `open` take `&self`, and the type is `Send + Sync`.
 ///
-/// The backend is ring's AES-256-GCM (README, "Why ring for AES-GCM"): it interleaves CTR and
-/// GHASH in one pass, 2.3x faster than aes-gcm 0.11 at full-size packets. ring does not wipe its
-/// key schedule on drop, so this type does (see `Drop`), as aes-gcm's `zeroize` feature did.
+/// The AES-256-GCM itself is ring's or AWS-LC's, whichever is faster on this CPU
+/// ([`Backend::for_this_cpu`]; README, "AES-GCM crate"). Either wipes the key schedule when the
+/// cipher is dropped.
 pub struct SessionCipher {
-    /// Always initialised between `new` and `drop`; `MaybeUninit` only so that `drop` may
-    /// overwrite it with zeros (not a valid `LessSafeKey`) without ever creating such a value.
-    key: MaybeUninit<LessSafeKey>,
+    key: AeadKey,
     /// Kept so that `Debug` can name the key without exposing it.
     fingerprint: KeyFingerprint,
-}
-
-// Skipping `LessSafeKey`'s drop in favour of a wipe leaks nothing only while it owns no heap or
-// other resource: this fails to compile the day a ring upgrade gives it drop glue.
-const _: () = assert!(!std::mem::needs_drop::<LessSafeKey>());
-
-impl Drop for SessionCipher {
-    fn drop(&mut self) {
-        // A volatile write, so the compiler cannot elide the wipe of memory about to be freed.
-        // SAFETY: `&mut self.key` is a valid, aligned, exclusive pointer, and all-zero bytes are
-        // a valid `MaybeUninit`. The key is not read again: this is its owner's drop.
-        unsafe { std::ptr::write_volatile(&mut self.key, MaybeUninit::zeroed()) };
-    }
-}
-
-impl Clone for SessionCipher {
-    fn clone(&self) -> Self {
-        Self { key: MaybeUninit::new(self.key().clone()), fingerprint: self.fingerprint }
-    }
 }
 
 impl std::fmt::Debug for SessionCipher {
@@ -205,18 +183,22 @@ impl std::fmt::Debug for SessionCipher {
 }
 
 impl SessionCipher {
-    /// Expands `key` (once per session: this is the costly part). The key bytes are borrowed in
-    /// place, not copied to a temporary that would outlive the call unwiped.
+    /// Expands `key` (once per session: this is the costly part) for the backend that is faster
+    /// on this CPU. The key bytes are borrowed in place, not copied to a temporary that would
+    /// outlive the call unwiped.
     pub fn new(key: &SessionKey) -> Self {
-        let unbound = UnboundKey::new(&AES_256_GCM, key.expose())
-            // AES_256_GCM takes exactly 32 bytes and `expose` is a `[u8; 32]`: this cannot fail.
-            .unwrap_or_else(|_| unreachable!("AES-256-GCM key is 32 bytes"));
-        Self { key: MaybeUninit::new(LessSafeKey::new(unbound)), fingerprint: key.fingerprint() }
+        Self::with_backend(key, Backend::for_this_cpu())
     }
 
-    fn key(&self) -> &LessSafeKey {
-        // SAFETY: `key` is initialised in `new` (and `clone`) and only overwritten in `drop`.
-        unsafe { self.key.assume_init_ref() }
+    /// [`SessionCipher::new`] on a given backend (for the tests and benches that run each; the
+    /// data plane takes [`SessionCipher::new`]'s choice).
+    pub fn with_backend(key: &SessionKey, backend: Backend) -> Self {
+        Self { key: AeadKey::new(backend, key.expose()), fingerprint: key.fingerprint() }
+    }
+
+    /// Which library's AES-256-GCM this cipher runs.
+    pub fn backend(&self) -> Backend {
+        self.key.backend()
     }
 
     /// Seals the inner packet already placed at `buf[HEADER_LEN..HEADER_LEN + payload_len]`:
@@ -293,15 +275,14 @@ impl SessionCipher {
         let (head, rest) = buf[..total].split_at_mut(HEADER_LEN);
         let (body, tag_out) = rest.split_at_mut(payload_len);
         head.copy_from_slice(&Header { msg_type, csum_partial, session_id, counter }.to_bytes());
-        let nonce = Nonce::assume_unique_for_key(dir.nonce(counter));
         let tag = self
-            .key()
-            .seal_in_place_separate_tag(nonce, Aad::from(&*head), body)
+            .key
+            .seal(dir.nonce(counter), head, body)
             // Only fails for plaintexts over 64 GiB; `total` fitting in the buffer and a usize
             // rules that out in practice, and the honest answer if it ever happened is that the
             // buffer (payload) is too large.
             .map_err(|_| SealError::BufferTooSmall)?;
-        tag_out.copy_from_slice(tag.as_ref());
+        tag_out.copy_from_slice(&tag);
         Ok(total)
     }
 
@@ -325,10 +306,9 @@ impl SessionCipher {
         // future change there can't turn into a panic here.
         let body_end = datagram.len().checked_sub(TAG_LEN).filter(|&e| e >= HEADER_LEN).ok_or(WireError::Truncated)?;
         let (head, rest) = datagram.split_at_mut(HEADER_LEN);
-        let nonce = Nonce::assume_unique_for_key(dir.nonce(header.counter));
-        // `open_within` splits the tag off the end of `rest` itself (`rest` is at least TAG_LEN
+        // The backend splits the tag off the end of `rest` itself (`rest` is at least TAG_LEN
         // long, checked above) and decrypts the body where it lies.
-        self.key().open_within(nonce, Aad::from(&*head), rest, 0..).map_err(|_| OpenError::Decrypt)?;
+        self.key.open(dir.nonce(header.counter), head, rest).map_err(|_| OpenError::Decrypt)?;
         Ok(Opened {
             kind,
             session_id: header.session_id,
@@ -509,8 +489,8 @@ mod tests {
             &[0x11, 0, 0, 0, 0xfe, 0xed, 0xf0, 0x0d, 0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 1]
         );
         assert_eq!(Direction::GatewayToClient.nonce(1), *b"g->c\0\0\0\0\0\0\0\x01");
-        // The tag is GHASH over the header alone; checked against an independent
-        // implementation (ring) in tests/dataplane_props.rs.
+        // The tag is GHASH over the header alone; checked against independent
+        // implementations (ring, aes-gcm) in tests/dataplane_props.rs.
         assert_eq!(d.len(), OVERHEAD);
     }
 
@@ -584,34 +564,6 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 4 * per);
         assert_eq!(all.last(), Some(&(4 * per as u64 - 1)));
-    }
-
-    #[test]
-    fn drop_wipes_the_key_schedule() {
-        let mut slot = std::mem::MaybeUninit::new(cipher(0x77));
-        // SAFETY: initialised just above and dropped once; afterwards only the key field's bytes
-        // are read, which the drop wrote (all of them: a `MaybeUninit` copy keeps every byte).
-        let key = unsafe {
-            slot.assume_init_drop();
-            std::slice::from_raw_parts(
-                slot.as_ptr().cast::<u8>().add(std::mem::offset_of!(SessionCipher, key)),
-                std::mem::size_of::<LessSafeKey>(),
-            )
-        };
-        // Without the wipe these bytes would hold the AES round keys and GHASH table (and a
-        // non-null algorithm pointer), so this cannot pass by accident.
-        assert!(key.iter().all(|&b| b == 0));
-    }
-
-    #[test]
-    fn clones_seal_alike_and_outlive_the_original() {
-        let a = cipher(6);
-        let b = a.clone();
-        let from_a = sealed(&a, Direction::GatewayToClient, 42, b"payload");
-        drop(a);
-        assert_eq!(sealed(&b, Direction::GatewayToClient, 42, b"payload"), from_a);
-        let mut d = from_a;
-        assert!(b.open(Direction::GatewayToClient, &mut d).is_ok());
     }
 
     #[test]
