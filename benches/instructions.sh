@@ -19,9 +19,10 @@
 # PINGS (the idle work of the process in those seconds included, as on a real gateway). Per MB: the
 # total over the upload divided by the MB iperf3 received (1 MB = 10^6 bytes). Not counted: the
 # kernel's work (the system calls, the network stack, the copies), which is most of a tunnel's
-# CPU time (see the README). Under valgrind, AWS-LC picks its AES-NI + CLMUL code for AES-GCM
-# (valgrind hides VAES and AVX-512 from CPUID), so Holdfast's cipher counts are of that code, not
-# of the VAES code it runs natively; boringtun's ChaCha20-Poly1305 is its AVX2 code either way.
+# CPU time (see the README). Under valgrind, which hides VAES and AVX-512 from CPUID, Holdfast's
+# AES-GCM is ring's (the backend it chooses without AVX-512) running its AES-NI + CLMUL code, so
+# Holdfast's cipher counts are of that code, not of the VAES code (ring's or AWS-LC's) it runs
+# natively; boringtun's ChaCha20-Poly1305 is its AVX2 code either way.
 #
 # Needs root, valgrind (callgrind_control); ping, nftables, iperf3, python3 and wireguard-tools are
 # installed if missing. Namespaces on 198.18.0.0/15, tunnels in 100.64.0.0/10 and fd00::/8;
@@ -154,7 +155,7 @@ count() {
 ratio() { python3 -c "import sys; a, b = (float(open(p).read()) for p in sys.argv[1:]); print('%.2f' % (a / b))" "$@"; }
 
 bench_header "instructions per ping and per MB  pings=$PINGS bulk=${BULK_SECS}s"
-echo "# $(valgrind --version); user space only; AWS-LC's AES-GCM runs its AES-NI code under valgrind"
+echo "# $(valgrind --version); user space only; ring's AES-GCM runs its AES-NI code under valgrind"
 bench_binary
 BT=$TOOLS/bin/boringtun-cli
 if [ "${SKIP_BORINGTUN:-}" != 1 ] && [ ! -x "$BT" ]; then
