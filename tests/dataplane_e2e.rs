@@ -1201,6 +1201,11 @@ fn bin_hostile_datagrams_at_both_ends_are_dropped_and_counted() {
     let mut gateway = w.gateway("gateway");
     let (mut client, _) = w.client(0);
     assert!(w.clients[0].ping_until(GW_TUN, T).is_some(), "tunnel up");
+    // Both ends name the AES-GCM backend they chose for this CPU (README, "AES-GCM crate").
+    let aead = format!("AES-GCM: {}", holdfast::sansio::aead::Backend::for_this_cpu().name());
+    for p in [&client, &gateway] {
+        assert!(p.all_lines().iter().any(|l| l.contains("data plane up") && l.contains(&aead)), "{aead}");
+    }
     let client_port: u16 = client
         .all_lines()
         .iter()

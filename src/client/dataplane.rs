@@ -430,13 +430,14 @@ async fn bring_up(shared: Arc<Shared>) {
     shared.counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
     tracing::info!(
         target: TARGET,
-        "data plane up: tun {} (ifindex {}, mtu {} for a path MTU of {underlay_mtu}{}), UDP {} -> gateway {}",
+        "data plane up: tun {} (ifindex {}, mtu {} for a path MTU of {underlay_mtu}{}), UDP {} -> gateway {}; AES-GCM: {}",
         tun.name,
         tun.ifindex,
         tun.mtu,
         if cfg.underlay_mtu.is_some() { ", underlay_mtu" } else { "" },
         sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
         cfg.gateway,
+        crate::sansio::aead::Backend::for_this_cpu().name(),
     );
     shared.tun_mtu.send_replace(tun.mtu);
     let gro = tunnel::enable_udp_gro(&sock);

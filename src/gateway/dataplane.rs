@@ -478,7 +478,7 @@ impl GatewayDataPlane {
         counters.tun_ifindex.store(tun.ifindex, Ordering::Relaxed);
         tracing::info!(
             target: TARGET,
-            "data plane up: tun {} (ifindex {}, {}/{}{}, mtu {}), UDP {local}{}",
+            "data plane up: tun {} (ifindex {}, {}/{}{}, mtu {}), UDP {local}{}; AES-GCM: {}",
             tun.name,
             tun.ifindex,
             cfg.gateway_ip,
@@ -489,7 +489,8 @@ impl GatewayDataPlane {
                 (Some(u), Some(v6)) => format!(", NAT {} and {} -> {u}", cfg.subnet, v6.subnet),
                 (Some(u), None) => format!(", NAT {} -> {u}", cfg.subnet),
                 (None, _) => String::new(),
-            }
+            },
+            crate::sansio::aead::Backend::for_this_cpu().name(),
         );
         let (stop, _) = watch::channel(false);
         let device = Arc::new(tun.device);
