@@ -4,7 +4,7 @@
 //! Why two: each is the faster one on some CPUs, and the difference is the AEAD's whole share of
 //! the data plane's CPU (README, "AES-GCM crate"). AWS-LC (aws-lc-rs) has AES-GCM code for
 //! 512-bit VAES registers, which ring lacks: on a 2-vCPU Intel Xeon with AVX-512 it seals a
-//! full-size packet in 0.74x ring's time and opens it in 0.89x. ring has code for 256-bit VAES
+//! full-size packet in 0.78x ring's time and opens it in 0.84x. ring has code for 256-bit VAES
 //! registers, which AWS-LC lacks: on a CPU with VAES but no AVX-512 (the AMD EPYC machines
 //! without it) AWS-LC falls back to 128-bit AES-NI code. Both compute the same AES-256-GCM, so
 //! the two ends of a tunnel need not agree on anything; a property test seals with one and opens
