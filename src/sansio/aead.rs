@@ -37,7 +37,7 @@ impl Backend {
         if wide_vaes { Self::AwsLc } else { Self::Ring }
     }
 
-    /// A short stable name, for the bench and status output.
+    /// A short stable name, for the bench and the data planes' "data plane up" log line.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Ring => "ring",
@@ -47,11 +47,14 @@ impl Backend {
 }
 
 /// Whether AWS-LC takes its 512-bit AES-GCM path on this CPU: the features its own dispatch asks
-/// for (`crypto_gcm_avx512_enabled` in its `modes/gcm.c`: VAES, VPCLMULQDQ and the AVX-512 it
-/// uses), each also enabled by the OS, which `is_x86_feature_detected!` checks.
+/// for (`crypto_gcm_avx512_enabled` in its `modes/gcm.c`: VAES, VPCLMULQDQ, and the AVX-512 F,
+/// DQ, IFMA, BW and VL of `CRYPTO_is_AVX512_capable`), each also enabled by the OS, which
+/// `is_x86_feature_detected!` checks. Short of any, AWS-LC would run 128-bit AES-NI code.
 #[cfg(target_arch = "x86_64")]
 fn wide_vaes() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512ifma")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("vaes")
