@@ -10,6 +10,10 @@
 #   KIND_B=nokill bash benches/ab.sh                     # B without the kill-switch
 #   KIND_B=split ENV_B=HOLDFAST_SHED=off bash benches/ab.sh
 #
+# PIN=1 runs both gateways on CPU 0 and both clients and the pings on CPU 1 (`taskset`), as if
+# each gateway were on another machine: then no thread of the gateway ever shares a CPU with the
+# client side, and only the client's own scheduling is compared.
+#
 # KIND_A / KIND_B: default (the file `gateway add-client` writes: full tunnel, kill-switch on),
 # nokill (the same, kill-switch off) or split (split tunnel, no kill-switch). ENV_A / ENV_B: one
 # NAME=VALUE for both processes of that side. PINGS (default 400, in all per side), BLOCKS
@@ -37,6 +41,12 @@ for e in "${ENV_A:-}" "${ENV_B:-}"; do
   [ -z "$e" ] || [[ $e =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]] || { echo "ab.sh: ENV_A / ENV_B must be NAME=VALUE, not '$e'" >&2; exit 2; }
 done
 need ping iputils-ping; need nft nftables; need python3 python3
+PIN=${PIN:-0} GW_CPU=() CL_CPU=()
+[[ $PIN =~ ^[01]$ ]] || { echo "ab.sh: PIN must be 0 or 1, not '$PIN'" >&2; exit 2; }
+if [ "$PIN" = 1 ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "ab.sh: PIN=1 needs two CPUs" >&2; exit 2; }
+  GW_CPU=(taskset -c 0) CL_CPU=(taskset -c 1)
+fi
 
 TAG=hfab$$
 UA=198.18.0.1 UB=198.18.0.2 PORT=51820
@@ -65,15 +75,15 @@ text = text.replace(head, head + 'killswitch = false\n', 1) if head in text else
 open(path, 'w').write(text)
 PY
   fi
-  bench_launch "gw-$side" env "$env" ip netns exec "$nb" "$bin" gateway run --dir "$WORK/$side/gw"
-  bench_launch "client-$side" env "$env" ip netns exec "$na" "$(dirname "$bin")/holdfast-client" run --no-tui --config "$WORK/$side/default.toml"
+  bench_launch "gw-$side" "${GW_CPU[@]}" env "$env" ip netns exec "$nb" "$bin" gateway run --dir "$WORK/$side/gw"
+  bench_launch "client-$side" "${CL_CPU[@]}" env "$env" ip netns exec "$na" "$(dirname "$bin")/holdfast-client" run --no-tui --config "$WORK/$side/default.toml"
   for _ in $(seq 100); do ip netns exec "$na" ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
   ip netns exec "$na" ping -q -c 1 -W 2 100.64.0.1 >/dev/null \
     || { echo "ab.sh: side $side: the tunnel did not come up"; tail -5 "$WORK/client-$side.log" "$WORK/gw-$side.log"; exit 1; }
   ip netns exec "$na" ping -q -n -c 20 -i 0.02 100.64.0.1 >/dev/null   # past the first packets' set-up
 }
 
-bench_header "holdfast A/B ping  pings=$PINGS blocks=$BLOCKS interval=${INTERVAL}s"
+bench_header "holdfast A/B ping  pings=$PINGS blocks=$BLOCKS interval=${INTERVAL}s pin=$PIN"
 bench_binary
 up A ${TAG}a ${TAG}b ${TAG}va ${TAG}vb "${BIN_A:-$BIN}" "$KIND_A" "${ENV_A:-}"
 up B ${TAG}c ${TAG}d ${TAG}vc ${TAG}vd "${BIN_B:-$BIN}" "$KIND_B" "${ENV_B:-}"
@@ -81,7 +91,7 @@ echo "# A: $(readlink -f "${BIN_A:-$BIN}") $KIND_A ${ENV_A:-}"
 echo "# B: $(readlink -f "${BIN_B:-$BIN}") $KIND_B ${ENV_B:-}"
 
 rtts() { # NS COUNT: the RTTs of COUNT plain pings from NS, in ms, one per line
-  ip netns exec "$1" ping -n -c "$2" -i "$INTERVAL" -W 1 100.64.0.1 2>/dev/null | grep -o 'time=[0-9.]*' | cut -d= -f2
+  "${CL_CPU[@]}" ip netns exec "$1" ping -n -c "$2" -i "$INTERVAL" -W 1 100.64.0.1 2>/dev/null | grep -o 'time=[0-9.]*' | cut -d= -f2
 }
 : >"$WORK/a.rtt"; : >"$WORK/b.rtt"
 for _ in $(seq "$BLOCKS"); do
