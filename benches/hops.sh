@@ -9,6 +9,7 @@
 #   SKIP_BORINGTUN=1 bash benches/hops.sh    # Holdfast alone; BIN= / CLIENT_BIN= another build
 #   ALTERNATIONS=20 bash benches/hops.sh     # blocks of the alternating plain pings (default 10)
 #   STEPS=1 bash benches/hops.sh             # each hop cut further, step by step (below)
+#   PIN=1 bash benches/hops.sh               # gateways on CPU 0, clients and pings on CPU 1
 #
 # The hops, each from one tracepoint to the next (net:net_dev_start_xmit when a packet is sent
 # on a device, net:netif_rx / net:netif_receive_skb when one is received):
@@ -56,6 +57,15 @@ STEPS=${STEPS:-0}
 command -v perf >/dev/null || { echo "hops.sh: needs perf (linux-perf) for the kernel's tracepoints" >&2; exit 2; }
 need ping iputils-ping; need nft nftables; need python3 python3
 [ "${SKIP_BORINGTUN:-}" = 1 ] || need wg wireguard-tools
+# PIN=1: both tunnels' gateway ends on CPU 0, their client ends and every ping on CPU 1 (taskset),
+# as if each gateway were on another machine: no gateway thread then shares a CPU with the client
+# side, which on one machine decides much of a round trip (see the README's "Ping, session 18").
+PIN=${PIN:-0} GW_CPU=() CL_CPU=()
+[[ $PIN =~ ^[01]$ ]] || { echo "hops.sh: PIN must be 0 or 1, not '$PIN'" >&2; exit 2; }
+if [ "$PIN" = 1 ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "hops.sh: PIN=1 needs two CPUs" >&2; exit 2; }
+  GW_CPU=(taskset -c 0) CL_CPU=(taskset -c 1)
+fi
 
 TAG=hfh$$ NA=${TAG}a NB=${TAG}b VA=${TAG}va VB=${TAG}vb
 # boringtun's own pair, so that both tunnels are up at once (the client's kill-switch would block
@@ -204,7 +214,7 @@ print('  %7.1f  in all' % sum(medians))
 json.dump({'row': row, 'steps': list(zip(labels[1:], medians)), 'total': sum(medians)}, open(out, 'w'))
 PY
 rtts() { # NS IP COUNT: the RTTs of COUNT plain pings from NS, in ms, one per line
-  ip netns exec "$1" ping -n -c "$3" -i "$INTERVAL" -W 1 "$2" 2>/dev/null | grep -o 'time=[0-9.]*' | cut -d= -f2
+  "${CL_CPU[@]}" ip netns exec "$1" ping -n -c "$3" -i "$INTERVAL" -W 1 "$2" 2>/dev/null | grep -o 'time=[0-9.]*' | cut -d= -f2
 }
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.stdin.read().split()]; print('%.3f' % statistics.median(v) if v else 'none')"; }
 oncpu_ns() { # PID...: the time the processes' threads have run on a CPU, in ns (schedstat)
@@ -231,7 +241,7 @@ measure() { # ROW NS TARGET CLIENT-TUN GATEWAY-TUN UNDERLAY-A UNDERLAY-B PID... 
     done
   fi
   perf record -q -o "$WORK/$row.data" -a -e net:net_dev_start_xmit -e net:netif_rx -e net:netif_receive_skb "${extra[@]}" \
-      -- timeout $((PINGS + 60)) ip netns exec "$ns" ping -q -n -c "$PINGS" -i "$INTERVAL" -W 1 "$ip" >/dev/null 2>&1
+      -- timeout $((PINGS + 60)) "${CL_CPU[@]}" ip netns exec "$ns" ping -q -n -c "$PINGS" -i "$INTERVAL" -W 1 "$ip" >/dev/null 2>&1
   perf script -i "$WORK/$row.data" -F comm,tid,cpu,time,event,trace >"$WORK/$row.txt" 2>/dev/null
   echo "$row: traced, per hop"
   python3 "$WORK/hops.py" "$WORK/$row.txt" "$4" "$5" "$6" "$7"
@@ -244,14 +254,14 @@ measure() { # ROW NS TARGET CLIENT-TUN GATEWAY-TUN UNDERLAY-A UNDERLAY-B PID... 
 # --- topology ------------------------------------------------------------------------------------
 bench_pair_netns $NA $NB $VA $VB $UA $UB
 
-bench_header "holdfast hops bench  pings=$PINGS interval=${INTERVAL}s"
+bench_header "holdfast hops bench  pings=$PINGS interval=${INTERVAL}s pin=$PIN"
 bench_binary
 
 # --- holdfast -------------------------------------------------------------------------------------
 provision_gateway "$BIN" "$WORK" $UB:$PORT
 provision_client "$BIN" "$WORK" default default
-bench_launch gw ip netns exec $NB "$BIN" gateway run --dir "$WORK/gw"
-bench_launch client ip netns exec $NA "$CLIENT_BIN" run --no-tui --config "$WORK/default.toml"
+bench_launch gw "${GW_CPU[@]}" ip netns exec $NB "$BIN" gateway run --dir "$WORK/gw"
+bench_launch client "${CL_CPU[@]}" ip netns exec $NA "$CLIENT_BIN" run --no-tui --config "$WORK/default.toml"
 for _ in $(seq 100); do ip netns exec $NA ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
 ip netns exec $NA ping -q -c 1 -W 2 100.64.0.1 >/dev/null || { echo "holdfast tunnel did not come up"; tail -20 "$WORK/client.log" "$WORK/gw.log"; exit 1; }
 GW_TUN=$(ip -n $NB -o link show | awk -F': ' '$2 !~ /^(lo|'$VB')/ {sub(/@.*/, "", $2); print $2; exit}')
@@ -270,8 +280,8 @@ if [ ! -x "$BT" ]; then
 fi
 bench_pair_netns $NC $ND $VC $VD $UA $UB
 wg_prepare "$WORK"
-bench_launch bt-a ip netns exec $NC "${NSX[@]}" "$BT" wga --foreground --disable-drop-privileges --threads 1
-bench_launch bt-b ip netns exec $ND "${NSX[@]}" "$BT" wgb --foreground --disable-drop-privileges --threads 1
+bench_launch bt-a "${CL_CPU[@]}" ip netns exec $NC "${NSX[@]}" "$BT" wga --foreground --disable-drop-privileges --threads 1
+bench_launch bt-b "${GW_CPU[@]}" ip netns exec $ND "${NSX[@]}" "$BT" wgb --foreground --disable-drop-privileges --threads 1
 wg_configure $NC $ND wga wgb 100.64.1 $UA $UB $PORT "$WORK" || { echo "boringtun: could not be configured"; tail -5 "$WORK/bt-a.log" "$WORK/bt-b.log"; exit 1; }
 for _ in $(seq 20); do ip netns exec $NC ping -q -c 1 -W 1 100.64.1.2 >/dev/null 2>&1 && break; done
 measure boringtun $NC 100.64.1.2 wga wgb $VC $VD $(pgrep -f "$BT wg[ab] --foreground")

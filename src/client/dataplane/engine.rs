@@ -7,7 +7,9 @@
 //! ([`super::keep_tun`], through the `device` channel), path MTU following, the prober (acks go
 //! to it through a channel, and so do the ICMP hints this thread reads from the socket's error
 //! queue), and the supervisor (nudges). The engine keeps only its own timing: the keepalive,
-//! and the pauses after failing IO, as deadlines of its wait.
+//! and the pauses after failing IO, as deadlines of its wait, and when it last moved a batch
+//! (its [`Handoff`]: before a sleep that follows a lone packet written into the TUN device in
+//! quiet traffic, it yields the CPU to that packet's reader).
 //!
 //! Fairness: each turn takes at most [`TURN`] batches from the TUN device, then as many
 //! receives from the socket, then waits without sleeping if either still has data
@@ -96,7 +98,7 @@ pub(super) struct Engine {
     nudges: RateLimit,
     recv_log: IoLog,
     write_log: IoLog,
-    /// Yields before the sleep that follows a TUN write.
+    /// Yields the CPU before the sleep that follows a lone packet written into the TUN device.
     handoff: Handoff,
 }
 
