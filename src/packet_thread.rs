@@ -277,78 +277,6 @@ impl Side {
 /// millisecond.
 pub const TURN: usize = 16;
 
-/// Whether the client's engine yields its CPU before it sleeps: it does when, in quiet traffic,
-/// it has written one packet alone into its TUN device since its last sleep (a reply an
-/// application waits for, say a ping's).
-///
-/// Why: a TUN write wakes the packet's reader on this CPU as a "sync" wake-up: the kernel expects
-/// the writer to sleep soon and lets the reader wait for that. A `sched_yield` hands the CPU over
-/// at once, and it changes which CPU the threads of the next round trip are woken on: with it the
-/// application and the client's thread (and in the bench, on the same machine, the gateway's
-/// thread) run one after the other on one CPU, each woken onto its waker's CPU and run at once,
-/// with warm caches; without it a thread of the next round trip is often woken onto the other,
-/// idle vCPU, which takes tens of microseconds to wake, and runs there cold. Measured with
-/// `benches/ab.sh` and `benches/hops.sh`, see the README's "Ping".
-///
-/// Only in quiet traffic: while the engine moves batches (a TSO packet read, a download's
-/// coalesced segments written) its caches are warm and the reader has work enough, and a yield
-/// then costs an extra pair of context switches per sleep (measured: CPU per GB 9-18 % higher
-/// down when every sleep after a write yielded, and still about 4 % up when every lone packet
-/// did, the ACKs of an upload being lone packets). So a batch in either direction makes the
-/// engine busy for [`Handoff::QUIET`]; it costs one system call per sleep after a lone packet in
-/// quiet traffic, and nothing while the engine has work left (a wait that does not sleep does
-/// not yield).
-#[derive(Debug)]
-pub struct Handoff {
-    /// Packets written into the TUN device since the last sleep.
-    written: usize,
-    /// Until when the engine counts as busy (the last batch plus [`Handoff::QUIET`]).
-    busy_until: Instant,
-}
-
-impl Handoff {
-    /// At most this many packets written since the last sleep make a lone packet.
-    pub const LONE: usize = 1;
-    /// How long after a batch the traffic is not quiet.
-    pub const QUIET: Duration = Duration::from_millis(10);
-
-    /// Quiet from `now` on.
-    pub fn new(now: Instant) -> Self {
-        Self { written: 0, busy_until: now }
-    }
-
-    /// `packets` were written into the TUN device at `now`.
-    pub fn wrote(&mut self, packets: usize, now: Instant) {
-        self.written = self.written.saturating_add(packets);
-        self.moved(packets, now);
-    }
-
-    /// `packets` were moved at `now`, in either direction: more than a lone one make a batch.
-    pub fn moved(&mut self, packets: usize, now: Instant) {
-        if packets > Self::LONE {
-            self.busy_until = now + Self::QUIET;
-        }
-    }
-
-    /// Before a wait of `timeout` at `now`: whether to yield now (a sleep follows a lone packet
-    /// in quiet traffic). A sleep starts the count again; a wait that does not sleep keeps it.
-    pub fn before_wait(&mut self, timeout: Duration, now: Instant) -> bool {
-        if timeout.is_zero() {
-            return false;
-        }
-        let n = std::mem::take(&mut self.written);
-        (1..=Self::LONE).contains(&n) && now >= self.busy_until
-    }
-
-    /// [`Handoff::before_wait`], yielding the CPU when it says so.
-    pub fn yield_before(&mut self, timeout: Duration, now: Instant) {
-        if self.before_wait(timeout, now) {
-            // SAFETY: no arguments; it cannot fail on Linux.
-            unsafe { libc::sched_yield() };
-        }
-    }
-}
-
 /// How long an engine's next wait may sleep: not at all while a side is known readable and not
 /// resting (or `more` says there is other work left), else until the first resting readable
 /// side may go on or `deadline` (the engine's own timer), whichever is first.
@@ -393,47 +321,6 @@ mod tests {
         p.remove(&a).unwrap();
         b.send(b"y").unwrap();
         assert!(p.next(std::time::Duration::ZERO).next().is_none(), "removed");
-    }
-
-    #[test]
-    fn the_client_yields_before_the_sleep_that_follows_a_lone_packet_in_quiet_traffic() {
-        let t0 = Instant::now();
-        let mut h = Handoff::new(t0);
-        let (sleep, busy) = (Duration::from_millis(5), Duration::ZERO);
-        assert!(!h.before_wait(sleep, t0), "nothing written: no yield");
-        h.wrote(0, t0);
-        assert!(!h.before_wait(sleep, t0), "an empty flush woke no reader");
-        h.wrote(1, t0);
-        assert!(!h.before_wait(busy, t0), "work left: the wait does not sleep, so no yield");
-        assert!(h.before_wait(sleep, t0), "the sleep after a lone packet yields");
-        assert!(!h.before_wait(sleep, t0), "once: a sleep starts the count again");
-        h.wrote(1, t0);
-        assert!(!h.before_wait(busy, t0));
-        h.wrote(1, t0);
-        assert!(!h.before_wait(sleep, t0), "two packets before the sleep are a batch, not a lone packet");
-
-        // A batch makes the traffic busy for QUIET, in either direction.
-        let t1 = t0 + Duration::from_secs(1);
-        h.wrote(40, t1);
-        assert!(!h.before_wait(sleep, t1), "a batch: no yield");
-        h.wrote(1, t1 + Duration::from_millis(1));
-        assert!(!h.before_wait(sleep, t1 + Duration::from_millis(1)), "a lone packet right after a batch");
-        h.wrote(1, t1 + Handoff::QUIET);
-        assert!(h.before_wait(sleep, t1 + Handoff::QUIET), "quiet again");
-        let t2 = t1 + Duration::from_secs(1);
-        h.moved(5, t2);
-        h.wrote(1, t2);
-        assert!(!h.before_wait(sleep, t2), "a batch read from the device counts too");
-        h.moved(1, t2 + Handoff::QUIET);
-        h.wrote(1, t2 + Handoff::QUIET);
-        assert!(h.before_wait(sleep, t2 + Handoff::QUIET), "a lone packet read is no batch");
-
-        h.wrote(usize::MAX, t2);
-        h.wrote(1, t2);
-        assert!(
-            !h.before_wait(sleep, t2 + Duration::from_secs(1)),
-            "the count saturates, never wraps to a lone packet"
-        );
     }
 
     #[tokio::test(start_paused = true)]
