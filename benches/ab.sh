@@ -41,12 +41,7 @@ for e in "${ENV_A:-}" "${ENV_B:-}"; do
   [ -z "$e" ] || [[ $e =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]] || { echo "ab.sh: ENV_A / ENV_B must be NAME=VALUE, not '$e'" >&2; exit 2; }
 done
 need ping iputils-ping; need nft nftables; need python3 python3
-PIN=${PIN:-0} GW_CPU=() CL_CPU=()
-[[ $PIN =~ ^[01]$ ]] || { echo "ab.sh: PIN must be 0 or 1, not '$PIN'" >&2; exit 2; }
-if [ "$PIN" = 1 ]; then
-  [ "$(nproc)" -ge 2 ] || { echo "ab.sh: PIN=1 needs two CPUs" >&2; exit 2; }
-  GW_CPU=(taskset -c 0) CL_CPU=(taskset -c 1)
-fi
+bench_pin ab.sh
 
 TAG=hfab$$
 UA=198.18.0.1 UB=198.18.0.2 PORT=51820

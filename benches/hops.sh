@@ -60,12 +60,7 @@ need ping iputils-ping; need nft nftables; need python3 python3
 # PIN=1: both tunnels' gateway ends on CPU 0, their client ends and every ping on CPU 1 (taskset),
 # as if each gateway were on another machine: no gateway thread then shares a CPU with the client
 # side, which on one machine decides much of a round trip (see the README's "Ping, session 18").
-PIN=${PIN:-0} GW_CPU=() CL_CPU=()
-[[ $PIN =~ ^[01]$ ]] || { echo "hops.sh: PIN must be 0 or 1, not '$PIN'" >&2; exit 2; }
-if [ "$PIN" = 1 ]; then
-  [ "$(nproc)" -ge 2 ] || { echo "hops.sh: PIN=1 needs two CPUs" >&2; exit 2; }
-  GW_CPU=(taskset -c 0) CL_CPU=(taskset -c 1)
-fi
+bench_pin hops.sh
 
 TAG=hfh$$ NA=${TAG}a NB=${TAG}b VA=${TAG}va VB=${TAG}vb
 # boringtun's own pair, so that both tunnels are up at once (the client's kill-switch would block

@@ -9,6 +9,10 @@
 #     sets BIN: as given in the environment, else the release build (built now); and CLIENT_BIN,
 #     the client-only binary `holdfast-client` (what a client machine installs), beside BIN
 #     unless given.
+#   bench_pin BENCH
+#     reads PIN (0 or 1; BENCH names the script in its errors) and sets the arrays GW_CPU and
+#     CL_CPU, prefixes for the gateway ends and for the client ends and pings: empty, or with
+#     PIN=1 `taskset -c 0` and `taskset -c 1`, as if each gateway were on another machine.
 #   bench_launch LOG COMMAND...
 #     runs COMMAND in the background under `timeout` (LIFE seconds), its output in WORK/LOG.log, its
 #     pid added to PIDS.
@@ -57,6 +61,14 @@ bench_binary() {
   BIN=$(readlink -f "$BIN")
   CLIENT_BIN=$(readlink -f "${CLIENT_BIN:-$(dirname "$BIN")/holdfast-client}")
   [ -x "$CLIENT_BIN" ] || { echo "no client binary at $CLIENT_BIN (build it with --bin holdfast-client, or set CLIENT_BIN)" >&2; exit 2; }
+}
+
+bench_pin() {
+  PIN=${PIN:-0} GW_CPU=() CL_CPU=()
+  [[ $PIN =~ ^[01]$ ]] || { echo "$1: PIN must be 0 or 1, not '$PIN'" >&2; exit 2; }
+  [ "$PIN" = 1 ] || return 0
+  [ "$(nproc)" -ge 2 ] || { echo "$1: PIN=1 needs two CPUs" >&2; exit 2; }
+  GW_CPU=(taskset -c 0) CL_CPU=(taskset -c 1)
 }
 
 bench_launch() { local log=$1; shift; timeout -k 5 "$LIFE" "$@" >"$WORK/$log.log" 2>&1 & PIDS+=($!); }

@@ -249,12 +249,11 @@ fn the_tun_follows_the_link_down_and_up_during_a_transfer_without_being_recreate
     let drops = w.status("roamer").data_plane.map(|d| d.drops).unwrap_or_default();
     // On a failure, the client's own account of it (which error the sends met; its send
     // failures are logged, rate-limited) says which race it was.
-    let sends = || {
-        let lines = client.all_lines();
-        let failed: Vec<&String> = lines.iter().filter(|l| l.contains("sending to the gateway")).collect();
-        format!("{failed:?}")
-    };
-    assert!(!drops.iter().any(|d| d.reason == "socket_error"), "{drops:?}\nthe client's send failures: {}", sends());
+    assert!(
+        !drops.iter().any(|d| d.reason == "socket_error"),
+        "{drops:?}\nthe client's send failures: {:?}",
+        client.all_lines().iter().filter(|l| l.contains("sending to the gateway")).collect::<Vec<_>>()
+    );
     assert!(per_second.iter().all(|b| *b > 0), "a second without progress: {per_second:?}");
     let received = transfer["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
     assert!(received > 0, "the transfer completed");
