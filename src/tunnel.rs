@@ -936,7 +936,7 @@ pub fn send_gso(
     segment: usize,
     dest: SocketAddr,
     unreachable: Unreachable,
-) -> io::Result<()> {
+) -> Result<(), RunFailed> {
     if buf.len() <= segment || !*gso {
         return send_each(sock, buf, segment, dest, unreachable).map(drop);
     }
@@ -961,8 +961,17 @@ pub fn send_gso(
             // ICMP "too big" reported through this send (IP_RECVERR).
             send_each(sock, buf, segment, dest, unreachable).map(drop)
         }
-        other => other,
+        // A GSO send is all or nothing.
+        other => other.map_err(|error| RunFailed { sent: 0, error }),
     }
+}
+
+/// A run's send that failed after `sent` of its datagrams had gone out (one by one; a GSO send
+/// is all or nothing, so 0 there). The rest of the run was not sent.
+#[derive(Debug)]
+pub struct RunFailed {
+    pub sent: usize,
+    pub error: io::Error,
 }
 
 /// Sends `buf`'s datagrams of `segment` bytes one by one. One refused with EMSGSIZE is sent
@@ -970,22 +979,26 @@ pub fn send_gso(
 /// shrank (the TUN MTU follows a moment later), or the EMSGSIZE was an earlier ICMP "too big"
 /// reported through this send (IP_RECVERR sets the socket's error until the prober reads its
 /// queue; the report clears it). Either way the datagram goes, not dropped. Returns whether any
-/// was refused so.
+/// was refused so. Stops at the first datagram that fails: what failed it (an unreachable
+/// destination, after its wait) would fail the rest too.
 fn send_each(
     sock: &impl AsRawFd,
     buf: &[u8],
     segment: usize,
     dest: SocketAddr,
     unreachable: Unreachable,
-) -> io::Result<bool> {
+) -> Result<bool, RunFailed> {
     let mut too_big = false;
-    for d in buf.chunks(segment.max(1)) {
-        match past_reports(unreachable, || writable_now(sock, || sendto(sock, d, dest))) {
+    for (sent, d) in buf.chunks(segment.max(1)).enumerate() {
+        let result = match past_reports(unreachable, || writable_now(sock, || sendto(sock, d, dest))) {
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
                 too_big = true;
-                send_fragmentable(sock, d, dest)?;
+                send_fragmentable(sock, d, dest)
             }
-            other => drop(other?),
+            other => other,
+        };
+        if let Err(error) = result {
+            return Err(RunFailed { sent, error });
         }
     }
     Ok(too_big)
@@ -1109,7 +1122,8 @@ pub fn write_tun_now(tun: &impl AsRawFd, packet: &[u8]) -> io::Result<()> {
 /// put back at once, with no await in between. Only for data caught by a link that just shrank
 /// (rare: the TUN MTU follows within milliseconds), which is better fragmented than lost. A
 /// probe the prober sends in those microseconds could be fragmented too; the next confirmation
-/// catches what that got wrong.
+/// catches what that got wrong. The send goes past earlier datagrams' reports
+/// ([`past_size_reports`]).
 fn send_fragmentable(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr) -> io::Result<usize> {
     let (level, name, want) = match dest {
         SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT),
@@ -1124,8 +1138,32 @@ fn send_fragmentable(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr) -> io::Res
         return Err(io::Error::last_os_error());
     }
     setsockopt_int(sock, level, name, want)?;
-    let sent = sendto(sock, d, dest);
+    let sent = past_size_reports(|| writable_now(sock, || sendto(sock, d, dest)));
     setsockopt_int(sock, level, name, before)?;
+    sent
+}
+
+/// How many times [`past_size_reports`] sends, at most: one report per datagram of a GSO run
+/// that met the shrunken link, and one try more.
+const SIZE_REPORTS_PASSED: usize = MAX_GSO_SEGMENTS + 1;
+
+/// Runs `send` (a datagram sent with fragments allowed) again while it fails with EMSGSIZE, up
+/// to [`SIZE_REPORTS_PASSED`] times. With fragments allowed no datagram of ours is too big, so
+/// that error is a report for an earlier one: a GSO run that passed the size check before the
+/// link shrank and met the smaller device on its way out has each segment refused by the
+/// kernel's output path, which sends the socket its own ICMP "fragmentation needed" per segment;
+/// with `IP_RECVERR` each sets the socket's error, and each is returned by one later send
+/// instead of sending. They arrive one by one from the loopback's softirq, so one retry is not
+/// enough (seen: a whole 43-datagram run lost to a second report). Bounded, so a kernel that
+/// did refuse the datagram costs a few dozen syscalls, once.
+fn past_size_reports<T>(mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut sent = send();
+    for _ in 1..SIZE_REPORTS_PASSED {
+        if !sent.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EMSGSIZE)) {
+            break;
+        }
+        sent = send();
+    }
     sent
 }
 
@@ -1610,17 +1648,19 @@ struct Run {
 }
 
 impl Sent {
-    fn count(&mut self, run: &Run, result: io::Result<()>) {
-        match result {
-            Ok(()) => {
-                self.datagrams += run.count;
-                self.inner_bytes += run.end - run.start - run.count * wire::OVERHEAD;
+    fn count(&mut self, run: &Run, result: Result<(), RunFailed>) {
+        let sent = match result {
+            Ok(()) => run.count,
+            Err(f) => {
+                self.error = Some(f.error);
+                f.sent.min(run.count)
             }
-            Err(e) => {
-                self.failed += run.count;
-                self.error = Some(e);
-            }
-        }
+        };
+        // Only a run's last datagram may be shorter, and a failure left at least that one unsent.
+        let bytes = if sent == run.count { run.end - run.start } else { sent * run.size };
+        self.datagrams += sent;
+        self.inner_bytes += bytes - sent * wire::OVERHEAD;
+        self.failed += run.count - sent;
     }
 }
 
@@ -2005,6 +2045,52 @@ mod tests {
             if std::mem::take(&mut first) { Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)) } else { Ok(1) }
         });
         assert_eq!(sent.expect("sent"), 1);
+    }
+
+    #[test]
+    fn a_run_that_fails_part_way_counts_what_went_out_and_what_did_not() {
+        let o = wire::OVERHEAD;
+        // Three datagrams of 100 bytes and a last one of 60.
+        let run = Run { start: 0, end: 360, size: 100, count: 4 };
+        let failed = |sent| Err(RunFailed { sent, error: io::Error::from_raw_os_error(libc::ENOBUFS) });
+        let mut s = Sent::default();
+        s.count(&run, Ok(()));
+        assert_eq!((s.datagrams, s.inner_bytes, s.failed), (4, 360 - 4 * o, 0));
+        let mut s = Sent::default();
+        s.count(&run, failed(2));
+        assert_eq!((s.datagrams, s.inner_bytes, s.failed), (2, 200 - 2 * o, 2), "two went out one by one");
+        assert_eq!(s.error.map(|e| e.raw_os_error()), Some(Some(libc::ENOBUFS)));
+        let mut s = Sent::default();
+        s.count(&run, failed(0));
+        assert_eq!((s.datagrams, s.inner_bytes, s.failed), (0, 0, 4), "a GSO send: all or nothing");
+    }
+
+    #[test]
+    fn a_fragmentable_send_goes_past_every_size_report_and_stops_at_the_bound() {
+        let too_big = || io::Error::from_raw_os_error(libc::EMSGSIZE);
+        // Three reports queued by earlier segments, then the datagram goes.
+        let mut tries = 0;
+        let sent = past_size_reports(|| {
+            tries += 1;
+            if tries <= 3 { Err(too_big()) } else { Ok(7) }
+        });
+        assert_eq!((sent.expect("sent"), tries), (7, 4));
+        // A kernel that refuses it for good: bounded, and the error is returned.
+        tries = 0;
+        let sent = past_size_reports(|| -> io::Result<usize> {
+            tries += 1;
+            Err(too_big())
+        });
+        assert_eq!(sent.expect_err("refused").raw_os_error(), Some(libc::EMSGSIZE));
+        assert_eq!(tries, SIZE_REPORTS_PASSED);
+        // Any other error is not a size report: returned at once.
+        tries = 0;
+        let sent = past_size_reports(|| -> io::Result<usize> {
+            tries += 1;
+            Err(io::Error::from_raw_os_error(libc::ENOBUFS))
+        });
+        assert!(sent.is_err());
+        assert_eq!(tries, 1);
     }
 
     #[test]
