@@ -298,6 +298,9 @@ fn the_tun_follows_a_route_mtu_metric_changing_under_the_pin() {
     await_tun_mtu(&w.gw, 1400 - OVERHEAD_V4, "follows the metric");
     let p = w.status("metric").data_plane.and_then(|d| d.path_mtu).expect("path MTU");
     assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (1400, 1336, "link"));
+    // The status also names the library the cipher runs on, as this CPU chose it.
+    let aead = w.status("metric").data_plane.map(|d| d.aead);
+    assert_eq!(aead.as_deref(), Some(holdfast::sansio::aead::Backend::for_this_cpu().name()));
     // A full-size packet for the new size crosses with DF set; one byte more is refused.
     let ping = |size: &str| {
         ns.exec("ping", &["-c", "1", "-M", "do", "-s", size, "-W", "2", &GW_TUN.to_string()]).status.success()

@@ -210,6 +210,8 @@ fn a_smaller_hop_in_the_middle_is_found_and_tcp_runs_at_its_size_both_ways() {
     assert!(wait_until(T, || client.path_mtu() == Some((1280, 1216, "discovered".into()))), "{:?}", client.path_mtu());
     let text = holdfast_ok(&["gateway", "status", "--dir", s(w.gw.path())]);
     assert!(text.contains(&format!("path MTU:     {INNER_AT_1280}")), "{text}");
+    let cipher = format!("cipher:       AES-256-GCM ({})", holdfast::sansio::aead::Backend::for_this_cpu().name());
+    assert!(text.contains(&cipher), "{text}");
     let (mut up, mut down) = best_of_two(&w, &client, "discovered");
     // A smaller path is a fact the data plane adapts to, not a failure to warn about (an
     // ICMP "too big" reported through a send or receive is not a failing socket).

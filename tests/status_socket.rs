@@ -71,6 +71,7 @@ fn sampler() -> Sampler {
             tx_bytes: 2_345,
             drops: vec![DropCount::new("no session", 0), DropCount::new("replay", 4)],
             path_mtu: Some(PathMtuInfo { outer: 1280, tun_mtu: 1280, bound: "link".into() }),
+            aead: "aws-lc-rs".into(),
         })
     })
 }
@@ -139,6 +140,8 @@ async fn a_query_gets_the_status_without_the_key() {
     assert!(human.contains("path MTU:     1280 (link), TUN MTU 1280"), "{human}");
     let p = r.data_plane.as_ref().and_then(|d| d.path_mtu.as_ref()).expect("path MTU in the report");
     assert_eq!((p.outer, p.tun_mtu, p.bound.as_str()), (1280, 1280, "link"));
+    // Which library runs the cipher (the key's fingerprint is shown, never the key).
+    assert!(human.contains("cipher:       AES-256-GCM (aws-lc-rs)"), "{human}");
 
     // A later status is what the next query sees.
     let mut next = healthy();

@@ -108,6 +108,7 @@ fn sample(i: u64, rx: u64, tx: u64) -> DataPlaneSample {
             DropCount::new("socket error", 0),
         ],
         path_mtu: Some(PathMtuInfo { outer: 1420, tun_mtu: 1356, bound: "link".into() }),
+        aead: "ring".into(),
     }
 }
 

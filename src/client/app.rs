@@ -436,6 +436,7 @@ fn sampler(dataplane: ClientDataPlane, tun_name: String) -> Sampler {
             tx_bytes: s.tx_bytes,
             drops,
             path_mtu,
+            aead: crate::sansio::aead::Backend::for_this_cpu().name().into(),
         })
     })
 }

@@ -42,6 +42,10 @@ pub struct DataPlaneSample {
     /// The path MTU in use, once the data plane found it.
     #[serde(default)]
     pub path_mtu: Option<PathMtuInfo>,
+    /// Which library's AES-256-GCM seals and opens the packets on this CPU ("ring" or
+    /// "aws-lc-rs"; empty from a client older than this field).
+    #[serde(default)]
+    pub aead: String,
 }
 
 /// The size of the path to the gateway and of the tunnel over it.
@@ -402,6 +406,9 @@ pub fn format_human(r: &StatusReport) -> String {
             let _ = writeln!(o, "  sent:         {} ({} packets)", human::bytes(d.tx_bytes), d.tx_packets);
             if let Some(p) = &d.path_mtu {
                 let _ = writeln!(o, "  path MTU:     {}", p.describe());
+            }
+            if !d.aead.is_empty() {
+                let _ = writeln!(o, "  cipher:       {}", crate::sansio::aead::describe(&d.aead));
             }
             if !d.drops.is_empty() {
                 let drops: Vec<String> = d.drops.iter().map(|c| format!("{} {}", c.reason, c.count)).collect();

@@ -150,6 +150,10 @@ pub struct DataPlaneReport {
     /// Flood shedding: the socket filter, per-source budgets (absent in older reports).
     #[serde(default)]
     pub shedding: ShedReport,
+    /// Which library's AES-256-GCM seals and opens the packets on this CPU ("ring" or
+    /// "aws-lc-rs"; empty from a gateway older than this field).
+    #[serde(default)]
+    pub aead: String,
 }
 
 /// The gateway's resolver: where it answers (the addresses pushed to clients) and its counters.
@@ -219,6 +223,7 @@ impl DataPlaneReport {
             loop_starts: [s.tx_loop_starts, s.rx_loop_starts],
             drops: DropCount::nonzero(s),
             shedding,
+            aead: crate::sansio::aead::Backend::for_this_cpu().name().into(),
         }
     }
 }
@@ -400,6 +405,9 @@ pub fn format_human(r: &GatewayReport) -> String {
     let _ = writeln!(o, "  pings:        {}", counts(&r.totals.pings));
     let d = &r.data_plane;
     let _ = writeln!(o, "\ndata plane");
+    if !d.aead.is_empty() {
+        let _ = writeln!(o, "  cipher:       {}", crate::sansio::aead::describe(&d.aead));
+    }
     let _ = writeln!(o, "  received:     {} ({} packets)", human::bytes(d.rx_bytes), d.rx_packets);
     let _ = writeln!(o, "  sent:         {} ({} packets)", human::bytes(d.tx_bytes), d.tx_packets);
     let _ = writeln!(

@@ -37,13 +37,20 @@ impl Backend {
         if wide_vaes { Self::AwsLc } else { Self::Ring }
     }
 
-    /// A short stable name, for the bench and the data planes' "data plane up" log line.
+    /// A short stable name, for the bench, the data planes' "data plane up" log line and the
+    /// status reports' `aead` field.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Ring => "ring",
             Self::AwsLc => "aws-lc-rs",
         }
     }
+}
+
+/// The cipher as the status reports say it to a person, given a backend's [`Backend::name`]
+/// (from a report, which may come from another build): "AES-256-GCM (aws-lc-rs)".
+pub fn describe(backend: &str) -> String {
+    format!("AES-256-GCM ({backend})")
 }
 
 /// Whether AWS-LC takes its 512-bit AES-GCM path on this CPU: the features its own dispatch asks
