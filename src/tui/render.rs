@@ -323,6 +323,10 @@ fn tunnel_panel(app: &App) -> Paragraph<'static> {
         None => lines.push(Line::styled("data plane not up", dim())),
     }
     lines.push(Line::from(vec![Span::styled("kill-switch ", dim()), Span::raw(app.killswitch.clone())]));
+    // Last: a panel too short for every line loses this one before the kill-switch's.
+    if let Some(s) = app.sample.as_ref().filter(|s| !s.aead.is_empty()) {
+        lines.push(Line::from(vec![Span::styled("cipher ", dim()), Span::raw(crate::sansio::aead::describe(&s.aead))]));
+    }
     Paragraph::new(lines).wrap(Wrap { trim: true }).block(panel("tunnel"))
 }
 
