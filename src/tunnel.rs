@@ -1101,10 +1101,13 @@ fn sendto(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr) -> io::Result<usize> 
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
-/// One datagram to `dest` on a socket no reactor knows, waiting for room as [`writable_now`]
-/// does (keepalives, probes).
+/// One datagram to `dest` on a socket no reactor knows (keepalives, probes, the gateway's
+/// notices and acks), waiting for room as [`writable_now`] does, and sent once more if the send
+/// returned a report for an earlier datagram instead ([`reported_for_earlier`]): a keepalive or
+/// a probe lost to an old "port unreachable" would otherwise count as a failed send, or a lost
+/// probe. Never the route's wait ([`Unreachable::Fail`]): a prober's task must not sleep.
 pub fn send_to_now(sock: &impl AsRawFd, d: &[u8], dest: SocketAddr) -> io::Result<usize> {
-    writable_now(sock, || sendto(sock, d, dest))
+    past_reports(Unreachable::Fail, || writable_now(sock, || sendto(sock, d, dest)))
 }
 
 /// One non-blocking `write` of a whole packet to a TUN device, waiting for room as
@@ -2045,6 +2048,35 @@ mod tests {
             if std::mem::take(&mut first) { Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)) } else { Ok(1) }
         });
         assert_eq!(sent.expect("sent"), 1);
+    }
+
+    /// A real report: a datagram to a closed port draws an ICMP "port unreachable", which on a
+    /// socket with `IP_RECVERR` the next send returns instead of sending. `send_to_now` goes
+    /// past it and the datagram arrives.
+    #[test]
+    fn a_lone_send_goes_past_a_report_for_an_earlier_datagram() {
+        let sock = bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        set_path_mtu_probing(&sock, true).expect("IP_RECVERR");
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let closed_at = closed.local_addr().expect("addr");
+        drop(closed);
+        let open = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        open.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let open_at = open.local_addr().expect("addr");
+
+        sendto(&sock, b"into the void", closed_at).expect("the first send goes out");
+        // The ICMP error comes back over loopback: wait (bounded) until the socket holds it.
+        let reported = (0..500).any(|_| {
+            let mut fds = libc::pollfd { fd: sock.as_raw_fd(), events: 0, revents: 0 };
+            // SAFETY: one valid pollfd, for the call.
+            unsafe { libc::poll(&mut fds, 1, 10) };
+            fds.revents & libc::POLLERR != 0
+        });
+        assert!(reported, "the port unreachable arrived");
+        assert_eq!(send_to_now(&sock, b"hello", open_at).expect("sent past the report"), 5);
+        let mut buf = [0u8; 16];
+        let (n, _) = open.recv_from(&mut buf).expect("the datagram arrives");
+        assert_eq!(&buf[..n], b"hello");
     }
 
     #[test]
