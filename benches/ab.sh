@@ -14,6 +14,12 @@
 # each gateway were on another machine: then no thread of the gateway ever shares a CPU with the
 # client side, and only the client's own scheduling is compared.
 #
+# UPLOADS=N (default 0): then N rounds of iperf3 uploads through each tunnel to its gateway's tunnel
+# address, SECS_UP seconds each (default 4), one side after the other and the order swapped every
+# round; prints each side's Gbit/s, its median and B/A. For a change meant for the ping that could
+# cost throughput: where the threads happen to run when a transfer starts decides much of an
+# upload's speed on a 2-vCPU machine, and alternating puts both sides under the same conditions.
+#
 # KIND_A / KIND_B: default (the file `gateway add-client` writes: full tunnel, kill-switch on),
 # nokill (the same, kill-switch off) or split (split tunnel, no kill-switch). ENV_A / ENV_B: one
 # NAME=VALUE for both processes of that side. PINGS (default 400, in all per side), BLOCKS
@@ -37,16 +43,21 @@ PINGS=${PINGS:-400} BLOCKS=${BLOCKS:-20} INTERVAL=${INTERVAL:-0.02}
 for kind in "${KIND_A:=default}" "${KIND_B:=default}"; do
   case $kind in default|nokill|split) ;; *) echo "ab.sh: KIND_A / KIND_B must be default, nokill or split, not '$kind'" >&2; exit 2 ;; esac
 done
+UPLOADS=${UPLOADS:-0} SECS_UP=${SECS_UP:-4}
+[[ $UPLOADS =~ ^[0-9]+$ ]] && [ "$UPLOADS" -le 50 ] || { echo "ab.sh: UPLOADS must be 0 to 50, not '$UPLOADS'" >&2; exit 2; }
+[[ $SECS_UP =~ ^[0-9]+$ ]] && [ "$SECS_UP" -ge 1 ] && [ "$SECS_UP" -le 30 ] \
+  || { echo "ab.sh: SECS_UP must be 1 to 30, not '$SECS_UP'" >&2; exit 2; }
 for e in "${ENV_A:-}" "${ENV_B:-}"; do
   [ -z "$e" ] || [[ $e =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]] || { echo "ab.sh: ENV_A / ENV_B must be NAME=VALUE, not '$e'" >&2; exit 2; }
 done
 need ping iputils-ping; need nft nftables; need python3 python3
+[ "$UPLOADS" = 0 ] || need iperf3 iperf3
 bench_pin ab.sh
 
 TAG=hfab$$
 UA=198.18.0.1 UB=198.18.0.2 PORT=51820
 WORK=$(mktemp -d /tmp/holdfast-ab.XXXX)
-LIFE=$((PINGS * 2 + 300))
+LIFE=$((PINGS * 2 + 300 + UPLOADS * 2 * (SECS_UP + 15)))
 PIDS=()
 cleanup() { bench_cleanup ${TAG}a ${TAG}b ${TAG}c ${TAG}d; }
 trap cleanup EXIT
@@ -101,4 +112,34 @@ if not a or not b:
     print('no replies on one side'); sys.exit(1)
 ma, mb = statistics.median(a), statistics.median(b)
 print('alternating (%d / %d pings): A median %.3f ms, B median %.3f ms, B/A %.3f' % (len(a), len(b), ma, mb, mb / ma))
+PY
+
+[ "$UPLOADS" = 0 ] && exit 0
+upload() { # CLIENT-NS GATEWAY-NS: one upload's Gbit/s as received (0 when iperf3 failed)
+  local sp json
+  timeout $((SECS_UP + 15)) ip netns exec "$2" iperf3 -s -1 -B 100.64.0.1 >/dev/null 2>&1 & sp=$!
+  for _ in $(seq 50); do ip netns exec "$2" ss -ltn | grep -q ":5201 " && break; sleep 0.1; done
+  json=$(timeout $((SECS_UP + 10)) "${CL_CPU[@]}" ip netns exec "$1" iperf3 -c 100.64.0.1 -t "$SECS_UP" -J) || true
+  wait "$sp" 2>/dev/null || true
+  python3 -c 'import json, sys
+try: print("%.2f" % (json.loads(sys.stdin.read())["end"]["sum_received"]["bits_per_second"] / 1e9))
+except Exception: print("0")' <<<"$json"
+}
+: >"$WORK/a.up"; : >"$WORK/b.up"
+for i in $(seq "$UPLOADS"); do
+  if [ $((i % 2)) = 1 ]; then
+    upload ${TAG}a ${TAG}b >>"$WORK/a.up"; upload ${TAG}c ${TAG}d >>"$WORK/b.up"
+  else
+    upload ${TAG}c ${TAG}d >>"$WORK/b.up"; upload ${TAG}a ${TAG}b >>"$WORK/a.up"
+  fi
+done
+python3 - "$WORK/a.up" "$WORK/b.up" <<'PY'
+import statistics, sys
+a = [float(x) for x in open(sys.argv[1]).read().split()]
+b = [float(x) for x in open(sys.argv[2]).read().split()]
+fmt = lambda v: ' '.join('%.2f' % x for x in v)
+print('uploads A Gbit/s: %s' % fmt(a))
+print('uploads B Gbit/s: %s' % fmt(b))
+ma, mb = statistics.median(a), statistics.median(b)
+print('alternating uploads (%d / %d): A median %.2f Gbit/s, B median %.2f, B/A %.3f' % (len(a), len(b), ma, mb, mb / ma if ma else 0))
 PY

@@ -23,8 +23,10 @@
 # plus the median of plain pings without tracing (tracing adds a few microseconds per event), and
 # the time the tunnel's processes ran on a CPU during those plain pings, per ping, both ends
 # together (all their threads, from /proc/PID/task/*/schedstat): how much of a round trip is work
-# done in them, woken cold, rather than waiting. Medians over all pings. Last, with both tunnels up
-# (each in its own pair of namespaces), plain pings alternate between them in ALTERNATIONS blocks
+# done in them, woken cold, rather than waiting; then the same per thread, with the time each
+# waited to run once woken (schedstat's run delay), how often it ran and its minor page faults.
+# Medians over all pings. Last, with both tunnels up (each in its own pair of namespaces), plain
+# pings alternate between them in ALTERNATIONS blocks
 # (PINGS per tunnel in all): the ratio of those medians is the one to quote, since a tunnel's median
 # drifts by a third within minutes on a shared machine.
 #
@@ -215,16 +217,48 @@ median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.stdin.rea
 oncpu_ns() { # PID...: the time the processes' threads have run on a CPU, in ns (schedstat)
   local p; for p in "$@"; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{t += $1} END {printf "%d", t}'
 }
+threads() { # PID...: one line per thread: "PID/TID COMM ON-CPU-NS WAITING-NS RUNS MINOR-FAULTS"
+  local p t
+  for p in "$@"; do for t in /proc/"$p"/task/*; do
+    # schedstat, then the minor faults (the 8th field after the ")" that ends the name in stat)
+    [ -r "$t/schedstat" ] && echo "$p/${t##*/} $(tr ' ' '_' <"$t/comm" 2>/dev/null) $(cat "$t/schedstat" 2>/dev/null)" \
+      "$(sed 's/.*) //' "$t/stat" 2>/dev/null | cut -d' ' -f8)"
+  done; done
+}
+per_thread() { # BEFORE AFTER PINGS: each thread's time on a CPU, time runnable but waiting, and runs, per ping
+  python3 - "$@" <<'PY'
+import sys
+def load(path):
+    out = {}
+    for line in open(path):
+        f = line.split()
+        if len(f) == 6:
+            out[f[0]] = (f[1], int(f[2]), int(f[3]), int(f[4]), int(f[5]))
+    return out
+a, b, n = load(sys.argv[1]), load(sys.argv[2]), int(sys.argv[3])
+for tid, (comm, on1, wait1, runs1, flt1) in sorted(b.items()):
+    _, on0, wait0, runs0, flt0 = a.get(tid, (comm, 0, 0, 0, 0))
+    if runs1 > runs0:
+        print('    %-16s %-18s on CPU %6.1f us  waiting %6.1f us  runs %5.2f  page faults %5.2f  (per ping)'
+              % (tid, comm, (on1 - on0) / n / 1e3, (wait1 - wait0) / n / 1e3, (runs1 - runs0) / n,
+                 (flt1 - flt0) / n))
+PY
+}
 measure() { # ROW NS TARGET CLIENT-TUN GATEWAY-TUN UNDERLAY-A UNDERLAY-B PID... (the tunnel's processes)
   local row=$1 ns=$2 ip=$3 c0 c1 median
   ip netns exec "$ns" ping -q -n -c 20 -i 0.02 "$ip" >/dev/null   # past the first packets' set-up
+  threads "${@:8}" >"$WORK/$row.threads0"
   c0=$(oncpu_ns "${@:8}")
   median=$(rtts "$ns" "$ip" "$PINGS" | median)
   c1=$(oncpu_ns "${@:8}")
+  threads "${@:8}" >"$WORK/$row.threads1"
   # CPU per ping (both ends, all threads; a keepalive or a status tick in the window counts too):
   # what of a round trip is work done in the tunnel's processes, the rest being the kernel's path
   # and waiting to be scheduled.
   echo "$row: plain ping median $median ms ($PINGS pings, one every $INTERVAL s); on CPU $(( (c1 - c0) / PINGS / 1000 )) us per ping, both ends"
+  # Which threads that is, and how long each waited to run once woken (a wake-up onto an idle
+  # vCPU shows here as waiting): the threads that ran during the plain pings.
+  per_thread "$WORK/$row.threads0" "$WORK/$row.threads1" "$PINGS"
   local extra=() filter="" p t
   if [ "$STEPS" = 1 ]; then
     # The syscalls of the tunnel's own threads only (a system-wide trace of every read is huge).

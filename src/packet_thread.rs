@@ -277,6 +277,98 @@ impl Side {
 /// millisecond.
 pub const TURN: usize = 16;
 
+/// Whether the client's engine yields its CPU before it sleeps: it does once per exchange that
+/// begins after a quiet spell, before the sleep that follows the lone packet it writes into its
+/// TUN device (the reply an application waits for: a ping's, a DNS answer, a keystroke's echo).
+///
+/// Why: a TUN write wakes the packet's reader on this CPU as a "sync" wake-up: the kernel expects
+/// the writer to sleep soon and lets the reader wait for that. A `sched_yield` hands the CPU over
+/// at once, and it changes which CPU the threads of the next round trip are woken on: with it the
+/// application and the client's thread (and in the bench, on the same machine, the gateway's
+/// thread) run one after the other on one CPU, each woken onto its waker's CPU and run at once,
+/// with warm caches; without it a thread of the next round trip is often woken onto the other,
+/// idle vCPU, which takes tens of microseconds to wake, and runs there cold. Measured with
+/// `benches/ab.sh` and `benches/hops.sh`, see the README's "Ping".
+///
+/// Only the first exchange after [`Handoff::QUIET`] without any packet: a yield changes where
+/// threads run, and an earlier rule that yielded after every lone packet in traffic without
+/// batches yielded through a TCP connection's whole handshake and first exchanges, which left
+/// uploads started right after it slower more often (README, "Ping, session 18"); a batch or a
+/// second exchange soon after the first is traffic that has its own pace. In a transfer it costs
+/// at most one system call at its start; in a stream of requests spaced wider than `QUIET`, one
+/// per request.
+#[derive(Debug)]
+pub struct Handoff {
+    /// Packets written into the TUN device since the last sleep.
+    written: usize,
+    /// When a packet last moved either way (`None`: not yet).
+    last_moved: Option<Instant>,
+    /// The current exchange began after a quiet spell, and has not yielded yet.
+    fresh: bool,
+}
+
+impl Handoff {
+    /// At most this many packets written since the last sleep make a lone packet.
+    pub const LONE: usize = 1;
+    /// How long without any packet makes the next one begin an exchange after a quiet spell.
+    pub const QUIET: Duration = Duration::from_millis(10);
+
+    /// Nothing moved yet: the first packet begins an exchange after a quiet spell.
+    pub fn new() -> Self {
+        Self { written: 0, last_moved: None, fresh: false }
+    }
+
+    /// `packets` were written into the TUN device at `now`.
+    pub fn wrote(&mut self, packets: usize, now: Instant) {
+        self.written = self.written.saturating_add(packets);
+        self.moved(packets, now);
+    }
+
+    /// `packets` were moved at `now`, in either direction. The first after a quiet spell begins
+    /// a fresh exchange; a batch (more than a lone packet) ends it.
+    pub fn moved(&mut self, packets: usize, now: Instant) {
+        if packets == 0 {
+            return;
+        }
+        if self.last_moved.is_none_or(|t| now.saturating_duration_since(t) >= Self::QUIET) {
+            self.fresh = true;
+        }
+        if packets > Self::LONE {
+            self.fresh = false;
+        }
+        self.last_moved = Some(now);
+    }
+
+    /// Before a wait of `timeout`: whether to yield now (a sleep follows a lone packet written in
+    /// a fresh exchange). A sleep starts the count of packets written again; a wait that does
+    /// not sleep keeps it.
+    pub fn before_wait(&mut self, timeout: Duration) -> bool {
+        if timeout.is_zero() {
+            return false;
+        }
+        let n = std::mem::take(&mut self.written);
+        let handoff = (1..=Self::LONE).contains(&n) && self.fresh;
+        if handoff {
+            self.fresh = false;
+        }
+        handoff
+    }
+
+    /// [`Handoff::before_wait`], yielding the CPU when it says so.
+    pub fn yield_before(&mut self, timeout: Duration) {
+        if self.before_wait(timeout) {
+            // SAFETY: no arguments; it cannot fail on Linux.
+            unsafe { libc::sched_yield() };
+        }
+    }
+}
+
+impl Default for Handoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// How long an engine's next wait may sleep: not at all while a side is known readable and not
 /// resting (or `more` says there is other work left), else until the first resting readable
 /// side may go on or `deadline` (the engine's own timer), whichever is first.
@@ -321,6 +413,70 @@ mod tests {
         p.remove(&a).unwrap();
         b.send(b"y").unwrap();
         assert!(p.next(std::time::Duration::ZERO).next().is_none(), "removed");
+    }
+
+    #[test]
+    fn the_client_yields_once_per_exchange_that_begins_after_a_quiet_spell() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut h = Handoff::new();
+        let (sleep, busy) = (ms(5), Duration::ZERO);
+        assert!(!h.before_wait(sleep), "nothing written: no yield");
+        h.wrote(0, t0);
+        assert!(!h.before_wait(sleep), "an empty flush woke no reader");
+
+        // A ping: the request read from the device, a sleep, the reply written, a sleep.
+        h.moved(1, t0);
+        assert!(!h.before_wait(sleep), "nothing written yet: the request alone does not yield");
+        h.wrote(1, t0 + ms(1));
+        assert!(!h.before_wait(busy), "work left: the wait does not sleep, so no yield");
+        assert!(h.before_wait(sleep), "the sleep after the reply yields");
+        assert!(!h.before_wait(sleep), "once: a sleep starts the count again");
+        h.wrote(1, t0 + ms(2));
+        assert!(!h.before_wait(sleep), "once per exchange: a second reply soon after does not");
+
+        // The next ping, QUIET later: a fresh exchange again.
+        let t1 = t0 + ms(2) + Handoff::QUIET;
+        h.moved(1, t1);
+        h.wrote(1, t1 + ms(1));
+        assert!(h.before_wait(sleep), "an exchange after a quiet spell yields");
+
+        // Packets closer together than QUIET never begin a fresh exchange.
+        let mut t = t1 + ms(1);
+        for _ in 0..20 {
+            t += Handoff::QUIET - ms(1);
+            h.moved(1, t);
+            h.wrote(1, t);
+            assert!(!h.before_wait(sleep), "no quiet spell before it");
+        }
+
+        // Two packets written before one sleep are a batch, not a lone packet.
+        let t2 = t + Handoff::QUIET;
+        h.moved(1, t2);
+        h.wrote(1, t2);
+        assert!(!h.before_wait(busy));
+        h.wrote(1, t2);
+        assert!(!h.before_wait(sleep), "two packets before the sleep");
+
+        // A batch in either direction ends a fresh exchange.
+        let t3 = t2 + ms(1) + Handoff::QUIET;
+        h.moved(5, t3);
+        h.wrote(1, t3);
+        assert!(!h.before_wait(sleep), "a batch read from the device");
+        let t4 = t3 + Handoff::QUIET;
+        h.wrote(40, t4);
+        assert!(!h.before_wait(sleep), "a batch written");
+        h.wrote(1, t4 + ms(1));
+        assert!(!h.before_wait(sleep), "a lone packet right after a batch");
+
+        // The very first packet begins a fresh exchange; the count of written packets saturates.
+        let mut h = Handoff::new();
+        h.wrote(1, t0);
+        assert!(h.before_wait(sleep), "the first exchange after start");
+        let t5 = t0 + Handoff::QUIET;
+        h.wrote(usize::MAX, t5);
+        h.wrote(1, t5);
+        assert!(!h.before_wait(sleep), "the count saturates, never wraps to a lone packet");
     }
 
     #[tokio::test(start_paused = true)]

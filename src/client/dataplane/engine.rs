@@ -31,7 +31,7 @@ use super::{Binding, IoLog, NO_SESSION_BACKOFF, Shared, TARGET, device_gone, gat
 use crate::client::driver::Command;
 use crate::client::path_mtu::PathMtu;
 use crate::client::prober::{Ack, Hint};
-use crate::packet_thread::{Poller, Side, TURN, Wakeup, wait_for};
+use crate::packet_thread::{Handoff, Poller, Side, TURN, Wakeup, wait_for};
 use crate::sansio::inner::{InnerPacket, IpFamily};
 use crate::sansio::seal::{Direction, SealedKind};
 use crate::sansio::segment::Checksums;
@@ -96,6 +96,8 @@ pub(super) struct Engine {
     nudges: RateLimit,
     recv_log: IoLog,
     write_log: IoLog,
+    /// Yields before the sleep that follows a TUN write.
+    handoff: Handoff,
 }
 
 impl Engine {
@@ -137,6 +139,7 @@ impl Engine {
             nudges: RateLimit::every(s.shared.cfg.nudge_min_interval),
             recv_log: IoLog::new("receiving from the gateway"),
             write_log: IoLog::new("writing to the TUN device"),
+            handoff: Handoff::new(),
             shared: s.shared,
             binding: s.binding,
             sock: s.sock,
@@ -170,18 +173,19 @@ impl Engine {
                 if !self.tun_side.go(now) {
                     break;
                 }
-                self.send_batch();
+                self.send_batch(now);
             }
             for _ in 0..TURN {
                 if !self.sock_side.go(now) {
                     break;
                 }
-                self.receive_batch();
+                self.receive_batch(now);
             }
             if now >= self.last_sent + self.shared.cfg.keepalive {
                 self.keepalive(false);
             }
             let timeout = self.timeout(errors);
+            self.handoff.yield_before(timeout);
             control = false;
             for r in self.poller.next(timeout) {
                 match r.token {
@@ -269,8 +273,8 @@ impl Engine {
         n >= tunnel::MAX_ERRORS_PER_READ
     }
 
-    /// TUN -> gateway: one batch read, sealed and sent.
-    fn send_batch(&mut self) {
+    /// TUN -> gateway: one batch read, sealed and sent (`now`: the turn's start).
+    fn send_batch(&mut self, now: Instant) {
         let c = &*self.shared.counters;
         let Some(tun) = &self.tun else {
             self.tun_side.set_ready(false);
@@ -287,6 +291,7 @@ impl Engine {
                 return;
             }
         };
+        self.handoff.moved(n, now);
         // One snapshot for the whole batch.
         let Some(auth) = (self.binding.get_auth)() else {
             c.count_drops(DropReason::NoSession, n);
@@ -356,8 +361,8 @@ impl Engine {
 
     /// Gateway -> TUN: one (possibly coalesced) receive, opened and written. Datagrams are taken
     /// from any source: authenticity comes from the AEAD, and a multi-homed gateway may answer
-    /// from another address than the one we send to.
-    fn receive_batch(&mut self) {
+    /// from another address than the one we send to. `now`: the turn's start.
+    fn receive_batch(&mut self, now: Instant) {
         let c = &*self.shared.counters;
         let (len, segment) = match self.sock_side.read(tunnel::recv_gro(&*self.sock, &mut self.buf)) {
             Ok(Some((n, segment, _from))) => (n, segment),
@@ -421,7 +426,14 @@ impl Engine {
                 SealedKind::Data if self.tun.is_none() => c.count_drop(DropReason::TunError),
                 SealedKind::Data => {
                     if self.writer.is_full() {
-                        gone |= write_tun(&mut self.writer, self.tun.as_deref(), c, &mut self.write_log);
+                        gone |= write_tun(
+                            &mut self.writer,
+                            self.tun.as_deref(),
+                            c,
+                            &mut self.write_log,
+                            &mut self.handoff,
+                            now,
+                        );
                     }
                     // Cannot fail (room was made above, and a payload is shorter than 64 KiB);
                     // counted rather than assumed.
@@ -431,7 +443,7 @@ impl Engine {
                 }
             }
         }
-        gone |= write_tun(&mut self.writer, self.tun.as_deref(), c, &mut self.write_log);
+        gone |= write_tun(&mut self.writer, self.tun.as_deref(), c, &mut self.write_log, &mut self.handoff, now);
         if gone {
             self.device_lost();
         }
@@ -476,13 +488,21 @@ impl Engine {
     }
 }
 
-/// Writes the queued inner packets to the TUN device, counting them; whether the device was
-/// found gone (the caller reports it to the keeper).
-fn write_tun(writer: &mut TunWriter, tun: Option<&SyncDevice>, c: &Counters, log: &mut IoLog) -> bool {
+/// Writes the queued inner packets to the TUN device, counting them (and telling `handoff` what
+/// was written at `now`); whether the device was found gone (the caller reports it to the keeper).
+fn write_tun(
+    writer: &mut TunWriter,
+    tun: Option<&SyncDevice>,
+    c: &Counters,
+    log: &mut IoLog,
+    handoff: &mut Handoff,
+    now: Instant,
+) -> bool {
     let Some(tun) = tun else { return false };
     match writer.flush(tun, c) {
         Ok(0) => false,
-        Ok(_) => {
+        Ok(n) => {
+            handoff.wrote(n, now);
             log.ok();
             false
         }
