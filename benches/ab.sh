@@ -16,7 +16,7 @@
 #
 # UPLOADS=N (default 0): then N rounds of iperf3 uploads through each tunnel to its gateway's tunnel
 # address, SECS_UP seconds each (default 4), one side after the other and the order swapped every
-# round; prints each side's Gbit/s, its median and B/A. For a change meant for the ping that could
+# round; prints each side's Gbit/s, its median and B/A. DOWN=1 makes them downloads (iperf3 -R). For a change meant for the ping that could
 # cost throughput: where the threads happen to run when a transfer starts decides much of an
 # upload's speed on a 2-vCPU machine, and alternating puts both sides under the same conditions.
 #
@@ -43,7 +43,8 @@ PINGS=${PINGS:-400} BLOCKS=${BLOCKS:-20} INTERVAL=${INTERVAL:-0.02}
 for kind in "${KIND_A:=default}" "${KIND_B:=default}"; do
   case $kind in default|nokill|split) ;; *) echo "ab.sh: KIND_A / KIND_B must be default, nokill or split, not '$kind'" >&2; exit 2 ;; esac
 done
-UPLOADS=${UPLOADS:-0} SECS_UP=${SECS_UP:-4}
+UPLOADS=${UPLOADS:-0} SECS_UP=${SECS_UP:-4} DOWN=${DOWN:-0}
+case $DOWN in 0) REV=() WHAT=uploads ;; 1) REV=(-R) WHAT=downloads ;; *) echo "ab.sh: DOWN must be 0 or 1, not '$DOWN'" >&2; exit 2 ;; esac
 [[ $UPLOADS =~ ^[0-9]+$ ]] && [ "$UPLOADS" -le 50 ] || { echo "ab.sh: UPLOADS must be 0 to 50, not '$UPLOADS'" >&2; exit 2; }
 [[ $SECS_UP =~ ^[0-9]+$ ]] && [ "$SECS_UP" -ge 1 ] && [ "$SECS_UP" -le 30 ] \
   || { echo "ab.sh: SECS_UP must be 1 to 30, not '$SECS_UP'" >&2; exit 2; }
@@ -115,11 +116,11 @@ print('alternating (%d / %d pings): A median %.3f ms, B median %.3f ms, B/A %.3f
 PY
 
 [ "$UPLOADS" = 0 ] && exit 0
-upload() { # CLIENT-NS GATEWAY-NS: one upload's Gbit/s as received (0 when iperf3 failed)
+upload() { # CLIENT-NS GATEWAY-NS: one upload's (DOWN=1: download's) Gbit/s as received (0 when iperf3 failed)
   local sp json
   timeout $((SECS_UP + 15)) ip netns exec "$2" iperf3 -s -1 -B 100.64.0.1 >/dev/null 2>&1 & sp=$!
   for _ in $(seq 50); do ip netns exec "$2" ss -ltn | grep -q ":5201 " && break; sleep 0.1; done
-  json=$(timeout $((SECS_UP + 10)) "${CL_CPU[@]}" ip netns exec "$1" iperf3 -c 100.64.0.1 -t "$SECS_UP" -J) || true
+  json=$(timeout $((SECS_UP + 10)) "${CL_CPU[@]}" ip netns exec "$1" iperf3 -c 100.64.0.1 -t "$SECS_UP" -J "${REV[@]}") || true
   wait "$sp" 2>/dev/null || true
   python3 -c 'import json, sys
 try: print("%.2f" % (json.loads(sys.stdin.read())["end"]["sum_received"]["bits_per_second"] / 1e9))
@@ -133,13 +134,14 @@ for i in $(seq "$UPLOADS"); do
     upload ${TAG}c ${TAG}d >>"$WORK/b.up"; upload ${TAG}a ${TAG}b >>"$WORK/a.up"
   fi
 done
-python3 - "$WORK/a.up" "$WORK/b.up" <<'PY'
+python3 - "$WORK/a.up" "$WORK/b.up" "$WHAT" <<'PY'
 import statistics, sys
 a = [float(x) for x in open(sys.argv[1]).read().split()]
 b = [float(x) for x in open(sys.argv[2]).read().split()]
+what = sys.argv[3]
 fmt = lambda v: ' '.join('%.2f' % x for x in v)
-print('uploads A Gbit/s: %s' % fmt(a))
-print('uploads B Gbit/s: %s' % fmt(b))
+print('%s A Gbit/s: %s' % (what, fmt(a)))
+print('%s B Gbit/s: %s' % (what, fmt(b)))
 ma, mb = statistics.median(a), statistics.median(b)
-print('alternating uploads (%d / %d): A median %.2f Gbit/s, B median %.2f, B/A %.3f' % (len(a), len(b), ma, mb, mb / ma if ma else 0))
+print('alternating %s (%d / %d): A median %.2f Gbit/s, B median %.2f, B/A %.3f' % (what, len(a), len(b), ma, mb, mb / ma if ma else 0))
 PY

@@ -288,7 +288,9 @@ pub const TURN: usize = 16;
 /// thread) run one after the other on one CPU, each woken onto its waker's CPU and run at once,
 /// with warm caches; without it a thread of the next round trip is often woken onto the other,
 /// idle vCPU, which takes tens of microseconds to wake, and runs there cold. Measured with
-/// `benches/ab.sh` and `benches/hops.sh`, see the README's "Ping".
+/// `benches/ab.sh` and `benches/hops.sh`, see the README's "Ping": a ping 0.75-0.85x of the
+/// build without it where the client shares its CPUs with the rest of the path (the bench's one
+/// machine), and no change where the gateway runs on a CPU of its own.
 ///
 /// Only the first exchange after [`Handoff::QUIET`] without any packet: a yield changes where
 /// threads run, and an earlier rule that yielded after every lone packet in traffic without
