@@ -116,7 +116,7 @@ print('alternating (%d / %d pings): A median %.3f ms, B median %.3f ms, B/A %.3f
 PY
 
 [ "$UPLOADS" = 0 ] && exit 0
-upload() { # CLIENT-NS GATEWAY-NS: one upload's (DOWN=1: download's) Gbit/s as received (0 when iperf3 failed)
+transfer() { # CLIENT-NS GATEWAY-NS: one upload's (DOWN=1: download's) Gbit/s as received (0 when iperf3 failed)
   local sp json
   timeout $((SECS_UP + 15)) ip netns exec "$2" iperf3 -s -1 -B 100.64.0.1 >/dev/null 2>&1 & sp=$!
   for _ in $(seq 50); do ip netns exec "$2" ss -ltn | grep -q ":5201 " && break; sleep 0.1; done
@@ -129,9 +129,9 @@ except Exception: print("0")' <<<"$json"
 : >"$WORK/a.up"; : >"$WORK/b.up"
 for i in $(seq "$UPLOADS"); do
   if [ $((i % 2)) = 1 ]; then
-    upload ${TAG}a ${TAG}b >>"$WORK/a.up"; upload ${TAG}c ${TAG}d >>"$WORK/b.up"
+    transfer ${TAG}a ${TAG}b >>"$WORK/a.up"; transfer ${TAG}c ${TAG}d >>"$WORK/b.up"
   else
-    upload ${TAG}c ${TAG}d >>"$WORK/b.up"; upload ${TAG}a ${TAG}b >>"$WORK/a.up"
+    transfer ${TAG}c ${TAG}d >>"$WORK/b.up"; transfer ${TAG}a ${TAG}b >>"$WORK/a.up"
   fi
 done
 python3 - "$WORK/a.up" "$WORK/b.up" "$WHAT" <<'PY'

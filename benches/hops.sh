@@ -214,9 +214,6 @@ rtts() { # NS IP COUNT: the RTTs of COUNT plain pings from NS, in ms, one per li
   "${CL_CPU[@]}" ip netns exec "$1" ping -n -c "$3" -i "$INTERVAL" -W 1 "$2" 2>/dev/null | grep -o 'time=[0-9.]*' | cut -d= -f2
 }
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.stdin.read().split()]; print('%.3f' % statistics.median(v) if v else 'none')"; }
-oncpu_ns() { # PID...: the time the processes' threads have run on a CPU, in ns (schedstat)
-  local p; for p in "$@"; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{t += $1} END {printf "%d", t}'
-}
 threads() { # PID...: one line per thread: "PID/TID COMM ON-CPU-NS WAITING-NS RUNS MINOR-FAULTS"
   local p t
   for p in "$@"; do for t in /proc/"$p"/task/*; do
@@ -225,7 +222,10 @@ threads() { # PID...: one line per thread: "PID/TID COMM ON-CPU-NS WAITING-NS RU
       "$(sed 's/.*) //' "$t/stat" 2>/dev/null | cut -d' ' -f8)"
   done; done
 }
-per_thread() { # BEFORE AFTER PINGS: each thread's time on a CPU, time runnable but waiting, and runs, per ping
+oncpu_ns() { # THREADS-FILE: the time its threads have run on a CPU, in ns, all together
+  awk '{t += $3} END {printf "%d", t}' "$1"
+}
+per_thread() { # BEFORE AFTER PINGS: each thread's time on a CPU, time waiting, runs and minor faults, per ping
   python3 - "$@" <<'PY'
 import sys
 def load(path):
@@ -248,10 +248,9 @@ measure() { # ROW NS TARGET CLIENT-TUN GATEWAY-TUN UNDERLAY-A UNDERLAY-B PID... 
   local row=$1 ns=$2 ip=$3 c0 c1 median
   ip netns exec "$ns" ping -q -n -c 20 -i 0.02 "$ip" >/dev/null   # past the first packets' set-up
   threads "${@:8}" >"$WORK/$row.threads0"
-  c0=$(oncpu_ns "${@:8}")
   median=$(rtts "$ns" "$ip" "$PINGS" | median)
-  c1=$(oncpu_ns "${@:8}")
   threads "${@:8}" >"$WORK/$row.threads1"
+  c0=$(oncpu_ns "$WORK/$row.threads0") c1=$(oncpu_ns "$WORK/$row.threads1")
   # CPU per ping (both ends, all threads; a keepalive or a status tick in the window counts too):
   # what of a round trip is work done in the tunnel's processes, the rest being the kernel's path
   # and waiting to be scheduled.

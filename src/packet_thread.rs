@@ -299,7 +299,10 @@ pub const TURN: usize = 16;
 /// second exchange soon after the first is traffic that has its own pace. In a transfer it costs
 /// at most one system call at its start; in a stream of requests spaced wider than `QUIET`, one
 /// per request.
-#[derive(Debug)]
+///
+/// A new one (`Handoff::default()`) has moved nothing yet: its first packet begins an exchange
+/// after a quiet spell.
+#[derive(Debug, Default)]
 pub struct Handoff {
     /// Packets written into the TUN device since the last sleep.
     written: usize,
@@ -314,11 +317,6 @@ impl Handoff {
     pub const LONE: usize = 1;
     /// How long without any packet makes the next one begin an exchange after a quiet spell.
     pub const QUIET: Duration = Duration::from_millis(10);
-
-    /// Nothing moved yet: the first packet begins an exchange after a quiet spell.
-    pub fn new() -> Self {
-        Self { written: 0, last_moved: None, fresh: false }
-    }
 
     /// `packets` were written into the TUN device at `now`.
     pub fn wrote(&mut self, packets: usize, now: Instant) {
@@ -362,12 +360,6 @@ impl Handoff {
             // SAFETY: no arguments; it cannot fail on Linux.
             unsafe { libc::sched_yield() };
         }
-    }
-}
-
-impl Default for Handoff {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -421,7 +413,7 @@ mod tests {
     fn the_client_yields_once_per_exchange_that_begins_after_a_quiet_spell() {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
-        let mut h = Handoff::new();
+        let mut h = Handoff::default();
         let (sleep, busy) = (ms(5), Duration::ZERO);
         assert!(!h.before_wait(sleep), "nothing written: no yield");
         h.wrote(0, t0);
@@ -472,7 +464,7 @@ mod tests {
         assert!(!h.before_wait(sleep), "a lone packet right after a batch");
 
         // The very first packet begins a fresh exchange; the count of written packets saturates.
-        let mut h = Handoff::new();
+        let mut h = Handoff::default();
         h.wrote(1, t0);
         assert!(h.before_wait(sleep), "the first exchange after start");
         let t5 = t0 + Handoff::QUIET;

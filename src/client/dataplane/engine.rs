@@ -96,7 +96,8 @@ pub(super) struct Engine {
     nudges: RateLimit,
     recv_log: IoLog,
     write_log: IoLog,
-    /// Yields before the sleep that follows a TUN write.
+    /// Yields the CPU once per exchange after a quiet spell, before the sleep that follows its
+    /// lone reply written into the TUN device.
     handoff: Handoff,
 }
 
@@ -139,7 +140,7 @@ impl Engine {
             nudges: RateLimit::every(s.shared.cfg.nudge_min_interval),
             recv_log: IoLog::new("receiving from the gateway"),
             write_log: IoLog::new("writing to the TUN device"),
-            handoff: Handoff::new(),
+            handoff: Handoff::default(),
             shared: s.shared,
             binding: s.binding,
             sock: s.sock,
