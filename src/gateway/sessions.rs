@@ -207,9 +207,29 @@ struct Tables {
     previous_by_ip: HashMap<IpAddr, Arc<Session>>,
 }
 
+/// How many times a [`SessionTable`] has changed (a session opened, which may supersede another,
+/// or removed), shared with whoever keeps a looked-up session between lookups (the data plane's
+/// engine: `dataplane::Recent`) and must ask again after any change.
+#[derive(Debug, Clone, Default)]
+pub struct Changes(Arc<AtomicU64>);
+
+impl Changes {
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// After the new tables are stored: a reader that sees the old count for an instant longer
+    /// uses its session as if its packet had come that instant earlier. Public for other tables
+    /// behind `dataplane::SessionLookup` (tests' own).
+    pub fn bump(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// The gateway's live sessions.
 pub struct SessionTable {
     tables: ArcSwap<Tables>,
+    changes: Changes,
     /// Serialises writers (copy, edit, swap). Readers never take it.
     writer: Mutex<()>,
     /// Atomics rather than a plain value: `gateway run` changes them on SIGHUP, and every
@@ -260,6 +280,7 @@ impl SessionTable {
     pub fn new(limits: SessionLimits) -> Self {
         Self {
             tables: ArcSwap::from_pointee(Tables::default()),
+            changes: Changes::default(),
             writer: Mutex::new(()),
             limits: LimitCell::new(limits),
         }
@@ -290,20 +311,34 @@ impl SessionTable {
         self.len() == 0
     }
 
+    /// The table's change count (see [`Changes`]).
+    pub fn changes(&self) -> Changes {
+        self.changes.clone()
+    }
+
     /// Whether `s` is valid at `now`, and if not, why.
     pub fn validity(&self, s: &Session, now: Millis) -> Result<(), Expiry> {
+        self.valid_until(s, now).map(|_| ())
+    }
+
+    /// When `s`, valid at `now`, expires unless it is used again (its idle end moves with
+    /// use) or the limits change; if it is not valid at `now`, why.
+    pub fn valid_until(&self, s: &Session, now: Millis) -> Result<Millis, Expiry> {
         let l = &self.limits.get();
         let superseded = s.superseded_at.load(Ordering::Relaxed);
-        if superseded != CURRENT && now >= superseded.saturating_add(l.grace_ms) {
-            return Err(Expiry::Superseded);
+        let ends = [
+            (superseded != CURRENT).then(|| (superseded.saturating_add(l.grace_ms), Expiry::Superseded)),
+            Some((s.opened_at.saturating_add(l.max_lifetime_ms), Expiry::Lifetime)),
+            Some((s.last_seen().saturating_add(l.idle_ms), Expiry::Idle)),
+        ];
+        let mut until = Millis::MAX;
+        for (end, why) in ends.into_iter().flatten() {
+            if now >= end {
+                return Err(why);
+            }
+            until = until.min(end);
         }
-        if now >= s.opened_at.saturating_add(l.max_lifetime_ms) {
-            return Err(Expiry::Lifetime);
-        }
-        if now >= s.last_seen().saturating_add(l.idle_ms) {
-            return Err(Expiry::Idle);
-        }
-        Ok(())
+        Ok(until)
     }
 
     /// PingSession's lookup: is `session_id` a valid session of the client `client` holding the
@@ -389,6 +424,7 @@ impl SessionTable {
         next.by_id.insert(id, session.clone());
         (next.by_ip, next.previous_by_ip) = index_by_ip(&next.by_id);
         self.tables.store(Arc::new(next));
+        self.changes.bump();
         Opened { session, replaced }
     }
 
@@ -415,6 +451,7 @@ impl SessionTable {
         if !removed.is_empty() {
             let (by_ip, previous_by_ip) = index_by_ip(&kept);
             self.tables.store(Arc::new(Tables { by_id: kept, by_ip, previous_by_ip }));
+            self.changes.bump();
         }
         removed.into_values().collect()
     }
@@ -465,6 +502,34 @@ mod tests {
     fn ids(seq: &[u64]) -> impl FnMut() -> u64 + '_ {
         let mut it = seq.iter().copied();
         move || it.next().expect("test ran out of ids")
+    }
+
+    #[test]
+    fn valid_until_is_the_first_end_and_every_change_is_counted() {
+        let t = SessionTable::new(LIMITS);
+        let changes = t.changes();
+        let s = t.open(new("alice", 1), 0, ids(&[7])).session;
+        assert_eq!(changes.count(), 1, "an open");
+        // Idle (1 s after last use) comes before the lifetime's end (10 s).
+        assert_eq!(t.valid_until(&s, 0), Ok(1_000));
+        s.touch(9_500);
+        assert_eq!(t.valid_until(&s, 9_600), Ok(10_000), "now the lifetime ends first");
+        assert_eq!(t.valid_until(&s, 10_000), Err(Expiry::Lifetime));
+        assert_eq!(t.validity(&s, 10_000), Err(Expiry::Lifetime));
+        // Superseded at 100: its grace (200 ms) ends first.
+        let t = SessionTable::new(LIMITS);
+        let changes = t.changes();
+        let old = t.open(new("alice", 1), 0, ids(&[7])).session;
+        t.open(new("alice", 1), 100, ids(&[8]));
+        assert_eq!(changes.count(), 2, "two opens");
+        assert_eq!(t.valid_until(&old, 150), Ok(300));
+        assert_eq!(t.valid_until(&old, 300), Err(Expiry::Superseded));
+        assert_eq!(t.prune(300).len(), 1);
+        assert_eq!(changes.count(), 3, "a removal");
+        assert!(t.prune(300).is_empty());
+        assert_eq!(changes.count(), 3, "nothing removed, nothing changed");
+        let idle = t.get(SessionId(8)).expect("current");
+        assert_eq!(t.valid_until(&idle, 1_100), Err(Expiry::Idle));
     }
 
     #[test]

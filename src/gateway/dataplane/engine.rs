@@ -19,7 +19,8 @@ use tokio::time::Instant;
 use tun_rs::SyncDevice;
 
 use super::{
-    ACK_BURST, ACKS_PER_SECOND, DataSession, Loops, NOTICE_BURST, NOTICES_PER_SECOND, TARGET, note_seen, seal_drop,
+    ACK_BURST, ACKS_PER_SECOND, DataSession, Loops, NOTICE_BURST, NOTICES_PER_SECOND, Recent, TARGET, note_seen,
+    seal_drop,
 };
 use crate::flood::Shedder;
 use crate::packet_thread::{Poller, Side, TURN, Wakeup, wait_for};
@@ -67,6 +68,8 @@ pub(super) struct Engine {
     lens: [usize; tunnel::READ_SLOTS],
     routes: [Option<Arc<DataSession>>; tunnel::READ_SLOTS],
     gso: bool,
+    /// Both directions' last lookups, held while the session table stands still.
+    recent: Recent,
 }
 
 impl Engine {
@@ -102,6 +105,7 @@ impl Engine {
             lens: [0; tunnel::READ_SLOTS],
             routes: std::array::from_fn(|_| None),
             gso: true,
+            recent: Recent::new(&*ctx.sessions),
             // Whatever arrived before the registration is read at once.
             tun_side: Side::new(Duration::from_millis(10), Duration::from_secs(1)),
             sock_side: Side::new(Duration::from_millis(10), Duration::from_secs(1)),
@@ -134,7 +138,7 @@ impl Engine {
                 if !self.tun_side.go(now) {
                     break;
                 }
-                self.send();
+                self.send(now);
             }
             let timeout = wait_for(false, [&self.tun_side, &self.sock_side], Instant::now() + IDLE);
             let mut woken = false;
@@ -179,7 +183,7 @@ impl Engine {
                 }
             };
             if session.as_ref().is_none_or(|s| s.session_id != header.session_id) {
-                session = ctx.sessions.by_id(header.session_id);
+                session = self.recent.by_id(&*ctx.sessions, header.session_id, now);
             }
             let Some(session) = session.as_deref() else {
                 c.count_drop(DropReason::UnknownSession);
@@ -284,7 +288,7 @@ impl Engine {
 
     /// TUN -> UDP: one batch (one TSO super-packet, usually), routed packet by packet; runs of
     /// consecutive packets for one session go out in one GSO send.
-    fn send(&mut self) {
+    fn send(&mut self, now: Instant) {
         let ctx = &*self.ctx;
         let c = &*ctx.counters;
         let read = self.reader.try_read(&self.tun);
@@ -309,7 +313,7 @@ impl Engine {
             let session = match &last {
                 Some((dst, session)) if *dst == inner.dst => session.clone(),
                 _ => {
-                    let session = ctx.sessions.by_ip(inner.dst).filter(|s| s.endpoint().is_some());
+                    let session = self.recent.by_ip(&*ctx.sessions, inner.dst, now).filter(|s| s.endpoint().is_some());
                     last = Some((inner.dst, session.clone()));
                     session
                 }
