@@ -72,12 +72,13 @@ impl Table {
     }
 }
 
+// Keeps no change count, so no answer is held: every lookup sees `install` and `clear` at once.
 impl SessionLookup for Table {
-    fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>> {
-        self.by_id.read().expect("lock").get(&id).cloned()
+    fn by_id_held(&self, id: SessionId) -> Option<(Arc<DataSession>, Duration)> {
+        self.by_id.read().expect("lock").get(&id).map(|s| (s.clone(), Duration::ZERO))
     }
-    fn by_ip(&self, ip: IpAddr) -> Option<Arc<DataSession>> {
-        self.by_id.read().expect("lock").values().find(|s| s.owns(ip)).cloned()
+    fn by_ip_held(&self, ip: IpAddr) -> Option<(Arc<DataSession>, Duration)> {
+        self.by_id.read().expect("lock").values().find(|s| s.owns(ip)).map(|s| (s.clone(), Duration::ZERO))
     }
 }
 

@@ -222,23 +222,24 @@ fn epoch() -> Instant {
 /// The session table as the data plane needs it: two lookups that never block on a writer (an
 /// Authenticate in progress must not stall packets).
 pub trait SessionLookup: Send + Sync + 'static {
-    /// The session with this id, if it may carry traffic now.
-    fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>>;
+    /// The session with this id, if it may carry traffic now, and for how long from now that
+    /// answer holds while [`SessionLookup::changes`] does not move (zero: ask again next time).
+    fn by_id_held(&self, id: SessionId) -> Option<(Arc<DataSession>, Duration)>;
     /// The session that carries traffic to this tunnel address (IPv4 or IPv6): its client's
-    /// newest, or the one before it while the client has not used the newest yet.
-    fn by_ip(&self, ip: IpAddr) -> Option<Arc<DataSession>>;
+    /// newest, or the one before it while the client has not used the newest yet; with how long
+    /// the answer holds, as [`SessionLookup::by_id_held`].
+    fn by_ip_held(&self, ip: IpAddr) -> Option<(Arc<DataSession>, Duration)>;
+    /// [`SessionLookup::by_id_held`] without the hold.
+    fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>> {
+        self.by_id_held(id).map(|(s, _)| s)
+    }
+    /// [`SessionLookup::by_ip_held`] without the hold.
+    fn by_ip(&self, ip: IpAddr) -> Option<Arc<DataSession>> {
+        self.by_ip_held(ip).map(|(s, _)| s)
+    }
     /// The session carried authenticated traffic just now (so it is not idle). Called at most
     /// once per [`TOUCH_EVERY`] per session.
     fn touch(&self, _session: &DataSession) {}
-    /// [`SessionLookup::by_id`], and for how long from now its answer holds while
-    /// [`SessionLookup::changes`] does not move (zero: ask again next time).
-    fn by_id_held(&self, id: SessionId) -> Option<(Arc<DataSession>, Duration)> {
-        self.by_id(id).map(|s| (s, Duration::ZERO))
-    }
-    /// [`SessionLookup::by_ip`], with how long its answer holds, as [`SessionLookup::by_id_held`].
-    fn by_ip_held(&self, ip: IpAddr) -> Option<(Arc<DataSession>, Duration)> {
-        self.by_ip(ip).map(|s| (s, Duration::ZERO))
-    }
     /// The table's change count; `None` if it keeps none (then no answer is held).
     fn changes(&self) -> Option<Changes> {
         None
@@ -398,14 +399,6 @@ impl ControlSessions {
 }
 
 impl SessionLookup for ControlSessions {
-    fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>> {
-        self.by_id_held(id).map(|(d, _)| d)
-    }
-
-    fn by_ip(&self, ip: IpAddr) -> Option<Arc<DataSession>> {
-        self.by_ip_held(ip).map(|(d, _)| d)
-    }
-
     fn by_id_held(&self, id: SessionId) -> Option<(Arc<DataSession>, Duration)> {
         self.data_for(&*self.table.get(id)?)
     }
@@ -872,12 +865,6 @@ mod tests {
     }
 
     impl SessionLookup for Counting {
-        fn by_id(&self, id: SessionId) -> Option<Arc<DataSession>> {
-            self.by_id_held(id).map(|(s, _)| s)
-        }
-        fn by_ip(&self, ip: IpAddr) -> Option<Arc<DataSession>> {
-            self.by_ip_held(ip).map(|(s, _)| s)
-        }
         fn by_id_held(&self, id: SessionId) -> Option<(Arc<DataSession>, Duration)> {
             self.asked.fetch_add(1, Ordering::Relaxed);
             (id == self.session.session_id).then(|| (self.session.clone(), self.hold))
